@@ -1,0 +1,71 @@
+"""The IDX file format of MNIST: read (raw or gzip) with strict checks, and write.
+
+An IDX file is a 4-byte magic number (two zero bytes, a type code, the number of
+dimensions), one big-endian uint32 per dimension, then the body. MNIST uses the
+unsigned-byte type (0x08): images are (n, 28, 28), labels are (n,).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+UBYTE = 0x08
+
+
+def parse_idx(raw: bytes, name: str = "IDX data") -> np.ndarray:
+    """Decode IDX bytes into a uint8 array; a bad header or body is a DataError."""
+    if len(raw) < 4:
+        raise DataError(f"{name}: too short to be an IDX file ({len(raw)} bytes)")
+    zero1, zero2, dtype_code, ndim = raw[0], raw[1], raw[2], raw[3]
+    if zero1 != 0 or zero2 != 0 or dtype_code != UBYTE or not 1 <= ndim <= 3:
+        raise DataError(
+            f"{name}: bad magic number 0x{raw[:4].hex()} (expected 0x00000801 for labels "
+            "or 0x00000803 for images); is this an MNIST IDX file?")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{name}: header cut short ({len(raw)} bytes, need {header})")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    if ndim == 3 and shape[1:] != (28, 28):
+        raise DataError(f"{name}: images are {shape[1]}x{shape[2]}, expected 28x28")
+    expected = int(np.prod(shape, dtype=np.int64))
+    body = len(raw) - header
+    if body != expected:
+        what = "short" if body < expected else "too long"
+        raise DataError(f"{name}: body is {what}: {body} bytes for shape {shape} "
+                        f"(expected {expected}); the file is truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The decompressed bytes of `path` (gzip detected by its magic, not its name)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: broken gzip data ({e}); delete it and fetch again") from None
+    return raw
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file, raw or gzip-compressed, into a uint8 array."""
+    return parse_idx(read_bytes(path), name=str(path))
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """IDX bytes of a uint8 array of 1 to 3 dimensions."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, UBYTE, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.tobytes()
