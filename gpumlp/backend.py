@@ -1,0 +1,115 @@
+"""The device: the only module that imports cupy.
+
+`get_backend(device)` is called once, at the top of a command, and returns a `Backend`
+whose `xp` (numpy or cupy) every function below it uses. The math never asks which
+module it has; it only calls `xp`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .errors import DeviceError
+
+CUDA_HINT = "install CuPy with pip install 'gpumlp[cuda12]' (or 'gpumlp[cuda13]'), or use --device cpu"
+
+
+@dataclass(frozen=True)
+class Backend:
+    xp: ModuleType      # numpy or cupy
+    device: str         # "cpu" or "cuda:N"
+    description: str    # human-readable, e.g. "cuda:0 (NVIDIA H200)"
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device != "cpu"
+
+    def asarray(self, host_array: np.ndarray) -> Any:
+        """Copy a host array onto this device (a no-op on the CPU)."""
+        return self.xp.asarray(host_array)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work; timing a GPU needs it."""
+        if self.is_gpu:
+            self.xp.cuda.Device().synchronize()
+
+
+def to_host(array: Any) -> np.ndarray:
+    """A NumPy copy of a NumPy or CuPy array; used only at the edges (saving, printing)."""
+    get = getattr(array, "get", None)
+    return get() if callable(get) else np.asarray(array)
+
+
+def _import_cupy() -> ModuleType | None:
+    try:
+        import cupy  # the project's only cupy import
+    except Exception:  # ImportError, or a broken CUDA install raising at import
+        return None
+    return cupy
+
+
+def _cuda_count(cupy: ModuleType) -> int:
+    try:
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
+
+
+def cuda_backend(index: int) -> Backend:
+    """The CuPy backend on GPU `index`, or a DeviceError saying how to get one."""
+    cupy = _import_cupy()
+    if cupy is None:
+        raise DeviceError(f"--device cuda:{index}: CuPy is not installed; {CUDA_HINT}")
+    count = _cuda_count(cupy)
+    if count == 0:
+        raise DeviceError(f"--device cuda:{index}: no CUDA GPU is visible (driver missing or "
+                          "CUDA_VISIBLE_DEVICES empty); use --device cpu")
+    if index >= count:
+        raise DeviceError(f"--device cuda:{index}: only {count} GPU(s) here "
+                          f"(cuda:0..cuda:{count - 1}); pick one of those or --device cpu")
+    cupy.cuda.Device(index).use()
+    name = cupy.cuda.runtime.getDeviceProperties(index)["name"]
+    name = name.decode() if isinstance(name, bytes) else name
+    return Backend(cupy, f"cuda:{index}", f"cuda:{index} ({name})")
+
+
+CPU = Backend(np, "cpu", "cpu (NumPy)")
+
+
+def get_backend(device: str = "auto") -> Backend:
+    """Resolve `auto|cpu|cuda|cuda:N` into a Backend; a DeviceError when it is not usable."""
+    device = device.strip().lower()
+    if device == "cpu":
+        return CPU
+    if device == "auto":
+        cupy = _import_cupy()
+        return cuda_backend(0) if cupy is not None and _cuda_count(cupy) > 0 else CPU
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
+        raise DeviceError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N")
+    return cuda_backend(int(match.group(1) or 0))
+
+
+def available_devices() -> list[str]:
+    """Every device string that would work here, for `gpumlp info`."""
+    cupy = _import_cupy()
+    count = _cuda_count(cupy) if cupy is not None else 0
+    return ["cpu"] + [f"cuda:{i}" for i in range(count)]
+
+
+def cupy_version() -> str | None:
+    cupy = _import_cupy()
+    return None if cupy is None else cupy.__version__
+
+
+def array_module(array: Any) -> ModuleType:
+    """numpy or cupy, whichever `array` belongs to (without importing cupy)."""
+    if type(array).__module__.split(".")[0] == "cupy":
+        import sys
+        return sys.modules["cupy"]
+    return np

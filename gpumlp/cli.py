@@ -1,0 +1,266 @@
+"""The `gpumlp` command: a thin shell that parses, calls one library function, and reports.
+
+Domain errors become one line on stderr and an exit code: 2 for a usage error (a bad
+config or device), 1 for a failure; Ctrl-C during training exits 130 after a checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import ConfigError, DeviceError, GpumlpError
+
+USAGE_ERRORS = (ConfigError, DeviceError)
+
+
+class OneLineError(click.ClickException):
+    """Printed as 'Error: <message>' with no usage text and no traceback."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def domain_errors(fn):
+    """Turn GpumlpError (and unreadable files) into one line and an exit code."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USAGE_ERRORS as e:
+            raise OneLineError(str(e), exit_code=2) from None
+        except GpumlpError as e:
+            raise OneLineError(str(e), exit_code=1) from None
+        except MemoryError:
+            raise OneLineError("out of memory; lower train.batch_size or the hidden sizes") from None
+    return wrapper
+
+
+def load_mnist_for(data_dir: str | None, quiet: bool):
+    """The MNIST arrays, from --data-dir or the cache (fetched on first use)."""
+    from .fetch import ensure_mnist
+    from .mnist import load_mnist
+
+    folder = ensure_mnist(Path(data_dir) if data_dir else None)
+    return load_mnist(folder)
+
+
+data_dir_option = click.option(
+    "--data-dir", type=click.Path(file_okay=False), envvar="GPUMLP_DATA_DIR",
+    help="Folder with the four MNIST files (default: the cache; env GPUMLP_DATA_DIR).")
+device_option = click.option(
+    "--device", default="auto", show_default=True,
+    help="auto, cpu, cuda or cuda:N. auto takes the GPU when CuPy sees one.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gpumlp")
+def main():
+    """Train the seed's MLP on MNIST with hand-written backpropagation, on CPU or GPU.
+
+    \b
+    Example:
+      gpumlp train --config configs/h256.yaml
+    """
+
+
+def default_out(config_path: str | None) -> Path:
+    stem = Path(config_path).stem if config_path else "run"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class StopFlag:
+    """Set by the first Ctrl-C; training checks it between steps and saves a checkpoint."""
+
+    def __init__(self):
+        self.set = False
+
+    def __call__(self) -> bool:
+        return self.set
+
+    def install(self):
+        def handler(signum, frame):
+            self.set = True
+        return signal.signal(signal.SIGINT, handler)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="YAML config (see configs/). Defaults apply to keys it leaves out.")
+@device_option
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Run directory (default: runs/<config>-<time>).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, value parsed as YAML; repeatable (--set optim.lr=0.05).")
+@click.option("--init", "init_path", type=click.Path(dir_okay=False),
+              help="Start from the weights W1, b1, ... of this .npz.")
+@click.option("--seed", type=int, help="Shortcut for --set train.seed=N.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+              help="Continue the run in this directory from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace the files of a run already in --out.")
+@data_dir_option
+@click.option("--quiet", "-q", is_flag=True, help="Print only the final summary.")
+@domain_errors
+def train(config_path, device, out, overrides, init_path, seed, resume_dir, overwrite,
+          data_dir, quiet):
+    """Train an MLP and write its run directory.
+
+    \b
+    Writes config.yaml, metrics.jsonl, checkpoint.npz, model.npz and summary.json.
+    Precedence: defaults < --config < --set < --seed.
+
+    \b
+    Examples:
+      gpumlp train --config configs/h256.yaml
+      gpumlp train --config configs/smoke.yaml --device cpu --set optim.lr=0.05 --out runs/try
+      gpumlp train --resume runs/try
+    """
+    from .backend import get_backend
+    from .checkpoint import load_init
+    from .config import build_config
+    from .progress import Reporter
+    from .runfiles import check_out_dir
+    from .train import Interrupted, train as run_training
+
+    if resume_dir:
+        if config_path or overrides or init_path or seed is not None or out:
+            raise ConfigError("--resume takes the run's saved config; drop --config, --set, "
+                              "--seed, --init and --out")
+        out_dir = Path(resume_dir)
+        config = build_config(out_dir / "config.yaml")
+    else:
+        config = build_config(config_path, overrides, **{"train.seed": seed})
+        out_dir = Path(out) if out else default_out(config_path)
+    backend = get_backend(device)
+    init = None
+    if init_path:
+        init = load_init(init_path, (784, *config.model.widths, 10), config.train.dtype)
+    if not resume_dir:
+        check_out_dir(out_dir, overwrite)
+    mnist = load_mnist_for(data_dir, quiet)
+    reporter, stop = Reporter(quiet), StopFlag()
+    previous = stop.install()
+    try:
+        result = run_training(config, backend, mnist, out_dir=out_dir, init=init,
+                              resume=bool(resume_dir), on_event=reporter, should_stop=stop)
+    except Interrupted:
+        reporter.close()
+        click.echo(f"interrupted; checkpoint saved. Resume with: gpumlp train --resume {out_dir}",
+                   err=True)
+        raise SystemExit(130)
+    finally:
+        reporter.close()
+        signal.signal(signal.SIGINT, previous)
+    s = result.summary
+    click.echo(f"test_accuracy {s['test_accuracy']:.4f}  test_loss {s['test_loss']:.4f}  "
+               f"epochs {s['epochs']}  {s['seconds']:.1f}s on {s['device']}  -> {out_dir}")
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@device_option
+@data_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@domain_errors
+def evaluate(model_path, device, data_dir, as_json):
+    """Test loss and accuracy of a trained model.npz on the MNIST test set.
+
+    \b
+    Example:
+      gpumlp evaluate runs/h256/model.npz --json
+    """
+    from .backend import get_backend
+    from .checkpoint import load_model
+    from .data import prepare_data
+    from .model import Params
+    from .train import evaluate as evaluate_params
+
+    params, config = load_model(model_path)
+    backend = get_backend(device)
+    mnist = load_mnist_for(data_dir, quiet=True)
+    data = prepare_data(mnist, config.data.__class__(normalize=config.data.normalize), backend)
+    params = Params(tuple(map(backend.asarray, params.W)), tuple(map(backend.asarray, params.b)))
+    loss, accuracy = evaluate_params(params, data.test, config)
+    result = {"test_loss": loss, "test_accuracy": accuracy, "n": len(data.test),
+              "model": str(model_path), "device": backend.description}
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"test_accuracy {accuracy:.4f}  test_loss {loss:.4f}  ({len(data.test)} images)")
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="YAML config whose net (hidden, activation, dropout) is checked.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key.")
+@click.option("--samples", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Entries checked per parameter (all when the parameter is smaller).")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Examples in the random minibatch.")
+@click.option("--tolerance", default=1e-6, show_default=True, type=float,
+              help="Largest relative error that passes.")
+@domain_errors
+def gradcheck(config_path, overrides, samples, batch, tolerance):
+    """Check every gradient against central finite differences in float64.
+
+    Builds the configured net (784 inputs, the hidden sizes, 10 classes) in float64 on a
+    random minibatch and prints the largest relative error per parameter; exits 1 if any
+    is above the tolerance.
+
+    \b
+    Example:
+      gpumlp gradcheck --config configs/h256.yaml --set model.activation=gelu
+    """
+    from .activations import ACTIVATIONS
+    from .config import build_config
+    from .gradcheck import gradcheck_config
+
+    config = build_config(config_path, overrides)
+    widths = (784, *config.model.widths, 10)
+    results = gradcheck_config(widths, ACTIVATIONS[config.model.activation], config.model.init,
+                               seed=config.train.seed, m=batch, dropout=config.model.dropout,
+                               smoothing=config.train.label_smoothing, samples=samples)
+    click.echo(f"{'param':<6} {'shape':<12} {'checked':>7} {'max rel error':>14} {'max abs error':>14}")
+    for r in results:
+        click.echo(f"{r.name:<6} {str(r.shape):<12} {r.checked:>7} {r.max_rel_error:>14.3e} "
+                   f"{r.max_abs_error:>14.3e}")
+    worst = max(r.max_rel_error for r in results)
+    verdict = "PASS" if worst <= tolerance else "FAIL"
+    click.echo(f"{verdict}: largest relative error {worst:.3e} (tolerance {tolerance:g}), "
+               f"activation {config.model.activation}, float64, central differences")
+    if worst > tolerance:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def info(as_json):
+    """Versions, usable devices and the BLAS NumPy uses.
+
+    \b
+    Example:
+      gpumlp info
+    """
+    from .sysinfo import system_info
+
+    details = system_info()
+    if as_json:
+        click.echo(json.dumps(details, indent=2))
+        return
+    for key, value in details.items():
+        click.echo(f"{key:<10} {value}")
+
+
+def _register_extra_commands() -> None:
+    from .cli_data import data
+    main.add_command(data)
+
+
+_register_extra_commands()

@@ -1,0 +1,282 @@
+"""Run configuration: built-in defaults < YAML file < --set overrides < dedicated flags.
+
+Each section is a frozen dataclass whose defaults are documented where they are declared.
+`build_config` merges the layers, checks every key, type and range, and returns a frozen
+`Config`; an error names the key path and, for a typo, the closest key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu")
+INITS = ("he", "xavier")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine")
+DTYPES = ("float32", "float64")
+NORMALIZE = ("unit", "standard")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: int | tuple[int, ...] = 256  # hidden width, or one width per hidden layer
+    activation: str = "relu"             # one of ACTIVATIONS (phi in the seed)
+    init: str = "he"                     # he (for relu-like) or xavier (for sigmoid/tanh)
+    dropout: float = 0.0                 # inverted-dropout drop probability on hidden layers
+    max_norm: float | None = None        # cap on the L2 norm of each unit's incoming weights
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The hidden widths as a tuple, whether `hidden` is an int or a list."""
+        return (self.hidden,) if isinstance(self.hidden, int) else tuple(self.hidden)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    shift: float = 0.0                   # max random translation, pixels
+    rotate: float = 0.0                  # max random rotation, degrees
+    scale: float = 0.0                   # max relative random scaling (0.1 = +-10%)
+    elastic_alpha: float = 0.0           # elastic distortion strength, pixels (0 = off)
+    elastic_sigma: float = 6.0           # Gaussian smoothing of the displacement field, pixels
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    val_size: int = 0                    # training examples held out for validation
+    limit: int | None = None             # use only the first N training examples
+    shuffle: bool = True                 # reshuffle the training set every epoch
+    normalize: str = "unit"              # unit: x/255 in [0, 1]; standard: (x/255 - mean)/std
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10                     # passes over the training set
+    batch_size: int = 128                # m in the seed
+    seed: int = 0                        # seeds init, shuffling, dropout and augmentation
+    dtype: str = "float32"               # float32, or float64 for exactness checks
+    eval_batch_size: int = 10000         # rows per evaluation forward pass
+    checkpoint_every: int = 0            # also checkpoint every N steps (0: once per epoch)
+    label_smoothing: float = 0.0         # mass spread uniformly over the c classes
+    tf32: bool = False                   # allow TF32 matrix products on the GPU
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"                    # sgd, adam or adamw
+    lr: float = 0.1                      # peak learning rate
+    momentum: float = 0.9                # SGD momentum (0 = plain SGD)
+    nesterov: bool = False               # SGD with Nesterov momentum
+    weight_decay: float = 0.0            # L2 (sgd, adam) or decoupled (adamw) weight decay
+    beta1: float = 0.9                   # Adam first-moment decay
+    beta2: float = 0.999                 # Adam second-moment decay
+    eps: float = 1e-8                    # Adam denominator guard
+    schedule: str = "constant"           # constant, step or cosine
+    warmup_epochs: float = 0.0           # linear warm-up from 0 to lr over this many epochs
+    step_epochs: float = 10.0            # step schedule: multiply lr by gamma every N epochs
+    gamma: float = 0.1                   # step schedule factor
+    min_lr: float = 0.0                  # cosine schedule floor
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+# key path -> (check, message); a failed check is a ConfigError naming the key
+RANGES: dict[str, tuple[Any, str]] = {
+    "model.hidden": (lambda v: all(w >= 1 for w in ((v,) if isinstance(v, int) else v)) and v != (),
+                     "must be a positive width or a non-empty list of them"),
+    "model.activation": (lambda v: v in ACTIVATIONS, f"must be one of {', '.join(ACTIVATIONS)}"),
+    "model.init": (lambda v: v in INITS, f"must be one of {', '.join(INITS)}"),
+    "model.dropout": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "model.max_norm": (lambda v: v is None or v > 0, "must be positive or null"),
+    "data.val_size": (lambda v: v >= 0, "must be >= 0"),
+    "data.limit": (lambda v: v is None or v >= 1, "must be >= 1 or null"),
+    "data.normalize": (lambda v: v in NORMALIZE, f"must be one of {', '.join(NORMALIZE)}"),
+    "data.augment.shift": (lambda v: 0 <= v <= 14, "must be in [0, 14] pixels"),
+    "data.augment.rotate": (lambda v: 0 <= v <= 180, "must be in [0, 180] degrees"),
+    "data.augment.scale": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "data.augment.elastic_alpha": (lambda v: v >= 0, "must be >= 0"),
+    "data.augment.elastic_sigma": (lambda v: v > 0, "must be > 0"),
+    "train.epochs": (lambda v: v >= 0, "must be >= 0"),
+    "train.batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "train.seed": (lambda v: v >= 0, "must be >= 0"),
+    "train.dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
+    "train.eval_batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "train.checkpoint_every": (lambda v: v >= 0, "must be >= 0"),
+    "train.label_smoothing": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "optim.name": (lambda v: v in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
+    "optim.lr": (lambda v: v > 0, "must be > 0"),
+    "optim.momentum": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "optim.weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "optim.beta1": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "optim.beta2": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "optim.eps": (lambda v: v > 0, "must be > 0"),
+    "optim.schedule": (lambda v: v in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
+    "optim.warmup_epochs": (lambda v: v >= 0, "must be >= 0"),
+    "optim.step_epochs": (lambda v: v > 0, "must be > 0"),
+    "optim.gamma": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "optim.min_lr": (lambda v: v >= 0, "must be >= 0"),
+}
+
+
+def _unknown_key(prefix: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = (f"; did you mean '{prefix}{close[0]}'?" if close
+            else f"; known keys under '{prefix or '<top>'}': {', '.join(known)}")
+    path = f"{prefix}{key}"
+    return ConfigError(f"unknown config key '{path}'{hint}")
+
+
+def _coerce(path: str, value: Any, annotation: str) -> Any:
+    """Check `value` against the declared type of `path`; ints are accepted for floats."""
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(f"config key '{path}' must be {expected}, got {value!r}")
+
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise wrong(annotation.replace(" | None", ""))
+    if path == "model.hidden":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, (list, tuple)) and all(
+                isinstance(w, int) and not isinstance(w, bool) for w in value):
+            return value[0] if len(value) == 1 else tuple(value)
+        raise wrong("an integer or a list of integers")
+    if annotation.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        raise wrong("true or false")
+    if annotation.startswith("int"):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong("an integer")
+    if annotation.startswith("float"):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise wrong("a number")
+    if annotation.startswith("str"):
+        if isinstance(value, str):
+            return value
+        raise wrong("a string")
+    raise AssertionError(f"no coercion for {annotation}")  # pragma: no cover
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    """Instantiate dataclass `cls` from a mapping, recursing into nested sections."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, "
+                          f"got {values!r}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            raise _unknown_key(prefix, str(key), list(known))
+        f = known[key]
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            kwargs[key] = _build(f.default_factory, value, f"{path}.")
+        else:
+            kwargs[key] = _coerce(path, value, str(f.type))
+        check = RANGES.get(path)
+        if check is not None and not dataclasses.is_dataclass(kwargs[key]) and not check[0](kwargs[key]):
+            raise ConfigError(f"config key '{path}' {check[1]}, got {value!r}")
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, extra: Mapping) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """`optim.lr=0.05` -> {"optim": {"lr": 0.05}}; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.lr=0.05")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None
+    return _nest(key.strip(), value)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML config file; a one-line ConfigError when it is missing or broken."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections "
+                          f"(model, data, train, optim), not a {type(data).__name__}")
+    return data
+
+
+def build_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
+                 **flags: Any) -> Config:
+    """Defaults < YAML file at `path` < `--set` overrides < `flags` (dotted keys, None = unset)."""
+    values: dict = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        values = _deep_merge(values, parse_override(text))
+    for key, value in flags.items():
+        if value is not None:
+            values = _deep_merge(values, _nest(key, value))
+    return config_from_dict(values)
+
+
+def _nest(key: str, value: Any) -> dict:
+    """`("optim.lr", 0.05)` -> {"optim": {"lr": 0.05}}."""
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def config_from_dict(values: Mapping[str, Any]) -> Config:
+    """Validate a nested mapping (as saved in config.yaml) into a frozen Config."""
+    return _build(Config, values, "")
+
+
+def config_to_dict(config: Config) -> dict:
+    """A plain nested dict (lists, not tuples) for YAML and JSON."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+    return plain(dataclasses.asdict(config))
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

@@ -1,0 +1,73 @@
+"""The dataset on the device: uint8 images, integer labels, a validation split, and the
+per-batch conversion to the float inputs X of the seed."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .backend import Backend, array_module
+from .config import DataConfig
+from .errors import ConfigError
+from .mnist import Mnist
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of x/255 over the training images
+
+
+class DeviceSplit(NamedTuple):
+    images: Any  # (n, 784) uint8, on the device
+    labels: Any  # (n,) int32, on the device
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class DeviceData(NamedTuple):
+    train: DeviceSplit
+    val: DeviceSplit | None
+    test: DeviceSplit
+
+
+def prepare_data(mnist: Mnist, cfg: DataConfig, backend: Backend) -> DeviceData:
+    """Limit the training set, hold out its last `val_size` rows, and move it all to the device."""
+    images, labels = mnist.train
+    if cfg.limit is not None:
+        images, labels = images[:cfg.limit], labels[:cfg.limit]
+    if cfg.val_size >= len(labels):
+        raise ConfigError(f"config key 'data.val_size' is {cfg.val_size} but only {len(labels)} "
+                          "training examples are available; lower it")
+    cut = len(labels) - cfg.val_size
+
+    def split(x: np.ndarray, y: np.ndarray) -> DeviceSplit:
+        return DeviceSplit(backend.asarray(np.ascontiguousarray(x)),
+                           backend.asarray(y.astype(np.int32)))
+
+    val = split(images[cut:], labels[cut:]) if cfg.val_size else None
+    return DeviceData(split(images[:cut], labels[:cut]), val, split(*mnist.test))
+
+
+def to_inputs(images: Any, normalize: str, dtype: str) -> Any:
+    """X (m, 784) in `dtype` from uint8 pixels: x/255, standardised if asked."""
+    X = images.astype(dtype)
+    X *= 1.0 / 255.0
+    if normalize == "standard":
+        X -= MNIST_MEAN
+        X *= 1.0 / MNIST_STD
+    return X
+
+
+def permutation(rng: np.random.Generator, n: int, shuffle: bool) -> np.ndarray:
+    """The order of one epoch's examples, drawn on the host from the run's generator."""
+    return rng.permutation(n) if shuffle else np.arange(n)
+
+
+def batch_slices(n: int, m: int) -> list[slice]:
+    """Consecutive slices of size m covering 0..n; the last one may be shorter."""
+    return [slice(i, min(i + m, n)) for i in range(0, n, m)]
+
+
+def gather(split: DeviceSplit, idx: Any) -> tuple[Any, Any]:
+    """(uint8 images, labels) of the rows `idx` of a split, on its device."""
+    xp = array_module(split.images)
+    return xp.take(split.images, idx, axis=0), xp.take(split.labels, idx, axis=0)

@@ -1,0 +1,77 @@
+"""Central finite differences in float64 against the hand-written backward pass.
+
+For a parameter entry theta, the numerical gradient is (L(theta + eps) - L(theta - eps)) / 2 eps.
+The relative error of an entry is |analytic - numeric| / max(|analytic|, |numeric|, floor):
+the floor keeps entries whose gradient is (nearly) zero from dividing by roundoff.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .activations import Activation
+from .model import Params, backward, dropout_masks, forward, init_params, loss_and_dA2
+
+EPS = 1e-5
+FLOOR = 1e-4  # entries with |gradient| below this are judged by absolute error / 1e-4
+
+
+class ParamCheck(NamedTuple):
+    name: str            # W1, b1, W2, ...
+    shape: tuple
+    checked: int         # entries compared
+    max_rel_error: float
+    max_abs_error: float
+
+
+def loss_of(params: Params, X, y, act: Activation, masks: tuple = (), smoothing: float = 0.0) -> float:
+    return float(loss_and_dA2(forward(params, X, act, masks).A[-1], y, smoothing)[0])
+
+
+def check_gradients(params: Params, X: np.ndarray, y: np.ndarray, act: Activation,
+                    masks: tuple = (), smoothing: float = 0.0, samples: int | None = None,
+                    rng: np.random.Generator | None = None) -> list[ParamCheck]:
+    """Compare backward() with central differences for every parameter of a float64 net.
+
+    `samples` entries per parameter are drawn from `rng` (all entries when None).
+    """
+    cache = forward(params, X, act, masks)
+    _, dA2 = loss_and_dA2(cache.A[-1], y, smoothing)
+    grads = backward(params, cache, dA2, act)
+    results = []
+    for k in range(len(params.W)):
+        for name, theta, analytic in ((f"W{k + 1}", params.W[k], grads.W[k]),
+                                      (f"b{k + 1}", params.b[k], grads.b[k])):
+            flat_theta, flat_grad = theta.reshape(-1), analytic.reshape(-1)
+            n = flat_theta.size
+            idx = np.arange(n) if samples is None or samples >= n else rng.choice(n, samples, replace=False)
+            numeric = np.empty(len(idx))
+            for j, i in enumerate(idx):
+                saved = flat_theta[i]
+                flat_theta[i] = saved + EPS
+                plus = loss_of(params, X, y, act, masks, smoothing)
+                flat_theta[i] = saved - EPS
+                minus = loss_of(params, X, y, act, masks, smoothing)
+                flat_theta[i] = saved
+                numeric[j] = (plus - minus) / (2 * EPS)
+            a = flat_grad[idx]
+            abs_err = np.abs(a - numeric)
+            rel = abs_err / np.maximum(np.maximum(np.abs(a), np.abs(numeric)), FLOOR)
+            results.append(ParamCheck(name, theta.shape, len(idx), float(rel.max()),
+                                      float(abs_err.max())))
+    return results
+
+
+def gradcheck_config(widths: tuple[int, ...], act: Activation, init: str, seed: int = 0,
+                     m: int = 8, dropout: float = 0.0, smoothing: float = 0.0,
+                     samples: int | None = 20) -> list[ParamCheck]:
+    """Check a float64 net of the given widths on a random minibatch of m examples."""
+    rng = np.random.default_rng(seed)
+    params = init_params(widths, init, rng, "float64")
+    params = Params(params.W, tuple(rng.normal(0, 0.1, v.shape) for v in params.b))
+    X = rng.random((m, widths[0]))                                   # (m, d) in [0, 1)
+    y = rng.integers(0, widths[-1], size=m)                          # (m,)
+    masks = dropout_masks(rng, m, widths[1:-1], dropout, np.dtype("float64"))
+    return check_gradients(params, X, y, act, masks, smoothing, samples, rng)

@@ -1,0 +1,93 @@
+"""Optimizers (SGD with momentum or Nesterov, Adam, AdamW) and learning-rate schedules.
+
+An update changes the parameter arrays in place (no new device allocations per step);
+the state is a small named container of arrays shaped like the parameters, so that a
+checkpoint can save it and a resume can restore it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from .backend import array_module
+from .config import OptimConfig
+from .model import Grads, Params
+
+
+class OptState(NamedTuple):
+    m: tuple  # SGD: velocity; Adam: first moment. One array per parameter (W1, b1, W2, ...)
+    v: tuple  # Adam: second moment; () for SGD
+
+
+def flat(params: Params | Grads) -> tuple:
+    """(W1, b1, W2, b2, ...): the order of the parameters everywhere state is kept."""
+    return tuple(t for pair in zip(params.W, params.b) for t in pair)
+
+
+def init_state(cfg: OptimConfig, params: Params) -> OptState:
+    """Zeros shaped like the parameters: one slot for SGD, two for Adam and AdamW."""
+    zeros = lambda: tuple(array_module(p).zeros_like(p) for p in flat(params))  # noqa: E731
+    return OptState(zeros(), zeros() if cfg.name in ("adam", "adamw") else ())
+
+
+def sgd_update(cfg: OptimConfig, p: Any, g: Any, vel: Any, lr: float) -> None:
+    """vel = mu vel + g (+ wd p); p -= lr (g + mu vel) with Nesterov, else lr vel."""
+    if cfg.weight_decay:
+        g = g + cfg.weight_decay * p
+    if cfg.momentum == 0:
+        p -= lr * g
+        return
+    vel *= cfg.momentum
+    vel += g
+    p -= lr * (g + cfg.momentum * vel) if cfg.nesterov else lr * vel
+
+
+def adam_update(cfg: OptimConfig, p: Any, g: Any, m: Any, v: Any, lr: float, t: int) -> None:
+    """Adam (Kingma & Ba 2015) at step t >= 1; AdamW decays p before it (Loshchilov & Hutter)."""
+    if cfg.name == "adamw" and cfg.weight_decay:
+        p *= 1 - lr * cfg.weight_decay
+    elif cfg.weight_decay:
+        g = g + cfg.weight_decay * p
+    m *= cfg.beta1
+    m += (1 - cfg.beta1) * g
+    v *= cfg.beta2
+    v += (1 - cfg.beta2) * (g * g)
+    m_hat_scale = 1 / (1 - cfg.beta1 ** t)
+    v_hat_scale = 1 / (1 - cfg.beta2 ** t)
+    p -= (lr * m_hat_scale) * m / (array_module(v).sqrt(v * v_hat_scale) + cfg.eps)
+
+
+def update(cfg: OptimConfig, params: Params, grads: Grads, state: OptState, lr: float,
+           t: int) -> None:
+    """One optimizer step at global step t >= 1 (1-based), in place."""
+    for i, (p, g) in enumerate(zip(flat(params), flat(grads))):
+        if cfg.name == "sgd":
+            sgd_update(cfg, p, g, state.m[i], lr)
+        else:
+            adam_update(cfg, p, g, state.m[i], state.v[i], lr, t)
+
+
+def learning_rate(cfg: OptimConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """The learning rate for 0-based `step`: linear warm-up, then constant, step or cosine."""
+    epoch = step / steps_per_epoch
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** math.floor(epoch / cfg.step_epochs)
+    if cfg.schedule == "cosine":
+        span = max(total_steps - warmup, 1)
+        progress = min((step - warmup) / span, 1.0)
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr
+
+
+def apply_max_norm(params: Params, max_norm: float | None) -> None:
+    """Rescale each hidden unit's incoming weights (a column of W_k) to norm <= max_norm."""
+    if max_norm is None:
+        return
+    for Wk in params.W[:-1]:
+        xp = array_module(Wk)
+        norms = xp.sqrt((Wk * Wk).sum(axis=0, keepdims=True))      # (1, fan_out)
+        Wk *= xp.minimum(1, max_norm / xp.maximum(norms, 1e-12)).astype(Wk.dtype)

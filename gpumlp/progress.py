@@ -1,0 +1,52 @@
+"""What the CLI shows while training: a progress bar on a terminal, plain lines in a log."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+def format_epoch(row: dict) -> str:
+    parts = [f"epoch {row['epoch']:>3}", f"train_loss {row['train_loss']:.4f}",
+             f"train_acc {row['train_accuracy']:.4f}"]
+    if "val_loss" in row:
+        parts += [f"val_loss {row['val_loss']:.4f}", f"val_acc {row['val_accuracy']:.4f}"]
+    parts += [f"test_loss {row['test_loss']:.4f}", f"test_acc {row['test_accuracy']:.4f}",
+              f"lr {row['lr']:.4g}", f"{row['seconds']:.2f}s",
+              f"{row['samples_per_second']:,.0f} samples/s"]
+    return "  ".join(parts)
+
+
+class Reporter:
+    """An `on_event` handler: a tqdm bar per epoch on a terminal, one line per epoch always."""
+
+    def __init__(self, quiet: bool = False, stream=None):
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.bar = None
+        self.use_bar = not quiet and self.stream.isatty()
+
+    def __call__(self, kind: str, info: dict) -> None:
+        if self.quiet:
+            return
+        if kind == "start":
+            click.echo(f"training on {info['device']}: {info['n_train']} examples, "
+                       f"{info['batches']} batches per epoch, {info['epochs']} epochs"
+                       + (f" (resuming after epoch {info['epoch']})" if info["epoch"] else ""),
+                       err=True)
+        elif kind == "step" and self.use_bar:
+            if self.bar is None:
+                from tqdm import tqdm
+                self.bar = tqdm(total=info["batches"], initial=info["batch"] - 1,
+                                desc=f"epoch {info['epoch']}", unit="batch", leave=False,
+                                file=self.stream)
+            self.bar.update(1)
+        elif kind == "epoch":
+            self.close()
+            click.echo(format_epoch(info), err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

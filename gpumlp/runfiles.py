@@ -1,0 +1,127 @@
+"""The run directory: config.yaml, metrics.jsonl, checkpoint.npz, model.npz, summary.json.
+
+Every file is written atomically (temporary file, fsync, rename), so a run killed at any
+moment leaves the previous version of each file intact. checkpoint.npz holds everything
+a resume needs: weights, optimizer state, generator states, the position in the epoch
+(with the epoch's order) and the metrics so far.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .backend import Backend, to_host
+from .checkpoint import D, C, param_arrays, params_from_arrays, save_model
+from .config import Config, dump_config
+from .errors import CheckpointError, GpumlpError
+from .model import Params
+from .npzio import atomic_write, load_npz, save_npz
+from .optim import OptState, flat
+
+if TYPE_CHECKING:
+    from .train import RunState
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.npz", "model.npz", "summary.json")
+
+
+def check_out_dir(path: Path, overwrite: bool) -> None:
+    """Refuse a folder holding another run unless `overwrite`; check it can be written."""
+    if path.exists() and not path.is_dir():
+        raise GpumlpError(f"--out {path}: exists and is not a folder; pick another path")
+    existing = [name for name in RUN_FILES if (path / name).exists()]
+    if existing and not overwrite:
+        raise GpumlpError(f"--out {path}: already holds a run ({', '.join(existing)}); "
+                          "pick another folder, resume it with --resume, or pass --overwrite")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise GpumlpError(f"--out {path}: cannot write there ({e.strerror or e}); "
+                          "pick a writable folder") from None
+
+
+def generator_state(rng) -> str | None:
+    """The JSON of a NumPy generator's state; None for a generator that cannot say (CuPy)."""
+    try:
+        return json.dumps(rng.bit_generator.state)
+    except (AttributeError, TypeError):
+        return None
+
+
+class RunFiles:
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    def start(self, config: Config) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path("config.yaml"), dump_config(config).encode())
+        atomic_write(self.path("metrics.jsonl"), b"")
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.path("metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def save_checkpoint(self, state: "RunState", history: list[dict]) -> None:
+        arrays = param_arrays(state.params)
+        arrays.update({f"opt_m{i}": to_host(a) for i, a in enumerate(state.opt.m)})
+        arrays.update({f"opt_v{i}": to_host(a) for i, a in enumerate(state.opt.v)})
+        pos = asdict(state.pos)
+        perm = pos.pop("perm")
+        if perm is not None:
+            arrays["perm"] = np.asarray(perm, dtype=np.int64)
+        meta = {"position": pos, "rng": json.loads(generator_state(state.rng)),
+                "dev_rng": generator_state(state.dev_rng), "history": history}
+        arrays["state"] = np.array(json.dumps(meta))
+        save_npz(self.path("checkpoint.npz"), arrays)
+
+    def load_checkpoint(self, config: Config, backend: Backend) -> tuple["RunState", list[dict]]:
+        """The state saved by the last checkpoint, checked against `config`."""
+        from .train import Position, RunState, new_state
+
+        source = str(self.path("checkpoint.npz"))
+        arrays = load_npz(self.path("checkpoint.npz"))
+        try:
+            meta = json.loads(str(arrays["state"]))
+            pos = Position(**meta["position"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{source}: its state record is missing or damaged; "
+                                  "start the run again") from None
+        state = new_state(config, backend)
+        host = params_from_arrays(arrays, (D, *config.model.widths, C), source)
+        fresh = flat(state.params) + state.opt.m + state.opt.v
+        saved = flat(host) + tuple(arrays.get(f"opt_m{i}") for i in range(len(state.opt.m))) \
+            + tuple(arrays.get(f"opt_v{i}") for i in range(len(state.opt.v)))
+        for target, value in zip(fresh, saved):
+            if value is None or value.shape != target.shape:
+                raise CheckpointError(f"{source}: optimizer state does not match the config")
+            target[...] = backend.asarray(value.astype(target.dtype))
+        pos.perm = arrays.get("perm")
+        if pos.batch and pos.perm is None:
+            raise CheckpointError(f"{source}: the epoch's order is missing")
+        state.rng.bit_generator.state = meta["rng"]
+        if meta.get("dev_rng"):
+            state.dev_rng.bit_generator.state = json.loads(meta["dev_rng"])
+        else:  # a device generator that cannot be saved: reseed it from the position
+            state.dev_rng = backend.xp.random.default_rng(config.train.seed + 1 + pos.step)
+        state.pos = pos
+        history = list(meta.get("history", []))
+        atomic_write(self.path("metrics.jsonl"),
+                     "".join(json.dumps(row) + "\n" for row in history).encode())
+        return state, history
+
+    def finish(self, params: Params, config: Config, summary: dict) -> None:
+        save_model(self.path("model.npz"), params, config)
+        atomic_write(self.path("summary.json"), (json.dumps(summary, indent=2) + "\n").encode())

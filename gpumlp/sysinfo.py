@@ -1,0 +1,39 @@
+"""What `gpumlp info` reports: versions, devices, BLAS, threads."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import numpy as np
+
+from . import __version__
+from .backend import available_devices, cupy_version
+
+
+def blas_name() -> str:
+    """The BLAS library NumPy was built against, as NumPy reports it."""
+    try:
+        config = np.show_config(mode="dicts")
+        blas = config["Build Dependencies"]["blas"]
+        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    except Exception:  # older NumPy without mode="dicts"
+        return "unknown"
+
+
+def system_info() -> dict:
+    import click
+    import yaml
+
+    return {
+        "gpumlp": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "numpy": np.__version__,
+        "blas": blas_name(),
+        "cupy": cupy_version() or "not installed (pip install 'gpumlp[cuda12]')",
+        "click": click.__version__ if hasattr(click, "__version__") else "?",
+        "pyyaml": yaml.__version__,
+        "cpus": os.cpu_count(),
+        "devices": ", ".join(available_devices()),
+    }

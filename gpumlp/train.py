@@ -1,0 +1,208 @@
+"""The training loop: epochs of shuffled minibatches on the device, evaluation, run files.
+
+Nothing is copied to the host inside a step: the loss and the correct count accumulate
+in device scalars read once per epoch (and at checkpoints). Progress goes to an optional
+callback `on_event(kind, info)`; the library never prints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from .activations import ACTIVATIONS
+from .backend import Backend, to_host
+from .config import Config
+from .data import DeviceData, DeviceSplit, batch_slices, gather, permutation, prepare_data, to_inputs
+from .errors import ConfigError, GpumlpError
+from .mnist import Mnist
+from .model import Params, correct_count, dropout_masks, forward, init_params, loss_and_dA2
+from .optim import OptState, init_state, learning_rate
+from .runfiles import RunFiles
+from .step import make_step
+
+D, C = 784, 10
+EventHandler = Callable[[str, dict], None]
+
+
+class NumericalError(GpumlpError):
+    """The loss or the weights became NaN or infinite."""
+
+
+class Interrupted(GpumlpError):
+    """Training was asked to stop (Ctrl-C); a checkpoint was saved."""
+
+
+@dataclass
+class Position:
+    """Where a run stands; saved in every checkpoint, so that a resume continues exactly."""
+    epoch: int = 0                   # epochs completed
+    step: int = 0                    # optimizer steps taken in all
+    batch: int = 0                   # batches done in the current epoch
+    perm: np.ndarray | None = None   # the current epoch's order, while an epoch is under way
+    loss_sum: float = 0.0            # sum of per-example losses so far this epoch
+    correct: int = 0                 # correct predictions so far this epoch
+    seconds: float = 0.0             # training time spent so far this epoch
+
+
+@dataclass
+class RunState:
+    params: Params
+    opt: OptState
+    rng: np.random.Generator         # host: init, shuffling, augmentation
+    dev_rng: Any                     # device: dropout masks
+    pos: Position = field(default_factory=Position)
+
+
+class RunResult(NamedTuple):
+    params: Params
+    history: list[dict]
+    summary: dict
+
+
+def new_state(config: Config, backend: Backend, init: Params | None = None) -> RunState:
+    """Fresh parameters (or `init`), zero optimizer state, generators from train.seed."""
+    rng = np.random.default_rng(config.train.seed)
+    widths = (D, *config.model.widths, C)
+    host = init_params(widths, config.model.init, rng, config.train.dtype)
+    if init is not None:
+        host = init
+    params = Params(tuple(backend.asarray(w) for w in host.W),
+                    tuple(backend.asarray(v) for v in host.b))
+    dev_rng = backend.xp.random.default_rng(config.train.seed + 1)
+    return RunState(params, init_state(config.optim, params), rng, dev_rng)
+
+
+def evaluate(params: Params, split: DeviceSplit, config: Config) -> tuple[float, float]:
+    """(mean loss, accuracy) of `params` on a split, in batches, read once at the end."""
+    act = ACTIVATIONS[config.model.activation]
+    loss_sum, correct = 0.0, 0
+    n = len(split)
+    for sl in batch_slices(n, config.train.eval_batch_size):
+        X = to_inputs(split.images[sl], config.data.normalize, config.train.dtype)
+        A_out = forward(params, X, act).A[-1]
+        L, _ = loss_and_dA2(A_out, split.labels[sl])
+        loss_sum = loss_sum + L * (sl.stop - sl.start)
+        correct = correct + correct_count(A_out, split.labels[sl])
+    return float(loss_sum) / n, int(correct) / n
+
+
+def check_batch_size(config: Config, n: int) -> None:
+    if config.train.batch_size > n:
+        raise ConfigError(f"config key 'train.batch_size' is {config.train.batch_size} but the "
+                          f"training set has only {n} examples; lower it")
+
+
+def all_finite(params: Params) -> bool:
+    return all(bool(np.isfinite(float(p.sum()))) for p in (*params.W, *params.b))
+
+
+def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Backend,
+                step_fn, on_event: EventHandler, checkpoint: Callable[[], None],
+                should_stop: Callable[[], bool]) -> None:
+    """Run the rest of the current epoch from `state.pos`, updating `state` in place."""
+    xp, pos, tc = backend.xp, state.pos, config.train
+    n = len(data.train)
+    if pos.perm is None:
+        pos.perm = permutation(state.rng, n, config.data.shuffle)
+    perm = backend.asarray(pos.perm)
+    slices = batch_slices(n, tc.batch_size)
+    total_steps = tc.epochs * len(slices)
+    loss_sum = xp.asarray(pos.loss_sum, dtype=np.float64)
+    correct = xp.asarray(pos.correct, dtype=np.int64)
+    started = time.perf_counter() - pos.seconds
+    check_every = 1 if not backend.is_gpu else 50
+    for b in range(pos.batch, len(slices)):
+        images, y = gather(data.train, perm[slices[b]])
+        X = to_inputs(images, config.data.normalize, tc.dtype)                  # (m, d)
+        m = X.shape[0]
+        masks = dropout_masks(state.dev_rng, m, config.model.widths, config.model.dropout, X.dtype)
+        lr = learning_rate(config.optim, pos.step, len(slices), total_steps)
+        L, ok = step_fn(state.params, state.opt, X, y, lr, pos.step + 1, masks)
+        loss_sum += L * m
+        correct += ok
+        pos.step += 1
+        pos.batch = b + 1
+        if pos.step % check_every == 0 and not bool(xp.isfinite(loss_sum)):
+            raise NumericalError(f"the loss became NaN or infinite at epoch {pos.epoch + 1}, "
+                                 f"step {pos.step}; lower optim.lr")
+        on_event("step", {"epoch": pos.epoch + 1, "batch": b + 1, "batches": len(slices)})
+        mid_epoch = b + 1 < len(slices)
+        if mid_epoch and (should_stop() or (tc.checkpoint_every and pos.step % tc.checkpoint_every == 0)):
+            pos.loss_sum, pos.correct = float(loss_sum), int(correct)
+            pos.seconds = time.perf_counter() - started
+            checkpoint()
+            if should_stop():
+                raise Interrupted("interrupted")
+    backend.synchronize()
+    pos.loss_sum, pos.correct = float(loss_sum), int(correct)
+    pos.seconds = time.perf_counter() - started
+
+
+def epoch_metrics(state: RunState, data: DeviceData, config: Config, lr: float) -> dict:
+    """The metrics.jsonl line of the epoch that just ended."""
+    pos, n = state.pos, len(data.train)
+    if not np.isfinite(pos.loss_sum) or not all_finite(state.params):
+        raise NumericalError(f"the loss or the weights became NaN or infinite in epoch "
+                             f"{pos.epoch + 1} (by step {pos.step}); lower optim.lr")
+    row = {"epoch": pos.epoch + 1, "train_loss": pos.loss_sum / n, "train_accuracy": pos.correct / n}
+    if data.val is not None:
+        row["val_loss"], row["val_accuracy"] = evaluate(state.params, data.val, config)
+    row["test_loss"], row["test_accuracy"] = evaluate(state.params, data.test, config)
+    row.update(lr=lr, seconds=pos.seconds, samples_per_second=n / max(pos.seconds, 1e-9))
+    return row
+
+
+def train(config: Config, backend: Backend, mnist: Mnist, *, out_dir: str | Path | None = None,
+          init: Params | None = None, resume: bool = False,
+          on_event: EventHandler | None = None,
+          should_stop: Callable[[], bool] = lambda: False) -> RunResult:
+    """Train `config` on `backend`; write the run directory when `out_dir` is given."""
+    on_event = on_event or (lambda kind, info: None)
+    data = prepare_data(mnist, config.data, backend)
+    check_batch_size(config, len(data.train))
+    files = RunFiles(Path(out_dir)) if out_dir is not None else None
+    if resume:
+        state, history = files.load_checkpoint(config, backend)
+    else:
+        state, history = new_state(config, backend, init), []
+        if files:
+            files.start(config)
+    step_fn = make_step(config, backend)
+    steps_per_epoch = len(batch_slices(len(data.train), config.train.batch_size))
+    on_event("start", {"device": backend.description, "epochs": config.train.epochs,
+                       "n_train": len(data.train), "batches": steps_per_epoch,
+                       "epoch": state.pos.epoch})
+    save = (lambda: files.save_checkpoint(state, history)) if files else (lambda: None)
+    while state.pos.epoch < config.train.epochs:
+        train_epoch(state, data, config, backend, step_fn, on_event, save, should_stop)
+        lr = learning_rate(config.optim, state.pos.step - 1, steps_per_epoch,
+                           config.train.epochs * steps_per_epoch)
+        history.append(epoch_metrics(state, data, config, lr))
+        state.pos = Position(epoch=state.pos.epoch + 1, step=state.pos.step)
+        if files:
+            files.append_metrics(history[-1])
+            save()
+        on_event("epoch", history[-1])
+        if should_stop() and state.pos.epoch < config.train.epochs:
+            raise Interrupted("interrupted")
+    summary = make_summary(config, backend, state, data, history)
+    if files:
+        files.finish(state.params, config, summary)
+    return RunResult(state.params, history, summary)
+
+
+def make_summary(config: Config, backend: Backend, state: RunState, data: DeviceData,
+                 history: list[dict]) -> dict:
+    if history:
+        test_loss, test_accuracy = history[-1]["test_loss"], history[-1]["test_accuracy"]
+    else:
+        test_loss, test_accuracy = evaluate(state.params, data.test, config)
+    return {"test_accuracy": test_accuracy, "test_loss": test_loss,
+            "epochs": config.train.epochs, "steps": state.pos.step,
+            "seconds": sum(row["seconds"] for row in history), "device": backend.description}
