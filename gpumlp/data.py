@@ -47,10 +47,15 @@ def prepare_data(mnist: Mnist, cfg: DataConfig, backend: Backend) -> DeviceData:
     return DeviceData(split(images[:cut], labels[:cut]), val, split(*mnist.test))
 
 
-def to_inputs(images: Any, normalize: str, dtype: str) -> Any:
-    """X (m, 784) in `dtype` from uint8 pixels: x/255, standardised if asked."""
+def to_inputs(images: Any, normalize: str, dtype: str, augment: Any = None, rng: Any = None) -> Any:
+    """X (m, 784) in `dtype` from uint8 pixels: x/255, augmented and standardised if asked.
+
+    `augment(X, rng)`, when given, distorts the images while they are still in [0, 1].
+    """
     X = images.astype(dtype)
     X *= 1.0 / 255.0
+    if augment is not None:
+        X = augment(X, rng)
     if normalize == "standard":
         X -= MNIST_MEAN
         X *= 1.0 / MNIST_STD

@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from .activations import ACTIVATIONS
+from .augment import make_augment
 from .backend import Backend, to_host
 from .config import Config
 from .data import DeviceData, DeviceSplit, batch_slices, gather, permutation, prepare_data, to_inputs
@@ -117,9 +118,10 @@ def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Back
     correct = xp.asarray(pos.correct, dtype=np.int64)
     started = time.perf_counter() - pos.seconds
     check_every = 1 if not backend.is_gpu else 50
+    augment = make_augment(config.data.augment)
     for b in range(pos.batch, len(slices)):
         images, y = gather(data.train, perm[slices[b]])
-        X = to_inputs(images, config.data.normalize, tc.dtype)                  # (m, d)
+        X = to_inputs(images, config.data.normalize, tc.dtype, augment, state.dev_rng)  # (m, d)
         m = X.shape[0]
         masks = dropout_masks(state.dev_rng, m, config.model.widths, config.model.dropout, X.dtype)
         lr = learning_rate(config.optim, pos.step, len(slices), total_steps)
