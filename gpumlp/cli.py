@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +41,12 @@ def domain_errors(fn):
             raise OneLineError(str(e), exit_code=1) from None
         except MemoryError:
             raise OneLineError("out of memory; lower train.batch_size or the hidden sizes") from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise SystemExit(130) from None
+        except OSError as e:  # a file the OS refused: name it, no traceback
+            where = f"{e.filename}: " if e.filename else ""
+            raise OneLineError(f"{where}{e.strerror or e}") from None
     return wrapper
 
 
@@ -60,7 +67,28 @@ device_option = click.option(
     help="auto, cpu, cuda or cuda:N. auto takes the GPU when CuPy sees one.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineGroup(click.Group):
+    """A group whose errors, click's usage errors included, are one line on stderr."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            click.echo(f"Error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"Error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort as e:
+            click.echo("interrupted", err=True)
+            sys.exit(130 if isinstance(e.__cause__, KeyboardInterrupt) else 1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gpumlp")
 def main():
     """Train the seed's MLP on MNIST with hand-written backpropagation, on CPU or GPU.
@@ -126,7 +154,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     from .checkpoint import load_init
     from .config import build_config
     from .progress import Reporter
-    from .runfiles import check_out_dir
+    from .runfiles import RunFiles, check_out_dir
     from .train import Interrupted, train as run_training
 
     if resume_dir:
@@ -134,6 +162,9 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
             raise ConfigError("--resume takes the run's saved config; drop --config, --set, "
                               "--seed, --init and --out")
         out_dir = Path(resume_dir)
+        if not (out_dir / "config.yaml").is_file():
+            raise GpumlpError(f"--resume {out_dir}: no config.yaml there; give the run "
+                              "directory of an interrupted `gpumlp train`")
         config = build_config(out_dir / "config.yaml")
     else:
         config = build_config(config_path, overrides, **{"train.seed": seed})
@@ -144,6 +175,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         init = load_init(init_path, (784, *config.model.widths, 10), config.train.dtype)
     if not resume_dir:
         check_out_dir(out_dir, overwrite)
+        RunFiles(out_dir).start(config)  # first, so that a run killed at once can be resumed
     mnist = load_mnist_for(data_dir, quiet)
     reporter, stop = Reporter(quiet), StopFlag()
     previous = stop.install()

@@ -74,6 +74,13 @@ class RunFiles:
             f.flush()
             os.fsync(f.fileno())
 
+    def last_good(self) -> str:
+        """Where the last good checkpoint is, for error messages."""
+        path = self.path("checkpoint.npz")
+        if path.exists():
+            return f"the last good checkpoint {path} is intact (resume with --resume {self.folder})"
+        return "no checkpoint was written yet"
+
     def save_checkpoint(self, state: "RunState", history: list[dict]) -> None:
         arrays = param_arrays(state.params)
         arrays.update({f"opt_m{i}": to_host(a) for i, a in enumerate(state.opt.m)})
@@ -85,7 +92,11 @@ class RunFiles:
         meta = {"position": pos, "rng": json.loads(generator_state(state.rng)),
                 "dev_rng": generator_state(state.dev_rng), "history": history}
         arrays["state"] = np.array(json.dumps(meta))
-        save_npz(self.path("checkpoint.npz"), arrays)
+        try:
+            save_npz(self.path("checkpoint.npz"), arrays)
+        except OSError as e:
+            raise GpumlpError(f"cannot write {self.path('checkpoint.npz')} ({e.strerror or e}); "
+                              "the previous checkpoint is intact; free space and --resume") from None
 
     def load_checkpoint(self, config: Config, backend: Backend) -> tuple["RunState", list[dict]]:
         """The state saved by the last checkpoint, checked against `config`."""

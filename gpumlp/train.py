@@ -169,9 +169,9 @@ def train(config: Config, backend: Backend, mnist: Mnist, *, out_dir: str | Path
     data = prepare_data(mnist, config.data, backend)
     check_batch_size(config, len(data.train))
     files = RunFiles(Path(out_dir)) if out_dir is not None else None
-    if resume:
+    if resume and files.path("checkpoint.npz").exists():
         state, history = files.load_checkpoint(config, backend)
-    else:
+    else:  # a fresh run, or one killed before its first checkpoint: start it over
         state, history = new_state(config, backend, init), []
         if files:
             files.start(config)
@@ -182,10 +182,16 @@ def train(config: Config, backend: Backend, mnist: Mnist, *, out_dir: str | Path
                        "epoch": state.pos.epoch})
     save = (lambda: files.save_checkpoint(state, history)) if files else (lambda: None)
     while state.pos.epoch < config.train.epochs:
-        train_epoch(state, data, config, backend, step_fn, on_event, save, should_stop)
+        try:
+            train_epoch(state, data, config, backend, step_fn, on_event, save, should_stop)
+        except NumericalError as e:
+            raise NumericalError(f"{e}; {files.last_good() if files else 'no run directory'}") from None
         lr = learning_rate(config.optim, state.pos.step - 1, steps_per_epoch,
                            config.train.epochs * steps_per_epoch)
-        history.append(epoch_metrics(state, data, config, lr))
+        try:
+            history.append(epoch_metrics(state, data, config, lr))
+        except NumericalError as e:
+            raise NumericalError(f"{e}; {files.last_good() if files else 'no run directory'}") from None
         state.pos = Position(epoch=state.pos.epoch + 1, step=state.pos.step)
         if files:
             files.append_metrics(history[-1])

@@ -1,0 +1,5 @@
+"""`python -m gpumlp` runs the CLI."""
+
+from .cli import main
+
+main()
