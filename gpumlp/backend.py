@@ -113,3 +113,9 @@ def array_module(array: Any) -> ModuleType:
         import sys
         return sys.modules["cupy"]
     return np
+
+
+def ndimage_for(xp: ModuleType) -> ModuleType:
+    """scipy.ndimage for numpy, cupyx.scipy.ndimage for cupy: same functions, same arguments."""
+    import importlib
+    return importlib.import_module("cupyx.scipy.ndimage" if xp.__name__ == "cupy" else "scipy.ndimage")
