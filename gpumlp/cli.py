@@ -51,12 +51,23 @@ def domain_errors(fn):
 
 
 def load_mnist_for(data_dir: str | None, quiet: bool):
-    """The MNIST arrays, from --data-dir or the cache (fetched on first use)."""
-    from .fetch import ensure_mnist
+    """The MNIST arrays, from --data-dir or the cache (fetched on first use).
+
+    A folder the user names is used as it is: a missing or wrong file there is an error
+    naming it (rather than a silent download), so a damaged folder never goes unnoticed.
+    """
+    from .cli_data import progress_reporter
+    from .errors import DataError
+    from .fetch import ensure_mnist, verify_folder
     from .mnist import load_mnist
 
-    folder = ensure_mnist(Path(data_dir) if data_dir else None)
-    return load_mnist(folder)
+    if data_dir:
+        problems = verify_folder(data_dir)
+        if problems:
+            raise DataError(f"--data-dir {data_dir}: {'; '.join(problems)}; fix or replace those "
+                            "files, or drop --data-dir (and GPUMLP_DATA_DIR) to use the cache")
+        return load_mnist(data_dir)
+    return load_mnist(ensure_mnist(None, progress=progress_reporter(quiet)))
 
 
 data_dir_option = click.option(
@@ -173,13 +184,14 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     init = None
     if init_path:
         init = load_init(init_path, (784, *config.model.widths, 10), config.train.dtype)
+    fresh = not resume_dir and not out_dir.exists()
     if not resume_dir:
         check_out_dir(out_dir, overwrite)
         RunFiles(out_dir).start(config)  # first, so that a run killed at once can be resumed
-    mnist = load_mnist_for(data_dir, quiet)
     reporter, stop = Reporter(quiet), StopFlag()
     previous = stop.install()
     try:
+        mnist = load_mnist_for(data_dir, quiet)
         result = run_training(config, backend, mnist, out_dir=out_dir, init=init,
                               resume=bool(resume_dir), on_event=reporter, should_stop=stop)
     except Interrupted:
@@ -187,6 +199,10 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         click.echo(f"interrupted; checkpoint saved. Resume with: gpumlp train --resume {out_dir}",
                    err=True)
         raise SystemExit(130)
+    except GpumlpError:
+        if fresh:  # failed before anything worth keeping: leave no half-made run behind
+            RunFiles(out_dir).discard_unstarted()
+        raise
     finally:
         reporter.close()
         signal.signal(signal.SIGINT, previous)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -167,6 +168,8 @@ def _coerce(path: str, value: Any, annotation: str) -> Any:
     if annotation.startswith("float"):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
+            return float(value)  # YAML 1.1 reads 1e6 (no dot) as a string
         raise wrong("a number")
     if annotation.startswith("str"):
         if isinstance(value, str):

@@ -64,7 +64,10 @@ class RunFiles:
         return self.folder / name
 
     def start(self, config: Config) -> None:
+        """Begin a fresh run: its config, empty metrics, and no files of an earlier run."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        for name in ("checkpoint.npz", "model.npz", "summary.json"):
+            self.path(name).unlink(missing_ok=True)
         atomic_write(self.path("config.yaml"), dump_config(config).encode())
         atomic_write(self.path("metrics.jsonl"), b"")
 
@@ -73,6 +76,17 @@ class RunFiles:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def discard_unstarted(self) -> None:
+        """Remove a run folder this run created, when no checkpoint was written yet."""
+        if self.path("checkpoint.npz").exists():
+            return
+        for name in ("config.yaml", "metrics.jsonl"):
+            self.path(name).unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()  # only if now empty
+        except OSError:
+            pass
 
     def last_good(self) -> str:
         """Where the last good checkpoint is, for error messages."""

@@ -166,6 +166,11 @@ def train(config: Config, backend: Backend, mnist: Mnist, *, out_dir: str | Path
           should_stop: Callable[[], bool] = lambda: False) -> RunResult:
     """Train `config` on `backend`; write the run directory when `out_dir` is given."""
     on_event = on_event or (lambda kind, info: None)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # the guard reports them
+        return _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
+
+
+def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop) -> RunResult:
     data = prepare_data(mnist, config.data, backend)
     check_batch_size(config, len(data.train))
     files = RunFiles(Path(out_dir)) if out_dir is not None else None

@@ -1,0 +1,305 @@
+"""Runs that survive: SIGKILL and Ctrl-C followed by --resume end byte-identical to an
+uninterrupted run; a NaN stops training with the last good checkpoint intact; a failed
+write keeps the previous checkpoint; every bad input is one line, no traceback, no damage."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpumlp import npzio
+from gpumlp.config import build_config
+from gpumlp.errors import GpumlpError
+from gpumlp.mnist import Mnist, Split
+from gpumlp.npzio import load_npz
+from gpumlp.train import NumericalError, train
+import gpumlp.train as train_module
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "mnist"
+RUN_SET = ["--set", "model.hidden=32", "--set", "data.limit=6000", "--set", "train.epochs=4",
+           "--set", "train.batch_size=50", "--set", "train.checkpoint_every=7",
+           "--set", "model.dropout=0.1", "--device", "cpu", "-q"]
+
+
+def real_data_dir() -> Path:
+    folder = Path(os.environ.get("GPUMLP_DATA_DIR", SHARED))
+    if not (folder / "train-images-idx3-ubyte.gz").exists() and not (folder / "train-images-idx3-ubyte").exists():
+        pytest.skip(f"the MNIST files are not available here (set GPUMLP_DATA_DIR)")
+    return folder
+
+
+def gpumlp_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gpumlp", *args]
+
+
+def env_for(data_dir: Path) -> dict:
+    env = dict(os.environ, GPUMLP_DATA_DIR=str(data_dir), PYTHONPATH=str(ROOT))
+    env.pop("GPUMLP_CACHE_DIR", None)
+    return env
+
+
+def run_to_end(out: Path, env: dict) -> None:
+    result = subprocess.run(gpumlp_cmd("train", "--config", str(ROOT / "configs/smoke.yaml"),
+                                       "--out", str(out), *RUN_SET),
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, dict]:
+    """An uninterrupted run, and the environment that ran it."""
+    env = env_for(real_data_dir())
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run_to_end(out, env)
+    return out, env
+
+
+def test_sigkill_at_random_moments_then_resume_is_byte_identical(reference, tmp_path):
+    ref, env = reference
+    out = tmp_path / "run"
+    rnd = random.Random(1234)
+    proc = subprocess.Popen(gpumlp_cmd("train", "--config", str(ROOT / "configs/smoke.yaml"),
+                                       "--out", str(out), *RUN_SET), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    kills = 0
+    for _ in range(4):
+        time.sleep(rnd.uniform(0.3, 2.5))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        if not (out / "config.yaml").exists():  # killed before it wrote anything: start over
+            proc = subprocess.Popen(gpumlp_cmd("train", "--config", str(ROOT / "configs/smoke.yaml"),
+                                               "--out", str(out), "--overwrite", *RUN_SET),
+                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            continue
+        proc = subprocess.Popen(gpumlp_cmd("train", "--resume", str(out), "--device", "cpu", "-q"),
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()
+    assert kills >= 1
+    assert (out / "model.npz").read_bytes() == (ref / "model.npz").read_bytes()
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes_identically(reference, tmp_path):
+    ref, env = reference
+    out = tmp_path / "run"
+    proc = subprocess.Popen(gpumlp_cmd("train", "--config", str(ROOT / "configs/smoke.yaml"),
+                                       "--out", str(out), *RUN_SET), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.npz").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before Ctrl-C arrived")
+    assert proc.returncode == 130, err
+    assert f"gpumlp train --resume {out}" in err
+    assert "Traceback" not in err
+    resumed = subprocess.run(gpumlp_cmd("train", "--resume", str(out), "--device", "cpu", "-q"),
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "model.npz").read_bytes() == (ref / "model.npz").read_bytes()
+
+
+def tiny_mnist(n_train: int = 300, n_test: int = 100) -> Mnist:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, n_train + n_test).astype(np.uint8)
+    images = rng.integers(0, 256, (n_train + n_test, 784)).astype(np.uint8)
+    return Mnist(Split(images[:n_train], labels[:n_train]), Split(images[n_train:], labels[n_train:]))
+
+
+def tiny_config(*overrides: str):
+    return build_config(None, ["model.hidden=16", "train.epochs=2", "train.batch_size=30",
+                               "train.checkpoint_every=5", *overrides])
+
+
+def test_nan_stops_at_once_naming_epoch_and_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    make_step = train_module.make_step
+
+    def poisoned(config, backend):
+        step = make_step(config, backend)
+
+        def wrapped(params, state, X, y, lr, t, masks):
+            out = step(params, state, X, y, lr, t, masks)
+            if t == 8:  # the weights go bad after step 8; the loss of step 9 shows it
+                params.W[0][...] = np.nan
+            return out
+        return wrapped
+
+    monkeypatch.setattr(train_module, "make_step", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(NumericalError) as info:
+        train(tiny_config(), __import__("gpumlp.backend").backend.CPU, tiny_mnist(), out_dir=out)
+    message = str(info.value)
+    assert "epoch 1, step 9" in message and "last good checkpoint" in message
+    arrays = load_npz(out / "checkpoint.npz")
+    assert all(np.isfinite(arrays[k]).all() for k in ("W1", "b1", "W2", "b2"))
+    assert '"step": 5' in str(arrays["state"])
+
+
+def test_nan_from_a_huge_learning_rate_is_one_line_exit_1(reference, tmp_path):
+    _, env = reference
+    result = subprocess.run(gpumlp_cmd("train", "--config", str(ROOT / "configs/smoke.yaml"),
+                                       "--out", str(tmp_path / "run"), "--set", "optim.lr=1e30",
+                                       "-q"), env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "NaN or infinite" in lines[0] and "step" in lines[0]
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        calls["n"] += 1
+        if Path(dst).name == "checkpoint.npz" and calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(npzio.os, "replace", full_disk)
+    with pytest.raises(GpumlpError) as info:
+        train(tiny_config(), __import__("gpumlp.backend").backend.CPU, tiny_mnist(), out_dir=out)
+    assert "No space left on device" in str(info.value)
+    assert "previous checkpoint is intact" in str(info.value)
+    arrays = load_npz(out / "checkpoint.npz")  # the last one that was written, whole
+    assert np.isfinite(arrays["W1"]).all()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no temporary left
+
+
+def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    target = tmp_path / "model.npz"
+    target.write_bytes(b"old contents")
+
+    def failing_fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(npzio.os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        npzio.atomic_write(target, b"new contents")
+    assert target.read_bytes() == b"old contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]
+
+
+def digest_tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write(path: Path, data: bytes | str) -> Path:
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def bad_inputs(tmp: Path, data_dir: Path) -> list[tuple[str, list[str], int]]:
+    """(name, argv, expected exit code) for every kind of bad input of issue 4."""
+    good_run = tmp / "good"
+    model = good_run / "model.npz"
+    cfg = lambda text: str(write(tmp / f"cfg{abs(hash(text))}.yaml", text))  # noqa: E731
+    truncated = write(tmp / "truncated.npz", model.read_bytes()[:1000])
+    garbage = write(tmp / "garbage.npz", os.urandom(4096))
+    objects = tmp / "objects.npz"
+    np.savez(objects, W1=np.array([{"evil": 1}], dtype=object))
+    wrong_shapes = tmp / "wrong_shapes.npz"
+    np.savez(wrong_shapes, W1=np.zeros((784, 7), np.float32), b1=np.zeros(7, np.float32),
+             W2=np.zeros((7, 10), np.float32), b2=np.zeros(10, np.float32))
+    bad_ckpt_run = tmp / "bad_ckpt"
+    bad_ckpt_run.mkdir()
+    write(bad_ckpt_run / "config.yaml", (good_run / "config.yaml").read_text())
+    write(bad_ckpt_run / "checkpoint.npz", (good_run / "checkpoint.npz").read_bytes()[:5000])
+    a_file = write(tmp / "a_file", "x")
+    bad_data = tmp / "bad_data"
+    bad_data.mkdir()
+    for source in data_dir.iterdir():
+        if "idx" in source.name:
+            write(bad_data / source.name, source.read_bytes())
+    images = next(bad_data.glob("t10k-images*"))
+    write(images, images.read_bytes()[: len(images.read_bytes()) // 2])  # cut short
+    html = tmp / "html_data"
+    html.mkdir()
+    for source in data_dir.iterdir():
+        if "idx" in source.name:
+            write(html / source.name, "<html><body>Not Found</body></html>")
+    train = ["train", "--data-dir", str(data_dir), "--device", "cpu", "-q"]
+    return [
+        ("missing config", [*train, "--config", str(tmp / "nope.yaml")], 2),
+        ("config not utf-8", [*train, "--config", str(write(tmp / "bin.yaml", b"\xff\xfe\x00bad"))], 2),
+        ("config is a folder", [*train, "--config", str(tmp)], 2),
+        ("malformed yaml", [*train, "--config", cfg("model: {hidden: [1, 2\n")], 2),
+        ("yaml not a mapping", [*train, "--config", cfg("- 1\n- 2\n")], 2),
+        ("unknown key", [*train, "--config", cfg("optim: {lrr: 0.1}\n")], 2),
+        ("wrong type", [*train, "--set", "train.epochs=ten"], 2),
+        ("lr zero", [*train, "--set", "optim.lr=0"], 2),
+        ("lr negative", [*train, "--set", "optim.lr=-1"], 2),
+        ("batch zero", [*train, "--set", "train.batch_size=0"], 2),
+        ("batch larger than data", [*train, "--set", "data.limit=100", "--set", "train.batch_size=500",
+                                    "--out", str(tmp / "big_batch")], 2),
+        ("hidden zero", [*train, "--set", "model.hidden=0"], 2),
+        ("hidden list with zero", [*train, "--set", "model.hidden=[64, 0]"], 2),
+        ("negative epochs", [*train, "--set", "train.epochs=-1"], 2),
+        ("unknown activation", [*train, "--set", "model.activation=swish"], 2),
+        ("unknown optimizer", [*train, "--set", "optim.name=lbfgs"], 2),
+        ("bad --set", [*train, "--set", "optim.lr"], 2),
+        ("device that does not exist", [*train, "--device", "cuda:7"], 2),
+        ("device that is not a device", [*train, "--device", "tpu"], 2),
+        ("out holds another run", [*train, "--out", str(good_run)], 1),
+        ("out cannot be written", [*train, "--out", str(a_file / "run")], 1),
+        ("resume a folder with no run", ["train", "--resume", str(tmp / "empty_dir")], 1),
+        ("resume a truncated checkpoint", ["train", "--resume", str(bad_ckpt_run), "--device", "cpu"], 1),
+        ("init truncated", [*train, "--init", str(truncated), "--out", str(tmp / "i1")], 1),
+        ("init garbage", [*train, "--init", str(garbage), "--out", str(tmp / "i2")], 1),
+        ("init object arrays", [*train, "--init", str(objects), "--out", str(tmp / "i3")], 1),
+        ("init wrong shapes", [*train, "--init", str(wrong_shapes), "--out", str(tmp / "i4")], 1),
+        ("evaluate missing model", ["evaluate", str(tmp / "none.npz"), "--data-dir", str(data_dir)], 1),
+        ("evaluate truncated model", ["evaluate", str(truncated), "--data-dir", str(data_dir)], 1),
+        ("evaluate object arrays", ["evaluate", str(objects), "--data-dir", str(data_dir)], 1),
+        ("evaluate model without config", ["evaluate", str(wrong_shapes), "--data-dir", str(data_dir)], 1),
+        ("data folder with a cut file", ["train", "--data-dir", str(bad_data), "-q",
+                                         "--out", str(tmp / "d1")], 1),
+        ("data folder of html pages", ["train", "--data-dir", str(html), "-q",
+                                       "--out", str(tmp / "d2")], 1),
+        ("data folder missing", ["evaluate", str(model), "--data-dir", str(tmp / "no_data")], 1),
+        ("gradcheck bad config", ["gradcheck", "--config", cfg("model: {activation: nope}\n")], 2),
+    ]
+
+
+def test_every_bad_input_is_one_line_without_traceback_and_damages_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from gpumlp.cli import main
+
+    data_dir = real_data_dir()
+    runner = CliRunner()
+    good = runner.invoke(main, ["train", "--config", str(ROOT / "configs/smoke.yaml"), "--out",
+                                str(tmp_path / "good"), "--data-dir", str(data_dir), "-q",
+                                "--set", "data.limit=1000", "--set", "train.epochs=1"])
+    assert good.exit_code == 0, good.output
+    (tmp_path / "empty_dir").mkdir()
+    cases = bad_inputs(tmp_path, data_dir)
+    before = digest_tree(tmp_path)
+    for name, argv, code in cases:
+        result = runner.invoke(main, argv)
+        output = result.output.strip()
+        assert result.exit_code == code, f"{name}: exit {result.exit_code}, output {output!r}"
+        assert "Traceback" not in output, name
+        lines = [line for line in output.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error: "), f"{name}: {output!r}"
+        assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), name
+    after = digest_tree(tmp_path)
+    assert after == before  # nothing changed, and no half-made run folder was left behind
