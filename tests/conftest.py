@@ -1,0 +1,101 @@
+"""Shared fixtures: the real MNIST folder (or a visible skip), and a tiny synthetic MNIST.
+
+The tiny MNIST is learnable (each digit is a fixed random prototype plus noise), written as
+the four gzip IDX files with `gpumlp.idx.encode_idx`, so the loaders and the CLI read it
+exactly as they read the real files, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+from gpumlp.idx import encode_idx
+from gpumlp.mnist import FILES, Mnist, Split
+
+# The shared MNIST files sit beside the repository: <repo>/../shared/data/mnist
+SHARED_MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+def real_mnist_dir() -> Path | None:
+    """GPUMLP_DATA_DIR when set, else the shared folder; None when neither holds the files."""
+    candidates = [Path(os.environ["GPUMLP_DATA_DIR"])] if os.environ.get("GPUMLP_DATA_DIR") else []
+    candidates.append(SHARED_MNIST_DIR)
+    for folder in candidates:
+        if all((folder / stem).is_file() or (folder / f"{stem}.gz").is_file()
+               for pair in FILES.values() for stem in pair):
+            return folder
+    return None
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The folder of the four real MNIST files; the test is skipped, with a reason, without it."""
+    folder = real_mnist_dir()
+    if folder is None:
+        pytest.skip("real MNIST files not found: set GPUMLP_DATA_DIR to a folder holding the four "
+                    "MNIST IDX files (or put them in ../shared/data/mnist beside the repository)")
+    return folder
+
+
+class TinyMnist(NamedTuple):
+    folder: Path                 # the four .gz IDX files
+    mnist: Mnist                 # the same arrays, in memory
+    checksums: dict[str, str]    # stem -> sha256 of the decompressed IDX bytes
+
+
+def make_tiny_mnist(n_train: int = 300, n_test: int = 100, seed: int = 0) -> Mnist:
+    """Images of 10 random prototypes (one per digit) with pixel noise; uint8, (n, 784)."""
+    rng = np.random.default_rng(seed)
+    prototypes = rng.integers(0, 256, size=(10, 784))
+
+    def split(n: int) -> Split:
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        noise = rng.integers(-60, 61, size=(n, 784))
+        images = np.clip(prototypes[labels] + noise, 0, 255).astype(np.uint8)
+        return Split(images, labels)
+
+    return Mnist(split(n_train), split(n_test))
+
+
+def write_mnist(folder: Path, mnist: Mnist) -> dict[str, str]:
+    """The four gzip IDX files of `mnist` in `folder`; stem -> sha256 of the raw IDX bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    checksums = {}
+    for name, (images_stem, labels_stem) in FILES.items():
+        images, labels = getattr(mnist, name)
+        for stem, array in ((images_stem, images.reshape(-1, 28, 28)), (labels_stem, labels)):
+            raw = encode_idx(array)
+            (folder / f"{stem}.gz").write_bytes(gzip.compress(raw, mtime=0))
+            checksums[stem] = hashlib.sha256(raw).hexdigest()
+    return checksums
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory) -> TinyMnist:
+    """A learnable 300 + 100 example MNIST, on disk and in memory (read-only: do not modify)."""
+    mnist = make_tiny_mnist()
+    folder = tmp_path_factory.mktemp("tiny-mnist")
+    return TinyMnist(folder, mnist, write_mnist(folder, mnist))
+
+
+@pytest.fixture
+def tiny_data_dir(tiny_mnist, monkeypatch, tmp_path) -> Path:
+    """The tiny MNIST folder, accepted by `--data-dir` as if it held the canonical files.
+
+    The data fetcher accepts a folder only when its files have the canonical checksums; here
+    the canonical checksums are the tiny files' own, and the cache is an empty temporary folder,
+    so nothing is downloaded and the user's cache is never touched.
+    """
+    from gpumlp import fetch
+
+    monkeypatch.setattr(fetch, "CHECKSUMS", dict(tiny_mnist.checksums))
+    monkeypatch.setenv("GPUMLP_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("GPUMLP_DATA_DIR", raising=False)
+    return tiny_mnist.folder

@@ -1,0 +1,65 @@
+"""Each activation phi beside its derivative phi': the derivative is the central difference
+of phi (float64), the values match the textbook formulas, and the dtype is kept."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from gpumlp.activations import ACTIVATIONS, LEAKY_SLOPE
+
+# Points away from 0, where relu and leaky_relu have their kink, plus large magnitudes.
+POINTS = np.concatenate([np.linspace(-6, -0.01, 40), np.linspace(0.01, 6, 40), [-30.0, 30.0]])
+
+REFERENCE = {  # phi written independently, elementwise with math
+    "relu": lambda a: max(a, 0.0),
+    "leaky_relu": lambda a: a if a > 0 else LEAKY_SLOPE * a,
+    "sigmoid": lambda a: 1 / (1 + math.exp(-a)),
+    "tanh": math.tanh,
+    "gelu": lambda a: 0.5 * a * (1 + math.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a ** 3))),
+}
+
+
+def test_the_five_activations_are_registered():
+    assert sorted(ACTIVATIONS) == ["gelu", "leaky_relu", "relu", "sigmoid", "tanh"]
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_derivative_equals_the_central_difference_float64(name):
+    act, eps = ACTIVATIONS[name], 1e-6
+    numeric = (act.phi(POINTS + eps) - act.phi(POINTS - eps)) / (2 * eps)
+    np.testing.assert_allclose(act.phi_prime(POINTS), numeric, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_phi_matches_its_textbook_formula(name):
+    expected = np.array([REFERENCE[name](a) for a in POINTS])
+    np.testing.assert_allclose(ACTIVATIONS[name].phi(POINTS), expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_phi_and_phi_prime_keep_the_dtype(name, dtype):
+    A = POINTS.reshape(2, -1).astype(dtype)
+    act = ACTIVATIONS[name]
+    assert act.phi(A).dtype == dtype and act.phi(A).shape == A.shape
+    assert act.phi_prime(A).dtype == dtype and act.phi_prime(A).shape == A.shape
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_phi_and_phi_prime_are_finite_for_extreme_inputs(name):
+    A = np.array([-1e4, -100.0, 100.0, 1e4], dtype=np.float32)
+    act = ACTIVATIONS[name]
+    with np.errstate(all="raise"):  # no overflow warning hidden behind a finite answer
+        assert np.isfinite(act.phi(A)).all() and np.isfinite(act.phi_prime(A)).all()
+
+
+def test_kinked_derivatives_at_and_around_zero():
+    A = np.array([-2.0, 0.0, 3.0])
+    np.testing.assert_array_equal(ACTIVATIONS["relu"].phi_prime(A), [0.0, 0.0, 1.0])
+    np.testing.assert_array_equal(ACTIVATIONS["leaky_relu"].phi_prime(A), [LEAKY_SLOPE, LEAKY_SLOPE, 1.0])
+    assert ACTIVATIONS["sigmoid"].phi_prime(np.array([0.0]))[0] == 0.25
+    assert ACTIVATIONS["tanh"].phi_prime(np.array([0.0]))[0] == 1.0
+    assert ACTIVATIONS["gelu"].phi_prime(np.array([0.0]))[0] == 0.5

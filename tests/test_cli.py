@@ -1,0 +1,273 @@
+"""Every command through click's CliRunner: what it writes, what it prints, and how it fails
+(one `Error:` line, exit 2 for a bad config or device, 1 for anything else, no traceback)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gpumlp import backend
+from gpumlp.backend import CPU
+from gpumlp.cli import main
+from gpumlp.config import build_config
+from gpumlp.train import train
+
+SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+TINY = ["--set", "data.limit=null", "--set", "data.val_size=50"]  # smoke.yaml on 300 examples
+METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
+               "test_accuracy", "lr", "seconds", "samples_per_second"}
+SUMMARY_KEYS = {"test_accuracy", "test_loss", "epochs", "seconds", "device"}
+
+
+def cli(*args):
+    """Invoke `gpumlp ARGS`; only a clean exit (SystemExit) may end it, never a traceback."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), \
+        f"{result.exception!r} escaped: {result.output}"
+    assert "Traceback" not in result.output
+    return result
+
+
+def assert_one_error_line(result, exit_code, *fragments):
+    assert result.exit_code == exit_code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert result.stdout == ""
+
+
+@pytest.fixture
+def no_cupy(monkeypatch):
+    """As on a machine without CuPy, whatever this machine has."""
+    monkeypatch.setattr(backend, "_import_cupy", lambda: None)
+
+
+@pytest.fixture(scope="module")
+def trained_model(tiny_mnist, tmp_path_factory) -> Path:
+    """model.npz of a smoke run on the tiny MNIST, written by the library."""
+    out = tmp_path_factory.mktemp("trained")
+    train(build_config(SMOKE, ["data.limit=null", "data.val_size=50"]), CPU, tiny_mnist.mnist,
+          out_dir=out)
+    return out / "model.npz"
+
+
+def relu_mlp(arrays, X):
+    """Logits of the MLP in a model.npz's arrays, in float64 with plain NumPy."""
+    Z, k = X, 1
+    while f"W{k}" in arrays:
+        A = Z @ arrays[f"W{k}"].astype(np.float64) + arrays[f"b{k}"]
+        k += 1
+        Z = np.maximum(A, 0) if f"W{k}" in arrays else A
+    return Z
+
+
+# --- train ------------------------------------------------------------------------------------
+
+def test_train_writes_the_run_directory(tiny_data_dir, tmp_path, no_cupy):
+    out = tmp_path / "run"
+    result = cli("train", "--config", SMOKE, *TINY, "--device", "auto", "--out", out,
+                 "--data-dir", tiny_data_dir)
+    assert result.exit_code == 0, result.output
+    assert "training on cpu" in result.stderr           # auto says which device it took
+    assert "epoch   2" in result.stderr                 # one plain line per epoch
+    assert result.stdout.startswith("test_accuracy ") and str(out) in result.stdout
+
+    assert build_config(out / "config.yaml") == build_config(SMOKE, TINY[1::2])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert all(set(row) == METRIC_KEYS for row in rows)
+    with np.load(out / "model.npz", allow_pickle=False) as npz:
+        assert sorted(npz.files) == ["W1", "W2", "b1", "b2", "config"]
+        assert npz["W1"].shape == (784, 64) and npz["W2"].shape == (64, 10)
+        assert npz["W1"].dtype == np.float32
+        assert json.loads(str(npz["config"]))["model"]["hidden"] == 64
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary) and summary["epochs"] == 2
+    assert summary["test_accuracy"] == rows[-1]["test_accuracy"] > 0.9
+    assert summary["device"].startswith("cpu")
+
+
+def test_train_quiet_prints_only_the_summary(tiny_data_dir, tmp_path):
+    result = cli("train", "--config", SMOKE, *TINY, "--set", "train.epochs=1", "--device", "cpu",
+                 "--out", tmp_path / "q", "--data-dir", tiny_data_dir, "--quiet", "--seed", "5")
+    assert result.exit_code == 0 and result.stderr == ""
+    assert len(result.stdout.strip().splitlines()) == 1
+    assert build_config(tmp_path / "q" / "config.yaml").train.seed == 5
+
+
+def test_train_from_init_weights_matches_a_numpy_sgd_step(tiny_mnist, tiny_data_dir, tmp_path):
+    """One SGD step (momentum 0, the whole set as one batch, no shuffle) from given weights,
+    against the same step written here with plain NumPy in float64."""
+    h, lr = 16, 0.5
+    rng = np.random.default_rng(11)
+    init = {"W1": rng.normal(0, 0.05, (784, h)), "b1": rng.normal(0, 0.1, h),
+            "W2": rng.normal(0, 0.3, (h, 10)), "b2": rng.normal(0, 0.1, 10)}
+    init = {k: v.astype(np.float32) for k, v in init.items()}
+    np.savez(tmp_path / "init.npz", **init)
+    out = tmp_path / "run"
+    result = cli("train", "--init", tmp_path / "init.npz", "--device", "cpu", "--out", out,
+                 "--data-dir", tiny_data_dir, "--quiet",
+                 "--set", f"model.hidden={h}", "--set", "train.epochs=1",
+                 "--set", "train.batch_size=300", "--set", "data.shuffle=false",
+                 "--set", "optim.momentum=0", "--set", f"optim.lr={lr}")
+    assert result.exit_code == 0, result.output
+
+    X = tiny_mnist.mnist.train.images / 255.0                      # (m, d) float64
+    y = tiny_mnist.mnist.train.labels
+    m = len(y)
+    W1, b1, W2, b2 = (init[k].astype(np.float64) for k in ("W1", "b1", "W2", "b2"))
+    A1 = X @ W1 + b1
+    Z1 = np.maximum(A1, 0)
+    A2 = Z1 @ W2 + b2
+    P = np.exp(A2 - A2.max(axis=1, keepdims=True))
+    P /= P.sum(axis=1, keepdims=True)
+    G2 = (P - np.eye(10)[y]) / m                                    # dL/dA2
+    G1 = (G2 @ W2.T) * (A1 > 0)                                     # dL/dA1
+    expected = {"W1": W1 - lr * X.T @ G1, "b1": b1 - lr * G1.sum(0),
+                "W2": W2 - lr * Z1.T @ G2, "b2": b2 - lr * G2.sum(0)}
+    with np.load(out / "model.npz", allow_pickle=False) as npz:
+        for name, want in expected.items():
+            assert np.abs(want - init[name]).max() > 1e-3           # the step really moved it
+            np.testing.assert_allclose(npz[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_out_holding_a_run_is_refused_without_overwrite(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    old = {"model.npz": b"old weights", "summary.json": b'{"test_accuracy": 0.5}\n'}
+    for name, data in old.items():
+        (out / name).write_bytes(data)
+    args = ["train", "--config", SMOKE, *TINY, "--set", "train.epochs=1", "--device", "cpu",
+            "--out", out, "--data-dir", tiny_data_dir, "--quiet"]
+    assert_one_error_line(cli(*args), 1, "already holds a run", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+
+    assert cli(*args, "--overwrite").exit_code == 0
+    assert (out / "model.npz").read_bytes() != old["model.npz"]
+    assert (out / "config.yaml").is_file()
+
+
+# --- evaluate ---------------------------------------------------------------------------------
+
+def test_evaluate_json_equals_an_independent_recomputation(trained_model, tiny_mnist, tiny_data_dir):
+    result = cli("evaluate", trained_model, "--device", "cpu", "--data-dir", tiny_data_dir, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    with np.load(trained_model, allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files if name != "config"}
+    test = tiny_mnist.mnist.test
+    logits = relu_mlp(arrays, test.images / 255.0)
+    accuracy = float((logits.argmax(axis=1) == test.labels).mean())
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = -log_p[np.arange(len(test.labels)), test.labels].mean()
+    assert report["test_accuracy"] == accuracy and report["n"] == 100
+    assert report["test_loss"] == pytest.approx(loss, rel=1e-5)
+    assert report["device"].startswith("cpu")
+
+
+def test_evaluate_prints_one_line(trained_model, tiny_data_dir):
+    result = cli("evaluate", trained_model, "--device", "cpu", "--data-dir", tiny_data_dir)
+    assert result.exit_code == 0
+    assert result.stdout.startswith("test_accuracy ") and "(100 images)" in result.stdout
+
+
+# --- gradcheck, info, help --------------------------------------------------------------------
+
+def test_gradcheck_passes_and_prints_every_parameter():
+    result = cli("gradcheck", "--set", "model.hidden=[12, 8]", "--set", "model.activation=gelu",
+                 "--samples", "30")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[1:-1]] == ["W1", "b1", "W2", "b2", "W3", "b3"]
+    assert lines[-1].startswith("PASS: largest relative error") and "central differences" in lines[-1]
+    assert float(lines[-1].split()[4]) < 1e-6
+
+
+def test_gradcheck_with_a_config_file():
+    result = cli("gradcheck", "--config", SMOKE, "--samples", "5", "--batch", "4")
+    assert result.exit_code == 0 and "PASS" in result.stdout
+
+
+def test_gradcheck_exits_1_when_above_the_tolerance():
+    result = cli("gradcheck", "--set", "model.hidden=8", "--samples", "5", "--tolerance", "1e-15")
+    assert result.exit_code == 1
+    assert result.stdout.splitlines()[-1].startswith("FAIL: largest relative error")
+
+
+def test_info_lists_versions_and_devices():
+    result = cli("info")
+    assert result.exit_code == 0
+    fields = {line.split()[0]: line.split(None, 1)[1] for line in result.stdout.splitlines()}
+    assert {"gpumlp", "python", "numpy", "blas", "cupy", "devices"} <= set(fields)
+    assert fields["devices"].startswith("cpu") and fields["numpy"] == np.__version__
+    details = json.loads(cli("info", "--json").stdout)
+    assert details["numpy"] == np.__version__ and "cpu" in details["devices"]
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["gradcheck"], ["info"]])
+def test_help_explains_with_an_example(command):
+    result = cli(*command, "--help")
+    assert result.exit_code == 0 and "Example" in result.stdout
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch) -> Path:
+    """Work in an empty folder holding model.npz: a valid, untrained 784-4-10 model."""
+    from gpumlp.checkpoint import save_model
+    from gpumlp.model import init_params
+
+    monkeypatch.chdir(tmp_path)
+    save_model("model.npz", init_params((784, 4, 10), "he", np.random.default_rng(0)),
+               build_config(None, ["model.hidden=4"]))
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["train", "--config", "no-such-config.yaml", "--out", "run"], ["no-such-config.yaml",
+                                                                    "does not exist"]),
+    (["train", "--set", "optim.lrr=1", "--out", "run"], ["optim.lrr", "did you mean 'optim.lr'"]),
+    (["train", "--set", "optim.lr", "--out", "run"], ["KEY=VALUE"]),
+    (["train", "--set", "optim.lr=-1", "--out", "run"], ["optim.lr", "must be > 0"]),
+    (["train", "--set", "model.hidden=[64, x]", "--out", "run"], ["model.hidden"]),
+    (["train", "--device", "tpu", "--out", "run"], ["not a device", "cpu"]),
+    (["train", "--resume", "run", "--seed", "1"], ["--resume takes the run's saved config"]),
+    (["evaluate", "model.npz", "--device", "gpu0"], ["not a device"]),
+    (["gradcheck", "--set", "model.activation=swish"], ["model.activation", "relu"]),
+    (["gradcheck", "--samples", "0"], ["--samples"]),        # click's usage errors too
+    (["train", "--bogus"], ["No such option", "--bogus"]),
+    (["evaluate"], ["Missing argument"]),
+])
+def test_config_and_device_errors_exit_2_with_one_line(args, fragments, in_tmp):
+    assert_one_error_line(cli(*args), 2, *fragments)
+    assert not (in_tmp / "run").exists()
+
+
+@pytest.mark.parametrize("command", [["train", "--out", "run"], ["evaluate", "model.npz"]])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_cupy_says_how_to_fix_it(command, device, no_cupy, in_tmp):
+    assert_one_error_line(cli(*command, "--device", device), 2, "CuPy is not installed",
+                          "pip install 'gpumlp[cuda12]'", "--device cpu")
+    assert not (in_tmp / "run").exists()
+
+
+def test_file_errors_exit_1_with_one_line(in_tmp):
+    assert_one_error_line(cli("evaluate", "missing.npz", "--device", "cpu"), 1, "missing.npz",
+                          "no such file")
+    Path("text.npz").write_text("not a zip")
+    assert_one_error_line(cli("evaluate", "text.npz", "--device", "cpu"), 1, "not a readable .npz")
+    np.save("array.npy", np.zeros(3))
+    assert_one_error_line(cli("evaluate", "array.npy", "--device", "cpu"), 1, "not a readable .npz")
+    np.savez("wrong.npz", W1=np.zeros((784, 3), np.float32), b1=np.zeros(3, np.float32),
+             W2=np.zeros((3, 10), np.float32), b2=np.zeros(10, np.float32))
+    assert_one_error_line(cli("train", "--init", "wrong.npz", "--device", "cpu", "--out", "run"),
+                          1, "wrong.npz", "W1 has shape (784, 3)")
+    assert_one_error_line(cli("evaluate", "wrong.npz", "--device", "cpu"), 1, "no config string")
+    assert not Path("run").exists()

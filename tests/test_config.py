@@ -1,0 +1,172 @@
+"""Config: defaults < YAML file < --set < flags, frozen dataclasses, one clear error per mistake."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from gpumlp.config import (Config, build_config, config_from_dict, config_to_dict, dump_config,
+                           parse_override, read_yaml)
+from gpumlp.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_of(fn, *args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_are_the_design_keys():
+    c = build_config()
+    assert (c.model.hidden, c.model.activation, c.model.init) == (256, "relu", "he")
+    assert (c.data.val_size, c.data.limit, c.data.shuffle) == (0, None, True)
+    assert (c.train.epochs, c.train.batch_size, c.train.seed, c.train.dtype) == (10, 128, 0, "float32")
+    assert (c.optim.name, c.optim.lr, c.optim.momentum, c.optim.nesterov, c.optim.weight_decay,
+            c.optim.schedule) == ("sgd", 0.1, 0.9, False, 0.0, "constant")
+
+
+def test_config_is_frozen():
+    c = build_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.optim.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["h256.yaml", "smoke.yaml"])
+def test_shipped_configs_load_and_round_trip(name):
+    c = build_config(CONFIGS / name)
+    assert isinstance(c, Config)
+    assert config_from_dict(config_to_dict(c)) == c
+
+
+def test_round_trip_through_yaml_text(tmp_path):
+    c = build_config(overrides=["model.hidden=[32, 16]", "optim.name=adamw", "data.limit=100"])
+    assert c.model.hidden == (32, 16) and c.model.widths == (32, 16)
+    assert build_config(write(tmp_path, dump_config(c))) == c
+
+
+def test_precedence_defaults_file_set_flag(tmp_path):
+    path = write(tmp_path, "optim: {lr: 0.2, momentum: 0.5}\ntrain: {seed: 1, epochs: 3}\n")
+    from_file = build_config(path)
+    assert (from_file.optim.lr, from_file.optim.momentum, from_file.train.seed) == (0.2, 0.5, 1)
+    assert from_file.optim.name == "sgd"  # untouched keys keep their defaults
+    with_set = build_config(path, ["optim.lr=0.3", "train.seed=2"])
+    assert (with_set.optim.lr, with_set.optim.momentum, with_set.train.seed) == (0.3, 0.5, 2)
+    with_flag = build_config(path, ["optim.lr=0.3", "train.seed=2"], **{"train.seed": 3})
+    assert with_flag.train.seed == 3 and with_flag.optim.lr == 0.3 and with_flag.train.epochs == 3
+    unset_flag = build_config(path, ["train.seed=2"], **{"train.seed": None})
+    assert unset_flag.train.seed == 2
+    later_set_wins = build_config(None, ["optim.lr=0.3", "optim.lr=0.4"])
+    assert later_set_wins.optim.lr == 0.4
+
+
+def test_set_values_are_parsed_as_yaml():
+    assert parse_override("optim.lr=0.05") == {"optim": {"lr": 0.05}}
+    assert parse_override("model.hidden=[512, 256]") == {"model": {"hidden": [512, 256]}}
+    assert parse_override("data.shuffle=false") == {"data": {"shuffle": False}}
+    assert parse_override("data.limit=null") == {"data": {"limit": None}}
+    assert parse_override(" model.activation = gelu") == {"model": {"activation": "gelu"}}
+    assert parse_override("data.augment.shift=2") == {"data": {"augment": {"shift": 2}}}
+
+
+@pytest.mark.parametrize("text", ["optim.lr", "=0.1", "  =3"])
+def test_set_without_key_value_is_an_error(text):
+    assert "KEY=VALUE" in error_of(parse_override, text)
+
+
+def test_set_with_broken_yaml_value_is_an_error():
+    assert "not valid YAML" in error_of(parse_override, "model.hidden=[1, 2")
+
+
+@pytest.mark.parametrize("values, key, hint", [
+    ({"optim": {"lrr": 0.1}}, "optim.lrr", "did you mean 'optim.lr'"),
+    ({"optimizer": {"lr": 0.1}}, "optimizer", "did you mean 'optim'"),
+    ({"model": {"activaton": "relu"}}, "model.activaton", "did you mean 'model.activation'"),
+    ({"train": {"zzz": 1}}, "train.zzz", "known keys under 'train.'"),
+])
+def test_unknown_key_names_the_path_and_suggests(values, key, hint):
+    message = error_of(config_from_dict, values)
+    assert f"unknown config key '{key}'" in message and hint in message
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("train.epochs=ten", "train.epochs", "an integer"),
+    ("train.epochs=2.5", "train.epochs", "an integer"),
+    ("train.epochs=true", "train.epochs", "an integer"),
+    ("optim.lr=fast", "optim.lr", "a number"),
+    ("optim.lr=true", "optim.lr", "a number"),
+    ("optim.nesterov=1", "optim.nesterov", "true or false"),
+    ("model.activation=3", "model.activation", "a string"),
+    ("model.hidden=[64, big]", "model.hidden", "a list of integers"),
+    ("model.hidden=64.0", "model.hidden", "an integer"),
+    ("train.epochs=", "train.epochs", "must be int"),
+    ("optim=0.1", "optim", "must be a mapping"),
+])
+def test_wrong_type_names_the_key(override, key, expected):
+    message = error_of(build_config, None, [override])
+    assert f"'{key}'" in message and expected in message
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=0", "optim.lr"),
+    ("optim.lr=-1", "optim.lr"),
+    ("optim.momentum=1.0", "optim.momentum"),
+    ("model.hidden=0", "model.hidden"),
+    ("model.hidden=[]", "model.hidden"),
+    ("model.hidden=[64, 0]", "model.hidden"),
+    ("model.activation=swish", "model.activation"),
+    ("model.dropout=1", "model.dropout"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.dtype=float16", "train.dtype"),
+    ("data.limit=0", "data.limit"),
+    ("data.val_size=-1", "data.val_size"),
+    ("optim.name=rmsprop", "optim.name"),
+    ("optim.schedule=linear", "optim.schedule"),
+    ("optim.gamma=0", "optim.gamma"),
+    ("train.label_smoothing=1", "train.label_smoothing"),
+])
+def test_out_of_range_names_the_key(override, key):
+    message = error_of(build_config, None, [override])
+    assert message.startswith(f"config key '{key}' ")
+
+
+def test_ints_are_accepted_for_floats_and_lists_for_hidden():
+    c = build_config(None, ["optim.lr=1", "model.hidden=[64]"])
+    assert c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
+    assert c.model.hidden == 64 and c.model.widths == (64,)
+
+
+def test_missing_file(tmp_path):
+    message = error_of(build_config, tmp_path / "nope.yaml")
+    assert "nope.yaml" in message and "does not exist" in message
+
+
+def test_malformed_yaml_says_where(tmp_path):
+    message = error_of(build_config, write(tmp_path, "model:\n  hidden: [64,\ntrain: {epochs: 1}\n"))
+    assert "not valid YAML at line" in message
+
+
+@pytest.mark.parametrize("text, kind", [("- 1\n- 2\n", "list"), ("just words\n", "str"), ("3\n", "int")])
+def test_non_mapping_yaml_is_an_error(tmp_path, text, kind):
+    message = error_of(build_config, write(tmp_path, text))
+    assert "must hold a mapping" in message and kind in message
+
+
+def test_empty_file_means_defaults(tmp_path):
+    assert read_yaml(write(tmp_path, "# nothing\n")) == {}
+    assert build_config(write(tmp_path, "")) == build_config()
+
+
+def test_a_folder_is_not_a_config_file(tmp_path):
+    assert "cannot be read" in error_of(build_config, tmp_path)

@@ -1,0 +1,293 @@
+"""The model's equations against independent oracles: central differences in float64,
+per-example gradients, the seed's literal (erroneous) first-layer formulas, and the
+numerics of softmax and the loss."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from gpumlp import gradcheck
+from gpumlp.activations import ACTIVATIONS
+from gpumlp.config import OptimConfig
+from gpumlp.gradcheck import check_gradients, gradcheck_config
+from gpumlp.model import (Grads, Params, backward, dropout_masks, forward, init_params,
+                          log_softmax, loss_and_dA2, softmax, targets)
+from gpumlp.optim import apply_max_norm, init_state, update
+
+TOL = 1e-6  # largest relative error a float64 central-difference check may show
+NETS = {"1-hidden": (7, 6, 4), "2-hidden": (7, 6, 5, 4)}  # (d, h1, [h2,] c): every entry checked
+
+
+def small_net(widths, seed=0, m=5, dtype="float64"):
+    """Params with nonzero biases, inputs X in [0, 1) and labels y, from one generator."""
+    rng = np.random.default_rng(seed)
+    params = init_params(widths, "xavier", rng, dtype)
+    params = Params(params.W, tuple(rng.normal(0, 0.1, v.shape).astype(dtype) for v in params.b))
+    X = rng.random((m, widths[0])).astype(dtype)
+    y = rng.integers(0, widths[-1], size=m)
+    return params, X, y
+
+
+def gradients(params, X, y, act, masks=(), smoothing=0.0):
+    cache = forward(params, X, act, masks)
+    _, dA2 = loss_and_dA2(cache.A[-1], y, smoothing)
+    return backward(params, cache, dA2, act)
+
+
+def worst(results):
+    return max(r.max_rel_error for r in results)
+
+
+# --- central differences through gpumlp.gradcheck, every entry --------------------------------
+
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_gradients_match_central_differences_float64(activation, net):
+    results = gradcheck_config(NETS[net], ACTIVATIONS[activation], "he", seed=1, m=6,
+                               samples=None)
+    n_params = sum(a * b + b for a, b in zip(NETS[net][:-1], NETS[net][1:]))
+    assert sum(r.checked for r in results) == n_params  # every entry of every parameter
+    assert [r.name for r in results][-2:] == [f"W{len(NETS[net]) - 1}", f"b{len(NETS[net]) - 1}"]
+    assert worst(results) < TOL, results
+
+
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_gradients_with_dropout_and_label_smoothing_match_central_differences_float64(
+        activation, net):
+    results = gradcheck_config(NETS[net], ACTIVATIONS[activation], "he", seed=2, m=6,
+                               dropout=0.3, smoothing=0.1, samples=None)
+    assert worst(results) < TOL, results
+
+
+def test_dropout_masks_are_inverted_and_drop_units():
+    rng = np.random.default_rng(0)
+    (M,) = dropout_masks(rng, 200, (50,), 0.25, np.dtype("float32"))
+    assert M.dtype == np.float32
+    assert set(np.unique(M).tolist()) == {0.0, np.float32(1 / 0.75)}
+    assert 0.15 < (M == 0).mean() < 0.35
+    assert dropout_masks(rng, 10, (5,), 0.0, np.dtype("float32")) == ()
+
+
+def central_difference(loss, theta, i, eps=1e-6):
+    """(loss(theta_i + eps) - loss(theta_i - eps)) / 2 eps, theta changed in place and restored."""
+    flat = theta.reshape(-1)
+    saved = flat[i]
+    flat[i] = saved + eps
+    plus = loss()
+    flat[i] = saved - eps
+    minus = loss()
+    flat[i] = saved
+    return (plus - minus) / (2 * eps)
+
+
+def plain_numpy_loss(params, X, y):
+    """Mean cross-entropy of a tanh MLP written from scratch (no gpumlp code)."""
+    Z = X
+    for k, (W, b) in enumerate(zip(params.W, params.b)):
+        A = Z @ W + b
+        Z = np.tanh(A) if k < len(params.W) - 1 else A
+    log_probs = Z - Z.max(axis=1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(axis=1, keepdims=True))
+    return -log_probs[np.arange(len(y)), y].mean()
+
+
+def test_backward_matches_a_central_difference_computed_here_float64():
+    """The checker itself is checked: finite differences of a loss written in this test."""
+    params, X, y = small_net((5, 4, 3, 3), seed=3, m=4)
+    grads = gradients(params, X, y, ACTIVATIONS["tanh"])
+    for theta, analytic in zip((*params.W, *params.b), (*grads.W, *grads.b)):
+        numeric = np.array([central_difference(lambda: plain_numpy_loss(params, X, y), theta, i)
+                            for i in range(theta.size)]).reshape(theta.shape)
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-7, atol=1e-10)
+        assert np.abs(numeric).max() > 1e-3  # a real gradient, not zeros compared with zeros
+
+
+def test_gradcheck_catches_a_wrong_backward_central_differences_float64(monkeypatch):
+    def dW1_doubled(params, cache, dA2, act):
+        grads = backward(params, cache, dA2, act)
+        return Grads((2 * grads.W[0], *grads.W[1:]), grads.b)
+
+    monkeypatch.setattr(gradcheck, "backward", dW1_doubled)
+    params, X, y = small_net((6, 5, 4), seed=4)
+    results = {r.name: r for r in check_gradients(params, X, y, ACTIVATIONS["sigmoid"])}
+    assert results["W1"].max_rel_error > 0.4  # |2g - g| / |2g| = 0.5
+    assert max(results[n].max_rel_error for n in ("b1", "W2", "b2")) < TOL
+
+
+def test_minibatch_gradient_is_the_mean_of_per_example_gradients():
+    params, X, y = small_net((6, 5, 4, 3), seed=5, m=7)
+    act = ACTIVATIONS["leaky_relu"]
+    batch = gradients(params, X, y, act)
+    singles = [gradients(params, X[i:i + 1], y[i:i + 1], act) for i in range(len(y))]  # m = 1
+    for k in range(len(params.W)):
+        np.testing.assert_allclose(batch.W[k], np.mean([g.W[k] for g in singles], axis=0),
+                                   rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(batch.b[k], np.mean([g.b[k] for g in singles], axis=0),
+                                   rtol=1e-12, atol=1e-15)
+
+
+def test_seed_literal_first_layer_formulas_are_off_by_m_and_m_squared_central_differences_float64():
+    """The seed's erratum, documented by the failing alternative.
+
+    The seed writes dA1 = (1/m) dZ1 * phi'(A1) and dW1 = (1/m) X.T @ dA1 (and db1 as the row
+    average). dZ1 = dA2 @ W2.T already holds the 1/m of the mean loss, so read literally these
+    shrink dA1 and db1 by m and dW1 by m^2; the finite differences agree with gpumlp, not them.
+    """
+    m = 8
+    params, X, y = small_net((6, 5, 4), seed=6, m=m)
+    act = ACTIVATIONS["tanh"]
+    cache = forward(params, X, act)
+    _, dA2 = loss_and_dA2(cache.A[-1], y)
+    grads = backward(params, cache, dA2, act)
+    A1, W1, W2 = cache.A[0], params.W[0], params.W[1]
+
+    dZ1 = dA2 @ W2.T                                       # (m, h), as both write it
+    dA1 = dZ1 * act.phi_prime(A1)                          # gpumlp
+    dA1_seed = (1 / m) * dZ1 * act.phi_prime(A1)           # the seed, literally
+    dW1_seed = (1 / m) * X.T @ dA1_seed
+    db1_seed = (dZ1 * act.phi_prime(A1)).mean(axis=0)      # "average along rows of" it
+    np.testing.assert_allclose(dA1 / dA1_seed, m, rtol=1e-12)
+    np.testing.assert_allclose(grads.W[0] / dW1_seed, m ** 2, rtol=1e-12)
+    np.testing.assert_allclose(grads.b[0] / db1_seed, m, rtol=1e-12)
+    np.testing.assert_allclose(grads.W[0], X.T @ dA1, rtol=1e-12)
+
+    loss = lambda: float(loss_and_dA2(forward(params, X, act).A[-1], y)[0])  # noqa: E731
+    numeric_W1 = np.array([central_difference(loss, W1, i) for i in range(W1.size)]).reshape(W1.shape)
+    numeric_b1 = np.array([central_difference(loss, params.b[0], i) for i in range(5)])
+
+    def rel(a, b):
+        return np.max(np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), 1e-4))
+
+    assert rel(grads.W[0], numeric_W1) < TOL and rel(grads.b[0], numeric_b1) < TOL
+    assert rel(dW1_seed, numeric_W1) > 0.9   # 1 - 1/m^2 = 0.98: fails the check
+    assert rel(db1_seed, numeric_b1) > 0.8   # 1 - 1/m = 0.875: fails the check
+
+
+def test_erratum_numbers_quoted_in_the_derivation_central_differences_float64():
+    """docs/derivation.md quotes these: 784-32-10 relu net, float64, m = 8, seed 0."""
+    rng = np.random.default_rng(0)
+    params = init_params((784, 32, 10), "he", rng, "float64")
+    X, y, m = rng.random((8, 784)), rng.integers(0, 10, 8), 8
+    act = ACTIVATIONS["relu"]
+    cache = forward(params, X, act)
+    _, dA2 = loss_and_dA2(cache.A[-1], y)
+    dW1 = backward(params, cache, dA2, act).W[0]
+    i = int(np.abs(dW1).argmax())
+    dA1_seed = (1 / m) * (dA2 @ params.W[1].T) * act.phi_prime(cache.A[0])
+    dW1_seed = (1 / m) * X.T @ dA1_seed
+    numeric = central_difference(lambda: float(loss_and_dA2(forward(params, X, act).A[-1], y)[0]),
+                                 params.W[0], i, eps=1e-5)
+    assert dW1.flat[i] == pytest.approx(0.2177029396081, abs=1e-12)
+    assert numeric == pytest.approx(0.2177029395867, abs=5e-10)  # roundoff of L / 2 eps
+    assert dW1_seed.flat[i] == pytest.approx(0.0034016084, abs=1e-10)
+    assert dW1.flat[i] / dW1_seed.flat[i] == pytest.approx(64.0, rel=1e-12)
+
+
+# --- softmax, loss, targets -------------------------------------------------------------------
+
+HUGE = {
+    "positive": np.array([[1e4, 0, -5, 2, 1e4 - 1, 0, 0, 0, 3, 1]]),
+    "negative": np.array([[-1e4, -1e4 + 2, -1e4, -1e4, -1e4, -1e4, -1e4, -1e4, -1e4, -1e4]]),
+    "mixed": np.array([[1e4, -1e4, 0, 0, 0, 0, 0, 0, 0, 5e3]]),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", HUGE)
+def test_softmax_rows_sum_to_one_and_stay_finite_for_huge_logits(case, dtype):
+    A2 = np.vstack([HUGE[case], np.zeros((1, 10)), np.arange(10.0)[None]]).astype(dtype)
+    Z2 = softmax(A2)
+    assert Z2.dtype == dtype
+    assert np.isfinite(Z2).all() and (Z2 >= 0).all()
+    np.testing.assert_allclose(Z2.sum(axis=1), 1.0, rtol=1e-6)
+    assert np.isfinite(log_softmax(A2)).all()
+    L, dA2 = loss_and_dA2(A2, np.array([1, 2, 3]))
+    assert np.isfinite(L) and np.isfinite(dA2).all()
+
+
+def test_softmax_of_huge_logits_has_the_exact_limits():
+    Z2 = softmax(HUGE["mixed"])
+    assert Z2[0, 0] == 1.0 and Z2[0, 1] == 0.0
+    np.testing.assert_allclose(softmax(HUGE["negative"])[0, 1], math.exp(2) / (math.exp(2) + 9))
+
+
+def test_loss_of_equal_logits_is_log_10():
+    for value in (0.0, 7.0, -1e4):
+        L, dA2 = loss_and_dA2(np.full((4, 10), value), np.array([0, 3, 9, 5]))
+        assert L == pytest.approx(math.log(10), rel=1e-12)
+
+
+def test_loss_from_log_sum_exp_is_finite_and_exact_for_huge_logits():
+    A2 = np.array([[1e4, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    assert float(loss_and_dA2(A2, np.array([0]))[0]) == pytest.approx(0.0, abs=1e-12)
+    assert float(loss_and_dA2(A2, np.array([1]))[0]) == pytest.approx(1e4, rel=1e-12)
+    L32, _ = loss_and_dA2(A2.astype(np.float32), np.array([1]))
+    assert L32.dtype == np.float32 and L32 == pytest.approx(1e4, rel=1e-6)
+
+
+def test_loss_and_dA2_against_a_direct_formula():
+    rng = np.random.default_rng(7)
+    A2, y = rng.normal(size=(5, 10)), rng.integers(0, 10, 5)
+    P = np.exp(A2) / np.exp(A2).sum(axis=1, keepdims=True)
+    L, dA2 = loss_and_dA2(A2, y)
+    assert L == pytest.approx(-np.log(P[np.arange(5), y]).mean(), rel=1e-12)
+    Y = np.eye(10)[y]
+    np.testing.assert_allclose(dA2, (P - Y) / 5, rtol=1e-12)
+    L_s, dA2_s = loss_and_dA2(A2, y, smoothing=0.1)
+    Y_s = 0.9 * Y + 0.01
+    assert L_s == pytest.approx(-(Y_s * np.log(P)).sum() / 5, rel=1e-12)
+    np.testing.assert_allclose(dA2_s, (P - Y_s) / 5, rtol=1e-12)
+
+
+def test_targets_one_hot_and_label_smoothing():
+    y = np.array([2, 0, 9])
+    Y = targets(y, 10, np.float32)
+    assert Y.dtype == np.float32 and Y.shape == (3, 10)
+    np.testing.assert_array_equal(Y, np.eye(10, dtype=np.float32)[y])
+    Y_s = targets(y, 10, np.float32, smoothing=0.2)
+    assert Y_s.dtype == np.float32
+    np.testing.assert_allclose(Y_s[0, 2], 0.8 + 0.02, rtol=1e-6)
+    np.testing.assert_allclose(Y_s[0, 0], 0.02, rtol=1e-6)
+    np.testing.assert_allclose(Y_s.sum(axis=1), 1.0, rtol=1e-6)
+
+
+# --- initialisation and dtypes ----------------------------------------------------------------
+
+def test_init_is_seeded_he_and_xavier_scaled():
+    a = init_params((784, 300, 10), "he", np.random.default_rng(0))
+    b = init_params((784, 300, 10), "he", np.random.default_rng(0))
+    assert all(np.array_equal(x, y) for x, y in zip(a.W + a.b, b.W + b.b))
+    assert a.W[0].shape == (784, 300) and a.b[0].shape == (300,) and a.W[1].shape == (300, 10)
+    assert all(w.dtype == np.float32 for w in a.W + a.b) and not a.b[0].any()
+    assert a.W[0].std() == pytest.approx(math.sqrt(2 / 784), rel=0.02)
+    x = init_params((784, 300, 10), "xavier", np.random.default_rng(0))
+    r = math.sqrt(6 / (784 + 300))
+    assert np.abs(x.W[0]).max() <= r and x.W[0].std() == pytest.approx(r / math.sqrt(3), rel=0.02)
+
+
+@pytest.mark.parametrize("optim", ["sgd", "sgd-nesterov", "adam", "adamw"])
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_float32_stays_float32_through_forward_backward_and_update(activation, optim):
+    params, X, y = small_net((8, 6, 5, 4), seed=8, m=5, dtype="float32")
+    act = ACTIVATIONS[activation]
+    masks = dropout_masks(np.random.default_rng(0), 5, (6, 5), 0.2, X.dtype)
+    cache = forward(params, X, act, masks)
+    L, dA2 = loss_and_dA2(cache.A[-1], y, 0.1)
+    grads = backward(params, cache, dA2, act)
+    name, _, nesterov = optim.partition("-")
+    cfg = OptimConfig(name=name, nesterov=bool(nesterov), weight_decay=0.01)
+    state = init_state(cfg, params)
+    for t in (1, 2):
+        update(cfg, params, grads, state, 0.1, t)
+    apply_max_norm(params, 1.0)
+    tensors = {"L": L, "dA2": dA2, **{f"Z{i}": z for i, z in enumerate(cache.Z)},
+               **{f"A{i}": a for i, a in enumerate(cache.A)},
+               **{f"mask{i}": a for i, a in enumerate(cache.masks)},
+               **{f"dW{i}": g for i, g in enumerate(grads.W)}, **{f"db{i}": g for i, g in enumerate(grads.b)},
+               **{f"W{i}": p for i, p in enumerate(params.W)}, **{f"b{i}": p for i, p in enumerate(params.b)},
+               **{f"opt{i}": s for i, s in enumerate(state.m + state.v)}}
+    assert {k: str(v.dtype) for k, v in tensors.items() if v.dtype != np.float32} == {}

@@ -1,0 +1,175 @@
+"""Each optimizer's step, schedule and max-norm against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from gpumlp.config import OptimConfig
+from gpumlp.model import Grads, Params
+from gpumlp.optim import OptState, apply_max_norm, flat, init_state, learning_rate, update
+
+LR = 0.1
+
+
+def tiny(w=(1.0, -2.0), b=(0.5,)):
+    """A one-layer Params of two weights and one bias, float64."""
+    return Params((np.array([w]),), (np.array(b),))
+
+
+def grads(w, b):
+    return Grads((np.array([w]),), (np.array(b),))
+
+
+def run(cfg, steps, params=None):
+    """Apply `steps` (a list of Grads) at t = 1, 2, ...; the final params and state."""
+    params = params or tiny()
+    state = init_state(cfg, params)
+    for t, g in enumerate(steps, start=1):
+        update(cfg, params, g, state, LR, t)
+    return params, state
+
+
+def values(params):
+    return [*params.W[0].ravel(), *params.b[0]]
+
+
+G1 = grads((0.5, 0.25), (-1.0,))
+G2 = grads((-0.5, 1.0), (-1.0,))
+
+
+def test_state_is_named_and_shaped_like_the_parameters():
+    p = tiny()
+    sgd, adam = init_state(OptimConfig(name="sgd"), p), init_state(OptimConfig(name="adam"), p)
+    assert isinstance(sgd, OptState) and sgd.v == () and len(sgd.m) == 2
+    assert [a.shape for a in adam.m] == [a.shape for a in adam.v] == [(1, 2), (1,)]
+    assert not any(a.any() for a in adam.m + adam.v)
+    assert [a.shape for a in flat(p)] == [(1, 2), (1,)]
+
+
+def test_plain_sgd():
+    params, _ = run(OptimConfig(name="sgd", momentum=0.0), [G1])
+    # p - lr g: 1 - 0.05, -2 - 0.025, 0.5 + 0.1
+    np.testing.assert_allclose(values(params), [0.95, -2.025, 0.6], rtol=1e-15)
+
+
+def test_sgd_with_momentum_two_steps():
+    params, state = run(OptimConfig(name="sgd", momentum=0.9), [G1, G1])
+    # step 1: v = g = (0.5, 0.25, -1); p = (0.95, -2.025, 0.6)
+    # step 2: v = 0.9 v + g = (0.95, 0.475, -1.9); p -= 0.1 v -> (0.855, -2.0725, 0.79)
+    np.testing.assert_allclose(values(params), [0.855, -2.0725, 0.79], rtol=1e-14)
+    np.testing.assert_allclose([*state.m[0].ravel(), *state.m[1]], [0.95, 0.475, -1.9], rtol=1e-14)
+
+
+def test_sgd_with_nesterov_momentum_two_steps():
+    params, _ = run(OptimConfig(name="sgd", momentum=0.9, nesterov=True), [G1, G2])
+    # step 1: v = g; p -= 0.1 (g + 0.9 v) = 0.1 * 1.9 g -> (0.905, -2.0475, 0.69)
+    # step 2: g = (-0.5, 1, -1); v = 0.9 (0.5, 0.25, -1) + g = (-0.05, 1.225, -1.9)
+    #         p -= 0.1 (g + 0.9 v) = 0.1 (-0.545, 2.1025, -2.71) -> (0.9595, -2.25775, 0.961)
+    np.testing.assert_allclose(values(params), [0.9595, -2.25775, 0.961], rtol=1e-14)
+
+
+def test_sgd_weight_decay_adds_wd_times_p_to_the_gradient():
+    params, _ = run(OptimConfig(name="sgd", momentum=0.0, weight_decay=0.01), [G1])
+    # g + 0.01 p = (0.51, 0.23, -0.995); p - 0.1 (that) = (0.949, -2.023, 0.5995)
+    np.testing.assert_allclose(values(params), [0.949, -2.023, 0.5995], rtol=1e-14)
+
+
+def test_adam_first_step_moves_each_entry_by_lr_times_the_sign():
+    params, state = run(OptimConfig(name="adam", eps=1e-8), [G1])
+    # t = 1: m = 0.1 g, v = 0.001 g^2; m_hat = g, v_hat = g^2; p -= lr g / (|g| + eps)
+    np.testing.assert_allclose(values(params), [0.9, -2.1, 0.6], rtol=1e-8)
+    np.testing.assert_allclose(state.m[0], [[0.05, 0.025]], rtol=1e-14)
+    np.testing.assert_allclose(state.v[0], [[0.00025, 0.0000625]], rtol=1e-12)
+
+
+def test_adam_second_step_uses_the_bias_corrections():
+    params, _ = run(OptimConfig(name="adam", eps=1e-8), [G1, G2])
+    # first weight: m = 0.9 * 0.05 - 0.05 = -0.005, m_hat = -0.005 / (1 - 0.9^2) = -1/38;
+    # v = 0.999 * 0.00025 + 0.001 * 0.25 = 0.00049975, v_hat = v / (1 - 0.999^2) = 0.25;
+    # p = 0.9 - 0.1 * (-1/38) / 0.5 = 0.9 + 1/190.
+    # bias: g = -1 twice, so m_hat = -1, v_hat = 1 and p = 0.6 + 0.1 = 0.7.
+    assert params.W[0][0, 0] == pytest.approx(0.9 + 1 / 190, rel=1e-8)
+    assert params.b[0][0] == pytest.approx(0.7, rel=1e-8)
+    # second weight, by the same formulas written out with scalars (eps kept exactly)
+    p1 = -2.0 - LR * 0.25 / (0.25 + 1e-8)
+    m = 0.9 * 0.025 + 0.1 * 1.0
+    v = 0.999 * (0.001 * 0.25 ** 2) + 0.001 * 1.0 ** 2
+    expected = p1 - LR * (m / (1 - 0.9 ** 2)) / (math.sqrt(v / (1 - 0.999 ** 2)) + 1e-8)
+    assert params.W[0][0, 1] == pytest.approx(expected, rel=1e-12)
+
+
+def test_adam_weight_decay_is_l2_added_to_the_gradient():
+    params, _ = run(OptimConfig(name="adam", weight_decay=0.5, eps=1e-8), [G1, G2])
+    # t = 1: g' = g + 0.5 p = (1.0, -0.75, -0.75); p -= 0.1 sign(g') -> (0.9, -1.9, 0.6)
+    # t = 2 on the first weight: g' = -0.5 + 0.5 p1 = -0.05 (up to eps)
+    p1 = 1.0 - LR * 1.0 / (1.0 + 1e-8)
+    g2 = -0.5 + 0.5 * p1
+    m = 0.9 * (0.1 * 1.0) + 0.1 * g2
+    v = 0.999 * (0.001 * 1.0) + 0.001 * g2 ** 2
+    expected = p1 - LR * (m / 0.19) / (math.sqrt(v / (1 - 0.999 ** 2)) + 1e-8)
+    assert params.W[0][0, 0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_adamw_decays_the_weights_before_the_adam_step():
+    params, _ = run(OptimConfig(name="adamw", weight_decay=0.5, eps=1e-8), [G1])
+    # p *= 1 - 0.1 * 0.5 -> (0.95, -1.9, 0.475); then p -= 0.1 sign(g) -> (0.85, -2.0, 0.575)
+    np.testing.assert_allclose(values(params), [0.85, -2.0, 0.575], rtol=1e-8)
+    params, _ = run(OptimConfig(name="adamw", weight_decay=0.5, eps=1e-8), [G1, G2])
+    # t = 2, first weight: p = 0.85 * 0.95 = 0.8075, then the plain Adam step 1/190
+    assert params.W[0][0, 0] == pytest.approx(0.8075 + 1 / 190, rel=1e-8)
+
+
+# --- schedules --------------------------------------------------------------------------------
+
+def lr_at(step, steps_per_epoch=10, total_steps=100, **kwargs):
+    return learning_rate(OptimConfig(lr=0.1, **kwargs), step, steps_per_epoch, total_steps)
+
+
+def test_constant_schedule():
+    assert [lr_at(s) for s in (0, 37, 99)] == [0.1, 0.1, 0.1]
+
+
+def test_step_schedule_multiplies_by_gamma_every_step_epochs():
+    kw = dict(schedule="step", step_epochs=2, gamma=0.5)
+    assert lr_at(0, **kw) == lr_at(19, **kw) == 0.1
+    assert lr_at(20, **kw) == pytest.approx(0.05) and lr_at(39, **kw) == pytest.approx(0.05)
+    assert lr_at(40, **kw) == pytest.approx(0.025)
+
+
+def test_cosine_schedule_from_lr_to_min_lr():
+    kw = dict(schedule="cosine")
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(25, **kw) == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(50, **kw) == pytest.approx(0.05)
+    assert lr_at(100, **kw) == pytest.approx(0.0, abs=1e-15)
+    assert lr_at(50, min_lr=0.02, **kw) == pytest.approx(0.06)
+
+
+def test_linear_warmup_then_cosine():
+    kw = dict(schedule="cosine", warmup_epochs=1, total_steps=110)
+    # warm-up over the first 10 steps: lr (step + 1) / 10
+    assert [round(lr_at(s, **kw), 12) for s in (0, 4, 9)] == [0.01, 0.05, 0.1]
+    assert lr_at(10, **kw) == pytest.approx(0.1)      # cosine starts after the warm-up
+    assert lr_at(60, **kw) == pytest.approx(0.05)     # halfway through the remaining 100
+    assert lr_at(110, **kw) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_warmup_with_a_constant_schedule():
+    kw = dict(warmup_epochs=0.5)  # 5 steps
+    assert [round(lr_at(s, **kw), 12) for s in (0, 1, 4, 5, 50)] == [0.02, 0.04, 0.1, 0.1, 0.1]
+
+
+# --- max-norm ---------------------------------------------------------------------------------
+
+def test_max_norm_rescales_hidden_columns_only():
+    W1 = np.array([[3.0, 0.1], [4.0, 0.1]])      # column norms 5 and 0.14
+    W2 = np.array([[30.0], [40.0]])              # the output layer is left alone
+    params = Params((W1, W2), (np.zeros(2), np.zeros(1)))
+    apply_max_norm(params, 1.0)
+    np.testing.assert_allclose(params.W[0], [[0.6, 0.1], [0.8, 0.1]], rtol=1e-12)
+    np.testing.assert_array_equal(params.W[1], [[30.0], [40.0]])
+    apply_max_norm(params, None)
+    np.testing.assert_allclose(params.W[0], [[0.6, 0.1], [0.8, 0.1]], rtol=1e-12)

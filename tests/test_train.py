@@ -1,0 +1,127 @@
+"""The training loop through the library's train(): it learns, it memorises, it is
+deterministic to the byte, and its data handling (limit, validation split, inputs) is right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpumlp.backend import CPU
+from gpumlp.config import build_config
+from gpumlp.data import batch_slices, permutation, prepare_data, to_inputs
+from gpumlp.errors import ConfigError
+from gpumlp.mnist import Mnist, Split, load_mnist
+from gpumlp.train import NumericalError, train
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+TINY_SMOKE = ["data.limit=null", "data.val_size=50"]  # smoke.yaml, fitted to the 300-example set
+
+
+def numpy_accuracy(params, images, labels):
+    """Accuracy of a relu MLP recomputed in float64 with plain NumPy."""
+    Z = images.astype(np.float64) / 255
+    for k, (W, b) in enumerate(zip(params.W, params.b)):
+        A = Z @ W.astype(np.float64) + b
+        Z = np.maximum(A, 0) if k < len(params.W) - 1 else A
+    return float((Z.argmax(axis=1) == labels).mean())
+
+
+def test_overfits_64_random_examples_to_100_percent():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 784), dtype=np.uint8)
+    labels = rng.integers(0, 10, 64).astype(np.uint8)  # random labels: only memorising works
+    mnist = Mnist(Split(images, labels), Split(images[:16], labels[:16]))
+    config = build_config(None, ["model.hidden=64", "train.epochs=30", "train.batch_size=16",
+                                 "optim.lr=0.05"])
+    result = train(config, CPU, mnist)
+    assert numpy_accuracy(result.params, images, labels) == 1.0
+    assert result.history[-1]["train_loss"] < 0.05 < result.history[0]["train_loss"]
+    assert len(result.history) == 30 and result.summary["steps"] == 30 * 4
+
+
+def test_learns_the_tiny_dataset(tiny_mnist):
+    config = build_config(SMOKE, TINY_SMOKE)
+    result = train(config, CPU, tiny_mnist.mnist)
+    first, last = result.history[0], result.history[-1]
+    assert last["test_accuracy"] > 0.9 and last["val_accuracy"] > 0.9
+    assert last["train_loss"] < first["train_loss"]
+    assert result.summary["test_accuracy"] == last["test_accuracy"]
+    test = tiny_mnist.mnist.test
+    assert numpy_accuracy(result.params, test.images, test.labels) == last["test_accuracy"]
+
+
+def test_same_seed_gives_a_byte_identical_model_npz(tiny_mnist, tmp_path):
+    def model_bytes(name, seed):
+        config = build_config(SMOKE, TINY_SMOKE, **{"train.seed": seed})
+        train(config, CPU, tiny_mnist.mnist, out_dir=tmp_path / name)
+        return (tmp_path / name / "model.npz").read_bytes()
+
+    first, again, other = model_bytes("a", 0), model_bytes("b", 0), model_bytes("c", 1)
+    assert first == again
+    assert first != other
+    metrics = [(tmp_path / n / "metrics.jsonl").read_text().splitlines() for n in "ab"]
+    assert len(metrics[0]) == 2 and len(metrics[1]) == 2
+
+
+def test_deeper_net_and_other_optimizers_train(tiny_mnist):
+    for overrides in (["model.hidden=[32, 16]", "model.activation=tanh", "model.init=xavier"],
+                      ["optim.name=adamw", "optim.lr=0.003", "optim.weight_decay=0.01",
+                       "optim.schedule=cosine", "optim.warmup_epochs=1", "model.dropout=0.2",
+                       "train.label_smoothing=0.1", "model.max_norm=3"]):
+        config = build_config(SMOKE, [*TINY_SMOKE, "train.epochs=3", *overrides])
+        result = train(config, CPU, tiny_mnist.mnist)
+        assert result.history[-1]["test_accuracy"] > 0.8, overrides
+        assert len(result.params.W) == len(config.model.widths) + 1
+
+
+def test_numerical_blow_up_is_a_clear_error(tiny_mnist):
+    config = build_config(SMOKE, [*TINY_SMOKE, "optim.lr=1e12"])
+    with pytest.raises(NumericalError, match="lower optim.lr"):
+        train(config, CPU, tiny_mnist.mnist)
+
+
+def test_too_large_val_size_or_batch_is_a_config_error(tiny_mnist):
+    with pytest.raises(ConfigError, match="data.val_size"):
+        train(build_config(None, ["data.val_size=300"]), CPU, tiny_mnist.mnist)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        train(build_config(None, ["train.batch_size=301"]), CPU, tiny_mnist.mnist)
+
+
+# --- data handling ----------------------------------------------------------------------------
+
+def test_prepare_data_limits_then_holds_out_the_last_rows(tiny_mnist):
+    mnist = tiny_mnist.mnist
+    data = prepare_data(mnist, build_config(None, ["data.limit=120", "data.val_size=20"]).data, CPU)
+    assert len(data.train) == 100 and len(data.val) == 20 and len(data.test) == 100
+    np.testing.assert_array_equal(data.val.images, mnist.train.images[100:120])
+    np.testing.assert_array_equal(data.train.labels, mnist.train.labels[:100])
+    assert data.train.images.dtype == np.uint8 and data.train.labels.dtype == np.int32
+    assert prepare_data(mnist, build_config().data, CPU).val is None
+
+
+def test_inputs_are_scaled_and_keep_the_dtype():
+    images = np.array([[0, 255, 51]], dtype=np.uint8)
+    X = to_inputs(images, "unit", "float32")
+    assert X.dtype == np.float32
+    np.testing.assert_allclose(X, [[0.0, 1.0, 0.2]], rtol=1e-6)
+    S = to_inputs(images, "standard", "float64")
+    np.testing.assert_allclose(S, (np.array([[0.0, 1.0, 0.2]]) - 0.1307) / 0.3081, rtol=1e-12)
+
+
+def test_shuffling_is_seeded_and_batches_cover_every_example():
+    a, b = permutation(np.random.default_rng(3), 10, True), permutation(np.random.default_rng(3), 10, True)
+    np.testing.assert_array_equal(a, b)
+    assert sorted(a) == list(range(10)) and list(a) != list(range(10))
+    np.testing.assert_array_equal(permutation(np.random.default_rng(3), 10, False), np.arange(10))
+    slices = batch_slices(10, 4)
+    assert [(s.start, s.stop) for s in slices] == [(0, 4), (4, 8), (8, 10)]
+
+
+@pytest.mark.slow
+def test_real_mnist_one_epoch_reaches_90_percent(mnist_dir):
+    config = build_config(None, ["model.hidden=64", "train.epochs=1", "data.limit=10000"])
+    result = train(config, CPU, load_mnist(mnist_dir))
+    assert result.history[0]["test_accuracy"] > 0.90
+    assert len(result.history) == 1 and result.summary["steps"] == 79  # ceil(10000 / 128)
