@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 
@@ -22,7 +23,6 @@ def blas_name() -> str:
 
 
 def system_info() -> dict:
-    import click
     import yaml
 
     return {
@@ -32,7 +32,7 @@ def system_info() -> dict:
         "numpy": np.__version__,
         "blas": blas_name(),
         "cupy": cupy_version() or "not installed (pip install 'gpumlp[cuda12]')",
-        "click": click.__version__ if hasattr(click, "__version__") else "?",
+        "click": importlib.metadata.version("click"),
         "pyyaml": yaml.__version__,
         "cpus": os.cpu_count(),
         "devices": ", ".join(available_devices()),
