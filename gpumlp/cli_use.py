@@ -1,0 +1,134 @@
+"""Commands that use a trained model: `predict`, `report`, `export`.
+
+Each needs an optional dependency (Pillow, matplotlib, onnx); without it the command
+stops with one line naming the extra to install. gpumlp.cli registers these commands;
+import this module after (or through) gpumlp.cli, which it builds on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import click
+
+from .cli import OneLineError, data_dir_option, device_option, domain_errors, load_mnist_for
+
+
+def require(module: str, package: str, extra: str) -> None:
+    """A one-line error naming the pip extra when `module` (of `package`) cannot be imported."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise OneLineError(f"this command needs {package}, which is not installed; install it "
+                           f"with pip install 'gpumlp[{extra}]'") from None
+
+
+def result_line(result, top_k: int, as_json: bool) -> str:
+    if as_json:
+        if result.error is not None:
+            return json.dumps({"file": result.path, "error": result.error})
+        top = result.top(top_k)
+        return json.dumps({"file": result.path, "prediction": top[0][0],
+                           "top": [{"class": c, "probability": p} for c, p in top]})
+    return f"{result.path}: " + "  ".join(f"{c} ({p:.3f})" for c, p in result.top(top_k))
+
+
+@click.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.argument("files", metavar="FILE...", nargs=-1, required=True)
+@click.option("--top-k", "top_k", default=3, show_default=True, type=click.IntRange(1, 10),
+              help="How many classes to print per file, most probable first.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per line: file, prediction, top (or error).")
+@device_option
+@domain_errors
+def predict(model_path, files, top_k, as_json, device):
+    """Predict the digit in image files (PNG, JPEG, BMP) or .npy arrays.
+
+    Each image is laid out as MNIST's digits are: grayscale, inverted when the background
+    is light, cropped to the ink, scaled to fit 20x20 and centred by mass in 28x28.
+    One line per file; a file that cannot be read gets an error line and the others are
+    still predicted, and the exit code is then 1.
+
+    \b
+    Examples:
+      gpumlp predict runs/h256/model.npz digit.png
+      gpumlp predict runs/h256/model.npz scans/*.jpg --top-k 1 --json
+    """
+    require("PIL", "Pillow", "predict")
+    from .backend import get_backend
+    from .checkpoint import load_model
+    from .predict import params_on, predict_files
+
+    params, config = load_model(model_path)
+    backend = get_backend(device)
+    results = predict_files(params_on(backend, params), config, files, backend)
+    for result in results:
+        if result.error is not None and not as_json:
+            click.echo(f"Error: {result.error}", err=True)
+        else:
+            click.echo(result_line(result, top_k, as_json))
+    failed = sum(result.error is not None for result in results)
+    if failed:
+        raise OneLineError(f"{failed} of {len(results)} files could not be predicted")
+
+
+@click.command()
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+@device_option
+@data_dir_option
+@domain_errors
+def report(run_dir, device, data_dir):
+    """Write figures and report.md into a run directory.
+
+    Learning curves (from metrics.jsonl), the test set's confusion matrix, the first
+    layer's weights as images and the most confidently wrong test images (from model.npz).
+
+    \b
+    Example:
+      gpumlp report runs/h256
+    """
+    require("matplotlib", "matplotlib", "report")
+    from .backend import get_backend
+    from .report import check_run, make_report
+
+    check_run(Path(run_dir))  # before the test set is fetched
+    backend = get_backend(device)
+    mnist = load_mnist_for(data_dir, quiet=True)
+    written = make_report(Path(run_dir), mnist.test, backend)
+    click.echo(f"wrote {', '.join(p.name for p in written)} in {run_dir}")
+
+
+@click.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True,
+              help="File format to write.")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Output file (default: MODEL with the format's suffix).")
+@domain_errors
+def export(model_path, fmt, out):
+    """Write a trained model.npz in another format: ONNX.
+
+    The ONNX graph takes "pixels", float32 rows of 784 values scaled to [0, 1] (pixel / 255),
+    and gives "logits" and "probabilities" (softmax), 10 per row.
+
+    \b
+    Example:
+      gpumlp export runs/h256/model.npz --format onnx --out mnist.onnx
+    """
+    require("onnx", "onnx", "onnx")
+    from .checkpoint import load_model
+    from .export_onnx import OPSET, model_bytes
+    from .npzio import atomic_write
+
+    params, config = load_model(model_path)
+    target = Path(out) if out else Path(model_path).with_suffix(f".{fmt}")
+    try:
+        atomic_write(target, model_bytes(params, config))
+    except OSError as e:
+        raise OneLineError(f"--out {target}: cannot write there ({e.strerror or e}); "
+                           "pick a writable path") from None
+    click.echo(f"wrote {target} (ONNX opset {OPSET}; input 'pixels' = pixel/255, "
+               f"outputs 'logits', 'probabilities')")

@@ -1,0 +1,118 @@
+"""The trained MLP as an ONNX graph: the same forward pass, runnable by any ONNX runtime.
+
+    input  "pixels"         float32 (N, 784)  the image rows scaled to [0, 1]: pixel / 255
+    [Sub mean, Mul 1/std]                     only for data.normalize: standard, as in training
+    A_k = MatMul(Z_{k-1}, W_k) + b_k          every layer, Z_0 = the (normalised) input
+    Z_k = phi(A_k)                            hidden layers
+    output "logits"         float32 (N, 10)   A_L
+    output "probabilities"  float32 (N, 10)   Softmax(A_L) over the classes
+
+The scaling by 1/255 stays outside the graph (callers feed x/255); the standardisation of
+`normalize: standard` is inside it as two ops with the constants training used, so the
+input is the same for every model. Weights are stored as float32 whatever the training
+dtype. GELU is written out with primitive ops in its tanh form,
+0.5 A (1 + tanh(sqrt(2/pi) (A + 0.044715 A^3))), the formula gpumlp trains with, so the
+graph needs only opset 17 (ONNX's own Gelu op arrives in opset 20).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .activations import GELU_C, GELU_K, LEAKY_SLOPE
+from .config import Config
+from .data import MNIST_MEAN, MNIST_STD
+from .errors import GpumlpError
+from .model import Params
+
+OPSET = 17
+IR_VERSION = 8  # the IR that opset 17 came with: loadable by runtimes from 2022 on
+INPUT, LOGITS, PROBABILITIES = "pixels", "logits", "probabilities"
+
+
+class ExportError(GpumlpError):
+    """The model cannot be written in the requested format."""
+
+
+class GraphBuilder:
+    """Nodes and constant tensors of one graph, with fresh names for intermediate values."""
+
+    def __init__(self):
+        self.nodes, self.constants = [], []
+
+    def const(self, name: str, value: np.ndarray | float) -> str:
+        from onnx import numpy_helper
+        self.constants.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], output: str, **attrs) -> str:
+        from onnx import helper
+        self.nodes.append(helper.make_node(op_type, inputs, [output], **attrs))
+        return output
+
+
+def gelu_tanh(g: GraphBuilder, A: str, name: str) -> str:
+    """0.5 A (1 + tanh(K (A + C A^3))), op by op, as activations.gelu computes it."""
+    A3 = g.op("Mul", [g.op("Mul", [A, A], f"{name}_sq"), A], f"{name}_cube")
+    inner = g.op("Add", [A, g.op("Mul", [g.const(f"{name}_c", GELU_C), A3], f"{name}_cA3")],
+                 f"{name}_inner")
+    T = g.op("Tanh", [g.op("Mul", [g.const(f"{name}_k", GELU_K), inner], f"{name}_kinner")],
+             f"{name}_tanh")
+    half_A = g.op("Mul", [g.const(f"{name}_half", 0.5), A], f"{name}_halfA")
+    return g.op("Mul", [half_A, g.op("Add", [g.const(f"{name}_one", 1.0), T], f"{name}_1pT")], name)
+
+
+# activation name -> adds Z = phi(A) to the graph and returns the name of Z
+ONNX_ACTIVATIONS: dict[str, Callable[[GraphBuilder, str, str], str]] = {
+    "relu": lambda g, A, name: g.op("Relu", [A], name),
+    "leaky_relu": lambda g, A, name: g.op("LeakyRelu", [A], name, alpha=LEAKY_SLOPE),
+    "sigmoid": lambda g, A, name: g.op("Sigmoid", [A], name),
+    "tanh": lambda g, A, name: g.op("Tanh", [A], name),
+    "gelu": gelu_tanh,
+}
+
+
+def onnx_model(params: Params, config: Config):
+    """An onnx.ModelProto computing logits and probabilities from pixel/255 rows."""
+    from onnx import TensorProto, checker, helper
+
+    activation = config.model.activation
+    if activation not in ONNX_ACTIVATIONS:
+        raise ExportError(f"activation {activation!r} has no ONNX form in this version; "
+                          f"exportable: {', '.join(ONNX_ACTIVATIONS)}")
+    g = GraphBuilder()
+    Z = INPUT
+    if config.data.normalize == "standard":  # as data.to_inputs: X -= mean; X *= 1/std
+        Z = g.op("Sub", [Z, g.const("mnist_mean", MNIST_MEAN)], "centred")
+        Z = g.op("Mul", [Z, g.const("mnist_inv_std", 1.0 / MNIST_STD)], "standardised")
+    last = len(params.W)
+    for k, (Wk, bk) in enumerate(zip(params.W, params.b), start=1):
+        product = g.op("MatMul", [Z, g.const(f"W{k}", Wk)], f"Z{k - 1}W{k}")
+        A = g.op("Add", [product, g.const(f"b{k}", bk)], LOGITS if k == last else f"A{k}")
+        Z = A if k == last else ONNX_ACTIVATIONS[activation](g, A, f"Z{k}")
+    g.op("Softmax", [LOGITS], PROBABILITIES, axis=-1)
+    c = int(params.b[-1].shape[0])
+    graph = helper.make_graph(
+        g.nodes, "gpumlp_mlp",
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["N", int(params.W[0].shape[0])])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", c])
+         for name in (LOGITS, PROBABILITIES)],
+        initializer=g.constants)
+    model = helper.make_model(graph, producer_name="gpumlp", producer_version=__version__,
+                              opset_imports=[helper.make_operatorsetid("", OPSET)],
+                              doc_string=f"input '{INPUT}': pixel/255 in [0, 1], rows of 784")
+    model.ir_version = IR_VERSION
+    helper.set_model_props(model, {"hidden": str(list(config.model.widths)),
+                                   "activation": activation,
+                                   "normalize": config.data.normalize,
+                                   "input_scaling": "pixel / 255"})
+    checker.check_model(model, full_check=True)
+    return model
+
+
+def model_bytes(params: Params, config: Config) -> bytes:
+    """The serialised ONNX model, ready to write to a .onnx file."""
+    return onnx_model(params, config).SerializeToString()

@@ -1,0 +1,64 @@
+"""Class probabilities of a trained model for image files, one result per file.
+
+Each file is read and laid out as MNIST lays out its digits (`preprocess.load_digit`);
+the files that can be read go through the network together, on the device, in batches.
+A file that cannot be read gets its error message in its result and does not stop the
+others.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from .activations import ACTIVATIONS
+from .backend import Backend, to_host
+from .config import Config
+from .data import batch_slices, to_inputs
+from .model import Params, forward, softmax
+from .preprocess import ImageError, load_digit
+
+
+class FileResult(NamedTuple):
+    path: str
+    probabilities: np.ndarray | None  # (c,) on the host, or None when the file failed
+    error: str | None                 # one line naming the file, or None
+
+    def top(self, k: int) -> list[tuple[int, float]]:
+        """The k most probable classes with their probabilities, most probable first."""
+        order = np.argsort(-self.probabilities, kind="stable")[:k]
+        return [(int(c), float(self.probabilities[c])) for c in order]
+
+
+def params_on(backend: Backend, params: Params) -> Params:
+    """The host parameters copied onto the backend's device."""
+    return Params(tuple(map(backend.asarray, params.W)), tuple(map(backend.asarray, params.b)))
+
+
+def probabilities(params: Params, config: Config, pixels: np.ndarray, backend: Backend) -> np.ndarray:
+    """Z2 (n, c) on the host for pixels (n, 784) in [0, 255], scaled as in training.
+
+    `params` live on the backend's device (see `params_on`).
+    """
+    act = ACTIVATIONS[config.model.activation]
+    out = []
+    for sl in batch_slices(len(pixels), config.train.eval_batch_size):
+        X = to_inputs(backend.asarray(pixels[sl]), config.data.normalize, config.train.dtype)
+        out.append(to_host(softmax(forward(params, X, act).A[-1])))   # (m, c)
+    return np.concatenate(out) if out else np.zeros((0, 10), dtype=config.train.dtype)
+
+
+def predict_files(params: Params, config: Config, paths: Sequence[str | os.PathLike],
+                  backend: Backend) -> list[FileResult]:
+    """One FileResult per path, in order; unreadable files carry their error instead."""
+    digits, errors = {}, {}
+    for i, path in enumerate(paths):
+        try:
+            digits[i] = load_digit(path).reshape(-1)                   # (784,)
+        except ImageError as e:
+            errors[i] = str(e)
+    pixels = np.stack(list(digits.values())) if digits else np.zeros((0, 784), np.float32)
+    Z2 = dict(zip(digits, probabilities(params, config, pixels, backend)))
+    return [FileResult(str(path), Z2.get(i), errors.get(i)) for i, path in enumerate(paths)]

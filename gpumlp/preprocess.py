@@ -1,0 +1,165 @@
+"""MNIST's own preprocessing, applied to an arbitrary picture of one digit.
+
+MNIST's digits were size-normalised into a 20x20 box (keeping the aspect ratio, with
+anti-aliasing) and then placed in a 28x28 field so that their centre of mass sits at the
+centre; the ink is light (up to 255) on a black background (0). `mnist_pixels` does the
+same to a grey image of any size:
+
+    1. grayscale (luma), upright as the EXIF orientation says; transparent pixels count as
+       white paper
+    2. background = median of the outermost pixel frame; invert when it is light,
+       then stretch so that the background is 0 and the darkest ink 255
+    3. crop to the bounding box of the ink (pixels above INK_LEVEL)
+    4. resize so that the longer side is BOX = 20 pixels, keeping the aspect ratio:
+       area averaging when shrinking (MNIST's anti-aliasing), bilinear when enlarging
+    5. paste into a FIELD = 28 square so that the centre of mass lands on pixel
+       (CENTRE, CENTRE), rounded to whole pixels; ink shifted past the edge is cut off
+
+The result is float pixels in [0, 255], as the uint8 training images are before
+`data.to_inputs` scales them. Pillow is needed only to read and resize images; `.npy`
+arrays (2-D grey, or 784 values) are read with NumPy. What a file holds is told by its
+content, not its name.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import GpumlpError
+
+FIELD = 28            # side of an MNIST image, pixels
+BOX = 20              # side of the box the digit is scaled into
+CENTRE = 14.0         # where MNIST puts the centre of mass (row and column index; measured
+                      # over the test set: 13.99 and 14.01)
+MIN_CONTRAST = 24.0   # ink must differ from the background by this many levels of 255
+INK_LEVEL = 0.15      # a pixel is ink when its stretched value is above this fraction of 255;
+                      # high enough to step over JPEG ringing around the strokes
+NPY_MAGIC = b"\x93NUMPY"
+IMAGE_HINT = "give a PNG, JPEG or BMP picture of one digit, or a .npy array"
+
+
+class ImageError(GpumlpError):
+    """One input file cannot be turned into a digit image; the message names the file."""
+
+
+def read_gray(path: str | os.PathLike) -> np.ndarray:
+    """The grey levels (H, W) as float64 in [0, 255] of an image file or a .npy array."""
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{source}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{source}: is a folder; {IMAGE_HINT}") from None
+    except OSError as e:
+        raise ImageError(f"{source}: cannot be read ({e.strerror or e})") from None
+    if not data:
+        raise ImageError(f"{source}: empty file; {IMAGE_HINT}")
+    if data.startswith(NPY_MAGIC):
+        return gray_from_npy(data, source)
+    return gray_from_image(data, source)
+
+
+def gray_from_npy(data: bytes, source: str) -> np.ndarray:
+    """A 2-D array, or 784 values (one 28x28 image). Integers are levels 0..255; floats
+    whose maximum is at most 1 are taken as x/255, other floats as levels."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ImageError(f"{source}: not a readable .npy array ({e})") from None
+    if array.ndim == 1 and array.size == FIELD * FIELD:
+        array = array.reshape(FIELD, FIELD)
+    if array.ndim != 2 or array.dtype.kind not in "uif" or min(array.shape) == 0:
+        raise ImageError(f"{source}: .npy array of shape {array.shape} and dtype {array.dtype}; "
+                         "expected a 2-D grey image or 784 numbers")
+    gray = array.astype(np.float64)
+    if not np.isfinite(gray).all():
+        raise ImageError(f"{source}: .npy array holds NaN or infinite values")
+    if array.dtype.kind == "f" and gray.max() <= 1.0:
+        gray = gray * 255.0
+    return np.clip(gray, 0.0, 255.0)
+
+
+def gray_from_image(data: bytes, source: str) -> np.ndarray:
+    """Luma of a picture Pillow can read (its first frame, turned upright as its EXIF
+    orientation says, as phone cameras write it); transparency over white."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except UnidentifiedImageError:
+        raise ImageError(f"{source}: not an image; {IMAGE_HINT}") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"{source}: too many pixels to be a digit; scale it down") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{source}: damaged or unsupported image ({e})") from None
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey
+        return np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(paper, image.convert("RGBA"))
+    return np.asarray(image.convert("L"), dtype=np.float64)
+
+
+def ink_levels(gray: np.ndarray, source: str) -> np.ndarray:
+    """Ink in [0, 255] on a 0 background: inverted when the background is light, stretched."""
+    frame = np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
+    background = float(np.median(frame))
+    if background > 127.5:
+        gray, background = 255.0 - gray, 255.0 - background
+    peak = float(gray.max())
+    if peak - background < MIN_CONTRAST:
+        raise ImageError(f"{source}: no ink found (the image is nearly uniform, contrast "
+                         f"{max(peak - background, 0):.0f} of 255); {IMAGE_HINT}")
+    return np.clip((gray - background) * (255.0 / (peak - background)), 0.0, 255.0)
+
+
+def crop_to_ink(ink: np.ndarray) -> np.ndarray:
+    """The smallest rectangle holding every pixel above INK_LEVEL."""
+    rows = np.flatnonzero((ink > INK_LEVEL * 255).any(axis=1))
+    cols = np.flatnonzero((ink > INK_LEVEL * 255).any(axis=0))
+    return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def fit_box(patch: np.ndarray, box: int = BOX) -> np.ndarray:
+    """`patch` resized so that its longer side is `box`, aspect kept (area-averaged when
+    shrinking: a digit upscaled by whole pixels comes back exactly)."""
+    from PIL import Image
+
+    h, w = patch.shape
+    scale = box / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # Pillow wants (width, height)
+    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BILINEAR
+    resized = Image.fromarray(patch.astype(np.float32)).resize(size, resample)
+    return np.clip(np.asarray(resized, dtype=np.float64), 0.0, 255.0)
+
+
+def centre_by_mass(patch: np.ndarray, field: int = FIELD, centre: float = CENTRE) -> np.ndarray:
+    """A (field, field) image with `patch` pasted so that its centre of mass is at `centre`."""
+    h, w = patch.shape
+    mass = patch.sum()
+    com_row = (patch.sum(axis=1) @ np.arange(h)) / mass
+    com_col = (patch.sum(axis=0) @ np.arange(w)) / mass
+    top, left = int(round(centre - com_row)), int(round(centre - com_col))
+    out = np.zeros((field, field))
+    r0, c0 = max(top, 0), max(left, 0)
+    r1, c1 = min(top + h, field), min(left + w, field)
+    out[r0:r1, c0:c1] = patch[r0 - top:r1 - top, c0 - left:c1 - left]
+    return out
+
+
+def mnist_pixels(gray: np.ndarray, source: str = "image") -> np.ndarray:
+    """(28, 28) float32 levels in [0, 255], laid out as MNIST lays out its digits."""
+    ink = ink_levels(np.asarray(gray, dtype=np.float64), source)
+    return centre_by_mass(fit_box(crop_to_ink(ink))).astype(np.float32)
+
+
+def load_digit(path: str | os.PathLike) -> np.ndarray:
+    """The file at `path` as a (28, 28) MNIST-style image; an ImageError naming it if not."""
+    return mnist_pixels(read_gray(path), str(path))

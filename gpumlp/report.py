@@ -1,0 +1,222 @@
+"""A run directory's report: four PNG figures and a report.md that shows them.
+
+    learning_curves.png      loss and accuracy per epoch: train, validation (if any), test
+    confusion_matrix.png     true class against predicted class on the test set
+    first_layer_weights.png  W1's columns as 28x28 images, one tile per hidden unit
+    confident_mistakes.png   the test images that get the highest probability on a wrong class
+
+The curves come from metrics.jsonl; the other three from model.npz and the test images.
+Figures are drawn with matplotlib's Agg canvas (no window, no pyplot state); the numbers
+in report.md are those of metrics.jsonl, printed with 4 decimals.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .backend import Backend
+from .checkpoint import load_model
+from .errors import GpumlpError
+from .mnist import Split
+from .predict import params_on, probabilities
+
+FIGURES = {
+    "learning_curves": "learning_curves.png",
+    "confusion": "confusion_matrix.png",
+    "weights": "first_layer_weights.png",
+    "mistakes": "confident_mistakes.png",
+}
+UNITS_SHOWN = 64     # hidden units in the weights grid (the first ones)
+MISTAKES_SHOWN = 16  # images in the mistakes grid
+DPI = 110
+SPLITS = (("train", "train", "C0"), ("val", "validation", "C2"), ("test", "test", "C3"))
+
+
+class ReportError(GpumlpError):
+    """The run directory lacks what the report is made from."""
+
+
+class SplitOutputs(NamedTuple):
+    labels: np.ndarray  # (n,) true classes
+    Z2: np.ndarray      # (n, c) predicted probabilities
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.Z2.argmax(axis=1)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl, one per epoch; a ReportError when there are none."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ReportError(f"{run_dir}: no metrics.jsonl; give the folder of a run "
+                          "(gpumlp train --out DIR)")
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: line {e.lineno} is not JSON; the file is damaged") from None
+    if not rows:
+        raise ReportError(f"{path}: no epoch finished yet; train at least one epoch first")
+    return rows
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, c: int = 10) -> np.ndarray:
+    """counts[i, j] = test images of true class i predicted as j."""
+    return np.bincount(labels.astype(np.int64) * c + predicted, minlength=c * c).reshape(c, c)
+
+
+def confident_mistakes(out: SplitOutputs, count: int = MISTAKES_SHOWN) -> np.ndarray:
+    """Indices of the wrong predictions with the highest predicted probability, highest first."""
+    wrong = np.flatnonzero(out.predicted != out.labels)
+    confidence = out.Z2[wrong, out.predicted[wrong]]
+    return wrong[np.argsort(-confidence, kind="stable")[:count]]
+
+
+def new_figure(width: float, height: float):
+    from matplotlib.figure import Figure
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def plot_learning_curves(rows: list[dict], path: Path) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    fig = new_figure(11, 4.2)
+    epochs = [row["epoch"] for row in rows]
+    for ax, metric, label in zip(fig.subplots(1, 2), ("loss", "accuracy"),
+                                 ("mean cross-entropy loss", "accuracy (fraction correct)")):
+        for key, name, colour in SPLITS:
+            if f"{key}_{metric}" in rows[0]:
+                ax.plot(epochs, [row[f"{key}_{metric}"] for row in rows], marker="o",
+                        color=colour, label=name)
+        ax.set(title=f"{metric.capitalize()} per epoch", xlabel="epoch", ylabel=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(path)
+
+
+def plot_confusion(counts: np.ndarray, path: Path) -> None:
+    fig = new_figure(7.5, 6.5)
+    ax = fig.subplots()
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    c = counts.shape[0]
+    for i in range(c):
+        for j in range(c):
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    n, right = int(counts.sum()), int(np.trace(counts))
+    ax.set(title=f"Confusion matrix, test set ({right} of {n} right, accuracy {right / n:.4f})",
+           xlabel="predicted class", ylabel="true class", xticks=range(c), yticks=range(c))
+    fig.colorbar(image, ax=ax, label="fraction of the true class")
+    fig.savefig(path)
+
+
+def plot_first_layer(W1: np.ndarray, path: Path, units: int = UNITS_SHOWN) -> None:
+    """One 28x28 tile per hidden unit: its incoming weights, on one colour scale."""
+    shown = W1[:, :units]                                           # (d, units)
+    cols = int(np.ceil(np.sqrt(shown.shape[1])))
+    rows = int(np.ceil(shown.shape[1] / cols))
+    fig = new_figure(max(1.25 * cols + 1.4, 6.5), 1.3 * rows + 1.0)
+    limit = float(np.percentile(np.abs(shown), 99.5)) or 1.0
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for k, ax in enumerate(axes):
+        ax.set_axis_off()
+        if k < shown.shape[1]:
+            image = ax.imshow(shown[:, k].reshape(28, 28), cmap="RdBu_r", vmin=-limit, vmax=limit)
+            ax.set_title(f"unit {k + 1}", fontsize=8)
+    fig.suptitle(f"First-layer weights W1, units 1-{shown.shape[1]} of {W1.shape[1]}\n"
+                 "one tile per hidden unit: its 784 input weights as a 28x28 image")
+    fig.supxlabel("pixel column (0-27 in each tile)")
+    fig.supylabel("pixel row (0-27 in each tile)")
+    fig.colorbar(image, ax=axes.tolist(), shrink=0.6, label="weight (red +, blue -)")
+    fig.savefig(path)
+
+
+def plot_mistakes(images: np.ndarray, out: SplitOutputs, picked: np.ndarray, path: Path) -> None:
+    cols = 4
+    rows = max(1, int(np.ceil(len(picked) / cols)))
+    fig = new_figure(2.1 * cols, 2.3 * rows + 0.7)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax, i in zip(axes, list(picked) + [None] * (len(axes) - len(picked))):
+        ax.set(xticks=[], yticks=[])  # keep the frame: white paper needs an edge
+        if i is None:
+            ax.set_axis_off()
+        else:
+            guess = out.predicted[i]
+            ax.imshow(images[i].reshape(28, 28), cmap="gray_r", vmin=0, vmax=255)
+            ax.set_title(f"#{i}: true {out.labels[i]}, predicted {guess}\n"
+                         f"p = {out.Z2[i, guess]:.3f}", fontsize=9)
+    if not len(picked):
+        axes[0].text(0.5, 0.5, "no test image is misclassified", ha="center", va="center")
+    fig.suptitle("Test images the model gets most confidently wrong")
+    fig.supxlabel("#test index: true label, predicted class; p = probability given to it")
+    fig.savefig(path)
+
+
+def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutputs,
+             picked: np.ndarray) -> str:
+    last = rows[-1]
+    keys = ["train_loss", "train_accuracy"] + (["val_loss", "val_accuracy"] if "val_loss" in last
+                                                else []) + ["test_loss", "test_accuracy"]
+    right, n = int(np.trace(counts)), int(counts.sum())
+    same = f"{right / n:.4f}" == f"{last['test_accuracy']:.4f}"
+    agree = ("the same as" if same else "which differs from (model.npz or the test set is not "
+             "the one of the last epoch)")
+    lines = [
+        f"# Report: {run_dir.name}", "",
+        f"After epoch {last['epoch']}: test accuracy {last['test_accuracy']:.4f}, "
+        f"test loss {last['test_loss']:.4f}, train accuracy {last['train_accuracy']:.4f}.", "",
+        "## Learning curves", "", f"![learning curves]({FIGURES['learning_curves']})", "",
+        "Per epoch, from metrics.jsonl:", "",
+        "| epoch | " + " | ".join(keys) + " | lr | seconds |",
+        "|---:|" + "---:|" * (len(keys) + 2),
+        *(f"| {row['epoch']} | " + " | ".join(f"{row[k]:.4f}" for k in keys)
+          + f" | {row['lr']:.4g} | {row['seconds']:.1f} |" for row in rows), "",
+        "## Confusion matrix (test set)", "",
+        f"model.npz gets {right} of {n} test images right (accuracy {right / n:.4f}), {agree} "
+        f"the last epoch's test_accuracy in metrics.jsonl ({last['test_accuracy']:.4f}).", "",
+        f"![confusion matrix]({FIGURES['confusion']})", "",
+        "## First-layer weights", "",
+        "Each tile is one hidden unit's column of W1 reshaped to 28x28: red pixels push the unit "
+        "up, blue ones down.", "", f"![first-layer weights]({FIGURES['weights']})", "",
+        "## Most confidently wrong test images", "",
+        f"![confident mistakes]({FIGURES['mistakes']})", "",
+        "| test index | label | predicted | probability |", "|---:|---:|---:|---:|",
+        *(f"| {i} | {out.labels[i]} | {out.predicted[i]} | {out.Z2[i, out.predicted[i]]:.4f} |"
+          for i in picked), "",
+    ]
+    return "\n".join(lines)
+
+
+def check_run(run_dir: Path) -> list[dict]:
+    """The metrics of a run that has finished an epoch and has its model.npz."""
+    rows = read_metrics(run_dir)
+    if not (run_dir / "model.npz").is_file():
+        raise ReportError(f"{run_dir}: no model.npz; finish the run first "
+                          f"(gpumlp train --resume {run_dir})")
+    return rows
+
+
+def make_report(run_dir: str | Path, test: Split, backend: Backend) -> list[Path]:
+    """Write the figures and report.md into `run_dir`; the paths written, report.md last."""
+    run_dir = Path(run_dir)
+    rows = check_run(run_dir)
+    params, config = load_model(run_dir / "model.npz")
+    Z2 = probabilities(params_on(backend, params), config, test.images, backend)
+    out = SplitOutputs(test.labels.astype(np.int64), Z2)
+    counts = confusion_matrix(out.labels, out.predicted, Z2.shape[1])
+    picked = confident_mistakes(out)
+    paths = {key: run_dir / name for key, name in FIGURES.items()}
+    plot_learning_curves(rows, paths["learning_curves"])
+    plot_confusion(counts, paths["confusion"])
+    plot_first_layer(params.W[0], paths["weights"])
+    plot_mistakes(test.images, out, picked, paths["mistakes"])
+    report = run_dir / "report.md"
+    report.write_text(markdown(run_dir, rows, counts, out, picked), encoding="utf-8")
+    return [*paths.values(), report]

@@ -1,0 +1,107 @@
+"""`gpumlp export --format onnx`: onnxruntime, fed pixel/255, gives gpumlp's probabilities
+(within 1e-5) and its predicted class, for 1 and 2 hidden layers and every activation."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+
+import gpumlp.cli  # noqa: F401  (first: gpumlp.cli imports cli_use to register its commands)
+from gpumlp.activations import ACTIVATIONS
+from gpumlp.backend import CPU
+from gpumlp.checkpoint import save_model
+from gpumlp.cli_use import export
+from gpumlp.export_onnx import INPUT, LOGITS, OPSET, PROBABILITIES, model_bytes
+from gpumlp.mnist import load_mnist
+from gpumlp.model import init_params
+from gpumlp.predict import probabilities
+from gpumlp.train import train
+from use_helpers import assert_missing_extra, config_with, invoke, without_module
+
+DEPTHS = {"1 hidden": "64", "2 hidden": "[64,32]"}
+
+
+def run_onnx(model: bytes, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, probabilities) from onnxruntime for uint8 pixel rows, fed as pixel/255."""
+    session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return tuple(session.run([LOGITS, PROBABILITIES],
+                             {INPUT: pixels.astype(np.float32) / np.float32(255)}))
+
+
+def assert_same_predictions(model: bytes, params, config, pixels: np.ndarray) -> None:
+    expected = probabilities(params, config, pixels, CPU)
+    _, got = run_onnx(model, pixels)
+    assert got.shape == expected.shape == (len(pixels), 10)
+    np.testing.assert_array_equal(got.argmax(axis=1), expected.argmax(axis=1))
+    assert np.abs(got - expected).max() < 1e-5
+
+
+def random_model(hidden: str, **keys):
+    config = config_with(model__hidden=hidden, **keys)
+    widths = (784, *config.model.widths, 10)
+    return init_params(widths, "he", np.random.default_rng(1), config.train.dtype), config
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_onnx_matches_gpumlp_on_random_weights_and_pixels(activation, depth):
+    params, config = random_model(DEPTHS[depth], model__activation=activation)
+    pixels = np.random.default_rng(2).integers(0, 256, size=(500, 784), dtype=np.uint8)
+    assert_same_predictions(model_bytes(params, config), params, config, pixels)
+
+
+@pytest.mark.parametrize("keys", [{"data__normalize": "standard"}, {"train__dtype": "float64"}],
+                         ids=["standardised inputs", "float64 weights"])
+def test_onnx_matches_gpumlp_with_standardised_inputs_and_float64_weights(keys):
+    params, config = random_model("[32,16]", model__activation="tanh", **keys)
+    pixels = np.random.default_rng(3).integers(0, 256, size=(500, 784), dtype=np.uint8)
+    assert_same_predictions(model_bytes(params, config), params, config, pixels)
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir):
+    return load_mnist(mnist_dir)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_onnx_matches_gpumlp_on_the_whole_mnist_test_set(mnist, activation, depth):
+    config = config_with(model__hidden=DEPTHS[depth], model__activation=activation,
+                         data__limit=2000, train__epochs=1)
+    run = train(config, CPU, mnist)
+    assert_same_predictions(model_bytes(run.params, config), run.params, config,
+                            mnist.test.images)
+
+
+def test_the_command_writes_a_checked_onnx_file(tmp_path):
+    params, config = random_model("[16,8]", model__activation="gelu")
+    save_model(tmp_path / "model.npz", params, config)
+    result = invoke(export, tmp_path / "model.npz", "--format", "onnx")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"wrote {tmp_path / 'model.onnx'} ")
+    model = onnx.load(tmp_path / "model.onnx")
+    onnx.checker.check_model(model, full_check=True)
+    assert [o.version for o in model.opset_import] == [OPSET]
+    assert [i.name for i in model.graph.input] == [INPUT]
+    assert [o.name for o in model.graph.output] == [LOGITS, PROBABILITIES]
+    assert {"MatMul", "Add", "Tanh", "Softmax"} <= {node.op_type for node in model.graph.node}
+    pixels = np.random.default_rng(4).integers(0, 256, size=(50, 784), dtype=np.uint8)
+    assert_same_predictions((tmp_path / "model.onnx").read_bytes(), params, config, pixels)
+    assert invoke(export, tmp_path / "model.npz", "--out", tmp_path / "b.onnx").exit_code == 0
+    assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "model.onnx").read_bytes()
+
+
+def test_a_file_that_is_not_a_model_and_an_unknown_format_are_refused(tmp_path):
+    (tmp_path / "notes.npz").write_text("hello")
+    result = invoke(export, tmp_path / "notes.npz")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert invoke(export, tmp_path / "notes.npz", "--format", "tflite").exit_code == 2
+    assert not (tmp_path / "notes.onnx").exists()
+
+
+def test_without_onnx_the_error_names_the_extra(tmp_path, monkeypatch):
+    without_module(monkeypatch, "onnx")
+    assert_missing_extra(invoke(export, tmp_path / "model.npz"), "onnx")

@@ -1,0 +1,231 @@
+"""`gpumlp predict` and the MNIST-style preprocessing behind it.
+
+The main check: MNIST test images, upscaled, padded and written as PNG (some JPEG, some BMP)
+with a white background, are predicted as the model predicts the original arrays.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gpumlp.activations import ACTIVATIONS
+from gpumlp.checkpoint import save_model
+import gpumlp.cli  # noqa: F401  (first: gpumlp.cli imports cli_use to register its commands)
+from gpumlp.cli_use import predict
+from gpumlp.config import build_config
+from gpumlp.data import to_inputs
+from gpumlp.mnist import load_mnist
+from gpumlp.model import forward, init_params
+from gpumlp.preprocess import CENTRE, ImageError, load_digit, mnist_pixels, read_gray
+from use_helpers import assert_missing_extra, invoke, train_model, without_module
+
+
+def ring_digit(height: int = 150, width: int = 120, ink: int = 0, paper: int = 255) -> np.ndarray:
+    """A thick ellipse (a '0'), dark on light by default, off-centre in a larger picture."""
+    rows, cols = np.mgrid[:height, :width]
+    r = ((rows - 0.4 * height) / (0.3 * height)) ** 2 + ((cols - 0.6 * width) / (0.2 * width)) ** 2
+    image = np.full((height, width), paper, dtype=np.uint8)
+    image[(r > 0.55) & (r < 1.0)] = ink
+    return image
+
+
+def save_png(path: Path, array: np.ndarray) -> Path:
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory) -> Path:
+    """An untrained model.npz: enough for the file handling, which does not care what it says."""
+    config = build_config(None, ["model.hidden=16"])
+    path = tmp_path_factory.mktemp("model") / "model.npz"
+    save_model(path, init_params((784, 16, 10), "he", np.random.default_rng(0)), config)
+    return path
+
+
+# --- preprocessing ------------------------------------------------------------------------
+
+def test_a_digit_is_cropped_scaled_to_20_pixels_and_centred_by_mass():
+    pixels = mnist_pixels(ring_digit().astype(float))
+    assert pixels.shape == (28, 28) and pixels.dtype == np.float32
+    assert pixels.max() == pytest.approx(255, abs=1) and pixels.min() == 0
+    rows = np.flatnonzero(pixels.any(axis=1))
+    cols = np.flatnonzero(pixels.any(axis=0))
+    assert rows[-1] - rows[0] + 1 == 20          # the longer side (the ring is taller than wide)
+    assert 10 <= cols[-1] - cols[0] + 1 < 20      # the aspect ratio is kept
+    mass = pixels.sum()
+    centre = (pixels.sum(axis=1) @ np.arange(28) / mass, pixels.sum(axis=0) @ np.arange(28) / mass)
+    assert np.allclose(centre, CENTRE, atol=0.5)
+
+
+def test_light_ink_on_a_dark_background_gives_the_same_digit():
+    dark_on_light = mnist_pixels(ring_digit().astype(float))
+    light_on_dark = mnist_pixels(ring_digit(ink=255, paper=0).astype(float))
+    np.testing.assert_array_equal(dark_on_light, light_on_dark)
+
+
+def test_grey_paper_and_grey_ink_are_stretched_to_mnist_levels():
+    faded = mnist_pixels(ring_digit(ink=90, paper=200).astype(float))
+    np.testing.assert_allclose(faded, mnist_pixels(ring_digit().astype(float)), atol=1e-3)
+
+
+def test_transparent_background_counts_as_white_paper(tmp_path):
+    ring = ring_digit()
+    rgba = np.zeros(ring.shape + (4,), dtype=np.uint8)   # black everywhere, ...
+    rgba[..., 3] = 255 - ring                             # ... opaque only where the ink is
+    plain = save_png(tmp_path / "plain.png", ring)
+    transparent = save_png(tmp_path / "transparent.png", rgba)
+    np.testing.assert_array_equal(load_digit(transparent), load_digit(plain))
+
+
+def test_a_picture_is_turned_upright_as_its_exif_orientation_says(tmp_path):
+    seven = np.full((90, 60), 255, dtype=np.uint8)
+    seven[10:22, 5:55], seven[22:85, 40:52] = 0, 0          # a bar and a stem: not symmetric
+    upright = save_png(tmp_path / "upright.png", seven)
+    exif = Image.Exif()
+    exif[0x0112] = 3                                         # orientation: rotated 180 degrees
+    Image.fromarray(seven[::-1, ::-1].copy()).save(tmp_path / "turned.png", exif=exif)
+    np.testing.assert_array_equal(load_digit(tmp_path / "turned.png"), load_digit(upright))
+    assert not np.array_equal(load_digit(tmp_path / "turned.png"),
+                              mnist_pixels(seven[::-1, ::-1].astype(float)))
+
+
+def test_npy_arrays_in_levels_or_fractions_flat_or_square_agree(tmp_path):
+    square = 255 - ring_digit(56, 56)
+    np.save(tmp_path / "levels.npy", square)
+    np.save(tmp_path / "flat.npy", np.asarray(Image.fromarray(square).resize((28, 28))).ravel())
+    np.save(tmp_path / "fractions.npy", square / 255.0)
+    levels = load_digit(tmp_path / "levels.npy")
+    np.testing.assert_allclose(load_digit(tmp_path / "fractions.npy"), levels, atol=1e-3)
+    assert load_digit(tmp_path / "flat.npy").shape == (28, 28)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"", "empty file"),
+    (b"hello, not a picture", "not an image"),
+    (np.zeros((2, 28, 28)), "expected a 2-D grey image"),
+    (np.full((28, 28), 255, dtype=np.uint8), "no ink"),
+    (np.array([[np.nan, 1.0], [0.0, 1.0]]), "NaN"),
+])
+def test_unusable_inputs_raise_an_error_naming_the_file(tmp_path, content, fragment):
+    path = tmp_path / "input.bin"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        with open(path, "wb") as f:
+            np.save(f, content)
+    with pytest.raises(ImageError, match=fragment) as info:
+        load_digit(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_truncated_png_is_reported_as_damaged(tmp_path):
+    buffer = io.BytesIO()
+    Image.fromarray(ring_digit()).save(buffer, "PNG")
+    path = tmp_path / "cut.png"
+    path.write_bytes(buffer.getvalue()[:200])
+    with pytest.raises(ImageError, match="damaged"):
+        read_gray(path)
+
+
+# --- the command ----------------------------------------------------------------------------
+
+def test_bad_files_get_one_error_line_each_and_the_others_are_predicted(random_model, tmp_path):
+    good = [save_png(tmp_path / f"good{i}.png", ring_digit(100 + 20 * i)) for i in range(2)]
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not a digit")
+    save_png(tmp_path / "blank.png", np.full((40, 40), 255, dtype=np.uint8))
+    (tmp_path / "folder").mkdir()
+    bad = {"empty.png": "empty file", "notes.txt": "not an image", "blank.png": "no ink",
+           "missing.png": "no such file", "folder": "is a folder"}
+    files = [good[0], *(tmp_path / name for name in bad), good[1]]
+    result = invoke(predict, random_model, *files, "--device", "cpu")
+    assert result.exit_code == 1
+    out = result.stdout.strip().splitlines()
+    assert [line.split(": ")[0] for line in out] == [str(p) for p in good]
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == len(bad) + 1
+    for line, (name, fragment) in zip(errors, bad.items()):
+        assert line.startswith(f"Error: {tmp_path / name}: ") and fragment in line
+    assert errors[-1] == f"Error: {len(bad)} of {len(files)} files could not be predicted"
+
+
+def test_top_k_lines_list_classes_by_falling_probability(random_model, tmp_path):
+    path = save_png(tmp_path / "ring.png", ring_digit())
+    result = invoke(predict, random_model, path, "--top-k", "10", "--device", "cpu")
+    assert result.exit_code == 0 and result.stderr == ""
+    name, rest = result.stdout.strip().split(": ")
+    pairs = [item.split(" (") for item in rest.split("  ")]
+    classes = [int(c) for c, _ in pairs]
+    probabilities = [float(p.rstrip(")")) for _, p in pairs]
+    assert name == str(path) and sorted(classes) == list(range(10))
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert sum(probabilities) == pytest.approx(1.0, abs=0.01)
+    one = invoke(predict, random_model, path, "--top-k", "1", "--device", "cpu")
+    assert one.stdout.strip() == f"{path}: {classes[0]} ({probabilities[0]:.3f})"
+
+
+def test_json_gives_one_object_per_file_errors_included(random_model, tmp_path):
+    path = save_png(tmp_path / "ring.png", ring_digit())
+    (tmp_path / "bad.png").write_text("nope")
+    result = invoke(predict, random_model, path, tmp_path / "bad.png", "--json", "--top-k", "2",
+                    "--device", "cpu")
+    assert result.exit_code == 1
+    good, bad = (json.loads(line) for line in result.stdout.strip().splitlines())
+    assert good["file"] == str(path) and len(good["top"]) == 2
+    assert good["prediction"] == good["top"][0]["class"]
+    assert good["top"][0]["probability"] >= good["top"][1]["probability"]
+    assert bad["file"] == str(tmp_path / "bad.png") and "not an image" in bad["error"]
+
+
+def test_out_of_range_top_k_and_a_missing_model_are_refused(random_model, tmp_path):
+    path = save_png(tmp_path / "ring.png", ring_digit())
+    assert invoke(predict, random_model, path, "--top-k", "0").exit_code == 2
+    result = invoke(predict, tmp_path / "nothing.npz", path, "--device", "cpu")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0 and "nothing.npz" in result.stderr
+
+
+def test_without_pillow_the_error_names_the_extra(random_model, tmp_path, monkeypatch):
+    without_module(monkeypatch, "PIL")
+    assert_missing_extra(invoke(predict, random_model, tmp_path / "x.png"), "predict")
+
+
+# --- real MNIST ---------------------------------------------------------------------------
+
+def as_picture(digit: np.ndarray, i: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """A test image as someone would photograph it: dark on white, enlarged, off-centre."""
+    factor = 2 + i % 3
+    big = np.kron(255 - digit.reshape(28, 28), np.ones((factor, factor), dtype=np.uint8))
+    (top, bottom), (left, right) = rng.integers(0, 40, size=(2, 2))
+    suffix = ".jpg" if i % 4 == 1 else ".bmp" if i % 4 == 2 else ".png"
+    return np.pad(big, ((top, bottom), (left, right)), constant_values=255), suffix
+
+
+def test_mnist_digits_written_as_pictures_are_predicted_as_their_arrays(mnist_dir, tmp_path):
+    mnist = load_mnist(mnist_dir)
+    run = train_model(mnist, tmp_path / "run", model__hidden=64, data__limit=10000,
+                      train__epochs=2)
+    images = mnist.test.images[:1000]
+    X = to_inputs(images, "unit", "float32")
+    expected = forward(run.params, X, ACTIVATIONS["relu"]).A[-1].argmax(axis=1)
+    rng = np.random.default_rng(0)
+    files = []
+    for i, digit in enumerate(images):
+        picture, suffix = as_picture(digit, i, rng)
+        files.append(tmp_path / f"test{i:04d}{suffix}")
+        Image.fromarray(picture).save(files[-1], quality=90)
+    result = invoke(predict, tmp_path / "run" / "model.npz", *files, "--json", "--top-k", "1",
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["file"] for row in rows] == [str(f) for f in files]
+    predicted = np.array([row["prediction"] for row in rows])
+    agreement = float((predicted == expected).mean())
+    assert agreement >= 0.99, f"only {agreement:.3f} of the pictures predicted as their arrays"

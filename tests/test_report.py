@@ -1,0 +1,152 @@
+"""`gpumlp report`: the figures exist and are readable PNGs, and report.md's numbers are
+those of metrics.jsonl (and of the model on the test set). Runs on the tiny MNIST."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import gpumlp.cli  # noqa: F401  (first: gpumlp.cli imports cli_use to register its commands)
+from gpumlp.activations import ACTIVATIONS
+from gpumlp.backend import CPU
+from gpumlp.checkpoint import load_model
+from gpumlp.cli_use import report
+from gpumlp.data import to_inputs
+from gpumlp.model import forward, softmax
+from gpumlp.report import (FIGURES, SplitOutputs, confident_mistakes, confusion_matrix, make_report,
+                           plot_mistakes)
+from use_helpers import assert_missing_extra, invoke, train_model, without_module
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_mnist, tmp_path_factory) -> Path:
+    """A 3-epoch run with a validation split, short enough to leave mistakes on the test set."""
+    out = tmp_path_factory.mktemp("run")
+    train_model(tiny_mnist.mnist, out, model__hidden=16, data__val_size=50, train__epochs=3,
+                train__batch_size=50, optim__lr=0.002)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reported(run_dir, tiny_mnist) -> Path:
+    """The run with its report, written by the library (the command is tested below)."""
+    written = make_report(run_dir, tiny_mnist.mnist.test, CPU)
+    assert [p.name for p in written] == [*FIGURES.values(), "report.md"]
+    return run_dir
+
+
+def test_the_command_writes_the_report_into_the_run_directory(tiny_mnist, tiny_data_dir, tmp_path):
+    train_model(tiny_mnist.mnist, tmp_path, model__hidden=8, train__epochs=1, train__batch_size=50)
+    result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (f"wrote {', '.join(FIGURES.values())}, report.md in {tmp_path}\n")
+    assert all((tmp_path / name).is_file() for name in [*FIGURES.values(), "report.md"])
+    markdown = (tmp_path / "report.md").read_text()
+    assert "val_loss" not in markdown  # no validation split in this run, no column for it
+
+
+def table(markdown: str, first_header: str) -> list[dict[str, str]]:
+    """The rows of the markdown table whose header starts with `first_header`."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))))
+    return rows
+
+
+def test_every_figure_is_a_readable_png_shown_in_report_md(reported):
+    markdown = (reported / "report.md").read_text()
+    for name in FIGURES.values():
+        with Image.open(reported / name) as image:
+            assert image.format == "PNG" and image.size[0] >= 600 and image.size[1] >= 400
+            pixels = np.asarray(image.convert("L"))
+        assert pixels.std() > 10, f"{name} looks blank"
+        assert f"]({name})" in markdown
+
+
+def test_the_epoch_table_holds_the_numbers_of_metrics_jsonl(reported):
+    metrics = [json.loads(line) for line in (reported / "metrics.jsonl").read_text().splitlines()]
+    rows = table((reported / "report.md").read_text(), "epoch")
+    assert len(rows) == len(metrics) == 3
+    for row, epoch in zip(rows, metrics):
+        assert int(row["epoch"]) == epoch["epoch"]
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss",
+                    "test_accuracy"):
+            assert float(row[key]) == pytest.approx(epoch[key], abs=5e-5), key
+        assert float(row["lr"]) == pytest.approx(epoch["lr"], rel=1e-3)
+        assert float(row["seconds"]) == pytest.approx(epoch["seconds"], abs=0.05)
+
+
+def test_the_confusion_count_is_the_models_and_the_last_epochs_accuracy(reported, tiny_mnist):
+    last = json.loads((reported / "metrics.jsonl").read_text().splitlines()[-1])
+    markdown = (reported / "report.md").read_text()
+    params, config = load_model(reported / "model.npz")
+    X = to_inputs(tiny_mnist.mnist.test.images, "unit", "float32")
+    right = int((forward(params, X, ACTIVATIONS["relu"]).A[-1].argmax(axis=1)
+                 == tiny_mnist.mnist.test.labels).sum())
+    n = len(tiny_mnist.mnist.test.labels)
+    assert f"gets {right} of {n} test images right (accuracy {right / n:.4f}), the same as" in markdown
+    assert f"{last['test_accuracy']:.4f}" == f"{right / n:.4f}"
+    headline = re.search(r"test accuracy (\d\.\d{4}), test loss (\d+\.\d{4})", markdown)
+    assert float(headline[1]) == pytest.approx(last["test_accuracy"], abs=5e-5)
+    assert float(headline[2]) == pytest.approx(last["test_loss"], abs=5e-5)
+
+
+def test_the_mistakes_listed_are_the_most_confident_wrong_answers(reported, tiny_mnist):
+    params, _ = load_model(reported / "model.npz")
+    test = tiny_mnist.mnist.test
+    Z2 = softmax(forward(params, to_inputs(test.images, "unit", "float32"),
+                         ACTIVATIONS["relu"]).A[-1])
+    wrong = [i for i in range(len(test.labels)) if Z2[i].argmax() != test.labels[i]]
+    assert wrong, "the fixture's model should make mistakes for this test to mean anything"
+    expected = sorted(wrong, key=lambda i: -Z2[i].max())[:16]
+    rows = table((reported / "report.md").read_text(), "test index")
+    assert [int(row["test index"]) for row in rows] == expected
+    for row in rows:
+        i = int(row["test index"])
+        assert int(row["label"]) == test.labels[i] != int(row["predicted"]) == Z2[i].argmax()
+        assert float(row["probability"]) == pytest.approx(Z2[i].max(), abs=5e-5)
+
+
+def test_confusion_matrix_and_mistakes_by_hand():
+    labels = np.array([0, 0, 1, 2, 2, 2])
+    Z2 = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.0, 1.0, 0.0],
+                   [0.6, 0.0, 0.4], [0.0, 0.0, 1.0], [0.1, 0.8, 0.1]])
+    out = SplitOutputs(labels, Z2)
+    np.testing.assert_array_equal(confusion_matrix(labels, out.predicted, 3),
+                                  [[1, 1, 0], [0, 1, 0], [1, 1, 1]])
+    np.testing.assert_array_equal(confident_mistakes(out), [5, 1, 3])   # p = 0.8, 0.7, 0.6
+    assert confident_mistakes(out, count=1).tolist() == [5]
+
+
+def test_a_model_without_mistakes_gets_a_figure_that_says_so(tmp_path):
+    out = SplitOutputs(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]))
+    plot_mistakes(np.zeros((2, 784)), out, confident_mistakes(out), tmp_path / "m.png")
+    with Image.open(tmp_path / "m.png") as image:
+        assert image.format == "PNG"
+
+
+def test_a_folder_without_a_run_or_a_model_gets_one_error_line(tmp_path, run_dir, tiny_data_dir):
+    result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 1 and "no metrics.jsonl" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    (tmp_path / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+    result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 1 and "no model.npz" in result.stderr
+    (tmp_path / "metrics.jsonl").write_text("")
+    result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 1 and "no epoch finished" in result.stderr
+
+
+def test_without_matplotlib_the_error_names_the_extra(tmp_path, monkeypatch):
+    without_module(monkeypatch, "matplotlib")
+    assert_missing_extra(invoke(report, tmp_path), "report")
