@@ -309,6 +309,9 @@ def info(as_json):
 def _register_extra_commands() -> None:
     from .cli_data import data
     main.add_command(data)
+    from .cli_use import export, predict, report
+    for command in (predict, report, export):
+        main.add_command(command)
 
 
 _register_extra_commands()
