@@ -309,6 +309,8 @@ def info(as_json):
 def _register_extra_commands() -> None:
     from .cli_data import data
     main.add_command(data)
+    from .cli_bench import bench
+    main.add_command(bench)
     from .cli_use import export, predict, report
     for command in (predict, report, export):
         main.add_command(command)

@@ -2,7 +2,11 @@
 
 `make_step` picks the implementation once per run. The generic step below runs on NumPy
 and CuPy alike; device-specific fast paths live beside it (same signature) and are tested
-against it.
+against it: on the CPU, `fast_cpu.fast_step` for SGD (plain, momentum, Nesterov), which folds
+the update into the dW products; the generic step for the optimizers that need dW itself.
+
+A step may carry a `batch(split, idx)` loader that writes the batch into its own buffers;
+`batch_inputs` uses it when there is no augmentation, else `data.gather` and `data.to_inputs`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any, Callable
 from .activations import ACTIVATIONS
 from .backend import Backend
 from .config import Config
+from .data import DeviceSplit, gather, to_inputs
 from .model import Params, backward, correct_count, forward, loss_and_dA2
 from .optim import OptState, apply_max_norm, update
 
@@ -34,6 +39,36 @@ def generic_step(config: Config) -> Step:
     return step
 
 
+class CpuStep:
+    """A CPU step with the loader that feeds it preallocated batches (see fast_cpu.BatchLoader).
+
+    `kind` says which step it is: "fast_cpu" or "generic".
+    """
+
+    def __init__(self, step: Step, batch: Callable, kind: str):
+        self.step, self.batch, self.kind = step, batch, kind
+
+    def __call__(self, params: Params, state: OptState, X: Any, y: Any, lr: float, t: int,
+                 masks: tuple = ()) -> tuple[Any, Any]:
+        return self.step(params, state, X, y, lr, t, masks)
+
+
 def make_step(config: Config, backend: Backend) -> Step:
-    """The fastest correct step for this config and device."""
-    return generic_step(config)
+    """The fastest correct step for this config and device; the user never has to choose."""
+    if backend.is_gpu:
+        return generic_step(config)
+    from . import fast_cpu  # scipy's BLAS, only for CPU runs
+
+    if fast_cpu.supports(config):
+        return CpuStep(fast_cpu.fast_step(config), fast_cpu.BatchLoader(config), "fast_cpu")
+    return CpuStep(generic_step(config), fast_cpu.BatchLoader(config), "generic")
+
+
+def batch_inputs(step: Step, split: DeviceSplit, idx: Any, config: Config, augment: Any,
+                 rng: Any) -> tuple[Any, Any]:
+    """(X (m, d), y (m,)) of the rows idx: the step's own loader unless augmenting."""
+    loader = getattr(step, "batch", None)
+    if loader is not None and augment is None:
+        return loader(split, idx)
+    images, y = gather(split, idx)
+    return to_inputs(images, config.data.normalize, config.train.dtype, augment, rng), y

@@ -25,7 +25,7 @@ from .mnist import Mnist
 from .model import Params, correct_count, dropout_masks, forward, init_params, loss_and_dA2
 from .optim import OptState, init_state, learning_rate
 from .runfiles import RunFiles
-from .step import make_step
+from .step import batch_inputs, make_step
 
 D, C = 784, 10
 EventHandler = Callable[[str, dict], None]
@@ -120,8 +120,8 @@ def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Back
     check_every = 1 if not backend.is_gpu else 50
     augment = make_augment(config.data.augment)
     for b in range(pos.batch, len(slices)):
-        images, y = gather(data.train, perm[slices[b]])
-        X = to_inputs(images, config.data.normalize, tc.dtype, augment, state.dev_rng)  # (m, d)
+        X, y = batch_inputs(step_fn, data.train, perm[slices[b]], config, augment,
+                            state.dev_rng)  # (m, d) inputs, (m,) labels
         m = X.shape[0]
         masks = dropout_masks(state.dev_rng, m, config.model.widths, config.model.dropout, X.dtype)
         lr = learning_rate(config.optim, pos.step, len(slices), total_steps)

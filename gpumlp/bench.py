@@ -1,0 +1,277 @@
+"""Training speed: gpumlp epochs against PyTorch eager on the same model, interleaved.
+
+One epoch is the real training loop (`train.train_epoch`, the step `make_step` picks) over
+synthetic data of MNIST's shape: n uint8 images of 784 pixels with random labels. The time of
+an epoch does not depend on the pixel values, and synthetic data keeps the benchmark
+independent of the MNIST files. PyTorch eager runs the same net (nn.Linear, ReLU, nn.Linear,
+CrossEntropyLoss, SGD with momentum) on the same device, with the same batch gathering from
+uint8, alternating with gpumlp epoch by epoch, so that both see the same machine load.
+
+FLOPs are those the step executes: forward 2 m sum(fan_in fan_out), backward the same for the
+dW_k products plus 2 m fan_in fan_out for each dZ_k below the last layer (dX is never computed).
+For 784-256-10 that is 49.1 GFLOP an epoch; the usual "backward = 2 x forward" count would say
+73.2. The sgemm rate the results are compared with is measured at the start of the run.
+
+Nothing here prints: results come back as records, and `on_row` hears each one as it is done.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .backend import Backend
+from .config import build_config
+from .data import DeviceData, DeviceSplit
+from .errors import ConfigError
+from .step import make_step
+from .train import Position, new_state, train_epoch
+
+D, C = 784, 10
+LR, MOMENTUM = 0.01, 0.9   # constant, small enough that random labels never diverge
+
+
+class BenchError(ConfigError):
+    """The benchmark cannot run as asked."""
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    hidden: tuple[int, ...]       # one hidden width per row of the table (one hidden layer)
+    batch: tuple[int, ...]        # batch sizes
+    epochs: int = 1               # epochs per timing
+    repeats: int = 5              # interleaved timings of each implementation
+    samples: int = 60000          # examples per epoch
+    torch: bool = True            # also time PyTorch eager when it imports
+    threads: int | None = None    # BLAS (and torch) threads; None leaves them as they are
+    seed: int = 0
+
+
+@dataclass
+class Row:
+    impl: str                     # "gpumlp" or "torch"
+    hidden: int
+    batch: int
+    seconds: list[float] = field(default_factory=list)  # per epoch, one per repeat
+    gflop: float = 0.0            # executed GFLOP per epoch
+    samples: int = 0
+
+    @property
+    def epoch_s(self) -> float:
+        """The median seconds per epoch over the repeats."""
+        return statistics.median(self.seconds)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.epoch_s
+
+    @property
+    def gflops(self) -> float:
+        return self.gflop / self.epoch_s
+
+
+# ---- BLAS threads and the sgemm reference ----------------------------------------------------
+
+SET_NAMES = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
+             "scipy_openblas_set_num_threads")
+GET_NAMES = ("openblas_get_num_threads", "scipy_openblas_get_num_threads64_",
+             "scipy_openblas_get_num_threads")
+CORE_NAMES = ("openblas_get_corename", "scipy_openblas_get_corename64_",
+              "scipy_openblas_get_corename")
+
+
+def loaded_openblas() -> list[str]:
+    """Paths of the OpenBLAS libraries loaded in this process (NumPy's, SciPy's); Linux only."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
+    except OSError:
+        return []
+    return sorted(p for p in paths if p.startswith("/") and ".so" in p)
+
+
+def _blas_symbol(lib: ctypes.CDLL, names: tuple[str, ...]) -> Any:
+    return next((getattr(lib, n) for n in names if hasattr(lib, n)), None)
+
+
+def blas_threads(n: int | None = None) -> list[str]:
+    """Set (when n is given) the threads of every loaded OpenBLAS; "library threads (core)" each."""
+    from scipy.linalg import blas  # noqa: F401  (loads SciPy's OpenBLAS, which the step uses)
+
+    described = []
+    for path in loaded_openblas():
+        lib = ctypes.CDLL(path)
+        setter, getter = _blas_symbol(lib, SET_NAMES), _blas_symbol(lib, GET_NAMES)
+        core = _blas_symbol(lib, CORE_NAMES)
+        if n is not None and setter is not None:
+            setter(ctypes.c_int(n))
+        if getter is not None and core is not None:
+            core.restype = ctypes.c_char_p
+            name = os.path.basename(path).split("-")[0]          # e.g. libscipy_openblas64_
+            described.append(f"{name} {int(getter())} ({core().decode().strip()})")
+    return described
+
+
+def sgemm_rate(backend: Backend, size: int = 2048, tries: int = 5) -> float:
+    """The best GFLOP/s of a size^3 float32 product: SciPy's sgemm on the CPU (the BLAS the
+    fast step calls), xp.matmul on a GPU."""
+    xp = backend.xp
+    rng = np.random.default_rng(0)
+    a, b = (backend.asarray(rng.random((size, size), dtype=np.float32)) for _ in range(2))
+    out = xp.empty((size, size), dtype=xp.float32)
+    product = lambda: xp.matmul(a, b, out=out)  # noqa: E731
+    if not backend.is_gpu:
+        from scipy.linalg import blas
+
+        from .fast_cpu import gemm_into
+        product = lambda: gemm_into(blas.sgemm, 1.0, a, b, 0.0, out)  # noqa: E731
+    best = float("inf")
+    for _ in range(tries + 1):  # the first is a warm-up
+        backend.synchronize()
+        start = time.perf_counter()
+        product()
+        backend.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def executed_gflop(widths: tuple[int, ...], n: int) -> float:
+    """GFLOP of one epoch of n examples: forward, dW_k for every layer, dZ_k below the last."""
+    products = [fan_in * fan_out for fan_in, fan_out in zip(widths[:-1], widths[1:])]
+    return 2 * n * (2 * sum(products) + sum(products[1:])) / 1e9
+
+
+# ---- the two implementations, one epoch each ----------------------------------------------------
+
+def synthetic_split(backend: Backend, n: int, seed: int) -> DeviceSplit:
+    """n random uint8 images of 784 pixels and random labels 0..9, on the device."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, D), dtype=np.uint8)
+    labels = rng.integers(0, C, size=n).astype(np.int32)
+    return DeviceSplit(backend.asarray(images), backend.asarray(labels))
+
+
+def gpumlp_runner(backend: Backend, split: DeviceSplit, hidden: int, batch: int,
+                  seed: int) -> Callable[[], None]:
+    """A function that trains one more epoch with gpumlp's own loop and step."""
+    config = build_config(None, [f"model.hidden={hidden}", f"train.batch_size={batch}",
+                                 f"train.seed={seed}", "optim.name=sgd", f"optim.lr={LR}",
+                                 f"optim.momentum={MOMENTUM}", "optim.nesterov=false"])
+    state = new_state(config, backend)
+    data = DeviceData(split, None, split)
+    step_fn = make_step(config, backend)
+
+    def epoch() -> None:
+        train_epoch(state, data, config, backend, step_fn, lambda kind, info: None,
+                    lambda: None, lambda: False)
+        state.pos = Position(epoch=state.pos.epoch + 1, step=state.pos.step)
+
+    epoch.kind = getattr(step_fn, "kind", "generic")  # which step make_step took
+    return epoch
+
+
+def torch_runner(torch: Any, device: str, split: DeviceSplit, hidden: int, batch: int,
+                 seed: int) -> Callable[[], None]:
+    """A function that trains one more epoch of the same net in PyTorch eager."""
+    from .backend import to_host
+
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    images = torch.from_numpy(to_host(split.images)).to(dev)              # (n, d) uint8
+    labels = torch.from_numpy(to_host(split.labels).astype(np.int64)).to(dev)
+    net = torch.nn.Sequential(torch.nn.Linear(D, hidden), torch.nn.ReLU(),
+                              torch.nn.Linear(hidden, C)).to(dev)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    n = images.shape[0]
+
+    def epoch() -> None:
+        perm = torch.randperm(n, device=dev)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        for i in range(0, n, batch):
+            idx = perm[i:i + batch]
+            X = images.index_select(0, idx).to(torch.float32).mul_(1.0 / 255.0)
+            y = labels.index_select(0, idx)
+            A2 = net(X)
+            loss = loss_fn(A2, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * idx.shape[0]
+            correct += (A2.detach().argmax(1) == y).sum()
+        sync()
+
+    return epoch
+
+
+def import_torch(device: str) -> tuple[Any, str | None]:
+    """(torch, None), or (None, why it is left out)."""
+    try:
+        import torch
+    except Exception:
+        return None, "PyTorch is not installed (pip install torch) - no comparison"
+    if device != "cpu" and not torch.cuda.is_available():
+        return None, f"this PyTorch build ({torch.__version__}) has no CUDA - no comparison"
+    return torch, None
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+def time_epochs(epoch: Callable[[], None], epochs: int, backend: Backend) -> float:
+    """Seconds per epoch of `epochs` epochs in a row."""
+    backend.synchronize()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        epoch()
+    backend.synchronize()
+    return (time.perf_counter() - start) / epochs
+
+
+def bench_pair(runners: dict[str, Callable], spec: BenchSpec, backend: Backend,
+               rows: dict[str, Row]) -> None:
+    """One warm-up epoch each, then `repeats` rounds alternating the order (A B, B A, ...)."""
+    for run in runners.values():
+        run()
+    order = list(runners)
+    for r in range(spec.repeats):
+        for impl in (order if r % 2 == 0 else order[::-1]):
+            rows[impl].seconds.append(time_epochs(runners[impl], spec.epochs, backend))
+
+
+def run_bench(spec: BenchSpec, backend: Backend,
+              on_row: Callable[[Row], None] = lambda row: None) -> dict:
+    """Time every (hidden, batch) of `spec`; returns the sgemm rate, the rows and notes."""
+    if spec.samples < max(spec.batch):
+        raise BenchError(f"--samples {spec.samples} is smaller than the largest --batch "
+                         f"{max(spec.batch)}; raise it")
+    threads = blas_threads(spec.threads) if not backend.is_gpu else []
+    torch, why_not = import_torch(backend.device) if spec.torch else (None, "--no-torch")
+    if torch is not None and spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    split = synthetic_split(backend, spec.samples, spec.seed)
+    result = {"sgemm_gflops": sgemm_rate(backend), "rows": [], "blas_threads": threads,
+              "torch": None if torch is None else torch.__version__, "torch_note": why_not,
+              "torch_threads": None if torch is None else torch.get_num_threads()}
+    for hidden in spec.hidden:
+        for batch in spec.batch:
+            runners = {"gpumlp": gpumlp_runner(backend, split, hidden, batch, spec.seed)}
+            result["gpumlp_step"] = runners["gpumlp"].kind
+            if torch is not None:
+                runners["torch"] = torch_runner(torch, backend.device, split, hidden, batch,
+                                                spec.seed)
+            gflop = executed_gflop((D, hidden, C), spec.samples)
+            rows = {impl: Row(impl, hidden, batch, gflop=gflop, samples=spec.samples)
+                    for impl in runners}
+            bench_pair(runners, spec, backend, rows)
+            for row in rows.values():
+                result["rows"].append(row)
+                on_row(row)
+    return result

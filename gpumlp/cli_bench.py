@@ -1,0 +1,124 @@
+"""`gpumlp bench`: seconds per epoch, samples/s, GFLOP/s and the ratio to PyTorch eager.
+
+The command gathers its options, makes one call into `gpumlp.bench`, and prints a Markdown
+table (ready for docs/benchmarks.md) and the command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+
+import click
+
+from .cli import device_option, domain_errors
+
+CPU_BATCHES = (64, 128, 256, 1024)
+GPU_BATCHES = (128, 1024)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what platform says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def reproduce_command(device: str, hidden, batch, epochs, repeats, samples, torch, threads) -> str:
+    parts = ["gpumlp bench", f"--device {device}"]
+    parts += [f"--hidden {h}" for h in hidden] + [f"--batch {m}" for m in batch]
+    parts += [f"--epochs {epochs}", f"--repeats {repeats}", f"--samples {samples}",
+              "--torch" if torch else "--no-torch"]
+    if threads is not None:
+        parts.append(f"--threads {threads}")
+    return " ".join(parts)
+
+
+def header_lines(backend, result: dict, spec) -> list[str]:
+    import numpy
+    import scipy
+
+    from . import __version__
+    from .bench import LR, MOMENTUM
+
+    torch = result["torch"] or f"- ({result['torch_note']})"
+    threads = ", ".join(result["blas_threads"]) or "-"
+    return [
+        f"# gpumlp bench, {datetime.date.today().isoformat()}",
+        f"device    {backend.description}; CPU {cpu_model()}, {os.cpu_count()} cores",
+        f"versions  gpumlp {__version__}, python {platform.python_version()}, numpy "
+        f"{numpy.__version__}, scipy {scipy.__version__}, torch {torch}",
+        f"threads   {threads}; torch {result['torch_threads'] or '-'}; "
+        f"gpumlp step: {result.get('gpumlp_step', '-')}",
+        f"sgemm     {result['sgemm_gflops']:.1f} GFLOP/s (best 2048^3 float32 product, measured "
+        "at the start)",
+        f"data      synthetic uint8 {spec.samples}x784 with random labels (MNIST's shape); fp32; "
+        f"SGD momentum {MOMENTUM}, lr {LR}; median of {spec.repeats} interleaved timings of "
+        f"{spec.epochs} epoch(s)",
+    ]
+
+
+def table_lines(result: dict) -> list[str]:
+    lines = ["| h | batch | impl | s/epoch | samples/s | GFLOP/s | % of sgemm | gpumlp/torch |",
+             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    torch_s = {(r.hidden, r.batch): r.epoch_s for r in result["rows"] if r.impl == "torch"}
+    for r in result["rows"]:
+        ratio = "-"
+        if r.impl == "gpumlp" and (r.hidden, r.batch) in torch_s:
+            ratio = f"{r.epoch_s / torch_s[(r.hidden, r.batch)]:.2f}"
+        share = 100 * r.gflops / result["sgemm_gflops"]
+        lines.append(f"| {r.hidden} | {r.batch} | {r.impl} | {r.epoch_s:.3f} | "
+                     f"{r.samples_per_s:,.0f} | {r.gflops:.1f} | {share:.0f}% | {ratio} |")
+    return lines
+
+
+@click.command()
+@device_option
+@click.option("--hidden", multiple=True, type=click.IntRange(min=1),
+              help="Hidden width; repeatable. [default: 256 and 1024]")
+@click.option("--batch", multiple=True, type=click.IntRange(min=1),
+              help="Batch size; repeatable. [default: 64 128 256 1024 on the CPU, "
+                   "128 1024 on a GPU]")
+@click.option("--epochs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Epochs in each timing.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Timings of each implementation, interleaved; the median is reported.")
+@click.option("--samples", default=60000, show_default=True, type=click.IntRange(min=1),
+              help="Synthetic examples per epoch (MNIST has 60000).")
+@click.option("--torch/--no-torch", "with_torch", default=True, show_default=True,
+              help="Also time PyTorch eager on the same net when it is installed.")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="BLAS and PyTorch threads (default: leave them as they are).")
+@domain_errors
+def bench(device, hidden, batch, epochs, repeats, samples, with_torch, threads):
+    """Time training epochs, against PyTorch eager in the same run.
+
+    Prints seconds per epoch, samples per second, achieved GFLOP/s and their share of an
+    sgemm rate measured at the start, and the ratio gpumlp/PyTorch, as a Markdown table,
+    then the command that reproduces it. Epochs run on synthetic data of MNIST's shape.
+
+    \b
+    Example:
+      gpumlp bench --device cpu --hidden 256 --batch 128 --threads 2
+    """
+    from .backend import get_backend
+    from .bench import BenchSpec, run_bench
+
+    backend = get_backend(device)
+    hidden = hidden or (256, 1024)
+    batch = batch or (GPU_BATCHES if backend.is_gpu else CPU_BATCHES)
+    spec = BenchSpec(hidden=tuple(hidden), batch=tuple(batch), epochs=epochs, repeats=repeats,
+                     samples=samples, torch=with_torch, threads=threads)
+    result = run_bench(spec, backend, on_row=lambda row: click.echo(
+        f"  {row.impl:<6} h={row.hidden} batch={row.batch}: {row.epoch_s:.3f} s/epoch", err=True))
+    for line in header_lines(backend, result, spec) + [""] + table_lines(result):
+        click.echo(line)
+    click.echo("")
+    click.echo("reproduce: " + reproduce_command(backend.device, hidden, batch, epochs, repeats,
+                                                 samples, with_torch, threads))

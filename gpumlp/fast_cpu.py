@@ -1,0 +1,243 @@
+"""The fast CPU step: the equations of `model.py`, written into preallocated buffers.
+
+Same signature as `step.generic_step` and the same equations (see model.py for the notation:
+A before the nonlinearity, Z after; shape letters m, d, h, c). What differs is only where the
+numbers are written:
+
+- every product is one BLAS gemm (scipy's wrappers) writing into a buffer allocated once per
+  batch size, and every elementwise line has an `out=`;
+- softmax and cross-entropy are fused: one pass gives L, dA2 = (Z2 - Y) / m and the correct count;
+- the SGD update is folded into the dW_k product through gemm's alpha and beta, so dW_k is never
+  stored and W_k is read and written once per step:
+
+      plain SGD:   W_k   = (1 - lr wd) W_k - lr Z_{k-1}.T @ dA_k        (one gemm)
+      momentum:    vel_k = mu vel_k + Z_{k-1}.T @ dA_k (+ wd W_k);  W_k -= lr vel_k
+      Nesterov:    W_k  += lr mu vel_k;  vel_k = mu vel_k + dW_k;  W_k -= lr (1 + mu) vel_k
+                   (= W_k - lr (dW_k + mu vel_k), since dW_k = new vel_k - mu old vel_k)
+
+Optimizers that need dW_k itself (Adam, AdamW, Nesterov with weight decay) take the generic step;
+`supports` says which configs come here. The batch loader `BatchLoader` gathers the shuffled rows
+into a preallocated uint8 buffer and scales them into a preallocated float buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+from scipy.linalg import blas
+
+from .activations import ACTIVATIONS, Activation
+from .config import Config, OptimConfig
+from .data import DeviceSplit, MNIST_MEAN, MNIST_STD
+from .model import Params
+from .optim import OptState, apply_max_norm, sgd_update
+
+
+def supports(config: Config) -> bool:
+    """True when the fast step computes exactly this config's equations (SGD, no Nesterov + wd)."""
+    o = config.optim
+    nesterov_wd = o.nesterov and o.momentum > 0 and o.weight_decay > 0
+    return o.name == "sgd" and not nesterov_wd and config.train.dtype in ("float32", "float64")
+
+
+def gemm_into(gemm: Callable, alpha: float, A: np.ndarray, B: np.ndarray, beta: float,
+              C: np.ndarray, trans_a: bool = False, trans_b: bool = False) -> None:
+    """C = alpha op(A) @ op(B) + beta C in place, for C-ordered arrays.
+
+    BLAS is column-major: a C-ordered M is the Fortran array M.T, so C.T = op(B).T @ op(A).T
+    is one call with the operands swapped and no copies. With beta = 0, C's old contents are
+    never read (BLAS semantics), so C may be uninitialised.
+    """
+    gemm(alpha, B.T, A.T, beta, C.T, trans_a=trans_b, trans_b=trans_a, overwrite_c=1)
+
+
+class Buffers(NamedTuple):
+    """Everything one step writes, for one batch size m (L = number of layers)."""
+    A: tuple            # A_k (m, fan_out) for k = 1..L; A_L are the logits A2
+    Z: tuple            # Z_k (m, h_k) for the hidden layers
+    dA: tuple           # dA_k (m, fan_out); dZ_k is computed in place in the same buffer
+    db: tuple           # db_k (fan_out,)
+    positive: tuple     # A_k > 0 (m, h_k), bool: phi'(A_k) of ReLU
+    rowmax: np.ndarray  # (m, 1) max of each row of A2, then log-sum-exp of the shifted row
+    rowsum: np.ndarray  # (m, 1) sum of exp of each shifted row
+    at_label: np.ndarray  # (m,) shifted logit of the label, A2[i, y_i] - max_i
+    label_pos: np.ndarray  # (m,) flat index i * c + y_i of each label in (m, c)
+    row_start: np.ndarray  # (m,) i * c
+    pred: np.ndarray    # (m,) argmax of each row of A2
+    hit: np.ndarray     # (m,) bool, pred == y
+
+
+def new_buffers(m: int, widths: tuple[int, ...], dtype: np.dtype) -> Buffers:
+    """Buffers for a batch of m rows through the layers `widths` = (d, h1, ..., c)."""
+    outs, hidden, c = widths[1:], widths[1:-1], widths[-1]
+    empty = lambda *shape: np.empty(shape, dtype=dtype)  # noqa: E731
+    return Buffers(
+        A=tuple(empty(m, w) for w in outs), Z=tuple(empty(m, w) for w in hidden),
+        dA=tuple(empty(m, w) for w in outs), db=tuple(empty(w) for w in outs),
+        positive=tuple(np.empty((m, w), dtype=bool) for w in hidden),
+        rowmax=empty(m, 1), rowsum=empty(m, 1), at_label=empty(m),
+        label_pos=np.empty(m, dtype=np.intp), row_start=np.arange(m, dtype=np.intp) * c,
+        pred=np.empty(m, dtype=np.intp), hit=np.empty(m, dtype=bool))
+
+
+# ---- forward: A_k = Z_{k-1} @ W_k + b_k, Z_k = phi(A_k) ------------------------------------------
+
+def phi_into(act_name: str, act: Activation, A: np.ndarray, Z: np.ndarray) -> None:
+    """Z = phi(A); ReLU in place, other activations through their generic function."""
+    if act_name == "relu":
+        np.maximum(A, 0, out=Z)                                        # (m, h)
+    else:
+        np.copyto(Z, act.phi(A))                                       # (m, h)
+
+
+def forward_into(gemm: Callable, params: Params, X: np.ndarray, masks: tuple, buf: Buffers,
+                 act_name: str, act: Activation) -> None:
+    """Fill buf.A and buf.Z for the batch X (m, d), as model.forward does."""
+    Z_in, last = X, len(params.W) - 1
+    for k, (Wk, bk) in enumerate(zip(params.W, params.b)):
+        A = buf.A[k]
+        gemm_into(gemm, 1.0, Z_in, Wk, 0.0, A)                        # (m, fan_out) = Z_in @ W_k
+        np.add(A, bk, out=A)                                           # (m, fan_out) + b_k
+        if k < last:
+            phi_into(act_name, act, A, buf.Z[k])                       # (m, h_k)
+            if masks:
+                np.multiply(buf.Z[k], masks[k], out=buf.Z[k])          # inverted dropout
+            Z_in = buf.Z[k]
+
+
+# ---- softmax and cross-entropy, fused --------------------------------------------------------------
+
+def softmax_ce_into(buf: Buffers, y: np.ndarray, smoothing: float) -> tuple[Any, Any]:
+    """L (mean cross-entropy from log-sum-exp), dA2 = (Z2 - Y) / m into buf.dA[-1], correct count."""
+    A2, dA2 = buf.A[-1], buf.dA[-1]                                    # (m, c)
+    m, c = A2.shape
+    np.max(A2, axis=1, keepdims=True, out=buf.rowmax)                  # (m, 1)
+    np.subtract(A2, buf.rowmax, out=dA2)                               # (m, c) shifted logits S
+    np.add(buf.row_start, y, out=buf.label_pos)                        # (m,) where Y is 1
+    np.take(dA2, buf.label_pos, out=buf.at_label, mode="clip")        # (m,) S[i, y_i]
+    S_sum = dA2.sum() if smoothing else 0.0                            # () for the smoothed Y
+    np.exp(dA2, out=dA2)                                               # (m, c) exp(S)
+    np.sum(dA2, axis=1, keepdims=True, out=buf.rowsum)                 # (m, 1)
+    np.log(buf.rowsum, out=buf.rowmax)                                 # (m, 1) log-sum-exp of S
+    # -sum_j Y_ij log Z2_ij = lse_i - (1 - e) S[i, y_i] - (e / c) sum_j S_ij
+    L = (buf.rowmax.sum() - (1 - smoothing) * buf.at_label.sum() - smoothing / c * S_sum) / m
+    np.divide(dA2, buf.rowsum, out=dA2)                                # (m, c) Z2
+    dA2.reshape(-1)[buf.label_pos] -= 1 - smoothing                    # Z2 - Y at the labels
+    if smoothing:
+        dA2 -= smoothing / c                                           # and e / c everywhere
+    np.divide(dA2, m, out=dA2)                                         # (m, c) dA2 = (Z2 - Y) / m
+    return A2.dtype.type(L), correct_into(buf, y)
+
+
+def correct_into(buf: Buffers, y: np.ndarray) -> Any:
+    """How many rows of the logits put their maximum on the label, as model.correct_count."""
+    np.argmax(buf.A[-1], axis=1, out=buf.pred)                         # (m,)
+    np.equal(buf.pred, y, out=buf.hit)                                 # (m,)
+    return np.int64(np.count_nonzero(buf.hit))
+
+
+# ---- backward with the update folded in ------------------------------------------------------------
+
+def phi_prime_into(act_name: str, act: Activation, A: np.ndarray, dA: np.ndarray,
+                   positive: np.ndarray) -> None:
+    """dA = dZ * phi'(A), in place: dA holds dZ on entry."""
+    if act_name == "relu":
+        np.greater(A, 0, out=positive)                                 # (m, h) phi'(A) of ReLU
+        np.multiply(dA, positive, out=dA)                              # (m, h)
+    else:
+        np.multiply(dA, act.phi_prime(A), out=dA)                      # (m, h)
+
+
+def update_weights(blas_fns: tuple, cfg: OptimConfig, Z_in: np.ndarray, dA: np.ndarray,
+                   Wk: np.ndarray, vel: np.ndarray, lr: float) -> None:
+    """W_k updated by SGD with dW_k = Z_in.T @ dA folded into the gemm (see the module docstring)."""
+    gemm, axpy = blas_fns
+    mu, wd = cfg.momentum, cfg.weight_decay
+    W, V = Wk.reshape(-1), vel.reshape(-1)                             # flat views for axpy
+    if mu == 0:
+        gemm_into(gemm, -lr, Z_in, dA, 1.0 - lr * wd, Wk, trans_a=True)  # W = (1-lr wd) W - lr dW
+    elif not cfg.nesterov:
+        gemm_into(gemm, 1.0, Z_in, dA, mu, vel, trans_a=True)          # vel = mu vel + dW
+        if wd:
+            axpy(W, V, a=wd)                                           # vel += wd W
+        axpy(V, W, a=-lr)                                              # W -= lr vel
+    else:
+        axpy(V, W, a=lr * mu)                                          # W += lr mu vel_old
+        gemm_into(gemm, 1.0, Z_in, dA, mu, vel, trans_a=True)          # vel = mu vel + dW
+        axpy(V, W, a=-lr * (1 + mu))                                   # W -= lr (1+mu) vel_new
+
+
+def backward_update(blas_fns: tuple, cfg: OptimConfig, params: Params, state: OptState,
+                    X: np.ndarray, masks: tuple, buf: Buffers, lr: float, act_name: str,
+                    act: Activation) -> None:
+    """From dA_L = buf.dA[-1] down to layer 1: dZ_{k-1} with the old W_k, then update layer k."""
+    for k in reversed(range(len(params.W))):
+        dA = buf.dA[k]                                                 # (m, fan_out)
+        if k > 0:
+            below = buf.dA[k - 1]
+            gemm_into(blas_fns[0], 1.0, dA, params.W[k], 0.0, below, trans_b=True)  # dZ (m, h)
+            if masks:
+                np.multiply(below, masks[k - 1], out=below)            # through the dropout mask
+            phi_prime_into(act_name, act, buf.A[k - 1], below, buf.positive[k - 1])
+        np.sum(dA, axis=0, out=buf.db[k])                              # (fan_out,) db_k
+        Z_in = X if k == 0 else buf.Z[k - 1]
+        update_weights(blas_fns, cfg, Z_in, dA, params.W[k], state.m[2 * k], lr)
+        sgd_update(cfg, params.b[k], buf.db[k], state.m[2 * k + 1], lr)
+
+
+# ---- the step ------------------------------------------------------------------------------------------
+
+def fast_step(config: Config) -> Callable:
+    """step(params, state, X, y, lr, t, masks) -> (L, correct), as generic_step, for `supports`."""
+    act_name = config.model.activation
+    act = ACTIVATIONS[act_name]
+    dtype = np.dtype(config.train.dtype)
+    blas_fns = blas.get_blas_funcs(("gemm", "axpy"), dtype=dtype)
+    widths = (784, *config.model.widths, 10)
+    buffers: dict[int, Buffers] = {}  # one set per batch size: the full one and the last, shorter
+
+    def step(params: Params, state: OptState, X: Any, y: Any, lr: float, t: int,
+             masks: tuple = ()) -> tuple[Any, Any]:
+        m = X.shape[0]
+        buf = buffers.get(m) or buffers.setdefault(m, new_buffers(m, widths, dtype))
+        forward_into(blas_fns[0], params, X, masks, buf, act_name, act)
+        L, correct = softmax_ce_into(buf, y, config.train.label_smoothing)
+        backward_update(blas_fns, config.optim, params, state, X, masks, buf, lr, act_name, act)
+        apply_max_norm(params, config.model.max_norm)
+        return L, correct
+
+    return step
+
+
+class BatchLoader:
+    """(X, y) of the shuffled rows idx, gathered as uint8 and scaled into reused buffers.
+
+    X is the same as data.to_inputs(data.gather(...)) without augmentation; it is overwritten
+    by the next call, so a step must be done with it before then (the training loop is).
+    """
+
+    def __init__(self, config: Config):
+        self.normalize, self.dtype = config.data.normalize, np.dtype(config.train.dtype)
+        self.scale = self.dtype.type(1.0 / 255.0)
+        self.rows = 0
+        self.U = self.X = self.y = None
+
+    def reserve(self, m: int, split: DeviceSplit) -> None:
+        if m > self.rows:
+            self.rows = m
+            self.U = np.empty((m, split.images.shape[1]), dtype=np.uint8)  # (m, d) pixels
+            self.X = np.empty((m, split.images.shape[1]), dtype=self.dtype)  # (m, d) inputs
+            self.y = np.empty(m, dtype=split.labels.dtype)             # (m,) labels
+
+    def __call__(self, split: DeviceSplit, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = len(idx)
+        self.reserve(m, split)
+        U, X, y = self.U[:m], self.X[:m], self.y[:m]
+        np.take(split.images, idx, axis=0, out=U, mode="clip")         # (m, d) uint8
+        np.take(split.labels, idx, out=y, mode="clip")                 # (m,)
+        np.multiply(U, self.scale, out=X)                              # (m, d) x / 255
+        if self.normalize == "standard":
+            X -= MNIST_MEAN
+            X *= 1.0 / MNIST_STD
+        return X, y

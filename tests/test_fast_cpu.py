@@ -1,0 +1,264 @@
+"""The fast CPU step against the generic step: same equations, float32 tolerance.
+
+Forward outputs, loss, dA2 and correct count, then whole steps (parameters and optimizer state
+after several of them, a shorter last batch included) for every optimizer the fast path takes;
+that `make_step` takes it by default and the generic step where the fast one cannot follow;
+the batch loader against gather + to_inputs; and `gpumlp bench` through click's CliRunner.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy.linalg import blas
+
+from gpumlp import fast_cpu
+from gpumlp.activations import ACTIVATIONS
+from gpumlp.backend import CPU
+from gpumlp.bench import executed_gflop
+from gpumlp.cli import main
+from gpumlp.config import build_config
+from gpumlp.data import DeviceSplit, gather, to_inputs
+from gpumlp.mnist import Mnist, Split
+from gpumlp.model import Params, correct_count, forward, init_params, loss_and_dA2
+from gpumlp.optim import init_state
+from gpumlp.step import batch_inputs, generic_step, make_step
+from gpumlp.train import train
+
+RTOL, ATOL = 1e-5, 2e-6  # float32: a few units in the last place of values of order 1
+H256 = "configs/h256.yaml"
+
+
+def copy_params(params: Params) -> Params:
+    return Params(tuple(w.copy() for w in params.W), tuple(b.copy() for b in params.b))
+
+
+def batch(rng: np.random.Generator, m: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    X = rng.integers(0, 256, (m, 784)).astype(dtype) / dtype(255)   # (m, d) like the inputs
+    return X, rng.integers(0, 10, m).astype(np.int32)
+
+
+def assert_close(actual, expected, what: str, rtol=RTOL, atol=ATOL) -> None:
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == e.dtype, f"{what}[{i}] dtype"
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, err_msg=f"{what}[{i}]")
+
+
+# ---- the pieces ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_gemm_into_writes_in_place_the_product_of_c_ordered_arrays(trans_a, trans_b, beta):
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((7, 5) if not trans_a else (5, 7)).astype(np.float32)
+    B = rng.standard_normal((5, 3) if not trans_b else (3, 5)).astype(np.float32)
+    C = rng.standard_normal((7, 3)).astype(np.float32)
+    expected = 2.0 * (A.T if trans_a else A) @ (B.T if trans_b else B) + beta * C
+    before = C.__array_interface__["data"][0]
+    fast_cpu.gemm_into(blas.sgemm, 2.0, A, B, beta, C, trans_a, trans_b)
+    assert C.__array_interface__["data"][0] == before
+    np.testing.assert_allclose(C, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+@pytest.mark.parametrize("hidden", [(32,), (32, 16)])
+def test_forward_into_gives_the_generic_pre_activations_and_activations(activation, hidden):
+    rng = np.random.default_rng(1)
+    params = init_params((784, *hidden, 10), "he", rng)
+    X, _ = batch(rng, 20)
+    masks = tuple((rng.random((20, h)) > 0.3).astype(np.float32) / np.float32(0.7) for h in hidden)
+    act = ACTIVATIONS[activation]
+    for ms in ((), masks):
+        buf = fast_cpu.new_buffers(20, (784, *hidden, 10), np.dtype(np.float32))
+        fast_cpu.forward_into(blas.sgemm, params, X, ms, buf, activation, act)
+        cache = forward(params, X, act, ms)
+        assert_close(buf.A, cache.A, "A")
+        assert_close(buf.Z, cache.Z[1:], "Z")
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_softmax_cross_entropy_gives_the_generic_loss_dA2_and_correct_count(smoothing):
+    rng = np.random.default_rng(2)
+    buf = fast_cpu.new_buffers(64, (784, 32, 10), np.dtype(np.float32))
+    buf.A[-1][...] = 4 * rng.standard_normal((64, 10)).astype(np.float32)
+    buf.A[-1][0] = 1e4                                   # a huge row: log-sum-exp keeps it finite
+    y = rng.integers(0, 10, 64).astype(np.int32)
+    L, correct = fast_cpu.softmax_ce_into(buf, y, smoothing)
+    L_ref, dA2_ref = loss_and_dA2(buf.A[-1], y, smoothing)
+    assert np.isfinite(L) and L.dtype == np.float32
+    np.testing.assert_allclose(L, L_ref, rtol=RTOL)
+    np.testing.assert_allclose(buf.dA[-1], dA2_ref, rtol=RTOL, atol=1e-7)
+    assert correct == correct_count(buf.A[-1], y) and 0 < correct < 64
+
+
+# ---- whole steps -------------------------------------------------------------------------------------
+
+OPTIMIZERS = {
+    "plain": ["optim.momentum=0"],
+    "plain_wd": ["optim.momentum=0", "optim.weight_decay=0.01"],
+    "momentum": ["optim.nesterov=false"],
+    "momentum_wd": ["optim.nesterov=false", "optim.weight_decay=0.01"],
+    "nesterov": ["optim.nesterov=true"],
+}
+NETS = {
+    "h1": ["model.hidden=32"],
+    "h2": ["model.hidden=[32, 16]"],
+    "h1_tanh_smooth_maxnorm": ["model.hidden=32", "model.activation=tanh",
+                               "train.label_smoothing=0.1", "model.max_norm=0.5"],
+}
+
+
+def run_both(config, steps, m_last=None, masks_p=0.0, dtype=np.float32):
+    """Run the fast and the generic step side by side from the same start; yield after each."""
+    rng = np.random.default_rng(3)
+    widths = (784, *config.model.widths, 10)
+    fast_p = init_params(widths, "he", rng, np.dtype(dtype).name)
+    gen_p = copy_params(fast_p)
+    fast_s, gen_s = init_state(config.optim, fast_p), init_state(config.optim, gen_p)
+    fast, generic = fast_cpu.fast_step(config), generic_step(config)
+    for t in range(1, steps + 1):
+        m = m_last if (t == steps and m_last) else 40
+        X, y = batch(rng, m, dtype)
+        masks = tuple((rng.random((m, h)) >= masks_p).astype(dtype) / dtype(1 - masks_p)
+                      for h in config.model.widths) if masks_p else ()
+        lr = 0.1 * (1 + 0.1 * t)                         # changes every step, as a schedule does
+        out_fast = fast(fast_p, fast_s, X, y, lr, t, masks)
+        out_gen = generic(gen_p, gen_s, X, y, lr, t, masks)
+        yield out_fast, out_gen, (fast_p, fast_s), (gen_p, gen_s)
+
+
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_fast_steps_match_the_generic_steps(optimizer, net):
+    config = build_config(None, [*NETS[net], *OPTIMIZERS[optimizer]])
+    assert fast_cpu.supports(config)
+    start = None
+    for (L, ok), (L_ref, ok_ref), (p, s), (p_ref, s_ref) in run_both(config, 6, m_last=17):
+        start = start if start is not None else copy_params(p_ref)
+        np.testing.assert_allclose(L, L_ref, rtol=RTOL)
+        assert ok == ok_ref
+        assert_close(p.W + p.b, p_ref.W + p_ref.b, "params")
+        assert_close(s.m, s_ref.m, "velocity")
+    moved = max(np.abs(w - w0).max() for w, w0 in zip(p_ref.W, start.W))
+    assert moved > 1e-3                                  # the comparison is not of a standstill
+
+
+def test_fast_step_with_dropout_masks_matches_the_generic_step():
+    config = build_config(None, ["model.hidden=[32, 16]", "model.dropout=0.3"])
+    for (L, ok), (L_ref, ok_ref), (p, s), (p_ref, s_ref) in run_both(config, 4, masks_p=0.3):
+        np.testing.assert_allclose(L, L_ref, rtol=RTOL)
+        assert ok == ok_ref
+        assert_close(p.W + p.b, p_ref.W + p_ref.b, "params")
+        assert_close(s.m, s_ref.m, "velocity")
+
+
+def test_fast_step_in_float64_matches_the_generic_step_to_float64_precision():
+    config = build_config(None, ["model.hidden=32", "train.dtype=float64"])
+    for (L, _), (L_ref, _), (p, s), (p_ref, s_ref) in run_both(config, 4, dtype=np.float64):
+        np.testing.assert_allclose(L, L_ref, rtol=1e-12)
+        assert_close(p.W + p.b, p_ref.W + p_ref.b, "params", rtol=1e-12, atol=1e-13)
+        assert_close(s.m, s_ref.m, "velocity", rtol=1e-12, atol=1e-13)
+
+
+# ---- the choice of step ------------------------------------------------------------------------------
+
+def test_make_step_takes_the_fast_path_by_default_for_h256_on_the_cpu():
+    step = make_step(build_config(H256), CPU)
+    assert step.kind == "fast_cpu"
+    assert step.batch is not None
+
+
+@pytest.mark.parametrize("overrides", [["optim.name=adam"], ["optim.name=adamw"],
+                                       ["optim.nesterov=true", "optim.weight_decay=0.001"]])
+def test_make_step_keeps_the_generic_step_where_dW_itself_is_needed(overrides):
+    config = build_config(H256, overrides)
+    assert not fast_cpu.supports(config)
+    assert make_step(config, CPU).kind == "generic"
+
+
+def test_trained_run_with_the_fast_step_matches_the_generic_step(monkeypatch):
+    """The whole loop (loader included) against the generic step with gather + to_inputs."""
+    import gpumlp.train as train_module
+
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (250, 784), dtype=np.uint8)
+    labels = rng.integers(0, 10, 250).astype(np.uint8)
+    mnist = Mnist(Split(images[:200], labels[:200]), Split(images[200:], labels[200:]))
+    config = build_config(None, ["model.hidden=24", "train.epochs=2", "train.batch_size=64",
+                                 "optim.nesterov=true", "optim.schedule=cosine"])
+    fast = train(config, CPU, mnist)                    # 200 = 3 x 64 + a last batch of 8
+    monkeypatch.setattr(train_module, "make_step", lambda config, backend: generic_step(config))
+    generic = train(config, CPU, mnist)
+    assert_close(fast.params.W + fast.params.b, generic.params.W + generic.params.b, "params",
+                 atol=1e-5)
+    for row, ref in zip(fast.history, generic.history):
+        np.testing.assert_allclose(row["train_loss"], ref["train_loss"], rtol=1e-5)
+        assert row["train_accuracy"] == ref["train_accuracy"]
+
+
+# ---- the batch loader --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("normalize", ["unit", "standard"])
+def test_batch_loader_gives_gather_and_to_inputs_also_for_a_shorter_last_batch(normalize):
+    rng = np.random.default_rng(5)
+    split = DeviceSplit(rng.integers(0, 256, (100, 784), dtype=np.uint8),
+                        rng.integers(0, 10, 100).astype(np.int32))
+    config = build_config(None, [f"data.normalize={normalize}"])
+    loader = fast_cpu.BatchLoader(config)
+    perm = rng.permutation(100)
+    for idx in (perm[:64], perm[64:]):
+        X, y = loader(split, idx)
+        images, y_ref = gather(split, idx)
+        assert X.dtype == np.float32 and X.shape == (len(idx), 784)
+        np.testing.assert_array_equal(X, to_inputs(images, normalize, "float32"))
+        np.testing.assert_array_equal(y, y_ref)
+
+
+def test_batch_inputs_falls_back_to_gather_when_augmenting_or_without_a_loader():
+    rng = np.random.default_rng(6)
+    split = DeviceSplit(rng.integers(0, 256, (30, 784), dtype=np.uint8),
+                        rng.integers(0, 10, 30).astype(np.int32))
+    config = build_config(None, ["model.hidden=8"])
+    step, idx = make_step(config, CPU), np.arange(10, 20)
+    seen = []
+
+    def augment(X, rng):
+        seen.append(X.shape)
+        return 1 - X
+
+    X, _ = batch_inputs(step, split, idx, config, augment, None)
+    assert seen == [(10, 784)]
+    unit = to_inputs(split.images[10:20], "unit", "float32")
+    np.testing.assert_array_equal(X, 1 - unit)
+    plain_function = lambda *args: None  # noqa: E731  (a step with no loader)
+    X2, y2 = batch_inputs(plain_function, split, idx, config, None, None)
+    np.testing.assert_array_equal(X2, unit)
+    np.testing.assert_array_equal(y2, split.labels[10:20])
+
+
+# ---- the benchmark -------------------------------------------------------------------------------------
+
+def test_executed_flops_of_an_h256_epoch_are_the_issue_s_49_1_gflop():
+    assert executed_gflop((784, 256, 10), 60000) == pytest.approx(49.09, abs=0.01)
+
+
+def test_bench_prints_a_table_and_the_command_that_reproduces_it():
+    args = ["bench", "--device", "cpu", "--hidden", "8", "--batch", "16", "--batch", "24",
+            "--samples", "64", "--repeats", "2", "--no-torch"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "| h | batch | impl | s/epoch | samples/s | GFLOP/s | % of sgemm | gpumlp/torch |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 8 |")]
+    assert [row.split("|")[2:4] for row in rows] == [[" 16 ", " gpumlp "], [" 24 ", " gpumlp "]]
+    assert "sgemm" in out and "synthetic uint8 64x784" in out
+    assert ("reproduce: gpumlp bench --device cpu --hidden 8 --batch 16 --batch 24 --epochs 1 "
+            "--repeats 2 --samples 64 --no-torch") in out
+
+
+def test_bench_refuses_more_rows_per_batch_than_samples():
+    result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--hidden", "8", "--batch",
+                                       "128", "--samples", "64", "--no-torch"])
+    assert result.exit_code == 2
+    assert "--samples 64" in result.output and "Traceback" not in result.output
