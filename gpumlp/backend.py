@@ -119,3 +119,28 @@ def ndimage_for(xp: ModuleType) -> ModuleType:
     """scipy.ndimage for numpy, cupyx.scipy.ndimage for cupy: same functions, same arguments."""
     import importlib
     return importlib.import_module("cupyx.scipy.ndimage" if xp.__name__ == "cupy" else "scipy.ndimage")
+
+
+TF32_MIN_CAPABILITY = 80  # TF32 tensor cores: Ampere (compute capability 8.0) and newer
+
+
+def enable_tf32(backend: Backend, on: bool) -> bool:
+    """Let float32 matrix products on this GPU run on TF32 tensor cores, or not; True if they do.
+
+    CuPy keeps one cuBLAS compute type per dtype for the whole process (it reads CUPY_TF32 once,
+    at its first product); this sets it, so that `train.tf32` alone decides. TF32 keeps float32's
+    range with a 10-bit mantissa in the products' inputs. A no-op on the CPU; a GPU older than
+    compute capability 8.0 keeps full float32.
+    """
+    if not backend.is_gpu:
+        return False
+    linalg = getattr(backend.xp._core, "_routines_linalg", None)
+    if linalg is None or not hasattr(linalg, "set_compute_type"):
+        if not on:
+            return False
+        raise DeviceError(f"train.tf32: CuPy {backend.xp.__version__} has no way to set the "
+                          "matmul compute type; upgrade CuPy or set train.tf32: false")
+    capability = int(backend.xp.cuda.Device().compute_capability)
+    tf32 = on and capability >= TF32_MIN_CAPABILITY
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_DEFAULT)
+    return tf32

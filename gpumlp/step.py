@@ -56,7 +56,9 @@ class CpuStep:
 def make_step(config: Config, backend: Backend) -> Step:
     """The fastest correct step for this config and device; the user never has to choose."""
     if backend.is_gpu:
-        return generic_step(config)
+        from . import fast_cuda  # fused CUDA kernels, built through backend.xp
+
+        return fast_cuda.gpu_step(config, backend)
     from . import fast_cpu  # scipy's BLAS, only for CPU runs
 
     if fast_cpu.supports(config):

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 6 in one call of the `device` tool: an H200 whose python3 has CuPy 14
+# for CUDA 13, PyTorch, pytest and the project's dependencies; no network there.
+#
+# 1. Here, put the MNIST files inside the checkout (../shared beside it does not travel):
+#        mkdir -p shared/data && cp -r ../shared/data/mnist shared/data/
+# 2. Call the device tool's `run` with
+#        command:   bash scripts/gpu_check.sh
+#        timeout_s: 560
+#    (or GPUMLP_DATA_DIR=<folder there> bash scripts/gpu_check.sh).
+# 3. Here, `rm -r shared/data/mnist` again if step 1 made it; the logs come back from $OUT.
+#
+# Sections, each under its own time limit (about 7.5 minutes at most, usually far less):
+#   info       nvidia-smi, versions, `gpumlp info`                       -> $OUT/info.log
+#   tests      python -m pytest -m gpu -q -rs                            -> $OUT/pytest-gpu.log
+#   steps      generic vs fused step, h256, batch 128 (ms per step)      -> $OUT/steps.log
+#   bench      gpumlp bench --device cuda (vs PyTorch eager)             -> $OUT/bench.log
+#   train      gpumlp train --device cuda --config configs/h256.yaml    -> $OUT/train-h256.log,
+#              and that run's metrics.jsonl and summary.json
+# A section that fails or runs out of time does not stop the next one; the last lines printed
+# are a summary of all of them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-$PWD/gpu-check-out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export OUT PY PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export GPUMLP_CACHE_DIR="${GPUMLP_CACHE_DIR:-$(mktemp -d)}"  # never the user's cache; no downloads
+if [ -z "${GPUMLP_DATA_DIR:-}" ] && [ -d shared/data/mnist ]; then
+  export GPUMLP_DATA_DIR="$PWD/shared/data/mnist"
+fi
+declare -A STATUS
+
+section() {  # section NAME LIMIT_SECONDS LOG COMMAND...: run it, tee its output, note its status
+  local name=$1 limit=$2 log=$3
+  shift 3
+  echo "=== $name (at most ${limit}s) ===" | tee "$OUT/$log"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
+  local rc=${PIPESTATUS[0]}
+  STATUS[$name]=$([ "$rc" -eq 0 ] && echo ok || { [ "$rc" -eq 124 ] && echo "TIMED OUT" || echo "failed ($rc)"; })
+}
+
+info() {
+  date -u +"%Y-%m-%d %H:%M:%S UTC"
+  nvidia-smi || true
+  "$PY" - <<'EOF'
+import platform, numpy, cupy
+print("python", platform.python_version(), "numpy", numpy.__version__, "cupy", cupy.__version__)
+print("CUDA runtime", cupy.cuda.runtime.runtimeGetVersion(), "driver", cupy.cuda.runtime.driverGetVersion())
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda)
+except ImportError:
+    print("torch: not installed")
+EOF
+  "$PY" -m gpumlp info
+  echo "GPUMLP_DATA_DIR=${GPUMLP_DATA_DIR:-<unset: the real-MNIST test and the h256 run will skip or fail>}"
+}
+
+steps() {  # ms per step of the generic and the fused step, same data, interleaved
+  "$PY" - <<'EOF'
+import time
+import numpy as np
+from gpumlp.backend import get_backend
+from gpumlp.config import build_config
+from gpumlp.fast_cuda import FusedStep
+from gpumlp.model import Params, init_params
+from gpumlp.optim import init_state
+from gpumlp.step import generic_step
+
+gpu = get_backend("cuda")
+config = build_config("configs/h256.yaml")
+rng = np.random.default_rng(0)
+host = init_params((784, 256, 10), "he", rng)
+X = gpu.asarray(rng.random((128, 784), dtype=np.float32))
+y = gpu.asarray(rng.integers(0, 10, 128).astype(np.int32))
+steps = {"generic": generic_step(config), "fused": FusedStep(config, gpu)}
+times = {name: [] for name in steps}
+for repeat in range(5):
+    for name, step in steps.items():
+        params = Params(tuple(map(gpu.asarray, host.W)), tuple(map(gpu.asarray, host.b)))
+        state = init_state(config.optim, params)
+        for t in range(1, 21):  # warm-up: compiles, allocates
+            step(params, state, X, y, 0.1, t)
+        gpu.synchronize()
+        start = time.perf_counter()
+        for t in range(21, 521):
+            step(params, state, X, y, 0.1, t)
+        gpu.synchronize()
+        times[name].append((time.perf_counter() - start) / 500 * 1e3)
+for name, values in times.items():
+    print(f"{name:8s} h256 batch 128: {np.median(values):.3f} ms/step (median of 5 x 500 steps), "
+          f"an epoch of 469 steps ~{np.median(values) * 0.469:.3f} s")
+EOF
+}
+
+train_h256() {
+  local run
+  run="$(mktemp -d)/h256"
+  "$PY" -m gpumlp train --device cuda --config configs/h256.yaml --out "$run" &&
+    cp "$run/metrics.jsonl" "$run/summary.json" "$OUT/"
+}
+
+export -f info steps train_h256  # so that `timeout bash -c NAME` runs them
+section info 60 info.log bash -c info
+section tests 240 pytest-gpu.log "$PY" -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider tests
+section steps 60 steps.log bash -c steps
+section bench 150 bench.log "$PY" -m gpumlp bench --device cuda --hidden 256 --hidden 1024 \
+  --batch 128 --batch 1024
+section train 90 train-h256.log bash -c train_h256
+
+echo "=== summary ==="
+for name in info tests steps bench train; do
+  printf '%-6s %s\n' "$name" "${STATUS[$name]}"
+done
+grep -E "[0-9]+ (passed|failed|skipped|errors?)" "$OUT/pytest-gpu.log" | tail -n 1
+grep -E "ms/step" "$OUT/steps.log"
+grep -E "^\|" "$OUT/bench.log"
+tail -n 1 "$OUT/train-h256.log"

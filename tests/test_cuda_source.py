@@ -1,0 +1,410 @@
+"""The fused CUDA step, checked without a GPU.
+
+1. The CUDA source compiles: with nvcc for sm_90, and with NVRTC and the options CuPy's
+   RawModule passes, where those compilers are here (each skipped visibly otherwise).
+2. The same source compiled for the CPU (GPUMLP_HOST_EMULATION: each kernel runs its threads
+   one at a time, the block reduction phase by phase) stands in for CuPy's RawModule, so that
+   `fast_cuda.FusedStep` runs on NumPy arrays: against the generic step, for every
+   activation, optimizer, dropout, label smoothing, max-norm and a deeper net. Each launch is
+   checked against the kernel's declared parameters (numpy scalar types, array dtypes,
+   contiguity, block size), which on a GPU would otherwise fail silently.
+3. The routing (which configs take the fused step), buffer keying and `enable_tf32`, with a
+   fake CuPy; CuPy itself is never imported here.
+
+What this cannot check is the GPU itself: grid-stride indexing, shared memory and
+__syncthreads, cuBLAS through CuPy. tests/test_gpu_fused.py does, on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpumlp import fast_cuda
+from gpumlp.activations import ACTIVATIONS
+from gpumlp.backend import CPU, Backend, enable_tf32
+from gpumlp.config import ACTIVATIONS as config_activations
+from gpumlp.config import build_config
+from gpumlp.data import DeviceSplit, gather, to_inputs
+from gpumlp.errors import GpumlpError
+from gpumlp.model import Params, dropout_masks, init_params
+from gpumlp.optim import init_state
+from gpumlp.step import generic_step
+
+RTOL, ATOL = 1e-5, 1e-6  # float32; the host's tanhf/expf and summation orders differ by ulps
+NVRTC_OPTIONS = ("-ftz=true", "-arch=sm_90", "--device-as-default-execution-space")  # CuPy's
+
+C_TYPES = {"long long": (ctypes.c_longlong, np.int64), "int": (ctypes.c_int, np.int32),
+           "float": (ctypes.c_float, np.float32)}
+C_POINTEES = {"float": np.float32, "int": np.int32, "long long": np.int64,
+              "unsigned char": np.uint8}
+
+
+def kernel_signatures(source: str) -> dict[str, list[tuple[str, bool]]]:
+    """name -> [(C type without const, is_pointer)] of every KERNEL in the source."""
+    signatures = {}
+    for name, params in re.findall(r"KERNEL\s+(\w+)\(([^)]*)\)", source):
+        parsed = []
+        for param in params.split(","):
+            words = param.replace("*", " * ").split()[:-1]        # drop the parameter's name
+            pointer = "*" in words
+            parsed.append((" ".join(w for w in words if w not in ("const", "*")), pointer))
+        signatures[name] = parsed
+    return signatures
+
+
+SIGNATURES = kernel_signatures(fast_cuda.cuda_source())
+
+
+@pytest.fixture(scope="module")
+def source_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cuda") / "gpumlp_kernels.cu"
+    path.write_text(fast_cuda.cuda_source())
+    return path
+
+
+# --- 1. it compiles --------------------------------------------------------------------------
+
+def test_nvcc_compiles_every_kernel(source_file):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH: the CUDA source was not compiled")
+    ptx = source_file.with_suffix(".ptx")
+    done = subprocess.run([nvcc, "--ptx", "-arch=sm_90", *fast_cuda.OPTIONS, "-ftz=true",
+                           "-Werror", "all-warnings", str(source_file), "-o", str(ptx)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    entries = set(re.findall(r"\.entry\s+(\w+)", ptx.read_text()))
+    assert entries == set(SIGNATURES)
+
+
+def find_nvrtc() -> ctypes.CDLL | None:
+    """libnvrtc from a CUDA wheel (nvidia-cuda-nvrtc) or the CUDA toolkit, with its builtins."""
+    folders = [os.path.join(p, "nvidia", "*", "lib") for p in sys.path if p]
+    folders += [os.path.join(p, "nvidia", "cuda_nvrtc", "lib") for p in sys.path if p]
+    toolkit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    folders += [os.path.join(toolkit, "lib64"), os.path.join(toolkit, "lib")]
+    for folder in (f for pattern in folders for f in glob.glob(pattern)):
+        libs = sorted(glob.glob(os.path.join(folder, "libnvrtc.so*")))
+        builtins = sorted(glob.glob(os.path.join(folder, "libnvrtc-builtins.so*")))
+        libs = [lib for lib in libs if ".alt." not in lib]
+        builtins = [lib for lib in builtins if ".alt." not in lib]
+        if libs and builtins:
+            ctypes.CDLL(builtins[0], mode=ctypes.RTLD_GLOBAL)
+            return ctypes.CDLL(libs[0])
+    return None
+
+
+def test_nvrtc_compiles_it_as_cupy_does():
+    """CuPy compiles a RawModule with NVRTC, which has no host headers: the real test."""
+    nvrtc = find_nvrtc()
+    if nvrtc is None:
+        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc): not compiled with NVRTC")
+    program = ctypes.c_void_p()
+    source = fast_cuda.cuda_source().encode()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source, b"gpumlp.cu", 0, None, None) == 0
+    options = [o.encode() for o in (*fast_cuda.OPTIONS, *NVRTC_OPTIONS)]
+    status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+    assert status == 0, log.value.decode()
+    assert "warning" not in log.value.decode()
+
+
+def test_the_source_carries_activations_constants():
+    source = fast_cuda.cuda_source()
+    assert "#define LEAKY_SLOPE 0.009999999776482582f" in source      # float32(0.01), exactly
+    assert set(fast_cuda.ACTIVATION_TYPES) == set(ACTIVATIONS) == set(config_activations)
+
+
+# --- 2. the kernels on the CPU, through FusedStep ----------------------------------------------
+
+class HostKernel:
+    """One kernel of the CPU build, called as CuPy calls a RawKernel: (grid, block, args)."""
+
+    def __init__(self, library: ctypes.CDLL, name: str):
+        self.name, self.signature = name, SIGNATURES[name]
+        self.function = getattr(library, name)
+        self.function.restype = None
+        self.function.argtypes = [ctypes.c_void_p if pointer else C_TYPES[ctype][0]
+                                  for ctype, pointer in self.signature]
+
+    def __call__(self, grid: tuple, block: tuple, args: tuple) -> None:
+        if self.name == "softmax_xent":
+            assert grid == (1,) and block == (fast_cuda.XENT_THREADS,)
+        else:
+            assert block == (fast_cuda.THREADS,) and 1 <= grid[0] <= fast_cuda.MAX_BLOCKS
+        assert len(args) == len(self.signature), f"{self.name}: {len(args)} arguments"
+        values = [self.check(i, arg) for i, arg in enumerate(args)]
+        self.function(*values)
+
+    def check(self, i: int, arg):
+        ctype, pointer = self.signature[i]
+        where = f"{self.name} argument {i + 1} ({ctype}{'*' if pointer else ''})"
+        if pointer:
+            assert isinstance(arg, np.ndarray) and arg.dtype == C_POINTEES[ctype], \
+                f"{where}: got {type(arg).__name__} {getattr(arg, 'dtype', '')}"
+            assert arg.flags.c_contiguous, f"{where}: not C-contiguous"
+            return arg.ctypes.data
+        assert type(arg) is C_TYPES[ctype][1], f"{where}: got {type(arg).__name__}"
+        return arg
+
+
+class HostModule:
+    """Stands in for cupy.RawModule: the same source and options, built for the CPU."""
+    library: ctypes.CDLL
+
+    def __init__(self, code: str, options: tuple):
+        assert code == fast_cuda.cuda_source() and options == fast_cuda.OPTIONS
+
+    def get_function(self, name: str) -> HostKernel:
+        return HostKernel(self.library, name)
+
+
+@pytest.fixture(scope="module")
+def host_library(source_file) -> ctypes.CDLL:
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler: the kernels were not run on the CPU")
+    library = source_file.with_suffix(".so")
+    done = subprocess.run([compiler, "-x", "c++", "-O1", "-shared", "-fPIC", "-ffp-contract=off",
+                           "-Wall", "-Werror", "-DGPUMLP_HOST_EMULATION", str(source_file),
+                           "-o", str(library)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return ctypes.CDLL(str(library))
+
+
+def fake_cupy(module: type = HostModule, capability: str = "90") -> types.SimpleNamespace:
+    """What FusedStep and enable_tf32 use of cupy, on NumPy arrays; records compute types."""
+    calls: list = []
+    linalg = types.SimpleNamespace(COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_TF32=7,
+                                   set_compute_type=lambda dtype, kind: calls.append(kind))
+    device = types.SimpleNamespace(compute_capability=capability)
+    return types.SimpleNamespace(
+        __name__="fake_cupy", __version__="0", empty=np.empty, full=np.full,
+        ascontiguousarray=np.ascontiguousarray, RawModule=module,
+        _core=types.SimpleNamespace(_routines_linalg=linalg),
+        cuda=types.SimpleNamespace(Device=lambda: device), compute_types=calls)
+
+
+@pytest.fixture
+def emulated(host_library) -> Backend:
+    module = type("BuiltHostModule", (HostModule,), {"library": host_library})
+    return Backend(fake_cupy(module), "cuda:0", "cuda:0 (host emulation)")
+
+
+def problem(widths, m, seed=0):
+    """float32 params with nonzero biases, inputs in [0, 1], labels (int32) on the host."""
+    rng = np.random.default_rng(seed)
+    params = init_params(widths, "he", rng)
+    params = Params(params.W, tuple(rng.normal(0, 0.1, b.shape).astype(np.float32) for b in params.b))
+    X = (rng.integers(0, 256, (m, widths[0])) / 255).astype(np.float32)
+    return params, X, rng.integers(0, 10, m).astype(np.int32)
+
+
+def copy(params: Params) -> Params:
+    return Params(tuple(w.copy() for w in params.W), tuple(b.copy() for b in params.b))
+
+
+def assert_same_run(config, emulated, widths=(784, 48, 10), sizes=(32, 32, 7)):
+    """Steps of FusedStep (host kernels) and generic_step from the same start agree, a shorter
+    last batch included; parameters, optimizer state, loss and correct count."""
+    params, _, _ = problem(widths, 1, seed=3)
+    fused_params, generic_params = copy(params), copy(params)
+    fused_state, generic_state = init_state(config.optim, fused_params), init_state(config.optim, generic_params)
+    fused, generic = fast_cuda.FusedStep(config, emulated), generic_step(config)
+    rng = np.random.default_rng(4)
+    for t, m in enumerate(sizes, start=1):
+        _, X, y = problem(widths, m, seed=10 + t)
+        masks = dropout_masks(rng, m, widths[1:-1], config.model.dropout, np.float32)
+        lr = config.optim.lr / (2 * t)
+        L_f, ok_f = fused(fused_params, fused_state, X, y, lr, t, masks)
+        L_g, ok_g = generic(generic_params, generic_state, X, y, lr, t, masks)
+        assert L_f.shape == () and L_f.dtype == np.float32 and ok_f.dtype == np.int64
+        np.testing.assert_allclose(L_f, L_g, rtol=RTOL, err_msg=f"L at step {t}")
+        assert int(ok_f) == int(ok_g), f"correct at step {t}"
+        for name, a, b in zip(("W", "b"), (fused_params.W, fused_params.b), (generic_params.W, generic_params.b)):
+            for k, (x, z) in enumerate(zip(a, b)):
+                np.testing.assert_allclose(x, z, rtol=RTOL, atol=ATOL, err_msg=f"{name}{k + 1} at step {t}")
+        for i, (x, z) in enumerate(zip(fused_state.m + fused_state.v, generic_state.m + generic_state.v)):
+            np.testing.assert_allclose(x, z, rtol=RTOL, atol=ATOL, err_msg=f"state {i} at step {t}")
+    assert set(fused.buffers) == {(m, widths) for m in set(sizes)}
+
+
+OPTIMIZERS = {
+    "sgd": ["optim.momentum=0"],
+    "sgd_wd": ["optim.momentum=0", "optim.weight_decay=0.01"],
+    "momentum": ["optim.momentum=0.9"],
+    "nesterov_wd": ["optim.nesterov=true", "optim.weight_decay=0.001"],
+    "adam": ["optim.name=adam", "optim.lr=0.001"],
+    "adam_l2": ["optim.name=adam", "optim.lr=0.001", "optim.weight_decay=0.01"],
+    "adamw": ["optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.01"],
+}
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_fused_step_matches_generic_for_each_optimizer(emulated, optimizer):
+    assert_same_run(build_config(None, OPTIMIZERS[optimizer]), emulated)
+
+
+@pytest.mark.parametrize("activation", sorted(fast_cuda.ACTIVATION_TYPES))
+def test_fused_step_matches_generic_for_each_activation(emulated, activation):
+    assert_same_run(build_config(None, [f"model.activation={activation}", "optim.nesterov=true"]),
+                    emulated)
+
+
+@pytest.mark.parametrize("extra", [["model.dropout=0.3"], ["train.label_smoothing=0.1"],
+                                   ["model.max_norm=1.5"],
+                                   ["model.dropout=0.2", "model.activation=gelu",
+                                    "optim.name=adamw", "optim.weight_decay=0.1"]])
+def test_fused_step_matches_generic_with_dropout_smoothing_max_norm(emulated, extra):
+    assert_same_run(build_config(None, extra), emulated)
+
+
+def test_fused_step_matches_generic_on_a_deeper_net(emulated):
+    config = build_config(None, ["model.hidden=[40, 24]", "model.dropout=0.1", "optim.name=adam",
+                                 "train.label_smoothing=0.05"])
+    assert_same_run(config, emulated, widths=(784, 40, 24, 10), sizes=(16, 300, 5))
+
+
+def test_a_batch_of_more_rows_than_threads_and_a_batch_of_one(emulated):
+    """softmax_xent's threads take several rows each; m = 1 is a batch too."""
+    assert_same_run(build_config(None, []), emulated, sizes=(3 * fast_cuda.XENT_THREADS + 5, 1))
+
+
+def test_loss_and_labels(emulated):
+    """Returned L and correct are fresh arrays each step; int64 labels work; a label out of
+    range gives a NaN loss (the training loop's guard then stops the run)."""
+    config = build_config(None, [])
+    step = fast_cuda.FusedStep(config, emulated)
+    params, X, y = problem((784, 16, 10), 8)
+    state = init_state(config.optim, params)
+    L1, _ = step(params, state, X, y.astype(np.int64), 0.1, 1)
+    L2, _ = step(params, state, X, y, 0.1, 2)
+    assert L1 is not L2 and np.isfinite(L1) and np.isfinite(L2)
+    y[3] = 10
+    L3, _ = step(params, state, X, y, 0.1, 3)
+    assert np.isnan(L3)
+
+
+@pytest.mark.parametrize("normalize", ["unit", "standard"])
+def test_batch_loader_matches_gather_and_to_inputs(emulated, normalize):
+    config = build_config(None, [f"data.normalize={normalize}"])
+    rng = np.random.default_rng(5)
+    split = DeviceSplit(rng.integers(0, 256, (50, 784)).astype(np.uint8),
+                        rng.integers(0, 10, 50).astype(np.int32))
+    step = fast_cuda.FusedStep(config, emulated)
+    for idx in (rng.permutation(50)[:20], np.arange(45, 50)):
+        X, y = step.batch(split, idx)
+        images, labels = gather(split, idx)
+        np.testing.assert_array_equal(X, to_inputs(images, normalize, "float32"))
+        np.testing.assert_array_equal(y, labels)
+    X20, _ = step.batch(split, np.arange(20))
+    assert X20 is step.inputs[(20, 784)][0] and set(step.inputs) == {(20, 784), (5, 784)}
+
+
+def test_the_fused_step_refuses_arrays_its_kernels_would_misread(emulated):
+    config = build_config(None, [])
+    step = fast_cuda.FusedStep(config, emulated)
+    params, X, y = problem((784, 16, 10), 4)
+    state = init_state(config.optim, params)
+    fortran = Params((np.asfortranarray(params.W[0]), params.W[1]), params.b)
+    with pytest.raises(GpumlpError, match="W1 as a C-contiguous float32"):
+        step(fortran, state, X, y, 0.1, 1)
+    with pytest.raises(GpumlpError, match="float32 inputs"):
+        step(params, state, X.astype(np.float64), y, 0.1, 1)
+
+
+# --- 3. routing, buffers, TF32 ----------------------------------------------------------------
+
+class RecordingModule:
+    """A RawModule that builds nothing and remembers which kernels were asked for."""
+    asked: list = []
+
+    def __init__(self, code: str, options: tuple):
+        self.code = code
+
+    def get_function(self, name: str):
+        assert name in SIGNATURES, f"no kernel {name} in the source"
+        RecordingModule.asked.append(name)
+        return name
+
+
+def gpu_backend(capability: str = "90") -> Backend:
+    return Backend(fake_cupy(RecordingModule, capability), "cuda:0", "cuda:0 (fake)")
+
+
+@pytest.mark.parametrize("activation", sorted(fast_cuda.ACTIVATION_TYPES))
+def test_float32_configs_take_the_fused_step(activation):
+    config = build_config(None, [f"model.activation={activation}", "model.dropout=0.5",
+                                 "model.max_norm=3", "train.label_smoothing=0.1", "optim.name=adamw"])
+    assert fast_cuda.unsupported(config) is None
+    RecordingModule.asked = []
+    step = fast_cuda.gpu_step(config, gpu_backend())
+    assert isinstance(step, fast_cuda.FusedStep) and step.kind == "fused_cuda"
+    assert f"bias_act_{activation}" in RecordingModule.asked
+
+
+def test_float64_takes_the_generic_step():
+    config = build_config(None, ["train.dtype=float64"])
+    assert "float64" in fast_cuda.unsupported(config)
+    step = fast_cuda.gpu_step(config, gpu_backend())
+    assert not isinstance(step, fast_cuda.FusedStep) and not hasattr(step, "batch")
+
+
+def test_a_build_failure_is_one_line_device_error():
+    class Broken(RecordingModule):
+        def get_function(self, name):
+            raise RuntimeError("kern.cu(12): error: expected a ';'\nmore lines")
+
+    backend = Backend(fake_cupy(Broken), "cuda:0", "fake")
+    with pytest.raises(GpumlpError, match=r"did not build \(RuntimeError: kern.cu\(12\)") as e:
+        fast_cuda.FusedStep(build_config(), backend)
+    assert "\n" not in str(e.value)
+
+
+def test_buffers_are_keyed_by_batch_size_and_widths():
+    step = fast_cuda.FusedStep(build_config(), gpu_backend())
+    widths = (784, 32, 10)
+    first = step.step_buffers(128, widths)
+    assert step.step_buffers(128, widths) is first                  # reused, not reallocated
+    last = step.step_buffers(96, widths)                            # the epoch's shorter batch
+    assert last is not first and set(step.buffers) == {(128, widths), (96, widths)}
+    assert [a.shape for a in first.A] == [(128, 32), (128, 10)]
+    assert fast_cuda.buffer_shapes((784, 64, 32, 10), 5) == {
+        "A": ((5, 64), (5, 32), (5, 10)), "Z": ((5, 64), (5, 32)), "dZ": ((5, 64), (5, 32)),
+        "dA": (5, 10)}
+
+
+@pytest.mark.parametrize("on, capability, expected", [(True, "90", [7]), (False, "90", [1]),
+                                                      (True, "75", [1])])
+def test_enable_tf32_sets_cupys_compute_type(on, capability, expected):
+    backend = gpu_backend(capability)
+    assert enable_tf32(backend, on) is (expected == [7])
+    assert backend.xp.compute_types == expected
+
+
+def test_tf32_follows_the_config_when_a_gpu_step_is_made():
+    backend = gpu_backend()
+    fast_cuda.gpu_step(build_config(None, ["train.tf32=true"]), backend)
+    fast_cuda.gpu_step(build_config(None, ["train.dtype=float64"]), backend)
+    assert backend.xp.compute_types == [7, 1]
+    assert enable_tf32(CPU, True) is False
+
+
+def test_importing_the_fused_step_does_not_import_cupy():
+    code = "import sys, gpumlp.fast_cuda, gpumlp.step; sys.exit('cupy' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
