@@ -32,6 +32,7 @@ from .config import Config, OptimConfig
 from .data import DeviceSplit, MNIST_MEAN, MNIST_STD
 from .model import Params
 from .optim import OptState, apply_max_norm, sgd_update
+from .step import generic_step
 
 
 def supports(config: Config) -> bool:
@@ -188,6 +189,16 @@ def backward_update(blas_fns: tuple, cfg: OptimConfig, params: Params, state: Op
 
 # ---- the step ------------------------------------------------------------------------------------------
 
+def writable_in_place(params: Params, state: OptState) -> bool:
+    """True when BLAS can write W_k and vel_k where they are (C-ordered, writeable).
+
+    A Fortran-ordered W (say, from an --init file saved that way) would be copied by the
+    wrapper and the update lost; such arrays take the generic step instead.
+    """
+    return all(a.flags.c_contiguous and a.flags.writeable for a in (*params.W, *state.m[::2]))
+
+
+
 def fast_step(config: Config) -> Callable:
     """step(params, state, X, y, lr, t, masks) -> (L, correct), as generic_step, for `supports`."""
     act_name = config.model.activation
@@ -196,9 +207,12 @@ def fast_step(config: Config) -> Callable:
     blas_fns = blas.get_blas_funcs(("gemm", "axpy"), dtype=dtype)
     widths = (784, *config.model.widths, 10)
     buffers: dict[int, Buffers] = {}  # one set per batch size: the full one and the last, shorter
+    generic = generic_step(config)
 
     def step(params: Params, state: OptState, X: Any, y: Any, lr: float, t: int,
              masks: tuple = ()) -> tuple[Any, Any]:
+        if not writable_in_place(params, state):
+            return generic(params, state, X, y, lr, t, masks)
         m = X.shape[0]
         buf = buffers.get(m) or buffers.setdefault(m, new_buffers(m, widths, dtype))
         forward_into(blas_fns[0], params, X, masks, buf, act_name, act)

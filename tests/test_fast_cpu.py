@@ -161,6 +161,21 @@ def test_fast_step_in_float64_matches_the_generic_step_to_float64_precision():
         assert_close(s.m, s_ref.m, "velocity", rtol=1e-12, atol=1e-13)
 
 
+def test_fast_step_with_fortran_ordered_weights_still_updates_them():
+    """BLAS could not write such a W in place; the step must not lose the update."""
+    config = build_config(None, ["model.hidden=16"])
+    rng = np.random.default_rng(7)
+    params = init_params((784, 16, 10), "he", rng)
+    params = Params(tuple(np.asfortranarray(w) for w in params.W), params.b)
+    start, expected = copy_params(params), copy_params(params)
+    state, state_ref = init_state(config.optim, params), init_state(config.optim, expected)
+    X, y = batch(rng, 30)
+    fast_cpu.fast_step(config)(params, state, X, y, 0.1, 1, ())
+    generic_step(config)(expected, state_ref, X, y, 0.1, 1, ())
+    assert np.abs(params.W[0] - start.W[0]).max() > 1e-4
+    assert_close(params.W + params.b, expected.W + expected.b, "params")
+
+
 # ---- the choice of step ------------------------------------------------------------------------------
 
 def test_make_step_takes_the_fast_path_by_default_for_h256_on_the_cpu():
