@@ -23,8 +23,9 @@ from gpumlp.config import build_config
 from gpumlp.data import to_inputs
 from gpumlp.mnist import load_mnist
 from gpumlp.model import forward, init_params
-from gpumlp.preprocess import (CENTRE, ImageError, centre_by_mass, load_digit, mnist_pixels,
-                               read_back, read_gray)
+from gpumlp.preprocess import (CENTRE, INK_LEVEL, ImageError, centre_by_mass, load_digit,
+                               mnist_pixels, read_gray)
+from gpumlp.readback import read_back
 from use_helpers import assert_missing_extra, invoke, train_model, without_module
 
 
@@ -159,16 +160,16 @@ def test_an_enlarged_small_image_is_read_back_pixel_for_pixel(resample, size):
     big = Image.fromarray(255 - digit.astype(np.uint8)).resize((size, size),
                                                                Image.Resampling[resample])
     picture = np.pad(np.asarray(big), ((3, 21), (17, 5)), constant_values=255).astype(float)
-    read = read_back(255.0 - picture)
+    read = read_back(255.0 - picture, INK_LEVEL)
     assert read is not None
     np.testing.assert_allclose(mnist_pixels(picture), digit, atol=5.0)
 
 
 def test_pictures_that_are_not_enlargements_are_not_read_back():
-    assert read_back(255.0 - ring_digit().astype(float)) is None           # sharp edges
+    assert read_back(255.0 - ring_digit().astype(float), INK_LEVEL) is None           # sharp edges
     digit = Image.fromarray(255 - mnist_like_digit().astype(np.uint8)).resize((112, 112))
     turned = np.asarray(digit.rotate(7, Image.Resampling.BICUBIC, fillcolor=255), dtype=float)
-    assert read_back(255.0 - turned) is None                                # not on a pixel grid
+    assert read_back(255.0 - turned, INK_LEVEL) is None                                # not on a pixel grid
 
 
 def test_an_mnist_sized_array_is_left_as_it_is():
