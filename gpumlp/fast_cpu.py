@@ -5,10 +5,11 @@ A before the nonlinearity, Z after; shape letters m, d, h, c). What differs is o
 numbers are written:
 
 - every product is one BLAS gemm (scipy's wrappers) writing into a buffer allocated once per
-  batch size, and every elementwise line has an `out=`;
+  batch size (A_k starts as b_k and the product is added onto it), and every elementwise line
+  has an `out=`;
 - softmax and cross-entropy are fused: one pass gives L, dA2 = (Z2 - Y) / m and the correct count;
-- the SGD update is folded into the dW_k product through gemm's alpha and beta, so dW_k is never
-  stored and W_k is read and written once per step:
+- the SGD update is folded into the dW_k product through gemm's alpha and beta (beta applied
+  by a scal first, which OpenBLAS does faster), so dW_k is never stored:
 
       plain SGD:   W_k   = (1 - lr wd) W_k - lr Z_{k-1}.T @ dA_k        (one gemm)
       momentum:    vel_k = mu vel_k + Z_{k-1}.T @ dA_k (+ wd W_k);  W_k -= lr vel_k
@@ -42,6 +43,13 @@ def supports(config: Config) -> bool:
     return o.name == "sgd" and not nesterov_wd and config.train.dtype in ("float32", "float64")
 
 
+class Blas(NamedTuple):
+    """SciPy's BLAS wrappers for one dtype (s... for float32, d... for float64)."""
+    gemm: Callable
+    axpy: Callable
+    scal: Callable
+
+
 def gemm_into(gemm: Callable, alpha: float, A: np.ndarray, B: np.ndarray, beta: float,
               C: np.ndarray, trans_a: bool = False, trans_b: bool = False) -> None:
     """C = alpha op(A) @ op(B) + beta C in place, for C-ordered arrays.
@@ -53,13 +61,22 @@ def gemm_into(gemm: Callable, alpha: float, A: np.ndarray, B: np.ndarray, beta: 
     gemm(alpha, B.T, A.T, beta, C.T, trans_a=trans_b, trans_b=trans_a, overwrite_c=1)
 
 
+def gemm_add(lib: Blas, alpha: float, A: np.ndarray, B: np.ndarray, beta: float,
+             C: np.ndarray) -> None:
+    """C = alpha A.T @ B + beta C, scaling C with scal first: OpenBLAS's gemm is slower for a
+    beta other than 0 or 1 than a scal and a gemm with beta = 1 (what it does inside anyway)."""
+    if beta != 1:
+        lib.scal(beta, C.reshape(-1))                                    # C *= beta
+    gemm_into(lib.gemm, alpha, A, B, 1.0, C, trans_a=True)               # C += alpha A.T @ B
+
+
 class Buffers(NamedTuple):
     """Everything one step writes, for one batch size m (L = number of layers)."""
     A: tuple            # A_k (m, fan_out) for k = 1..L; A_L are the logits A2
     Z: tuple            # Z_k (m, h_k) for the hidden layers
     dA: tuple           # dA_k (m, fan_out); dZ_k is computed in place in the same buffer
     db: tuple           # db_k (fan_out,)
-    positive: tuple     # A_k > 0 (m, h_k), bool: phi'(A_k) of ReLU
+    positive: tuple     # (A_k > 0) as 0/1 floats (m, h_k): phi'(A_k) of ReLU, set by forward
     rowmax: np.ndarray  # (m, 1) max of each row of A2, then log-sum-exp of the shifted row
     rowsum: np.ndarray  # (m, 1) sum of exp of each shifted row
     at_label: np.ndarray  # (m,) shifted logit of the label, A2[i, y_i] - max_i
@@ -76,7 +93,7 @@ def new_buffers(m: int, widths: tuple[int, ...], dtype: np.dtype) -> Buffers:
     return Buffers(
         A=tuple(empty(m, w) for w in outs), Z=tuple(empty(m, w) for w in hidden),
         dA=tuple(empty(m, w) for w in outs), db=tuple(empty(w) for w in outs),
-        positive=tuple(np.empty((m, w), dtype=bool) for w in hidden),
+        positive=tuple(empty(m, w) for w in hidden),
         rowmax=empty(m, 1), rowsum=empty(m, 1), at_label=empty(m),
         label_pos=np.empty(m, dtype=np.intp), row_start=np.arange(m, dtype=np.intp) * c,
         pred=np.empty(m, dtype=np.intp), hit=np.empty(m, dtype=bool))
@@ -84,10 +101,12 @@ def new_buffers(m: int, widths: tuple[int, ...], dtype: np.dtype) -> Buffers:
 
 # ---- forward: A_k = Z_{k-1} @ W_k + b_k, Z_k = phi(A_k) ------------------------------------------
 
-def phi_into(act_name: str, act: Activation, A: np.ndarray, Z: np.ndarray) -> None:
-    """Z = phi(A); ReLU in place, other activations through their generic function."""
+def phi_into(act_name: str, act: Activation, A: np.ndarray, Z: np.ndarray,
+             positive: np.ndarray) -> None:
+    """Z = phi(A); ReLU as A * (A > 0), keeping A > 0 for phi'; others through their function."""
     if act_name == "relu":
-        np.maximum(A, 0, out=Z)                                        # (m, h)
+        np.greater(A, 0, out=positive)                                 # (m, h) phi'(A), 0 or 1
+        np.multiply(A, positive, out=Z)                                # (m, h) max(A, 0)
     else:
         np.copyto(Z, act.phi(A))                                       # (m, h)
 
@@ -98,10 +117,10 @@ def forward_into(gemm: Callable, params: Params, X: np.ndarray, masks: tuple, bu
     Z_in, last = X, len(params.W) - 1
     for k, (Wk, bk) in enumerate(zip(params.W, params.b)):
         A = buf.A[k]
-        gemm_into(gemm, 1.0, Z_in, Wk, 0.0, A)                        # (m, fan_out) = Z_in @ W_k
-        np.add(A, bk, out=A)                                           # (m, fan_out) + b_k
+        np.copyto(A, bk)                                               # (m, fan_out) b_k
+        gemm_into(gemm, 1.0, Z_in, Wk, 1.0, A)                        # (m, fan_out) + Z_in @ W_k
         if k < last:
-            phi_into(act_name, act, A, buf.Z[k])                       # (m, h_k)
+            phi_into(act_name, act, A, buf.Z[k], buf.positive[k])      # (m, h_k)
             if masks:
                 np.multiply(buf.Z[k], masks[k], out=buf.Z[k])          # inverted dropout
             Z_in = buf.Z[k]
@@ -142,34 +161,32 @@ def correct_into(buf: Buffers, y: np.ndarray) -> Any:
 
 def phi_prime_into(act_name: str, act: Activation, A: np.ndarray, dA: np.ndarray,
                    positive: np.ndarray) -> None:
-    """dA = dZ * phi'(A), in place: dA holds dZ on entry."""
+    """dA = dZ * phi'(A), in place: dA holds dZ on entry (and `positive` A > 0, for ReLU)."""
     if act_name == "relu":
-        np.greater(A, 0, out=positive)                                 # (m, h) phi'(A) of ReLU
         np.multiply(dA, positive, out=dA)                              # (m, h)
     else:
         np.multiply(dA, act.phi_prime(A), out=dA)                      # (m, h)
 
 
-def update_weights(blas_fns: tuple, cfg: OptimConfig, Z_in: np.ndarray, dA: np.ndarray,
-                   Wk: np.ndarray, vel: np.ndarray, lr: float) -> None:
+def update_weights(lib: Blas, cfg: OptimConfig, Z_in: np.ndarray, dA: np.ndarray, Wk: np.ndarray,
+                   vel: np.ndarray, lr: float) -> None:
     """W_k updated by SGD with dW_k = Z_in.T @ dA folded into the gemm (see the module docstring)."""
-    gemm, axpy = blas_fns
     mu, wd = cfg.momentum, cfg.weight_decay
     W, V = Wk.reshape(-1), vel.reshape(-1)                             # flat views for axpy
     if mu == 0:
-        gemm_into(gemm, -lr, Z_in, dA, 1.0 - lr * wd, Wk, trans_a=True)  # W = (1-lr wd) W - lr dW
+        gemm_add(lib, -lr, Z_in, dA, 1.0 - lr * wd, Wk)                  # W = (1-lr wd) W - lr dW
     elif not cfg.nesterov:
-        gemm_into(gemm, 1.0, Z_in, dA, mu, vel, trans_a=True)          # vel = mu vel + dW
+        gemm_add(lib, 1.0, Z_in, dA, mu, vel)                            # vel = mu vel + dW
         if wd:
-            axpy(W, V, a=wd)                                           # vel += wd W
-        axpy(V, W, a=-lr)                                              # W -= lr vel
+            lib.axpy(W, V, a=wd)                                         # vel += wd W
+        lib.axpy(V, W, a=-lr)                                            # W -= lr vel
     else:
-        axpy(V, W, a=lr * mu)                                          # W += lr mu vel_old
-        gemm_into(gemm, 1.0, Z_in, dA, mu, vel, trans_a=True)          # vel = mu vel + dW
-        axpy(V, W, a=-lr * (1 + mu))                                   # W -= lr (1+mu) vel_new
+        lib.axpy(V, W, a=lr * mu)                                        # W += lr mu vel_old
+        gemm_add(lib, 1.0, Z_in, dA, mu, vel)                            # vel = mu vel + dW
+        lib.axpy(V, W, a=-lr * (1 + mu))                                 # W -= lr (1+mu) vel_new
 
 
-def backward_update(blas_fns: tuple, cfg: OptimConfig, params: Params, state: OptState,
+def backward_update(lib: Blas, cfg: OptimConfig, params: Params, state: OptState,
                     X: np.ndarray, masks: tuple, buf: Buffers, lr: float, act_name: str,
                     act: Activation) -> None:
     """From dA_L = buf.dA[-1] down to layer 1: dZ_{k-1} with the old W_k, then update layer k."""
@@ -177,13 +194,13 @@ def backward_update(blas_fns: tuple, cfg: OptimConfig, params: Params, state: Op
         dA = buf.dA[k]                                                 # (m, fan_out)
         if k > 0:
             below = buf.dA[k - 1]
-            gemm_into(blas_fns[0], 1.0, dA, params.W[k], 0.0, below, trans_b=True)  # dZ (m, h)
+            gemm_into(lib.gemm, 1.0, dA, params.W[k], 0.0, below, trans_b=True)  # dZ (m, h)
             if masks:
                 np.multiply(below, masks[k - 1], out=below)            # through the dropout mask
             phi_prime_into(act_name, act, buf.A[k - 1], below, buf.positive[k - 1])
         np.sum(dA, axis=0, out=buf.db[k])                              # (fan_out,) db_k
         Z_in = X if k == 0 else buf.Z[k - 1]
-        update_weights(blas_fns, cfg, Z_in, dA, params.W[k], state.m[2 * k], lr)
+        update_weights(lib, cfg, Z_in, dA, params.W[k], state.m[2 * k], lr)
         sgd_update(cfg, params.b[k], buf.db[k], state.m[2 * k + 1], lr)
 
 
@@ -204,7 +221,7 @@ def fast_step(config: Config) -> Callable:
     act_name = config.model.activation
     act = ACTIVATIONS[act_name]
     dtype = np.dtype(config.train.dtype)
-    blas_fns = blas.get_blas_funcs(("gemm", "axpy"), dtype=dtype)
+    lib = Blas(*blas.get_blas_funcs(("gemm", "axpy", "scal"), dtype=dtype))
     widths = (784, *config.model.widths, 10)
     buffers: dict[int, Buffers] = {}  # one set per batch size: the full one and the last, shorter
     generic = generic_step(config)
@@ -215,9 +232,9 @@ def fast_step(config: Config) -> Callable:
             return generic(params, state, X, y, lr, t, masks)
         m = X.shape[0]
         buf = buffers.get(m) or buffers.setdefault(m, new_buffers(m, widths, dtype))
-        forward_into(blas_fns[0], params, X, masks, buf, act_name, act)
+        forward_into(lib.gemm, params, X, masks, buf, act_name, act)
         L, correct = softmax_ce_into(buf, y, config.train.label_smoothing)
-        backward_update(blas_fns, config.optim, params, state, X, masks, buf, lr, act_name, act)
+        backward_update(lib, config.optim, params, state, X, masks, buf, lr, act_name, act)
         apply_max_norm(params, config.model.max_norm)
         return L, correct
 
@@ -250,7 +267,8 @@ class BatchLoader:
         U, X, y = self.U[:m], self.X[:m], self.y[:m]
         np.take(split.images, idx, axis=0, out=U, mode="clip")         # (m, d) uint8
         np.take(split.labels, idx, out=y, mode="clip")                 # (m,)
-        np.multiply(U, self.scale, out=X)                              # (m, d) x / 255
+        np.copyto(X, U)                                                # (m, d) as float
+        np.multiply(X, self.scale, out=X)                              # (m, d) x / 255
         if self.normalize == "standard":
             X -= MNIST_MEAN
             X *= 1.0 / MNIST_STD
