@@ -129,21 +129,28 @@ def forward_into(gemm: Callable, params: Params, X: np.ndarray, masks: tuple, bu
 # ---- softmax and cross-entropy, fused --------------------------------------------------------------
 
 def softmax_ce_into(buf: Buffers, y: np.ndarray, smoothing: float) -> tuple[Any, Any]:
-    """L (mean cross-entropy from log-sum-exp), dA2 = (Z2 - Y) / m into buf.dA[-1], correct count."""
+    """L (mean cross-entropy from log-sum-exp), dA2 = (Z2 - Y) / m into buf.dA[-1], correct count.
+
+    With label smoothing e, Y = (1 - e) one-hot + e / c, and for each row
+    -sum_j Y_ij log Z2_ij = lse_i - (1 - e) S[i, y_i] - (e / c) sum_j S_ij, S the shifted logits.
+    """
     A2, dA2 = buf.A[-1], buf.dA[-1]                                    # (m, c)
     m, c = A2.shape
-    np.max(A2, axis=1, keepdims=True, out=buf.rowmax)                  # (m, 1)
-    np.subtract(A2, buf.rowmax, out=dA2)                               # (m, c) shifted logits S
-    np.add(buf.row_start, y, out=buf.label_pos)                        # (m,) where Y is 1
-    np.take(dA2, buf.label_pos, out=buf.at_label, mode="clip")        # (m,) S[i, y_i]
-    S_sum = dA2.sum() if smoothing else 0.0                            # () for the smoothed Y
+    flat, lse, loss_i = dA2.reshape(-1), buf.rowmax, buf.at_label       # (m c,) view, (m, 1), (m,)
+    np.maximum.reduce(A2, axis=1, keepdims=True, out=buf.rowmax)       # (m, 1) row maxima
+    np.subtract(A2, buf.rowmax, out=dA2)                               # (m, c) S = A2 - max
+    np.add(buf.row_start, y, out=buf.label_pos)                        # (m,) flat index of y_i
+    np.take(flat, buf.label_pos, out=loss_i, mode="clip")              # (m,) S[i, y_i]
+    S_sum = np.add.reduce(flat) if smoothing else 0.0                  # () sum of S, for e / c
     np.exp(dA2, out=dA2)                                               # (m, c) exp(S)
-    np.sum(dA2, axis=1, keepdims=True, out=buf.rowsum)                 # (m, 1)
-    np.log(buf.rowsum, out=buf.rowmax)                                 # (m, 1) log-sum-exp of S
-    # -sum_j Y_ij log Z2_ij = lse_i - (1 - e) S[i, y_i] - (e / c) sum_j S_ij
-    L = (buf.rowmax.sum() - (1 - smoothing) * buf.at_label.sum() - smoothing / c * S_sum) / m
+    np.add.reduce(dA2, axis=1, keepdims=True, out=buf.rowsum)          # (m, 1)
+    np.log(buf.rowsum, out=lse)                                        # (m, 1) log-sum-exp of S
+    if smoothing:
+        np.multiply(loss_i, 1 - smoothing, out=loss_i)                 # (m,) (1 - e) S[i, y_i]
+    np.subtract(lse.reshape(-1), loss_i, out=loss_i)                   # (m,) the rows' losses
+    L = (np.add.reduce(loss_i) - smoothing / c * S_sum) / m            # ()
     np.divide(dA2, buf.rowsum, out=dA2)                                # (m, c) Z2
-    dA2.reshape(-1)[buf.label_pos] -= 1 - smoothing                    # Z2 - Y at the labels
+    flat[buf.label_pos] -= 1 - smoothing                               # Z2 - Y at the labels
     if smoothing:
         dA2 -= smoothing / c                                           # and e / c everywhere
     np.divide(dA2, m, out=dA2)                                         # (m, c) dA2 = (Z2 - Y) / m
@@ -198,7 +205,7 @@ def backward_update(lib: Blas, cfg: OptimConfig, params: Params, state: OptState
             if masks:
                 np.multiply(below, masks[k - 1], out=below)            # through the dropout mask
             phi_prime_into(act_name, act, buf.A[k - 1], below, buf.positive[k - 1])
-        np.sum(dA, axis=0, out=buf.db[k])                              # (fan_out,) db_k
+        np.add.reduce(dA, axis=0, out=buf.db[k])                       # (fan_out,) db_k
         Z_in = X if k == 0 else buf.Z[k - 1]
         update_weights(lib, cfg, Z_in, dA, params.W[k], state.m[2 * k], lr)
         sgd_update(cfg, params.b[k], buf.db[k], state.m[2 * k + 1], lr)
