@@ -66,8 +66,8 @@ def gemm_add(lib: Blas, alpha: float, A: np.ndarray, B: np.ndarray, beta: float,
     """C = alpha A.T @ B + beta C, scaling C with scal first: OpenBLAS's gemm is slower for a
     beta other than 0 or 1 than a scal and a gemm with beta = 1 (what it does inside anyway)."""
     if beta != 1:
-        lib.scal(beta, C.reshape(-1))                                    # C *= beta
-    gemm_into(lib.gemm, alpha, A, B, 1.0, C, trans_a=True)               # C += alpha A.T @ B
+        lib.scal(beta, C.reshape(-1))                                  # C *= beta
+    gemm_into(lib.gemm, alpha, A, B, 1.0, C, trans_a=True)             # C += alpha A.T @ B
 
 
 class Buffers(NamedTuple):
@@ -79,7 +79,7 @@ class Buffers(NamedTuple):
     positive: tuple     # (A_k > 0) as 0/1 floats (m, h_k): phi'(A_k) of ReLU, set by forward
     rowmax: np.ndarray  # (m, 1) max of each row of A2, then log-sum-exp of the shifted row
     rowsum: np.ndarray  # (m, 1) sum of exp of each shifted row
-    at_label: np.ndarray  # (m,) shifted logit of the label, A2[i, y_i] - max_i
+    at_label: np.ndarray  # (m,) shifted logit of the label, A2[i, y_i] - max_i; then row losses
     label_pos: np.ndarray  # (m,) flat index i * c + y_i of each label in (m, c)
     row_start: np.ndarray  # (m,) i * c
     pred: np.ndarray    # (m,) argmax of each row of A2
