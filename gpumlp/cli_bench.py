@@ -12,7 +12,7 @@ import platform
 
 import click
 
-from .cli import device_option, domain_errors
+from .cli_common import device_option, domain_errors
 
 CPU_BATCHES = (64, 128, 256, 1024)
 GPU_BATCHES = (128, 1024)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .cli import OneLineError, data_dir_option, device_option, domain_errors, load_mnist_for
+from .cli_common import OneLineError, data_dir_option, device_option, domain_errors, load_mnist_for
 
 
 def require(module: str, package: str, extra: str) -> None:

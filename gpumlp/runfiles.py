@@ -23,7 +23,7 @@ from .config import Config, dump_config
 from .errors import CheckpointError, GpumlpError
 from .model import Params
 from .npzio import atomic_write, load_npz, save_npz
-from .optim import OptState, flat
+from .optim import flat
 
 if TYPE_CHECKING:
     from .train import RunState
@@ -114,7 +114,7 @@ class RunFiles:
 
     def load_checkpoint(self, config: Config, backend: Backend) -> tuple["RunState", list[dict]]:
         """The state saved by the last checkpoint, checked against `config`."""
-        from .train import Position, RunState, new_state
+        from .train import Position, new_state
 
         source = str(self.path("checkpoint.npz"))
         arrays = load_npz(self.path("checkpoint.npz"))

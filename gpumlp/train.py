@@ -7,7 +7,6 @@ callback `on_event(kind, info)`; the library never prints.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,9 @@ import numpy as np
 
 from .activations import ACTIVATIONS
 from .augment import make_augment
-from .backend import Backend, to_host
+from .backend import Backend
 from .config import Config
-from .data import DeviceData, DeviceSplit, batch_slices, gather, permutation, prepare_data, to_inputs
+from .data import DeviceData, DeviceSplit, batch_slices, permutation, prepare_data, to_inputs
 from .errors import ConfigError, GpumlpError
 from .mnist import Mnist
 from .model import Params, correct_count, dropout_masks, forward, init_params, loss_and_dA2

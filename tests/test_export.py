@@ -8,7 +8,6 @@ import onnx
 import onnxruntime
 import pytest
 
-import gpumlp.cli  # noqa: F401  (first: gpumlp.cli imports cli_use to register its commands)
 from gpumlp.activations import ACTIVATIONS
 from gpumlp.backend import CPU
 from gpumlp.checkpoint import save_model

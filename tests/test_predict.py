@@ -17,7 +17,6 @@ from PIL import Image
 
 from gpumlp.activations import ACTIVATIONS
 from gpumlp.checkpoint import save_model
-import gpumlp.cli  # noqa: F401  (first: gpumlp.cli imports cli_use to register its commands)
 from gpumlp.cli_use import predict
 from gpumlp.config import build_config
 from gpumlp.data import to_inputs

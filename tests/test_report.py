@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import gpumlp.cli  # noqa: F401  (first: gpumlp.cli imports cli_use to register its commands)
 from gpumlp.activations import ACTIVATIONS
 from gpumlp.backend import CPU
 from gpumlp.checkpoint import load_model

@@ -36,7 +36,7 @@ RUN_SET = ["--set", "model.hidden=32", "--set", "data.limit=6000", "--set", "tra
 def real_data_dir() -> Path:
     folder = Path(os.environ.get("GPUMLP_DATA_DIR", SHARED))
     if not (folder / "train-images-idx3-ubyte.gz").exists() and not (folder / "train-images-idx3-ubyte").exists():
-        pytest.skip(f"the MNIST files are not available here (set GPUMLP_DATA_DIR)")
+        pytest.skip("the MNIST files are not available here (set GPUMLP_DATA_DIR)")
     return folder
 
 
