@@ -71,8 +71,10 @@ def predict(model_path, files, top_k, as_json, device):
         else:
             click.echo(result_line(result, top_k, as_json))
     failed = sum(result.error is not None for result in results)
-    if failed:
+    if failed and len(results) > 1:
         raise OneLineError(f"{failed} of {len(results)} files could not be predicted")
+    if failed:  # one file: its own error line above is the whole message
+        raise SystemExit(1)
 
 
 @click.command()

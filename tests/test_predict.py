@@ -198,6 +198,18 @@ def test_bad_files_get_one_error_line_each_and_the_others_are_predicted(random_m
     assert errors[-1] == f"Error: {len(bad)} of {len(files)} files could not be predicted"
 
 
+@pytest.mark.parametrize("content", [b"", b"not an image", b"\x89PNG\r\n\x1a\n cut short"])
+def test_one_bad_file_is_exactly_one_error_line_and_exit_1(random_model, tmp_path, content):
+    bad = tmp_path / "digit.png"
+    bad.write_bytes(content)
+    result = invoke(predict, random_model, bad, "--device", "cpu")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {bad}: ")
+    assert bad.read_bytes() == content
+
+
 def test_top_k_lines_list_classes_by_falling_probability(random_model, tmp_path):
     path = save_png(tmp_path / "ring.png", ring_digit())
     result = invoke(predict, random_model, path, "--top-k", "10", "--device", "cpu")
