@@ -7,6 +7,7 @@ callback `on_event(kind, info)`; the library never prints.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,23 +118,27 @@ def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Back
     correct = xp.asarray(pos.correct, dtype=np.int64)
     started = time.perf_counter() - pos.seconds
     check_every = 1 if not backend.is_gpu else 50
+    # on the host, a check every step: math.isfinite reads the 0-d array with less overhead
+    finite = math.isfinite if not backend.is_gpu else (lambda v: bool(xp.isfinite(v)))
     augment = make_augment(config.data.augment)
-    for b in range(pos.batch, len(slices)):
+    batches, dropout = len(slices), config.model.dropout
+    for b in range(pos.batch, batches):
         X, y = batch_inputs(step_fn, data.train, perm[slices[b]], config, augment,
                             state.dev_rng)  # (m, d) inputs, (m,) labels
         m = X.shape[0]
-        masks = dropout_masks(state.dev_rng, m, config.model.widths, config.model.dropout, X.dtype)
-        lr = learning_rate(config.optim, pos.step, len(slices), total_steps)
+        masks = dropout_masks(state.dev_rng, m, config.model.widths, dropout, X.dtype) \
+            if dropout > 0 else ()
+        lr = learning_rate(config.optim, pos.step, batches, total_steps)
         L, ok = step_fn(state.params, state.opt, X, y, lr, pos.step + 1, masks)
         loss_sum += L * m
         correct += ok
         pos.step += 1
         pos.batch = b + 1
-        if pos.step % check_every == 0 and not bool(xp.isfinite(loss_sum)):
+        if pos.step % check_every == 0 and not finite(loss_sum):
             raise NumericalError(f"the loss became NaN or infinite at epoch {pos.epoch + 1}, "
                                  f"step {pos.step}; lower optim.lr")
-        on_event("step", {"epoch": pos.epoch + 1, "batch": b + 1, "batches": len(slices)})
-        mid_epoch = b + 1 < len(slices)
+        on_event("step", {"epoch": pos.epoch + 1, "batch": b + 1, "batches": batches})
+        mid_epoch = b + 1 < batches
         if mid_epoch and (should_stop() or (tc.checkpoint_every and pos.step % tc.checkpoint_every == 0)):
             pos.loss_sum, pos.correct = float(loss_sum), int(correct)
             pos.seconds = time.perf_counter() - started

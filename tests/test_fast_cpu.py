@@ -176,6 +176,24 @@ def test_fast_step_with_fortran_ordered_weights_still_updates_them():
     assert_close(params.W + params.b, expected.W + expected.b, "params")
 
 
+def test_fast_step_with_a_strided_bias_and_velocity_still_updates_them():
+    """The bias update is a gemm too (db = ones.T @ dA); a strided b or vel must not lose it."""
+    config = build_config(None, ["model.hidden=16"])
+    rng = np.random.default_rng(8)
+    params = init_params((784, 16, 10), "he", rng)
+    strided = lambda v: np.repeat(v, 2)[::2]  # noqa: E731  (same values, not contiguous)
+    params = Params(params.W, tuple(strided(v + 0.1) for v in params.b))
+    expected = copy_params(params)
+    state, state_ref = init_state(config.optim, params), init_state(config.optim, expected)
+    state = state._replace(m=tuple(strided(v) if v.ndim == 1 else v for v in state.m))
+    X, y = batch(rng, 30)
+    for t in (1, 2):
+        fast_cpu.fast_step(config)(params, state, X, y, 0.1, t, ())
+        generic_step(config)(expected, state_ref, X, y, 0.1, t, ())
+    assert_close(params.W + params.b, expected.W + expected.b, "params")
+    assert_close(state.m, state_ref.m, "velocity")
+
+
 # ---- the choice of step ------------------------------------------------------------------------------
 
 def test_make_step_takes_the_fast_path_by_default_for_h256_on_the_cpu():
