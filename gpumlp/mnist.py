@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from .errors import DataError
-from .idx import read_idx
+from .idx import parse_idx, read_bytes
 
 # split name -> (images file, labels file); the ".gz" form or the raw form is accepted.
 FILES = {
@@ -38,10 +38,43 @@ def find_file(folder: Path, stem: str) -> Path:
                     f"{', '.join(n + '.gz' for n in ALL_FILES)}")
 
 
-def load_split(folder: Path, split: str) -> Split:
+Check = Callable[[str, bytes], "str | None"]  # (stem, decompressed bytes) -> problem or None
+
+
+def read_files(folder: Path, check: Check | None) -> dict[str, np.ndarray]:
+    """stem -> array of each of the four files, each read once.
+
+    With `check`, every file's bytes must pass it, and one DataError lists every file that
+    does not (missing, unreadable or rejected); without it, the first bad file raises.
+    """
+    arrays, problems = {}, []
+    for stem in ALL_FILES:
+        try:
+            path = find_file(folder, stem)
+        except DataError:
+            if check is None:
+                raise
+            problems.append(f"{stem}: missing")
+            continue
+        try:
+            raw = read_bytes(path)
+            problem = check(stem, raw) if check is not None else None
+        except DataError as e:
+            if check is None:
+                raise
+            problem = str(e).removeprefix(f"{path}: ")
+        if problem is not None:
+            problems.append(f"{stem}: {problem}")
+        else:
+            arrays[stem] = parse_idx(raw, name=str(path))
+    if problems:
+        raise DataError(f"{folder}: {'; '.join(problems)}")
+    return arrays
+
+
+def make_split(folder: Path, split: str, arrays: dict[str, np.ndarray]) -> Split:
     images_stem, labels_stem = FILES[split]
-    images = read_idx(find_file(folder, images_stem))
-    labels = read_idx(find_file(folder, labels_stem))
+    images, labels = arrays[images_stem], arrays[labels_stem]
     if images.ndim != 3 or labels.ndim != 1:
         raise DataError(f"{folder}: {split} files have shapes {images.shape} and {labels.shape}; "
                         "expected (n, 28, 28) images and (n,) labels")
@@ -52,9 +85,13 @@ def load_split(folder: Path, split: str) -> Split:
     return Split(images.reshape(len(images), 784), labels)
 
 
-def load_mnist(folder: str | os.PathLike) -> Mnist:
-    """Read the train and test splits from the four IDX files in `folder`."""
+def load_mnist(folder: str | os.PathLike, check: Check | None = None) -> Mnist:
+    """Read the train and test splits from the four IDX files in `folder`.
+
+    `check(stem, raw)` (e.g. a checksum) vets each file's bytes as they are read.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such data folder; pass --data-dir with the four MNIST files")
-    return Mnist(load_split(folder, "train"), load_split(folder, "test"))
+    arrays = read_files(folder, check)
+    return Mnist(make_split(folder, "train", arrays), make_split(folder, "test", arrays))
