@@ -30,7 +30,7 @@ from .backend import Backend
 from .config import build_config
 from .data import DeviceData, DeviceSplit
 from .errors import ConfigError
-from .step import make_step
+from .step import make_step, prepare_state
 from .train import Position, new_state, train_epoch
 
 D, C = 784, 10
@@ -166,6 +166,7 @@ def gpumlp_runner(backend: Backend, split: DeviceSplit, hidden: int, batch: int,
     state = new_state(config, backend)
     data = DeviceData(split, None, split)
     step_fn = make_step(config, backend)
+    prepare_state(step_fn, state)
 
     def epoch() -> None:
         train_epoch(state, data, config, backend, step_fn, lambda kind, info: None,

@@ -4,23 +4,33 @@ Same signature as `step.generic_step` and the same equations (see model.py for t
 A before the nonlinearity, Z after; shape letters m, d, h, c). What differs is only where the
 numbers are written:
 
-- every product is one BLAS gemm (scipy's wrappers) writing into a buffer allocated once per
-  batch size (A_k starts as b_k and the product is added onto it), and every elementwise line
-  has an `out=`;
-- softmax and cross-entropy are fused: one pass gives L, dA2 = (Z2 - Y) / m and the correct count,
-  worked on the transposed logits (NumPy reduces down columns far faster than along rows of 10);
-- the SGD update is folded into the dW_k product through gemm's alpha and beta (beta applied
-  by a scal first, which OpenBLAS does faster), so dW_k is never stored; the biases the same
-  way, with db_k = ones.T @ dA_k as the product (one small gemm instead of a sum and the update):
+- **one block per layer**: W_k and b_k are views of one array J_k = [W_k; b_k] of shape
+  (fan_in + 1, fan_out) (their velocities likewise), and each layer's input carries a column of
+  ones, [Z_{k-1} | 1] (m, fan_in + 1). Then A_k = [Z_{k-1} | 1] @ J_k is the product and the bias
+  in one gemm, and [Z_{k-1} | 1].T @ dA_k is [dW_k; db_k] in one gemm: the biases cost no call
+  of their own. `pack` puts parameters into this layout (the training loop calls it once);
+  anything else takes the generic step.
+- every product is one BLAS gemm (SciPy's wrappers) writing into a buffer allocated once per
+  batch size, and every elementwise line has an `out=`;
+- the logits come out of their gemm transposed, S = A_L.T (c, m): NumPy reduces down the
+  columns of S far faster than along rows of only c = 10. Softmax and cross-entropy are fused on
+  S, which ends as m dA_L.T = (Z_L - Y).T; the 1/m goes into the alpha of the products that read it;
+- the SGD update is folded into the dJ_k product through gemm's alpha and beta, so dJ_k is
+  never stored. The velocity is kept as vel_k = s V_k with one scale s for the run
+  (optim.OptState.scale): vel_k *= mu is s *= mu, and no pass over V_k is spent on it:
 
-      plain SGD:   W_k   = (1 - lr wd) W_k - lr Z_{k-1}.T @ dA_k        (one gemm)
-      momentum:    vel_k = mu vel_k + Z_{k-1}.T @ dA_k (+ wd W_k);  W_k -= lr vel_k
-      Nesterov:    W_k  += lr mu vel_k;  vel_k = mu vel_k + dW_k;  W_k -= lr (1 + mu) vel_k
-                   (= W_k - lr (dW_k + mu vel_k), since dW_k = new vel_k - mu old vel_k)
+      plain SGD:   J_k  = (1 - lr wd) J_k - lr dJ_k                    (a gemm; a scal with wd)
+      momentum:    s *= mu;  V_k += (dJ_k (+ wd J_k)) / s;  J_k -= lr s V_k    (gemm, axpy)
+      Nesterov:    J_k += lr mu vel_k;  s *= mu;  V_k += dJ_k / s;  J_k -= lr (1 + mu) s V_k
+                   (= J_k - lr (dJ_k + mu vel_k), since dJ_k = new vel_k - mu old vel_k)
+
+  V_k is multiplied out (V_k *= s, s = 1) before s would fall below 2^-64, once in about 400
+  steps at mu = 0.9; checkpoints save s beside V_k, so a resume continues bit for bit;
+- the batch loader gathers the shuffled rows as uint8 and scales them straight into the
+  first layer's input buffer.
 
 Optimizers that need dW_k itself (Adam, AdamW, Nesterov with weight decay) take the generic step;
-`supports` says which configs come here. The batch loader `BatchLoader` gathers the shuffled rows
-into a preallocated uint8 buffer and scales them into a preallocated float buffer.
+`supports` says which configs come here.
 """
 
 from __future__ import annotations
@@ -30,12 +40,15 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 from scipy.linalg import blas
 
-from .activations import ACTIVATIONS, Activation
+from .activations import ACTIVATIONS
 from .config import Config, OptimConfig
 from .data import DeviceSplit, MNIST_MEAN, MNIST_STD
 from .model import Params
 from .optim import OptState, apply_max_norm
 from .step import generic_step
+
+D, C = 784, 10
+TINY_SCALE = 2.0 ** -64  # the velocity scale is multiplied out before it falls below this
 
 
 def supports(config: Config) -> bool:
@@ -63,229 +76,319 @@ def gemm_into(gemm: Callable, alpha: float, A: np.ndarray, B: np.ndarray, beta: 
     gemm(alpha, B.T, A.T, beta, C.T, trans_a=trans_b, trans_b=trans_a, overwrite_c=1)
 
 
-def gemm_add(lib: Blas, alpha: float, A: np.ndarray, B: np.ndarray, beta: float,
-             C: np.ndarray) -> None:
-    """C = alpha A.T @ B + beta C, scaling C with scal first: OpenBLAS's gemm is slower for a
-    beta other than 0 or 1 than a scal and a gemm with beta = 1 (what it does inside anyway)."""
-    if beta != 1:
-        lib.scal(beta, C.reshape(-1))                                  # C *= beta
-    gemm_into(lib.gemm, alpha, A, B, 1.0, C, trans_a=True)             # C += alpha A.T @ B
+# ---- the packed layout: J_k = [W_k; b_k] ---------------------------------------------------------
 
+def pack(params: Params, state: OptState) -> tuple[Params, OptState]:
+    """Copies of params and SGD state with W_k, b_k (and their velocities) in one block J_k."""
+    def blocks(W: tuple, b: tuple) -> tuple[tuple, tuple]:
+        Js = []
+        for Wk, bk in zip(W, b):
+            J = np.empty((Wk.shape[0] + 1, Wk.shape[1]), dtype=Wk.dtype)  # (fan_in + 1, fan_out)
+            J[:-1], J[-1] = Wk, bk
+            Js.append(J)
+        return tuple(J[:-1] for J in Js), tuple(J[-1] for J in Js)
+
+    W, b = blocks(params.W, params.b)
+    vel = state.m
+    if vel:
+        vW, vb = blocks(vel[0::2], vel[1::2])
+        vel = tuple(t for pair in zip(vW, vb) for t in pair)
+    scale = np.ones(1) if state.scale is None else np.array(state.scale, dtype=np.float64)
+    return Params(W, b), OptState(vel, state.v, scale)
+
+
+def multiply_out(state: OptState) -> None:
+    """Make the stored velocity the velocity itself, in place: m *= scale, scale = 1."""
+    if state.scale is not None and state.scale[0] != 1:
+        for a in state.m:
+            a *= a.dtype.type(state.scale[0])
+        state.scale[0] = 1.0
+
+
+def block_of(W: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """J when W = J[:-1] and b = J[-1] of one writeable C-ordered block J, else None."""
+    J = W.base
+    if (J is None or b.base is not J or J.ndim != 2 or not J.flags.c_contiguous
+            or not J.flags.writeable or J.shape != (W.shape[0] + 1, W.shape[1])):
+        return None
+    start = J.__array_interface__["data"][0]
+    if (W.__array_interface__["data"][0] != start or W.strides != J.strides
+            or b.__array_interface__["data"][0] != start + W.shape[0] * J.strides[0]):
+        return None
+    return J
+
+
+def packed_blocks(params: Params, state: OptState) -> tuple[tuple, tuple] | None:
+    """(J_k, vel_k) of every layer when `pack`'s layout holds (vel_k = () without momentum)."""
+    Js = tuple(block_of(W, b) for W, b in zip(params.W, params.b))
+    if state.scale is None or state.scale.shape != (1,):
+        return None
+    if state.m:
+        Vs = tuple(block_of(W, b) for W, b in zip(state.m[0::2], state.m[1::2]))
+    else:
+        Vs = tuple(() for _ in Js)
+    if any(J is None for J in Js) or any(V is None for V in Vs):
+        return None
+    return Js, Vs
+
+
+# ---- buffers -------------------------------------------------------------------------------------
 
 class Buffers(NamedTuple):
-    """Everything one step writes, for one batch size m (L = number of layers)."""
-    A: tuple            # A_k (m, fan_out) for k = 1..L; A_L are the logits A2
-    Z: tuple            # Z_k (m, h_k) for the hidden layers
-    dA: tuple           # dA_k (m, fan_out); dZ_k is computed in place in the same buffer
-    positive: tuple     # (A_k > 0) as 0/1 floats (m, h_k): phi'(A_k) of ReLU, set by forward
-    ones: np.ndarray    # (m, 1) of 1: db_k = ones.T @ dA_k is a gemm, so the update folds in
-    S: np.ndarray       # (c, m) the logits transposed, then shifted, exp'd, normalised: the
-                        # per-row reductions of the softmax run down columns, many times faster
-                        # in NumPy than along rows of only c = 10
-    rowmax: np.ndarray  # (1, m) max of each row of A2, then log-sum-exp of the shifted row
-    rowsum: np.ndarray  # (1, m) sum of exp of each shifted row, then times m
-    at_label: np.ndarray  # (m,) logit of the label A2[i, y_i], then shifted, then row losses
-    label_pos: np.ndarray  # (m,) flat index i * c + y_i of each label in (m, c)
-    row_start: np.ndarray  # (m,) i * c
-    pred: np.ndarray    # (m,) argmax of each row of A2
+    """Everything one step writes, for one batch size m and L layers (L - 1 hidden)."""
+    Z: tuple            # [Z_{k-1} | 1] (m, fan_in + 1), k = 1..L: each layer's input, X first
+    A: tuple            # A_k (m, h_k) of the hidden layers
+    dA: tuple           # dA_k (m, h_k) of the hidden layers; dZ_k is computed in place in them
+    positive: tuple     # (A_k > 0) as 0/1 (m, h_k): phi'(A_k) of ReLU, set by the forward pass
+    S: np.ndarray       # (c, m) the logits transposed, then shifted, exp'd, normalised: m dA_L.T
+    colmax: np.ndarray  # (m,) max of each column of S, then log-sum-exp
+    colsum: np.ndarray  # (m,) sum of exp of each shifted column
+    at_label: np.ndarray  # (m,) shifted logit of the label, S[y_i, i]
+    label_pos: np.ndarray  # (m,) flat index y_i m + i of each label in S
+    col: np.ndarray     # (m,) 0..m-1
+    pred: np.ndarray    # (m,) argmax of each column of S
     hit: np.ndarray     # (m,) bool, pred == y
+    y: np.ndarray       # (m,) the labels, when the step's own loader gathers the batch
 
 
 def new_buffers(m: int, widths: tuple[int, ...], dtype: np.dtype) -> Buffers:
     """Buffers for a batch of m rows through the layers `widths` = (d, h1, ..., c)."""
-    outs, hidden, c = widths[1:], widths[1:-1], widths[-1]
+    hidden, c = widths[1:-1], widths[-1]
     empty = lambda *shape: np.empty(shape, dtype=dtype)  # noqa: E731
+    Z = tuple(empty(m, w + 1) for w in widths[:-1])
+    for Zk in Z:
+        Zk[:, -1] = 1                                                  # the column of ones
     return Buffers(
-        A=tuple(empty(m, w) for w in outs), Z=tuple(empty(m, w) for w in hidden),
-        dA=tuple(empty(m, w) for w in outs), positive=tuple(empty(m, w) for w in hidden),
-        ones=np.ones((m, 1), dtype=dtype), S=empty(c, m),
-        rowmax=empty(1, m), rowsum=empty(1, m), at_label=empty(m),
-        label_pos=np.empty(m, dtype=np.intp), row_start=np.arange(m, dtype=np.intp) * c,
-        pred=np.empty(m, dtype=np.intp), hit=np.empty(m, dtype=bool))
+        Z=Z, A=tuple(empty(m, h) for h in hidden), dA=tuple(empty(m, h) for h in hidden),
+        positive=tuple(empty(m, h) for h in hidden), S=empty(c, m), colmax=empty(m),
+        colsum=empty(m), at_label=empty(m), label_pos=np.empty(m, dtype=np.intp),
+        col=np.arange(m, dtype=np.intp), pred=np.empty(m, dtype=np.intp),
+        hit=np.empty(m, dtype=bool), y=np.empty(m, dtype=np.int32))
 
 
-# ---- forward: A_k = Z_{k-1} @ W_k + b_k, Z_k = phi(A_k) ------------------------------------------
+# ---- forward: A_k = [Z_{k-1} | 1] @ J_k, Z_k = phi(A_k) ------------------------------------------
 
-def phi_into(act_name: str, act: Activation, A: np.ndarray, Z: np.ndarray,
-             positive: np.ndarray) -> None:
-    """Z = phi(A); ReLU as A * (A > 0), keeping A > 0 for phi'; others through their function."""
-    if act_name == "relu":
-        np.greater(A, 0, out=positive)                                 # (m, h) phi'(A), 0 or 1
-        np.multiply(A, positive, out=Z)                                # (m, h) max(A, 0)
-    else:
-        np.copyto(Z, act.phi(A))                                       # (m, h)
+def forward_into(gemm: Callable, Js: tuple, masks: tuple, buf: Buffers, act_name: str) -> None:
+    """buf.A, buf.Z and buf.S = A_L.T from the input [X | 1] in buf.Z[0], as model.forward.
 
-
-def forward_into(gemm: Callable, params: Params, X: np.ndarray, masks: tuple, buf: Buffers,
-                 act_name: str, act: Activation) -> None:
-    """Fill buf.A and buf.Z for the batch X (m, d), as model.forward does."""
-    Z_in, last = X, len(params.W) - 1
-    for k, (Wk, bk) in enumerate(zip(params.W, params.b)):
-        A = buf.A[k]
-        np.copyto(A, bk)                                               # (m, fan_out) b_k
-        gemm_into(gemm, 1.0, Z_in, Wk, 1.0, A)                        # (m, fan_out) + Z_in @ W_k
-        if k < last:
-            phi_into(act_name, act, A, buf.Z[k], buf.positive[k])      # (m, h_k)
-            if masks:
-                np.multiply(buf.Z[k], masks[k], out=buf.Z[k])          # inverted dropout
-            Z_in = buf.Z[k]
+    The logits come out transposed (their gemm writes (c, m) as readily as (m, c)); the hidden
+    layers stay (m, h): a gemm that writes its output transposed is slower for the large ones.
+    """
+    act = ACTIVATIONS[act_name]
+    for k, A in enumerate(buf.A):
+        gemm_into(gemm, 1.0, buf.Z[k], Js[k], 0.0, A)                  # (m, h_k) [Z | 1] @ J_k
+        Z = buf.Z[k + 1][:, :-1]                                       # (m, h_k) view of [Z_k | 1]
+        if act_name == "relu":
+            np.greater(A, 0, out=buf.positive[k])                      # (m, h_k) phi'(A), 0 or 1
+            np.multiply(A, buf.positive[k], out=Z)                     # (m, h_k) max(A, 0)
+        else:
+            np.copyto(Z, act.phi(A))
+        if masks:
+            np.multiply(Z, masks[k], out=Z)                            # inverted dropout
+    gemm_into(gemm, 1.0, Js[-1], buf.Z[-1], 0.0, buf.S, True, True)    # (c, m) J_L.T @ [Z | 1].T
 
 
-# ---- softmax and cross-entropy, fused --------------------------------------------------------------
+# ---- softmax and cross-entropy, fused, on S = A_L.T ----------------------------------------------
 
 def softmax_ce_into(buf: Buffers, y: np.ndarray, smoothing: float) -> tuple[Any, Any]:
-    """L (mean cross-entropy from log-sum-exp), dA2 = (Z2 - Y) / m into buf.dA[-1], correct count.
+    """L (mean cross-entropy from log-sum-exp) and the correct count; S becomes (Z_L - Y).T.
 
-    With label smoothing e, Y = (1 - e) one-hot + e / c, and for each row
-    -sum_j Y_ij log Z2_ij = lse_i - (1 - e) S[i, y_i] - (e / c) sum_j S_ij, S the shifted logits.
-    The rows are worked on as the columns of S = A2.T (see Buffers.S).
+    With label smoothing e, Y = (1 - e) one-hot + e / c, and for each example i
+    -sum_j Y_ij log Z_L,ij = lse_i - (1 - e) S[y_i, i] - (e / c) sum_j S_ji, S the shifted logits.
     """
-    A2, dA2, S = buf.A[-1], buf.dA[-1], buf.S                          # (m, c), (m, c), (c, m)
-    m, c = A2.shape
-    lse, loss_i = buf.rowmax, buf.at_label                             # (1, m), (m,)
-    np.copyto(S, A2.T)                                                 # (c, m) A2.T
-    np.maximum.reduce(S, axis=0, keepdims=True, out=buf.rowmax)        # (1, m) row maxima
-    np.subtract(S, buf.rowmax, out=S)                                  # (c, m) S = A2 - max
-    np.add(buf.row_start, y, out=buf.label_pos)                        # (m,) flat index of y_i
-    np.take(A2.reshape(-1), buf.label_pos, out=loss_i, mode="clip")    # (m,) A2[i, y_i]
-    np.subtract(loss_i, buf.rowmax.reshape(-1), out=loss_i)            # (m,) S[i, y_i]
-    S_sum = np.add.reduce(S.reshape(-1)) if smoothing else 0.0         # () sum of S, for e / c
-    np.exp(S, out=S)                                                   # (c, m) exp(S)
-    np.add.reduce(S, axis=0, keepdims=True, out=buf.rowsum)            # (1, m)
-    np.log(buf.rowsum, out=lse)                                        # (1, m) log-sum-exp of S
+    S, lse = buf.S, buf.colmax                                         # (c, m), (m,)
+    c, m = S.shape
+    flat = S.reshape(-1)
+    np.maximum.reduce(S, axis=0, out=buf.colmax)                       # (m,) max logit
+    np.subtract(S, buf.colmax, out=S)                                  # (c, m) shifted
+    np.argmax(S, axis=0, out=buf.pred)                                 # (m,) as model.correct_count
+    correct = np.count_nonzero(np.equal(buf.pred, y, out=buf.hit))
+    np.multiply(y, m, out=buf.label_pos, dtype=np.intp)
+    np.add(buf.label_pos, buf.col, out=buf.label_pos)                  # (m,) y_i m + i
+    flat.take(buf.label_pos, out=buf.at_label)                         # (m,) S[y_i, i]
+    S_sum = np.add.reduce(flat) if smoothing else 0.0                  # () for the e / c term
+    np.exp(S, out=S)                                                   # (c, m)
+    np.add.reduce(S, axis=0, out=buf.colsum)                           # (m,)
+    np.log(buf.colsum, out=lse)                                        # (m,) log-sum-exp
+    L = (np.add.reduce(lse) - (1 - smoothing) * np.add.reduce(buf.at_label)
+         - smoothing / c * S_sum) / m                                  # ()
+    np.divide(S, buf.colsum, out=S)                                    # (c, m) Z_L.T
     if smoothing:
-        np.multiply(loss_i, 1 - smoothing, out=loss_i)                 # (m,) (1 - e) S[i, y_i]
-    np.subtract(lse.reshape(-1), loss_i, out=loss_i)                   # (m,) the rows' losses
-    L = (np.add.reduce(loss_i) - smoothing / c * S_sum) / m            # ()
-    np.multiply(buf.rowsum, m, out=buf.rowsum)                         # (1, m) m sum_j exp(S)
-    np.divide(S, buf.rowsum, out=dA2.T)                                # (m, c) Z2 / m
-    dA2.reshape(-1)[buf.label_pos] -= (1 - smoothing) / m              # (Z2 - Y) / m at labels
-    if smoothing:
-        dA2 -= smoothing / (c * m)                                     # and e / c everywhere
-    return A2.dtype.type(L), correct_into(buf, y)
+        np.subtract(S, smoothing / c, out=S)
+    flat[buf.label_pos] -= 1 - smoothing                               # (c, m) (Z_L - Y).T
+    return S.dtype.type(L), np.int64(correct)
 
 
-def correct_into(buf: Buffers, y: np.ndarray) -> Any:
-    """How many rows of the logits put their maximum on the label, as model.correct_count."""
-    np.argmax(buf.A[-1], axis=1, out=buf.pred)                         # (m,)
-    np.equal(buf.pred, y, out=buf.hit)                                 # (m,)
-    return np.int64(np.count_nonzero(buf.hit))
+# ---- backward with the update folded in ----------------------------------------------------------
 
+def sgd_fold(lib: Blas, cfg: OptimConfig, lr: float, J: np.ndarray, V: Any, s: float,
+             alpha: float, P: np.ndarray, Q: np.ndarray, trans_q: bool) -> None:
+    """J updated by SGD with dJ = alpha P.T @ op(Q) folded into the gemm (module docstring).
 
-# ---- backward with the update folded in ------------------------------------------------------------
-
-def phi_prime_into(act_name: str, act: Activation, A: np.ndarray, dA: np.ndarray,
-                   positive: np.ndarray) -> None:
-    """dA = dZ * phi'(A), in place: dA holds dZ on entry (and `positive` A > 0, for ReLU)."""
-    if act_name == "relu":
-        np.multiply(dA, positive, out=dA)                              # (m, h)
-    else:
-        np.multiply(dA, act.phi_prime(A), out=dA)                      # (m, h)
-
-
-def update_weights(lib: Blas, cfg: OptimConfig, Z_in: np.ndarray, dA: np.ndarray, Wk: np.ndarray,
-                   vel: np.ndarray, lr: float) -> None:
-    """W_k updated by SGD with dW_k = Z_in.T @ dA folded into the gemm (see the module docstring)."""
+    With momentum the velocity is s V (s = mu s_old already, see `FastStep`): vel *= mu is
+    then the change of s, and vel += dJ is V += dJ / s, so no pass is spent on it.
+    """
     mu, wd = cfg.momentum, cfg.weight_decay
-    W, V = Wk.reshape(-1), vel.reshape(-1)                             # flat views for axpy
+    Jf = J.reshape(-1)                                                 # flat views for scal, axpy
     if mu == 0:
-        gemm_add(lib, -lr, Z_in, dA, 1.0 - lr * wd, Wk)                  # W = (1-lr wd) W - lr dW
-    elif not cfg.nesterov:
-        gemm_add(lib, 1.0, Z_in, dA, mu, vel)                            # vel = mu vel + dW
         if wd:
-            lib.axpy(W, V, a=wd)                                         # vel += wd W
-        lib.axpy(V, W, a=-lr)                                            # W -= lr vel
-    else:
-        lib.axpy(V, W, a=lr * mu)                                        # W += lr mu vel_old
-        gemm_add(lib, 1.0, Z_in, dA, mu, vel)                            # vel = mu vel + dW
-        lib.axpy(V, W, a=-lr * (1 + mu))                                 # W -= lr (1+mu) vel_new
+            lib.scal(1.0 - lr * wd, Jf)                                # J *= 1 - lr wd
+        gemm_into(lib.gemm, -lr * alpha, P, Q, 1.0, J, True, trans_q)  # J -= lr dJ
+        return
+    Vf = V.reshape(-1)
+    if cfg.nesterov:
+        lib.axpy(Vf, Jf, a=lr * s)                                     # J += lr mu vel_old
+    gemm_into(lib.gemm, alpha / s, P, Q, 1.0, V, True, trans_q)        # vel = mu vel + dJ
+    if wd:
+        lib.axpy(Jf, Vf, a=wd / s)                                     # vel += wd J
+    lib.axpy(Vf, Jf, a=-lr * (1 + mu) * s if cfg.nesterov else -lr * s)  # J -= lr (1+mu) vel
 
 
-def backward_update(lib: Blas, cfg: OptimConfig, params: Params, state: OptState,
-                    X: np.ndarray, masks: tuple, buf: Buffers, lr: float, act_name: str,
-                    act: Activation) -> None:
-    """From dA_L = buf.dA[-1] down to layer 1: dZ_{k-1} with the old W_k, then update layer k."""
-    for k in reversed(range(len(params.W))):
-        dA = buf.dA[k]                                                 # (m, fan_out)
-        if k > 0:
-            below = buf.dA[k - 1]
-            gemm_into(lib.gemm, 1.0, dA, params.W[k], 0.0, below, trans_b=True)  # dZ (m, h)
-            if masks:
-                np.multiply(below, masks[k - 1], out=below)            # through the dropout mask
-            phi_prime_into(act_name, act, buf.A[k - 1], below, buf.positive[k - 1])
-        Z_in = X if k == 0 else buf.Z[k - 1]
-        update_weights(lib, cfg, Z_in, dA, params.W[k], state.m[2 * k], lr)
-        b, vel_b = params.b[k], state.m[2 * k + 1]                     # (fan_out,)
-        update_weights(lib, cfg, buf.ones, dA, b.reshape(1, -1), vel_b.reshape(1, -1), lr)
+def backward_update(lib: Blas, cfg: OptimConfig, lr: float, Js: tuple, Vs: tuple, s: float,
+                    masks: tuple, buf: Buffers, act_name: str) -> None:
+    """From S = m dA_L.T down to layer 1: dZ_{k-1} with the old W_k, then update layer k."""
+    m = buf.S.shape[1]
+    top = len(buf.A)                                                   # index of the last layer
+    if top:
+        gemm_into(lib.gemm, 1.0 / m, buf.S, Js[top][:-1], 0.0, buf.dA[-1], True, True)  # (m, h)
+    sgd_fold(lib, cfg, lr, Js[top], Vs[top], s, 1.0 / m, buf.Z[top], buf.S, True)
+    for k in reversed(range(top)):
+        dA = buf.dA[k]                                                 # (m, h_k) dZ_k on entry
+        if masks:
+            np.multiply(dA, masks[k], out=dA)                          # through the dropout mask
+        if act_name == "relu":
+            np.multiply(dA, buf.positive[k], out=dA)                   # dA = dZ * phi'(A)
+        else:
+            np.multiply(dA, ACTIVATIONS[act_name].phi_prime(buf.A[k]), out=dA)
+        if k:
+            gemm_into(lib.gemm, 1.0, dA, Js[k][:-1], 0.0, buf.dA[k - 1], trans_b=True)  # dZ_{k-1}
+        sgd_fold(lib, cfg, lr, Js[k], Vs[k], s, 1.0, buf.Z[k], dA, False)
 
 
-# ---- the step ------------------------------------------------------------------------------------------
-
-def writable_in_place(params: Params, state: OptState) -> bool:
-    """True when BLAS can write W_k, b_k and their velocities in place (C-ordered, writeable).
-
-    A Fortran-ordered W (say, from an --init file saved that way) would be copied by the
-    wrapper and the update lost; such arrays take the generic step instead.
-    """
-    return all(a.flags.c_contiguous and a.flags.writeable
-               for a in (*params.W, *params.b, *state.m))
-
-
-
-def fast_step(config: Config) -> Callable:
-    """step(params, state, X, y, lr, t, masks) -> (L, correct), as generic_step, for `supports`."""
-    act_name = config.model.activation
-    act = ACTIVATIONS[act_name]
-    dtype = np.dtype(config.train.dtype)
-    lib = Blas(*blas.get_blas_funcs(("gemm", "axpy", "scal"), dtype=dtype))
-    widths = (784, *config.model.widths, 10)
-    buffers: dict[int, Buffers] = {}  # one set per batch size: the full one and the last, shorter
-    generic = generic_step(config)
-
-    def step(params: Params, state: OptState, X: Any, y: Any, lr: float, t: int,
-             masks: tuple = ()) -> tuple[Any, Any]:
-        if not writable_in_place(params, state):
-            return generic(params, state, X, y, lr, t, masks)
-        m = X.shape[0]
-        buf = buffers.get(m) or buffers.setdefault(m, new_buffers(m, widths, dtype))
-        forward_into(lib.gemm, params, X, masks, buf, act_name, act)
-        L, correct = softmax_ce_into(buf, y, config.train.label_smoothing)
-        backward_update(lib, config.optim, params, state, X, masks, buf, lr, act_name, act)
-        apply_max_norm(params, config.model.max_norm)
-        return L, correct
-
-    return step
-
+# ---- the batch loader ----------------------------------------------------------------------------
 
 class BatchLoader:
-    """(X, y) of the shuffled rows idx, gathered as uint8 and scaled into reused buffers.
+    """(X, y) of the shuffled rows idx: gathered as uint8, then scaled into a float buffer.
 
-    X is the same as data.to_inputs(data.gather(...)) without augmentation; it is overwritten
-    by the next call, so a step must be done with it before then (the training loop is).
+    X is bit for bit data.to_inputs(data.gather(...)) without augmentation. `load` writes into
+    the arrays it is given (the fast step's input buffer); calling the loader writes into its
+    own reused buffers. Either way X is overwritten by the next batch.
     """
 
     def __init__(self, config: Config):
         self.normalize, self.dtype = config.data.normalize, np.dtype(config.train.dtype)
         self.scale = self.dtype.type(1.0 / 255.0)
-        self.rows = 0
-        self.U = self.X = self.y = None
+        self.U = np.empty((0, D), dtype=np.uint8)
+        self.X = np.empty((0, D), dtype=self.dtype)
+        self.y = np.empty(0, dtype=np.int32)
 
-    def reserve(self, m: int, split: DeviceSplit) -> None:
-        if m > self.rows:
-            self.rows = m
-            self.U = np.empty((m, split.images.shape[1]), dtype=np.uint8)  # (m, d) pixels
-            self.X = np.empty((m, split.images.shape[1]), dtype=self.dtype)  # (m, d) inputs
-            self.y = np.empty(m, dtype=split.labels.dtype)             # (m,) labels
+    def load(self, split: DeviceSplit, idx: np.ndarray, X: np.ndarray, y: np.ndarray) -> None:
+        """X (m, d) or [X | 1] (m, d + 1), and y (m,), of the rows idx, written in place.
 
-    def __call__(self, split: DeviceSplit, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        m = len(idx)
-        self.reserve(m, split)
-        U, X, y = self.U[:m], self.X[:m], self.y[:m]
+        The arithmetic runs over all of X's buffer (contiguous, several times faster in NumPy
+        than over a strided view) and then the column of ones, if any, is set again.
+        """
+        m, d = len(idx), split.images.shape[1]
+        if m > self.U.shape[0]:
+            self.U = np.empty((m, d), dtype=np.uint8)
+        U = self.U[:m]
         np.take(split.images, idx, axis=0, out=U, mode="clip")         # (m, d) uint8
         np.take(split.labels, idx, out=y, mode="clip")                 # (m,)
-        np.copyto(X, U)                                                # (m, d) as float
+        np.copyto(X[:, :d], U)                                         # (m, d) as float
         np.multiply(X, self.scale, out=X)                              # (m, d) x / 255
         if self.normalize == "standard":
             X -= MNIST_MEAN
             X *= 1.0 / MNIST_STD
+        if X.shape[1] > d:
+            X[:, d:] = 1                                               # the column of ones
+
+    def __call__(self, split: DeviceSplit, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = len(idx)
+        if m > self.X.shape[0]:
+            self.X = np.empty((m, split.images.shape[1]), dtype=self.dtype)
+            self.y = np.empty(m, dtype=split.labels.dtype)
+        X, y = self.X[:m], self.y[:m]
+        self.load(split, idx, X, y)
         return X, y
+
+
+# ---- the step ------------------------------------------------------------------------------------
+
+class FastStep:
+    """step(params, state, X, y, lr, t, masks) -> (L, correct), as generic_step, for `supports`.
+
+    Parameters in `pack`'s layout take the fast path; others (say, arrays a test made) the
+    generic step, with the same result. `batch(split, idx)` loads a batch straight into the
+    step's input buffer, and `prepare(params, state)` packs.
+    """
+
+    kind = "fast_cpu"
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.act_name = config.model.activation
+        self.dtype = np.dtype(config.train.dtype)
+        self.lib = Blas(*blas.get_blas_funcs(("gemm", "axpy", "scal"), dtype=self.dtype))
+        self.widths = (D, *config.model.widths, C)
+        self.buffers: dict[int, Buffers] = {}  # one set per batch size: the full and the last
+        self.generic = generic_step(config)
+        self.loader = BatchLoader(config)
+        self.packed: tuple = (None, None, None)  # (params, state, blocks) last found packed
+
+    def prepare(self, params: Params, state: OptState) -> tuple[Params, OptState]:
+        return pack(params, state)
+
+    def buffers_for(self, m: int) -> Buffers:
+        buf = self.buffers.get(m)
+        if buf is None:
+            buf = self.buffers[m] = new_buffers(m, self.widths, self.dtype)
+        return buf
+
+    def batch(self, split: DeviceSplit, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(X, y) of the rows idx, X a view into the input buffer [X | 1] of this batch size."""
+        buf = self.buffers_for(len(idx))
+        y = buf.y if buf.y.dtype == split.labels.dtype else np.empty(len(idx), split.labels.dtype)
+        self.loader.load(split, idx, buf.Z[0], y)
+        return buf.Z[0][:, :-1], y
+
+    def blocks(self, params: Params, state: OptState) -> tuple[tuple, tuple] | None:
+        last_params, last_state, blocks = self.packed
+        if params is not last_params or state is not last_state:
+            blocks = packed_blocks(params, state)
+            self.packed = (params, state, blocks)
+        return blocks
+
+    def next_scale(self, state: OptState, Vs: tuple) -> float:
+        """s *= mu for this step's velocity (state.scale), multiplying V out before s gets tiny."""
+        mu = self.config.optim.momentum
+        if mu == 0:
+            return 1.0
+        s = float(state.scale[0])
+        if s * mu < TINY_SCALE:                                        # once in ~400 steps
+            for V in Vs:
+                self.lib.scal(s, V.reshape(-1))
+            s = 1.0
+        state.scale[0] = s * mu
+        return s * mu
+
+    def __call__(self, params: Params, state: OptState, X: Any, y: Any, lr: float, t: int,
+                 masks: tuple = ()) -> tuple[Any, Any]:
+        blocks = self.blocks(params, state)
+        if blocks is None or X.dtype != self.dtype:
+            multiply_out(state)
+            return self.generic(params, state, X, y, lr, t, masks)
+        Js, Vs = blocks
+        s = self.next_scale(state, Vs)
+        buf = self.buffers_for(X.shape[0])
+        if X.base is not buf.Z[0]:                                     # not from self.batch
+            np.copyto(buf.Z[0][:, :-1], X)
+        forward_into(self.lib.gemm, Js, masks, buf, self.act_name)
+        L, correct = softmax_ce_into(buf, y, self.config.train.label_smoothing)
+        backward_update(self.lib, self.config.optim, lr, Js, Vs, s, masks, buf, self.act_name)
+        apply_max_norm(params, self.config.model.max_norm)
+        return L, correct
+
+
+def fast_step(config: Config) -> FastStep:
+    """The fast step for a config that `supports` accepts."""
+    return FastStep(config)

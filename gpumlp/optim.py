@@ -18,6 +18,19 @@ from .model import Grads, Params
 class OptState(NamedTuple):
     m: tuple  # SGD: velocity; Adam: first moment. One array per parameter (W1, b1, W2, ...)
     v: tuple  # Adam: second moment; () for SGD
+    # SGD with momentum in the fast CPU step only: a (1,) float64 array s, and the velocity is
+    # s * m. The step keeps m divided by s (s *= mu each step), so that `vel *= mu` costs no
+    # pass over the arrays. None means 1; every other step sees the velocity multiplied out.
+    scale: Any = None
+
+
+def unscaled(state: OptState) -> OptState:
+    """The same state with the velocity multiplied out by its scale (scale None)."""
+    if state.scale is None:
+        return state
+    s = float(state.scale[0])
+    m = state.m if s == 1 else tuple(a * a.dtype.type(s) for a in state.m)
+    return OptState(m, state.v)
 
 
 def flat(params: Params | Grads) -> tuple:

@@ -99,6 +99,8 @@ class RunFiles:
         arrays = param_arrays(state.params)
         arrays.update({f"opt_m{i}": to_host(a) for i, a in enumerate(state.opt.m)})
         arrays.update({f"opt_v{i}": to_host(a) for i, a in enumerate(state.opt.v)})
+        if state.opt.scale is not None:                      # the fast CPU step's velocity scale
+            arrays["opt_scale"] = np.array(state.opt.scale, dtype=np.float64)
         pos = asdict(state.pos)
         perm = pos.pop("perm")
         if perm is not None:
@@ -133,6 +135,11 @@ class RunFiles:
             if value is None or value.shape != target.shape:
                 raise CheckpointError(f"{source}: optimizer state does not match the config")
             target[...] = backend.asarray(value.astype(target.dtype))
+        scale = arrays.get("opt_scale")
+        if scale is not None:
+            if scale.shape != (1,) or not np.isfinite(scale).all() or not scale[0] > 0:
+                raise CheckpointError(f"{source}: optimizer state does not match the config")
+            state.opt = state.opt._replace(scale=scale.astype(np.float64))
         pos.perm = arrays.get("perm")
         if pos.batch and pos.perm is None:
             raise CheckpointError(f"{source}: the epoch's order is missing")

@@ -7,6 +7,8 @@ the update into the dW products; the generic step for the optimizers that need d
 
 A step may carry a `batch(split, idx)` loader that writes the batch into its own buffers;
 `batch_inputs` uses it when there is no augmentation, else `data.gather` and `data.to_inputs`.
+It may also carry `prepare(params, state)`, which returns the parameters and optimizer state in
+the layout it is fastest with (same values); `prepare_state` applies it to a run's state.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from .backend import Backend
 from .config import Config
 from .data import DeviceSplit, gather, to_inputs
 from .model import Params, backward, correct_count, forward, loss_and_dA2
-from .optim import OptState, apply_max_norm, update
+from .optim import OptState, apply_max_norm, unscaled, update
 
 # step(params, state, X, y, lr, t, masks) -> (L, correct), both 0-d device arrays
 Step = Callable[[Params, OptState, Any, Any, float, int, tuple], tuple[Any, Any]]
@@ -62,8 +64,18 @@ def make_step(config: Config, backend: Backend) -> Step:
     from . import fast_cpu  # scipy's BLAS, only for CPU runs
 
     if fast_cpu.supports(config):
-        return CpuStep(fast_cpu.fast_step(config), fast_cpu.BatchLoader(config), "fast_cpu")
+        return fast_cpu.fast_step(config)
     return CpuStep(generic_step(config), fast_cpu.BatchLoader(config), "generic")
+
+
+def prepare_state(step: Step, state: Any) -> None:
+    """Put a RunState's params and optimizer state into the step's own layout, if it has one;
+    for any other step, multiply out a velocity scale the fast CPU step left (optim.OptState)."""
+    prepare = getattr(step, "prepare", None)
+    if prepare is not None:
+        state.params, state.opt = prepare(state.params, state.opt)
+    else:
+        state.opt = unscaled(state.opt)
 
 
 def batch_inputs(step: Step, split: DeviceSplit, idx: Any, config: Config, augment: Any,

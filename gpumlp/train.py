@@ -25,7 +25,7 @@ from .mnist import Mnist
 from .model import Params, correct_count, dropout_masks, forward, init_params, loss_and_dA2
 from .optim import OptState, init_state, learning_rate
 from .runfiles import RunFiles
-from .step import batch_inputs, make_step
+from .step import batch_inputs, make_step, prepare_state
 
 D, C = 784, 10
 EventHandler = Callable[[str, dict], None]
@@ -185,6 +185,7 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
         if files:
             files.start(config)
     step_fn = make_step(config, backend)
+    prepare_state(step_fn, state)
     steps_per_epoch = len(batch_slices(len(data.train), config.train.batch_size))
     on_event("start", {"device": backend.description, "epochs": config.train.epochs,
                        "n_train": len(data.train), "batches": steps_per_epoch,

@@ -22,9 +22,9 @@ from gpumlp.config import build_config
 from gpumlp.data import DeviceSplit, gather, to_inputs
 from gpumlp.mnist import Mnist, Split
 from gpumlp.model import Params, correct_count, forward, init_params, loss_and_dA2
-from gpumlp.optim import init_state
-from gpumlp.step import batch_inputs, generic_step, make_step
-from gpumlp.train import train
+from gpumlp.optim import OptState, init_state, unscaled
+from gpumlp.step import batch_inputs, generic_step, make_step, prepare_state
+from gpumlp.train import new_state, train
 
 RTOL, ATOL = 1e-5, 2e-6  # float32: a few units in the last place of values of order 1
 H256 = "configs/h256.yaml"
@@ -61,35 +61,70 @@ def test_gemm_into_writes_in_place_the_product_of_c_ordered_arrays(trans_a, tran
     np.testing.assert_allclose(C, expected, rtol=1e-5, atol=1e-5)
 
 
+def packed(params: Params, config) -> tuple[Params, OptState]:
+    """params and fresh optimizer state in the fast step's layout, checked."""
+    p, s = fast_cpu.pack(params, init_state(config.optim, params))
+    assert fast_cpu.packed_blocks(p, s) is not None
+    return p, s
+
+
+def test_pack_makes_each_layer_one_block_with_the_weights_and_bias_as_views():
+    rng = np.random.default_rng(9)
+    config = build_config(None, ["model.hidden=[32, 16]"])
+    params = init_params((784, 32, 16, 10), "he", rng)
+    p, s = packed(params, config)
+    Js, Vs = fast_cpu.packed_blocks(p, s)
+    for k, (J, V) in enumerate(zip(Js, Vs)):
+        assert J.shape == (params.W[k].shape[0] + 1, params.W[k].shape[1]) and J.flags.c_contiguous
+        np.testing.assert_array_equal(J[:-1], params.W[k])
+        np.testing.assert_array_equal(J[-1], params.b[k])
+        J[-1, 0] = 7.0                                   # the bias is a view of the block
+        assert p.b[k][0] == 7.0 and not np.shares_memory(p.b[k], params.b[k])
+        assert np.shares_memory(V, s.m[2 * k]) and np.shares_memory(V, s.m[2 * k + 1])
+    assert s.scale.tolist() == [1.0]
+    assert fast_cpu.packed_blocks(params, init_state(config.optim, params)) is None  # unpacked
+    assert fast_cpu.packed_blocks(Params(p.W, tuple(b.copy() for b in p.b)), s) is None
+
+
 @pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
 @pytest.mark.parametrize("hidden", [(32,), (32, 16)])
-def test_forward_into_gives_the_generic_pre_activations_and_activations(activation, hidden):
+def test_forward_into_gives_the_generic_pre_activations_activations_and_logits(activation, hidden):
     rng = np.random.default_rng(1)
+    config = build_config(None, [f"model.hidden={list(hidden)}"])
     params = init_params((784, *hidden, 10), "he", rng)
+    params = params._replace(b=tuple(rng.standard_normal(b.shape, dtype=np.float32)
+                                     for b in params.b))
     X, _ = batch(rng, 20)
     masks = tuple((rng.random((20, h)) > 0.3).astype(np.float32) / np.float32(0.7) for h in hidden)
     act = ACTIVATIONS[activation]
+    Js, _ = fast_cpu.packed_blocks(*packed(params, config))
     for ms in ((), masks):
         buf = fast_cpu.new_buffers(20, (784, *hidden, 10), np.dtype(np.float32))
-        fast_cpu.forward_into(blas.sgemm, params, X, ms, buf, activation, act)
+        buf.Z[0][:, :-1] = X
+        fast_cpu.forward_into(blas.sgemm, Js, ms, buf, activation)
         cache = forward(params, X, act, ms)
-        assert_close(buf.A, cache.A, "A")
-        assert_close(buf.Z, cache.Z[1:], "Z")
+        assert_close(buf.A, cache.A[:-1], "A")
+        assert_close([Z[:, :-1] for Z in buf.Z[1:]], cache.Z[1:-1], "Z")
+        assert all((Z[:, -1] == 1).all() for Z in buf.Z)          # the columns of ones
+        assert_close([buf.S.T], [cache.A[-1]], "logits")
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_fused_softmax_cross_entropy_gives_the_generic_loss_dA2_and_correct_count(smoothing):
     rng = np.random.default_rng(2)
     buf = fast_cpu.new_buffers(64, (784, 32, 10), np.dtype(np.float32))
-    buf.A[-1][...] = 4 * rng.standard_normal((64, 10)).astype(np.float32)
-    buf.A[-1][0] = 1e4                                   # a huge row: log-sum-exp keeps it finite
+    A2 = 4 * rng.standard_normal((64, 10)).astype(np.float32)
+    A2[0] = 1e4                                          # a huge row: log-sum-exp keeps it finite
+    A2[1] = 0.5                                          # a tie: the first maximum counts
     y = rng.integers(0, 10, 64).astype(np.int32)
+    y[1] = 3
+    buf.S[...] = A2.T
     L, correct = fast_cpu.softmax_ce_into(buf, y, smoothing)
-    L_ref, dA2_ref = loss_and_dA2(buf.A[-1], y, smoothing)
+    L_ref, dA2_ref = loss_and_dA2(A2, y, smoothing)
     assert np.isfinite(L) and L.dtype == np.float32
     np.testing.assert_allclose(L, L_ref, rtol=RTOL)
-    np.testing.assert_allclose(buf.dA[-1], dA2_ref, rtol=RTOL, atol=1e-7)
-    assert correct == correct_count(buf.A[-1], y) and 0 < correct < 64
+    np.testing.assert_allclose(buf.S.T / 64, dA2_ref, rtol=RTOL, atol=1e-7)  # S = m dA2.T
+    assert correct == correct_count(A2, y) and 0 < correct < 64
 
 
 # ---- whole steps -------------------------------------------------------------------------------------
@@ -113,10 +148,11 @@ def run_both(config, steps, m_last=None, masks_p=0.0, dtype=np.float32):
     """Run the fast and the generic step side by side from the same start; yield after each."""
     rng = np.random.default_rng(3)
     widths = (784, *config.model.widths, 10)
-    fast_p = init_params(widths, "he", rng, np.dtype(dtype).name)
-    gen_p = copy_params(fast_p)
-    fast_s, gen_s = init_state(config.optim, fast_p), init_state(config.optim, gen_p)
+    gen_p = init_params(widths, "he", rng, np.dtype(dtype).name)
+    gen_s = init_state(config.optim, gen_p)
+    fast_p, fast_s = packed(gen_p, config)               # copies, in the fast step's layout
     fast, generic = fast_cpu.fast_step(config), generic_step(config)
+    fast.generic = None                                  # the fast path, or fail loudly
     for t in range(1, steps + 1):
         m = m_last if (t == steps and m_last) else 40
         X, y = batch(rng, m, dtype)
@@ -125,7 +161,7 @@ def run_both(config, steps, m_last=None, masks_p=0.0, dtype=np.float32):
         lr = 0.1 * (1 + 0.1 * t)                         # changes every step, as a schedule does
         out_fast = fast(fast_p, fast_s, X, y, lr, t, masks)
         out_gen = generic(gen_p, gen_s, X, y, lr, t, masks)
-        yield out_fast, out_gen, (fast_p, fast_s), (gen_p, gen_s)
+        yield out_fast, out_gen, (fast_p, unscaled(fast_s)), (gen_p, gen_s)
 
 
 @pytest.mark.parametrize("net", NETS)
@@ -153,6 +189,60 @@ def test_fast_step_with_dropout_masks_matches_the_generic_step():
         assert_close(s.m, s_ref.m, "velocity")
 
 
+def test_momentum_lives_in_a_velocity_scale_and_multiplying_it_out_gives_the_velocity():
+    """vel *= mu is the scale's change (s = mu^t), so the stored arrays are vel / s."""
+    config = build_config(None, ["model.hidden=32", "optim.nesterov=false"])
+    rng = np.random.default_rng(10)
+    params = init_params((784, 32, 10), "he", rng)
+    ref_p, ref_s = copy_params(params), init_state(config.optim, params)
+    p, s = packed(params, config)
+    step = fast_cpu.fast_step(config)
+    for t in range(1, 6):
+        X, y = batch(rng, 40)
+        step(p, s, X, y, 0.1, t, ())
+        generic_step(config)(ref_p, ref_s, X, y, 0.1, t, ())
+    assert s.scale[0] == pytest.approx(0.9 ** 5, rel=1e-12)
+    assert np.abs(s.m[0] - ref_s.m[0]).max() > 1e-3                # stored: vel / s, not vel
+    assert_close(unscaled(s).m, ref_s.m, "velocity")
+    fast_cpu.multiply_out(s)                                      # in place, as a fallback does
+    assert s.scale[0] == 1.0
+    assert_close(s.m, ref_s.m, "velocity")
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "momentum_wd", "nesterov"])
+def test_velocity_scale_multiplied_out_when_tiny_keeps_the_steps_equal(optimizer, monkeypatch):
+    monkeypatch.setattr(fast_cpu, "TINY_SCALE", 0.5)               # every few steps, not every 400
+    config = build_config(None, ["model.hidden=32", *OPTIMIZERS[optimizer]])
+    for (L, ok), (L_ref, ok_ref), (p, s), (p_ref, s_ref) in run_both(config, 8):
+        np.testing.assert_allclose(L, L_ref, rtol=RTOL)
+        assert_close(p.W + p.b, p_ref.W + p_ref.b, "params")
+        assert_close(s.m, s_ref.m, "velocity")
+
+
+def test_prepare_state_multiplies_the_scale_out_for_the_generic_step():
+    config = build_config(None, ["model.hidden=8", "optim.name=adam"])
+    state = new_state(config, CPU)
+    state.opt = state.opt._replace(m=tuple(np.ones_like(a) for a in state.opt.m),
+                                   scale=np.array([0.25]))
+    prepare_state(make_step(config, CPU), state)
+    assert state.opt.scale is None and all((a == 0.25).all() for a in state.opt.m)
+
+
+def test_step_batch_writes_the_inputs_and_a_column_of_ones_for_the_fast_step():
+    rng = np.random.default_rng(11)
+    split = DeviceSplit(rng.integers(0, 256, (100, 784), dtype=np.uint8),
+                        rng.integers(0, 10, 100).astype(np.int32))
+    for normalize in ("unit", "standard"):
+        config = build_config(None, ["model.hidden=16", f"data.normalize={normalize}"])
+        step = make_step(config, CPU)
+        for idx in (rng.permutation(100)[:64], np.arange(10)):
+            X, y = step.batch(split, idx)
+            images, y_ref = gather(split, idx)
+            np.testing.assert_array_equal(X, to_inputs(images, normalize, "float32"))
+            np.testing.assert_array_equal(y, y_ref)
+            assert (X.base[:, -1] == 1).all() and X.base.shape == (len(idx), 785)
+
+
 def test_fast_step_in_float64_matches_the_generic_step_to_float64_precision():
     config = build_config(None, ["model.hidden=32", "train.dtype=float64"])
     for (L, _), (L_ref, _), (p, s), (p_ref, s_ref) in run_both(config, 4, dtype=np.float64):
@@ -161,8 +251,8 @@ def test_fast_step_in_float64_matches_the_generic_step_to_float64_precision():
         assert_close(s.m, s_ref.m, "velocity", rtol=1e-12, atol=1e-13)
 
 
-def test_fast_step_with_fortran_ordered_weights_still_updates_them():
-    """BLAS could not write such a W in place; the step must not lose the update."""
+def test_fast_step_given_unpacked_fortran_ordered_weights_still_updates_them():
+    """Arrays not in `pack`'s layout take the generic step; the update must not be lost."""
     config = build_config(None, ["model.hidden=16"])
     rng = np.random.default_rng(7)
     params = init_params((784, 16, 10), "he", rng)
@@ -176,8 +266,8 @@ def test_fast_step_with_fortran_ordered_weights_still_updates_them():
     assert_close(params.W + params.b, expected.W + expected.b, "params")
 
 
-def test_fast_step_with_a_strided_bias_and_velocity_still_updates_them():
-    """The bias update is a gemm too (db = ones.T @ dA); a strided b or vel must not lose it."""
+def test_fast_step_given_an_unpacked_strided_bias_and_velocity_still_updates_them():
+    """A strided b or velocity is not `pack`'s layout either: the generic step, same result."""
     config = build_config(None, ["model.hidden=16"])
     rng = np.random.default_rng(8)
     params = init_params((784, 16, 10), "he", rng)

@@ -304,3 +304,23 @@ def test_every_bad_input_is_one_line_without_traceback_and_damages_nothing(tmp_p
         assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), name
     after = digest_tree(tmp_path)
     assert after == before  # nothing changed, and no half-made run folder was left behind
+
+
+def test_checkpoint_keeps_the_fast_step_velocity_scale_and_refuses_a_damaged_one(tmp_path):
+    """The fast CPU step keeps momentum as vel / s with s = mu^t (optim.OptState.scale): a
+    checkpoint must hold s too, or a resume would continue from the wrong velocity."""
+    from gpumlp.backend import CPU
+    from gpumlp.errors import CheckpointError
+    from gpumlp.runfiles import RunFiles
+
+    config = build_config(None, ["model.hidden=8", "train.epochs=1", "train.batch_size=50",
+                                 "optim.momentum=0.9", "optim.nesterov=false"])
+    train(config, CPU, tiny_mnist(250, 50), out_dir=tmp_path / "run")
+    saved = load_npz(tmp_path / "run" / "checkpoint.npz")
+    assert saved["opt_scale"].tolist() == pytest.approx([0.9 ** 5], rel=1e-12)   # 5 steps
+    state, _ = RunFiles(tmp_path / "run").load_checkpoint(config, CPU)
+    assert state.opt.scale.tolist() == saved["opt_scale"].tolist()
+    for bad in ([-1.0], [0.5, 0.5], [float("nan")]):
+        npzio.save_npz(tmp_path / "run" / "checkpoint.npz", {**saved, "opt_scale": np.array(bad)})
+        with pytest.raises(CheckpointError, match="optimizer state does not match"):
+            RunFiles(tmp_path / "run").load_checkpoint(config, CPU)
