@@ -149,6 +149,9 @@ class Buffers(NamedTuple):
     pred: np.ndarray    # (m,) argmax of each column of S
     hit: np.ndarray     # (m,) bool, pred == y
     y: np.ndarray       # (m,) the labels, when the step's own loader gathers the batch
+    x_scale: np.ndarray  # (1,) what Z[0] holds is X / x_scale: 1, or 1/255 when it holds the
+                         # pixels themselves (the step's loader, data.normalize "unit"); its
+                         # column of ones then holds 255, and x_scale is the first gemms' alpha
 
 
 def new_buffers(m: int, widths: tuple[int, ...], dtype: np.dtype) -> Buffers:
@@ -163,7 +166,14 @@ def new_buffers(m: int, widths: tuple[int, ...], dtype: np.dtype) -> Buffers:
         positive=tuple(empty(m, h) for h in hidden), S=empty(c, m), colmax=empty(m),
         colsum=empty(m), at_label=empty(m), label_pos=np.empty(m, dtype=np.intp),
         col=np.arange(m, dtype=np.intp), pred=np.empty(m, dtype=np.intp),
-        hit=np.empty(m, dtype=bool), y=np.empty(m, dtype=np.int32))
+        hit=np.empty(m, dtype=bool), y=np.empty(m, dtype=np.int32), x_scale=np.ones(1))
+
+
+def set_x_scale(buf: Buffers, x_scale: float) -> None:
+    """Say what buf.Z[0] holds (see Buffers.x_scale), rewriting its column of ones to match."""
+    if buf.x_scale[0] != x_scale:
+        buf.Z[0][:, -1] = 1.0 / x_scale
+        buf.x_scale[0] = x_scale
 
 
 # ---- forward: A_k = [Z_{k-1} | 1] @ J_k, Z_k = phi(A_k) ------------------------------------------
@@ -175,8 +185,10 @@ def forward_into(gemm: Callable, Js: tuple, masks: tuple, buf: Buffers, act_name
     layers stay (m, h): a gemm that writes its output transposed is slower for the large ones.
     """
     act = ACTIVATIONS[act_name]
+    alpha = float(buf.x_scale[0])                                      # for [X | 1] (1 after it)
     for k, A in enumerate(buf.A):
-        gemm_into(gemm, 1.0, buf.Z[k], Js[k], 0.0, A)                  # (m, h_k) [Z | 1] @ J_k
+        gemm_into(gemm, alpha, buf.Z[k], Js[k], 0.0, A)                # (m, h_k) [Z | 1] @ J_k
+        alpha = 1.0
         Z = buf.Z[k + 1][:, :-1]                                       # (m, h_k) view of [Z_k | 1]
         if act_name == "relu":
             np.greater(A, 0, out=buf.positive[k])                      # (m, h_k) phi'(A), 0 or 1
@@ -185,7 +197,7 @@ def forward_into(gemm: Callable, Js: tuple, masks: tuple, buf: Buffers, act_name
             np.copyto(Z, act.phi(A))
         if masks:
             np.multiply(Z, masks[k], out=Z)                            # inverted dropout
-    gemm_into(gemm, 1.0, Js[-1], buf.Z[-1], 0.0, buf.S, True, True)    # (c, m) J_L.T @ [Z | 1].T
+    gemm_into(gemm, alpha, Js[-1], buf.Z[-1], 0.0, buf.S, True, True)  # (c, m) J_L.T @ [Z | 1].T
 
 
 # ---- softmax and cross-entropy, fused, on S = A_L.T ----------------------------------------------
@@ -251,7 +263,8 @@ def backward_update(lib: Blas, cfg: OptimConfig, lr: float, Js: tuple, Vs: tuple
     top = len(buf.A)                                                   # index of the last layer
     if top:
         gemm_into(lib.gemm, 1.0 / m, buf.S, Js[top][:-1], 0.0, buf.dA[-1], True, True)  # (m, h)
-    sgd_fold(lib, cfg, lr, Js[top], Vs[top], s, 1.0 / m, buf.Z[top], buf.S, True)
+    alpha = 1.0 if top else float(buf.x_scale[0])                     # x_scale for [X | 1]
+    sgd_fold(lib, cfg, lr, Js[top], Vs[top], s, alpha / m, buf.Z[top], buf.S, True)
     for k in reversed(range(top)):
         dA = buf.dA[k]                                                 # (m, h_k) dZ_k on entry
         if masks:
@@ -262,7 +275,8 @@ def backward_update(lib: Blas, cfg: OptimConfig, lr: float, Js: tuple, Vs: tuple
             np.multiply(dA, ACTIVATIONS[act_name].phi_prime(buf.A[k]), out=dA)
         if k:
             gemm_into(lib.gemm, 1.0, dA, Js[k][:-1], 0.0, buf.dA[k - 1], trans_b=True)  # dZ_{k-1}
-        sgd_fold(lib, cfg, lr, Js[k], Vs[k], s, 1.0, buf.Z[k], dA, False)
+        alpha = 1.0 if k else float(buf.x_scale[0])
+        sgd_fold(lib, cfg, lr, Js[k], Vs[k], s, alpha, buf.Z[k], dA, False)
 
 
 # ---- the batch loader ----------------------------------------------------------------------------
@@ -271,8 +285,9 @@ class BatchLoader:
     """(X, y) of the shuffled rows idx: gathered as uint8, then scaled into a float buffer.
 
     X is bit for bit data.to_inputs(data.gather(...)) without augmentation. `load` writes into
-    the arrays it is given (the fast step's input buffer); calling the loader writes into its
-    own reused buffers. Either way X is overwritten by the next batch.
+    the arrays it is given (the fast step's input buffer; `load_pixels` leaves out the x / 255,
+    which the fast step folds into its first products); calling the loader writes into its own
+    reused buffers. Either way X is overwritten by the next batch.
     """
 
     def __init__(self, config: Config):
@@ -288,19 +303,25 @@ class BatchLoader:
         The arithmetic runs over all of X's buffer (contiguous, several times faster in NumPy
         than over a strided view) and then the column of ones, if any, is set again.
         """
-        m, d = len(idx), split.images.shape[1]
-        if m > self.U.shape[0]:
-            self.U = np.empty((m, d), dtype=np.uint8)
-        U = self.U[:m]
-        np.take(split.images, idx, axis=0, out=U, mode="clip")         # (m, d) uint8
-        np.take(split.labels, idx, out=y, mode="clip")                 # (m,)
-        np.copyto(X[:, :d], U)                                         # (m, d) as float
+        d = split.images.shape[1]
+        self.load_pixels(split, idx, X[:, :d], y)
         np.multiply(X, self.scale, out=X)                              # (m, d) x / 255
         if self.normalize == "standard":
             X -= MNIST_MEAN
             X *= 1.0 / MNIST_STD
         if X.shape[1] > d:
             X[:, d:] = 1                                               # the column of ones
+
+    def load_pixels(self, split: DeviceSplit, idx: np.ndarray, X: np.ndarray,
+                    y: np.ndarray) -> None:
+        """X (m, d) the pixels of the rows idx as floats 0..255 (x / 255 left to the caller)."""
+        m = len(idx)
+        if m > self.U.shape[0]:
+            self.U = np.empty((m, split.images.shape[1]), dtype=np.uint8)
+        U = self.U[:m]
+        np.take(split.images, idx, axis=0, out=U, mode="clip")         # (m, d) uint8
+        np.take(split.labels, idx, out=y, mode="clip")                 # (m,)
+        np.copyto(X, U)                                                # (m, d) as float
 
     def __call__(self, split: DeviceSplit, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         m = len(idx)
@@ -345,10 +366,19 @@ class FastStep:
         return buf
 
     def batch(self, split: DeviceSplit, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(X, y) of the rows idx, X a view into the input buffer [X | 1] of this batch size."""
+        """(X, y) of the rows idx, X a view into the input buffer [X | 1] of this batch size.
+
+        X is the step's own form of the inputs, for this step only: with data.normalize "unit"
+        it holds the pixels 0..255, and x / 255 is the alpha of the first products.
+        """
         buf = self.buffers_for(len(idx))
         y = buf.y if buf.y.dtype == split.labels.dtype else np.empty(len(idx), split.labels.dtype)
-        self.loader.load(split, idx, buf.Z[0], y)
+        if self.config.data.normalize == "unit":
+            self.loader.load_pixels(split, idx, buf.Z[0][:, :-1], y)
+            set_x_scale(buf, float(self.loader.scale))
+        else:
+            set_x_scale(buf, 1.0)
+            self.loader.load(split, idx, buf.Z[0], y)
         return buf.Z[0][:, :-1], y
 
     def blocks(self, params: Params, state: OptState) -> tuple[tuple, tuple] | None:
@@ -373,14 +403,18 @@ class FastStep:
 
     def __call__(self, params: Params, state: OptState, X: Any, y: Any, lr: float, t: int,
                  masks: tuple = ()) -> tuple[Any, Any]:
+        buf = self.buffers_for(X.shape[0])
+        own = X.base is buf.Z[0]                                       # from self.batch
         blocks = self.blocks(params, state)
         if blocks is None or X.dtype != self.dtype:
             multiply_out(state)
+            if own and buf.x_scale[0] != 1:
+                X = X * X.dtype.type(buf.x_scale[0])                   # the pixels as inputs
             return self.generic(params, state, X, y, lr, t, masks)
         Js, Vs = blocks
         s = self.next_scale(state, Vs)
-        buf = self.buffers_for(X.shape[0])
-        if X.base is not buf.Z[0]:                                     # not from self.batch
+        if not own:
+            set_x_scale(buf, 1.0)
             np.copyto(buf.Z[0][:, :-1], X)
         forward_into(self.lib.gemm, Js, masks, buf, self.act_name)
         L, correct = softmax_ce_into(buf, y, self.config.train.label_smoothing)

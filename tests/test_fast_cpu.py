@@ -229,18 +229,47 @@ def test_prepare_state_multiplies_the_scale_out_for_the_generic_step():
 
 
 def test_step_batch_writes_the_inputs_and_a_column_of_ones_for_the_fast_step():
+    """With data.normalize "unit" the buffer holds the pixels and x / 255 is the first gemms'
+    alpha: X * x_scale is the input, bit for bit, and the column of ones holds 1 / x_scale."""
     rng = np.random.default_rng(11)
     split = DeviceSplit(rng.integers(0, 256, (100, 784), dtype=np.uint8),
                         rng.integers(0, 10, 100).astype(np.int32))
-    for normalize in ("unit", "standard"):
+    for normalize, x_scale in (("unit", np.float32(1 / 255)), ("standard", np.float32(1))):
         config = build_config(None, ["model.hidden=16", f"data.normalize={normalize}"])
         step = make_step(config, CPU)
         for idx in (rng.permutation(100)[:64], np.arange(10)):
             X, y = step.batch(split, idx)
             images, y_ref = gather(split, idx)
-            np.testing.assert_array_equal(X, to_inputs(images, normalize, "float32"))
+            np.testing.assert_array_equal(X * x_scale, to_inputs(images, normalize, "float32"))
             np.testing.assert_array_equal(y, y_ref)
-            assert (X.base[:, -1] == 1).all() and X.base.shape == (len(idx), 785)
+            assert X.base.shape == (len(idx), 785) and (X.base[:, -1] * x_scale == 1).all()
+
+
+def test_fast_step_on_its_own_batches_or_given_inputs_or_falling_back_matches_generic():
+    rng = np.random.default_rng(12)
+    split = DeviceSplit(rng.integers(0, 256, (200, 784), dtype=np.uint8),
+                        rng.integers(0, 10, 200).astype(np.int32))
+    config = build_config(None, ["model.hidden=16"])
+    params = init_params((784, 16, 10), "he", rng)
+    ref_p, ref_s = copy_params(params), init_state(config.optim, params)
+    p, s = packed(params, config)
+    unpacked_p, unpacked_s = copy_params(params), init_state(config.optim, params)
+    step = make_step(config, CPU)
+    for t, own in enumerate([True, False, True, False], start=1):
+        idx = rng.permutation(200)[:50]
+        X_ref = to_inputs(split.images[idx], "unit", "float32")
+        X = step.batch(split, idx)[0] if own else X_ref
+        out = step(p, s, X, split.labels[idx], 0.1, t, ())
+        if own:                                          # unpacked: the generic step's turn
+            step(unpacked_p, unpacked_s, step.batch(split, idx)[0], split.labels[idx], 0.1, t, ())
+        else:
+            generic_step(config)(unpacked_p, unpacked_s, X_ref, split.labels[idx], 0.1, t, ())
+        ref = generic_step(config)(ref_p, ref_s, X_ref, split.labels[idx], 0.1, t, ())
+        np.testing.assert_allclose(out[0], ref[0], rtol=RTOL)
+        assert out[1] == ref[1]
+        assert_close(p.W + p.b, ref_p.W + ref_p.b, "params")
+        assert_close(unscaled(s).m, ref_s.m, "velocity")
+        assert_close(unpacked_p.W + unpacked_p.b, ref_p.W + ref_p.b, "generic params")
 
 
 def test_fast_step_in_float64_matches_the_generic_step_to_float64_precision():
