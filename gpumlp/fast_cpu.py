@@ -139,7 +139,7 @@ class Buffers(NamedTuple):
     Z: tuple            # [Z_{k-1} | 1] (m, fan_in + 1), k = 1..L: each layer's input, X first
     A: tuple            # A_k (m, h_k) of the hidden layers
     dA: tuple           # dA_k (m, h_k) of the hidden layers; dZ_k is computed in place in them
-    positive: tuple     # (A_k > 0) as 0/1 (m, h_k): phi'(A_k) of ReLU, set by the forward pass
+    positive: tuple     # (A_k > 0) (m, h_k) bool: phi'(A_k) of ReLU, set by the forward pass
     S: np.ndarray       # (c, m) the logits transposed, then shifted, exp'd, normalised: m dA_L.T
     colmax: np.ndarray  # (m,) max of each column of S, then log-sum-exp
     colsum: np.ndarray  # (m,) sum of exp of each shifted column
@@ -163,7 +163,7 @@ def new_buffers(m: int, widths: tuple[int, ...], dtype: np.dtype) -> Buffers:
         Zk[:, -1] = 1                                                  # the column of ones
     return Buffers(
         Z=Z, A=tuple(empty(m, h) for h in hidden), dA=tuple(empty(m, h) for h in hidden),
-        positive=tuple(empty(m, h) for h in hidden), S=empty(c, m), colmax=empty(m),
+        positive=tuple(np.empty((m, h), dtype=bool) for h in hidden), S=empty(c, m), colmax=empty(m),
         colsum=empty(m), at_label=empty(m), label_pos=np.empty(m, dtype=np.intp),
         col=np.arange(m, dtype=np.intp), pred=np.empty(m, dtype=np.intp),
         hit=np.empty(m, dtype=bool), y=np.empty(m, dtype=np.int32), x_scale=np.ones(1))
@@ -191,7 +191,7 @@ def forward_into(gemm: Callable, Js: tuple, masks: tuple, buf: Buffers, act_name
         alpha = 1.0
         Z = buf.Z[k + 1][:, :-1]                                       # (m, h_k) view of [Z_k | 1]
         if act_name == "relu":
-            np.greater(A, 0, out=buf.positive[k])                      # (m, h_k) phi'(A), 0 or 1
+            np.greater(A, 0, out=buf.positive[k])                      # (m, h_k) phi'(A), bool
             np.multiply(A, buf.positive[k], out=Z)                     # (m, h_k) max(A, 0)
         else:
             np.copyto(Z, act.phi(A))
