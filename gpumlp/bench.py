@@ -76,6 +76,16 @@ class Row:
         return self.gflop / self.epoch_s
 
 
+def paired_ratio(a: Row, b: Row) -> float:
+    """The median over the rounds of a's epoch over b's epoch in the same round.
+
+    The two epochs of a round run back to back (bench_pair), so each ratio sees one state of a
+    shared machine; the median of these ratios moves less with the machine's load than the
+    ratio of the two medians, which may come from different minutes.
+    """
+    return statistics.median(x / y for x, y in zip(a.seconds, b.seconds))
+
+
 # ---- BLAS threads and the sgemm reference ----------------------------------------------------
 
 SET_NAMES = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",

@@ -60,18 +60,20 @@ def header_lines(backend, result: dict, spec) -> list[str]:
         "at the start)",
         f"data      synthetic uint8 {spec.samples}x784 with random labels (MNIST's shape); fp32; "
         f"SGD momentum {MOMENTUM}, lr {LR}; median of {spec.repeats} interleaved timings of "
-        f"{spec.epochs} epoch(s)",
+        f"{spec.epochs} epoch(s); gpumlp/torch: median of the {spec.repeats} rounds' ratios",
     ]
 
 
 def table_lines(result: dict) -> list[str]:
+    from .bench import paired_ratio
+
     lines = ["| h | batch | impl | s/epoch | samples/s | GFLOP/s | % of sgemm | gpumlp/torch |",
              "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
-    torch_s = {(r.hidden, r.batch): r.epoch_s for r in result["rows"] if r.impl == "torch"}
+    torch_rows = {(r.hidden, r.batch): r for r in result["rows"] if r.impl == "torch"}
     for r in result["rows"]:
         ratio = "-"
-        if r.impl == "gpumlp" and (r.hidden, r.batch) in torch_s:
-            ratio = f"{r.epoch_s / torch_s[(r.hidden, r.batch)]:.2f}"
+        if r.impl == "gpumlp" and (r.hidden, r.batch) in torch_rows:
+            ratio = f"{paired_ratio(r, torch_rows[(r.hidden, r.batch)]):.2f}"
         share = 100 * r.gflops / result["sgemm_gflops"]
         lines.append(f"| {r.hidden} | {r.batch} | {r.impl} | {r.epoch_s:.3f} | "
                      f"{r.samples_per_s:,.0f} | {r.gflops:.1f} | {share:.0f}% | {ratio} |")

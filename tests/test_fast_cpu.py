@@ -414,3 +414,16 @@ def test_bench_refuses_more_rows_per_batch_than_samples():
                                        "128", "--samples", "64", "--no-torch"])
     assert result.exit_code == 2
     assert "--samples 64" in result.output and "Traceback" not in result.output
+
+
+def test_bench_ratio_is_the_median_of_each_round_s_ratio_not_the_ratio_of_medians():
+    """A round's two epochs run back to back: their ratio sees one state of the machine."""
+    from gpumlp.bench import Row, paired_ratio
+    from gpumlp.cli_bench import table_lines
+
+    ours = Row("gpumlp", 256, 128, seconds=[1.0, 10.0, 1.0], gflop=49.1, samples=60000)
+    theirs = Row("torch", 256, 128, seconds=[2.0, 20.0, 20.0], gflop=49.1, samples=60000)
+    assert paired_ratio(ours, theirs) == 0.5             # rounds: 0.5, 0.5, 0.05
+    assert ours.epoch_s / theirs.epoch_s == 0.05         # what the medians alone would say
+    lines = table_lines({"rows": [ours, theirs], "sgemm_gflops": 200.0})
+    assert lines[2].endswith("| 0.50 |") and lines[3].endswith("| - |")
