@@ -245,19 +245,21 @@ def test_step_batch_writes_the_inputs_and_a_column_of_ones_for_the_fast_step():
             assert X.base.shape == (len(idx), 785) and (X.base[:, -1] * x_scale == 1).all()
 
 
-def test_fast_step_on_its_own_batches_or_given_inputs_or_falling_back_matches_generic():
+@pytest.mark.parametrize("dtype,rtol,atol", [("float32", RTOL, ATOL), ("float64", 1e-12, 1e-13)])
+def test_fast_step_on_its_own_batches_or_given_inputs_or_falling_back_matches_generic(
+        dtype, rtol, atol):
     rng = np.random.default_rng(12)
     split = DeviceSplit(rng.integers(0, 256, (200, 784), dtype=np.uint8),
                         rng.integers(0, 10, 200).astype(np.int32))
-    config = build_config(None, ["model.hidden=16"])
-    params = init_params((784, 16, 10), "he", rng)
+    config = build_config(None, ["model.hidden=16", f"train.dtype={dtype}"])
+    params = init_params((784, 16, 10), "he", rng, dtype)
     ref_p, ref_s = copy_params(params), init_state(config.optim, params)
     p, s = packed(params, config)
     unpacked_p, unpacked_s = copy_params(params), init_state(config.optim, params)
     step = make_step(config, CPU)
     for t, own in enumerate([True, False, True, False], start=1):
         idx = rng.permutation(200)[:50]
-        X_ref = to_inputs(split.images[idx], "unit", "float32")
+        X_ref = to_inputs(split.images[idx], "unit", dtype)
         X = step.batch(split, idx)[0] if own else X_ref
         out = step(p, s, X, split.labels[idx], 0.1, t, ())
         if own:                                          # unpacked: the generic step's turn
@@ -265,11 +267,11 @@ def test_fast_step_on_its_own_batches_or_given_inputs_or_falling_back_matches_ge
         else:
             generic_step(config)(unpacked_p, unpacked_s, X_ref, split.labels[idx], 0.1, t, ())
         ref = generic_step(config)(ref_p, ref_s, X_ref, split.labels[idx], 0.1, t, ())
-        np.testing.assert_allclose(out[0], ref[0], rtol=RTOL)
+        np.testing.assert_allclose(out[0], ref[0], rtol=rtol)
         assert out[1] == ref[1]
-        assert_close(p.W + p.b, ref_p.W + ref_p.b, "params")
-        assert_close(unscaled(s).m, ref_s.m, "velocity")
-        assert_close(unpacked_p.W + unpacked_p.b, ref_p.W + ref_p.b, "generic params")
+        assert_close(p.W + p.b, ref_p.W + ref_p.b, "params", rtol, atol)
+        assert_close(unscaled(s).m, ref_s.m, "velocity", rtol, atol)
+        assert_close(unpacked_p.W + unpacked_p.b, ref_p.W + ref_p.b, "generic params", rtol, atol)
 
 
 def test_fast_step_in_float64_matches_the_generic_step_to_float64_precision():
