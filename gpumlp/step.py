@@ -42,10 +42,8 @@ def generic_step(config: Config) -> Step:
 
 
 class CpuStep:
-    """A CPU step with the loader that feeds it preallocated batches (see fast_cpu.BatchLoader).
-
-    `kind` says which step it is: "fast_cpu" or "generic".
-    """
+    """The generic step on the CPU, with the loader that feeds it preallocated batches
+    (fast_cpu.BatchLoader). `kind` says which step it is, as fast_cpu.FastStep's does."""
 
     def __init__(self, step: Step, batch: Callable, kind: str):
         self.step, self.batch, self.kind = step, batch, kind
