@@ -44,7 +44,7 @@ from .activations import ACTIVATIONS
 from .config import Config, OptimConfig
 from .data import DeviceSplit, MNIST_MEAN, MNIST_STD
 from .model import Params
-from .optim import OptState, apply_max_norm
+from .optim import OptState, apply_max_norm, multiply_out
 from .step import generic_step
 
 D, C = 784, 10
@@ -96,13 +96,6 @@ def pack(params: Params, state: OptState) -> tuple[Params, OptState]:
     scale = np.ones(1) if state.scale is None else np.array(state.scale, dtype=np.float64)
     return Params(W, b), OptState(vel, state.v, scale)
 
-
-def multiply_out(state: OptState) -> None:
-    """Make the stored velocity the velocity itself, in place: m *= scale, scale = 1."""
-    if state.scale is not None and state.scale[0] != 1:
-        for a in state.m:
-            a *= a.dtype.type(state.scale[0])
-        state.scale[0] = 1.0
 
 
 def block_of(W: np.ndarray, b: np.ndarray) -> np.ndarray | None:

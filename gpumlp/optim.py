@@ -24,8 +24,16 @@ class OptState(NamedTuple):
     scale: Any = None
 
 
+def multiply_out(state: OptState) -> None:
+    """Make the stored velocity the velocity itself, in place: m *= scale, scale = 1."""
+    if state.scale is not None and state.scale[0] != 1:
+        for a in state.m:
+            a *= a.dtype.type(state.scale[0])
+        state.scale[0] = 1.0
+
+
 def unscaled(state: OptState) -> OptState:
-    """The same state with the velocity multiplied out by its scale (scale None)."""
+    """A copy of the state with the velocity multiplied out by its scale (scale None)."""
     if state.scale is None:
         return state
     s = float(state.scale[0])
