@@ -176,7 +176,7 @@ def gpumlp_runner(backend: Backend, split: DeviceSplit, hidden: int, batch: int,
     state = new_state(config, backend)
     data = DeviceData(split, None, split)
     step_fn = make_step(config, backend)
-    prepare_state(step_fn, state)
+    prepare_state(step_fn, state, split)
 
     def epoch() -> None:
         train_epoch(state, data, config, backend, step_fn, lambda kind, info: None,

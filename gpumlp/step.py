@@ -7,12 +7,15 @@ the update into the dW products; the generic step for the optimizers that need d
 
 A step may carry a `batch(split, idx)` loader that writes the batch into its own buffers;
 `batch_inputs` uses it when there is no augmentation, else `data.gather` and `data.to_inputs`.
-It may also carry `prepare(params, state)`, which returns the parameters and optimizer state in
-the layout it is fastest with (same values); `prepare_state` applies it to a run's state.
+It may also carry `prepare(params, state, split)`, which returns the parameters and optimizer
+state in the layout it is fastest with for that training split (same values), and `export`,
+which gives them back in model.py's layout: `prepare_state` applies the one to a run's state,
+and `exported` the other wherever the parameters leave the step (evaluation, run files).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 from .activations import ACTIVATIONS
@@ -66,14 +69,25 @@ def make_step(config: Config, backend: Backend) -> Step:
     return CpuStep(generic_step(config), fast_cpu.BatchLoader(config), "generic")
 
 
-def prepare_state(step: Step, state: Any) -> None:
-    """Put a RunState's params and optimizer state into the step's own layout, if it has one;
-    for any other step, multiply out a velocity scale the fast CPU step left (optim.OptState)."""
+def prepare_state(step: Step, state: Any, split: DeviceSplit | None = None) -> None:
+    """Put a RunState's params and optimizer state into the step's own layout for the training
+    split, if it has one; for any other step, multiply out a velocity scale the fast CPU step
+    left (optim.OptState)."""
     prepare = getattr(step, "prepare", None)
     if prepare is not None:
-        state.params, state.opt = prepare(state.params, state.opt)
+        state.params, state.opt = prepare(state.params, state.opt, split)
     else:
         state.opt = unscaled(state.opt)
+
+
+def exported(step: Step, state: Any) -> Any:
+    """The RunState with its params and optimizer state in model.py's layout: copies where the
+    step keeps its own (`prepare_state`), else the state itself. The rest is shared."""
+    export = getattr(step, "export", None)
+    if export is None:
+        return state
+    params, opt = export(state.params, state.opt)
+    return dataclasses.replace(state, params=params, opt=opt)
 
 
 def batch_inputs(step: Step, split: DeviceSplit, idx: Any, config: Config, augment: Any,

@@ -25,7 +25,7 @@ from .mnist import Mnist
 from .model import Params, correct_count, dropout_masks, forward, init_params, loss_and_dA2
 from .optim import OptState, init_state, learning_rate
 from .runfiles import RunFiles
-from .step import batch_inputs, make_step, prepare_state
+from .step import batch_inputs, exported, make_step, prepare_state
 
 D, C = 784, 10
 EventHandler = Callable[[str, dict], None]
@@ -151,7 +151,7 @@ def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Back
 
 
 def epoch_metrics(state: RunState, data: DeviceData, config: Config, lr: float) -> dict:
-    """The metrics.jsonl line of the epoch that just ended."""
+    """The metrics.jsonl line of the epoch that just ended (`state` in model.py's layout)."""
     pos, n = state.pos, len(data.train)
     if not np.isfinite(pos.loss_sum) or not all_finite(state.params):
         raise NumericalError(f"the loss or the weights became NaN or infinite in epoch "
@@ -185,12 +185,13 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
         if files:
             files.start(config)
     step_fn = make_step(config, backend)
-    prepare_state(step_fn, state)
+    prepare_state(step_fn, state, data.train)
     steps_per_epoch = len(batch_slices(len(data.train), config.train.batch_size))
     on_event("start", {"device": backend.description, "epochs": config.train.epochs,
                        "n_train": len(data.train), "batches": steps_per_epoch,
                        "epoch": state.pos.epoch})
-    save = (lambda: files.save_checkpoint(state, history)) if files else (lambda: None)
+    save = (lambda: files.save_checkpoint(exported(step_fn, state), history)) if files \
+        else (lambda: None)
     while state.pos.epoch < config.train.epochs:
         try:
             train_epoch(state, data, config, backend, step_fn, on_event, save, should_stop)
@@ -199,7 +200,7 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
         lr = learning_rate(config.optim, state.pos.step - 1, steps_per_epoch,
                            config.train.epochs * steps_per_epoch)
         try:
-            history.append(epoch_metrics(state, data, config, lr))
+            history.append(epoch_metrics(exported(step_fn, state), data, config, lr))
         except NumericalError as e:
             raise NumericalError(f"{e}; {files.last_good() if files else 'no run directory'}") from None
         state.pos = Position(epoch=state.pos.epoch + 1, step=state.pos.step)
@@ -209,10 +210,11 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
         on_event("epoch", history[-1])
         if should_stop() and state.pos.epoch < config.train.epochs:
             raise Interrupted("interrupted")
-    summary = make_summary(config, backend, state, data, history)
+    final = exported(step_fn, state)
+    summary = make_summary(config, backend, final, data, history)
     if files:
-        files.finish(state.params, config, summary)
-    return RunResult(state.params, history, summary)
+        files.finish(final.params, config, summary)
+    return RunResult(final.params, history, summary)
 
 
 def make_summary(config: Config, backend: Backend, state: RunState, data: DeviceData,
