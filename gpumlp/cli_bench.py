@@ -12,7 +12,7 @@ import platform
 
 import click
 
-from .cli_common import device_option, domain_errors
+from .cli_common import data_dir_option, device_option, domain_errors, load_mnist_for
 
 CPU_BATCHES = (64, 128, 256, 1024)
 GPU_BATCHES = (128, 1024)
@@ -30,8 +30,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def reproduce_command(device: str, hidden, batch, epochs, repeats, samples, torch, threads) -> str:
-    parts = ["gpumlp bench", f"--device {device}"]
+def reproduce_command(device: str, hidden, batch, epochs, repeats, samples, torch, threads,
+                      data: str = "mnist") -> str:
+    parts = ["gpumlp bench", f"--device {device}", f"--data {data}"]
     parts += [f"--hidden {h}" for h in hidden] + [f"--batch {m}" for m in batch]
     parts += [f"--epochs {epochs}", f"--repeats {repeats}", f"--samples {samples}",
               "--torch" if torch else "--no-torch"]
@@ -40,7 +41,13 @@ def reproduce_command(device: str, hidden, batch, epochs, repeats, samples, torc
     return " ".join(parts)
 
 
-def header_lines(backend, result: dict, spec) -> list[str]:
+def data_line(data: str, samples: int) -> str:
+    if data == "mnist":
+        return f"MNIST, the first {samples} training images"
+    return f"synthetic uint8 {samples}x784 with random labels (MNIST's shape, no zero pixels)"
+
+
+def header_lines(backend, result: dict, spec, data: str = "mnist") -> list[str]:
     import numpy
     import scipy
 
@@ -58,7 +65,7 @@ def header_lines(backend, result: dict, spec) -> list[str]:
         f"gpumlp step: {result.get('gpumlp_step', '-')}",
         f"sgemm     {result['sgemm_gflops']:.1f} GFLOP/s (best 2048^3 float32 product, measured "
         "at the start)",
-        f"data      synthetic uint8 {spec.samples}x784 with random labels (MNIST's shape); fp32; "
+        f"data      {data_line(data, spec.samples)}; fp32; "
         f"SGD momentum {MOMENTUM}, lr {LR}; median of {spec.repeats} interleaved timings of "
         f"{spec.epochs} epoch(s); gpumlp/torch: median of the {spec.repeats} rounds' ratios",
     ]
@@ -91,36 +98,47 @@ def table_lines(result: dict) -> list[str]:
               help="Epochs in each timing.")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timings of each implementation, interleaved; the median is reported.")
+@click.option("--data", "data", type=click.Choice(["mnist", "synthetic"]), default="mnist",
+              show_default=True,
+              help="Train on MNIST (from --data-dir or the cache, fetched on first use) or on "
+                   "random images of MNIST's shape.")
+@data_dir_option
 @click.option("--samples", default=60000, show_default=True, type=click.IntRange(min=1),
-              help="Synthetic examples per epoch (MNIST has 60000).")
+              help="Examples per epoch: the first N MNIST training images (at most 60000), "
+                   "or N synthetic ones.")
 @click.option("--torch/--no-torch", "with_torch", default=True, show_default=True,
               help="Also time PyTorch eager on the same net when it is installed.")
 @click.option("--threads", type=click.IntRange(min=1),
               help="BLAS and PyTorch threads (default: leave them as they are).")
 @domain_errors
-def bench(device, hidden, batch, epochs, repeats, samples, with_torch, threads):
+def bench(device, hidden, batch, epochs, repeats, data, data_dir, samples, with_torch, threads):
     """Time training epochs, against PyTorch eager in the same run.
 
     Prints seconds per epoch, samples per second, achieved GFLOP/s and their share of an
     sgemm rate measured at the start, and the ratio gpumlp/PyTorch, as a Markdown table,
-    then the command that reproduces it. Epochs run on synthetic data of MNIST's shape.
+    then the command that reproduces it. Epochs run on MNIST's training images (or, with
+    --data synthetic, on random images of its shape, which have no zero pixels to skip).
 
     \b
     Example:
       gpumlp bench --device cpu --hidden 256 --batch 128 --threads 2
     """
     from .backend import get_backend
-    from .bench import BenchSpec, run_bench
+    from .bench import BenchSpec, first_of, run_bench
 
     backend = get_backend(device)
     hidden = hidden or (256, 1024)
     batch = batch or (GPU_BATCHES if backend.is_gpu else CPU_BATCHES)
     spec = BenchSpec(hidden=tuple(hidden), batch=tuple(batch), epochs=epochs, repeats=repeats,
                      samples=samples, torch=with_torch, threads=threads)
-    result = run_bench(spec, backend, on_row=lambda row: click.echo(
+    split = None
+    if data == "mnist":
+        train = load_mnist_for(data_dir, quiet=False).train
+        split = first_of(train.images, train.labels, samples, backend)
+    result = run_bench(spec, backend, split, on_row=lambda row: click.echo(
         f"  {row.impl:<6} h={row.hidden} batch={row.batch}: {row.epoch_s:.3f} s/epoch", err=True))
-    for line in header_lines(backend, result, spec) + [""] + table_lines(result):
+    for line in header_lines(backend, result, spec, data) + [""] + table_lines(result):
         click.echo(line)
     click.echo("")
     click.echo("reproduce: " + reproduce_command(backend.device, hidden, batch, epochs, repeats,
-                                                 samples, with_torch, threads))
+                                                 samples, with_torch, threads, data))

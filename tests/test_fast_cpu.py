@@ -21,7 +21,7 @@ from gpumlp.bench import executed_gflop
 from gpumlp.cli import main
 from gpumlp.config import build_config
 from gpumlp.data import DeviceSplit, gather, to_inputs
-from gpumlp.mnist import Mnist, Split
+from gpumlp.mnist import Mnist, Split, load_mnist
 from gpumlp.model import Params, correct_count, forward, init_params, loss_and_dA2
 from gpumlp.optim import OptState, init_state, multiply_out, unscaled
 from gpumlp.step import batch_inputs, generic_step, make_step, prepare_state
@@ -471,8 +471,8 @@ def test_executed_flops_of_an_h256_epoch_are_the_issue_s_49_1_gflop():
 
 
 def test_bench_prints_a_table_and_the_command_that_reproduces_it():
-    args = ["bench", "--device", "cpu", "--hidden", "8", "--batch", "16", "--batch", "24",
-            "--samples", "64", "--repeats", "2", "--no-torch"]
+    args = ["bench", "--device", "cpu", "--data", "synthetic", "--hidden", "8", "--batch", "16",
+            "--batch", "24", "--samples", "64", "--repeats", "2", "--no-torch"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     out = result.stdout
@@ -480,13 +480,39 @@ def test_bench_prints_a_table_and_the_command_that_reproduces_it():
     rows = [line for line in out.splitlines() if line.startswith("| 8 |")]
     assert [row.split("|")[2:4] for row in rows] == [[" 16 ", " gpumlp "], [" 24 ", " gpumlp "]]
     assert "sgemm" in out and "synthetic uint8 64x784" in out
-    assert ("reproduce: gpumlp bench --device cpu --hidden 8 --batch 16 --batch 24 --epochs 1 "
-            "--repeats 2 --samples 64 --no-torch") in out
+    assert ("reproduce: gpumlp bench --device cpu --data synthetic --hidden 8 --batch 16 "
+            "--batch 24 --epochs 1 --repeats 2 --samples 64 --no-torch") in out
+
+
+def test_bench_runs_on_the_first_mnist_images_by_default(tiny_data_dir, monkeypatch):
+    """MNIST's zero pixels are what the fast step skips: the benchmark trains on MNIST itself."""
+    import gpumlp.bench as bench_module
+
+    seen = []
+    real = bench_module.gpumlp_runner
+    monkeypatch.setattr(bench_module, "gpumlp_runner",
+                        lambda backend, split, *rest: seen.append(split) or real(backend, split,
+                                                                                   *rest))
+    result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--data-dir", str(tiny_data_dir),
+                                       "--hidden", "8", "--batch", "16", "--samples", "200",
+                                       "--repeats", "1", "--no-torch"])
+    assert result.exit_code == 0, result.output
+    assert "MNIST, the first 200 training images" in result.stdout
+    assert "reproduce: gpumlp bench --device cpu --data mnist --hidden 8" in result.stdout
+    first = load_mnist(tiny_data_dir).train
+    np.testing.assert_array_equal(seen[0].images, first.images[:200])
+    np.testing.assert_array_equal(seen[0].labels, first.labels[:200])
+    too_many = CliRunner().invoke(main, ["bench", "--device", "cpu", "--data-dir",
+                                         str(tiny_data_dir), "--samples", "301", "--no-torch"])
+    assert too_many.exit_code == 2
+    assert "--samples 301" in too_many.output and "300" in too_many.output
+    assert "Traceback" not in too_many.output
 
 
 def test_bench_refuses_more_rows_per_batch_than_samples():
-    result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--hidden", "8", "--batch",
-                                       "128", "--samples", "64", "--no-torch"])
+    result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--data", "synthetic",
+                                       "--hidden", "8", "--batch", "128", "--samples", "64",
+                                       "--no-torch"])
     assert result.exit_code == 2
     assert "--samples 64" in result.output and "Traceback" not in result.output
 
