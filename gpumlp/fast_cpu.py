@@ -11,15 +11,18 @@ numbers are written:
   cost no call of their own. `FastStep.prepare` puts a run's parameters into this layout and
   `FastStep.export` gives them back as model.py has them;
 - **the zero pixels of a batch are left out of the first layer's products**. A pixel that is 0
-  in every image of the batch adds 0 to A_1 and its row of dW_1 is 0, so the products can stop
-  before it. The rows of W_1 (and the input's pixels) are kept in one order for the run, the
-  pixels most often nonzero in the training set first (`PixelOrder`); a batch then needs only
-  the first k rows of J_1, k = 1 + its images' largest extent (the position, in that order, of
-  an image's last nonzero pixel), a contiguous block. In MNIST 67 pixels are 0 in every
-  training image and a batch of 128 needs k of about 635 of 785: a fifth less arithmetic in
-  the two large products, the same sums without their zero terms. This needs inputs whose
-  zeros are zeros: data.normalize "unit" and no augmentation; otherwise k = 785 always;
-- every product is one BLAS gemm (SciPy's wrappers) writing into a buffer allocated once per
+  in every image of a group of rows adds 0 to their A_1 and their part of its row of dW_1 is
+  0, so the products for those rows can stop before it. The rows of W_1 (and the inputs'
+  pixels) are kept in one order for the run, the pixels most often nonzero in the training
+  set first (`PixelOrder`); an image's extent is the position, in that order, of its last
+  nonzero pixel. A batch's rows, sorted by extent, go in two groups (`extent_groups`), and
+  each group's products take only the first k rows of J_1 (k = 1 + the group's largest
+  extent: a contiguous block, no gather) with the group's inputs [1 | X] (rows, k). In MNIST
+  67 pixels are 0 in every training image, and a batch of 128 needs about 510 of the 785
+  columns on average (635 as one group): the same sums without their zero terms. This needs
+  inputs whose zeros are zeros: data.normalize "unit" and no augmentation; otherwise k = 785;
+- every product is a BLAS gemm (SciPy's wrappers; one per group of rows in the first layer)
+  writing into a buffer allocated once per
   batch size, and every elementwise line has an `out=`;
 - softmax and cross-entropy are fused, on the logits transposed, S = A_L.T (c, m): NumPy
   reduces down the columns of S far faster than along rows of only c = 10. S ends as
@@ -170,10 +173,11 @@ def blocks_of(params: Params, state: OptState) -> tuple[tuple, tuple]:
 class Buffers(NamedTuple):
     """Everything one step writes, for one batch size m and L layers (L - 1 hidden)."""
     Z: tuple            # [1 | Z_{k-1}] (m, fan_in + 1), k = 1..L: each layer's input. Z[0] is
-                        # storage: a batch of extent k uses its first m k numbers, `first_input`
+                        # storage for the first input's parts (`first_parts`)
     A: tuple            # A_k (m, h_k) of the hidden layers
     dA: tuple           # dA_k (m, h_k) of the hidden layers; dZ_k is computed in place in them
-    positive: tuple     # (A_k > 0) (m, h_k) bool: phi'(A_k) of ReLU, set by the forward pass
+    positive: tuple     # (A_k > 0) (m, h_k) as 0/1 floats: phi'(A_k) of ReLU, from the forward
+                        # pass (a float mask multiplies 2-3x faster than a bool one)
     logits: np.ndarray  # A_L (m, c), as its gemm writes it fastest
     S: np.ndarray       # (c, m) the logits transposed, then shifted, exp'd, normalised: m dA_L.T
     colmax: np.ndarray  # (m,) max of each column of S, then log-sum-exp
@@ -187,6 +191,7 @@ class Buffers(NamedTuple):
     x_scale: np.ndarray  # (1,) what the first input holds is X / x_scale: 1, or 1/255 when it
                          # holds the pixels themselves (data.normalize "unit"); its column of
                          # ones then holds 255, and x_scale is the first gemms' alpha
+    parts: list         # the first input of the batch `FastStep.batch` loaded last, as parts
 
 
 def new_buffers(m: int, widths: tuple[int, ...], dtype: np.dtype) -> Buffers:
@@ -198,52 +203,66 @@ def new_buffers(m: int, widths: tuple[int, ...], dtype: np.dtype) -> Buffers:
         Zk[:, 0] = 1                                                   # the column of ones
     return Buffers(
         Z=Z, A=tuple(empty(m, h) for h in hidden), dA=tuple(empty(m, h) for h in hidden),
-        positive=tuple(np.empty((m, h), dtype=bool) for h in hidden), logits=empty(m, c),
+        positive=tuple(empty(m, h) for h in hidden), logits=empty(m, c),
         S=empty(c, m), colmax=empty(m),
         colsum=empty(m), at_label=empty(m), label_pos=np.empty(m, dtype=np.intp),
         col=np.arange(m, dtype=np.intp), pred=np.empty(m, dtype=np.intp),
-        hit=np.empty(m, dtype=bool), y=np.empty(m, dtype=np.int32), x_scale=np.ones(1))
+        hit=np.empty(m, dtype=bool), y=np.empty(m, dtype=np.int32), x_scale=np.ones(1),
+        parts=[])
 
 
-def first_input(buf: Buffers, k: int) -> np.ndarray:
-    """[1 | X_:, :k-1] (m, k), contiguous, in buf.Z[0]'s storage: the inputs of a batch whose
-    pixels past the first k - 1 (in the run's pixel order) are all 0."""
-    m = buf.Z[0].shape[0]
-    return buf.Z[0] if k == buf.Z[0].shape[1] else buf.Z[0].reshape(-1)[:m * k].reshape(m, k)
+# A part of the first input: rows lo:hi of the batch and their [1 | X] (hi - lo, k), C-ordered,
+# the pixels past k - 1 (in the run's pixel order) all 0 in those rows and left out.
+Part = tuple[int, int, np.ndarray]
 
 
-def set_ones(Z0: np.ndarray, buf: Buffers, x_scale: float) -> None:
+def first_parts(buf: Buffers, groups: list[tuple[int, int, int]]) -> list[Part]:
+    """Parts (lo, hi, [1 | X] (hi - lo, k)) for the row groups (lo, hi, k), one after the other
+    in buf.Z[0]'s storage, each contiguous."""
+    flat, start, parts = buf.Z[0].reshape(-1), 0, []
+    for lo, hi, k in groups:
+        parts.append((lo, hi, flat[start:start + (hi - lo) * k].reshape(hi - lo, k)))
+        start += (hi - lo) * k
+    return parts
+
+
+def set_ones(parts: list[Part], buf: Buffers, x_scale: float) -> None:
     """Say what the first input holds (Buffers.x_scale) and write its column of ones to match."""
-    Z0[:, 0] = 1.0 / x_scale
+    for _, _, Z in parts:
+        Z[:, 0] = 1.0 / x_scale
     buf.x_scale[0] = x_scale
+
+
+def products_into(gemm: Callable, alpha: float, parts: list[Part], J: np.ndarray,
+                  out: np.ndarray) -> None:
+    """out[lo:hi] = alpha [1 | X] @ J[:k] for each part: the layer's product, zero rows left out."""
+    for lo, hi, Z in parts:
+        gemm_into(gemm, alpha, Z, J[:Z.shape[1]], 0.0, out[lo:hi])     # (hi - lo, fan_out)
 
 
 # ---- forward: A_k = [1 | Z_{k-1}] @ J_k, Z_k = phi(A_k) ------------------------------------------
 
 def forward_into(gemm: Callable, Js: tuple, masks: tuple, buf: Buffers, act_name: str,
-                 Z0: np.ndarray) -> None:
-    """buf.A, buf.Z and buf.S = A_L.T from the first input Z0 = [1 | X] (m, k), as model.forward
-    (the rows of J_1 past k meet only zero pixels and are left out).
+                 first: list[Part]) -> None:
+    """buf.A, buf.Z and buf.S = A_L.T from the first input's parts `first`, as model.forward.
 
     Every gemm writes its output (m, fan_out), the layout OpenBLAS writes fastest (for the
     logits at h = 1024 twice as fast as (c, m)); the logits are then copied transposed.
     """
     act = ACTIVATIONS[act_name]
-    alpha, Z_in = float(buf.x_scale[0]), Z0                            # x_scale for [1 | X]
+    alpha, parts = float(buf.x_scale[0]), first                        # x_scale for [1 | X]
     for k, A in enumerate(buf.A):
-        J = Js[k][:Z_in.shape[1]]                                      # (fan_in + 1, h_k)
-        gemm_into(gemm, alpha, Z_in, J, 0.0, A)                        # (m, h_k) [1 | Z] @ J_k
-        alpha, Z_in = 1.0, buf.Z[k + 1]
-        Z = Z_in[:, 1:]                                                # (m, h_k) view of [1 | Z_k]
+        products_into(gemm, alpha, parts, Js[k], A)                    # (m, h_k) [1 | Z] @ J_k
+        alpha, parts = 1.0, [(0, A.shape[0], buf.Z[k + 1])]
+        Z = buf.Z[k + 1][:, 1:]                                        # (m, h_k) view of [1 | Z_k]
         if act_name == "relu":
-            np.greater(A, 0, out=buf.positive[k])                      # (m, h_k) phi'(A), bool
+            np.greater(A, 0, out=buf.positive[k])                      # (m, h_k) phi'(A), 0/1
             np.multiply(A, buf.positive[k], out=Z)                     # (m, h_k) max(A, 0)
         else:
             np.copyto(Z, act.phi(A))
         if masks:
             np.multiply(Z, masks[k], out=Z)                            # inverted dropout
-    J = Js[-1][:Z_in.shape[1]]
-    gemm_into(gemm, alpha, Z_in, J, 0.0, buf.logits)                   # (m, c) [1 | Z] @ J_L
+    products_into(gemm, alpha, parts, Js[-1], buf.logits)              # (m, c) [1 | Z] @ J_L
     np.copyto(buf.S, buf.logits.T)                                     # (c, m)
 
 
@@ -281,38 +300,42 @@ def softmax_ce_into(buf: Buffers, y: np.ndarray, smoothing: float) -> tuple[Any,
 # ---- backward with the update folded in ----------------------------------------------------------
 
 def sgd_fold(lib: Blas, cfg: OptimConfig, lr: float, J: np.ndarray, V: Any, s: float,
-             alpha: float, P: np.ndarray, Q: np.ndarray, trans_q: bool) -> None:
-    """J updated by SGD with dJ = alpha P.T @ op(Q) folded into the gemm (module docstring).
-
-    P may have fewer columns than J has rows (the first input of a batch with zero pixels
-    left out): the rows past them have dJ = 0, and only the whole-block passes reach them.
-    With momentum the velocity is s V (s = mu s_old already, see `FastStep`): vel *= mu is
-    then the change of s, and vel += dJ is V += dJ / s, so no pass is spent on it.
+             alpha: float, parts: list[Part], Q: np.ndarray, trans_q: bool) -> None:
+    """J updated by SGD with dJ = alpha P.T @ op(Q) folded into the gemms (module docstring),
+    P the layer's input in `parts`: a gemm per part, into the first k rows of the target with
+    the part's rows of op(Q) (rows past k have dJ = 0 there; only the whole-block passes
+    reach them). With momentum the velocity is s V (s = mu s_old already, see `FastStep`):
+    vel *= mu is then the change of s, and vel += dJ is V += dJ / s, so no pass is spent on it.
     """
     mu, wd = cfg.momentum, cfg.weight_decay
-    rows = P.shape[1]
     Jf = J.reshape(-1)                                                 # flat views for scal, axpy
+
+    def fold(a: float, target: np.ndarray) -> None:                   # target += a dJ
+        for lo, hi, P in parts:
+            Q_rows = Q[:, lo:hi] if trans_q else Q[lo:hi]
+            gemm_into(lib.gemm, a, P, Q_rows, 1.0, target[:P.shape[1]], True, trans_q)
+
     if mu == 0:
         if wd:
             lib.scal(1.0 - lr * wd, Jf)                                # J *= 1 - lr wd
-        gemm_into(lib.gemm, -lr * alpha, P, Q, 1.0, J[:rows], True, trans_q)  # J -= lr dJ
+        fold(-lr * alpha, J)                                           # J -= lr dJ
         return
     Vf = V.reshape(-1)
     if cfg.nesterov:
         lib.axpy(Vf, Jf, a=lr * s)                                     # J += lr mu vel_old
-    gemm_into(lib.gemm, alpha / s, P, Q, 1.0, V[:rows], True, trans_q)  # vel = mu vel + dJ
+    fold(alpha / s, V)                                                 # vel = mu vel + dJ
     if wd:
         lib.axpy(Jf, Vf, a=wd / s)                                     # vel += wd J
     lib.axpy(Vf, Jf, a=-lr * (1 + mu) * s if cfg.nesterov else -lr * s)  # J -= lr (1+mu) vel
 
 
 def backward_update(lib: Blas, cfg: OptimConfig, lr: float, Js: tuple, Vs: tuple, s: float,
-                    masks: tuple, buf: Buffers, act_name: str, Z0: np.ndarray) -> None:
+                    masks: tuple, buf: Buffers, act_name: str, first: list[Part]) -> None:
     """From S = m dA_L.T down to layer 1: dZ_{k-1} with the old W_k, then update layer k.
-    Z0 is the first input, as forward_into had it."""
+    `first` is the first input's parts, as forward_into had them."""
     m = buf.S.shape[1]
     top = len(buf.A)                                                   # index of the last layer
-    inputs = (Z0, *buf.Z[1:])                                          # [1 | Z_{k-1}] of layer k
+    inputs = (first, *([(0, m, Z)] for Z in buf.Z[1:]))                # [1 | Z_{k-1}] of layer k
     if top:
         gemm_into(lib.gemm, 1.0 / m, buf.S, Js[top][1:], 0.0, buf.dA[-1], True, True)  # (m, h)
     alpha = 1.0 if top else float(buf.x_scale[0])                     # x_scale for [1 | X]
@@ -329,6 +352,32 @@ def backward_update(lib: Blas, cfg: OptimConfig, lr: float, Js: tuple, Vs: tuple
             gemm_into(lib.gemm, 1.0, dA, Js[k][1:], 0.0, buf.dA[k - 1], trans_b=True)  # dZ_{k-1}
         alpha = 1.0 if k else float(buf.x_scale[0])
         sgd_fold(lib, cfg, lr, Js[k], Vs[k], s, alpha, inputs[k], dA, False)
+
+
+# ---- a batch's rows in groups by extent ----------------------------------------------------------
+
+GROUP_SHARE = 0.8   # of a batch's rows, fewest pixels first, in its first group
+MIN_GROUP_ROWS = 16  # a group is never smaller: a batch of fewer than 2 x 16 rows is one group
+
+
+def extent_groups(idx: np.ndarray, extent: np.ndarray) -> tuple[np.ndarray, list]:
+    """The rows idx, fewest pixels first, and their groups (lo, hi, k) for `first_parts`.
+
+    A batch's products need, in each row, only the pixels up to the row's extent. Its rows
+    sorted by extent, the first GROUP_SHARE of them need k_1 = 1 + their largest extent, the
+    rest k = 1 + the batch's: on MNIST at batch 128 about 510 of 785 columns on average
+    instead of 635 for the batch as one, for one more gemm per product. The order of a
+    batch's rows changes no sum's terms, only their order.
+    """
+    rows = extent.take(idx)                                            # (m,)
+    m = len(idx)
+    cut = min(max(int(m * GROUP_SHARE), MIN_GROUP_ROWS), m - MIN_GROUP_ROWS)
+    if cut < MIN_GROUP_ROWS:
+        return idx, [(0, m, int(rows.max()) + 1)]
+    by_extent = np.argsort(rows, kind="stable")
+    idx, rows = idx.take(by_extent), rows.take(by_extent)
+    k1, k = int(rows[cut - 1]) + 1, int(rows[-1]) + 1
+    return idx, ([(0, m, k)] if k1 == k else [(0, cut, k1), (cut, m, k)])
 
 
 # ---- the batch loader ----------------------------------------------------------------------------
@@ -434,38 +483,40 @@ class FastStep:
         return buf
 
     def batch(self, split: DeviceSplit, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(X, y) of the rows idx, X (m, k - 1) a view into the first input [1 | X] (m, k).
+        """(X, y) of the rows idx, the inputs written into the step's first input.
 
-        X is the step's own form of the inputs, for this step only: its pixels in the run's
-        order, those past k - 1 all 0 and left out, and with data.normalize "unit" the pixels
-        0..255 themselves (x / 255 is the alpha of the first products).
+        X (m, d) is the step's own handle on the batch, for this step only: a view of the
+        buffer that holds the parts of the first input (`first_parts`, `as_given`): the rows
+        fewest pixels first (y in the same order), the pixels in the run's order, zeros past
+        each group's extent left out, and with data.normalize "unit" the pixels 0..255
+        themselves (x / 255 is the alpha of the first products).
         """
         m, px = len(idx), self.pixels
         buf = self.buffers_for(m)
         y = buf.y if buf.y.dtype == split.labels.dtype else np.empty(m, split.labels.dtype)
         if split.images is px.source:                                  # the prepared split
+            idx, groups = extent_groups(idx, px.extent)
             U = self.loader.rows(px.images, split.labels, idx, y)      # (m, d) in pixel order
-            k = int(px.extent.take(idx).max()) + 1
         else:
             U = self.loader.rows(split.images, split.labels, idx, y)   # (m, d)
             if px.source is not None:
                 U = U.take(px.order, axis=1)                           # (m, d) in pixel order
-            k = U.shape[1] + 1
-        Z0 = first_input(buf, k)                                       # (m, k) [1 | X]
-        np.copyto(Z0[:, 1:], U[:, :k - 1])
-        if self.unit:
-            set_ones(Z0, buf, float(self.loader.scale))
-        else:
-            self.loader.scale_into(Z0)
-            set_ones(Z0, buf, 1.0)
-        return Z0[:, 1:], y
+            groups = [(0, m, U.shape[1] + 1)]
+        parts = first_parts(buf, groups)
+        for lo, hi, Z in parts:
+            np.copyto(Z[:, 1:], U[lo:hi, :Z.shape[1] - 1])             # (hi - lo, k - 1)
+            if not self.unit:
+                self.loader.scale_into(Z)
+        set_ones(parts, buf, float(self.loader.scale) if self.unit else 1.0)
+        buf.parts[:] = parts
+        return buf.Z[0][:, 1:], y
 
-    def as_given(self, X: np.ndarray, buf: Buffers) -> np.ndarray:
-        """The inputs X (m, d) of a batch from `batch`, as the generic step takes them."""
-        m, k = X.shape[0], X.shape[1] + 1
-        X_in = np.zeros((m, D), dtype=X.dtype)
-        X_in[:, self.pixels.order[:k - 1]] = X * X.dtype.type(buf.x_scale[0])
-        return X_in
+    def as_given(self, buf: Buffers) -> np.ndarray:
+        """The inputs X (m, d) of the batch `batch` loaded last, as the generic step takes them."""
+        X = np.zeros((buf.Z[0].shape[0], D), dtype=buf.Z[0].dtype)
+        for lo, hi, Z in buf.parts:
+            X[lo:hi, self.pixels.order[:Z.shape[1] - 1]] = Z[:, 1:] * Z.dtype.type(buf.x_scale[0])
+        return X
 
     def next_scale(self, state: OptState, Vs: tuple) -> float:
         """s *= mu for this step's velocity (state.scale), multiplying V out before s gets tiny."""
@@ -486,21 +537,21 @@ class FastStep:
         own = X.base is buf.Z[0]                                       # from self.batch
         if self.layout is None or params is not self.layout[0]:
             multiply_out(state)
-            return self.generic(params, state, self.as_given(X, buf) if own else X, y, lr, t,
-                                masks)
+            return self.generic(params, state, self.as_given(buf) if own else X, y, lr, t, masks)
         _, prepared_state, Js, Vs = self.layout
         if state is not prepared_state:
             raise ValueError("the optimizer state is not the one `prepare` returned with params")
-        if own:
-            Z0 = first_input(buf, X.shape[1] + 1)                      # (m, k) [1 | X]
-        else:
+        if not own:
             Z0 = buf.Z[0]                                              # (m, d + 1)
             np.copyto(Z0[:, 1:], X if self.pixels.source is None else X[:, self.pixels.order])
-            set_ones(Z0, buf, 1.0)
+            buf.parts[:] = [(0, X.shape[0], Z0)]
+            set_ones(buf.parts, buf, 1.0)
+        first = buf.parts
         s = self.next_scale(state, Vs)
-        forward_into(self.lib.gemm, Js, masks, buf, self.act_name, Z0)
+        forward_into(self.lib.gemm, Js, masks, buf, self.act_name, first)
         L, correct = softmax_ce_into(buf, y, self.config.train.label_smoothing)
-        backward_update(self.lib, self.config.optim, lr, Js, Vs, s, masks, buf, self.act_name, Z0)
+        backward_update(self.lib, self.config.optim, lr, Js, Vs, s, masks, buf, self.act_name,
+                        first)
         apply_max_norm(params, self.config.model.max_norm)
         return L, correct
 

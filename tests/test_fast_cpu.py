@@ -138,7 +138,7 @@ def test_forward_into_gives_the_generic_pre_activations_activations_and_logits(a
     for ms in ((), masks):
         buf = fast_cpu.new_buffers(20, (784, *hidden, 10), np.dtype(np.float32))
         buf.Z[0][:, 1:] = X
-        fast_cpu.forward_into(blas.sgemm, Js, ms, buf, activation, buf.Z[0])
+        fast_cpu.forward_into(blas.sgemm, Js, ms, buf, activation, [(0, 20, buf.Z[0])])
         cache = forward(params, X, act, ms)
         assert_close(buf.A, cache.A[:-1], "A")
         assert_close([Z[:, 1:] for Z in buf.Z[1:]], cache.Z[1:-1], "Z")
@@ -271,41 +271,53 @@ def sparse_split(rng: np.random.Generator, n: int) -> DeviceSplit:
 
 @pytest.mark.parametrize("normalize,x_scale", [("unit", np.float32(1 / 255)),
                                                ("standard", np.float32(1))])
-def test_step_batch_writes_the_inputs_in_pixel_order_without_the_batch_s_zero_pixels(
+def test_step_batch_writes_the_inputs_in_parts_without_the_batch_s_zero_pixels(
         normalize, x_scale):
-    """The first input is [1 | X] (m, k): the pixels in the step's order, those past k - 1 zero
-    in every image of the batch and left out (only where zeros stay zeros: "unit"). With
-    "unit" the buffer holds the pixels and x / 255 is the first gemms' alpha: X * x_scale is
-    the input, bit for bit, and the column of ones holds 1 / x_scale."""
+    """The first input comes in parts [1 | X] (rows, k): the rows fewest pixels first, the
+    pixels in the step's order, those past k - 1 zero in every row of the part and left out
+    (only where zeros stay zeros: "unit"). With "unit" the buffer holds the pixels and x / 255
+    is the first gemms' alpha: the parts times x_scale are the inputs, bit for bit, and the
+    columns of ones hold 1 / x_scale."""
     rng = np.random.default_rng(11)
-    split, other = sparse_split(rng, 100), sparse_split(rng, 30)
+    split, other = sparse_split(rng, 100), sparse_split(rng, 40)
     config = build_config(None, ["model.hidden=16", f"data.normalize={normalize}"])
     step = make_step(config, CPU)
     params = init_params((784, 16, 10), "he", rng)
     step.prepare(params, init_state(config.optim, params), split)
     order = step.pixels.order
-    widths = set()
+    widths = []
     blank = np.flatnonzero(~split.images.any(axis=1))[:3]
     assert blank.size
     for source, idx in ((split, rng.permutation(100)[:64]), (split, np.arange(10)),
-                        (split, blank), (other, np.arange(7))):
+                        (split, blank), (other, np.arange(40))):
         X, y = step.batch(source, idx)
+        buf = step.buffers_for(len(idx))
+        if source is split and normalize == "unit":
+            idx = fast_cpu.extent_groups(idx, step.pixels.extent)[0]   # the rows as loaded
         images, y_ref = gather(source, idx)
-        inputs = to_inputs(images, normalize, "float32")[:, order]        # (m, d) in pixel order
-        k = X.shape[1] + 1
-        np.testing.assert_array_equal(X * x_scale, inputs[:, :k - 1])
-        assert not images[:, order[k - 1:]].any()                          # only zeros left out
+        inputs = to_inputs(images, normalize, "float32")               # (m, d)
         np.testing.assert_array_equal(y, y_ref)
-        storage = step.buffers_for(len(idx)).Z[0]                        # (m, 785)
-        Z0 = fast_cpu.first_input(step.buffers_for(len(idx)), k)
-        assert X.base is storage and (Z0 is storage or Z0.base is storage)
-        assert Z0.flags.c_contiguous and (Z0[:, 0] * x_scale == 1).all()
-        widths.add((source is split, k))
-    if normalize == "unit":                              # blank, sparse; a split not prepared
-        assert (True, 1) in widths and max(k for ours, k in widths if ours) < 785
-        assert (False, 785) in widths
+        np.testing.assert_array_equal(step.as_given(buf), inputs)
+        assert X.shape == (len(idx), 784) and X.base is buf.Z[0]
+        covered = 0
+        for lo, hi, Z in buf.parts:
+            assert lo == covered and Z.flags.c_contiguous and np.shares_memory(Z, buf.Z[0])
+            k = Z.shape[1]
+            np.testing.assert_array_equal(Z[:, 1:] * x_scale, inputs[lo:hi, order[:k - 1]])
+            assert not images[lo:hi, order[k - 1:]].any()             # only zeros left out
+            assert (Z[:, 0] * x_scale == 1).all()
+            covered = hi
+            widths.append((source is split, len(idx), hi - lo, k))
+        assert covered == len(idx)
+    ours = [w for w in widths if w[0]]
+    if normalize == "unit":                              # sparse in two groups; blank; not prepared
+        first, second = [w for w in ours if w[1] == 64]
+        assert first[2] + second[2] == 64 and min(first[2], second[2]) >= fast_cpu.MIN_GROUP_ROWS
+        assert first[3] < second[3] < 785
+        assert (True, 3, 3, 1) in widths and (True, 10, 10, 785) not in widths
+        assert (False, 40, 40, 785) in widths
     else:
-        assert {k for _, k in widths} == {785}           # zeros are not zeros: none left out
+        assert {w[3] for w in widths} == {785}           # zeros are not zeros: none left out
 
 
 @pytest.mark.parametrize("dtype,rtol,atol", [("float32", RTOL, ATOL), ("float64", 1e-12, 1e-13)])
@@ -322,11 +334,13 @@ def test_fast_step_on_its_own_sparse_batches_given_inputs_or_falling_back_matche
     for t, own in enumerate([True, False, True, False], start=1):
         idx = rng.permutation(200)[:50]
         X_ref = to_inputs(split.images[idx], "unit", dtype)
-        X = step.batch(split, idx)[0] if own else X_ref
-        assert X.shape[1] < 784 or not own                 # zero pixels left out
-        out = step(p, s, X, split.labels[idx], 0.1, t, ())
+        X, y = step.batch(split, idx) if own else (X_ref, split.labels[idx])
+        if own:                                          # zero pixels left out; rows reordered
+            assert max(Z.shape[1] for _, _, Z in step.buffers_for(50).parts) < 785
+            assert sorted(y.tolist()) == sorted(split.labels[idx].tolist())
+        out = step(p, s, X, y, 0.1, t, ())
         if own:                                          # not prepared: the generic step's turn
-            step(unpacked_p, unpacked_s, step.batch(split, idx)[0], split.labels[idx], 0.1, t, ())
+            step(unpacked_p, unpacked_s, *step.batch(split, idx), 0.1, t, ())
         else:
             generic_step(config)(unpacked_p, unpacked_s, X_ref, split.labels[idx], 0.1, t, ())
         ref = generic_step(config)(ref_p, ref_s, X_ref, split.labels[idx], 0.1, t, ())
