@@ -11,19 +11,21 @@ numbers are written:
   cost no call of their own. `FastStep.prepare` puts a run's parameters into this layout and
   `FastStep.export` gives them back as model.py has them;
 - **the zero pixels of a batch are left out of the first layer's products**. A pixel that is 0
-  in every image of a group of rows adds 0 to their A_1 and their part of its row of dW_1 is
-  0, so the products for those rows can stop before it. The rows of W_1 (and the inputs'
-  pixels) are kept in one order for the run, the pixels most often nonzero in the training
-  set first (`PixelOrder`); an image's extent is the position, in that order, of its last
-  nonzero pixel. A batch's rows, sorted by extent, go in two groups (`extent_groups`), and
-  each group's products take only the first k rows of J_1 (k = 1 + the group's largest
-  extent: a contiguous block, no gather) with the group's inputs [1 | X] (rows, k). In MNIST
-  67 pixels are 0 in every training image, and a batch of 128 needs about 510 of the 785
-  columns on average (635 as one group): the same sums without their zero terms. This needs
-  inputs whose zeros are zeros: data.normalize "unit" and no augmentation; otherwise k = 785;
-- every product is a BLAS gemm (SciPy's wrappers; one per group of rows in the first layer)
-  writing into a buffer allocated once per
-  batch size, and every elementwise line has an `out=`;
+  in every image of a set of rows adds 0 to their A_1 and their part of its row of dW_1 is 0,
+  so the products for those rows can leave it out. The rows of W_1 (and the inputs' pixels)
+  are kept in one order for the run, the pixels most often nonzero in the training set first
+  (`PixelOrder`); an image's extent is the position, in that order, of its last nonzero pixel.
+  A batch's rows are sorted by extent, and its first input comes in column blocks
+  (`extent_blocks`): all rows with the first k_1 columns [1 | X], then the rows from the 60th
+  percentile on with the next columns up to k_2, then the last tenth up to the batch's k. Each
+  block is one contiguous block of rows of J_1 (no gather), one gemm in the forward pass
+  (accumulating into A_1) and one in the backward. In MNIST 67 pixels are 0 in every training
+  image, and a batch of 128 needs about 500 of the 785 columns per row on average (635 if the
+  batch's widest row set them all): the same sums without their zero terms. This needs inputs
+  whose zeros are zeros: data.normalize "unit" and no augmentation; otherwise one block of 785;
+- every product is a BLAS gemm (SciPy's wrappers; one per column block in the first layer)
+  writing into a buffer allocated once per batch size, and every elementwise line has an
+  `out=`;
 - softmax and cross-entropy are fused, on the logits transposed, S = A_L.T (c, m): NumPy
   reduces down the columns of S far faster than along rows of only c = 10. S ends as
   m dA_L.T = (Z_L - Y).T; the 1/m goes into the alpha of the products that read it;
@@ -173,7 +175,7 @@ def blocks_of(params: Params, state: OptState) -> tuple[tuple, tuple]:
 class Buffers(NamedTuple):
     """Everything one step writes, for one batch size m and L layers (L - 1 hidden)."""
     Z: tuple            # [1 | Z_{k-1}] (m, fan_in + 1), k = 1..L: each layer's input. Z[0] is
-                        # storage for the first input's parts (`first_parts`)
+                        # storage for the first input's column blocks (`first_parts`)
     A: tuple            # A_k (m, h_k) of the hidden layers
     dA: tuple           # dA_k (m, h_k) of the hidden layers; dZ_k is computed in place in them
     positive: tuple     # (A_k > 0) (m, h_k) as 0/1 floats: phi'(A_k) of ReLU, from the forward
@@ -191,7 +193,7 @@ class Buffers(NamedTuple):
     x_scale: np.ndarray  # (1,) what the first input holds is X / x_scale: 1, or 1/255 when it
                          # holds the pixels themselves (data.normalize "unit"); its column of
                          # ones then holds 255, and x_scale is the first gemms' alpha
-    parts: list         # the first input of the batch `FastStep.batch` loaded last, as parts
+    parts: list         # the first input of the batch `FastStep.batch` loaded last, in blocks
 
 
 def new_buffers(m: int, widths: tuple[int, ...], dtype: np.dtype) -> Buffers:
@@ -211,33 +213,35 @@ def new_buffers(m: int, widths: tuple[int, ...], dtype: np.dtype) -> Buffers:
         parts=[])
 
 
-# A part of the first input: rows lo:hi of the batch and their [1 | X] (hi - lo, k), C-ordered,
-# the pixels past k - 1 (in the run's pixel order) all 0 in those rows and left out.
+# A column block of a layer's input: (lo, col0, Z), Z (m - lo, w) C-ordered the columns
+# col0:col0 + w of the rows lo:m, to be multiplied by the rows col0:col0 + w of J_k. The first
+# block of an input has lo = col0 = 0 and starts with the column of ones.
 Part = tuple[int, int, np.ndarray]
 
 
-def first_parts(buf: Buffers, groups: list[tuple[int, int, int]]) -> list[Part]:
-    """Parts (lo, hi, [1 | X] (hi - lo, k)) for the row groups (lo, hi, k), one after the other
-    in buf.Z[0]'s storage, each contiguous."""
-    flat, start, parts = buf.Z[0].reshape(-1), 0, []
-    for lo, hi, k in groups:
-        parts.append((lo, hi, flat[start:start + (hi - lo) * k].reshape(hi - lo, k)))
-        start += (hi - lo) * k
+def first_parts(buf: Buffers, blocks: list[tuple[int, int, int]]) -> list[Part]:
+    """Parts (lo, col0, Z (m - lo, w)) for the blocks (lo, col0, w), one after the other in
+    buf.Z[0]'s storage, each contiguous."""
+    flat, start, parts, m = buf.Z[0].reshape(-1), 0, [], buf.Z[0].shape[0]
+    for lo, col0, w in blocks:
+        parts.append((lo, col0, flat[start:start + (m - lo) * w].reshape(m - lo, w)))
+        start += (m - lo) * w
     return parts
 
 
 def set_ones(parts: list[Part], buf: Buffers, x_scale: float) -> None:
     """Say what the first input holds (Buffers.x_scale) and write its column of ones to match."""
-    for _, _, Z in parts:
-        Z[:, 0] = 1.0 / x_scale
+    parts[0][2][:, 0] = 1.0 / x_scale
     buf.x_scale[0] = x_scale
 
 
 def products_into(gemm: Callable, alpha: float, parts: list[Part], J: np.ndarray,
                   out: np.ndarray) -> None:
-    """out[lo:hi] = alpha [1 | X] @ J[:k] for each part: the layer's product, zero rows left out."""
-    for lo, hi, Z in parts:
-        gemm_into(gemm, alpha, Z, J[:Z.shape[1]], 0.0, out[lo:hi])     # (hi - lo, fan_out)
+    """out = alpha [1 | Z] @ J, block by block: out[lo:] += alpha Z @ J[col0:col0 + w]."""
+    beta = 0.0                                                         # the first block: all rows
+    for lo, col0, Z in parts:
+        gemm_into(gemm, alpha, Z, J[col0:col0 + Z.shape[1]], beta, out[lo:])  # (m - lo, fan_out)
+        beta = 1.0
 
 
 # ---- forward: A_k = [1 | Z_{k-1}] @ J_k, Z_k = phi(A_k) ------------------------------------------
@@ -253,7 +257,7 @@ def forward_into(gemm: Callable, Js: tuple, masks: tuple, buf: Buffers, act_name
     alpha, parts = float(buf.x_scale[0]), first                        # x_scale for [1 | X]
     for k, A in enumerate(buf.A):
         products_into(gemm, alpha, parts, Js[k], A)                    # (m, h_k) [1 | Z] @ J_k
-        alpha, parts = 1.0, [(0, A.shape[0], buf.Z[k + 1])]
+        alpha, parts = 1.0, [(0, 0, buf.Z[k + 1])]
         Z = buf.Z[k + 1][:, 1:]                                        # (m, h_k) view of [1 | Z_k]
         if act_name == "relu":
             np.greater(A, 0, out=buf.positive[k])                      # (m, h_k) phi'(A), 0/1
@@ -302,18 +306,19 @@ def softmax_ce_into(buf: Buffers, y: np.ndarray, smoothing: float) -> tuple[Any,
 def sgd_fold(lib: Blas, cfg: OptimConfig, lr: float, J: np.ndarray, V: Any, s: float,
              alpha: float, parts: list[Part], Q: np.ndarray, trans_q: bool) -> None:
     """J updated by SGD with dJ = alpha P.T @ op(Q) folded into the gemms (module docstring),
-    P the layer's input in `parts`: a gemm per part, into the first k rows of the target with
-    the part's rows of op(Q) (rows past k have dJ = 0 there; only the whole-block passes
-    reach them). With momentum the velocity is s V (s = mu s_old already, see `FastStep`):
-    vel *= mu is then the change of s, and vel += dJ is V += dJ / s, so no pass is spent on it.
+    P the layer's input in column blocks `parts`: a gemm per block, into its rows of the
+    target, with its rows of op(Q) (rows of J no block has have dJ = 0; only the passes over
+    the whole of J reach them). With momentum the velocity is s V (s = mu s_old already, see
+    `FastStep`): vel *= mu is then the change of s, and vel += dJ is V += dJ / s, so no pass
+    is spent on it.
     """
     mu, wd = cfg.momentum, cfg.weight_decay
     Jf = J.reshape(-1)                                                 # flat views for scal, axpy
 
     def fold(a: float, target: np.ndarray) -> None:                   # target += a dJ
-        for lo, hi, P in parts:
-            Q_rows = Q[:, lo:hi] if trans_q else Q[lo:hi]
-            gemm_into(lib.gemm, a, P, Q_rows, 1.0, target[:P.shape[1]], True, trans_q)
+        for lo, col0, P in parts:
+            Q_rows = Q[:, lo:] if trans_q else Q[lo:]
+            gemm_into(lib.gemm, a, P, Q_rows, 1.0, target[col0:col0 + P.shape[1]], True, trans_q)
 
     if mu == 0:
         if wd:
@@ -335,7 +340,7 @@ def backward_update(lib: Blas, cfg: OptimConfig, lr: float, Js: tuple, Vs: tuple
     `first` is the first input's parts, as forward_into had them."""
     m = buf.S.shape[1]
     top = len(buf.A)                                                   # index of the last layer
-    inputs = (first, *([(0, m, Z)] for Z in buf.Z[1:]))                # [1 | Z_{k-1}] of layer k
+    inputs = (first, *([(0, 0, Z)] for Z in buf.Z[1:]))                # [1 | Z_{k-1}] of layer k
     if top:
         gemm_into(lib.gemm, 1.0 / m, buf.S, Js[top][1:], 0.0, buf.dA[-1], True, True)  # (m, h)
     alpha = 1.0 if top else float(buf.x_scale[0])                     # x_scale for [1 | X]
@@ -354,30 +359,35 @@ def backward_update(lib: Blas, cfg: OptimConfig, lr: float, Js: tuple, Vs: tuple
         sgd_fold(lib, cfg, lr, Js[k], Vs[k], s, alpha, inputs[k], dA, False)
 
 
-# ---- a batch's rows in groups by extent ----------------------------------------------------------
+# ---- a batch's first input in column blocks by extent -------------------------------------------
 
-GROUP_SHARE = 0.8   # of a batch's rows, fewest pixels first, in its first group
-MIN_GROUP_ROWS = 16  # a group is never smaller: a batch of fewer than 2 x 16 rows is one group
+BLOCK_STARTS = (0.6, 0.9)  # the shares of a batch's rows (fewest pixels first) where a block starts
+MIN_BLOCK_ROWS = 8         # no block starts closer than this to the first or the last row
 
 
-def extent_groups(idx: np.ndarray, extent: np.ndarray) -> tuple[np.ndarray, list]:
-    """The rows idx, fewest pixels first, and their groups (lo, hi, k) for `first_parts`.
+def extent_blocks(idx: np.ndarray, extent: np.ndarray) -> tuple[np.ndarray, list]:
+    """The rows idx, fewest pixels first, and the first input's blocks (lo, col0, w).
 
-    A batch's products need, in each row, only the pixels up to the row's extent. Its rows
-    sorted by extent, the first GROUP_SHARE of them need k_1 = 1 + their largest extent, the
-    rest k = 1 + the batch's: on MNIST at batch 128 about 510 of 785 columns on average
-    instead of 635 for the batch as one, for one more gemm per product. The order of a
-    batch's rows changes no sum's terms, only their order.
+    The rows sorted by extent, the rows lo:m of a block are those that need its columns
+    col0:col0 + w: the first block has all rows and k_1 = 1 + the largest extent below the
+    first start, the next the rows from that start on and the columns up to k_2, and so on.
+    The order of a batch's rows changes no sum's terms, only their order.
     """
     rows = extent.take(idx)                                            # (m,)
     m = len(idx)
-    cut = min(max(int(m * GROUP_SHARE), MIN_GROUP_ROWS), m - MIN_GROUP_ROWS)
-    if cut < MIN_GROUP_ROWS:
-        return idx, [(0, m, int(rows.max()) + 1)]
+    starts = sorted({int(m * share) for share in BLOCK_STARTS
+                     if MIN_BLOCK_ROWS <= int(m * share) <= m - MIN_BLOCK_ROWS})
+    if not starts:
+        return idx, [(0, 0, int(rows.max()) + 1)]
     by_extent = np.argsort(rows, kind="stable")
     idx, rows = idx.take(by_extent), rows.take(by_extent)
-    k1, k = int(rows[cut - 1]) + 1, int(rows[-1]) + 1
-    return idx, ([(0, m, k)] if k1 == k else [(0, cut, k1), (cut, m, k)])
+    blocks, col0 = [], 0
+    for lo, hi in zip([0, *starts], [*starts, m]):
+        k = int(rows[hi - 1]) + 1                                      # [1 | pixels to extent]
+        if k > col0:
+            blocks.append((lo, col0, k - col0))
+            col0 = k
+    return idx, blocks
 
 
 # ---- the batch loader ----------------------------------------------------------------------------
@@ -495,18 +505,21 @@ class FastStep:
         buf = self.buffers_for(m)
         y = buf.y if buf.y.dtype == split.labels.dtype else np.empty(m, split.labels.dtype)
         if split.images is px.source:                                  # the prepared split
-            idx, groups = extent_groups(idx, px.extent)
+            idx, blocks = extent_blocks(idx, px.extent)
             U = self.loader.rows(px.images, split.labels, idx, y)      # (m, d) in pixel order
         else:
             U = self.loader.rows(split.images, split.labels, idx, y)   # (m, d)
             if px.source is not None:
                 U = U.take(px.order, axis=1)                           # (m, d) in pixel order
-            groups = [(0, m, U.shape[1] + 1)]
-        parts = first_parts(buf, groups)
-        for lo, hi, Z in parts:
-            np.copyto(Z[:, 1:], U[lo:hi, :Z.shape[1] - 1])             # (hi - lo, k - 1)
-            if not self.unit:
-                self.loader.scale_into(Z)
+            blocks = [(0, 0, U.shape[1] + 1)]
+        parts = first_parts(buf, blocks)
+        for lo, col0, Z in parts:                                      # pixels col0-1.. of U
+            if col0:
+                np.copyto(Z, U[lo:, col0 - 1:col0 - 1 + Z.shape[1]])   # (m - lo, w)
+            else:
+                np.copyto(Z[:, 1:], U[:, :Z.shape[1] - 1])             # (m, k_1 - 1)
+        if not self.unit:
+            self.loader.scale_into(parts[0][2])                        # the one block
         set_ones(parts, buf, float(self.loader.scale) if self.unit else 1.0)
         buf.parts[:] = parts
         return buf.Z[0][:, 1:], y
@@ -514,8 +527,11 @@ class FastStep:
     def as_given(self, buf: Buffers) -> np.ndarray:
         """The inputs X (m, d) of the batch `batch` loaded last, as the generic step takes them."""
         X = np.zeros((buf.Z[0].shape[0], D), dtype=buf.Z[0].dtype)
-        for lo, hi, Z in buf.parts:
-            X[lo:hi, self.pixels.order[:Z.shape[1] - 1]] = Z[:, 1:] * Z.dtype.type(buf.x_scale[0])
+        for lo, col0, Z in buf.parts:
+            pixels = Z[:, 1:] if col0 == 0 else Z                      # (m - lo, w) pixels
+            first = max(col0 - 1, 0)                                   # in the run's pixel order
+            X[lo:, self.pixels.order[first:first + pixels.shape[1]]] = \
+                pixels * Z.dtype.type(buf.x_scale[0])
         return X
 
     def next_scale(self, state: OptState, Vs: tuple) -> float:
@@ -544,7 +560,7 @@ class FastStep:
         if not own:
             Z0 = buf.Z[0]                                              # (m, d + 1)
             np.copyto(Z0[:, 1:], X if self.pixels.source is None else X[:, self.pixels.order])
-            buf.parts[:] = [(0, X.shape[0], Z0)]
+            buf.parts[:] = [(0, 0, Z0)]
             set_ones(buf.parts, buf, 1.0)
         first = buf.parts
         s = self.next_scale(state, Vs)

@@ -138,7 +138,7 @@ def test_forward_into_gives_the_generic_pre_activations_activations_and_logits(a
     for ms in ((), masks):
         buf = fast_cpu.new_buffers(20, (784, *hidden, 10), np.dtype(np.float32))
         buf.Z[0][:, 1:] = X
-        fast_cpu.forward_into(blas.sgemm, Js, ms, buf, activation, [(0, 20, buf.Z[0])])
+        fast_cpu.forward_into(blas.sgemm, Js, ms, buf, activation, [(0, 0, buf.Z[0])])
         cache = forward(params, X, act, ms)
         assert_close(buf.A, cache.A[:-1], "A")
         assert_close([Z[:, 1:] for Z in buf.Z[1:]], cache.Z[1:-1], "Z")
@@ -271,13 +271,14 @@ def sparse_split(rng: np.random.Generator, n: int) -> DeviceSplit:
 
 @pytest.mark.parametrize("normalize,x_scale", [("unit", np.float32(1 / 255)),
                                                ("standard", np.float32(1))])
-def test_step_batch_writes_the_inputs_in_parts_without_the_batch_s_zero_pixels(
+def test_step_batch_writes_the_inputs_in_column_blocks_without_the_rows_zero_pixels(
         normalize, x_scale):
-    """The first input comes in parts [1 | X] (rows, k): the rows fewest pixels first, the
-    pixels in the step's order, those past k - 1 zero in every row of the part and left out
-    (only where zeros stay zeros: "unit"). With "unit" the buffer holds the pixels and x / 255
-    is the first gemms' alpha: the parts times x_scale are the inputs, bit for bit, and the
-    columns of ones hold 1 / x_scale."""
+    """The first input comes in column blocks (lo, col0, Z): the rows fewest pixels first, the
+    pixels in the step's order; block by block, rows lo:m and the columns col0:col0 + w of
+    [1 | X], the pixels past each row's last block all zero in that row and left out (only
+    where zeros stay zeros: "unit"). With "unit" the buffer holds the pixels and x / 255 is the
+    first gemms' alpha: the blocks times x_scale are the inputs, bit for bit, and the column of
+    ones holds 1 / x_scale."""
     rng = np.random.default_rng(11)
     split, other = sparse_split(rng, 100), sparse_split(rng, 40)
     config = build_config(None, ["model.hidden=16", f"data.normalize={normalize}"])
@@ -285,39 +286,41 @@ def test_step_batch_writes_the_inputs_in_parts_without_the_batch_s_zero_pixels(
     params = init_params((784, 16, 10), "he", rng)
     step.prepare(params, init_state(config.optim, params), split)
     order = step.pixels.order
-    widths = []
+    shapes = {}
     blank = np.flatnonzero(~split.images.any(axis=1))[:3]
     assert blank.size
-    for source, idx in ((split, rng.permutation(100)[:64]), (split, np.arange(10)),
-                        (split, blank), (other, np.arange(40))):
+    for name, source, idx in (("sparse", split, rng.permutation(100)[:64]),
+                              ("small", split, np.arange(10)), ("blank", split, blank),
+                              ("other", other, np.arange(40))):
         X, y = step.batch(source, idx)
         buf = step.buffers_for(len(idx))
         if source is split and normalize == "unit":
-            idx = fast_cpu.extent_groups(idx, step.pixels.extent)[0]   # the rows as loaded
+            idx = fast_cpu.extent_blocks(idx, step.pixels.extent)[0]   # the rows as loaded
         images, y_ref = gather(source, idx)
-        inputs = to_inputs(images, normalize, "float32")               # (m, d)
+        inputs = to_inputs(images, normalize, "float32")[:, order]     # (m, d) in pixel order
         np.testing.assert_array_equal(y, y_ref)
-        np.testing.assert_array_equal(step.as_given(buf), inputs)
+        np.testing.assert_array_equal(step.as_given(buf)[:, order], inputs)
         assert X.shape == (len(idx), 784) and X.base is buf.Z[0]
-        covered = 0
-        for lo, hi, Z in buf.parts:
-            assert lo == covered and Z.flags.c_contiguous and np.shares_memory(Z, buf.Z[0])
-            k = Z.shape[1]
-            np.testing.assert_array_equal(Z[:, 1:] * x_scale, inputs[lo:hi, order[:k - 1]])
-            assert not images[lo:hi, order[k - 1:]].any()             # only zeros left out
-            assert (Z[:, 0] * x_scale == 1).all()
-            covered = hi
-            widths.append((source is split, len(idx), hi - lo, k))
-        assert covered == len(idx)
-    ours = [w for w in widths if w[0]]
-    if normalize == "unit":                              # sparse in two groups; blank; not prepared
-        first, second = [w for w in ours if w[1] == 64]
-        assert first[2] + second[2] == 64 and min(first[2], second[2]) >= fast_cpu.MIN_GROUP_ROWS
-        assert first[3] < second[3] < 785
-        assert (True, 3, 3, 1) in widths and (True, 10, 10, 785) not in widths
-        assert (False, 40, 40, 785) in widths
+        (lo, col0, Z0), end = buf.parts[0], 0
+        assert lo == col0 == 0 and Z0.shape[0] == len(idx) and (Z0[:, 0] * x_scale == 1).all()
+        for lo, col0, Z in buf.parts:
+            assert col0 == end and Z.flags.c_contiguous and np.shares_memory(Z, buf.Z[0])
+            pixels = Z[:, 1:] if col0 == 0 else Z
+            first = max(col0 - 1, 0)
+            np.testing.assert_array_equal(pixels * x_scale,
+                                          inputs[lo:, first:first + pixels.shape[1]])
+            assert not inputs[:lo, first:].any() or normalize != "unit"  # rows above: zeros
+            end = col0 + Z.shape[1]
+        assert not images[:, order[end - 1:]].any()                    # only zeros left out
+        shapes[name] = [(lo, col0, Z.shape[1]) for lo, col0, Z in buf.parts]
+    if normalize == "unit":
+        sparse = shapes["sparse"]              # blocks from rows 0, 38, 57 (merged if equal k)
+        assert [lo for lo, _, _ in sparse] in ([0, 38, 57], [0, 38], [0, 57])
+        assert sparse[-1][1] + sparse[-1][2] < 785
+        assert len(shapes["small"]) == 1 and shapes["small"][0][2] < 785  # too few rows to split
+        assert shapes["blank"] == [(0, 0, 1)] and shapes["other"] == [(0, 0, 785)]
     else:
-        assert {w[3] for w in widths} == {785}           # zeros are not zeros: none left out
+        assert all(s == [(0, 0, 785)] for s in shapes.values())   # zeros are not zeros
 
 
 @pytest.mark.parametrize("dtype,rtol,atol", [("float32", RTOL, ATOL), ("float64", 1e-12, 1e-13)])
@@ -336,7 +339,8 @@ def test_fast_step_on_its_own_sparse_batches_given_inputs_or_falling_back_matche
         X_ref = to_inputs(split.images[idx], "unit", dtype)
         X, y = step.batch(split, idx) if own else (X_ref, split.labels[idx])
         if own:                                          # zero pixels left out; rows reordered
-            assert max(Z.shape[1] for _, _, Z in step.buffers_for(50).parts) < 785
+            col0, Z = step.buffers_for(50).parts[-1][1:]
+            assert col0 + Z.shape[1] < 785
             assert sorted(y.tolist()) == sorted(split.labels[idx].tolist())
         out = step(p, s, X, y, 0.1, t, ())
         if own:                                          # not prepared: the generic step's turn
