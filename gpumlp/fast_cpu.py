@@ -283,7 +283,7 @@ def softmax_ce_into(buf: Buffers, y: np.ndarray, smoothing: float) -> tuple[Any,
     flat = S.reshape(-1)
     np.maximum.reduce(S, axis=0, out=buf.colmax)                       # (m,) max logit
     np.subtract(S, buf.colmax, out=S)                                  # (c, m) shifted
-    np.argmax(S, axis=0, out=buf.pred)                                 # (m,) as model.correct_count
+    S.argmax(axis=0, out=buf.pred)                                     # (m,) as model.correct_count
     correct = np.count_nonzero(np.equal(buf.pred, y, out=buf.hit))
     np.multiply(y, m, out=buf.label_pos, dtype=np.intp)
     np.add(buf.label_pos, buf.col, out=buf.label_pos)                  # (m,) y_i m + i
@@ -379,7 +379,7 @@ def extent_blocks(idx: np.ndarray, extent: np.ndarray) -> tuple[np.ndarray, list
                      if MIN_BLOCK_ROWS <= int(m * share) <= m - MIN_BLOCK_ROWS})
     if not starts:
         return idx, [(0, 0, int(rows.max()) + 1)]
-    by_extent = np.argsort(rows, kind="stable")
+    by_extent = rows.argsort(kind="stable")
     idx, rows = idx.take(by_extent), rows.take(by_extent)
     blocks, col0 = [], 0
     for lo, hi in zip([0, *starts], [*starts, m]):
@@ -414,8 +414,8 @@ class BatchLoader:
         if m > self.U.shape[0] or self.U.shape[1] != images.shape[1]:
             self.U = np.empty((m, images.shape[1]), dtype=np.uint8)
         U = self.U[:m]
-        np.take(images, idx, axis=0, out=U, mode="clip")               # (m, d) uint8
-        np.take(labels, idx, out=y, mode="clip")                       # (m,)
+        images.take(idx, axis=0, out=U, mode="clip")                   # (m, d) uint8
+        labels.take(idx, out=y, mode="clip")                           # (m,)
         return U
 
     def scale_into(self, X: np.ndarray) -> None:
