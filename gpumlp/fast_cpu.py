@@ -110,7 +110,8 @@ def no_pixel_order(d: int = D) -> PixelOrder:
 
 def pixel_order(images: np.ndarray, chunk: int = 8192) -> PixelOrder:
     """Pixels most often nonzero first, over the (n, d) uint8 training images; their copy in
-    that order and each image's extent. One pass over the images per line, in chunks."""
+    that order and each image's extent. Two passes over the images, chunk by chunk, so that
+    no temporary is as large as the images."""
     n, d = images.shape
     counts = np.zeros(d, dtype=np.int64)
     for start in range(0, n, chunk):
@@ -135,7 +136,10 @@ def pack(params: Params, state: OptState, order: np.ndarray) -> tuple[Params, Op
         for k, (Wk, bk) in enumerate(zip(W, b)):
             J = np.empty((Wk.shape[0] + 1, Wk.shape[1]), dtype=Wk.dtype)  # (fan_in + 1, fan_out)
             J[0] = bk
-            np.take(Wk, order, axis=0, out=J[1:]) if k == 0 else np.copyto(J[1:], Wk)
+            if k == 0:
+                np.take(Wk, order, axis=0, out=J[1:])                  # W_1's rows in pixel order
+            else:
+                np.copyto(J[1:], Wk)
             Js.append(J)
         return tuple(J[1:] for J in Js), tuple(J[0] for J in Js)
 
