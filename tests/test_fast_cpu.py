@@ -442,6 +442,28 @@ def test_trained_run_with_the_fast_step_matches_the_generic_step(monkeypatch):
         assert row["train_accuracy"] == ref["train_accuracy"]
 
 
+@pytest.mark.parametrize("overrides", [["data.augment.shift=2"], ["data.normalize=standard"]])
+def test_fast_step_keeps_every_pixel_where_zeros_do_not_stay_zero(overrides, monkeypatch):
+    """Augmented or standardised inputs have no zeros to skip: no pixel order, one full block,
+    and the whole run still matches the generic step."""
+    import gpumlp.train as train_module
+
+    rng = np.random.default_rng(15)
+    images = sparse_images(rng, 160)
+    labels = rng.integers(0, 10, 160).astype(np.uint8)
+    mnist = Mnist(Split(images[:128], labels[:128]), Split(images[128:], labels[128:]))
+    config = build_config(None, ["model.hidden=16", "train.epochs=1", "train.batch_size=32",
+                                 *overrides])
+    step = make_step(config, CPU)
+    params = init_params((784, 16, 10), "he", rng)
+    step.prepare(params, init_state(config.optim, params), DeviceSplit(images, labels))
+    assert step.pixels.source is None and (step.pixels.order == np.arange(784)).all()
+    fast = train(config, CPU, mnist)
+    monkeypatch.setattr(train_module, "make_step", lambda config, backend: generic_step(config))
+    generic = train(config, CPU, mnist)
+    assert_close(fast.params.W + fast.params.b, generic.params.W + generic.params.b, "params")
+
+
 # ---- the batch loader --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("normalize", ["unit", "standard"])
