@@ -110,21 +110,22 @@ def no_pixel_order(d: int = D) -> PixelOrder:
 
 def pixel_order(images: np.ndarray, chunk: int = 8192) -> PixelOrder:
     """Pixels most often nonzero first, over the (n, d) uint8 training images; their copy in
-    that order and each image's extent. Two passes over the images, chunk by chunk, so that
-    no temporary is as large as the images."""
+    that order and each image's extent. Two passes over the images, chunk by chunk (at most
+    65,535 rows, for the uint16 counts), so that no temporary is as large as the images."""
     n, d = images.shape
     counts = np.zeros(d, dtype=np.int64)
     for start in range(0, n, chunk):
-        counts += np.count_nonzero(images[start:start + chunk], axis=0)
-    order = np.argsort(-counts, kind="stable")                     # (d,)
-    permuted = np.empty_like(images)                               # (n, d)
-    extent = np.empty(n, dtype=np.intp)                            # (n,)
+        nonzero = (images[start:start + chunk] != 0).view(np.uint8)    # (chunk, d) 0/1
+        counts += np.add.reduce(nonzero, axis=0, dtype=np.uint16)      # (d,)
+    order = np.argsort(-counts, kind="stable")                         # (d,)
+    position = np.arange(1, d + 1, dtype=np.uint16 if d < 2 ** 16 else np.int64)  # (d,) 1..d
+    permuted = np.empty_like(images)                                   # (n, d)
+    extent = np.empty(n, dtype=np.intp)                                # (n,)
     for start in range(0, n, chunk):
         block = permuted[start:start + chunk]
         np.take(images[start:start + chunk], order, axis=1, out=block)
-        nonzero = block[:, ::-1] != 0                              # (chunk, d) last pixel first
-        extent[start:start + chunk] = np.where(nonzero.any(axis=1),
-                                               d - np.argmax(nonzero, axis=1), 0)
+        last = np.multiply(block != 0, position, dtype=position.dtype)  # (chunk, d) i+1 or 0
+        extent[start:start + chunk] = last.max(axis=1)                 # 0 for a blank image
     return PixelOrder(order, permuted, extent, images)
 
 
