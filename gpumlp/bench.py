@@ -61,7 +61,7 @@ class Row:
     hidden: int
     batch: int
     seconds: list[float] = field(default_factory=list)  # per epoch, one per repeat
-    gflop: float = 0.0            # executed GFLOP per epoch
+    gflop: float = 0.0            # GFLOP executed per epoch (the mean over the timed epochs)
     samples: int = 0
 
     @property
@@ -159,6 +159,13 @@ def executed_gflop(widths: tuple[int, ...], n: int) -> float:
     return 2 * n * (2 * sum(products) + sum(products[1:])) / 1e9
 
 
+def skipped_gflop(widths: tuple[int, ...], n: int, pixels_used: int) -> float:
+    """GFLOP of `executed_gflop` left out by a step that multiplied only `pixels_used` of the
+    n d pixels of n examples (the fast CPU step skips zero pixels): 4 h_1 per pixel, the
+    forward product and the dW_1 product."""
+    return 4 * widths[1] * (n * widths[0] - pixels_used) / 1e9
+
+
 # ---- the two implementations, one epoch each ----------------------------------------------------
 
 def synthetic_split(backend: Backend, n: int, seed: int) -> DeviceSplit:
@@ -189,12 +196,20 @@ def gpumlp_runner(backend: Backend, split: DeviceSplit, hidden: int, batch: int,
     step_fn = make_step(config, backend)
     prepare_state(step_fn, state, split)
 
+    widths, n = (D, hidden, C), len(split)
+    done = {"gflop": 0.0}                              # GFLOP executed in all epochs so far
+
     def epoch() -> None:
+        used = getattr(step_fn, "pixels_used", None)
         train_epoch(state, data, config, backend, step_fn, lambda kind, info: None,
                     lambda: None, lambda: False)
         state.pos = Position(epoch=state.pos.epoch + 1, step=state.pos.step)
+        done["gflop"] += executed_gflop(widths, n)
+        if used is not None:
+            done["gflop"] -= skipped_gflop(widths, n, step_fn.pixels_used - used)
 
     epoch.kind = getattr(step_fn, "kind", "generic")  # which step make_step took
+    epoch.gflop_done = lambda: done["gflop"]
     return epoch
 
 
@@ -263,9 +278,17 @@ def bench_pair(runners: dict[str, Callable], spec: BenchSpec, backend: Backend,
     for run in runners.values():
         run()
     order = list(runners)
+    before = {impl: done() for impl, done in gflop_counters(runners).items()}
     for r in range(spec.repeats):
         for impl in (order if r % 2 == 0 else order[::-1]):
             rows[impl].seconds.append(time_epochs(runners[impl], spec.epochs, backend))
+    for impl, done in gflop_counters(runners).items():                 # what the step executed
+        rows[impl].gflop = (done() - before[impl]) / (spec.repeats * spec.epochs)
+
+
+def gflop_counters(runners: dict[str, Callable]) -> dict[str, Callable[[], float]]:
+    """impl -> its runner's count of the GFLOP executed so far, for runners that keep one."""
+    return {impl: run.gflop_done for impl, run in runners.items() if hasattr(run, "gflop_done")}
 
 
 def run_bench(spec: BenchSpec, backend: Backend, split: DeviceSplit | None = None,

@@ -68,6 +68,8 @@ def header_lines(backend, result: dict, spec, data: str = "mnist") -> list[str]:
         f"data      {data_line(data, spec.samples)}; fp32; "
         f"SGD momentum {MOMENTUM}, lr {LR}; median of {spec.repeats} interleaved timings of "
         f"{spec.epochs} epoch(s); gpumlp/torch: median of the {spec.repeats} rounds' ratios",
+        "GFLOP/s   the products each side executes (gpumlp's CPU step leaves zero pixels out of "
+        "its first layer's), over s/epoch",
     ]
 
 

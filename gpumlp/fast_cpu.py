@@ -473,6 +473,7 @@ class FastStep:
         self.skips_zeros = self.unit and make_augment(config.data.augment) is None
         self.pixels = no_pixel_order()
         self.layout: tuple | None = None  # (params, state, Js, Vs) that `prepare` returned
+        self.pixels_used = 0  # pixels the fast path multiplied, row by row, over all its steps
 
     def prepare(self, params: Params, state: OptState,
                 split: DeviceSplit | None = None) -> tuple[Params, OptState]:
@@ -568,6 +569,7 @@ class FastStep:
             buf.parts[:] = [(0, 0, Z0)]
             set_ones(buf.parts, buf, 1.0)
         first = buf.parts
+        self.pixels_used += sum(Z.shape[0] * Z.shape[1] for _, _, Z in first) - X.shape[0]
         s = self.next_scale(state, Vs)
         forward_into(self.lib.gemm, Js, masks, buf, self.act_name, first)
         L, correct = softmax_ce_into(buf, y, self.config.train.label_smoothing)

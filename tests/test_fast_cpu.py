@@ -549,6 +549,19 @@ def test_bench_runs_on_the_first_mnist_images_by_default(tiny_data_dir, monkeypa
     assert "Traceback" not in too_many.output
 
 
+def test_bench_counts_the_flops_the_fast_step_executes_not_those_it_skips():
+    from gpumlp.bench import BenchSpec, run_bench
+
+    rng = np.random.default_rng(16)
+    spec = BenchSpec(hidden=(8,), batch=(32,), repeats=2, samples=160, torch=False)
+    model = executed_gflop((784, 8, 10), 160)
+    sparse = run_bench(spec, CPU, sparse_split(rng, 160))["rows"][0]
+    dense = run_bench(spec, CPU)["rows"][0]                        # random pixels: none skipped
+    assert sparse.impl == dense.impl == "gpumlp"
+    assert 0.2 * model < sparse.gflop < 0.8 * model
+    assert 0.99 * model <= dense.gflop <= model
+
+
 def test_bench_refuses_more_rows_per_batch_than_samples():
     result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--data", "synthetic",
                                        "--hidden", "8", "--batch", "128", "--samples", "64",
