@@ -3,16 +3,18 @@
 One epoch is the real training loop (`train.train_epoch`, the step `make_step` picks) over
 the first n MNIST training images, or over synthetic data of MNIST's shape (n uint8 images of
 784 random pixels, random labels) where no MNIST files are at hand. The data matters to
-gpumlp's CPU step, which leaves each batch's zero pixels out of its first products: MNIST's
-are about a fifth of a batch of 128's pixels, random images have none. PyTorch eager runs the
-same net (nn.Linear, ReLU, nn.Linear, CrossEntropyLoss, SGD with momentum) on the same device
-and data, with the same batch gathering from uint8, alternating with gpumlp epoch by epoch,
-so that both see the same machine load.
+gpumlp's CPU step, which leaves each batch's zero pixels out of its first products (about a
+third of them on MNIST at batch 128; random images have none). PyTorch eager runs the same
+net (nn.Linear, ReLU, nn.Linear, CrossEntropyLoss, SGD with momentum) on the same device and
+data, with the same batch gathering from uint8, alternating with gpumlp epoch by epoch, so
+that both see the same machine load.
 
 FLOPs are those the step executes: forward 2 m sum(fan_in fan_out), backward the same for the
 dW_k products plus 2 m fan_in fan_out for each dZ_k below the last layer (dX is never computed).
 For 784-256-10 that is 49.1 GFLOP an epoch; the usual "backward = 2 x forward" count would say
-73.2. The sgemm rate the results are compared with is measured at the start of the run.
+73.2. A step that skips pixels counts the ones it multiplies (`FastStep.pixels_used`), and its
+row gets the model's count less what it skipped. The sgemm rate the results are compared with
+is measured at the start of the run.
 
 Nothing here prints: results come back as records, and `on_row` hears each one as it is done.
 """
