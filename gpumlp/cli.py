@@ -130,23 +130,25 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         check_out_dir(out_dir, overwrite)
         RunFiles(out_dir).start(config)  # first, so that a run killed at once can be resumed
     reporter, stop = Reporter(quiet), StopFlag()
-    previous = stop.install()
     try:
-        mnist = load_mnist_for(data_dir, quiet)
-        result = run_training(config, backend, mnist, out_dir=out_dir, init=init,
-                              resume=bool(resume_dir), on_event=reporter, should_stop=stop)
+        mnist = load_mnist_for(data_dir, quiet)  # Ctrl-C here stops at once (a download)
+        previous = stop.install()                # from here, Ctrl-C saves a checkpoint first
+        try:
+            result = run_training(config, backend, mnist, out_dir=out_dir, init=init,
+                                  resume=bool(resume_dir), on_event=reporter, should_stop=stop)
+        finally:
+            signal.signal(signal.SIGINT, previous)
     except Interrupted:
         reporter.close()
         click.echo(f"interrupted; checkpoint saved. Resume with: gpumlp train --resume {out_dir}",
                    err=True)
         raise SystemExit(130)
-    except GpumlpError:
+    except (GpumlpError, KeyboardInterrupt):
         if fresh:  # failed before anything worth keeping: leave no half-made run behind
             RunFiles(out_dir).discard_unstarted()
         raise
     finally:
         reporter.close()
-        signal.signal(signal.SIGINT, previous)
     s = result.summary
     click.echo(f"test_accuracy {s['test_accuracy']:.4f}  test_loss {s['test_loss']:.4f}  "
                f"epochs {s['epochs']}  {s['seconds']:.1f}s on {s['device']}  -> {out_dir}")

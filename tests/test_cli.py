@@ -271,3 +271,22 @@ def test_file_errors_exit_1_with_one_line(in_tmp):
                           1, "wrong.npz", "W1 has shape (784, 3)")
     assert_one_error_line(cli("evaluate", "wrong.npz", "--device", "cpu"), 1, "no config string")
     assert not Path("run").exists()
+
+
+def test_ctrl_c_while_the_data_loads_stops_at_once_and_leaves_no_run(tmp_path, monkeypatch):
+    """A download may take minutes: Ctrl-C then stops the command at once (exit 130) instead of
+    waiting for the data and saving a checkpoint after the first step."""
+    import os
+    import signal
+
+    import gpumlp.cli as cli_module
+
+    def interrupted_download(data_dir, quiet):
+        os.kill(os.getpid(), signal.SIGINT)              # as if the user pressed Ctrl-C now
+        raise AssertionError("Ctrl-C did not stop the command")
+
+    monkeypatch.setattr(cli_module, "load_mnist_for", interrupted_download)
+    out = tmp_path / "run"
+    result = cli("train", "--config", SMOKE, "--device", "cpu", "--out", out)
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert not out.exists()                              # nothing half-made is left behind
