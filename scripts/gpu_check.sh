@@ -10,7 +10,8 @@
 #    (or GPUMLP_DATA_DIR=<folder there> bash scripts/gpu_check.sh).
 # 3. Here, `rm -r shared/data/mnist` again if step 1 made it; the logs come back from $OUT.
 #
-# Sections, each under its own time limit (about 7.5 minutes at most, usually far less):
+# Sections, each under its own time limit (40 + 180 + 45 + 120 + 80 s, and 10 s more each to be
+# killed: 515 s at most, inside the 560 of step 2; usually far less):
 #   info       nvidia-smi, versions, `gpumlp info`                       -> $OUT/info.log
 #   tests      python -m pytest -m gpu -q -rs                            -> $OUT/pytest-gpu.log
 #   steps      generic vs fused step, h256, batch 128 (ms per step)      -> $OUT/steps.log
@@ -103,14 +104,14 @@ train_h256() {
 }
 
 export -f info steps train_h256  # so that `timeout bash -c NAME` runs them
-section info 60 info.log bash -c info
-section tests 240 pytest-gpu.log "$PY" -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider tests
-section steps 60 steps.log bash -c steps
+section info 40 info.log bash -c info
+section tests 180 pytest-gpu.log "$PY" -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider tests
+section steps 45 steps.log bash -c steps
 BENCH_DATA=mnist  # the MNIST files when they came along, else random images of their shape
 [ -n "${GPUMLP_DATA_DIR:-}" ] || BENCH_DATA=synthetic
-section bench 150 bench.log "$PY" -m gpumlp bench --device cuda --data "$BENCH_DATA" \
+section bench 120 bench.log "$PY" -m gpumlp bench --device cuda --data "$BENCH_DATA" \
   --hidden 256 --hidden 1024 --batch 128 --batch 1024
-section train 90 train-h256.log bash -c train_h256
+section train 80 train-h256.log bash -c train_h256
 
 echo "=== summary ==="
 for name in info tests steps bench train; do
