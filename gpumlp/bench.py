@@ -32,7 +32,7 @@ import numpy as np
 
 from .backend import Backend
 from .config import build_config
-from .data import DeviceData, DeviceSplit
+from .data import DeviceData, DeviceSplit, device_split
 from .errors import ConfigError
 from .step import make_step, prepare_state
 from .train import Position, new_state, train_epoch
@@ -183,8 +183,7 @@ def first_of(images: np.ndarray, labels: np.ndarray, n: int, backend: Backend) -
     if n > len(labels):
         raise BenchError(f"--samples {n} is more than the {len(labels)} images of the data; "
                          f"lower it to {len(labels)} or fewer")
-    return DeviceSplit(backend.asarray(np.ascontiguousarray(images[:n])),
-                       backend.asarray(labels[:n].astype(np.int32)))
+    return device_split(images[:n], labels[:n], backend)
 
 
 def gpumlp_runner(backend: Backend, split: DeviceSplit, hidden: int, batch: int,

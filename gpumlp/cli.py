@@ -169,22 +169,20 @@ def evaluate(model_path, device, data_dir, as_json):
     """
     from .backend import get_backend
     from .checkpoint import load_model
-    from .data import prepare_data
-    from .model import Params
+    from .data import device_split
+    from .model import params_on
     from .train import evaluate as evaluate_params
 
     params, config = load_model(model_path)
     backend = get_backend(device)
-    mnist = load_mnist_for(data_dir, quiet=True)
-    data = prepare_data(mnist, config.data.__class__(normalize=config.data.normalize), backend)
-    params = Params(tuple(map(backend.asarray, params.W)), tuple(map(backend.asarray, params.b)))
-    loss, accuracy = evaluate_params(params, data.test, config)
-    result = {"test_loss": loss, "test_accuracy": accuracy, "n": len(data.test),
+    test = device_split(*load_mnist_for(data_dir, quiet=True).test, backend)
+    loss, accuracy = evaluate_params(params_on(backend, params), test, config)
+    result = {"test_loss": loss, "test_accuracy": accuracy, "n": len(test),
               "model": str(model_path), "device": backend.description}
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"test_accuracy {accuracy:.4f}  test_loss {loss:.4f}  ({len(data.test)} images)")
+        click.echo(f"test_accuracy {accuracy:.4f}  test_loss {loss:.4f}  ({len(test)} images)")
 
 
 @main.command()

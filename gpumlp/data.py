@@ -29,6 +29,12 @@ class DeviceData(NamedTuple):
     test: DeviceSplit
 
 
+def device_split(images: np.ndarray, labels: np.ndarray, backend: Backend) -> DeviceSplit:
+    """Host images (n, 784) uint8 and labels (n,) on the device: contiguous, labels int32."""
+    return DeviceSplit(backend.asarray(np.ascontiguousarray(images)),
+                       backend.asarray(labels.astype(np.int32)))
+
+
 def prepare_data(mnist: Mnist, cfg: DataConfig, backend: Backend) -> DeviceData:
     """Limit the training set, hold out its last `val_size` rows, and move it all to the device."""
     images, labels = mnist.train
@@ -38,13 +44,9 @@ def prepare_data(mnist: Mnist, cfg: DataConfig, backend: Backend) -> DeviceData:
         raise ConfigError(f"config key 'data.val_size' is {cfg.val_size} but only {len(labels)} "
                           "training examples are available; lower it")
     cut = len(labels) - cfg.val_size
-
-    def split(x: np.ndarray, y: np.ndarray) -> DeviceSplit:
-        return DeviceSplit(backend.asarray(np.ascontiguousarray(x)),
-                           backend.asarray(y.astype(np.int32)))
-
-    val = split(images[cut:], labels[cut:]) if cfg.val_size else None
-    return DeviceData(split(images[:cut], labels[:cut]), val, split(*mnist.test))
+    val = device_split(images[cut:], labels[cut:], backend) if cfg.val_size else None
+    return DeviceData(device_split(images[:cut], labels[:cut], backend), val,
+                      device_split(*mnist.test, backend))
 
 
 def to_inputs(images: Any, normalize: str, dtype: str, augment: Any = None, rng: Any = None) -> Any:

@@ -41,6 +41,12 @@ class Params(NamedTuple):
     b: tuple[Array, ...]  # b[k-1] = b_k, shape (fan_out,)
 
 
+def params_on(backend: Any, params: Params) -> Params:
+    """The host parameters on the backend's device (copies on a GPU; the arrays themselves on
+    the CPU)."""
+    return Params(tuple(map(backend.asarray, params.W)), tuple(map(backend.asarray, params.b)))
+
+
 class Grads(NamedTuple):
     W: tuple[Array, ...]  # dW_k, same shapes as Params.W
     b: tuple[Array, ...]  # db_k, same shapes as Params.b

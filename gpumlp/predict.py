@@ -17,7 +17,7 @@ from .activations import ACTIVATIONS
 from .backend import Backend, to_host
 from .config import Config
 from .data import batch_slices, to_inputs
-from .model import Params, forward, softmax
+from .model import Params, forward, params_on, softmax  # noqa: F401 (params_on: for callers)
 from .preprocess import ImageError, load_digit
 
 
@@ -30,11 +30,6 @@ class FileResult(NamedTuple):
         """The k most probable classes with their probabilities, most probable first."""
         order = np.argsort(-self.probabilities, kind="stable")[:k]
         return [(int(c), float(self.probabilities[c])) for c in order]
-
-
-def params_on(backend: Backend, params: Params) -> Params:
-    """The host parameters copied onto the backend's device."""
-    return Params(tuple(map(backend.asarray, params.W)), tuple(map(backend.asarray, params.b)))
 
 
 def probabilities(params: Params, config: Config, pixels: np.ndarray, backend: Backend) -> np.ndarray:

@@ -22,7 +22,8 @@ from .config import Config
 from .data import DeviceData, DeviceSplit, batch_slices, permutation, prepare_data, to_inputs
 from .errors import ConfigError, GpumlpError
 from .mnist import Mnist
-from .model import Params, correct_count, dropout_masks, forward, init_params, loss_and_dA2
+from .model import (Params, correct_count, dropout_masks, forward, init_params, loss_and_dA2,
+                    params_on)
 from .optim import OptState, init_state, learning_rate
 from .runfiles import RunFiles
 from .step import batch_inputs, exported, make_step, prepare_state
@@ -73,8 +74,7 @@ def new_state(config: Config, backend: Backend, init: Params | None = None) -> R
     host = init_params(widths, config.model.init, rng, config.train.dtype)
     if init is not None:
         host = init
-    params = Params(tuple(backend.asarray(w) for w in host.W),
-                    tuple(backend.asarray(v) for v in host.b))
+    params = params_on(backend, host)
     dev_rng = backend.xp.random.default_rng(config.train.seed + 1)
     return RunState(params, init_state(config.optim, params), rng, dev_rng)
 

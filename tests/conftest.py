@@ -106,3 +106,17 @@ def tiny_data_dir(tiny_mnist, monkeypatch, tmp_path) -> Path:
     monkeypatch.setenv("GPUMLP_CACHE_DIR", str(tmp_path / "empty-cache"))
     monkeypatch.delenv("GPUMLP_DATA_DIR", raising=False)
     return tiny_mnist.folder
+
+
+@pytest.fixture(scope="session")
+def gpu():
+    """The CUDA backend with TF32 off (the tolerances are float32's); skipped, with the reason,
+    where gpumlp sees no CUDA device."""
+    from gpumlp.backend import available_devices, enable_tf32, get_backend
+
+    if not any(d.startswith("cuda") for d in available_devices()):
+        pytest.skip("no CUDA device visible to gpumlp (needs CuPy and a GPU: "
+                    "pip install 'gpumlp[cuda12]'); the GPU tests were not run")
+    device = get_backend("cuda")
+    enable_tf32(device, False)
+    return device

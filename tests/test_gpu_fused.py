@@ -23,7 +23,6 @@ import pytest
 from click.testing import CliRunner
 from test_cuda_source import OPTIMIZERS  # the optimizer settings of the CPU-side checks
 
-from gpumlp import backend as backends
 from gpumlp import fast_cuda
 from gpumlp.activations import ACTIVATIONS
 from gpumlp.backend import CPU, enable_tf32, to_host
@@ -43,16 +42,6 @@ PHI_ATOL = 3e-5               # phi' of sigmoid/gelu cancels (1 + tanh ~ 0) for 
 CROSS_RTOL, CROSS_ATOL = 2e-5, 2e-6  # GPU against NumPy: other BLAS, other summation order
 BIG = (1100, 1000)            # 1.1M elements: more than THREADS * MAX_BLOCKS, the loop goes round
 H256 = str(Path(__file__).resolve().parents[1] / "configs" / "h256.yaml")
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    if not any(d.startswith("cuda") for d in backends.available_devices()):
-        pytest.skip("no CUDA device visible to gpumlp (needs CuPy and a GPU: "
-                    "pip install 'gpumlp[cuda12]'); the fused CUDA step was not run")
-    device = backends.get_backend("cuda")
-    enable_tf32(device, False)
-    return device
 
 
 def same(got, want, name, rtol=RTOL, atol=ATOL):

@@ -1,7 +1,8 @@
-"""NumPy and CuPy agree in float32: forward, backward, one training step, a short run.
+"""NumPy and CuPy agree in float32: forward, backward, one training step, a short run, all
+through the generic code (the fused CUDA step has its own tests, tests/test_gpu_fused.py).
 
-Skipped, with the reason, where gpumlp sees no CUDA device. CuPy is reached only through
-gpumlp.backend (Backend.xp), never imported here.
+Skipped, with the reason, where gpumlp sees no CUDA device (the `gpu` fixture, conftest.py).
+CuPy is reached only through gpumlp.backend (Backend.xp), never imported here.
 """
 
 from __future__ import annotations
@@ -10,25 +11,17 @@ import numpy as np
 import pytest
 
 from gpumlp.activations import ACTIVATIONS
-from gpumlp.backend import CPU, available_devices, get_backend, to_host
+from gpumlp.backend import CPU, to_host
 from gpumlp.config import build_config
-from gpumlp.model import Params, backward, forward, init_params, loss_and_dA2, softmax
+from gpumlp.model import Params, backward, forward, init_params, loss_and_dA2, params_on, softmax
 from gpumlp.optim import init_state
-from gpumlp.step import generic_step, make_step
+from gpumlp.step import generic_step
 from gpumlp.train import train
 
 pytestmark = pytest.mark.gpu
 
 RTOL, ATOL = 2e-5, 2e-6  # float32, different summation orders
 WIDTHS = (784, 64, 32, 10)
-
-
-@pytest.fixture(scope="module")
-def gpu():
-    if not any(d.startswith("cuda") for d in available_devices()):
-        pytest.skip("no CUDA device visible to gpumlp (needs CuPy and a GPU: "
-                    "pip install 'gpumlp[cuda12]')")
-    return get_backend("cuda")
 
 
 def host_problem(seed=0, m=32):
@@ -39,10 +32,6 @@ def host_problem(seed=0, m=32):
     X = (rng.integers(0, 256, (m, 784)) / 255).astype(np.float32)
     y = rng.integers(0, 10, m)
     return params, X, y
-
-
-def on(backend, params):
-    return Params(tuple(map(backend.asarray, params.W)), tuple(map(backend.asarray, params.b)))
 
 
 def copy(params):
@@ -68,7 +57,7 @@ def test_forward_and_backward_agree_float32(gpu, activation):
     cpu_L, cpu_dA2 = loss_and_dA2(cpu_cache.A[-1], y, 0.1)
     cpu_grads = backward(params, cpu_cache, cpu_dA2, act)
 
-    g_params = on(gpu, params)
+    g_params = params_on(gpu, params)
     g_cache = forward(g_params, gpu.asarray(X), act)
     g_L, g_dA2 = loss_and_dA2(g_cache.A[-1], gpu.asarray(y), 0.1)
     g_grads = backward(g_params, g_cache, g_dA2, act)
@@ -93,9 +82,10 @@ def test_one_training_step_agrees_float32(gpu, optim):
     cpu_state = init_state(config.optim, cpu_params)
     cpu_L, cpu_ok = generic_step(config)(cpu_params, cpu_state, X, y, 0.05, 1, ())
 
-    g_params = on(gpu, params)
+    g_params = params_on(gpu, params)
     g_state = init_state(config.optim, g_params)
-    g_L, g_ok = make_step(config, gpu)(g_params, g_state, gpu.asarray(X), gpu.asarray(y), 0.05, 1, ())
+    g_L, g_ok = generic_step(config)(g_params, g_state, gpu.asarray(X), gpu.asarray(y), 0.05, 1,
+                                     ())
 
     close(g_L, cpu_L, "L")
     assert int(g_ok) == int(cpu_ok)
@@ -106,8 +96,11 @@ def test_one_training_step_agrees_float32(gpu, optim):
         close(a, b, f"state{i}")
 
 
-def test_a_short_run_agrees(gpu, tiny_mnist):
+def test_a_short_run_agrees(gpu, tiny_mnist, monkeypatch):
+    import gpumlp.train as train_module
+
     config = build_config(None, ["model.hidden=32", "train.epochs=2", "train.batch_size=50"])
+    monkeypatch.setattr(train_module, "make_step", lambda config, backend: generic_step(config))
     cpu_run = train(config, CPU, tiny_mnist.mnist)
     gpu_run = train(config, gpu, tiny_mnist.mnist)
     for cpu_row, gpu_row in zip(cpu_run.history, gpu_run.history):
