@@ -58,6 +58,11 @@ def to_inputs(images: Any, normalize: str, dtype: str, augment: Any = None, rng:
     X *= 1.0 / 255.0
     if augment is not None:
         X = augment(X, rng)
+    return standardize(X, normalize)
+
+
+def standardize(X: Any, normalize: str) -> Any:
+    """X (inputs x/255) standardised in place, (X - mean) / std, when `normalize` asks for it."""
     if normalize == "standard":
         X -= MNIST_MEAN
         X *= 1.0 / MNIST_STD

@@ -41,8 +41,9 @@ numbers are written:
   V_k is multiplied out (V_k *= s, s = 1) before s would fall below 2^-64, once in about 400
   steps at mu = 0.9; checkpoints save s beside V_k, so a resume continues bit for bit;
 - the batch loader gathers the shuffled rows as uint8 (from the run's copy of the training
-  images in the pixel order above) straight into the first layer's input buffer; with
-  data.normalize "unit" it leaves them 0..255 and x / 255 is the first products' alpha.
+  images in the pixel order above) into one reused buffer and converts them straight into
+  the first input's blocks; with data.normalize "unit" it leaves them 0..255 and x / 255 is
+  the first products' alpha.
 
 Optimizers that need dW_k itself (Adam, AdamW, Nesterov with weight decay) take the generic step;
 `supports` says which configs come here.
@@ -58,9 +59,9 @@ from scipy.linalg import blas
 from .activations import ACTIVATIONS
 from .augment import make_augment
 from .config import Config, OptimConfig
-from .data import DeviceSplit, MNIST_MEAN, MNIST_STD
+from .data import DeviceSplit, standardize
 from .model import Params
-from .optim import OptState, apply_max_norm, multiply_out
+from .optim import OptState, apply_max_norm, flat, multiply_out
 from .step import generic_step
 
 D, C = 784, 10
@@ -71,7 +72,7 @@ def supports(config: Config) -> bool:
     """True when the fast step computes exactly this config's equations (SGD, no Nesterov + wd)."""
     o = config.optim
     nesterov_wd = o.nesterov and o.momentum > 0 and o.weight_decay > 0
-    return o.name == "sgd" and not nesterov_wd and config.train.dtype in ("float32", "float64")
+    return o.name == "sgd" and not nesterov_wd
 
 
 class Blas(NamedTuple):
@@ -145,10 +146,7 @@ def pack(params: Params, state: OptState, order: np.ndarray) -> tuple[Params, Op
         return tuple(J[1:] for J in Js), tuple(J[0] for J in Js)
 
     W, b = blocks(params.W, params.b)
-    vel = state.m
-    if vel:
-        vW, vb = blocks(vel[0::2], vel[1::2])
-        vel = tuple(t for pair in zip(vW, vb) for t in pair)
+    vel = flat(Params(*blocks(state.m[0::2], state.m[1::2]))) if state.m else ()
     scale = np.ones(1) if state.scale is None else np.array(state.scale, dtype=np.float64)
     return Params(W, b), OptState(vel, state.v, scale)
 
@@ -161,10 +159,7 @@ def unpack(params: Params, state: OptState, order: np.ndarray) -> tuple[Params, 
         return tuple(W_out), tuple(bk.copy() for bk in b)
 
     W, b = restore(params.W, params.b)
-    vel = state.m
-    if vel:
-        vW, vb = restore(vel[0::2], vel[1::2])
-        vel = tuple(t for pair in zip(vW, vb) for t in pair)
+    vel = flat(Params(*restore(state.m[0::2], state.m[1::2]))) if state.m else ()
     return Params(W, b), OptState(vel, state.v, state.scale.copy())
 
 
@@ -426,9 +421,7 @@ class BatchLoader:
     def scale_into(self, X: np.ndarray) -> None:
         """Pixels 0..255 to the inputs, in place: x / 255, standardised if asked."""
         np.multiply(X, self.scale, out=X)                              # x / 255
-        if self.normalize == "standard":
-            X -= MNIST_MEAN
-            X *= 1.0 / MNIST_STD
+        standardize(X, self.normalize)
 
     def load(self, split: DeviceSplit, idx: np.ndarray, X: np.ndarray, y: np.ndarray) -> None:
         """X (m, d) and y (m,) of the rows idx, written in place."""
@@ -453,8 +446,8 @@ class FastStep:
     `prepare(params, state, split)` returns copies in the step's layout (module docstring), the
     pixel order taken from the training split; those take the fast path, and `export` gives
     them back as model.py has them. Any other parameters (say, arrays a test made) take the
-    generic step, with the same result. `batch(split, idx)` loads a batch straight into the
-    step's input buffer.
+    generic step, with the same result. `batch(split, idx)` loads a batch into the step's
+    input buffer (through one reused uint8 buffer).
     """
 
     kind = "fast_cpu"
@@ -540,18 +533,15 @@ class FastStep:
                 pixels * Z.dtype.type(buf.x_scale[0])
         return X
 
-    def next_scale(self, state: OptState, Vs: tuple) -> float:
+    def next_scale(self, state: OptState) -> float:
         """s *= mu for this step's velocity (state.scale), multiplying V out before s gets tiny."""
         mu = self.config.optim.momentum
         if mu == 0:
             return 1.0
-        s = float(state.scale[0])
-        if s * mu < TINY_SCALE:                                        # once in ~400 steps
-            for V in Vs:
-                self.lib.scal(s, V.reshape(-1))
-            s = 1.0
-        state.scale[0] = s * mu
-        return s * mu
+        if float(state.scale[0]) * mu < TINY_SCALE:                   # once in ~400 steps
+            multiply_out(state)                                        # V *= s, s = 1
+        state.scale[0] *= mu
+        return float(state.scale[0])
 
     def __call__(self, params: Params, state: OptState, X: Any, y: Any, lr: float, t: int,
                  masks: tuple = ()) -> tuple[Any, Any]:
@@ -570,7 +560,7 @@ class FastStep:
             set_ones(buf.parts, buf, 1.0)
         first = buf.parts
         self.pixels_used += sum(Z.shape[0] * Z.shape[1] for _, _, Z in first) - X.shape[0]
-        s = self.next_scale(state, Vs)
+        s = self.next_scale(state)
         forward_into(self.lib.gemm, Js, masks, buf, self.act_name, first)
         L, correct = softmax_ce_into(buf, y, self.config.train.label_smoothing)
         backward_update(self.lib, self.config.optim, lr, Js, Vs, s, masks, buf, self.act_name,

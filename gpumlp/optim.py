@@ -18,9 +18,10 @@ from .model import Grads, Params
 class OptState(NamedTuple):
     m: tuple  # SGD: velocity; Adam: first moment. One array per parameter (W1, b1, W2, ...)
     v: tuple  # Adam: second moment; () for SGD
-    # SGD with momentum in the fast CPU step only: a (1,) float64 array s, and the velocity is
-    # s * m. The step keeps m divided by s (s *= mu each step), so that `vel *= mu` costs no
-    # pass over the arrays. None means 1; every other step sees the velocity multiplied out.
+    # The fast CPU step's SGD state only: a (1,) float64 array s, and the velocity is s * m
+    # (with momentum the step keeps m divided by s, s *= mu each step, so that `vel *= mu`
+    # costs no pass over the arrays; without, s stays 1). None means 1; every other step sees
+    # the velocity multiplied out.
     scale: Any = None
 
 
@@ -33,7 +34,8 @@ def multiply_out(state: OptState) -> None:
 
 
 def unscaled(state: OptState) -> OptState:
-    """A copy of the state with the velocity multiplied out by its scale (scale None)."""
+    """The state with the velocity multiplied out by its scale (scale None): new arrays, or the
+    same ones when the scale is already 1."""
     if state.scale is None:
         return state
     s = float(state.scale[0])

@@ -1,7 +1,8 @@
 """The training loop: epochs of shuffled minibatches on the device, evaluation, run files.
 
 Nothing is copied to the host inside a step: the loss and the correct count accumulate
-in device scalars read once per epoch (and at checkpoints). Progress goes to an optional
+in device scalars read once per epoch (and at checkpoints), apart from the NaN guard's look at
+the loss sum (every step on the CPU, every 50 on a GPU). Progress goes to an optional
 callback `on_event(kind, info)`; the library never prints.
 """
 

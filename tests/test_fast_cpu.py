@@ -23,7 +23,7 @@ from gpumlp.config import build_config
 from gpumlp.data import DeviceSplit, gather, to_inputs
 from gpumlp.mnist import Mnist, Split, load_mnist
 from gpumlp.model import Params, correct_count, forward, init_params, loss_and_dA2
-from gpumlp.optim import OptState, init_state, multiply_out, unscaled
+from gpumlp.optim import init_state, multiply_out, unscaled
 from gpumlp.step import batch_inputs, generic_step, make_step, prepare_state
 from gpumlp.train import new_state, train
 
