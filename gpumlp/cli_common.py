@@ -48,7 +48,7 @@ def load_mnist_for(data_dir: str | None, quiet: bool):
     """
     from .cli_data import progress_reporter
     from .errors import DataError
-    from .fetch import ensure_mnist, load_verified
+    from .fetch import ensure_mnist, load_verified, mnist_cache_dir
     from .mnist import load_mnist
 
     if data_dir:
@@ -57,7 +57,10 @@ def load_mnist_for(data_dir: str | None, quiet: bool):
         except DataError as e:
             raise DataError(f"--data-dir {e}; fix or replace those files, or drop --data-dir "
                             "(and GPUMLP_DATA_DIR) to use the cache") from None
-    return load_mnist(ensure_mnist(None, progress=progress_reporter(quiet)))
+    try:  # a complete cache, each file read once (ensure_mnist's check would read it again)
+        return load_verified(mnist_cache_dir())
+    except DataError:  # missing or damaged files: fetch (or repair) them, saying so
+        return load_mnist(ensure_mnist(None, progress=progress_reporter(quiet)))
 
 
 data_dir_option = click.option(
