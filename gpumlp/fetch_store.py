@@ -9,7 +9,6 @@ and two processes writing the same file at once both leave a valid copy behind.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 from .errors import DataError
 from . import idx
 from .idx import parse_idx
+from .npzio import atomic_write
 
 TEMP_SUFFIX = ".part"  # temporary files are ".<stem>.<random>.part": they never pass for data
 STALE_SECONDS = 3600  # a temporary file this old belongs to a process that died
@@ -71,28 +71,14 @@ def temp_file(folder: Path, stem: str) -> tuple[int, Path]:
     return fd, Path(name)
 
 
-def write_atomic(folder: Path, stem: str, raw: bytes) -> Path:
-    """Write `raw` to `folder/stem` through a temporary file and a rename."""
-    fd, temp = temp_file(folder, stem)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(raw)
-            out.flush()
-            os.fsync(out.fileno())
-        temp.chmod(0o644)  # mkstemp makes it private; the cache is as readable as any file
-        os.replace(temp, folder / stem)
-    finally:
-        temp.unlink(missing_ok=True)
-    return folder / stem
-
-
 def store_verified(folder: Path, stem: str, raw: bytes, expected: str) -> Path:
     """Store the decompressed IDX bytes `raw` as `folder/stem` if their sha256 is `expected`."""
     problem = content_problem(raw, expected, stem)
     if problem is not None:
         raise SourceFailed(problem)
     try:
-        return write_atomic(folder, stem, raw)
+        atomic_write(folder / stem, raw, suffix=TEMP_SUFFIX)  # a killed write leaves a temp
+        return folder / stem
     except OSError as e:
         raise cannot_write(folder, e) from None
 

@@ -35,10 +35,11 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a fsynced temporary file and a rename."""
+def atomic_write(path: str | os.PathLike, data: bytes, suffix: str = ".tmp") -> None:
+    """Write `data` to `path` through a fsynced temporary file ".<name>.<random><suffix>" beside
+    it and a rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o644)
