@@ -19,6 +19,7 @@ cupyx.scipy.ndimage, whichever matches the array module.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -59,12 +60,19 @@ def gaussian_matrix(xp: Any, sigma: float, dtype: Any) -> Any:
     return K.astype(dtype)
 
 
+@functools.lru_cache(maxsize=8)
+def smoothing_matrix(xp: Any, sigma: float, dtype: Any) -> Any:
+    """gaussian_matrix, built once per (array module, sigma, dtype) rather than every batch;
+    the callers only read it."""
+    return gaussian_matrix(xp, sigma, dtype)
+
+
 def elastic_field(rng: Any, m: int, alpha: float, sigma: float, dtype: Any) -> Any:
     """D (2, m, SIDE, SIDE): uniform [-1, 1] displacements, Gaussian-smoothed, times alpha."""
     U = rng.random((2, m, SIDE, SIDE), dtype=dtype)
     U *= 2
     U -= 1                                                          # uniform in [-1, 1)
-    K = gaussian_matrix(array_module(U), sigma, dtype)              # (SIDE, SIDE)
+    K = smoothing_matrix(array_module(U), sigma, U.dtype)           # (SIDE, SIDE)
     D = K @ U @ K.T                                                 # smooth along rows, then cols
     D *= alpha
     return D
