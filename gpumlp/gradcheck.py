@@ -35,8 +35,10 @@ def check_gradients(params: Params, X: np.ndarray, y: np.ndarray, act: Activatio
                     rng: np.random.Generator | None = None) -> list[ParamCheck]:
     """Compare backward() with central differences for every parameter of a float64 net.
 
-    `samples` entries per parameter are drawn from `rng` (all entries when None).
+    `samples` entries per parameter are drawn from `rng` (all entries when None; a fresh
+    generator when `rng` is None).
     """
+    rng = np.random.default_rng() if rng is None else rng
     cache = forward(params, X, act, masks)
     _, dA2 = loss_and_dA2(cache.A[-1], y, smoothing)
     grads = backward(params, cache, dA2, act)

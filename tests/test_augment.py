@@ -60,7 +60,7 @@ def test_identity_warp_returns_the_images_exactly():
 
 @pytest.mark.parametrize("key", ["shift", "rotate", "scale", "elastic_alpha"])
 def test_a_transform_at_zero_strength_is_the_identity(key):
-    """Every transform but `key` switched on at zero strength (the others stay off)."""
+    """Only `key` switched on, with its drawn strength then set to zero: the identity."""
     X = blob_images(8, 1)
     on = AugmentConfig(**{key: 1.0})
     rng = np.random.default_rng(0)
