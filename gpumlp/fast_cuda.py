@@ -2,21 +2,26 @@
 
 A small MLP on a GPU is bound by kernel launches and host round trips, not by arithmetic:
 the generic step launches one CuPy kernel per array expression (about 60 for one hidden
-layer with Nesterov). This step does the same mathematics in 14 launches, into device
-buffers allocated once per batch size and reused, without reading anything back to the host.
+layer with Nesterov, and three more for the loop's sums). This step does the same mathematics
+in 11 calls (13 with the loader's gather and the loop's tally), each one kernel or one cuBLAS
+product made with as little host work as possible, into device buffers allocated once per
+batch size and reused, without reading anything back to the host.
 One step with one hidden layer (shape letters as in model.py: m, d, h, c):
 
     gather_inputs        X = images[idx] / 255, y = labels[idx]        (m, d), (m,)  the loader
-    X.dot(W1)            A1 = X @ W1                                    (m, h)  cuBLAS
+    gemm                 A1 = X @ W1                                    (m, h)  cuBLAS
     bias_act_<phi>       A1 += b1;  Z1 = phi(A1) [* M1]                 (m, h)  one launch
-    Z1.dot(W2)           A2 = Z1 @ W2                                   (m, c)  cuBLAS
+    gemm                 A2 = Z1 @ W2                                   (m, c)  cuBLAS
     softmax_xent         A2 += b2;  dA2 = (Z2 - Y) / m;  L;  correct    (m, c)  one launch
-    Z1.T.dot(dA2), sum   dW2 = Z1.T @ dA2;  db2 = dA2.sum(0)            (h, c), (c,)
-    dA2.dot(W2.T)        dZ1 = dA2 @ W2.T                               (m, h)  cuBLAS
+    gemm, gemm           dW2 = Z1.T @ dA2;  db2 = ones(1, m) @ dA2      (h, c), (1, c)
+    gemm                 dZ1 = dA2 @ W2.T                               (m, h)  cuBLAS
     act_backward_<phi>   dA1 = dZ1 [* M1] * phi'(A1), over dZ1          (m, h)  one launch
-    X.T.dot(dA1), sum    dW1 = X.T @ dA1;  db1 = dA1.sum(0)             (d, h), (h,)
-    sgd_update / adam_update   one launch per parameter array, in place
+    gemm, gemm           dW1 = X.T @ dA1;  db1 = ones(1, m) @ dA1       (d, h), (1, h)
+    sgd_update / adam_update   every parameter array in place, one launch (UpdateTable)
+    tally                the loop's loss_sum += L * m, correct += ok    one launch
 
+The products call cuBLAS's gemmEx on the arrays' device pointers (gpu_blas.Blas), not
+`ndarray.dot`, whose host-side checks cost as much as a product of this size takes.
 Deeper nets repeat the hidden-layer lines. Dropout masks (made by the training loop) enter
 bias_act and act_backward; label smoothing enters softmax_xent; max-norm runs the generic
 `optim.apply_max_norm` after the update. Only float64 (`train.dtype`) routes to the generic
@@ -40,6 +45,7 @@ from .backend import Backend, enable_tf32
 from .config import Config
 from .data import MNIST_MEAN, MNIST_STD, DeviceSplit
 from .errors import DeviceError, GpumlpError
+from .gpu_blas import Blas, address
 from .model import Grads, Params
 from .optim import OptState, apply_max_norm, flat
 from .step import Step, generic_step
@@ -230,15 +236,44 @@ KERNEL softmax_xent(int m, int c, float* A2, const float* b2, const int* y, floa
   }
 }
 
-KERNEL sgd_update(long long n, float* p, const float* g, float* vel, float lr, float mu,
-                  float wd, int nesterov) {
-  FOR_EACH_INDEX(i, n) sgd_at(i, p, g, vel, lr, mu, wd, nesterov);
+// The training loop's running sums: loss_sum += L * m (the product in float32, as the loop on
+// the host computes it), correct += the step's count. One thread; kernels run in order.
+KERNEL tally(long long n, const float* L, const long long* hits, float m, double* loss_sum,
+             long long* correct) {
+  FOR_EACH_INDEX(i, n) {
+    *loss_sum += (double)(*L * m);
+    *correct += *hits;
+  }
 }
 
-KERNEL adam_update(long long n, float* p, const float* g, float* m1, float* m2, float decay,
-                   float l2, float b1, float omb1, float b2, float omb2, float step, float vhs,
-                   float eps) {
-  FOR_EACH_INDEX(i, n) adam_at(i, p, g, m1, m2, decay, l2, b1, omb1, b2, omb2, step, vhs, eps);
+// The optimizer over every parameter array in one launch. Element e of all n is element
+// e - starts[j] of array j (starts: count + 1 ascending offsets, from 0 to n); the arrays are
+// reached through tables of their addresses, one table per slot (p, g, vel or m1, m2).
+__host__ __device__ inline int array_of(long long e, int count, const long long* starts) {
+  int j = 0;
+  while (j + 1 < count && e >= starts[j + 1]) ++j;
+  return j;
+}
+#define AT(table, type) ((type*)(table)[j])
+
+KERNEL sgd_update(long long n, int count, const long long* starts, const unsigned long long* p,
+                  const unsigned long long* g, const unsigned long long* vel, float lr,
+                  float mu, float wd, int nesterov) {
+  FOR_EACH_INDEX(e, n) {
+    int j = array_of(e, count, starts);
+    sgd_at(e - starts[j], AT(p, float), AT(g, const float), AT(vel, float), lr, mu, wd, nesterov);
+  }
+}
+
+KERNEL adam_update(long long n, int count, const long long* starts, const unsigned long long* p,
+                   const unsigned long long* g, const unsigned long long* m1,
+                   const unsigned long long* m2, float decay, float l2, float b1, float omb1,
+                   float b2, float omb2, float step, float vhs, float eps) {
+  FOR_EACH_INDEX(e, n) {
+    int j = array_of(e, count, starts);
+    adam_at(e - starts[j], AT(p, float), AT(g, const float), AT(m1, float), AT(m2, float),
+            decay, l2, b1, omb1, b2, omb2, step, vhs, eps);
+  }
 }
 """
 
@@ -289,8 +324,8 @@ def gpu_step(config: Config, backend: Backend) -> Step:
 
     Sets TF32 for float32 matrix products as `train.tf32` says, for the whole process.
     """
-    enable_tf32(backend, config.train.tf32)
     if unsupported(config) is not None:
+        enable_tf32(backend, config.train.tf32)
         return generic_step(config)
     return FusedStep(config, backend)
 
@@ -304,6 +339,7 @@ class Kernels:
             get = module.get_function
             self.gather_inputs, self.softmax_xent = get("gather_inputs"), get("softmax_xent")
             self.sgd_update, self.adam_update = get("sgd_update"), get("adam_update")
+            self.tally = get("tally")
             self.bias_act = get(f"bias_act_{activation}")
             self.bias_act_masked = get(f"bias_act_masked_{activation}")
             self.act_backward = get(f"act_backward_{activation}")
@@ -326,6 +362,33 @@ class Buffers(NamedTuple):
     Z: tuple   # (Z1, ..., Z_{L-1}): (m, h_k) hidden activations, after dropout
     dZ: tuple  # (dZ1, ..., dZ_{L-1}): (m, h_k), overwritten by dA_k; dA_L has its own:
     dA: Any    # (m, c) dA_L = (Z_L - Y) / m
+    ones: Any  # (1, m) of 1: db_k = ones @ dA_k, the column sums, as one more product
+
+
+class UpdateTable(NamedTuple):
+    """What the one-launch optimizer update reads: every parameter array with its gradient
+    and optimizer state, by address, in optim.flat's order (device arrays)."""
+    n: int          # elements in all the parameter arrays
+    count: int      # parameter arrays
+    starts: Any     # (count + 1,) int64: where each array starts among the n
+    slots: tuple    # (p, g, m[, v]): (count,) uint64 addresses each
+
+
+def update_table(xp: Any, params: Params, grads: Grads, state: OptState) -> UpdateTable:
+    """The UpdateTable of these arrays. Plain SGD has no velocity: its slot holds p's
+    addresses, which the kernel then never reads through."""
+    ps, gs = flat(params), flat(grads)
+    sizes = np.array([0, *(p.size for p in ps)], dtype=np.int64)
+    slots = [ps, gs, state.m or ps, *((state.v,) if state.v else ())]
+    tables = tuple(xp.asarray(np.array([address(a) for a in slot], dtype=np.uint64))
+                   for slot in slots)
+    return UpdateTable(int(sizes.sum()), len(ps), xp.asarray(np.cumsum(sizes)), tables)
+
+
+class GradBuffers(NamedTuple):
+    """The step's gradients, written in place: dW_k, db_k, and db_k as (1, fan_out) rows."""
+    grads: Grads
+    bias_rows: tuple
 
 
 def buffer_shapes(widths: tuple[int, ...], m: int) -> dict[str, tuple]:
@@ -346,12 +409,16 @@ class FusedStep:
     kind = "fused_cuda"
 
     def __init__(self, config: Config, backend: Backend):
+        """Builds the kernels; sets TF32 for float32 products as `train.tf32` says (CuPy's,
+        for the whole process, and this step's own cuBLAS calls)."""
         self.config, self.xp = config, backend.xp
         self.kernels = Kernels(backend.xp, config.model.activation)
+        self.blas = Blas(backend.xp, enable_tf32(backend, config.train.tf32))
         self.buffers: dict[tuple, Buffers] = {}   # (m, widths) -> the step's arrays
-        self.grads: dict[tuple, Grads] = {}       # widths -> dW, db
+        self.grads: dict[tuple, GradBuffers] = {}  # widths -> dW, db
         self.inputs: dict[tuple, tuple] = {}      # (m, d) -> the loader's X, y
         self.checked: tuple = ()                  # the parameter and state arrays last checked
+        self.table: UpdateTable | None = None     # the optimizer's view of those arrays
 
     def step_buffers(self, m: int, widths: tuple[int, ...]) -> Buffers:
         key = (m, widths)
@@ -359,14 +426,16 @@ class FusedStep:
             shapes = buffer_shapes(widths, m)
             self.buffers[key] = Buffers(*(tuple(map(self.poisoned, shapes[name]))
                                           for name in ("A", "Z", "dZ")),
-                                        self.poisoned(shapes["dA"]))
+                                        self.poisoned(shapes["dA"]),
+                                        self.xp.full((1, m), 1.0, dtype=np.float32))
         return self.buffers[key]
 
-    def grad_buffers(self, params: Params) -> Grads:
+    def grad_buffers(self, params: Params) -> GradBuffers:
         key = widths_of(params)
         if key not in self.grads:
-            self.grads[key] = Grads(tuple(self.poisoned(W.shape) for W in params.W),
-                                    tuple(self.poisoned(b.shape) for b in params.b))
+            grads = Grads(tuple(self.poisoned(W.shape) for W in params.W),
+                          tuple(self.poisoned(b.shape) for b in params.b))
+            self.grads[key] = GradBuffers(grads, tuple(db.reshape(1, -1) for db in grads.b))
         return self.grads[key]
 
     def poisoned(self, shape: tuple, dtype: Any = np.float32) -> Any:
@@ -398,6 +467,7 @@ class FusedStep:
         self.check(params, state, X, y, masks, widths)
         y = self.xp.ascontiguousarray(y, dtype=np.int32)                  # a no-op for the loader's
         buf = self.step_buffers(int(X.shape[0]), widths)
+        self.blas.begin()
         self.forward(params, X, masks, buf)
         L, correct = self.loss(params, y, buf)
         grads = self.backward(params, X, masks, buf)
@@ -409,7 +479,7 @@ class FusedStep:
         """A_k = Z_{k-1} @ W_k + b_k and Z_k = phi(A_k) [* M_k] for the hidden layers; A_L = Z @ W_L."""
         Z = X                                                             # (m, d)
         for k, (Wk, bk) in enumerate(zip(params.W[:-1], params.b[:-1])):
-            Z.dot(Wk, out=buf.A[k])                                       # (m, h_k)
+            self.blas.gemm(Z, Wk, buf.A[k])                               # (m, h_k)
             n, h = buf.A[k].size, buf.A[k].shape[1]
             if masks:
                 launch(self.kernels.bias_act_masked, n, np.int64(n), np.int32(h), buf.A[k], bk,
@@ -417,7 +487,7 @@ class FusedStep:
             else:
                 launch(self.kernels.bias_act, n, np.int64(n), np.int32(h), buf.A[k], bk, buf.Z[k])
             Z = buf.Z[k]                                                  # (m, h_k)
-        Z.dot(params.W[-1], out=buf.A[-1])                                # (m, c), bias below
+        self.blas.gemm(Z, params.W[-1], buf.A[-1])                        # (m, c), bias below
 
     def loss(self, params: Params, y: Any, buf: Buffers) -> tuple[Any, Any]:
         """A_L += b_L, dA_L = (Z_L - Y) / m, and the mean loss and correct count (0-d arrays)."""
@@ -432,15 +502,15 @@ class FusedStep:
 
     def backward(self, params: Params, X: Any, masks: tuple, buf: Buffers) -> Grads:
         """dW_k = Z_{k-1}.T @ dA_k, db_k = sum_rows dA_k, dA_{k-1} = (dA_k @ W_k.T) [* M] * phi'."""
-        grads = self.grad_buffers(params)
+        grads, bias_rows = self.grad_buffers(params)
         dA = buf.dA                                                       # (m, c)
         for k in reversed(range(len(params.W))):
             Z_prev = X if k == 0 else buf.Z[k - 1]                        # (m, fan_in)
-            Z_prev.T.dot(dA, out=grads.W[k])                              # (fan_in, fan_out)
-            dA.sum(axis=0, out=grads.b[k])                                # (fan_out,)
+            self.blas.gemm(Z_prev, dA, grads.W[k], trans_a=True)          # (fan_in, fan_out)
+            self.blas.gemm(buf.ones, dA, bias_rows[k])                    # (1, fan_out)
             if k > 0:
                 dZ = buf.dZ[k - 1]
-                dA.dot(params.W[k].T, out=dZ)                             # (m, h_k)
+                self.blas.gemm(dA, params.W[k], dZ, trans_b=True)         # (m, h_k)
                 n = dZ.size
                 if masks:
                     launch(self.kernels.act_backward_masked, n, np.int64(n), dZ, buf.A[k - 1],
@@ -451,15 +521,22 @@ class FusedStep:
         return grads
 
     def update(self, params: Params, grads: Grads, state: OptState, lr: float, t: int) -> None:
-        """One optimizer step over every parameter array, as optim.update does it."""
+        """One optimizer step over every parameter array, as optim.update does it: one launch."""
+        if self.table is None:                  # new arrays (check() saw them): their addresses
+            self.table = update_table(self.xp, params, grads, state)
+        n, count, starts, slots = self.table
         cfg = self.config.optim
-        for i, (p, g) in enumerate(zip(flat(params), flat(grads))):
-            if cfg.name == "sgd":
-                launch(self.kernels.sgd_update, p.size, np.int64(p.size), p, g, state.m[i],
-                       *sgd_scalars(cfg, lr))
-            else:
-                launch(self.kernels.adam_update, p.size, np.int64(p.size), p, g, state.m[i],
-                       state.v[i], *adam_scalars(cfg, lr, t))
+        if cfg.name == "sgd":
+            launch(self.kernels.sgd_update, n, np.int64(n), np.int32(count), starts, *slots,
+                   *sgd_scalars(cfg, lr))
+        else:
+            launch(self.kernels.adam_update, n, np.int64(n), np.int32(count), starts, *slots,
+                   *adam_scalars(cfg, lr, t))
+
+    def tally(self, loss_sum: Any, correct: Any, L: Any, ok: Any, m: int) -> None:
+        """loss_sum += L * m and correct += ok (0-d float64 and int64 device arrays), as
+        `step.add_to_sums` does, in one launch instead of three."""
+        launch(self.kernels.tally, 1, np.int64(1), L, ok, np.float32(m), loss_sum, correct)
 
     def check(self, params: Params, state: OptState, X: Any, y: Any, masks: tuple,
               widths: tuple[int, ...]) -> None:
@@ -472,10 +549,10 @@ class FusedStep:
             for slot, moments in (("m", state.m), ("v", state.v)):
                 for i, p in enumerate(flat(params) if moments else ()):
                     require(moments[i], np.float32, p.shape, f"optimizer state {slot}[{i}]")
-            self.checked = arrays
-        if X.dtype != np.float32 or X.shape[1:] != (widths[0],):
-            raise GpumlpError(f"the fused step takes float32 inputs of shape (m, {widths[0]}), "
-                              f"got {X.dtype} {tuple(X.shape)}")
+            self.checked, self.table = arrays, None
+        if X.dtype != np.float32 or X.shape[1:] != (widths[0],) or not X.flags.c_contiguous:
+            raise GpumlpError(f"the fused step takes C-contiguous float32 inputs of shape "
+                              f"(m, {widths[0]}), got {X.dtype} {tuple(X.shape)}")
         if tuple(y.shape) != (X.shape[0],) or y.dtype.kind not in "iu":
             raise GpumlpError(f"the fused step takes one integer label per row of X ({X.shape[0]}), "
                               f"got {y.dtype} {tuple(y.shape)}")

@@ -90,6 +90,19 @@ def exported(step: Step, state: Any) -> Any:
     return dataclasses.replace(state, params=params, opt=opt)
 
 
+def add_to_sums(loss_sum: Any, correct: Any, L: Any, ok: Any, m: int) -> None:
+    """The training loop's running sums, in place: loss_sum += L * m, correct += ok (0-d
+    float64 and int64 arrays). A step may carry its own `tally` doing the same (fast_cuda's,
+    in one launch); `tallier` picks it."""
+    loss_sum += L * m
+    correct += ok
+
+
+def tallier(step: Step) -> Callable:
+    """The step's `tally(loss_sum, correct, L, ok, m)`, else `add_to_sums`."""
+    return getattr(step, "tally", add_to_sums)
+
+
 def batch_inputs(step: Step, split: DeviceSplit, idx: Any, config: Config, augment: Any,
                  rng: Any) -> tuple[Any, Any]:
     """(X (m, d), y (m,)) of the rows idx: the step's own loader unless augmenting."""

@@ -27,7 +27,7 @@ from .model import (Params, correct_count, dropout_masks, forward, init_params, 
                     params_on)
 from .optim import OptState, init_state, learning_rate
 from .runfiles import RunFiles
-from .step import batch_inputs, exported, make_step, prepare_state
+from .step import batch_inputs, exported, make_step, prepare_state, tallier
 
 D, C = 784, 10
 EventHandler = Callable[[str, dict], None]
@@ -123,6 +123,7 @@ def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Back
     finite = math.isfinite if not backend.is_gpu else (lambda v: bool(xp.isfinite(v)))
     augment = make_augment(config.data.augment)
     batches, dropout = len(slices), config.model.dropout
+    tally = tallier(step_fn)  # loss_sum += L * m; correct += ok
     for b in range(pos.batch, batches):
         X, y = batch_inputs(step_fn, data.train, perm[slices[b]], config, augment,
                             state.dev_rng)  # (m, d) inputs, (m,) labels
@@ -131,8 +132,7 @@ def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Back
             if dropout > 0 else ()
         lr = learning_rate(config.optim, pos.step, batches, total_steps)
         L, ok = step_fn(state.params, state.opt, X, y, lr, pos.step + 1, masks)
-        loss_sum += L * m
-        correct += ok
+        tally(loss_sum, correct, L, ok, m)
         pos.step += 1
         pos.batch = b + 1
         if pos.step % check_every == 0 and not finite(loss_sum):

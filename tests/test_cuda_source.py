@@ -39,7 +39,8 @@ from gpumlp.data import DeviceSplit, gather, to_inputs
 from gpumlp.errors import GpumlpError
 from gpumlp.model import Params, dropout_masks, init_params
 from gpumlp.optim import init_state
-from gpumlp.step import generic_step
+from gpumlp.gpu_blas import Blas
+from gpumlp.step import add_to_sums, generic_step
 
 RTOL, ATOL = 1e-5, 1e-6  # float32; the host's tanhf/expf and summation orders differ by ulps
 NVRTC_OPTIONS = ("-ftz=true", "-arch=sm_90", "--device-as-default-execution-space")  # CuPy's
@@ -47,7 +48,7 @@ NVRTC_OPTIONS = ("-ftz=true", "-arch=sm_90", "--device-as-default-execution-spac
 C_TYPES = {"long long": (ctypes.c_longlong, np.int64), "int": (ctypes.c_int, np.int32),
            "float": (ctypes.c_float, np.float32)}
 C_POINTEES = {"float": np.float32, "int": np.int32, "long long": np.int64,
-              "unsigned char": np.uint8}
+              "unsigned char": np.uint8, "double": np.float64, "unsigned long long": np.uint64}
 
 
 def kernel_signatures(source: str) -> dict[str, list[tuple[str, bool]]]:
@@ -187,17 +188,62 @@ def host_library(source_file) -> ctypes.CDLL:
     return ctypes.CDLL(str(library))
 
 
+class HostCublas:
+    """Stands in for CuPy's cuBLAS wrapper: gemmEx with cuBLAS's column-major semantics,
+    computed by NumPy on the host memory the addresses point to. Records each call."""
+    CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_GEMM_DEFAULT, CUBLAS_POINTER_MODE_HOST = 0, 1, -1, 0
+    CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 = 68, 77
+    HANDLE, STREAM = 1234, 5678
+
+    def __init__(self):
+        self.calls: list = []
+        self.handle_state: dict = {}
+
+    def setStream(self, handle, stream):
+        self.handle_state["stream"] = (handle, stream)
+
+    def setPointerMode(self, handle, mode):
+        self.handle_state["pointer_mode"] = (handle, mode)
+
+    def gemmEx(self, handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta,
+               C, Ctype, ldc, compute, algo):
+        """C (m, n) = alpha op(A) op(B) + beta C, every matrix column-major with its ld."""
+        assert handle == self.HANDLE and self.handle_state == {
+            "stream": (self.HANDLE, self.STREAM), "pointer_mode": (self.HANDLE, 0)}
+        assert (Atype, Btype, Ctype, algo) == (0, 0, 0, -1)   # float32 everywhere, default algo
+        assert transa in (0, 1) and transb in (0, 1)
+        self.calls.append(compute)
+        alpha, beta = (float(ctypes.c_float.from_address(a).value) for a in (alpha, beta))
+
+        def matrix(address, rows, cols, ld):   # column-major (rows, cols), leading dimension ld
+            assert ld >= max(1, rows), "leading dimension shorter than a column"
+            size = (cols - 1) * ld + rows
+            flat = np.ctypeslib.as_array((ctypes.c_float * size).from_address(address))
+            return np.lib.stride_tricks.as_strided(flat, (rows, cols), (4, 4 * ld))
+
+        op_a = matrix(A, *((k, m) if transa else (m, k)), lda)
+        op_b = matrix(B, *((n, k) if transb else (k, n)), ldb)
+        c = matrix(C, m, n, ldc)
+        product = (op_a.T if transa else op_a) @ (op_b.T if transb else op_b)   # float32, as cuBLAS
+        c[...] = np.float32(alpha) * product + (np.float32(beta) * c if beta else 0)
+
+
 def fake_cupy(module: type = HostModule, capability: str = "90") -> types.SimpleNamespace:
-    """What FusedStep and enable_tf32 use of cupy, on NumPy arrays; records compute types."""
+    """What FusedStep and enable_tf32 use of cupy, on NumPy arrays; records compute types
+    (CuPy's: compute_types; the step's own cuBLAS calls: cuda.cublas.calls)."""
     calls: list = []
     linalg = types.SimpleNamespace(COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_TF32=7,
                                    set_compute_type=lambda dtype, kind: calls.append(kind))
     device = types.SimpleNamespace(compute_capability=capability)
+    cublas = HostCublas()
+    cuda = types.SimpleNamespace(
+        Device=lambda: device, cublas=cublas, runtime=types.SimpleNamespace(CUDA_R_32F=0),
+        device=types.SimpleNamespace(get_cublas_handle=lambda: HostCublas.HANDLE),
+        get_current_stream=lambda: types.SimpleNamespace(ptr=HostCublas.STREAM))
     return types.SimpleNamespace(
         __name__="fake_cupy", __version__="0", empty=np.empty, full=np.full,
-        ascontiguousarray=np.ascontiguousarray, RawModule=module,
-        _core=types.SimpleNamespace(_routines_linalg=linalg),
-        cuda=types.SimpleNamespace(Device=lambda: device), compute_types=calls)
+        asarray=np.asarray, ascontiguousarray=np.ascontiguousarray, RawModule=module,
+        _core=types.SimpleNamespace(_routines_linalg=linalg), cuda=cuda, compute_types=calls)
 
 
 @pytest.fixture
@@ -244,14 +290,19 @@ def assert_same_run(config, emulated, widths=(784, 48, 10), sizes=(32, 32, 7)):
     assert set(fused.buffers) == {(m, widths) for m in set(sizes)}
 
 
+# Adam divides by sqrt(v) + eps: where a gradient is ~1e-8 (cancellation, a unit dead on the
+# batch), its last-ulp difference between two summation orders (cuBLAS's products and ones @ dA
+# for the bias gradients, against NumPy's) moves p by a visible fraction of lr. eps = 1e-4 keeps
+# these whole-step comparisons well conditioned, as in tests/test_gpu_fused.py.
+ADAM_EPS = "optim.eps=1e-4"
 OPTIMIZERS = {
     "sgd": ["optim.momentum=0"],
     "sgd_wd": ["optim.momentum=0", "optim.weight_decay=0.01"],
     "momentum": ["optim.momentum=0.9"],
     "nesterov_wd": ["optim.nesterov=true", "optim.weight_decay=0.001"],
-    "adam": ["optim.name=adam", "optim.lr=0.001"],
-    "adam_l2": ["optim.name=adam", "optim.lr=0.001", "optim.weight_decay=0.01"],
-    "adamw": ["optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.01"],
+    "adam": ["optim.name=adam", "optim.lr=0.001", ADAM_EPS],
+    "adam_l2": ["optim.name=adam", "optim.lr=0.001", "optim.weight_decay=0.01", ADAM_EPS],
+    "adamw": ["optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.01", ADAM_EPS],
 }
 
 
@@ -269,14 +320,14 @@ def test_fused_step_matches_generic_for_each_activation(emulated, activation):
 @pytest.mark.parametrize("extra", [["model.dropout=0.3"], ["train.label_smoothing=0.1"],
                                    ["model.max_norm=1.5"],
                                    ["model.dropout=0.2", "model.activation=gelu",
-                                    "optim.name=adamw", "optim.weight_decay=0.1"]])
+                                    "optim.name=adamw", "optim.weight_decay=0.1", ADAM_EPS]])
 def test_fused_step_matches_generic_with_dropout_smoothing_max_norm(emulated, extra):
     assert_same_run(build_config(None, extra), emulated)
 
 
 def test_fused_step_matches_generic_on_a_deeper_net(emulated):
     config = build_config(None, ["model.hidden=[40, 24]", "model.dropout=0.1", "optim.name=adam",
-                                 "train.label_smoothing=0.05"])
+                                 "optim.lr=0.001", "train.label_smoothing=0.05", ADAM_EPS])
     assert_same_run(config, emulated, widths=(784, 40, 24, 10), sizes=(16, 300, 5))
 
 
@@ -298,6 +349,72 @@ def test_loss_and_labels(emulated):
     y[3] = 10
     L3, _ = step(params, state, X, y, 0.1, 3)
     assert np.isnan(L3)
+
+
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True),
+                                              (True, True)])
+def test_gemm_is_the_row_major_product_for_each_transpose(trans_a, trans_b):
+    """gpu_blas.Blas.gemm hands cuBLAS (column-major) the arguments of out = op(a) @ op(b)
+    for C-contiguous arrays: checked by a gemmEx written from cuBLAS's definition."""
+    cupy, rng = fake_cupy(), np.random.default_rng(6)
+    blas = Blas(cupy, tf32=False)
+    m, k, n = 5, 7, 3
+    a = rng.normal(size=(k, m) if trans_a else (m, k)).astype(np.float32)
+    b = rng.normal(size=(n, k) if trans_b else (k, n)).astype(np.float32)
+    out = np.full((m, n), np.nan, dtype=np.float32)
+    blas.begin()
+    blas.gemm(a, b, out, trans_a=trans_a, trans_b=trans_b)
+    want = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    assert cupy.cuda.cublas.calls == [HostCublas.CUBLAS_COMPUTE_32F]
+
+
+@pytest.mark.parametrize("tf32, capability, compute", [(True, "90", 77), (False, "90", 68),
+                                                        (True, "75", 68)])
+def test_tf32_reaches_the_fused_steps_own_products(emulated, tf32, capability, compute):
+    """train.tf32 picks cuBLAS's TF32 compute type for every product of the step (on compute
+    capability 8.0 and newer), as it does for CuPy's own."""
+    emulated.xp.cuda.Device = lambda: types.SimpleNamespace(compute_capability=capability)
+    config = build_config(None, [f"train.tf32={str(tf32).lower()}"])
+    step = fast_cuda.FusedStep(config, emulated)
+    params, X, y = problem((784, 16, 10), 4)
+    step(params, init_state(config.optim, params), X, y, 0.1, 1)
+    calls = emulated.xp.cuda.cublas.calls
+    assert len(calls) == 7 and set(calls) == {compute}   # A1, A2; dW2, db2, dZ1; dW1, db1
+    assert emulated.xp.compute_types == [7 if compute == 77 else 1]
+
+
+def test_new_parameter_arrays_get_a_new_update_table(emulated):
+    """The one-launch optimizer reaches the arrays by address: a step with other parameter
+    or state arrays updates those, and leaves the last ones alone."""
+    config = build_config(None, ["optim.nesterov=true"])
+    fused, generic = fast_cuda.FusedStep(config, emulated), generic_step(config)
+    first, X, y = problem((784, 16, 10), 8)
+    second = Params(tuple(w * 0.5 for w in first.W), tuple(b + 0.1 for b in first.b))
+    first_state = init_state(config.optim, first)
+    fused(first, first_state, X, y, 0.1, 1)
+    kept = copy(first)
+    want, got = copy(second), copy(second)
+    want_state, got_state = init_state(config.optim, want), init_state(config.optim, got)
+    generic(want, want_state, X, y, 0.1, 1)
+    fused(got, got_state, X, y, 0.1, 1)
+    for a, b in zip((*got.W, *got.b, *got_state.m), (*want.W, *want.b, *want_state.m)):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+    for a, b in zip((*first.W, *first.b), (*kept.W, *kept.b)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tally_adds_as_the_training_loop_does(emulated):
+    """FusedStep.tally (one launch) gives the loop's running sums exactly as add_to_sums."""
+    step = fast_cuda.FusedStep(build_config(), emulated)
+    sums = {"kernel": (np.zeros((), np.float64), np.zeros((), np.int64)),
+            "loop": (np.zeros((), np.float64), np.zeros((), np.int64))}
+    for L, ok, m in ((0.7310586, 97, 128), (2.3025851, 3, 128), (1e-3, 17, 17)):
+        L, ok = np.array(L, dtype=np.float32), np.array(ok, dtype=np.int64)
+        step.tally(*sums["kernel"], L, ok, m)
+        add_to_sums(*sums["loop"], L, ok, m)
+    assert sums["kernel"][0] == sums["loop"][0] and sums["kernel"][1] == sums["loop"][1] == 117
+    assert sums["kernel"][0].dtype == np.float64
 
 
 @pytest.mark.parametrize("normalize", ["unit", "standard"])

@@ -125,3 +125,34 @@ def test_real_mnist_one_epoch_reaches_90_percent(mnist_dir):
     result = train(config, CPU, load_mnist(mnist_dir))
     assert result.history[0]["test_accuracy"] > 0.90
     assert len(result.history) == 1 and result.summary["steps"] == 79  # ceil(10000 / 128)
+
+
+def test_the_loop_keeps_its_running_sums_through_a_steps_own_tally(tiny_mnist, monkeypatch):
+    """A step that carries `tally` (fast_cuda's, one launch) is given the loop's running loss
+    and correct count once a step, and the loop does not add them a second time."""
+    import gpumlp.train as train_module
+    from gpumlp.step import add_to_sums, make_step
+
+    tallied = []
+
+    class Tallying:
+        def __init__(self, step):
+            self.step = step
+
+        def __call__(self, *args):
+            return self.step(*args)
+
+        def __getattr__(self, name):   # prepare, export, batch, kind: the wrapped step's
+            return getattr(self.step, name)
+
+        def tally(self, loss_sum, correct, L, ok, m):
+            tallied.append(m)
+            add_to_sums(loss_sum, correct, L, ok, m)
+
+    config = build_config(SMOKE, TINY_SMOKE)
+    plain = train(config, CPU, tiny_mnist.mnist)
+    monkeypatch.setattr(train_module, "make_step", lambda *a: Tallying(make_step(*a)))
+    tallying = train(config, CPU, tiny_mnist.mnist)
+    assert len(tallied) == plain.summary["steps"] and tallied[0] == config.train.batch_size
+    for a, b in zip(plain.history, tallying.history, strict=True):
+        assert (a["train_loss"], a["train_accuracy"]) == (b["train_loss"], b["train_accuracy"])
