@@ -418,7 +418,12 @@ class FusedStep:
         self.grads: dict[tuple, GradBuffers] = {}  # widths -> dW, db
         self.inputs: dict[tuple, tuple] = {}      # (m, d) -> the loader's X, y
         self.checked: tuple = ()                  # the parameter and state arrays last checked
+        self.last: tuple = (None, None, ())       # and their Params, OptState and widths
         self.table: UpdateTable | None = None     # the optimizer's view of those arrays
+        self.split: DeviceSplit | None = None     # the training split the loader last checked
+        standard = config.data.normalize == "standard"
+        self.gather_scalars = (np.float32(1.0 / 255.0), np.int32(standard),
+                               np.float32(MNIST_MEAN), np.float32(1.0 / MNIST_STD))
 
     def step_buffers(self, m: int, widths: tuple[int, ...]) -> Buffers:
         key = (m, widths)
@@ -430,8 +435,8 @@ class FusedStep:
                                         self.xp.full((1, m), 1.0, dtype=np.float32))
         return self.buffers[key]
 
-    def grad_buffers(self, params: Params) -> GradBuffers:
-        key = widths_of(params)
+    def grad_buffers(self, params: Params, widths: tuple[int, ...] | None = None) -> GradBuffers:
+        key = widths or widths_of(params)
         if key not in self.grads:
             grads = Grads(tuple(self.poisoned(W.shape) for W in params.W),
                           tuple(self.poisoned(b.shape) for b in params.b))
@@ -453,24 +458,23 @@ class FusedStep:
             self.inputs[(m, d)] = (self.poisoned((m, d)), self.poisoned((m,), np.int32))
         X, y = self.inputs[(m, d)]
         idx = self.xp.ascontiguousarray(idx, dtype=np.int64)
-        require(split.images, np.uint8, (len(split), d), "the training images")
-        require(split.labels, np.int32, (len(split),), "the training labels")
-        standard = self.config.data.normalize == "standard"
+        if split is not self.split:
+            require(split.images, np.uint8, (len(split), d), "the training images")
+            require(split.labels, np.int32, (len(split),), "the training labels")
+            self.split = split
         launch(self.kernels.gather_inputs, m * d, np.int64(m * d), np.int32(d),
-               np.int64(len(split)), split.images, idx, split.labels, np.float32(1.0 / 255.0),
-               np.int32(standard), np.float32(MNIST_MEAN), np.float32(1.0 / MNIST_STD), X, y)
+               np.int64(len(split)), split.images, idx, split.labels, *self.gather_scalars, X, y)
         return X, y
 
     def __call__(self, params: Params, state: OptState, X: Any, y: Any, lr: float, t: int,
                  masks: tuple = ()) -> tuple[Any, Any]:
-        widths = widths_of(params)
-        self.check(params, state, X, y, masks, widths)
+        widths = self.check(params, state, X, y, masks)
         y = self.xp.ascontiguousarray(y, dtype=np.int32)                  # a no-op for the loader's
         buf = self.step_buffers(int(X.shape[0]), widths)
         self.blas.begin()
         self.forward(params, X, masks, buf)
         L, correct = self.loss(params, y, buf)
-        grads = self.backward(params, X, masks, buf)
+        grads = self.backward(params, X, masks, buf, widths)
         self.update(params, grads, state, lr, t)
         apply_max_norm(params, self.config.model.max_norm)
         return L, correct
@@ -500,9 +504,10 @@ class FusedStep:
                                    buf.dA, L, correct))
         return L, correct
 
-    def backward(self, params: Params, X: Any, masks: tuple, buf: Buffers) -> Grads:
+    def backward(self, params: Params, X: Any, masks: tuple, buf: Buffers,
+                 widths: tuple[int, ...] | None = None) -> Grads:
         """dW_k = Z_{k-1}.T @ dA_k, db_k = sum_rows dA_k, dA_{k-1} = (dA_k @ W_k.T) [* M] * phi'."""
-        grads, bias_rows = self.grad_buffers(params)
+        grads, bias_rows = self.grad_buffers(params, widths)
         dA = buf.dA                                                       # (m, c)
         for k in reversed(range(len(params.W))):
             Z_prev = X if k == 0 else buf.Z[k - 1]                        # (m, fan_in)
@@ -538,18 +543,23 @@ class FusedStep:
         `step.add_to_sums` does, in one launch instead of three."""
         launch(self.kernels.tally, 1, np.int64(1), L, ok, np.float32(m), loss_sum, correct)
 
-    def check(self, params: Params, state: OptState, X: Any, y: Any, masks: tuple,
-              widths: tuple[int, ...]) -> None:
-        """The kernels index raw memory: every array they touch must be what they assume."""
-        arrays = (*flat(params), *state.m, *state.v)
-        if len(arrays) != len(self.checked) or any(a is not b for a, b in zip(arrays, self.checked)):
-            for k, (W, b) in enumerate(zip(params.W, params.b), start=1):
-                require(W, np.float32, W.shape, f"W{k}")
-                require(b, np.float32, (W.shape[1],), f"b{k}")
-            for slot, moments in (("m", state.m), ("v", state.v)):
-                for i, p in enumerate(flat(params) if moments else ()):
-                    require(moments[i], np.float32, p.shape, f"optimizer state {slot}[{i}]")
-            self.checked, self.table = arrays, None
+    def check(self, params: Params, state: OptState, X: Any, y: Any,
+              masks: tuple) -> tuple[int, ...]:
+        """The kernels index raw memory: every array they touch must be what they assume.
+        Returns the layer widths. The parameter and state arrays are vetted when they change
+        (the same Params and OptState, both immutable, hold the same arrays)."""
+        if params is not self.last[0] or state is not self.last[1]:
+            arrays = (*flat(params), *state.m, *state.v)
+            if len(arrays) != len(self.checked) or any(a is not b for a, b in zip(arrays, self.checked)):
+                for k, (W, b) in enumerate(zip(params.W, params.b), start=1):
+                    require(W, np.float32, W.shape, f"W{k}")
+                    require(b, np.float32, (W.shape[1],), f"b{k}")
+                for slot, moments in (("m", state.m), ("v", state.v)):
+                    for i, p in enumerate(flat(params) if moments else ()):
+                        require(moments[i], np.float32, p.shape, f"optimizer state {slot}[{i}]")
+                self.checked, self.table = arrays, None
+            self.last = (params, state, widths_of(params))
+        widths = self.last[2]
         if X.dtype != np.float32 or X.shape[1:] != (widths[0],) or not X.flags.c_contiguous:
             raise GpumlpError(f"the fused step takes C-contiguous float32 inputs of shape "
                               f"(m, {widths[0]}), got {X.dtype} {tuple(X.shape)}")
@@ -558,6 +568,7 @@ class FusedStep:
                               f"got {y.dtype} {tuple(y.shape)}")
         for k, M in enumerate(masks):
             require(M, np.float32, (X.shape[0], widths[k + 1]), f"dropout mask {k + 1}")
+        return widths
 
 
 def require(array: Any, dtype: Any, shape: tuple, name: str) -> None:
