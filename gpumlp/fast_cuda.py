@@ -468,6 +468,8 @@ class FusedStep:
 
     def __call__(self, params: Params, state: OptState, X: Any, y: Any, lr: float, t: int,
                  masks: tuple = ()) -> tuple[Any, Any]:
+        if not X.flags.c_contiguous:                                      # cuBLAS gets X's pointer
+            X = self.xp.ascontiguousarray(X)
         widths = self.check(params, state, X, y, masks)
         y = self.xp.ascontiguousarray(y, dtype=np.int32)                  # a no-op for the loader's
         buf = self.step_buffers(int(X.shape[0]), widths)

@@ -404,6 +404,23 @@ def test_new_parameter_arrays_get_a_new_update_table(emulated):
         np.testing.assert_array_equal(a, b)
 
 
+def test_inputs_in_another_memory_order_give_the_same_step(emulated):
+    """cuBLAS reads X through its pointer: a Fortran-ordered or strided X is made C-contiguous
+    first, not misread."""
+    config = build_config(None, [])
+    params, X, y = problem((784, 16, 10), 8)
+    results = []
+    for inputs in (X, np.asfortranarray(X), np.repeat(X, 2, axis=1)[:, ::2]):
+        assert inputs.flags.c_contiguous == (inputs is X)
+        p = copy(params)
+        L, _ = fast_cuda.FusedStep(config, emulated)(p, init_state(config.optim, p), inputs, y, 0.1, 1)
+        results.append((float(L), p))
+    for L, p in results[1:]:
+        assert L == results[0][0]
+        for a, b in zip((*p.W, *p.b), (*results[0][1].W, *results[0][1].b)):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_tally_adds_as_the_training_loop_does(emulated):
     """FusedStep.tally (one launch) gives the loop's running sums exactly as add_to_sums."""
     step = fast_cuda.FusedStep(build_config(), emulated)
