@@ -177,6 +177,11 @@ class HostModule:
 
 @pytest.fixture(scope="module")
 def host_library(source_file) -> ctypes.CDLL:
+    return build_host_library(source_file)
+
+
+def build_host_library(source_file: Path) -> ctypes.CDLL:
+    """The CUDA source at `source_file` compiled for the CPU (GPUMLP_HOST_EMULATION), loaded."""
     compiler = shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         pytest.skip("no C++ compiler: the kernels were not run on the CPU")

@@ -291,6 +291,16 @@ def test_a_short_run_matches_the_cpu(gpu, tiny_mnist):
         np.testing.assert_allclose(to_host(a), b, rtol=1e-4, atol=1e-5)
 
 
+def test_tf32_reaches_the_fused_steps_own_products(gpu):
+    try:
+        step = make_step(build_config(None, ["train.tf32=true"]), gpu)
+        assert step.blas.compute == gpu.xp.cuda.cublas.CUBLAS_COMPUTE_32F_FAST_TF32
+    finally:
+        enable_tf32(gpu, False)
+    step = make_step(build_config(None, ["train.tf32=false"]), gpu)
+    assert step.blas.compute == gpu.xp.cuda.cublas.CUBLAS_COMPUTE_32F
+
+
 def test_tf32_is_used_when_asked_and_stays_close(gpu):
     linalg = gpu.xp._core._routines_linalg
     config = build_config(None, ["train.tf32=true"])
