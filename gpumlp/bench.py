@@ -34,10 +34,10 @@ from .backend import Backend
 from .config import build_config
 from .data import DeviceData, DeviceSplit, device_split
 from .errors import ConfigError
+from .mnist import C, D
 from .step import make_step, prepare_state
 from .train import Position, new_state, train_epoch
 
-D, C = 784, 10
 LR, MOMENTUM = 0.01, 0.9   # constant, small enough that random labels never diverge
 
 

@@ -16,10 +16,10 @@ import numpy as np
 from .backend import to_host
 from .config import Config, config_from_dict, config_to_dict
 from .errors import CheckpointError, ConfigError
+from .mnist import C, D
 from .model import Params
 from .npzio import load_npz, save_npz
 
-D, C = 784, 10  # input pixels and classes of MNIST
 
 
 def param_arrays(params: Params) -> dict[str, np.ndarray]:

@@ -105,6 +105,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     from .backend import get_backend
     from .checkpoint import load_init
     from .config import build_config
+    from .mnist import C, D
     from .progress import Reporter
     from .runfiles import RunFiles, check_out_dir
     from .train import Interrupted, train as run_training
@@ -124,7 +125,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     backend = get_backend(device)
     init = None
     if init_path:
-        init = load_init(init_path, (784, *config.model.widths, 10), config.train.dtype)
+        init = load_init(init_path, (D, *config.model.widths, C), config.train.dtype)
     fresh = not resume_dir and not out_dir.exists()
     if not resume_dir:
         check_out_dir(out_dir, overwrite)
@@ -210,9 +211,10 @@ def gradcheck(config_path, overrides, samples, batch, tolerance):
     from .activations import ACTIVATIONS
     from .config import build_config
     from .gradcheck import gradcheck_config
+    from .mnist import C, D
 
     config = build_config(config_path, overrides)
-    widths = (784, *config.model.widths, 10)
+    widths = (D, *config.model.widths, C)
     results = gradcheck_config(widths, ACTIVATIONS[config.model.activation], config.model.init,
                                seed=config.train.seed, m=batch, dropout=config.model.dropout,
                                smoothing=config.train.label_smoothing, samples=samples)

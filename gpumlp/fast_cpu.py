@@ -60,11 +60,11 @@ from .activations import ACTIVATIONS
 from .augment import make_augment
 from .config import Config, OptimConfig
 from .data import DeviceSplit, standardize
+from .mnist import C, D
 from .model import Params
 from .optim import OptState, apply_max_norm, flat, multiply_out
 from .step import generic_step
 
-D, C = 784, 10
 TINY_SCALE = 2.0 ** -64  # the velocity scale is multiplied out before it falls below this
 
 

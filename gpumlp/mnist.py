@@ -11,6 +11,8 @@ import numpy as np
 from .errors import DataError
 from .idx import parse_idx, read_bytes
 
+D, C = 784, 10  # input pixels (28 x 28) and classes of MNIST: the model's d and c
+
 # split name -> (images file, labels file); the ".gz" form or the raw form is accepted.
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -82,7 +84,7 @@ def make_split(folder: Path, split: str, arrays: dict[str, np.ndarray]) -> Split
         raise DataError(f"{folder}: {len(images)} {split} images but {len(labels)} labels")
     if labels.size and labels.max() > 9:
         raise DataError(f"{folder}: {split} labels hold {labels.max()}, expected digits 0..9")
-    return Split(images.reshape(len(images), 784), labels)
+    return Split(images.reshape(len(images), D), labels)
 
 
 def load_mnist(folder: str | os.PathLike, check: Check | None = None) -> Mnist:

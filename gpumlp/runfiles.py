@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .backend import Backend, to_host
-from .checkpoint import D, C, param_arrays, params_from_arrays, save_model
+from .checkpoint import param_arrays, params_from_arrays, save_model
 from .config import Config, dump_config
 from .errors import CheckpointError, GpumlpError
+from .mnist import C, D
 from .model import Params
 from .npzio import atomic_write, load_npz, save_npz
 from .optim import flat

@@ -22,14 +22,13 @@ from .backend import Backend
 from .config import Config
 from .data import DeviceData, DeviceSplit, batch_slices, permutation, prepare_data, to_inputs
 from .errors import ConfigError, GpumlpError
-from .mnist import Mnist
+from .mnist import C, D, Mnist
 from .model import (Params, correct_count, dropout_masks, forward, init_params, loss_and_dA2,
                     params_on)
 from .optim import OptState, init_state, learning_rate
 from .runfiles import RunFiles
 from .step import batch_inputs, exported, make_step, prepare_state, tallier
 
-D, C = 784, 10
 EventHandler = Callable[[str, dict], None]
 
 
