@@ -457,8 +457,10 @@ class FusedStep:
         if (m, d) not in self.inputs:
             self.inputs[(m, d)] = (self.poisoned((m, d)), self.poisoned((m,), np.int32))
         X, y = self.inputs[(m, d)]
+        self.on_device(idx, what="the batch's row indices")
         idx = self.xp.ascontiguousarray(idx, dtype=np.int64)
         if split is not self.split:
+            self.on_device(split.images, split.labels, what="the training split")
             require(split.images, np.uint8, (len(split), d), "the training images")
             require(split.labels, np.int32, (len(split),), "the training labels")
             self.split = split
@@ -468,6 +470,7 @@ class FusedStep:
 
     def __call__(self, params: Params, state: OptState, X: Any, y: Any, lr: float, t: int,
                  masks: tuple = ()) -> tuple[Any, Any]:
+        self.on_device(X, y, *masks, what="X, y and the dropout masks")
         if not X.flags.c_contiguous:                                      # cuBLAS gets X's pointer
             X = self.xp.ascontiguousarray(X)
         widths = self.check(params, state, X, y, masks)
@@ -545,6 +548,13 @@ class FusedStep:
         `step.add_to_sums` does, in one launch instead of three."""
         launch(self.kernels.tally, 1, np.int64(1), L, ok, np.float32(m), loss_sum, correct)
 
+    def on_device(self, *arrays: Any, what: str) -> None:
+        """A GpumlpError unless every array is a device array: the kernels and cuBLAS would
+        take a host array's address as a device pointer."""
+        if not all(isinstance(a, self.xp.ndarray) for a in arrays):
+            raise GpumlpError(f"the fused GPU step needs {what} on the GPU (CuPy arrays); "
+                              f"move them there with backend.asarray")
+
     def check(self, params: Params, state: OptState, X: Any, y: Any,
               masks: tuple) -> tuple[int, ...]:
         """The kernels index raw memory: every array they touch must be what they assume.
@@ -553,6 +563,7 @@ class FusedStep:
         if params is not self.last[0] or state is not self.last[1]:
             arrays = (*flat(params), *state.m, *state.v)
             if len(arrays) != len(self.checked) or any(a is not b for a, b in zip(arrays, self.checked)):
+                self.on_device(*arrays, what="the parameters and optimizer state")
                 for k, (W, b) in enumerate(zip(params.W, params.b), start=1):
                     require(W, np.float32, W.shape, f"W{k}")
                     require(b, np.float32, (W.shape[1],), f"b{k}")

@@ -43,8 +43,9 @@ class Blas:
         self.one, self.zero = self.scalars.ctypes.data, self.scalars.ctypes.data + 4
 
     def begin(self) -> None:
-        """Point the shared cuBLAS handle at the current stream with host scalars; once per
-        step, since other CuPy calls may have changed either."""
+        """Point CuPy's cuBLAS handle (one per thread and device) at the current stream with
+        host scalars; once per step, since other CuPy calls may have changed either."""
+        self.handle = self.xp.cuda.device.get_cublas_handle()
         self.cublas.setStream(self.handle, self.xp.cuda.get_current_stream().ptr)
         self.cublas.setPointerMode(self.handle, self.cublas.CUBLAS_POINTER_MODE_HOST)
 

@@ -246,7 +246,7 @@ def fake_cupy(module: type = HostModule, capability: str = "90") -> types.Simple
         device=types.SimpleNamespace(get_cublas_handle=lambda: HostCublas.HANDLE),
         get_current_stream=lambda: types.SimpleNamespace(ptr=HostCublas.STREAM))
     return types.SimpleNamespace(
-        __name__="fake_cupy", __version__="0", empty=np.empty, full=np.full,
+        __name__="fake_cupy", __version__="0", ndarray=np.ndarray, empty=np.empty, full=np.full,
         asarray=np.asarray, ascontiguousarray=np.ascontiguousarray, RawModule=module,
         _core=types.SimpleNamespace(_routines_linalg=linalg), cuda=cuda, compute_types=calls)
 
@@ -407,6 +407,21 @@ def test_new_parameter_arrays_get_a_new_update_table(emulated):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
     for a, b in zip((*first.W, *first.b), (*kept.W, *kept.b)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_host_arrays_are_refused_not_read_through_their_addresses(emulated):
+    """On a GPU, a NumPy array's address is no device pointer: the step says so instead."""
+    config = build_config(None, [])
+    params, X, y = problem((784, 16, 10), 4)
+    state = init_state(config.optim, params)
+    on_gpu = fast_cuda.FusedStep(config, emulated)
+    on_gpu.xp = types.SimpleNamespace(**{**vars(emulated.xp), "ndarray": type("DeviceArray", (), {})})
+    for what, call in (("X, y", lambda: on_gpu(params, state, X, y, 0.1, 1)),
+                       ("the batch's row indices", lambda: on_gpu.batch(DeviceSplit(X, y), np.arange(2)))):
+        with pytest.raises(GpumlpError, match=f"needs {what}.* on the GPU"):
+            call()
+    on_gpu.xp = emulated.xp
+    on_gpu(params, state, X, y, 0.1, 1)                 # the same arrays, "on the device"
 
 
 def test_inputs_in_another_memory_order_give_the_same_step(emulated):
