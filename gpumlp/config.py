@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -111,7 +112,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.augment.scale": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "data.augment.elastic_alpha": (lambda v: v >= 0, "must be >= 0"),
     "data.augment.elastic_sigma": (lambda v: v > 0, "must be > 0"),
-    "train.epochs": (lambda v: v >= 0, "must be >= 0"),
+    "train.epochs": (lambda v: v >= 1, "must be >= 1"),
     "train.batch_size": (lambda v: v >= 1, "must be >= 1"),
     "train.seed": (lambda v: v >= 0, "must be >= 0"),
     "train.dtype": (lambda v: v in DTYPES, f"must be one of {', '.join(DTYPES)}"),
@@ -166,10 +167,12 @@ def _coerce(path: str, value: Any, annotation: str) -> Any:
             return value
         raise wrong("an integer")
     if annotation.startswith("float"):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
-            return float(value)  # YAML 1.1 reads 1e6 (no dot) as a string
+            value = float(value)  # YAML 1.1 reads 1e6 (no dot) as a string
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):                          # YAML's .inf and .nan
+                raise wrong("a finite number")
+            return float(value)
         raise wrong("a number")
     if annotation.startswith("str"):
         if isinstance(value, str):
@@ -222,6 +225,25 @@ def parse_override(text: str) -> dict:
     return _nest(key.strip(), value)
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A key given twice in one YAML mapping (PyYAML would keep the last one silently)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a mapping with a key twice is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":        # `<<: *anchor`, may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise DuplicateKey(f"key '{key}' appears twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     """The mapping in a YAML config file; a one-line ConfigError when it is missing or broken."""
     path = Path(path)
@@ -232,7 +254,9 @@ def read_yaml(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)
+    except DuplicateKey as e:
+        raise ConfigError(f"config file {path}: {e}; keep one of them") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

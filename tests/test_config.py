@@ -112,6 +112,10 @@ def test_unknown_key_names_the_path_and_suggests(values, key, hint):
     ("model.hidden=64.0", "model.hidden", "an integer"),
     ("train.epochs=", "train.epochs", "must be int"),
     ("optim=0.1", "optim", "must be a mapping"),
+    ("optim.lr=.inf", "optim.lr", "a finite number"),
+    ("optim.lr=-.inf", "optim.lr", "a finite number"),
+    ("model.dropout=.nan", "model.dropout", "a finite number"),
+    ("optim.weight_decay=1e999", "optim.weight_decay", "a finite number"),
 ])
 def test_wrong_type_names_the_key(override, key, expected):
     message = error_of(build_config, None, [override])
@@ -135,6 +139,7 @@ def test_wrong_type_names_the_key(override, key, expected):
     ("optim.schedule=linear", "optim.schedule"),
     ("optim.gamma=0", "optim.gamma"),
     ("train.label_smoothing=1", "train.label_smoothing"),
+    ("train.epochs=0", "train.epochs"),
 ])
 def test_out_of_range_names_the_key(override, key):
     message = error_of(build_config, None, [override])
@@ -150,6 +155,20 @@ def test_ints_are_accepted_for_floats_and_lists_for_hidden():
 def test_missing_file(tmp_path):
     message = error_of(build_config, tmp_path / "nope.yaml")
     assert "nope.yaml" in message and "does not exist" in message
+
+
+@pytest.mark.parametrize("text, key, line", [
+    ("optim: {lr: 0.1}\ntrain: {epochs: 2}\noptim: {lr: 0.2}\n", "optim", 3),
+    ("optim:\n  lr: 0.1\n  momentum: 0.5\n  lr: 0.3\n", "lr", 4),
+])
+def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path, text, key, line):
+    message = error_of(build_config, write(tmp_path, text))
+    assert f"key '{key}' appears twice (line {line})" in message
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    config = build_config(write(tmp_path, "optim:\n  <<: {lr: 1, momentum: 0.5}\n  lr: 0.2\n"))
+    assert (config.optim.lr, config.optim.momentum) == (0.2, 0.5)
 
 
 def test_malformed_yaml_says_where(tmp_path):
