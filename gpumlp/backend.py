@@ -16,7 +16,8 @@ import numpy as np
 
 from .errors import DeviceError
 
-CUDA_HINT = "install CuPy with pip install 'gpumlp[cuda12]' (or 'gpumlp[cuda13]'), or use --device cpu"
+CUDA_HINT = ("install CuPy with pip install -e '.[cuda12]' (or '.[cuda13]') in the gpumlp folder, "
+             "or use --device cpu")
 
 
 @dataclass(frozen=True)

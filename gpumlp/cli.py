@@ -27,6 +27,9 @@ class OneLineGroup(click.Group):
             return super().main(args, prog_name, complete_var, False, **extra)
         try:
             result = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # a group with no command: its help
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
         except click.UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
             click.echo(f"Error: {e.format_message()}{hint}", err=True)
@@ -52,8 +55,20 @@ def main():
 
 
 def default_out(config_path: str | None) -> Path:
+    """Create and return runs/<config>-<time>, with -2, -3, ... when that folder is taken."""
     stem = Path(config_path).stem if config_path else "run"
-    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir(parents=True)  # atomic: two runs started in the same second differ
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise GpumlpError(f"{path}: cannot create the run folder ({e.strerror or e}); "
+                              "pass a writable --out") from None
+    raise GpumlpError(f"{base}: 999 runs of that name already; pass --out")
 
 
 class StopFlag:
@@ -84,7 +99,8 @@ class StopFlag:
 @click.option("--seed", type=int, help="Shortcut for --set train.seed=N.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue the run in this directory from its last checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace the files of a run already in --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run already in --out (kept until the new run has its data).")
 @data_dir_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only the final summary.")
 @domain_errors
@@ -107,29 +123,33 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     from .config import build_config
     from .mnist import C, D
     from .progress import Reporter
-    from .runfiles import RunFiles, check_out_dir
+    from .runfiles import RunFiles, check_out_dir, run_files_in
     from .train import Interrupted, train as run_training
 
     if resume_dir:
         if config_path or overrides or init_path or seed is not None or out:
             raise ConfigError("--resume takes the run's saved config; drop --config, --set, "
                               "--seed, --init and --out")
-        out_dir = Path(resume_dir)
-        if not (out_dir / "config.yaml").is_file():
-            raise GpumlpError(f"--resume {out_dir}: no config.yaml there; give the run "
-                              "directory of an interrupted `gpumlp train`")
-        config = build_config(out_dir / "config.yaml")
+        RunFiles(Path(resume_dir)).check_resumable()
+        config = build_config(Path(resume_dir) / "config.yaml")
     else:
         config = build_config(config_path, overrides, **{"train.seed": seed})
-        out_dir = Path(out) if out else default_out(config_path)
     backend = get_backend(device)
     init = None
     if init_path:
         init = load_init(init_path, (D, *config.model.widths, C), config.train.dtype)
-    fresh = not resume_dir and not out_dir.exists()
-    if not resume_dir:
+    created = early = False  # this run made the folder / wrote config.yaml before the data
+    if resume_dir:
+        out_dir = Path(resume_dir)
+    else:
+        out_dir = Path(out) if out else default_out(config_path)
+        created = not out or not out_dir.exists()
         check_out_dir(out_dir, overwrite)
-        RunFiles(out_dir).start(config)  # first, so that a run killed at once can be resumed
+        # An empty folder gets config.yaml first, so that a run killed at once can be resumed;
+        # an old run being overwritten stays intact until the new one has its data and state.
+        early = not run_files_in(out_dir)
+        if early:
+            RunFiles(out_dir).start(config)
     reporter, stop = Reporter(quiet), StopFlag()
     try:
         mnist = load_mnist_for(data_dir, quiet)  # Ctrl-C here stops at once (a download)
@@ -144,9 +164,9 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         click.echo(f"interrupted; checkpoint saved. Resume with: gpumlp train --resume {out_dir}",
                    err=True)
         raise SystemExit(130)
-    except (GpumlpError, KeyboardInterrupt):
-        if fresh:  # failed before anything worth keeping: leave no half-made run behind
-            RunFiles(out_dir).discard_unstarted()
+    except (GpumlpError, KeyboardInterrupt, MemoryError):
+        if early:  # failed before anything worth keeping: leave no half-made run behind
+            RunFiles(out_dir).discard_unstarted(remove_folder=created)
         raise
     finally:
         reporter.close()

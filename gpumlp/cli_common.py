@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 
 import click
 
@@ -29,8 +31,10 @@ def domain_errors(fn):
             raise OneLineError(str(e), exit_code=2) from None
         except GpumlpError as e:
             raise OneLineError(str(e), exit_code=1) from None
-        except MemoryError:
-            raise OneLineError("out of memory; lower train.batch_size or the hidden sizes") from None
+        except MemoryError as e:  # NumPy's, and CuPy's OutOfMemoryError
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise OneLineError(f"out of memory{f' ({detail})' if detail else ''}; "
+                               "lower model.hidden or train.batch_size") from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             raise SystemExit(130) from None
@@ -38,6 +42,20 @@ def domain_errors(fn):
             where = f"{e.filename}: " if e.filename else ""
             raise OneLineError(f"{where}{e.strerror or e}") from None
     return wrapper
+
+
+def data_dir_source() -> tuple[str, str]:
+    """What to put before the data folder in a message ('--data-dir ' or 'GPUMLP_DATA_DIR='),
+    and how to use the cache instead."""
+    from .fetch import DATA_DIR_ENV
+
+    ctx = click.get_current_context(silent=True)
+    source = ctx.get_parameter_source("data_dir") if ctx is not None else None
+    if source == click.core.ParameterSource.ENVIRONMENT:
+        return f"{DATA_DIR_ENV}=", f"unset {DATA_DIR_ENV}"
+    if os.environ.get(DATA_DIR_ENV):
+        return "--data-dir ", f"drop --data-dir and unset {DATA_DIR_ENV}"
+    return "--data-dir ", "drop --data-dir"
 
 
 def load_mnist_for(data_dir: str | None, quiet: bool):
@@ -52,11 +70,16 @@ def load_mnist_for(data_dir: str | None, quiet: bool):
     from .mnist import load_mnist
 
     if data_dir:
+        source, drop = data_dir_source()
+        if not Path(data_dir).is_dir():
+            what = "not a folder" if Path(data_dir).exists() else "no such folder"
+            raise DataError(f"{source}{data_dir}: {what}; point it at the folder holding the "
+                            f"four MNIST files, or {drop} to use the cache")
         try:
             return load_verified(data_dir)
         except DataError as e:
-            raise DataError(f"--data-dir {e}; fix or replace those files, or drop --data-dir "
-                            "(and GPUMLP_DATA_DIR) to use the cache") from None
+            raise DataError(f"{source}{e}; fix or replace those files, or {drop} to use the "
+                            "cache") from None
     try:  # a complete cache, each file read once (ensure_mnist's check would read it again)
         return load_verified(mnist_cache_dir())
     except DataError:  # missing or damaged files: fetch (or repair) them, saying so

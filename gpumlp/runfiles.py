@@ -30,13 +30,21 @@ if TYPE_CHECKING:
     from .train import RunState
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.npz", "model.npz", "summary.json")
+# written into a run folder by `gpumlp report` (report.FIGURES, report.md) and `gpumlp export`
+DERIVED_FILES = ("report.md", "learning_curves.png", "confusion_matrix.png",
+                 "first_layer_weights.png", "confident_mistakes.png", "model.onnx")
+
+
+def run_files_in(path: Path) -> list[str]:
+    """The names of RUN_FILES present in `path`."""
+    return [name for name in RUN_FILES if (path / name).exists()]
 
 
 def check_out_dir(path: Path, overwrite: bool) -> None:
     """Refuse a folder holding another run unless `overwrite`; check it can be written."""
     if path.exists() and not path.is_dir():
         raise GpumlpError(f"--out {path}: exists and is not a folder; pick another path")
-    existing = [name for name in RUN_FILES if (path / name).exists()]
+    existing = run_files_in(path)
     if existing and not overwrite:
         raise GpumlpError(f"--out {path}: already holds a run ({', '.join(existing)}); "
                           "pick another folder, resume it with --resume, or pass --overwrite")
@@ -67,7 +75,7 @@ class RunFiles:
     def start(self, config: Config) -> None:
         """Begin a fresh run: its config, empty metrics, and no files of an earlier run."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        for name in ("checkpoint.npz", "model.npz", "summary.json"):
+        for name in ("checkpoint.npz", "model.npz", "summary.json", *DERIVED_FILES):
             self.path(name).unlink(missing_ok=True)
         atomic_write(self.path("config.yaml"), dump_config(config).encode())
         atomic_write(self.path("metrics.jsonl"), b"")
@@ -78,16 +86,43 @@ class RunFiles:
             f.flush()
             os.fsync(f.fileno())
 
-    def discard_unstarted(self) -> None:
-        """Remove a run folder this run created, when no checkpoint was written yet."""
+    def discard_unstarted(self, remove_folder: bool = True) -> None:
+        """Remove the files (and, with `remove_folder`, the folder) this run created, when no
+        checkpoint was written yet."""
         if self.path("checkpoint.npz").exists():
             return
         for name in ("config.yaml", "metrics.jsonl"):
             self.path(name).unlink(missing_ok=True)
-        try:
-            self.folder.rmdir()  # only if now empty
-        except OSError:
-            pass
+        if remove_folder:
+            try:
+                self.folder.rmdir()  # only if now empty
+            except OSError:
+                pass
+
+    def check_resumable(self) -> None:
+        """Refuse a folder with no run to resume, or a finished run whose checkpoint is gone.
+
+        A folder with config.yaml but no checkpoint yet (a run killed before its first one)
+        passes: training starts it over, with the same result.
+        """
+        folder = self.folder
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "no such folder"
+            raise GpumlpError(f"--resume {folder}: {what}; give the run directory of an "
+                              "interrupted `gpumlp train`")
+        if not self.path("config.yaml").is_file():
+            raise GpumlpError(f"--resume {folder}: no config.yaml there; give the run "
+                              "directory of an interrupted `gpumlp train`")
+        if self.path("checkpoint.npz").exists():
+            return
+        metrics = self.path("metrics.jsonl")
+        done = [name for name in ("model.npz", "summary.json") if self.path(name).exists()]
+        if metrics.is_file() and metrics.stat().st_size > 0:
+            done.append("metrics.jsonl rows")
+        if done:
+            raise GpumlpError(f"--resume {folder}: holds a run ({', '.join(done)}) but no "
+                              "checkpoint.npz, so there is nothing to resume; start over with a "
+                              f"new --out, or with --out {folder} --overwrite")
 
     def last_good(self) -> str:
         """Where the last good checkpoint is, for error messages."""

@@ -31,7 +31,7 @@ def system_info() -> dict:
         "platform": platform.platform(),
         "numpy": np.__version__,
         "blas": blas_name(),
-        "cupy": cupy_version() or "not installed (pip install 'gpumlp[cuda12]')",
+        "cupy": cupy_version() or "not installed (pip install -e '.[cuda12]' in the gpumlp folder)",
         "click": importlib.metadata.version("click"),
         "pyyaml": yaml.__version__,
         "cpus": os.cpu_count(),

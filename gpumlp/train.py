@@ -178,14 +178,17 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
     data = prepare_data(mnist, config.data, backend)
     check_batch_size(config, len(data.train))
     files = RunFiles(Path(out_dir)) if out_dir is not None else None
-    if resume and files.path("checkpoint.npz").exists():
+    restored = resume and files.path("checkpoint.npz").exists()
+    if restored:
         state, history = files.load_checkpoint(config, backend)
     else:  # a fresh run, or one killed before its first checkpoint: start it over
+        if resume:
+            files.check_resumable()  # never retrain a finished run whose checkpoint is gone
         state, history = new_state(config, backend, init), []
-        if files:
-            files.start(config)
     step_fn = make_step(config, backend)
     prepare_state(step_fn, state, data.train)
+    if files and not restored:  # only now, so that an early failure leaves an old run intact
+        files.start(config)
     steps_per_epoch = len(batch_slices(len(data.train), config.train.batch_size))
     on_event("start", {"device": backend.description, "epochs": config.train.epochs,
                        "n_train": len(data.train), "batches": steps_per_epoch,
@@ -204,9 +207,9 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
         except NumericalError as e:
             raise NumericalError(f"{e}; {files.last_good() if files else 'no run directory'}") from None
         state.pos = Position(epoch=state.pos.epoch + 1, step=state.pos.step)
-        if files:
-            files.append_metrics(history[-1])
+        if files:  # checkpoint first: a metrics row then always has a checkpoint behind it
             save()
+            files.append_metrics(history[-1])
         on_event("epoch", history[-1])
         if should_stop() and state.pos.epoch < config.train.epochs:
             raise Interrupted("interrupted")

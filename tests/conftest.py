@@ -116,7 +116,7 @@ def gpu():
 
     if not any(d.startswith("cuda") for d in available_devices()):
         pytest.skip("no CUDA device visible to gpumlp (needs CuPy and a GPU: "
-                    "pip install 'gpumlp[cuda12]'); the GPU tests were not run")
+                    "pip install -e '.[cuda12]'); the GPU tests were not run")
     device = get_backend("cuda")
     enable_tf32(device, False)
     return device

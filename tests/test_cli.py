@@ -254,7 +254,7 @@ def test_config_and_device_errors_exit_2_with_one_line(args, fragments, in_tmp):
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_cuda_without_cupy_says_how_to_fix_it(command, device, no_cupy, in_tmp):
     assert_one_error_line(cli(*command, "--device", device), 2, "CuPy is not installed",
-                          "pip install 'gpumlp[cuda12]'", "--device cpu")
+                          "pip install -e '.[cuda12]'", "--device cpu")
     assert not (in_tmp / "run").exists()
 
 

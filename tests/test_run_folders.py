@@ -1,0 +1,212 @@
+"""Run folders through the CLI: --overwrite keeps an old run until the new one has its data and
+state, --resume refuses what it cannot continue, default names never collide, and failures
+(out of memory, a missing data folder) are one line that leaves nothing half-made."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import click
+import pytest
+from click.testing import CliRunner
+
+import gpumlp.train as train_module
+from gpumlp import cli as cli_module
+from gpumlp.npzio import load_npz
+from gpumlp.report import FIGURES
+from gpumlp.runfiles import DERIVED_FILES, RunFiles
+from test_cli import SMOKE, TINY, assert_one_error_line, cli
+
+HUGE = "model.hidden=1000000000000"  # 5.6 PiB of weights: beyond any address space
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def train_args(out, data_dir, *extra):
+    return ["train", "--config", SMOKE, *TINY, "--set", "train.epochs=1", "--device", "cpu",
+            "--out", out, "--data-dir", data_dir, "--quiet", *extra]
+
+
+@pytest.fixture
+def finished(tiny_data_dir, tmp_path) -> Path:
+    """A finished run, with a report's and an export's files beside it and a user's notes."""
+    out = tmp_path / "run"
+    assert cli(*train_args(out, tiny_data_dir)).exit_code == 0
+    for name in DERIVED_FILES:
+        (out / name).write_bytes(b"made from the old model")
+    (out / "notes.txt").write_text("mine")
+    return out
+
+
+# --- --overwrite ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, code, fragment", [
+    (["--data-dir", "EMPTY"], 1, "missing"),
+    (["--set", "data.val_size=100000"], 2, "data.val_size"),
+    (["--set", HUGE], 1, "out of memory"),
+])
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails_early(finished, tiny_data_dir,
+                                                                  tmp_path, extra, code, fragment):
+    (tmp_path / "empty").mkdir()
+    extra = [str(tmp_path / "empty") if a == "EMPTY" else a for a in extra]
+    before = digests(finished)
+    result = cli(*train_args(finished, tiny_data_dir, "--overwrite", *extra))
+    assert_one_error_line(result, code, fragment)
+    assert digests(finished) == before
+    resumed = cli("train", "--resume", finished, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert resumed.exit_code == 0, resumed.output             # still the finished old run
+    assert digests(finished) == before
+
+
+def test_overwrite_removes_the_old_report_and_export_but_no_other_file(finished, tiny_data_dir):
+    assert {*FIGURES.values(), "report.md", "model.onnx"} <= set(DERIVED_FILES)
+    old_model = (finished / "model.npz").read_bytes()
+    result = cli(*train_args(finished, tiny_data_dir, "--overwrite", "--set", "train.seed=7"))
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in finished.iterdir()}
+    assert names.isdisjoint(DERIVED_FILES)
+    assert (finished / "notes.txt").read_text() == "mine"
+    assert (finished / "model.npz").read_bytes() != old_model
+
+
+# --- out of memory ----------------------------------------------------------------------------
+
+def test_out_of_memory_is_one_line_and_leaves_no_folder(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = cli(*train_args(out, tiny_data_dir, "--set", HUGE))
+    assert_one_error_line(result, 1, "out of memory", "model.hidden", "train.batch_size")
+    assert not out.exists()
+    assert cli(*train_args(out, tiny_data_dir)).exit_code == 0   # nothing blocks a rerun
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_out_of_memory_after_config_yaml_removes_only_what_the_run_made(tiny_data_dir, tmp_path,
+                                                                        monkeypatch, existing):
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Out of memory allocating 1,024 bytes")
+
+    monkeypatch.setattr(train_module, "train_epoch", no_memory)  # before the first checkpoint
+    out = tmp_path / "run"
+    if existing:
+        out.mkdir()
+    result = cli(*train_args(out, tiny_data_dir))
+    assert_one_error_line(result, 1, "out of memory (Out of memory allocating 1,024 bytes)")
+    assert out.is_dir() == existing                # the user's own (empty) folder is kept
+    assert not existing or list(out.iterdir()) == []
+
+
+# --- --resume ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("keep", [["model.npz", "summary.json"], ["summary.json"], []])
+def test_resume_refuses_a_finished_run_whose_checkpoint_is_gone(finished, tiny_data_dir, keep):
+    (finished / "checkpoint.npz").unlink()
+    for name in {"model.npz", "summary.json"} - set(keep):
+        (finished / name).unlink()
+    before = digests(finished)
+    result = cli("train", "--resume", finished, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert_one_error_line(result, 1, "no checkpoint.npz", "nothing to resume", "--overwrite")
+    assert digests(finished) == before
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_over(tiny_data_dir,
+                                                                           tmp_path):
+    out = tmp_path / "run"
+    assert cli(*train_args(out, tiny_data_dir)).exit_code == 0
+    reference = (out / "model.npz").read_bytes()
+    for name in ("checkpoint.npz", "model.npz", "summary.json"):
+        (out / name).unlink()
+    (out / "metrics.jsonl").write_bytes(b"")                  # as left by an early kill
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (out / "model.npz").read_bytes() == reference
+
+
+@pytest.mark.parametrize("make, code, fragment", [
+    (None, 1, "--resume {}: no such folder"),
+    ("file", 2, "'{}' is a file"),                        # click's own check
+    ("dir", 1, "--resume {}: no config.yaml"),
+])
+def test_resume_says_what_is_wrong_with_the_folder(tiny_data_dir, tmp_path, make, code,
+                                                   fragment):
+    target = tmp_path / "target"
+    if make == "file":
+        target.write_text("x")
+    elif make == "dir":
+        target.mkdir()
+    result = cli("train", "--resume", target, "--data-dir", tiny_data_dir)
+    assert_one_error_line(result, code, fragment.format(target))
+    assert (target.exists(), target.is_dir()) == (make is not None, make == "dir")
+
+
+def test_a_metrics_row_is_written_only_after_its_checkpoint(tiny_data_dir, tmp_path,
+                                                            monkeypatch):
+    seen = []
+    append = RunFiles.append_metrics
+
+    def spy(self, row):
+        saved = json.loads(str(load_npz(self.path("checkpoint.npz"))["state"]))
+        seen.append(saved["history"][-1] == row)
+        append(self, row)
+
+    monkeypatch.setattr(RunFiles, "append_metrics", spy)
+    out = tmp_path / "run"
+    assert cli(*train_args(out, tiny_data_dir, "--set", "train.epochs=2")).exit_code == 0
+    assert seen == [True, True]
+
+
+# --- default names, groups, data folder -------------------------------------------------------
+
+def test_default_run_names_never_collide(tiny_data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    same_second = SimpleNamespace(strftime=lambda fmt: "20250101-120000")
+    monkeypatch.setattr(cli_module, "time", same_second)
+    args = ["train", "--config", SMOKE, *TINY, "--set", "train.epochs=1", "--device", "cpu",
+            "--data-dir", tiny_data_dir, "--quiet"]
+    for _ in range(3):
+        assert cli(*args).exit_code == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["smoke-20250101-120000", "smoke-20250101-120000-2", "smoke-20250101-120000-3"]
+    assert all((tmp_path / "runs" / name / "model.npz").is_file() for name in runs)
+
+
+def test_a_failed_run_with_a_default_name_leaves_no_folder(tiny_data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("train", "--config", SMOKE, *TINY, "--device", "cpu", "--set", HUGE,
+                 "--data-dir", tiny_data_dir, "--quiet")
+    assert_one_error_line(result, 1, "out of memory")
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+GROUPS = [[name] for name, c in cli_module.main.commands.items() if isinstance(c, click.Group)]
+
+
+@pytest.mark.parametrize("group", [[], *GROUPS])
+def test_a_group_without_a_command_prints_its_help(group):
+    assert ["data"] in GROUPS
+    result = cli(*group)
+    assert result.exit_code == 0
+    assert result.stdout.startswith("Usage: ") and " ".join(["", *group, "[OPTIONS]"]) in \
+        result.stdout.splitlines()[0]
+    assert "Commands:" in result.stdout and "Error" not in result.output
+
+
+def test_a_missing_data_folder_is_named_by_where_it_came_from(tiny_data_dir, tmp_path):
+    missing = tmp_path / "no-data"
+    out = tmp_path / "run"
+    args = ["train", "--config", SMOKE, "--device", "cpu", "--out", out, "--quiet"]
+    result = cli(*args, "--data-dir", missing)
+    assert_one_error_line(result, 1, f"--data-dir {missing}: no such folder", "drop --data-dir")
+    assert result.stderr.count("no such") == 1 and "GPUMLP_DATA_DIR" not in result.stderr
+
+    result = CliRunner().invoke(cli_module.main, [str(a) for a in args],
+                                env={"GPUMLP_DATA_DIR": str(missing)})
+    assert_one_error_line(result, 1, f"GPUMLP_DATA_DIR={missing}: no such folder",
+                          "unset GPUMLP_DATA_DIR")
+    assert "--data-dir" not in result.stderr
+    assert not out.exists()
