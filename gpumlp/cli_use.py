@@ -22,7 +22,8 @@ def require(module: str, package: str, extra: str) -> None:
         importlib.import_module(module)
     except ImportError:
         raise OneLineError(f"this command needs {package}, which is not installed; install it "
-                           f"with pip install 'gpumlp[{extra}]'") from None
+                           f"with pip install -e '.[{extra}]' in the gpumlp folder (the checkout "
+                           "holding pyproject.toml)") from None
 
 
 def result_line(result, top_k: int, as_json: bool) -> str:
@@ -79,14 +80,18 @@ def predict(model_path, files, top_k, as_json, device):
 
 @click.command()
 @click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True,
+              help="Replace files under the report's names that an earlier report did not write.")
 @device_option
 @data_dir_option
 @domain_errors
-def report(run_dir, device, data_dir):
+def report(run_dir, overwrite, device, data_dir):
     """Write figures and report.md into a run directory.
 
     Learning curves (from metrics.jsonl), the test set's confusion matrix, the first
     layer's weights as images and the most confidently wrong test images (from model.npz).
+    An earlier report's files are replaced; other files under those names only with
+    --overwrite.
 
     \b
     Example:
@@ -96,10 +101,10 @@ def report(run_dir, device, data_dir):
     from .backend import get_backend
     from .report import check_run, make_report
 
-    check_run(Path(run_dir))  # before the test set is fetched
+    check_run(Path(run_dir), overwrite)  # before the test set is fetched
     backend = get_backend(device)
     mnist = load_mnist_for(data_dir, quiet=True)
-    written = make_report(Path(run_dir), mnist.test, backend)
+    written = make_report(Path(run_dir), mnist.test, backend, overwrite)
     click.echo(f"wrote {', '.join(p.name for p in written)} in {run_dir}")
 
 
@@ -109,12 +114,15 @@ def report(run_dir, device, data_dir):
               help="File format to write.")
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Output file (default: MODEL with the format's suffix).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing output file (never a .npz, nor the model).")
 @domain_errors
-def export(model_path, fmt, out):
+def export(model_path, fmt, out, overwrite):
     """Write a trained model.npz in another format: ONNX.
 
     The ONNX graph takes "pixels", float32 rows of 784 values scaled to [0, 1] (pixel / 255),
-    and gives "logits" and "probabilities" (softmax), 10 per row.
+    and gives "logits" and "probabilities" (softmax), 10 per row. An existing output file is
+    replaced only with --overwrite; a .npz file never is.
 
     \b
     Example:
@@ -122,11 +130,12 @@ def export(model_path, fmt, out):
     """
     require("onnx", "onnx", "onnx")
     from .checkpoint import load_model
-    from .export_onnx import OPSET, model_bytes
+    from .export_onnx import OPSET, check_target, model_bytes
     from .npzio import atomic_write
 
     params, config = load_model(model_path)
     target = Path(out) if out else Path(model_path).with_suffix(f".{fmt}")
+    check_target(target, Path(model_path), overwrite, named=bool(out))
     try:
         atomic_write(target, model_bytes(params, config))
     except OSError as e:

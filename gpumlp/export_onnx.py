@@ -17,6 +17,9 @@ graph needs only opset 17 (ONNX's own Gelu op arrives in opset 20).
 
 from __future__ import annotations
 
+import os
+import zipfile
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -116,3 +119,33 @@ def onnx_model(params: Params, config: Config):
 def model_bytes(params: Params, config: Config) -> bytes:
     """The serialised ONNX model, ready to write to a .onnx file."""
     return onnx_model(params, config).SerializeToString()
+
+
+def is_npz(path: Path) -> bool:
+    """Whether `path` is named .npz or holds one (a zip of .npy members): a model or checkpoint."""
+    if path.suffix.lower() == ".npz":
+        return True
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return bool(names) and all(name.endswith(".npy") for name in names)
+
+
+def check_target(target: Path, model_path: Path, overwrite: bool, named: bool) -> None:
+    """Refuse to write the export over the model, over any .npz, over what is not a plain file,
+    or over an existing file unless `overwrite`; `named`: the user gave `target` with --out."""
+    where = f"--out {target}" if named else f"{target} (the default output)"
+    if target.exists() and os.path.samefile(target, model_path):
+        raise ExportError(f"{where}: is the model being exported; give --out a new name "
+                          "ending in .onnx")
+    if target.exists() and not target.is_file():
+        raise ExportError(f"{where}: exists and is not a plain file; give --out another name")
+    if is_npz(target):  # only a plain file is opened (a FIFO would block)
+        raise ExportError(f"{where}: gpumlp never writes an export over or as a .npz file "
+                          "(models and checkpoints), even with --overwrite; give --out a name "
+                          "ending in .onnx")
+    if os.path.lexists(target) and not overwrite:
+        raise ExportError(f"{where}: already exists; pass --overwrite to replace it, or give "
+                          "--out another name")

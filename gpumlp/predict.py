@@ -32,7 +32,8 @@ class FileResult(NamedTuple):
         return [(int(c), float(self.probabilities[c])) for c in order]
 
 
-def probabilities(params: Params, config: Config, pixels: np.ndarray, backend: Backend) -> np.ndarray:
+def probabilities(params: Params, config: Config, pixels: np.ndarray,
+                  backend: Backend) -> np.ndarray:
     """Z2 (n, c) on the host for pixels (n, 784) in [0, 255], scaled as in training.
 
     `params` live on the backend's device (see `params_on`).

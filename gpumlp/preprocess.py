@@ -26,15 +26,18 @@ moved by one pixel. Read back, an MNIST image comes out as it went in.
 
 The result is float pixels in [0, 255], as the uint8 training images are before
 `data.to_inputs` scales them. Pillow is needed only to read and resize images; `.npy`
-arrays (2-D grey, or 784 values) are read with NumPy. What a file holds is told by its
-content, not its name.
+arrays (2-D grey, or 784 values: one row of X) are read with NumPy. What a file holds is
+told by its content, not its name. Pictures and arrays above MAX_PIXELS are refused before
+they are decoded.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
+
 import numpy as np
 
 from .errors import GpumlpError
@@ -47,8 +50,12 @@ INK_LEVEL = 0.15      # a pixel is ink when its stretched value is above this fr
                       # high enough to step over JPEG ringing around the strokes
 FRINGE = 2            # a digit already BOX pixels long keeps this many pixels around its box
                       # (MNIST's faint anti-aliased edge lies below INK_LEVEL)
+MAX_SIDE = 4096       # pictures and arrays may hold up to MAX_SIDE**2 pixels (a 12-megapixel
+MAX_PIXELS = MAX_SIDE * MAX_SIDE  # phone photo fits); larger ones are refused before decoding
 NPY_MAGIC = b"\x93NUMPY"
 IMAGE_HINT = "give a PNG, JPEG or BMP picture of one digit, or a .npy array"
+NPY_SHAPES = ("expected one grey image: a 2-D array (H, W), or the 784 values of one 28x28 "
+              "image as (784,), (1, 784) or (784, 1)")
 
 
 class ImageError(GpumlpError):
@@ -74,23 +81,39 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
 
 
 def gray_from_npy(data: bytes, source: str) -> np.ndarray:
-    """A 2-D array, or 784 values (one 28x28 image). Integers are levels 0..255; floats
-    whose maximum is at most 1 are taken as x/255, other floats as levels."""
+    """A 2-D array, or 784 values (one row of X: a 28x28 image in row-major order) shaped
+    (784,), (1, 784) or (784, 1). Integers are levels 0..255; floats in [0, 1] are taken as
+    x/255, other floats as levels 0..255; anything outside those ranges is refused."""
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise ImageError(f"{source}: not a readable .npy array ({e})") from None
-    if array.ndim == 1 and array.size == FIELD * FIELD:
+    if array.size == FIELD * FIELD and sorted(array.shape) in ([FIELD * FIELD], [1, FIELD * FIELD]):
         array = array.reshape(FIELD, FIELD)
-    if array.ndim != 2 or array.dtype.kind not in "uif" or min(array.shape) == 0:
-        raise ImageError(f"{source}: .npy array of shape {array.shape} and dtype {array.dtype}; "
-                         "expected a 2-D grey image or 784 numbers")
+    if array.ndim == 2 and array.shape[1] == FIELD * FIELD:
+        raise ImageError(f"{source}: .npy array of shape {array.shape} holds {array.shape[0]} "
+                         "rows of 784 values (images); give one image per file, e.g. X[i]")
+    if array.dtype.kind not in "uif":
+        raise ImageError(f"{source}: .npy array of dtype {array.dtype}; expected integer or "
+                         "float grey levels")
+    if array.ndim != 2 or min(array.shape) == 0:
+        raise ImageError(f"{source}: .npy array of shape {array.shape}; {NPY_SHAPES}")
+    if array.size > MAX_PIXELS:
+        raise ImageError(f"{source}: .npy array of {array.shape[1]}x{array.shape[0]} pixels, "
+                         f"more than {MAX_PIXELS:,} pixels ({MAX_SIDE}x{MAX_SIDE}); scale it down")
     gray = array.astype(np.float64)
     if not np.isfinite(gray).all():
         raise ImageError(f"{source}: .npy array holds NaN or infinite values")
-    if array.dtype.kind == "f" and gray.max() <= 1.0:
-        gray = gray * 255.0
-    return np.clip(gray, 0.0, 255.0)
+    low, high = gray.min(), gray.max()
+    if array.dtype.kind in "ui":
+        if low < 0 or high > 255:
+            raise ImageError(f"{source}: .npy integer values range from {array.min()} to "
+                             f"{array.max()}; expected grey levels 0..255")
+        return gray
+    if low < 0 or high > 255:
+        raise ImageError(f"{source}: .npy float values range from {low:.4g} to {high:.4g}; "
+                         "expected fractions 0..1 (x/255) or levels 0..255")
+    return gray * 255.0 if high <= 1.0 else gray
 
 
 def gray_from_image(data: bytes, source: str) -> np.ndarray:
@@ -98,14 +121,20 @@ def gray_from_image(data: bytes, source: str) -> np.ndarray:
     orientation says, as phone cameras write it); transparency over white."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    too_big = f"more than {MAX_PIXELS:,} pixels ({MAX_SIDE}x{MAX_SIDE}); scale it down"
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # the size is checked below, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))     # reads the header only
+        if image.width * image.height > MAX_PIXELS:
+            raise ImageError(f"{source}: picture of {image.width}x{image.height} pixels, "
+                             f"{too_big}")
         image.load()
         image = ImageOps.exif_transpose(image)
     except UnidentifiedImageError:
         raise ImageError(f"{source}: not an image; {IMAGE_HINT}") from None
     except Image.DecompressionBombError:
-        raise ImageError(f"{source}: too many pixels to be a digit; scale it down") from None
+        raise ImageError(f"{source}: picture of {too_big}") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"{source}: damaged or unsupported image ({e})") from None
     if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey

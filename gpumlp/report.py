@@ -8,10 +8,15 @@
 The curves come from metrics.jsonl; the other three from model.npz and the test images.
 Figures are drawn with matplotlib's Agg canvas (no window, no pyplot state); the numbers
 in report.md are those of metrics.jsonl (losses and accuracies with 4 decimals).
+
+Each file is written whole (a temporary file renamed over the name). The report replaces its
+own earlier files; a file under one of its names that it did not write (not a PNG, a
+report.md that is not a report, a link) is kept unless `overwrite` says otherwise.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +27,7 @@ from .backend import Backend
 from .checkpoint import load_model
 from .errors import GpumlpError
 from .mnist import Split
+from .npzio import atomic_write
 from .predict import params_on, probabilities
 
 FIGURES = {
@@ -34,6 +40,13 @@ UNITS_SHOWN = 64     # hidden units in the weights grid (the first ones)
 MISTAKES_SHOWN = 16  # images in the mistakes grid
 DPI = 110
 SPLITS = (("train", "train", "C0"), ("val", "validation", "C2"), ("test", "test", "C3"))
+REPORT = "report.md"
+REPORT_TITLE = "# Report: "  # report.md's first line; a report.md without it is not ours
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ROW_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr",
+            "seconds")         # what every metrics.jsonl row must hold (samples_per_second unused)
+VAL_KEYS = ("val_loss", "val_accuracy")  # in every row of a run with a validation split, or none
+ROW_HINT = "metrics.jsonl is written by gpumlp train; restore it or remove that line"
 
 
 class ReportError(GpumlpError):
@@ -50,19 +63,73 @@ class SplitOutputs(NamedTuple):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of metrics.jsonl, one per epoch; a ReportError when there are none."""
+    """The rows of metrics.jsonl, one per epoch, checked; a ReportError naming the line if not."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ReportError(f"{run_dir}: no metrics.jsonl; give the folder of a run "
                           "(gpumlp train --out DIR)")
     try:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path}: line {e.lineno} is not JSON; the file is damaged") from None
-    if not rows:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ReportError(f"{path}: not UTF-8 text; {ROW_HINT}") from None
+    numbered = [(number, metrics_row(line, f"{path}: line {number}"))
+                for number, line in enumerate(lines, start=1) if line.strip()]
+    if not numbered:
         raise ReportError(f"{path}: no epoch finished yet; train at least one epoch first")
-    return rows
+    first, first_row = numbered[0]
+    for number, row in numbered:
+        if (VAL_KEYS[0] in row) != (VAL_KEYS[0] in first_row):
+            has, lacks = (number, first) if VAL_KEYS[0] in row else (first, number)
+            raise ReportError(f"{path}: line {has} has {' and '.join(VAL_KEYS)}, line {lacks} "
+                              f"has not (the rows of one run hold the same keys); {ROW_HINT}")
+    return [row for _, row in numbered]
+
+
+def metrics_row(line: str, where: str) -> dict:
+    """One line of metrics.jsonl as a dict of numbers; a ReportError saying what is wrong."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        raise ReportError(f"{where} is not JSON; {ROW_HINT}") from None
+    if not isinstance(row, dict):
+        raise ReportError(f"{where} is a JSON {type(row).__name__}, not a metrics row (an object "
+                          f"with {', '.join(ROW_KEYS)}); {ROW_HINT}")
+    missing = [key for key in ROW_KEYS if key not in row]
+    if VAL_KEYS[0] in row or VAL_KEYS[1] in row:
+        missing += [key for key in VAL_KEYS if key not in row]
+    if missing:
+        raise ReportError(f"{where} lacks {', '.join(missing)}; {ROW_HINT}")
+    for key in ROW_KEYS + VAL_KEYS:
+        value = row.get(key, 0)
+        wanted = int if key == "epoch" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, wanted):
+            raise ReportError(f"{where}: {key} is {json.dumps(value)}, not "
+                              f"{'a whole number' if key == 'epoch' else 'a number'}; {ROW_HINT}")
+    return row
+
+
+def foreign_outputs(run_dir: Path) -> list[str]:
+    """The report's file names in `run_dir` taken by something the report did not write:
+    a link, a folder, a .png name that is not a PNG, a report.md that is not a report."""
+    names = []
+    for name in [*FIGURES.values(), REPORT]:
+        path = run_dir / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            names.append(name)
+        elif path.is_file():
+            with open(path, "rb") as f:
+                head = f.read(max(len(PNG_SIGNATURE), len(REPORT_TITLE)))
+            ours = PNG_SIGNATURE if name.endswith(".png") else REPORT_TITLE.encode()
+            if not head.startswith(ours):
+                names.append(name)
+    return names
+
+
+def save_figure(fig, path: Path) -> None:
+    """The figure as a PNG at `path`, written whole (a link there is replaced, not followed)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write(path, buffer.getvalue())
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, c: int = 10) -> np.ndarray:
@@ -97,7 +164,7 @@ def plot_learning_curves(rows: list[dict], path: Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def plot_confusion(counts: np.ndarray, path: Path) -> None:
@@ -114,7 +181,7 @@ def plot_confusion(counts: np.ndarray, path: Path) -> None:
     ax.set(title=f"Confusion matrix, test set ({right} of {n} right, accuracy {right / n:.4f})",
            xlabel="predicted class", ylabel="true class", xticks=range(c), yticks=range(c))
     fig.colorbar(image, ax=ax, label="fraction of the true class")
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def plot_first_layer(W1: np.ndarray, path: Path, units: int = UNITS_SHOWN) -> None:
@@ -135,7 +202,7 @@ def plot_first_layer(W1: np.ndarray, path: Path, units: int = UNITS_SHOWN) -> No
     fig.supxlabel("pixel column (0-27 in each tile)")
     fig.supylabel("pixel row (0-27 in each tile)")
     fig.colorbar(image, ax=axes.tolist(), shrink=0.6, label="weight (red +, blue -)")
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def plot_mistakes(images: np.ndarray, out: SplitOutputs, picked: np.ndarray, path: Path) -> None:
@@ -156,7 +223,7 @@ def plot_mistakes(images: np.ndarray, out: SplitOutputs, picked: np.ndarray, pat
         axes[0].text(0.5, 0.5, "no test image is misclassified", ha="center", va="center")
     fig.suptitle("Test images the model gets most confidently wrong")
     fig.supxlabel("#test index: true label, predicted class; p = probability given to it")
-    fig.savefig(path)
+    save_figure(fig, path)
 
 
 def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutputs,
@@ -169,7 +236,7 @@ def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutp
     agree = ("the same as" if same else "which differs from (model.npz or the test set is not "
              "the one of the last epoch)")
     lines = [
-        f"# Report: {run_dir.name}", "",
+        f"{REPORT_TITLE}{run_dir.name}", "",
         f"After epoch {last['epoch']}: test accuracy {last['test_accuracy']:.4f}, "
         f"test loss {last['test_loss']:.4f}, train accuracy {last['train_accuracy']:.4f}.", "",
         "## Learning curves", "", f"![learning curves]({FIGURES['learning_curves']})", "",
@@ -194,19 +261,30 @@ def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutp
     return "\n".join(lines)
 
 
-def check_run(run_dir: Path) -> list[dict]:
-    """The metrics of a run that has finished an epoch and has its model.npz."""
+def check_run(run_dir: Path, overwrite: bool = False) -> list[dict]:
+    """The metrics of a run that has finished an epoch and has its model.npz, once the report's
+    file names are known to be free or the report's own (or `overwrite` says to replace them)."""
     rows = read_metrics(run_dir)
     if not (run_dir / "model.npz").is_file():
         raise ReportError(f"{run_dir}: no model.npz; finish the run first "
                           f"(gpumlp train --resume {run_dir})")
+    foreign = foreign_outputs(run_dir)
+    folders = [name for name in foreign
+               if (run_dir / name).is_dir() and not (run_dir / name).is_symlink()]
+    if folders:
+        raise ReportError(f"{run_dir}: {', '.join(folders)} is a folder, where the report "
+                          "writes a file; move it out of the way")
+    if foreign and not overwrite:
+        raise ReportError(f"{run_dir}: {', '.join(foreign)} not written by gpumlp report "
+                          "(the report would replace it); move it away, or pass --overwrite")
     return rows
 
 
-def make_report(run_dir: str | Path, test: Split, backend: Backend) -> list[Path]:
+def make_report(run_dir: str | Path, test: Split, backend: Backend,
+                overwrite: bool = False) -> list[Path]:
     """Write the figures and report.md into `run_dir`; the paths written, report.md last."""
     run_dir = Path(run_dir)
-    rows = check_run(run_dir)
+    rows = check_run(run_dir, overwrite)
     params, config = load_model(run_dir / "model.npz")
     Z2 = probabilities(params_on(backend, params), config, test.images, backend)
     out = SplitOutputs(test.labels.astype(np.int64), Z2)
@@ -217,6 +295,6 @@ def make_report(run_dir: str | Path, test: Split, backend: Backend) -> list[Path
     plot_confusion(counts, paths["confusion"])
     plot_first_layer(params.W[0], paths["weights"])
     plot_mistakes(test.images, out, picked, paths["mistakes"])
-    report = run_dir / "report.md"
-    report.write_text(markdown(run_dir, rows, counts, out, picked), encoding="utf-8")
+    report = run_dir / REPORT
+    atomic_write(report, markdown(run_dir, rows, counts, out, picked).encode("utf-8"))
     return [*paths.values(), report]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import onnx
 import onnxruntime
@@ -104,3 +106,59 @@ def test_a_file_that_is_not_a_model_and_an_unknown_format_are_refused(tmp_path):
 def test_without_onnx_the_error_names_the_extra(tmp_path, monkeypatch):
     without_module(monkeypatch, "onnx")
     assert_missing_extra(invoke(export, tmp_path / "model.npz"), "onnx")
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A run folder with model.npz and checkpoint.npz; returns the folder."""
+    params, config = random_model("8")
+    save_model(tmp_path / "model.npz", params, config)
+    shutil.copyfile(tmp_path / "model.npz", tmp_path / "checkpoint.npz")
+    return tmp_path
+
+
+def assert_refused(result, fragment: str) -> None:
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert fragment in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("out", ["model.npz", "checkpoint.npz", "new.npz", "model-copy.bak",
+                                 "link.onnx"])
+@pytest.mark.parametrize("overwrite", [(), ("--overwrite",)], ids=["", "--overwrite"])
+def test_the_model_and_npz_files_are_never_written_over(saved, out, overwrite):
+    shutil.copyfile(saved / "model.npz", saved / "model-copy.bak")   # a .npz by its content
+    (saved / "link.onnx").symlink_to(saved / "model.npz")
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    result = invoke(export, saved / "model.npz", "--out", saved / out, *overwrite)
+    assert_refused(result, f"--out {saved / out}: ")
+    assert "model being exported" in result.stderr or "never writes" in result.stderr
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    assert (saved / "link.onnx").is_symlink()
+
+
+def test_an_existing_file_is_replaced_only_with_overwrite(saved):
+    notes = saved / "notes.txt"
+    notes.write_text("keep me")
+    result = invoke(export, saved / "model.npz", "--out", notes)
+    assert_refused(result, f"--out {notes}: already exists; pass --overwrite")
+    assert notes.read_text() == "keep me"
+    assert invoke(export, saved / "model.npz", "--out", notes, "--overwrite").exit_code == 0
+    onnx.checker.check_model(onnx.load(notes), full_check=True)
+
+
+def test_the_default_output_is_not_replaced_without_overwrite(saved):
+    assert invoke(export, saved / "model.npz").exit_code == 0
+    (saved / "model.onnx").write_bytes(b"an older export")
+    result = invoke(export, saved / "model.npz")
+    assert_refused(result, f"{saved / 'model.onnx'} (the default output): already exists")
+    assert (saved / "model.onnx").read_bytes() == b"an older export"
+    assert invoke(export, saved / "model.npz", "--overwrite").exit_code == 0
+    onnx.checker.check_model(onnx.load(saved / "model.onnx"), full_check=True)
+
+
+def test_a_folder_at_the_default_output_is_refused_even_with_overwrite(saved):
+    (saved / "model.onnx").mkdir()
+    result = invoke(export, saved / "model.npz", "--overwrite")
+    assert_refused(result, "exists and is not a plain file")
+    assert (saved / "model.onnx").is_dir()

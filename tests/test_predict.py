@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,8 @@ from gpumlp.config import build_config
 from gpumlp.data import to_inputs
 from gpumlp.mnist import load_mnist
 from gpumlp.model import forward, init_params
-from gpumlp.preprocess import (CENTRE, INK_LEVEL, ImageError, centre_by_mass, load_digit,
-                               mnist_pixels, read_gray)
+from gpumlp.preprocess import (CENTRE, INK_LEVEL, MAX_PIXELS, ImageError, centre_by_mass,
+                               load_digit, mnist_pixels, read_gray)
 from gpumlp.readback import read_back
 from use_helpers import assert_missing_extra, invoke, train_model, without_module
 
@@ -111,7 +112,7 @@ def test_npy_arrays_in_levels_or_fractions_flat_or_square_agree(tmp_path):
 @pytest.mark.parametrize("content, fragment", [
     (b"", "empty file"),
     (b"hello, not a picture", "not an image"),
-    (np.zeros((2, 28, 28)), "expected a 2-D grey image"),
+    (np.zeros((2, 28, 28)), "expected one grey image"),
     (np.full((28, 28), 255, dtype=np.uint8), "no ink"),
     (np.array([[np.nan, 1.0], [0.0, 1.0]]), "NaN"),
 ])
@@ -125,6 +126,83 @@ def test_unusable_inputs_raise_an_error_naming_the_file(tmp_path, content, fragm
     with pytest.raises(ImageError, match=fragment) as info:
         load_digit(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def save_npy(path: Path, array: np.ndarray) -> Path:
+    np.save(path, array)
+    return path
+
+
+@pytest.mark.parametrize("shape", [(784,), (1, 784), (784, 1)])
+def test_a_row_of_784_values_in_any_shape_is_a_28x28_image_row_major(tmp_path, shape):
+    digit = mnist_like_digit().astype(np.uint8)
+    square = load_digit(save_npy(tmp_path / "square.npy", digit))
+    flat = load_digit(save_npy(tmp_path / "flat.npy", digit.reshape(shape)))
+    np.testing.assert_array_equal(flat, square)
+    np.testing.assert_allclose(flat, digit, atol=1e-3)   # an MNIST-laid-out image is kept
+
+
+def test_several_rows_of_784_values_are_refused_as_several_images(tmp_path):
+    rows = np.stack([mnist_like_digit().astype(np.uint8).ravel()] * 3)
+    with pytest.raises(ImageError, match=r"shape \(3, 784\) holds 3 rows .* one image per file"):
+        load_digit(save_npy(tmp_path / "rows.npy", rows))
+
+
+@pytest.mark.parametrize("values, found", [
+    (np.int16([[-5, 0], [200, 100]]), "integer values range from -5 to 200"),
+    (np.uint16([[0, 300], [200, 100]]), "integer values range from 0 to 300"),
+    (np.int64([[0, 65535], [0, 1]]), "integer values range from 0 to 65535"),
+    (np.array([[-0.4242, 0.0], [2.82, 1.0]]), "float values range from -0.4242 to 2.82;"),
+    (np.array([[0.0, 300.0], [10.0, 1.0]]), "float values range from 0 to 300"),
+    (np.array([[-0.5, 0.0], [0.5, 1.0]]), "float values range from -0.5 to 1"),
+], ids=["negative int", "uint16 above 255", "16-bit levels", "standardised", "float above 255",
+        "negative fraction"])
+def test_values_outside_levels_and_fractions_are_refused_with_the_range(tmp_path, values, found):
+    path = save_npy(tmp_path / "digit.npy", np.kron(values, np.ones((14, 14), values.dtype)))
+    with pytest.raises(ImageError, match=found) as info:
+        load_digit(path)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+    assert "0..255" in str(info.value)
+
+
+def test_integers_of_any_width_and_float_levels_within_range_are_the_same_image(tmp_path):
+    digit = 255 - ring_digit(56, 56)
+    expected = load_digit(save_npy(tmp_path / "u8.npy", digit))
+    for name, array in [("u16", digit.astype(np.uint16)), ("i64", digit.astype(np.int64)),
+                        ("levels", digit.astype(np.float32)), ("fractions", digit / 255.0)]:
+        np.testing.assert_allclose(load_digit(save_npy(tmp_path / f"{name}.npy", array)),
+                                   expected, atol=1e-3, err_msg=name)
+
+
+@pytest.mark.parametrize("size", [(4097, 4096), (10000, 10000), (14000, 14000)])
+def test_a_huge_picture_is_refused_in_one_line_before_it_is_decoded(tmp_path, monkeypatch, size):
+    from PIL import ImageFile
+
+    path = tmp_path / "huge.png"
+    Image.new("1", size, 1).save(path)                # 1 bit a pixel: small to write
+    monkeypatch.setattr(ImageFile.ImageFile, "load",
+                        lambda self: pytest.fail("the huge picture was decoded"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                # Pillow's DecompressionBombWarning
+        with pytest.raises(ImageError, match="pixels .*4096x4096.*scale it down") as info:
+            load_digit(path)
+    assert str(info.value).startswith(f"{path}: picture of ") and "\n" not in str(info.value)
+    assert f"{MAX_PIXELS:,}" in str(info.value)
+
+
+def test_a_huge_picture_through_the_command_is_one_line_without_warnings(random_model, tmp_path):
+    path = tmp_path / "huge.png"
+    Image.new("1", (10000, 10000), 1).save(path)
+    result = invoke(predict, random_model, path, "--device", "cpu")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == f"Error: {path}: picture of 10000x10000 pixels, more than " \
+                            f"{MAX_PIXELS:,} pixels (4096x4096); scale it down\n"
+
+
+def test_a_huge_npy_array_is_refused(tmp_path):
+    path = save_npy(tmp_path / "huge.npy", np.zeros((4097, 4096), dtype=np.uint8))
+    with pytest.raises(ImageError, match=r"4096x4097 pixels, more than .*; scale it down"):
+        load_digit(path)
 
 
 def test_a_truncated_png_is_reported_as_damaged(tmp_path):
@@ -168,7 +246,7 @@ def test_pictures_that_are_not_enlargements_are_not_read_back():
     assert read_back(255.0 - ring_digit().astype(float), INK_LEVEL) is None           # sharp edges
     digit = Image.fromarray(255 - mnist_like_digit().astype(np.uint8)).resize((112, 112))
     turned = np.asarray(digit.rotate(7, Image.Resampling.BICUBIC, fillcolor=255), dtype=float)
-    assert read_back(255.0 - turned, INK_LEVEL) is None                                # not on a pixel grid
+    assert read_back(255.0 - turned, INK_LEVEL) is None                 # not on a pixel grid
 
 
 def test_an_mnist_sized_array_is_left_as_it_is():
@@ -236,6 +314,16 @@ def test_json_gives_one_object_per_file_errors_included(random_model, tmp_path):
     assert good["prediction"] == good["top"][0]["class"]
     assert good["top"][0]["probability"] >= good["top"][1]["probability"]
     assert bad["file"] == str(tmp_path / "bad.png") and "not an image" in bad["error"]
+
+
+def test_the_command_predicts_a_row_of_x_as_its_28x28_image(random_model, tmp_path):
+    digit = mnist_like_digit().astype(np.uint8)
+    files = [save_npy(tmp_path / f"{name}.npy", digit.reshape(shape)) for name, shape in
+             [("square", (28, 28)), ("flat", (784,)), ("row", (1, 784)), ("column", (784, 1))]]
+    result = invoke(predict, random_model, *files, "--json", "--top-k", "10", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    tops = [json.loads(line)["top"] for line in result.stdout.splitlines()]
+    assert len(tops) == 4 and all(top == tops[0] for top in tops)
 
 
 def test_out_of_range_top_k_and_a_missing_model_are_refused(random_model, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,8 @@ from gpumlp.checkpoint import load_model
 from gpumlp.cli_use import report
 from gpumlp.data import to_inputs
 from gpumlp.model import forward, softmax
-from gpumlp.report import (FIGURES, SplitOutputs, confident_mistakes, confusion_matrix, make_report,
-                           plot_mistakes)
+from gpumlp.report import (FIGURES, ReportError, SplitOutputs, check_run, confident_mistakes,
+                           confusion_matrix, make_report, plot_mistakes)
 from use_helpers import assert_missing_extra, invoke, train_model, without_module
 
 
@@ -93,7 +94,8 @@ def test_the_confusion_count_is_the_models_and_the_last_epochs_accuracy(reported
     right = int((forward(params, X, ACTIVATIONS["relu"]).A[-1].argmax(axis=1)
                  == tiny_mnist.mnist.test.labels).sum())
     n = len(tiny_mnist.mnist.test.labels)
-    assert f"gets {right} of {n} test images right (accuracy {right / n:.4f}), the same as" in markdown
+    assert (f"gets {right} of {n} test images right (accuracy {right / n:.4f}), the same as"
+            in markdown)
     assert f"{last['test_accuracy']:.4f}" == f"{right / n:.4f}"
     headline = re.search(r"test accuracy (\d\.\d{4}), test loss (\d+\.\d{4})", markdown)
     assert float(headline[1]) == pytest.approx(last["test_accuracy"], abs=5e-5)
@@ -144,6 +146,85 @@ def test_a_folder_without_a_run_or_a_model_gets_one_error_line(tmp_path, run_dir
     (tmp_path / "metrics.jsonl").write_text("")
     result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
     assert result.exit_code == 1 and "no epoch finished" in result.stderr
+
+
+def copy_run(run_dir: Path, to: Path) -> Path:
+    """The files a report is made from, copied into `to`."""
+    for name in ("metrics.jsonl", "model.npz"):
+        shutil.copyfile(run_dir / name, to / name)
+    return to
+
+
+GOOD = '{"epoch": 1, "train_loss": 2.0, "train_accuracy": 0.5, "test_loss": 2.1, ' \
+       '"test_accuracy": 0.4, "lr": 0.01, "seconds": 0.2}'
+
+
+@pytest.mark.parametrize("lines, error", [
+    ([GOOD, '{"epoch": 3}'],
+     "line 2 lacks train_loss, train_accuracy, test_loss, test_accuracy, lr, seconds"),
+    ([GOOD, "", "[1,2]"], "line 3 is a JSON list, not a metrics row"),
+    ([GOOD, GOOD.replace('"test_accuracy": 0.4', '"test_accuracy": "high"')],
+     'line 2: test_accuracy is "high", not a number'),
+    ([GOOD.replace('"epoch": 1', '"epoch": 1.5')], "line 1: epoch is 1.5, not a whole number"),
+    ([GOOD.replace('"lr": 0.01', '"lr": true')], "line 1: lr is true, not a number"),
+    ([GOOD, GOOD, "{not json"], "line 3 is not JSON"),
+    ([GOOD.replace("}", ', "val_loss": 2.0}')], "line 1 lacks val_accuracy"),
+    ([GOOD, GOOD.replace("}", ', "val_loss": 2.0, "val_accuracy": 0.5}')],
+     "line 2 has val_loss and val_accuracy, line 1 has not"),
+], ids=["epoch only", "a list", "a string", "fractional epoch", "a bool", "not JSON",
+        "half a validation", "validation in one row"])
+def test_a_row_that_is_not_a_metrics_row_is_one_error_line_naming_it(
+        run_dir, tiny_data_dir, tmp_path, lines, error):
+    copy_run(run_dir, tmp_path)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(lines) + "\n")
+    result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"Error: {metrics}: {error}"), result.stderr
+    assert result.stderr.count("\n") == 1
+    assert metrics.read_text() == "\n".join(lines) + "\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "model.npz"]
+
+
+def test_a_metrics_file_that_is_not_text_is_one_error_line(run_dir, tmp_path):
+    copy_run(run_dir, tmp_path)
+    (tmp_path / "metrics.jsonl").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ReportError, match="metrics.jsonl: not UTF-8 text"):
+        check_run(tmp_path)
+
+
+def test_the_report_replaces_its_own_files_but_not_others_unless_told(
+        run_dir, tiny_data_dir, tmp_path):
+    (tmp_path / "run").mkdir()
+    run = copy_run(run_dir, tmp_path / "run")
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    (run / "report.md").symlink_to(notes)
+    (run / FIGURES["confusion"]).write_text("not a picture")
+    args = (run, "--data-dir", tiny_data_dir, "--device", "cpu")
+    refused = invoke(report, *args)
+    assert refused.exit_code == 1 and refused.stdout == ""
+    assert refused.stderr == (f"Error: {run}: {FIGURES['confusion']}, report.md not written by "
+                              "gpumlp report (the report would replace it); move it away, or "
+                              "pass --overwrite\n")
+    assert (run / FIGURES["confusion"]).read_text() == "not a picture"
+    assert not (run / FIGURES["learning_curves"]).exists()
+    assert invoke(report, *args, "--overwrite").exit_code == 0
+    assert notes.read_text() == "my notes\n"          # the link is replaced, not followed
+    assert not (run / "report.md").is_symlink()
+    assert (run / "report.md").read_text().startswith(f"# Report: {run.name}\n")
+    again = invoke(report, *args)                       # its own files: replaced without asking
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == sorted(
+        ["metrics.jsonl", "model.npz", "report.md", *FIGURES.values()])
+
+
+def test_a_folder_under_a_report_name_is_refused_even_with_overwrite(run_dir, tmp_path):
+    copy_run(run_dir, tmp_path)
+    (tmp_path / FIGURES["weights"]).mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(ReportError, match=f"{FIGURES['weights']} is a folder"):
+            check_run(tmp_path, overwrite)
 
 
 def test_without_matplotlib_the_error_names_the_extra(tmp_path, monkeypatch):

@@ -37,8 +37,9 @@ def without_module(monkeypatch, name: str) -> None:
 
 
 def assert_missing_extra(result: Result, extra: str) -> None:
-    """One error line that names the pip extra, exit code 1."""
+    """One error line that says how to install the extra from the checkout, exit code 1."""
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert f"pip install 'gpumlp[{extra}]'" in lines[0]
+    assert f"pip install -e '.[{extra}]' in the gpumlp folder" in lines[0]
+    assert "gpumlp[" not in lines[0]  # gpumlp is not on a package index
