@@ -365,8 +365,9 @@ BLOCK_STARTS = (0.6, 0.9)  # the shares of a batch's rows (fewest pixels first) 
 MIN_BLOCK_ROWS = 8         # no block starts closer than this to the first or the last row
 
 
-def extent_blocks(idx: np.ndarray, extent: np.ndarray) -> tuple[np.ndarray, list]:
-    """The rows idx, fewest pixels first, and the first input's blocks (lo, col0, w).
+def extent_blocks(idx: np.ndarray, extent: np.ndarray) -> tuple[np.ndarray, list, Any]:
+    """The rows idx, fewest pixels first, the first input's blocks (lo, col0, w), and the
+    sort: row j of the result is row by_extent[j] of idx (None when left unsorted).
 
     The rows sorted by extent, the rows lo:m of a block are those that need its columns
     col0:col0 + w: the first block has all rows and k_1 = 1 + the largest extent below the
@@ -378,7 +379,7 @@ def extent_blocks(idx: np.ndarray, extent: np.ndarray) -> tuple[np.ndarray, list
     starts = sorted({int(m * share) for share in BLOCK_STARTS
                      if MIN_BLOCK_ROWS <= int(m * share) <= m - MIN_BLOCK_ROWS})
     if not starts:
-        return idx, [(0, 0, int(rows.max()) + 1)]
+        return idx, [(0, 0, int(rows.max()) + 1)], None
     by_extent = rows.argsort(kind="stable")
     idx, rows = idx.take(by_extent), rows.take(by_extent)
     blocks, col0 = [], 0
@@ -387,7 +388,7 @@ def extent_blocks(idx: np.ndarray, extent: np.ndarray) -> tuple[np.ndarray, list
         if k > col0:
             blocks.append((lo, col0, k - col0))
             col0 = k
-    return idx, blocks
+    return idx, blocks, by_extent
 
 
 # ---- the batch loader ----------------------------------------------------------------------------
@@ -467,6 +468,7 @@ class FastStep:
         self.pixels = no_pixel_order()
         self.layout: tuple | None = None  # (params, state, Js, Vs) that `prepare` returned
         self.pixels_used = 0  # pixels the fast path multiplied, row by row, over all its steps
+        self.row_order: Any = None  # the last batch's sort (extent_blocks), for dropout masks
 
     def prepare(self, params: Params, state: OptState,
                 split: DeviceSplit | None = None) -> tuple[Params, OptState]:
@@ -503,8 +505,9 @@ class FastStep:
         m, px = len(idx), self.pixels
         buf = self.buffers_for(m)
         y = buf.y if buf.y.dtype == split.labels.dtype else np.empty(m, split.labels.dtype)
+        self.row_order = None
         if split.images is px.source:                                  # the prepared split
-            idx, blocks = extent_blocks(idx, px.extent)
+            idx, blocks, self.row_order = extent_blocks(idx, px.extent)
             U = self.loader.rows(px.images, split.labels, idx, y)      # (m, d) in pixel order
         else:
             U = self.loader.rows(split.images, split.labels, idx, y)   # (m, d)
@@ -547,6 +550,8 @@ class FastStep:
                  masks: tuple = ()) -> tuple[Any, Any]:
         buf = self.buffers_for(X.shape[0])
         own = X.base is buf.Z[0]                                       # from self.batch
+        if own and masks and self.row_order is not None:  # the training loop drew row i's mask
+            masks = tuple(M.take(self.row_order, axis=0) for M in masks)  # for shuffled row i
         if self.layout is None or params is not self.layout[0]:
             multiply_out(state)
             return self.generic(params, state, self.as_given(buf) if own else X, y, lr, t, masks)

@@ -422,8 +422,11 @@ def test_make_step_keeps_the_generic_step_where_dW_itself_is_needed(overrides):
     assert make_step(config, CPU).kind == "generic"
 
 
-def test_trained_run_with_the_fast_step_matches_the_generic_step(monkeypatch):
-    """The whole loop (loader included) against the generic step with gather + to_inputs."""
+@pytest.mark.parametrize("extra", [[], ["model.dropout=0.3"]])
+def test_trained_run_with_the_fast_step_matches_the_generic_step(extra, monkeypatch):
+    """The whole loop (loader included) against the generic step with gather + to_inputs;
+    with dropout, each example gets the mask the loop drew for its row of the shuffled batch
+    (the fast step sorts the rows; the masks follow)."""
     import gpumlp.train as train_module
 
     rng = np.random.default_rng(4)
@@ -431,7 +434,7 @@ def test_trained_run_with_the_fast_step_matches_the_generic_step(monkeypatch):
     labels = rng.integers(0, 10, 250).astype(np.uint8)
     mnist = Mnist(Split(images[:200], labels[:200]), Split(images[200:], labels[200:]))
     config = build_config(None, ["model.hidden=24", "train.epochs=2", "train.batch_size=64",
-                                 "optim.nesterov=true", "optim.schedule=cosine"])
+                                 "optim.nesterov=true", "optim.schedule=cosine", *extra])
     fast = train(config, CPU, mnist)                    # 200 = 3 x 64 + a last batch of 8
     monkeypatch.setattr(train_module, "make_step", lambda config, backend: generic_step(config))
     generic = train(config, CPU, mnist)
