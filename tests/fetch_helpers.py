@@ -22,6 +22,7 @@ from gpumlp.mnist import FILES
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 HTML_PAGE = b"<!DOCTYPE html><html><body>This domain is for sale</body></html>"
 STALL_SECONDS = 5  # how long a stalled response waits at most before giving up
+TRICKLE_SECONDS = 0.05  # the pause between two bytes of a trickled response
 
 
 def fake_arrays(seed: int = 0, sizes=(("train", 6), ("test", 4))) -> dict[str, np.ndarray]:
@@ -64,10 +65,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if kind == "404":
             self.send_error(404, "Not Found")
             return
+        if kind == "loop":  # a redirect to itself, as a misconfigured mirror might answer
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if kind == "trickle_head":  # the whole answer, status line included, a byte at a time
+            self.trickle(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            return
         self.send_response(200)
         self.send_header("Content-Type", "text/html" if kind == "html" else "application/gzip")
-        self.send_header("Content-Length", str(len(body)))
+        if kind != "unsized":  # unsized: no Content-Length, the body ends when the socket closes
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if kind == "trickle_body":
+            self.trickle(body)
+            return
         if kind in ("stall", "drop"):  # half the body, then silence or a closed connection
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
@@ -76,6 +90,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.wfile.write(body)
+
+    def trickle(self, data: bytes):
+        """Send `data` a byte every TRICKLE_SECONDS, each within any read timeout, until the
+        server stops."""
+        for i in range(len(data)):
+            if self.server.release.wait(TRICKLE_SECONDS):
+                break
+            try:
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+            except OSError:
+                break
+        self.close_connection = True
 
     def log_message(self, *args):  # keep the test output clean
         pass
@@ -98,7 +125,8 @@ class MirrorServer(http.server.ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/"
 
     def mirror(self, name: str, kind: str, files: dict[str, bytes]) -> str:
-        """Serve `files` (stem -> .gz bytes) as `kind`: good, html, 404, truncated, stall, drop."""
+        """Serve `files` (stem -> .gz bytes) as `kind`: good, html, 404, truncated, stall, drop,
+        unsized (no Content-Length), loop (a redirect to itself), trickle_head, trickle_body."""
         bodies = {"html": lambda gz: HTML_PAGE, "truncated": lambda gz: gz[: len(gz) // 2]}
         for stem, gz in files.items():
             body = bodies.get(kind, lambda gz: gz)(gz)
@@ -181,6 +209,23 @@ def data_files(folder: Path) -> list[str]:
     """Everything in `folder` (names), temporary files included, sorted."""
     return sorted(path.name for path in folder.iterdir()) if folder.exists() else []
 
+
+def corrupt_member(wheel: Path, member: str) -> None:
+    """Make `member` of `wheel` undecompressable: its first deflate block gets the reserved
+    type, which zlib refuses ("invalid block type"); the zip directory stays intact."""
+    import struct
+    with zipfile.ZipFile(wheel) as archive:
+        offset = archive.getinfo(member).header_offset
+    data = bytearray(wheel.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[offset + 26:offset + 30])
+    data[offset + 30 + name_length + extra_length] = 0xFF
+    wheel.write_bytes(bytes(data))
+
+
+def gzip_bomb(expanded: int, member: int = 8 << 20) -> bytes:
+    """Gzip data of `expanded` zero bytes, cheaply: one small member repeated."""
+    one = gzip.compress(bytes(member), compresslevel=9, mtime=0)
+    return one * (expanded // member)
 
 
 def go_offline(monkeypatch, tmp_path: Path) -> Path:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from fetch_helpers import HTML_PAGE, SHARED_MNIST, FakeMnist, build_wheel, go_of
 from gpumlp import fetch
 from gpumlp.cli_data import TerminalProgress, data
 from gpumlp.fetch import Event
+from gpumlp.fetch_store import STALE_SECONDS
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +75,42 @@ def test_fetch_with_every_source_failing_is_one_clear_error(fake):
     assert "cannot connect" in result.stderr and "--data-dir FOLDER" in result.stderr
 
 
+def test_fetch_with_malformed_gpumlp_pip_args_is_one_line(monkeypatch, fake):
+    monkeypatch.setenv("GPUMLP_PIP_ARGS", "--find-links 'unclosed")
+    result = invoke("fetch")
+    assert_clean_error(result, "GPUMLP_PIP_ARGS cannot be split into arguments")
+    assert result.stderr.count("\n") == 1
+
+
+def test_fetch_into_an_unwritable_cache_says_so_in_one_line(monkeypatch, cache, fake, mirror):
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"")
+    result = invoke("fetch")
+    assert_clean_error(result, f"the cache path {cache} is not a folder")
+    assert "GPUMLP_CACHE_DIR" in result.stderr and result.stderr.count("\n") == 1
+    cache.unlink()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    result = invoke("fetch", "-q")
+    assert_clean_error(result, f"Error: cannot write to the cache folder {cache} (Permission")
+    assert result.stderr.count("\n") == 1 and mirror.log == []
+
+
+def test_fetch_warns_on_stderr_when_it_passes_over_a_damaged_data_dir(cache, tmp_path, fake,
+                                                                      mirror):
+    folder = fake.write(tmp_path / "mine")
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8bcut")
+    warning = (f"Warning: not using data folder {folder} (t10k-labels-idx1-ubyte: broken gzip "
+               "data")
+    for args in (["-q"], []):
+        result = invoke("fetch", "--data-dir", str(folder), *args)
+        assert (result.exit_code, result.stdout) == (0, f"{cache}\n")
+        assert result.stderr.startswith(warning) and "falling back to the cache" in result.stderr
+    assert result.stderr.count("Warning") == 1
+
+
 def test_fetch_uses_a_valid_data_dir_from_the_environment(monkeypatch, tmp_path, fake):
     folder = fake.write(tmp_path / "mine")
     monkeypatch.setenv("GPUMLP_DATA_DIR", str(folder))
@@ -111,6 +150,33 @@ def test_verify_checks_a_named_data_dir(tmp_path, fake):
     assert "BAD  t10k-labels-idx1-ubyte: broken gzip data" in result.stdout
 
 
+def test_verify_names_a_data_dir_that_does_not_exist(tmp_path, fake):
+    result = invoke("verify", "--data-dir", str(tmp_path / "nowhere"))
+    assert_clean_error(result, f"--data-dir {tmp_path / 'nowhere'}: no such folder; point it at")
+    assert result.stdout == ""
+
+
+def test_verify_says_the_cache_path_is_not_a_folder(cache, fake):
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"")
+    result = invoke("verify")
+    assert_clean_error(result, f"the cache path {cache} is not a folder")
+    assert result.stdout == "" and "gpumlp data fetch" not in result.stderr
+
+
+def test_verify_sweeps_stale_temporary_files_from_the_cache_only(cache, tmp_path, fake, mirror):
+    assert invoke("fetch", "-q").exit_code == 0
+    folder = fake.write(tmp_path / "mine")
+    stale = [where / ".train-images-idx3-ubyte.x1.part" for where in (cache, folder)]
+    for path in stale:
+        path.write_bytes(b"half")
+        os.utime(path, (time.time() - STALE_SECONDS - 10,) * 2)
+    assert invoke("verify", "--data-dir", str(folder)).exit_code == 0
+    assert stale[1].exists()  # a user's folder is never written to
+    assert invoke("verify").exit_code == 0
+    assert not stale[0].exists() and stale[1].exists()
+
+
 def test_path_is_the_data_dir_or_the_cache(monkeypatch, cache, tmp_path):
     assert invoke("path").stdout == f"{cache}\n"
     monkeypatch.setenv("GPUMLP_DATA_DIR", str(tmp_path / "mine"))
@@ -126,6 +192,17 @@ def test_info_counts_each_split_and_digit(tmp_path, fake):
     counts = np.bincount(fake.arrays["train-labels-idx1-ubyte"], minlength=10)
     assert train.split() == ["train", "6", *map(str, counts)]
     assert test.split()[:2] == ["test", "4"]
+
+
+def test_info_on_a_damaged_data_dir_is_an_error_even_with_a_good_cache(tmp_path, fake, mirror):
+    assert invoke("fetch", "-q").exit_code == 0
+    folder = fake.write(tmp_path / "mine")
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(fake.gz["train-images-idx3-ubyte"][:50])
+    result = invoke("info", "--data-dir", str(folder))
+    assert_clean_error(result, f"--data-dir {folder}: train-images-idx3-ubyte: broken gzip")
+    assert "drop --data-dir to use the cache" in result.stderr and result.stdout == ""
+    missing = invoke("info", "--data-dir", str(tmp_path / "nowhere"))
+    assert_clean_error(missing, "no such folder")
 
 
 def test_info_without_data_downloads_nothing_and_says_what_to_do(fake, mirror):
@@ -150,6 +227,17 @@ def test_progress_shows_bars_only_when_asked():
             show(event)
     assert "\ra.gz:   0%" in with_bars.getvalue()
     assert plain.getvalue() == "fetching MNIST from mirror M\n  passed over mirror M: why\n"
+
+
+def test_quiet_progress_shows_only_the_unused_data_dir_warning():
+    stream = io.StringIO()
+    show = TerminalProgress(bars=True, stream=stream, quiet=True)
+    events = [Event("unused", "data folder D", detail="bad"), Event("source", "mirror M"),
+              Event("bytes", "mirror M", "a.gz", 0, 100), Event("skip", "mirror M", detail="x")]
+    for event in events:
+        show(event)
+    assert stream.getvalue() == ("Warning: not using data folder D (bad); falling back to the "
+                                 "cache\n")
 
 
 @pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="no shared copy of the real MNIST")

