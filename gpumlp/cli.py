@@ -7,6 +7,7 @@ config or device), 1 for a failure; Ctrl-C during training exits 130 after a che
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import time
@@ -109,7 +110,8 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     """Train an MLP and write its run directory.
 
     \b
-    Writes config.yaml, metrics.jsonl, checkpoint.npz, model.npz and summary.json.
+    Writes config.yaml, metrics.jsonl, checkpoint.npz, model.npz and summary.json (and
+    init.npz, a copy of the --init weights, for a resume).
     Precedence: defaults < --config < --set < --seed.
 
     \b
@@ -145,11 +147,12 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         out_dir = Path(out) if out else default_out(config_path)
         created = not out or not out_dir.exists()
         check_out_dir(out_dir, overwrite)
-        # An empty folder gets config.yaml first, so that a run killed at once can be resumed;
-        # an old run being overwritten stays intact until the new one has its data and state.
+        # An empty folder gets config.yaml (and init.npz) first, so that a run killed at once
+        # can be resumed; an old run being overwritten stays intact until the new one has its
+        # data and state.
         early = not run_files_in(out_dir)
         if early:
-            RunFiles(out_dir).start(config)
+            RunFiles(out_dir).start(config, init)
     reporter, stop = Reporter(quiet), StopFlag()
     try:
         mnist = load_mnist_for(data_dir, quiet)  # Ctrl-C here stops at once (a download)
@@ -206,6 +209,13 @@ def evaluate(model_path, device, data_dir, as_json):
         click.echo(f"test_accuracy {accuracy:.4f}  test_loss {loss:.4f}  ({len(test)} images)")
 
 
+def positive_finite(value: float, name: str) -> float:
+    """`value`, or a usage error unless it is a finite number above 0."""
+    if not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a finite number above 0, got {value}", param_hint=name)
+    return value
+
+
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="YAML config whose net (hidden, activation, dropout) is checked.")
@@ -215,6 +225,7 @@ def evaluate(model_path, device, data_dir, as_json):
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1),
               help="Examples in the random minibatch.")
 @click.option("--tolerance", default=1e-6, show_default=True, type=float,
+              callback=lambda ctx, param, value: positive_finite(value, "--tolerance"),
               help="Largest relative error that passes.")
 @domain_errors
 def gradcheck(config_path, overrides, samples, batch, tolerance):
@@ -230,7 +241,7 @@ def gradcheck(config_path, overrides, samples, batch, tolerance):
     """
     from .activations import ACTIVATIONS
     from .config import build_config
-    from .gradcheck import gradcheck_config
+    from .gradcheck import gradcheck_config, passes, worst_error
     from .mnist import C, D
 
     config = build_config(config_path, overrides)
@@ -242,11 +253,10 @@ def gradcheck(config_path, overrides, samples, batch, tolerance):
     for r in results:
         click.echo(f"{r.name:<6} {str(r.shape):<12} {r.checked:>7} {r.max_rel_error:>14.3e} "
                    f"{r.max_abs_error:>14.3e}")
-    worst = max(r.max_rel_error for r in results)
-    verdict = "PASS" if worst <= tolerance else "FAIL"
-    click.echo(f"{verdict}: largest relative error {worst:.3e} (tolerance {tolerance:g}), "
-               f"activation {config.model.activation}, float64, central differences")
-    if worst > tolerance:
+    worst, passed = worst_error(results), passes(results, tolerance)   # a NaN error fails
+    click.echo(f"{'PASS' if passed else 'FAIL'}: largest relative error {worst:.3e} (tolerance "
+               f"{tolerance:g}), activation {config.model.activation}, float64, central differences")
+    if not passed:
         raise SystemExit(1)
 
 

@@ -7,6 +7,7 @@ the floor keeps entries whose gradient is (nearly) zero from dividing by roundof
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -64,6 +65,18 @@ def check_gradients(params: Params, X: np.ndarray, y: np.ndarray, act: Activatio
             results.append(ParamCheck(name, theta.shape, len(idx), float(rel.max()),
                                       float(abs_err.max())))
     return results
+
+
+def worst_error(results: list[ParamCheck]) -> float:
+    """The largest relative error of all the checks, NaN if any is NaN: a NaN gradient (or a
+    NaN numeric one) fails every tolerance, where max() would step over it."""
+    errors = [r.max_rel_error for r in results]
+    return math.nan if any(math.isnan(e) for e in errors) else max(errors)
+
+
+def passes(results: list[ParamCheck], tolerance: float) -> bool:
+    """Every relative error at most `tolerance` (False for NaN)."""
+    return worst_error(results) <= tolerance
 
 
 def gradcheck_config(widths: tuple[int, ...], act: Activation, init: str, seed: int = 0,

@@ -1,9 +1,11 @@
-"""The run directory: config.yaml, metrics.jsonl, checkpoint.npz, model.npz, summary.json.
+"""The run directory: config.yaml, metrics.jsonl, checkpoint.npz, model.npz, summary.json, and
+init.npz, the `--init` weights a run started from.
 
 Every file is written atomically (temporary file, fsync, rename), so a run killed at any
 moment leaves the previous version of each file intact. checkpoint.npz holds everything
 a resume needs: weights, optimizer state, generator states, the position in the epoch
-(with the epoch's order) and the metrics so far.
+(with the epoch's order) and the metrics so far. init.npz lets a run killed before its first
+checkpoint start over from the same weights.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .backend import Backend, to_host
-from .checkpoint import param_arrays, params_from_arrays, save_model
+from .checkpoint import load_init, param_arrays, params_from_arrays, save_model
 from .config import Config, dump_config
 from .errors import CheckpointError, GpumlpError
 from .mnist import C, D
@@ -29,7 +31,8 @@ from .optim import flat
 if TYPE_CHECKING:
     from .train import RunState
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.npz", "model.npz", "summary.json")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.npz", "model.npz", "summary.json",
+             "init.npz")
 # written into a run folder by `gpumlp report` (report.FIGURES, report.md) and `gpumlp export`
 DERIVED_FILES = ("report.md", "learning_curves.png", "confusion_matrix.png",
                  "first_layer_weights.png", "confident_mistakes.png", "model.onnx")
@@ -72,11 +75,16 @@ class RunFiles:
     def path(self, name: str) -> Path:
         return self.folder / name
 
-    def start(self, config: Config) -> None:
-        """Begin a fresh run: its config, empty metrics, and no files of an earlier run."""
+    def start(self, config: Config, init: Params | None = None) -> None:
+        """Begin a fresh run: its `--init` weights (before config.yaml, so that a resume always
+        finds them), its config, empty metrics, and no files of an earlier run."""
         self.folder.mkdir(parents=True, exist_ok=True)
         for name in ("checkpoint.npz", "model.npz", "summary.json", *DERIVED_FILES):
             self.path(name).unlink(missing_ok=True)
+        if init is not None:
+            save_npz(self.path("init.npz"), param_arrays(init))
+        else:
+            self.path("init.npz").unlink(missing_ok=True)
         atomic_write(self.path("config.yaml"), dump_config(config).encode())
         atomic_write(self.path("metrics.jsonl"), b"")
 
@@ -91,7 +99,7 @@ class RunFiles:
         checkpoint was written yet."""
         if self.path("checkpoint.npz").exists():
             return
-        for name in ("config.yaml", "metrics.jsonl"):
+        for name in ("config.yaml", "metrics.jsonl", "init.npz"):
             self.path(name).unlink(missing_ok=True)
         if remove_folder:
             try:
@@ -124,12 +132,26 @@ class RunFiles:
                               "checkpoint.npz, so there is nothing to resume; start over with a "
                               f"new --out, or with --out {folder} --overwrite")
 
+    def saved_init(self, config: Config) -> Params | None:
+        """The `--init` weights this run started from (init.npz), or None for a random start."""
+        if not self.path("init.npz").exists():
+            return None
+        try:
+            return load_init(self.path("init.npz"), (D, *config.model.widths, C),
+                             config.train.dtype)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; it held the --init weights of the run, so start it over "
+                                  f"with --init and --out {self.folder} --overwrite") from None
+
     def last_good(self) -> str:
-        """Where the last good checkpoint is, for error messages."""
+        """Where the last good checkpoint is and how to go on with a lower learning rate, for
+        the NaN error (--resume takes no --set, so the rate is edited in config.yaml)."""
         path = self.path("checkpoint.npz")
         if path.exists():
-            return f"the last good checkpoint {path} is intact (resume with --resume {self.folder})"
-        return "no checkpoint was written yet"
+            return (f"the last good checkpoint {path} is intact; to continue from it, lower "
+                    f"optim.lr in {self.path('config.yaml')} and run "
+                    f"gpumlp train --resume {self.folder}")
+        return "no checkpoint was written yet; start over with a lower optim.lr"
 
     def save_checkpoint(self, state: "RunState", history: list[dict]) -> None:
         arrays = param_arrays(state.params)

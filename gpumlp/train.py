@@ -2,7 +2,8 @@
 
 Nothing is copied to the host inside a step: the loss and the correct count accumulate
 in device scalars read once per epoch (and at checkpoints), apart from the NaN guard's look at
-the loss sum (every step on the CPU, every 50 on a GPU). Progress goes to an optional
+the loss sum (every step on the CPU, every 50 on a GPU) and before every checkpoint, which is
+written only when the loss and all the weights are finite. Progress goes to an optional
 callback `on_event(kind, info)`; the library never prints.
 """
 
@@ -100,7 +101,17 @@ def check_batch_size(config: Config, n: int) -> None:
 
 
 def all_finite(params: Params) -> bool:
-    return all(bool(np.isfinite(float(p.sum()))) for p in (*params.W, *params.b))
+    return all(bool(np.isfinite(float(p.sum(dtype=np.float64)))) for p in (*params.W, *params.b))
+
+
+def check_finite(state: RunState) -> None:
+    """A NumericalError unless the running loss and every parameter (model.py's layout) are
+    finite: the guard before a checkpoint, or a metrics row, is written."""
+    pos = state.pos
+    if not np.isfinite(pos.loss_sum) or not all_finite(state.params):
+        epoch = pos.epoch + 1 if pos.batch else pos.epoch  # batch 0: the epoch just completed
+        raise NumericalError(f"the loss or the weights became NaN or infinite in epoch {epoch} "
+                             f"(by step {pos.step})")
 
 
 def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Backend,
@@ -136,13 +147,13 @@ def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Back
         pos.batch = b + 1
         if pos.step % check_every == 0 and not finite(loss_sum):
             raise NumericalError(f"the loss became NaN or infinite at epoch {pos.epoch + 1}, "
-                                 f"step {pos.step}; lower optim.lr")
+                                 f"step {pos.step}")
         on_event("step", {"epoch": pos.epoch + 1, "batch": b + 1, "batches": batches})
         mid_epoch = b + 1 < batches
         if mid_epoch and (should_stop() or (tc.checkpoint_every and pos.step % tc.checkpoint_every == 0)):
             pos.loss_sum, pos.correct = float(loss_sum), int(correct)
             pos.seconds = time.perf_counter() - started
-            checkpoint()
+            checkpoint()  # checks the loss and the weights first
             if should_stop():
                 raise Interrupted("interrupted")
     backend.synchronize()
@@ -153,9 +164,7 @@ def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Back
 def epoch_metrics(state: RunState, data: DeviceData, config: Config, lr: float) -> dict:
     """The metrics.jsonl line of the epoch that just ended (`state` in model.py's layout)."""
     pos, n = state.pos, len(data.train)
-    if not np.isfinite(pos.loss_sum) or not all_finite(state.params):
-        raise NumericalError(f"the loss or the weights became NaN or infinite in epoch "
-                             f"{pos.epoch + 1} (by step {pos.step}); lower optim.lr")
+    check_finite(state)
     row = {"epoch": pos.epoch + 1, "train_loss": pos.loss_sum / n, "train_accuracy": pos.correct / n}
     if data.val is not None:
         row["val_loss"], row["val_accuracy"] = evaluate(state.params, data.val, config)
@@ -184,31 +193,36 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
     else:  # a fresh run, or one killed before its first checkpoint: start it over
         if resume:
             files.check_resumable()  # never retrain a finished run whose checkpoint is gone
+            init = files.saved_init(config)  # from the same --init weights, if it had them
         state, history = new_state(config, backend, init), []
     step_fn = make_step(config, backend)
     prepare_state(step_fn, state, data.train)
     if files and not restored:  # only now, so that an early failure leaves an old run intact
-        files.start(config)
+        files.start(config, init)
     steps_per_epoch = len(batch_slices(len(data.train), config.train.batch_size))
     on_event("start", {"device": backend.description, "epochs": config.train.epochs,
                        "n_train": len(data.train), "batches": steps_per_epoch,
                        "epoch": state.pos.epoch})
-    save = (lambda: files.save_checkpoint(exported(step_fn, state), history)) if files \
-        else (lambda: None)
+
+    def save() -> None:
+        """A checkpoint, never of NaN or infinite weights: the previous one stays the last good."""
+        if files:
+            snapshot = exported(step_fn, state)
+            check_finite(snapshot)
+            files.save_checkpoint(snapshot, history)
+
     while state.pos.epoch < config.train.epochs:
         try:
             train_epoch(state, data, config, backend, step_fn, on_event, save, should_stop)
-        except NumericalError as e:
-            raise NumericalError(f"{e}; {files.last_good() if files else 'no run directory'}") from None
-        lr = learning_rate(config.optim, state.pos.step - 1, steps_per_epoch,
-                           config.train.epochs * steps_per_epoch)
-        try:
+            lr = learning_rate(config.optim, state.pos.step - 1, steps_per_epoch,
+                               config.train.epochs * steps_per_epoch)
             history.append(epoch_metrics(exported(step_fn, state), data, config, lr))
+            state.pos = Position(epoch=state.pos.epoch + 1, step=state.pos.step)
+            save()  # checkpoint first: a metrics row then always has a checkpoint behind it
         except NumericalError as e:
-            raise NumericalError(f"{e}; {files.last_good() if files else 'no run directory'}") from None
-        state.pos = Position(epoch=state.pos.epoch + 1, step=state.pos.step)
-        if files:  # checkpoint first: a metrics row then always has a checkpoint behind it
-            save()
+            advice = files.last_good() if files else "lower optim.lr"
+            raise NumericalError(f"{e}; {advice}") from None
+        if files:
             files.append_metrics(history[-1])
         on_event("epoch", history[-1])
         if should_stop() and state.pos.epoch < config.train.epochs:

@@ -200,6 +200,30 @@ def test_gradcheck_exits_1_when_above_the_tolerance():
     assert result.stdout.splitlines()[-1].startswith("FAIL: largest relative error")
 
 
+def test_gradcheck_fails_on_a_nan_gradient_even_when_it_is_not_the_first(monkeypatch):
+    """A backward pass that gives a NaN db2 must FAIL (exit 1), not PASS because
+    max() stepped over the NaN."""
+    import gpumlp.gradcheck as gradcheck_module
+
+    real = gradcheck_module.backward
+
+    def nan_in_db2(*args, **kwargs):
+        grads = real(*args, **kwargs)
+        grads.b[-1][...] = np.nan                          # db2, the last parameter checked
+        return grads
+
+    monkeypatch.setattr(gradcheck_module, "backward", nan_in_db2)
+    result = cli("gradcheck", "--set", "model.hidden=8", "--samples", "5")
+    assert result.exit_code == 1
+    assert result.stdout.splitlines()[-1].startswith("FAIL: largest relative error nan")
+
+
+@pytest.mark.parametrize("tolerance", ["nan", "inf", "0", "-1e-6"])
+def test_gradcheck_refuses_a_tolerance_that_is_not_a_positive_number(tolerance):
+    assert_one_error_line(cli("gradcheck", "--tolerance", tolerance), 2, "--tolerance",
+                          "finite number above 0")
+
+
 def test_info_lists_versions_and_devices():
     result = cli("info")
     assert result.exit_code == 0

@@ -12,7 +12,7 @@ import pytest
 from gpumlp import gradcheck
 from gpumlp.activations import ACTIVATIONS
 from gpumlp.config import OptimConfig
-from gpumlp.gradcheck import check_gradients, gradcheck_config
+from gpumlp.gradcheck import ParamCheck, check_gradients, gradcheck_config, passes, worst_error
 from gpumlp.model import (Grads, Params, backward, dropout_masks, forward, init_params,
                           log_softmax, loss_and_dA2, softmax, targets)
 from gpumlp.optim import apply_max_norm, init_state, update
@@ -38,7 +38,7 @@ def gradients(params, X, y, act, masks=(), smoothing=0.0):
 
 
 def worst(results):
-    return max(r.max_rel_error for r in results)
+    return worst_error(results)
 
 
 # --- central differences through gpumlp.gradcheck, every entry --------------------------------
@@ -291,3 +291,12 @@ def test_float32_stays_float32_through_forward_backward_and_update(activation, o
                **{f"W{i}": p for i, p in enumerate(params.W)}, **{f"b{i}": p for i, p in enumerate(params.b)},
                **{f"opt{i}": s for i, s in enumerate(state.m + state.v)}}
     assert {k: str(v.dtype) for k, v in tensors.items() if v.dtype != np.float32} == {}
+
+
+def test_a_nan_error_anywhere_is_the_worst_and_fails_any_tolerance():
+    """max() steps over a NaN that is not first; a NaN gradient must fail the check."""
+    results = [ParamCheck("W1", (2, 2), 4, 1e-9, 1e-12), ParamCheck("b1", (2,), 2, float("nan"),
+                                                                     float("nan"))]
+    assert np.isnan(worst_error(results)) and not passes(results, 1e-6)
+    assert not passes(results, float("inf"))
+    assert passes(results[:1], 1e-6) and not passes(results[:1], 1e-10)

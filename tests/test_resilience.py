@@ -152,6 +152,55 @@ def test_nan_stops_at_once_naming_epoch_and_step_and_keeps_last_good_checkpoint(
     assert '"step": 5' in str(arrays["state"])
 
 
+class InfiniteAfter:
+    """The run's step, whose update at step `at` makes the last weights infinite: the loss of
+    that step, computed before the update, is still finite."""
+
+    def __init__(self, step, at: int):
+        self.step, self.at, self.taken = step, at, 0
+
+    def __call__(self, params, state, X, y, lr, t, masks):
+        out = self.step(params, state, X, y, lr, t, masks)
+        self.taken = t
+        if t == self.at:
+            params.W[-1][...] = np.inf
+        return out
+
+    def __getattr__(self, name):   # prepare, export, batch, kind: the wrapped step's
+        return getattr(self.step, name)
+
+
+@pytest.mark.parametrize("trigger", ["checkpoint_every", "ctrl_c"])
+def test_a_checkpoint_of_infinite_weights_is_never_written(tmp_path, monkeypatch, trigger):
+    steps = []
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step",
+                        lambda *a: steps.append(InfiniteAfter(make_step(*a), at=6)) or steps[-1])
+    config = tiny_config(*["train.checkpoint_every=1"] * (trigger == "checkpoint_every"))
+    stop = (lambda: steps[-1].taken >= 6) if trigger == "ctrl_c" else (lambda: False)
+    out = tmp_path / "run"
+    with pytest.raises(NumericalError) as info:
+        train(config, __import__("gpumlp.backend").backend.CPU, tiny_mnist(), out_dir=out,
+              should_stop=stop)
+    message = str(info.value)
+    assert "weights became NaN or infinite in epoch 1 (by step 6)" in message
+    assert "last good checkpoint" in message
+    arrays = load_npz(out / "checkpoint.npz")                    # step 5's, not step 6's
+    assert all(np.isfinite(arrays[k]).all() for k in ("W1", "b1", "W2", "b2"))
+    assert '"step": 5' in str(arrays["state"])
+
+
+def test_a_huge_learning_rate_leaves_no_checkpoint_that_cannot_be_resumed(tmp_path):
+    out = tmp_path / "run"
+    config = tiny_config("optim.lr=1e39", "train.checkpoint_every=1")
+    cpu = __import__("gpumlp.backend").backend.CPU
+    with pytest.raises(NumericalError) as info:
+        train(config, cpu, tiny_mnist(), out_dir=out)
+    assert str(info.value).endswith("no checkpoint was written yet; start over with a lower "
+                                    "optim.lr")
+    assert not (out / "checkpoint.npz").exists()
+
+
 def test_nan_from_a_huge_learning_rate_is_one_line_exit_1(reference, tmp_path):
     _, env = reference
     result = subprocess.run(gpumlp_cmd("train", "--config", str(ROOT / "configs/smoke.yaml"),

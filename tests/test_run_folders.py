@@ -10,7 +10,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import click
+import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 
 import gpumlp.train as train_module
@@ -125,6 +127,103 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_over(tiny_
     result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert (out / "model.npz").read_bytes() == reference
+
+
+class Killed(BaseException):
+    """What SIGKILL does to a run: it stops where it is, and no handler of the CLI runs."""
+
+
+@pytest.mark.parametrize("where", ["load_mnist_for", "train_epoch"])
+def test_a_run_from_init_killed_before_its_first_checkpoint_resumes_from_the_same_weights(
+        finished, tiny_data_dir, tmp_path, monkeypatch, where):
+    init = finished / "model.npz"                 # trained weights, far from a fresh He draw
+    whole, out = tmp_path / "whole", tmp_path / "killed"
+    assert cli(*train_args(whole, tiny_data_dir, "--init", init)).exit_code == 0
+
+    def kill(*args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as m:              # killed before the data, or the first step
+        m.setattr(cli_module if where == "load_mnist_for" else train_module, where, kill)
+        with pytest.raises(Killed):
+            CliRunner().invoke(cli_module.main, [str(a) for a in train_args(
+                out, tiny_data_dir, "--init", init)])
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "init.npz", "metrics.jsonl"]
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (out / "model.npz").read_bytes() == (whole / "model.npz").read_bytes()
+
+
+def test_init_npz_is_removed_by_a_run_without_init_and_by_a_failed_start(finished, tiny_data_dir,
+                                                                         tmp_path):
+    init, out = finished / "model.npz", tmp_path / "from-init"
+    assert cli(*train_args(out, tiny_data_dir, "--init", init)).exit_code == 0
+    saved = load_npz(out / "init.npz")
+    assert all((saved[k] == v).all() for k, v in load_npz(init).items() if k != "config")
+    result = cli(*train_args(out, tiny_data_dir, "--init", init))
+    assert_one_error_line(result, 1, "already holds a run", "init.npz")
+    assert cli(*train_args(out, tiny_data_dir, "--overwrite")).exit_code == 0
+    assert not (out / "init.npz").exists()        # a resume would otherwise start from it
+
+    (tmp_path / "empty").mkdir()
+    failed = tmp_path / "failed"
+    result = cli(*train_args(failed, tiny_data_dir, "--init", init, "--data-dir",
+                             tmp_path / "empty"))
+    assert_one_error_line(result, 1, "missing")
+    assert not failed.exists()                    # init.npz went with the config.yaml it preceded
+
+
+def test_resume_says_what_to_do_when_init_npz_is_damaged(finished, tiny_data_dir, tmp_path):
+    out = tmp_path / "from-init"
+    assert cli(*train_args(out, tiny_data_dir, "--init", finished / "model.npz")).exit_code == 0
+    for name in ("checkpoint.npz", "model.npz", "summary.json"):
+        (out / name).unlink()
+    (out / "metrics.jsonl").write_bytes(b"")                  # as left by an early kill
+    (out / "init.npz").write_bytes((out / "init.npz").read_bytes()[:1000])
+    before = digests(out)
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert_one_error_line(result, 1, f"{out / 'init.npz'}: not a readable .npz",
+                          f"--init and --out {out} --overwrite")
+    assert digests(out) == before
+
+
+class PoisonedAboveLr:
+    """The run's step, whose update at step `at` makes the weights NaN when lr > `above`."""
+
+    def __init__(self, step, at: int, above: float):
+        self.step, self.at, self.above = step, at, above
+
+    def __call__(self, params, state, X, y, lr, t, masks):
+        out = self.step(params, state, X, y, lr, t, masks)
+        if t == self.at and lr > self.above:
+            params.W[-1][...] = np.nan
+        return out
+
+    def __getattr__(self, name):   # prepare, export, batch, kind: the wrapped step's
+        return getattr(self.step, name)
+
+
+def test_after_a_nan_lowering_optim_lr_in_config_yaml_and_resuming_goes_on(tiny_data_dir,
+                                                                           tmp_path, monkeypatch):
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step",
+                        lambda *a: PoisonedAboveLr(make_step(*a), at=4, above=0.15))
+    out = tmp_path / "run"
+    result = cli(*train_args(out, tiny_data_dir, "--set", "optim.lr=0.2", "--set",
+                             "train.batch_size=25", "--set", "train.checkpoint_every=2"))
+    how = (f"the last good checkpoint {out / 'checkpoint.npz'} is intact; to continue from it, "
+           f"lower optim.lr in {out / 'config.yaml'} and run gpumlp train --resume {out}")
+    assert_one_error_line(result, 1, "NaN or infinite", "by step 4", how)
+    assert '"step": 2' in str(load_npz(out / "checkpoint.npz")["state"])
+    resume = ["train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
+    assert_one_error_line(cli(*resume), 1, "by step 4", how)      # unchanged, it fails again
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    config["optim"]["lr"] = 0.1
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    result = cli(*resume)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["steps"] == 10
+    assert np.isfinite(load_npz(out / "model.npz")["W2"]).all()
 
 
 @pytest.mark.parametrize("make, code, fragment", [
