@@ -27,7 +27,9 @@ class ParamCheck(NamedTuple):
     max_abs_error: float
 
 
-def loss_of(params: Params, X, y, act: Activation, masks: tuple = (), smoothing: float = 0.0) -> float:
+def loss_of(params: Params, X, y, act: Activation, masks: tuple = (),
+            smoothing: float = 0.0) -> float:
+    """The mean cross-entropy L of the net on (X, y), as a Python float."""
     return float(loss_and_dA2(forward(params, X, act, masks).A[-1], y, smoothing)[0])
 
 
@@ -37,8 +39,15 @@ def check_gradients(params: Params, X: np.ndarray, y: np.ndarray, act: Activatio
     """Compare backward() with central differences for every parameter of a float64 net.
 
     `samples` entries per parameter are drawn from `rng` (all entries when None; a fresh
-    generator when `rng` is None).
+    generator when `rng` is None). Only the loss gradients are checked: weight decay and
+    max-norm act in the optimizer step. A ValueError when the net or X is not float64.
     """
+    tensors = {name: t for k in range(len(params.W))
+               for name, t in ((f"W{k + 1}", params.W[k]), (f"b{k + 1}", params.b[k]))}
+    not_float64 = [name for name, t in {**tensors, "X": X}.items() if t.dtype != np.float64]
+    if not_float64:
+        raise ValueError("check_gradients needs a float64 net and float64 X (central differences "
+                         f"in lower precision are roundoff); not float64: {', '.join(not_float64)}")
     rng = np.random.default_rng() if rng is None else rng
     cache = forward(params, X, act, masks)
     _, dA2 = loss_and_dA2(cache.A[-1], y, smoothing)
@@ -49,7 +58,8 @@ def check_gradients(params: Params, X: np.ndarray, y: np.ndarray, act: Activatio
                                       (f"b{k + 1}", params.b[k], grads.b[k])):
             flat_theta, flat_grad = theta.reshape(-1), analytic.reshape(-1)
             n = flat_theta.size
-            idx = np.arange(n) if samples is None or samples >= n else rng.choice(n, samples, replace=False)
+            every = samples is None or samples >= n
+            idx = np.arange(n) if every else rng.choice(n, samples, replace=False)
             numeric = np.empty(len(idx))
             for j, i in enumerate(idx):
                 saved = flat_theta[i]

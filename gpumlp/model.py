@@ -1,7 +1,8 @@
 """The MLP of the seed: forward, loss and backward, written as the derivation writes them.
 
 Notation (the seed's; A is before the nonlinearity, Z after). Row-major: one example per row.
-Shape letters: m = minibatch size, d = 784 inputs, h = hidden width, c = 10 classes.
+Shape letters: m = minibatch size, d = 784 inputs, h = hidden width, c = 10 classes; in a
+net of K layers, h_k is the width of layer k (h_0 = d, h_K = c).
 
     A1 = X @ W1 + b1          (m, h)   hidden pre-activation
     Z1 = phi(A1)              (m, h)   hidden activation
@@ -17,11 +18,13 @@ Backward, in the order of the code (each gradient has its tensor's shape):
     dZ1 = dA2 @ W2.T          (m, h)
     dA1 = dZ1 * phi'(A1)      (m, h)   the seed has an extra 1/m here (erratum)
     dW1 = X.T @ dA1           (d, h)   and another extra 1/m here (erratum)
-    db1 = dA1.sum(axis=0)     (h,)
+    db1 = dA1.sum(axis=0)     (h,)     the seed averages these rows (erratum)
 
-Deeper nets follow by induction, with Z0 = X: dZ_k = dA_{k+1} @ W_{k+1}.T,
-dA_k = dZ_k * phi'(A_k), dW_k = Z_{k-1}.T @ dA_k. Layer k is stored at index k - 1 of
-the tuples below. Labels count from 0 (the seed counts classes from 1).
+Deeper nets of K layers follow by induction, with Z0 = X and dA_K = (softmax(A_K) - Y) / m:
+dW_k = Z_{k-1}.T @ dA_k, db_k = dA_k.sum(axis=0), dZ_{k-1} = dA_k @ W_k.T,
+dA_{k-1} = dZ_{k-1} * phi'(A_{k-1}). Layer k (1-based) is stored at index k - 1 of the tuples
+below. Labels count from 0 (the seed counts classes from 1). With label smoothing, Y is the
+smoothed target (see `targets`).
 """
 
 from __future__ import annotations
@@ -53,9 +56,9 @@ class Grads(NamedTuple):
 
 
 class Cache(NamedTuple):
-    Z: tuple[Array, ...]     # (X, Z1, ..., Z_{L-1}): the input of each layer, after dropout
-    A: tuple[Array, ...]     # (A1, ..., A_L): pre-activations; A_L are the logits
-    masks: tuple[Array, ...]  # inverted-dropout masks of the hidden layers, or ()
+    Z: tuple[Array, ...]     # (X, Z1, ..., Z_{K-1}): the input of each layer, after dropout
+    A: tuple[Array, ...]     # (A1, ..., A_K): pre-activations; A_K are the logits
+    masks: tuple[Array, ...]  # (M1, ..., M_{K-1}): inverted-dropout masks, or ()
 
 
 def init_params(widths: tuple[int, ...], init: str, rng: np.random.Generator,
@@ -77,16 +80,16 @@ def init_params(widths: tuple[int, ...], init: str, rng: np.random.Generator,
 
 
 def forward(params: Params, X: Array, act: Activation, masks: tuple = ()) -> Cache:
-    """A_k = Z_{k-1} @ W_k + b_k, Z_k = phi(A_k) (times the dropout mask) for every layer."""
+    """A_k = Z_{k-1} @ W_k + b_k for k = 1..K; Z_k = phi(A_k) (times the mask M_k) for k < K."""
     Z, A = [X], []
-    last = len(params.W) - 1
-    for k, (Wk, bk) in enumerate(zip(params.W, params.b)):
-        Ak = Z[-1] @ Wk + bk          # (m, fan_out)
+    K = len(params.W)                                     # number of layers
+    for k, (Wk, bk) in enumerate(zip(params.W, params.b), start=1):
+        Ak = Z[-1] @ Wk + bk          # (m, h_k): Z[-1] is Z_{k-1}; h_K = c
         A.append(Ak)
-        if k < last:
+        if k < K:
             Zk = act.phi(Ak)          # (m, h_k)
             if masks:
-                Zk = Zk * masks[k]    # inverted dropout: mask is 0 or 1/(1-p)
+                Zk = Zk * masks[k - 1]  # M_k, inverted dropout: 0 or 1/(1-p)
             Z.append(Zk)
     return Cache(tuple(Z), tuple(A), tuple(masks))
 
@@ -106,7 +109,8 @@ def softmax(A2: Array) -> Array:
 
 
 def targets(y: Array, c: int, dtype: Any, smoothing: float = 0.0) -> Array:
-    """Y, the one-hot rows of the labels (m, c); with label smoothing, (1-e) Y + e/c."""
+    """Y, the one-hot rows of the labels (m, c); with label smoothing alpha = `smoothing`, the
+    smoothed target (1 - alpha) Y + alpha / c, which the code also calls Y."""
     xp = array_module(y)
     Y = xp.zeros((y.shape[0], c), dtype=dtype)
     Y[xp.arange(y.shape[0]), y] = 1
@@ -114,29 +118,33 @@ def targets(y: Array, c: int, dtype: Any, smoothing: float = 0.0) -> Array:
 
 
 def loss_and_dA2(A2: Array, y: Array, smoothing: float = 0.0) -> tuple[Array, Array]:
-    """Mean cross-entropy L (a 0-d device array) and dA2 = (Z2 - Y) / m."""
+    """Mean cross-entropy L = -(1/m) sum(Y * log Z2) (a 0-d device array) and dA2 = (Z2 - Y) / m.
+
+    Y is the one-hot target, or the smoothed one when `smoothing` > 0. With one-hot Y, L is
+    mean(logsumexp(A2[i]) - A2[i, y_i]) = -mean(log Z2[i, y_i]).
+    """
     m, c = A2.shape
     logZ2 = log_softmax(A2)                                          # (m, c)
-    Y = targets(y, c, A2.dtype, smoothing)                           # (m, c)
+    Y = targets(y, c, A2.dtype, smoothing)                           # (m, c), smoothed if asked
     L = -(Y * logZ2).sum() / m                                       # ()
     dA2 = (array_module(A2).exp(logZ2) - Y) / m                      # (m, c)
     return L, dA2
 
 
 def backward(params: Params, cache: Cache, dA2: Array, act: Activation) -> Grads:
-    """dW_k, db_k for every layer, from the last to the first (see the module docstring)."""
-    L = len(params.W)
-    dW: list = [None] * L
-    db: list = [None] * L
-    dA = dA2                                                          # (m, c)
-    for k in reversed(range(L)):
-        dW[k] = cache.Z[k].T @ dA                                     # (fan_in, fan_out)
-        db[k] = dA.sum(axis=0)                                        # (fan_out,)
-        if k > 0:
-            dZ = dA @ params.W[k].T                                   # (m, h_k)
+    """dW_k, db_k for k = K down to 1 (see the module docstring); dA2 is dA_K."""
+    K = len(params.W)                                                 # number of layers
+    dW: list = [None] * K
+    db: list = [None] * K
+    dA = dA2                                                          # dA_K (m, c)
+    for k in range(K, 0, -1):                                         # dA is dA_k (m, h_k)
+        dW[k - 1] = cache.Z[k - 1].T @ dA                             # dW_k (h_{k-1}, h_k)
+        db[k - 1] = dA.sum(axis=0)                                    # db_k (h_k,)
+        if k > 1:
+            dZ = dA @ params.W[k - 1].T                               # dZ_{k-1} (m, h_{k-1})
             if cache.masks:
-                dZ = dZ * cache.masks[k - 1]                          # through the dropout mask
-            dA = dZ * act.phi_prime(cache.A[k - 1])                   # (m, h_k)
+                dZ = dZ * cache.masks[k - 2]                          # through the mask M_{k-1}
+            dA = dZ * act.phi_prime(cache.A[k - 2])                   # dA_{k-1} (m, h_{k-1})
     return Grads(tuple(dW), tuple(db))
 
 

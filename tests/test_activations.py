@@ -59,7 +59,8 @@ def test_phi_and_phi_prime_are_finite_for_extreme_inputs(name):
 def test_kinked_derivatives_at_and_around_zero():
     A = np.array([-2.0, 0.0, 3.0])
     np.testing.assert_array_equal(ACTIVATIONS["relu"].phi_prime(A), [0.0, 0.0, 1.0])
-    np.testing.assert_array_equal(ACTIVATIONS["leaky_relu"].phi_prime(A), [LEAKY_SLOPE, LEAKY_SLOPE, 1.0])
+    np.testing.assert_array_equal(ACTIVATIONS["leaky_relu"].phi_prime(A),
+                                  [LEAKY_SLOPE, LEAKY_SLOPE, 1.0])
     assert ACTIVATIONS["sigmoid"].phi_prime(np.array([0.0]))[0] == 0.25
     assert ACTIVATIONS["tanh"].phi_prime(np.array([0.0]))[0] == 1.0
     assert ACTIVATIONS["gelu"].phi_prime(np.array([0.0]))[0] == 0.5

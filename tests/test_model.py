@@ -1,4 +1,5 @@
-"""The model's equations against independent oracles: central differences in float64,
+"""The model's equations against independent oracles: central differences in float64 (every
+activation; dropout, label smoothing, weight decay; up to three hidden layers; m = 1),
 per-example gradients, the seed's literal (erroneous) first-layer formulas, and the
 numerics of softmax and the loss."""
 
@@ -15,10 +16,13 @@ from gpumlp.config import OptimConfig
 from gpumlp.gradcheck import ParamCheck, check_gradients, gradcheck_config, passes, worst_error
 from gpumlp.model import (Grads, Params, backward, dropout_masks, forward, init_params,
                           log_softmax, loss_and_dA2, softmax, targets)
-from gpumlp.optim import apply_max_norm, init_state, update
+from gpumlp.optim import apply_max_norm, flat, init_state, update
 
 TOL = 1e-6  # largest relative error a float64 central-difference check may show
-NETS = {"1-hidden": (7, 6, 4), "2-hidden": (7, 6, 5, 4)}  # (d, h1, [h2,] c): every entry checked
+NETS = {"1-hidden": (7, 6, 4), "2-hidden": (7, 6, 5, 4),   # (d, h1, ..., c): every entry checked
+        "3-hidden": (7, 6, 5, 4, 3)}
+REGULARISERS = {"dropout": (0.3, 0.0), "label-smoothing": (0.0, 0.1),  # (p, alpha)
+                "dropout-and-label-smoothing": (0.3, 0.1)}
 
 
 def small_net(widths, seed=0, m=5, dtype="float64"):
@@ -41,6 +45,16 @@ def worst(results):
     return worst_error(results)
 
 
+def n_entries(widths):
+    """How many numbers the W_k and b_k of a net of these widths hold."""
+    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def rel(a, b):
+    """The largest relative error, with gradcheck's floor for entries near zero."""
+    return np.max(np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), gradcheck.FLOOR))
+
+
 # --- central differences through gpumlp.gradcheck, every entry --------------------------------
 
 @pytest.mark.parametrize("net", NETS)
@@ -48,19 +62,84 @@ def worst(results):
 def test_gradients_match_central_differences_float64(activation, net):
     results = gradcheck_config(NETS[net], ACTIVATIONS[activation], "he", seed=1, m=6,
                                samples=None)
-    n_params = sum(a * b + b for a, b in zip(NETS[net][:-1], NETS[net][1:]))
-    assert sum(r.checked for r in results) == n_params  # every entry of every parameter
+    assert sum(r.checked for r in results) == n_entries(NETS[net])  # every entry
     assert [r.name for r in results][-2:] == [f"W{len(NETS[net]) - 1}", f"b{len(NETS[net]) - 1}"]
     assert worst(results) < TOL, results
 
 
 @pytest.mark.parametrize("net", NETS)
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
-def test_gradients_with_dropout_and_label_smoothing_match_central_differences_float64(
+def test_gradcheck_config_with_dropout_and_label_smoothing_matches_central_differences_float64(
         activation, net):
+    """The CLI's path: gradcheck_config draws the masks and passes the smoothing through."""
     results = gradcheck_config(NETS[net], ACTIVATIONS[activation], "he", seed=2, m=6,
                                dropout=0.3, smoothing=0.1, samples=None)
     assert worst(results) < TOL, results
+
+
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("regulariser", REGULARISERS)
+def test_gradients_with_dropout_or_label_smoothing_match_central_differences_float64(
+        regulariser, activation, net):
+    """Dropout alone, label smoothing alone and both, every activation, every entry."""
+    p, alpha = REGULARISERS[regulariser]
+    widths, act = NETS[net], ACTIVATIONS[activation]
+    params, X, y = small_net(widths, seed=9, m=6)
+    masks = dropout_masks(np.random.default_rng(9), 6, widths[1:-1], p, X.dtype)
+    assert len(masks) == (len(widths) - 2 if p else 0)
+    assert all((M == 0).any() and (M > 0).any() for M in masks)  # some units dropped, some kept
+    plain, regularised = gradients(params, X, y, act), gradients(params, X, y, act, masks, alpha)
+    assert all(rel(a, b) > 1e-3 for a, b in zip(plain.W, regularised.W))  # it changes every dW_k
+    results = check_gradients(params, X, y, act, masks, alpha)
+    assert sum(r.checked for r in results) == n_entries(widths)
+    assert worst(results) < TOL, results
+
+
+@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_gradients_for_a_batch_of_one_match_central_differences_float64(activation, net):
+    """m = 1: dA2 = Z2 - Y with nothing to average, the seed's single-example equations."""
+    params, X, y = small_net(NETS[net], seed=11, m=1)
+    assert X.shape == (1, NETS[net][0]) and y.shape == (1,)
+    results = check_gradients(params, X, y, ACTIVATIONS[activation])
+    assert sum(r.checked for r in results) == n_entries(NETS[net])
+    assert worst(results) < TOL, results
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam", "adamw"])
+def test_weight_decay_gradient_is_the_central_difference_of_the_decayed_loss_float64(optim):
+    """SGD and Adam step on g + lambda theta for every parameter, biases included: the central
+    difference of L + lambda/2 sum ||theta||^2. AdamW's decay is decoupled: its step sees g alone.
+
+    After one step from zero state, SGD's velocity is the gradient it used, and Adam's first
+    moment is (1 - beta1) times it.
+    """
+    lam, act = 0.3, ACTIVATIONS["tanh"]
+    params, X, y = small_net((5, 4, 3, 3), seed=10, m=4)
+    before = Params(tuple(W.copy() for W in params.W), tuple(b.copy() for b in params.b))
+    cfg = OptimConfig(name=optim, momentum=0.9, weight_decay=lam)
+    state = init_state(cfg, params)
+    update(cfg, params, gradients(params, X, y, act), state, 0.1, 1)
+    used = [g if optim == "sgd" else g / (1 - cfg.beta1) for g in state.m]  # (W1, b1, W2, ...)
+
+    def L():
+        return float(loss_and_dA2(forward(before, X, act).A[-1], y)[0])
+
+    def decayed():
+        return L() + lam / 2 * sum(float((theta * theta).sum()) for theta in flat(before))
+
+    for theta, g_used, after in zip(flat(before), used, flat(params)):
+        if optim == "adamw":  # decoupled: theta (1 - lr lambda), then Adam's first step on g
+            step = 0.1 * g_used / (np.abs(g_used) + cfg.eps)
+            np.testing.assert_allclose(after, (1 - 0.1 * lam) * theta - step, rtol=1e-12)
+        numeric = {name: np.array([central_difference(f, theta, i, eps=gradcheck.EPS)
+                                   for i in range(theta.size)]).reshape(theta.shape)
+                   for name, f in (("L", L), ("decayed", decayed))}
+        assert rel(numeric["decayed"], numeric["L"]) > 1e-3  # lambda theta is not negligible
+        expected, other = ("L", "decayed") if optim == "adamw" else ("decayed", "L")
+        assert rel(g_used, numeric[expected]) < TOL
+        assert rel(g_used, numeric[other]) > 1e-3
 
 
 def test_dropout_masks_are_inverted_and_drop_units():
@@ -156,11 +235,9 @@ def test_seed_literal_first_layer_formulas_are_off_by_m_and_m_squared_central_di
     np.testing.assert_allclose(grads.W[0], X.T @ dA1, rtol=1e-12)
 
     loss = lambda: float(loss_and_dA2(forward(params, X, act).A[-1], y)[0])  # noqa: E731
-    numeric_W1 = np.array([central_difference(loss, W1, i) for i in range(W1.size)]).reshape(W1.shape)
+    numeric_W1 = np.array([central_difference(loss, W1, i)
+                           for i in range(W1.size)]).reshape(W1.shape)
     numeric_b1 = np.array([central_difference(loss, params.b[0], i) for i in range(5)])
-
-    def rel(a, b):
-        return np.max(np.abs(a - b) / np.maximum(np.maximum(np.abs(a), np.abs(b)), 1e-4))
 
     assert rel(grads.W[0], numeric_W1) < TOL and rel(grads.b[0], numeric_b1) < TOL
     assert rel(dW1_seed, numeric_W1) > 0.9   # 1 - 1/m^2 = 0.98: fails the check
@@ -287,8 +364,10 @@ def test_float32_stays_float32_through_forward_backward_and_update(activation, o
     tensors = {"L": L, "dA2": dA2, **{f"Z{i}": z for i, z in enumerate(cache.Z)},
                **{f"A{i}": a for i, a in enumerate(cache.A)},
                **{f"mask{i}": a for i, a in enumerate(cache.masks)},
-               **{f"dW{i}": g for i, g in enumerate(grads.W)}, **{f"db{i}": g for i, g in enumerate(grads.b)},
-               **{f"W{i}": p for i, p in enumerate(params.W)}, **{f"b{i}": p for i, p in enumerate(params.b)},
+               **{f"dW{i}": g for i, g in enumerate(grads.W)},
+               **{f"db{i}": g for i, g in enumerate(grads.b)},
+               **{f"W{i}": p for i, p in enumerate(params.W)},
+               **{f"b{i}": p for i, p in enumerate(params.b)},
                **{f"opt{i}": s for i, s in enumerate(state.m + state.v)}}
     assert {k: str(v.dtype) for k, v in tensors.items() if v.dtype != np.float32} == {}
 
@@ -300,3 +379,15 @@ def test_a_nan_error_anywhere_is_the_worst_and_fails_any_tolerance():
     assert np.isnan(worst_error(results)) and not passes(results, 1e-6)
     assert not passes(results, float("inf"))
     assert passes(results[:1], 1e-6) and not passes(results[:1], 1e-10)
+
+
+def test_check_gradients_refuses_a_net_that_is_not_float64():
+    """Central differences in float32 are roundoff: the checker says so instead of failing."""
+    params, X, y = small_net((6, 5, 4), seed=12, dtype="float32")
+    with pytest.raises(ValueError, match=r"float64 net.*not float64: W1, b1, W2, b2, X$"):
+        check_gradients(params, X, y, ACTIVATIONS["tanh"])
+    params64, X64, _ = small_net((6, 5, 4), seed=12)
+    mixed = Params((params64.W[0], params.W[1]), params64.b)
+    with pytest.raises(ValueError, match="not float64: W2$"):
+        check_gradients(mixed, X64, y, ACTIVATIONS["tanh"])
+    assert worst(check_gradients(params64, X64, y, ACTIVATIONS["tanh"])) < TOL
