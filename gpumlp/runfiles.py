@@ -1,8 +1,10 @@
 """The run directory: config.yaml, metrics.jsonl, checkpoint.npz, model.npz, summary.json, and
 init.npz, the `--init` weights a run started from.
 
-Every file is written atomically (temporary file, fsync, rename), so a run killed at any
-moment leaves the previous version of each file intact. checkpoint.npz holds everything
+Every file but metrics.jsonl is written atomically (temporary file, fsync, rename), so a run
+killed at any moment leaves the previous version of each file intact; metrics rows are appended
+and fsynced, each after its epoch's checkpoint, and a resume rewrites the file atomically from
+the checkpoint. checkpoint.npz holds everything
 a resume needs: weights, optimizer state, generator states, the position in the epoch
 (with the epoch's order) and the metrics so far. init.npz lets a run killed before its first
 checkpoint start over from the same weights.

@@ -57,8 +57,8 @@ class Position:
 class RunState:
     params: Params
     opt: OptState
-    rng: np.random.Generator         # host: init, shuffling, augmentation
-    dev_rng: Any                     # device: dropout masks
+    rng: np.random.Generator         # host: init, shuffling
+    dev_rng: Any                     # device: augmentation, dropout masks
     pos: Position = field(default_factory=Position)
 
 

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 6 in one call of the `device` tool: an H200 whose python3 has CuPy 14
-# for CUDA 13, PyTorch, pytest and the project's dependencies; no network there.
+# The GPU checks in one go, for a maintainer on a GPU host. It works in the checkout that holds
+# it (from any folder) and needs a python3 with gpumlp's dependencies, CuPy (the cuda12 or
+# cuda13 extra) and pytest, and PyTorch for CUDA for the benchmark's comparison (optional):
 #
-# 1. Here, put the MNIST files inside the checkout (../shared beside it does not travel):
-#        mkdir -p shared/data && cp -r ../shared/data/mnist shared/data/
-# 2. Call the device tool's `run` with
-#        command:   bash scripts/gpu_check.sh
-#        timeout_s: 560
-#    (or GPUMLP_DATA_DIR=<folder there> bash scripts/gpu_check.sh).
-# 3. Here, `rm -r shared/data/mnist` again if step 1 made it; the logs come back from $OUT.
+#     GPUMLP_DATA_DIR=/path/to/mnist bash scripts/gpu_check.sh
+#
+# Environment:
+#   GPUMLP_DATA_DIR   the folder of the four MNIST files; nothing is downloaded when it is set.
+#                     Without it, shared/data/mnist in the checkout is used if present; else
+#                     the real-MNIST test skips, the benchmark runs on random images and the
+#                     h256 run downloads MNIST into GPUMLP_CACHE_DIR (failing offline).
+#   GPUMLP_CACHE_DIR  default: a fresh temporary folder, so the user's cache is never touched.
+#   OUT               where the logs go (default: gpu-check-out/ in the checkout).
+#   PYTHON            the interpreter (default: python3).
 #
 # Sections, each under its own time limit (40 + 180 + 45 + 120 + 80 s, and 10 s more each to be
-# killed: 515 s at most, inside the 560 of step 2; usually far less):
+# killed: 515 s at most, usually far less; give a job runner at least that):
 #   info       nvidia-smi, versions, `gpumlp info`                       -> $OUT/info.log
 #   tests      python -m pytest -m gpu -q -rs                            -> $OUT/pytest-gpu.log
 #   steps      generic vs fused step, h256, batch 128 (ms per step)      -> $OUT/steps.log
@@ -27,7 +31,7 @@ OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export OUT PY PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export GPUMLP_CACHE_DIR="${GPUMLP_CACHE_DIR:-$(mktemp -d)}"  # never the user's cache; no downloads
+export GPUMLP_CACHE_DIR="${GPUMLP_CACHE_DIR:-$(mktemp -d)}"  # never the user's cache
 if [ -z "${GPUMLP_DATA_DIR:-}" ] && [ -d shared/data/mnist ]; then
   export GPUMLP_DATA_DIR="$PWD/shared/data/mnist"
 fi
