@@ -221,7 +221,8 @@ def torch_runner(torch: Any, device: str, split: DeviceSplit, hidden: int, batch
 
     torch.manual_seed(seed)
     dev = torch.device(device)
-    images = torch.from_numpy(np.array(to_host(split.images))).to(dev)    # (n, d) uint8
+    # (n, d) uint8; torch.from_numpy wants it writable: copied only if read-only (only read)
+    images = torch.from_numpy(np.require(to_host(split.images), requirements="W")).to(dev)
     labels = torch.from_numpy(to_host(split.labels).astype(np.int64)).to(dev)
     net = torch.nn.Sequential(torch.nn.Linear(D, hidden), torch.nn.ReLU(),
                               torch.nn.Linear(hidden, C)).to(dev)

@@ -435,13 +435,12 @@ class FusedStep:
                                         self.xp.full((1, m), 1.0, dtype=np.float32))
         return self.buffers[key]
 
-    def grad_buffers(self, params: Params, widths: tuple[int, ...] | None = None) -> GradBuffers:
-        key = widths or widths_of(params)
-        if key not in self.grads:
+    def grad_buffers(self, params: Params, widths: tuple[int, ...]) -> GradBuffers:
+        if widths not in self.grads:
             grads = Grads(tuple(self.poisoned(W.shape) for W in params.W),
                           tuple(self.poisoned(b.shape) for b in params.b))
-            self.grads[key] = GradBuffers(grads, tuple(db.reshape(1, -1) for db in grads.b))
-        return self.grads[key]
+            self.grads[widths] = GradBuffers(grads, tuple(db.reshape(1, -1) for db in grads.b))
+        return self.grads[widths]
 
     def poisoned(self, shape: tuple, dtype: Any = np.float32) -> Any:
         """A new buffer full of NaN (-1 for integers): an element a kernel misses shows at once."""
@@ -510,7 +509,7 @@ class FusedStep:
         return L, correct
 
     def backward(self, params: Params, X: Any, masks: tuple, buf: Buffers,
-                 widths: tuple[int, ...] | None = None) -> Grads:
+                 widths: tuple[int, ...]) -> Grads:
         """dW_k = Z_{k-1}.T @ dA_k, db_k = sum_rows dA_k, dA_{k-1} = (dA_k @ W_k.T) [* M] * phi'."""
         grads, bias_rows = self.grad_buffers(params, widths)
         dA = buf.dA                                                       # (m, c)
@@ -573,7 +572,7 @@ class FusedStep:
                 self.checked, self.table = arrays, None
             self.last = (params, state, widths_of(params))
         widths = self.last[2]
-        if X.dtype != np.float32 or X.shape[1:] != (widths[0],) or not X.flags.c_contiguous:
+        if X.dtype != np.float32 or X.shape[1:] != (widths[0],):    # __call__ made X contiguous
             raise GpumlpError(f"the fused step takes C-contiguous float32 inputs of shape "
                               f"(m, {widths[0]}), got {X.dtype} {tuple(X.shape)}")
         if tuple(y.shape) != (X.shape[0],) or y.dtype.kind not in "iu":

@@ -48,8 +48,10 @@ class CpuStep:
     """The generic step on the CPU, with the loader that feeds it preallocated batches
     (fast_cpu.BatchLoader). `kind` says which step it is, as fast_cpu.FastStep's does."""
 
-    def __init__(self, step: Step, batch: Callable, kind: str):
-        self.step, self.batch, self.kind = step, batch, kind
+    kind = "generic"
+
+    def __init__(self, step: Step, batch: Callable):
+        self.step, self.batch = step, batch
 
     def __call__(self, params: Params, state: OptState, X: Any, y: Any, lr: float, t: int,
                  masks: tuple = ()) -> tuple[Any, Any]:
@@ -66,7 +68,7 @@ def make_step(config: Config, backend: Backend) -> Step:
 
     if fast_cpu.supports(config):
         return fast_cpu.fast_step(config)
-    return CpuStep(generic_step(config), fast_cpu.BatchLoader(config), "generic")
+    return CpuStep(generic_step(config), fast_cpu.BatchLoader(config))
 
 
 def prepare_state(step: Step, state: Any, split: DeviceSplit | None = None) -> None:

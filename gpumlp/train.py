@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -132,14 +132,14 @@ def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Back
     # on the host, a check every step: math.isfinite reads the 0-d array with less overhead
     finite = math.isfinite if not backend.is_gpu else (lambda v: bool(xp.isfinite(v)))
     augment = make_augment(config.data.augment)
-    batches, dropout = len(slices), config.model.dropout
+    batches = len(slices)
     tally = tallier(step_fn)  # loss_sum += L * m; correct += ok
     for b in range(pos.batch, batches):
         X, y = batch_inputs(step_fn, data.train, perm[slices[b]], config, augment,
                             state.dev_rng)  # (m, d) inputs, (m,) labels
         m = X.shape[0]
-        masks = dropout_masks(state.dev_rng, m, config.model.widths, dropout, X.dtype) \
-            if dropout > 0 else ()
+        masks = dropout_masks(state.dev_rng, m, config.model.widths, config.model.dropout,
+                              X.dtype)  # () without dropout
         lr = learning_rate(config.optim, pos.step, batches, total_steps)
         L, ok = step_fn(state.params, state.opt, X, y, lr, pos.step + 1, masks)
         tally(loss_sum, correct, L, ok, m)
@@ -211,14 +211,18 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
             check_finite(snapshot)
             files.save_checkpoint(snapshot, history)
 
+    snap = None  # the last epoch end's state in model.py's layout
     while state.pos.epoch < config.train.epochs:
         try:
             train_epoch(state, data, config, backend, step_fn, on_event, save, should_stop)
             lr = learning_rate(config.optim, state.pos.step - 1, steps_per_epoch,
                                config.train.epochs * steps_per_epoch)
-            history.append(epoch_metrics(exported(step_fn, state), data, config, lr))
+            snap = exported(step_fn, state)
+            history.append(epoch_metrics(snap, data, config, lr))  # checks loss and weights
             state.pos = Position(epoch=state.pos.epoch + 1, step=state.pos.step)
-            save()  # checkpoint first: a metrics row then always has a checkpoint behind it
+            snap = replace(snap, pos=state.pos)
+            if files:  # checkpoint first: a metrics row then always has a checkpoint behind it
+                files.save_checkpoint(snap, history)
         except NumericalError as e:
             advice = files.last_good() if files else "lower optim.lr"
             raise NumericalError(f"{e}; {advice}") from None
@@ -227,7 +231,7 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
         on_event("epoch", history[-1])
         if should_stop() and state.pos.epoch < config.train.epochs:
             raise Interrupted("interrupted")
-    final = exported(step_fn, state)
+    final = snap if snap is not None else exported(step_fn, state)
     summary = make_summary(config, backend, final, data, history)
     if files:
         files.finish(final.params, config, summary)
