@@ -126,7 +126,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     from .config import build_config
     from .mnist import C, D
     from .progress import Reporter
-    from .runfiles import RunFiles, check_out_dir, run_files_in
+    from .runfiles import RunFiles, check_out_dir
     from .train import Interrupted, train as run_training
 
     if resume_dir:
@@ -147,11 +147,11 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     else:
         out_dir = Path(out) if out else default_out(config_path)
         created = not out or not out_dir.exists()
-        check_out_dir(out_dir, overwrite)
+        existing = check_out_dir(out_dir, overwrite)
         # An empty folder gets config.yaml (and init.npz) first, so that a run killed at once
         # can be resumed; an old run being overwritten stays intact until the new one has its
         # data and state.
-        early = not run_files_in(out_dir)
+        early = not existing
         if early:
             RunFiles(out_dir).start(config, init)
     reporter, stop = Reporter(quiet), StopFlag()

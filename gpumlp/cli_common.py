@@ -86,9 +86,18 @@ def load_mnist_for(data_dir: str | None, quiet: bool):
         return load_mnist(ensure_mnist(None, progress=progress_reporter(quiet)))
 
 
-data_dir_option = click.option(
-    "--data-dir", type=click.Path(file_okay=False), envvar="GPUMLP_DATA_DIR",
-    help="Folder with the four MNIST files (default: the cache; env GPUMLP_DATA_DIR).")
+def data_dir_option_for(help_text: str, path_type: type | None = None):
+    """The --data-dir option (also read from $GPUMLP_DATA_DIR); "{env}" in `help_text` names
+    that variable. The value is a str, or a `path_type` (Path) when given."""
+    from .fetch import DATA_DIR_ENV
+
+    return click.option(
+        "--data-dir", type=click.Path(file_okay=False, path_type=path_type), envvar=DATA_DIR_ENV,
+        help=help_text.format(env=DATA_DIR_ENV))
+
+
+data_dir_option = data_dir_option_for(
+    "Folder with the four MNIST files (default: the cache; env {env}).")
 device_option = click.option(
     "--device", default="auto", show_default=True,
     help="auto, cpu, cuda or cuda:N. auto takes the GPU when CuPy sees one.")

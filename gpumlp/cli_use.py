@@ -61,7 +61,8 @@ def predict(model_path, files, top_k, as_json, device):
     require("PIL", "Pillow", "predict")
     from .backend import get_backend
     from .checkpoint import load_model
-    from .predict import params_on, predict_files
+    from .model import params_on
+    from .predict import predict_files
 
     params, config = load_model(model_path)
     backend = get_backend(device)

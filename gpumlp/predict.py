@@ -17,7 +17,7 @@ from .activations import ACTIVATIONS
 from .backend import Backend, to_host
 from .config import Config
 from .data import batch_slices, to_inputs
-from .model import Params, forward, params_on, softmax  # noqa: F401 (params_on: for callers)
+from .model import Params, forward, softmax
 from .preprocess import ImageError, load_digit
 
 
@@ -36,7 +36,7 @@ def probabilities(params: Params, config: Config, pixels: np.ndarray,
                   backend: Backend) -> np.ndarray:
     """Z2 (n, c) on the host for pixels (n, 784) in [0, 255], scaled as in training.
 
-    `params` live on the backend's device (see `params_on`).
+    `params` live on the backend's device (see `model.params_on`).
     """
     act = ACTIVATIONS[config.model.activation]
     out = []

@@ -27,8 +27,9 @@ from .backend import Backend
 from .checkpoint import load_model
 from .errors import GpumlpError
 from .mnist import Split
+from .model import params_on
 from .npzio import atomic_write
-from .predict import params_on, probabilities
+from .predict import probabilities
 
 FIGURES = {
     "learning_curves": "learning_curves.png",

@@ -45,8 +45,10 @@ def run_files_in(path: Path) -> list[str]:
     return [name for name in RUN_FILES if (path / name).exists()]
 
 
-def check_out_dir(path: Path, overwrite: bool) -> None:
-    """Refuse a folder holding another run unless `overwrite`; check it can be written."""
+def check_out_dir(path: Path, overwrite: bool) -> list[str]:
+    """Refuse a folder holding another run unless `overwrite`; check it can be written.
+
+    Returns the RUN_FILES it already holds."""
     if path.exists() and not path.is_dir():
         raise GpumlpError(f"--out {path}: exists and is not a folder; pick another path")
     existing = run_files_in(path)
@@ -60,6 +62,7 @@ def check_out_dir(path: Path, overwrite: bool) -> None:
     except OSError as e:
         raise GpumlpError(f"--out {path}: cannot write there ({e.strerror or e}); "
                           "pick a writable folder") from None
+    return existing
 
 
 def generator_state(rng) -> str | None:
@@ -96,7 +99,7 @@ class RunFiles:
             f.flush()
             os.fsync(f.fileno())
 
-    def discard_unstarted(self, remove_folder: bool = True) -> None:
+    def discard_unstarted(self, remove_folder: bool) -> None:
         """Remove the files (and, with `remove_folder`, the folder) this run created, when no
         checkpoint was written yet."""
         if self.path("checkpoint.npz").exists():
