@@ -255,11 +255,14 @@ def gradcheck(config_path, overrides, samples, batch, tolerance):
     results = gradcheck_config(widths, ACTIVATIONS[config.model.activation], config.model.init,
                                seed=config.train.seed, m=batch, dropout=config.model.dropout,
                                smoothing=config.train.label_smoothing, samples=samples)
-    click.echo(f"{'param':<6} {'shape':<12} {'checked':>7} {'max rel error':>14} "
+    click.echo(f"{'param':<6} {'shape':<12} {'checked':>7} {'nonzero':>7} {'max rel error':>14} "
                f"{'max abs error':>14}")
     for r in results:
-        click.echo(f"{r.name:<6} {str(r.shape):<12} {r.checked:>7} {r.max_rel_error:>14.3e} "
-                   f"{r.max_abs_error:>14.3e}")
+        click.echo(f"{r.name:<6} {str(r.shape):<12} {r.checked:>7} {r.nonzero:>7} "
+                   f"{r.max_rel_error:>14.3e} {r.max_abs_error:>14.3e}")
+    if any(r.nonzero == 0 for r in results):
+        click.echo("note: every checked entry of a parameter had a zero gradient (dead units or "
+                   "zero inputs in this batch); check more entries with --samples", err=True)
     worst, passed = worst_error(results), passes(results, tolerance)   # a NaN error fails
     click.echo(f"{'PASS' if passed else 'FAIL'}: largest relative error {worst:.3e} (tolerance "
                f"{tolerance:g}), activation {config.model.activation}, float64, "

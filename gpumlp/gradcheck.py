@@ -17,6 +17,7 @@ from .model import Params, backward, dropout_masks, forward, init_params, loss_a
 
 EPS = 1e-5
 FLOOR = 1e-4  # entries with |gradient| below this are judged by absolute error / 1e-4
+NONZERO = 1e-9  # a numeric gradient above this is no rounding noise (~1e-11 at EPS in float64)
 
 
 class ParamCheck(NamedTuple):
@@ -25,6 +26,8 @@ class ParamCheck(NamedTuple):
     checked: int         # entries compared
     max_rel_error: float
     max_abs_error: float
+    nonzero: int = -1    # of those, entries whose numeric gradient is not ~0 (-1: not counted);
+                         # a sample of only zeros (dead units, blank pixels) checks little
 
 
 def loss_of(params: Params, X, y, act: Activation, masks: tuple = (),
@@ -73,7 +76,7 @@ def check_gradients(params: Params, X: np.ndarray, y: np.ndarray, act: Activatio
             abs_err = np.abs(a - numeric)
             rel = abs_err / np.maximum(np.maximum(np.abs(a), np.abs(numeric)), FLOOR)
             results.append(ParamCheck(name, theta.shape, len(idx), float(rel.max()),
-                                      float(abs_err.max())))
+                                      float(abs_err.max()), int((np.abs(numeric) > NONZERO).sum())))
     return results
 
 

@@ -314,3 +314,19 @@ def test_ctrl_c_while_the_data_loads_stops_at_once_and_leaves_no_run(tmp_path, m
     result = cli("train", "--config", SMOKE, "--device", "cpu", "--out", out)
     assert result.exit_code == 130 and "interrupted" in result.stderr
     assert not out.exists()                              # nothing half-made is left behind
+
+
+def test_gradcheck_says_when_a_parameter_was_checked_only_where_its_gradient_is_zero(monkeypatch):
+    import gpumlp.gradcheck as gradcheck_module
+
+    real = gradcheck_module.gradcheck_config
+
+    def with_a_blank_sample(*args, **kwargs):
+        results = real(*args, **kwargs)
+        return [results[0]._replace(nonzero=0), *results[1:]]
+
+    monkeypatch.setattr(gradcheck_module, "gradcheck_config", with_a_blank_sample)
+    result = cli("gradcheck", "--set", "model.hidden=8", "--samples", "5")
+    assert result.exit_code == 0
+    assert "zero gradient" in result.stderr and "--samples" in result.stderr
+    assert result.stdout.splitlines()[1].split()[:5] == ["W1", "(784,", "8)", "5", "0"]

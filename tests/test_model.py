@@ -391,3 +391,16 @@ def test_check_gradients_refuses_a_net_that_is_not_float64():
     with pytest.raises(ValueError, match="not float64: W2$"):
         check_gradients(mixed, X64, y, ACTIVATIONS["tanh"])
     assert worst(check_gradients(params64, X64, y, ACTIVATIONS["tanh"])) < TOL
+
+
+def test_gradient_check_counts_the_entries_whose_numeric_gradient_is_not_zero():
+    """A sample of only zero gradients (every hidden unit dead on the batch) checks nothing:
+    the count says so, where a live net's does not."""
+    rng = np.random.default_rng(3)
+    params = init_params((6, 5, 3), "he", rng, "float64")
+    X, y = rng.random((4, 6)), rng.integers(0, 3, 4)
+    live = {r.name: r.nonzero for r in check_gradients(params, X, y, ACTIVATIONS["relu"])}
+    dead = Params(params.W, (np.full(5, -100.0), params.b[1]))        # A1 < 0 everywhere
+    counts = {r.name: r.nonzero for r in check_gradients(dead, X, y, ACTIVATIONS["relu"])}
+    assert counts["W1"] == counts["b1"] == counts["W2"] == 0 and counts["b2"] == 3
+    assert min(live.values()) > 0
