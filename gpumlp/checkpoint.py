@@ -16,7 +16,6 @@ import numpy as np
 from .backend import to_host
 from .config import Config, config_from_dict, config_to_dict
 from .errors import CheckpointError, ConfigError
-from .mnist import C, D
 from .model import Params
 from .npzio import load_npz, save_npz
 
@@ -74,7 +73,7 @@ def load_model(path: str | os.PathLike) -> tuple[Params, Config]:
     source = str(Path(path))
     arrays = load_npz(path)
     config = config_of(arrays, source)
-    params = params_from_arrays(arrays, (D, *config.model.widths, C), source)
+    params = params_from_arrays(arrays, config.model.layer_widths, source)
     dtype = np.dtype(config.train.dtype)
     return Params(tuple(w.astype(dtype) for w in params.W),
                   tuple(v.astype(dtype) for v in params.b)), config

@@ -124,7 +124,6 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     from .backend import get_backend
     from .checkpoint import load_init
     from .config import build_config
-    from .mnist import C, D
     from .progress import Reporter
     from .runfiles import RunFiles, check_out_dir
     from .train import Interrupted, train as run_training
@@ -140,7 +139,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     backend = get_backend(device)
     init = None
     if init_path:
-        init = load_init(init_path, (D, *config.model.widths, C), config.train.dtype)
+        init = load_init(init_path, config.model.layer_widths, config.train.dtype)
     created = early = False  # this run made the folder / wrote config.yaml before the data
     if resume_dir:
         out_dir = Path(resume_dir)
@@ -248,10 +247,9 @@ def gradcheck(config_path, overrides, samples, batch, tolerance):
     from .activations import ACTIVATIONS
     from .config import build_config
     from .gradcheck import gradcheck_config, passes, worst_error
-    from .mnist import C, D
 
     config = build_config(config_path, overrides)
-    widths = (D, *config.model.widths, C)
+    widths = config.model.layer_widths
     results = gradcheck_config(widths, ACTIVATIONS[config.model.activation], config.model.init,
                                seed=config.train.seed, m=batch, dropout=config.model.dropout,
                                smoothing=config.train.label_smoothing, samples=samples)

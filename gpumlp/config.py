@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError
+from .mnist import C, D
 
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu")
 INITS = ("he", "xavier")
@@ -39,6 +40,11 @@ class ModelConfig:
     def widths(self) -> tuple[int, ...]:
         """The hidden widths as a tuple, whether `hidden` is an int or a list."""
         return (self.hidden,) if isinstance(self.hidden, int) else tuple(self.hidden)
+
+    @property
+    def layer_widths(self) -> tuple[int, ...]:
+        """(d, h_1, ..., c): MNIST's 784 inputs, the hidden widths, its 10 classes."""
+        return (D, *self.widths, C)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ from .activations import ACTIVATIONS
 from .augment import make_augment
 from .config import Config, OptimConfig
 from .data import DeviceSplit, standardize
-from .mnist import C, D
+from .mnist import D
 from .model import Params
 from .optim import OptState, apply_max_norm, flat, multiply_out
 from .step import generic_step
@@ -458,7 +458,7 @@ class FastStep:
         self.act_name = config.model.activation
         self.dtype = np.dtype(config.train.dtype)
         self.lib = Blas(*blas.get_blas_funcs(("gemm", "axpy", "scal"), dtype=self.dtype))
-        self.widths = (D, *config.model.widths, C)
+        self.widths = config.model.layer_widths
         self.buffers: dict[int, Buffers] = {}  # one set per batch size: the full and the last
         self.generic = generic_step(config)
         self.loader = BatchLoader(config)

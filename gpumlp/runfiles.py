@@ -25,7 +25,6 @@ from .backend import Backend, to_host
 from .checkpoint import load_init, param_arrays, params_from_arrays, save_model
 from .config import Config, dump_config
 from .errors import CheckpointError, GpumlpError
-from .mnist import C, D
 from .model import Params
 from .npzio import atomic_write, load_npz, save_npz
 from .optim import flat
@@ -142,7 +141,7 @@ class RunFiles:
         if not self.path("init.npz").exists():
             return None
         try:
-            return load_init(self.path("init.npz"), (D, *config.model.widths, C),
+            return load_init(self.path("init.npz"), config.model.layer_widths,
                              config.train.dtype)
         except CheckpointError as e:
             raise CheckpointError(f"{e}; it held the --init weights of the run, so start it over "
@@ -190,7 +189,7 @@ class RunFiles:
             raise CheckpointError(f"{source}: its state record is missing or damaged; "
                                   "start the run again") from None
         state = new_state(config, backend)
-        host = params_from_arrays(arrays, (D, *config.model.widths, C), source)
+        host = params_from_arrays(arrays, config.model.layer_widths, source)
         fresh = flat(state.params) + state.opt.m + state.opt.v
         saved = flat(host) + tuple(arrays.get(f"opt_m{i}") for i in range(len(state.opt.m))) \
             + tuple(arrays.get(f"opt_v{i}") for i in range(len(state.opt.v)))

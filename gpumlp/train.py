@@ -23,7 +23,7 @@ from .backend import Backend
 from .config import Config
 from .data import DeviceData, DeviceSplit, batch_slices, permutation, prepare_data, to_inputs
 from .errors import ConfigError, GpumlpError
-from .mnist import C, D, Mnist
+from .mnist import Mnist
 from .model import (Params, correct_count, dropout_masks, forward, init_params, loss_and_dA2,
                     params_on)
 from .optim import OptState, init_state, learning_rate
@@ -71,7 +71,7 @@ class RunResult(NamedTuple):
 def new_state(config: Config, backend: Backend, init: Params | None = None) -> RunState:
     """Fresh parameters (or `init`), zero optimizer state, generators from train.seed."""
     rng = np.random.default_rng(config.train.seed)
-    widths = (D, *config.model.widths, C)
+    widths = config.model.layer_widths
     host = init_params(widths, config.model.init, rng, config.train.dtype)
     if init is not None:
         host = init
