@@ -61,17 +61,19 @@ def _cuda_count(cupy: ModuleType) -> int:
         return 0
 
 
-def cuda_backend(index: int) -> Backend:
-    """The CuPy backend on GPU `index`, or a DeviceError saying how to get one."""
+def cuda_backend(index: int, given: str | None = None) -> Backend:
+    """The CuPy backend on GPU `index`, or a DeviceError saying how to get one; the error names
+    the device as the user wrote it (`given`, e.g. "cuda"), else as cuda:N."""
     cupy = _import_cupy()
+    named = f"--device {given if given is not None else f'cuda:{index}'}"
     if cupy is None:
-        raise DeviceError(f"--device cuda:{index}: CuPy is not installed; {CUDA_HINT}")
+        raise DeviceError(f"{named}: CuPy is not installed; {CUDA_HINT}")
     count = _cuda_count(cupy)
     if count == 0:
-        raise DeviceError(f"--device cuda:{index}: no CUDA GPU is visible (driver missing or "
+        raise DeviceError(f"{named}: no CUDA GPU is visible (driver missing or "
                           "CUDA_VISIBLE_DEVICES empty); use --device cpu")
     if index >= count:
-        raise DeviceError(f"--device cuda:{index}: only {count} GPU(s) here "
+        raise DeviceError(f"{named}: only {count} GPU(s) here "
                           f"(cuda:0..cuda:{count - 1}); pick one of those or --device cpu")
     cupy.cuda.Device(index).use()
     name = cupy.cuda.runtime.getDeviceProperties(index)["name"]
@@ -84,7 +86,8 @@ CPU = Backend(np, "cpu", "cpu (NumPy)")
 
 def get_backend(device: str = "auto") -> Backend:
     """Resolve `auto|cpu|cuda|cuda:N` into a Backend; a DeviceError when it is not usable."""
-    device = device.strip().lower()
+    given = device.strip()
+    device = given.lower()
     if device == "cpu":
         return CPU
     if device == "auto":
@@ -92,8 +95,8 @@ def get_backend(device: str = "auto") -> Backend:
         return cuda_backend(0) if cupy is not None and _cuda_count(cupy) > 0 else CPU
     match = re.fullmatch(r"cuda(?::(\d+))?", device)
     if match is None:
-        raise DeviceError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N")
-    return cuda_backend(int(match.group(1) or 0))
+        raise DeviceError(f"--device {given!r}: not a device; use auto, cpu, cuda or cuda:N")
+    return cuda_backend(int(match.group(1) or 0), given)
 
 
 def available_devices() -> list[str]:

@@ -58,11 +58,13 @@ def data_dir_source() -> tuple[str, str]:
     return "--data-dir ", "drop --data-dir"
 
 
-def load_mnist_for(data_dir: str | None, quiet: bool):
+def load_mnist_for(data_dir: str | None, quiet: bool = False):
     """The MNIST arrays, from --data-dir or the cache (fetched on first use).
 
     A folder the user names is used as it is: a missing or wrong file there is an error
     naming it (rather than a silent download), so a damaged folder never goes unnoticed.
+    A fetch into the cache says so on stderr unless `quiet` (only a command's own -q passes
+    it: a fetch may take minutes); stdout stays the command's own.
     """
     from .cli_data import progress_reporter
     from .errors import DataError

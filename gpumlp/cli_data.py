@@ -130,6 +130,14 @@ def verify_command(data_dir: Path | None) -> None:
     if data_dir is None:
         run(check_cache, folder)
     problems = {stem: file_problem(folder, stem) for stem in ALL_FILES}
+    if set(problems.values()) == {"missing"}:  # nothing to list file by file
+        if data_dir is None:
+            raise click.ClickException(f"no MNIST files in {folder}; run `gpumlp data fetch` to "
+                                       "download them")
+        source, drop = data_dir_source()
+        raise click.ClickException(f"{source}{data_dir}: none of the four MNIST files is there; "
+                                   f"put them there (see docs/data.md), or {drop} to check the "
+                                   "cache")
     for stem, problem in problems.items():
         click.echo(f"ok   {stem}" if problem is None else f"BAD  {stem}: {problem}")
     bad = sum(problem is not None for problem in problems.values())
@@ -145,10 +153,17 @@ def verify_command(data_dir: Path | None) -> None:
 def path_command(data_dir: Path | None) -> None:
     """Print the folder the MNIST files are read from: --data-dir if given, else the cache.
 
+    The folder is printed even when it does not exist (the cache's is made by the first fetch);
+    a --data-dir that does not exist gets a warning on stderr, as every command reading it fails.
+
     \b
     Example:
       ls "$(gpumlp data path)"
     """
+    if data_dir is not None and not data_dir.is_dir():
+        source, drop = data_dir_source()
+        click.echo(f"Warning: {source}{data_dir}: no such folder; reading the MNIST files from "
+                   f"it will fail until it holds them (or {drop} to use the cache)", err=True)
     click.echo(data_dir or mnist_cache_dir())
 
 

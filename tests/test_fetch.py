@@ -194,6 +194,26 @@ def test_source_mirrors_never_runs_pip_and_cache_never_downloads(cache, fake, se
     assert server.log == []
 
 
+def test_source_cache_without_the_files_is_one_line_and_lists_no_sources(cache, fake,
+                                                                          tmp_path):
+    """Nothing was downloaded, so there is no "sources tried" report, only what to run."""
+    with pytest.raises(DataError) as caught:
+        ensure(fake, source="cache")
+    assert str(caught.value) == (
+        f"no MNIST files in {cache}; run `gpumlp data fetch` to download them, or pass "
+        "--data-dir FOLDER (or set GPUMLP_DATA_DIR=FOLDER) for a folder that holds them")
+    folder = fake.write(tmp_path / "mine")
+    (folder / "t10k-images-idx3-ubyte.gz").unlink()
+    fake.write(cache)
+    (cache / "train-images-idx3-ubyte.gz").write_bytes(HTML_PAGE)
+    with pytest.raises(DataError) as caught:
+        ensure(fake, data_dir=folder, source="cache")
+    assert str(caught.value) == (
+        f"not using data folder {folder} (t10k-images-idx3-ubyte: missing); the MNIST files in "
+        f"{cache} are not intact (train-images-idx3-ubyte: an HTML page, not an IDX file); run "
+        "`gpumlp data fetch` to replace them")
+
+
 def test_unknown_source_is_a_data_error(fake):
     with pytest.raises(DataError, match="unknown MNIST source 'ftp'; choose one of auto"):
         ensure(fake, source="ftp")
