@@ -104,7 +104,7 @@ def report(run_dir, overwrite, device, data_dir):
 
     check_run(Path(run_dir), overwrite)  # before the test set is fetched
     backend = get_backend(device)
-    mnist = load_mnist_for(data_dir, quiet=True)
+    mnist = load_mnist_for(data_dir)
     written = make_report(Path(run_dir), mnist.test, backend, overwrite)
     click.echo(f"wrote {', '.join(p.name for p in written)} in {run_dir}")
 
@@ -114,21 +114,25 @@ def report(run_dir, overwrite, device, data_dir):
 @click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True,
               help="File format to write.")
 @click.option("--out", type=click.Path(dir_okay=False),
-              help="Output file (default: MODEL with the format's suffix).")
+              help="Output file, ending in .onnx (default: MODEL with the suffix .onnx).")
 @click.option("--overwrite", is_flag=True,
-              help="Replace an existing output file (never a .npz, nor the model).")
+              help="Replace an existing .onnx output file (never a .npz, nor the model).")
 @domain_errors
 def export(model_path, fmt, out, overwrite):
     """Write a trained model.npz in another format: ONNX.
 
     The ONNX graph takes "pixels", float32 rows of 784 values scaled to [0, 1] (pixel / 255),
-    and gives "logits" and "probabilities" (softmax), 10 per row. An existing output file is
-    replaced only with --overwrite; a .npz file never is.
+    and gives "logits" and "probabilities" (softmax), 10 per row. The output's name must end
+    in .onnx, which keeps it off a run's own files (config.yaml, metrics.jsonl, ...); an
+    existing output file is replaced only with --overwrite; a .npz file never is.
 
     \b
     Example:
       gpumlp export runs/h256/model.npz --format onnx --out mnist.onnx
     """
+    if out and not Path(out).name.lower().endswith(f".{fmt}"):  # also keeps it off a run's files
+        raise OneLineError(f"--out {out}: the output's name must end in .{fmt}, the format "
+                           f"written; give --out a name such as mnist.{fmt}", exit_code=2)
     require("onnx", "onnx", "onnx")
     from .checkpoint import load_model
     from .export_onnx import OPSET, check_target, model_bytes

@@ -3,8 +3,10 @@
 Nothing is copied to the host inside a step: the loss and the correct count accumulate
 in device scalars read once per epoch (and at checkpoints), apart from the NaN guard's look at
 the loss sum (every step on the CPU, every 50 on a GPU) and before every checkpoint, which is
-written only when the loss and all the weights are finite. Progress goes to an optional
-callback `on_event(kind, info)`; the library never prints.
+written only when the loss and all the weights are finite and the weights still give a finite
+loss (the evaluation loss at an epoch's end, a probe of the training set mid-epoch): finite
+weights can be too large to use, and a checkpoint of them could never be resumed. Progress
+goes to an optional callback `on_event(kind, info)`; the library never prints.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .runfiles import RunFiles
 from .step import batch_inputs, exported, make_step, prepare_state, tallier
 
 EventHandler = Callable[[str, dict], None]
+PROBE_ROWS = 100  # training examples whose loss vets the weights of a mid-epoch checkpoint
 
 
 class NumericalError(GpumlpError):
@@ -38,7 +41,7 @@ class NumericalError(GpumlpError):
 
 
 class Interrupted(GpumlpError):
-    """Training was asked to stop (Ctrl-C); a checkpoint was saved."""
+    """Training was asked to stop (Ctrl-C, SIGTERM); a checkpoint was saved."""
 
 
 @dataclass
@@ -114,6 +117,28 @@ def check_finite(state: RunState) -> None:
                              f"(by step {pos.step})")
 
 
+def check_usable(state: RunState, data: DeviceData, config: Config) -> None:
+    """A NumericalError unless the (finite) weights give a finite loss on the first PROBE_ROWS
+    training examples: the guard before a mid-epoch checkpoint, which could not be resumed."""
+    probe = DeviceSplit(data.train.images[:PROBE_ROWS], data.train.labels[:PROBE_ROWS])
+    loss, _ = evaluate(state.params, probe, config)
+    if not math.isfinite(loss):
+        pos = state.pos
+        raise NumericalError(f"the evaluation loss on the first {len(probe)} training examples "
+                             f"became NaN or infinite in epoch {pos.epoch + 1} (by step "
+                             f"{pos.step}): the weights are finite but too large to use")
+
+
+def check_eval_losses(row: dict, step: int) -> None:
+    """A NumericalError unless the epoch's evaluation losses (val, test) are finite."""
+    losses = {k: row[k] for k in ("val_loss", "test_loss") if k in row}
+    if not all(math.isfinite(v) for v in losses.values()):
+        shown = ", ".join(f"{k} {v}" for k, v in losses.items())
+        raise NumericalError(f"the evaluation loss became NaN or infinite at the end of epoch "
+                             f"{row['epoch']} (step {step}: {shown}): the weights are finite but "
+                             "too large to use")
+
+
 def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Backend,
                 step_fn, on_event: EventHandler, checkpoint: Callable[[], None],
                 should_stop: Callable[[], bool]) -> None:
@@ -150,10 +175,11 @@ def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Back
                                  f"step {pos.step}")
         on_event("step", {"epoch": pos.epoch + 1, "batch": b + 1, "batches": batches})
         mid_epoch = b + 1 < batches
-        if mid_epoch and (should_stop() or (tc.checkpoint_every and pos.step % tc.checkpoint_every == 0)):
+        due = tc.checkpoint_every and pos.step % tc.checkpoint_every == 0
+        if mid_epoch and (should_stop() or due):
             pos.loss_sum, pos.correct = float(loss_sum), int(correct)
             pos.seconds = time.perf_counter() - started
-            checkpoint()  # checks the loss and the weights first
+            checkpoint()  # checks the loss, the weights and their loss on a probe first
             if should_stop():
                 raise Interrupted("interrupted")
     backend.synchronize()
@@ -162,13 +188,16 @@ def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Back
 
 
 def epoch_metrics(state: RunState, data: DeviceData, config: Config, lr: float) -> dict:
-    """The metrics.jsonl line of the epoch that just ended (`state` in model.py's layout)."""
+    """The metrics.jsonl line of the epoch that just ended (`state` in model.py's layout); a
+    NumericalError if a loss or a weight, or then the val or test loss, is NaN or infinite."""
     pos, n = state.pos, len(data.train)
     check_finite(state)
-    row = {"epoch": pos.epoch + 1, "train_loss": pos.loss_sum / n, "train_accuracy": pos.correct / n}
+    row = {"epoch": pos.epoch + 1, "train_loss": pos.loss_sum / n,
+           "train_accuracy": pos.correct / n}
     if data.val is not None:
         row["val_loss"], row["val_accuracy"] = evaluate(state.params, data.val, config)
     row["test_loss"], row["test_accuracy"] = evaluate(state.params, data.test, config)
+    check_eval_losses(row, pos.step)
     row.update(lr=lr, seconds=pos.seconds, samples_per_second=n / max(pos.seconds, 1e-9))
     return row
 
@@ -205,10 +234,12 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
                        "epoch": state.pos.epoch})
 
     def save() -> None:
-        """A checkpoint, never of NaN or infinite weights: the previous one stays the last good."""
+        """A mid-epoch checkpoint, never of NaN, infinite or unusable weights: the previous one
+        stays the last good."""
         if files:
             snapshot = exported(step_fn, state)
             check_finite(snapshot)
+            check_usable(snapshot, data, config)
             files.save_checkpoint(snapshot, history)
 
     snap = None  # the last epoch end's state in model.py's layout
@@ -218,7 +249,7 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
             lr = learning_rate(config.optim, state.pos.step - 1, steps_per_epoch,
                                config.train.epochs * steps_per_epoch)
             snap = exported(step_fn, state)
-            history.append(epoch_metrics(snap, data, config, lr))  # checks loss and weights
+            history.append(epoch_metrics(snap, data, config, lr))  # checks losses and weights
             state.pos = Position(epoch=state.pos.epoch + 1, step=state.pos.step)
             snap = replace(snap, pos=state.pos)
             if files:  # checkpoint first: a metrics row then always has a checkpoint behind it

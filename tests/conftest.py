@@ -1,5 +1,8 @@
 """Shared fixtures: the real MNIST folder (or a visible skip), and a tiny synthetic MNIST.
 
+The real MNIST folder is, in this order: $GPUMLP_DATA_DIR, ../shared/data/mnist beside the
+checkout, or gpumlp's own cache when `gpumlp data fetch` (or a first `gpumlp train`) filled it.
+
 The tiny MNIST is learnable (each digit is a fixed random prototype plus noise), written as
 the four gzip IDX files with `gpumlp.idx.encode_idx`, so the loaders and the CLI read it
 exactly as they read the real files, in milliseconds.
@@ -7,6 +10,7 @@ exactly as they read the real files, in milliseconds.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -16,21 +20,37 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
+from gpumlp import fetch
 from gpumlp.idx import encode_idx
 from gpumlp.mnist import FILES, Mnist, Split
 
 # The shared MNIST files sit beside the repository: <repo>/../shared/data/mnist
 SHARED_MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+# Where the real files may be, as the session starts: tests that monkeypatch the environment or
+# fetch.CHECKSUMS (tiny_data_dir) must not change the answer of real_mnist_dir.
+STARTING_DATA_DIR = os.environ.get(fetch.DATA_DIR_ENV)
+STARTING_CACHE = fetch.mnist_cache_dir()
+CANONICAL_CHECKSUMS = dict(fetch.CHECKSUMS)
 
 
+def holds_mnist_files(folder: Path) -> bool:
+    """Whether the four MNIST files are in `folder`, raw or gzipped (not read)."""
+    return all((folder / stem).is_file() or (folder / f"{stem}.gz").is_file()
+               for pair in FILES.values() for stem in pair)
+
+
+@functools.cache
 def real_mnist_dir() -> Path | None:
-    """GPUMLP_DATA_DIR when set, else the shared folder; None when neither holds the files."""
-    candidates = [Path(os.environ["GPUMLP_DATA_DIR"])] if os.environ.get("GPUMLP_DATA_DIR") else []
+    """GPUMLP_DATA_DIR when set, else the shared folder, else gpumlp's own cache when it holds
+    the four canonical files (checked by sha256 as gpumlp checks them, ~0.3 s, never
+    downloaded); None when none of them has the files. Decided once, from the session's start."""
+    candidates = [Path(STARTING_DATA_DIR)] if STARTING_DATA_DIR else []
     candidates.append(SHARED_MNIST_DIR)
     for folder in candidates:
-        if all((folder / stem).is_file() or (folder / f"{stem}.gz").is_file()
-               for pair in FILES.values() for stem in pair):
+        if holds_mnist_files(folder):
             return folder
+    if STARTING_CACHE.is_dir() and not fetch.verify_folder(STARTING_CACHE, CANONICAL_CHECKSUMS):
+        return STARTING_CACHE
     return None
 
 
@@ -39,8 +59,10 @@ def mnist_dir() -> Path:
     """The folder of the four real MNIST files; the test is skipped, with a reason, without it."""
     folder = real_mnist_dir()
     if folder is None:
-        pytest.skip("real MNIST files not found: set GPUMLP_DATA_DIR to a folder holding the four "
-                    "MNIST IDX files (or put them in ../shared/data/mnist beside the repository)")
+        pytest.skip(f"real MNIST files not found: set {fetch.DATA_DIR_ENV} to a folder holding "
+                    "the four MNIST IDX files, put them in ../shared/data/mnist beside the "
+                    f"repository, or run `gpumlp data fetch` to fill gpumlp's cache "
+                    f"({STARTING_CACHE}, intact files only)")
     return folder
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,54 @@ def test_gradcheck_fails_on_a_nan_gradient_even_when_it_is_not_the_first(monkeyp
     assert result.stdout.splitlines()[-1].startswith("FAIL: largest relative error nan")
 
 
+def gradcheck_table(stdout: str) -> dict[str, list[str]]:
+    """param -> its row of gradcheck's table, split on white space (shape as one field)."""
+    rows = [line.replace(", ", ",").split() for line in stdout.splitlines()[1:-1]]
+    return {row[0]: row for row in rows}
+
+
+def test_gradcheck_of_the_default_net_leaves_out_the_entry_that_straddles_relus_kink(
+        monkeypatch):
+    """784-256-10 relu, seed 0: one hidden pre-activation lies 9e-6 from 0, so b1's entry for
+    that unit (checked with every entry of b1) has a central difference across the kink. It is
+    counted and excluded, and the check passes; with kink detection off, it fails."""
+    import gpumlp.gradcheck as gradcheck_module
+
+    result = cli("gradcheck", "--samples", "256")
+    assert result.exit_code == 0, result.output
+    table = gradcheck_table(result.stdout)
+    assert result.stdout.splitlines()[0].split()[4] == "straddle"
+    b1 = table["b1"]
+    assert (b1[1], b1[2], b1[4]) == ("(256,)", "255", "1")               # 256 drawn, 1 left out
+    assert [table[name][4] for name in ("W1", "W2", "b2")] == ["0", "0", "0"]
+    assert result.stdout.splitlines()[-1].startswith("PASS: ")
+    assert result.stderr.strip() == ("note: 1 entry straddles relu's kink at 0 (the step moves a "
+                                     "pre-activation across it): excluded; their central "
+                                     "difference is not a derivative")
+    monkeypatch.setattr(gradcheck_module, "KINKED", ())                   # as before the fix
+    result = cli("gradcheck", "--samples", "256")
+    assert result.exit_code == 1 and result.stdout.splitlines()[-1].startswith("FAIL: ")
+    assert gradcheck_table(result.stdout)["b1"][2] == "256"
+
+
+def test_gradcheck_still_fails_a_wrong_gradient_where_entries_straddle_the_kink(monkeypatch):
+    import gpumlp.gradcheck as gradcheck_module
+    from gpumlp.model import Grads
+
+    real = gradcheck_module.backward
+
+    def db1_too_large(*args, **kwargs):
+        grads = real(*args, **kwargs)
+        return Grads(grads.W, (1.5 * grads.b[0], *grads.b[1:]))
+
+    monkeypatch.setattr(gradcheck_module, "backward", db1_too_large)
+    result = cli("gradcheck", "--samples", "256")                         # every entry of b1
+    assert result.exit_code == 1
+    assert "1 entry straddles relu's kink" in result.stderr
+    assert float(gradcheck_table(result.stdout)["b1"][5]) > 0.3           # |1.5g - g| / 1.5g
+    assert result.stdout.splitlines()[-1].startswith("FAIL: largest relative error")
+
+
 @pytest.mark.parametrize("tolerance", ["nan", "inf", "0", "-1e-6"])
 def test_gradcheck_refuses_a_tolerance_that_is_not_a_positive_number(tolerance):
     assert_one_error_line(cli("gradcheck", "--tolerance", tolerance), 2, "--tolerance",
@@ -263,6 +312,10 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     (["train", "--set", "model.hidden=[64, x]", "--out", "run"], ["model.hidden"]),
     (["train", "--device", "tpu", "--out", "run"], ["not a device", "cpu"]),
     (["train", "--resume", "run", "--seed", "1"], ["--resume takes the run's saved config"]),
+    (["train", "--config", "", "--out", "run"], ["the config file path is empty"]),
+    (["gradcheck", "--config", ""], ["the config file path is empty"]),
+    (["train", "--config", ".", "--out", "run"], ["'.' is a directory"]),
+    (["train", "--set", "optim..lr=3", "--out", "run"], ["'optim..lr' has an empty part"]),
     (["evaluate", "model.npz", "--device", "gpu0"], ["not a device"]),
     (["gradcheck", "--set", "model.activation=swish"], ["model.activation", "relu"]),
     (["gradcheck", "--samples", "0"], ["--samples"]),        # click's usage errors too
@@ -274,12 +327,24 @@ def test_config_and_device_errors_exit_2_with_one_line(args, fragments, in_tmp):
     assert not (in_tmp / "run").exists()
 
 
-@pytest.mark.parametrize("command", [["train", "--out", "run"], ["evaluate", "model.npz"]])
-@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+CUDA_COMMANDS = [["train", "--out", "run"], ["evaluate", "model.npz"],
+                 ["predict", "model.npz", "digit.png"], ["bench", "--data", "synthetic"]]
+
+
+@pytest.mark.parametrize("command", CUDA_COMMANDS)
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "CUDA"])
 def test_cuda_without_cupy_says_how_to_fix_it(command, device, no_cupy, in_tmp):
-    assert_one_error_line(cli(*command, "--device", device), 2, "CuPy is not installed",
-                          "pip install -e '.[cuda12]'", "--device cpu")
+    assert_one_error_line(cli(*command, "--device", device), 2, f"Error: --device {device}: "
+                          "CuPy is not installed", "pip install -e '.[cuda12]'", "--device cpu")
     assert not (in_tmp / "run").exists()
+
+
+@pytest.mark.parametrize("command", CUDA_COMMANDS)
+def test_a_missing_gpu_is_named_as_the_user_wrote_the_device(command, monkeypatch, in_tmp):
+    monkeypatch.setattr(backend, "_import_cupy", lambda: object())   # CuPy, but no GPU
+    monkeypatch.setattr(backend, "_cuda_count", lambda cupy: 0)
+    assert_one_error_line(cli(*command, "--device", "cuda"), 2,
+                          "Error: --device cuda: no CUDA GPU is visible")
 
 
 def test_file_errors_exit_1_with_one_line(in_tmp):
@@ -330,3 +395,51 @@ def test_gradcheck_says_when_a_parameter_was_checked_only_where_its_gradient_is_
     assert result.exit_code == 0
     assert "zero gradient" in result.stderr and "--samples" in result.stderr
     assert result.stdout.splitlines()[1].split()[:5] == ["W1", "(784,", "8)", "5", "0"]
+
+
+# --- fetching on the way ----------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_mirror(tiny_mnist, monkeypatch, tmp_path):
+    """An empty cache, the tiny MNIST's checksums as canonical, and one local mirror serving its
+    files as the only source; the cache's MNIST folder."""
+    from fetch_helpers import go_offline, start_server
+    from gpumlp import fetch
+
+    cache = go_offline(monkeypatch, tmp_path)
+    monkeypatch.setattr(fetch, "CHECKSUMS", dict(tiny_mnist.checksums))
+    server = start_server()
+    files = {stem: (tiny_mnist.folder / f"{stem}.gz").read_bytes() for stem in tiny_mnist.checksums}
+    monkeypatch.setattr(fetch, "MIRRORS", (server.mirror("good", "good", files),))
+    yield cache
+    server.stop()
+
+
+def test_evaluate_says_on_stderr_when_it_repairs_the_cache(trained_model, tiny_mnist, tiny_mirror):
+    """evaluate has no -q: a fetch it does is shown on stderr; its --json stdout stays clean."""
+    empty = cli("evaluate", trained_model, "--device", "cpu", "--json")
+    assert empty.exit_code == 0, empty.output
+    assert "fetching MNIST from mirror http://127.0.0.1" in empty.stderr
+    assert json.loads(empty.stdout)["n"] == len(tiny_mnist.mnist.test.labels)
+    (tiny_mirror / "t10k-labels-idx1-ubyte").write_bytes(b"<html>for sale</html>")
+    damaged = cli("evaluate", trained_model, "--device", "cpu", "--json")
+    assert damaged.exit_code == 0, damaged.output
+    assert f"passed over cache {tiny_mirror}: t10k-labels-idx1-ubyte: an HTML" in damaged.stderr
+    assert "fetching MNIST from mirror http://127.0.0.1" in damaged.stderr
+    assert json.loads(damaged.stdout) == json.loads(empty.stdout)
+    again = cli("evaluate", trained_model, "--device", "cpu", "--json")   # repaired: no fetch
+    assert again.stderr == "" and json.loads(again.stdout) == json.loads(empty.stdout)
+
+
+def test_a_fetch_is_quiet_only_when_a_commands_own_quiet_asks(trained_model, tiny_mirror,
+                                                              tmp_path):
+    """report (no -q) shows a fetch on stderr, as evaluate does; train -q hides it."""
+    run = tmp_path / "trained"
+    shutil.copytree(trained_model.parent, run)
+    shown = cli("report", run, "--device", "cpu")
+    assert shown.exit_code == 0 and "fetching MNIST from mirror" in shown.stderr
+    for name in list(tiny_mirror.iterdir()):
+        name.unlink()
+    quiet = cli("train", "--set", "model.hidden=8", "--set", "train.epochs=1", "--device", "cpu",
+                "--out", tmp_path / "run", "-q")
+    assert (quiet.exit_code, quiet.stderr) == (0, "") and len(list(tiny_mirror.iterdir())) == 4

@@ -123,11 +123,10 @@ def assert_refused(result, fragment: str) -> None:
     assert fragment in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("out", ["model.npz", "checkpoint.npz", "new.npz", "model-copy.bak",
-                                 "link.onnx"])
+@pytest.mark.parametrize("out", ["model-copy.onnx", "link.onnx"])
 @pytest.mark.parametrize("overwrite", [(), ("--overwrite",)], ids=["", "--overwrite"])
 def test_the_model_and_npz_files_are_never_written_over(saved, out, overwrite):
-    shutil.copyfile(saved / "model.npz", saved / "model-copy.bak")   # a .npz by its content
+    shutil.copyfile(saved / "model.npz", saved / "model-copy.onnx")   # a .npz by its content
     (saved / "link.onnx").symlink_to(saved / "model.npz")
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
     result = invoke(export, saved / "model.npz", "--out", saved / out, *overwrite)
@@ -137,8 +136,31 @@ def test_the_model_and_npz_files_are_never_written_over(saved, out, overwrite):
     assert (saved / "link.onnx").is_symlink()
 
 
+@pytest.mark.parametrize("out", ["model.npz", "checkpoint.npz", "new.npz", "config.yaml",
+                                 "metrics.jsonl", "summary.json", "report.md",
+                                 "learning_curves.png", "model.onnx.bak", "onnx"])
+@pytest.mark.parametrize("overwrite", [(), ("--overwrite",)], ids=["", "--overwrite"])
+def test_an_out_not_named_onnx_is_a_usage_error_and_the_run_is_untouched(saved, out, overwrite):
+    """An export over a run's config.yaml would break `train --resume`: only *.onnx is written."""
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "report.md",
+                 "learning_curves.png"):
+        (saved / name).write_text(f"the run's {name}")
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    result = invoke(export, saved / "model.npz", "--out", saved / out, *overwrite)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert f"--out {saved / out}: the output's name must end in .onnx" in result.stderr
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+
+
+def test_an_out_named_onnx_in_any_case_is_written(saved):
+    result = invoke(export, saved / "model.npz", "--out", saved / "Model.ONNX")
+    assert result.exit_code == 0, result.output
+    onnx.checker.check_model(onnx.load(saved / "Model.ONNX"), full_check=True)
+
+
 def test_an_existing_file_is_replaced_only_with_overwrite(saved):
-    notes = saved / "notes.txt"
+    notes = saved / "notes.onnx"
     notes.write_text("keep me")
     result = invoke(export, saved / "model.npz", "--out", notes)
     assert_refused(result, f"--out {notes}: already exists; pass --overwrite")

@@ -197,6 +197,64 @@ def test_gradcheck_catches_a_wrong_backward_central_differences_float64(monkeypa
     assert max(results[n].max_rel_error for n in ("b1", "W2", "b2")) < TOL
 
 
+def kinked_net():
+    """A 6-5-4 net whose hidden pre-activation A1[1, 2] is 3e-6, within the step EPS = 1e-5:
+    the central differences of b1[2], and of W1[i, 2] where X[1, i] > 0.3, straddle the kink."""
+    params, X, y = small_net((6, 5, 4), seed=4)
+    b1 = params.b[0].copy()
+    b1[2] += 3e-6 - (X @ params.W[0] + b1)[1, 2]
+    return Params(params.W, (b1, *params.b[1:])), X, y
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_entries_whose_step_straddles_the_kink_are_counted_and_left_out(activation):
+    params, X, y = kinked_net()
+    act = ACTIVATIONS[activation]
+    assert 0 < forward(params, X, act).A[0][1, 2] < gradcheck.EPS
+    db1 = gradients(params, X, y, act).b[0][2]
+    straddled = central_difference(lambda: float(loss_and_dA2(forward(params, X, act).A[-1], y)[0]),
+                                   params.b[0], 2, eps=gradcheck.EPS)
+    assert rel(np.array(db1), np.array(straddled)) > 1e-3  # no derivative: it would fail
+    checks = check_gradients(params, X, y, act)          # every entry
+    results = {r.name: r for r in checks}
+    in_W1 = int((X[1] * gradcheck.EPS > 3e-6).sum())     # W1[i, 2] with X[1, i] > 0.3
+    assert in_W1 > 0
+    assert (results["W1"].straddling, results["W1"].checked) == (in_W1, 6 * 5 - in_W1)
+    assert (results["b1"].straddling, results["b1"].checked) == (1, 5 - 1)
+    assert results["W2"].straddling == results["b2"].straddling == 0
+    assert gradcheck.straddling(checks) == in_W1 + 1
+    assert passes(checks, TOL), checks
+
+
+def test_a_smooth_activation_has_no_kink_to_leave_out():
+    params, X, y = kinked_net()
+    results = check_gradients(params, X, y, ACTIVATIONS["gelu"])
+    assert gradcheck.straddling(results) == 0
+    assert sum(r.checked for r in results) == n_entries((6, 5, 4))
+    assert worst(results) < TOL, results
+
+
+@pytest.mark.parametrize("wrong", ["dW1 doubled", "db1 NaN at the straddling entry"])
+def test_a_wrong_gradient_still_fails_the_full_check_when_kinks_are_left_out(wrong, monkeypatch):
+    def wrong_backward(params, cache, dA2, act):
+        grads = backward(params, cache, dA2, act)
+        if wrong == "dW1 doubled":
+            return Grads((2 * grads.W[0], *grads.W[1:]), grads.b)
+        db1 = grads.b[0].copy()
+        db1[2] = np.nan                                  # b1[2]'s difference straddles the kink
+        return Grads(grads.W, (db1, *grads.b[1:]))
+
+    monkeypatch.setattr(gradcheck, "backward", wrong_backward)
+    params, X, y = kinked_net()
+    results = check_gradients(params, X, y, ACTIVATIONS["relu"])  # every entry
+    assert gradcheck.straddling(results) > 1
+    assert not passes(results, TOL)
+    if wrong == "dW1 doubled":
+        assert results[0].max_rel_error > 0.4
+    else:
+        assert math.isnan(worst(results))
+
+
 def test_minibatch_gradient_is_the_mean_of_per_example_gradients():
     params, X, y = small_net((6, 5, 4, 3), seed=5, m=7)
     act = ACTIVATIONS["leaky_relu"]

@@ -148,6 +148,18 @@ def test_a_folder_without_a_run_or_a_model_gets_one_error_line(tmp_path, run_dir
     assert result.exit_code == 1 and "no epoch finished" in result.stderr
 
 
+def test_a_folder_that_does_not_exist_is_named_as_missing(tmp_path, tiny_data_dir):
+    missing = tmp_path / "nonexistent"
+    result = invoke(report, missing, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith(f"Error: {missing}: no such folder; give the folder of a run")
+    assert "metrics.jsonl" not in result.stderr
+    assert not missing.exists()                          # nothing made on the way
+    with pytest.raises(ReportError, match="no such folder"):
+        check_run(missing)
+
+
 def copy_run(run_dir: Path, to: Path) -> Path:
     """The files a report is made from, copied into `to`."""
     for name in ("metrics.jsonl", "model.npz"):

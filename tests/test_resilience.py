@@ -1,6 +1,7 @@
-"""Runs that survive: SIGKILL and Ctrl-C followed by --resume end byte-identical to an
-uninterrupted run; a NaN stops training with the last good checkpoint intact; a failed
-write keeps the previous checkpoint; every bad input is one line, no traceback, no damage."""
+"""Runs that survive: SIGKILL, Ctrl-C and SIGTERM followed by --resume end byte-identical to an
+uninterrupted run; a NaN (or weights too large to use) stops training with the last good
+checkpoint intact; a failed write keeps the previous checkpoint; every bad input is one line,
+no traceback, no damage."""
 
 from __future__ import annotations
 
@@ -26,18 +27,10 @@ from gpumlp.train import NumericalError, train
 import gpumlp.train as train_module
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "mnist"
 # 16 epochs: a run of a few seconds even with the fast CPU step, so random kills land inside it
 RUN_SET = ["--set", "model.hidden=32", "--set", "data.limit=6000", "--set", "train.epochs=16",
            "--set", "train.batch_size=50", "--set", "train.checkpoint_every=7",
            "--set", "model.dropout=0.1", "--device", "cpu", "-q"]
-
-
-def real_data_dir() -> Path:
-    folder = Path(os.environ.get("GPUMLP_DATA_DIR", SHARED))
-    if not (folder / "train-images-idx3-ubyte.gz").exists() and not (folder / "train-images-idx3-ubyte").exists():
-        pytest.skip("the MNIST files are not available here (set GPUMLP_DATA_DIR)")
-    return folder
 
 
 def gpumlp_cmd(*args: str) -> list[str]:
@@ -58,9 +51,9 @@ def run_to_end(out: Path, env: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, dict, float]:
+def reference(tmp_path_factory, mnist_dir) -> tuple[Path, dict, float]:
     """An uninterrupted run, the environment that ran it and its wall time (s)."""
-    env = env_for(real_data_dir())
+    env = env_for(mnist_dir)
     out = tmp_path_factory.mktemp("reference") / "run"
     start = time.perf_counter()
     run_to_end(out, env)
@@ -83,7 +76,8 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(reference, tmp_
         proc.wait()
         kills += 1
         if not (out / "config.yaml").exists():  # killed before it wrote anything: start over
-            proc = subprocess.Popen(gpumlp_cmd("train", "--config", str(ROOT / "configs/smoke.yaml"),
+            proc = subprocess.Popen(gpumlp_cmd("train", "--config",
+                                               str(ROOT / "configs/smoke.yaml"),
                                                "--out", str(out), "--overwrite", *RUN_SET),
                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             continue
@@ -95,7 +89,12 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(reference, tmp_
     assert (out / "model.npz").read_bytes() == (ref / "model.npz").read_bytes()
 
 
-def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes_identically(reference, tmp_path):
+@pytest.mark.parametrize("signum, code, said", [
+    (signal.SIGINT, 130, "interrupted; checkpoint saved"),                  # Ctrl-C
+    (signal.SIGTERM, 143, "terminated (SIGTERM); checkpoint saved"),      # docker stop
+], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_exits_128_plus_n_and_resumes_identically(
+        reference, tmp_path, signum, code, said):
     ref, env, _ = reference
     out = tmp_path / "run"
     proc = subprocess.Popen(gpumlp_cmd("train", "--config", str(ROOT / "configs/smoke.yaml"),
@@ -104,12 +103,12 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resumes_identically(reference, 
     deadline = time.time() + 120
     while not (out / "checkpoint.npz").exists() and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
-        pytest.skip("the run finished before Ctrl-C arrived")
-    assert proc.returncode == 130, err
-    assert f"gpumlp train --resume {out}" in err
+        pytest.skip(f"the run finished before {signal.Signals(signum).name} arrived")
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == f"{said}. Resume with: gpumlp train --resume {out}"
     assert "Traceback" not in err
     resumed = subprocess.run(gpumlp_cmd("train", "--resume", str(out), "--device", "cpu", "-q"),
                              env=env, capture_output=True, text=True, timeout=300)
@@ -121,7 +120,8 @@ def tiny_mnist(n_train: int = 300, n_test: int = 100) -> Mnist:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, n_train + n_test).astype(np.uint8)
     images = rng.integers(0, 256, (n_train + n_test, 784)).astype(np.uint8)
-    return Mnist(Split(images[:n_train], labels[:n_train]), Split(images[n_train:], labels[n_train:]))
+    return Mnist(Split(images[:n_train], labels[:n_train]),
+                 Split(images[n_train:], labels[n_train:]))
 
 
 def tiny_config(*overrides: str):
@@ -129,7 +129,8 @@ def tiny_config(*overrides: str):
                                "train.checkpoint_every=5", *overrides])
 
 
-def test_nan_stops_at_once_naming_epoch_and_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+def test_nan_stops_at_once_naming_epoch_and_step_and_keeps_last_good_checkpoint(tmp_path,
+                                                                                monkeypatch):
     make_step = train_module.make_step
 
     def poisoned(config, backend):
@@ -171,12 +172,31 @@ class InfiniteAfter:
         return getattr(self.step, name)
 
 
+class TooLargeAfter(InfiniteAfter):
+    """The run's step, whose update at step `at` multiplies every weight by 1e30: finite, and
+    the loss of that step is finite, but any loss computed with the weights is NaN."""
+
+    def __call__(self, params, state, X, y, lr, t, masks):
+        out = self.step(params, state, X, y, lr, t, masks)
+        self.taken = t
+        if t == self.at:
+            for W in params.W:
+                W *= 1e30
+        return out
+
+
 @pytest.mark.parametrize("trigger", ["checkpoint_every", "ctrl_c"])
-def test_a_checkpoint_of_infinite_weights_is_never_written(tmp_path, monkeypatch, trigger):
+@pytest.mark.parametrize("wrapper, says", [
+    (InfiniteAfter, "weights became NaN or infinite in epoch 1 (by step 6)"),
+    (TooLargeAfter, "the evaluation loss on the first 100 training examples became NaN or "
+                    "infinite in epoch 1 (by step 6): the weights are finite but too large to use"),
+], ids=["infinite", "too_large"])
+def test_a_checkpoint_of_infinite_or_unusable_weights_is_never_written(tmp_path, monkeypatch,
+                                                                         trigger, wrapper, says):
     steps = []
     make_step = train_module.make_step
     monkeypatch.setattr(train_module, "make_step",
-                        lambda *a: steps.append(InfiniteAfter(make_step(*a), at=6)) or steps[-1])
+                        lambda *a: steps.append(wrapper(make_step(*a), at=6)) or steps[-1])
     config = tiny_config(*["train.checkpoint_every=1"] * (trigger == "checkpoint_every"))
     stop = (lambda: steps[-1].taken >= 6) if trigger == "ctrl_c" else (lambda: False)
     out = tmp_path / "run"
@@ -184,10 +204,11 @@ def test_a_checkpoint_of_infinite_weights_is_never_written(tmp_path, monkeypatch
         train(config, __import__("gpumlp.backend").backend.CPU, tiny_mnist(), out_dir=out,
               should_stop=stop)
     message = str(info.value)
-    assert "weights became NaN or infinite in epoch 1 (by step 6)" in message
+    assert says in message
     assert "last good checkpoint" in message
     arrays = load_npz(out / "checkpoint.npz")                    # step 5's, not step 6's
     assert all(np.isfinite(arrays[k]).all() for k in ("W1", "b1", "W2", "b2"))
+    assert np.abs(arrays["W1"]).max() < 10
     assert '"step": 5' in str(arrays["state"])
 
 
@@ -290,7 +311,8 @@ def bad_inputs(tmp: Path, data_dir: Path) -> list[tuple[str, list[str], int]]:
     train = ["train", "--data-dir", str(data_dir), "--device", "cpu", "-q"]
     return [
         ("missing config", [*train, "--config", str(tmp / "nope.yaml")], 2),
-        ("config not utf-8", [*train, "--config", str(write(tmp / "bin.yaml", b"\xff\xfe\x00bad"))], 2),
+        ("config not utf-8",
+         [*train, "--config", str(write(tmp / "bin.yaml", b"\xff\xfe\x00bad"))], 2),
         ("config is a folder", [*train, "--config", str(tmp)], 2),
         ("malformed yaml", [*train, "--config", cfg("model: {hidden: [1, 2\n")], 2),
         ("yaml not a mapping", [*train, "--config", cfg("- 1\n- 2\n")], 2),
@@ -299,8 +321,8 @@ def bad_inputs(tmp: Path, data_dir: Path) -> list[tuple[str, list[str], int]]:
         ("lr zero", [*train, "--set", "optim.lr=0"], 2),
         ("lr negative", [*train, "--set", "optim.lr=-1"], 2),
         ("batch zero", [*train, "--set", "train.batch_size=0"], 2),
-        ("batch larger than data", [*train, "--set", "data.limit=100", "--set", "train.batch_size=500",
-                                    "--out", str(tmp / "big_batch")], 2),
+        ("batch larger than data", [*train, "--set", "data.limit=100", "--set",
+                                    "train.batch_size=500", "--out", str(tmp / "big_batch")], 2),
         ("hidden zero", [*train, "--set", "model.hidden=0"], 2),
         ("hidden list with zero", [*train, "--set", "model.hidden=[64, 0]"], 2),
         ("negative epochs", [*train, "--set", "train.epochs=-1"], 2),
@@ -312,15 +334,22 @@ def bad_inputs(tmp: Path, data_dir: Path) -> list[tuple[str, list[str], int]]:
         ("out holds another run", [*train, "--out", str(good_run)], 1),
         ("out cannot be written", [*train, "--out", str(a_file / "run")], 1),
         ("resume a folder with no run", ["train", "--resume", str(tmp / "empty_dir")], 1),
-        ("resume a truncated checkpoint", ["train", "--resume", str(bad_ckpt_run), "--device", "cpu"], 1),
+        ("resume with overwrite", ["train", "--resume", str(good_run), "--overwrite"], 2),
+        ("resume with an empty out", ["train", "--resume", str(good_run), "--out", ""], 2),
+        ("empty out", [*train, "--out", ""], 2),
+        ("empty resume", ["train", "--resume", ""], 2),
+        ("resume a truncated checkpoint",
+         ["train", "--resume", str(bad_ckpt_run), "--device", "cpu"], 1),
         ("init truncated", [*train, "--init", str(truncated), "--out", str(tmp / "i1")], 1),
         ("init garbage", [*train, "--init", str(garbage), "--out", str(tmp / "i2")], 1),
         ("init object arrays", [*train, "--init", str(objects), "--out", str(tmp / "i3")], 1),
         ("init wrong shapes", [*train, "--init", str(wrong_shapes), "--out", str(tmp / "i4")], 1),
-        ("evaluate missing model", ["evaluate", str(tmp / "none.npz"), "--data-dir", str(data_dir)], 1),
+        ("evaluate missing model",
+         ["evaluate", str(tmp / "none.npz"), "--data-dir", str(data_dir)], 1),
         ("evaluate truncated model", ["evaluate", str(truncated), "--data-dir", str(data_dir)], 1),
         ("evaluate object arrays", ["evaluate", str(objects), "--data-dir", str(data_dir)], 1),
-        ("evaluate model without config", ["evaluate", str(wrong_shapes), "--data-dir", str(data_dir)], 1),
+        ("evaluate model without config",
+         ["evaluate", str(wrong_shapes), "--data-dir", str(data_dir)], 1),
         ("data folder with a cut file", ["train", "--data-dir", str(bad_data), "-q",
                                          "--out", str(tmp / "d1")], 1),
         ("data folder of html pages", ["train", "--data-dir", str(html), "-q",
@@ -330,12 +359,12 @@ def bad_inputs(tmp: Path, data_dir: Path) -> list[tuple[str, list[str], int]]:
     ]
 
 
-def test_every_bad_input_is_one_line_without_traceback_and_damages_nothing(tmp_path):
+def test_every_bad_input_is_one_line_without_traceback_and_damages_nothing(tmp_path, mnist_dir):
     from click.testing import CliRunner
 
     from gpumlp.cli import main
 
-    data_dir = real_data_dir()
+    data_dir = mnist_dir
     runner = CliRunner()
     good = runner.invoke(main, ["train", "--config", str(ROOT / "configs/smoke.yaml"), "--out",
                                 str(tmp_path / "good"), "--data-dir", str(data_dir), "-q",
@@ -351,7 +380,7 @@ def test_every_bad_input_is_one_line_without_traceback_and_damages_nothing(tmp_p
         assert "Traceback" not in output, name
         lines = [line for line in output.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("Error: "), f"{name}: {output!r}"
-        assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), name
+        assert result.exception is None or isinstance(result.exception, SystemExit), name
     after = digest_tree(tmp_path)
     assert after == before  # nothing changed, and no half-made run folder was left behind
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -224,6 +226,132 @@ def test_after_a_nan_lowering_optim_lr_in_config_yaml_and_resuming_goes_on(tiny_
     assert result.exit_code == 0, result.output
     assert json.loads((out / "summary.json").read_text())["steps"] == 10
     assert np.isfinite(load_npz(out / "model.npz")["W2"]).all()
+
+
+class TooLargeAboveLr(PoisonedAboveLr):
+    """The run's step, whose update at step `at` multiplies every weight by 1e30 when lr >
+    `above`: the weights stay finite, but every loss computed with them is NaN."""
+
+    def __call__(self, params, state, X, y, lr, t, masks):
+        out = self.step(params, state, X, y, lr, t, masks)
+        if t == self.at and lr > self.above:
+            for W in params.W:
+                W *= 1e30
+        return out
+
+
+@pytest.mark.parametrize("at, every, fragment, saved", [
+    (20, 0, ("the evaluation loss became NaN or infinite at the end of epoch 2 (step 20: "
+             "val_loss nan, test_loss nan)"), 10),
+    (6, 3, ("the evaluation loss on the first 100 training examples became NaN or infinite in "
+            "epoch 1 (by step 6)"), 3),
+], ids=["epoch_end", "mid_epoch"])
+def test_weights_too_large_to_use_are_not_saved_so_a_lower_lr_resumes(tiny_data_dir, tmp_path,
+                                                                      monkeypatch, at, every,
+                                                                      fragment, saved):
+    """Weights that are finite but give a NaN loss are refused before their checkpoint and
+    metrics row: from the last good checkpoint, the advice (a lower optim.lr) goes on."""
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step",
+                        lambda *a: TooLargeAboveLr(make_step(*a), at=at, above=0.15))
+    out = tmp_path / "run"
+    result = cli(*train_args(out, tiny_data_dir, "--set", "optim.lr=0.2", "--set",
+                             "train.batch_size=25", "--set", f"train.checkpoint_every={every}",
+                             "--set", "train.epochs=2"))
+    how = (f"the last good checkpoint {out / 'checkpoint.npz'} is intact; to continue from it, "
+           f"lower optim.lr in {out / 'config.yaml'} and run gpumlp train --resume {out}")
+    assert_one_error_line(result, 1, fragment, "the weights are finite but too large", how)
+    checkpoint = load_npz(out / "checkpoint.npz")
+    assert f'"step": {saved},' in str(checkpoint["state"])
+    assert np.abs(checkpoint["W1"]).max() < 10
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == saved // 10 and "NaN" not in "".join(rows)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    config["optim"]["lr"] = 0.1
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["steps"] == 20
+    rows = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert all(np.isfinite([row["val_loss"], row["test_loss"]]).all() for row in rows)
+
+
+def test_a_learning_rate_that_blows_up_in_epoch_1_leaves_no_run_and_says_what_works(
+        tiny_data_dir, tmp_path):
+    """The newcomer's case: lr 1e30 leaves weights near 1e28 after one step, finite but
+    useless; nothing is saved, and starting over with a lower optim.lr, as told, works."""
+    out = tmp_path / "run"
+    args = train_args(out, tiny_data_dir, "--set", "train.batch_size=250", "--set",
+                      "train.epochs=3")
+    result = cli(*args, "--set", "optim.lr=1e30")
+    assert_one_error_line(result, 1, "the evaluation loss became NaN or infinite at the end of "
+                          "epoch 1 (step 1", "no checkpoint was written yet; start over with "
+                          "a lower optim.lr")
+    assert not out.exists()
+    assert cli(*args, "--set", "optim.lr=0.1").exit_code == 0
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--resume", "RUN", "--overwrite"], "drop --overwrite"),
+    (["--resume", "RUN", "--out", ""], "drop --config, --set, --seed, --init and --out"),
+    (["--resume", ""], "--resume is empty"),
+    (["--config", SMOKE, "--out", ""], "--out is empty; give the run's folder, or drop --out"),
+])
+def test_resume_with_overwrite_and_empty_paths_are_usage_errors(finished, tiny_data_dir,
+                                                                 tmp_path, monkeypatch, args,
+                                                                 fragment):
+    monkeypatch.chdir(tmp_path)
+    before = digests(finished)
+    args = [finished if a == "RUN" else a for a in args]
+    result = cli("train", *args, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert_one_error_line(result, 2, fragment)
+    assert digests(finished) == before
+    assert not (tmp_path / "runs").exists()
+
+
+class SigtermAt:
+    """The run's step, which sends this process SIGTERM (as `docker stop` does) at step `at`."""
+
+    def __init__(self, step, at: int):
+        self.step, self.at = step, at
+
+    def __call__(self, params, state, X, y, lr, t, masks):
+        if t == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.step(params, state, X, y, lr, t, masks)
+
+    def __getattr__(self, name):   # prepare, export, batch, kind: the wrapped step's
+        return getattr(self.step, name)
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_puts_the_handlers_back(tiny_data_dir, tmp_path,
+                                                                         monkeypatch):
+    reference = tmp_path / "reference"
+    args = ["--set", "train.batch_size=25", "--set", "train.epochs=2"]
+    assert cli(*train_args(reference, tiny_data_dir, *args)).exit_code == 0
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=4))
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        before_int = signal.getsignal(signal.SIGINT)
+        out = tmp_path / "run"
+        result = cli(*train_args(out, tiny_data_dir, *args))
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is before_int
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.exit_code == 143, result.output
+    assert result.stderr.strip() == ("terminated (SIGTERM); checkpoint saved. Resume with: "
+                                     f"gpumlp train --resume {out}")
+    assert '"step": 4,' in str(load_npz(out / "checkpoint.npz")["state"])
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    assert (out / "model.npz").read_bytes() == (reference / "model.npz").read_bytes()
 
 
 @pytest.mark.parametrize("make, code, fragment", [
