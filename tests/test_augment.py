@@ -100,10 +100,21 @@ def test_a_quarter_turn_is_a_counterclockwise_rot90_and_scale_two_magnifies_the_
     turn = identity_warp(np, 2, np.float32)._replace(theta=np.full(2, math.pi / 2, np.float32))
     out = apply_warp(X, turn).reshape(2, SIDE, SIDE)
     np.testing.assert_allclose(out, np.rot90(images, k=1, axes=(1, 2)), atol=1e-5)
+    # data.augment.scale: a factor s > 1 magnifies, output pixel p reads c0 + (p - c0) / s
     zoom = identity_warp(np, 2, np.float32)._replace(scale=np.full(2, 2.0, np.float32))
-    big = apply_warp(X, zoom).reshape(2, SIDE, SIDE)
-    # output pixel 13.5 + 2 k reads input pixel 13.5 + k: pixel 15.5 -> 14.5, the mean of 14, 15
-    np.testing.assert_allclose(big[:, 15, 15], images[:, 14:16, 14:16].mean(axis=(1, 2)), atol=1e-6)
+    rows, cols = np.mgrid[0:SIDE, 0:SIDE].astype(np.float32)                 # (28, 28) each
+    ramps = np.stack([rows + 2 * cols, 2 * rows + cols]) / np.float32(81)  # (2, 28, 28) in [0, 1]
+    big = apply_warp(ramps.reshape(2, -1), zoom).reshape(2, SIDE, SIDE)
+    q = 13.5 + (np.arange(SIDE) - 13.5) / 2              # (28,) read at, all inside [6.75, 20.25]
+    expected = np.stack([q[:, None] + 2 * q[None, :], 2 * q[:, None] + q[None, :]]) / 81
+    np.testing.assert_allclose(big, expected, atol=1e-5)   # bilinear reads a ramp exactly
+    noise = np.random.default_rng(4).random((2, SIDE, SIDE), dtype=np.float32)  # no zeros
+    big = apply_warp(noise.reshape(2, -1), zoom).reshape(2, SIDE, SIDE)
+    # output pixel 15 reads 13.5 + 1.5 / 2 = 14.25 on both axes: 3/4 of pixel 14, 1/4 of 15
+    weights = np.outer([0.75, 0.25], [0.75, 0.25])        # (2, 2)
+    np.testing.assert_allclose(big[:, 15, 15], (noise[:, 14:16, 14:16] * weights).sum(axis=(1, 2)),
+                               atol=1e-6)
+    assert np.abs(big[:, 15, 15] - noise[:, 15, 15]).max() > 0.01   # not the image unchanged
 
 
 def test_rows_keep_their_images_so_labels_stay_attached():

@@ -155,8 +155,10 @@ def test_out_holding_a_run_is_refused_without_overwrite(tiny_data_dir, tmp_path)
 
 # --- evaluate ---------------------------------------------------------------------------------
 
-def test_evaluate_json_equals_an_independent_recomputation(trained_model, tiny_mnist, tiny_data_dir):
-    result = cli("evaluate", trained_model, "--device", "cpu", "--data-dir", tiny_data_dir, "--json")
+def test_evaluate_json_equals_an_independent_recomputation(trained_model, tiny_mnist,
+                                                           tiny_data_dir):
+    result = cli("evaluate", trained_model, "--device", "cpu", "--data-dir", tiny_data_dir,
+                 "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     with np.load(trained_model, allow_pickle=False) as npz:
@@ -186,7 +188,8 @@ def test_gradcheck_passes_and_prints_every_parameter():
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert [line.split()[0] for line in lines[1:-1]] == ["W1", "b1", "W2", "b2", "W3", "b3"]
-    assert lines[-1].startswith("PASS: largest relative error") and "central differences" in lines[-1]
+    assert lines[-1].startswith("PASS: largest relative error")
+    assert "central differences" in lines[-1]
     assert float(lines[-1].split()[4]) < 1e-6
 
 
@@ -365,13 +368,12 @@ def test_file_errors_exit_1_with_one_line(in_tmp):
 def test_ctrl_c_while_the_data_loads_stops_at_once_and_leaves_no_run(tmp_path, monkeypatch):
     """A download may take minutes: Ctrl-C then stops the command at once (exit 130) instead of
     waiting for the data and saving a checkpoint after the first step."""
-    import os
     import signal
 
     import gpumlp.cli as cli_module
 
     def interrupted_download(data_dir, quiet):
-        os.kill(os.getpid(), signal.SIGINT)              # as if the user pressed Ctrl-C now
+        signal.raise_signal(signal.SIGINT)    # Ctrl-C now, handled before this returns
         raise AssertionError("Ctrl-C did not stop the command")
 
     monkeypatch.setattr(cli_module, "load_mnist_for", interrupted_download)

@@ -323,15 +323,27 @@ def test_step_batch_writes_the_inputs_in_column_blocks_without_the_rows_zero_pix
         assert all(s == [(0, 0, 785)] for s in shapes.values())   # zeros are not zeros
 
 
+SPARSE_HIDDEN = {"h1": (16,), "h2": (16, 8), "h3": (16, 8, 8)}
+
+
+@pytest.mark.parametrize("net,optimizer", [("h1", "momentum"),
+                                           *(("h2", name) for name in OPTIMIZERS),
+                                           ("h3", "momentum"), ("h3", "nesterov")])
 @pytest.mark.parametrize("dtype,rtol,atol", [("float32", RTOL, ATOL), ("float64", 1e-12, 1e-13)])
 def test_fast_step_on_its_own_sparse_batches_given_inputs_or_falling_back_matches_generic(
-        dtype, rtol, atol):
+        dtype, rtol, atol, net, optimizer):
+    """On its own batches the step holds the pixels x and scales by 1 / 255 only the first
+    layer's products ([1 | X]); every layer above reads [1 | Z], unscaled: with two and three
+    hidden layers, each layer's update must still be the generic step's."""
     rng = np.random.default_rng(12)
     split = sparse_split(rng, 200)
-    config = build_config(None, ["model.hidden=16", f"train.dtype={dtype}"])
-    params = init_params((784, 16, 10), "he", rng, dtype)
+    hidden = SPARSE_HIDDEN[net]
+    config = build_config(None, [f"model.hidden={list(hidden)}", f"train.dtype={dtype}",
+                                 *OPTIMIZERS[optimizer]])
+    params = init_params((784, *hidden, 10), "he", rng, dtype)
     ref_p, ref_s = copy_params(params), init_state(config.optim, params)
     step, p, s = packed(params, config, split)
+    assert fast_cpu.supports(config)
     unpacked_p, unpacked_s = copy_params(params), init_state(config.optim, params)
     assert step.pixels.source is split.images
     for t, own in enumerate([True, False, True, False], start=1):
@@ -422,11 +434,16 @@ def test_make_step_keeps_the_generic_step_where_dW_itself_is_needed(overrides):
     assert make_step(config, CPU).kind == "generic"
 
 
-@pytest.mark.parametrize("extra", [[], ["model.dropout=0.3"]])
+@pytest.mark.parametrize("extra", [[], ["model.dropout=0.3"], ["model.hidden=[24, 12]"],
+                                   ["model.hidden=[24, 12, 8]", "model.dropout=0.3"],
+                                   ["model.hidden=[24, 12]", "optim.nesterov=false",
+                                    "optim.momentum=0", "optim.weight_decay=0.01"]])
 def test_trained_run_with_the_fast_step_matches_the_generic_step(extra, monkeypatch):
     """The whole loop (loader included) against the generic step with gather + to_inputs;
     with dropout, each example gets the mask the loop drew for its row of the shuffled batch
-    (the fast step sorts the rows; the masks follow)."""
+    (the fast step sorts the rows; the masks follow). With two and three hidden layers, the
+    layers above the first (which read activations, not the pixels) train as the generic
+    step trains them."""
     import gpumlp.train as train_module
 
     rng = np.random.default_rng(4)
@@ -435,6 +452,7 @@ def test_trained_run_with_the_fast_step_matches_the_generic_step(extra, monkeypa
     mnist = Mnist(Split(images[:200], labels[:200]), Split(images[200:], labels[200:]))
     config = build_config(None, ["model.hidden=24", "train.epochs=2", "train.batch_size=64",
                                  "optim.nesterov=true", "optim.schedule=cosine", *extra])
+    assert make_step(config, CPU).kind == "fast_cpu"
     fast = train(config, CPU, mnist)                    # 200 = 3 x 64 + a last batch of 8
     monkeypatch.setattr(train_module, "make_step", lambda config, backend: generic_step(config))
     generic = train(config, CPU, mnist)

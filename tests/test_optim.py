@@ -173,3 +173,25 @@ def test_max_norm_rescales_hidden_columns_only():
     np.testing.assert_array_equal(params.W[1], [[30.0], [40.0]])
     apply_max_norm(params, None)
     np.testing.assert_allclose(params.W[0], [[0.6, 0.1], [0.8, 0.1]], rtol=1e-12)
+
+
+def test_max_norm_caps_the_columns_of_every_hidden_layer_of_a_deeper_net():
+    """Three weight layers (two hidden): W1's and W2's columns over max_norm are scaled down to
+    it, those under it kept, each column by its own factor; W3 (the output layer) and the
+    biases are left alone."""
+    rng = np.random.default_rng(0)
+    W = (rng.standard_normal((6, 5)), rng.standard_normal((5, 4)), rng.standard_normal((4, 3)))
+    W = (W[0] * [[0.1, 3.0, 0.2, 5.0, 1.0]], W[1] * [[4.0, 0.1, 2.0, 0.2]], W[2] * 10.0)
+    params = Params(tuple(w.copy() for w in W), tuple(np.full(w.shape[1], 9.0) for w in W))
+    max_norm = 1.5
+    apply_max_norm(params, max_norm)
+    for k in (0, 1):
+        norms = np.sqrt((W[k] ** 2).sum(axis=0))                          # (fan_out,)
+        assert (norms > max_norm).any() and (norms < max_norm).any()       # both kinds
+        expected = W[k] * np.minimum(1.0, max_norm / norms)                # column by column
+        np.testing.assert_allclose(params.W[k], expected, rtol=1e-14)
+        np.testing.assert_allclose(np.linalg.norm(params.W[k], axis=0),
+                                   np.minimum(norms, max_norm), rtol=1e-14)
+    assert np.linalg.norm(W[2], axis=0).min() > max_norm                  # would be capped
+    np.testing.assert_array_equal(params.W[2], W[2])
+    assert all((b == 9.0).all() for b in params.b)

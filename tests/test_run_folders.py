@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -318,7 +317,7 @@ class SigtermAt:
 
     def __call__(self, params, state, X, y, lr, t, masks):
         if t == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # to this thread: handled before it returns
         return self.step(params, state, X, y, lr, t, masks)
 
     def __getattr__(self, name):   # prepare, export, batch, kind: the wrapped step's

@@ -3,6 +3,7 @@ deterministic to the byte, and its data handling (limit, validation split, input
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,19 @@ def test_numerical_blow_up_is_a_clear_error(tiny_mnist):
         train(config, CPU, tiny_mnist.mnist)
 
 
+def test_an_epoch_whose_evaluation_loss_is_nan_is_a_numerical_error(tiny_mnist):
+    """lr 1e30 leaves finite weights near 1e28 after one step; their val and test losses are
+    NaN, and the epoch ends in an error rather than in a metrics row of NaN."""
+    config = build_config(SMOKE, [*TINY_SMOKE, "optim.lr=1e30", "train.batch_size=250"])
+    events = []
+    with pytest.raises(NumericalError) as info:
+        train(config, CPU, tiny_mnist.mnist, on_event=lambda kind, row: events.append(kind))
+    assert str(info.value) == ("the evaluation loss became NaN or infinite at the end of epoch 1 "
+                               "(step 1: val_loss nan, test_loss nan): the weights are finite "
+                               "but too large to use; lower optim.lr")
+    assert "epoch" not in events
+
+
 def test_too_large_val_size_or_batch_is_a_config_error(tiny_mnist):
     with pytest.raises(ConfigError, match="data.val_size"):
         train(build_config(None, ["data.val_size=300"]), CPU, tiny_mnist.mnist)
@@ -111,7 +125,7 @@ def test_inputs_are_scaled_and_keep_the_dtype():
 
 
 def test_shuffling_is_seeded_and_batches_cover_every_example():
-    a, b = permutation(np.random.default_rng(3), 10, True), permutation(np.random.default_rng(3), 10, True)
+    a, b = (permutation(np.random.default_rng(3), 10, True) for _ in range(2))
     np.testing.assert_array_equal(a, b)
     assert sorted(a) == list(range(10)) and list(a) != list(range(10))
     np.testing.assert_array_equal(permutation(np.random.default_rng(3), 10, False), np.arange(10))
@@ -156,3 +170,45 @@ def test_the_loop_keeps_its_running_sums_through_a_steps_own_tally(tiny_mnist, m
     assert len(tallied) == plain.summary["steps"] and tallied[0] == config.train.batch_size
     for a, b in zip(plain.history, tallying.history, strict=True):
         assert (a["train_loss"], a["train_accuracy"]) == (b["train_loss"], b["train_accuracy"])
+
+
+class Recording:
+    """The run's own step (fast or generic), recording the (t, lr) the loop gives each call."""
+
+    def __init__(self, step, seen):
+        self.step, self.seen = step, seen
+
+    def __call__(self, params, state, X, y, lr, t, masks):
+        self.seen.append((t, lr))
+        return self.step(params, state, X, y, lr, t, masks)
+
+    def __getattr__(self, name):   # prepare, export, batch, kind: the wrapped step's
+        return getattr(self.step, name)
+
+
+def test_the_loop_gives_step_t_1_to_n_and_the_schedules_lr_across_epochs_and_a_resume(
+        tiny_mnist, tmp_path, monkeypatch):
+    """Adam's bias corrections need t counted over the whole run, not restarted each epoch;
+    the schedule is learning_rate() at the 0-based step, so warm-up starts at lr / warm-up
+    steps and cosine ends at its last step. 300 examples in batches of 100: 3 steps an epoch,
+    9 in all; the run is stopped after step 5 (mid-epoch 2) and resumed."""
+    import gpumlp.train as train_module
+    from gpumlp.optim import learning_rate
+    from gpumlp.step import make_step
+
+    seen = []
+    monkeypatch.setattr(train_module, "make_step", lambda *a: Recording(make_step(*a), seen))
+    config = build_config(None, ["model.hidden=8", "train.epochs=3", "train.batch_size=100",
+                                 "optim.name=adam", "optim.lr=0.01", "optim.schedule=cosine",
+                                 "optim.warmup_epochs=1"])
+    out = tmp_path / "run"
+    with pytest.raises(train_module.Interrupted):
+        train(config, CPU, tiny_mnist.mnist, out_dir=out, should_stop=lambda: len(seen) >= 5)
+    assert [t for t, _ in seen] == [1, 2, 3, 4, 5]
+    result = train(config, CPU, tiny_mnist.mnist, out_dir=out, resume=True)
+    assert result.summary["steps"] == 9
+    assert [t for t, _ in seen] == list(range(1, 10))
+    expected = [learning_rate(config.optim, step, 3, 9) for step in range(9)]
+    assert [lr for _, lr in seen] == pytest.approx(expected, rel=1e-12)
+    assert expected[:3] == pytest.approx([0.01 / 3, 0.02 / 3, 0.01])   # warm-up over epoch 1
+    assert expected[-1] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
