@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 
 import click
 
-from .errors import ConfigError, DeviceError, GpumlpError
+from .errors import ConfigError, DeviceError, GpumlpError, folder_problem
 
 USAGE_ERRORS = (ConfigError, DeviceError)
 
@@ -73,8 +72,8 @@ def load_mnist_for(data_dir: str | None, quiet: bool = False):
 
     if data_dir:
         source, drop = data_dir_source()
-        if not Path(data_dir).is_dir():
-            what = "not a folder" if Path(data_dir).exists() else "no such folder"
+        what = folder_problem(data_dir)
+        if what is not None:
             raise DataError(f"{source}{data_dir}: {what}; point it at the folder holding the "
                             f"four MNIST files, or {drop} to use the cache")
         try:

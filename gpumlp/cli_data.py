@@ -14,8 +14,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .cli_common import data_dir_option_for, data_dir_source, load_mnist_for
-from .errors import GpumlpError
-from .fetch import Event, check_cache, ensure_mnist, file_problem, mnist_cache_dir
+from .errors import GpumlpError, folder_problem
+from .fetch import (Event, all_missing, check_cache, ensure_mnist, file_problem, mnist_cache_dir,
+                    no_files_message)
 from .mnist import ALL_FILES, load_mnist
 
 
@@ -122,18 +123,18 @@ def verify_command(data_dir: Path | None) -> None:
     Example:
       gpumlp data verify || gpumlp data fetch
     """
-    if data_dir is not None and not data_dir.is_dir():
+    what = None if data_dir is None else folder_problem(data_dir)
+    if what is not None:
         source, drop = data_dir_source()
-        raise click.ClickException(f"{source}{data_dir}: no such folder; point it at the folder "
+        raise click.ClickException(f"{source}{data_dir}: {what}; point it at the folder "
                                    f"holding the four MNIST files, or {drop} to check the cache")
     folder = data_dir or mnist_cache_dir()
     if data_dir is None:
         run(check_cache, folder)
     problems = {stem: file_problem(folder, stem) for stem in ALL_FILES}
-    if set(problems.values()) == {"missing"}:  # nothing to list file by file
+    if all_missing(problems, len(ALL_FILES)):  # nothing to list file by file
         if data_dir is None:
-            raise click.ClickException(f"no MNIST files in {folder}; run `gpumlp data fetch` to "
-                                       "download them")
+            raise click.ClickException(no_files_message(folder))
         source, drop = data_dir_source()
         raise click.ClickException(f"{source}{data_dir}: none of the four MNIST files is there; "
                                    f"put them there (see docs/data.md), or {drop} to check the "
@@ -160,9 +161,10 @@ def path_command(data_dir: Path | None) -> None:
     Example:
       ls "$(gpumlp data path)"
     """
-    if data_dir is not None and not data_dir.is_dir():
+    what = None if data_dir is None else folder_problem(data_dir)
+    if what is not None:
         source, drop = data_dir_source()
-        click.echo(f"Warning: {source}{data_dir}: no such folder; reading the MNIST files from "
+        click.echo(f"Warning: {source}{data_dir}: {what}; reading the MNIST files from "
                    f"it will fail until it holds them (or {drop} to use the cache)", err=True)
     click.echo(data_dir or mnist_cache_dir())
 

@@ -1,4 +1,10 @@
-"""Domain errors: the CLI turns each into a one-line message and a non-zero exit code."""
+"""Domain errors: the CLI turns each into a one-line message and a non-zero exit code; and
+`folder_problem`, the words for a path that is not a folder, which several messages share."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
 
 
 class GpumlpError(Exception):
@@ -19,3 +25,12 @@ class DeviceError(GpumlpError):
 
 class CheckpointError(GpumlpError):
     """A model or checkpoint file is missing, unsafe or inconsistent."""
+
+
+def folder_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` is no folder ("no such folder" / "not a folder"), or None when it is one; the
+    caller puts it in its own sentence."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    return "not a folder" if path.exists() else "no such folder"

@@ -19,9 +19,9 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
-from .errors import DataError
+from .errors import DataError, folder_problem
 from .fetch_http import DEADLINE, fetch_file
 from .fetch_index import REQUIREMENT, extra_pip_args, fill_from_index
 from .fetch_store import (CACHE_ENV, CacheUnwritable, SourceFailed, Unreachable, content_problem,
@@ -117,19 +117,25 @@ def verify_folder(folder: str | os.PathLike,
     return [f"{stem}: {problem}" for stem, problem in problems.items()]
 
 
+def all_missing(problems: Mapping[str, str | None], total: int) -> bool:
+    """Whether `problems` (stem -> problem, None for a good file) says that each of `total`
+    files is missing: none is there, damaged or good."""
+    return len(problems) == total and all(problem == "missing" for problem in problems.values())
+
+
 def summarize(failed: dict[str, str], total: int) -> str:
     """One line for a source's per-file reasons (`total`: how many files were asked of it)."""
     reasons = set(failed.values())
     if len(reasons) == 1 and len(failed) == total:
-        reason = reasons.pop()
-        return "none of the files is there" if reason == "missing" else reason
+        return "none of the files is there" if all_missing(failed, total) else reasons.pop()
     return "; ".join(f"{stem}: {reason}" for stem, reason in failed.items())
 
 
 def data_dir_problem(data_dir: Path, checksums: dict[str, str]) -> str | None:
     """Why the user's folder cannot be used as it is, or None when all its files are canonical."""
-    if not data_dir.is_dir():
-        return "not a folder" if data_dir.exists() else "no such folder"
+    what = folder_problem(data_dir)
+    if what is not None:
+        return what
     problems = folder_problems(data_dir, checksums)
     return summarize(problems, len(checksums)) if problems else None
 
@@ -225,13 +231,19 @@ def failure_message(failures: list[tuple[str, str]], names: Sequence[str]) -> st
             f"and pass --data-dir FOLDER (or set {DATA_DIR_ENV}=FOLDER).")
 
 
-def not_at_hand_message(cache: Path, failures: list[tuple[str, str]]) -> str:
-    """The one line for source "cache" when the files are not there: no source was asked, so
-    there is no list of sources, only what is wrong and the command that fetches them."""
+def no_files_message(folder: str | os.PathLike) -> str:
+    """The words for a cache `folder` holding none of the MNIST files, and what fetches them."""
+    return f"no MNIST files in {folder}; run `gpumlp data fetch` to download them"
+
+
+def not_at_hand_message(cache: Path, failures: list[tuple[str, str]], none_there: bool) -> str:
+    """The one line for source "cache" when the files are not there (`none_there`: not one of
+    them): no source was asked, so there is no list of sources, only what is wrong and the
+    command that fetches them."""
     unused = "".join(f"not using {label} ({reason}); " for label, reason in failures[:-1])
     reason = failures[-1][1]
-    if reason == "none of the files is there":
-        return (f"{unused}no MNIST files in {cache}; run `gpumlp data fetch` to download them, "
+    if none_there:
+        return (f"{unused}{no_files_message(cache)}, "
                 f"or pass --data-dir FOLDER (or set {DATA_DIR_ENV}=FOLDER) for a folder that "
                 "holds them")
     return (f"{unused}the MNIST files in {cache} are not intact ({reason}); run "
@@ -273,12 +285,13 @@ def ensure_mnist(data_dir: str | os.PathLike | None = None, *, source: str = "au
     missing = folder_problems(cache, checksums)
     if missing:
         failures.append((f"cache {cache}", summarize(missing, len(checksums))))
-        if set(missing.values()) != {"missing"}:
+        if not all_missing(missing, len(missing)):  # a damaged file, not only absent ones
             report(Event("skip", failures[-1][0], detail=failures[-1][1]))
         sources = remote_sources(source, MIRRORS if mirrors is None else mirrors, timeout,
                                  deadline, checksums, pip_args, report)
         if not sources:  # source "cache": nothing is downloaded, no source is tried
-            raise DataError(not_at_hand_message(cache, failures))
+            raise DataError(not_at_hand_message(cache, failures,
+                                                all_missing(missing, len(checksums))))
         missing = fetch_missing(cache, missing, sources, failures, report)
     if missing:
         raise DataError(failure_message(failures, list(checksums)))

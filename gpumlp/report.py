@@ -25,7 +25,7 @@ import numpy as np
 
 from .backend import Backend
 from .checkpoint import load_model
-from .errors import GpumlpError
+from .errors import GpumlpError, folder_problem
 from .mnist import Split
 from .model import params_on
 from .npzio import atomic_write
@@ -265,8 +265,8 @@ def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutp
 def check_run(run_dir: Path, overwrite: bool = False) -> list[dict]:
     """The metrics of a run that has finished an epoch and has its model.npz, once the report's
     file names are known to be free or the report's own (or `overwrite` says to replace them)."""
-    if not run_dir.is_dir():
-        what = "not a folder" if run_dir.exists() else "no such folder"
+    what = folder_problem(run_dir)
+    if what is not None:
         raise ReportError(f"{run_dir}: {what}; give the folder of a run, as written by "
                           "gpumlp train --out DIR")
     rows = read_metrics(run_dir)

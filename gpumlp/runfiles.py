@@ -24,7 +24,7 @@ import numpy as np
 from .backend import Backend, to_host
 from .checkpoint import load_init, param_arrays, params_from_arrays, save_model
 from .config import Config, dump_config
-from .errors import CheckpointError, GpumlpError
+from .errors import CheckpointError, GpumlpError, folder_problem
 from .model import Params
 from .npzio import atomic_write, load_npz, save_npz
 from .optim import flat
@@ -118,9 +118,10 @@ class RunFiles:
         passes: training starts it over, with the same result.
         """
         folder = self.folder
-        if not folder.is_dir():
-            what = "is not a folder" if folder.exists() else "no such folder"
-            raise GpumlpError(f"--resume {folder}: {what}; give the run directory of an "
+        what = folder_problem(folder)
+        if what is not None:
+            verb = "is " if folder.exists() else ""  # "is not a folder", "no such folder"
+            raise GpumlpError(f"--resume {folder}: {verb}{what}; give the run directory of an "
                               "interrupted `gpumlp train`")
         if not self.path("config.yaml").is_file():
             raise GpumlpError(f"--resume {folder}: no config.yaml there; give the run "
