@@ -19,6 +19,7 @@ GELU_C = 0.044715
 class Activation(NamedTuple):
     phi: Callable[[Any], Any]        # A -> Z
     phi_prime: Callable[[Any], Any]  # A -> dZ/dA, elementwise
+    kink: bool = False               # piecewise linear with a kink at 0 (phi' jumps there)
 
 
 def relu(A):
@@ -67,8 +68,8 @@ def gelu_prime(A):
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "relu": Activation(relu, relu_prime),
-    "leaky_relu": Activation(leaky_relu, leaky_relu_prime),
+    "relu": Activation(relu, relu_prime, kink=True),
+    "leaky_relu": Activation(leaky_relu, leaky_relu_prime, kink=True),
     "sigmoid": Activation(sigmoid, sigmoid_prime),
     "tanh": Activation(tanh, tanh_prime),
     "gelu": Activation(gelu, gelu_prime),

@@ -17,8 +17,9 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .cli_common import data_dir_option, device_option, domain_errors, load_mnist_for
-from .errors import ConfigError, GpumlpError
+from .cli_common import (data_dir_option, device_option, domain_errors, interrupted_how,
+                         load_mnist_for)
+from .errors import ConfigError, GpumlpError, Terminated
 
 
 class OneLineGroup(click.Group):
@@ -27,6 +28,7 @@ class OneLineGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, **extra)
+        previous = catch_sigterm()
         try:
             result = super().main(args, prog_name, complete_var, False, **extra)
         except click.exceptions.NoArgsIsHelpError as e:  # a group with no command: its help
@@ -40,9 +42,26 @@ class OneLineGroup(click.Group):
             click.echo(f"Error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
         except click.Abort as e:
-            click.echo("interrupted", err=True)
-            sys.exit(130 if isinstance(e.__cause__, KeyboardInterrupt) else 1)
+            said, code = interrupted_how(e.__cause__)
+            click.echo(said, err=True)
+            sys.exit(code if isinstance(e.__cause__, KeyboardInterrupt) else 1)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def catch_sigterm():
+    """Make SIGTERM raise `Terminated` (a KeyboardInterrupt: Ctrl-C's clean-up, exit 143) for
+    the command's duration; training's StopFlag replaces it while a run could checkpoint. In a
+    container gpumlp is the first process, which the kernel spares a SIGTERM it does not
+    handle: `docker stop` would wait 10 s and kill it. The previous handler, to put back."""
+    def handler(signum, frame):
+        raise Terminated()
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,9 +125,10 @@ class StopFlag:
 
 
 def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
-                  config_given: bool) -> None:
+                  config_given: bool, init_path: str | None) -> None:
     """A usage error for what --resume cannot take (it continues the run with its saved config,
-    in its folder), and for an empty --out or --resume, which would otherwise mean 'not given'."""
+    in its folder), and for an empty --out, --resume or --init, which would otherwise mean 'not
+    given'. `config_given`: --config, --set, --seed or --init was given, even empty."""
     if resume_dir is not None:
         if config_given or out is not None:
             raise ConfigError("--resume takes the run's saved config; drop --config, --set, "
@@ -122,6 +142,8 @@ def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
     if resume_dir == "":
         raise ConfigError("--resume is empty; give the run directory of an interrupted "
                           "`gpumlp train`")
+    if init_path == "":
+        raise ConfigError("--init is empty; give a model.npz to start from, or drop --init")
 
 
 @main.command()
@@ -165,8 +187,9 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     from .runfiles import RunFiles, check_out_dir
     from .train import Interrupted, train as run_training
 
+    given = (config_path, init_path, seed)
     check_options(resume_dir, out, overwrite,
-                  bool(config_path or overrides or init_path or seed is not None))
+                  bool(overrides) or any(v is not None for v in given), init_path)
     if resume_dir:
         RunFiles(Path(resume_dir)).check_resumable()
         config = build_config(Path(resume_dir) / "config.yaml")
@@ -275,8 +298,9 @@ def gradcheck(config_path, overrides, samples, batch, tolerance):
     the largest relative error per parameter; exits 1 if any is above the tolerance. Weight
     decay and max-norm act in the optimizer step and are not checked here. With relu or
     leaky_relu, an entry whose step +-1e-5 moves a pre-activation across the kink at 0 has a
-    central difference that is no derivative: such entries are counted (column "straddle")
-    and left out of the errors, and a note on stderr says how many.
+    central difference that is no derivative: it is measured again with the step 1e-6, then
+    1e-7; one that straddles at every step is counted (column "straddle") and left out of the
+    errors, and a note on stderr says how many. A parameter left with no entry compared fails.
 
     \b
     Example:
@@ -284,11 +308,12 @@ def gradcheck(config_path, overrides, samples, batch, tolerance):
     """
     from .activations import ACTIVATIONS
     from .config import build_config
-    from .gradcheck import gradcheck_config, passes, straddling, worst_error
+    from .gradcheck import EPS, SMALLER_STEPS, gradcheck_config, passes, worst_error
 
     config = build_config(config_path, overrides)
     widths = config.model.layer_widths
-    results = gradcheck_config(widths, ACTIVATIONS[config.model.activation], config.model.init,
+    activation = config.model.activation
+    results = gradcheck_config(widths, ACTIVATIONS[activation], config.model.init,
                                seed=config.train.seed, m=batch, dropout=config.model.dropout,
                                smoothing=config.train.label_smoothing, samples=samples)
     click.echo(f"{'param':<6} {'shape':<12} {'checked':>7} {'nonzero':>7} {'straddle':>8} "
@@ -296,18 +321,27 @@ def gradcheck(config_path, overrides, samples, batch, tolerance):
     for r in results:
         click.echo(f"{r.name:<6} {str(r.shape):<12} {r.checked:>7} {r.nonzero:>7} "
                    f"{r.straddling:>8} {r.max_rel_error:>14.3e} {r.max_abs_error:>14.3e}")
-    kinked = straddling(results)
-    if kinked:
+    left_out, rescued = sum(r.straddling for r in results), sum(r.rescued for r in results)
+    if left_out or rescued:
+        kinked = left_out + rescued
         entries = "1 entry straddles" if kinked == 1 else f"{kinked} entries straddle"
-        click.echo(f"note: {entries} {config.model.activation}'s kink at 0 (the step moves a "
-                   "pre-activation across it): excluded; their central difference is not a "
-                   "derivative", err=True)
-    if any(r.nonzero == 0 for r in results):
+        fates = [f"{count} {fate}" for count, fate in (
+            (rescued, "measured again with a smaller step"),
+            (left_out, f"excluded (they straddle at {SMALLER_STEPS[-1]:g} too)")) if count]
+        click.echo(f"note: {entries} {activation}'s kink at 0 with the step {EPS:g} (the step "
+                   "moves a pre-activation across it: a central difference there is not a "
+                   f"derivative): {', '.join(fates)}", err=True)
+    unchecked = [r.name for r in results if r.checked == 0]
+    if unchecked:
+        click.echo(f"note: no entry of {', '.join(unchecked)} could be compared (each straddles "
+                   f"{activation}'s kink at every step), so the check fails: draw others with "
+                   "more --samples, another --batch or --set train.seed=N", err=True)
+    if any(r.checked and r.nonzero == 0 for r in results):
         click.echo("note: every checked entry of a parameter had a zero gradient (dead units or "
                    "zero inputs in this batch); check more entries with --samples", err=True)
     worst, passed = worst_error(results), passes(results, tolerance)   # a NaN error fails
     click.echo(f"{'PASS' if passed else 'FAIL'}: largest relative error {worst:.3e} (tolerance "
-               f"{tolerance:g}), activation {config.model.activation}, float64, "
+               f"{tolerance:g}), activation {activation}, float64, "
                "central differences")
     if not passed:
         raise SystemExit(1)

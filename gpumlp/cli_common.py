@@ -7,7 +7,7 @@ import os
 
 import click
 
-from .errors import ConfigError, DeviceError, GpumlpError, folder_problem
+from .errors import ConfigError, DeviceError, GpumlpError, Terminated, folder_problem
 
 USAGE_ERRORS = (ConfigError, DeviceError)
 
@@ -18,6 +18,13 @@ class OneLineError(click.ClickException):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def interrupted_how(e: BaseException | None) -> tuple[str, int]:
+    """What to print and the exit code after Ctrl-C or SIGTERM (`Terminated`): 128 + signal."""
+    if isinstance(e, Terminated):
+        return "terminated (SIGTERM)", 143
+    return "interrupted", 130
 
 
 def domain_errors(fn):
@@ -34,9 +41,9 @@ def domain_errors(fn):
             detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise OneLineError(f"out of memory{f' ({detail})' if detail else ''}; "
                                "lower model.hidden or train.batch_size") from None
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            raise SystemExit(130) from None
+        except KeyboardInterrupt as e:
+            click.echo(interrupted_how(e)[0], err=True)
+            raise SystemExit(interrupted_how(e)[1]) from None
         except OSError as e:  # a file the OS refused: name it, no traceback
             where = f"{e.filename}: " if e.filename else ""
             raise OneLineError(f"{where}{e.strerror or e}") from None

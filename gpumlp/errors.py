@@ -27,6 +27,11 @@ class CheckpointError(GpumlpError):
     """A model or checkpoint file is missing, unsafe or inconsistent."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`docker stop`) outside training: stops the command as Ctrl-C does (the same
+    clean-up), exit 143. A container's first process must handle SIGTERM, or it is ignored."""
+
+
 def folder_problem(path: str | os.PathLike) -> str | None:
     """Why `path` is no folder ("no such folder" / "not a folder"), or None when it is one; the
     caller puts it in its own sentence."""

@@ -4,11 +4,17 @@ For a parameter entry theta, the numerical gradient is (L(theta + eps) - L(theta
 The relative error of an entry is |analytic - numeric| / max(|analytic|, |numeric|, floor):
 the floor keeps entries whose gradient is (nearly) zero from dividing by roundoff.
 
-With a piecewise-linear activation (relu, leaky_relu), an entry whose step theta +- eps moves
-some kept pre-activation across the kink at 0 is no test point: its central difference averages
-two slopes and is no derivative. Such entries ("straddling" ones) are found by comparing the
-signs of the hidden pre-activations at theta + eps and theta - eps with those at theta, counted,
-and left out of the errors; every other entry is compared as usual.
+With an activation whose phi has a kink at 0 (Activation.kink: relu, leaky_relu), an entry whose
+step theta +- eps moves some kept pre-activation across the kink is no test point: its central
+difference averages two slopes and is no derivative. It is found by comparing the signs of the
+hidden pre-activations at theta + eps and theta - eps with those at theta; such an entry is
+measured again with the smaller steps eps/10, then eps/100, taking the first whose ends keep
+every sign (a "rescued" entry). A rounding error of the loss, ~1e-16 |L|, reaches the difference as
+~1e-16 |L| / step (3e-11 at eps, which the floor turns into at most ~3e-7 relative): the floor
+of a rescued entry grows with eps / step (1e-3 at eps/10, 1e-2 at eps/100), so roundoff weighs
+on it no more than on any other entry, and one tolerance holds for all. An entry that straddles
+at every step ("straddling") is counted and left out. A parameter left with no entry compared
+(checked == 0) has an unknown error, inf, and fails.
 """
 
 from __future__ import annotations
@@ -18,25 +24,26 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import activations
 from .activations import Activation
 from .model import Params, backward, dropout_masks, forward, init_params, loss_and_dA2
 
 EPS = 1e-5
-FLOOR = 1e-4  # entries with |gradient| below this are judged by absolute error / 1e-4
+SMALLER_STEPS = (EPS / 10, EPS / 100)  # tried in turn where the EPS step straddles a kink
+FLOOR = 1e-4  # entries with |gradient| below this are judged by absolute error / 1e-4 (at EPS)
 NONZERO = 1e-9  # a numeric gradient above this is no rounding noise (~1e-11 at EPS in float64)
-KINKED = (activations.relu, activations.leaky_relu)  # phi piecewise linear, with a kink at 0
 
 
 class ParamCheck(NamedTuple):
     name: str            # W1, b1, W2, ...
     shape: tuple
     checked: int         # entries compared
-    max_rel_error: float
+    max_rel_error: float  # inf (and max_abs_error too) when checked == 0: nothing was compared
     max_abs_error: float
     nonzero: int = -1    # of those, entries whose numeric gradient is not ~0 (-1: not counted);
                          # a sample of only zeros (dead units, blank pixels) checks little
-    straddling: int = 0  # entries drawn besides `checked` whose step crosses a kink: left out
+    straddling: int = 0  # entries drawn besides `checked` whose step crosses a kink at every
+                         # step tried: left out
+    rescued: int = 0     # of `checked`, entries measured with a smaller step than EPS
 
 
 def kink_pattern(cache, masks: tuple):
@@ -46,13 +53,15 @@ def kink_pattern(cache, masks: tuple):
                  for k, A in enumerate(cache.A[:-1]))
 
 
-def loss_of(params: Params, X, y, act: Activation, masks: tuple = (), smoothing: float = 0.0,
-            kinked: bool = False) -> tuple[float, tuple]:
-    """The mean cross-entropy L of the net on (X, y), as a Python float, and the kink_pattern of
-    the same forward pass when `kinked` (else ())."""
+def loss_of(params: Params, X, y, act: Activation, masks: tuple = (), smoothing: float = 0.0):
+    """The mean cross-entropy L of the net on (X, y), as a Python float, and the forward cache."""
     cache = forward(params, X, act, masks)
-    loss = float(loss_and_dA2(cache.A[-1], y, smoothing)[0])
-    return loss, kink_pattern(cache, masks) if kinked else ()
+    return float(loss_and_dA2(cache.A[-1], y, smoothing)[0]), cache
+
+
+def largest(errors: np.ndarray) -> float:
+    """The largest of the errors (NaN if one is), inf for none."""
+    return float(errors.max()) if errors.size else math.inf
 
 
 def check_gradients(params: Params, X: np.ndarray, y: np.ndarray, act: Activation,
@@ -62,8 +71,9 @@ def check_gradients(params: Params, X: np.ndarray, y: np.ndarray, act: Activatio
 
     `samples` entries per parameter are drawn from `rng` (all entries when None; a fresh
     generator when `rng` is None). Only the loss gradients are checked: weight decay and
-    max-norm act in the optimizer step. With relu or leaky_relu, drawn entries whose step
-    straddles the kink are counted in `straddling` and left out of `checked` and the errors.
+    max-norm act in the optimizer step. With a kinked activation, drawn entries whose step
+    straddles the kink are measured again with SMALLER_STEPS (`rescued`), or, straddling at
+    every step, counted in `straddling` and left out of `checked` and the errors.
     A ValueError when the net or X is not float64.
     """
     tensors = {name: t for k in range(len(params.W))
@@ -76,8 +86,21 @@ def check_gradients(params: Params, X: np.ndarray, y: np.ndarray, act: Activatio
     cache = forward(params, X, act, masks)
     _, dA2 = loss_and_dA2(cache.A[-1], y, smoothing)
     grads = backward(params, cache, dA2, act)
-    kinked = act.phi in KINKED
-    pattern = kink_pattern(cache, masks) if kinked else ()
+    pattern = kink_pattern(cache, masks) if act.kink else ()
+
+    def central_difference(flat_theta, i, h):
+        """(L(theta + h) - L(theta - h)) / 2h at entry i, and whether both ends keep the kink
+        pattern at theta (always without a kink)."""
+        saved, ends = flat_theta[i], []
+        for value in (saved + h, saved - h):
+            flat_theta[i] = value
+            ends.append(loss_of(params, X, y, act, masks, smoothing))
+        flat_theta[i] = saved
+        (plus, at_plus), (minus, at_minus) = ends
+        kept = all(np.array_equal(p, q) and np.array_equal(p, r) for p, q, r in
+                   zip(pattern, kink_pattern(at_plus, masks), kink_pattern(at_minus, masks)))
+        return (plus - minus) / (2 * h), kept
+
     results = []
     for k in range(len(params.W)):
         for name, theta, analytic in ((f"W{k + 1}", params.W[k], grads.W[k]),
@@ -87,44 +110,40 @@ def check_gradients(params: Params, X: np.ndarray, y: np.ndarray, act: Activatio
             every = samples is None or samples >= n
             idx = np.arange(n) if every else rng.choice(n, samples, replace=False)
             numeric = np.empty(len(idx))
-            valid = np.ones(len(idx), dtype=bool)  # False: the step straddles a kink
+            step = np.zeros(len(idx))  # the step each entry was measured with; 0: none kept
             for j, i in enumerate(idx):
-                saved = flat_theta[i]
-                flat_theta[i] = saved + EPS
-                plus, at_plus = loss_of(params, X, y, act, masks, smoothing, kinked)
-                flat_theta[i] = saved - EPS
-                minus, at_minus = loss_of(params, X, y, act, masks, smoothing, kinked)
-                flat_theta[i] = saved
-                numeric[j] = (plus - minus) / (2 * EPS)
-                valid[j] = all(np.array_equal(p, q) and np.array_equal(p, r)
-                               for p, q, r in zip(pattern, at_plus, at_minus))
+                for h in (EPS, *SMALLER_STEPS):
+                    numeric[j], kept = central_difference(flat_theta, i, h)
+                    if kept:
+                        step[j] = h
+                        break
+            valid = step > 0
+            scale = EPS / np.where(valid, step, EPS)  # 1, 10 or 100: roundoff grows as 1 / step
             a = flat_grad[idx]
             abs_err = np.abs(a - numeric)
-            rel = abs_err / np.maximum(np.maximum(np.abs(a), np.abs(numeric)), FLOOR)
-            left_out = ~valid & ~np.isnan(rel)  # a NaN gradient fails wherever it is
-            abs_err[left_out] = rel[left_out] = 0.0
-            results.append(ParamCheck(name, theta.shape, int(valid.sum()), float(rel.max()),
-                                      float(abs_err.max()),
-                                      int((np.abs(numeric[valid]) > NONZERO).sum()),
-                                      int((~valid).sum())))
+            rel = abs_err / np.maximum(np.maximum(np.abs(a), np.abs(numeric)), FLOOR * scale)
+            counted = valid | np.isnan(rel)  # a NaN gradient fails wherever it is
+            results.append(ParamCheck(name, theta.shape, int(valid.sum()), largest(rel[counted]),
+                                      largest(abs_err[counted]),
+                                      int((np.abs(numeric) > NONZERO * scale)[valid].sum()),
+                                      int((~valid).sum()), int((valid & (step < EPS)).sum())))
     return results
-
-
-def straddling(results: list[ParamCheck]) -> int:
-    """How many drawn entries were left out because their step straddles a kink."""
-    return sum(r.straddling for r in results)
 
 
 def worst_error(results: list[ParamCheck]) -> float:
     """The largest relative error of all the checks, NaN if any is NaN: a NaN gradient (or a
-    NaN numeric one) fails every tolerance, where max() would step over it."""
+    NaN numeric one) fails every tolerance, where max() would step over it; else inf if a
+    parameter had no entry compared (checked == 0), whose error is unknown."""
     errors = [r.max_rel_error for r in results]
-    return math.nan if any(math.isnan(e) for e in errors) else max(errors)
+    if any(math.isnan(e) for e in errors):
+        return math.nan
+    return max(e if r.checked else math.inf for e, r in zip(errors, results))
 
 
 def passes(results: list[ParamCheck], tolerance: float) -> bool:
-    """Every relative error at most `tolerance` (False for NaN)."""
-    return worst_error(results) <= tolerance
+    """Every relative error at most `tolerance` and every parameter with an entry compared
+    (False for NaN)."""
+    return worst_error(results) <= tolerance and all(r.checked for r in results)
 
 
 def gradcheck_config(widths: tuple[int, ...], act: Activation, init: str, seed: int = 0,

@@ -228,28 +228,29 @@ def gradcheck_table(stdout: str) -> dict[str, list[str]]:
     return {row[0]: row for row in rows}
 
 
-def test_gradcheck_of_the_default_net_leaves_out_the_entry_that_straddles_relus_kink(
+def test_gradcheck_of_the_default_net_measures_the_entry_that_straddles_relus_kink_again(
         monkeypatch):
     """784-256-10 relu, seed 0: one hidden pre-activation lies 9e-6 from 0, so b1's entry for
-    that unit (checked with every entry of b1) has a central difference across the kink. It is
-    counted and excluded, and the check passes; with kink detection off, it fails."""
-    import gpumlp.gradcheck as gradcheck_module
+    that unit (checked with every entry of b1) has a central difference across the kink at the
+    step 1e-5. It is measured again with 1e-6, and the check passes; with kink detection off,
+    it fails."""
+    from gpumlp.activations import ACTIVATIONS
 
     result = cli("gradcheck", "--samples", "256")
     assert result.exit_code == 0, result.output
     table = gradcheck_table(result.stdout)
     assert result.stdout.splitlines()[0].split()[4] == "straddle"
-    b1 = table["b1"]
-    assert (b1[1], b1[2], b1[4]) == ("(256,)", "255", "1")               # 256 drawn, 1 left out
-    assert [table[name][4] for name in ("W1", "W2", "b2")] == ["0", "0", "0"]
+    assert [table[name][2:5:2] for name in ("W1", "b1", "W2", "b2")] == [["256", "0"]] * 3 + [
+        ["10", "0"]]                                                      # all compared
     assert result.stdout.splitlines()[-1].startswith("PASS: ")
-    assert result.stderr.strip() == ("note: 1 entry straddles relu's kink at 0 (the step moves a "
-                                     "pre-activation across it): excluded; their central "
-                                     "difference is not a derivative")
-    monkeypatch.setattr(gradcheck_module, "KINKED", ())                   # as before the fix
-    result = cli("gradcheck", "--samples", "256")
+    assert result.stderr.strip() == ("note: 1 entry straddles relu's kink at 0 with the step "
+                                     "1e-05 (the step moves a pre-activation across it: a "
+                                     "central difference there is not a derivative): 1 measured "
+                                     "again with a smaller step")
+    monkeypatch.setitem(ACTIVATIONS, "relu", ACTIVATIONS["relu"]._replace(kink=False))
+    result = cli("gradcheck", "--samples", "256")                         # as before the fix
     assert result.exit_code == 1 and result.stdout.splitlines()[-1].startswith("FAIL: ")
-    assert gradcheck_table(result.stdout)["b1"][2] == "256"
+    assert gradcheck_table(result.stdout)["b1"][2] == "256" and result.stderr == ""
 
 
 def test_gradcheck_still_fails_a_wrong_gradient_where_entries_straddle_the_kink(monkeypatch):
@@ -268,6 +269,30 @@ def test_gradcheck_still_fails_a_wrong_gradient_where_entries_straddle_the_kink(
     assert "1 entry straddles relu's kink" in result.stderr
     assert float(gradcheck_table(result.stdout)["b1"][5]) > 0.3           # |1.5g - g| / 1.5g
     assert result.stdout.splitlines()[-1].startswith("FAIL: largest relative error")
+
+
+def test_gradcheck_fails_and_says_so_when_a_parameter_had_no_entry_compared(monkeypatch):
+    """b1 with all its drawn entries straddling at every step, reported as the hole did (max
+    error 0.0): it fails, and one line says which parameter and what to do."""
+    import gpumlp.gradcheck as gradcheck_module
+
+    real = gradcheck_module.gradcheck_config
+
+    def b1_left_out(*args, **kwargs):
+        W1, b1, *rest = real(*args, **kwargs)
+        return [W1, b1._replace(checked=0, nonzero=0, straddling=b1.checked, max_rel_error=0.0,
+                                max_abs_error=0.0), *rest]
+
+    monkeypatch.setattr(gradcheck_module, "gradcheck_config", b1_left_out)
+    result = cli("gradcheck", "--set", "model.hidden=8", "--samples", "5")
+    assert result.exit_code == 1
+    assert result.stdout.splitlines()[-1].startswith("FAIL: largest relative error inf")
+    assert gradcheck_table(result.stdout)["b1"][2:5] == ["0", "0", "5"]
+    notes = result.stderr.splitlines()
+    assert notes[0].startswith("note: 5 entries straddle relu's kink") and "5 excluded" in notes[0]
+    assert notes[1:] == [("note: no entry of b1 could be compared (each straddles relu's kink "
+                          "at every step), so the check fails: draw others with more --samples, "
+                          "another --batch or --set train.seed=N")]            # no 'zero gradient'
 
 
 @pytest.mark.parametrize("tolerance", ["nan", "inf", "0", "-1e-6"])
@@ -380,6 +405,29 @@ def test_ctrl_c_while_the_data_loads_stops_at_once_and_leaves_no_run(tmp_path, m
     out = tmp_path / "run"
     result = cli("train", "--config", SMOKE, "--device", "cpu", "--out", out)
     assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert not out.exists()                              # nothing half-made is left behind
+
+
+def test_sigterm_while_the_data_loads_exits_143_and_leaves_no_run(tmp_path):
+    """Outside training SIGTERM stops the command as Ctrl-C does, exit 143: in a container
+    gpumlp is the first process, which the kernel spares a SIGTERM it does not handle (in a
+    child process here, which the default action would kill: exit -15)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    code = ("import signal, gpumlp.cli as c\n"
+            "def load(*args, **kwargs):\n"
+            "    signal.raise_signal(signal.SIGTERM)\n"
+            "    raise AssertionError('SIGTERM did not stop the command')\n"
+            "c.load_mnist_for = load\n"
+            f"c.main(['train', '--config', {str(SMOKE)!r}, '--device', 'cpu',"
+            f" '--out', {str(out)!r}])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "terminated (SIGTERM)"
+    assert "Traceback" not in done.stderr
     assert not out.exists()                              # nothing half-made is left behind
 
 

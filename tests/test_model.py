@@ -197,41 +197,130 @@ def test_gradcheck_catches_a_wrong_backward_central_differences_float64(monkeypa
     assert max(results[n].max_rel_error for n in ("b1", "W2", "b2")) < TOL
 
 
-def kinked_net():
-    """A 6-5-4 net whose hidden pre-activation A1[1, 2] is 3e-6, within the step EPS = 1e-5:
-    the central differences of b1[2], and of W1[i, 2] where X[1, i] > 0.3, straddle the kink."""
-    params, X, y = small_net((6, 5, 4), seed=4)
+def kinked_net(distance=3e-6, widths=(6, 5, 4), unit=2):
+    """A net whose hidden pre-activation A1[1, unit] is `distance` above 0. At 3e-6 the EPS steps
+    of b1[unit], and of W1[i, unit] where X[1, i] > 0.3, straddle the kink and the step EPS/10
+    does not; at 3e-9 b1[unit] and W1[i, unit] where X[1, i] > 0.03 straddle at every step."""
+    params, X, y = small_net(widths, seed=4)
     b1 = params.b[0].copy()
-    b1[2] += 3e-6 - (X @ params.W[0] + b1)[1, 2]
+    b1[unit] += distance - (X @ params.W[0] + b1)[1, unit]
     return Params(params.W, (b1, *params.b[1:])), X, y
 
 
+def straddle_counts(moves, distance):
+    """(rescued, left out): entries whose step h moves a pre-activation `distance` from 0 by
+    moves * h, straddling at EPS but not at EPS/100 (rescued) or at EPS/100 too (left out)."""
+    crosses = {h: np.abs(moves) * h > distance for h in (gradcheck.EPS, gradcheck.EPS / 100)}
+    return (int((crosses[gradcheck.EPS] & ~crosses[gradcheck.EPS / 100]).sum()),
+            int(crosses[gradcheck.EPS / 100].sum()))
+
+
+def counts(results):
+    """name -> (rescued, straddling, checked)."""
+    return {r.name: (r.rescued, r.straddling, r.checked) for r in results}
+
+
+def loss_at(params, X, y, act):
+    return lambda: float(loss_and_dA2(forward(params, X, act).A[-1], y)[0])
+
+
+@pytest.mark.parametrize("distance", [3e-6, 3e-9])
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
-def test_entries_whose_step_straddles_the_kink_are_counted_and_left_out(activation):
-    params, X, y = kinked_net()
+def test_entries_whose_step_straddles_the_kink_are_measured_again_or_left_out(activation,
+                                                                              distance):
+    params, X, y = kinked_net(distance)
     act = ACTIVATIONS[activation]
     assert 0 < forward(params, X, act).A[0][1, 2] < gradcheck.EPS
     db1 = gradients(params, X, y, act).b[0][2]
-    straddled = central_difference(lambda: float(loss_and_dA2(forward(params, X, act).A[-1], y)[0]),
-                                   params.b[0], 2, eps=gradcheck.EPS)
+    straddled = central_difference(loss_at(params, X, y, act), params.b[0], 2, eps=gradcheck.EPS)
     assert rel(np.array(db1), np.array(straddled)) > 1e-3  # no derivative: it would fail
     checks = check_gradients(params, X, y, act)          # every entry
-    results = {r.name: r for r in checks}
-    in_W1 = int((X[1] * gradcheck.EPS > 3e-6).sum())     # W1[i, 2] with X[1, i] > 0.3
-    assert in_W1 > 0
-    assert (results["W1"].straddling, results["W1"].checked) == (in_W1, 6 * 5 - in_W1)
-    assert (results["b1"].straddling, results["b1"].checked) == (1, 5 - 1)
-    assert results["W2"].straddling == results["b2"].straddling == 0
-    assert gradcheck.straddling(checks) == in_W1 + 1
+    rescued, left_out = straddle_counts(X[1], distance)  # W1[i, 2] moves A1[1, 2] by X[1, i] h
+    assert (rescued, left_out) == ((4, 0) if distance == 3e-6 else (0, 6))
+    b1 = (1, 0) if distance == 3e-6 else (0, 1)
+    assert counts(checks) == {"W1": (rescued, left_out, 30 - left_out), "b1": (*b1, 5 - b1[1]),
+                              "W2": (0, 0, 20), "b2": (0, 0, 4)}
     assert passes(checks, TOL), checks
 
 
-def test_a_smooth_activation_has_no_kink_to_leave_out():
-    params, X, y = kinked_net()
-    results = check_gradients(params, X, y, ACTIVATIONS["gelu"])
-    assert gradcheck.straddling(results) == 0
-    assert sum(r.checked for r in results) == n_entries((6, 5, 4))
-    assert worst(results) < TOL, results
+def test_only_relu_and_leaky_relu_have_a_kink_a_smooth_activation_is_compared_across_0():
+    """A step across 0 moves a smooth phi along one curve: its central difference is a
+    derivative, and every entry is compared at EPS."""
+    assert {name for name, act in ACTIVATIONS.items() if act.kink} == {"relu", "leaky_relu"}
+    params, X, y = kinked_net(3e-9)
+    for name in ("sigmoid", "tanh", "gelu"):
+        act = ACTIVATIONS[name]
+        b1 = params.b[0]
+        b1[2] -= gradcheck.EPS
+        assert forward(params, X, act).A[0][1, 2] < 0  # b1[2]'s step crosses 0
+        b1[2] += gradcheck.EPS
+        db1 = gradients(params, X, y, act).b[0][2]
+        across = central_difference(loss_at(params, X, y, act), b1, 2, eps=gradcheck.EPS)
+        assert rel(np.array(db1), np.array(across)) < TOL
+        results = check_gradients(params, X, y, act)
+        assert {r.name: (r.rescued, r.straddling) for r in results if r.rescued or r.straddling} \
+            == {}
+        assert sum(r.checked for r in results) == n_entries((6, 5, 4))
+        assert worst(results) < TOL, results
+
+
+@pytest.mark.parametrize("kept", [False, True])
+def test_a_unit_dropout_drops_excludes_nothing_and_the_same_unit_kept_excludes_its_entries(kept):
+    """A1[1, 2] is 3e-9 from 0: a dropped unit's kink does not reach the loss."""
+    params, X, y = kinked_net(3e-9)
+    M = dropout_masks(np.random.default_rng(6), 5, (5,), 0.3, np.dtype("float64"))[0]
+    M[1, 2] = 1 / 0.7 if kept else 0.0
+    checks = check_gradients(params, X, y, ACTIVATIONS["relu"], (M,))
+    if kept:
+        assert counts(checks) == {"W1": (0, 6, 24), "b1": (0, 1, 4), "W2": (0, 0, 20),
+                                  "b2": (0, 0, 4)}  # as without dropout (test above)
+    else:
+        assert sum(r.rescued + r.straddling for r in checks) == 0
+    assert passes(checks, TOL), checks
+
+
+@pytest.mark.parametrize("distance", [3e-6, 3e-9])
+def test_a_kink_in_the_second_hidden_layer_excludes_the_entries_that_move_it(distance):
+    """6-5-4-3 relu, A2[1, 2] `distance` above 0: b2[2] moves it by the step, W2[i, 2] by Z1[1, i]
+    times it, b1[i] and W1[k, i] through Z1[1, i] by W2[i, 2] and X[1, k] W2[i, 2] times it
+    (where A1[1, i] > 0); W3 and b3 come after it."""
+    params, X, y = small_net((6, 5, 4, 3), seed=4)
+    act = ACTIVATIONS["relu"]
+    A1 = forward(params, X, act).A[0]
+    b2 = params.b[1].copy()
+    b2[2] += distance - (np.maximum(A1, 0) @ params.W[1] + b2)[1, 2]
+    params = Params(params.W, (params.b[0], b2, params.b[2]))
+    A = forward(params, X, act).A
+    others = np.abs(np.concatenate([A[0].ravel(), np.delete(A[1].ravel(), 1 * 4 + 2)]))
+    assert 0 < A[1][1, 2] < 1e-5 and others.min() > 1e-3  # the only pre-activation near 0
+    to_A2 = params.W[1][:, 2] * (A1[1] > 0)               # dA2[1, 2] / dZ1[1, i] Z1'
+    e2 = np.eye(4)[2]
+    moves = {"W1": np.outer(X[1], to_A2), "b1": to_A2, "W2": np.outer(np.maximum(A1[1], 0), e2),
+             "b2": e2, "W3": np.zeros((4, 3)), "b3": np.zeros(3)}
+    expected = {name: straddle_counts(m, distance) for name, m in moves.items()}
+    assert expected == {3e-6: {"W1": (6, 0), "b1": (3, 0), "W2": (2, 0), "b2": (1, 0),  # (rescued,
+                               "W3": (0, 0), "b3": (0, 0)},                         # left out)
+                        3e-9: {"W1": (7, 17), "b1": (1, 3), "W2": (0, 4), "b2": (0, 1),
+                               "W3": (0, 0), "b3": (0, 0)}}[distance]
+    checks = check_gradients(params, X, y, act)          # every entry
+    assert counts(checks) == {name: (r, s, moves[name].size - s)
+                              for name, (r, s) in expected.items()}
+    assert passes(checks, TOL), checks
+
+
+def test_a_rescued_entry_is_judged_with_a_floor_raised_as_its_step_shrinks():
+    """W1[0, 2] with X[:, 0] = 0.01: its gradient is 2e-5 and the rounding error of its central
+    difference at EPS/100 ~1e-9, 7e-6 of the floor 1e-4 (a right gradient failing) but 7e-8 of
+    the floor 1e-2 that EPS/100 gives it."""
+    params, X, y = small_net((6, 5, 4), seed=4)
+    X[:, 0] = 0.01
+    b1 = params.b[0].copy()
+    b1[2] += 3e-9 - (X @ params.W[0] + b1)[1, 2]
+    params = Params(params.W, (b1, *params.b[1:]))
+    checks = check_gradients(params, X, y, ACTIVATIONS["relu"])
+    assert abs(gradients(params, X, y, ACTIVATIONS["relu"]).W[0][0, 2]) < 1e-4
+    assert counts(checks)["W1"] == (1, 5, 25)  # W1[0, 2] moves A1[1, 2] by 0.01 h: EPS/100 keeps
+    assert passes(checks, TOL), checks
 
 
 @pytest.mark.parametrize("wrong", ["dW1 doubled", "db1 NaN at the straddling entry"])
@@ -245,14 +334,47 @@ def test_a_wrong_gradient_still_fails_the_full_check_when_kinks_are_left_out(wro
         return Grads(grads.W, (db1, *grads.b[1:]))
 
     monkeypatch.setattr(gradcheck, "backward", wrong_backward)
-    params, X, y = kinked_net()
+    params, X, y = kinked_net(3e-9)
     results = check_gradients(params, X, y, ACTIVATIONS["relu"])  # every entry
-    assert gradcheck.straddling(results) > 1
+    assert sum(r.straddling for r in results) > 1
     assert not passes(results, TOL)
     if wrong == "dW1 doubled":
         assert results[0].max_rel_error > 0.4
     else:
         assert math.isnan(worst(results))
+
+
+def db1_times_100(params, cache, dA2, act):
+    grads = backward(params, cache, dA2, act)
+    return Grads(grads.W, (100 * grads.b[0], *grads.b[1:]))
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_a_parameter_with_no_entry_compared_fails(right, monkeypatch):
+    """6-1-4 relu: the only entry of b1 straddles the kink at every step. Left out, it left b1
+    with max_rel_error 0.0 and the check passed, a db1 100 times too large included."""
+    if not right:
+        monkeypatch.setattr(gradcheck, "backward", db1_times_100)
+    params, X, y = kinked_net(3e-9, (6, 1, 4), unit=0)
+    results = {r.name: r for r in check_gradients(params, X, y, ACTIVATIONS["relu"])}
+    assert (results["b1"].checked, results["b1"].straddling) == (0, 1)
+    assert results["b1"].max_rel_error == results["b1"].max_abs_error == math.inf
+    assert worst(results.values()) == math.inf
+    assert not passes(list(results.values()), TOL)
+    assert not passes([results["b1"]._replace(max_rel_error=0.0)], math.inf)  # checked == 0
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_a_rescued_entry_is_compared_a_right_gradient_passes_a_wrong_one_fails(right, monkeypatch):
+    """6-1-4 relu, the only entry of b1 3e-6 from the kink: measured with the step EPS/10."""
+    if not right:
+        monkeypatch.setattr(gradcheck, "backward", db1_times_100)
+    params, X, y = kinked_net(3e-6, (6, 1, 4), unit=0)
+    results = check_gradients(params, X, y, ACTIVATIONS["relu"])
+    b1 = {r.name: r for r in results}["b1"]
+    assert (b1.checked, b1.rescued, b1.straddling, b1.nonzero) == (1, 1, 0, 1)
+    assert passes(results, TOL) == right
+    assert (b1.max_rel_error < TOL) if right else (b1.max_rel_error > 0.9)
 
 
 def test_minibatch_gradient_is_the_mean_of_per_example_gradients():

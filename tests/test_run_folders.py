@@ -296,6 +296,9 @@ def test_a_learning_rate_that_blows_up_in_epoch_1_leaves_no_run_and_says_what_wo
     (["--resume", "RUN", "--out", ""], "drop --config, --set, --seed, --init and --out"),
     (["--resume", ""], "--resume is empty"),
     (["--config", SMOKE, "--out", ""], "--out is empty; give the run's folder, or drop --out"),
+    (["--resume", "RUN", "--config", ""], "drop --config, --set, --seed, --init and --out"),
+    (["--resume", "RUN", "--init", ""], "drop --config, --set, --seed, --init and --out"),
+    (["--config", SMOKE, "--init", ""], "--init is empty; give a model.npz to start from"),
 ])
 def test_resume_with_overwrite_and_empty_paths_are_usage_errors(finished, tiny_data_dir,
                                                                  tmp_path, monkeypatch, args,
