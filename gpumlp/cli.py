@@ -58,6 +58,8 @@ def catch_sigterm():
     handle: `docker stop` would wait 10 s and kill it. The previous handler, to put back."""
     def handler(signum, frame):
         raise Terminated()
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_IGN, None):
+        return None  # ignored by whoever started us (or set outside Python): left as it is
     try:
         return signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: leave signals alone
@@ -105,10 +107,14 @@ class StopFlag:
         return self.signum is not None
 
     def install(self) -> dict:
-        """Catch SIGINT and SIGTERM; returns the previous handlers, for `restore`."""
+        """Catch SIGINT and SIGTERM; returns the previous handlers, for `restore` (none outside
+        the main thread, where Python cannot set handlers: there signals keep their handlers)."""
         def handler(signum, frame):
             self.signum = self.signum or signum
-        return {s: signal.signal(s, handler) for s in self.SIGNALS}
+        try:
+            return {s: signal.signal(s, handler) for s in self.SIGNALS}
+        except ValueError:
+            return {}
 
     @staticmethod
     def restore(previous: dict) -> None:
@@ -185,7 +191,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     from .config import build_config
     from .progress import Reporter
     from .runfiles import RunFiles, check_out_dir
-    from .train import Interrupted, train as run_training
+    from .train import Interrupted, StoppedBeforeStart, train as run_training
 
     given = (config_path, init_path, seed)
     check_options(resume_dir, out, overwrite,
@@ -225,6 +231,11 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         reporter.close()
         click.echo(f"{stop.what()}; checkpoint saved. Resume with: gpumlp train --resume "
                    f"{out_dir}", err=True)
+        raise SystemExit(stop.exit_code())
+    except StoppedBeforeStart:
+        if early:  # nothing worth keeping: as a stop during the data loading
+            RunFiles(out_dir).discard_unstarted(remove_folder=created)
+        click.echo(stop.what(), err=True)
         raise SystemExit(stop.exit_code())
     except (GpumlpError, KeyboardInterrupt, MemoryError):
         if early:  # failed before anything worth keeping: leave no half-made run behind

@@ -42,8 +42,9 @@ def domain_errors(fn):
             raise OneLineError(f"out of memory{f' ({detail})' if detail else ''}; "
                                "lower model.hidden or train.batch_size") from None
         except KeyboardInterrupt as e:
-            click.echo(interrupted_how(e)[0], err=True)
-            raise SystemExit(interrupted_how(e)[1]) from None
+            said, code = interrupted_how(e)
+            click.echo(said, err=True)
+            raise SystemExit(code) from None
         except OSError as e:  # a file the OS refused: name it, no traceback
             where = f"{e.filename}: " if e.filename else ""
             raise OneLineError(f"{where}{e.strerror or e}") from None

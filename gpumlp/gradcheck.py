@@ -97,8 +97,9 @@ def check_gradients(params: Params, X: np.ndarray, y: np.ndarray, act: Activatio
             ends.append(loss_of(params, X, y, act, masks, smoothing))
         flat_theta[i] = saved
         (plus, at_plus), (minus, at_minus) = ends
-        kept = all(np.array_equal(p, q) and np.array_equal(p, r) for p, q, r in
-                   zip(pattern, kink_pattern(at_plus, masks), kink_pattern(at_minus, masks)))
+        kept = not pattern or all(
+            np.array_equal(p, q) and np.array_equal(p, r) for p, q, r in
+            zip(pattern, kink_pattern(at_plus, masks), kink_pattern(at_minus, masks)))
         return (plus - minus) / (2 * h), kept
 
     results = []

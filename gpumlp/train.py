@@ -44,6 +44,10 @@ class Interrupted(GpumlpError):
     """Training was asked to stop (Ctrl-C, SIGTERM); a checkpoint was saved."""
 
 
+class StoppedBeforeStart(GpumlpError):
+    """Training was asked to stop while it was being set up: nothing was written."""
+
+
 @dataclass
 class Position:
     """Where a run stands; saved in every checkpoint, so that a resume continues exactly."""
@@ -226,6 +230,8 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
         state, history = new_state(config, backend, init), []
     step_fn = make_step(config, backend)
     prepare_state(step_fn, state, data.train)
+    if should_stop():  # Ctrl-C or SIGTERM during the set-up: an old run stays as it is
+        raise StoppedBeforeStart("stopped before training started")
     if files and not restored:  # only now, so that an early failure leaves an old run intact
         files.start(config, init)
     steps_per_epoch = len(batch_slices(len(data.train), config.train.batch_size))

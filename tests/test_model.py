@@ -308,19 +308,43 @@ def test_a_kink_in_the_second_hidden_layer_excludes_the_entries_that_move_it(dis
     assert passes(checks, TOL), checks
 
 
-def test_a_rescued_entry_is_judged_with_a_floor_raised_as_its_step_shrinks():
-    """W1[0, 2] with X[:, 0] = 0.01: its gradient is 2e-5 and the rounding error of its central
-    difference at EPS/100 ~1e-9, 7e-6 of the floor 1e-4 (a right gradient failing) but 7e-8 of
-    the floor 1e-2 that EPS/100 gives it."""
+def rescued_net():
+    """A 6-5-4 net whose A1[1, 2] is 3e-9 from relu's kink, with X[:, 0] = 0.01: W1[0, 2]
+    moves it by 0.01 h, so only EPS/100 keeps its sign (a rescued entry, gradient ~2e-5)."""
     params, X, y = small_net((6, 5, 4), seed=4)
     X[:, 0] = 0.01
     b1 = params.b[0].copy()
     b1[2] += 3e-9 - (X @ params.W[0] + b1)[1, 2]
-    params = Params(params.W, (b1, *params.b[1:]))
+    return Params(params.W, (b1, *params.b[1:])), X, y
+
+
+def test_a_rescued_entry_is_judged_with_a_floor_raised_as_its_step_shrinks():
+    """W1[0, 2] with X[:, 0] = 0.01: its gradient is 2e-5 and the rounding error of its central
+    difference at EPS/100 ~1e-9, 7e-6 of the floor 1e-4 (a right gradient failing) but 7e-8 of
+    the floor 1e-2 that EPS/100 gives it."""
+    params, X, y = rescued_net()
     checks = check_gradients(params, X, y, ACTIVATIONS["relu"])
     assert abs(gradients(params, X, y, ACTIVATIONS["relu"]).W[0][0, 2]) < 1e-4
     assert counts(checks)["W1"] == (1, 5, 25)  # W1[0, 2] moves A1[1, 2] by 0.01 h: EPS/100 keeps
     assert passes(checks, TOL), checks
+
+
+def test_a_rescued_entry_with_a_wrong_gradient_still_fails(monkeypatch):
+    """The mirror of the test above: the same rescued W1[0, 2] with its gradient doubled (an
+    error of 2e-5, 2e-3 of the raised floor) fails."""
+    params, X, y = rescued_net()
+
+    def doubled_entry(params, cache, dA2, act):
+        grads = backward(params, cache, dA2, act)
+        dW1 = grads.W[0].copy()
+        dW1[0, 2] *= 2
+        return Grads((dW1, *grads.W[1:]), grads.b)
+
+    monkeypatch.setattr(gradcheck, "backward", doubled_entry)
+    checks = check_gradients(params, X, y, ACTIVATIONS["relu"])
+    assert counts(checks)["W1"] == (1, 5, 25)
+    W1 = next(c for c in checks if c.name == "W1")
+    assert W1.max_rel_error > 1e-3 and not passes(checks, TOL)
 
 
 @pytest.mark.parametrize("wrong", ["dW1 doubled", "db1 NaN at the straddling entry"])

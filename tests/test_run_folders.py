@@ -439,3 +439,37 @@ def test_a_missing_data_folder_is_named_by_where_it_came_from(tiny_data_dir, tmp
                           "unset GPUMLP_DATA_DIR")
     assert "--data-dir" not in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_a_stop_while_training_is_set_up_leaves_the_run_being_overwritten_intact(
+        finished, tiny_data_dir, monkeypatch, signum, code, said):
+    """Ctrl-C or SIGTERM after the data loaded but before the first step (the set-up: data on
+    the device, state, step): the old run stays byte for byte, no one-step checkpoint over it."""
+    before = digests(finished)
+    prepare_data = train_module.prepare_data
+
+    def stopped_while_preparing(*args, **kwargs):
+        signal.raise_signal(signum)          # caught by the run's StopFlag: sets it, returns
+        return prepare_data(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "prepare_data", stopped_while_preparing)
+    result = cli(*train_args(finished, tiny_data_dir, "--overwrite"))
+    assert result.exit_code == code
+    assert result.stderr.strip().splitlines()[-1] == said
+    assert digests(finished) == before
+
+
+def test_train_from_a_thread_other_than_the_main_one_runs(tiny_data_dir, tmp_path):
+    """Python sets signal handlers only in the main thread; elsewhere the CLI leaves them be
+    (Ctrl-C then reaches the main thread) instead of failing on them."""
+    import threading
+
+    results = []
+    thread = threading.Thread(target=lambda: results.append(
+        cli(*train_args(tmp_path / "run", tiny_data_dir))))
+    thread.start()
+    thread.join(timeout=120)
+    assert results and results[0].exit_code == 0, results and results[0].output
+    assert (tmp_path / "run" / "model.npz").is_file()
