@@ -18,7 +18,8 @@
 # killed: 545 s at most, usually far less; give a job runner at least that):
 #   info       nvidia-smi, versions, `gpumlp info`                       -> $OUT/info.log
 #   tests      python -m pytest -m gpu -q -rs                            -> $OUT/pytest-gpu.log
-#   steps      generic vs fused step, h256, batch 128 (ms per step)      -> $OUT/steps.log
+#   steps      generic vs fused step, h256, batch 128 (ms per step), and  -> $OUT/steps.log
+#              the fused step replayed as a CUDA graph (a probe)
 #   bench      gpumlp bench --device cuda (vs PyTorch eager)             -> $OUT/bench.log
 #   train      gpumlp train --device cuda --config configs/h256.yaml    -> $OUT/train-h256.log,
 #              and that run's metrics.jsonl and summary.json
@@ -105,6 +106,35 @@ for name, values in times.items():
     print(f"{name:8s} h256 batch 128: {np.median(values):.3f} ms/step (median of 5 x 500 steps), "
           f"an epoch of 469 steps ~{np.median(values) * 0.469:.3f} s; host issue "
           f"{np.median(issue[name]):.3f} ms/step")
+
+# A probe, not the product: the fused step captured once as a CUDA graph (fixed lr and t) and
+# replayed, to tell what a whole-step graph would save (docs/gpu.md). A failure is reported.
+cp = gpu.xp
+try:
+    step = steps["fused"]
+    params = Params(tuple(map(gpu.asarray, host.W)), tuple(map(gpu.asarray, host.b)))
+    state = init_state(config.optim, params)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        for _ in range(3):  # on the capturing stream first: cuBLAS workspace, pool blocks
+            step(params, state, X, y, 0.1, 1)
+        stream.synchronize()
+        stream.begin_capture()
+        step(params, state, X, y, 0.1, 1)
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+        replays = []
+        for repeat in range(5):
+            start = time.perf_counter()
+            for _ in range(500):
+                graph.launch(stream)
+            stream.synchronize()
+            replays.append((time.perf_counter() - start) / 500 * 1e3)
+    print(f"graph    h256 batch 128: {np.median(replays):.3f} ms/step (the fused step replayed "
+          f"as one CUDA graph, median of 5 x 500; a probe for docs/gpu.md)")
+except Exception as e:  # the probe only informs: say why it could not run
+    print(f"graph    probe failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 EOF
 }
 
@@ -133,6 +163,6 @@ for name in info tests steps bench train; do
   printf '%-6s %s\n' "$name" "${STATUS[$name]}"
 done
 grep -E "[0-9]+ (passed|failed|skipped|errors?)" "$OUT/pytest-gpu.log" | tail -n 1
-grep -E "ms/step" "$OUT/steps.log"
+grep -E "ms/step|probe failed" "$OUT/steps.log"
 grep -E "^\|" "$OUT/bench.log"
 tail -n 1 "$OUT/train-h256.log"
