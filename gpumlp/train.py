@@ -121,6 +121,11 @@ def check_finite(state: RunState) -> None:
                              f"(by step {pos.step})")
 
 
+def too_large(what: str) -> NumericalError:
+    """The error of finite weights whose loss is not: `what` happened, and why."""
+    return NumericalError(f"{what}: the weights are finite but too large to use")
+
+
 def check_usable(state: RunState, data: DeviceData, config: Config) -> None:
     """A NumericalError unless the (finite) weights give a finite loss on the first PROBE_ROWS
     training examples: the guard before a mid-epoch checkpoint, which could not be resumed."""
@@ -128,9 +133,8 @@ def check_usable(state: RunState, data: DeviceData, config: Config) -> None:
     loss, _ = evaluate(state.params, probe, config)
     if not math.isfinite(loss):
         pos = state.pos
-        raise NumericalError(f"the evaluation loss on the first {len(probe)} training examples "
-                             f"became NaN or infinite in epoch {pos.epoch + 1} (by step "
-                             f"{pos.step}): the weights are finite but too large to use")
+        raise too_large(f"the evaluation loss on the first {len(probe)} training examples "
+                        f"became NaN or infinite in epoch {pos.epoch + 1} (by step {pos.step})")
 
 
 def check_eval_losses(row: dict, step: int) -> None:
@@ -138,9 +142,8 @@ def check_eval_losses(row: dict, step: int) -> None:
     losses = {k: row[k] for k in ("val_loss", "test_loss") if k in row}
     if not all(math.isfinite(v) for v in losses.values()):
         shown = ", ".join(f"{k} {v}" for k, v in losses.items())
-        raise NumericalError(f"the evaluation loss became NaN or infinite at the end of epoch "
-                             f"{row['epoch']} (step {step}: {shown}): the weights are finite but "
-                             "too large to use")
+        raise too_large(f"the evaluation loss became NaN or infinite at the end of epoch "
+                        f"{row['epoch']} (step {step}: {shown})")
 
 
 def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Backend,
