@@ -232,14 +232,12 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         click.echo(f"{stop.what()}; checkpoint saved. Resume with: gpumlp train --resume "
                    f"{out_dir}", err=True)
         raise SystemExit(stop.exit_code())
-    except StoppedBeforeStart:
-        if early:  # nothing worth keeping: as a stop during the data loading
-            RunFiles(out_dir).discard_unstarted(remove_folder=created)
-        click.echo(stop.what(), err=True)
-        raise SystemExit(stop.exit_code())
-    except (GpumlpError, KeyboardInterrupt, MemoryError):
+    except (GpumlpError, KeyboardInterrupt, MemoryError) as e:
         if early:  # failed before anything worth keeping: leave no half-made run behind
             RunFiles(out_dir).discard_unstarted(remove_folder=created)
+        if isinstance(e, StoppedBeforeStart):  # Ctrl-C or SIGTERM during the set-up
+            click.echo(stop.what(), err=True)
+            raise SystemExit(stop.exit_code()) from None
         raise
     finally:
         reporter.close()
