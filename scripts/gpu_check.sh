@@ -13,6 +13,8 @@
 #   GPUMLP_CACHE_DIR  default: a fresh temporary folder, so the user's cache is never touched.
 #   OUT               where the logs go (default: gpu-check-out/ in the checkout).
 #   PYTHON            the interpreter (default: python3).
+#   SECTIONS          the sections to run, by name (default: all five, "info tests steps bench
+#                     train"); e.g. SECTIONS="tests bench" to rerun two after a fix.
 #
 # Sections, each under its own time limit (40 + 210 + 45 + 120 + 80 s, and 10 s more each to be
 # killed: 545 s at most, usually far less; give a job runner at least that):
@@ -28,6 +30,15 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+SECTIONS="${SECTIONS:-info tests steps bench train}"
+for name in $SECTIONS; do
+  case $name in
+    info|tests|steps|bench|train) ;;
+    *) echo "gpu_check.sh: no section '$name' in SECTIONS;" \
+         "the sections are: info tests steps bench train" >&2
+       exit 2 ;;
+  esac
+done
 OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
@@ -38,6 +49,8 @@ if [ -z "${GPUMLP_DATA_DIR:-}" ] && [ -d shared/data/mnist ]; then
 fi
 declare -A STATUS
 
+wanted() { [[ " $SECTIONS " == *" $1 "* ]]; }
+
 section() {  # section NAME LIMIT_SECONDS LOG COMMAND...: run it, tee its output, note its status
   local name=$1 limit=$2 log=$3
   shift 3
@@ -47,10 +60,11 @@ section() {  # section NAME LIMIT_SECONDS LOG COMMAND...: run it, tee its output
   STATUS[$name]=$([ "$rc" -eq 0 ] && echo ok || { [ "$rc" -eq 124 ] && echo "TIMED OUT" || echo "failed ($rc)"; })
 }
 
-info() {
+info() {  # fails when the versions or `gpumlp info` cannot be printed
+  local rc=0
   date -u +"%Y-%m-%d %H:%M:%S UTC"
   nvidia-smi || true
-  "$PY" - <<'EOF'
+  "$PY" - <<'EOF' || rc=1
 import platform, numpy, cupy
 print("python", platform.python_version(), "numpy", numpy.__version__, "cupy", cupy.__version__)
 print("CUDA runtime", cupy.cuda.runtime.runtimeGetVersion(), "driver", cupy.cuda.runtime.driverGetVersion())
@@ -60,8 +74,9 @@ try:
 except ImportError:
     print("torch: not installed")
 EOF
-  "$PY" -m gpumlp info
+  "$PY" -m gpumlp info || rc=1
   echo "GPUMLP_DATA_DIR=${GPUMLP_DATA_DIR:-<unset: the real-MNIST test and the h256 run will skip or fail>}"
+  return $rc
 }
 
 steps() {  # ms per step of the generic and the fused step, same data, interleaved; and the host's
@@ -146,23 +161,27 @@ train_h256() {
 }
 
 export -f info steps train_h256  # so that `timeout bash -c NAME` runs them
-section info 40 info.log bash -c info
-section tests 210 pytest-gpu.log "$PY" -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider tests
-if [ "${STATUS[tests]}" = ok ] && ! grep -qE "[0-9]+ passed" "$OUT/pytest-gpu.log"; then
-  STATUS[tests]="failed: no test passed (all skipped: is the GPU visible?)"  # pytest says 0
+wanted info && section info 40 info.log bash -c info
+if wanted tests; then
+  section tests 210 pytest-gpu.log \
+    "$PY" -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider tests
+  if [ "${STATUS[tests]}" = ok ] && ! grep -qE "[0-9]+ passed" "$OUT/pytest-gpu.log"; then
+    STATUS[tests]="failed: no test passed (all skipped: is the GPU visible?)"  # pytest says 0
+  fi
 fi
-section steps 45 steps.log bash -c steps
+wanted steps && section steps 45 steps.log bash -c steps
 BENCH_DATA=mnist  # the MNIST files when they came along, else random images of their shape
 [ -n "${GPUMLP_DATA_DIR:-}" ] || BENCH_DATA=synthetic
-section bench 120 bench.log "$PY" -m gpumlp bench --device cuda --data "$BENCH_DATA" \
-  --hidden 256 --hidden 1024 --batch 128 --batch 1024
-section train 80 train-h256.log bash -c train_h256
+wanted bench && section bench 120 bench.log \
+  "$PY" -m gpumlp bench --device cuda --data "$BENCH_DATA" --hidden 256 --hidden 1024 \
+  --batch 128 --batch 1024
+wanted train && section train 80 train-h256.log bash -c train_h256
 
 echo "=== summary ==="
-for name in info tests steps bench train; do
+for name in $SECTIONS; do
   printf '%-6s %s\n' "$name" "${STATUS[$name]}"
 done
-grep -E "[0-9]+ (passed|failed|skipped|errors?)" "$OUT/pytest-gpu.log" | tail -n 1
-grep -E "ms/step|probe failed" "$OUT/steps.log"
-grep -E "^\|" "$OUT/bench.log"
-tail -n 1 "$OUT/train-h256.log"
+! wanted tests || grep -E "[0-9]+ (passed|failed|skipped|errors?)" "$OUT/pytest-gpu.log" | tail -n 1
+! wanted steps || grep -E "ms/step|probe failed" "$OUT/steps.log"
+! wanted bench || grep -E "^\|" "$OUT/bench.log"
+! wanted train || tail -n 1 "$OUT/train-h256.log"
