@@ -2,23 +2,29 @@
 
 Arrays W1, b1, W2, b2 (W3, b3, ... for deeper nets), W1 of shape (784, h), plus `config`,
 the run's resolved config as a JSON string. Loading never unpickles; a file whose arrays
-do not match its config is refused.
+do not match its config is refused, the shapes read from the .npy headers before any weight is
+read (so a file never costs more memory than the model its config describes), and so are
+weights that are not finite once converted to the config's train.dtype.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .backend import to_host
 from .config import Config, config_from_dict, config_to_dict
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, shown
 from .model import Params
-from .npzio import load_npz, save_npz
+from .npzio import Npz, save_npz
 
+MAX_CONFIG_CHARS = 1_000_000  # a saved config is a few kB of JSON; a larger string is not read
 
 
 def param_arrays(params: Params) -> dict[str, np.ndarray]:
@@ -36,51 +42,99 @@ def save_model(path: str | os.PathLike, params: Params, config: Config) -> None:
     save_npz(path, arrays)
 
 
-def params_from_arrays(arrays: dict, widths: tuple[int, ...], source: str) -> Params:
-    """Params from W1, b1, ... checked against `widths` (d, h1, ..., c)."""
-    W, b = [], []
-    for k, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
+def layer_names(widths: tuple[int, ...]) -> list[str]:
+    """["W1", "b1", "W2", ...] for layer widths (d, h1, ..., c)."""
+    return [f"{kind}{k}" for k in range(1, len(widths)) for kind in "Wb"]
+
+
+def check_layout(arrays: Mapping[str, Any], widths: tuple[int, ...], source: str) -> None:
+    """Refuse (CheckpointError) unless `arrays` holds W1, b1, ... of `widths` (d, h1, ..., c)
+    as floats and no layer beyond; arrays, or .npy headers (anything with shape and dtype)."""
+    for k, (fan_in, fan_out) in enumerate(pairwise(widths), start=1):
         for name, shape in ((f"W{k}", (fan_in, fan_out)), (f"b{k}", (fan_out,))):
             if name not in arrays:
                 raise CheckpointError(f"{source}: array {name} is missing for hidden sizes "
                                       f"{list(widths[1:-1])}")
             array = arrays[name]
-            if array.shape != shape or array.dtype.kind != "f":
-                raise CheckpointError(f"{source}: {name} has shape {array.shape} and dtype "
-                                      f"{array.dtype}; expected {shape} floats")
-            if not np.isfinite(array).all():
-                raise CheckpointError(f"{source}: {name} holds NaN or infinite values")
-        W.append(arrays[f"W{k}"])
-        b.append(arrays[f"b{k}"])
-    extra = sorted(n for n in arrays if n[:1] in "Wb" and n[1:].isdigit() and int(n[1:]) > len(W))
+            if tuple(array.shape) != shape or array.dtype.kind != "f":
+                raise CheckpointError(f"{source}: {name} has shape {shown(array.shape)} and dtype "
+                                      f"{shown(array.dtype)}; expected {shape} floats")
+    depth = len(widths) - 1
+    extra = sorted(n for n in arrays if n[:1] in "Wb" and n[1:].isdigit() and int(n[1:]) > depth)
     if extra:
-        raise CheckpointError(f"{source}: arrays {extra} do not fit hidden sizes "
+        raise CheckpointError(f"{source}: arrays {shown(extra)} do not fit hidden sizes "
                               f"{list(widths[1:-1])}")
-    return Params(tuple(W), tuple(b))
 
 
-def config_of(arrays: dict, source: str) -> Config:
-    if "config" not in arrays or arrays["config"].dtype.kind != "U" or arrays["config"].ndim:
+def finite(array: np.ndarray, name: str, dtype: str | None, source: str,
+           fix: str = "") -> np.ndarray:
+    """`array` as `dtype` (None: as it is), refused unless every value is finite there; `fix`
+    ends the message when the values are finite but too large for `dtype`."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = array if dtype is None else array.astype(dtype)
+    if not np.isfinite(converted).all():
+        if not np.isfinite(array).all():
+            raise CheckpointError(f"{source}: {name} holds NaN or infinite values")
+        raise CheckpointError(f"{source}: {name} holds values up to {np.abs(array).max():.3g}, "
+                              f"which do not fit {np.dtype(dtype)}{fix}")
+    return converted
+
+
+def params_from_arrays(arrays: Mapping[str, np.ndarray], widths: tuple[int, ...], source: str,
+                       dtype: str | None = None, fix: str = "") -> Params:
+    """Params from W1, b1, ... checked against `widths` (d, h1, ..., c), converted to `dtype`
+    (None: kept as they are) and finite there; `fix` as in `finite`."""
+    check_layout(arrays, widths, source)
+    values = [finite(arrays[name], name, dtype, source, fix) for name in layer_names(widths)]
+    return Params(tuple(values[0::2]), tuple(values[1::2]))
+
+
+def config_of(npz: Npz, source: str) -> Config:
+    """The config saved in a model file, its size checked before it is read."""
+    header = npz.headers.get("config")
+    if header is None or header.dtype.kind != "U" or header.ndim:
         raise CheckpointError(f"{source}: no config string inside; not a gpumlp model file")
+    if header.dtype.itemsize > 4 * MAX_CONFIG_CHARS:
+        raise CheckpointError(f"{source}: its config string holds {header.dtype.itemsize // 4:,} "
+                              f"characters, more than the {MAX_CONFIG_CHARS:,} a config may hold; "
+                              "not a gpumlp model file")
+    text = str(npz.read("config"))
     try:
-        return config_from_dict(json.loads(str(arrays["config"])))
-    except (json.JSONDecodeError, ConfigError) as e:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{source}: its config is invalid (not JSON: {e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{source}: its config is invalid (JSON nested too deeply); "
+                              "not a gpumlp model file") from None
+    except ValueError:  # Python's limit on the digits of an integer
+        raise CheckpointError(f"{source}: its config is invalid (a number too long to read); "
+                              "not a gpumlp model file") from None
+    try:
+        return config_from_dict(values)
+    except ConfigError as e:
         raise CheckpointError(f"{source}: its config is invalid ({e})") from None
 
 
 def load_model(path: str | os.PathLike) -> tuple[Params, Config]:
-    """(params on the host, config) from a model.npz; a CheckpointError if anything is off."""
+    """(params on the host, config) from a model.npz; a CheckpointError if anything is off.
+
+    The config is read first and the weights' shapes are checked from their headers, so that
+    no more is read than the model the config describes."""
     source = str(Path(path))
-    arrays = load_npz(path)
-    config = config_of(arrays, source)
-    params = params_from_arrays(arrays, config.model.layer_widths, source)
-    dtype = np.dtype(config.train.dtype)
-    return Params(tuple(w.astype(dtype) for w in params.W),
-                  tuple(v.astype(dtype) for v in params.b)), config
+    with Npz(path) as npz:
+        config = config_of(npz, source)
+        widths = config.model.layer_widths
+        check_layout(npz.headers, widths, source)
+        arrays = {name: npz.read(name) for name in layer_names(widths)}
+    fix = ", its config's train.dtype; gpumlp train never writes such a model: train it again"
+    return params_from_arrays(arrays, widths, source, config.train.dtype, fix), config
 
 
 def load_init(path: str | os.PathLike, widths: tuple[int, ...], dtype: str) -> Params:
     """Initial weights for `--init`: any .npz with W1, b1, ... of the configured shapes."""
     source = str(Path(path))
-    params = params_from_arrays(load_npz(path), widths, source)
-    return Params(tuple(w.astype(dtype) for w in params.W), tuple(v.astype(dtype) for v in params.b))
+    with Npz(path) as npz:
+        check_layout(npz.headers, widths, source)
+        arrays = {name: npz.read(name) for name in layer_names(widths)}
+    fix = " (train.dtype); scale them down, or train with --set train.dtype=float64"
+    return params_from_arrays(arrays, widths, source, dtype, fix)

@@ -1,10 +1,28 @@
 """Domain errors: the CLI turns each into a one-line message and a non-zero exit code; and
-`folder_problem`, the words for a path that is not a folder, which several messages share."""
+what several messages share: `folder_problem`, the words for a path that is not a folder, and
+`shown`, a value cut short."""
 
 from __future__ import annotations
 
 import os
+import reprlib
 from pathlib import Path
+
+_BRIEF = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxtuple, _BRIEF.maxdict = 1, 6, 6, 4
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """`value` for a one-line message, at most `limit` characters: a str quoted (ascii), a
+    list, tuple or dict as reprlib cuts it (never built whole: a few YAML anchors can make a
+    list of 10^8 items), anything else as str()."""
+    if isinstance(value, str):
+        text = ascii(value)
+    elif isinstance(value, (list, tuple, dict)):
+        text = _BRIEF.repr(value)
+    else:
+        text = str(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class GpumlpError(Exception):

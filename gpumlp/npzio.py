@@ -4,22 +4,37 @@
 write different files; here every member carries a fixed timestamp. Writes go to a
 temporary file in the same folder, are flushed and fsynced, then renamed over the target,
 so a crash or a full disk never leaves a half-written file under the real name.
+
+Reading (`Npz`, `load_npz`) never unpickles, and checks every member before any data is read:
+each must be an unencrypted .npy array whose header announces exactly the member's size, so a
+header that lies or an oversized member is refused in one line (a CheckpointError) instead of
+being read; with `Npz` a caller reads only the members it needs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import lzma
+import math
 import os
+import struct
 import tempfile
+import tokenize
 import zipfile
+import zlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Mapping
+from typing import BinaryIO, NamedTuple, NoReturn
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, shown
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
+MAGIC_LEN = 8                 # b"\x93NUMPY" and two version bytes
+NPY_VERSIONS = ((1, 0), (2, 0), (3, 0))
+MAX_NPY_HEADER = 10_000       # NumPy's own limit (numpy.load's max_header_size)
 
 
 def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -69,19 +84,136 @@ def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every array of an .npz, read with pickling disabled; a CheckpointError if unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):  # np.load would try a pickle, or return a bare .npy array
-        raise CheckpointError(f"{path}: not a readable .npz file (not a zip archive)")
+    with Npz(path) as npz:
+        return {name: npz.read(name) for name in npz.headers}
+
+
+class NpyHeader(NamedTuple):
+    """What a .npy header says: the array's shape, layout and dtype, and where its data starts."""
+    shape: tuple[int, ...]
+    fortran_order: bool
+    dtype: np.dtype
+    offset: int  # bytes before the data: magic, version, header length, header
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the data the header announces (exact: Python integers)."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def read_npy_header(stream: BinaryIO) -> NpyHeader:
+    """The header at the start of a .npy stream, reading no data; a ValueError saying what is
+    wrong when there is none, or it is longer than NumPy's MAX_NPY_HEADER, or it is malformed."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise CheckpointError(f"{path}: holds object arrays, which gpumlp refuses to "
-                                  "unpickle; it was not written by gpumlp") from None
-        raise CheckpointError(f"{path}: not a readable .npz file ({e})") from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise CheckpointError(f"{path}: not a readable .npz file (truncated or corrupt: "
-                              f"{e.__class__.__name__})") from None
+        version = np.lib.format.read_magic(stream)
+    except ValueError:
+        raise ValueError("not a .npy array") from None
+    if version not in NPY_VERSIONS:
+        raise ValueError(f"unknown .npy format version {version[0]}.{version[1]}")
+    width = 2 if version == (1, 0) else 4
+    length_bytes = stream.read(width)
+    length = int.from_bytes(length_bytes, "little")
+    if length > MAX_NPY_HEADER:
+        raise ValueError(f".npy header of {length:,} bytes, more than {MAX_NPY_HEADER:,}")
+    text = stream.read(length)
+    if len(length_bytes) != width or len(text) != length:
+        raise ValueError(".npy header cut short")
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+        else np.lib.format.read_array_header_2_0  # 3.0 differs in text encoding only
+    try:
+        shape, fortran_order, dtype = reader(io.BytesIO(length_bytes + text))
+    except (ValueError, TypeError, SyntaxError, RecursionError, tokenize.TokenError):
+        raise ValueError("malformed .npy header") from None
+    if any(n < 0 for n in shape):
+        raise ValueError(f".npy header with a negative dimension {shape}")
+    return NpyHeader(tuple(shape), fortran_order, dtype, MAGIC_LEN + width + length)
+
+
+class Npz:
+    """An open .npz file, every member checked to hold one whole .npy array; data is read
+    only by `read`, one member at a time. A CheckpointError for anything unreadable.
+
+    Each member's .npy header is read (not its data) and the size it announces must be the
+    member's size exactly, so that a header that lies, or a member larger than its array, is
+    refused before anything large is read. `headers` maps each array's name (the member's
+    name without ".npy", as numpy.load names it) to its NpyHeader; `read` gives what
+    numpy.load would, pickling disabled.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():  # links followed
+            if not self.path.exists():
+                raise CheckpointError(f"{self.path}: no such file")
+            what = "a folder" if self.path.is_dir() else "a device, pipe or socket"
+            raise CheckpointError(f"{self.path}: not a regular file ({what}); give the .npz "
+                                  "file itself")
+        if not zipfile.is_zipfile(self.path):  # np.load would try a pickle, or read a .npy
+            raise CheckpointError(f"{self.path}: not a readable .npz file (not a zip archive)")
+        self.headers: dict[str, NpyHeader] = {}
+        self._members: dict[str, zipfile.ZipInfo] = {}
+        with self._reading():
+            self._zip = zipfile.ZipFile(self.path)
+        try:
+            for info in self._zip.infolist():
+                self._check_member(info)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_member(self, info: zipfile.ZipInfo) -> None:
+        name = info.filename.removesuffix(".npy")
+        if name in self.headers:
+            self._refuse(f"two members are named {shown(name)}")
+        if info.flag_bits & 0x1:
+            self._refuse(f"member {shown(info.filename)} is encrypted")
+        with self._reading(info.filename), self._zip.open(info) as stream:
+            header = read_npy_header(stream)
+        if header.dtype.hasobject:
+            raise CheckpointError(f"{self.path}: holds object arrays, which gpumlp refuses to "
+                                  "unpickle; it was not written by gpumlp")
+        if header.offset + header.nbytes != info.file_size:
+            self._refuse(f"damaged: the header of member {shown(info.filename)} announces "
+                         f"{header.nbytes:,} bytes of {shown(header.dtype)} data of shape "
+                         f"{shown(header.shape)}; the member holds "
+                         f"{max(info.file_size - header.offset, 0):,}")
+        self.headers[name] = header
+        self._members[name] = info
+
+    def read(self, name: str) -> np.ndarray:
+        """The array `name` (a KeyError when there is none)."""
+        info = self._members[name]
+        with self._reading(info.filename), self._zip.open(info) as stream:
+            return np.lib.format.read_array(stream, allow_pickle=False)
+
+    def _refuse(self, reason: str) -> NoReturn:
+        raise CheckpointError(f"{self.path}: not a readable .npz file ({reason})")
+
+    @contextlib.contextmanager
+    def _reading(self, member: str | None = None) -> Iterator[None]:
+        """Errors of the zip archive and of NumPy's .npy reader as one-line CheckpointErrors."""
+        where = f"member {shown(member)}: " if member is not None else ""
+        try:
+            yield
+        except NotImplementedError:  # zipfile: a compression method it cannot undo
+            self._refuse(f"{where}unsupported compression method")
+        except ValueError as e:
+            self._refuse(f"{where}{str(e).splitlines()[0][:200] if str(e) else 'damaged'}")
+        except (OSError, EOFError, RuntimeError, zipfile.BadZipFile, zlib.error,
+                lzma.LZMAError, struct.error) as e:
+            self._refuse(f"{where}truncated or corrupt: {e.__class__.__name__}")
+
+    def close(self) -> None:
+        zf = getattr(self, "_zip", None)
+        if zf is not None:
+            zf.close()
+
+    def __enter__(self):  # -> Self (typing.Self needs Python 3.11)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

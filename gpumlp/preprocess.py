@@ -28,19 +28,23 @@ The result is float pixels in [0, 255], as the uint8 training images are before
 `data.to_inputs` scales them. Pillow is needed only to read and resize images; `.npy`
 arrays (2-D grey, or 784 values: one row of X) are read with NumPy. What a file holds is
 told by its content, not its name. Pictures and arrays above MAX_PIXELS are refused before
-they are decoded.
+they are decoded (an array from its .npy header, which must also announce exactly the data the
+file holds). A file is read whole, so only a regular file (links followed) of at most
+MAX_FILE_BYTES is read: devices, pipes and sockets are refused unread, as is a larger file.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
+import stat
 import warnings
-from pathlib import Path
 
 import numpy as np
 
-from .errors import GpumlpError
+from .errors import GpumlpError, shown
+from .npzio import read_npy_header
 from .readback import BOX, FIELD, read_back
 
 CENTRE = 14.0         # where MNIST puts the centre of mass (row and column index; measured
@@ -52,6 +56,9 @@ FRINGE = 2            # a digit already BOX pixels long keeps this many pixels a
                       # (MNIST's faint anti-aliased edge lies below INK_LEVEL)
 MAX_SIDE = 4096       # pictures and arrays may hold up to MAX_SIDE**2 pixels (a 12-megapixel
 MAX_PIXELS = MAX_SIDE * MAX_SIDE  # phone photo fits); larger ones are refused before decoding
+MAX_FILE_BYTES = 16 * MAX_PIXELS + 2**20  # 257 MiB: MAX_PIXELS values of the widest .npy
+                      # dtype taken (16-byte long double) and a header; any picture of MAX_PIXELS
+                      # (8 bytes a pixel even as uncompressed 16-bit RGBA) fits
 NPY_MAGIC = b"\x93NUMPY"
 IMAGE_HINT = "give a PNG, JPEG or BMP picture of one digit, or a .npy array"
 NPY_SHAPES = ("expected one grey image: a 2-D array (H, W), or the 784 values of one 28x28 "
@@ -65,14 +72,7 @@ class ImageError(GpumlpError):
 def read_gray(path: str | os.PathLike) -> np.ndarray:
     """The grey levels (H, W) as float64 in [0, 255] of an image file or a .npy array."""
     source = str(path)
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"{source}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{source}: is a folder; {IMAGE_HINT}") from None
-    except OSError as e:
-        raise ImageError(f"{source}: cannot be read ({e.strerror or e})") from None
+    data = read_file(path, source)
     if not data:
         raise ImageError(f"{source}: empty file; {IMAGE_HINT}")
     if data.startswith(NPY_MAGIC):
@@ -80,27 +80,72 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
     return gray_from_image(data, source)
 
 
+def read_file(path: str | os.PathLike, source: str) -> bytes:
+    """The bytes of a regular file (links followed) of at most MAX_FILE_BYTES; an ImageError
+    for anything else, found before it is read (opened without blocking: a pipe is not waited
+    on)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ImageError(f"{source}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{source}: is a folder; {IMAGE_HINT}") from None
+    except OSError as e:
+        raise ImageError(f"{source}: cannot be read ({e.strerror or e})") from None
+    try:
+        info = os.fstat(fd)
+        mode, size = info.st_mode, info.st_size
+        if stat.S_ISDIR(mode):
+            raise ImageError(f"{source}: is a folder; {IMAGE_HINT}")
+        if not stat.S_ISREG(mode):
+            raise ImageError(f"{source}: not a regular file (a device, pipe or socket); "
+                             f"{IMAGE_HINT}")
+        if size <= MAX_FILE_BYTES:
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+            size = len(data)                  # it may have grown since
+    except OSError as e:
+        raise ImageError(f"{source}: cannot be read ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+    if size > MAX_FILE_BYTES:
+        raise ImageError(f"{source}: file of {size:,} bytes, more than the "
+                         f"{MAX_FILE_BYTES // 2**20} MiB an image may take; scale it down")
+    return data
+
+
 def gray_from_npy(data: bytes, source: str) -> np.ndarray:
     """A 2-D array, or 784 values (one row of X: a 28x28 image in row-major order) shaped
     (784,), (1, 784) or (784, 1). Integers are levels 0..255; floats in [0, 1] are taken as
-    x/255, other floats as levels 0..255; anything outside those ranges is refused."""
+    x/255, other floats as levels 0..255; anything outside those ranges is refused. Shape,
+    dtype and size are checked from the header, before the data is read."""
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
+        header = read_npy_header(io.BytesIO(data))
+    except ValueError as e:
+        raise ImageError(f"{source}: not a readable .npy array ({e})") from None
+    shape = header.shape
+    if math.prod(shape) == FIELD * FIELD and sorted(shape) in ([FIELD * FIELD],
+                                                               [1, FIELD * FIELD]):
+        shape = (FIELD, FIELD)
+    if len(shape) == 2 and shape[1] == FIELD * FIELD:
+        raise ImageError(f"{source}: .npy array of shape {shape} holds {shape[0]} "
+                         "rows of 784 values (images); give one image per file, e.g. X[i]")
+    if header.dtype.kind not in "uif":
+        raise ImageError(f"{source}: .npy array of dtype {shown(header.dtype)}; expected integer "
+                         "or float grey levels")
+    if len(shape) != 2 or min(shape) == 0:
+        raise ImageError(f"{source}: .npy array of shape {shown(shape)}; {NPY_SHAPES}")
+    if math.prod(shape) > MAX_PIXELS:
+        raise ImageError(f"{source}: .npy array of {shape[1]}x{shape[0]} pixels, "
+                         f"more than {MAX_PIXELS:,} pixels ({MAX_SIDE}x{MAX_SIDE}); scale it down")
+    if header.offset + header.nbytes != len(data):
+        raise ImageError(f"{source}: damaged .npy array: its header announces "
+                         f"{header.nbytes:,} bytes of data, the file holds "
+                         f"{max(len(data) - header.offset, 0):,}")
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False).reshape(shape)
     except (ValueError, OSError, EOFError) as e:
         raise ImageError(f"{source}: not a readable .npy array ({e})") from None
-    if array.size == FIELD * FIELD and sorted(array.shape) in ([FIELD * FIELD], [1, FIELD * FIELD]):
-        array = array.reshape(FIELD, FIELD)
-    if array.ndim == 2 and array.shape[1] == FIELD * FIELD:
-        raise ImageError(f"{source}: .npy array of shape {array.shape} holds {array.shape[0]} "
-                         "rows of 784 values (images); give one image per file, e.g. X[i]")
-    if array.dtype.kind not in "uif":
-        raise ImageError(f"{source}: .npy array of dtype {array.dtype}; expected integer or "
-                         "float grey levels")
-    if array.ndim != 2 or min(array.shape) == 0:
-        raise ImageError(f"{source}: .npy array of shape {array.shape}; {NPY_SHAPES}")
-    if array.size > MAX_PIXELS:
-        raise ImageError(f"{source}: .npy array of {array.shape[1]}x{array.shape[0]} pixels, "
-                         f"more than {MAX_PIXELS:,} pixels ({MAX_SIDE}x{MAX_SIDE}); scale it down")
     gray = array.astype(np.float64)
     if not np.isfinite(gray).all():
         raise ImageError(f"{source}: .npy array holds NaN or infinite values")

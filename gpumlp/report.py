@@ -86,12 +86,19 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [row for _, row in numbered]
 
 
+MAX_EPOCH = 10 ** 9  # more epochs than any run has; a 400-digit epoch overflows the plot
+
+
 def metrics_row(line: str, where: str) -> dict:
     """One line of metrics.jsonl as a dict of numbers; a ReportError saying what is wrong."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError:
         raise ReportError(f"{where} is not JSON; {ROW_HINT}") from None
+    except RecursionError:
+        raise ReportError(f"{where} is JSON nested too deeply; {ROW_HINT}") from None
+    except ValueError:  # Python's limit on the digits of an integer
+        raise ReportError(f"{where} holds a number too long to read; {ROW_HINT}") from None
     if not isinstance(row, dict):
         raise ReportError(f"{where} is a JSON {type(row).__name__}, not a metrics row (an object "
                           f"with {', '.join(ROW_KEYS)}); {ROW_HINT}")
@@ -104,9 +111,21 @@ def metrics_row(line: str, where: str) -> dict:
         value = row.get(key, 0)
         wanted = int if key == "epoch" else (int, float)
         if isinstance(value, bool) or not isinstance(value, wanted):
-            raise ReportError(f"{where}: {key} is {json.dumps(value)}, not "
+            raise ReportError(f"{where}: {key} is {json_text(value)}, not "
                               f"{'a whole number' if key == 'epoch' else 'a number'}; {ROW_HINT}")
+        if key == "epoch" and not 1 <= value <= MAX_EPOCH:  # a plot's axis needs a float
+            raise ReportError(f"{where}: epoch is {json_text(value)}, not from 1 to "
+                              f"{MAX_EPOCH:,}; {ROW_HINT}")
     return row
+
+
+def json_text(value: object, limit: int = 60) -> str:
+    """`value` as JSON for a one-line message, cut to `limit` characters."""
+    try:
+        text = json.dumps(value)
+    except (RecursionError, ValueError):
+        return "a value too deep or too long to show"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def foreign_outputs(run_dir: Path) -> list[str]:

@@ -1,0 +1,306 @@
+"""Damaged or hostile input files: one error line (exit 1), never a traceback, never memory
+spent on what a file only claims to hold, and nothing written.
+
+The hostile files are small and built here: headers that lie about their size, zip entries
+patched to claim encryption or an unknown compression method, JSON nested 100,000 levels deep.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import threading
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from use_helpers import invoke
+
+from gpumlp.checkpoint import load_model, save_model
+from gpumlp.cli import evaluate, train
+from gpumlp.cli_use import export, predict, report
+from gpumlp.config import build_config
+from gpumlp.errors import CheckpointError
+from gpumlp.model import init_params
+from gpumlp.npzio import load_npz
+from gpumlp.preprocess import IMAGE_HINT, MAX_FILE_BYTES, ImageError, read_gray
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+LONG_NUMBER = "9" * 5000  # Python reads at most 4,300 digits into an int
+
+
+@pytest.fixture(scope="module")
+def model_arrays(tmp_path_factory) -> dict[str, np.ndarray]:
+    """The arrays of a small untrained float32 model.npz (hidden 16), config included."""
+    path = tmp_path_factory.mktemp("model") / "model.npz"
+    config = build_config(None, ["model.hidden=16"])
+    save_model(path, init_params((784, 16, 10), "he", np.random.default_rng(0)), config)
+    with np.load(path) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array)
+    return buffer.getvalue()
+
+
+def lying_header(shape: tuple[int, ...], descr: str = "<f8") -> bytes:
+    """A version 1.0 .npy header announcing `shape` (no data follows)."""
+    text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}".encode()
+    text = text.ljust(118) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text
+
+
+def write_npz(path: Path, members: dict[str, bytes],
+              compression: int = zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def model_members(arrays: dict[str, np.ndarray], **replaced: np.ndarray) -> dict[str, bytes]:
+    return {f"{name}.npy": npy_bytes(value) for name, value in {**arrays, **replaced}.items()}
+
+
+def assert_one_error(result, *fragments: str) -> str:
+    """Exit 1, nothing on stdout, one "Error: " line holding `fragments`; that line."""
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+# --- JSON: nesting and numbers Python refuses to read -------------------------------------
+
+@pytest.mark.parametrize("config, reason", [
+    (DEEP_JSON, "JSON nested too deeply"),
+    ('{"model": {"hidden": ' + LONG_NUMBER + "}}", "a number too long to read"),
+], ids=["nested", "long number"])
+def test_a_model_config_python_cannot_read_is_one_error_line(model_arrays, tmp_path, config,
+                                                            reason):
+    path = tmp_path / "model.npz"
+    np.savez(path, **{**model_arrays, "config": np.array(config)})
+    for command in (evaluate, predict):
+        args = [path] if command is evaluate else [path, tmp_path / "digit.png"]
+        result = invoke(command, *args, "--device", "cpu")
+        assert_one_error(result, f"{path}: its config is invalid ({reason})")
+
+
+@pytest.mark.parametrize("line, reason", [
+    (DEEP_JSON, "is JSON nested too deeply"),
+    ('{"epoch": 1, "lr": ' + LONG_NUMBER + "}", "holds a number too long to read"),
+], ids=["nested", "long number"])
+def test_a_metrics_row_python_cannot_read_is_one_error_line(tmp_path, line, reason):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(line + "\n")
+    result = invoke(report, tmp_path, "--device", "cpu")
+    assert_one_error(result, f"{metrics}: line 1 {reason}; ")
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+# --- .npz archives ------------------------------------------------------------------------
+
+def patched_entries(data: bytes, field: str) -> bytes:
+    """The zip archive `data` with every entry, local and central header, marked encrypted
+    (field "encrypted") or compressed by the unknown method 99 (field "method")."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        infos, central = zf.infolist(), zf.start_dir
+    out = bytearray(data)
+    local_at, central_at = {"encrypted": (6, 8), "method": (8, 10)}[field]
+
+    def patch(at: int) -> None:
+        value = struct.unpack_from("<H", out, at)[0] | 1 if field == "encrypted" else 99
+        struct.pack_into("<H", out, at, value)
+
+    for info in infos:
+        patch(info.header_offset + local_at)
+        patch(central + central_at)
+        name, extra, comment = struct.unpack_from("<HHH", out, central + 28)
+        central += 46 + name + extra + comment
+    return bytes(out)
+
+
+@pytest.mark.parametrize("field, reason", [
+    ("encrypted", "member 'W1.npy' is encrypted"),
+    ("method", "member 'W1.npy': unsupported compression method"),
+])
+def test_an_encrypted_or_unknown_compression_member_is_not_a_readable_npz(model_arrays, tmp_path,
+                                                                         field, reason):
+    good = write_npz(tmp_path / "good.npz", model_members(model_arrays)).read_bytes()
+    path = tmp_path / "model.npz"
+    path.write_bytes(patched_entries(good, field))
+    with pytest.raises(CheckpointError, match="not a readable .npz file"):
+        load_npz(path)
+    assert_one_error(invoke(evaluate, path, "--device", "cpu"),
+                     f"{path}: not a readable .npz file ({reason})")
+    assert path.read_bytes() == patched_entries(good, field)
+
+
+def test_a_member_whose_header_claims_more_data_than_it_holds_is_refused_unread(model_arrays,
+                                                                               tmp_path):
+    members = model_members(model_arrays)
+    members["x.npy"] = lying_header((1_000_000, 1_000_000))        # 8 TB announced, none held
+    path = write_npz(tmp_path / "model.npz", members)
+    assert_one_error(invoke(evaluate, path, "--device", "cpu"),
+                     f"{path}: not a readable .npz file (damaged: the header of member 'x.npy' "
+                     "announces 8,000,000,000,000 bytes", "the member holds 0)")
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_npz(path)
+
+
+def test_a_member_larger_than_its_array_is_refused(model_arrays, tmp_path):
+    members = model_members(model_arrays)
+    members["padding.npy"] = npy_bytes(np.zeros(1)) + bytes(4 * 2**20)  # 4 MiB after the array
+    path = write_npz(tmp_path / "model.npz", members, zipfile.ZIP_DEFLATED)
+    with pytest.raises(CheckpointError, match=r"damaged: .* member 'padding.npy' announces 8 "
+                                              r"bytes .*; the member holds 4,194,312\)"):
+        load_model(path)
+
+
+def test_a_model_reads_only_the_members_its_config_needs(model_arrays, tmp_path):
+    members = model_members(model_arrays)
+    members["padding.npy"] = npy_bytes(np.zeros(2**22))                # 32 MiB, well-formed
+    path = write_npz(tmp_path / "model.npz", members, zipfile.ZIP_DEFLATED)
+    tracemalloc.start()
+    try:
+        params, _ = load_model(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(params.W[0], model_arrays["W1"])
+    assert peak < 8 * 2**20, f"{peak:,} bytes traced: the padding member was read"
+
+
+def test_good_files_load_as_numpy_loads_them(tmp_path):
+    arrays = {"W": np.arange(12.0).reshape(3, 4), "fortran": np.asfortranarray(
+                  np.arange(6, dtype=">i4").reshape(2, 3)),
+              "config": np.array("héllo"), "empty": np.zeros((0, 5), np.float32),
+              "record": np.zeros(3, dtype=[("x", "<f4"), ("y", "u1")]),
+              "half": np.ones(2, np.float16)}
+    for compression in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        path = write_npz(tmp_path / f"{compression}.npz",
+                         {f"{k}.npy": npy_bytes(v) for k, v in arrays.items()}, compression)
+        loaded = load_npz(path)
+        with np.load(path) as expected:
+            assert list(loaded) == expected.files
+            for name in expected.files:
+                assert loaded[name].dtype == expected[name].dtype
+                assert loaded[name].shape == expected[name].shape
+                assert loaded[name].flags.f_contiguous == expected[name].flags.f_contiguous
+                assert loaded[name].tobytes() == expected[name].tobytes()
+
+
+# --- weights that do not fit the config's dtype -------------------------------------------
+
+def test_float64_weights_beyond_float32_are_refused_not_turned_infinite(model_arrays, tmp_path,
+                                                                        tiny_data_dir):
+    path = tmp_path / "model.npz"
+    np.savez(path, **{**model_arrays, "W1": model_arrays["W1"].astype(np.float64) * 1e300})
+    digit = tmp_path / "digit.npy"
+    np.save(digit, np.eye(28, dtype=np.uint8) * 255)
+    message = f"{path}: W1 holds values up to "
+    for args in ([evaluate, path, "--data-dir", tiny_data_dir], [predict, path, digit]):
+        assert_one_error(invoke(*args, "--device", "cpu"), message, "do not fit float32")
+    assert_one_error(invoke(export, path), message, "do not fit float32")
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_init_weights_beyond_float32_are_refused(model_arrays, tmp_path, tiny_data_dir):
+    init = tmp_path / "init.npz"
+    weights = {k: v for k, v in model_arrays.items() if k != "config"}
+    np.savez(init, **{**weights, "b2": np.full(10, 1e300)})
+    result = invoke(train, "--init", init, "--set", "model.hidden=16", "--device", "cpu",
+                    "--data-dir", tiny_data_dir, "--out", tmp_path / "run")
+    assert_one_error(result, f"{init}: b2 holds values up to 1e+300, which do not fit float32",
+                     "train.dtype=float64")
+    assert not (tmp_path / "run").exists()
+
+
+# --- .npy pictures and what is not a file -------------------------------------------------
+
+@pytest.mark.parametrize("content, fragment", [
+    (lying_header((1_000_000, 1_000_000)), ".npy array of 1000000x1000000 pixels, more than"),
+    (lying_header((28, 28), "|u1") + bytes(100),
+     "damaged .npy array: its header announces 784 bytes of data, the file holds 100"),
+    (npy_bytes(np.zeros((28, 28), np.uint8)) + bytes(10), "the file holds 794"),
+    (lying_header((10**12,), "<f8"), ".npy array of shape (1000000000000,); expected one grey"),
+], ids=["huge", "short", "long", "huge 1-D"])
+def test_a_npy_header_that_lies_is_refused_before_the_data_is_read(tmp_path, content, fragment):
+    path = tmp_path / "digit.npy"
+    path.write_bytes(content)
+    with pytest.raises(ImageError) as info:
+        read_gray(path)
+    assert str(info.value).startswith(f"{path}: ") and fragment in str(info.value)
+
+
+def test_a_lying_npy_among_good_ones_does_not_stop_the_batch(model_arrays, tmp_path):
+    model = tmp_path / "model.npz"
+    np.savez(model, **model_arrays)
+    good = tmp_path / "good.npy"
+    np.save(good, np.eye(28, dtype=np.uint8) * 255)
+    liar = tmp_path / "liar.npy"
+    liar.write_bytes(lying_header((100_000, 100_000)))
+    result = invoke(predict, model, good, liar, good, "--device", "cpu")
+    assert result.exit_code == 1
+    assert [line.split(": ")[0] for line in result.stdout.splitlines()] == [str(good)] * 2
+    refused = (f"Error: {liar}: .npy array of 100000x100000 pixels, more than 16,777,216 pixels "
+               "(4096x4096); scale it down")
+    assert result.stderr.splitlines() == [refused, "Error: 1 of 3 files could not be predicted"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
+def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "digit.png"
+    os.mkfifo(fifo)
+    errors = []
+
+    def read() -> None:
+        try:
+            read_gray(fifo)
+        except ImageError as e:
+            errors.append(str(e))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # blocked in open(): a writer that closes at once lets it go
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(10)
+        pytest.fail("reading a named pipe waited for a writer")
+    assert errors == [f"{fifo}: not a regular file (a device, pipe or socket); {IMAGE_HINT}"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="os.devnull is a device on POSIX only")
+def test_a_device_is_refused_even_through_a_link(model_arrays, tmp_path):
+    model = tmp_path / "model.npz"
+    np.savez(model, **model_arrays)
+    link = tmp_path / "digit.png"
+    link.symlink_to(os.devnull)
+    result = invoke(predict, model, link, "--device", "cpu")
+    assert_one_error(result, f"{link}: not a regular file (a device, pipe or socket)")
+    assert_one_error(invoke(evaluate, link, "--device", "cpu"), f"{link}: not a regular file")
+
+
+def test_a_file_above_the_size_cap_is_refused_unread(tmp_path):
+    path = tmp_path / "digit.png"
+    with open(path, "wb") as f:
+        f.truncate(MAX_FILE_BYTES + 1)          # sparse: nothing is written
+    with pytest.raises(ImageError) as info:
+        read_gray(path)
+    assert str(info.value) == (f"{path}: file of {MAX_FILE_BYTES + 1:,} bytes, more than the "
+                               "257 MiB an image may take; scale it down")
+
+
+def test_the_size_cap_holds_the_largest_image_gpumlp_accepts():
+    """4096x4096 values of the widest .npy dtype taken (16 bytes) and their header."""
+    from gpumlp.preprocess import MAX_PIXELS
+
+    assert MAX_FILE_BYTES >= 16 * MAX_PIXELS + 2**16
