@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 from .mnist import C, D
 
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu")
@@ -26,6 +26,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 DTYPES = ("float32", "float64")
 NORMALIZE = ("unit", "standard")
+MAX_WIDTH = 2 ** 40   # units per hidden layer: 3.5 PB of first-layer weights, beyond any machine
+MAX_SIGMA = 28.0      # elastic smoothing, pixels: wider than the image, the field is a plain shift
+MAX_ALPHA = 1000.0    # elastic strength, pixels: far beyond any image's content
 
 
 @dataclass(frozen=True)
@@ -104,8 +107,9 @@ class Config:
 
 # key path -> (check, message); a failed check is a ConfigError naming the key
 RANGES: dict[str, tuple[Any, str]] = {
-    "model.hidden": (lambda v: all(w >= 1 for w in ((v,) if isinstance(v, int) else v)) and v != (),
-                     "must be a positive width or a non-empty list of them"),
+    "model.hidden": (lambda v: v != () and all(1 <= w <= MAX_WIDTH
+                                               for w in ((v,) if isinstance(v, int) else v)),
+                     "must be a width from 1 to 2^40 or a non-empty list of them"),
     "model.activation": (lambda v: v in ACTIVATIONS, f"must be one of {', '.join(ACTIVATIONS)}"),
     "model.init": (lambda v: v in INITS, f"must be one of {', '.join(INITS)}"),
     "model.dropout": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
@@ -116,8 +120,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.augment.shift": (lambda v: 0 <= v <= 14, "must be in [0, 14] pixels"),
     "data.augment.rotate": (lambda v: 0 <= v <= 180, "must be in [0, 180] degrees"),
     "data.augment.scale": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "data.augment.elastic_alpha": (lambda v: v >= 0, "must be >= 0"),
-    "data.augment.elastic_sigma": (lambda v: v > 0, "must be > 0"),
+    "data.augment.elastic_alpha": (lambda v: 0 <= v <= MAX_ALPHA, "must be in [0, 1000] pixels"),
+    "data.augment.elastic_sigma": (lambda v: 0 < v <= MAX_SIGMA, "must be in (0, 28] pixels"),
     "train.epochs": (lambda v: v >= 1, "must be >= 1"),
     "train.batch_size": (lambda v: v >= 1, "must be >= 1"),
     "train.seed": (lambda v: v >= 0, "must be >= 0"),
@@ -155,7 +159,10 @@ def _unknown_key(prefix: str, key: str, known: list[str]) -> ConfigError:
 def _coerce(path: str, value: Any, annotation: str) -> Any:
     """Check `value` against the declared type of `path`; ints are accepted for floats."""
     def wrong(expected: str) -> ConfigError:
-        return ConfigError(f"config key '{path}' must be {expected}, got {value!r}")
+        quoted = isinstance(value, str) and re.fullmatch(r"\s*[-+]?[0-9.]+([eE][-+]?[0-9]+)?\s*",
+                                                         value)
+        return ConfigError(f"config key '{path}' must be {expected}, got {shown(value)}"
+                           f"{' (a number in quotes is text: drop the quotes)' if quoted else ''}")
 
     if value is None:
         if "None" in annotation:
@@ -177,8 +184,6 @@ def _coerce(path: str, value: Any, annotation: str) -> Any:
             return value
         raise wrong("an integer")
     if annotation.startswith("float"):
-        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
-            value = float(value)  # YAML 1.1 reads 1e6 (no dot) as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):                          # YAML's .inf and .nan
                 raise wrong("a finite number")
@@ -195,7 +200,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     """Instantiate dataclass `cls` from a mapping, recursing into nested sections."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, "
-                          f"got {values!r}")
+                          f"got {shown(values)}")
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in values.items():
@@ -209,7 +214,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
             kwargs[key] = _coerce(path, value, str(f.type))
         check = RANGES.get(path)
         if check is not None and not dataclasses.is_dataclass(kwargs[key]) and not check[0](kwargs[key]):
-            raise ConfigError(f"config key '{path}' {check[1]}, got {value!r}")
+            raise ConfigError(f"config key '{path}' {check[1]}, got {shown(value)}")
     return cls(**kwargs)
 
 
@@ -235,38 +240,69 @@ def parse_override(text: str) -> dict:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.lr=0.05")
+        raise ConfigError(f"--set {shown(text)}: expected KEY=VALUE, e.g. --set optim.lr=0.05")
     if "" in (part.strip() for part in key.split(".")):
-        raise ConfigError(f"--set {text!r}: the key {key!r} has an empty part (a dot too many or "
-                          "too few); write SECTION.KEY=VALUE, e.g. --set optim.lr=0.05")
+        raise ConfigError(f"--set {shown(text)}: the key {shown(key)} has an empty part (a dot "
+                          "too many or too few); write SECTION.KEY=VALUE, e.g. --set optim.lr=0.05")
     try:
-        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else None
-    except DuplicateKey as e:
-        raise ConfigError(f"--set {text!r}: in the value, {e}; keep one of them") from None
+        value = load_yaml(raw) if raw.strip() else None
+    except BadKey as e:
+        raise ConfigError(f"--set {shown(text)}: in the value, {e}; {e.fix}") from None
     except yaml.YAMLError as e:
         reason = yaml_reason(e)
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML"
+        raise ConfigError(f"--set {shown(text)}: the value is not valid YAML"
                           f"{f' ({reason})' if reason else ''}") from None
     return _nest(key, value)
 
 
-class DuplicateKey(yaml.YAMLError):
+class BadKey(yaml.YAMLError):
+    """A mapping key gpumlp cannot take; `fix` says what to do."""
+    fix = "write the key as a plain name"
+
+
+class DuplicateKey(BadKey):
     """A key given twice in one YAML mapping (PyYAML would keep the last one silently)."""
+    fix = "keep one of them"
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a mapping with a key twice is an error."""
+    """yaml.safe_load, except that a mapping with a key twice, or a key that is a list or a
+    mapping (`? [1, 2]`), is an error, and that 1e-3 is a number (YAML 1.1
+    wants a dot and a sign)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":        # `<<: *anchor`, may be overridden
                 continue
+            line = key_node.start_mark.line + 1
             key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise DuplicateKey(f"key '{key}' appears twice (line {key_node.start_mark.line + 1})")
+            try:
+                twice = key in seen
+            except TypeError:                                    # a list or a mapping
+                raise BadKey(f"a key that is a {type(key).__name__} (line {line})") from None
+            if twice:
+                raise DuplicateKey(f"key '{key}' appears twice (line {line})")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """`text` read by UniqueKeyLoader; what Python itself refuses (an integer of over 4,300
+    digits, nesting too deep to recurse) is a YAMLError too."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except (ValueError, RecursionError) as e:
+        error = yaml.YAMLError()
+        error.problem = ("an integer too long to read" if isinstance(e, ValueError)
+                         else "nested too deep")
+        raise error from None
+
+
+UniqueKeyLoader.add_implicit_resolver(  # 1e-3, 1.5e3, .5e1: floats, as YAML 1.2 and Python say
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -285,9 +321,9 @@ def read_yaml(path: str | Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
     try:
-        data = yaml.load(text, Loader=UniqueKeyLoader)
-    except DuplicateKey as e:
-        raise ConfigError(f"config file {path}: {e}; keep one of them") from None
+        data = load_yaml(text)
+    except BadKey as e:
+        raise ConfigError(f"config file {path}: {e}; {e.fix}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -95,10 +95,11 @@ def learning_rate(cfg: OptimConfig, step: int, steps_per_epoch: int, total_steps
     """The learning rate for 0-based `step`: linear warm-up, then constant, step or cosine."""
     epoch = step / steps_per_epoch
     warmup = cfg.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+    if step < warmup:  # a warm-up shorter than a step never overshoots the peak
+        return cfg.lr * min((step + 1) / warmup, 1.0)
     if cfg.schedule == "step":
-        return cfg.lr * cfg.gamma ** math.floor(epoch / cfg.step_epochs)
+        decays = epoch / cfg.step_epochs  # inf for a tiny step_epochs: gamma ** inf is 0
+        return cfg.lr * cfg.gamma ** (math.floor(decays) if math.isfinite(decays) else decays)
     if cfg.schedule == "cosine":
         span = max(total_steps - warmup, 1)
         progress = min((step - warmup) / span, 1.0)

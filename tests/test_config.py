@@ -165,10 +165,67 @@ def test_wrong_type_names_the_key(override, key, expected):
     ("optim.gamma=0", "optim.gamma"),
     ("train.label_smoothing=1", "train.label_smoothing"),
     ("train.epochs=0", "train.epochs"),
+    ("model.hidden=1099511627777", "model.hidden"),          # 2^40 + 1
+    ("model.hidden=[64, 9223372036854775808]", "model.hidden"),  # beyond NumPy's shapes
+    ("data.augment.elastic_sigma=28.5", "data.augment.elastic_sigma"),
+    ("data.augment.elastic_sigma=1e300", "data.augment.elastic_sigma"),
+    ("data.augment.elastic_alpha=1001", "data.augment.elastic_alpha"),
 ])
 def test_out_of_range_names_the_key(override, key):
     message = error_of(build_config, None, [override])
     assert message.startswith(f"config key '{key}' ")
+
+
+def test_the_largest_widths_and_elastic_settings_in_range_are_taken():
+    c = build_config(None, ["model.hidden=[1099511627776, 1]", "data.augment.elastic_sigma=28",
+                            "data.augment.elastic_alpha=1000"])
+    assert c.model.widths == (2 ** 40, 1)
+    assert (c.data.augment.elastic_sigma, c.data.augment.elastic_alpha) == (28.0, 1000.0)
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 0.001), ("2E+5", 2e5), ("-1e2", -100.0),
+                                         ("1_0e1", 100.0), ("0.5", 0.5), (".5e1", 5.0),
+                                         ("1.5e3", 1500.0), ("1.e-2", 0.01)])
+def test_numbers_with_an_exponent_and_no_dot_are_numbers(tmp_path, text, value):
+    # YAML 1.1 (PyYAML) reads 1e-3 as the string '1e-3'; gpumlp reads it as Python does
+    assert read_yaml(write(tmp_path, f"optim:\n  lr: {text}\n"))["optim"]["lr"] == value
+    assert parse_override(f"optim.lr={text}") == {"optim": {"lr": value}}
+
+
+@pytest.mark.parametrize("text", ['"1e-3"', "'0.5'", '"5"'])
+def test_a_quoted_number_is_text_and_the_error_says_drop_the_quotes(text):
+    message = error_of(build_config, None, [f"optim.lr={text}"])
+    assert message.startswith("config key 'optim.lr' must be a number, got '")
+    assert message.endswith("(a number in quotes is text: drop the quotes)")
+
+
+def test_a_key_that_is_a_list_is_one_error_line(tmp_path):
+    message = error_of(read_yaml, write(tmp_path, "? [1, 2]\n: 3\n"))
+    assert message.endswith("a key that is a list (line 1); write the key as a plain name")
+    message = error_of(parse_override, "model={[1]: 2}")
+    assert message.endswith("in the value, a key that is a list (line 1); write the key as a "
+                            "plain name")
+
+
+def test_a_value_too_long_or_too_deep_for_python_is_invalid_yaml(tmp_path):
+    message = error_of(read_yaml, write(tmp_path, "train:\n  epochs: " + "1" * 5000 + "\n"))
+    assert message.endswith("is not valid YAML: an integer too long to read")
+    message = error_of(read_yaml, write(tmp_path, "train: " + "[" * 50000 + "]" * 50000))
+    assert message.endswith("is not valid YAML: nested too deep")
+    message = error_of(parse_override, "train.epochs=" + "1" * 5000)
+    assert len(message) < 200 and message.endswith("(an integer too long to read)")
+
+
+def test_a_huge_value_is_shown_cut_short(tmp_path):
+    # eight anchors of ten make a list of 10^8 items in 300 bytes of YAML
+    lines = ["model:", "  hidden:", "  - &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    for name, previous in zip("bcdefgh", "abcdefg"):
+        lines.append(f"  - &{name} [{', '.join([f'*{previous}'] * 10)}]")
+    message = error_of(build_config, write(tmp_path, "\n".join(lines) + "\n"))
+    assert message.startswith("config key 'model.hidden' must be an integer or a list of")
+    assert len(message) < 200
+    message = error_of(build_config, None, ["model.activation=" + "x" * 10000])
+    assert len(message) < 200
 
 
 def test_ints_are_accepted_for_floats_and_lists_for_hidden():

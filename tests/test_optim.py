@@ -162,6 +162,22 @@ def test_warmup_with_a_constant_schedule():
     assert [round(lr_at(s, **kw), 12) for s in (0, 1, 4, 5, 50)] == [0.02, 0.04, 0.1, 0.1, 0.1]
 
 
+def test_a_warmup_of_a_fraction_of_a_step_never_overshoots_the_peak():
+    # warm-up 0.35 steps: step 0 is inside it, and lr (0 + 1) / 0.35 would be 2.9 times the peak
+    assert lr_at(0, warmup_epochs=0.035) == 0.1
+    # 2.5 steps: 0.04, 0.08, then step 2 (still inside) would be 0.12
+    assert [round(lr_at(s, warmup_epochs=0.25), 12) for s in (0, 1, 2, 3)] == [0.04, 0.08, 0.1, 0.1]
+
+
+def test_step_schedule_with_a_tiny_step_epochs_decays_to_zero_without_overflow():
+    for tiny in (1e-308, 5e-324):  # epoch / step_epochs beyond float (inf) and near its top
+        assert [lr_at(s, schedule="step", step_epochs=tiny, gamma=0.5) for s in (0, 1, 99)] \
+            == [0.1, 0.0, 0.0]
+        assert lr_at(99, schedule="step", step_epochs=tiny, gamma=1.0) == 0.1
+    # the count of decays is the plain quotient: at epoch 1, step_epochs 0.1 is 10 decays
+    assert lr_at(10, schedule="step", step_epochs=0.1, gamma=0.5) == pytest.approx(0.1 / 1024)
+
+
 # --- max-norm ---------------------------------------------------------------------------------
 
 def test_max_norm_rescales_hidden_columns_only():
