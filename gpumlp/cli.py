@@ -232,8 +232,8 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         click.echo(f"{stop.what()}; checkpoint saved. Resume with: gpumlp train --resume "
                    f"{out_dir}", err=True)
         raise SystemExit(stop.exit_code())
-    except (GpumlpError, KeyboardInterrupt, MemoryError) as e:
-        if early:  # failed before anything worth keeping: leave no half-made run behind
+    except (Exception, KeyboardInterrupt) as e:  # a bug's too: leave no half-made run behind
+        if early:
             RunFiles(out_dir).discard_unstarted(remove_folder=created)
         if isinstance(e, StoppedBeforeStart):  # Ctrl-C or SIGTERM during the set-up
             click.echo(stop.what(), err=True)

@@ -27,6 +27,16 @@ def interrupted_how(e: BaseException | None) -> tuple[str, int]:
     return "interrupted", 130
 
 
+# what to lower when a command runs out of memory, by command (the function's name)
+MEMORY_HINTS = {
+    "train": "lower model.hidden or train.batch_size",
+    "gradcheck": "lower --batch, or model.hidden with --set",
+    "bench": "lower --hidden or --batch",
+    "predict": "give fewer or smaller files at a time",
+}
+MEMORY_HINT = "free some memory and try again"
+
+
 def domain_errors(fn):
     """Turn GpumlpError (and unreadable files) into one line and an exit code."""
     @functools.wraps(fn)
@@ -40,7 +50,7 @@ def domain_errors(fn):
         except MemoryError as e:  # NumPy's, and CuPy's OutOfMemoryError
             detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise OneLineError(f"out of memory{f' ({detail})' if detail else ''}; "
-                               "lower model.hidden or train.batch_size") from None
+                               f"{MEMORY_HINTS.get(fn.__name__, MEMORY_HINT)}") from None
         except KeyboardInterrupt as e:
             said, code = interrupted_how(e)
             click.echo(said, err=True)

@@ -23,7 +23,7 @@ import numpy as np
 
 from .backend import Backend, to_host
 from .checkpoint import load_init, param_arrays, params_from_arrays, save_model
-from .config import Config, dump_config
+from .config import Config, config_to_dict, dump_config
 from .errors import CheckpointError, GpumlpError, folder_problem
 from .model import Params
 from .npzio import atomic_write, load_npz, save_npz
@@ -64,6 +64,38 @@ def check_out_dir(path: Path, overwrite: bool) -> list[str]:
     return existing
 
 
+def fixed_keys(config: Config) -> dict:
+    """The config's keys that a resume must keep ({dotted key: value}): the net, the data and
+    how it is cut into batches. optim.*, train.epochs and the other train keys may change
+    (lower optim.lr after a NaN, add epochs)."""
+    flat: dict = {}
+
+    def walk(prefix: str, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+    walk("", config_to_dict(config))
+    return {key: value for key, value in flat.items()
+            if key.startswith(("model.", "data.")) or key in RESUME_FIXED_TRAIN_KEYS}
+
+
+RESUME_FIXED_TRAIN_KEYS = ("train.batch_size", "train.seed", "train.dtype")
+
+
+def check_same_run(saved: dict, config: Config, folder: Path) -> None:
+    """Refuse a resume whose config.yaml changed a key of `fixed_keys` since the checkpoint."""
+    now = fixed_keys(config)
+    changed = [f"{key} ({json.dumps(saved[key])} -> {json.dumps(now.get(key))})"
+               for key in saved if now.get(key) != saved[key]]
+    if changed:
+        raise GpumlpError(
+            f"--resume {folder}: config.yaml changes {', '.join(changed)} since the checkpoint; "
+            "a resume goes on with the same net, data and batches (only optim.* and the other "
+            "train keys may change), so put it back, or start a new run")
+
+
 def generator_state(rng) -> str | None:
     """The JSON of a NumPy generator's state; None for a generator that cannot say (CuPy)."""
     try:
@@ -81,9 +113,14 @@ class RunFiles:
 
     def start(self, config: Config, init: Params | None = None) -> None:
         """Begin a fresh run: its `--init` weights (before config.yaml, so that a resume always
-        finds them), its config, empty metrics, and no files of an earlier run."""
+        finds them), its config, empty metrics, and no files of an earlier run.
+
+        A report or an export (DERIVED_FILES) goes with the run it was made from; in a folder
+        that holds no such run, files of those names are someone else's and stay."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        for name in ("checkpoint.npz", "model.npz", "summary.json", *DERIVED_FILES):
+        outputs = ("checkpoint.npz", "model.npz", "summary.json")
+        earlier = any(self.path(name).exists() for name in outputs)
+        for name in (*outputs, *(DERIVED_FILES if earlier else ())):
             self.path(name).unlink(missing_ok=True)
         if init is not None:
             save_npz(self.path("init.npz"), param_arrays(init))
@@ -158,7 +195,7 @@ class RunFiles:
                     f"gpumlp train --resume {self.folder}")
         return "no checkpoint was written yet; start over with a lower optim.lr"
 
-    def save_checkpoint(self, state: "RunState", history: list[dict]) -> None:
+    def save_checkpoint(self, state: "RunState", history: list[dict], config: Config) -> None:
         arrays = param_arrays(state.params)
         arrays.update({f"opt_m{i}": to_host(a) for i, a in enumerate(state.opt.m)})
         arrays.update({f"opt_v{i}": to_host(a) for i, a in enumerate(state.opt.v)})
@@ -169,7 +206,8 @@ class RunFiles:
         if perm is not None:
             arrays["perm"] = np.asarray(perm, dtype=np.int64)
         meta = {"position": pos, "rng": json.loads(generator_state(state.rng)),
-                "dev_rng": generator_state(state.dev_rng), "history": history}
+                "dev_rng": generator_state(state.dev_rng), "history": history,
+                "fixed": fixed_keys(config)}
         arrays["state"] = np.array(json.dumps(meta))
         try:
             save_npz(self.path("checkpoint.npz"), arrays)
@@ -177,42 +215,54 @@ class RunFiles:
             raise GpumlpError(f"cannot write {self.path('checkpoint.npz')} ({e.strerror or e}); "
                               "the previous checkpoint is intact; free space and --resume") from None
 
-    def load_checkpoint(self, config: Config, backend: Backend) -> tuple["RunState", list[dict]]:
-        """The state saved by the last checkpoint, checked against `config`."""
-        from .train import Position, new_state
+    def load_checkpoint(self, config: Config, backend: Backend,
+                        n_train: int) -> tuple["RunState", list[dict]]:
+        """The state saved by the last checkpoint, checked against `config` and the size of the
+        training set."""
+        from .train import new_state
 
         source = str(self.path("checkpoint.npz"))
         arrays = load_npz(self.path("checkpoint.npz"))
         try:
             meta = json.loads(str(arrays["state"]))
-            pos = Position(**meta["position"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, ValueError, RecursionError):
+            meta = None
+        if not isinstance(meta, dict):
             raise CheckpointError(f"{source}: its state record is missing or damaged; "
-                                  "start the run again") from None
+                                  "start the run again")
+        if isinstance(meta.get("fixed"), dict):  # (checkpoints before 2026-11-29 lack it)
+            check_same_run(meta["fixed"], config, self.folder)
         state = new_state(config, backend)
-        host = params_from_arrays(arrays, config.model.layer_widths, source)
+        host = params_from_arrays(arrays, config.model.layer_widths, source,
+                                  config.train.dtype)
         fresh = flat(state.params) + state.opt.m + state.opt.v
         saved = flat(host) + tuple(arrays.get(f"opt_m{i}") for i in range(len(state.opt.m))) \
             + tuple(arrays.get(f"opt_v{i}") for i in range(len(state.opt.v)))
         for target, value in zip(fresh, saved):
             if value is None or value.shape != target.shape:
                 raise CheckpointError(f"{source}: optimizer state does not match the config")
-            target[...] = backend.asarray(value.astype(target.dtype))
+            value = value.astype(target.dtype)
+            if not np.isfinite(value).all():  # gpumlp never saves one: the file was damaged
+                raise CheckpointError(f"{source}: its optimizer state holds NaN or infinite "
+                                      "values; start the run again")
+            target[...] = backend.asarray(value)
         scale = arrays.get("opt_scale")
         if scale is not None:
             if scale.shape != (1,) or not np.isfinite(scale).all() or not scale[0] > 0:
                 raise CheckpointError(f"{source}: optimizer state does not match the config")
             state.opt = state.opt._replace(scale=scale.astype(np.float64))
-        pos.perm = arrays.get("perm")
-        if pos.batch and pos.perm is None:
-            raise CheckpointError(f"{source}: the epoch's order is missing")
-        state.rng.bit_generator.state = meta["rng"]
-        if meta.get("dev_rng"):
-            state.dev_rng.bit_generator.state = json.loads(meta["dev_rng"])
-        else:  # a device generator that cannot be saved: reseed it from the position
-            state.dev_rng = backend.xp.random.default_rng(config.train.seed + 1 + pos.step)
-        state.pos = pos
-        history = list(meta.get("history", []))
+        batches = -(-n_train // config.train.batch_size)
+        state.pos, history = read_position(meta, arrays.get("perm"), n_train, batches, source)
+        try:
+            state.rng.bit_generator.state = meta["rng"]
+            if meta.get("dev_rng"):
+                state.dev_rng.bit_generator.state = json.loads(meta["dev_rng"])
+            else:  # a device generator that cannot be saved: reseed it from the position
+                state.dev_rng = backend.xp.random.default_rng(config.train.seed + 1
+                                                              + state.pos.step)
+        except (KeyError, TypeError, ValueError, RecursionError):
+            raise CheckpointError(f"{source}: its generator states are damaged; start the run "
+                                  "again") from None
         atomic_write(self.path("metrics.jsonl"),
                      "".join(json.dumps(row) + "\n" for row in history).encode())
         return state, history
@@ -220,3 +270,34 @@ class RunFiles:
     def finish(self, params: Params, config: Config, summary: dict) -> None:
         save_model(self.path("model.npz"), params, config)
         atomic_write(self.path("summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+
+
+def read_position(meta: dict, perm: np.ndarray | None, n_train: int, batches: int,
+                  source: str) -> tuple:
+    """The Position and the metrics rows of a checkpoint's state record, checked: whole numbers
+    where counts go, an epoch's order that is a permutation of the training set."""
+    from .train import Position
+
+    damaged = CheckpointError(f"{source}: its state record is missing or damaged; start the "
+                              "run again")
+    try:
+        pos = Position(**meta["position"])
+    except (KeyError, TypeError):
+        raise damaged from None
+    counts = (pos.epoch, pos.step, pos.batch, pos.correct)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts) or \
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                    for v in (pos.loss_sum, pos.seconds)):
+        raise damaged
+    history = meta.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+        raise damaged
+    if pos.batch and perm is None:
+        raise CheckpointError(f"{source}: the epoch's order is missing")
+    if perm is not None and (perm.shape != (n_train,) or perm.dtype.kind not in "iu"
+                             or pos.batch >= batches
+                             or not np.array_equal(np.sort(perm), np.arange(n_train))):
+        raise CheckpointError(f"{source}: the epoch's order does not fit a training set of "
+                              f"{n_train} examples in {batches} batches; start the run again")
+    pos.perm = perm
+    return pos, list(history)

@@ -225,7 +225,7 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
     files = RunFiles(Path(out_dir)) if out_dir is not None else None
     restored = resume and files.path("checkpoint.npz").exists()
     if restored:
-        state, history = files.load_checkpoint(config, backend)
+        state, history = files.load_checkpoint(config, backend, len(data.train))
     else:  # a fresh run, or one killed before its first checkpoint: start it over
         if resume:
             files.check_resumable()  # never retrain a finished run whose checkpoint is gone
@@ -249,7 +249,7 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
             snapshot = exported(step_fn, state)
             check_finite(snapshot)
             check_usable(snapshot, data, config)
-            files.save_checkpoint(snapshot, history)
+            files.save_checkpoint(snapshot, history, config)
 
     snap = None  # the last epoch end's state in model.py's layout
     while state.pos.epoch < config.train.epochs:
@@ -262,7 +262,7 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
             state.pos = Position(epoch=state.pos.epoch + 1, step=state.pos.step)
             snap = replace(snap, pos=state.pos)
             if files:  # checkpoint first: a metrics row then always has a checkpoint behind it
-                files.save_checkpoint(snap, history)
+                files.save_checkpoint(snap, history, config)
         except NumericalError as e:
             advice = files.last_good() if files else "lower optim.lr"
             raise NumericalError(f"{e}; {advice}") from None

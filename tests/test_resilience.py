@@ -397,9 +397,9 @@ def test_checkpoint_keeps_the_fast_step_velocity_scale_and_refuses_a_damaged_one
     train(config, CPU, tiny_mnist(250, 50), out_dir=tmp_path / "run")
     saved = load_npz(tmp_path / "run" / "checkpoint.npz")
     assert saved["opt_scale"].tolist() == pytest.approx([0.9 ** 5], rel=1e-12)   # 5 steps
-    state, _ = RunFiles(tmp_path / "run").load_checkpoint(config, CPU)
+    state, _ = RunFiles(tmp_path / "run").load_checkpoint(config, CPU, 250)
     assert state.opt.scale.tolist() == saved["opt_scale"].tolist()
     for bad in ([-1.0], [0.5, 0.5], [float("nan")]):
         npzio.save_npz(tmp_path / "run" / "checkpoint.npz", {**saved, "opt_scale": np.array(bad)})
         with pytest.raises(CheckpointError, match="optimizer state does not match"):
-            RunFiles(tmp_path / "run").load_checkpoint(config, CPU)
+            RunFiles(tmp_path / "run").load_checkpoint(config, CPU, 250)

@@ -88,6 +88,22 @@ def test_out_of_memory_is_one_line_and_leaves_no_folder(tiny_data_dir, tmp_path)
     assert cli(*train_args(out, tiny_data_dir)).exit_code == 0   # nothing blocks a rerun
 
 
+def test_a_bug_before_the_first_checkpoint_leaves_no_half_made_run(tiny_data_dir, tmp_path,
+                                                                   monkeypatch):
+    def bug(*args, **kwargs):
+        raise ValueError("a bug, not one of gpumlp's errors")
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "train_epoch", bug)
+        result = CliRunner().invoke(cli_module.main,
+                                    [str(a) for a in train_args(out, tiny_data_dir)])
+    assert isinstance(result.exception, ValueError)      # a traceback: it is a bug
+    assert not out.exists()                              # but no run that blocks a rerun
+    result = cli(*train_args(out, tiny_data_dir))
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize("existing", [False, True])
 def test_out_of_memory_after_config_yaml_removes_only_what_the_run_made(tiny_data_dir, tmp_path,
                                                                         monkeypatch, existing):
@@ -473,3 +489,119 @@ def test_train_from_a_thread_other_than_the_main_one_runs(tiny_data_dir, tmp_pat
     thread.join(timeout=120)
     assert results and results[0].exit_code == 0, results and results[0].output
     assert (tmp_path / "run" / "model.npz").is_file()
+
+
+# --- a fresh --out keeps files that are not a run's -------------------------------------------
+
+def test_a_fresh_out_folder_keeps_files_named_like_a_report_or_an_export(tiny_data_dir, tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    for name in DERIVED_FILES:                 # report.md, the figures' names, model.onnx
+        (out / name).write_text(f"the user's own {name}")
+    before = digests(out)
+    assert cli(*train_args(out, tiny_data_dir)).exit_code == 0
+    after = digests(out)
+    assert {name: after[name] for name in before} == before
+    assert (out / "model.npz").is_file()
+
+
+# --- a resume keeps the net, the data and the batches -----------------------------------------
+
+@pytest.fixture
+def stopped(tiny_data_dir, tmp_path, monkeypatch) -> Path:
+    """A run stopped by SIGTERM at step 4 of 10 in its first epoch (checkpoint mid-epoch)."""
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=4))
+    out = tmp_path / "stopped"
+    args = ["--set", "train.batch_size=25", "--set", "train.epochs=2"]
+    assert cli(*train_args(out, tiny_data_dir, *args)).exit_code == 143
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    return out
+
+
+def edit_config(out: Path, section: str, key: str, value) -> None:
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    config[section][key] = value
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+@pytest.mark.parametrize("section, key, value, change", [
+    ("data", "val_size", 100, "data.val_size (50 -> 100)"),
+    ("data", "limit", 200, "data.limit (null -> 200)"),
+    ("train", "batch_size", 50, "train.batch_size (25 -> 50)"),
+    ("model", "activation", "tanh", "model.activation (\"relu\" -> \"tanh\")"),
+    ("train", "seed", 3, "train.seed (0 -> 3)"),
+])
+def test_resume_refuses_a_config_yaml_that_changed_the_net_the_data_or_the_batches(
+        stopped, tiny_data_dir, section, key, value, change):
+    edit_config(stopped, section, key, value)
+    before = digests(stopped)
+    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
+                 "-q")
+    assert_one_error_line(result, 1, f"--resume {stopped}: config.yaml changes {change} since "
+                          "the checkpoint", "put it back, or start a new run")
+    assert digests(stopped) == before
+
+
+def test_resume_takes_a_config_yaml_with_a_new_learning_rate_and_more_epochs(stopped,
+                                                                             tiny_data_dir):
+    edit_config(stopped, "optim", "lr", 0.05)
+    edit_config(stopped, "train", "epochs", 3)
+    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
+                 "-q")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert json.loads((stopped / "summary.json").read_text())["steps"] == 30
+
+
+def damage_state(record: dict, how: str) -> None:
+    """Change a checkpoint's state record (parsed JSON) as `how` says."""
+    if how == "step_text":
+        record["position"]["step"] = "four"
+    elif how == "history_number":
+        record["history"] = 5
+    elif how == "rng_empty":
+        record["rng"] = {}
+    elif how == "position_extra":
+        record["position"]["speed"] = 1
+
+
+@pytest.mark.parametrize("how, fragment", [
+    ("perm_short", "the epoch's order does not fit a training set of 250 examples in 10 batches"),
+    ("perm_repeats", "the epoch's order does not fit a training set of 250 examples"),
+    ("perm_float", "the epoch's order does not fit"),
+    ("step_text", "its state record is missing or damaged"),
+    ("history_number", "its state record is missing or damaged"),
+    ("position_extra", "its state record is missing or damaged"),
+    ("record_list", "its state record is missing or damaged"),
+    ("rng_empty", "its generator states are damaged"),
+    ("velocity_nan", "its optimizer state holds NaN or infinite values"),
+])
+def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_data_dir, how,
+                                                               fragment):
+    from gpumlp.npzio import save_npz
+
+    path = stopped / "checkpoint.npz"
+    arrays = load_npz(path)
+    perm = arrays["perm"]
+    if how == "perm_short":
+        arrays["perm"] = perm[:-1]
+    elif how == "perm_repeats":
+        arrays["perm"] = np.zeros_like(perm)
+    elif how == "perm_float":
+        arrays["perm"] = perm.astype(np.float64)
+    elif how == "velocity_nan":
+        arrays["opt_m0"] = np.full_like(arrays["opt_m0"], np.nan)
+    elif how == "record_list":
+        arrays["state"] = np.array("[]")
+    else:
+        record = json.loads(str(arrays["state"]))
+        damage_state(record, how)
+        arrays["state"] = np.array(json.dumps(record))
+    save_npz(path, arrays)
+    before = digests(stopped)
+    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
+                 "-q")
+    assert_one_error_line(result, 1, f"{path}: {fragment}")
+    assert digests(stopped) == before
