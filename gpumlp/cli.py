@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -19,7 +20,7 @@ import click
 from . import __version__
 from .cli_common import (data_dir_option, device_option, domain_errors, interrupted_how,
                          load_mnist_for)
-from .errors import ConfigError, GpumlpError, Terminated
+from .errors import CheckpointError, ConfigError, GpumlpError, Terminated
 
 
 class OneLineGroup(click.Group):
@@ -45,10 +46,26 @@ class OneLineGroup(click.Group):
             said, code = interrupted_how(e.__cause__)
             click.echo(said, err=True)
             sys.exit(code if isinstance(e.__cause__, KeyboardInterrupt) else 1)
+        except OSError as e:  # outside a command's own handling: most often, writing stdout
+            quiet_stdout()    # so that the flush at exit does not fail a second time
+            if not isinstance(e, BrokenPipeError):  # `| head` stopped reading: nothing to say
+                what = e.strerror or e
+                click.echo(f"Error: {e.filename}: {what}" if e.filename else
+                           f"Error: cannot write the output ({what}); check where it goes",
+                           err=True)
+            sys.exit(1)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def quiet_stdout() -> None:
+    """Point stdout at the null device (after a write to it failed)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def catch_sigterm():
@@ -259,16 +276,22 @@ def evaluate(model_path, device, data_dir, as_json):
     Example:
       gpumlp evaluate runs/h256/model.npz --json
     """
+    import numpy as np
+
     from .backend import get_backend
     from .checkpoint import load_model
     from .data import device_split
     from .model import params_on
+    from .predict import TOO_LARGE
     from .train import evaluate as evaluate_params
 
     params, config = load_model(model_path)
     backend = get_backend(device)
     test = device_split(*load_mnist_for(data_dir).test, backend)
-    loss, accuracy = evaluate_params(params_on(backend, params), test, config)
+    with np.errstate(over="ignore", invalid="ignore"):  # the check below says it in one line
+        loss, accuracy = evaluate_params(params_on(backend, params), test, config)
+    if not math.isfinite(loss):
+        raise CheckpointError(f"{model_path}: {TOO_LARGE}")
     result = {"test_loss": loss, "test_accuracy": accuracy, "n": len(test),
               "model": str(model_path), "device": backend.description}
     if as_json:

@@ -111,7 +111,7 @@ def data_dir_option_for(help_text: str, path_type: type | None = None):
     from .fetch import DATA_DIR_ENV
 
     return click.option(
-        "--data-dir", type=click.Path(file_okay=False, path_type=path_type), envvar=DATA_DIR_ENV,
+        "--data-dir", type=click.Path(path_type=path_type), envvar=DATA_DIR_ENV,
         help=help_text.format(env=DATA_DIR_ENV))
 
 

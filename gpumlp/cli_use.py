@@ -66,7 +66,7 @@ def predict(model_path, files, top_k, as_json, device):
 
     params, config = load_model(model_path)
     backend = get_backend(device)
-    results = predict_files(params_on(backend, params), config, files, backend)
+    results = predict_files(params_on(backend, params), config, files, backend, str(model_path))
     for result in results:
         if result.error is not None and not as_json:
             click.echo(f"Error: {result.error}", err=True)
@@ -130,6 +130,9 @@ def export(model_path, fmt, out, overwrite):
     Example:
       gpumlp export runs/h256/model.npz --format onnx --out mnist.onnx
     """
+    if out is not None and not out.strip():  # "" would otherwise mean the default
+        raise OneLineError(f"--out is empty; give a file name such as mnist.{fmt}, or leave "
+                           f"--out out to write the model's name with .{fmt}", exit_code=2)
     if out and not Path(out).name.lower().endswith(f".{fmt}"):  # also keeps it off a run's files
         raise OneLineError(f"--out {out}: the output's name must end in .{fmt}, the format "
                            f"written; give --out a name such as mnist.{fmt}", exit_code=2)

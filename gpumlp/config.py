@@ -29,6 +29,7 @@ NORMALIZE = ("unit", "standard")
 MAX_WIDTH = 2 ** 40   # units per hidden layer: 3.5 PB of first-layer weights, beyond any machine
 MAX_SIGMA = 28.0      # elastic smoothing, pixels: wider than the image, the field is a plain shift
 MAX_ALPHA = 1000.0    # elastic strength, pixels: far beyond any image's content
+MAX_CONFIG_BYTES = 2 ** 20  # a config is a few hundred bytes; a larger file is not one
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,13 @@ def read_yaml(path: str | Path) -> dict:
                           "--config configs/h256.yaml, or leave --config out for the defaults")
     path = Path(path)
     try:
+        if path.exists() and not path.is_dir():  # before opening: a pipe would block
+            if not path.is_file():
+                raise ConfigError(f"config file {path} is not a regular file (a device, pipe "
+                                  "or socket); give a YAML file, e.g. configs/h256.yaml")
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"config file {path} is {path.stat().st_size:,} bytes, more "
+                                  f"than a config's {MAX_CONFIG_BYTES:,}; give a YAML config")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import reprlib
+import tempfile
 from pathlib import Path
 
 _BRIEF = reprlib.Repr()  # (keyword arguments only from Python 3.12)
@@ -57,3 +58,13 @@ def folder_problem(path: str | os.PathLike) -> str | None:
     if path.is_dir():
         return None
     return "not a folder" if path.exists() else "no such folder"
+
+
+def write_problem(folder: str | os.PathLike) -> str | None:
+    """The system's reason why no file can be created in the existing `folder`, or None."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None

@@ -232,7 +232,12 @@ def failure_message(failures: list[tuple[str, str]], names: Sequence[str]) -> st
 
 
 def no_files_message(folder: str | os.PathLike) -> str:
-    """The words for a cache `folder` holding none of the MNIST files, and what fetches them."""
+    """The words for a cache `folder` holding none of the MNIST files, and what fetches them;
+    or, when a file stands where one of its folders should be, that no fetch can help."""
+    above = next((p for p in Path(folder).parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        return (f"the cache folder {folder} cannot exist: {above} is a file, not a folder; move "
+                f"that file away, or set {CACHE_ENV} to a folder")
     return f"no MNIST files in {folder}; run `gpumlp data fetch` to download them"
 
 

@@ -17,8 +17,12 @@ from .activations import ACTIVATIONS
 from .backend import Backend, to_host
 from .config import Config
 from .data import batch_slices, to_inputs
+from .errors import CheckpointError
 from .model import Params, forward, softmax
 from .preprocess import ImageError, load_digit
+
+TOO_LARGE = ("its weights are finite but too large to use: the network's outputs are NaN or "
+             "infinite; train it again with a lower optim.lr")
 
 
 class FileResult(NamedTuple):
@@ -32,23 +36,29 @@ class FileResult(NamedTuple):
         return [(int(c), float(self.probabilities[c])) for c in order]
 
 
-def probabilities(params: Params, config: Config, pixels: np.ndarray,
-                  backend: Backend) -> np.ndarray:
-    """Z2 (n, c) on the host for pixels (n, 784) in [0, 255], scaled as in training.
+def probabilities(params: Params, config: Config, pixels: np.ndarray, backend: Backend,
+                  source: str = "the model") -> np.ndarray:
+    """Z2 (n, c) on the host for pixels (n, 784) in [0, 255], scaled as in training; a
+    CheckpointError naming `source` (the model file) when any of it is NaN or infinite.
 
     `params` live on the backend's device (see `model.params_on`).
     """
     act = ACTIVATIONS[config.model.activation]
     out = []
-    for sl in batch_slices(len(pixels), config.train.eval_batch_size):
-        X = to_inputs(backend.asarray(pixels[sl]), config.data.normalize, config.train.dtype)
-        out.append(to_host(softmax(forward(params, X, act).A[-1])))   # (m, c)
-    return np.concatenate(out) if out else np.zeros((0, 10), dtype=config.train.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # the check below says it in one line
+        for sl in batch_slices(len(pixels), config.train.eval_batch_size):
+            X = to_inputs(backend.asarray(pixels[sl]), config.data.normalize, config.train.dtype)
+            out.append(to_host(softmax(forward(params, X, act).A[-1])))   # (m, c)
+    Z2 = np.concatenate(out) if out else np.zeros((0, 10), dtype=config.train.dtype)
+    if not np.isfinite(Z2).all():
+        raise CheckpointError(f"{source}: {TOO_LARGE}")
+    return Z2
 
 
 def predict_files(params: Params, config: Config, paths: Sequence[str | os.PathLike],
-                  backend: Backend) -> list[FileResult]:
-    """One FileResult per path, in order; unreadable files carry their error instead."""
+                  backend: Backend, source: str = "the model") -> list[FileResult]:
+    """One FileResult per path, in order; unreadable files carry their error instead.
+    `source` names the model in the error for weights too large to use."""
     digits, errors = {}, {}
     for i, path in enumerate(paths):
         try:
@@ -56,5 +66,5 @@ def predict_files(params: Params, config: Config, paths: Sequence[str | os.PathL
         except ImageError as e:
             errors[i] = str(e)
     pixels = np.stack(list(digits.values())) if digits else np.zeros((0, 784), np.float32)
-    Z2 = dict(zip(digits, probabilities(params, config, pixels, backend)))
+    Z2 = dict(zip(digits, probabilities(params, config, pixels, backend, source)))
     return [FileResult(str(path), Z2.get(i), errors.get(i)) for i, path in enumerate(paths)]

@@ -182,8 +182,13 @@ def gray_from_image(data: bytes, source: str) -> np.ndarray:
         raise ImageError(f"{source}: picture of {too_big}") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"{source}: damaged or unsupported image ({e})") from None
-    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey
+    if image.mode in ("I;16", "I;16B", "I;16L"):  # 16-bit grey
         return np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+    if image.mode == "I":  # 32-bit integers: 8- or 16-bit grey in practice, told by the values
+        gray = np.clip(np.asarray(image, dtype=np.float64), 0, None)
+        top = float(gray.max(initial=0))
+        full = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+        return gray * (255.0 / full)
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(paper, image.convert("RGBA"))

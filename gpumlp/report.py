@@ -25,7 +25,7 @@ import numpy as np
 
 from .backend import Backend
 from .checkpoint import load_model
-from .errors import GpumlpError, folder_problem
+from .errors import GpumlpError, folder_problem, write_problem
 from .mnist import Split
 from .model import params_on
 from .npzio import atomic_write
@@ -292,6 +292,10 @@ def check_run(run_dir: Path, overwrite: bool = False) -> list[dict]:
     if not (run_dir / "model.npz").is_file():
         raise ReportError(f"{run_dir}: no model.npz; finish the run first "
                           f"(gpumlp train --resume {run_dir})")
+    why = write_problem(run_dir)
+    if why is not None:
+        raise ReportError(f"{run_dir}: cannot write the report there ({why}); make the folder "
+                          "writable, or report on a copy of the run")
     foreign = foreign_outputs(run_dir)
     folders = [name for name in foreign
                if (run_dir / name).is_dir() and not (run_dir / name).is_symlink()]
@@ -310,7 +314,8 @@ def make_report(run_dir: str | Path, test: Split, backend: Backend,
     run_dir = Path(run_dir)
     rows = check_run(run_dir, overwrite)
     params, config = load_model(run_dir / "model.npz")
-    Z2 = probabilities(params_on(backend, params), config, test.images, backend)
+    Z2 = probabilities(params_on(backend, params), config, test.images, backend,
+                       str(run_dir / "model.npz"))
     out = SplitOutputs(test.labels.astype(np.int64), Z2)
     counts = confusion_matrix(out.labels, out.predicted, Z2.shape[1])
     picked = confident_mistakes(out)

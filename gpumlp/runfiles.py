@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +23,7 @@ import numpy as np
 from .backend import Backend, to_host
 from .checkpoint import load_init, param_arrays, params_from_arrays, save_model
 from .config import Config, config_to_dict, dump_config
-from .errors import CheckpointError, GpumlpError, folder_problem
+from .errors import CheckpointError, GpumlpError, folder_problem, write_problem
 from .model import Params
 from .npzio import atomic_write, load_npz, save_npz
 from .optim import flat
@@ -56,11 +55,12 @@ def check_out_dir(path: Path, overwrite: bool) -> list[str]:
                           "pick another folder, resume it with --resume, or pass --overwrite")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
     except OSError as e:
         raise GpumlpError(f"--out {path}: cannot write there ({e.strerror or e}); "
                           "pick a writable folder") from None
+    why = write_problem(path)
+    if why is not None:
+        raise GpumlpError(f"--out {path}: cannot write there ({why}); pick a writable folder")
     return existing
 
 
@@ -163,6 +163,10 @@ class RunFiles:
         if not self.path("config.yaml").is_file():
             raise GpumlpError(f"--resume {folder}: no config.yaml there; give the run "
                               "directory of an interrupted `gpumlp train`")
+        why = write_problem(folder)
+        if why is not None:
+            raise GpumlpError(f"--resume {folder}: cannot write there ({why}); make the folder "
+                              "writable, or resume a copy of it")
         if self.path("checkpoint.npz").exists():
             return
         metrics = self.path("metrics.jsonl")

@@ -24,7 +24,7 @@ from .augment import make_augment
 from .backend import Backend
 from .config import Config
 from .data import DeviceData, DeviceSplit, batch_slices, permutation, prepare_data, to_inputs
-from .errors import ConfigError, GpumlpError
+from .errors import CheckpointError, ConfigError, GpumlpError
 from .mnist import Mnist
 from .model import (Params, correct_count, dropout_masks, forward, init_params, loss_and_dA2,
                     params_on)
@@ -126,15 +126,31 @@ def too_large(what: str) -> NumericalError:
     return NumericalError(f"{what}: the weights are finite but too large to use")
 
 
-def check_usable(state: RunState, data: DeviceData, config: Config) -> None:
-    """A NumericalError unless the (finite) weights give a finite loss on the first PROBE_ROWS
-    training examples: the guard before a mid-epoch checkpoint, which could not be resumed."""
+def probe_loss(state: RunState, data: DeviceData, config: Config) -> tuple[float, int]:
+    """The mean loss of the (finite) weights on the first PROBE_ROWS training examples, and
+    how many those are: finite unless the weights are too large to use."""
     probe = DeviceSplit(data.train.images[:PROBE_ROWS], data.train.labels[:PROBE_ROWS])
-    loss, _ = evaluate(state.params, probe, config)
+    return evaluate(state.params, probe, config)[0], len(probe)
+
+
+def check_usable(state: RunState, data: DeviceData, config: Config) -> None:
+    """A NumericalError unless probe_loss is finite: the guard before a mid-epoch checkpoint,
+    which could not be resumed."""
+    loss, n = probe_loss(state, data, config)
     if not math.isfinite(loss):
         pos = state.pos
-        raise too_large(f"the evaluation loss on the first {len(probe)} training examples "
+        raise too_large(f"the evaluation loss on the first {n} training examples "
                         f"became NaN or infinite in epoch {pos.epoch + 1} (by step {pos.step})")
+
+
+def check_usable_init(state: RunState, data: DeviceData, config: Config) -> None:
+    """A CheckpointError unless probe_loss of the --init weights is finite (else the first
+    step's NaN would blame optim.lr)."""
+    loss, n = probe_loss(state, data, config)
+    if not math.isfinite(loss):
+        raise CheckpointError(f"the --init weights are finite but too large to use: their loss "
+                              f"on the first {n} training examples is {loss}; start from "
+                              "other weights, or without --init")
 
 
 def check_eval_losses(row: dict, step: int) -> None:
@@ -231,6 +247,8 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
             files.check_resumable()  # never retrain a finished run whose checkpoint is gone
             init = files.saved_init(config)  # from the same --init weights, if it had them
         state, history = new_state(config, backend, init), []
+        if init is not None:
+            check_usable_init(state, data, config)
     step_fn = make_step(config, backend)
     prepare_state(step_fn, state, data.train)
     if should_stop():  # Ctrl-C or SIGTERM during the set-up: an old run stays as it is

@@ -500,3 +500,16 @@ def test_a_fetch_is_quiet_only_when_a_commands_own_quiet_asks(trained_model, tin
     quiet = cli("train", "--set", "model.hidden=8", "--set", "train.epochs=1", "--device", "cpu",
                 "--out", tmp_path / "run", "-q")
     assert (quiet.exit_code, quiet.stderr) == (0, "") and len(list(tiny_mirror.iterdir())) == 4
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("args", [["info"], ["data", "path"], ["--help"], ["info", "--json"]])
+def test_output_that_cannot_be_written_is_one_error_line(args):
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:             # every write: No space left on device
+        done = subprocess.run([sys.executable, "-m", "gpumlp", *args], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert done.stderr == ("Error: cannot write the output (No space left on device); check "
+                           "where it goes\n")

@@ -178,6 +178,26 @@ def test_verify_says_the_cache_path_is_not_a_folder(cache, fake):
     assert result.stdout == "" and "gpumlp data fetch" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["verify", "info"])
+def test_a_file_where_the_cache_folders_parent_should_be_is_named(cache, fake, command):
+    cache.parent.write_bytes(b"")            # GPUMLP_CACHE_DIR names a file
+    result = invoke(command)
+    assert_clean_error(result, f"the cache folder {cache} cannot exist: {cache.parent} is a "
+                       "file, not a folder; move that file away, or set GPUMLP_CACHE_DIR")
+    assert "gpumlp data fetch" not in result.stderr     # no fetch can help
+
+
+@pytest.mark.parametrize("command", ["verify", "info"])
+def test_a_data_dir_from_the_environment_that_is_a_file_is_named_as_such(monkeypatch, tmp_path,
+                                                                         fake, command):
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"")
+    monkeypatch.setenv("GPUMLP_DATA_DIR", str(afile))
+    result = invoke(command)            # click's own check said "Invalid value for '--data-dir'"
+    assert_clean_error(result, f"GPUMLP_DATA_DIR={afile}: not a folder; point it at the folder")
+    assert "unset GPUMLP_DATA_DIR" in result.stderr
+
+
 def test_verify_sweeps_stale_temporary_files_from_the_cache_only(cache, tmp_path, fake, mirror):
     assert invoke("fetch", "-q").exit_code == 0
     folder = fake.write(tmp_path / "mine")

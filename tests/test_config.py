@@ -216,6 +216,26 @@ def test_a_value_too_long_or_too_deep_for_python_is_invalid_yaml(tmp_path):
     assert len(message) < 200 and message.endswith("(an integer too long to read)")
 
 
+def test_a_pipe_or_a_device_is_not_a_config_file_and_is_never_opened(tmp_path):
+    import os
+    pipe = tmp_path / "pipe.yaml"
+    os.mkfifo(pipe)                  # opening it would wait for a writer for ever
+    assert error_of(read_yaml, pipe) == (f"config file {pipe} is not a regular file (a device, "
+                                         "pipe or socket); give a YAML file, e.g. "
+                                         "configs/h256.yaml")
+    assert "is not a regular file" in error_of(read_yaml, "/dev/zero")   # endless, never read
+
+
+def test_a_config_file_over_a_mebibyte_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("# " + "x" * 2 ** 20 + "\n")
+    assert error_of(read_yaml, path).endswith(f"is {2 ** 20 + 3:,} bytes, more than a config's "
+                                              "1,048,576; give a YAML config")
+    link = tmp_path / "link.yaml"
+    link.symlink_to(CONFIGS / "smoke.yaml")  # a link to a config is a config
+    assert read_yaml(link)["train"]["epochs"] == 2
+
+
 def test_a_huge_value_is_shown_cut_short(tmp_path):
     # eight anchors of ten make a list of 10^8 items in 300 bytes of YAML
     lines = ["model:", "  hidden:", "  - &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]

@@ -153,6 +153,16 @@ def test_an_out_not_named_onnx_is_a_usage_error_and_the_run_is_untouched(saved, 
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
 
 
+@pytest.mark.parametrize("out", ["", "  "])
+def test_an_empty_out_is_a_usage_error_not_the_default(saved, out):
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    result = invoke(export, saved / "model.npz", "--out", out)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == ("Error: --out is empty; give a file name such as mnist.onnx, or "
+                             "leave --out out to write the model's name with .onnx\n")
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+
+
 def test_an_out_named_onnx_in_any_case_is_written(saved):
     result = invoke(export, saved / "model.npz", "--out", saved / "Model.ONNX")
     assert result.exit_code == 0, result.output

@@ -224,6 +224,24 @@ def test_init_weights_beyond_float32_are_refused(model_arrays, tmp_path, tiny_da
     assert not (tmp_path / "run").exists()
 
 
+def test_finite_weights_too_large_to_use_are_one_error_line_not_nan_results(
+        model_arrays, tmp_path, tiny_data_dir):
+    path = tmp_path / "model.npz"  # float32 and finite, but Z1 overflows to inf, Z2 to inf - inf
+    np.savez(path, **{**model_arrays, "W1": np.sign(model_arrays["W1"]) * np.float32(3e38)})
+    digit = tmp_path / "digit.npy"
+    np.save(digit, np.eye(28, dtype=np.uint8) * 255)
+    message = f"{path}: its weights are finite but too large to use"
+    for args in ([evaluate, path, "--data-dir", tiny_data_dir], [predict, path, digit, "--json"]):
+        line = assert_one_error(invoke(*args, "--device", "cpu"), message, "lower optim.lr")
+        assert "NaN" not in line.split(":")[0]
+    run = tmp_path / "run"
+    result = invoke(train, "--init", path, "--set", "model.hidden=16", "--device", "cpu",
+                    "--data-dir", tiny_data_dir, "--out", run)
+    assert_one_error(result, "the --init weights are finite but too large to use: their loss on "
+                     "the first 100 training examples is nan", "start from other weights")
+    assert not run.exists()
+
+
 # --- .npy pictures and what is not a file -------------------------------------------------
 
 @pytest.mark.parametrize("content, fragment", [

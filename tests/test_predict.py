@@ -87,6 +87,18 @@ def test_transparent_background_counts_as_white_paper(tmp_path):
     np.testing.assert_array_equal(load_digit(transparent), load_digit(plain))
 
 
+@pytest.mark.parametrize("scale", [1, 257, 65537], ids=["8-bit levels", "16-bit", "wider"])
+def test_a_32_bit_integer_picture_is_read_in_the_levels_its_values_use(tmp_path, scale):
+    """Pillow's mode "I" holds 8-bit, 16-bit or wider grey; its values, not the mode, tell
+    which (an 8-bit picture scaled as 16-bit had a contrast of 1 and 'no ink')."""
+    ring = ring_digit()
+    path = tmp_path / "ring.tif"
+    Image.fromarray(ring.astype(np.int32) * scale, mode="I").save(path)
+    assert Image.open(path).mode == "I"
+    np.testing.assert_allclose(load_digit(path), load_digit(save_png(tmp_path / "r.png", ring)),
+                               atol=1e-3)
+
+
 def test_a_picture_is_turned_upright_as_its_exif_orientation_says(tmp_path):
     seven = np.full((90, 60), 255, dtype=np.uint8)
     seven[10:22, 5:55], seven[22:85, 40:52] = 0, 0          # a bar and a stem: not symmetric

@@ -605,3 +605,35 @@ def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_dat
                  "-q")
     assert_one_error_line(result, 1, f"{path}: {fragment}")
     assert digests(stopped) == before
+
+
+def read_only(monkeypatch, folder: Path) -> None:
+    """Make creating a file in `folder` fail as on a read-only mount (tests may run as root,
+    whom permission bits do not stop)."""
+    import gpumlp.errors as errors_module
+
+    real = errors_module.tempfile.TemporaryFile
+
+    def temporary_file(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == folder:
+            raise OSError(30, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(errors_module.tempfile, "TemporaryFile", temporary_file)
+
+
+def test_resume_and_report_in_a_folder_they_cannot_write_say_so_in_one_line(
+        stopped, finished, tiny_data_dir, monkeypatch):
+    read_only(monkeypatch, stopped)
+    before = digests(stopped)
+    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
+                 "-q")
+    assert_one_error_line(result, 1, f"--resume {stopped}: cannot write there (Read-only file "
+                          "system); make the folder writable, or resume a copy of it")
+    assert digests(stopped) == before
+    read_only(monkeypatch, finished)
+    before = digests(finished)
+    result = cli("report", finished, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert_one_error_line(result, 1, f"{finished}: cannot write the report there (Read-only "
+                          "file system); make the folder writable, or report on a copy")
+    assert digests(finished) == before
