@@ -10,8 +10,16 @@ import pytest
 from scipy import ndimage
 
 from gpumlp.activations import ACTIVATIONS
-from gpumlp.augment import (SIDE, Warp, apply_warp, draw_warp, elastic_field, gaussian_matrix,
-                            identity_warp, make_augment)
+from gpumlp.augment import (
+    SIDE,
+    Warp,
+    apply_warp,
+    draw_warp,
+    elastic_field,
+    gaussian_matrix,
+    identity_warp,
+    make_augment,
+)
 from gpumlp.backend import CPU
 from gpumlp.config import AugmentConfig, build_config
 from gpumlp.data import gather, prepare_data, to_inputs
@@ -253,3 +261,25 @@ def test_central_difference_gradient_check_float64_with_dropout(activation):
     assert [c.name for c in checks] == ["W1", "b1", "W2", "b2", "W3", "b3"]
     for c in checks:
         assert c.max_rel_error < 1e-6, c
+
+
+# --- what a mutation review found untested -------------------------------------------------
+
+@pytest.mark.parametrize("key, bound, drawn", [
+    ("rotate", 30.0, lambda warp: np.degrees(warp.theta)),
+    ("scale", 0.3, lambda warp: warp.scale - 1),
+    ("shift", 3.0, lambda warp: warp.shift),
+])
+def test_each_transform_fills_its_configured_bound_and_stays_in_it(key, bound, drawn):
+    for b in (bound, bound / 3):
+        warp = draw_warp(AugmentConfig(**{key: b}), np.random.default_rng(0), np, 4000, np.float64)
+        largest = np.abs(drawn(warp)).max()
+        assert 0.95 * b < largest <= b
+
+
+def test_a_larger_elastic_sigma_gives_a_smoother_field():
+    def neighbour_correlation(sigma):
+        D = elastic_field(np.random.default_rng(0), 64, 1.0, sigma, np.float64)
+        return np.corrcoef(D[..., :-1].ravel(), D[..., 1:].ravel())[0, 1]
+
+    assert neighbour_correlation(1.0) < neighbour_correlation(4.0) - 0.1

@@ -461,6 +461,7 @@ def tiny_mirror(tiny_mnist, monkeypatch, tmp_path):
     """An empty cache, the tiny MNIST's checksums as canonical, and one local mirror serving its
     files as the only source; the cache's MNIST folder."""
     from fetch_helpers import go_offline, start_server
+
     from gpumlp import fetch
 
     cache = go_offline(monkeypatch, tmp_path)
@@ -513,3 +514,15 @@ def test_output_that_cannot_be_written_is_one_error_line(args):
     assert done.returncode == 1
     assert done.stderr == ("Error: cannot write the output (No space left on device); check "
                            "where it goes\n")
+
+
+# --- what a mutation review found untested -------------------------------------------------
+
+def test_the_epoch_line_shows_the_validation_numbers_of_a_run_that_has_them():
+    from gpumlp.progress import format_epoch
+    row = {"epoch": 2, "train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.25,
+           "val_accuracy": 0.875, "test_loss": 0.3, "test_accuracy": 0.9, "lr": 0.1,
+           "seconds": 1.5, "samples_per_second": 1000.0}
+    line = format_epoch(row)
+    assert "val_loss 0.2500" in line and "val_acc 0.8750" in line
+    assert "val_" not in format_epoch({k: v for k, v in row.items() if not k.startswith("val")})

@@ -15,18 +15,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from use_helpers import assert_missing_extra, invoke, train_model, without_module
 
 from gpumlp.activations import ACTIVATIONS
+from gpumlp.backend import CPU
 from gpumlp.checkpoint import save_model
 from gpumlp.cli_use import predict
 from gpumlp.config import build_config
 from gpumlp.data import to_inputs
 from gpumlp.mnist import load_mnist
 from gpumlp.model import forward, init_params
-from gpumlp.preprocess import (CENTRE, INK_LEVEL, MAX_PIXELS, ImageError, centre_by_mass,
-                               load_digit, mnist_pixels, read_gray)
+from gpumlp.preprocess import (
+    CENTRE,
+    INK_LEVEL,
+    MAX_PIXELS,
+    ImageError,
+    centre_by_mass,
+    load_digit,
+    mnist_pixels,
+    read_gray,
+)
 from gpumlp.readback import read_back
-from use_helpers import assert_missing_extra, invoke, train_model, without_module
 
 
 def ring_digit(height: int = 150, width: int = 120, ink: int = 0, paper: int = 255) -> np.ndarray:
@@ -411,3 +420,18 @@ def test_smoothly_enlarged_mnist_digits_are_predicted_as_their_arrays(mnist_mode
         Image.fromarray(picture).save(files[-1])
     share = agreement(model, files, expected)
     assert share >= 0.99, f"only {share:.3f} of the pictures predicted as their arrays"
+
+
+# --- what a mutation review found untested -------------------------------------------------
+
+def test_probabilities_standardise_the_pixels_as_the_model_was_trained():
+    from gpumlp.predict import probabilities
+    config = build_config(None, ["model.hidden=8", "data.normalize=standard"])
+    params = init_params(config.model.layer_widths, "he", np.random.default_rng(0), "float32")
+    pixels = np.random.default_rng(1).integers(0, 256, (5, 784)).astype(np.float32)
+    X = (pixels.astype(np.float64) / 255 - 0.1307) / 0.3081
+    A2 = np.maximum(X @ params.W[0] + params.b[0], 0) @ params.W[1] + params.b[1]
+    expected = np.exp(A2 - A2.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(probabilities(params, config, pixels, CPU), expected,
+                               rtol=1e-4, atol=1e-6)

@@ -18,13 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpumlp import npzio
-from gpumlp.config import build_config
-from gpumlp.errors import GpumlpError
-from gpumlp.mnist import Mnist, Split
-from gpumlp.npzio import load_npz
-from gpumlp.train import NumericalError, train
 import gpumlp.train as train_module
+from gpumlp import npzio
+from gpumlp.checkpoint import load_init, load_model, save_model
+from gpumlp.config import build_config
+from gpumlp.errors import CheckpointError, GpumlpError
+from gpumlp.mnist import Mnist, Split
+from gpumlp.model import init_params
+from gpumlp.npzio import load_npz
+from gpumlp.runfiles import RunFiles
+from gpumlp.train import NumericalError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # 16 epochs: a run of a few seconds even with the fast CPU step, so random kills land inside it
@@ -403,3 +406,58 @@ def test_checkpoint_keeps_the_fast_step_velocity_scale_and_refuses_a_damaged_one
         npzio.save_npz(tmp_path / "run" / "checkpoint.npz", {**saved, "opt_scale": np.array(bad)})
         with pytest.raises(CheckpointError, match="optimizer state does not match"):
             RunFiles(tmp_path / "run").load_checkpoint(config, CPU, 250)
+
+
+# --- what a mutation review found untested -------------------------------------------------
+
+def test_each_metrics_row_is_fsynced_once_written(tmp_path, monkeypatch):
+    synced, real_fsync = [], os.fsync
+
+    def spy(fd):
+        st = os.fstat(fd)
+        synced.append((st.st_ino, st.st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    (tmp_path / "metrics.jsonl").write_bytes(b"")
+    RunFiles(tmp_path).append_metrics({"epoch": 1})
+    st = (tmp_path / "metrics.jsonl").stat()
+    assert st.st_size > 0 and (st.st_ino, st.st_size) in synced
+
+
+class Unpickles:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_load_npz_never_unpickles_an_object_array(tmp_path):
+    marker = tmp_path / "ran"
+    np.savez(tmp_path / "objects.npz", W1=np.array([Unpickles(str(marker))], dtype=object))
+    with pytest.raises(CheckpointError, match="refuses to unpickle"):
+        load_npz(tmp_path / "objects.npz")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_model_or_init_file_with_nan_or_infinite_weights_is_refused(tmp_path, bad):
+    config = build_config(None, ["model.hidden=8"])
+    params = init_params(config.model.layer_widths, "he", np.random.default_rng(0), "float32")
+    params.b[1][3] = bad
+    save_model(tmp_path / "model.npz", params, config)
+    with pytest.raises(CheckpointError, match="b2 holds NaN or infinite values"):
+        load_model(tmp_path / "model.npz")
+    with pytest.raises(CheckpointError, match="b2 holds NaN or infinite values"):
+        load_init(tmp_path / "model.npz", config.model.layer_widths, "float32")
+
+
+def test_a_float64_model_loads_back_bit_for_bit_in_float64(tmp_path):
+    config = build_config(None, ["model.hidden=8", "train.dtype=float64"])
+    params = init_params(config.model.layer_widths, "he", np.random.default_rng(0), "float64")
+    save_model(tmp_path / "model.npz", params, config)
+    loaded, loaded_config = load_model(tmp_path / "model.npz")
+    assert loaded_config == config
+    for saved, back in zip((*params.W, *params.b), (*loaded.W, *loaded.b), strict=True):
+        assert back.dtype == np.float64 and np.array_equal(saved, back)

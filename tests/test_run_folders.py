@@ -15,13 +15,17 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from test_cli import SMOKE, TINY, assert_one_error_line, cli
 
 import gpumlp.train as train_module
 from gpumlp import cli as cli_module
+from gpumlp.backend import CPU
+from gpumlp.config import build_config
+from gpumlp.errors import GpumlpError
 from gpumlp.npzio import load_npz
 from gpumlp.report import FIGURES
 from gpumlp.runfiles import DERIVED_FILES, RunFiles
-from test_cli import SMOKE, TINY, assert_one_error_line, cli
+from gpumlp.train import train
 
 HUGE = "model.hidden=1000000000000"  # 5.6 PiB of weights: beyond any address space
 
@@ -637,3 +641,35 @@ def test_resume_and_report_in_a_folder_they_cannot_write_say_so_in_one_line(
     assert_one_error_line(result, 1, f"{finished}: cannot write the report there (Read-only "
                           "file system); make the folder writable, or report on a copy")
     assert digests(finished) == before
+
+
+# --- what a mutation review found untested -------------------------------------------------
+
+def test_train_resume_refuses_a_finished_run_whose_checkpoint_is_gone(tiny_mnist, tmp_path):
+    config = build_config(None, ["model.hidden=8", "train.epochs=1", "train.batch_size=100"])
+    out = tmp_path / "run"
+    train(config, CPU, tiny_mnist.mnist, out_dir=out)
+    (out / "checkpoint.npz").unlink()
+    before = (out / "model.npz").stat().st_mtime_ns, (out / "model.npz").read_bytes()
+    with pytest.raises(GpumlpError, match="nothing to resume"):
+        train(config, CPU, tiny_mnist.mnist, out_dir=out, resume=True)
+    assert ((out / "model.npz").stat().st_mtime_ns, (out / "model.npz").read_bytes()) == before
+
+
+def test_a_row_lost_between_a_checkpoint_and_its_append_is_rewritten_by_resume(tiny_mnist,
+                                                                               tmp_path,
+                                                                               monkeypatch):
+    config = build_config(None, ["model.hidden=8", "train.epochs=2", "train.batch_size=100"])
+    out = tmp_path / "run"
+
+    def killed(self, row):
+        raise Killed
+
+    with monkeypatch.context() as m:    # killed after epoch 1's checkpoint, before its row
+        m.setattr(RunFiles, "append_metrics", killed)
+        with pytest.raises(Killed):
+            train(config, CPU, tiny_mnist.mnist, out_dir=out)
+    assert (out / "checkpoint.npz").exists() and (out / "metrics.jsonl").read_text() == ""
+    train(config, CPU, tiny_mnist.mnist, out_dir=out, resume=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]

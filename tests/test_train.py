@@ -3,6 +3,7 @@ deterministic to the byte, and its data handling (limit, validation split, input
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from gpumlp.config import build_config
 from gpumlp.data import batch_slices, permutation, prepare_data, to_inputs
 from gpumlp.errors import ConfigError
 from gpumlp.mnist import Mnist, Split, load_mnist
-from gpumlp.train import NumericalError, train
+from gpumlp.model import Params
+from gpumlp.npzio import load_npz
+from gpumlp.train import Interrupted, NumericalError, new_state, train
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 TINY_SMOKE = ["data.limit=null", "data.val_size=50"]  # smoke.yaml, fitted to the 300-example set
@@ -212,3 +215,46 @@ def test_the_loop_gives_step_t_1_to_n_and_the_schedules_lr_across_epochs_and_a_r
     assert [lr for _, lr in seen] == pytest.approx(expected, rel=1e-12)
     assert expected[:3] == pytest.approx([0.01 / 3, 0.02 / 3, 0.01])   # warm-up over epoch 1
     assert expected[-1] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+
+
+# --- what a mutation review found untested -------------------------------------------------
+
+def test_the_seed_drives_the_init_the_shuffle_and_the_dropout(tiny_mnist):
+    base = ["model.hidden=16", "train.epochs=1", "train.batch_size=50"]
+
+    def config(seed, *extra):
+        return build_config(None, [*base, *extra], **{"train.seed": seed})
+
+    W1 = [new_state(config(seed), CPU).params.W[0] for seed in (0, 1)]
+    assert not np.array_equal(*W1)                                       # the init
+    start = new_state(config(0), CPU).params
+
+    def final_W1(seed, *extra):
+        init = Params(tuple(w.copy() for w in start.W), tuple(v.copy() for v in start.b))
+        return train(config(seed, *extra), CPU, tiny_mnist.mnist, init=init).params.W[0]
+
+    assert not np.array_equal(final_W1(0), final_W1(1))                  # the shuffle alone
+    dropout = ["data.shuffle=false", "model.dropout=0.5"]
+    assert np.array_equal(final_W1(0, *dropout), final_W1(0, *dropout))
+    assert not np.array_equal(final_W1(0, *dropout), final_W1(1, *dropout))  # the masks alone
+
+
+def test_metrics_lr_is_the_rate_of_each_epochs_last_step(tiny_mnist):
+    from gpumlp.optim import learning_rate
+    config = build_config(None, ["model.hidden=8", "train.epochs=3", "train.batch_size=100",
+                                 "optim.schedule=cosine"])
+    result = train(config, CPU, tiny_mnist.mnist)           # 300 examples: 3 steps an epoch
+    assert [row["lr"] for row in result.history] == pytest.approx(
+        [learning_rate(config.optim, 3 * epoch - 1, 3, 9) for epoch in (1, 2, 3)], rel=1e-12)
+
+
+def test_a_stop_asked_in_an_epochs_last_step_stops_at_that_epochs_end(tiny_mnist, tmp_path):
+    config = build_config(None, ["model.hidden=8", "train.epochs=3", "train.batch_size=100"])
+    steps = []
+    with pytest.raises(Interrupted):
+        train(config, CPU, tiny_mnist.mnist, out_dir=tmp_path / "run",
+              on_event=lambda kind, info: steps.append(info) if kind == "step" else None,
+              should_stop=lambda: len(steps) >= 3)          # asked in step 3, epoch 1's last
+    assert len(steps) == 3
+    position = json.loads(str(load_npz(tmp_path / "run" / "checkpoint.npz")["state"]))["position"]
+    assert (position["epoch"], position["step"], position["batch"]) == (1, 3, 0)
