@@ -11,6 +11,7 @@ import hashlib
 import http.server
 import os
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from gpumlp.mnist import FILES
 HTML_PAGE = b"<!DOCTYPE html><html><body>This domain is for sale</body></html>"
 STALL_SECONDS = 5  # how long a stalled response waits at most before giving up
 TRICKLE_SECONDS = 0.05  # the pause between two bytes of a trickled response
+TRICKLE_LIMIT = 5.0     # and then the server hangs up: a client that ignores its deadline fails
+                        # the deadline tests in seconds instead of hanging for minutes
 
 
 def fake_arrays(seed: int = 0, sizes=(("train", 6), ("test", 4))) -> dict[str, np.ndarray]:
@@ -92,9 +95,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def trickle(self, data: bytes):
         """Send `data` a byte every TRICKLE_SECONDS, each within any read timeout, until the
-        server stops."""
+        server stops or TRICKLE_LIMIT seconds have passed."""
+        stop = time.monotonic() + TRICKLE_LIMIT
         for i in range(len(data)):
-            if self.server.release.wait(TRICKLE_SECONDS):
+            if self.server.release.wait(TRICKLE_SECONDS) or time.monotonic() > stop:
                 break
             try:
                 self.wfile.write(data[i:i + 1])
