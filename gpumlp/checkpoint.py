@@ -89,6 +89,27 @@ def params_from_arrays(arrays: Mapping[str, np.ndarray], widths: tuple[int, ...]
     return Params(tuple(values[0::2]), tuple(values[1::2]))
 
 
+def read_layers(npz: Npz, widths: tuple[int, ...], source: str, dtype: str | None,
+                fix: str) -> Params:
+    """W1, b1, ... of `widths` from `npz`, their shapes checked from the headers before any is
+    read; then as `params_from_arrays`."""
+    check_layout(npz.headers, widths, source)
+    arrays = {name: npz.read(name) for name in layer_names(widths)}
+    return params_from_arrays(arrays, widths, source, dtype, fix)
+
+
+def parse_json(text: str) -> Any:
+    """`text` parsed as JSON; a ValueError with a short reason when Python cannot read it."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON: {e.msg} at character {e.pos + 1}") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except ValueError:  # Python's limit on the digits of an integer
+        raise ValueError("JSON with a number too long to read") from None
+
+
 def config_of(npz: Npz, source: str) -> Config:
     """The config saved in a model file, its size checked before it is read."""
     header = npz.headers.get("config")
@@ -98,17 +119,11 @@ def config_of(npz: Npz, source: str) -> Config:
         raise CheckpointError(f"{source}: its config string holds {header.dtype.itemsize // 4:,} "
                               f"characters, more than the {MAX_CONFIG_CHARS:,} a config may hold; "
                               "not a gpumlp model file")
-    text = str(npz.read("config"))
     try:
-        values = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{source}: its config is invalid (not JSON: {e})") from None
-    except RecursionError:
-        raise CheckpointError(f"{source}: its config is invalid (JSON nested too deeply); "
-                              "not a gpumlp model file") from None
-    except ValueError:  # Python's limit on the digits of an integer
-        raise CheckpointError(f"{source}: its config is invalid (a number too long to read); "
-                              "not a gpumlp model file") from None
+        values = parse_json(str(npz.read("config")))
+    except ValueError as e:
+        raise CheckpointError(f"{source}: its config is invalid ({e}); not a gpumlp model "
+                              "file") from None
     try:
         return config_from_dict(values)
     except ConfigError as e:
@@ -121,20 +136,15 @@ def load_model(path: str | os.PathLike) -> tuple[Params, Config]:
     The config is read first and the weights' shapes are checked from their headers, so that
     no more is read than the model the config describes."""
     source = str(Path(path))
+    fix = ", its config's train.dtype; gpumlp train never writes such a model: train it again"
     with Npz(path) as npz:
         config = config_of(npz, source)
-        widths = config.model.layer_widths
-        check_layout(npz.headers, widths, source)
-        arrays = {name: npz.read(name) for name in layer_names(widths)}
-    fix = ", its config's train.dtype; gpumlp train never writes such a model: train it again"
-    return params_from_arrays(arrays, widths, source, config.train.dtype, fix), config
+        return read_layers(npz, config.model.layer_widths, source, config.train.dtype, fix), config
 
 
 def load_init(path: str | os.PathLike, widths: tuple[int, ...], dtype: str) -> Params:
     """Initial weights for `--init`: any .npz with W1, b1, ... of the configured shapes."""
     source = str(Path(path))
-    with Npz(path) as npz:
-        check_layout(npz.headers, widths, source)
-        arrays = {name: npz.read(name) for name in layer_names(widths)}
     fix = " (train.dtype); scale them down, or train with --set train.dtype=float64"
-    return params_from_arrays(arrays, widths, source, dtype, fix)
+    with Npz(path) as npz:
+        return read_layers(npz, widths, source, dtype, fix)

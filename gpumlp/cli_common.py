@@ -56,8 +56,9 @@ def domain_errors(fn):
             click.echo(said, err=True)
             raise SystemExit(code) from None
         except OSError as e:  # a file the OS refused: name it, no traceback
-            where = f"{e.filename}: " if e.filename else ""
-            raise OneLineError(f"{where}{e.strerror or e}") from None
+            if e.filename is None:  # stdout, most often: OneLineGroup.main says it for all
+                raise
+            raise OneLineError(f"{e.filename}: {e.strerror or e}") from None
     return wrapper
 
 

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError, shown
+from .files import read_at_most
 from .mnist import C, D
 
 ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu")
@@ -313,14 +314,11 @@ def read_yaml(path: str | Path) -> dict:
                           "--config configs/h256.yaml, or leave --config out for the defaults")
     path = Path(path)
     try:
-        if path.exists() and not path.is_dir():  # before opening: a pipe would block
-            if not path.is_file():
-                raise ConfigError(f"config file {path} is not a regular file (a device, pipe "
-                                  "or socket); give a YAML file, e.g. configs/h256.yaml")
-            if path.stat().st_size > MAX_CONFIG_BYTES:
-                raise ConfigError(f"config file {path} is {path.stat().st_size:,} bytes, more "
-                                  f"than a config's {MAX_CONFIG_BYTES:,}; give a YAML config")
-        text = path.read_text(encoding="utf-8")
+        data = read_at_most(path, MAX_CONFIG_BYTES)  # <(...) and /dev/stdin work; /dev/zero ends
+        if data is None:
+            raise ConfigError(f"config file {path} holds more than a config's "
+                              f"{MAX_CONFIG_BYTES:,} bytes; give a YAML config")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from None
     except IsADirectoryError:

@@ -122,7 +122,8 @@ def model_bytes(params: Params, config: Config) -> bytes:
 
 
 def is_npz(path: Path) -> bool:
-    """Whether `path` is named .npz or holds one (a zip of .npy members): a model or checkpoint."""
+    """Whether `path` is named .npz or holds one (a zip with .npy members): a model or
+    checkpoint."""
     if path.suffix.lower() == ".npz":
         return True
     try:
@@ -130,7 +131,7 @@ def is_npz(path: Path) -> bool:
             names = zf.namelist()
     except (OSError, zipfile.BadZipFile):
         return False
-    return bool(names) and all(name.endswith(".npy") for name in names)
+    return any(name.endswith(".npy") for name in names)
 
 
 def check_target(target: Path, model_path: Path, overwrite: bool, named: bool) -> None:

@@ -5,10 +5,11 @@ write different files; here every member carries a fixed timestamp. Writes go to
 temporary file in the same folder, are flushed and fsynced, then renamed over the target,
 so a crash or a full disk never leaves a half-written file under the real name.
 
-Reading (`Npz`, `load_npz`) never unpickles, and checks every member before any data is read:
-each must be an unencrypted .npy array whose header announces exactly the member's size, so a
-header that lies or an oversized member is refused in one line (a CheckpointError) instead of
-being read; with `Npz` a caller reads only the members it needs.
+Reading (`Npz`, `load_npz`) never unpickles, and checks every array member (a name ending in
+".npy") before any data is read: each must be an unencrypted .npy array whose header announces
+exactly the member's size, so a header that lies or an oversized member is refused in one line
+(a CheckpointError) instead of being read; with `Npz` a caller reads only the members it needs.
+Other members (a README.txt added to the zip) are not arrays: they are left out, never read.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def atomic_write(path: str | os.PathLike, data: bytes, suffix: str = ".tmp") -> 
     """Write `data` to `path` through a fsynced temporary file ".<name>.<random><suffix>" beside
     it and a rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as e:  # named by the file it was for, not the temporary name
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o644)
@@ -62,11 +66,13 @@ def atomic_write(path: str | os.PathLike, data: bytes, suffix: str = ".tmp") -> 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):  # a full disk has no file name: give it the target's
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -134,14 +140,15 @@ def read_npy_header(stream: BinaryIO) -> NpyHeader:
 
 
 class Npz:
-    """An open .npz file, every member checked to hold one whole .npy array; data is read
-    only by `read`, one member at a time. A CheckpointError for anything unreadable.
+    """An open .npz file, every member named "*.npy" checked to hold one whole .npy array;
+    data is read only by `read`, one member at a time. A CheckpointError for anything unreadable.
 
-    Each member's .npy header is read (not its data) and the size it announces must be the
+    Each such member's .npy header is read (not its data) and the size it announces must be the
     member's size exactly, so that a header that lies, or a member larger than its array, is
     refused before anything large is read. `headers` maps each array's name (the member's
-    name without ".npy", as numpy.load names it) to its NpyHeader; `read` gives what
-    numpy.load would, pickling disabled.
+    name without ".npy", as numpy.load names it) to its NpyHeader; members with other names
+    are not arrays and are left out, unread. `read` gives what numpy.load would, pickling
+    disabled.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -160,7 +167,8 @@ class Npz:
             self._zip = zipfile.ZipFile(self.path)
         try:
             for info in self._zip.infolist():
-                self._check_member(info)
+                if info.filename.endswith(".npy"):  # numpy.load's test for an array member
+                    self._check_member(info)
         except BaseException:
             self.close()
             raise

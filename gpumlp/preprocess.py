@@ -38,12 +38,12 @@ from __future__ import annotations
 import io
 import math
 import os
-import stat
 import warnings
 
 import numpy as np
 
 from .errors import GpumlpError, shown
+from .files import read_at_most
 from .npzio import read_npy_header
 from .readback import BOX, FIELD, read_back
 
@@ -81,36 +81,19 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_file(path: str | os.PathLike, source: str) -> bytes:
-    """The bytes of a regular file (links followed) of at most MAX_FILE_BYTES; an ImageError
-    for anything else, found before it is read (opened without blocking: a pipe is not waited
-    on)."""
+    """The bytes of a file (a picture piped in through `<(...)` too) of at most MAX_FILE_BYTES;
+    an ImageError for what cannot be read or is larger (not read whole)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        data = read_at_most(path, MAX_FILE_BYTES)
     except FileNotFoundError:
         raise ImageError(f"{source}: no such file") from None
     except IsADirectoryError:
         raise ImageError(f"{source}: is a folder; {IMAGE_HINT}") from None
     except OSError as e:
         raise ImageError(f"{source}: cannot be read ({e.strerror or e})") from None
-    try:
-        info = os.fstat(fd)
-        mode, size = info.st_mode, info.st_size
-        if stat.S_ISDIR(mode):
-            raise ImageError(f"{source}: is a folder; {IMAGE_HINT}")
-        if not stat.S_ISREG(mode):
-            raise ImageError(f"{source}: not a regular file (a device, pipe or socket); "
-                             f"{IMAGE_HINT}")
-        if size <= MAX_FILE_BYTES:
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                data = f.read(MAX_FILE_BYTES + 1)
-            size = len(data)                  # it may have grown since
-    except OSError as e:
-        raise ImageError(f"{source}: cannot be read ({e.strerror or e})") from None
-    finally:
-        os.close(fd)
-    if size > MAX_FILE_BYTES:
-        raise ImageError(f"{source}: file of {size:,} bytes, more than the "
-                         f"{MAX_FILE_BYTES // 2**20} MiB an image may take; scale it down")
+    if data is None:
+        raise ImageError(f"{source}: more than the {MAX_FILE_BYTES // 2**20} MiB an image may "
+                         "take; scale it down")
     return data
 
 

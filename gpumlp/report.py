@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import Backend
-from .checkpoint import load_model
+from .checkpoint import load_model, parse_json
 from .errors import GpumlpError, folder_problem, write_problem
 from .mnist import Split
 from .model import params_on
@@ -92,13 +92,9 @@ MAX_EPOCH = 10 ** 9  # more epochs than any run has; a 400-digit epoch overflows
 def metrics_row(line: str, where: str) -> dict:
     """One line of metrics.jsonl as a dict of numbers; a ReportError saying what is wrong."""
     try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        raise ReportError(f"{where} is not JSON; {ROW_HINT}") from None
-    except RecursionError:
-        raise ReportError(f"{where} is JSON nested too deeply; {ROW_HINT}") from None
-    except ValueError:  # Python's limit on the digits of an integer
-        raise ReportError(f"{where} holds a number too long to read; {ROW_HINT}") from None
+        row = parse_json(line)
+    except ValueError as e:
+        raise ReportError(f"{where} is {e}; {ROW_HINT}") from None
     if not isinstance(row, dict):
         raise ReportError(f"{where} is a JSON {type(row).__name__}, not a metrics row (an object "
                           f"with {', '.join(ROW_KEYS)}); {ROW_HINT}")
@@ -257,8 +253,8 @@ def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutp
              "the one of the last epoch)")
     lines = [
         f"{REPORT_TITLE}{run_dir.name}", "",
-        f"After epoch {last['epoch']}: test accuracy {last['test_accuracy']:.4f}, "
-        f"test loss {last['test_loss']:.4f}, train accuracy {last['train_accuracy']:.4f}.", "",
+        (f"After epoch {last['epoch']}: test accuracy {last['test_accuracy']:.4f}, "
+         f"test loss {last['test_loss']:.4f}, train accuracy {last['train_accuracy']:.4f}."), "",
         "## Learning curves", "", f"![learning curves]({FIGURES['learning_curves']})", "",
         "Per epoch, from metrics.jsonl:", "",
         "| epoch | " + " | ".join(keys) + " | lr | seconds |",
@@ -266,12 +262,12 @@ def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutp
         *(f"| {row['epoch']} | " + " | ".join(f"{row[k]:.4f}" for k in keys)
           + f" | {row['lr']:.4g} | {row['seconds']:.1f} |" for row in rows), "",
         "## Confusion matrix (test set)", "",
-        f"model.npz gets {right} of {n} test images right (accuracy {right / n:.4f}), {agree} "
-        f"the last epoch's test_accuracy in metrics.jsonl ({last['test_accuracy']:.4f}).", "",
+        (f"model.npz gets {right} of {n} test images right (accuracy {right / n:.4f}), {agree} "
+         f"the last epoch's test_accuracy in metrics.jsonl ({last['test_accuracy']:.4f})."), "",
         f"![confusion matrix]({FIGURES['confusion']})", "",
         "## First-layer weights", "",
-        "Each tile is one hidden unit's column of W1 reshaped to 28x28: red pixels push the unit "
-        "up, blue ones down.", "", f"![first-layer weights]({FIGURES['weights']})", "",
+        ("Each tile is one hidden unit's column of W1 reshaped to 28x28: red pixels push the "
+         "unit up, blue ones down."), "", f"![first-layer weights]({FIGURES['weights']})", "",
         "## Most confidently wrong test images", "",
         f"![confident mistakes]({FIGURES['mistakes']})", "",
         "| test index | label | predicted | probability |", "|---:|---:|---:|---:|",

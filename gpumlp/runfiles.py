@@ -64,10 +64,13 @@ def check_out_dir(path: Path, overwrite: bool) -> list[str]:
     return existing
 
 
+RESUME_FIXED_KEYS = ("train.batch_size", "train.seed", "train.dtype", "optim.name")
+
+
 def fixed_keys(config: Config) -> dict:
-    """The config's keys that a resume must keep ({dotted key: value}): the net, the data and
-    how it is cut into batches. optim.*, train.epochs and the other train keys may change
-    (lower optim.lr after a NaN, add epochs)."""
+    """The config's keys that a resume must keep ({dotted key: value}): the net, the data, how
+    it is cut into batches, and the optimizer whose state the checkpoint holds. The other optim
+    and train keys may change (a lower optim.lr after a NaN, more epochs)."""
     flat: dict = {}
 
     def walk(prefix: str, values: dict) -> None:
@@ -78,10 +81,7 @@ def fixed_keys(config: Config) -> dict:
                 flat[f"{prefix}{key}"] = value
     walk("", config_to_dict(config))
     return {key: value for key, value in flat.items()
-            if key.startswith(("model.", "data.")) or key in RESUME_FIXED_TRAIN_KEYS}
-
-
-RESUME_FIXED_TRAIN_KEYS = ("train.batch_size", "train.seed", "train.dtype")
+            if key.startswith(("model.", "data.")) or key in RESUME_FIXED_KEYS}
 
 
 def check_same_run(saved: dict, config: Config, folder: Path) -> None:
@@ -92,8 +92,8 @@ def check_same_run(saved: dict, config: Config, folder: Path) -> None:
     if changed:
         raise GpumlpError(
             f"--resume {folder}: config.yaml changes {', '.join(changed)} since the checkpoint; "
-            "a resume goes on with the same net, data and batches (only optim.* and the other "
-            "train keys may change), so put it back, or start a new run")
+            "a resume goes on with the same net, data, batches and optimizer (only the other "
+            "optim and train keys may change), so put it back, or start a new run")
 
 
 def generator_state(rng) -> str | None:
@@ -130,10 +130,16 @@ class RunFiles:
         atomic_write(self.path("metrics.jsonl"), b"")
 
     def append_metrics(self, row: dict) -> None:
-        with open(self.path("metrics.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        path = self.path("metrics.jsonl")
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise GpumlpError(f"cannot write {path} ({e.strerror or e}); the checkpoint is "
+                              "intact (a resume rewrites the file from it); free space and "
+                              "--resume") from None
 
     def discard_unstarted(self, remove_folder: bool) -> None:
         """Remove the files (and, with `remove_folder`, the folder) this run created, when no
@@ -234,8 +240,11 @@ class RunFiles:
         if not isinstance(meta, dict):
             raise CheckpointError(f"{source}: its state record is missing or damaged; "
                                   "start the run again")
-        if isinstance(meta.get("fixed"), dict):  # (checkpoints before 2026-11-29 lack it)
-            check_same_run(meta["fixed"], config, self.folder)
+        fixed = meta.get("fixed", {})   # (checkpoints before 2026-11-29 lack it: not checked)
+        if not isinstance(fixed, dict):
+            raise CheckpointError(f"{source}: its state record is missing or damaged; "
+                                  "start the run again")
+        check_same_run(fixed, config, self.folder)
         state = new_state(config, backend)
         host = params_from_arrays(arrays, config.model.layer_widths, source,
                                   config.train.dtype)
@@ -257,6 +266,11 @@ class RunFiles:
             state.opt = state.opt._replace(scale=scale.astype(np.float64))
         batches = -(-n_train // config.train.batch_size)
         state.pos, history = read_position(meta, arrays.get("perm"), n_train, batches, source)
+        begun = state.pos.epoch + (state.pos.batch > 0)  # epochs trained or under way
+        if config.train.epochs < begun:
+            raise GpumlpError(f"--resume {self.folder}: config.yaml's train.epochs is "
+                              f"{config.train.epochs}, below the {begun} epochs the run has "
+                              f"trained or begun; give at least {begun}")
         try:
             state.rng.bit_generator.state = meta["rng"]
             if meta.get("dev_rng"):

@@ -225,7 +225,8 @@ def test_gradcheck_fails_on_a_nan_gradient_even_when_it_is_not_the_first(monkeyp
 def test_out_of_memory_names_what_to_lower_for_the_command_that_ran():
     # 10^12 examples of 784 float64 pixels: 5.6 PiB, refused at once by any machine
     result = cli("gradcheck", "--batch", "1000000000000", "--set", "model.hidden=8")
-    assert_one_error_line(result, 1, "out of memory (", "; lower --batch, or model.hidden with --set")
+    assert_one_error_line(result, 1, "out of memory (",
+                          "; lower --batch, or model.hidden with --set")
     assert "train.batch_size" not in result.stderr        # train's hint, not gradcheck's
 
 

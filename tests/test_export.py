@@ -123,11 +123,16 @@ def assert_refused(result, fragment: str) -> None:
     assert fragment in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("out", ["model-copy.onnx", "link.onnx"])
+@pytest.mark.parametrize("out", ["model-copy.onnx", "link.onnx", "with-notes.onnx"])
 @pytest.mark.parametrize("overwrite", [(), ("--overwrite",)], ids=["", "--overwrite"])
 def test_the_model_and_npz_files_are_never_written_over(saved, out, overwrite):
+    import zipfile
+
     shutil.copyfile(saved / "model.npz", saved / "model-copy.onnx")   # a .npz by its content
     (saved / "link.onnx").symlink_to(saved / "model.npz")
+    shutil.copyfile(saved / "model.npz", saved / "with-notes.onnx")   # and a note beside its
+    with zipfile.ZipFile(saved / "with-notes.onnx", "a") as zf:       # arrays: still a .npz
+        zf.writestr("README.txt", "my model")
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
     result = invoke(export, saved / "model.npz", "--out", saved / out, *overwrite)
     assert_refused(result, f"--out {saved / out}: ")

@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 from use_helpers import invoke
 
-from gpumlp.checkpoint import load_model, save_model
+from gpumlp.checkpoint import load_init, load_model, save_model
 from gpumlp.cli import evaluate, train
 from gpumlp.cli_use import export, predict, report
 from gpumlp.config import build_config
 from gpumlp.errors import CheckpointError
 from gpumlp.model import init_params
 from gpumlp.npzio import load_npz
-from gpumlp.preprocess import IMAGE_HINT, MAX_FILE_BYTES, ImageError, read_gray
+from gpumlp.preprocess import ImageError, read_gray
 
 DEEP_JSON = "[" * 100_000 + "]" * 100_000
 LONG_NUMBER = "9" * 5000  # Python reads at most 4,300 digits into an int
@@ -82,8 +82,9 @@ def assert_one_error(result, *fragments: str) -> str:
 
 @pytest.mark.parametrize("config, reason", [
     (DEEP_JSON, "JSON nested too deeply"),
-    ('{"model": {"hidden": ' + LONG_NUMBER + "}}", "a number too long to read"),
-], ids=["nested", "long number"])
+    ('{"model": {"hidden": ' + LONG_NUMBER + "}}", "JSON with a number too long to read"),
+    ('{"model" 1}', "not JSON: Expecting ':' delimiter at character 10"),
+], ids=["nested", "long number", "not JSON"])
 def test_a_model_config_python_cannot_read_is_one_error_line(model_arrays, tmp_path, config,
                                                             reason):
     path = tmp_path / "model.npz"
@@ -91,12 +92,13 @@ def test_a_model_config_python_cannot_read_is_one_error_line(model_arrays, tmp_p
     for command in (evaluate, predict):
         args = [path] if command is evaluate else [path, tmp_path / "digit.png"]
         result = invoke(command, *args, "--device", "cpu")
-        assert_one_error(result, f"{path}: its config is invalid ({reason})")
+        assert_one_error(result, f"{path}: its config is invalid ({reason}); not a gpumlp "
+                         "model file")
 
 
 @pytest.mark.parametrize("line, reason", [
     (DEEP_JSON, "is JSON nested too deeply"),
-    ('{"epoch": 1, "lr": ' + LONG_NUMBER + "}", "holds a number too long to read"),
+    ('{"epoch": 1, "lr": ' + LONG_NUMBER + "}", "is JSON with a number too long to read"),
 ], ids=["nested", "long number"])
 def test_a_metrics_row_python_cannot_read_is_one_error_line(tmp_path, line, reason):
     metrics = tmp_path / "metrics.jsonl"
@@ -177,6 +179,36 @@ def test_a_model_reads_only_the_members_its_config_needs(model_arrays, tmp_path)
         tracemalloc.stop()
     np.testing.assert_array_equal(params.W[0], model_arrays["W1"])
     assert peak < 8 * 2**20, f"{peak:,} bytes traced: the padding member was read"
+
+
+def test_members_not_named_npy_are_left_out_and_a_false_npy_is_still_refused(
+        model_arrays, tmp_path, tiny_data_dir):
+    """A README.txt added to a model or an --init is not an array: ignored, as numpy.load
+    ignores it; a member named x.npy that holds no .npy array is refused as before."""
+    notes = {"README.txt": b"trained on MNIST\n", "notes/": b""}
+    weights = {k: v for k, v in model_arrays.items() if k != "config"}
+    model = write_npz(tmp_path / "model.npz", {**model_members(model_arrays), **notes})
+    init = write_npz(tmp_path / "init.npz", {**model_members(weights), **notes})
+    assert list(load_npz(model)) == list(model_arrays)
+    np.testing.assert_array_equal(load_model(model)[0].W[1], model_arrays["W2"])
+    np.testing.assert_array_equal(load_init(init, (784, 16, 10), "float32").b[0],
+                                  model_arrays["b1"])
+    result = invoke(evaluate, model, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 0 and "test_accuracy" in result.stdout, result.output
+    run = tmp_path / "run"
+    result = invoke(train, "--init", init, "--set", "model.hidden=16", "--set", "train.epochs=1",
+                    "--device", "cpu", "--data-dir", tiny_data_dir, "--out", run, "--quiet")
+    assert result.exit_code == 0 and (run / "model.npz").is_file(), result.output
+
+    false = write_npz(tmp_path / "false.npz", {**model_members(weights), "x.npy": b"notes\n"})
+    reason = f"{false}: not a readable .npz file (member 'x.npy': not a .npy array)"
+    with pytest.raises(CheckpointError) as info:
+        load_init(false, (784, 16, 10), "float32")
+    assert str(info.value) == reason
+    result = invoke(train, "--init", false, "--set", "model.hidden=16", "--device", "cpu",
+                    "--data-dir", tiny_data_dir, "--out", tmp_path / "run2")
+    assert_one_error(result, reason)
+    assert not (tmp_path / "run2").exists()
 
 
 def test_good_files_load_as_numpy_loads_them(tmp_path):
@@ -275,50 +307,50 @@ def test_a_lying_npy_among_good_ones_does_not_stop_the_batch(model_arrays, tmp_p
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
-def test_a_named_pipe_is_refused_without_waiting_for_a_writer(tmp_path):
-    fifo = tmp_path / "digit.png"
+def test_a_picture_from_a_pipe_is_read_as_from_a_file(tmp_path):
+    """As `gpumlp predict model.npz <(curl ...)` gives it."""
+    picture = tmp_path / "digit.npy"
+    np.save(picture, np.eye(28, dtype=np.uint8) * 255)
+    fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    errors = []
-
-    def read() -> None:
-        try:
-            read_gray(fifo)
-        except ImageError as e:
-            errors.append(str(e))
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(10)
-    if reader.is_alive():  # blocked in open(): a writer that closes at once lets it go
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        reader.join(10)
-        pytest.fail("reading a named pipe waited for a writer")
-    assert errors == [f"{fifo}: not a regular file (a device, pipe or socket); {IMAGE_HINT}"]
+    writer = threading.Thread(target=fifo.write_bytes, args=(picture.read_bytes(),))
+    writer.start()
+    np.testing.assert_array_equal(read_gray(fifo), read_gray(picture))
+    writer.join()
 
 
-@pytest.mark.skipif(os.name != "posix", reason="os.devnull is a device on POSIX only")
-def test_a_device_is_refused_even_through_a_link(model_arrays, tmp_path):
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_an_endless_input_is_refused_after_the_cap_not_read_for_ever(model_arrays, tmp_path):
     model = tmp_path / "model.npz"
     np.savez(model, **model_arrays)
     link = tmp_path / "digit.png"
-    link.symlink_to(os.devnull)
+    link.symlink_to("/dev/zero")
     result = invoke(predict, model, link, "--device", "cpu")
-    assert_one_error(result, f"{link}: not a regular file (a device, pipe or socket)")
+    assert_one_error(result, f"{link}: more than the 257 MiB an image may take; scale it down")
     assert_one_error(invoke(evaluate, link, "--device", "cpu"), f"{link}: not a regular file")
 
 
-def test_a_file_above_the_size_cap_is_refused_unread(tmp_path):
-    path = tmp_path / "digit.png"
-    with open(path, "wb") as f:
-        f.truncate(MAX_FILE_BYTES + 1)          # sparse: nothing is written
+def test_a_file_of_exactly_the_size_cap_is_read_and_one_byte_more_is_not(tmp_path, monkeypatch):
+    from gpumlp import preprocess
+
+    picture = npy_bytes(np.eye(28, dtype=np.uint8) * 255)           # 912 bytes
+    monkeypatch.setattr(preprocess, "MAX_FILE_BYTES", len(picture))
+    path = tmp_path / "digit.npy"
+    path.write_bytes(picture)
+    assert read_gray(path).shape == (28, 28)
+    path.write_bytes(picture + b"\0")
     with pytest.raises(ImageError) as info:
         read_gray(path)
-    assert str(info.value) == (f"{path}: file of {MAX_FILE_BYTES + 1:,} bytes, more than the "
-                               "257 MiB an image may take; scale it down")
+    assert str(info.value) == f"{path}: more than the 0 MiB an image may take; scale it down"
 
 
-def test_the_size_cap_holds_the_largest_image_gpumlp_accepts():
-    """4096x4096 values of the widest .npy dtype taken (16 bytes) and their header."""
-    from gpumlp.preprocess import MAX_PIXELS
+def test_the_size_cap_holds_the_largest_npy_picture_gpumlp_accepts(tmp_path):
+    """4096x4096 float64 levels: 128 MiB and a header, read whole (a sparse file: no disk)."""
+    from gpumlp.preprocess import MAX_SIDE
 
-    assert MAX_FILE_BYTES >= 16 * MAX_PIXELS + 2**16
+    header = lying_header((MAX_SIDE, MAX_SIDE), "<f8")
+    path = tmp_path / "big.npy"
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + MAX_SIDE * MAX_SIDE * 8)          # zeros
+    assert read_gray(path).shape == (MAX_SIDE, MAX_SIDE)

@@ -435,3 +435,25 @@ def test_probabilities_standardise_the_pixels_as_the_model_was_trained():
     expected /= expected.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(probabilities(params, config, pixels, CPU), expected,
                                rtol=1e-4, atol=1e-6)
+
+
+def test_output_to_a_reader_that_stops_early_or_a_full_disk_is_handled(random_model, tmp_path):
+    """`gpumlp predict ... | head -1` ends quietly; output to a full disk is one error line."""
+    import subprocess
+    import sys
+
+    digit = tmp_path / "digit.npy"
+    np.save(digit, np.eye(28, dtype=np.uint8) * 255)
+    command = [sys.executable, "-m", "gpumlp", "predict", str(random_model), *[str(digit)] * 3000]
+    reader = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout.readline().startswith(str(digit).encode())
+    reader.stdout.close()                          # what `head -1` does after its line
+    assert reader.wait(timeout=120) == 1
+    assert reader.stderr.read() == b""             # no traceback, no "Broken pipe" line
+    if Path("/dev/full").exists():
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(command[:6], stdout=full, stderr=subprocess.PIPE, text=True,
+                                  timeout=120, check=False)
+        assert done.returncode == 1
+        assert done.stderr == ("Error: cannot write the output (No space left on device); "
+                               "check where it goes\n")

@@ -266,10 +266,22 @@ def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(npzio.os, "fsync", failing_fsync)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as info:
         npzio.atomic_write(target, b"new contents")
+    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(target))  # named
     assert target.read_bytes() == b"old contents"
     assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]
+
+
+def test_atomic_write_in_a_folder_it_cannot_write_names_the_file_not_a_temporary(tmp_path,
+                                                                               monkeypatch):
+    def refused(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".model.npz.x.tmp"))
+
+    monkeypatch.setattr(npzio.tempfile, "mkstemp", refused)
+    with pytest.raises(OSError) as info:
+        npzio.atomic_write(tmp_path / "model.npz", b"new contents")
+    assert (info.value.errno, info.value.filename) == (errno.EROFS, str(tmp_path / "model.npz"))
 
 
 def digest_tree(folder: Path) -> dict[str, str]:

@@ -535,6 +535,7 @@ def edit_config(out: Path, section: str, key: str, value) -> None:
     ("train", "batch_size", 50, "train.batch_size (25 -> 50)"),
     ("model", "activation", "tanh", "model.activation (\"relu\" -> \"tanh\")"),
     ("train", "seed", 3, "train.seed (0 -> 3)"),
+    ("optim", "name", "adam", "optim.name (\"sgd\" -> \"adam\")"),   # its state is sgd's
 ])
 def test_resume_refuses_a_config_yaml_that_changed_the_net_the_data_or_the_batches(
         stopped, tiny_data_dir, section, key, value, change):
@@ -559,6 +560,42 @@ def test_resume_takes_a_config_yaml_with_a_new_learning_rate_and_more_epochs(sto
     assert json.loads((stopped / "summary.json").read_text())["steps"] == 30
 
 
+def test_resume_refuses_fewer_epochs_than_the_run_has_begun(tiny_data_dir, tmp_path,
+                                                             monkeypatch):
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=14))
+    out = tmp_path / "run"                         # stopped at step 14: batch 4 of epoch 2
+    args = ["--set", "train.batch_size=25", "--set", "train.epochs=3"]
+    assert cli(*train_args(out, tiny_data_dir, *args)).exit_code == 143
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    edit_config(out, "train", "epochs", 1)
+    before = digests(out)
+    resume = ["train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
+    assert_one_error_line(cli(*resume), 1, f"--resume {out}: config.yaml's train.epochs is 1, "
+                          "below the 2 epochs the run has trained or begun; give at least 2")
+    assert digests(out) == before
+    edit_config(out, "train", "epochs", 2)         # the epoch under way may be the last
+    assert cli(*resume).exit_code == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 20
+
+
+def test_a_checkpoint_from_before_the_fixed_keys_record_resumes_as_before(stopped, tmp_path,
+                                                                          tiny_data_dir):
+    from gpumlp.npzio import save_npz
+
+    reference = tmp_path / "reference"              # the same run, never stopped
+    args = ["--set", "train.batch_size=25", "--set", "train.epochs=2"]
+    assert cli(*train_args(reference, tiny_data_dir, *args)).exit_code == 0
+    arrays = load_npz(stopped / "checkpoint.npz")
+    record = json.loads(str(arrays["state"]))
+    del record["fixed"]                             # as gpumlp wrote it before 2026-11-29
+    save_npz(stopped / "checkpoint.npz", {**arrays, "state": np.array(json.dumps(record))})
+    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
+                 "-q")
+    assert result.exit_code == 0, result.output
+    assert (stopped / "model.npz").read_bytes() == (reference / "model.npz").read_bytes()
+
+
 def damage_state(record: dict, how: str) -> None:
     """Change a checkpoint's state record (parsed JSON) as `how` says."""
     if how == "step_text":
@@ -569,6 +606,8 @@ def damage_state(record: dict, how: str) -> None:
         record["rng"] = {}
     elif how == "position_extra":
         record["position"]["speed"] = 1
+    elif how == "fixed_list":
+        record["fixed"] = []
 
 
 @pytest.mark.parametrize("how, fragment", [
@@ -579,6 +618,7 @@ def damage_state(record: dict, how: str) -> None:
     ("history_number", "its state record is missing or damaged"),
     ("position_extra", "its state record is missing or damaged"),
     ("record_list", "its state record is missing or damaged"),
+    ("fixed_list", "its state record is missing or damaged"),
     ("rng_empty", "its generator states are damaged"),
     ("velocity_nan", "its optimizer state holds NaN or infinite values"),
 ])
