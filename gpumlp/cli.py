@@ -150,12 +150,13 @@ class StopFlag:
 def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
                   config_given: bool, init_path: str | None) -> None:
     """A usage error for what --resume cannot take (it continues the run with its saved config,
-    in its folder), and for an empty --out, --resume or --init, which would otherwise mean 'not
-    given'. `config_given`: --config, --set, --seed or --init was given, even empty."""
+    in its folder; --set may change what keeps it the same run), and for an empty --out,
+    --resume or --init, which would otherwise mean 'not given'. `config_given`: --config,
+    --seed or --init was given, even empty."""
     if resume_dir is not None:
         if config_given or out is not None:
-            raise ConfigError("--resume takes the run's saved config; drop --config, --set, "
-                              "--seed, --init and --out")
+            raise ConfigError("--resume takes the run's saved config; drop --config, --seed, "
+                              "--init and --out (--set may change optim.lr, train.epochs, ...)")
         if overwrite:
             raise ConfigError("--resume continues the run in its folder and never replaces it; "
                               "drop --overwrite (to start over there, use --out DIR --overwrite)")
@@ -177,7 +178,9 @@ def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
               help="Run directory (default: runs/<config>-<YYYYmmdd-HHMMSS>, -2, -3, ... "
                    "if taken).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key, value parsed as YAML; repeatable (--set optim.lr=0.05).")
+              help="Override a config key, value parsed as YAML; repeatable (--set optim.lr=0.05). "
+                   "With --resume: the keys that keep it the same run (optim.lr, train.epochs, "
+                   "...).")
 @click.option("--init", "init_path", type=click.Path(dir_okay=False),
               help="Start from the weights W1, b1, ... of this .npz.")
 @click.option("--seed", type=int, help="Shortcut for --set train.seed=N.")
@@ -202,20 +205,24 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
       gpumlp train --config configs/h256.yaml
       gpumlp train --config configs/smoke.yaml --device cpu --set optim.lr=0.05 --out runs/try
       gpumlp train --resume runs/try
+      gpumlp train --resume runs/try --set optim.lr=0.02 --set train.epochs=20
     """
     from .backend import get_backend
     from .checkpoint import load_init
     from .config import build_config
     from .progress import Reporter
-    from .runfiles import RunFiles, check_out_dir
+    from .runfiles import RunFiles, check_out_dir, check_same_run, fixed_keys
     from .train import Interrupted, StoppedBeforeStart, train as run_training
 
     given = (config_path, init_path, seed)
-    check_options(resume_dir, out, overwrite,
-                  bool(overrides) or any(v is not None for v in given), init_path)
+    check_options(resume_dir, out, overwrite, any(v is not None for v in given), init_path)
     if resume_dir:
-        RunFiles(Path(resume_dir)).check_resumable()
-        config = build_config(Path(resume_dir) / "config.yaml")
+        files = RunFiles(Path(resume_dir))
+        files.check_resumable()
+        config = build_config(files.path("config.yaml"), overrides)
+        if overrides:  # only keys that keep it the same run (training records them)
+            check_same_run(fixed_keys(build_config(files.path("config.yaml"))), config,
+                           files.folder, "--set")
     else:
         config = build_config(config_path, overrides, **{"train.seed": seed})
     backend = get_backend(device)

@@ -22,8 +22,8 @@ import numpy as np
 
 from .backend import Backend, to_host
 from .checkpoint import load_init, param_arrays, params_from_arrays, save_model
-from .config import Config, config_to_dict, dump_config
-from .errors import CheckpointError, GpumlpError, folder_problem, write_problem
+from .config import Config, build_config, config_to_dict, dump_config
+from .errors import CheckpointError, ConfigError, GpumlpError, folder_problem, write_problem
 from .model import Params
 from .npzio import atomic_write, load_npz, save_npz
 from .optim import flat
@@ -84,16 +84,20 @@ def fixed_keys(config: Config) -> dict:
             if key.startswith(("model.", "data.")) or key in RESUME_FIXED_KEYS}
 
 
-def check_same_run(saved: dict, config: Config, folder: Path) -> None:
-    """Refuse a resume whose config.yaml changed a key of `fixed_keys` since the checkpoint."""
+def check_same_run(saved: dict, config: Config, folder: Path,
+                   source: str = "config.yaml") -> None:
+    """Refuse a resume whose config changes a key of `fixed_keys` from `saved`: as config.yaml
+    says since the checkpoint, or as `--set` would (a usage error then)."""
     now = fixed_keys(config)
     changed = [f"{key} ({json.dumps(saved[key])} -> {json.dumps(now.get(key))})"
                for key in saved if now.get(key) != saved[key]]
     if changed:
-        raise GpumlpError(
-            f"--resume {folder}: config.yaml changes {', '.join(changed)} since the checkpoint; "
-            "a resume goes on with the same net, data, batches and optimizer (only the other "
-            "optim and train keys may change), so put it back, or start a new run")
+        error = ConfigError if source == "--set" else GpumlpError
+        since = "" if source == "--set" else " since the checkpoint"
+        raise error(
+            f"--resume {folder}: {source} changes {', '.join(changed)}{since}; a resume goes "
+            "on with the same net, data, batches and optimizer (only the other optim and "
+            "train keys may change), so put it back, or start a new run")
 
 
 def generator_state(rng) -> str | None:
@@ -195,14 +199,19 @@ class RunFiles:
             raise CheckpointError(f"{e}; it held the --init weights of the run, so start it over "
                                   f"with --init and --out {self.folder} --overwrite") from None
 
-    def last_good(self) -> str:
-        """Where the last good checkpoint is and how to go on with a lower learning rate, for
-        the NaN error (--resume takes no --set, so the rate is edited in config.yaml)."""
+    def record_config(self, config: Config) -> None:
+        """Rewrite config.yaml as `config` when its values differ (a resume with --set), so that
+        the folder says what the run goes on with; an equal file is left as it is."""
+        if build_config(self.path("config.yaml")) != config:
+            atomic_write(self.path("config.yaml"), dump_config(config).encode())
+
+    def last_good(self, lr: float) -> str:
+        """Where the last good checkpoint is and how to go on with a lower learning rate than
+        `lr`, for the NaN error."""
         path = self.path("checkpoint.npz")
         if path.exists():
-            return (f"the last good checkpoint {path} is intact; to continue from it, lower "
-                    f"optim.lr in {self.path('config.yaml')} and run "
-                    f"gpumlp train --resume {self.folder}")
+            return (f"the last good checkpoint {path} is intact; to continue from it with a "
+                    f"lower rate: gpumlp train --resume {self.folder} --set optim.lr={lr / 10:g}")
         return "no checkpoint was written yet; start over with a lower optim.lr"
 
     def save_checkpoint(self, state: "RunState", history: list[dict], config: Config) -> None:
@@ -268,9 +277,9 @@ class RunFiles:
         state.pos, history = read_position(meta, arrays.get("perm"), n_train, batches, source)
         begun = state.pos.epoch + (state.pos.batch > 0)  # epochs trained or under way
         if config.train.epochs < begun:
-            raise GpumlpError(f"--resume {self.folder}: config.yaml's train.epochs is "
-                              f"{config.train.epochs}, below the {begun} epochs the run has "
-                              f"trained or begun; give at least {begun}")
+            raise GpumlpError(f"--resume {self.folder}: train.epochs is {config.train.epochs}, "
+                              f"below the {begun} epochs the run has trained or begun; give at "
+                              f"least {begun}")
         try:
             state.rng.bit_generator.state = meta["rng"]
             if meta.get("dev_rng"):

@@ -242,6 +242,7 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
     restored = resume and files.path("checkpoint.npz").exists()
     if restored:
         state, history = files.load_checkpoint(config, backend, len(data.train))
+        files.record_config(config)  # after every check: a --set that is refused changes nothing
     else:  # a fresh run, or one killed before its first checkpoint: start it over
         if resume:
             files.check_resumable()  # never retrain a finished run whose checkpoint is gone
@@ -282,7 +283,7 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
             if files:  # checkpoint first: a metrics row then always has a checkpoint behind it
                 files.save_checkpoint(snap, history, config)
         except NumericalError as e:
-            advice = files.last_good() if files else "lower optim.lr"
+            advice = files.last_good(config.optim.lr) if files else "lower optim.lr"
             raise NumericalError(f"{e}; {advice}") from None
         if files:
             files.append_metrics(history[-1])

@@ -232,19 +232,17 @@ def test_after_a_nan_lowering_optim_lr_in_config_yaml_and_resuming_goes_on(tiny_
     out = tmp_path / "run"
     result = cli(*train_args(out, tiny_data_dir, "--set", "optim.lr=0.2", "--set",
                              "train.batch_size=25", "--set", "train.checkpoint_every=2"))
-    how = (f"the last good checkpoint {out / 'checkpoint.npz'} is intact; to continue from it, "
-           f"lower optim.lr in {out / 'config.yaml'} and run gpumlp train --resume {out}")
+    how = (f"the last good checkpoint {out / 'checkpoint.npz'} is intact; to continue from it "
+           f"with a lower rate: gpumlp train --resume {out} --set optim.lr=0.02")
     assert_one_error_line(result, 1, "NaN or infinite", "by step 4", how)
     assert '"step": 2' in str(load_npz(out / "checkpoint.npz")["state"])
     resume = ["train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
     assert_one_error_line(cli(*resume), 1, "by step 4", how)      # unchanged, it fails again
-    config = yaml.safe_load((out / "config.yaml").read_text())
-    config["optim"]["lr"] = 0.1
-    (out / "config.yaml").write_text(yaml.safe_dump(config))
-    result = cli(*resume)
+    result = cli(*resume, "--set", "optim.lr=0.02")                # the command it advises
     assert result.exit_code == 0, result.output
     assert json.loads((out / "summary.json").read_text())["steps"] == 10
     assert np.isfinite(load_npz(out / "model.npz")["W2"]).all()
+    assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"] == 0.02  # recorded
 
 
 class TooLargeAboveLr(PoisonedAboveLr):
@@ -277,8 +275,8 @@ def test_weights_too_large_to_use_are_not_saved_so_a_lower_lr_resumes(tiny_data_
     result = cli(*train_args(out, tiny_data_dir, "--set", "optim.lr=0.2", "--set",
                              "train.batch_size=25", "--set", f"train.checkpoint_every={every}",
                              "--set", "train.epochs=2"))
-    how = (f"the last good checkpoint {out / 'checkpoint.npz'} is intact; to continue from it, "
-           f"lower optim.lr in {out / 'config.yaml'} and run gpumlp train --resume {out}")
+    how = (f"the last good checkpoint {out / 'checkpoint.npz'} is intact; to continue from it "
+           f"with a lower rate: gpumlp train --resume {out} --set optim.lr=0.02")
     assert_one_error_line(result, 1, fragment, "the weights are finite but too large", how)
     checkpoint = load_npz(out / "checkpoint.npz")
     assert f'"step": {saved},' in str(checkpoint["state"])
@@ -313,11 +311,11 @@ def test_a_learning_rate_that_blows_up_in_epoch_1_leaves_no_run_and_says_what_wo
 
 @pytest.mark.parametrize("args, fragment", [
     (["--resume", "RUN", "--overwrite"], "drop --overwrite"),
-    (["--resume", "RUN", "--out", ""], "drop --config, --set, --seed, --init and --out"),
+    (["--resume", "RUN", "--out", ""], "drop --config, --seed, --init and --out"),
     (["--resume", ""], "--resume is empty"),
     (["--config", SMOKE, "--out", ""], "--out is empty; give the run's folder, or drop --out"),
-    (["--resume", "RUN", "--config", ""], "drop --config, --set, --seed, --init and --out"),
-    (["--resume", "RUN", "--init", ""], "drop --config, --set, --seed, --init and --out"),
+    (["--resume", "RUN", "--config", ""], "drop --config, --seed, --init and --out"),
+    (["--resume", "RUN", "--init", ""], "drop --config, --seed, --init and --out"),
     (["--config", SMOKE, "--init", ""], "--init is empty; give a model.npz to start from"),
 ])
 def test_resume_with_overwrite_and_empty_paths_are_usage_errors(finished, tiny_data_dir,
@@ -548,6 +546,42 @@ def test_resume_refuses_a_config_yaml_that_changed_the_net_the_data_or_the_batch
     assert digests(stopped) == before
 
 
+def test_resume_with_set_takes_a_new_learning_rate_and_more_epochs_and_records_them(
+        stopped, tiny_data_dir):
+    before = (stopped / "config.yaml").read_bytes()
+    resume = ["train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
+    result = cli(*resume, "--set", "optim.lr=0.05", "--set", "train.epochs=3")
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load((stopped / "config.yaml").read_text())
+    assert (config["optim"]["lr"], config["train"]["epochs"]) == (0.05, 3)
+    assert (stopped / "config.yaml").read_bytes() != before
+    assert json.loads((stopped / "summary.json").read_text())["steps"] == 30
+
+
+@pytest.mark.parametrize("override, change, code", [
+    ("model.hidden=32", "model.hidden (64 -> 32)", 2),
+    ("optim.name=adam", 'optim.name ("sgd" -> "adam")', 2),
+    ("train.batch_size=50", "train.batch_size (25 -> 50)", 2),
+])
+def test_resume_with_set_refuses_what_would_make_it_another_run_and_changes_nothing(
+        stopped, tiny_data_dir, override, change, code):
+    before = digests(stopped)
+    result = cli("train", "--resume", stopped, "--set", override, "--data-dir", tiny_data_dir,
+                 "--device", "cpu", "-q")
+    assert_one_error_line(result, code, f"--resume {stopped}: --set changes {change}; a resume "
+                          "goes on with the same net", "put it back, or start a new run")
+    assert digests(stopped) == before
+
+
+def test_resume_with_an_invalid_set_value_is_a_usage_error_and_changes_nothing(stopped,
+                                                                               tiny_data_dir):
+    before = digests(stopped)
+    result = cli("train", "--resume", stopped, "--set", "train.epochs=0", "--data-dir",
+                 tiny_data_dir, "--device", "cpu", "-q")
+    assert_one_error_line(result, 2, "config key 'train.epochs' must be >= 1")
+    assert digests(stopped) == before
+
+
 def test_resume_takes_a_config_yaml_with_a_new_learning_rate_and_more_epochs(stopped,
                                                                              tiny_data_dir):
     edit_config(stopped, "optim", "lr", 0.05)
@@ -568,11 +602,15 @@ def test_resume_refuses_fewer_epochs_than_the_run_has_begun(tiny_data_dir, tmp_p
     args = ["--set", "train.batch_size=25", "--set", "train.epochs=3"]
     assert cli(*train_args(out, tiny_data_dir, *args)).exit_code == 143
     monkeypatch.setattr(train_module, "make_step", make_step)
-    edit_config(out, "train", "epochs", 1)
     before = digests(out)
     resume = ["train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
-    assert_one_error_line(cli(*resume), 1, f"--resume {out}: config.yaml's train.epochs is 1, "
-                          "below the 2 epochs the run has trained or begun; give at least 2")
+    message = (f"--resume {out}: train.epochs is 1, below the 2 epochs the run has trained or "
+               "begun; give at least 2")
+    assert_one_error_line(cli(*resume, "--set", "train.epochs=1"), 1, message)
+    assert digests(out) == before                  # the refused --set is not recorded
+    edit_config(out, "train", "epochs", 1)
+    before = digests(out)
+    assert_one_error_line(cli(*resume), 1, message)
     assert digests(out) == before
     edit_config(out, "train", "epochs", 2)         # the epoch under way may be the last
     assert cli(*resume).exit_code == 0
