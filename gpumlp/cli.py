@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -254,7 +255,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     except Interrupted:
         reporter.close()
         click.echo(f"{stop.what()}; checkpoint saved. Resume with: gpumlp train --resume "
-                   f"{out_dir}", err=True)
+                   f"{shlex.quote(str(out_dir))}", err=True)
         raise SystemExit(stop.exit_code())
     except (Exception, KeyboardInterrupt) as e:  # a bug's too: leave no half-made run behind
         if early:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -94,10 +95,11 @@ def check_same_run(saved: dict, config: Config, folder: Path,
     if changed:
         error = ConfigError if source == "--set" else GpumlpError
         since = "" if source == "--set" else " since the checkpoint"
+        fix = "drop that --set" if source == "--set" else "put it back"
         raise error(
             f"--resume {folder}: {source} changes {', '.join(changed)}{since}; a resume goes "
             "on with the same net, data, batches and optimizer (only the other optim and "
-            "train keys may change), so put it back, or start a new run")
+            f"train keys may change), so {fix}, or start a new run")
 
 
 def generator_state(rng) -> str | None:
@@ -199,6 +201,14 @@ class RunFiles:
             raise CheckpointError(f"{e}; it held the --init weights of the run, so start it over "
                                   f"with --init and --out {self.folder} --overwrite") from None
 
+    def check_nothing_set(self, config: Config) -> None:
+        """Refuse values a resume of a run with no step left would record but never use."""
+        if build_config(self.path("config.yaml")) != config:
+            raise ConfigError(f"--resume {self.folder}: the run has trained all "
+                              f"{config.train.epochs} of its epochs, so no step would use the "
+                              "--set values; raise train.epochs to train on with them, or drop "
+                              "--set")
+
     def record_config(self, config: Config) -> None:
         """Rewrite config.yaml as `config` when its values differ (a resume with --set), so that
         the folder says what the run goes on with; an equal file is left as it is."""
@@ -211,7 +221,8 @@ class RunFiles:
         path = self.path("checkpoint.npz")
         if path.exists():
             return (f"the last good checkpoint {path} is intact; to continue from it with a "
-                    f"lower rate: gpumlp train --resume {self.folder} --set optim.lr={lr / 10:g}")
+                    f"lower rate: gpumlp train --resume {shlex.quote(str(self.folder))} --set "
+                    f"optim.lr={lr / 10:g}")
         return "no checkpoint was written yet; start over with a lower optim.lr"
 
     def save_checkpoint(self, state: "RunState", history: list[dict], config: Config) -> None:

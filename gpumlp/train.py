@@ -25,7 +25,7 @@ from .backend import Backend
 from .config import Config
 from .data import DeviceData, DeviceSplit, batch_slices, permutation, prepare_data, to_inputs
 from .errors import CheckpointError, ConfigError, GpumlpError
-from .mnist import Mnist
+from .mnist import C, Mnist
 from .model import (Params, correct_count, dropout_masks, forward, init_params, loss_and_dA2,
                     params_on)
 from .optim import OptState, init_state, learning_rate
@@ -34,6 +34,8 @@ from .step import batch_inputs, exported, make_step, prepare_state, tallier
 
 EventHandler = Callable[[str, dict], None]
 PROBE_ROWS = 100  # training examples whose loss vets the weights of a mid-epoch checkpoint
+MAX_PROBE_LOSS = 100 * math.log(C)  # a hundred times a uniform guess's loss: no net to go on
+                                    # from (one step at lr 1e8 gives millions, yet finite)
 
 
 class NumericalError(GpumlpError):
@@ -134,13 +136,15 @@ def probe_loss(state: RunState, data: DeviceData, config: Config) -> tuple[float
 
 
 def check_usable(state: RunState, data: DeviceData, config: Config) -> None:
-    """A NumericalError unless probe_loss is finite: the guard before a mid-epoch checkpoint,
-    which could not be resumed."""
+    """A NumericalError unless probe_loss is finite and below MAX_PROBE_LOSS: the guard before
+    a mid-epoch checkpoint, which must be worth going on from."""
     loss, n = probe_loss(state, data, config)
-    if not math.isfinite(loss):
+    if not loss < MAX_PROBE_LOSS:  # NaN too
         pos = state.pos
+        what = ("NaN or infinite" if not math.isfinite(loss)
+                else f"{loss:.3g} (above {MAX_PROBE_LOSS:.0f})")
         raise too_large(f"the evaluation loss on the first {n} training examples "
-                        f"became NaN or infinite in epoch {pos.epoch + 1} (by step {pos.step})")
+                        f"became {what} in epoch {pos.epoch + 1} (by step {pos.step})")
 
 
 def check_usable_init(state: RunState, data: DeviceData, config: Config) -> None:
@@ -242,7 +246,8 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
     restored = resume and files.path("checkpoint.npz").exists()
     if restored:
         state, history = files.load_checkpoint(config, backend, len(data.train))
-        files.record_config(config)  # after every check: a --set that is refused changes nothing
+        if state.pos.epoch >= config.train.epochs:
+            files.check_nothing_set(config)  # no step left to take the --set values
     else:  # a fresh run, or one killed before its first checkpoint: start it over
         if resume:
             files.check_resumable()  # never retrain a finished run whose checkpoint is gone
@@ -256,6 +261,8 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
         raise StoppedBeforeStart("stopped before training started")
     if files and not restored:  # only now, so that an early failure leaves an old run intact
         files.start(config, init)
+    elif files:  # after every check: a --set that is refused, or never trained with, is not kept
+        files.record_config(config)
     steps_per_epoch = len(batch_slices(len(data.train), config.train.batch_size))
     on_event("start", {"device": backend.description, "epochs": config.train.epochs,
                        "n_train": len(data.train), "batches": steps_per_epoch,

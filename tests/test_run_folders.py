@@ -569,8 +569,72 @@ def test_resume_with_set_refuses_what_would_make_it_another_run_and_changes_noth
     result = cli("train", "--resume", stopped, "--set", override, "--data-dir", tiny_data_dir,
                  "--device", "cpu", "-q")
     assert_one_error_line(result, code, f"--resume {stopped}: --set changes {change}; a resume "
-                          "goes on with the same net", "put it back, or start a new run")
+                          "goes on with the same net", "drop that --set, or start a new run")
     assert digests(stopped) == before
+
+
+def test_resume_with_set_of_a_run_with_no_epoch_left_is_refused_and_changes_nothing(
+        finished, tiny_data_dir):
+    before = digests(finished)
+    resume = ["train", "--resume", finished, "--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
+    result = cli(*resume, "--set", "optim.lr=0.001")
+    assert_one_error_line(result, 2, f"--resume {finished}: the run has trained all 1 of its "
+                          "epochs, so no step would use the --set values; raise train.epochs")
+    assert digests(finished) == before
+    assert cli(*resume, "--set", "train.epochs=1").exit_code == 0     # restating is no change
+    assert digests(finished) == before
+
+
+def test_a_stop_before_a_resume_with_set_trains_keeps_config_yaml(stopped, tiny_data_dir,
+                                                                  monkeypatch):
+    """Ctrl-C while the resume sets up: the run stays as it was, its config.yaml too, as for a
+    run with no checkpoint (whose config.yaml is written only when training starts)."""
+    def stopped_while_preparing(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(train_module, "prepare_state", stopped_while_preparing)
+    before = digests(stopped)
+    result = cli("train", "--resume", stopped, "--set", "optim.lr=0.02", "--data-dir",
+                 tiny_data_dir, "--device", "cpu", "-q")
+    assert result.exit_code == 130
+    assert digests(stopped) == before
+
+
+def test_the_commands_printed_for_a_folder_with_a_space_can_be_pasted(tiny_data_dir, tmp_path,
+                                                                      monkeypatch):
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=4))
+    out = tmp_path / "my run"
+    result = cli(*train_args(out, tiny_data_dir, "--set", "train.batch_size=25"))
+    assert result.exit_code == 143
+    assert result.stderr.strip().endswith(f"gpumlp train --resume '{out}'")
+    monkeypatch.setattr(train_module, "make_step",
+                        lambda *a: PoisonedAboveLr(make_step(*a), at=8, above=0.05))
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
+    assert_one_error_line(result, 1, f"gpumlp train --resume '{out}' --set optim.lr=0.01")
+
+
+def test_a_mid_epoch_checkpoint_of_weights_with_an_absurd_loss_is_not_saved(tiny_data_dir,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    """Finite weights and a finite loss, but millions: no net to go on from, so the last
+    good checkpoint stays the one before."""
+    class Inflated(PoisonedAboveLr):
+        def __call__(self, params, state, X, y, lr, t, masks):
+            out = self.step(params, state, X, y, lr, t, masks)
+            if t == self.at:
+                params.W[-1][...] *= -1e4          # confidently wrong: losses of millions
+            return out
+
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step",
+                        lambda *a: Inflated(make_step(*a), at=6, above=0.0))
+    out = tmp_path / "run"
+    result = cli(*train_args(out, tiny_data_dir, "--set", "train.batch_size=25", "--set",
+                             "train.checkpoint_every=3"))
+    assert_one_error_line(result, 1, "the evaluation loss on the first 100 training examples "
+                          "became ", "(above 230) in epoch 1 (by step 6)")
+    assert '"step": 3,' in str(load_npz(out / "checkpoint.npz")["state"])
 
 
 def test_resume_with_an_invalid_set_value_is_a_usage_error_and_changes_nothing(stopped,
