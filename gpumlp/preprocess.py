@@ -29,8 +29,8 @@ The result is float pixels in [0, 255], as the uint8 training images are before
 arrays (2-D grey, or 784 values: one row of X) are read with NumPy. What a file holds is
 told by its content, not its name. Pictures and arrays above MAX_PIXELS are refused before
 they are decoded (an array from its .npy header, which must also announce exactly the data the
-file holds). A file is read whole, so only a regular file (links followed) of at most
-MAX_FILE_BYTES is read: devices, pipes and sockets are refused unread, as is a larger file.
+file holds). A file is read whole, up to MAX_FILE_BYTES (`files.read_at_most`): a pipe such
+as `<(...)` works, while a larger file or an endless input is refused after that much.
 """
 
 from __future__ import annotations
