@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .backend import Backend, to_host
-from .checkpoint import load_init, param_arrays, params_from_arrays, save_model
+from .checkpoint import load_init, param_arrays, params_from_arrays, parse_json, save_model
 from .config import Config, build_config, config_to_dict, dump_config
 from .errors import CheckpointError, ConfigError, GpumlpError, folder_problem, write_problem
 from .model import Params
@@ -56,10 +56,9 @@ def check_out_dir(path: Path, overwrite: bool) -> list[str]:
                           "pick another folder, resume it with --resume, or pass --overwrite")
     try:
         path.mkdir(parents=True, exist_ok=True)
+        why = write_problem(path)
     except OSError as e:
-        raise GpumlpError(f"--out {path}: cannot write there ({e.strerror or e}); "
-                          "pick a writable folder") from None
-    why = write_problem(path)
+        why = e.strerror or str(e)
     if why is not None:
         raise GpumlpError(f"--out {path}: cannot write there ({why}); pick a writable folder")
     return existing
@@ -201,9 +200,13 @@ class RunFiles:
             raise CheckpointError(f"{e}; it held the --init weights of the run, so start it over "
                                   f"with --init and --out {self.folder} --overwrite") from None
 
+    def differs(self, config: Config) -> bool:
+        """Whether `config` differs from what config.yaml says (a resume with --set)."""
+        return build_config(self.path("config.yaml")) != config
+
     def check_nothing_set(self, config: Config) -> None:
         """Refuse values a resume of a run with no step left would record but never use."""
-        if build_config(self.path("config.yaml")) != config:
+        if self.differs(config):
             raise ConfigError(f"--resume {self.folder}: the run has trained all "
                               f"{config.train.epochs} of its epochs, so no step would use the "
                               "--set values; raise train.epochs to train on with them, or drop "
@@ -212,7 +215,7 @@ class RunFiles:
     def record_config(self, config: Config) -> None:
         """Rewrite config.yaml as `config` when its values differ (a resume with --set), so that
         the folder says what the run goes on with; an equal file is left as it is."""
-        if build_config(self.path("config.yaml")) != config:
+        if self.differs(config):
             atomic_write(self.path("config.yaml"), dump_config(config).encode())
 
     def last_good(self, lr: float) -> str:
@@ -254,16 +257,14 @@ class RunFiles:
         source = str(self.path("checkpoint.npz"))
         arrays = load_npz(self.path("checkpoint.npz"))
         try:
-            meta = json.loads(str(arrays["state"]))
-        except (KeyError, ValueError, RecursionError):
+            meta = parse_json(str(arrays["state"]))
+        except (KeyError, ValueError):
             meta = None
         if not isinstance(meta, dict):
-            raise CheckpointError(f"{source}: its state record is missing or damaged; "
-                                  "start the run again")
+            raise damaged_record(source)
         fixed = meta.get("fixed", {})   # (checkpoints before 2026-11-29 lack it: not checked)
         if not isinstance(fixed, dict):
-            raise CheckpointError(f"{source}: its state record is missing or damaged; "
-                                  "start the run again")
+            raise damaged_record(source)
         check_same_run(fixed, config, self.folder)
         state = new_state(config, backend)
         host = params_from_arrays(arrays, config.model.layer_widths, source,
@@ -294,11 +295,11 @@ class RunFiles:
         try:
             state.rng.bit_generator.state = meta["rng"]
             if meta.get("dev_rng"):
-                state.dev_rng.bit_generator.state = json.loads(meta["dev_rng"])
+                state.dev_rng.bit_generator.state = parse_json(meta["dev_rng"])
             else:  # a device generator that cannot be saved: reseed it from the position
                 state.dev_rng = backend.xp.random.default_rng(config.train.seed + 1
                                                               + state.pos.step)
-        except (KeyError, TypeError, ValueError, RecursionError):
+        except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{source}: its generator states are damaged; start the run "
                                   "again") from None
         atomic_write(self.path("metrics.jsonl"),
@@ -310,14 +311,18 @@ class RunFiles:
         atomic_write(self.path("summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
 
 
+def damaged_record(source: str) -> CheckpointError:
+    return CheckpointError(f"{source}: its state record is missing or damaged; start the run "
+                           "again")
+
+
 def read_position(meta: dict, perm: np.ndarray | None, n_train: int, batches: int,
                   source: str) -> tuple:
     """The Position and the metrics rows of a checkpoint's state record, checked: whole numbers
     where counts go, an epoch's order that is a permutation of the training set."""
     from .train import Position
 
-    damaged = CheckpointError(f"{source}: its state record is missing or damaged; start the "
-                              "run again")
+    damaged = damaged_record(source)
     try:
         pos = Position(**meta["position"])
     except (KeyError, TypeError):
