@@ -29,7 +29,8 @@ def interrupted_how(e: BaseException | None) -> tuple[str, int]:
 
 # what to lower when a command runs out of memory, by command (the function's name)
 MEMORY_HINTS = {
-    "train": "lower model.hidden or train.batch_size",
+    "train": ("lower train.eval_batch_size (a resume may change it with --set), "
+              "model.hidden or train.batch_size"),
     "gradcheck": "lower --batch, or model.hidden with --set",
     "bench": "lower --hidden or --batch",
     "predict": "give fewer or smaller files at a time",

@@ -67,30 +67,36 @@ def check_out_dir(path: Path, overwrite: bool) -> list[str]:
 RESUME_FIXED_KEYS = ("train.batch_size", "train.seed", "train.dtype", "optim.name")
 
 
+def dotted(values: dict, prefix: str = "") -> dict:
+    """A nested config dict as {dotted key: value}: {"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}."""
+    flat: dict = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def fixed_keys(config: Config) -> dict:
     """The config's keys that a resume must keep ({dotted key: value}): the net, the data, how
     it is cut into batches, and the optimizer whose state the checkpoint holds. The other optim
     and train keys may change (a lower optim.lr after a NaN, more epochs)."""
-    flat: dict = {}
-
-    def walk(prefix: str, values: dict) -> None:
-        for key, value in values.items():
-            if isinstance(value, dict):
-                walk(f"{prefix}{key}.", value)
-            else:
-                flat[f"{prefix}{key}"] = value
-    walk("", config_to_dict(config))
-    return {key: value for key, value in flat.items()
+    return {key: value for key, value in dotted(config_to_dict(config)).items()
             if key.startswith(("model.", "data.")) or key in RESUME_FIXED_KEYS}
+
+
+def changes(saved: dict, now: dict) -> list[str]:
+    """`key (old -> new)` for each dotted key of `saved` whose value `now` differs."""
+    return [f"{key} ({json.dumps(saved[key])} -> {json.dumps(now.get(key))})"
+            for key in saved if now.get(key) != saved[key]]
 
 
 def check_same_run(saved: dict, config: Config, folder: Path,
                    source: str = "config.yaml") -> None:
     """Refuse a resume whose config changes a key of `fixed_keys` from `saved`: as config.yaml
     says since the checkpoint, or as `--set` would (a usage error then)."""
-    now = fixed_keys(config)
-    changed = [f"{key} ({json.dumps(saved[key])} -> {json.dumps(now.get(key))})"
-               for key in saved if now.get(key) != saved[key]]
+    changed = changes(saved, fixed_keys(config))
     if changed:
         error = ConfigError if source == "--set" else GpumlpError
         since = "" if source == "--set" else " since the checkpoint"
@@ -112,6 +118,7 @@ def generator_state(rng) -> str | None:
 class RunFiles:
     def __init__(self, folder: Path):
         self.folder = folder
+        self.trained: dict | None = None  # the config of the last checkpoint's steps, dotted
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -205,12 +212,26 @@ class RunFiles:
         return build_config(self.path("config.yaml")) != config
 
     def check_nothing_set(self, config: Config) -> None:
-        """Refuse values a resume of a run with no step left would record but never use."""
-        if self.differs(config):
-            raise ConfigError(f"--resume {self.folder}: the run has trained all "
-                              f"{config.train.epochs} of its epochs, so no step would use the "
-                              "--set values; raise train.epochs to train on with them, or drop "
-                              "--set")
+        """Refuse values a resume of a run with no step left would record but never use: from
+        --set, or from config.yaml edited since the last checkpoint, which records the config
+        its steps ran with (an older checkpoint does not: then only --set is seen)."""
+        by_set = self.differs(config)
+        if self.trained is None:
+            changed: list[str] = []
+            refuse = by_set
+        else:
+            changed = changes(self.trained, dotted(config_to_dict(config)))
+            refuse = bool(changed)
+        if not refuse:
+            return
+        shown = f": {', '.join(changed)}" if changed else ""
+        if by_set:
+            error, source, fix = ConfigError, "the --set values", "drop --set"
+        else:
+            error, source, fix = GpumlpError, "config.yaml's changes since then", "undo them"
+        raise error(f"--resume {self.folder}: the run has trained all {config.train.epochs} of "
+                    f"its epochs, so no step would use {source}{shown}; raise train.epochs to "
+                    f"train on with them, or {fix}")
 
     def record_config(self, config: Config) -> None:
         """Rewrite config.yaml as `config` when its values differ (a resume with --set), so that
@@ -240,7 +261,7 @@ class RunFiles:
             arrays["perm"] = np.asarray(perm, dtype=np.int64)
         meta = {"position": pos, "rng": json.loads(generator_state(state.rng)),
                 "dev_rng": generator_state(state.dev_rng), "history": history,
-                "fixed": fixed_keys(config)}
+                "fixed": fixed_keys(config), "config": dotted(config_to_dict(config))}
         arrays["state"] = np.array(json.dumps(meta))
         try:
             save_npz(self.path("checkpoint.npz"), arrays)
@@ -266,6 +287,10 @@ class RunFiles:
         if not isinstance(fixed, dict):
             raise damaged_record(source)
         check_same_run(fixed, config, self.folder)
+        trained = meta.get("config")    # (older checkpoints lack it)
+        if trained is not None and not isinstance(trained, dict):
+            raise damaged_record(source)
+        self.trained = trained
         state = new_state(config, backend)
         host = params_from_arrays(arrays, config.model.layer_widths, source,
                                   config.train.dtype)
@@ -289,9 +314,10 @@ class RunFiles:
         state.pos, history = read_position(meta, arrays.get("perm"), n_train, batches, source)
         begun = state.pos.epoch + (state.pos.batch > 0)  # epochs trained or under way
         if config.train.epochs < begun:
-            raise GpumlpError(f"--resume {self.folder}: train.epochs is {config.train.epochs}, "
-                              f"below the {begun} epochs the run has trained or begun; give at "
-                              f"least {begun}")
+            by_set = build_config(self.path("config.yaml")).train.epochs != config.train.epochs
+            raise (ConfigError if by_set else GpumlpError)(
+                f"--resume {self.folder}: train.epochs is {config.train.epochs}, below the "
+                f"{begun} epochs the run has trained or begun; give at least {begun}")
         try:
             state.rng.bit_generator.state = meta["rng"]
             if meta.get("dev_rng"):

@@ -3,10 +3,10 @@
 Nothing is copied to the host inside a step: the loss and the correct count accumulate
 in device scalars read once per epoch (and at checkpoints), apart from the NaN guard's look at
 the loss sum (every step on the CPU, every 50 on a GPU) and before every checkpoint, which is
-written only when the loss and all the weights are finite and the weights still give a finite
-loss (the evaluation loss at an epoch's end, a probe of the training set mid-epoch): finite
-weights can be too large to use, and a checkpoint of them could never be resumed. Progress
-goes to an optional callback `on_event(kind, info)`; the library never prints.
+written only when the loss and all the weights are finite and the weights still give a loss
+below MAX_PROBE_LOSS (the evaluation loss at an epoch's end, a probe of the training set
+mid-epoch): finite weights can be too large to use, and a checkpoint of them is no net to go on
+from. Progress goes to an optional callback `on_event(kind, info)`; the library never prints.
 """
 
 from __future__ import annotations
@@ -158,11 +158,14 @@ def check_usable_init(state: RunState, data: DeviceData, config: Config) -> None
 
 
 def check_eval_losses(row: dict, step: int) -> None:
-    """A NumericalError unless the epoch's evaluation losses (val, test) are finite."""
+    """A NumericalError unless the epoch's evaluation losses (val, test) are finite and below
+    MAX_PROBE_LOSS, as a mid-epoch checkpoint's probe must be: no net to go on from otherwise."""
     losses = {k: row[k] for k in ("val_loss", "test_loss") if k in row}
-    if not all(math.isfinite(v) for v in losses.values()):
-        shown = ", ".join(f"{k} {v}" for k, v in losses.items())
-        raise too_large(f"the evaluation loss became NaN or infinite at the end of epoch "
+    if not all(v < MAX_PROBE_LOSS for v in losses.values()):  # NaN too
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
+        what = ("became NaN or infinite" if not all(math.isfinite(v) for v in losses.values())
+                else f"rose above {MAX_PROBE_LOSS:.0f}")
+        raise too_large(f"the evaluation loss {what} at the end of epoch "
                         f"{row['epoch']} (step {step}: {shown})")
 
 
@@ -216,7 +219,8 @@ def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Back
 
 def epoch_metrics(state: RunState, data: DeviceData, config: Config, lr: float) -> dict:
     """The metrics.jsonl line of the epoch that just ended (`state` in model.py's layout); a
-    NumericalError if a loss or a weight, or then the val or test loss, is NaN or infinite."""
+    NumericalError if a loss or a weight is NaN or infinite, or then the val or test loss is
+    not below MAX_PROBE_LOSS."""
     pos, n = state.pos, len(data.train)
     check_finite(state)
     row = {"epoch": pos.epoch + 1, "train_loss": pos.loss_sum / n,

@@ -87,7 +87,8 @@ def test_overwrite_removes_the_old_report_and_export_but_no_other_file(finished,
 def test_out_of_memory_is_one_line_and_leaves_no_folder(tiny_data_dir, tmp_path):
     out = tmp_path / "run"
     result = cli(*train_args(out, tiny_data_dir, "--set", HUGE))
-    assert_one_error_line(result, 1, "out of memory", "model.hidden", "train.batch_size")
+    assert_one_error_line(result, 1, "out of memory", "lower train.eval_batch_size (a resume "
+                          "may change it with --set), model.hidden or train.batch_size")
     assert not out.exists()
     assert cli(*train_args(out, tiny_data_dir)).exit_code == 0   # nothing blocks a rerun
 
@@ -246,31 +247,43 @@ def test_after_a_nan_lowering_optim_lr_in_config_yaml_and_resuming_goes_on(tiny_
 
 
 class TooLargeAboveLr(PoisonedAboveLr):
-    """The run's step, whose update at step `at` multiplies every weight by 1e30 when lr >
-    `above`: the weights stay finite, but every loss computed with them is NaN."""
+    """The run's step, whose update at step `at` spoils the weights when lr > `above`: they
+    stay finite, but every weight times 1e30 gives NaN losses, and a last bias of 1e4 on
+    class 0 a loss near 1e4 for every other digit."""
+
+    def __init__(self, step, at: int, above: float, spoil: str = "scale"):
+        super().__init__(step, at, above)
+        self.spoil = spoil
 
     def __call__(self, params, state, X, y, lr, t, masks):
         out = self.step(params, state, X, y, lr, t, masks)
         if t == self.at and lr > self.above:
-            for W in params.W:
-                W *= 1e30
+            if self.spoil == "scale":
+                for W in params.W:
+                    W *= 1e30
+            else:
+                params.b[-1][0] = 1e4
         return out
 
 
-@pytest.mark.parametrize("at, every, fragment, saved", [
-    (20, 0, ("the evaluation loss became NaN or infinite at the end of epoch 2 (step 20: "
-             "val_loss nan, test_loss nan)"), 10),
-    (6, 3, ("the evaluation loss on the first 100 training examples became NaN or infinite in "
-            "epoch 1 (by step 6)"), 3),
-], ids=["epoch_end", "mid_epoch"])
+@pytest.mark.parametrize("at, every, spoil, fragment, saved", [
+    (20, 0, "scale", ("the evaluation loss became NaN or infinite at the end of epoch 2 (step "
+                      "20: val_loss nan, test_loss nan)"), 10),
+    (20, 0, "bias", ("the evaluation loss rose above 230 at the end of epoch 2 (step 20: "
+                     "val_loss "), 10),
+    (6, 3, "scale", ("the evaluation loss on the first 100 training examples became NaN or "
+                     "infinite in epoch 1 (by step 6)"), 3),
+], ids=["epoch_end", "epoch_end_finite", "mid_epoch"])
 def test_weights_too_large_to_use_are_not_saved_so_a_lower_lr_resumes(tiny_data_dir, tmp_path,
                                                                       monkeypatch, at, every,
-                                                                      fragment, saved):
-    """Weights that are finite but give a NaN loss are refused before their checkpoint and
-    metrics row: from the last good checkpoint, the advice (a lower optim.lr) goes on."""
+                                                                      spoil, fragment, saved):
+    """Weights that are finite but give a NaN loss, or one above 230 (100 ln 10), are refused
+    before their checkpoint and metrics row, at an epoch's end as mid-epoch: from the last good
+    checkpoint, the advice (a lower optim.lr) goes on."""
     make_step = train_module.make_step
     monkeypatch.setattr(train_module, "make_step",
-                        lambda *a: TooLargeAboveLr(make_step(*a), at=at, above=0.15))
+                        lambda *a: TooLargeAboveLr(make_step(*a), at=at, above=0.15,
+                                                   spoil=spoil))
     out = tmp_path / "run"
     result = cli(*train_args(out, tiny_data_dir, "--set", "optim.lr=0.2", "--set",
                              "train.batch_size=25", "--set", f"train.checkpoint_every={every}",
@@ -579,9 +592,25 @@ def test_resume_with_set_of_a_run_with_no_epoch_left_is_refused_and_changes_noth
     resume = ["train", "--resume", finished, "--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
     result = cli(*resume, "--set", "optim.lr=0.001")
     assert_one_error_line(result, 2, f"--resume {finished}: the run has trained all 1 of its "
-                          "epochs, so no step would use the --set values; raise train.epochs")
+                          "epochs, so no step would use the --set values: optim.lr (0.1 -> "
+                          "0.001); raise train.epochs to train on with them, or drop --set")
     assert digests(finished) == before
     assert cli(*resume, "--set", "train.epochs=1").exit_code == 0     # restating is no change
+    assert digests(finished) == before
+
+
+def test_resume_of_a_finished_run_refuses_a_config_yaml_edited_since_and_changes_nothing(
+        finished, tiny_data_dir):
+    """The checkpoint records the config its steps ran with: an edit of config.yaml that no
+    step would use is refused as a --set is, rather than written into model.npz."""
+    edit_config(finished, "optim", "lr", 0.07)
+    before = digests(finished)
+    result = cli("train", "--resume", finished, "--data-dir", tiny_data_dir, "--device", "cpu",
+                 "-q")
+    assert_one_error_line(result, 1, f"--resume {finished}: the run has trained all 1 of its "
+                          "epochs, so no step would use config.yaml's changes since then: "
+                          "optim.lr (0.1 -> 0.07); raise train.epochs to train on with them, "
+                          "or undo them")
     assert digests(finished) == before
 
 
@@ -670,7 +699,7 @@ def test_resume_refuses_fewer_epochs_than_the_run_has_begun(tiny_data_dir, tmp_p
     resume = ["train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
     message = (f"--resume {out}: train.epochs is 1, below the 2 epochs the run has trained or "
                "begun; give at least 2")
-    assert_one_error_line(cli(*resume, "--set", "train.epochs=1"), 1, message)
+    assert_one_error_line(cli(*resume, "--set", "train.epochs=1"), 2, message)  # usage
     assert digests(out) == before                  # the refused --set is not recorded
     edit_config(out, "train", "epochs", 1)
     before = digests(out)
