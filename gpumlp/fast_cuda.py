@@ -346,8 +346,11 @@ class Kernels:
             self.act_backward_masked = get(f"act_backward_masked_{activation}")
         except Exception as e:  # CuPy's CompileException, or a CUDA error while loading
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            whose = ("this is a gpumlp bug, please report it"
+                     if type(e).__name__ == "CompileException"  # NVRTC refused our source
+                     else "check the CUDA installation (nvidia-smi, gpumlp info)")
             raise DeviceError(f"the fused CUDA kernels did not build ({type(e).__name__}: "
-                              f"{first}); this is a gpumlp bug, please report it") from None
+                              f"{first}); {whose}") from None
 
 
 def launch(kernel: Any, n: int, *args: Any) -> None:
@@ -544,7 +547,9 @@ class FusedStep:
 
     def tally(self, loss_sum: Any, correct: Any, L: Any, ok: Any, m: int) -> None:
         """loss_sum += L * m and correct += ok (0-d float64 and int64 device arrays), as
-        `step.add_to_sums` does, in one launch instead of three."""
+        `step.add_to_sums` does, in one launch instead of three. Host arrays are refused: CuPy
+        passes a one-element NumPy array by value, which the kernel would take for a pointer."""
+        self.on_device(loss_sum, correct, L, ok, what="the running sums")
         launch(self.kernels.tally, 1, np.int64(1), L, ok, np.float32(m), loss_sum, correct)
 
     def on_device(self, *arrays: Any, what: str) -> None:

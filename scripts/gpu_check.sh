@@ -57,7 +57,8 @@ section() {  # section NAME LIMIT_SECONDS LOG COMMAND...: run it, tee its output
   echo "=== $name (at most ${limit}s) ===" | tee "$OUT/$log"
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
   local rc=${PIPESTATUS[0]}
-  STATUS[$name]=$([ "$rc" -eq 0 ] && echo ok || { [ "$rc" -eq 124 ] && echo "TIMED OUT" || echo "failed ($rc)"; })
+  STATUS[$name]=$([ "$rc" -eq 0 ] && echo ok ||
+    { { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && echo "TIMED OUT" || echo "failed ($rc)"; })
 }
 
 info() {  # fails when the versions or `gpumlp info` cannot be printed
@@ -66,7 +67,9 @@ info() {  # fails when the versions or `gpumlp info` cannot be printed
   nvidia-smi || true
   "$PY" - <<'EOF' || rc=1
 import platform, numpy, cupy
-print("python", platform.python_version(), "numpy", numpy.__version__, "cupy", cupy.__version__)
+from importlib.metadata import version
+print("python", platform.python_version(), "numpy", numpy.__version__, "cupy", cupy.__version__,
+      "click", version("click"), "pytest", version("pytest"))
 print("CUDA runtime", cupy.cuda.runtime.runtimeGetVersion(), "driver", cupy.cuda.runtime.driverGetVersion())
 try:
     import torch
@@ -135,8 +138,10 @@ try:
             step(params, state, X, y, 0.1, 1)
         stream.synchronize()
         stream.begin_capture()
-        step(params, state, X, y, 0.1, 1)
-        graph = stream.end_capture()
+        try:
+            step(params, state, X, y, 0.1, 1)
+        finally:  # a step that failed while captured still ends the capture
+            graph = stream.end_capture()
         graph.launch(stream)
         stream.synchronize()
         replays = []
@@ -163,8 +168,10 @@ train_h256() {
 export -f info steps train_h256  # so that `timeout bash -c NAME` runs them
 wanted info && section info 40 info.log bash -c info
 if wanted tests; then
+  PER_TEST=()  # with pytest-timeout, a test that hangs costs 60 s, not the section's 210
+  "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=60)
   section tests 210 pytest-gpu.log \
-    "$PY" -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider tests
+    "$PY" -m pytest -m gpu -q -rfEs --durations=10 -p no:cacheprovider "${PER_TEST[@]}" tests
   if [ "${STATUS[tests]}" = ok ] && ! grep -qE "[0-9]+ passed" "$OUT/pytest-gpu.log"; then
     STATUS[tests]="failed: no test passed (all skipped: is the GPU visible?)"  # pytest says 0
   fi

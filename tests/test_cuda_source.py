@@ -106,6 +106,16 @@ def find_nvrtc() -> ctypes.CDLL | None:
     return None
 
 
+def cupy_nvrtc_options() -> tuple[str, ...]:
+    """The options CuPy gives NVRTC for `RawModule(code, options=fast_cuda.OPTIONS)`: its own
+    list (include paths, --std) where CuPy is installed, else ours and the ones it adds last."""
+    try:
+        from cupy._core.core import assemble_cupy_compiler_options
+        return (*assemble_cupy_compiler_options(fast_cuda.OPTIONS), *NVRTC_OPTIONS)
+    except Exception:  # no CuPy, or one that cannot find a CUDA toolkit's headers
+        return (*fast_cuda.OPTIONS, *NVRTC_OPTIONS)
+
+
 def test_nvrtc_compiles_it_as_cupy_does():
     """CuPy compiles a RawModule with NVRTC, which has no host headers: the real test."""
     nvrtc = find_nvrtc()
@@ -114,7 +124,7 @@ def test_nvrtc_compiles_it_as_cupy_does():
     program = ctypes.c_void_p()
     source = fast_cuda.cuda_source().encode()
     assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source, b"gpumlp.cu", 0, None, None) == 0
-    options = [o.encode() for o in (*fast_cuda.OPTIONS, *NVRTC_OPTIONS)]
+    options = [o.encode() for o in cupy_nvrtc_options()]
     status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
     nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
@@ -416,8 +426,11 @@ def test_host_arrays_are_refused_not_read_through_their_addresses(emulated):
     state = init_state(config.optim, params)
     on_gpu = fast_cuda.FusedStep(config, emulated)
     on_gpu.xp = types.SimpleNamespace(**{**vars(emulated.xp), "ndarray": type("DeviceArray", (), {})})
+    sums = (np.zeros((), np.float64), np.zeros((), np.int64), np.ones((), np.float32),
+            np.ones((), np.int64))
     for what, call in (("X, y", lambda: on_gpu(params, state, X, y, 0.1, 1)),
-                       ("the batch's row indices", lambda: on_gpu.batch(DeviceSplit(X, y), np.arange(2)))):
+                       ("the batch's row indices", lambda: on_gpu.batch(DeviceSplit(X, y), np.arange(2))),
+                       ("the running sums", lambda: on_gpu.tally(*sums, 4))):
         with pytest.raises(GpumlpError, match=f"needs {what}.* on the GPU"):
             call()
     on_gpu.xp = emulated.xp
@@ -524,10 +537,21 @@ def test_a_build_failure_is_one_line_device_error():
         def get_function(self, name):
             raise RuntimeError("kern.cu(12): error: expected a ';'\nmore lines")
 
+    class CompileException(Exception):   # CuPy's: NVRTC refused the source
+        pass
+
+    class Refused(RecordingModule):
+        def get_function(self, name):
+            raise CompileException("kern.cu(12): error: expected a ';'\nmore lines")
+
     backend = Backend(fake_cupy(Broken), "cuda:0", "fake")
     with pytest.raises(GpumlpError, match=r"did not build \(RuntimeError: kern.cu\(12\)") as e:
         fast_cuda.FusedStep(build_config(), backend)
     assert "\n" not in str(e.value)
+    assert str(e.value).endswith("; check the CUDA installation (nvidia-smi, gpumlp info)")
+    with pytest.raises(GpumlpError, match=r"\(CompileException: kern.cu\(12\): error: expected "
+                       r"a ';'\); this is a gpumlp bug, please report it$"):
+        fast_cuda.FusedStep(build_config(), Backend(fake_cupy(Refused), "cuda:0", "fake"))
 
 
 def test_buffers_are_keyed_by_batch_size_and_widths():
