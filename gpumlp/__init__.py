@@ -1,3 +1,4 @@
-"""gpumlp: the seed's MLP on MNIST, hand-written backpropagation on NumPy or CuPy."""
+"""gpumlp: an MLP on MNIST with hand-written backpropagation (the derivation in
+docs/derivation.md), on NumPy or CuPy."""
 
 __version__ = "0.1.0"

@@ -87,7 +87,7 @@ def catch_sigterm():
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gpumlp")
 def main():
-    """Train the seed's MLP on MNIST with hand-written backpropagation, on CPU or GPU.
+    """Train an MLP on MNIST with hand-written backpropagation, on CPU or GPU.
 
     \b
     Example:
@@ -188,7 +188,8 @@ def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue the run in this directory from its last checkpoint.")
 @click.option("--overwrite", is_flag=True,
-              help="Replace the run already in --out (kept until the new run has its data).")
+              help="Replace the run already in --out (the old run stays until the new one "
+                   "has loaded its data).")
 @data_dir_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only the final summary.")
 @domain_errors
@@ -271,7 +272,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
                f"epochs {s['epochs']}  {s['seconds']:.1f}s on {s['device']}  -> {out_dir}")
 
 
-@main.command()
+@main.command(short_help="Test loss and accuracy of a model.npz on the MNIST test set.")
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @device_option
 @data_dir_option
@@ -315,7 +316,7 @@ def positive_finite(value: float, name: str) -> float:
     return value
 
 
-@main.command()
+@main.command(short_help="Check the gradients against central differences in float64.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="YAML config whose net (hidden, activation, init, dropout, label smoothing) "
                    "is checked.")

@@ -67,7 +67,8 @@ def header_lines(backend, result: dict, spec, data: str = "mnist") -> list[str]:
         "at the start)",
         f"data      {data_line(data, spec.samples)}; fp32; "
         f"SGD momentum {MOMENTUM}, lr {LR}; median of {spec.repeats} interleaved timings of "
-        f"{spec.epochs} epoch(s); gpumlp/torch: median of the {spec.repeats} rounds' ratios",
+        f"{spec.epochs} epoch(s); gpumlp/torch: median of the {spec.repeats} rounds' ratios "
+        "of gpumlp's epoch to torch's (below 1: gpumlp is faster)",
         "GFLOP/s   the products each side executes (gpumlp's CPU step leaves zero pixels out of "
         "its first layer's), over s/epoch",
     ]

@@ -30,7 +30,11 @@ class Reporter:
     def __call__(self, kind: str, info: dict) -> None:
         if self.quiet:
             return
-        if kind == "start":
+        if kind == "start" and info["epoch"] >= info["epochs"]:   # a finished run, resumed
+            done = f"{info['epochs']} epoch" + ("s" if info["epochs"] != 1 else "")
+            click.echo(f"nothing to train: the run has done its {done}; writing its results "
+                       "again (to train longer, resume with --set train.epochs=N)", err=True)
+        elif kind == "start":
             click.echo(f"training on {info['device']}: {info['n_train']} examples, "
                        f"{info['batches']} batches per epoch, {info['epochs']} epochs"
                        + (f" (resuming after epoch {info['epoch']})" if info["epoch"] else ""),

@@ -165,7 +165,19 @@ def new_figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def plot_learning_curves(rows: list[dict], path: Path) -> None:
+def smoothing_note(smoothing: float) -> str:
+    """Why train_loss sits above val_loss and test_loss in a run with label smoothing ('' in
+    one without)."""
+    if not smoothing:
+        return ""
+    return (f"train_loss is the objective: the cross-entropy against targets smoothed by "
+            f"train.label_smoothing {smoothing:g}, averaged during the epoch; val_loss and "
+            "test_loss are against the true labels, after it, so train_loss sits above them.")
+
+
+def plot_learning_curves(rows: list[dict], path: Path, smoothing: float = 0.0) -> None:
+    """Loss and accuracy per epoch, one line per split; with label smoothing the train loss's
+    legend says that it is against the smoothed targets."""
     from matplotlib.ticker import MaxNLocator
 
     fig = new_figure(11, 4.2)
@@ -174,6 +186,8 @@ def plot_learning_curves(rows: list[dict], path: Path) -> None:
                                  ("mean cross-entropy loss", "accuracy (fraction correct)")):
         for key, name, colour in SPLITS:
             if f"{key}_{metric}" in rows[0]:
+                if key == "train" and metric == "loss" and smoothing:
+                    name = f"train (targets smoothed by {smoothing:g})"
                 ax.plot(epochs, [row[f"{key}_{metric}"] for row in rows], marker="o",
                         color=colour, label=name)
         ax.set(title=f"{metric.capitalize()} per epoch", xlabel="epoch", ylabel=label)
@@ -243,7 +257,7 @@ def plot_mistakes(images: np.ndarray, out: SplitOutputs, picked: np.ndarray, pat
 
 
 def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutputs,
-             picked: np.ndarray) -> str:
+             picked: np.ndarray, smoothing: float = 0.0) -> str:
     last = rows[-1]
     keys = ["train_loss", "train_accuracy"] + (["val_loss", "val_accuracy"] if "val_loss" in last
                                                 else []) + ["test_loss", "test_accuracy"]
@@ -257,6 +271,7 @@ def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutp
          f"test loss {last['test_loss']:.4f}, train accuracy {last['train_accuracy']:.4f}."), "",
         "## Learning curves", "", f"![learning curves]({FIGURES['learning_curves']})", "",
         "Per epoch, from metrics.jsonl:", "",
+        *((smoothing_note(smoothing), "") if smoothing else ()),
         "| epoch | " + " | ".join(keys) + " | lr | seconds |",
         "|---:|" + "---:|" * (len(keys) + 2),
         *(f"| {row['epoch']} | " + " | ".join(f"{row[k]:.4f}" for k in keys)
@@ -316,10 +331,11 @@ def make_report(run_dir: str | Path, test: Split, backend: Backend,
     counts = confusion_matrix(out.labels, out.predicted, Z2.shape[1])
     picked = confident_mistakes(out)
     paths = {key: run_dir / name for key, name in FIGURES.items()}
-    plot_learning_curves(rows, paths["learning_curves"])
+    smoothing = config.train.label_smoothing
+    plot_learning_curves(rows, paths["learning_curves"], smoothing)
     plot_confusion(counts, paths["confusion"])
     plot_first_layer(params.W[0], paths["weights"])
     plot_mistakes(test.images, out, picked, paths["mistakes"])
     report = run_dir / REPORT
-    atomic_write(report, markdown(run_dir, rows, counts, out, picked).encode("utf-8"))
+    atomic_write(report, markdown(run_dir, rows, counts, out, picked, smoothing).encode("utf-8"))
     return [*paths.values(), report]

@@ -517,6 +517,40 @@ def test_output_that_cannot_be_written_is_one_error_line(args):
                            "where it goes\n")
 
 
+def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130(monkeypatch, capsys):
+    """The console script imports the CLI (NumPy, click, ...) inside a guard: Ctrl-C then is
+    `interrupted` and 130, as during a command, not an import's traceback."""
+    import importlib.abc
+    import sys
+
+    from gpumlp import entry
+
+    class InterruptedImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "gpumlp.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "gpumlp.cli")
+    monkeypatch.setattr(sys, "meta_path", [InterruptedImport(), *sys.meta_path])
+    with pytest.raises(SystemExit) as stopped:
+        try:
+            entry.main()
+        except KeyboardInterrupt:                  # would stop pytest itself: fail instead
+            pytest.fail("Ctrl-C escaped while the CLI was imported")
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_python_dash_m_gpumlp_runs_the_command_through_the_entry_point():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "gpumlp", "--version"], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert (done.returncode, done.stdout.split()[:2]) == (0, ["gpumlp,", "version"])
+
+
 # --- what a mutation review found untested -------------------------------------------------
 
 def test_the_epoch_line_shows_the_validation_numbers_of_a_run_that_has_them():

@@ -541,6 +541,8 @@ def test_bench_prints_a_table_and_the_command_that_reproduces_it():
     rows = [line for line in out.splitlines() if line.startswith("| 8 |")]
     assert [row.split("|")[2:4] for row in rows] == [[" 16 ", " gpumlp "], [" 24 ", " gpumlp "]]
     assert "sgemm" in out and "synthetic uint8 64x784" in out
+    assert "gpumlp/torch: median of the 2 rounds' ratios of gpumlp's epoch to torch's (below 1: " \
+           "gpumlp is faster)" in out
     assert ("reproduce: gpumlp bench --device cpu --data synthetic --hidden 8 --batch 16 "
             "--batch 24 --epochs 1 --repeats 2 --samples 64 --no-torch") in out
 

@@ -50,6 +50,31 @@ def test_the_command_writes_the_report_into_the_run_directory(tiny_mnist, tiny_d
     assert "val_loss" not in markdown  # no validation split in this run, no column for it
 
 
+def test_with_label_smoothing_the_report_says_why_train_loss_sits_above_test_loss(
+        tiny_mnist, tmp_path, monkeypatch):
+    import gpumlp.report as report_module
+
+    legends = []
+    save_figure = report_module.save_figure
+
+    def keep_legends(fig, path):
+        legends.extend(text.get_text() for ax in fig.axes if ax.get_legend()
+                       for text in ax.get_legend().get_texts())
+        save_figure(fig, path)
+
+    monkeypatch.setattr(report_module, "save_figure", keep_legends)
+    train_model(tiny_mnist.mnist, tmp_path, model__hidden=8, train__epochs=1,
+                train__batch_size=50, train__label_smoothing=0.1)
+    make_report(tmp_path, tiny_mnist.mnist.test, CPU)
+    assert "train (targets smoothed by 0.1)" in legends and "test" in legends
+    assert ("train_loss is the objective: the cross-entropy against targets smoothed by "
+            "train.label_smoothing 0.1") in (tmp_path / "report.md").read_text()
+
+
+def test_without_label_smoothing_the_report_has_no_such_note(reported):
+    assert "smoothed" not in (reported / "report.md").read_text()
+
+
 def table(markdown: str, first_header: str) -> list[dict[str, str]]:
     """The rows of the markdown table whose header starts with `first_header`."""
     lines = markdown.splitlines()

@@ -599,6 +599,15 @@ def test_resume_with_set_of_a_run_with_no_epoch_left_is_refused_and_changes_noth
     assert digests(finished) == before
 
 
+def test_resume_of_a_finished_run_says_there_is_nothing_to_train(finished, tiny_data_dir):
+    result = cli("train", "--resume", finished, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("nothing to train: the run has done its 1 epoch; writing "
+                                    "its results again (to train longer, resume with --set "
+                                    "train.epochs=N)\n")
+    assert "training on" not in result.stderr
+
+
 def test_resume_of_a_finished_run_refuses_a_config_yaml_edited_since_and_changes_nothing(
         finished, tiny_data_dir):
     """The checkpoint records the config its steps ran with: an edit of config.yaml that no
