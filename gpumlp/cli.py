@@ -306,7 +306,8 @@ def evaluate(model_path, device, data_dir, as_json):
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"test_accuracy {accuracy:.4f}  test_loss {loss:.4f}  ({len(test)} images)")
+        click.echo(f"test_accuracy {accuracy:.4f}  test_loss {loss:.4f}  ({len(test)} images, "
+                   f"on {backend.description})")
 
 
 def positive_finite(value: float, name: str) -> float:

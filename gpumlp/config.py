@@ -2,7 +2,8 @@
 
 Each section is a frozen dataclass whose defaults are documented where they are declared.
 `build_config` merges the layers, checks every key, type and range, and returns a frozen
-`Config`; an error names the key path and, for a typo, the closest key.
+`Config`; an error names the file or --set it comes from, the key path and, for a typo or a
+key put in the wrong section, the key meant.
 """
 
 from __future__ import annotations
@@ -146,25 +147,59 @@ RANGES: dict[str, tuple[Any, str]] = {
 }
 
 
-def _unknown_key(prefix: str, key: str, known: list[str]) -> ConfigError:
-    section = prefix.rstrip(".") or "<top>"
+class KeyProblem(ConfigError):
+    """A ConfigError about the value at one key path; `keys` is that path, a tuple of keys."""
+
+    def __init__(self, keys: tuple, message: str):
+        super().__init__(message)
+        self.keys = keys
+
+
+def _where(prefix: str) -> str:
+    """The section at `prefix` in words: 'data.augment' (quoted) for "data.augment.", or the
+    top level."""
+    return f"'{prefix.rstrip('.')}'" if prefix else "the top level"
+
+
+def _key_paths(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every key path of `cls`, sections included: model, model.hidden, ..., data.augment.shift."""
+    paths = []
+    for f in fields(cls):
+        paths.append(f"{prefix}{f.name}")
+        if dataclasses.is_dataclass(f.default_factory):
+            paths += _key_paths(f.default_factory, f"{prefix}{f.name}.")
+    return paths
+
+
+def _elsewhere(prefix: str, key: str) -> list[str]:
+    """The key paths outside the section at `prefix` named `key`, or else named closest to it."""
+    paths = [p for p in _key_paths() if p.rpartition(".")[0] != prefix.rstrip(".")]
+    names = list(dict.fromkeys(p.rpartition(".")[2] for p in paths))
+    close = [key] if key in names else difflib.get_close_matches(key, names, n=1)
+    return [p for p in paths if p.rpartition(".")[2] in close]
+
+
+def _unknown_key(prefix: str, key: str, known: list[str], keys: tuple) -> ConfigError:
+    where = _where(prefix)
     if not key.strip():
-        return ConfigError(f"empty config key under '{section}'; "
-                           f"known keys there: {', '.join(known)}")
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = (f"; did you mean '{prefix}{close[0]}'?" if close
-            else f"; known keys under '{section}': {', '.join(known)}")
-    path = f"{prefix}{key}"
-    return ConfigError(f"unknown config key '{path}'{hint}")
+        return KeyProblem(keys, f"empty config key under {where}; "
+                                f"known keys there: {', '.join(known)}")
+    close = [f"{prefix}{name}" for name in difflib.get_close_matches(key, known, n=1)]
+    meant = " or ".join(f"'{p}'" for p in close or _elsewhere(prefix, key))
+    hint = (f"; did you mean {meant}?" if meant
+            else f"; known keys under {where}: {', '.join(known)}")
+    return KeyProblem(keys, f"unknown config key '{prefix}{key}'{hint}")
 
 
-def _coerce(path: str, value: Any, annotation: str) -> Any:
+def _coerce(path: str, value: Any, annotation: str, keys: tuple) -> Any:
     """Check `value` against the declared type of `path`; ints are accepted for floats."""
     def wrong(expected: str) -> ConfigError:
         quoted = isinstance(value, str) and re.fullmatch(r"\s*[-+]?[0-9.]+([eE][-+]?[0-9]+)?\s*",
                                                          value)
-        return ConfigError(f"config key '{path}' must be {expected}, got {shown(value)}"
-                           f"{' (a number in quotes is text: drop the quotes)' if quoted else ''}")
+        if value is not None and "None" in annotation:          # model.max_norm, data.limit
+            expected += " or null"
+        tip = " (a number in quotes is text: drop the quotes)" if quoted else ""
+        return KeyProblem(keys, f"config key '{path}' must be {expected}, got {shown(value)}{tip}")
 
     if value is None:
         if "None" in annotation:
@@ -198,25 +233,26 @@ def _coerce(path: str, value: Any, annotation: str) -> Any:
     raise AssertionError(f"no coercion for {annotation}")  # pragma: no cover
 
 
-def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
-    """Instantiate dataclass `cls` from a mapping, recursing into nested sections."""
+def _build(cls: type, values: Mapping[str, Any], prefix: str, keys: tuple = ()) -> Any:
+    """Instantiate dataclass `cls` from a mapping, recursing into nested sections; `keys` is
+    the path of `values` as a tuple (for KeyProblem), `prefix` as text ("data.augment.")."""
     if not isinstance(values, Mapping):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, "
-                          f"got {shown(values)}")
+        section = f"config section {_where(prefix)}" if prefix else "the top level of a config"
+        raise KeyProblem(keys, f"{section} must be a mapping, got {shown(values)}")
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in values.items():
-        path = f"{prefix}{key}"
+        path, at = f"{prefix}{key}", (*keys, key)
         if key not in known:
-            raise _unknown_key(prefix, str(key), list(known))
+            raise _unknown_key(prefix, str(key), list(known), at)
         f = known[key]
         if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
-            kwargs[key] = _build(f.default_factory, value, f"{path}.")
+            kwargs[key] = _build(f.default_factory, value, f"{path}.", at)
         else:
-            kwargs[key] = _coerce(path, value, str(f.type))
+            kwargs[key] = _coerce(path, value, str(f.type), at)
         check = RANGES.get(path)
         if check is not None and not dataclasses.is_dataclass(kwargs[key]) and not check[0](kwargs[key]):
-            raise ConfigError(f"config key '{path}' {check[1]}, got {shown(value)}")
+            raise KeyProblem(at, f"config key '{path}' {check[1]}, got {shown(value)}")
     return cls(**kwargs)
 
 
@@ -346,14 +382,28 @@ def read_yaml(path: str | Path) -> dict:
 
 def build_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
                  **flags: Any) -> Config:
-    """Defaults < YAML file at `path` < `--set` overrides < `flags` (dotted keys, None = unset)."""
-    values: dict = read_yaml(path) if path is not None else {}
-    for text in overrides:
-        values = _deep_merge(values, parse_override(text))
-    for key, value in flags.items():
-        if value is not None:
-            values = _deep_merge(values, _nest(key, value))
-    return config_from_dict(values)
+    """Defaults < YAML file at `path` < `--set` overrides < `flags` (dotted keys, None = unset).
+    An error in the merge starts with the file's path or the --set that gave the key."""
+    layers = [(f"{path}: ", read_yaml(path))] if path is not None else []
+    layers += [(f"--set {shown(text)}: ", parse_override(text)) for text in overrides]
+    layers += [("", _nest(key, value)) for key, value in flags.items() if value is not None]
+    values: dict = {}
+    for _, layer in layers:
+        values = _deep_merge(values, layer)
+    try:
+        return config_from_dict(values)
+    except KeyProblem as e:
+        source = next((source for source, layer in reversed(layers) if _has(layer, e.keys)), "")
+        raise ConfigError(f"{source}{e}") from None
+
+
+def _has(values: Any, keys: tuple) -> bool:
+    """Whether nested mapping `values` holds the key path `keys`."""
+    for key in keys:
+        if not isinstance(values, Mapping) or key not in values:
+            return False
+        values = values[key]
+    return True
 
 
 def _nest(key: str, value: Any) -> dict:

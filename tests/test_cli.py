@@ -177,7 +177,8 @@ def test_evaluate_json_equals_an_independent_recomputation(trained_model, tiny_m
 def test_evaluate_prints_one_line(trained_model, tiny_data_dir):
     result = cli("evaluate", trained_model, "--device", "cpu", "--data-dir", tiny_data_dir)
     assert result.exit_code == 0
-    assert result.stdout.startswith("test_accuracy ") and "(100 images)" in result.stdout
+    assert result.stdout.startswith("test_accuracy ")
+    assert result.stdout.endswith("(100 images, on cpu (NumPy))\n")
 
 
 # --- gradcheck, info, help --------------------------------------------------------------------

@@ -71,6 +71,50 @@ def test_precedence_defaults_file_set_flag(tmp_path):
     assert later_set_wins.optim.lr == 0.4
 
 
+def test_an_error_in_the_file_names_the_file(tmp_path):
+    path = write(tmp_path, "model: {activaton: relu}\n")
+    expected = "unknown config key 'model.activaton'; did you mean 'model.activation'?"
+    assert error_of(build_config, path) == f"{path}: {expected}"
+    assert error_of(build_config, path, ["model.activation=gelu"]) == f"{path}: {expected}"
+    path = write(tmp_path, "optim: {lr: fast}\n")
+    expected = f"{path}: config key 'optim.lr' must be a number, got 'fast'"
+    assert error_of(build_config, path, ["optim.momentum=0.5", "train.seed=2"]) == expected
+    run = tmp_path / "run"                     # a run's config.yaml, as --resume reads it
+    run.mkdir()
+    path = write(run, "train: {epochs: 0}\n", "config.yaml")
+    assert error_of(build_config, path, ["optim.lr=0.2"]) == (
+        f"{path}: config key 'train.epochs' must be >= 1, got 0")
+
+
+def test_an_error_from_a_set_names_that_set(tmp_path):
+    expected = "unknown config key 'model.activaton'; did you mean 'model.activation'?"
+    message = error_of(build_config, None, ["model.activaton=relu"])
+    assert message == f"--set 'model.activaton=relu': {expected}"
+    path = write(tmp_path, "optim: {lr: 0.2}\ntrain: {epochs: 2}\n")
+    message = error_of(build_config, path, ["optim.lr=0.3", "optim.momentum=2", "train.seed=1"])
+    assert message == ("--set 'optim.momentum=2': config key 'optim.momentum' must be in [0, 1), "
+                       "got 2")
+    message = error_of(build_config, path, ["optim={lr: 0}"])       # a whole section replaced
+    assert message == "--set 'optim={lr: 0}': config key 'optim.lr' must be > 0, got 0"
+    message = error_of(build_config, path, ["optim=0.1"])
+    assert message == "--set 'optim=0.1': config section 'optim' must be a mapping, got 0.1"
+    message = error_of(build_config, path, ["optim.lr=-1", "optim.lr=-2"])   # the last one given
+    assert message == "--set 'optim.lr=-2': config key 'optim.lr' must be > 0, got -2"
+
+
+def test_a_set_may_still_mend_a_file_value_and_errors_past_it_are_its_own(tmp_path):
+    path = write(tmp_path, "optim: {lr: fast}\n")
+    assert build_config(path, ["optim.lr=0.2"]).optim.lr == 0.2
+    message = error_of(build_config, path, ["optim.lr=0.2", "model.activaton=relu"])
+    assert message.startswith("--set 'model.activaton=relu': unknown config key 'model.activaton'")
+
+
+def test_an_error_from_a_flag_has_no_file_or_set_named(tmp_path):
+    path = write(tmp_path, "train: {seed: 1}\n")
+    message = error_of(build_config, path, ["train.seed=2"], **{"train.seed": -1})
+    assert message == "config key 'train.seed' must be >= 0, got -1"
+
+
 def test_set_values_are_parsed_as_yaml():
     assert parse_override("optim.lr=0.05") == {"optim": {"lr": 0.05}}
     assert parse_override("model.hidden=[512, 256]") == {"model": {"hidden": [512, 256]}}
@@ -105,10 +149,11 @@ def test_an_empty_part_of_a_set_key_is_its_own_error(text, key):
     assert "unknown config key" not in message and "e.g. --set optim.lr=0.05" in message
 
 
-@pytest.mark.parametrize("values, section", [({"optim": {"": 1}}, "optim"), ({"": 1}, "<top>")])
+@pytest.mark.parametrize("values, section", [({"optim": {"": 1}}, "'optim'"),
+                                            ({"": 1}, "the top level")])
 def test_an_empty_key_in_a_file_is_named_as_empty(values, section):
     message = error_of(config_from_dict, values)
-    assert message.startswith(f"empty config key under '{section}'; known keys there: ")
+    assert message.startswith(f"empty config key under {section}; known keys there: ")
 
 
 @pytest.mark.parametrize("values, key, hint", [
@@ -118,11 +163,40 @@ def test_an_empty_key_in_a_file_is_named_as_empty(values, section):
     ({"train": {"zzz": 1}}, "train.zzz", "known keys under 'train': epochs, batch_size"),
     ({"data": {"augment": {"zzz": 1}}}, "data.augment.zzz",
      "known keys under 'data.augment': shift, rotate"),
-    ({"zzz": 1}, "zzz", "known keys under '<top>': model, data"),
+    ({"zzz": 1}, "zzz", "known keys under the top level: model, data, train, optim"),
 ])
 def test_unknown_key_names_the_path_and_suggests(values, key, hint):
     message = error_of(config_from_dict, values)
     assert f"unknown config key '{key}'" in message and hint in message
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=3", "unknown config key 'seed'; did you mean 'train.seed'?"),
+    ("train.lr=0.1", "unknown config key 'train.lr'; did you mean 'optim.lr'?"),
+    ("model.augment.shift=1", "unknown config key 'model.augment'; did you mean 'data.augment'?"),
+    ("data.shift=1", "unknown config key 'data.shift'; did you mean 'data.augment.shift'?"),
+    ("augment.rotate=1", "unknown config key 'augment'; did you mean 'data.augment'?"),
+    ("optim.sed=1", "unknown config key 'optim.sed'; did you mean 'train.seed'?"),  # close match
+    ("hiden=3", "unknown config key 'hiden'; did you mean 'model.hidden'?"),
+    ("train.epocs=3", "unknown config key 'train.epocs'; did you mean 'train.epochs'?"),
+])
+def test_a_key_in_the_wrong_section_suggests_the_section_it_is_in(override, message):
+    assert error_of(build_config, None, [override]) == f"--set {override!r}: {message}"
+
+
+def test_a_close_match_in_the_same_section_comes_before_one_elsewhere():
+    # 'eps' is optim's, yet train's 'epochs' is close to it; 'epocs' is closer to train's
+    # 'epochs' than to optim's 'eps', yet under optim it is taken for 'eps'
+    message = error_of(config_from_dict, {"train": {"eps": 1}})
+    assert message == "unknown config key 'train.eps'; did you mean 'train.epochs'?"
+    message = error_of(config_from_dict, {"optim": {"epocs": 1}})
+    assert message == "unknown config key 'optim.epocs'; did you mean 'optim.eps'?"
+
+
+def test_the_top_level_is_named_in_words():
+    assert error_of(config_from_dict, 3) == "the top level of a config must be a mapping, got 3"
+    assert error_of(config_from_dict, {"data": 5}) == ("config section 'data' must be a "
+                                                       "mapping, got 5")
 
 
 @pytest.mark.parametrize("override, key, expected", [
@@ -145,6 +219,16 @@ def test_unknown_key_names_the_path_and_suggests(values, key, hint):
 def test_wrong_type_names_the_key(override, key, expected):
     message = error_of(build_config, None, [override])
     assert f"'{key}'" in message and expected in message
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.max_norm=none", "config key 'model.max_norm' must be a number or null, got 'none'"),
+    ("model.max_norm=.inf", "config key 'model.max_norm' must be a finite number or null, got inf"),
+    ("data.limit=all", "config key 'data.limit' must be an integer or null, got 'all'"),
+    ("optim.lr=none", "config key 'optim.lr' must be a number, got 'none'"),
+])
+def test_a_key_that_may_be_null_says_so_in_a_type_error(override, expected):
+    assert error_of(build_config, None, [override]) == f"--set {override!r}: {expected}"
 
 
 @pytest.mark.parametrize("override, key", [
@@ -173,7 +257,7 @@ def test_wrong_type_names_the_key(override, key, expected):
 ])
 def test_out_of_range_names_the_key(override, key):
     message = error_of(build_config, None, [override])
-    assert message.startswith(f"config key '{key}' ")
+    assert message.startswith(f"--set {override!r}: config key '{key}' ")
 
 
 def test_the_largest_widths_and_elastic_settings_in_range_are_taken():
@@ -194,8 +278,9 @@ def test_numbers_with_an_exponent_and_no_dot_are_numbers(tmp_path, text, value):
 
 @pytest.mark.parametrize("text", ['"1e-3"', "'0.5'", '"5"'])
 def test_a_quoted_number_is_text_and_the_error_says_drop_the_quotes(text):
-    message = error_of(build_config, None, [f"optim.lr={text}"])
-    assert message.startswith("config key 'optim.lr' must be a number, got '")
+    override = f"optim.lr={text}"
+    message = error_of(build_config, None, [override])
+    assert message.startswith(f"--set {override!r}: config key 'optim.lr' must be a number, got '")
     assert message.endswith("(a number in quotes is text: drop the quotes)")
 
 
@@ -245,11 +330,12 @@ def test_a_huge_value_is_shown_cut_short(tmp_path):
     lines = ["model:", "  hidden:", "  - &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
     for name, previous in zip("bcdefgh", "abcdefg"):
         lines.append(f"  - &{name} [{', '.join([f'*{previous}'] * 10)}]")
-    message = error_of(build_config, write(tmp_path, "\n".join(lines) + "\n"))
-    assert message.startswith("config key 'model.hidden' must be an integer or a list of")
-    assert len(message) < 200
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    message = error_of(build_config, path)
+    assert message.startswith(f"{path}: config key 'model.hidden' must be an integer or a list of")
+    assert len(message) - len(str(path)) < 200
     message = error_of(build_config, None, ["model.activation=" + "x" * 10000])
-    assert len(message) < 200
+    assert len(message) < 250                # the --set and the value, each cut short
 
 
 def test_ints_are_accepted_for_floats_and_lists_for_hidden():
