@@ -276,7 +276,10 @@ class RunFiles:
         from .train import new_state
 
         source = str(self.path("checkpoint.npz"))
-        arrays = load_npz(self.path("checkpoint.npz"))
+        try:
+            arrays = load_npz(self.path("checkpoint.npz"))
+        except CheckpointError as e:  # cut short, or not a checkpoint at all
+            raise CheckpointError(f"{e}; {start_over(source)}") from None
         try:
             meta = parse_json(str(arrays["state"]))
         except (KeyError, ValueError):
@@ -303,7 +306,7 @@ class RunFiles:
             value = value.astype(target.dtype)
             if not np.isfinite(value).all():  # gpumlp never saves one: the file was damaged
                 raise CheckpointError(f"{source}: its optimizer state holds NaN or infinite "
-                                      "values; start the run again")
+                                      f"values; {start_over(source)}")
             target[...] = backend.asarray(value)
         scale = arrays.get("opt_scale")
         if scale is not None:
@@ -326,8 +329,8 @@ class RunFiles:
                 state.dev_rng = backend.xp.random.default_rng(config.train.seed + 1
                                                               + state.pos.step)
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{source}: its generator states are damaged; start the run "
-                                  "again") from None
+            raise CheckpointError(f"{source}: its generator states are damaged; "
+                                  f"{start_over(source)}") from None
         atomic_write(self.path("metrics.jsonl"),
                      "".join(json.dumps(row) + "\n" for row in history).encode())
         return state, history
@@ -337,9 +340,16 @@ class RunFiles:
         atomic_write(self.path("summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
 
 
+def start_over(source: str) -> str:
+    """How to start the run of a checkpoint that cannot be resumed over, with its config."""
+    folder = shlex.quote(str(Path(source).parent))
+    return (f"start the run over: gpumlp train --config {folder}/config.yaml --out {folder} "
+            "--overwrite")
+
+
 def damaged_record(source: str) -> CheckpointError:
-    return CheckpointError(f"{source}: its state record is missing or damaged; start the run "
-                           "again")
+    return CheckpointError(f"{source}: its state record is missing or damaged; "
+                           f"{start_over(source)}")
 
 
 def read_position(meta: dict, perm: np.ndarray | None, n_train: int, batches: int,
@@ -367,6 +377,6 @@ def read_position(meta: dict, perm: np.ndarray | None, n_train: int, batches: in
                              or pos.batch >= batches
                              or not np.array_equal(np.sort(perm), np.arange(n_train))):
         raise CheckpointError(f"{source}: the epoch's order does not fit a training set of "
-                              f"{n_train} examples in {batches} batches; start the run again")
+                              f"{n_train} examples in {batches} batches; {start_over(source)}")
     pos.perm = perm
     return pos, list(history)

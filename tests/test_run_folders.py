@@ -761,6 +761,7 @@ def damage_state(record: dict, how: str) -> None:
     ("fixed_list", "its state record is missing or damaged"),
     ("rng_empty", "its generator states are damaged"),
     ("velocity_nan", "its optimizer state holds NaN or infinite values"),
+    ("truncated", "not a readable .npz file"),
 ])
 def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_data_dir, how,
                                                                fragment):
@@ -769,7 +770,9 @@ def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_dat
     path = stopped / "checkpoint.npz"
     arrays = load_npz(path)
     perm = arrays["perm"]
-    if how == "perm_short":
+    if how == "truncated":                          # a copy cut short
+        path.write_bytes(path.read_bytes()[:1000])
+    elif how == "perm_short":
         arrays["perm"] = perm[:-1]
     elif how == "perm_repeats":
         arrays["perm"] = np.zeros_like(perm)
@@ -783,12 +786,19 @@ def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_dat
         record = json.loads(str(arrays["state"]))
         damage_state(record, how)
         arrays["state"] = np.array(json.dumps(record))
-    save_npz(path, arrays)
+    if how != "truncated":
+        save_npz(path, arrays)
     before = digests(stopped)
     result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
                  "-q")
-    assert_one_error_line(result, 1, f"{path}: {fragment}")
+    start_over = (f"start the run over: gpumlp train --config {stopped}/config.yaml --out "
+                  f"{stopped} --overwrite")
+    assert_one_error_line(result, 1, f"{path}: {fragment}", start_over)
+    assert result.stderr.strip().endswith(start_over)
     assert digests(stopped) == before
+    command = start_over.split(": gpumlp ")[1].split()
+    again = cli(*command, "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
+    assert again.exit_code == 0, again.output                     # the advice works
 
 
 def read_only(monkeypatch, folder: Path) -> None:
