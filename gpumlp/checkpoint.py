@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Mapping
 from itertools import pairwise
 from pathlib import Path
@@ -110,11 +111,22 @@ def parse_json(text: str) -> Any:
         raise ValueError("JSON with a number too long to read") from None
 
 
+def no_config(npz: Npz, source: str) -> CheckpointError:
+    """The error for a file with no config string: a training checkpoint (its `state` record
+    inside) is told how to finish its run, which writes the model."""
+    if "config" in npz.headers or "state" not in npz.headers:
+        return CheckpointError(f"{source}: no config string inside; not a gpumlp model file")
+    folder = Path(source).parent
+    return CheckpointError(f"{source}: a training checkpoint, not a model; finish the run with "
+                           f"gpumlp train --resume {shlex.quote(str(folder))} (it writes "
+                           f"{shlex.quote(str(folder / 'model.npz'))})")
+
+
 def config_of(npz: Npz, source: str) -> Config:
     """The config saved in a model file, its size checked before it is read."""
     header = npz.headers.get("config")
     if header is None or header.dtype.kind != "U" or header.ndim:
-        raise CheckpointError(f"{source}: no config string inside; not a gpumlp model file")
+        raise no_config(npz, source)
     if header.dtype.itemsize > 4 * MAX_CONFIG_CHARS:
         raise CheckpointError(f"{source}: its config string holds {header.dtype.itemsize // 4:,} "
                               f"characters, more than the {MAX_CONFIG_CHARS:,} a config may hold; "
@@ -130,6 +142,25 @@ def config_of(npz: Npz, source: str) -> Config:
         raise CheckpointError(f"{source}: its config is invalid ({e})") from None
 
 
+def unfinished_run(path: Path) -> str:
+    """For a model.npz missing from a run folder that has a checkpoint but no summary.json
+    (a run not finished): how to finish it; "" otherwise."""
+    folder = path.parent
+    if path.name != "model.npz" or path.exists() or (folder / "summary.json").exists() \
+            or not all((folder / name).is_file() for name in ("checkpoint.npz", "config.yaml")):
+        return ""
+    run = shlex.quote(str(folder))
+    return f"; the run in {run} has not finished: gpumlp train --resume {run} writes it"
+
+
+def open_model(path: Path) -> Npz:
+    """`path` opened as an Npz; a model.npz missing from an unfinished run says how to finish it."""
+    try:
+        return Npz(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{unfinished_run(path)}") from None
+
+
 def load_model(path: str | os.PathLike) -> tuple[Params, Config]:
     """(params on the host, config) from a model.npz; a CheckpointError if anything is off.
 
@@ -137,14 +168,36 @@ def load_model(path: str | os.PathLike) -> tuple[Params, Config]:
     no more is read than the model the config describes."""
     source = str(Path(path))
     fix = ", its config's train.dtype; gpumlp train never writes such a model: train it again"
-    with Npz(path) as npz:
+    with open_model(Path(path)) as npz:
         config = config_of(npz, source)
         return read_layers(npz, config.model.layer_widths, source, config.train.dtype, fix), config
 
 
+def trained_widths(npz: Npz, source: str, widths: tuple[int, ...]) -> str:
+    """For `--init` weights not of `widths`: the model.hidden of the gpumlp model they are, and
+    how to train with it; "" when the file holds no readable config, or one of these widths."""
+    if "config" not in npz.headers:
+        return ""
+    try:
+        model = config_of(npz, source).model
+    except CheckpointError:
+        return ""
+    if model.layer_widths == widths:
+        return ""
+    hidden = model.hidden if isinstance(model.hidden, int) else list(model.hidden)
+    setting = shlex.quote(f"model.hidden={json.dumps(hidden, separators=(',', ':'))}")
+    return (f"; it was trained with model.hidden {json.dumps(hidden)}: train with "
+            f"--set {setting} (or its config)")
+
+
 def load_init(path: str | os.PathLike, widths: tuple[int, ...], dtype: str) -> Params:
-    """Initial weights for `--init`: any .npz with W1, b1, ... of the configured shapes."""
+    """Initial weights for `--init`: any .npz with W1, b1, ... of the configured shapes; a
+    gpumlp model of other widths says which."""
     source = str(Path(path))
     fix = " (train.dtype); scale them down, or train with --set train.dtype=float64"
     with Npz(path) as npz:
+        try:
+            check_layout(npz.headers, widths, source)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}{trained_widths(npz, source, widths)}") from None
         return read_layers(npz, widths, source, dtype, fix)

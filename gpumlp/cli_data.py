@@ -17,7 +17,7 @@ from .cli_common import data_dir_option_for, data_dir_source, load_mnist_for
 from .errors import GpumlpError, folder_problem
 from .fetch import (Event, all_missing, check_cache, ensure_mnist, file_problem, mnist_cache_dir,
                     no_files_message)
-from .mnist import ALL_FILES, load_mnist
+from .mnist import ALL_FILES, NONE_THERE, load_mnist
 
 
 class TerminalProgress:
@@ -136,8 +136,7 @@ def verify_command(data_dir: Path | None) -> None:
         if data_dir is None:
             raise click.ClickException(no_files_message(folder))
         source, drop = data_dir_source()
-        raise click.ClickException(f"{source}{data_dir}: none of the four MNIST files is there; "
-                                   f"put them there (see docs/data.md), or {drop} to check the "
+        raise click.ClickException(f"{source}{data_dir}: {NONE_THERE}, or {drop} to check the "
                                    "cache")
     for stem, problem in problems.items():
         click.echo(f"ok   {stem}" if problem is None else f"BAD  {stem}: {problem}")

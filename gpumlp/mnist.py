@@ -19,6 +19,8 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 ALL_FILES = tuple(name for pair in FILES.values() for name in pair)
+# what a folder holding none of ALL_FILES lacks, and where to get them (after "FOLDER: ")
+NONE_THERE = "none of the four MNIST files is there; put them there (see docs/data.md)"
 
 
 class Split(NamedTuple):
@@ -38,6 +40,12 @@ def find_file(folder: Path, stem: str) -> Path:
             return candidate
     raise DataError(f"{folder}: missing {stem}(.gz); the folder needs the four MNIST files "
                     f"{', '.join(n + '.gz' for n in ALL_FILES)}")
+
+
+def holds_none(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds none of the four MNIST files, raw or `.gz` (none is read)."""
+    return not any((Path(folder) / name).is_file() for stem in ALL_FILES
+                   for name in (stem, f"{stem}.gz"))
 
 
 Check = Callable[[str, bytes], "str | None"]  # (stem, decompressed bytes) -> problem or None
@@ -102,5 +110,7 @@ def load_mnist(folder: str | os.PathLike, check: Check | None = None) -> Mnist:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such data folder; pass --data-dir with the four MNIST files")
+    if holds_none(folder):  # one line, not four missing files
+        raise DataError(f"{folder}: {NONE_THERE}")
     arrays = read_files(folder, check)
     return Mnist(make_split(folder, "train", arrays), make_split(folder, "test", arrays))

@@ -5,16 +5,21 @@ from __future__ import annotations
 import io
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from fetch_helpers import HTML_PAGE, FakeMnist, build_wheel, go_offline, start_server
+from use_helpers import train_model
 from gpumlp import fetch
+from gpumlp.cli import main
 from gpumlp.cli_data import TerminalProgress, data
+from gpumlp.errors import DataError
 from gpumlp.fetch import Event
 from gpumlp.fetch_store import STALE_SECONDS
+from gpumlp.mnist import load_mnist
 
 
 @pytest.fixture(autouse=True)
@@ -255,6 +260,57 @@ def test_info_on_a_damaged_data_dir_is_an_error_even_with_a_good_cache(tmp_path,
     assert "drop --data-dir to use the cache" in result.stderr and result.stdout == ""
     missing = invoke("info", "--data-dir", str(tmp_path / "nowhere"))
     assert_clean_error(missing, "no such folder")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_mnist, tmp_path_factory) -> Path:
+    """A run of one epoch on the tiny MNIST, with its model.npz."""
+    run = tmp_path_factory.mktemp("run")
+    train_model(tiny_mnist.mnist, run, model__hidden=8, train__epochs=1, train__batch_size=50)
+    return run
+
+
+@pytest.mark.parametrize("given, drop", [
+    ("--data-dir", "drop --data-dir"),
+    ("GPUMLP_DATA_DIR", "unset GPUMLP_DATA_DIR"),
+])
+@pytest.mark.parametrize("command", ["data info", "train", "evaluate", "report"])
+def test_every_command_reading_a_data_dir_with_none_of_the_files_says_so_in_one_line(
+        finished_run, tmp_path, command, given, drop):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = {"data info": ["data", "info"],
+            "train": ["train", "--out", tmp_path / "run", "--device", "cpu"],
+            "evaluate": ["evaluate", finished_run / "model.npz", "--device", "cpu"],
+            "report": ["report", finished_run, "--device", "cpu"]}[command]
+    args = [str(a) for a in args]
+    if given == "--data-dir":
+        result = CliRunner().invoke(main, [*args, "--data-dir", str(empty)])
+        source = f"--data-dir {empty}"
+    else:
+        result = CliRunner().invoke(main, args, env={given: str(empty)})
+        source = f"{given}={empty}"
+    assert_clean_error(result, "")
+    assert result.stderr == (f"Error: {source}: none of the four MNIST files is there; put "
+                             f"them there (see docs/data.md), or {drop} to use the cache\n")
+    assert result.stdout == "" and not (tmp_path / "run").exists()
+
+
+def test_a_data_dir_missing_only_some_files_lists_them(tmp_path, fake):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(fake.gz["train-labels-idx1-ubyte"])
+    result = invoke("info", "--data-dir", str(folder))
+    assert_clean_error(result, f"--data-dir {folder}: train-images-idx3-ubyte: missing; "
+                       "t10k-images-idx3-ubyte: missing; t10k-labels-idx1-ubyte: missing; fix")
+
+
+def test_loading_a_folder_holding_none_of_the_files_is_one_line(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte").mkdir()  # a folder under a file's name is no file
+    with pytest.raises(DataError) as info:
+        load_mnist(tmp_path)
+    assert str(info.value) == (f"{tmp_path}: none of the four MNIST files is there; put them "
+                               "there (see docs/data.md)")
 
 
 def test_info_without_data_downloads_nothing_and_says_what_to_do_in_one_line(cache, fake,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import struct
 import threading
 import tracemalloc
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from use_helpers import invoke
+from use_helpers import config_with, invoke
 
+from gpumlp.backend import CPU
 from gpumlp.checkpoint import load_init, load_model, save_model
 from gpumlp.cli import evaluate, train
 from gpumlp.cli_use import export, predict, report
@@ -27,6 +29,8 @@ from gpumlp.errors import CheckpointError
 from gpumlp.model import init_params
 from gpumlp.npzio import load_npz
 from gpumlp.preprocess import ImageError, read_gray
+from gpumlp.train import Interrupted
+from gpumlp.train import train as run_training
 
 DEEP_JSON = "[" * 100_000 + "]" * 100_000
 LONG_NUMBER = "9" * 5000  # Python reads at most 4,300 digits into an int
@@ -272,6 +276,93 @@ def test_finite_weights_too_large_to_use_are_one_error_line_not_nan_results(
     assert_one_error(result, "the --init weights are finite but too large to use: their loss on "
                      "the first 100 training examples is nan", "start from other weights")
     assert not run.exists()
+
+
+# --- a run's other files in place of its model; a model of other widths as --init ----------
+
+@pytest.fixture(scope="module")
+def interrupted(tiny_mnist, tmp_path_factory) -> Path:
+    """The folder (its name holds a space) of a run stopped in its first epoch: config.yaml,
+    metrics.jsonl and checkpoint.npz, no model.npz."""
+    run = tmp_path_factory.mktemp("stopped run")
+    asked = iter([False])  # the set-up is not stopped; the first step is
+    with pytest.raises(Interrupted):
+        run_training(config_with(model__hidden=8, train__epochs=2, train__batch_size=50), CPU,
+                     tiny_mnist.mnist, out_dir=run, should_stop=lambda: next(asked, True))
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.npz", "config.yaml",
+                                                     "metrics.jsonl"]
+    return run
+
+
+def model_commands(path: Path, tmp_path: Path) -> list[list]:
+    """evaluate, predict and export of the model `path`: each loads it the same way."""
+    digit = tmp_path / "digit.npy"
+    np.save(digit, np.eye(28, dtype=np.uint8) * 255)
+    return [[evaluate, path, "--device", "cpu"], [predict, path, digit, "--device", "cpu"],
+            [export, path, "--out", tmp_path / "model.onnx"]]
+
+
+def test_a_checkpoint_given_as_a_model_says_how_to_finish_the_run(interrupted, tmp_path):
+    checkpoint = interrupted / "checkpoint.npz"
+    for args in model_commands(checkpoint, tmp_path):
+        line = assert_one_error(invoke(*args))
+        assert line == (f"Error: {checkpoint}: a training checkpoint, not a model; finish the run "
+                        f"with gpumlp train --resume '{interrupted}' (it writes "
+                        f"'{interrupted}/model.npz')")
+    assert not (tmp_path / "model.onnx").exists()
+    other = tmp_path / "arrays.npz"  # no config and no checkpoint state: not a gpumlp file
+    np.savez(other, W1=np.zeros((784, 8), np.float32))
+    assert_one_error(invoke(evaluate, other, "--device", "cpu"),
+                     f"{other}: no config string inside; not a gpumlp model file")
+
+
+def test_the_missing_model_of_an_unfinished_run_says_how_to_finish_it(interrupted, tmp_path):
+    model = interrupted / "model.npz"
+    for args in model_commands(model, tmp_path):
+        line = assert_one_error(invoke(*args))
+        assert line == (f"Error: {model}: no such file; the run in '{interrupted}' has not "
+                        f"finished: gpumlp train --resume '{interrupted}' writes it")
+    for missing in (interrupted / "modl.npz", tmp_path / "model.npz"):  # a typo; no run there
+        line = assert_one_error(invoke(evaluate, missing, "--device", "cpu"))
+        assert line == f"Error: {missing}: no such file"
+
+
+def test_the_advice_for_an_unfinished_run_writes_the_model(interrupted, tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(interrupted, run)
+    result = invoke(train, "--resume", run, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert invoke(evaluate, run / "model.npz", "--data-dir", tiny_data_dir,
+                  "--device", "cpu").exit_code == 0
+    (run / "model.npz").unlink()  # a finished run (summary.json) that lost its model: no advice
+    line = assert_one_error(invoke(evaluate, run / "model.npz", "--device", "cpu"))
+    assert line == f"Error: {run / 'model.npz'}: no such file"
+
+
+@pytest.mark.parametrize("hidden, advice", [
+    ("16", "it was trained with model.hidden 16: train with --set model.hidden=16"),
+    ("[16,8]", "it was trained with model.hidden [16, 8]: train with "
+               "--set 'model.hidden=[16,8]'"),
+], ids=["one layer", "two layers"])
+def test_init_from_a_model_of_other_widths_says_which_it_was_trained_with(tmp_path, tiny_data_dir,
+                                                                          hidden, advice):
+    config = build_config(None, [f"model.hidden={hidden}"])
+    model = tmp_path / "model.npz"
+    save_model(model, init_params(config.model.layer_widths, "he", np.random.default_rng(0)),
+               config)
+    common = ["--device", "cpu", "--data-dir", tiny_data_dir, "--quiet"]
+    wider = ["--set", "model.hidden=32", *common, "--out", tmp_path / "run"]
+    line = assert_one_error(invoke(train, "--init", model, *wider))
+    assert line == (f"Error: {model}: W1 has shape (784, 16) and dtype float32; expected "
+                    f"(784, 32) floats; {advice} (or its config)")
+    plain = tmp_path / "weights.npz"  # no config: nothing to say about the widths it had
+    with np.load(model) as npz:
+        np.savez(plain, **{name: npz[name] for name in npz.files if name != "config"})
+    assert assert_one_error(invoke(train, "--init", plain, *wider)).endswith("(784, 32) floats")
+    assert not (tmp_path / "run").exists()
+    result = invoke(train, "--init", model, "--set", f"model.hidden={hidden}", "--set",
+                    "train.epochs=1", *common, "--out", tmp_path / "ok")
+    assert result.exit_code == 0, result.output  # the advice works
 
 
 # --- .npy pictures and what is not a file -------------------------------------------------

@@ -54,7 +54,7 @@ def finished(tiny_data_dir, tmp_path) -> Path:
 # --- --overwrite ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, code, fragment", [
-    (["--data-dir", "EMPTY"], 1, "missing"),
+    (["--data-dir", "EMPTY"], 1, "none of the four MNIST files is there"),
     (["--set", "data.val_size=100000"], 2, "data.val_size"),
     (["--set", HUGE], 1, "out of memory"),
 ])
@@ -191,7 +191,7 @@ def test_init_npz_is_removed_by_a_run_without_init_and_by_a_failed_start(finishe
     failed = tmp_path / "failed"
     result = cli(*train_args(failed, tiny_data_dir, "--init", init, "--data-dir",
                              tmp_path / "empty"))
-    assert_one_error_line(result, 1, "missing")
+    assert_one_error_line(result, 1, "none of the four MNIST files is there")
     assert not failed.exists()                    # init.npz went with the config.yaml it preceded
 
 
