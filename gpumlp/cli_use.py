@@ -36,7 +36,7 @@ def result_line(result, top_k: int, as_json: bool) -> str:
     return f"{result.path}: " + "  ".join(f"{c} ({p:.3f})" for c, p in result.top(top_k))
 
 
-@click.command()
+@click.command(short_help="Predict the digit in PNG, JPEG or BMP images, or .npy arrays.")
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.argument("files", metavar="FILE...", nargs=-1, required=True)
 @click.option("--top-k", "top_k", default=3, show_default=True, type=click.IntRange(1, 10),

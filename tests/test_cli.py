@@ -543,6 +543,14 @@ def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130(monkeypatch, ca
     assert capsys.readouterr().err == "interrupted\n"
 
 
+@pytest.mark.parametrize("group", [[], ["data"]])
+def test_the_command_lists_show_each_summary_whole(group):
+    """click cuts a long first sentence to '...' in a group's list of commands."""
+    result = cli(*group, "--help")
+    listed = result.stdout.split("Commands:\n")[1].splitlines()
+    assert len(listed) >= 4 and not any(line.endswith("...") for line in listed), listed
+
+
 def test_python_dash_m_gpumlp_runs_the_command_through_the_entry_point():
     import subprocess
     import sys
