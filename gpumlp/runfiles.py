@@ -267,7 +267,8 @@ class RunFiles:
             save_npz(self.path("checkpoint.npz"), arrays)
         except OSError as e:
             raise GpumlpError(f"cannot write {self.path('checkpoint.npz')} ({e.strerror or e}); "
-                              "the previous checkpoint is intact; free space and --resume") from None
+                              "the previous checkpoint is intact; free space and --resume"
+                              ) from None
 
     def load_checkpoint(self, config: Config, backend: Backend,
                         n_train: int) -> tuple["RunState", list[dict]]:
@@ -276,68 +277,87 @@ class RunFiles:
         from .train import new_state
 
         source = str(self.path("checkpoint.npz"))
-        try:
-            arrays = load_npz(self.path("checkpoint.npz"))
-        except CheckpointError as e:  # cut short, or not a checkpoint at all
-            raise CheckpointError(f"{e}; {start_over(source)}") from None
-        try:
-            meta = parse_json(str(arrays["state"]))
-        except (KeyError, ValueError):
-            meta = None
-        if not isinstance(meta, dict):
-            raise damaged_record(source)
-        fixed = meta.get("fixed", {})   # (checkpoints before 2026-11-29 lack it: not checked)
-        if not isinstance(fixed, dict):
-            raise damaged_record(source)
-        check_same_run(fixed, config, self.folder)
-        trained = meta.get("config")    # (older checkpoints lack it)
-        if trained is not None and not isinstance(trained, dict):
-            raise damaged_record(source)
-        self.trained = trained
+        arrays, meta = read_checkpoint(self.path("checkpoint.npz"))
+        check_same_run(meta.get("fixed", {}), config, self.folder)  # older ones: not checked
+        self.trained = meta.get("config")                           # older ones lack it
         state = new_state(config, backend)
-        host = params_from_arrays(arrays, config.model.layer_widths, source,
-                                  config.train.dtype)
-        fresh = flat(state.params) + state.opt.m + state.opt.v
-        saved = flat(host) + tuple(arrays.get(f"opt_m{i}") for i in range(len(state.opt.m))) \
-            + tuple(arrays.get(f"opt_v{i}") for i in range(len(state.opt.v)))
-        for target, value in zip(fresh, saved):
-            if value is None or value.shape != target.shape:
-                raise CheckpointError(f"{source}: optimizer state does not match the config")
-            value = value.astype(target.dtype)
-            if not np.isfinite(value).all():  # gpumlp never saves one: the file was damaged
-                raise CheckpointError(f"{source}: its optimizer state holds NaN or infinite "
-                                      f"values; {start_over(source)}")
-            target[...] = backend.asarray(value)
-        scale = arrays.get("opt_scale")
-        if scale is not None:
-            if scale.shape != (1,) or not np.isfinite(scale).all() or not scale[0] > 0:
-                raise CheckpointError(f"{source}: optimizer state does not match the config")
-            state.opt = state.opt._replace(scale=scale.astype(np.float64))
+        restore_optimizer(state, arrays, config, backend, source)
         batches = -(-n_train // config.train.batch_size)
         state.pos, history = read_position(meta, arrays.get("perm"), n_train, batches, source)
-        begun = state.pos.epoch + (state.pos.batch > 0)  # epochs trained or under way
+        self.check_epochs(config, state.pos.epoch + (state.pos.batch > 0))
+        restore_generators(state, meta, config, backend, source)
+        atomic_write(self.path("metrics.jsonl"),
+                     "".join(json.dumps(row) + "\n" for row in history).encode())
+        return state, history
+
+    def check_epochs(self, config: Config, begun: int) -> None:
+        """Refuse a train.epochs below the epochs the run has trained or begun (a usage error
+        when a --set gave it)."""
         if config.train.epochs < begun:
             by_set = build_config(self.path("config.yaml")).train.epochs != config.train.epochs
             raise (ConfigError if by_set else GpumlpError)(
                 f"--resume {self.folder}: train.epochs is {config.train.epochs}, below the "
                 f"{begun} epochs the run has trained or begun; give at least {begun}")
-        try:
-            state.rng.bit_generator.state = meta["rng"]
-            if meta.get("dev_rng"):
-                state.dev_rng.bit_generator.state = parse_json(meta["dev_rng"])
-            else:  # a device generator that cannot be saved: reseed it from the position
-                state.dev_rng = backend.xp.random.default_rng(config.train.seed + 1
-                                                              + state.pos.step)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{source}: its generator states are damaged; "
-                                  f"{start_over(source)}") from None
-        atomic_write(self.path("metrics.jsonl"),
-                     "".join(json.dumps(row) + "\n" for row in history).encode())
-        return state, history
 
     def finish(self, params: Params, config: Config, summary: dict) -> None:
         save_model(self.path("model.npz"), params, config)
         atomic_write(self.path("summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(the arrays, the state record) of a checkpoint, the record's shape checked: its
+    `fixed` and `config` entries, when there, are mappings."""
+    source = str(path)
+    try:
+        arrays = load_npz(path)
+    except CheckpointError as e:  # cut short, or not a checkpoint at all
+        raise CheckpointError(f"{e}; {start_over(source)}") from None
+    try:
+        meta = parse_json(str(arrays["state"]))
+    except (KeyError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("fixed", {}), dict) \
+            or not isinstance(meta.get("config", {}), dict):
+        raise damaged_record(source)
+    return arrays, meta
+
+
+def restore_optimizer(state: "RunState", arrays: dict, config: Config, backend: Backend,
+                      source: str) -> None:
+    """Copy the checkpoint's weights and optimizer state (and the fast CPU step's velocity
+    scale) into the fresh `state`, each checked for shape and finiteness."""
+    host = params_from_arrays(arrays, config.model.layer_widths, source, config.train.dtype)
+    fresh = flat(state.params) + state.opt.m + state.opt.v
+    saved = flat(host) + tuple(arrays.get(f"opt_m{i}") for i in range(len(state.opt.m))) \
+        + tuple(arrays.get(f"opt_v{i}") for i in range(len(state.opt.v)))
+    for target, value in zip(fresh, saved):
+        if value is None or value.shape != target.shape:
+            raise CheckpointError(f"{source}: optimizer state does not match the config")
+        value = value.astype(target.dtype)
+        if not np.isfinite(value).all():  # gpumlp never saves one: the file was damaged
+            raise CheckpointError(f"{source}: its optimizer state holds NaN or infinite "
+                                  f"values; {start_over(source)}")
+        target[...] = backend.asarray(value)
+    scale = arrays.get("opt_scale")
+    if scale is not None:
+        if scale.shape != (1,) or not np.isfinite(scale).all() or not scale[0] > 0:
+            raise CheckpointError(f"{source}: optimizer state does not match the config")
+        state.opt = state.opt._replace(scale=scale.astype(np.float64))
+
+
+def restore_generators(state: "RunState", meta: dict, config: Config, backend: Backend,
+                       source: str) -> None:
+    """The host generator from its saved state; the device generator too, or, for one that
+    cannot save its state (CuPy's), reseeded from the position."""
+    try:
+        state.rng.bit_generator.state = meta["rng"]
+        if meta.get("dev_rng"):
+            state.dev_rng.bit_generator.state = parse_json(meta["dev_rng"])
+        else:
+            state.dev_rng = backend.xp.random.default_rng(config.train.seed + 1 + state.pos.step)
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{source}: its generator states are damaged; "
+                              f"{start_over(source)}") from None
 
 
 def start_over(source: str) -> str:
