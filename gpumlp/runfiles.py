@@ -52,8 +52,9 @@ def check_out_dir(path: Path, overwrite: bool) -> list[str]:
         raise GpumlpError(f"--out {path}: exists and is not a folder; pick another path")
     existing = run_files_in(path)
     if existing and not overwrite:
+        resume = "" if "summary.json" in existing else ", resume it with --resume"  # finished?
         raise GpumlpError(f"--out {path}: already holds a run ({', '.join(existing)}); "
-                          "pick another folder, resume it with --resume, or pass --overwrite")
+                          f"pick another folder{resume}, or pass --overwrite to replace it")
     try:
         path.mkdir(parents=True, exist_ok=True)
         why = write_problem(path)
@@ -118,7 +119,7 @@ def generator_state(rng) -> str | None:
 class RunFiles:
     def __init__(self, folder: Path):
         self.folder = folder
-        self.trained: dict | None = None  # the config of the last checkpoint's steps, dotted
+        self.trained_config: dict | None = None  # dotted: the config of the checkpoint's steps
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -214,24 +215,25 @@ class RunFiles:
     def check_nothing_set(self, config: Config) -> None:
         """Refuse values a resume of a run with no step left would record but never use: from
         --set, or from config.yaml edited since the last checkpoint, which records the config
-        its steps ran with (an older checkpoint does not: then only --set is seen)."""
-        by_set = self.differs(config)
-        if self.trained is None:
-            changed: list[str] = []
-            refuse = by_set
-        else:
-            changed = changes(self.trained, dotted(config_to_dict(config)))
-            refuse = bool(changed)
-        if not refuse:
-            return
-        shown = f": {', '.join(changed)}" if changed else ""
+        its steps ran with (an older checkpoint does not: then only --set is seen). A lower
+        train.epochs is used: it ends the run at the epochs done."""
+        def without_epochs(values: dict) -> dict:
+            return {key: value for key, value in values.items() if key != "train.epochs"}
+
+        yaml = dotted(config_to_dict(build_config(self.path("config.yaml"))))
+        by_set = changes(without_epochs(yaml), dotted(config_to_dict(config)))
+        edited = ([] if self.trained_config is None
+                  else changes(without_epochs(self.trained_config), yaml))
         if by_set:
-            error, source, fix = ConfigError, "the --set values", "drop --set"
+            error, source, changed, fix = ConfigError, "the --set values", by_set, "drop --set"
+        elif edited:
+            error, source, changed, fix = (GpumlpError, "config.yaml's changes since then",
+                                           edited, "undo them")
         else:
-            error, source, fix = GpumlpError, "config.yaml's changes since then", "undo them"
+            return
         raise error(f"--resume {self.folder}: the run has trained all {config.train.epochs} of "
-                    f"its epochs, so no step would use {source}{shown}; raise train.epochs to "
-                    f"train on with them, or {fix}")
+                    f"its epochs, so no step would use {source}: {', '.join(changed)}; raise "
+                    f"train.epochs to train on with them, or {fix}")
 
     def record_config(self, config: Config) -> None:
         """Rewrite config.yaml as `config` when its values differ (a resume with --set), so that
@@ -279,7 +281,7 @@ class RunFiles:
         source = str(self.path("checkpoint.npz"))
         arrays, meta = read_checkpoint(self.path("checkpoint.npz"))
         check_same_run(meta.get("fixed", {}), config, self.folder)  # older ones: not checked
-        self.trained = meta.get("config")                           # older ones lack it
+        self.trained_config = meta.get("config")                    # older ones lack it
         state = new_state(config, backend)
         restore_optimizer(state, arrays, config, backend, source)
         batches = -(-n_train // config.train.batch_size)
@@ -361,10 +363,13 @@ def restore_generators(state: "RunState", meta: dict, config: Config, backend: B
 
 
 def start_over(source: str) -> str:
-    """How to start the run of a checkpoint that cannot be resumed over, with its config."""
-    folder = shlex.quote(str(Path(source).parent))
-    return (f"start the run over: gpumlp train --config {folder}/config.yaml --out {folder} "
-            "--overwrite")
+    """How to start the run of a checkpoint that cannot be resumed over, with its config (and
+    its --init weights, init.npz, when it had them)."""
+    folder = Path(source).parent
+    quoted = shlex.quote(str(folder))
+    init = f" --init {quoted}/init.npz" if (folder / "init.npz").is_file() else ""
+    return (f"start the run over: gpumlp train --config {quoted}/config.yaml{init} --out "
+            f"{quoted} --overwrite")
 
 
 def damaged_record(source: str) -> CheckpointError:

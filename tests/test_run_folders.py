@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -696,6 +697,52 @@ def test_resume_takes_a_config_yaml_with_a_new_learning_rate_and_more_epochs(sto
     assert json.loads((stopped / "summary.json").read_text())["steps"] == 30
 
 
+def test_the_start_over_advice_keeps_the_runs_init_weights(finished, tiny_data_dir, tmp_path,
+                                                           monkeypatch):
+    args = ["--init", finished / "model.npz", "--set", "train.batch_size=25", "--set",
+            "train.epochs=2"]
+    reference = tmp_path / "reference"              # the same run, never stopped
+    assert cli(*train_args(reference, tiny_data_dir, *args)).exit_code == 0
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=14))
+    out = tmp_path / "run from init"
+    assert cli(*train_args(out, tiny_data_dir, *args)).exit_code == 143
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    arrays = load_npz(out / "checkpoint.npz")
+    record = json.loads(str(arrays["state"]))
+    record["rng"] = {}                              # a record that cannot be resumed
+    from gpumlp.npzio import save_npz
+    save_npz(out / "checkpoint.npz", {**arrays, "state": np.array(json.dumps(record))})
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
+    assert result.exit_code == 1
+    command = shlex.split(result.stderr.strip().split(": gpumlp ")[1])
+    assert command[command.index("--init") + 1] == str(out / "init.npz")
+    assert cli(*command, "--data-dir", tiny_data_dir, "--device", "cpu", "-q").exit_code == 0
+    assert (out / "model.npz").read_bytes() == (reference / "model.npz").read_bytes()
+
+
+@pytest.mark.parametrize("how", ["--set", "config.yaml"])
+def test_a_run_stopped_at_an_epochs_end_can_be_ended_there(tiny_data_dir, tmp_path,
+                                                           monkeypatch, how):
+    """train.epochs lowered to the epochs done is used: it ends the run, as it may mid-epoch."""
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=10))
+    out = tmp_path / "run"                          # stopped at step 10: the end of epoch 1
+    args = ["--set", "train.batch_size=25", "--set", "train.epochs=3"]
+    assert cli(*train_args(out, tiny_data_dir, *args)).exit_code == 143
+    assert not (out / "model.npz").exists()
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    resume = ["train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
+    if how == "--set":
+        resume += ["--set", "train.epochs=1"]
+    else:
+        edit_config(out, "train", "epochs", 1)
+    result = cli(*resume)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 1
+
+
 def test_resume_refuses_fewer_epochs_than_the_run_has_begun(tiny_data_dir, tmp_path,
                                                              monkeypatch):
     make_step = train_module.make_step
@@ -796,7 +843,7 @@ def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_dat
     assert_one_error_line(result, 1, f"{path}: {fragment}", start_over)
     assert result.stderr.strip().endswith(start_over)
     assert digests(stopped) == before
-    command = start_over.split(": gpumlp ")[1].split()
+    command = shlex.split(start_over.split(": gpumlp ")[1])
     again = cli(*command, "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
     assert again.exit_code == 0, again.output                     # the advice works
 
