@@ -113,13 +113,17 @@ def parse_json(text: str) -> Any:
 
 def no_config(npz: Npz, source: str) -> CheckpointError:
     """The error for a file with no config string: a training checkpoint (its `state` record
-    inside) is told how to finish its run, which writes the model."""
+    inside) is told of the model beside it, or how to finish its run, which writes one."""
     if "config" in npz.headers or "state" not in npz.headers:
         return CheckpointError(f"{source}: no config string inside; not a gpumlp model file")
     folder = Path(source).parent
+    model = shlex.quote(str(folder / "model.npz"))
+    if (folder / "model.npz").is_file():  # a finished run: its model is beside the checkpoint
+        return CheckpointError(f"{source}: a training checkpoint, not a model; give the run's "
+                               f"model, {model}")
     return CheckpointError(f"{source}: a training checkpoint, not a model; finish the run with "
                            f"gpumlp train --resume {shlex.quote(str(folder))} (it writes "
-                           f"{shlex.quote(str(folder / 'model.npz'))})")
+                           f"{model})")
 
 
 def config_of(npz: Npz, source: str) -> Config:
@@ -185,9 +189,11 @@ def trained_widths(npz: Npz, source: str, widths: tuple[int, ...]) -> str:
     if model.layer_widths == widths:
         return ""
     hidden = model.hidden if isinstance(model.hidden, int) else list(model.hidden)
-    setting = shlex.quote(f"model.hidden={json.dumps(hidden, separators=(',', ':'))}")
+    text = json.dumps(hidden, separators=(",", ":"))
+    if len(text) > 60:  # a deep net: the config says it better than a --set would
+        return f"; it was trained with model.hidden {shown(hidden)}: train with its config"
     return (f"; it was trained with model.hidden {json.dumps(hidden)}: train with "
-            f"--set {setting} (or its config)")
+            f"--set {shlex.quote(f'model.hidden={text}')} (or its config)")
 
 
 def load_init(path: str | os.PathLike, widths: tuple[int, ...], dtype: str) -> Params:

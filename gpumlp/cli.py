@@ -20,7 +20,7 @@ import click
 
 from . import __version__
 from .cli_common import (data_dir_option, device_option, domain_errors, interrupted_how,
-                         load_mnist_for)
+                         load_mnist_for, model_argument)
 from .errors import CheckpointError, ConfigError, GpumlpError, Terminated
 
 
@@ -273,7 +273,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
 
 
 @main.command(short_help="Test loss and accuracy of a model.npz on the MNIST test set.")
-@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@model_argument
 @device_option
 @data_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")

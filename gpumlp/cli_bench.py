@@ -65,10 +65,11 @@ def header_lines(backend, result: dict, spec, data: str = "mnist") -> list[str]:
         f"gpumlp step: {result.get('gpumlp_step', '-')}",
         f"sgemm     {result['sgemm_gflops']:.1f} GFLOP/s (best 2048^3 float32 product, measured "
         "at the start)",
-        f"data      {data_line(data, spec.samples)}; fp32; "
-        f"SGD momentum {MOMENTUM}, lr {LR}; median of {spec.repeats} interleaved timings of "
-        f"{spec.epochs} epoch(s); gpumlp/torch: median of the {spec.repeats} rounds' ratios "
-        "of gpumlp's epoch to torch's (below 1: gpumlp is faster)",
+        f"data      {data_line(data, spec.samples)}; fp32; SGD momentum {MOMENTUM}, lr {LR}; "
+        + (f"median of {spec.repeats} interleaved timings of {spec.epochs} epoch(s); "
+           f"gpumlp/torch: median of the {spec.repeats} rounds' ratios of gpumlp's epoch to "
+           "torch's (below 1: gpumlp is faster)" if result["torch"] else
+           f"median of {spec.repeats} timings of {spec.epochs} epoch(s) (no torch to compare)"),
         "GFLOP/s   the products each side executes (gpumlp's CPU step leaves zero pixels out of "
         "its first layer's), over s/epoch",
     ]

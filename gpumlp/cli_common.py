@@ -77,6 +77,33 @@ def data_dir_source() -> tuple[str, str]:
     return "--data-dir ", "drop --data-dir"
 
 
+class ModelPath(click.Path):
+    """A model.npz argument: a run's folder given instead says which file to give."""
+
+    def __init__(self):
+        super().__init__(dir_okay=False)
+
+    def convert(self, value, param, ctx):
+        model = os.path.join(value, "model.npz")
+        if os.path.isdir(value) and os.path.isfile(model):
+            self.fail(f"{value} is a run's folder; give its model, {model}", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def model_argument(fn):
+    """The MODEL argument of evaluate, predict and export."""
+    return click.argument("model_path", metavar="MODEL", type=ModelPath())(fn)
+
+
+def no_mnist_files(data_dir: str, then: str) -> str:
+    """The one line for a --data-dir (or GPUMLP_DATA_DIR) holding none of the four MNIST files:
+    the names it needs, and how to `then` ("use", "check") the cache instead."""
+    from .mnist import NONE_THERE
+
+    source, drop = data_dir_source()
+    return f"{source}{data_dir}: {NONE_THERE}, or {drop} to {then} the cache"
+
+
 def load_mnist_for(data_dir: str | None, quiet: bool = False):
     """The MNIST arrays, from --data-dir or the cache (fetched on first use).
 
@@ -88,7 +115,7 @@ def load_mnist_for(data_dir: str | None, quiet: bool = False):
     from .cli_data import progress_reporter
     from .errors import DataError
     from .fetch import ensure_mnist, load_verified, mnist_cache_dir
-    from .mnist import NONE_THERE, holds_none, load_mnist
+    from .mnist import holds_none, load_mnist
 
     if data_dir:
         source, drop = data_dir_source()
@@ -97,7 +124,7 @@ def load_mnist_for(data_dir: str | None, quiet: bool = False):
             raise DataError(f"{source}{data_dir}: {what}; point it at the folder holding the "
                             f"four MNIST files, or {drop} to use the cache")
         if holds_none(data_dir):  # one line, as `gpumlp data verify` says it
-            raise DataError(f"{source}{data_dir}: {NONE_THERE}, or {drop} to use the cache")
+            raise DataError(no_mnist_files(data_dir, "use"))
         try:
             return load_verified(data_dir)
         except DataError as e:

@@ -13,11 +13,12 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from .cli_common import data_dir_option_for, data_dir_source, load_mnist_for
+from .cli_common import (data_dir_option_for, data_dir_source, load_mnist_for,
+                         no_mnist_files)
 from .errors import GpumlpError, folder_problem
 from .fetch import (Event, all_missing, check_cache, ensure_mnist, file_problem, mnist_cache_dir,
                     no_files_message)
-from .mnist import ALL_FILES, NONE_THERE, load_mnist
+from .mnist import ALL_FILES, load_mnist
 
 
 class TerminalProgress:
@@ -49,6 +50,9 @@ class TerminalProgress:
             click.echo(f"fetching MNIST from {event.source}", file=self.stream)
         elif event.kind == "skip":
             click.echo(f"  passed over {event.source}: {event.detail}", file=self.stream)
+        elif event.kind == "done":
+            click.echo(f"MNIST verified and stored in {event.detail} (from {event.source})",
+                       file=self.stream)
 
     def show_bytes(self, event: Event) -> None:
         if not self.bars:
@@ -135,9 +139,7 @@ def verify_command(data_dir: Path | None) -> None:
     if all_missing(problems, len(ALL_FILES)):  # nothing to list file by file
         if data_dir is None:
             raise click.ClickException(no_files_message(folder))
-        source, drop = data_dir_source()
-        raise click.ClickException(f"{source}{data_dir}: {NONE_THERE}, or {drop} to check the "
-                                   "cache")
+        raise click.ClickException(no_mnist_files(data_dir, "check"))
     for stem, problem in problems.items():
         click.echo(f"ok   {stem}" if problem is None else f"BAD  {stem}: {problem}")
     bad = sum(problem is not None for problem in problems.values())

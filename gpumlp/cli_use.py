@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from .cli_common import OneLineError, data_dir_option, device_option, domain_errors, load_mnist_for
+from .cli_common import (OneLineError, data_dir_option, device_option, domain_errors,
+                         load_mnist_for, model_argument)
 
 
 def require(module: str, package: str, extra: str) -> None:
@@ -37,7 +38,7 @@ def result_line(result, top_k: int, as_json: bool) -> str:
 
 
 @click.command(short_help="Predict the digit in PNG, JPEG or BMP images, or .npy arrays.")
-@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@model_argument
 @click.argument("files", metavar="FILE...", nargs=-1, required=True)
 @click.option("--top-k", "top_k", default=3, show_default=True, type=click.IntRange(1, 10),
               help="How many classes to print per file, most probable first.")
@@ -110,7 +111,7 @@ def report(run_dir, overwrite, device, data_dir):
 
 
 @click.command()
-@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@model_argument
 @click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True,
               help="File format to write.")
 @click.option("--out", type=click.Path(dir_okay=False),

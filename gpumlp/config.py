@@ -185,7 +185,9 @@ def _unknown_key(prefix: str, key: str, known: list[str], keys: tuple) -> Config
         return KeyProblem(keys, f"empty config key under {where}; "
                                 f"known keys there: {', '.join(known)}")
     close = [f"{prefix}{name}" for name in difflib.get_close_matches(key, known, n=1)]
-    meant = " or ".join(f"'{p}'" for p in close or _elsewhere(prefix, key))
+    elsewhere = _elsewhere(prefix, key)
+    exact = [p for p in elsewhere if p.rpartition(".")[2] == key]  # the key, in another section
+    meant = " or ".join(f"'{p}'" for p in (exact + close if exact else close or elsewhere))
     hint = (f"; did you mean {meant}?" if meant
             else f"; known keys under {where}: {', '.join(known)}")
     return KeyProblem(keys, f"unknown config key '{prefix}{key}'{hint}")
@@ -386,7 +388,8 @@ def build_config(path: str | Path | None = None, overrides: tuple[str, ...] | li
     An error in the merge starts with the file's path or the --set that gave the key."""
     layers = [(f"{path}: ", read_yaml(path))] if path is not None else []
     layers += [(f"--set {shown(text)}: ", parse_override(text)) for text in overrides]
-    layers += [("", _nest(key, value)) for key, value in flags.items() if value is not None]
+    layers += [(f"--{key.rpartition('.')[2]} {shown(value)}: ", _nest(key, value))  # --seed
+               for key, value in flags.items() if value is not None]
     values: dict = {}
     for _, layer in layers:
         values = _deep_merge(values, layer)

@@ -51,8 +51,9 @@ class Event(NamedTuple):
     """One step of `ensure_mnist`, for a progress display.
 
     kind: "source" (asking a remote source), "skip" (a source failed; `detail` says why),
-    "unused" (the folder the user named fails its check, `detail` says why, and the cache is
-    used instead: worth a warning even when nothing else is shown), "bytes" (download of `file`:
+    "done" (the files are verified in the cache, `detail`, the last from `source`), "unused"
+    (the folder the user named fails its check, `detail` says why, and the cache is used
+    instead: worth a warning even when nothing else is shown), "bytes" (download of `file`:
     `done` of `total` bytes, `total` None when unknown).
     """
     kind: str
@@ -207,6 +208,7 @@ def fetch_missing(cache: Path, missing: dict[str, str], sources: list[tuple[str,
                 report(Event("skip", label, detail=failures[-1][1]))
             missing = failed
             if not missing:
+                report(Event("done", label, detail=str(cache)))
                 break
     except CacheUnwritable as e:
         raise DataError(str(e)) from None

@@ -19,8 +19,10 @@ FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 ALL_FILES = tuple(name for pair in FILES.values() for name in pair)
-# what a folder holding none of ALL_FILES lacks, and where to get them (after "FOLDER: ")
-NONE_THERE = "none of the four MNIST files is there; put them there (see docs/data.md)"
+# what a folder holding none of ALL_FILES lacks (after "FOLDER: "): the names it needs, since
+# the files are often saved under others (Kaggle's train-images.idx3-ubyte)
+NONE_THERE = (f"none of the four MNIST files is there ({', '.join(ALL_FILES)}, each raw or "
+              ".gz); put them there under those names")
 
 
 class Split(NamedTuple):

@@ -30,15 +30,8 @@ class Reporter:
     def __call__(self, kind: str, info: dict) -> None:
         if self.quiet:
             return
-        if kind == "start" and info["epoch"] >= info["epochs"]:   # a finished run, resumed
-            done = f"{info['epochs']} epoch" + ("s" if info["epochs"] != 1 else "")
-            click.echo(f"nothing to train: the run has done its {done}; writing its results "
-                       "again (to train longer, resume with --set train.epochs=N)", err=True)
-        elif kind == "start":
-            click.echo(f"training on {info['device']}: {info['n_train']} examples, "
-                       f"{info['batches']} batches per epoch, {info['epochs']} epochs"
-                       + (f" (resuming after epoch {info['epoch']})" if info["epoch"] else ""),
-                       err=True)
+        if kind == "start":
+            self.start(info)
         elif kind == "step" and self.use_bar:
             if self.bar is None:
                 from tqdm import tqdm
@@ -49,6 +42,19 @@ class Reporter:
         elif kind == "epoch":
             self.close()
             click.echo(format_epoch(info), err=True)
+
+    def start(self, info: dict) -> None:
+        """The line before training: what it runs on and for how long, or, for a finished run
+        resumed, that there is nothing to train."""
+        epochs = f"{info['epochs']} epoch" + ("s" if info["epochs"] != 1 else "")
+        if info["epoch"] >= info["epochs"]:
+            click.echo(f"nothing to train: the run has done its {epochs}; writing its results "
+                       "again (to train longer, resume with --set train.epochs=N)", err=True)
+            return
+        click.echo(f"training on {info['device']}: {info['n_train']} examples, "
+                   f"{info['batches']} batches per epoch, {epochs}"
+                   + (f" (resuming after epoch {info['epoch']})" if info["epoch"] else ""),
+                   err=True)
 
     def close(self) -> None:
         if self.bar is not None:

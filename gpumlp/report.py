@@ -165,14 +165,17 @@ def new_figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def smoothing_note(smoothing: float) -> str:
-    """Why train_loss sits above val_loss and test_loss in a run with label smoothing ('' in
-    one without)."""
-    if not smoothing:
-        return ""
+def smoothing_note(smoothing: float, c: int, has_val: bool) -> str:
+    """Why train_loss sits above test_loss (and val_loss) in a run with label smoothing e over
+    c classes: its targets (1 - e) onehot + e / c have an entropy it cannot go below."""
+    on, off = 1 - smoothing + smoothing / c, smoothing / c
+    floor = -(on * np.log(on) + (c - 1) * off * np.log(off))
+    evaluated = "val_loss and test_loss are" if has_val else "test_loss is"
     return (f"train_loss is the objective: the cross-entropy against targets smoothed by "
-            f"train.label_smoothing {smoothing:g}, averaged during the epoch; val_loss and "
-            "test_loss are against the true labels, after it, so train_loss sits above them.")
+            f"train.label_smoothing {smoothing:g}, averaged over the epoch's steps; it cannot go "
+            f"below {floor:.3f}, the entropy of those targets. {evaluated} the cross-entropy "
+            "against the true labels, measured after each epoch, which has no such floor: "
+            "that is why train_loss can sit above it.")
 
 
 def plot_learning_curves(rows: list[dict], path: Path, smoothing: float = 0.0) -> None:
@@ -271,7 +274,8 @@ def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutp
          f"test loss {last['test_loss']:.4f}, train accuracy {last['train_accuracy']:.4f}."), "",
         "## Learning curves", "", f"![learning curves]({FIGURES['learning_curves']})", "",
         "Per epoch, from metrics.jsonl:", "",
-        *((smoothing_note(smoothing), "") if smoothing else ()),
+        *((smoothing_note(smoothing, counts.shape[0], "val_loss" in last), "")
+          if smoothing else ()),
         "| epoch | " + " | ".join(keys) + " | lr | seconds |",
         "|---:|" + "---:|" * (len(keys) + 2),
         *(f"| {row['epoch']} | " + " | ".join(f"{row[k]:.4f}" for k in keys)

@@ -55,10 +55,16 @@ section() {  # section NAME LIMIT_SECONDS LOG COMMAND...: run it, tee its output
   local name=$1 limit=$2 log=$3
   shift 3
   echo "=== $name (at most ${limit}s) ===" | tee "$OUT/$log"
+  local start=$SECONDS
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
-  local rc=${PIPESTATUS[0]}
-  STATUS[$name]=$([ "$rc" -eq 0 ] && echo ok ||
-    { { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && echo "TIMED OUT" || echo "failed ($rc)"; })
+  local rc=${PIPESTATUS[0]} took=$((SECONDS - start))
+  if [ "$rc" -eq 0 ]; then
+    STATUS[$name]=ok
+  elif [ "$rc" -eq 124 ] || { [ "$rc" -eq 137 ] && [ "$took" -ge "$limit" ]; }; then
+    STATUS[$name]="TIMED OUT"           # 137: it ignored timeout's SIGTERM and was killed
+  else
+    STATUS[$name]="failed ($rc)"        # 137 before the limit: killed, e.g. out of memory
+  fi
 }
 
 info() {  # fails when the versions or `gpumlp info` cannot be printed

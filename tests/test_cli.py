@@ -145,8 +145,12 @@ def test_out_holding_a_run_is_refused_without_overwrite(tiny_data_dir, tmp_path)
         (out / name).write_bytes(data)
     args = ["train", "--config", SMOKE, *TINY, "--set", "train.epochs=1", "--device", "cpu",
             "--out", out, "--data-dir", tiny_data_dir, "--quiet"]
-    assert_one_error_line(cli(*args), 1, "already holds a run", "--overwrite")
+    assert_one_error_line(cli(*args), 1, f"--out {out}: already holds a run (model.npz, "
+                          "summary.json); pick another folder, or pass --overwrite to replace it")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    (out / "summary.json").unlink()            # not finished: resuming it is a way on
+    assert_one_error_line(cli(*args), 1, "pick another folder, resume it with --resume, or pass "
+                          "--overwrite to replace it")
 
     assert cli(*args, "--overwrite").exit_code == 0
     assert (out / "model.npz").read_bytes() != old["model.npz"]
@@ -561,6 +565,18 @@ def test_python_dash_m_gpumlp_runs_the_command_through_the_entry_point():
 
 
 # --- what a mutation review found untested -------------------------------------------------
+
+def test_the_start_line_counts_epochs_in_words(capsys):
+    from gpumlp.progress import Reporter
+
+    info = {"device": "cpu (NumPy)", "n_train": 300, "batches": 3, "epoch": 0}
+    Reporter()("start", {**info, "epochs": 1})
+    Reporter()("start", {**info, "epochs": 2, "epoch": 1})
+    assert capsys.readouterr().err == (
+        "training on cpu (NumPy): 300 examples, 3 batches per epoch, 1 epoch\n"
+        "training on cpu (NumPy): 300 examples, 3 batches per epoch, 2 epochs (resuming after "
+        "epoch 1)\n")
+
 
 def test_the_epoch_line_shows_the_validation_numbers_of_a_run_that_has_them():
     from gpumlp.progress import format_epoch

@@ -21,6 +21,9 @@ from gpumlp.fetch import Event
 from gpumlp.fetch_store import STALE_SECONDS
 from gpumlp.mnist import load_mnist
 
+NAMES = ("train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+         "t10k-labels-idx1-ubyte")  # what a folder's files must be called, as errors list them
+
 
 @pytest.fixture(autouse=True)
 def cache(monkeypatch, tmp_path):
@@ -61,6 +64,8 @@ def test_fetch_prints_the_folder_and_progress_on_stderr(cache, mirror):
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{cache}\n"
     assert "fetching MNIST from mirror http://127.0.0.1" in result.stderr
+    assert result.stderr.endswith(f"MNIST verified and stored in {cache} (from mirror "
+                                  f"{mirror.base}good/)\n")
     quiet = invoke("fetch", "--quiet")
     assert (quiet.exit_code, quiet.stdout, quiet.stderr) == (0, f"{cache}\n", "")
 
@@ -160,7 +165,9 @@ def test_verify_of_an_empty_data_dir_is_one_line(tmp_path, fake):
     folder = tmp_path / "mine"
     folder.mkdir()
     result = invoke("verify", "--data-dir", str(folder))
-    assert_clean_error(result, f"--data-dir {folder}: none of the four MNIST files is there; ")
+    assert_clean_error(result, f"--data-dir {folder}: none of the four MNIST files is there "
+                       f"({NAMES}, each raw or .gz); put them there under those names, or drop "
+                       "--data-dir to check the cache")
     assert "drop --data-dir" in result.stderr and result.stderr.count("\n") == 1
     assert result.stdout == ""
     (folder / "train-labels-idx1-ubyte.gz").write_bytes(fake.gz["train-labels-idx1-ubyte"])
@@ -291,8 +298,9 @@ def test_every_command_reading_a_data_dir_with_none_of_the_files_says_so_in_one_
         result = CliRunner().invoke(main, args, env={given: str(empty)})
         source = f"{given}={empty}"
     assert_clean_error(result, "")
-    assert result.stderr == (f"Error: {source}: none of the four MNIST files is there; put "
-                             f"them there (see docs/data.md), or {drop} to use the cache\n")
+    assert result.stderr == (f"Error: {source}: none of the four MNIST files is there ("
+                             f"{NAMES}, each raw or .gz); put them there under those names, or "
+                             f"{drop} to use the cache\n")
     assert result.stdout == "" and not (tmp_path / "run").exists()
 
 
@@ -305,12 +313,23 @@ def test_a_data_dir_missing_only_some_files_lists_them(tmp_path, fake):
                        "t10k-images-idx3-ubyte: missing; t10k-labels-idx1-ubyte: missing; fix")
 
 
+def test_files_under_other_names_get_the_names_they_need(tmp_path):
+    """Kaggle's copies are called train-images.idx3-ubyte and so on: the line says which names
+    gpumlp reads, rather than that nothing is there."""
+    for name in ("train-images.idx3-ubyte", "train-labels.idx1-ubyte", "t10k-images.idx3-ubyte",
+                 "t10k-labels.idx1-ubyte"):
+        (tmp_path / name).write_bytes(b"\0" * 16)
+    result = invoke("info", "--data-dir", str(tmp_path))
+    assert_clean_error(result, f"none of the four MNIST files is there ({NAMES}, each raw or "
+                       ".gz); put them there under those names, or drop --data-dir")
+
+
 def test_loading_a_folder_holding_none_of_the_files_is_one_line(tmp_path):
     (tmp_path / "train-images-idx3-ubyte").mkdir()  # a folder under a file's name is no file
     with pytest.raises(DataError) as info:
         load_mnist(tmp_path)
-    assert str(info.value) == (f"{tmp_path}: none of the four MNIST files is there; put them "
-                               "there (see docs/data.md)")
+    assert str(info.value) == (f"{tmp_path}: none of the four MNIST files is there ({NAMES}, "
+                               "each raw or .gz); put them there under those names")
 
 
 def test_info_without_data_downloads_nothing_and_says_what_to_do_in_one_line(cache, fake,

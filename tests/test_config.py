@@ -109,10 +109,10 @@ def test_a_set_may_still_mend_a_file_value_and_errors_past_it_are_its_own(tmp_pa
     assert message.startswith("--set 'model.activaton=relu': unknown config key 'model.activaton'")
 
 
-def test_an_error_from_a_flag_has_no_file_or_set_named(tmp_path):
+def test_an_error_from_a_flag_names_the_flag(tmp_path):
     path = write(tmp_path, "train: {seed: 1}\n")
     message = error_of(build_config, path, ["train.seed=2"], **{"train.seed": -1})
-    assert message == "config key 'train.seed' must be >= 0, got -1"
+    assert message == "--seed -1: config key 'train.seed' must be >= 0, got -1"
 
 
 def test_set_values_are_parsed_as_yaml():
@@ -184,11 +184,17 @@ def test_a_key_in_the_wrong_section_suggests_the_section_it_is_in(override, mess
     assert error_of(build_config, None, [override]) == f"--set {override!r}: {message}"
 
 
-def test_a_close_match_in_the_same_section_comes_before_one_elsewhere():
-    # 'eps' is optim's, yet train's 'epochs' is close to it; 'epocs' is closer to train's
-    # 'epochs' than to optim's 'eps', yet under optim it is taken for 'eps'
+def test_the_same_key_in_another_section_comes_first_then_a_close_one_in_this_section():
+    # 'eps' is optim's, and train's 'epochs' is close to it: both are offered, the exact first
     message = error_of(config_from_dict, {"train": {"eps": 1}})
-    assert message == "unknown config key 'train.eps'; did you mean 'train.epochs'?"
+    assert message == "unknown config key 'train.eps'; did you mean 'optim.eps' or 'train.epochs'?"
+    message = error_of(config_from_dict, {"optim": {"epochs": 1}})
+    assert message == ("unknown config key 'optim.epochs'; did you mean 'train.epochs' or "
+                       "'optim.step_epochs'?")
+    message = error_of(config_from_dict, {"model": {"limit": 1}})
+    assert message == "unknown config key 'model.limit'; did you mean 'data.limit' or 'model.init'?"
+    # with no exact key elsewhere, a close key in the section wins over a close one elsewhere:
+    # 'epocs' is closer to train's 'epochs' than to optim's 'eps', yet under optim it is 'eps'
     message = error_of(config_from_dict, {"optim": {"epocs": 1}})
     assert message == "unknown config key 'optim.epocs'; did you mean 'optim.eps'?"
 

@@ -316,6 +316,19 @@ def test_a_checkpoint_given_as_a_model_says_how_to_finish_the_run(interrupted, t
                      f"{other}: no config string inside; not a gpumlp model file")
 
 
+def test_a_run_folder_given_as_the_model_names_the_file_to_give(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.npz").write_bytes(b"")
+    for args in model_commands(run, tmp_path):
+        result = invoke(*args)
+        assert result.exit_code == 2
+        assert (f"Error: Invalid value for 'MODEL': {run} is a run's folder; give its model, "
+                f"{run / 'model.npz'}\n") in result.stderr
+    result = invoke(evaluate, tmp_path, "--device", "cpu")   # a folder with no model in it
+    assert result.exit_code == 2 and "is a directory" in result.stderr
+
+
 def test_the_missing_model_of_an_unfinished_run_says_how_to_finish_it(interrupted, tmp_path):
     model = interrupted / "model.npz"
     for args in model_commands(model, tmp_path):
@@ -334,6 +347,9 @@ def test_the_advice_for_an_unfinished_run_writes_the_model(interrupted, tiny_dat
     assert result.exit_code == 0, result.output
     assert invoke(evaluate, run / "model.npz", "--data-dir", tiny_data_dir,
                   "--device", "cpu").exit_code == 0
+    line = assert_one_error(invoke(evaluate, run / "checkpoint.npz", "--device", "cpu"))
+    assert line == (f"Error: {run / 'checkpoint.npz'}: a training checkpoint, not a model; give "
+                    f"the run's model, {run / 'model.npz'}")              # finished: it is there
     (run / "model.npz").unlink()  # a finished run (summary.json) that lost its model: no advice
     line = assert_one_error(invoke(evaluate, run / "model.npz", "--device", "cpu"))
     assert line == f"Error: {run / 'model.npz'}: no such file"
@@ -363,6 +379,20 @@ def test_init_from_a_model_of_other_widths_says_which_it_was_trained_with(tmp_pa
     result = invoke(train, "--init", model, "--set", f"model.hidden={hidden}", "--set",
                     "train.epochs=1", *common, "--out", tmp_path / "ok")
     assert result.exit_code == 0, result.output  # the advice works
+
+
+def test_the_init_width_hint_of_a_deep_model_stays_one_short_line(tmp_path):
+    from gpumlp.checkpoint import load_init
+
+    config = build_config(None, [f"model.hidden={[4] * 40}"])               # 40 hidden layers
+    model = tmp_path / "deep.npz"
+    save_model(model, init_params(config.model.layer_widths, "he", np.random.default_rng(0)),
+               config)
+    with pytest.raises(CheckpointError) as error:
+        load_init(model, (784, 8, 10), "float32")
+    message = str(error.value)
+    assert message.endswith("train with its config") and "--set" not in message
+    assert len(message) < 300
 
 
 # --- .npy pictures and what is not a file -------------------------------------------------
