@@ -121,6 +121,9 @@ def no_config(npz: Npz, source: str) -> CheckpointError:
     if (folder / "model.npz").is_file():  # a finished run: its model is beside the checkpoint
         return CheckpointError(f"{source}: a training checkpoint, not a model; give the run's "
                                f"model, {model}")
+    if not (folder / "config.yaml").is_file():  # moved out of its run's folder
+        return CheckpointError(f"{source}: a training checkpoint, not a model; give a model.npz, "
+                               "which gpumlp train writes into its run's folder at the end")
     return CheckpointError(f"{source}: a training checkpoint, not a model; finish the run with "
                            f"gpumlp train --resume {shlex.quote(str(folder))} (it writes "
                            f"{model})")

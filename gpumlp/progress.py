@@ -49,7 +49,7 @@ class Reporter:
         epochs = f"{info['epochs']} epoch" + ("s" if info["epochs"] != 1 else "")
         if info["epoch"] >= info["epochs"]:
             click.echo(f"nothing to train: the run has done its {epochs}; writing its results "
-                       "again (to train longer, resume with --set train.epochs=N)", err=True)
+                       "(to train longer, resume with --set train.epochs=N)", err=True)
             return
         click.echo(f"training on {info['device']}: {info['n_train']} examples, "
                    f"{info['batches']} batches per epoch, {epochs}"

@@ -170,12 +170,12 @@ def smoothing_note(smoothing: float, c: int, has_val: bool) -> str:
     c classes: its targets (1 - e) onehot + e / c have an entropy it cannot go below."""
     on, off = 1 - smoothing + smoothing / c, smoothing / c
     floor = -(on * np.log(on) + (c - 1) * off * np.log(off))
-    evaluated = "val_loss and test_loss are" if has_val else "test_loss is"
+    evaluated, them = ("val_loss and test_loss are", "them") if has_val else ("test_loss is", "it")
     return (f"train_loss is the objective: the cross-entropy against targets smoothed by "
             f"train.label_smoothing {smoothing:g}, averaged over the epoch's steps; it cannot go "
             f"below {floor:.3f}, the entropy of those targets. {evaluated} the cross-entropy "
-            "against the true labels, measured after each epoch, which has no such floor: "
-            "that is why train_loss can sit above it.")
+            "against the true labels, measured after each epoch, with no such floor: that is "
+            f"why train_loss can sit above {them}.")
 
 
 def plot_learning_curves(rows: list[dict], path: Path, smoothing: float = 0.0) -> None:

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .backend import Backend, to_host
-from .checkpoint import load_init, param_arrays, params_from_arrays, parse_json, save_model
+from .checkpoint import (check_layout, load_init, param_arrays, params_from_arrays, parse_json,
+                         save_model)
 from .config import Config, build_config, config_to_dict, dump_config
 from .errors import CheckpointError, ConfigError, GpumlpError, folder_problem, write_problem
 from .model import Params
@@ -87,10 +88,11 @@ def fixed_keys(config: Config) -> dict:
             if key.startswith(("model.", "data.")) or key in RESUME_FIXED_KEYS}
 
 
-def changes(saved: dict, now: dict) -> list[str]:
-    """`key (old -> new)` for each dotted key of `saved` whose value `now` differs."""
+def changes(saved: dict, now: dict, keys: list[str] | None = None) -> list[str]:
+    """`key (old -> new)` for each dotted key of `saved` (or of `keys`) whose value `now`
+    differs."""
     return [f"{key} ({json.dumps(saved[key])} -> {json.dumps(now.get(key))})"
-            for key in saved if now.get(key) != saved[key]]
+            for key in (saved if keys is None else keys) if now.get(key) != saved[key]]
 
 
 def check_same_run(saved: dict, config: Config, folder: Path,
@@ -217,23 +219,22 @@ class RunFiles:
         --set, or from config.yaml edited since the last checkpoint, which records the config
         its steps ran with (an older checkpoint does not: then only --set is seen). A lower
         train.epochs is used: it ends the run at the epochs done."""
-        def without_epochs(values: dict) -> dict:
-            return {key: value for key, value in values.items() if key != "train.epochs"}
-
         yaml = dotted(config_to_dict(build_config(self.path("config.yaml"))))
-        by_set = changes(without_epochs(yaml), dotted(config_to_dict(config)))
-        edited = ([] if self.trained_config is None
-                  else changes(without_epochs(self.trained_config), yaml))
-        if by_set:
-            error, source, changed, fix = ConfigError, "the --set values", by_set, "drop --set"
-        elif edited:
-            error, source, changed, fix = (GpumlpError, "config.yaml's changes since then",
-                                           edited, "undo them")
-        else:
+        now = dotted(config_to_dict(config))
+        ran = self.trained_config if self.trained_config is not None else yaml
+        changed = [key for key in ran if key != "train.epochs" and now.get(key) != ran[key]]
+        if not changed:
             return
-        raise error(f"--resume {self.folder}: the run has trained all {config.train.epochs} of "
-                    f"its epochs, so no step would use {source}: {', '.join(changed)}; raise "
-                    f"train.epochs to train on with them, or {fix}")
+        by_set = any(now.get(key) != yaml.get(key) for key in changed)
+        edited = any(yaml.get(key) != ran[key] for key in changed)
+        source, fix = {(True, False): ("the --set values", "drop --set"),
+                       (False, True): ("config.yaml's changes since then", "undo them"),
+                       (True, True): ("the --set values and config.yaml's changes since then",
+                                      "drop --set and undo the edits")}[by_set, edited]
+        raise (ConfigError if by_set else GpumlpError)(
+            f"--resume {self.folder}: the run has trained all {config.train.epochs} of its "
+            f"epochs, so no step would use {source}: {', '.join(changes(ran, now, changed))}; "
+            f"raise train.epochs to train on with them, or {fix}")
 
     def record_config(self, config: Config) -> None:
         """Rewrite config.yaml as `config` when its values differ (a resume with --set), so that
@@ -319,7 +320,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     except (KeyError, ValueError):
         meta = None
     if not isinstance(meta, dict) or not isinstance(meta.get("fixed", {}), dict) \
-            or not isinstance(meta.get("config", {}), dict):
+            or not isinstance(meta.get("config") or {}, dict):
         raise damaged_record(source)
     return arrays, meta
 
@@ -327,14 +328,25 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
 def restore_optimizer(state: "RunState", arrays: dict, config: Config, backend: Backend,
                       source: str) -> None:
     """Copy the checkpoint's weights and optimizer state (and the fast CPU step's velocity
-    scale) into the fresh `state`, each checked for shape and finiteness."""
-    host = params_from_arrays(arrays, config.model.layer_widths, source, config.train.dtype)
+    scale) into the fresh `state`, each checked for shape and finiteness. Arrays of other
+    shapes may come of a config.yaml changed under an older checkpoint (which records no
+    fixed keys); values that are not finite, of a damaged file."""
+    other_run = f"put config.yaml back as the run had it, or {start_over(source)}"
+    try:
+        check_layout(arrays, config.model.layer_widths, source)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {other_run}") from None
+    try:
+        host = params_from_arrays(arrays, config.model.layer_widths, source, config.train.dtype)
+    except CheckpointError as e:  # NaN, or too large for the dtype
+        raise CheckpointError(f"{e}; {start_over(source)}") from None
     fresh = flat(state.params) + state.opt.m + state.opt.v
     saved = flat(host) + tuple(arrays.get(f"opt_m{i}") for i in range(len(state.opt.m))) \
         + tuple(arrays.get(f"opt_v{i}") for i in range(len(state.opt.v)))
     for target, value in zip(fresh, saved):
         if value is None or value.shape != target.shape:
-            raise CheckpointError(f"{source}: optimizer state does not match the config")
+            raise CheckpointError(f"{source}: optimizer state does not match the config; "
+                                  f"{other_run}")
         value = value.astype(target.dtype)
         if not np.isfinite(value).all():  # gpumlp never saves one: the file was damaged
             raise CheckpointError(f"{source}: its optimizer state holds NaN or infinite "
@@ -343,7 +355,8 @@ def restore_optimizer(state: "RunState", arrays: dict, config: Config, backend: 
     scale = arrays.get("opt_scale")
     if scale is not None:
         if scale.shape != (1,) or not np.isfinite(scale).all() or not scale[0] > 0:
-            raise CheckpointError(f"{source}: optimizer state does not match the config")
+            raise CheckpointError(f"{source}: its velocity scale (opt_scale) is damaged; "
+                                  f"{start_over(source)}")
         state.opt = state.opt._replace(scale=scale.astype(np.float64))
 
 

@@ -310,6 +310,11 @@ def test_a_checkpoint_given_as_a_model_says_how_to_finish_the_run(interrupted, t
                         f"with gpumlp train --resume '{interrupted}' (it writes "
                         f"'{interrupted}/model.npz')")
     assert not (tmp_path / "model.onnx").exists()
+    moved = tmp_path / "saved.npz"   # a checkpoint copied out of its run: no run to resume
+    shutil.copyfile(checkpoint, moved)
+    line = assert_one_error(invoke(evaluate, moved, "--device", "cpu"))
+    assert line == (f"Error: {moved}: a training checkpoint, not a model; give a model.npz, "
+                    "which gpumlp train writes into its run's folder at the end")
     other = tmp_path / "arrays.npz"  # no config and no checkpoint state: not a gpumlp file
     np.savez(other, W1=np.zeros((784, 8), np.float32))
     assert_one_error(invoke(evaluate, other, "--device", "cpu"),

@@ -70,9 +70,19 @@ def test_with_label_smoothing_the_report_says_why_train_loss_sits_above_test_los
     assert ("train_loss is the objective: the cross-entropy against targets smoothed by "
             "train.label_smoothing 0.1, averaged over the epoch's steps; it cannot go below "
             "0.500, the entropy of those targets. test_loss is the cross-entropy against the "
-            "true labels, measured after each epoch, which has no such floor: that is why "
+            "true labels, measured after each epoch, with no such floor: that is why "
             "train_loss can sit above it.") \
         in (tmp_path / "report.md").read_text()                   # no validation split here
+
+
+def test_the_smoothing_note_names_val_loss_when_the_run_has_it():
+    from gpumlp.report import smoothing_note
+
+    note = smoothing_note(0.2, 10, has_val=True)
+    assert "cannot go below 0.867" in note      # -(0.82 ln 0.82 + 9 x 0.02 ln 0.02)
+    assert note.endswith("val_loss and test_loss are the cross-entropy against the true labels, "
+                         "measured after each epoch, with no such floor: that is why train_loss "
+                         "can sit above them.")
 
 
 def test_without_label_smoothing_the_report_has_no_such_note(reported):

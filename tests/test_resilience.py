@@ -416,7 +416,8 @@ def test_checkpoint_keeps_the_fast_step_velocity_scale_and_refuses_a_damaged_one
     assert state.opt.scale.tolist() == saved["opt_scale"].tolist()
     for bad in ([-1.0], [0.5, 0.5], [float("nan")]):
         npzio.save_npz(tmp_path / "run" / "checkpoint.npz", {**saved, "opt_scale": np.array(bad)})
-        with pytest.raises(CheckpointError, match="optimizer state does not match"):
+        with pytest.raises(CheckpointError, match=r"its velocity scale \(opt_scale\) is "
+                           "damaged; start the run over: gpumlp train --config "):
             RunFiles(tmp_path / "run").load_checkpoint(config, CPU, 250)
 
 

@@ -604,7 +604,7 @@ def test_resume_of_a_finished_run_says_there_is_nothing_to_train(finished, tiny_
     result = cli("train", "--resume", finished, "--data-dir", tiny_data_dir, "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert result.stderr.startswith("nothing to train: the run has done its 1 epoch; writing "
-                                    "its results again (to train longer, resume with --set "
+                                    "its results (to train longer, resume with --set "
                                     "train.epochs=N)\n")
     assert "training on" not in result.stderr
 
@@ -622,6 +622,17 @@ def test_resume_of_a_finished_run_refuses_a_config_yaml_edited_since_and_changes
                           "optim.lr (0.1 -> 0.07); raise train.epochs to train on with them, "
                           "or undo them")
     assert digests(finished) == before
+    both = cli("train", "--resume", finished, "--set", "optim.momentum=0.5", "--data-dir",
+               tiny_data_dir, "--device", "cpu", "-q")
+    assert_one_error_line(both, 2, "no step would use the --set values and config.yaml's "
+                          "changes since then: optim.lr (0.1 -> 0.07), optim.momentum (0.9 -> "
+                          "0.5); raise train.epochs to train on with them, or drop --set and "
+                          "undo the edits")
+    assert digests(finished) == before
+    undone = cli("train", "--resume", finished, "--set", "optim.lr=0.1", "--data-dir",
+                 tiny_data_dir, "--device", "cpu", "-q")        # a --set that undoes the edit
+    assert undone.exit_code == 0, undone.output
+    assert yaml.safe_load((finished / "config.yaml").read_text())["optim"]["lr"] == 0.1
 
 
 def test_a_stop_before_a_resume_with_set_trains_keeps_config_yaml(stopped, tiny_data_dir,
@@ -809,6 +820,9 @@ def damage_state(record: dict, how: str) -> None:
     ("rng_empty", "its generator states are damaged"),
     ("velocity_nan", "its optimizer state holds NaN or infinite values"),
     ("truncated", "not a readable .npz file"),
+    ("weight_nan", "W1 holds NaN or infinite values"),
+    ("velocity_missing", "optimizer state does not match the config; put config.yaml back as "
+                         "the run had it, or"),
 ])
 def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_data_dir, how,
                                                                fragment):
@@ -827,6 +841,10 @@ def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_dat
         arrays["perm"] = perm.astype(np.float64)
     elif how == "velocity_nan":
         arrays["opt_m0"] = np.full_like(arrays["opt_m0"], np.nan)
+    elif how == "weight_nan":
+        arrays["W1"] = np.full_like(arrays["W1"], np.nan)
+    elif how == "velocity_missing":
+        del arrays["opt_m0"]
     elif how == "record_list":
         arrays["state"] = np.array("[]")
     else:
