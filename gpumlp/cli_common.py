@@ -141,8 +141,19 @@ def data_dir_option_for(help_text: str, path_type: type | None = None):
     that variable. The value is a str, or a `path_type` (Path) when given."""
     from .fetch import DATA_DIR_ENV
 
+    def checked(ctx: click.Context, param: click.Parameter, value: str | None):
+        """`--data-dir ''` (a script's unset variable, say) is a usage error, not the current
+        folder or no folder; an empty $GPUMLP_DATA_DIR counts as unset."""
+        if value == "" and ctx.get_parameter_source(param.name) == \
+                click.core.ParameterSource.COMMANDLINE:
+            raise click.BadParameter("is empty; give the folder of the four MNIST files, or "
+                                     "leave it out to use the cache", ctx, param)
+        if not value:
+            return None
+        return path_type(value) if path_type else value
+
     return click.option(
-        "--data-dir", type=click.Path(path_type=path_type), envvar=DATA_DIR_ENV,
+        "--data-dir", type=click.Path(), envvar=DATA_DIR_ENV, callback=checked,
         help=help_text.format(env=DATA_DIR_ENV))
 
 

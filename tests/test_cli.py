@@ -566,6 +566,19 @@ def test_python_dash_m_gpumlp_runs_the_command_through_the_entry_point():
 
 # --- what a mutation review found untested -------------------------------------------------
 
+@pytest.mark.parametrize("command", [["train", "--config", SMOKE], ["evaluate", "model.npz"],
+                                     ["data", "path"], ["data", "verify"], ["report", "run"]])
+def test_an_empty_data_dir_is_a_usage_error_and_an_empty_variable_is_unset(command, tmp_path,
+                                                                           monkeypatch):
+    """`--data-dir "$DIR"` with DIR unset would be the current folder, or no folder."""
+    monkeypatch.chdir(tmp_path)
+    assert_one_error_line(cli(*command, "--data-dir", ""), 2, "Invalid value for '--data-dir': "
+                          "is empty; give the folder of the four MNIST files, or leave it out")
+    monkeypatch.setenv("GPUMLP_DATA_DIR", "")
+    monkeypatch.setenv("GPUMLP_CACHE_DIR", str(tmp_path / "cache"))
+    assert cli("data", "path").stdout == f"{tmp_path / 'cache' / 'mnist'}\n"
+
+
 def test_the_start_line_counts_epochs_in_words(capsys):
     from gpumlp.progress import Reporter
 
