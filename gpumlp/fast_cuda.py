@@ -460,7 +460,7 @@ class FusedStep:
             self.inputs[(m, d)] = (self.poisoned((m, d)), self.poisoned((m,), np.int32))
         X, y = self.inputs[(m, d)]
         self.on_device(idx, what="the batch's row indices")
-        idx = self.xp.ascontiguousarray(idx, dtype=np.int64)
+        idx = contiguous(self.xp, idx, np.int64)
         if split is not self.split:
             self.on_device(split.images, split.labels, what="the training split")
             require(split.images, np.uint8, (len(split), d), "the training images")
@@ -476,7 +476,7 @@ class FusedStep:
         if not X.flags.c_contiguous:                                      # cuBLAS gets X's pointer
             X = self.xp.ascontiguousarray(X)
         widths = self.check(params, state, X, y, masks)
-        y = self.xp.ascontiguousarray(y, dtype=np.int32)                  # a no-op for the loader's
+        y = contiguous(self.xp, y, np.int32)                              # the loader's y as it is
         buf = self.step_buffers(int(X.shape[0]), widths)
         self.blas.begin()
         self.forward(params, X, masks, buf)
@@ -586,6 +586,14 @@ class FusedStep:
         for k, M in enumerate(masks):
             require(M, np.float32, (X.shape[0], widths[k + 1]), f"dropout mask {k + 1}")
         return widths
+
+
+def contiguous(xp: Any, array: Any, dtype: Any) -> Any:
+    """`array` as a C-contiguous array of `dtype`: itself when it is one already (every step's
+    loader output), without the host time of a CuPy call that would return it unchanged."""
+    if array.dtype == dtype and array.flags.c_contiguous:
+        return array
+    return xp.ascontiguousarray(array, dtype=dtype)
 
 
 def require(array: Any, dtype: Any, shape: tuple, name: str) -> None:

@@ -447,10 +447,12 @@ def test_inputs_in_another_memory_order_give_the_same_step(emulated):
     config = build_config(None, [])
     params, X, y = problem((784, 16, 10), 8)
     results = []
-    for inputs in (X, np.asfortranarray(X), np.repeat(X, 2, axis=1)[:, ::2]):
+    labels = (y, y.astype(np.int64), np.repeat(y, 2)[::2])     # int32; int64; strided
+    for inputs, y_in in zip((X, np.asfortranarray(X), np.repeat(X, 2, axis=1)[:, ::2]), labels):
         assert inputs.flags.c_contiguous == (inputs is X)
         p = copy(params)
-        L, _ = fast_cuda.FusedStep(config, emulated)(p, init_state(config.optim, p), inputs, y, 0.1, 1)
+        L, _ = fast_cuda.FusedStep(config, emulated)(p, init_state(config.optim, p), inputs, y_in,
+                                                     0.1, 1)
         results.append((float(L), p))
     for L, p in results[1:]:
         assert L == results[0][0]
@@ -478,13 +480,15 @@ def test_batch_loader_matches_gather_and_to_inputs(emulated, normalize):
     split = DeviceSplit(rng.integers(0, 256, (50, 784)).astype(np.uint8),
                         rng.integers(0, 10, 50).astype(np.int32))
     step = fast_cuda.FusedStep(config, emulated)
-    for idx in (rng.permutation(50)[:20], np.arange(45, 50)):
+    for idx in (rng.permutation(50)[:20], np.arange(45, 50),                 # int64, and:
+                rng.permutation(50)[:40:2].astype(np.int32)):            # strided int32
         X, y = step.batch(split, idx)
         images, labels = gather(split, idx)
         np.testing.assert_array_equal(X, to_inputs(images, normalize, "float32"))
         np.testing.assert_array_equal(y, labels)
     X20, _ = step.batch(split, np.arange(20))
     assert X20 is step.inputs[(20, 784)][0] and set(step.inputs) == {(20, 784), (5, 784)}
+    assert fast_cuda.contiguous(np, idx, np.int32) is idx               # nothing to convert
 
 
 def test_the_fused_step_refuses_arrays_its_kernels_would_misread(emulated):
