@@ -1,8 +1,12 @@
-"""scripts/gpu_check.sh's section choice (SECTIONS), checked without a GPU: PYTHON=false makes
-every section fail at once, so only which sections ran, and what the summary says, is tested."""
+"""scripts/gpu_check.sh without a GPU: its section choice (SECTIONS), with PYTHON=false making
+every section fail at once, so only which sections ran, and what the summary says, is tested;
+and its steps section's Python, run in the host emulation of the GPU tests (emulate_gpu)."""
 import os
+import re
 import subprocess
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
 
@@ -40,3 +44,27 @@ def test_unknown_section_is_one_line_and_writes_nothing(tmp_path):
         "gpu_check.sh: no section 'bogus' in SECTIONS; the sections are: info tests steps bench "
         "train")]
     assert not (tmp_path / "out").exists()
+
+
+def section_python(name: str) -> str:
+    """The Python a section of the script feeds to "$PY" - <<'EOF' ... EOF."""
+    lines = SCRIPT.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{name}() {{"))
+    begin = next(i for i in range(start, len(lines)) if lines[i].endswith("<<'EOF'")) + 1
+    end = lines.index("EOF", begin)
+    return "\n".join(lines[begin:end])
+
+
+@pytest.mark.gpu
+def test_the_steps_sections_python_runs_and_prints_its_timings(gpu, monkeypatch, capsys):
+    """A dry run of the steps section's own code (in the host emulation: its numbers mean
+    nothing), so that a slip in it is found before device time is spent on it."""
+    if "emulation" not in gpu.description:
+        pytest.skip("on a GPU, the script's steps section runs this itself")
+    monkeypatch.chdir(SCRIPT.parents[1])                    # it reads configs/h256.yaml
+    exec(compile(section_python("steps"), f"{SCRIPT.name}:steps", "exec"), {"__name__": "steps"})
+    out = capsys.readouterr().out
+    for name in ("generic", "fused"):
+        assert re.search(rf"^{name} +h256 batch 128: [0-9.]+ ms/step .* host issue [0-9.]+ "
+                         "ms/step$", out, re.M), out
+    assert re.search(r"^graph +(h256 batch 128: [0-9.]+ ms/step|probe failed: )", out, re.M)
