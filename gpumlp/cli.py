@@ -223,8 +223,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         files.check_resumable()
         config = build_config(files.path("config.yaml"), overrides)
         if overrides:  # only keys that keep it the same run (training records them)
-            check_same_run(fixed_keys(build_config(files.path("config.yaml"))), config,
-                           files.folder, "--set")
+            check_same_run(fixed_keys(files.saved_config()), config, files.folder, "--set")
     else:
         config = build_config(config_path, overrides, **{"train.seed": seed})
     backend = get_backend(device)

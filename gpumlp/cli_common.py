@@ -115,7 +115,7 @@ def load_mnist_for(data_dir: str | None, quiet: bool = False):
     from .cli_data import progress_reporter
     from .errors import DataError
     from .fetch import ensure_mnist, load_verified, mnist_cache_dir
-    from .mnist import holds_none, load_mnist
+    from .mnist import NoMnistFiles, load_mnist
 
     if data_dir:
         source, drop = data_dir_source()
@@ -123,10 +123,10 @@ def load_mnist_for(data_dir: str | None, quiet: bool = False):
         if what is not None:
             raise DataError(f"{source}{data_dir}: {what}; point it at the folder holding the "
                             f"four MNIST files, or {drop} to use the cache")
-        if holds_none(data_dir):  # one line, as `gpumlp data verify` says it
-            raise DataError(no_mnist_files(data_dir, "use"))
         try:
             return load_verified(data_dir)
+        except NoMnistFiles:  # one line, as `gpumlp data verify` says it
+            raise DataError(no_mnist_files(data_dir, "use")) from None
         except DataError as e:
             raise DataError(f"{source}{e}; fix or replace those files, or {drop} to use the "
                             "cache") from None

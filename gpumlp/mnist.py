@@ -44,6 +44,11 @@ def find_file(folder: Path, stem: str) -> Path:
                     f"{', '.join(n + '.gz' for n in ALL_FILES)}")
 
 
+class NoMnistFiles(DataError):
+    """A folder that holds none of the four MNIST files (NONE_THERE), rather than some wrong
+    or missing ones: a wrong folder, most likely."""
+
+
 def holds_none(folder: str | os.PathLike) -> bool:
     """Whether `folder` holds none of the four MNIST files, raw or `.gz` (none is read)."""
     return not any((Path(folder) / name).is_file() for stem in ALL_FILES
@@ -113,6 +118,6 @@ def load_mnist(folder: str | os.PathLike, check: Check | None = None) -> Mnist:
     if not folder.is_dir():
         raise DataError(f"{folder}: no such data folder; pass --data-dir with the four MNIST files")
     if holds_none(folder):  # one line, not four missing files
-        raise DataError(f"{folder}: {NONE_THERE}")
+        raise NoMnistFiles(f"{folder}: {NONE_THERE}")
     arrays = read_files(folder, check)
     return Mnist(make_split(folder, "train", arrays), make_split(folder, "test", arrays))

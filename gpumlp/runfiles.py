@@ -80,11 +80,16 @@ def dotted(values: dict, prefix: str = "") -> dict:
     return flat
 
 
+def dotted_config(config: Config) -> dict:
+    """The config as {dotted key: value}, as checkpoints record it."""
+    return dotted(config_to_dict(config))
+
+
 def fixed_keys(config: Config) -> dict:
     """The config's keys that a resume must keep ({dotted key: value}): the net, the data, how
     it is cut into batches, and the optimizer whose state the checkpoint holds. The other optim
     and train keys may change (a lower optim.lr after a NaN, more epochs)."""
-    return {key: value for key, value in dotted(config_to_dict(config)).items()
+    return {key: value for key, value in dotted_config(config).items()
             if key.startswith(("model.", "data.")) or key in RESUME_FIXED_KEYS}
 
 
@@ -210,17 +215,20 @@ class RunFiles:
             raise CheckpointError(f"{e}; it held the --init weights of the run, so start it over "
                                   f"with --init and --out {self.folder} --overwrite") from None
 
+    def saved_config(self) -> Config:
+        """The config as the run's config.yaml says it (no --set)."""
+        return build_config(self.path("config.yaml"))
+
     def differs(self, config: Config) -> bool:
         """Whether `config` differs from what config.yaml says (a resume with --set)."""
-        return build_config(self.path("config.yaml")) != config
+        return self.saved_config() != config
 
     def check_nothing_set(self, config: Config) -> None:
         """Refuse values a resume of a run with no step left would record but never use: from
         --set, or from config.yaml edited since the last checkpoint, which records the config
         its steps ran with (an older checkpoint does not: then only --set is seen). A lower
         train.epochs is used: it ends the run at the epochs done."""
-        yaml = dotted(config_to_dict(build_config(self.path("config.yaml"))))
-        now = dotted(config_to_dict(config))
+        yaml, now = dotted_config(self.saved_config()), dotted_config(config)
         ran = self.trained_config if self.trained_config is not None else yaml
         changed = [key for key in ran if key != "train.epochs" and now.get(key) != ran[key]]
         if not changed:
@@ -264,7 +272,7 @@ class RunFiles:
             arrays["perm"] = np.asarray(perm, dtype=np.int64)
         meta = {"position": pos, "rng": json.loads(generator_state(state.rng)),
                 "dev_rng": generator_state(state.dev_rng), "history": history,
-                "fixed": fixed_keys(config), "config": dotted(config_to_dict(config))}
+                "fixed": fixed_keys(config), "config": dotted_config(config)}
         arrays["state"] = np.array(json.dumps(meta))
         try:
             save_npz(self.path("checkpoint.npz"), arrays)
@@ -297,7 +305,7 @@ class RunFiles:
         """Refuse a train.epochs below the epochs the run has trained or begun (a usage error
         when a --set gave it)."""
         if config.train.epochs < begun:
-            by_set = build_config(self.path("config.yaml")).train.epochs != config.train.epochs
+            by_set = self.saved_config().train.epochs != config.train.epochs
             raise (ConfigError if by_set else GpumlpError)(
                 f"--resume {self.folder}: train.epochs is {config.train.epochs}, below the "
                 f"{begun} epochs the run has trained or begun; give at least {begun}")
