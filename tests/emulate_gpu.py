@@ -5,11 +5,14 @@
 The `gpu` fixture then gets a CUDA backend whose "CuPy" is NumPy with the fused kernels built
 for the host and the host cuBLAS of tests/test_cuda_source.py (its HostModule, HostCublas). It
 runs the GPU tests' own code, and the fused step once more; it is no GPU result. Tests of CuPy
-itself, and every test not marked `gpu`, are skipped with the reason.
+itself, tests whose two sides would both be NumPy, and every test not marked `gpu`, are
+skipped with the reason. Without a C++ compiler every test skips, unless
+GPUMLP_REQUIRE_EMULATION is set (as .ci/run does): then the run fails.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import types
 from pathlib import Path
@@ -21,6 +24,9 @@ NEEDS_REAL_CUPY = {
     "test_the_gpu_backend_runs_on_cupy": "asserts the backend's module is CuPy",
     "test_tf32_is_used_when_asked_and_stays_close": "reads CuPy's own cuBLAS compute type",
     "test_a_step_does_not_synchronise_with_the_host": "needs cupyx.allow_synchronize",
+    # both sides of these would be NumPy running the same generic code: they could not fail
+    "test_forward_and_backward_agree_float32": "both sides would be the same NumPy code",
+    "test_one_training_step_agrees_float32": "both sides would be the same NumPy code",
 }
 
 
@@ -43,6 +49,8 @@ def pytest_configure(config):
     try:
         library = host.build_host_library(source)
     except pytest.skip.Exception as e:          # no C++ compiler: every test skips, saying so
+        if os.environ.get("GPUMLP_REQUIRE_EMULATION"):   # CI: a green run must have run them
+            raise pytest.UsageError(f"emulate_gpu: {e} (GPUMLP_REQUIRE_EMULATION is set)")
         UNAVAILABLE.append(str(e))
         return
     module = type("BuiltHostModule", (host.HostModule,), {"library": library})

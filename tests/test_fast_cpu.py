@@ -250,10 +250,16 @@ def test_momentum_lives_in_a_velocity_scale_and_multiplying_it_out_gives_the_vel
 def test_velocity_scale_multiplied_out_when_tiny_keeps_the_steps_equal(optimizer, monkeypatch):
     monkeypatch.setattr(fast_cpu, "TINY_SCALE", 0.5)               # every few steps, not every 400
     config = build_config(None, ["model.hidden=32", *OPTIMIZERS[optimizer]])
+    scales = []
+    next_scale = fast_cpu.FastStep.next_scale
+    monkeypatch.setattr(fast_cpu.FastStep, "next_scale",
+                        lambda step, state: scales.append(next_scale(step, state)) or scales[-1])
     for (L, ok), (L_ref, ok_ref), (p, s), (p_ref, s_ref) in run_both(config, 8):
         np.testing.assert_allclose(L, L_ref, rtol=RTOL)
         assert_close(p.W + p.b, p_ref.W + p_ref.b, "params")
         assert_close(s.m, s_ref.m, "velocity")
+    # 0.9^7 = 0.48 would be below 0.5: the scale was multiplied out (to 1, then 0.9) on the way
+    assert len(scales) == 8 and min(scales) >= 0.5 and scales.count(0.9) == 2, scales
 
 
 def test_prepare_state_multiplies_the_scale_out_for_the_generic_step():

@@ -97,6 +97,8 @@ def test_one_training_step_agrees_float32(gpu, optim):
 
 
 def test_a_short_run_agrees(gpu, tiny_mnist, monkeypatch):
+    """Two epochs of the generic step through train() on each device. (In the host emulation
+    both run NumPy's maths: there it checks train()'s device plumbing only.)"""
     import gpumlp.train as train_module
 
     config = build_config(None, ["model.hidden=32", "train.epochs=2", "train.batch_size=50"])

@@ -433,7 +433,7 @@ def test_seed_literal_first_layer_formulas_are_off_by_m_and_m_squared_central_di
     dA1_seed = (1 / m) * dZ1 * act.phi_prime(A1)           # the seed, literally
     dW1_seed = (1 / m) * X.T @ dA1_seed
     db1_seed = (dZ1 * act.phi_prime(A1)).mean(axis=0)      # "average along rows of" it
-    np.testing.assert_allclose(dA1 / dA1_seed, m, rtol=1e-12)
+    # dA1 / dA1_seed = m by construction; the code's own dW1 and db1 are off by m^2 and m:
     np.testing.assert_allclose(grads.W[0] / dW1_seed, m ** 2, rtol=1e-12)
     np.testing.assert_allclose(grads.b[0] / db1_seed, m, rtol=1e-12)
     np.testing.assert_allclose(grads.W[0], X.T @ dA1, rtol=1e-12)
