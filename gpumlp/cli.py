@@ -324,8 +324,8 @@ def positive_finite(value: float, name: str) -> float:
 @click.option("--samples", default=20, show_default=True, type=click.IntRange(min=1),
               help="Entries checked per parameter, drawn at random (every entry of a parameter "
                    "no larger; 200704 covers every entry of 784-256-10).")
-@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Examples in the random minibatch.")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(1, 60000),
+              help="Examples in the random minibatch (at most MNIST's 60000).")
 @click.option("--tolerance", default=1e-6, show_default=True, type=float,
               callback=lambda ctx, param, value: positive_finite(value, "--tolerance"),
               help="Largest relative error that passes.")

@@ -13,7 +13,9 @@ import platform
 import click
 
 from .cli_common import data_dir_option, device_option, domain_errors, load_mnist_for
+from .config import MAX_WIDTH
 
+MAX_SYNTHETIC = 10_000_000   # --samples: 7.8 GB of synthetic uint8 images
 CPU_BATCHES = (64, 128, 256, 1024)
 GPU_BATCHES = (128, 1024)
 
@@ -93,7 +95,7 @@ def table_lines(result: dict) -> list[str]:
 
 @click.command()
 @device_option
-@click.option("--hidden", multiple=True, type=click.IntRange(min=1),
+@click.option("--hidden", multiple=True, type=click.IntRange(1, MAX_WIDTH),
               help="Hidden width; repeatable. [default: 256 and 1024]")
 @click.option("--batch", multiple=True, type=click.IntRange(min=1),
               help="Batch size; repeatable. [default: 64 128 256 1024 on the CPU, "
@@ -107,7 +109,8 @@ def table_lines(result: dict) -> list[str]:
               help="Train on MNIST (from --data-dir or the cache, fetched on first use) or on "
                    "random images of MNIST's shape.")
 @data_dir_option
-@click.option("--samples", default=60000, show_default=True, type=click.IntRange(min=1),
+@click.option("--samples", default=60000, show_default=True,
+              type=click.IntRange(1, MAX_SYNTHETIC),
               help="Examples per epoch: the first N MNIST training images (at most 60000), "
                    "or N synthetic ones.")
 @click.option("--torch/--no-torch", "with_torch", default=True, show_default=True,

@@ -32,7 +32,7 @@ MEMORY_HINTS = {
     "train": ("lower train.eval_batch_size (a resume may change it with --set), "
               "model.hidden or train.batch_size"),
     "gradcheck": "lower --batch, or model.hidden with --set",
-    "bench": "lower --hidden or --batch",
+    "bench": "lower --samples, --hidden or --batch",
     "predict": "give fewer or smaller files at a time",
 }
 MEMORY_HINT = "free some memory and try again"

@@ -28,6 +28,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 DTYPES = ("float32", "float64")
 NORMALIZE = ("unit", "standard")
+MAX_DEPTH = 100       # hidden layers: past this a ReLU net of this kind does not train at all
 MAX_WIDTH = 2 ** 40   # units per hidden layer: 3.5 PB of first-layer weights, beyond any machine
 MAX_SIGMA = 28.0      # elastic smoothing, pixels: wider than the image, the field is a plain shift
 MAX_ALPHA = 1000.0    # elastic strength, pixels: far beyond any image's content
@@ -110,9 +111,9 @@ class Config:
 
 # key path -> (check, message); a failed check is a ConfigError naming the key
 RANGES: dict[str, tuple[Any, str]] = {
-    "model.hidden": (lambda v: v != () and all(1 <= w <= MAX_WIDTH
-                                               for w in ((v,) if isinstance(v, int) else v)),
-                     "must be a width from 1 to 2^40 or a non-empty list of them"),
+    "model.hidden": (lambda v: v != () and (isinstance(v, int) or len(v) <= MAX_DEPTH)
+                     and all(1 <= w <= MAX_WIDTH for w in ((v,) if isinstance(v, int) else v)),
+                     f"must be a width from 1 to 2^40 or a list of 1 to {MAX_DEPTH} of them"),
     "model.activation": (lambda v: v in ACTIVATIONS, f"must be one of {', '.join(ACTIVATIONS)}"),
     "model.init": (lambda v: v in INITS, f"must be one of {', '.join(INITS)}"),
     "model.dropout": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
@@ -272,6 +273,10 @@ def yaml_reason(error: yaml.YAMLError) -> str:
     """The parser's reason for `error` on one line, e.g. "expected ',' or ']', but got '<stream
     end>'"; "" when it gives none."""
     reason = getattr(error, "problem", None) or getattr(error, "context", None) or ""
+    if isinstance(error, yaml.reader.ReaderError):   # a byte or character YAML does not allow
+        char = error.character
+        what = f"#x{char:04x}" if isinstance(char, int) else repr(char)
+        reason = f"character {what} at position {error.position + 1}: {error.reason}"
     return " ".join(str(reason).split())
 
 
@@ -394,10 +399,22 @@ def build_config(path: str | Path | None = None, overrides: tuple[str, ...] | li
     for _, layer in layers:
         values = _deep_merge(values, layer)
     try:
-        return config_from_dict(values)
+        return _check_together(config_from_dict(values))
     except KeyProblem as e:
         source = next((source for source, layer in reversed(layers) if _has(layer, e.keys)), "")
         raise ConfigError(f"{source}{e}") from None
+
+
+def _check_together(config: Config) -> Config:
+    """The checks that read two keys; a KeyProblem names the one a user most likely set last.
+    (Not in config_from_dict: a model saved before a check was added still loads.)"""
+    optim = config.optim
+    if optim.schedule == "cosine" and optim.min_lr > optim.lr:
+        raise KeyProblem(("optim", "min_lr"),
+                         f"config key 'optim.min_lr' ({optim.min_lr:g}) is above optim.lr "
+                         f"({optim.lr:g}): as the cosine schedule's floor it would raise the "
+                         "rate; set it at most optim.lr, e.g. optim.min_lr=0")
+    return config
 
 
 def _has(values: Any, keys: tuple) -> bool:

@@ -83,6 +83,8 @@ def read_gray(path: str | os.PathLike) -> np.ndarray:
 def read_file(path: str | os.PathLike, source: str) -> bytes:
     """The bytes of a file (a picture piped in through `<(...)` too) of at most MAX_FILE_BYTES;
     an ImageError for what cannot be read or is larger (not read whole)."""
+    if not os.fspath(path):
+        raise ImageError(f"an empty file name was given; {IMAGE_HINT}")
     try:
         data = read_at_most(path, MAX_FILE_BYTES)
     except FileNotFoundError:

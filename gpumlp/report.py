@@ -341,5 +341,6 @@ def make_report(run_dir: str | Path, test: Split, backend: Backend,
     plot_first_layer(params.W[0], paths["weights"])
     plot_mistakes(test.images, out, picked, paths["mistakes"])
     report = run_dir / REPORT
-    atomic_write(report, markdown(run_dir, rows, counts, out, picked, smoothing).encode("utf-8"))
+    atomic_write(report, markdown(run_dir, rows, counts, out, picked, smoothing)
+                 .encode("utf-8", "backslashreplace"))  # a folder name not UTF-8 stays legible
     return [*paths.values(), report]

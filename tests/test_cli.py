@@ -228,8 +228,8 @@ def test_gradcheck_fails_on_a_nan_gradient_even_when_it_is_not_the_first(monkeyp
 
 
 def test_out_of_memory_names_what_to_lower_for_the_command_that_ran():
-    # 10^12 examples of 784 float64 pixels: 5.6 PiB, refused at once by any machine
-    result = cli("gradcheck", "--batch", "1000000000000", "--set", "model.hidden=8")
+    # 784 x 2^40 float64 first-layer weights: 6.9 PB, refused at once by any machine
+    result = cli("gradcheck", "--set", f"model.hidden={2 ** 40}")
     assert_one_error_line(result, 1, "out of memory (",
                           "; lower --batch, or model.hidden with --set")
     assert "train.batch_size" not in result.stderr        # train's hint, not gradcheck's
@@ -360,6 +360,9 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     (["evaluate", "model.npz", "--device", "gpu0"], ["not a device"]),
     (["gradcheck", "--set", "model.activation=swish"], ["model.activation", "relu"]),
     (["gradcheck", "--samples", "0"], ["--samples"]),        # click's usage errors too
+    (["gradcheck", "--batch", str(10 ** 19)], ["--batch", "1<=x<=60000"]),  # not a traceback
+    (["bench", "--data", "synthetic", "--samples", str(10 ** 17)], ["--samples", "10000000"]),
+    (["bench", "--hidden", str(10 ** 20)], ["--hidden", "1099511627776"]),  # not --set's name
     (["train", "--bogus"], ["No such option", "--bogus"]),
     (["evaluate"], ["Missing argument"]),
 ])

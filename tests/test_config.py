@@ -379,6 +379,31 @@ def test_malformed_yaml_says_where_and_why(tmp_path, text, where):
     assert error_of(build_config, path) == f"config file {path} is not valid YAML {where}"
 
 
+def test_a_character_yaml_does_not_allow_is_named_with_its_position(tmp_path):
+    path = write(tmp_path, "model: {hidden: 32}\x01\n")
+    assert error_of(build_config, path) == (
+        f"config file {path} is not valid YAML: character #x0001 at position 20: special "
+        "characters are not allowed")
+    assert "character #x0001 at position 4" in error_of(parse_override, "optim.lr=0.1\x01")
+
+
+def test_a_cosine_floor_above_the_rate_is_refused_and_other_schedules_ignore_it():
+    message = error_of(build_config, None, ["optim.schedule=cosine", "optim.lr=0.01",
+                                            "optim.min_lr=5"])
+    assert message == ("--set 'optim.min_lr=5': config key 'optim.min_lr' (5) is above optim.lr "
+                       "(0.01): as the cosine schedule's floor it would raise the rate; set it at "
+                       "most optim.lr, e.g. optim.min_lr=0")
+    assert build_config(None, ["optim.schedule=cosine", "optim.lr=0.01",
+                               "optim.min_lr=0.01"]).optim.min_lr == 0.01
+    assert build_config(None, ["optim.schedule=constant", "optim.min_lr=5"]).optim.min_lr == 5
+
+
+def test_more_than_100_hidden_layers_are_refused():
+    assert len(build_config(None, [f"model.hidden={[8] * 100}"]).model.hidden) == 100
+    message = error_of(build_config, None, [f"model.hidden={[8] * 101}"])
+    assert "config key 'model.hidden' must be a width from 1 to 2^40 or a list of 1 to 100" in message
+
+
 @pytest.mark.parametrize("text, kind", [("- 1\n- 2\n", "list"), ("just words\n", "str"), ("3\n", "int")])
 def test_non_mapping_yaml_is_an_error(tmp_path, text, kind):
     message = error_of(build_config, write(tmp_path, text))

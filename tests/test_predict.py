@@ -297,6 +297,14 @@ def test_bad_files_get_one_error_line_each_and_the_others_are_predicted(random_m
     assert errors[-1] == f"Error: {len(bad)} of {len(files)} files could not be predicted"
 
 
+def test_an_empty_file_name_is_said_so(random_model):
+    result = invoke(predict, random_model, "", "--device", "cpu")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.splitlines()[0] == (
+        "Error: an empty file name was given; give a PNG, JPEG or BMP picture of one digit, "
+        "or a .npy array")
+
+
 @pytest.mark.parametrize("content", [b"", b"not an image", b"\x89PNG\r\n\x1a\n cut short"])
 def test_one_bad_file_is_exactly_one_error_line_and_exit_1(random_model, tmp_path, content):
     bad = tmp_path / "digit.png"

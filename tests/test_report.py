@@ -4,6 +4,7 @@ those of metrics.jsonl (and of the model on the test set). Runs on the tiny MNIS
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -48,6 +49,14 @@ def test_the_command_writes_the_report_into_the_run_directory(tiny_mnist, tiny_d
     assert all((tmp_path / name).is_file() for name in [*FIGURES.values(), "report.md"])
     markdown = (tmp_path / "report.md").read_text()
     assert "val_loss" not in markdown  # no validation split in this run, no column for it
+
+
+def test_a_run_folder_named_in_bytes_that_are_not_utf8_gets_its_report(run_dir, tiny_mnist,
+                                                                         tmp_path):
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/run\xff"))
+    shutil.copytree(run_dir, odd, ignore=shutil.ignore_patterns("*.png", "report.md"))
+    make_report(odd, tiny_mnist.mnist.test, CPU)
+    assert (odd / "report.md").read_bytes().startswith(b"# Report: run\\udcff")
 
 
 def test_with_label_smoothing_the_report_says_why_train_loss_sits_above_test_loss(
