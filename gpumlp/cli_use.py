@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import shlex
 from pathlib import Path
 
 import click
 
 from .cli_common import (OneLineError, data_dir_option, device_option, domain_errors,
                          load_mnist_for, model_argument)
+from .errors import CheckpointError
 
 
 def require(module: str, package: str, extra: str) -> None:
@@ -65,7 +67,14 @@ def predict(model_path, files, top_k, as_json, device):
     from .model import params_on
     from .predict import predict_files
 
-    params, config = load_model(model_path)
+    try:
+        params, config = load_model(model_path)
+    except CheckpointError as e:
+        if str(files[0]).lower().endswith(".npz"):          # predict digit.png model.npz
+            raise CheckpointError(f"{e}; the model comes first: gpumlp predict "
+                                  f"{shlex.quote(str(files[0]))} {shlex.quote(str(model_path))}"
+                                  ) from None
+        raise
     backend = get_backend(device)
     results = predict_files(params_on(backend, params), config, files, backend, str(model_path))
     for result in results:

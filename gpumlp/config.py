@@ -191,7 +191,7 @@ def _unknown_key(prefix: str, key: str, known: list[str], keys: tuple) -> Config
     meant = " or ".join(f"'{p}'" for p in (exact + close if exact else close or elsewhere))
     hint = (f"; did you mean {meant}?" if meant
             else f"; known keys under {where}: {', '.join(known)}")
-    return KeyProblem(keys, f"unknown config key '{prefix}{key}'{hint}")
+    return KeyProblem(keys, f"unknown config key {shown(prefix + key)}{hint}")
 
 
 def _coerce(path: str, value: Any, annotation: str, keys: tuple) -> Any:

@@ -19,7 +19,7 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 from .errors import DataError, folder_problem
 from .fetch_http import DEADLINE, fetch_file
@@ -215,10 +215,16 @@ def fetch_missing(cache: Path, missing: dict[str, str], sources: list[tuple[str,
     return missing
 
 
-def check_cache(cache: Path) -> None:
-    """Refuse a cache path that is not a folder (DataError); remove stale temporary files."""
+def check_cache(cache: Path, stems: Iterable[str] = CHECKSUMS) -> None:
+    """Refuse a cache path that is not a folder, or a folder standing where the cache keeps one
+    of the files `stems` (DataError, before any download); remove stale temporary files."""
     if cache.exists() and not cache.is_dir():
         raise DataError(f"the cache path {cache} is not a folder; move that file away, or set "
+                        f"{CACHE_ENV} to another folder")
+    stray = next((cache / name for stem in stems for name in (stem, f"{stem}.gz")
+                  if (cache / name).is_dir()), None)
+    if stray is not None:
+        raise DataError(f"{stray} is a folder where the cache keeps a file; move it away, or set "
                         f"{CACHE_ENV} to another folder")
     remove_stale_temps(cache)
 
@@ -288,7 +294,7 @@ def ensure_mnist(data_dir: str | os.PathLike | None = None, *, source: str = "au
         failures.append((f"data folder {data_dir}", problem))
         report(Event("unused", failures[-1][0], detail=problem))
     cache = mnist_cache_dir(cache_dir)
-    check_cache(cache)
+    check_cache(cache, checksums)
     missing = folder_problems(cache, checksums)
     if missing:
         failures.append((f"cache {cache}", summarize(missing, len(checksums))))

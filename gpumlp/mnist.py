@@ -65,7 +65,8 @@ def read_checked(folder: Path, stem: str,
     try:
         path = find_file(folder, stem)
     except DataError:
-        return None, None, "missing"
+        stray = next((name for name in (stem, f"{stem}.gz") if (folder / name).is_dir()), None)
+        return None, None, "missing" if stray is None else f"{stray} is a folder, not the file"
     try:
         raw = read_bytes(path)  # a file too large to be MNIST is not read
         problem = check(stem, raw)

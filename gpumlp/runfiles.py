@@ -186,6 +186,10 @@ class RunFiles:
             verb = "is " if folder.exists() else ""  # "is not a folder", "no such folder"
             raise GpumlpError(f"--resume {folder}: {verb}{what}; give the run directory of an "
                               "interrupted `gpumlp train`")
+        folders = [name for name in RUN_FILES if self.path(name).is_dir()]
+        if folders:  # found now, not when the first epoch's end writes it
+            raise GpumlpError(f"--resume {folder}: {self.path(folders[0])} is a folder where the "
+                              "run keeps a file; move it out of the run and resume")
         if not self.path("config.yaml").is_file():
             raise GpumlpError(f"--resume {folder}: no config.yaml there; give the run "
                               "directory of an interrupted `gpumlp train`")

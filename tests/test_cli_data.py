@@ -182,6 +182,14 @@ def test_verify_names_a_data_dir_that_does_not_exist(tmp_path, fake):
     assert result.stdout == ""
 
 
+def test_verify_of_a_data_folder_names_a_folder_standing_for_a_file(tmp_path, fake):
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").mkdir()
+    result = invoke("verify", "--data-dir", str(tmp_path))
+    assert result.exit_code == 1
+    assert ("BAD  t10k-labels-idx1-ubyte: t10k-labels-idx1-ubyte.gz is a folder, not the file"
+            in result.stdout.splitlines())
+
+
 def test_verify_says_the_cache_path_is_not_a_folder(cache, fake):
     cache.parent.mkdir(parents=True)
     cache.write_bytes(b"")

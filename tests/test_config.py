@@ -379,6 +379,11 @@ def test_malformed_yaml_says_where_and_why(tmp_path, text, where):
     assert error_of(build_config, path) == f"config file {path} is not valid YAML {where}"
 
 
+def test_an_unknown_key_with_a_line_break_stays_on_one_line():
+    assert error_of(build_config, None, ["mo\ndel.hidden=3"]) == (
+        "--set 'mo\\ndel.hidden=3': unknown config key 'mo\\ndel'; did you mean 'model'?")
+
+
 def test_a_character_yaml_does_not_allow_is_named_with_its_position(tmp_path):
     path = write(tmp_path, "model: {hidden: 32}\x01\n")
     assert error_of(build_config, path) == (

@@ -332,6 +332,19 @@ def test_a_file_the_cache_refuses_stops_the_fetch_after_that_mirror(monkeypatch,
     assert data_files(cache) == sorted(set(ALL_FILES) - {"train-images-idx3-ubyte"})
 
 
+def test_a_folder_where_the_cache_keeps_a_file_is_named_before_any_download(cache, fake,
+                                                                           server):
+    stray = cache / "t10k-labels-idx1-ubyte"
+    stray.mkdir(parents=True)
+    (stray / "mine.txt").write_text("kept")
+    for source in ("auto", "cache"):
+        with pytest.raises(DataError) as caught:
+            ensure(fake, source=source, mirrors=[server.mirror("good", "good", fake.gz)])
+        assert str(caught.value) == (f"{stray} is a folder where the cache keeps a file; move it "
+                                     "away, or set GPUMLP_CACHE_DIR to another folder")
+    assert server.log == [] and (stray / "mine.txt").read_text() == "kept"
+
+
 def test_a_cache_path_that_is_a_file_is_one_clear_error(cache, fake, server):
     cache.parent.mkdir(parents=True)
     cache.write_bytes(b"not a folder")

@@ -297,6 +297,14 @@ def test_bad_files_get_one_error_line_each_and_the_others_are_predicted(random_m
     assert errors[-1] == f"Error: {len(bad)} of {len(files)} files could not be predicted"
 
 
+def test_a_picture_given_before_the_model_says_the_model_comes_first(random_model, tmp_path):
+    digit = save_png(tmp_path / "digit.png", ring_digit())
+    result = invoke(predict, digit, random_model, "--device", "cpu")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == (f"Error: {digit}: not a readable .npz file (not a zip archive); the "
+                             f"model comes first: gpumlp predict {random_model} {digit}\n")
+
+
 def test_an_empty_file_name_is_said_so(random_model):
     result = invoke(predict, random_model, "", "--device", "cpu")
     assert result.exit_code == 1 and result.stdout == ""

@@ -535,6 +535,18 @@ def stopped(tiny_data_dir, tmp_path, monkeypatch) -> Path:
     return out
 
 
+@pytest.mark.parametrize("name", ["summary.json", "model.npz", "metrics.jsonl", "config.yaml"])
+def test_resume_with_a_folder_where_a_run_file_belongs_says_so_before_training(
+        stopped, tiny_data_dir, name):
+    kept = {p.name: p.read_bytes() for p in stopped.iterdir() if p.name != name}
+    (stopped / name).unlink(missing_ok=True)
+    (stopped / name).mkdir()
+    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert_one_error_line(result, 1, f"--resume {stopped}: {stopped / name} is a folder where "
+                          "the run keeps a file; move it out of the run and resume")
+    assert {p.name: p.read_bytes() for p in stopped.iterdir() if p.name != name} == kept
+
+
 def edit_config(out: Path, section: str, key: str, value) -> None:
     config = yaml.safe_load((out / "config.yaml").read_text())
     config[section][key] = value
