@@ -235,7 +235,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         out_dir = Path(resume_dir)
     else:
         out_dir = Path(out) if out else default_out(config_path)
-        created = not out or not out_dir.exists()
+        created = not out or not os.path.exists(out_dir)  # os.path: no error for a name too long
         existing = check_out_dir(out_dir, overwrite)
         # An empty folder gets config.yaml (and init.npz) first, so that a run killed at once
         # can be resumed; an old run being overwritten stays intact until the new one has its

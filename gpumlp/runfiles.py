@@ -49,9 +49,16 @@ def check_out_dir(path: Path, overwrite: bool) -> list[str]:
     """Refuse a folder holding another run unless `overwrite`; check it can be written.
 
     Returns the RUN_FILES it already holds."""
-    if path.exists() and not path.is_dir():
-        raise GpumlpError(f"--out {path}: exists and is not a folder; pick another path")
-    existing = run_files_in(path)
+    try:
+        if path.is_symlink() and not path.exists():
+            raise GpumlpError(f"--out {path}: a link to {os.readlink(path)}, which leads to no "
+                              "folder; point it at one, or pick another path")
+        if path.exists() and not path.is_dir():
+            raise GpumlpError(f"--out {path}: exists and is not a folder; pick another path")
+        existing = run_files_in(path)
+    except OSError as e:  # a name too long, a loop of links, ...
+        raise GpumlpError(f"--out {path}: cannot use that path ({e.strerror or e}); pick "
+                          "another path") from None
     if existing and not overwrite:
         resume = "" if "summary.json" in existing else ", resume it with --resume"  # finished?
         raise GpumlpError(f"--out {path}: already holds a run ({', '.join(existing)}); "

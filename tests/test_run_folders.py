@@ -388,6 +388,20 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_puts_the_handlers_back(tiny_da
     assert (out / "model.npz").read_bytes() == (reference / "model.npz").read_bytes()
 
 
+def test_an_out_path_that_cannot_be_a_folder_is_one_line_and_nothing_is_made(tiny_data_dir,
+                                                                              tmp_path):
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone" / "run")
+    result = cli(*train_args(dangling, tiny_data_dir))
+    assert_one_error_line(result, 1, f"--out {dangling}: a link to {tmp_path / 'gone' / 'run'}, "
+                          "which leads to no folder; point it at one, or pick another path")
+    too_long = tmp_path / ("a" * 300)
+    result = cli(*train_args(too_long, tiny_data_dir))
+    assert_one_error_line(result, 1, f"--out {too_long}: cannot use that path (File name too "
+                          "long); pick another path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling"]
+
+
 @pytest.mark.parametrize("make, code, fragment", [
     (None, 1, "--resume {}: no such folder"),
     ("file", 2, "'{}' is a file"),                        # click's own check
