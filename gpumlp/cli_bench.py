@@ -112,7 +112,7 @@ def table_lines(result: dict) -> list[str]:
 @click.option("--samples", default=60000, show_default=True,
               type=click.IntRange(1, MAX_SYNTHETIC),
               help="Examples per epoch: the first N MNIST training images (at most 60000), "
-                   "or N synthetic ones.")
+                   "or N synthetic ones (at most 10^7).")
 @click.option("--torch/--no-torch", "with_torch", default=True, show_default=True,
               help="Also time PyTorch eager on the same net when it is installed.")
 @click.option("--threads", type=click.IntRange(min=1),
