@@ -7,6 +7,7 @@ saves a checkpoint, then exits 128 + the signal's number: 130, or 143.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -140,6 +141,20 @@ class StopFlag:
             if handler is not None:  # None: a handler not set from Python, which cannot be put back
                 signal.signal(signum, handler)
 
+    @classmethod
+    @contextlib.contextmanager
+    def ignored(cls):
+        """SIGINT and SIGTERM ignored inside, so that clean-up is not cut short by a second
+        one (`timeout` signals the process and its group: two SIGTERMs)."""
+        try:
+            previous = {s: signal.signal(s, signal.SIG_IGN) for s in cls.SIGNALS}
+        except ValueError:  # not the main thread
+            previous = {}
+        try:
+            yield
+        finally:
+            cls.restore(previous)
+
     def exit_code(self) -> int:
         """128 + the signal's number, as a shell reports a process the signal ended."""
         return 128 + int(self.signum or signal.SIGINT)
@@ -213,7 +228,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     from .checkpoint import load_init
     from .config import build_config
     from .progress import Reporter
-    from .runfiles import RunFiles, check_out_dir, check_same_run, fixed_keys
+    from .runfiles import RunFiles, check_out_dir, check_same_run, fixed_keys, lock_run
     from .train import Interrupted, StoppedBeforeStart, train as run_training
 
     given = (config_path, init_path, seed)
@@ -221,6 +236,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     if resume_dir:
         files = RunFiles(Path(resume_dir))
         files.check_resumable()
+        hold(lock_run(files.folder, "--resume"))
         config = build_config(files.path("config.yaml"), overrides)
         if overrides:  # only keys that keep it the same run (training records them)
             check_same_run(fixed_keys(files.saved_config()), config, files.folder, "--set")
@@ -237,6 +253,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         out_dir = Path(out) if out else default_out(config_path)
         created = not out or not os.path.exists(out_dir)  # os.path: no error for a name too long
         existing = check_out_dir(out_dir, overwrite)
+        hold(lock_run(out_dir, "--out"))
         # An empty folder gets config.yaml (and init.npz) first, so that a run killed at once
         # can be resumed; an old run being overwritten stays intact until the new one has its
         # data and state.
@@ -259,7 +276,8 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         raise SystemExit(stop.exit_code())
     except (Exception, KeyboardInterrupt) as e:  # a bug's too: leave no half-made run behind
         if early:
-            RunFiles(out_dir).discard_unstarted(remove_folder=created)
+            with StopFlag.ignored():
+                RunFiles(out_dir).discard_unstarted(remove_folder=created)
         if isinstance(e, StoppedBeforeStart):  # Ctrl-C or SIGTERM during the set-up
             click.echo(stop.what(), err=True)
             raise SystemExit(stop.exit_code()) from None
@@ -307,6 +325,12 @@ def evaluate(model_path, device, data_dir, as_json):
     else:
         click.echo(f"test_accuracy {accuracy:.4f}  test_loss {loss:.4f}  ({len(test)} images, "
                    f"on {backend.description})")
+
+
+def hold(fd: int | None) -> None:
+    """Keep the file descriptor `fd` (a run's lock) open until the command ends."""
+    if fd is not None:
+        click.get_current_context().call_on_close(lambda: os.close(fd))
 
 
 def positive_finite(value: float, name: str) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 
@@ -36,6 +37,11 @@ MEMORY_HINTS = {
     "predict": "give fewer or smaller files at a time",
 }
 MEMORY_HINT = "free some memory and try again"
+# what to do about an error the system gave for a path, by errno
+OS_ERROR_HINTS = {errno.ENAMETOOLONG: "; give a shorter path",
+                  errno.EACCES: "; check its permissions", errno.EPERM: "; check its permissions",
+                  errno.ELOOP: "; a link there leads back to itself: fix or remove it",
+                  errno.ENOSPC: "; free some space and try again"}
 
 
 def domain_errors(fn):
@@ -59,7 +65,8 @@ def domain_errors(fn):
         except OSError as e:  # a file the OS refused: name it, no traceback
             if e.filename is None:  # stdout, most often: OneLineGroup.main says it for all
                 raise
-            raise OneLineError(f"{e.filename}: {e.strerror or e}") from None
+            raise OneLineError(f"{e.filename}: {e.strerror or e}"
+                               f"{OS_ERROR_HINTS.get(e.errno, '')}") from None
     return wrapper
 
 

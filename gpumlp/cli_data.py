@@ -132,7 +132,7 @@ def verify_command(data_dir: Path | None) -> None:
         source, drop = data_dir_source()
         raise click.ClickException(f"{source}{data_dir}: {what}; point it at the folder "
                                    f"holding the four MNIST files, or {drop} to check the cache")
-    folder = data_dir or mnist_cache_dir()
+    folder = data_dir or run(mnist_cache_dir)
     if data_dir is None:
         run(check_cache, folder)
     problems = {stem: file_problem(folder, stem) for stem in ALL_FILES}
@@ -167,7 +167,7 @@ def path_command(data_dir: Path | None) -> None:
         source, drop = data_dir_source()
         click.echo(f"Warning: {source}{data_dir}: {what}; reading the MNIST files from "
                    f"it will fail until it holds them (or {drop} to use the cache)", err=True)
-    click.echo(data_dir or mnist_cache_dir())
+    click.echo(data_dir or run(mnist_cache_dir))
 
 
 def class_counts_table(splits: dict[str, np.ndarray]) -> list[str]:

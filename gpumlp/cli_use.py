@@ -157,7 +157,8 @@ def export(model_path, fmt, out, overwrite):
     try:
         atomic_write(target, model_bytes(params, config))
     except OSError as e:
-        raise OneLineError(f"--out {target}: cannot write there ({e.strerror or e}); "
-                           "pick a writable path") from None
+        named = f"--out {target}" if out else f"{target} (the default --out)"
+        raise OneLineError(f"{named}: cannot write there ({e.strerror or e}); "
+                           "pick a writable path with --out") from None
     click.echo(f"wrote {target} (ONNX opset {OPSET}; input 'pixels' = pixel/255, "
                f"outputs 'logits', 'probabilities')")

@@ -174,9 +174,16 @@ def _key_paths(cls: type = Config, prefix: str = "") -> list[str]:
 
 def _elsewhere(prefix: str, key: str) -> list[str]:
     """The key paths outside the section at `prefix` named `key`, or else named closest to it."""
-    paths = [p for p in _key_paths() if p.rpartition(".")[0] != prefix.rstrip(".")]
+    every = _key_paths()
+    paths = [p for p in every if p.rpartition(".")[0] != prefix.rstrip(".")]
     names = list(dict.fromkeys(p.rpartition(".")[2] for p in paths))
-    close = [key] if key in names else difflib.get_close_matches(key, names, n=1)
+    if key in names:
+        close = [key]
+    else:  # a key inside a section is not taken for a section's name ('model.extra': 'train')
+        sections = {p for p in every if any(q.startswith(f"{p}.") for q in every)}
+        near = names if not prefix else list(dict.fromkeys(
+            p.rpartition(".")[2] for p in paths if p not in sections))
+        close = difflib.get_close_matches(key, near, n=1, cutoff=0.75)  # closer than in-section
     return [p for p in paths if p.rpartition(".")[2] in close]
 
 

@@ -71,8 +71,18 @@ Fill = Callable[[Path, Sequence[str]], dict]  # (cache, stems) -> stem -> reason
 def default_cache_dir() -> Path:
     """gpumlp's folder in the user's cache ($GPUMLP_CACHE_DIR overrides the platform's)."""
     override = os.environ.get(CACHE_ENV)
-    if override:
-        return Path(override).expanduser()
+    try:
+        return Path(override).expanduser() if override else platform_cache_dir()
+    except RuntimeError as e:  # "~nouser/x", or no home folder to be found
+        why = (f"{CACHE_ENV}={override}: no home folder is known for "
+               f"{override.split('/')[0]}" if override else
+               f"gpumlp's cache: {str(e).rstrip('.').lower()}")
+        raise DataError(f"{why}; set {CACHE_ENV} to a folder given in full, e.g. "
+                        "/tmp/gpumlp-cache") from None
+
+
+def platform_cache_dir() -> Path:
+    """The platform's cache folder for gpumlp (RuntimeError when the home folder is unknown)."""
     if sys.platform == "win32":
         base = os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"
         return Path(base) / "gpumlp" / "Cache"

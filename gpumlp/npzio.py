@@ -30,7 +30,7 @@ from typing import BinaryIO, NamedTuple, NoReturn
 
 import numpy as np
 
-from .errors import CheckpointError, shown
+from .errors import CheckpointError, GpumlpError, shown
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 MAGIC_LEN = 8                 # b"\x93NUMPY" and two version bytes
@@ -159,6 +159,12 @@ class Npz:
             what = "a folder" if self.path.is_dir() else "a device, pipe or socket"
             raise CheckpointError(f"{self.path}: not a regular file ({what}); give the .npz "
                                   "file itself")
+        try:  # is_zipfile says False for a file it may not open: that is no damaged file
+            with open(self.path, "rb"):
+                pass
+        except OSError as e:  # not a CheckpointError: no advice to start a run over
+            raise GpumlpError(f"{self.path}: cannot be read ({e.strerror or e}); make it "
+                              "readable and try again (the file itself may be intact)") from None
         if not zipfile.is_zipfile(self.path):  # np.load would try a pickle, or read a .npy
             raise CheckpointError(f"{self.path}: not a readable .npz file (not a zip archive)")
         self.headers: dict[str, NpyHeader] = {}

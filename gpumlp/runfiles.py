@@ -73,6 +73,28 @@ def check_out_dir(path: Path, overwrite: bool) -> list[str]:
     return existing
 
 
+def lock_run(folder: Path, option: str) -> int | None:
+    """Hold an exclusive lock on the run folder `folder` until the process ends, so that two
+    `gpumlp train` never write one run at once; a GpumlpError when another holds it. The lock
+    is flock(2) on the folder itself (no lock file is left behind); None where the system has
+    no flock (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise GpumlpError(f"{option} {folder}: another gpumlp train is writing this run now; "
+                          "wait for it to end (or stop it: it saves a checkpoint first)") from None
+    except OSError:   # a file system without locks: go on unlocked, as before
+        os.close(fd)
+        return None
+    return fd
+
+
 RESUME_FIXED_KEYS = ("train.batch_size", "train.seed", "train.dtype", "optim.name")
 
 

@@ -424,19 +424,17 @@ def test_ctrl_c_while_the_data_loads_stops_at_once_and_leaves_no_run(tmp_path, m
     assert not out.exists()                              # nothing half-made is left behind
 
 
-def test_sigterm_while_the_data_loads_exits_143_and_leaves_no_run(tmp_path):
-    """Outside training SIGTERM stops the command as Ctrl-C does, exit 143: in a container
-    gpumlp is the first process, which the kernel spares a SIGTERM it does not handle (in a
-    child process here, which the default action would kill: exit -15)."""
+def sigterm_while_the_data_loads(out: Path, patch: str = "") -> None:
+    """Run `gpumlp train --out out` in a child process whose data loading raises SIGTERM
+    (after the Python `patch`); assert it ends as SIGTERM should (exit 143, no traceback)."""
     import subprocess
     import sys
 
-    out = tmp_path / "run"
-    code = ("import signal, gpumlp.cli as c\n"
+    code = ("import signal, gpumlp.cli as c, gpumlp.runfiles as r\n"
             "def load(*args, **kwargs):\n"
             "    signal.raise_signal(signal.SIGTERM)\n"
             "    raise AssertionError('SIGTERM did not stop the command')\n"
-            "c.load_mnist_for = load\n"
+            f"c.load_mnist_for = load\n{patch}"
             f"c.main(['train', '--config', {str(SMOKE)!r}, '--device', 'cpu',"
             f" '--out', {str(out)!r}])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -444,7 +442,37 @@ def test_sigterm_while_the_data_loads_exits_143_and_leaves_no_run(tmp_path):
     assert done.returncode == 143, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "terminated (SIGTERM)"
     assert "Traceback" not in done.stderr
-    assert not out.exists()                              # nothing half-made is left behind
+
+
+def test_sigterm_while_the_data_loads_exits_143_and_leaves_no_run(tmp_path):
+    """Outside training SIGTERM stops the command as Ctrl-C does, exit 143: in a container
+    gpumlp is the first process, which the kernel spares a SIGTERM it does not handle (in a
+    child process here, which the default action would kill: exit -15)."""
+    sigterm_while_the_data_loads(tmp_path / "run")
+    assert not (tmp_path / "run").exists()               # nothing half-made is left behind
+
+
+def test_a_second_sigterm_during_the_clean_up_does_not_cut_it_short(tmp_path):
+    """`timeout` signals gpumlp and its process group: two SIGTERMs, the second one while the
+    half-made run is being removed."""
+    sigterm_while_the_data_loads(tmp_path / "run", (
+        "discard = r.RunFiles.discard_unstarted\n"
+        "def twice(self, *args, **kwargs):\n"
+        "    assert (self.folder / 'config.yaml').exists()\n"
+        "    signal.raise_signal(signal.SIGTERM)\n"
+        "    discard(self, *args, **kwargs)\n"
+        "r.RunFiles.discard_unstarted = twice\n"))
+    assert not (tmp_path / "run").exists()               # the clean-up ran to its end
+
+
+@pytest.mark.parametrize("args", [["evaluate", "{long}.npz"], ["report", "{long}"],
+                                  ["train", "--init", "{long}.npz"], ["train", "--resume", "{long}"],
+                                  ["predict", "{long}.npz", "digit.png"]])
+def test_a_path_too_long_for_the_system_is_one_line_that_says_so(args, tmp_path):
+    long = str(tmp_path / ("a" * 300))
+    result = cli(*(arg.format(long=long) for arg in args), "--device", "cpu")
+    assert_one_error_line(result, 1, "File name too long; give a shorter path")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_gradcheck_says_when_a_parameter_was_checked_only_where_its_gradient_is_zero(monkeypatch):

@@ -179,6 +179,11 @@ def test_unknown_key_names_the_path_and_suggests(values, key, hint):
     ("optim.sed=1", "unknown config key 'optim.sed'; did you mean 'train.seed'?"),  # close match
     ("hiden=3", "unknown config key 'hiden'; did you mean 'model.hidden'?"),
     ("train.epocs=3", "unknown config key 'train.epocs'; did you mean 'train.epochs'?"),
+    ("model.batch_sze=1", "unknown config key 'model.batch_sze'; did you mean "
+                          "'train.batch_size'?"),
+    # no section's name ('train') and nothing far ('optim.beta2') for a key inside a section:
+    ("model.extra=1", "unknown config key 'model.extra'; known keys under 'model': hidden, "
+                      "activation, init, dropout, max_norm"),
 ])
 def test_a_key_in_the_wrong_section_suggests_the_section_it_is_in(override, message):
     assert error_of(build_config, None, [override]) == f"--set {override!r}: {message}"

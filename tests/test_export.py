@@ -123,6 +123,23 @@ def assert_refused(result, fragment: str) -> None:
     assert fragment in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("named", [False, True])
+def test_a_target_that_cannot_be_written_names_the_path_and_where_it_came_from(saved, named,
+                                                                              monkeypatch):
+    import gpumlp.npzio as npzio
+
+    def refused(path, data, **kwargs):                   # what a read-only folder does
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(npzio, "atomic_write", refused)
+    target = saved / ("mine.onnx" if named else "model.onnx")
+    out = ["--out", str(target)] if named else []
+    result = invoke(export, saved / "model.npz", *out)
+    where = f"--out {target}" if named else f"{target} (the default --out)"
+    assert_refused(result, f"Error: {where}: cannot write there (Permission denied); pick a "
+                   "writable path with --out")
+
+
 @pytest.mark.parametrize("out", ["model-copy.onnx", "link.onnx", "with-notes.onnx"])
 @pytest.mark.parametrize("overwrite", [(), ("--overwrite",)], ids=["", "--overwrite"])
 def test_the_model_and_npz_files_are_never_written_over(saved, out, overwrite):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import signal
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,9 +25,10 @@ from gpumlp import cli as cli_module
 from gpumlp.backend import CPU
 from gpumlp.config import build_config
 from gpumlp.errors import GpumlpError
+from gpumlp import npzio
 from gpumlp.npzio import load_npz
 from gpumlp.report import FIGURES
-from gpumlp.runfiles import DERIVED_FILES, RunFiles
+from gpumlp.runfiles import DERIVED_FILES, RunFiles, lock_run
 from gpumlp.train import train
 
 HUGE = "model.hidden=1000000000000"  # 5.6 PiB of weights: beyond any address space
@@ -559,6 +562,50 @@ def test_resume_with_a_folder_where_a_run_file_belongs_says_so_before_training(
     assert_one_error_line(result, 1, f"--resume {stopped}: {stopped / name} is a folder where "
                           "the run keeps a file; move it out of the run and resume")
     assert {p.name: p.read_bytes() for p in stopped.iterdir() if p.name != name} == kept
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock(2) on Windows: runs are not locked")
+def test_a_run_another_train_is_writing_is_refused_by_resume_and_by_overwrite(stopped,
+                                                                             tiny_data_dir):
+    before = {p.name: p.read_bytes() for p in stopped.iterdir()}
+    other = lock_run(stopped, "--resume")                  # as another process's train holds it
+    try:
+        result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu")
+        assert_one_error_line(result, 1, f"--resume {stopped}: another gpumlp train is writing "
+                              "this run now; wait for it to end (or stop it: it saves a "
+                              "checkpoint first)")
+        result = cli(*train_args(stopped, tiny_data_dir, "--overwrite"))
+        assert_one_error_line(result, 1, f"--out {stopped}: another gpumlp train is writing")
+        assert {p.name: p.read_bytes() for p in stopped.iterdir()} == before
+    finally:
+        os.close(other)
+    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 0, result.output     # and the lock of a command ends with it:
+    assert cli("train", "--resume", stopped, "--data-dir", tiny_data_dir).exit_code == 0
+
+
+@pytest.mark.parametrize("command", ["resume", "report"])
+def test_a_checkpoint_or_model_the_system_will_not_open_is_not_called_damaged(
+        stopped, tiny_data_dir, monkeypatch, command):
+    name = "checkpoint.npz" if command == "resume" else "model.npz"
+    if command == "report":
+        assert cli("train", "--resume", stopped, "--data-dir", tiny_data_dir).exit_code == 0
+    locked = stopped / name
+    real_open = open
+
+    def refusing_open(path, *args, **kwargs):              # what chmod 000 does to a non-root
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(npzio, "open", refusing_open, raising=False)
+    before = {p.name: p.read_bytes() for p in stopped.iterdir()}
+    args = (["train", "--resume", stopped] if command == "resume" else ["report", stopped])
+    result = cli(*args, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert_one_error_line(result, 1, f"{locked}: cannot be read (Permission denied); make it "
+                          "readable and try again (the file itself may be intact)")
+    assert "--overwrite" not in result.stderr and "start" not in result.stderr
+    assert {p.name: p.read_bytes() for p in stopped.iterdir()} == before
 
 
 def edit_config(out: Path, section: str, key: str, value) -> None:
