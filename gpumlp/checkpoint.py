@@ -177,6 +177,11 @@ def load_model(path: str | os.PathLike) -> tuple[Params, Config]:
     fix = ", its config's train.dtype; gpumlp train never writes such a model: train it again"
     with open_model(Path(path)) as npz:
         config = config_of(npz, source)
+        try:
+            check_layout(npz.headers, config.model.layer_widths, source)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}: not the net its own config describes, so the file was "
+                                  "changed after gpumlp wrote it; train it again") from None
         return read_layers(npz, config.model.layer_widths, source, config.train.dtype, fix), config
 
 

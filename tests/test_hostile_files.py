@@ -360,6 +360,17 @@ def test_the_advice_for_an_unfinished_run_writes_the_model(interrupted, tiny_dat
     assert line == f"Error: {run / 'model.npz'}: no such file"
 
 
+def test_a_model_whose_arrays_do_not_fit_its_own_config_says_it_was_changed(tmp_path):
+    small = build_config(None, ["model.hidden=16"])
+    model = tmp_path / "model.npz"
+    save_model(model, init_params(small.model.layer_widths, "he", np.random.default_rng(0)),
+               build_config(None, ["model.hidden=32"]))
+    line = assert_one_error(invoke(evaluate, model, "--device", "cpu"))
+    assert line == (f"Error: {model}: W1 has shape (784, 16) and dtype float32; expected "
+                    "(784, 32) floats: not the net its own config describes, so the file was "
+                    "changed after gpumlp wrote it; train it again")
+
+
 @pytest.mark.parametrize("hidden, advice", [
     ("16", "it was trained with model.hidden 16: train with --set model.hidden=16"),
     ("[16,8]", "it was trained with model.hidden [16, 8]: train with "
