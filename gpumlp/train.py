@@ -270,7 +270,8 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
     steps_per_epoch = len(batch_slices(len(data.train), config.train.batch_size))
     on_event("start", {"device": backend.description, "epochs": config.train.epochs,
                        "n_train": len(data.train), "batches": steps_per_epoch,
-                       "epoch": state.pos.epoch})
+                       "epoch": state.pos.epoch,
+                       "unchecked": restored and files.trained_config is None})
 
     def save() -> None:
         """A mid-epoch checkpoint, never of NaN, infinite or unusable weights: the previous one
