@@ -71,9 +71,9 @@ def predict(model_path, files, top_k, as_json, device):
         params, config = load_model(model_path)
     except CheckpointError as e:
         if str(files[0]).lower().endswith(".npz"):          # predict digit.png model.npz
+            swapped = (files[0], model_path, *files[1:])
             raise CheckpointError(f"{e}; the model comes first: gpumlp predict "
-                                  f"{shlex.quote(str(files[0]))} {shlex.quote(str(model_path))}"
-                                  ) from None
+                                  f"{shlex.join(str(f) for f in swapped)}") from None
         raise
     backend = get_backend(device)
     results = predict_files(params_on(backend, params), config, files, backend, str(model_path))

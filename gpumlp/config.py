@@ -111,9 +111,9 @@ class Config:
 
 # key path -> (check, message); a failed check is a ConfigError naming the key
 RANGES: dict[str, tuple[Any, str]] = {
-    "model.hidden": (lambda v: v != () and (isinstance(v, int) or len(v) <= MAX_DEPTH)
-                     and all(1 <= w <= MAX_WIDTH for w in ((v,) if isinstance(v, int) else v)),
-                     f"must be a width from 1 to 2^40 or a list of 1 to {MAX_DEPTH} of them"),
+    "model.hidden": (lambda v: v != () and all(1 <= w <= MAX_WIDTH
+                                               for w in ((v,) if isinstance(v, int) else v)),
+                     "must be a width from 1 to 2^40 or a non-empty list of them"),
     "model.activation": (lambda v: v in ACTIVATIONS, f"must be one of {', '.join(ACTIVATIONS)}"),
     "model.init": (lambda v: v in INITS, f"must be one of {', '.join(INITS)}"),
     "model.dropout": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
@@ -151,9 +151,10 @@ RANGES: dict[str, tuple[Any, str]] = {
 class KeyProblem(ConfigError):
     """A ConfigError about the value at one key path; `keys` is that path, a tuple of keys."""
 
-    def __init__(self, keys: tuple, message: str):
+    def __init__(self, keys: tuple, message: str, others: tuple = ()):
         super().__init__(message)
         self.keys = keys
+        self.others = others  # other key paths the problem is about (a check of two keys)
 
 
 def _where(prefix: str) -> str:
@@ -176,15 +177,20 @@ def _elsewhere(prefix: str, key: str) -> list[str]:
     """The key paths outside the section at `prefix` named `key`, or else named closest to it."""
     every = _key_paths()
     paths = [p for p in every if p.rpartition(".")[0] != prefix.rstrip(".")]
+    if any(p.rpartition(".")[2] == key for p in paths):
+        return [p for p in paths if p.rpartition(".")[2] == key]   # 'model.augment': data.augment
+    if prefix:  # a key inside a section is not taken for a section's name ('model.extra')
+        paths = [p for p in paths if not any(q.startswith(f"{p}.") for q in every)]
     names = list(dict.fromkeys(p.rpartition(".")[2] for p in paths))
-    if key in names:
-        close = [key]
-    else:  # a key inside a section is not taken for a section's name ('model.extra': 'train')
-        sections = {p for p in every if any(q.startswith(f"{p}.") for q in every)}
-        near = names if not prefix else list(dict.fromkeys(
-            p.rpartition(".")[2] for p in paths if p not in sections))
-        close = difflib.get_close_matches(key, near, n=1, cutoff=0.75)  # closer than in-section
+    close = _near(key, names, cutoff=0.75 if prefix else 0.6)  # not 'optim.beta2' for 'extra'
     return [p for p in paths if p.rpartition(".")[2] in close]
+
+
+def _near(key: str, names: list[str], cutoff: float = 0.6) -> list[str]:
+    """The names of `names` that hold `key` or that `key` holds ('warmup': warmup_epochs;
+    'elastic': elastic_alpha and elastic_sigma; two at most), or else the closest one."""
+    part = [n for n in names if min(len(n), len(key)) >= 4 and (key in n or n in key)]
+    return part[:2] or difflib.get_close_matches(key, names, n=1, cutoff=cutoff)
 
 
 def _unknown_key(prefix: str, key: str, known: list[str], keys: tuple) -> ConfigError:
@@ -192,10 +198,10 @@ def _unknown_key(prefix: str, key: str, known: list[str], keys: tuple) -> Config
     if not key.strip():
         return KeyProblem(keys, f"empty config key under {where}; "
                                 f"known keys there: {', '.join(known)}")
-    close = [f"{prefix}{name}" for name in difflib.get_close_matches(key, known, n=1)]
+    close = [f"{prefix}{name}" for name in _near(key, known)]
     elsewhere = _elsewhere(prefix, key)
     exact = [p for p in elsewhere if p.rpartition(".")[2] == key]  # the key, in another section
-    meant = " or ".join(f"'{p}'" for p in (exact + close if exact else close or elsewhere))
+    meant = " or ".join(f"'{p}'" for p in (exact + close[:1] if exact else close or elsewhere))
     hint = (f"; did you mean {meant}?" if meant
             else f"; known keys under {where}: {', '.join(known)}")
     return KeyProblem(keys, f"unknown config key {shown(prefix + key)}{hint}")
@@ -283,8 +289,20 @@ def yaml_reason(error: yaml.YAMLError) -> str:
     if isinstance(error, yaml.reader.ReaderError):   # a byte or character YAML does not allow
         char = error.character
         what = f"#x{char:04x}" if isinstance(char, int) else repr(char)
-        reason = f"character {what} at position {error.position + 1}: {error.reason}"
+        reason = f"character {what}: {error.reason}"
     return " ".join(str(reason).split())
+
+
+def yaml_where(error: yaml.YAMLError, text: str) -> str:
+    """" at line L, column C" of `error` in `text` (1-based), or "" when it says nowhere."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is not None:
+        return f" at line {mark.line + 1}, column {mark.column + 1}"
+    if isinstance(error, yaml.reader.ReaderError):  # a reader error knows its offset only
+        at = min(error.position, len(text))
+        line, column = text.count("\n", 0, at) + 1, at - text.rfind("\n", 0, at)
+        return f" at line {line}, column {column}"
+    return ""
 
 
 def parse_override(text: str) -> dict:
@@ -381,9 +399,7 @@ def read_yaml(path: str | Path) -> dict:
     except BadKey as e:
         raise ConfigError(f"config file {path}: {e}; {e.fix}") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        reason = yaml_reason(e)
+        where, reason = yaml_where(e, text), yaml_reason(e)
         raise ConfigError(f"config file {path} is not valid YAML{where}"
                           f"{f': {reason}' if reason else ''}") from None
     if data is None:
@@ -395,9 +411,11 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def build_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
-                 **flags: Any) -> Config:
+                 check_together: bool = True, **flags: Any) -> Config:
     """Defaults < YAML file at `path` < `--set` overrides < `flags` (dotted keys, None = unset).
-    An error in the merge starts with the file's path or the --set that gave the key."""
+    An error in the merge starts with the file's path or the --set that gave the key (the last
+    to give one of its keys). `check_together`: also the checks that read two keys (not for a
+    saved config a resume's --set may still fix)."""
     layers = [(f"{path}: ", read_yaml(path))] if path is not None else []
     layers += [(f"--set {shown(text)}: ", parse_override(text)) for text in overrides]
     layers += [(f"--{key.rpartition('.')[2]} {shown(value)}: ", _nest(key, value))  # --seed
@@ -406,21 +424,28 @@ def build_config(path: str | Path | None = None, overrides: tuple[str, ...] | li
     for _, layer in layers:
         values = _deep_merge(values, layer)
     try:
-        return _check_together(config_from_dict(values))
+        config = config_from_dict(values)
+        return _check_together(config) if check_together else config
     except KeyProblem as e:
-        source = next((source for source, layer in reversed(layers) if _has(layer, e.keys)), "")
+        source = next((source for source, layer in reversed(layers)
+                       if any(_has(layer, keys) for keys in (e.keys, *e.others))), "")
         raise ConfigError(f"{source}{e}") from None
 
 
 def _check_together(config: Config) -> Config:
-    """The checks that read two keys; a KeyProblem names the one a user most likely set last.
-    (Not in config_from_dict: a model saved before a check was added still loads.)"""
+    """The checks added after models were saved, and those that read two keys: not in
+    config_from_dict, so that every model saved before still loads."""
+    hidden = config.model.hidden
+    if not isinstance(hidden, int) and len(hidden) > MAX_DEPTH:
+        raise KeyProblem(("model", "hidden"), f"config key 'model.hidden' lists {len(hidden)} "
+                         f"hidden layers; give at most {MAX_DEPTH}")
     optim = config.optim
     if optim.schedule == "cosine" and optim.min_lr > optim.lr:
         raise KeyProblem(("optim", "min_lr"),
                          f"config key 'optim.min_lr' ({optim.min_lr:g}) is above optim.lr "
                          f"({optim.lr:g}): as the cosine schedule's floor it would raise the "
-                         "rate; set it at most optim.lr, e.g. optim.min_lr=0")
+                         "rate; set it at most optim.lr, e.g. optim.min_lr=0",
+                         others=(("optim", "lr"), ("optim", "schedule")))
     return config
 
 

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
-from .errors import DataError, folder_problem
+from .errors import DataError, folder_problem, shown
 from .fetch_http import DEADLINE, fetch_file
 from .fetch_index import REQUIREMENT, extra_pip_args, fill_from_index
 from .fetch_store import (CACHE_ENV, CacheUnwritable, SourceFailed, Unreachable, content_problem,
@@ -74,8 +74,8 @@ def default_cache_dir() -> Path:
     try:
         return Path(override).expanduser() if override else platform_cache_dir()
     except RuntimeError as e:  # "~nouser/x", or no home folder to be found
-        why = (f"{CACHE_ENV}={override}: no home folder is known for "
-               f"{override.split('/')[0]}" if override else
+        why = (f"{CACHE_ENV}={shown(override)}: no home folder is known for "
+               f"{shown(override.split('/')[0])}" if override else
                f"gpumlp's cache: {str(e).rstrip('.').lower()}")
         raise DataError(f"{why}; set {CACHE_ENV} to a folder given in full, e.g. "
                         "/tmp/gpumlp-cache") from None
@@ -232,7 +232,8 @@ def check_cache(cache: Path, stems: Iterable[str] = CHECKSUMS) -> None:
         raise DataError(f"the cache path {cache} is not a folder; move that file away, or set "
                         f"{CACHE_ENV} to another folder")
     stray = next((cache / name for stem in stems for name in (stem, f"{stem}.gz")
-                  if (cache / name).is_dir()), None)
+                  if (cache / name).is_dir() and not any(
+                      (cache / other).is_file() for other in (stem, f"{stem}.gz"))), None)
     if stray is not None:
         raise DataError(f"{stray} is a folder where the cache keeps a file; move it away, or set "
                         f"{CACHE_ENV} to another folder")

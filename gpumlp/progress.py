@@ -28,8 +28,9 @@ class Reporter:
         self.use_bar = not quiet and self.stream.isatty()
 
     def __call__(self, kind: str, info: dict) -> None:
-        if kind == "start" and info.get("unchecked"):  # said even when quiet
-            click.echo("warning: the checkpoint comes from a gpumlp that did not record the "
+        # said even when quiet, and only when there is something left to train
+        if kind == "start" and info.get("unchecked") and info["epoch"] < info["epochs"]:
+            click.echo("Warning: the checkpoint comes from a gpumlp that did not record the "
                        "config its steps ran with, so edits to config.yaml since cannot be "
                        "checked; training on with config.yaml as it is", err=True)
         if self.quiet:

@@ -25,7 +25,8 @@ from .backend import Backend, to_host
 from .checkpoint import (check_layout, load_init, param_arrays, params_from_arrays, parse_json,
                          save_model)
 from .config import Config, build_config, config_to_dict, dump_config
-from .errors import CheckpointError, ConfigError, GpumlpError, folder_problem, write_problem
+from .errors import (CheckpointError, ConfigError, GpumlpError, folder_problem, shown,
+                     write_problem)
 from .model import Params
 from .npzio import atomic_write, load_npz, save_npz
 from .optim import flat
@@ -51,8 +52,8 @@ def check_out_dir(path: Path, overwrite: bool) -> list[str]:
     Returns the RUN_FILES it already holds."""
     try:
         if path.is_symlink() and not path.exists():
-            raise GpumlpError(f"--out {path}: a link to {os.readlink(path)}, which leads to no "
-                              "folder; point it at one, or pick another path")
+            raise GpumlpError(f"--out {path}: a link to {shown(os.readlink(path), 200)}, which "
+                              "leads to no folder; point it at one, or pick another path")
         if path.exists() and not path.is_dir():
             raise GpumlpError(f"--out {path}: exists and is not a folder; pick another path")
         existing = run_files_in(path)
@@ -250,7 +251,7 @@ class RunFiles:
 
     def saved_config(self) -> Config:
         """The config as the run's config.yaml says it (no --set)."""
-        return build_config(self.path("config.yaml"))
+        return build_config(self.path("config.yaml"), check_together=False)  # --set may fix it
 
     def differs(self, config: Config) -> bool:
         """Whether `config` differs from what config.yaml says (a resume with --set)."""
@@ -283,14 +284,17 @@ class RunFiles:
         if self.differs(config):
             atomic_write(self.path("config.yaml"), dump_config(config).encode())
 
-    def last_good(self, lr: float) -> str:
-        """Where the last good checkpoint is and how to go on with a lower learning rate than
-        `lr`, for the NaN error."""
+    def last_good(self, config: Config) -> str:
+        """Where the last good checkpoint is and how to go on with a tenth of the learning
+        rate (and of a cosine floor above it), for the NaN error."""
         path = self.path("checkpoint.npz")
+        optim = config.optim
+        lower = f"--set optim.lr={optim.lr / 10:g}"
+        if optim.schedule == "cosine" and optim.min_lr > optim.lr / 10:
+            lower += f" --set optim.min_lr={optim.min_lr / 10:g}"
         if path.exists():
             return (f"the last good checkpoint {path} is intact; to continue from it with a "
-                    f"lower rate: gpumlp train --resume {shlex.quote(str(self.folder))} --set "
-                    f"optim.lr={lr / 10:g}")
+                    f"lower rate: gpumlp train --resume {shlex.quote(str(self.folder))} {lower}")
         return "no checkpoint was written yet; start over with a lower optim.lr"
 
     def save_checkpoint(self, state: "RunState", history: list[dict], config: Config) -> None:

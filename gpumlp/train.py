@@ -295,7 +295,7 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
             if files:  # checkpoint first: a metrics row then always has a checkpoint behind it
                 files.save_checkpoint(snap, history, config)
         except NumericalError as e:
-            advice = files.last_good(config.optim.lr) if files else "lower optim.lr"
+            advice = files.last_good(config) if files else "lower optim.lr"
             raise NumericalError(f"{e}; {advice}") from None
         if files:
             files.append_metrics(history[-1])

@@ -49,7 +49,8 @@ def pytest_configure(config):
     try:
         library = host.build_host_library(source)
     except pytest.skip.Exception as e:          # no C++ compiler: every test skips, saying so
-        if os.environ.get("GPUMLP_REQUIRE_EMULATION"):   # CI: a green run must have run them
+        # CI sets GPUMLP_REQUIRE_EMULATION=1: a green run there must have run the tests
+        if os.environ.get("GPUMLP_REQUIRE_EMULATION", "0") not in ("", "0"):
             raise pytest.UsageError(f"emulate_gpu: {e} (GPUMLP_REQUIRE_EMULATION is set)")
         UNAVAILABLE.append(str(e))
         return

@@ -465,9 +465,9 @@ def test_a_second_sigterm_during_the_clean_up_does_not_cut_it_short(tmp_path):
     assert not (tmp_path / "run").exists()               # the clean-up ran to its end
 
 
-@pytest.mark.parametrize("args", [["evaluate", "{long}.npz"], ["report", "{long}"],
-                                  ["train", "--init", "{long}.npz"], ["train", "--resume", "{long}"],
-                                  ["predict", "{long}.npz", "digit.png"]])
+@pytest.mark.parametrize("args", [
+    ["evaluate", "{long}.npz"], ["report", "{long}"], ["train", "--init", "{long}.npz"],
+    ["train", "--resume", "{long}"], ["predict", "{long}.npz", "digit.png"]])
 def test_a_path_too_long_for_the_system_is_one_line_that_says_so(args, tmp_path):
     long = str(tmp_path / ("a" * 300))
     result = cli(*(arg.format(long=long) for arg in args), "--device", "cpu")

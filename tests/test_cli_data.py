@@ -194,9 +194,9 @@ def test_verify_of_a_data_folder_names_a_folder_standing_for_a_file(tmp_path, fa
 def test_a_cache_folder_of_an_unknown_users_home_is_one_line(monkeypatch, command):
     monkeypatch.setenv("GPUMLP_CACHE_DIR", "~gpumlp-no-such-user/cache")
     result = invoke(command)
-    assert_clean_error(result, "GPUMLP_CACHE_DIR=~gpumlp-no-such-user/cache: no home folder is "
-                       "known for ~gpumlp-no-such-user; set GPUMLP_CACHE_DIR to a folder given "
-                       "in full")
+    assert_clean_error(result, "GPUMLP_CACHE_DIR='~gpumlp-no-such-user/cache': no home folder "
+                       "is known for '~gpumlp-no-such-user'; set GPUMLP_CACHE_DIR to a folder "
+                       "given in full")
     assert result.stderr.count("\n") == 1
 
 

@@ -184,6 +184,11 @@ def test_unknown_key_names_the_path_and_suggests(values, key, hint):
     # no section's name ('train') and nothing far ('optim.beta2') for a key inside a section:
     ("model.extra=1", "unknown config key 'model.extra'; known keys under 'model': hidden, "
                       "activation, init, dropout, max_norm"),
+    # a part of a name: 'warmup' is in warmup_epochs, 'sigma' in elastic_sigma
+    ("train.warmup=1", "unknown config key 'train.warmup'; did you mean 'optim.warmup_epochs'?"),
+    ("data.augment.sigma=1", "unknown config key 'data.augment.sigma'; did you mean "
+                             "'data.augment.elastic_sigma'?"),
+    ("augmentation=1", "unknown config key 'augmentation'; did you mean 'data.augment'?"),
 ])
 def test_a_key_in_the_wrong_section_suggests_the_section_it_is_in(override, message):
     assert error_of(build_config, None, [override]) == f"--set {override!r}: {message}"
@@ -195,7 +200,7 @@ def test_the_same_key_in_another_section_comes_first_then_a_close_one_in_this_se
     assert message == "unknown config key 'train.eps'; did you mean 'optim.eps' or 'train.epochs'?"
     message = error_of(config_from_dict, {"optim": {"epochs": 1}})
     assert message == ("unknown config key 'optim.epochs'; did you mean 'train.epochs' or "
-                       "'optim.step_epochs'?")
+                       "'optim.warmup_epochs'?")
     message = error_of(config_from_dict, {"model": {"limit": 1}})
     assert message == "unknown config key 'model.limit'; did you mean 'data.limit' or 'model.init'?"
     # with no exact key elsewhere, a close key in the section wins over a close one elsewhere:
@@ -389,12 +394,25 @@ def test_an_unknown_key_with_a_line_break_stays_on_one_line():
         "--set 'mo\\ndel.hidden=3': unknown config key 'mo\\ndel'; did you mean 'model'?")
 
 
-def test_a_character_yaml_does_not_allow_is_named_with_its_position(tmp_path):
-    path = write(tmp_path, "model: {hidden: 32}\x01\n")
+def test_a_character_yaml_does_not_allow_is_named_with_its_place(tmp_path):
+    path = write(tmp_path, "model:\n  hidden: 32\x01\n")
     assert error_of(build_config, path) == (
-        f"config file {path} is not valid YAML: character #x0001 at position 20: special "
+        f"config file {path} is not valid YAML at line 2, column 13: character #x0001: special "
         "characters are not allowed")
-    assert "character #x0001 at position 4" in error_of(parse_override, "optim.lr=0.1\x01")
+    assert error_of(parse_override, "optim.lr=0.1\x01") == (
+        "--set 'optim.lr=0.1\\x01': the value is not valid YAML (character #x0001: special "
+        "characters are not allowed)")
+
+
+def test_a_cosine_floor_check_blames_the_last_source_and_can_be_left_for_a_saved_config(
+        tmp_path):
+    path = write(tmp_path, "optim: {schedule: cosine, lr: 0.5, min_lr: 0.1}\n")
+    message = error_of(build_config, path, ["optim.lr=0.05"])
+    assert message.startswith("--set 'optim.lr=0.05': config key 'optim.min_lr' (0.1) is above")
+    assert build_config(path, ["optim.lr=0.05", "optim.min_lr=0"]).optim.min_lr == 0
+    saved = write(tmp_path, "optim: {schedule: cosine, lr: 0.05, min_lr: 0.1}\n", "old.yaml")
+    assert build_config(saved, check_together=False).optim.min_lr == 0.1   # a resume's --set
+    assert error_of(build_config, saved).startswith(f"{saved}: config key 'optim.min_lr'")
 
 
 def test_a_cosine_floor_above_the_rate_is_refused_and_other_schedules_ignore_it():
@@ -411,7 +429,9 @@ def test_a_cosine_floor_above_the_rate_is_refused_and_other_schedules_ignore_it(
 def test_more_than_100_hidden_layers_are_refused():
     assert len(build_config(None, [f"model.hidden={[8] * 100}"]).model.hidden) == 100
     message = error_of(build_config, None, [f"model.hidden={[8] * 101}"])
-    assert "config key 'model.hidden' must be a width from 1 to 2^40 or a list of 1 to 100" in message
+    assert message.endswith(": config key 'model.hidden' lists 101 hidden layers; give at most 100")
+    deep = config_from_dict({"model": {"hidden": [8] * 101}})   # as a model saved before loads
+    assert len(deep.model.hidden) == 101
 
 
 @pytest.mark.parametrize("text, kind", [("- 1\n- 2\n", "list"), ("just words\n", "str"), ("3\n", "int")])

@@ -343,6 +343,8 @@ def test_a_folder_where_the_cache_keeps_a_file_is_named_before_any_download(cach
         assert str(caught.value) == (f"{stray} is a folder where the cache keeps a file; move it "
                                      "away, or set GPUMLP_CACHE_DIR to another folder")
     assert server.log == [] and (stray / "mine.txt").read_text() == "kept"
+    fake.write(cache)                                # beside the file itself, a folder is no harm
+    assert ensure(fake, source="cache") == cache and stray.is_dir()
 
 
 def test_a_cache_path_that_is_a_file_is_one_clear_error(cache, fake, server):

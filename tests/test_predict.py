@@ -299,10 +299,10 @@ def test_bad_files_get_one_error_line_each_and_the_others_are_predicted(random_m
 
 def test_a_picture_given_before_the_model_says_the_model_comes_first(random_model, tmp_path):
     digit = save_png(tmp_path / "digit.png", ring_digit())
-    result = invoke(predict, digit, random_model, "--device", "cpu")
+    result = invoke(predict, digit, random_model, "b.png", "--device", "cpu")
     assert result.exit_code == 1 and result.stdout == ""
     assert result.stderr == (f"Error: {digit}: not a readable .npz file (not a zip archive); the "
-                             f"model comes first: gpumlp predict {random_model} {digit}\n")
+                             f"model comes first: gpumlp predict {random_model} {digit} b.png\n")
 
 
 def test_an_empty_file_name_is_said_so(random_model):

@@ -22,10 +22,10 @@ from test_cli import SMOKE, TINY, assert_one_error_line, cli
 
 import gpumlp.train as train_module
 from gpumlp import cli as cli_module
+from gpumlp import npzio
 from gpumlp.backend import CPU
 from gpumlp.config import build_config
 from gpumlp.errors import GpumlpError
-from gpumlp import npzio
 from gpumlp.npzio import load_npz
 from gpumlp.report import FIGURES
 from gpumlp.runfiles import DERIVED_FILES, RunFiles, lock_run
@@ -270,6 +270,21 @@ class TooLargeAboveLr(PoisonedAboveLr):
         return out
 
 
+def test_after_a_nan_with_a_cosine_floor_the_advice_lowers_the_floor_too_and_goes_on(
+        tiny_data_dir, tmp_path, monkeypatch):
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step",
+                        lambda *a: PoisonedAboveLr(make_step(*a), at=4, above=0.15))
+    out = tmp_path / "run"
+    result = cli(*train_args(out, tiny_data_dir, "--set", "optim.lr=0.2", "--set",
+                             "optim.schedule=cosine", "--set", "optim.min_lr=0.1", "--set",
+                             "train.batch_size=25", "--set", "train.checkpoint_every=2"))
+    advice = f"gpumlp train --resume {out} --set optim.lr=0.02 --set optim.min_lr=0.01"
+    assert_one_error_line(result, 1, "NaN or infinite", advice)
+    result = cli(*shlex.split(advice)[1:], "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize("at, every, spoil, fragment, saved", [
     (20, 0, "scale", ("the evaluation loss became NaN or infinite at the end of epoch 2 (step "
                       "20: val_loss nan, test_loss nan)"), 10),
@@ -396,7 +411,8 @@ def test_an_out_path_that_cannot_be_a_folder_is_one_line_and_nothing_is_made(tin
     dangling = tmp_path / "dangling"
     dangling.symlink_to(tmp_path / "gone" / "run")
     result = cli(*train_args(dangling, tiny_data_dir))
-    assert_one_error_line(result, 1, f"--out {dangling}: a link to {tmp_path / 'gone' / 'run'}, "
+    gone = str(tmp_path / "gone" / "run")
+    assert_one_error_line(result, 1, f"--out {dangling}: a link to {gone!r}, "
                           "which leads to no folder; point it at one, or pick another path")
     too_long = tmp_path / ("a" * 300)
     result = cli(*train_args(too_long, tiny_data_dir))
@@ -612,6 +628,22 @@ def edit_config(out: Path, section: str, key: str, value) -> None:
     config = yaml.safe_load((out / "config.yaml").read_text())
     config[section][key] = value
     (out / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_a_saved_cosine_floor_above_the_rate_is_fixed_by_the_set_the_error_names(stopped,
+                                                                                 tiny_data_dir):
+    """A config.yaml saved before optim.min_lr <= optim.lr was checked still resumes, with the
+    --set the error gives."""
+    edit_config(stopped, "optim", "schedule", "cosine")
+    edit_config(stopped, "optim", "min_lr", 0.5)
+    common = ["--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
+    result = cli("train", "--resume", stopped, *common)
+    assert_one_error_line(result, 2, f"{stopped / 'config.yaml'}: config key 'optim.min_lr' "
+                          "(0.5) is above optim.lr (0.1)", "e.g. optim.min_lr=0")
+    assert not (stopped / "model.npz").exists()
+    result = cli("train", "--resume", stopped, "--set", "optim.min_lr=0", *common)
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((stopped / "config.yaml").read_text())["optim"]["min_lr"] == 0
 
 
 @pytest.mark.parametrize("section, key, value, change", [
@@ -864,7 +896,7 @@ def test_a_checkpoint_from_before_the_config_record_resumes_as_before_with_a_war
     result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
                  "-q")
     assert result.exit_code == 0, result.output
-    assert result.stderr == ("warning: the checkpoint comes from a gpumlp that did not record the "
+    assert result.stderr == ("Warning: the checkpoint comes from a gpumlp that did not record the "
                              "config its steps ran with, so edits to config.yaml since cannot be "
                              "checked; training on with config.yaml as it is\n")
     assert (stopped / "model.npz").read_bytes() == (reference / "model.npz").read_bytes()
