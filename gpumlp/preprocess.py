@@ -132,16 +132,22 @@ def gray_from_npy(data: bytes, source: str) -> np.ndarray:
     except (ValueError, OSError, EOFError) as e:
         raise ImageError(f"{source}: not a readable .npy array ({e})") from None
     gray = array.astype(np.float64)
-    if not np.isfinite(gray).all():
-        raise ImageError(f"{source}: .npy array holds NaN or infinite values")
-    low, high = gray.min(), gray.max()
     if array.dtype.kind in "ui":
-        if low < 0 or high > 255:
+        if gray.min() < 0 or gray.max() > 255:
             raise ImageError(f"{source}: .npy integer values range from {array.min()} to "
                              f"{array.max()}; expected grey levels 0..255")
         return gray
+    return float_levels(gray, source, ".npy array")
+
+
+def float_levels(gray: np.ndarray, source: str, what: str) -> np.ndarray:
+    """Float grey values as levels 0..255: fractions in [0, 1] taken as x/255, levels kept;
+    NaN, infinities and anything outside [0, 255] refused (`what` names the input)."""
+    if not np.isfinite(gray).all():
+        raise ImageError(f"{source}: {what} holds NaN or infinite values")
+    low, high = gray.min(), gray.max()
     if low < 0 or high > 255:
-        raise ImageError(f"{source}: .npy float values range from {low:.4g} to {high:.4g}; "
+        raise ImageError(f"{source}: {what}'s float values range from {low:.4g} to {high:.4g}; "
                          "expected fractions 0..1 (x/255) or levels 0..255")
     return gray * 255.0 if high <= 1.0 else gray
 
@@ -167,6 +173,8 @@ def gray_from_image(data: bytes, source: str) -> np.ndarray:
         raise ImageError(f"{source}: picture of {too_big}") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"{source}: damaged or unsupported image ({e})") from None
+    if image.mode == "F":  # 32-bit float grey (TIFF): fractions or levels, as in a .npy
+        return float_levels(np.asarray(image, dtype=np.float64), source, "picture")
     if image.mode in ("I;16", "I;16B", "I;16L"):  # 16-bit grey
         return np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
     if image.mode == "I":  # 32-bit integers: 8- or 16-bit grey in practice, told by the values

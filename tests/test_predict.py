@@ -130,6 +130,17 @@ def test_npy_arrays_in_levels_or_fractions_flat_or_square_agree(tmp_path):
     assert load_digit(tmp_path / "flat.npy").shape == (28, 28)
 
 
+def test_a_float_tiff_is_read_as_a_npy_of_the_same_values_is(tmp_path):
+    square = (255 - ring_digit(56, 56)) / 255.0                  # fractions, as in a .npy
+    Image.fromarray(square.astype(np.float32)).save(tmp_path / "fractions.tiff")
+    np.save(tmp_path / "fractions.npy", square.astype(np.float32))
+    np.testing.assert_allclose(load_digit(tmp_path / "fractions.tiff"),
+                               load_digit(tmp_path / "fractions.npy"), atol=1e-3)
+    Image.fromarray((square * 300).astype(np.float32)).save(tmp_path / "over.tiff")
+    with pytest.raises(ImageError, match="picture's float values range from 0 to 300"):
+        load_digit(tmp_path / "over.tiff")
+
+
 @pytest.mark.parametrize("content, fragment", [
     (b"", "empty file"),
     (b"hello, not a picture", "not an image"),
