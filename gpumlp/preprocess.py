@@ -12,7 +12,8 @@ same to a grey image of any size:
     3. a picture that is a 28x28 image enlarged (by repeating pixels, or smoothly:
        bilinear, bicubic, Lanczos) and padded is read back as that image (`read_back`);
        any other picture goes on as it is
-    4. crop to the bounding box of the ink (pixels above INK_LEVEL)
+    4. crop to the bounding box of the ink (pixels above INK_LEVEL); ink shorter than
+       MIN_INK_SIDE on its longer side is refused as too small to be a digit
     5. resize so that the longer side is BOX = 20 pixels, keeping the aspect ratio:
        area averaging when shrinking (MNIST's anti-aliasing), bilinear when enlarging; a
        digit already that long is kept unscaled, with FRINGE pixels of faint edge around it
@@ -52,6 +53,8 @@ CENTRE = 14.0         # where MNIST puts the centre of mass (row and column inde
 MIN_CONTRAST = 24.0   # ink must differ from the background by this many levels of 255
 INK_LEVEL = 0.15      # a pixel is ink when its stretched value is above this fraction of 255;
                       # high enough to step over JPEG ringing around the strokes
+MIN_INK_SIDE = 5      # ink shorter than this on its longer side is too small to be read as a
+                      # digit (MNIST's are 20 pixels long; a 1x2 picture was read as a "2")
 FRINGE = 2            # a digit already BOX pixels long keeps this many pixels around its box
                       # (MNIST's faint anti-aliased edge lies below INK_LEVEL)
 MAX_SIDE = 4096       # pictures and arrays may hold up to MAX_SIDE**2 pixels (a 12-megapixel
@@ -245,6 +248,10 @@ def mnist_pixels(gray: np.ndarray, source: str = "image") -> np.ndarray:
     if small is not None:
         ink = small
     patch = crop_to_ink(ink)
+    if max(patch.shape) < MIN_INK_SIDE:
+        raise ImageError(f"{source}: the ink is only {patch.shape[1]}x{patch.shape[0]} pixels, "
+                         f"too small to read as a digit; give a picture whose digit is at least "
+                         f"{MIN_INK_SIDE} pixels long (MNIST's are 20)")
     if max(patch.shape) == BOX:        # already MNIST's size: keep its faint edges, unscaled
         patch = crop_to_ink(ink, FRINGE)
     else:

@@ -130,6 +130,21 @@ def test_npy_arrays_in_levels_or_fractions_flat_or_square_agree(tmp_path):
     assert load_digit(tmp_path / "flat.npy").shape == (28, 28)
 
 
+@pytest.mark.parametrize("height, width, refused", [(1, 2, True), (4, 4, True), (5, 3, False)])
+def test_ink_too_small_to_be_a_digit_is_refused(tmp_path, height, width, refused):
+    picture = np.full((40, 40), 255, dtype=np.uint8)
+    picture[10:10 + height, 10:10 + width] = 0
+    path = save_png(tmp_path / "speck.png", picture)
+    if not refused:
+        assert load_digit(path).shape == (28, 28)
+        return
+    with pytest.raises(ImageError) as caught:
+        load_digit(path)
+    assert str(caught.value) == (f"{path}: the ink is only {width}x{height} pixels, too small "
+                                 "to read as a digit; give a picture whose digit is at least 5 "
+                                 "pixels long (MNIST's are 20)")
+
+
 def test_a_float_tiff_is_read_as_a_npy_of_the_same_values_is(tmp_path):
     square = (255 - ring_digit(56, 56)) / 255.0                  # fractions, as in a .npy
     Image.fromarray(square.astype(np.float32)).save(tmp_path / "fractions.tiff")
