@@ -130,8 +130,14 @@ class StopFlag:
         the main thread, where Python cannot set handlers: there signals keep their handlers)."""
         def handler(signum, frame):
             self.signum = self.signum or signum
+        return self.replace_handlers(handler)
+
+    @classmethod
+    def replace_handlers(cls, handler) -> dict:
+        """Set `handler` for SIGINT and SIGTERM; the previous handlers ({} outside the main
+        thread, where Python cannot set them)."""
         try:
-            return {s: signal.signal(s, handler) for s in self.SIGNALS}
+            return {s: signal.signal(s, handler) for s in cls.SIGNALS}
         except ValueError:
             return {}
 
@@ -146,10 +152,7 @@ class StopFlag:
     def ignored(cls):
         """SIGINT and SIGTERM ignored inside, so that clean-up is not cut short by a second
         one (`timeout` signals the process and its group: two SIGTERMs)."""
-        try:
-            previous = {s: signal.signal(s, signal.SIG_IGN) for s in cls.SIGNALS}
-        except ValueError:  # not the main thread
-            previous = {}
+        previous = cls.replace_handlers(signal.SIG_IGN)
         try:
             yield
         finally:
