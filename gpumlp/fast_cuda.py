@@ -519,7 +519,7 @@ class FusedStep:
         for k in reversed(range(len(params.W))):
             Z_prev = X if k == 0 else buf.Z[k - 1]                        # (m, fan_in)
             self.blas.gemm(Z_prev, dA, grads.W[k], trans_a=True)          # (fan_in, fan_out)
-            self.blas.gemm(buf.ones, dA, bias_rows[k])                    # (1, fan_out)
+            self.blas.gemm(buf.ones, dA, bias_rows[k], full=True)         # (1, fan_out)
             if k > 0:
                 dZ = buf.dZ[k - 1]
                 self.blas.gemm(dA, params.W[k], dZ, trans_b=True)         # (m, h_k)

@@ -35,7 +35,8 @@ class Blas:
         self.xp, self.cublas = xp, xp.cuda.cublas
         cublas = self.cublas
         self.handle = xp.cuda.device.get_cublas_handle()
-        self.compute = cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if tf32 else cublas.CUBLAS_COMPUTE_32F
+        self.full = cublas.CUBLAS_COMPUTE_32F  # float32 inputs, float32 sums
+        self.compute = cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if tf32 else self.full
         self.float32 = xp.cuda.runtime.CUDA_R_32F
         self.ops = (cublas.CUBLAS_OP_N, cublas.CUBLAS_OP_T)
         self.algo = cublas.CUBLAS_GEMM_DEFAULT
@@ -49,12 +50,14 @@ class Blas:
         self.cublas.setStream(self.handle, self.xp.cuda.get_current_stream().ptr)
         self.cublas.setPointerMode(self.handle, self.cublas.CUBLAS_POINTER_MODE_HOST)
 
-    def gemm(self, a: Any, b: Any, out: Any, trans_a: bool = False, trans_b: bool = False) -> None:
+    def gemm(self, a: Any, b: Any, out: Any, trans_a: bool = False, trans_b: bool = False,
+             full: bool = False) -> None:
         """out (m, n) = op(a) (m, k) @ op(b) (k, n), op(x) = x.T where trans_x; no checks
-        (the caller's shapes are fixed; FusedStep.check vets the arrays)."""
+        (the caller's shapes are fixed; FusedStep.check vets the arrays). `full` keeps float32
+        inputs under TF32: for the bias gradients' sums, which the generic step sums in float32."""
         m, n = out.shape
         k = a.shape[0] if trans_a else a.shape[1]
         f32 = self.float32
         self.cublas.gemmEx(self.handle, self.ops[trans_b], self.ops[trans_a], n, m, k, self.one,
                            address(b), f32, b.shape[1], address(a), f32, a.shape[1], self.zero,
-                           address(out), f32, n, self.compute, self.algo)
+                           address(out), f32, n, self.full if full else self.compute, self.algo)

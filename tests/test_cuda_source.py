@@ -390,15 +390,18 @@ def test_gemm_is_the_row_major_product_for_each_transpose(trans_a, trans_b):
 @pytest.mark.parametrize("tf32, capability, compute", [(True, "90", 77), (False, "90", 68),
                                                         (True, "75", 68)])
 def test_tf32_reaches_the_fused_steps_own_products(emulated, tf32, capability, compute):
-    """train.tf32 picks cuBLAS's TF32 compute type for every product of the step (on compute
-    capability 8.0 and newer), as it does for CuPy's own."""
+    """train.tf32 picks cuBLAS's TF32 compute type for every matrix product of the step (on
+    compute capability 8.0 and newer), as it does for CuPy's own; the bias gradients' sums
+    (ones @ dA) stay full float32, as the generic step's dA.sum(axis=0) does."""
     emulated.xp.cuda.Device = lambda: types.SimpleNamespace(compute_capability=capability)
     config = build_config(None, [f"train.tf32={str(tf32).lower()}"])
     step = fast_cuda.FusedStep(config, emulated)
     params, X, y = problem((784, 16, 10), 4)
     step(params, init_state(config.optim, params), X, y, 0.1, 1)
     calls = emulated.xp.cuda.cublas.calls
-    assert len(calls) == 7 and set(calls) == {compute}   # A1, A2; dW2, db2, dZ1; dW1, db1
+    full = HostCublas.CUBLAS_COMPUTE_32F
+    assert calls == [compute, compute, compute, full, compute, compute, full]
+    #                A1       A2       dW2      db2   dZ1      dW1      db1
     assert emulated.xp.compute_types == [7 if compute == 77 else 1]
 
 

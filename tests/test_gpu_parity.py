@@ -38,10 +38,10 @@ def copy(params):
     return Params(tuple(w.copy() for w in params.W), tuple(b.copy() for b in params.b))
 
 
-def close(gpu_array, cpu_array, name):
+def close(gpu_array, cpu_array, name, atol=ATOL):
     got = to_host(gpu_array)
     assert got.dtype == np.float32 == np.asarray(cpu_array).dtype, name
-    np.testing.assert_allclose(got, cpu_array, rtol=RTOL, atol=ATOL, err_msg=name)
+    np.testing.assert_allclose(got, cpu_array, rtol=RTOL, atol=atol, err_msg=name)
 
 
 def test_the_gpu_backend_runs_on_cupy(gpu):
@@ -73,9 +73,15 @@ def test_forward_and_backward_agree_float32(gpu, activation):
         close(g_grads.b[k], cpu_grads.b[k], f"db{k + 1}")
 
 
-@pytest.mark.parametrize("optim", [["optim.name=sgd", "optim.nesterov=true"],
-                                   ["optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.01"]])
-def test_one_training_step_agrees_float32(gpu, optim):
+# AdamW's first step moves each weight by about lr * g / (|g| + eps): where a gradient is near
+# zero, an ulp of difference between cuBLAS's and the CPU's sums moves it by a visible fraction
+# of lr (up to 1.7e-4 at the default eps, in a float64-vs-float32 simulation of this test).
+# eps = 1e-4 and a tolerance of 2% of lr on the weights keep the comparison meaningful: a wrong
+# update is off by about lr. The gradients and the moments are held to RTOL and ATOL.
+@pytest.mark.parametrize("optim, weight_atol", [
+    (["optim.name=sgd", "optim.nesterov=true"], ATOL),
+    (["optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.01", "optim.eps=1e-4"], 2e-5)])
+def test_one_training_step_agrees_float32(gpu, optim, weight_atol):
     config = build_config(None, ["model.hidden=[64, 32]", "model.max_norm=2", *optim])
     params, X, y = host_problem(seed=1)
     cpu_params = copy(params)
@@ -90,8 +96,8 @@ def test_one_training_step_agrees_float32(gpu, optim):
     close(g_L, cpu_L, "L")
     assert int(g_ok) == int(cpu_ok)
     for k in range(len(WIDTHS) - 1):
-        close(g_params.W[k], cpu_params.W[k], f"W{k + 1}")
-        close(g_params.b[k], cpu_params.b[k], f"b{k + 1}")
+        close(g_params.W[k], cpu_params.W[k], f"W{k + 1}", atol=weight_atol)
+        close(g_params.b[k], cpu_params.b[k], f"b{k + 1}", atol=weight_atol)
     for i, (a, b) in enumerate(zip(g_state.m + g_state.v, cpu_state.m + cpu_state.v)):
         close(a, b, f"state{i}")
 
