@@ -6,6 +6,8 @@ a message and exit code 1. Progress goes to stderr, results to stdout.
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 from pathlib import Path
 
@@ -13,9 +15,9 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from .cli_common import (data_dir_option_for, data_dir_source, load_mnist_for,
-                         no_mnist_files)
-from .errors import GpumlpError, folder_problem
+from .cli_common import (OneLineError, data_dir_option_for, data_dir_source, domain_errors,
+                         load_mnist_for, no_mnist_files)
+from .errors import GpumlpError, folder_problem, write_problem
 from .fetch import (Event, all_missing, check_cache, ensure_mnist, file_problem, mnist_cache_dir,
                     no_files_message)
 from .mnist import ALL_FILES, load_mnist
@@ -199,3 +201,71 @@ def info_command(data_dir: Path | None) -> None:
     click.echo(f"MNIST in {folder}")
     for line in class_counts_table({"train": mnist.train.labels, "test": mnist.test.labels}):
         click.echo(line)
+
+
+IMAGE_SUFFIXES = (".png", ".npy")  # what `gpumlp data image` writes; `gpumlp predict` reads both
+
+
+def image_bytes(image: np.ndarray, suffix: str) -> bytes:
+    """A (28, 28) uint8 image as the bytes of a grayscale PNG (Pillow) or a .npy file."""
+    buffer = io.BytesIO()
+    if suffix == ".npy":
+        np.save(buffer, image)
+    else:
+        from PIL import Image
+
+        Image.fromarray(image, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def check_image_target(out: Path, overwrite: bool) -> str:
+    """The output's suffix, after refusing a name `data image` does not write, a path that is
+    not a plain file, and an existing file unless `overwrite`."""
+    suffix = out.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise OneLineError(f"{out}: the name must end in .png or .npy, the formats written; "
+                           "give a name such as digit.png", exit_code=2)
+    if out.exists() and not out.is_file():
+        raise OneLineError(f"{out}: exists and is not a plain file; give another name")
+    if os.path.lexists(out) and not overwrite:
+        raise OneLineError(f"{out}: already exists; pass --overwrite to replace it, or give "
+                           "another name")
+    folder = out.parent
+    what = folder_problem(folder) or write_problem(folder)
+    if what is not None:
+        raise OneLineError(f"{out}: cannot write in {folder} ({what}); give a path in a "
+                           "writable folder")
+    return suffix
+
+
+@data.command("image", short_help="Save one MNIST image as a PNG or .npy file.")
+@click.argument("index", type=click.IntRange(min=0))
+@click.argument("out", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--split", type=click.Choice(["test", "train"]), default="test",
+              show_default=True, help="Which split INDEX counts in.")
+@click.option("--overwrite", is_flag=True, help="Replace FILE if it exists.")
+@data_dir_option_for("Read the MNIST files in this folder instead of the cache (env: {env}).")
+@domain_errors
+def image(index: int, out: Path, split: str, overwrite: bool, data_dir: str | None) -> None:
+    """Save image INDEX of a split as FILE: a 28x28 grayscale PNG (needs Pillow: the predict
+    extra) or a .npy array of uint8, light ink on black as MNIST stores it; print its label.
+
+    A digit to try `gpumlp predict` on. An existing FILE is replaced only with --overwrite.
+
+    \b
+    Example:
+      gpumlp data image 0 digit.png && gpumlp predict runs/h256/model.npz digit.png
+    """
+    suffix = check_image_target(out, overwrite)
+    if suffix == ".png":  # before any download: say what is missing first
+        from .cli_use import require
+
+        require("PIL", "Pillow", "predict")
+    chosen = getattr(load_mnist_for(data_dir), split)
+    if index >= len(chosen.labels):
+        raise OneLineError(f"INDEX {index}: the {split} split has {len(chosen.labels)} images; "
+                           f"give 0 to {len(chosen.labels) - 1}", exit_code=2)
+    from .npzio import atomic_write
+
+    atomic_write(out, image_bytes(chosen.images[index].reshape(28, 28), suffix))
+    click.echo(f"wrote {out}: {split} image {index}, label {int(chosen.labels[index])}")

@@ -1,4 +1,4 @@
-"""`gpumlp data fetch|verify|path|info` through click's runner, offline, on a tiny fake MNIST."""
+"""`gpumlp data fetch|verify|path|info|image` through click's runner, offline, on a tiny fake MNIST."""
 
 from __future__ import annotations
 
@@ -190,10 +190,12 @@ def test_verify_of_a_data_folder_names_a_folder_standing_for_a_file(tmp_path, fa
             in result.stdout.splitlines())
 
 
-@pytest.mark.parametrize("command", ["path", "verify", "fetch", "info"])
-def test_a_cache_folder_of_an_unknown_users_home_is_one_line(monkeypatch, command):
+@pytest.mark.parametrize("command", [["path"], ["verify"], ["fetch"], ["info"],
+                                     ["image", "0", "digit.npy"]])
+def test_a_cache_folder_of_an_unknown_users_home_is_one_line(monkeypatch, tmp_path, command):
     monkeypatch.setenv("GPUMLP_CACHE_DIR", "~gpumlp-no-such-user/cache")
-    result = invoke(command)
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*command)
     assert_clean_error(result, "GPUMLP_CACHE_DIR='~gpumlp-no-such-user/cache': no home folder "
                        "is known for '~gpumlp-no-such-user'; set GPUMLP_CACHE_DIR to a folder "
                        "given in full")
@@ -370,7 +372,7 @@ def test_info_on_a_damaged_cache_names_the_file_in_one_line(cache, fake, mirror)
     assert result.stderr.count("\n") == 1 and mirror.log == [] and result.stdout == ""
 
 
-@pytest.mark.parametrize("command", [[], ["fetch"], ["verify"], ["path"], ["info"]])
+@pytest.mark.parametrize("command", [[], ["fetch"], ["verify"], ["path"], ["info"], ["image"]])
 def test_every_help_has_an_example(command):
     result = invoke(*command, "--help")
     assert result.exit_code == 0 and "Example" in result.output and "gpumlp data" in result.output
@@ -405,3 +407,56 @@ def test_info_on_the_real_files(monkeypatch, mnist_dir):
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[2:]}
     assert rows["train"][:2] == ["60000", "5923"] and rows["test"][:2] == ["10000", "980"]
+
+
+@pytest.mark.parametrize("split, index", [("test", 3), ("train", 5)])
+def test_image_saves_the_pixels_of_one_image_as_png_and_npy(tmp_path, fake, split, index):
+    from PIL import Image
+
+    folder = fake.write(tmp_path / "mine")
+    work = tmp_path / "work"
+    work.mkdir()
+    stem = {"test": "t10k", "train": "train"}[split]
+    want = fake.arrays[f"{stem}-images-idx3-ubyte"][index]                      # (28, 28) uint8
+    label = int(fake.arrays[f"{stem}-labels-idx1-ubyte"][index])
+    for name in ("digit.png", "digit.npy"):
+        out = work / name
+        result = invoke("image", str(index), str(out), "--split", split, "--data-dir", str(folder))
+        assert result.exit_code == 0, result.output
+        assert result.stdout == f"wrote {out}: {split} image {index}, label {label}\n"
+        got = np.asarray(Image.open(out)) if name.endswith(".png") else np.load(out)
+        assert got.dtype == np.uint8 and np.array_equal(got, want)
+    assert sorted(p.name for p in work.iterdir()) == ["digit.npy", "digit.png"]
+
+
+def test_image_replaces_a_file_only_with_overwrite(tmp_path, fake):
+    folder = fake.write(tmp_path / "mine")
+    out = tmp_path / "digit.png"
+    out.write_bytes(b"my own picture")
+    result = invoke("image", "0", str(out), "--data-dir", str(folder))
+    assert_clean_error(result, f"{out}: already exists; pass --overwrite to replace it")
+    assert out.read_bytes() == b"my own picture"
+    replaced = invoke("image", "0", str(out), "--data-dir", str(folder), "--overwrite")
+    assert replaced.exit_code == 0 and out.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["4", "d.png"], 2, "INDEX 4: the test split has 4 images; give 0 to 3"),
+    (["0", "d.jpg"], 2, "d.jpg: the name must end in .png or .npy"),
+    (["0", "d.npz"], 2, "d.npz: the name must end in .png or .npy"),
+    (["0", "nowhere/d.png"], 1, "nowhere/d.png: cannot write in nowhere (no such folder)"),
+    (["0", "note.txt/d.png"], 1, "note.txt/d.png: cannot write in note.txt (not a folder)"),
+])
+def test_image_refuses_bad_arguments_in_one_line_writing_nothing(tmp_path, fake, monkeypatch,
+                                                                args, code, words):
+    folder = fake.write(tmp_path / "mine")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "note.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    result = invoke("image", *args, "--data-dir", str(folder))
+    assert result.exit_code == code and result.stderr.startswith(f"Error: {words}")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert [p.name for p in work.iterdir()] == ["note.txt"]
+    assert (work / "note.txt").read_text() == "keep me"
+
