@@ -140,7 +140,7 @@ def verify_command(data_dir: Path | None) -> None:
     problems = {stem: file_problem(folder, stem) for stem in ALL_FILES}
     if all_missing(problems, len(ALL_FILES)):  # nothing to list file by file
         if data_dir is None:
-            raise click.ClickException(no_files_message(folder))
+            raise click.ClickException(no_files_message(folder, instead="check"))
         raise click.ClickException(no_mnist_files(data_dir, "check"))
     for stem, problem in problems.items():
         click.echo(f"ok   {stem}" if problem is None else f"BAD  {stem}: {problem}")

@@ -248,14 +248,17 @@ def failure_message(failures: list[tuple[str, str]], names: Sequence[str]) -> st
             f"and pass --data-dir FOLDER (or set {DATA_DIR_ENV}=FOLDER).")
 
 
-def no_files_message(folder: str | os.PathLike) -> str:
-    """The words for a cache `folder` holding none of the MNIST files, and what fetches them;
-    or, when a file stands where one of its folders should be, that no fetch can help."""
+def no_files_message(folder: str | os.PathLike, instead: str = "use") -> str:
+    """The words for a cache `folder` holding none of the MNIST files: the command that fetches
+    them, or --data-dir to `instead` (use, check) a folder of one's own; or, when a file stands
+    where one of its folders should be, that no fetch can help."""
     above = next((p for p in Path(folder).parents if p.exists()), None)
     if above is not None and not above.is_dir():
         return (f"the cache folder {folder} cannot exist: {above} is a file, not a folder; move "
                 f"that file away, or set {CACHE_ENV} to a folder")
-    return f"no MNIST files in {folder}; run `gpumlp data fetch` to download them"
+    return (f"no MNIST files in {folder}; run `gpumlp data fetch` to download them, or pass "
+            f"--data-dir FOLDER (or set {DATA_DIR_ENV}=FOLDER) to {instead} a folder that "
+            "holds them")
 
 
 def not_at_hand_message(cache: Path, failures: list[tuple[str, str]], none_there: bool) -> str:
@@ -265,9 +268,7 @@ def not_at_hand_message(cache: Path, failures: list[tuple[str, str]], none_there
     unused = "".join(f"not using {label} ({reason}); " for label, reason in failures[:-1])
     reason = failures[-1][1]
     if none_there:
-        return (f"{unused}{no_files_message(cache)}, "
-                f"or pass --data-dir FOLDER (or set {DATA_DIR_ENV}=FOLDER) for a folder that "
-                "holds them")
+        return f"{unused}{no_files_message(cache)}"
     return (f"{unused}the MNIST files in {cache} are not intact ({reason}); run "
             "`gpumlp data fetch` to replace them")
 

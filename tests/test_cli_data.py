@@ -136,7 +136,8 @@ def test_unknown_source_is_a_usage_error():
 def test_verify_detects_a_poisoned_cache_and_fetch_repairs_it(cache, fake, mirror):
     empty = invoke("verify")
     assert_clean_error(empty, f"Error: no MNIST files in {cache}; run `gpumlp data fetch` to "
-                       "download them\n")
+                       "download them, or pass --data-dir FOLDER (or set GPUMLP_DATA_DIR=FOLDER) "
+                       "to check a folder that holds them\n")
     assert empty.stdout == "" and empty.stderr.count("\n") == 1
     assert invoke("fetch", "-q").exit_code == 0
     assert invoke("verify").exit_code == 0

@@ -201,7 +201,7 @@ def test_source_cache_without_the_files_is_one_line_and_lists_no_sources(cache, 
         ensure(fake, source="cache")
     assert str(caught.value) == (
         f"no MNIST files in {cache}; run `gpumlp data fetch` to download them, or pass "
-        "--data-dir FOLDER (or set GPUMLP_DATA_DIR=FOLDER) for a folder that holds them")
+        "--data-dir FOLDER (or set GPUMLP_DATA_DIR=FOLDER) to use a folder that holds them")
     folder = fake.write(tmp_path / "mine")
     (folder / "t10k-images-idx3-ubyte.gz").unlink()
     fake.write(cache)
