@@ -207,6 +207,14 @@ def _unknown_key(prefix: str, key: str, known: list[str], keys: tuple) -> Config
     return KeyProblem(keys, f"unknown config key {shown(prefix + key)}{hint}")
 
 
+def expected_words(path: str, annotation: str) -> str:
+    """What a value of `path` (declared `annotation`) must be, in words."""
+    if path == "model.hidden":
+        return "an integer or a list of integers"
+    kinds = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+    return next(words for kind, words in kinds.items() if annotation.startswith(kind))
+
+
 def _coerce(path: str, value: Any, annotation: str, keys: tuple) -> Any:
     """Check `value` against the declared type of `path`; ints are accepted for floats."""
     def wrong(expected: str) -> ConfigError:
@@ -215,37 +223,39 @@ def _coerce(path: str, value: Any, annotation: str, keys: tuple) -> Any:
         if value is not None and "None" in annotation:          # model.max_norm, data.limit
             expected += " or null"
         tip = " (a number in quotes is text: drop the quotes)" if quoted else ""
-        return KeyProblem(keys, f"config key '{path}' must be {expected}, got {shown(value)}{tip}")
+        got = "null (an empty value, ~ and null all mean none)" if value is None else shown(value)
+        return KeyProblem(keys, f"config key '{path}' must be {expected}, got {got}{tip}")
 
+    words = expected_words(path, annotation)
     if value is None:
         if "None" in annotation:
             return None
-        raise wrong(annotation.replace(" | None", ""))
+        raise wrong(words)
     if path == "model.hidden":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, (list, tuple)) and all(
                 isinstance(w, int) and not isinstance(w, bool) for w in value):
             return value[0] if len(value) == 1 else tuple(value)
-        raise wrong("an integer or a list of integers")
+        raise wrong(words)
     if annotation.startswith("bool"):
         if isinstance(value, bool):
             return value
-        raise wrong("true or false")
+        raise wrong(words)
     if annotation.startswith("int"):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise wrong("an integer")
+        raise wrong(words)
     if annotation.startswith("float"):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):                          # YAML's .inf and .nan
                 raise wrong("a finite number")
             return float(value)
-        raise wrong("a number")
+        raise wrong(words)
     if annotation.startswith("str"):
         if isinstance(value, str):
             return value
-        raise wrong("a string")
+        raise wrong(words)
     raise AssertionError(f"no coercion for {annotation}")  # pragma: no cover
 
 
@@ -359,14 +369,19 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 def load_yaml(text: str) -> Any:
     """`text` read by UniqueKeyLoader; what Python itself refuses (an integer of over 4,300
-    digits, nesting too deep to recurse) is a YAMLError too."""
+    digits, nesting too deep to recurse) is a YAMLError too, and so is a value that PyYAML's
+    constructors fail on (an explicit tag such as !!bool or !!timestamp on a value it does not
+    fit, an impossible date)."""
     try:
         return yaml.load(text, Loader=UniqueKeyLoader)
-    except (ValueError, RecursionError) as e:
-        error = yaml.YAMLError()
-        error.problem = ("an integer too long to read" if isinstance(e, ValueError)
-                         else "nested too deep")
-        raise error from None
+    except RecursionError:
+        problem = "nested too deep"
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError) as e:
+        problem = ("an integer too long to read" if "limit" in str(e)
+                   else "a value that does not fit its !!tag, or a date that does not exist")
+    error = yaml.YAMLError()
+    error.problem = problem
+    raise error
 
 
 UniqueKeyLoader.add_implicit_resolver(  # 1e-3, 1.5e3, .5e1: floats, as YAML 1.2 and Python say

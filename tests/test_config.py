@@ -225,7 +225,10 @@ def test_the_top_level_is_named_in_words():
     ("model.activation=3", "model.activation", "a string"),
     ("model.hidden=[64, big]", "model.hidden", "a list of integers"),
     ("model.hidden=64.0", "model.hidden", "an integer"),
-    ("train.epochs=", "train.epochs", "must be int"),
+    ("train.epochs=", "train.epochs", "must be an integer, got null (an empty value, ~ and null "
+                                      "all mean none)"),
+    ("model.hidden=null", "model.hidden", "must be an integer or a list of integers, got null"),
+    ("optim.name=~", "optim.name", "must be a string, got null"),
     ("optim=0.1", "optim", "must be a mapping"),
     ("optim.lr=.inf", "optim.lr", "a finite number"),
     ("optim.lr=-.inf", "optim.lr", "a finite number"),
@@ -315,6 +318,17 @@ def test_a_value_too_long_or_too_deep_for_python_is_invalid_yaml(tmp_path):
     assert message.endswith("is not valid YAML: nested too deep")
     message = error_of(parse_override, "train.epochs=" + "1" * 5000)
     assert len(message) < 200 and message.endswith("(an integer too long to read)")
+
+
+@pytest.mark.parametrize("value", ["!!bool maybe", "!!float", "!!float abc", "!!timestamp x",
+                                   "!!int 1e400", "2024-02-30"])
+def test_a_value_that_does_not_fit_its_tag_is_invalid_yaml(tmp_path, value):
+    """PyYAML's constructors raise KeyError, IndexError, AttributeError or ValueError on these;
+    each is one line, from --set and from a file alike."""
+    unfit = "a value that does not fit its !!tag, or a date that does not exist"
+    message = error_of(read_yaml, write(tmp_path, f"optim:\n  lr: {value}\n"))
+    assert message.endswith(f"is not valid YAML: {unfit}")
+    assert error_of(parse_override, f"optim.lr={value}").endswith(f"({unfit})")
 
 
 def test_a_config_from_a_pipe_is_read_as_from_a_file(tmp_path):
