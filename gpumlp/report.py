@@ -47,6 +47,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROW_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr",
             "seconds")         # what every metrics.jsonl row must hold (samples_per_second unused)
 VAL_KEYS = ("val_loss", "val_accuracy")  # in every row of a run with a validation split, or none
+MAX_VALUE = 1e30  # no loss, accuracy, rate or time a run writes comes near; a plot's axis breaks
 ROW_HINT = "metrics.jsonl is written by gpumlp train; restore it or remove that line"
 
 
@@ -112,6 +113,9 @@ def metrics_row(line: str, where: str) -> dict:
         if key == "epoch" and not 1 <= value <= MAX_EPOCH:  # a plot's axis needs a float
             raise ReportError(f"{where}: epoch is {json_text(value)}, not from 1 to "
                               f"{MAX_EPOCH:,}; {ROW_HINT}")
+        if MAX_VALUE <= abs(value) < float("inf"):  # NaN and inf: a diverged run's, shown as such
+            raise ReportError(f"{where}: {key} is {json_text(value)}, beyond any value a run "
+                              f"writes; {ROW_HINT}")
     return row
 
 

@@ -415,7 +415,7 @@ def restore_generators(state: "RunState", meta: dict, config: Config, backend: B
             state.dev_rng.bit_generator.state = parse_json(meta["dev_rng"])
         else:
             state.dev_rng = backend.xp.random.default_rng(config.train.seed + 1 + state.pos.step)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise CheckpointError(f"{source}: its generator states are damaged; "
                               f"{start_over(source)}") from None
 
@@ -435,6 +435,20 @@ def damaged_record(source: str) -> CheckpointError:
                            f"{start_over(source)}")
 
 
+def history_row_problem(row: object, epoch: int) -> str | None:
+    """Why `row` is not the metrics row of `epoch` that a run writes (report's rules), or
+    None."""
+    from .report import ReportError, metrics_row
+
+    if not isinstance(row, dict):
+        return "not a metrics row"
+    try:
+        metrics_row(json.dumps(row), "row")
+    except (ReportError, TypeError, ValueError) as e:
+        return str(e)
+    return None if row["epoch"] == epoch else f"epoch {row['epoch']} where {epoch} belongs"
+
+
 def read_position(meta: dict, perm: np.ndarray | None, n_train: int, batches: int,
                   source: str) -> tuple:
     """The Position and the metrics rows of a checkpoint's state record, checked: whole numbers
@@ -451,8 +465,11 @@ def read_position(meta: dict, perm: np.ndarray | None, n_train: int, batches: in
             not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                     for v in (pos.loss_sum, pos.seconds)):
         raise damaged
+    if pos.step != pos.epoch * batches + pos.batch or pos.correct > n_train:  # what train counts
+        raise damaged
     history = meta.get("history", [])
-    if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+    if not isinstance(history, list) or len(history) != pos.epoch or \
+            any(history_row_problem(row, epoch) for epoch, row in enumerate(history, 1)):
         raise damaged
     if pos.batch and perm is None:
         raise CheckpointError(f"{source}: the epoch's order is missing")

@@ -234,8 +234,12 @@ GOOD = '{"epoch": 1, "train_loss": 2.0, "train_accuracy": 0.5, "test_loss": 2.1,
     ([GOOD.replace('"epoch": 1', '"epoch": ' + "9" * 400)],
      "line 1: epoch is " + "9" * 57 + "..., not from 1 to 1,000,000,000"),
     ([GOOD, GOOD.replace('"epoch": 1', '"epoch": 0')], "line 2: epoch is 0, not from 1 to"),
+    ([GOOD.replace('"test_loss": 2.1', '"test_loss": 1e308'),             # matplotlib's axis
+      GOOD.replace('"test_loss": 2.1', '"test_loss": -1e308')],           # broke on these
+     "line 1: test_loss is 1e+308, beyond any value a run writes"),
 ], ids=["epoch only", "a list", "a string", "fractional epoch", "a bool", "not JSON",
-        "half a validation", "validation in one row", "epoch of 400 digits", "epoch 0"])
+        "half a validation", "validation in one row", "epoch of 400 digits", "epoch 0",
+        "loss of 1e308"])
 def test_a_row_that_is_not_a_metrics_row_is_one_error_line_naming_it(
         run_dir, tiny_data_dir, tmp_path, lines, error):
     copy_run(run_dir, tmp_path)

@@ -914,6 +914,23 @@ def damage_state(record: dict, how: str) -> None:
         record["position"]["speed"] = 1
     elif how == "fixed_list":
         record["fixed"] = []
+    elif how == "rng_huge":                         # NumPy: OverflowError, not ValueError
+        record["rng"]["state"]["state"] = 2 ** 200
+    elif how == "step_off":                         # step 4 of epoch 1 is batch 4
+        record["position"]["step"] = 5
+    elif how == "correct_huge":
+        record["position"]["correct"] = 10 ** 9
+    elif how == "history_extra_row":                # a row for an epoch not finished
+        record["history"] = [dict(GOOD_ROW)]
+    elif how.startswith("history_row_"):            # at batch 4 of epoch 2, after one row
+        record["position"].update(epoch=1, step=14)
+        record["history"] = [{"history_row_lacks": {"epoch": 1},
+                              "history_row_huge": {**GOOD_ROW, "test_loss": 1e308},
+                              "history_row_epoch": {**GOOD_ROW, "epoch": 2}}[how]]
+
+
+GOOD_ROW = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8, "test_loss": 0.4,
+            "test_accuracy": 0.85, "lr": 0.01, "seconds": 1.5}
 
 
 @pytest.mark.parametrize("how, fragment", [
@@ -926,6 +943,13 @@ def damage_state(record: dict, how: str) -> None:
     ("record_list", "its state record is missing or damaged"),
     ("fixed_list", "its state record is missing or damaged"),
     ("rng_empty", "its generator states are damaged"),
+    ("rng_huge", "its generator states are damaged"),
+    ("step_off", "its state record is missing or damaged"),
+    ("correct_huge", "its state record is missing or damaged"),
+    ("history_extra_row", "its state record is missing or damaged"),
+    ("history_row_lacks", "its state record is missing or damaged"),
+    ("history_row_huge", "its state record is missing or damaged"),
+    ("history_row_epoch", "its state record is missing or damaged"),
     ("velocity_nan", "its optimizer state holds NaN or infinite values"),
     ("truncated", "not a readable .npz file"),
     ("weight_nan", "W1 holds NaN or infinite values"),
@@ -1036,3 +1060,21 @@ def test_a_row_lost_between_a_checkpoint_and_its_append_is_rewritten_by_resume(t
     train(config, CPU, tiny_mnist.mnist, out_dir=out, resume=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2]
+
+
+def test_a_checkpoint_with_a_well_formed_history_row_resumes(stopped, tiny_data_dir):
+    """The control of the history_row_ cases above: the same edit with a good row is taken, so
+    it is the row they damage that each refuses."""
+    from gpumlp.npzio import save_npz
+
+    path = stopped / "checkpoint.npz"
+    arrays = load_npz(path)
+    record = json.loads(str(arrays["state"]))
+    record["position"].update(epoch=1, step=14)
+    record["history"] = [dict(GOOD_ROW)]
+    save_npz(path, {**arrays, "state": np.array(json.dumps(record))})
+    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
+                 "-q")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == GOOD_ROW and [row["epoch"] for row in rows] == [1, 2]
