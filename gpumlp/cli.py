@@ -31,6 +31,7 @@ class OneLineGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, **extra)
+        tolerant_output()
         previous = catch_sigterm()
         try:
             result = super().main(args, prog_name, complete_var, False, **extra)
@@ -60,6 +61,17 @@ class OneLineGroup(click.Group):
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def tolerant_output() -> None:
+    """Let stdout and stderr write what their encoding lacks as backslash escapes (a run folder
+    named with a euro sign under a Latin-1 locale, a file name that is not UTF-8) rather than
+    fail with UnicodeEncodeError after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # not a TextIOWrapper (a test's capture)
+            pass
 
 
 def quiet_stdout() -> None:

@@ -553,6 +553,23 @@ def test_output_that_cannot_be_written_is_one_error_line(args):
                            "where it goes\n")
 
 
+def test_output_a_latin_1_terminal_cannot_show_is_escaped_not_a_traceback(tmp_path):
+    """Under a Latin-1 locale, a folder named with a euro sign used to end a finished command
+    in UnicodeEncodeError; stdout and stderr now escape what their encoding lacks."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+    folder = tmp_path / "run-\u20ac"
+    done = subprocess.run([sys.executable, "-m", "gpumlp", "data", "path", "--data-dir",
+                           str(folder)], capture_output=True, env=env, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    escaped = str(folder).replace("\u20ac", "\\u20ac").encode()
+    assert done.stdout == escaped + b"\n"
+    assert done.stderr.startswith(b"Warning: --data-dir " + escaped + b": no such folder")
+
+
 def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130(monkeypatch, capsys):
     """The console script imports the CLI (NumPy, click, ...) inside a guard: Ctrl-C then is
     `interrupted` and 130, as during a command, not an import's traceback."""
