@@ -108,9 +108,11 @@ def report(run_dir, overwrite, device, data_dir):
     Example:
       gpumlp report runs/h256
     """
-    require("matplotlib", "matplotlib", "report")
+    from .report import check_run, make_report, mplbackend_ignored
+
+    with mplbackend_ignored():
+        require("matplotlib", "matplotlib", "report")
     from .backend import get_backend
-    from .report import check_run, make_report
 
     check_run(Path(run_dir), overwrite)  # before the test set is fetched
     backend = get_backend(device)

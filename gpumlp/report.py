@@ -16,8 +16,10 @@ report.md that is not a report, a link) is kept unless `overwrite` says otherwis
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -162,6 +164,18 @@ def confident_mistakes(out: SplitOutputs, count: int = MISTAKES_SHOWN) -> np.nda
     wrong = np.flatnonzero(out.predicted != out.labels)
     confidence = out.Z2[wrong, out.predicted[wrong]]
     return wrong[np.argsort(-confidence, kind="stable")[:count]]
+
+
+@contextlib.contextmanager
+def mplbackend_ignored():
+    """matplotlib imported with MPLBACKEND out of the environment, where a name it does not know
+    fails the import; the report draws on Agg canvases and never uses a backend."""
+    saved = os.environ.pop("MPLBACKEND", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MPLBACKEND"] = saved
 
 
 def new_figure(width: float, height: float):

@@ -297,3 +297,26 @@ def test_a_folder_under_a_report_name_is_refused_even_with_overwrite(run_dir, tm
 def test_without_matplotlib_the_error_names_the_extra(tmp_path, monkeypatch):
     without_module(monkeypatch, "matplotlib")
     assert_missing_extra(invoke(report, tmp_path), "report")
+
+
+def test_a_backend_matplotlib_does_not_know_in_mplbackend_does_not_stop_the_report(
+        tmp_path, monkeypatch):
+    """matplotlib's import fails on MPLBACKEND=bogus (ValueError, a traceback before); the
+    report never uses a backend, so the variable is set aside while matplotlib loads (a fresh
+    process: here matplotlib is loaded already) and put back after."""
+    import os
+    import subprocess
+    import sys
+
+    from gpumlp.report import mplbackend_ignored
+
+    env = {**os.environ, "MPLBACKEND": "bogus"}
+    done = subprocess.run([sys.executable, "-m", "gpumlp", "report", str(tmp_path / "none")],
+                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.startswith(f"Error: {tmp_path / 'none'}: no such folder"), done.stderr
+    assert done.stderr.count("\n") == 1
+    monkeypatch.setenv("MPLBACKEND", "bogus")
+    with mplbackend_ignored():
+        assert "MPLBACKEND" not in os.environ
+    assert os.environ["MPLBACKEND"] == "bogus"
