@@ -29,7 +29,7 @@ from .mnist import C, Mnist
 from .model import (Params, correct_count, dropout_masks, forward, init_params, loss_and_dA2,
                     params_on)
 from .optim import OptState, init_state, learning_rate
-from .runfiles import RunFiles
+from .runfiles import RunFiles, start_over
 from .step import batch_inputs, exported, make_step, prepare_state, tallier
 
 EventHandler = Callable[[str, dict], None]
@@ -147,14 +147,16 @@ def check_usable(state: RunState, data: DeviceData, config: Config) -> None:
                         f"became {what} in epoch {pos.epoch + 1} (by step {pos.step})")
 
 
-def check_usable_init(state: RunState, data: DeviceData, config: Config) -> None:
-    """A CheckpointError unless probe_loss of the --init weights is finite (else the first
-    step's NaN would blame optim.lr)."""
+def check_usable_start(state: RunState, data: DeviceData, config: Config, what: str,
+                       fix: str) -> None:
+    """A CheckpointError unless probe_loss of the starting weights (`what`: the --init ones, a
+    checkpoint's) is below MAX_PROBE_LOSS, as check_usable asks of every checkpoint: otherwise
+    the first steps' NaN, or the first epoch's loss, would blame optim.lr."""
     loss, n = probe_loss(state, data, config)
-    if not math.isfinite(loss):
-        raise CheckpointError(f"the --init weights are finite but too large to use: their loss "
-                              f"on the first {n} training examples is {loss}; start from "
-                              "other weights, or without --init")
+    if not loss < MAX_PROBE_LOSS:  # NaN too
+        above = f" (above {MAX_PROBE_LOSS:.0f})" if math.isfinite(loss) else ""
+        raise CheckpointError(f"{what} are finite but too large to use: their loss on the first "
+                              f"{n} training examples is {loss:.4g}{above}; {fix}")
 
 
 def check_eval_losses(row: dict, step: int) -> None:
@@ -252,13 +254,18 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
         state, history = files.load_checkpoint(config, backend, len(data.train))
         if state.pos.epoch >= config.train.epochs:
             files.check_nothing_set(config)  # no step left to take the --set values
+        else:  # checkpoints are saved with usable losses only: such weights were changed since
+            source = files.path("checkpoint.npz")
+            check_usable_start(state, data, config, f"{source}: its weights",
+                               start_over(str(source)))
     else:  # a fresh run, or one killed before its first checkpoint: start it over
         if resume:
             files.check_resumable()  # never retrain a finished run whose checkpoint is gone
             init = files.saved_init(config)  # from the same --init weights, if it had them
         state, history = new_state(config, backend, init), []
         if init is not None:
-            check_usable_init(state, data, config)
+            check_usable_start(state, data, config, "the --init weights",
+                               "start from other weights, or without --init")
     step_fn = make_step(config, backend)
     prepare_state(step_fn, state, data.train)
     if should_stop():  # Ctrl-C or SIGTERM during the set-up: an old run stays as it is

@@ -278,6 +278,22 @@ def test_finite_weights_too_large_to_use_are_one_error_line_not_nan_results(
     assert not run.exists()
 
 
+def test_init_weights_with_a_finite_but_huge_loss_name_init_not_the_rate(
+        model_arrays, tmp_path, tiny_data_dir):
+    """W1 * 1e20: the loss is finite (about 1e19), and used to pass the --init check, then
+    fail the first epoch with advice to lower optim.lr, which could not help."""
+    path = tmp_path / "big.npz"
+    np.savez(path, **{**model_arrays, "W1": model_arrays["W1"] * np.float32(1e20)})
+    run = tmp_path / "run"
+    result = invoke(train, "--init", path, "--set", "model.hidden=16", "--device", "cpu",
+                    "--data-dir", tiny_data_dir, "--out", run)
+    line = assert_one_error(result, "the --init weights are finite but too large to use: their "
+                            "loss on the first 100 training examples is ",
+                            "(above 230); start from other weights, or without --init")
+    assert "nan" not in line and "optim.lr" not in line
+    assert not run.exists()
+
+
 # --- a run's other files in place of its model; a model of other widths as --init ----------
 
 @pytest.fixture(scope="module")

@@ -953,6 +953,8 @@ GOOD_ROW = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8, "test_loss": 0
     ("velocity_nan", "its optimizer state holds NaN or infinite values"),
     ("truncated", "not a readable .npz file"),
     ("weight_nan", "W1 holds NaN or infinite values"),
+    ("weight_huge", "its weights are finite but too large to use: their loss on the first 100 "
+                    "training examples is"),
     ("velocity_missing", "optimizer state does not match the config; put config.yaml back as "
                          "the run had it, or"),
 ])
@@ -975,6 +977,8 @@ def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_dat
         arrays["opt_m0"] = np.full_like(arrays["opt_m0"], np.nan)
     elif how == "weight_nan":
         arrays["W1"] = np.full_like(arrays["W1"], np.nan)
+    elif how == "weight_huge":                      # finite: the resume blamed optim.lr
+        arrays["W1"] = arrays["W1"] * np.float32(1e20)
     elif how == "velocity_missing":
         del arrays["opt_m0"]
     elif how == "record_list":
