@@ -24,7 +24,7 @@ import numpy as np
 from .backend import Backend, to_host
 from .checkpoint import (check_layout, load_init, param_arrays, params_from_arrays, parse_json,
                          save_model)
-from .config import Config, build_config, config_to_dict, dump_config
+from .config import Config, build_config, config_to_dict, dump_config, read_yaml
 from .errors import (CheckpointError, ConfigError, GpumlpError, folder_problem, shown,
                      write_problem)
 from .model import Params
@@ -223,6 +223,10 @@ class RunFiles:
         if not self.path("config.yaml").is_file():
             raise GpumlpError(f"--resume {folder}: no config.yaml there; give the run "
                               "directory of an interrupted `gpumlp train`")
+        if read_yaml(self.path("config.yaml")) == {}:  # gpumlp writes every key there
+            raise GpumlpError(f"--resume {folder}: its config.yaml holds no config (a run's "
+                              "holds every key); put it back as the run had it, or start a "
+                              "new run")
         why = write_problem(folder)
         if why is not None:
             raise GpumlpError(f"--resume {folder}: cannot write there ({why}); make the folder "

@@ -1082,3 +1082,16 @@ def test_a_checkpoint_with_a_well_formed_history_row_resumes(stopped, tiny_data_
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert rows[0] == GOOD_ROW and [row["epoch"] for row in rows] == [1, 2]
+
+
+@pytest.mark.parametrize("text", ["", "# emptied by hand\n"])
+def test_resume_with_an_emptied_config_yaml_says_so_not_what_the_defaults_change(
+        stopped, tiny_data_dir, text):
+    (stopped / "config.yaml").write_text(text)
+    before = digests(stopped)
+    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert_one_error_line(result, 1, f"--resume {stopped}: its config.yaml holds no config (a "
+                          "run's holds every key); put it back as the run had it, or start a "
+                          "new run")
+    assert "->" not in result.stderr
+    assert digests(stopped) == before
