@@ -204,6 +204,10 @@ class RunFiles:
             except OSError:
                 pass
 
+    def derived_files(self) -> list[str]:
+        """The names of DERIVED_FILES (a report's, an export's) in the run folder."""
+        return [name for name in DERIVED_FILES if self.path(name).is_file()]
+
     def check_resumable(self) -> None:
         """Refuse a folder with no run to resume, or a finished run whose checkpoint is gone.
 

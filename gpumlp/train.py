@@ -278,7 +278,8 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
     on_event("start", {"device": backend.description, "epochs": config.train.epochs,
                        "n_train": len(data.train), "batches": steps_per_epoch,
                        "epoch": state.pos.epoch,
-                       "unchecked": restored and files.trained_config is None})
+                       "unchecked": restored and files.trained_config is None,
+                       "stale": files.derived_files() if restored else []})
 
     def save() -> None:
         """A mid-epoch checkpoint, never of NaN, infinite or unusable weights: the previous one

@@ -1095,3 +1095,19 @@ def test_resume_with_an_emptied_config_yaml_says_so_not_what_the_defaults_change
                           "new run")
     assert "->" not in result.stderr
     assert digests(stopped) == before
+
+
+def test_a_resume_that_trains_warns_that_a_report_and_an_export_are_of_the_model_before(
+        stopped, tiny_data_dir):
+    (stopped / "report.md").write_text("# Report: before\n")
+    (stopped / "model.onnx").write_bytes(b"onnx of before")
+    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
+                 "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ("Warning: report.md, model.onnx in the run describe the model before "
+                             "this resume; make them again when it ends (gpumlp report; gpumlp "
+                             "export --overwrite)\n")
+    assert (stopped / "model.onnx").read_bytes() == b"onnx of before"     # kept: the user's call
+    again = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
+                "-q")
+    assert (again.exit_code, again.stderr) == (0, "")                   # nothing left to train
