@@ -658,8 +658,7 @@ def test_resume_refuses_a_config_yaml_that_changed_the_net_the_data_or_the_batch
         stopped, tiny_data_dir, section, key, value, change):
     edit_config(stopped, section, key, value)
     before = digests(stopped)
-    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
-                 "-q")
+    result = resume_quietly(stopped, tiny_data_dir)
     assert_one_error_line(result, 1, f"--resume {stopped}: config.yaml changes {change} since "
                           "the checkpoint", "put it back, or start a new run")
     assert digests(stopped) == before
@@ -805,8 +804,7 @@ def test_resume_takes_a_config_yaml_with_a_new_learning_rate_and_more_epochs(sto
                                                                              tiny_data_dir):
     edit_config(stopped, "optim", "lr", 0.05)
     edit_config(stopped, "train", "epochs", 3)
-    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
-                 "-q")
+    result = resume_quietly(stopped, tiny_data_dir)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2, 3]
@@ -893,13 +891,17 @@ def test_a_checkpoint_from_before_the_config_record_resumes_as_before_with_a_war
     record = json.loads(str(arrays["state"]))
     del record["fixed"], record["config"]           # as gpumlp wrote it before 2026-11-29
     save_npz(stopped / "checkpoint.npz", {**arrays, "state": np.array(json.dumps(record))})
-    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
-                 "-q")
+    result = resume_quietly(stopped, tiny_data_dir)
     assert result.exit_code == 0, result.output
     assert result.stderr == ("Warning: the checkpoint comes from a gpumlp that did not record the "
                              "config its steps ran with, so edits to config.yaml since cannot be "
                              "checked; training on with config.yaml as it is\n")
     assert (stopped / "model.npz").read_bytes() == (reference / "model.npz").read_bytes()
+
+
+def resume_quietly(folder: Path, data_dir: Path):
+    """`gpumlp train --resume folder -q` on the CPU and the tiny data: click's Result."""
+    return cli("train", "--resume", folder, "--data-dir", data_dir, "--device", "cpu", "-q")
 
 
 def damage_state(record: dict, how: str) -> None:
@@ -990,8 +992,7 @@ def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_dat
     if how != "truncated":
         save_npz(path, arrays)
     before = digests(stopped)
-    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
-                 "-q")
+    result = resume_quietly(stopped, tiny_data_dir)
     start_over = (f"start the run over: gpumlp train --config {stopped}/config.yaml --out "
                   f"{stopped} --overwrite")
     assert_one_error_line(result, 1, f"{path}: {fragment}", start_over)
@@ -1021,8 +1022,7 @@ def test_resume_and_report_in_a_folder_they_cannot_write_say_so_in_one_line(
         stopped, finished, tiny_data_dir, monkeypatch):
     read_only(monkeypatch, stopped)
     before = digests(stopped)
-    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
-                 "-q")
+    result = resume_quietly(stopped, tiny_data_dir)
     assert_one_error_line(result, 1, f"--resume {stopped}: cannot write there (Read-only file "
                           "system); make the folder writable, or resume a copy of it")
     assert digests(stopped) == before
@@ -1077,8 +1077,7 @@ def test_a_checkpoint_with_a_well_formed_history_row_resumes(stopped, tiny_data_
     record["position"].update(epoch=1, step=14)
     record["history"] = [dict(GOOD_ROW)]
     save_npz(path, {**arrays, "state": np.array(json.dumps(record))})
-    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
-                 "-q")
+    result = resume_quietly(stopped, tiny_data_dir)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert rows[0] == GOOD_ROW and [row["epoch"] for row in rows] == [1, 2]
@@ -1101,13 +1100,11 @@ def test_a_resume_that_trains_warns_that_a_report_and_an_export_are_of_the_model
         stopped, tiny_data_dir):
     (stopped / "report.md").write_text("# Report: before\n")
     (stopped / "model.onnx").write_bytes(b"onnx of before")
-    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
-                 "-q")
+    result = resume_quietly(stopped, tiny_data_dir)
     assert result.exit_code == 0, result.output
     assert result.stderr == ("Warning: report.md, model.onnx in the run describe the model before "
                              "this resume; make them again when it ends (gpumlp report; gpumlp "
                              "export --overwrite)\n")
     assert (stopped / "model.onnx").read_bytes() == b"onnx of before"     # kept: the user's call
-    again = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
-                "-q")
+    again = resume_quietly(stopped, tiny_data_dir)
     assert (again.exit_code, again.stderr) == (0, "")                   # nothing left to train
