@@ -147,16 +147,36 @@ def check_usable(state: RunState, data: DeviceData, config: Config) -> None:
                         f"became {what} in epoch {pos.epoch + 1} (by step {pos.step})")
 
 
-def check_usable_start(state: RunState, data: DeviceData, config: Config, what: str,
-                       fix: str) -> None:
-    """A CheckpointError unless probe_loss of the starting weights (`what`: the --init ones, a
-    checkpoint's) is below MAX_PROBE_LOSS, as check_usable asks of every checkpoint: otherwise
-    the first steps' NaN, or the first epoch's loss, would blame optim.lr."""
-    loss, n = probe_loss(state, data, config)
+def check_start_loss(loss: float, on: str, what: str, fix: str) -> None:
+    """A CheckpointError naming `what` weights unless their `loss` (on `on`) is below
+    MAX_PROBE_LOSS, as the run's own guards ask of every checkpoint: otherwise the first steps'
+    NaN, or the first epoch's loss, would blame optim.lr, which could not help."""
     if not loss < MAX_PROBE_LOSS:  # NaN too
         above = f" (above {MAX_PROBE_LOSS:.0f})" if math.isfinite(loss) else ""
-        raise CheckpointError(f"{what} are finite but too large to use: their loss on the first "
-                              f"{n} training examples is {loss:.4g}{above}; {fix}")
+        raise CheckpointError(f"{what} are finite but too large to use: their loss on {on} is "
+                              f"{loss:.4g}{above}; {fix}")
+
+
+def check_usable_start(state: RunState, data: DeviceData, config: Config, what: str,
+                       fix: str) -> None:
+    """check_start_loss of the starting weights on the probe rows (check_usable's)."""
+    loss, n = probe_loss(state, data, config)
+    check_start_loss(loss, f"the first {n} training examples", what, fix)
+
+
+def check_resumed_weights(state: RunState, data: DeviceData, config: Config,
+                          source: str) -> None:
+    """A checkpoint's weights held to the bound they met when saved, so that only weights
+    changed since are refused: mid-epoch (and before the first step), check_usable's probe; at
+    an epoch's end, check_eval_losses's validation and test losses."""
+    what, fix = f"{source}: its weights", start_over(source)
+    if state.pos.batch or not state.pos.epoch:
+        check_usable_start(state, data, config, what, fix)
+        return
+    for name, split in (("validation", data.val), ("test", data.test)):
+        if split is not None:
+            check_start_loss(evaluate(state.params, split, config)[0], f"the {name} set", what,
+                             fix)
 
 
 def check_eval_losses(row: dict, step: int) -> None:
@@ -254,10 +274,8 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
         state, history = files.load_checkpoint(config, backend, len(data.train))
         if state.pos.epoch >= config.train.epochs:
             files.check_nothing_set(config)  # no step left to take the --set values
-        else:  # checkpoints are saved with usable losses only: such weights were changed since
-            source = files.path("checkpoint.npz")
-            check_usable_start(state, data, config, f"{source}: its weights",
-                               start_over(str(source)))
+        else:
+            check_resumed_weights(state, data, config, str(files.path("checkpoint.npz")))
     else:  # a fresh run, or one killed before its first checkpoint: start it over
         if resume:
             files.check_resumable()  # never retrain a finished run whose checkpoint is gone

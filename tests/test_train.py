@@ -258,3 +258,31 @@ def test_a_stop_asked_in_an_epochs_last_step_stops_at_that_epochs_end(tiny_mnist
     assert len(steps) == 3
     position = json.loads(str(load_npz(tmp_path / "run" / "checkpoint.npz")["state"]))["position"]
     assert (position["epoch"], position["step"], position["batch"]) == (1, 3, 0)
+
+
+@pytest.mark.parametrize("epoch, batch, refused", [
+    (1, 0, "their loss on the test set is"),              # an epoch's end: held to the test loss
+    (1, 3, "their loss on the first 100 training examples is"),   # mid-epoch: to the probe
+    (0, 0, "their loss on the first 100 training examples is"),   # before the first step
+])
+def test_a_resumed_checkpoint_is_held_to_the_bound_it_met_when_saved(tiny_mnist, monkeypatch,
+                                                                     epoch, batch, refused):
+    """An epoch-end checkpoint was checked on its evaluation losses only, not on the probe that
+    guards a mid-epoch one: a resume that probed it refused checkpoints the run had written."""
+    import gpumlp.train as train_module
+    from gpumlp.errors import CheckpointError
+    from gpumlp.train import Position, check_resumed_weights
+
+    config = build_config(None, ["model.hidden=16", "train.batch_size=25"])
+    data = prepare_data(tiny_mnist.mnist, config.data, CPU)
+    state = new_state(config, CPU)
+    state.pos = Position(epoch=epoch, step=epoch * 10 + batch, batch=batch)
+    monkeypatch.setattr(train_module, "probe_loss", lambda *args: (1e3, 100))   # above 230
+    if batch or not epoch:
+        with pytest.raises(CheckpointError, match=refused):
+            check_resumed_weights(state, data, config, "ck.npz")
+    else:
+        check_resumed_weights(state, data, config, "ck.npz")     # the probe does not count
+        state.params.W[0][...] *= np.float32(1e20)
+        with pytest.raises(CheckpointError, match=refused):
+            check_resumed_weights(state, data, config, "ck.npz")
