@@ -34,9 +34,7 @@ class Reporter:
                        "config its steps ran with, so edits to config.yaml since cannot be "
                        "checked; training on with config.yaml as it is", err=True)
         if kind == "start" and info.get("stale") and info["epoch"] < info["epochs"]:
-            click.echo(f"Warning: {', '.join(info['stale'])} in the run describe the model "
-                       "before this resume; make them again when it ends (gpumlp report; "
-                       "gpumlp export --overwrite)", err=True)
+            click.echo(f"Warning: {info['stale']}", err=True)
         if self.quiet:
             return
         if kind == "start":

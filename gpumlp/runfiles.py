@@ -204,9 +204,23 @@ class RunFiles:
             except OSError:
                 pass
 
-    def derived_files(self) -> list[str]:
-        """The names of DERIVED_FILES (a report's, an export's) in the run folder."""
-        return [name for name in DERIVED_FILES if self.path(name).is_file()]
+    def stale_outputs(self) -> str | None:
+        """What a resume that trains leaves out of date (a report, an export: DERIVED_FILES in
+        the folder) and the commands that make it again; None when there is none."""
+        found = [name for name in DERIVED_FILES if self.path(name).is_file()]
+        quoted = shlex.quote(str(self.folder))
+        what, how = [], []
+        if any(name != "model.onnx" for name in found):
+            what.append("the report (report.md and its figures)")
+            how.append(f"gpumlp report {quoted}")
+        if "model.onnx" in found:
+            what.append("model.onnx")
+            how.append(f"gpumlp export {shlex.quote(str(self.path('model.npz')))} --overwrite")
+        if not what:
+            return None
+        return (f"{' and '.join(what)} in the run describe{'s' if len(what) == 1 else ''} the "
+                f"model before this resume; when it ends, make {'it' if len(what) == 1 else 'them'}"
+                f" again: {'; '.join(how)}")
 
     def check_resumable(self) -> None:
         """Refuse a folder with no run to resume, or a finished run whose checkpoint is gone.

@@ -1096,15 +1096,23 @@ def test_resume_with_an_emptied_config_yaml_says_so_not_what_the_defaults_change
     assert digests(stopped) == before
 
 
-def test_a_resume_that_trains_warns_that_a_report_and_an_export_are_of_the_model_before(
-        stopped, tiny_data_dir):
-    (stopped / "report.md").write_text("# Report: before\n")
-    (stopped / "model.onnx").write_bytes(b"onnx of before")
+@pytest.mark.parametrize("names, said", [
+    (["report.md", "model.onnx"], "the report (report.md and its figures) and model.onnx in the "
+     "run describe the model before this resume; when it ends, make them again: gpumlp report "
+     "{run}; gpumlp export {run}/model.npz --overwrite"),
+    (["learning_curves.png"], "the report (report.md and its figures) in the run describes the "
+     "model before this resume; when it ends, make it again: gpumlp report {run}"),
+    (["model.onnx"], "model.onnx in the run describes the model before this resume; when it "
+     "ends, make it again: gpumlp export {run}/model.npz --overwrite"),
+])
+def test_a_resume_that_trains_warns_that_a_report_or_an_export_is_of_the_model_before(
+        stopped, tiny_data_dir, names, said):
+    for name in names:
+        (stopped / name).write_bytes(b"made from the model before")
     result = resume_quietly(stopped, tiny_data_dir)
     assert result.exit_code == 0, result.output
-    assert result.stderr == ("Warning: report.md, model.onnx in the run describe the model before "
-                             "this resume; make them again when it ends (gpumlp report; gpumlp "
-                             "export --overwrite)\n")
-    assert (stopped / "model.onnx").read_bytes() == b"onnx of before"     # kept: the user's call
+    assert result.stderr == f"Warning: {said.format(run=stopped)}\n"
+    for name in names:                                                  # kept: the user's call
+        assert (stopped / name).read_bytes() == b"made from the model before"
     again = resume_quietly(stopped, tiny_data_dir)
     assert (again.exit_code, again.stderr) == (0, "")                   # nothing left to train
