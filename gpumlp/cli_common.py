@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import importlib
 import os
 
 import click
@@ -19,6 +20,16 @@ class OneLineError(click.ClickException):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def require(module: str, package: str, extra: str) -> None:
+    """A one-line error naming the pip extra when `module` (of `package`) cannot be imported."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise OneLineError(f"this command needs {package}, which is not installed; install it "
+                           f"with pip install -e '.[{extra}]' in the gpumlp folder (the checkout "
+                           "holding pyproject.toml)") from None
 
 
 def interrupted_how(e: BaseException | None) -> tuple[str, int]:

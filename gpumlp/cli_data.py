@@ -1,13 +1,12 @@
-"""`gpumlp data`: fetch, verify, locate and describe the MNIST files.
+"""`gpumlp data`: fetch, verify, locate and describe the MNIST files, and save one image.
 
-Each command gathers its options and makes one call into `gpumlp.fetch`; a domain error becomes
-a message and exit code 1. Progress goes to stderr, results to stdout.
+Each command gathers its options and calls into `gpumlp.fetch` (or `gpumlp.mnist`); a domain
+error becomes a message and exit code 1. Progress goes to stderr, results to stdout.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import sys
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .cli_common import (OneLineError, data_dir_option_for, data_dir_source, domain_errors,
-                         load_mnist_for, no_mnist_files)
-from .errors import GpumlpError, folder_problem, write_problem
+                         load_mnist_for, no_mnist_files, require)
+from .errors import GpumlpError, folder_problem, target_problem, write_problem
 from .fetch import (Event, all_missing, check_cache, ensure_mnist, file_problem, mnist_cache_dir,
                     no_files_message)
 from .mnist import ALL_FILES, load_mnist
@@ -221,15 +220,13 @@ def image_bytes(image: np.ndarray, suffix: str) -> bytes:
 def check_image_target(out: Path, overwrite: bool) -> str:
     """The output's suffix, after refusing a name `data image` does not write, a path that is
     not a plain file, and an existing file unless `overwrite`."""
-    suffix = out.suffix.lower()
-    if suffix not in IMAGE_SUFFIXES:
+    suffix = next((s for s in IMAGE_SUFFIXES if out.name.lower().endswith(s)), None)
+    if suffix is None:
         raise OneLineError(f"{out}: the name must end in .png or .npy, the formats written; "
                            "give a name such as digit.png", exit_code=2)
-    if out.exists() and not out.is_file():
-        raise OneLineError(f"{out}: exists and is not a plain file; give another name")
-    if os.path.lexists(out) and not overwrite:
-        raise OneLineError(f"{out}: already exists; pass --overwrite to replace it, or give "
-                           "another name")
+    problem = target_problem(out, overwrite)
+    if problem is not None:
+        raise OneLineError(f"{out}: {problem}, or give another name")
     folder = out.parent
     what = folder_problem(folder) or write_problem(folder)
     if what is not None:
@@ -258,8 +255,6 @@ def image(index: int, out: Path, split: str, overwrite: bool, data_dir: str | No
     """
     suffix = check_image_target(out, overwrite)
     if suffix == ".png":  # before any download: say what is missing first
-        from .cli_use import require
-
         require("PIL", "Pillow", "predict")
     chosen = getattr(load_mnist_for(data_dir), split)
     if index >= len(chosen.labels):

@@ -7,7 +7,6 @@ import this module after (or through) gpumlp.cli, which it builds on.
 
 from __future__ import annotations
 
-import importlib
 import json
 import shlex
 from pathlib import Path
@@ -15,18 +14,8 @@ from pathlib import Path
 import click
 
 from .cli_common import (OneLineError, data_dir_option, device_option, domain_errors,
-                         load_mnist_for, model_argument)
+                         load_mnist_for, model_argument, require)
 from .errors import CheckpointError
-
-
-def require(module: str, package: str, extra: str) -> None:
-    """A one-line error naming the pip extra when `module` (of `package`) cannot be imported."""
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        raise OneLineError(f"this command needs {package}, which is not installed; install it "
-                           f"with pip install -e '.[{extra}]' in the gpumlp folder (the checkout "
-                           "holding pyproject.toml)") from None
 
 
 def result_line(result, top_k: int, as_json: bool) -> str:

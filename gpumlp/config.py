@@ -212,7 +212,10 @@ def expected_words(path: str, annotation: str) -> str:
     if path == "model.hidden":
         return "an integer or a list of integers"
     kinds = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
-    return next(words for kind, words in kinds.items() if annotation.startswith(kind))
+    words = next((words for kind, words in kinds.items() if annotation.startswith(kind)), None)
+    if words is None:
+        raise AssertionError(f"no coercion for {annotation}")  # pragma: no cover
+    return words
 
 
 def _coerce(path: str, value: Any, annotation: str, keys: tuple) -> Any:
@@ -226,37 +229,34 @@ def _coerce(path: str, value: Any, annotation: str, keys: tuple) -> Any:
         got = "null (an empty value, ~ and null all mean none)" if value is None else shown(value)
         return KeyProblem(keys, f"config key '{path}' must be {expected}, got {got}{tip}")
 
-    words = expected_words(path, annotation)
+    whole = isinstance(value, int) and not isinstance(value, bool)
     if value is None:
         if "None" in annotation:
             return None
-        raise wrong(words)
-    if path == "model.hidden":
-        if isinstance(value, int) and not isinstance(value, bool):
+    elif path == "model.hidden":
+        if whole:
             return value
         if isinstance(value, (list, tuple)) and all(
                 isinstance(w, int) and not isinstance(w, bool) for w in value):
             return value[0] if len(value) == 1 else tuple(value)
-        raise wrong(words)
-    if annotation.startswith("bool"):
+    elif annotation.startswith("bool"):
         if isinstance(value, bool):
             return value
-        raise wrong(words)
-    if annotation.startswith("int"):
-        if isinstance(value, int) and not isinstance(value, bool):
+    elif annotation.startswith("int"):
+        if whole:
             return value
-        raise wrong(words)
-    if annotation.startswith("float"):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):                          # YAML's .inf and .nan
+    elif annotation.startswith("float"):
+        if whole or isinstance(value, float):
+            try:
+                number = float(value)
+            except OverflowError:                                 # an integer past 1.8e308
+                number = math.inf
+            if not math.isfinite(number):                         # YAML's .inf and .nan too
                 raise wrong("a finite number")
-            return float(value)
-        raise wrong(words)
-    if annotation.startswith("str"):
-        if isinstance(value, str):
-            return value
-        raise wrong(words)
-    raise AssertionError(f"no coercion for {annotation}")  # pragma: no cover
+            return number
+    elif isinstance(value, str):                                  # str, the last kind
+        return value
+    raise wrong(expected_words(path, annotation))
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str, keys: tuple = ()) -> Any:

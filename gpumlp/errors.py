@@ -60,6 +60,17 @@ def folder_problem(path: str | os.PathLike) -> str | None:
     return "not a folder" if path.exists() else "no such folder"
 
 
+def target_problem(path: str | os.PathLike, overwrite: bool) -> str | None:
+    """Why a command may not write the file `path` ("exists and is not a plain file", "already
+    exists; pass --overwrite to replace it"), or None; the caller adds what to do instead."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        return "exists and is not a plain file"
+    if os.path.lexists(path) and not overwrite:  # a dangling link too: never written through
+        return "already exists; pass --overwrite to replace it"
+    return None
+
+
 def write_problem(folder: str | os.PathLike) -> str | None:
     """The system's reason why no file can be created in the existing `folder`, or None."""
     try:

@@ -28,7 +28,7 @@ from . import __version__
 from .activations import GELU_C, GELU_K, LEAKY_SLOPE
 from .config import Config
 from .data import MNIST_MEAN, MNIST_STD
-from .errors import GpumlpError
+from .errors import GpumlpError, target_problem
 from .model import Params
 
 OPSET = 17
@@ -142,11 +142,12 @@ def check_target(target: Path, model_path: Path, overwrite: bool, named: bool) -
         raise ExportError(f"{where}: is the model being exported; give --out a new name "
                           "ending in .onnx")
     if target.exists() and not target.is_file():
-        raise ExportError(f"{where}: exists and is not a plain file; give --out another name")
+        raise ExportError(f"{where}: {target_problem(target, overwrite)}; give --out another "
+                          "name")
     if is_npz(target):  # only a plain file is opened (a FIFO would block)
         raise ExportError(f"{where}: gpumlp never writes an export over or as a .npz file "
                           "(models and checkpoints), even with --overwrite; give --out a name "
                           "ending in .onnx")
-    if os.path.lexists(target) and not overwrite:
-        raise ExportError(f"{where}: already exists; pass --overwrite to replace it, or give "
-                          "--out another name")
+    problem = target_problem(target, overwrite)
+    if problem is not None:
+        raise ExportError(f"{where}: {problem}, or give --out another name")

@@ -346,6 +346,8 @@ def make_report(run_dir: str | Path, test: Split, backend: Backend,
     """Write the figures and report.md into `run_dir`; the paths written, report.md last."""
     run_dir = Path(run_dir)
     rows = check_run(run_dir, overwrite)
+    with mplbackend_ignored():  # loaded here, so that the drawing below never reads it
+        import matplotlib  # noqa: F401
     params, config = load_model(run_dir / "model.npz")
     Z2 = probabilities(params_on(backend, params), config, test.images, backend,
                        str(run_dir / "model.npz"))

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from fetch_helpers import HTML_PAGE, FakeMnist, build_wheel, go_offline, start_server
-from use_helpers import train_model
+from use_helpers import assert_missing_extra, train_model, without_module
 from gpumlp import fetch
 from gpumlp.cli import main
 from gpumlp.cli_data import TerminalProgress, data
@@ -461,3 +461,35 @@ def test_image_refuses_bad_arguments_in_one_line_writing_nothing(tmp_path, fake,
     assert [p.name for p in work.iterdir()] == ["note.txt"]
     assert (work / "note.txt").read_text() == "keep me"
 
+
+
+def test_image_never_writes_through_a_link_or_into_what_is_not_a_file(tmp_path, fake):
+    folder = fake.write(tmp_path / "mine")
+    dangling = tmp_path / "dangling.png"
+    dangling.symlink_to(tmp_path / "nowhere.png")
+    result = invoke("image", "0", str(dangling), "--data-dir", str(folder))
+    assert_clean_error(result, f"{dangling}: already exists; pass --overwrite to replace it")
+    assert os.readlink(dangling) == str(tmp_path / "nowhere.png")
+    assert not (tmp_path / "nowhere.png").exists()
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    result = invoke("image", "0", str(fifo), "--data-dir", str(folder), "--overwrite")
+    assert_clean_error(result, f"{fifo}: exists and is not a plain file, or give another name")
+
+
+def test_image_takes_a_name_that_is_only_the_suffix(tmp_path, fake, monkeypatch):
+    folder = fake.write(tmp_path / "mine")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("image", "0", ".PNG", "--data-dir", str(folder))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / ".PNG").read_bytes().startswith(b"\x89PNG")
+
+
+def test_image_without_pillow_names_the_extra_before_reading_any_data(tmp_path, monkeypatch,
+                                                                      mirror):
+    without_module(monkeypatch, "PIL")
+    result = invoke("image", "0", str(tmp_path / "digit.png"))
+    assert_missing_extra(result, "predict")
+    assert mirror.log == [] and not (tmp_path / "digit.png").exists()   # no download tried
+    npy = invoke("image", "0", str(tmp_path / "digit.npy"))             # .npy needs no Pillow
+    assert npy.exit_code == 0, npy.output

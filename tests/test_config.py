@@ -234,6 +234,7 @@ def test_the_top_level_is_named_in_words():
     ("optim.lr=-.inf", "optim.lr", "a finite number"),
     ("model.dropout=.nan", "model.dropout", "a finite number"),
     ("optim.weight_decay=1e999", "optim.weight_decay", "a finite number"),
+    ("optim.lr=1" + "0" * 400, "optim.lr", "a finite number"),     # an int float() refuses
 ])
 def test_wrong_type_names_the_key(override, key, expected):
     message = error_of(build_config, None, [override])
@@ -321,7 +322,7 @@ def test_a_value_too_long_or_too_deep_for_python_is_invalid_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("value", ["!!bool maybe", "!!float", "!!float abc", "!!timestamp x",
-                                   "!!int 1e400", "2024-02-30"])
+                                   "!!int 1e400", "2024-02-30", "!!set [1]"])
 def test_a_value_that_does_not_fit_its_tag_is_invalid_yaml(tmp_path, value):
     """PyYAML's constructors raise KeyError, IndexError, AttributeError or ValueError on these;
     each is one line, from --set and from a file alike."""

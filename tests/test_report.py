@@ -320,3 +320,21 @@ def test_a_backend_matplotlib_does_not_know_in_mplbackend_does_not_stop_the_repo
     with mplbackend_ignored():
         assert "MPLBACKEND" not in os.environ
     assert os.environ["MPLBACKEND"] == "bogus"
+
+
+def test_make_report_from_python_ignores_a_bad_mplbackend_too(run_dir, tmp_path):
+    """The library, not only the command: make_report called in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    copy_run(run_dir, tmp_path)
+    code = ("import numpy as np, sys; from gpumlp.backend import CPU; from gpumlp.mnist import "
+            "Split; from gpumlp.report import make_report; rng = np.random.default_rng(0); "
+            "test = Split(rng.integers(0, 256, (40, 784), dtype=np.uint8), "
+            "rng.integers(0, 10, 40).astype(np.uint8)); "
+            "print(make_report(sys.argv[1], test, CPU)[-1].name)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, "MPLBACKEND": "bogus"}, timeout=120,
+                          check=False)
+    assert (done.returncode, done.stdout) == (0, "report.md\n"), done.stderr
