@@ -4,10 +4,10 @@ init.npz, the `--init` weights a run started from.
 Every file but metrics.jsonl is written atomically (temporary file, fsync, rename), so a run
 killed at any moment leaves the previous version of each file intact; metrics rows are appended
 and fsynced, each after its epoch's checkpoint, and a resume rewrites the file atomically from
-the checkpoint. checkpoint.npz holds everything
-a resume needs: weights, optimizer state, generator states, the position in the epoch
-(with the epoch's order) and the metrics so far. init.npz lets a run killed before its first
-checkpoint start over from the same weights.
+the checkpoint. checkpoint.npz holds everything a resume needs: weights, optimizer state,
+generator states, the position in the epoch (with the epoch's order) and the metrics so far
+(resume_state.py reads it back, checking each part). init.npz lets a run killed before its
+first checkpoint start over from the same weights.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .backend import Backend, to_host
-from .checkpoint import (check_layout, load_init, param_arrays, params_from_arrays, parse_json,
-                         save_model)
+from .checkpoint import load_init, param_arrays, save_model
 from .config import Config, build_config, config_to_dict, dump_config, read_yaml
 from .errors import (CheckpointError, ConfigError, GpumlpError, folder_problem, shown,
                      write_problem)
 from .model import Params
-from .npzio import atomic_write, load_npz, save_npz
-from .optim import flat
+from .npzio import atomic_write, save_npz
+from .resume_state import read_checkpoint, read_position, restore_generators, restore_optimizer
 
 if TYPE_CHECKING:
     from .train import RunState
@@ -372,133 +371,3 @@ class RunFiles:
     def finish(self, params: Params, config: Config, summary: dict) -> None:
         save_model(self.path("model.npz"), params, config)
         atomic_write(self.path("summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
-
-
-def read_checkpoint(path: Path) -> tuple[dict, dict]:
-    """(the arrays, the state record) of a checkpoint, the record's shape checked: its
-    `fixed` and `config` entries, when there, are mappings."""
-    source = str(path)
-    try:
-        arrays = load_npz(path)
-    except CheckpointError as e:  # cut short, or not a checkpoint at all
-        raise CheckpointError(f"{e}; {start_over(source)}") from None
-    try:
-        meta = parse_json(str(arrays["state"]))
-    except (KeyError, ValueError):
-        meta = None
-    if not isinstance(meta, dict) or not isinstance(meta.get("fixed", {}), dict) \
-            or not isinstance(meta.get("config") or {}, dict):
-        raise damaged_record(source)
-    return arrays, meta
-
-
-def restore_optimizer(state: "RunState", arrays: dict, config: Config, backend: Backend,
-                      source: str) -> None:
-    """Copy the checkpoint's weights and optimizer state (and the fast CPU step's velocity
-    scale) into the fresh `state`, each checked for shape and finiteness. Arrays of other
-    shapes may come of a config.yaml changed under an older checkpoint (which records no
-    fixed keys); values that are not finite, of a damaged file."""
-    other_run = f"put config.yaml back as the run had it, or {start_over(source)}"
-    try:
-        check_layout(arrays, config.model.layer_widths, source)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e}; {other_run}") from None
-    try:
-        host = params_from_arrays(arrays, config.model.layer_widths, source, config.train.dtype)
-    except CheckpointError as e:  # NaN, or too large for the dtype
-        raise CheckpointError(f"{e}; {start_over(source)}") from None
-    fresh = flat(state.params) + state.opt.m + state.opt.v
-    saved = flat(host) + tuple(arrays.get(f"opt_m{i}") for i in range(len(state.opt.m))) \
-        + tuple(arrays.get(f"opt_v{i}") for i in range(len(state.opt.v)))
-    for target, value in zip(fresh, saved):
-        if value is None or value.shape != target.shape:
-            raise CheckpointError(f"{source}: optimizer state does not match the config; "
-                                  f"{other_run}")
-        value = value.astype(target.dtype)
-        if not np.isfinite(value).all():  # gpumlp never saves one: the file was damaged
-            raise CheckpointError(f"{source}: its optimizer state holds NaN or infinite "
-                                  f"values; {start_over(source)}")
-        target[...] = backend.asarray(value)
-    scale = arrays.get("opt_scale")
-    if scale is not None:
-        if scale.shape != (1,) or not np.isfinite(scale).all() or not scale[0] > 0:
-            raise CheckpointError(f"{source}: its velocity scale (opt_scale) is damaged; "
-                                  f"{start_over(source)}")
-        state.opt = state.opt._replace(scale=scale.astype(np.float64))
-
-
-def restore_generators(state: "RunState", meta: dict, config: Config, backend: Backend,
-                       source: str) -> None:
-    """The host generator from its saved state; the device generator too, or, for one that
-    cannot save its state (CuPy's), reseeded from the position."""
-    try:
-        state.rng.bit_generator.state = meta["rng"]
-        if meta.get("dev_rng"):
-            state.dev_rng.bit_generator.state = parse_json(meta["dev_rng"])
-        else:
-            state.dev_rng = backend.xp.random.default_rng(config.train.seed + 1 + state.pos.step)
-    except (KeyError, TypeError, ValueError, OverflowError):
-        raise CheckpointError(f"{source}: its generator states are damaged; "
-                              f"{start_over(source)}") from None
-
-
-def start_over(source: str) -> str:
-    """How to start the run of a checkpoint that cannot be resumed over, with its config (and
-    its --init weights, init.npz, when it had them)."""
-    folder = Path(source).parent
-    quoted = shlex.quote(str(folder))
-    init = f" --init {quoted}/init.npz" if (folder / "init.npz").is_file() else ""
-    return (f"start the run over: gpumlp train --config {quoted}/config.yaml{init} --out "
-            f"{quoted} --overwrite")
-
-
-def damaged_record(source: str) -> CheckpointError:
-    return CheckpointError(f"{source}: its state record is missing or damaged; "
-                           f"{start_over(source)}")
-
-
-def history_row_problem(row: object, epoch: int) -> str | None:
-    """Why `row` is not the metrics row of `epoch` that a run writes (report's rules), or
-    None."""
-    from .report import ReportError, metrics_row
-
-    if not isinstance(row, dict):
-        return "not a metrics row"
-    try:
-        metrics_row(json.dumps(row), "row")
-    except (ReportError, TypeError, ValueError) as e:
-        return str(e)
-    return None if row["epoch"] == epoch else f"epoch {row['epoch']} where {epoch} belongs"
-
-
-def read_position(meta: dict, perm: np.ndarray | None, n_train: int, batches: int,
-                  source: str) -> tuple:
-    """The Position and the metrics rows of a checkpoint's state record, checked: whole numbers
-    where counts go, an epoch's order that is a permutation of the training set."""
-    from .train import Position
-
-    damaged = damaged_record(source)
-    try:
-        pos = Position(**meta["position"])
-    except (KeyError, TypeError):
-        raise damaged from None
-    counts = (pos.epoch, pos.step, pos.batch, pos.correct)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts) or \
-            not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                    for v in (pos.loss_sum, pos.seconds)):
-        raise damaged
-    if pos.step != pos.epoch * batches + pos.batch or pos.correct > n_train:  # what train counts
-        raise damaged
-    history = meta.get("history", [])
-    if not isinstance(history, list) or len(history) != pos.epoch or \
-            any(history_row_problem(row, epoch) for epoch, row in enumerate(history, 1)):
-        raise damaged
-    if pos.batch and perm is None:
-        raise CheckpointError(f"{source}: the epoch's order is missing")
-    if perm is not None and (perm.shape != (n_train,) or perm.dtype.kind not in "iu"
-                             or pos.batch >= batches
-                             or not np.array_equal(np.sort(perm), np.arange(n_train))):
-        raise CheckpointError(f"{source}: the epoch's order does not fit a training set of "
-                              f"{n_train} examples in {batches} batches; {start_over(source)}")
-    pos.perm = perm
-    return pos, list(history)

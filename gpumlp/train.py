@@ -29,7 +29,8 @@ from .mnist import C, Mnist
 from .model import (Params, correct_count, dropout_masks, forward, init_params, loss_and_dA2,
                     params_on)
 from .optim import OptState, init_state, learning_rate
-from .runfiles import RunFiles, start_over
+from .resume_state import start_over
+from .runfiles import RunFiles
 from .step import batch_inputs, exported, make_step, prepare_state, tallier
 
 EventHandler = Callable[[str, dict], None]
