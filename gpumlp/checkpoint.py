@@ -21,7 +21,7 @@ import numpy as np
 
 from .backend import to_host
 from .config import Config, config_from_dict, config_to_dict
-from .errors import CheckpointError, ConfigError, shown
+from .errors import CheckpointError, ConfigError, shell_path, shown
 from .model import Params
 from .npzio import Npz, save_npz
 
@@ -117,7 +117,7 @@ def no_config(npz: Npz, source: str) -> CheckpointError:
     if "config" in npz.headers or "state" not in npz.headers:
         return CheckpointError(f"{source}: no config string inside; not a gpumlp model file")
     folder = Path(source).parent
-    model = shlex.quote(str(folder / "model.npz"))
+    model = shell_path(folder / "model.npz")
     if (folder / "model.npz").is_file():  # a finished run: its model is beside the checkpoint
         return CheckpointError(f"{source}: a training checkpoint, not a model; give the run's "
                                f"model, {model}")
@@ -125,7 +125,7 @@ def no_config(npz: Npz, source: str) -> CheckpointError:
         return CheckpointError(f"{source}: a training checkpoint, not a model; give a model.npz, "
                                "which gpumlp train writes into its run's folder at the end")
     return CheckpointError(f"{source}: a training checkpoint, not a model; finish the run with "
-                           f"gpumlp train --resume {shlex.quote(str(folder))} (it writes "
+                           f"gpumlp train --resume {shell_path(folder)} (it writes "
                            f"{model})")
 
 
@@ -156,7 +156,7 @@ def unfinished_run(path: Path) -> str:
     if path.name != "model.npz" or path.exists() or (folder / "summary.json").exists() \
             or not all((folder / name).is_file() for name in ("checkpoint.npz", "config.yaml")):
         return ""
-    run = shlex.quote(str(folder))
+    run = shell_path(folder)
     return f"; the run in {run} has not finished: gpumlp train --resume {run} writes it"
 
 

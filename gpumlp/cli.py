@@ -11,7 +11,6 @@ import contextlib
 import json
 import math
 import os
-import shlex
 import signal
 import sys
 import time
@@ -22,7 +21,7 @@ import click
 from . import __version__
 from .cli_common import (data_dir_option, device_option, domain_errors, interrupted_how,
                          load_mnist_for, model_argument)
-from .errors import CheckpointError, ConfigError, GpumlpError, Terminated
+from .errors import CheckpointError, ConfigError, GpumlpError, Terminated, shell_path
 
 
 class OneLineGroup(click.Group):
@@ -287,7 +286,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     except Interrupted:
         reporter.close()
         click.echo(f"{stop.what()}; checkpoint saved. Resume with: gpumlp train --resume "
-                   f"{shlex.quote(str(out_dir))}", err=True)
+                   f"{shell_path(out_dir)}", err=True)
         raise SystemExit(stop.exit_code())
     except (Exception, KeyboardInterrupt) as e:  # a bug's too: leave no half-made run behind
         if early:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import reprlib
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -49,6 +50,13 @@ class CheckpointError(GpumlpError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`docker stop`) outside training: stops the command as Ctrl-C does (the same
     clean-up), exit 143. A container's first process must handle SIGTERM, or it is ignored."""
+
+
+def shell_path(path: str | os.PathLike) -> str:
+    """`path` as one word of a command to paste into a shell: quoted, and given a leading
+    `./` when it starts with '-', which a command would take for an option."""
+    text = str(path)
+    return shlex.quote(f"./{text}" if text.startswith("-") else text)
 
 
 def folder_problem(path: str | os.PathLike) -> str | None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from .backend import Backend
 from .checkpoint import load_model, parse_json
-from .errors import GpumlpError, folder_problem, write_problem
+from .errors import GpumlpError, folder_problem, shell_path, write_problem
 from .mnist import Split
 from .model import params_on
 from .npzio import atomic_write
@@ -324,7 +324,7 @@ def check_run(run_dir: Path, overwrite: bool = False) -> list[dict]:
     rows = read_metrics(run_dir)
     if not (run_dir / "model.npz").is_file():
         raise ReportError(f"{run_dir}: no model.npz; finish the run first "
-                          f"(gpumlp train --resume {run_dir})")
+                          f"(gpumlp train --resume {shell_path(run_dir)})")
     why = write_problem(run_dir)
     if why is not None:
         raise ReportError(f"{run_dir}: cannot write the report there ({why}); make the folder "

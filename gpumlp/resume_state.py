@@ -6,7 +6,6 @@ the one-line errors, with the command that starts the run over, for what is dama
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +14,7 @@ import numpy as np
 from .backend import Backend
 from .checkpoint import check_layout, params_from_arrays, parse_json
 from .config import Config
-from .errors import CheckpointError
+from .errors import CheckpointError, shell_path
 from .npzio import load_npz
 from .optim import flat
 
@@ -95,7 +94,7 @@ def start_over(source: str) -> str:
     """How to start the run of a checkpoint that cannot be resumed over, with its config (and
     its --init weights, init.npz, when it had them)."""
     folder = Path(source).parent
-    quoted = shlex.quote(str(folder))
+    quoted = shell_path(folder)
     init = f" --init {quoted}/init.npz" if (folder / "init.npz").is_file() else ""
     return (f"start the run over: gpumlp train --config {quoted}/config.yaml{init} --out "
             f"{quoted} --overwrite")

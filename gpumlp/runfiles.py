@@ -12,9 +12,9 @@ first checkpoint start over from the same weights.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import shlex
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +24,7 @@ import numpy as np
 from .backend import Backend, to_host
 from .checkpoint import load_init, param_arrays, save_model
 from .config import Config, build_config, config_to_dict, dump_config, read_yaml
-from .errors import (CheckpointError, ConfigError, GpumlpError, folder_problem, shown,
+from .errors import (CheckpointError, ConfigError, GpumlpError, folder_problem, shell_path, shown,
                      write_problem)
 from .model import Params
 from .npzio import atomic_write, save_npz
@@ -63,6 +63,12 @@ def check_out_dir(path: Path, overwrite: bool) -> list[str]:
         resume = "" if "summary.json" in existing else ", resume it with --resume"  # finished?
         raise GpumlpError(f"--out {path}: already holds a run ({', '.join(existing)}); "
                           f"pick another folder{resume}, or pass --overwrite to replace it")
+    # before anything is removed: a folder where the run writes (or --overwrite removes) a file
+    written = (*RUN_FILES, *(DERIVED_FILES if existing else ()))
+    taken = [name for name in written if (path / name).is_dir()]
+    if taken:
+        raise GpumlpError(f"--out {path}: {path / taken[0]} is a folder where gpumlp keeps a "
+                          "file; move it out of the run folder, or pick another folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         why = write_problem(path)
@@ -166,10 +172,13 @@ class RunFiles:
 
         A report or an export (DERIVED_FILES) goes with the run it was made from; in a folder
         that holds no such run, files of those names are someone else's and stay."""
+        from .report import foreign_outputs
+
         self.folder.mkdir(parents=True, exist_ok=True)
         outputs = ("checkpoint.npz", "model.npz", "summary.json")
         earlier = any(self.path(name).exists() for name in outputs)
-        for name in (*outputs, *(DERIVED_FILES if earlier else ())):
+        derived = [name for name in DERIVED_FILES if name not in foreign_outputs(self.folder)]
+        for name in (*outputs, *(derived if earlier else ())):
             self.path(name).unlink(missing_ok=True)
         if init is not None:
             save_npz(self.path("init.npz"), param_arrays(init))
@@ -186,9 +195,19 @@ class RunFiles:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            raise GpumlpError(f"cannot write {path} ({e.strerror or e}); the checkpoint is "
-                              "intact (a resume rewrites the file from it); free space and "
-                              "--resume") from None
+            raise self.write_failed(path, e, "the checkpoint is intact (a resume rewrites the "
+                                    "file from it)") from None
+
+    def write_failed(self, path: Path, e: OSError, kept: str) -> GpumlpError:
+        """The one line for a run file that cannot be written during training: why, what is
+        `kept` intact, and the command that goes on (the folder's new place, if it moved)."""
+        if not self.folder.is_dir():  # moved or removed while training
+            return GpumlpError(f"cannot write {path}: the run folder is gone (moved or removed "
+                               f"while training); {kept} wherever the folder went: resume it "
+                               "there with gpumlp train --resume FOLDER")
+        fix = "free some space" if e.errno == errno.ENOSPC else "fix that"
+        return GpumlpError(f"cannot write {path} ({e.strerror or e}); {kept}; {fix}, then: "
+                           f"gpumlp train --resume {shell_path(self.folder)}")
 
     def discard_unstarted(self, remove_folder: bool) -> None:
         """Remove the files (and, with `remove_folder`, the folder) this run created, when no
@@ -207,14 +226,14 @@ class RunFiles:
         """What a resume that trains leaves out of date (a report, an export: DERIVED_FILES in
         the folder) and the commands that make it again; None when there is none."""
         found = [name for name in DERIVED_FILES if self.path(name).is_file()]
-        quoted = shlex.quote(str(self.folder))
+        quoted = shell_path(self.folder)
         what, how = [], []
         if any(name != "model.onnx" for name in found):
             what.append("the report (report.md and its figures)")
             how.append(f"gpumlp report {quoted}")
         if "model.onnx" in found:
             what.append("model.onnx")
-            how.append(f"gpumlp export {shlex.quote(str(self.path('model.npz')))} --overwrite")
+            how.append(f"gpumlp export {shell_path(self.path('model.npz'))} --overwrite")
         if not what:
             return None
         return (f"{' and '.join(what)} in the run describe{'s' if len(what) == 1 else ''} the "
@@ -257,7 +276,7 @@ class RunFiles:
         if done:
             raise GpumlpError(f"--resume {folder}: holds a run ({', '.join(done)}) but no "
                               "checkpoint.npz, so there is nothing to resume; start over with a "
-                              f"new --out, or with --out {folder} --overwrite")
+                              f"new --out, or with --out {shell_path(folder)} --overwrite")
 
     def saved_init(self, config: Config) -> Params | None:
         """The `--init` weights this run started from (init.npz), or None for a random start."""
@@ -268,7 +287,8 @@ class RunFiles:
                              config.train.dtype)
         except CheckpointError as e:
             raise CheckpointError(f"{e}; it held the --init weights of the run, so start it over "
-                                  f"with --init and --out {self.folder} --overwrite") from None
+                                  f"with --init and --out {shell_path(self.folder)} --overwrite"
+                                  ) from None
 
     def saved_config(self) -> Config:
         """The config as the run's config.yaml says it (no --set)."""
@@ -315,7 +335,7 @@ class RunFiles:
             lower += f" --set optim.min_lr={optim.min_lr / 10:g}"
         if path.exists():
             return (f"the last good checkpoint {path} is intact; to continue from it with a "
-                    f"lower rate: gpumlp train --resume {shlex.quote(str(self.folder))} {lower}")
+                    f"lower rate: gpumlp train --resume {shell_path(self.folder)} {lower}")
         return "no checkpoint was written yet; start over with a lower optim.lr"
 
     def save_checkpoint(self, state: "RunState", history: list[dict], config: Config) -> None:
@@ -335,9 +355,8 @@ class RunFiles:
         try:
             save_npz(self.path("checkpoint.npz"), arrays)
         except OSError as e:
-            raise GpumlpError(f"cannot write {self.path('checkpoint.npz')} ({e.strerror or e}); "
-                              "the previous checkpoint is intact; free space and --resume"
-                              ) from None
+            raise self.write_failed(self.path("checkpoint.npz"), e,
+                                    "the previous checkpoint is intact") from None
 
     def load_checkpoint(self, config: Config, backend: Backend,
                         n_train: int) -> tuple["RunState", list[dict]]:

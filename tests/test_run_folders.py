@@ -27,7 +27,7 @@ from gpumlp.backend import CPU
 from gpumlp.config import build_config
 from gpumlp.errors import GpumlpError
 from gpumlp.npzio import load_npz
-from gpumlp.report import FIGURES
+from gpumlp.report import FIGURES, PNG_SIGNATURE, REPORT_TITLE
 from gpumlp.runfiles import DERIVED_FILES, RunFiles, lock_run
 from gpumlp.train import train
 
@@ -49,8 +49,9 @@ def finished(tiny_data_dir, tmp_path) -> Path:
     """A finished run, with a report's and an export's files beside it and a user's notes."""
     out = tmp_path / "run"
     assert cli(*train_args(out, tiny_data_dir)).exit_code == 0
-    for name in DERIVED_FILES:
-        (out / name).write_bytes(b"made from the old model")
+    for name in DERIVED_FILES:                       # each as gpumlp report or export begins it
+        head = {".png": PNG_SIGNATURE, ".md": REPORT_TITLE.encode()}.get(Path(name).suffix, b"")
+        (out / name).write_bytes(head + b"made from the old model")
     (out / "notes.txt").write_text("mine")
     return out
 
@@ -84,6 +85,32 @@ def test_overwrite_removes_the_old_report_and_export_but_no_other_file(finished,
     assert names.isdisjoint(DERIVED_FILES)
     assert (finished / "notes.txt").read_text() == "mine"
     assert (finished / "model.npz").read_bytes() != old_model
+
+
+def test_overwrite_keeps_files_under_a_reports_names_that_are_not_a_report(finished,
+                                                                          tiny_data_dir):
+    """A user's own report.md (no report title) and a .png that is not a PNG are not gpumlp's:
+    --overwrite removed them with the old run's own report."""
+    (finished / "report.md").write_text("MY OWN NOTES\n")
+    (finished / "learning_curves.png").write_bytes(b"not a png")
+    result = cli(*train_args(finished, tiny_data_dir, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert (finished / "report.md").read_text() == "MY OWN NOTES\n"
+    assert (finished / "learning_curves.png").read_bytes() == b"not a png"
+    assert not (finished / "model.onnx").exists()                       # the old run's own
+    assert not (finished / "confusion_matrix.png").exists()
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "init.npz", "summary.json"])
+def test_overwrite_with_a_folder_where_the_run_keeps_a_file_is_refused_before_any_removal(
+        finished, tiny_data_dir, name):
+    (finished / name).unlink(missing_ok=True)
+    (finished / name).mkdir()
+    before = digests(finished)
+    result = cli(*train_args(finished, tiny_data_dir, "--overwrite"))
+    assert_one_error_line(result, 1, f"--out {finished}: {finished / name} is a folder where "
+                          "gpumlp keeps a file; move it out of the run folder, or pick another")
+    assert digests(finished) == before and (finished / name).is_dir()
 
 
 # --- out of memory ----------------------------------------------------------------------------
@@ -1116,3 +1143,45 @@ def test_a_resume_that_trains_warns_that_a_report_or_an_export_is_of_the_model_b
         assert (stopped / name).read_bytes() == b"made from the model before"
     again = resume_quietly(stopped, tiny_data_dir)
     assert (again.exit_code, again.stderr) == (0, "")                   # nothing left to train
+
+
+@pytest.mark.parametrize("path, word", [("runs/h256", "runs/h256"), ("my run", "'my run'"),
+                                        ("-dash", "./-dash"), ("/abs/-dash", "/abs/-dash"),
+                                        ("it's", "'it'\"'\"'s'")])
+def test_printed_paths_are_one_shell_word_that_no_command_takes_for_an_option(path, word):
+    import shlex
+
+    from gpumlp.errors import shell_path
+
+    assert shell_path(path) == word
+    assert shlex.split(word) == [f"./{path}" if path.startswith("-") else path]
+
+
+def test_a_run_folder_named_with_a_dash_gets_warnings_that_paste(stopped, tiny_data_dir,
+                                                                 monkeypatch):
+    """`gpumlp report -dash` would read -dash as options: the stale-output warning says
+    ./-dash, and the command it prints runs."""
+    monkeypatch.chdir(stopped.parent)
+    stopped.rename(stopped.parent / "-dash")
+    (stopped.parent / "-dash" / "report.md").write_text("# Report: before\n")
+    result = cli("train", "--resume", "-dash", "--data-dir", tiny_data_dir, "--device", "cpu",
+                 "-q")
+    assert result.exit_code == 0, result.output
+    command = result.stderr.strip().rpartition("again: ")[2]
+    assert command == "gpumlp report ./-dash"
+
+
+def test_a_run_folder_gone_while_training_says_so_and_how_to_go_on(tmp_path):
+    import errno
+
+    files = RunFiles(tmp_path / "moved")
+    error = files.write_failed(files.path("checkpoint.npz"),
+                               OSError(errno.ENOENT, "No such file or directory"), "kept")
+    assert str(error) == (f"cannot write {files.path('checkpoint.npz')}: the run folder is gone "
+                          "(moved or removed while training); kept wherever the folder went: "
+                          "resume it there with gpumlp train --resume FOLDER")
+    (tmp_path / "my run").mkdir()
+    full = RunFiles(tmp_path / "my run").write_failed(
+        tmp_path / "my run" / "metrics.jsonl", OSError(errno.ENOSPC, "No space left"), "kept")
+    assert str(full).endswith(f"(No space left); kept; free some space, then: gpumlp train "
+                              f"--resume '{tmp_path / 'my run'}'")
