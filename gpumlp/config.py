@@ -407,7 +407,10 @@ def read_yaml(path: str | Path) -> dict:
     except IsADirectoryError:
         raise ConfigError(f"config file {path} is a folder, not a file; give a YAML file, "
                           "e.g. configs/h256.yaml") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text, so no YAML config (a model or a "
+                          "checkpoint?); give a YAML file, e.g. configs/h256.yaml") from None
+    except OSError as e:
         raise ConfigError(f"config file {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
     try:
         data = load_yaml(text)
@@ -430,7 +433,9 @@ def build_config(path: str | Path | None = None, overrides: tuple[str, ...] | li
     """Defaults < YAML file at `path` < `--set` overrides < `flags` (dotted keys, None = unset).
     An error in the merge starts with the file's path or the --set that gave the key (the last
     to give one of its keys). `check_together`: also the checks that read two keys (not for a
-    saved config a resume's --set may still fix)."""
+    saved config a resume's --set may still fix). One override may be given as a string."""
+    if isinstance(overrides, str):  # build_config(path, "model.hidden=16")
+        overrides = (overrides,)
     layers = [(f"{path}: ", read_yaml(path))] if path is not None else []
     layers += [(f"--set {shown(text)}: ", parse_override(text)) for text in overrides]
     layers += [(f"--{key.rpartition('.')[2]} {shown(value)}: ", _nest(key, value))  # --seed

@@ -260,7 +260,14 @@ def train(config: Config, backend: Backend, mnist: Mnist, *, out_dir: str | Path
           init: Params | None = None, resume: bool = False,
           on_event: EventHandler | None = None,
           should_stop: Callable[[], bool] = lambda: False) -> RunResult:
-    """Train `config` on `backend`; write the run directory when `out_dir` is given."""
+    """Train `config` on `backend`; write the run directory when `out_dir` is given (the
+    caller owns that folder: nothing here refuses an earlier run in it, as the CLI does)."""
+    if resume and out_dir is None:
+        raise TypeError("train(resume=True) needs out_dir, the folder of the run to resume")
+    if not isinstance(backend, Backend) or not isinstance(mnist, Mnist):
+        raise TypeError("train(config, backend, mnist) takes a gpumlp.backend.Backend (from "
+                        "get_backend('cpu'), say) and a gpumlp.mnist.Mnist (from load_mnist), "
+                        f"not {type(backend).__name__} and {type(mnist).__name__}")
     on_event = on_event or (lambda kind, info: None)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # the guard reports them
         return _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)

@@ -467,3 +467,12 @@ def test_a_folder_is_not_a_config_file(tmp_path):
 def test_an_empty_config_path_is_an_error_not_the_current_folder():
     message = error_of(build_config, "")
     assert message.startswith("the config file path is empty; ") and "folder" not in message
+
+
+def test_one_override_may_be_a_string_and_a_binary_file_is_no_config(tmp_path):
+    assert build_config(None, "model.hidden=16").model.hidden == 16   # not 'm', 'o', ...
+    model = tmp_path / "model.npz"
+    model.write_bytes(b"PK\x03\x04\xbb\xff binary")
+    assert error_of(read_yaml, model) == (f"config file {model} is not text, so no YAML config "
+                                          "(a model or a checkpoint?); give a YAML file, e.g. "
+                                          "configs/h256.yaml")

@@ -286,3 +286,13 @@ def test_a_resumed_checkpoint_is_held_to_the_bound_it_met_when_saved(tiny_mnist,
         state.params.W[0][...] *= np.float32(1e20)
         with pytest.raises(CheckpointError, match=refused):
             check_resumed_weights(state, data, config, "ck.npz")
+
+
+def test_train_called_wrongly_from_python_says_what_to_pass(tiny_mnist, tmp_path):
+    config = build_config(None, ["model.hidden=8", "train.epochs=1"])
+    with pytest.raises(TypeError, match="takes a gpumlp.backend.Backend .* not str and Mnist"):
+        train(config, "cpu", tiny_mnist.mnist)
+    with pytest.raises(TypeError, match="not Backend and PosixPath"):
+        train(config, CPU, tmp_path)
+    with pytest.raises(TypeError, match=r"resume=True\) needs out_dir"):
+        train(config, CPU, tiny_mnist.mnist, resume=True)
