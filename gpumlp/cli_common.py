@@ -1,4 +1,5 @@
-"""What every `gpumlp` command shares: one-line errors, the common options, loading MNIST."""
+"""What every `gpumlp` command shares: one-line errors, the common options, loading MNIST, and
+`require`, the one line for an optional package that is not installed."""
 
 from __future__ import annotations
 

@@ -8,14 +8,13 @@ import this module after (or through) gpumlp.cli, which it builds on.
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 
 import click
 
 from .cli_common import (OneLineError, data_dir_option, device_option, domain_errors,
                          load_mnist_for, model_argument, require)
-from .errors import CheckpointError
+from .errors import CheckpointError, shell_path
 
 
 def result_line(result, top_k: int, as_json: bool) -> str:
@@ -62,7 +61,7 @@ def predict(model_path, files, top_k, as_json, device):
         if str(files[0]).lower().endswith(".npz"):          # predict digit.png model.npz
             swapped = (files[0], model_path, *files[1:])
             raise CheckpointError(f"{e}; the model comes first: gpumlp predict "
-                                  f"{shlex.join(str(f) for f in swapped)}") from None
+                                  f"{' '.join(shell_path(f) for f in swapped)}") from None
         raise
     backend = get_backend(device)
     results = predict_files(params_on(backend, params), config, files, backend, str(model_path))

@@ -254,7 +254,7 @@ def _coerce(path: str, value: Any, annotation: str, keys: tuple) -> Any:
             if not math.isfinite(number):                         # YAML's .inf and .nan too
                 raise wrong("a finite number")
             return number
-    elif isinstance(value, str):                                  # str, the last kind
+    elif annotation.startswith("str") and isinstance(value, str):
         return value
     raise wrong(expected_words(path, annotation))
 
@@ -407,9 +407,12 @@ def read_yaml(path: str | Path) -> dict:
     except IsADirectoryError:
         raise ConfigError(f"config file {path} is a folder, not a file; give a YAML file, "
                           "e.g. configs/h256.yaml") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not text, so no YAML config (a model or a "
-                          "checkpoint?); give a YAML file, e.g. configs/h256.yaml") from None
+    except UnicodeDecodeError as e:
+        if b"\0" in data:  # binary: no text file holds a NUL byte
+            raise ConfigError(f"config file {path} is not text, so no YAML config (a model or "
+                              "a checkpoint?); give a YAML file, e.g. configs/h256.yaml") from None
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {data[e.start]:#04x} at "
+                          f"offset {e.start}); save it as UTF-8") from None
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
     try:

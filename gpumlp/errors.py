@@ -1,6 +1,7 @@
 """Domain errors: the CLI turns each into a one-line message and a non-zero exit code; and
-what several messages share: `folder_problem`, the words for a path that is not a folder, and
-`shown`, a value cut short."""
+what several messages share: `shown`, a value cut short; `shell_path`, a path as a word of a
+command to paste; `folder_problem`, `write_problem` and `target_problem`, the words for a path
+that is not a folder, a folder that cannot be written, and a file that may not be written."""
 
 from __future__ import annotations
 

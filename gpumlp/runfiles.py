@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.npz", "model.npz", "summary.json",
              "init.npz")
+RUN_OUTPUTS = ("checkpoint.npz", "model.npz", "summary.json")  # what training has produced
 # written into a run folder by `gpumlp report` (report.FIGURES, report.md) and `gpumlp export`
 DERIVED_FILES = ("report.md", "learning_curves.png", "confusion_matrix.png",
                  "first_layer_weights.png", "confident_mistakes.png", "model.onnx")
@@ -43,6 +44,12 @@ DERIVED_FILES = ("report.md", "learning_curves.png", "confusion_matrix.png",
 def run_files_in(path: Path) -> list[str]:
     """The names of RUN_FILES present in `path`."""
     return [name for name in RUN_FILES if (path / name).exists()]
+
+
+def had_outputs(path: Path) -> bool:
+    """Whether `path` holds an earlier run's checkpoint, model or summary (RUN_OUTPUTS): then its
+    report and export (DERIVED_FILES) go with it on --overwrite."""
+    return any((path / name).exists() for name in RUN_OUTPUTS)
 
 
 def check_out_dir(path: Path, overwrite: bool) -> list[str]:
@@ -59,16 +66,17 @@ def check_out_dir(path: Path, overwrite: bool) -> list[str]:
     except OSError as e:  # a name too long, a loop of links, ...
         raise GpumlpError(f"--out {path}: cannot use that path ({e.strerror or e}); pick "
                           "another path") from None
-    if existing and not overwrite:
-        resume = "" if "summary.json" in existing else ", resume it with --resume"  # finished?
-        raise GpumlpError(f"--out {path}: already holds a run ({', '.join(existing)}); "
-                          f"pick another folder{resume}, or pass --overwrite to replace it")
-    # before anything is removed: a folder where the run writes (or --overwrite removes) a file
-    written = (*RUN_FILES, *(DERIVED_FILES if existing else ()))
+    # first, as neither a resume nor --overwrite could help: a folder where the run writes a
+    # file, or where --overwrite would remove an earlier run's report or export (RunFiles.start)
+    written = (*RUN_FILES, *(DERIVED_FILES if had_outputs(path) else ()))
     taken = [name for name in written if (path / name).is_dir()]
     if taken:
         raise GpumlpError(f"--out {path}: {path / taken[0]} is a folder where gpumlp keeps a "
                           "file; move it out of the run folder, or pick another folder")
+    if existing and not overwrite:
+        resume = "" if "summary.json" in existing else ", resume it with --resume"  # finished?
+        raise GpumlpError(f"--out {path}: already holds a run ({', '.join(existing)}); "
+                          f"pick another folder{resume}, or pass --overwrite to replace it")
     try:
         path.mkdir(parents=True, exist_ok=True)
         why = write_problem(path)
@@ -175,10 +183,12 @@ class RunFiles:
         from .report import foreign_outputs
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        outputs = ("checkpoint.npz", "model.npz", "summary.json")
-        earlier = any(self.path(name).exists() for name in outputs)
-        derived = [name for name in DERIVED_FILES if name not in foreign_outputs(self.folder)]
-        for name in (*outputs, *(derived if earlier else ())):
+        if had_outputs(self.folder):
+            foreign = foreign_outputs(self.folder)
+            for name in DERIVED_FILES:
+                if name not in foreign:
+                    self.path(name).unlink(missing_ok=True)
+        for name in RUN_OUTPUTS:
             self.path(name).unlink(missing_ok=True)
         if init is not None:
             save_npz(self.path("init.npz"), param_arrays(init))
@@ -205,7 +215,7 @@ class RunFiles:
             return GpumlpError(f"cannot write {path}: the run folder is gone (moved or removed "
                                f"while training); {kept} wherever the folder went: resume it "
                                "there with gpumlp train --resume FOLDER")
-        fix = "free some space" if e.errno == errno.ENOSPC else "fix that"
+        fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
         return GpumlpError(f"cannot write {path} ({e.strerror or e}); {kept}; {fix}, then: "
                            f"gpumlp train --resume {shell_path(self.folder)}")
 

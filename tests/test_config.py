@@ -473,6 +473,11 @@ def test_one_override_may_be_a_string_and_a_binary_file_is_no_config(tmp_path):
     assert build_config(None, "model.hidden=16").model.hidden == 16   # not 'm', 'o', ...
     model = tmp_path / "model.npz"
     model.write_bytes(b"PK\x03\x04\xbb\xff binary")
+    model.write_bytes(b"PK\x03\x04\x00\xbb\xff binary")
     assert error_of(read_yaml, model) == (f"config file {model} is not text, so no YAML config "
                                           "(a model or a checkpoint?); give a YAML file, e.g. "
                                           "configs/h256.yaml")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("# caf\u00e9\ntrain:\n  epochs: 2\n".encode("latin-1"))
+    assert error_of(read_yaml, latin) == (f"config file {latin} is not UTF-8 text (byte 0xe9 at "
+                                          "offset 5); save it as UTF-8")

@@ -329,6 +329,8 @@ def test_a_picture_given_before_the_model_says_the_model_comes_first(random_mode
     assert result.exit_code == 1 and result.stdout == ""
     assert result.stderr == (f"Error: {digit}: not a readable .npz file (not a zip archive); the "
                              f"model comes first: gpumlp predict {random_model} {digit} b.png\n")
+    dashed = invoke(predict, "--device", "cpu", "--", "-d.png", random_model)
+    assert dashed.stderr.strip().endswith(f"gpumlp predict {random_model} ./-d.png")
 
 
 def test_an_empty_file_name_is_said_so(random_model):

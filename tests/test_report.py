@@ -196,6 +196,17 @@ def test_a_folder_without_a_run_or_a_model_gets_one_error_line(tmp_path, run_dir
     assert result.exit_code == 1 and "no epoch finished" in result.stderr
 
 
+def test_the_resume_command_for_an_unfinished_run_pastes(tmp_path, run_dir, tiny_data_dir,
+                                                          monkeypatch):
+    """A folder named '-r un' is one word, and not an option: './-r un', quoted."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-r un").mkdir()
+    (tmp_path / "-r un" / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+    result = invoke(report, "--data-dir", tiny_data_dir, "--device", "cpu", "--", "-r un")
+    assert result.exit_code == 1
+    assert result.stderr.strip().endswith("finish the run first (gpumlp train --resume './-r un')")
+
+
 def test_a_folder_that_does_not_exist_is_named_as_missing(tmp_path, tiny_data_dir):
     missing = tmp_path / "nonexistent"
     result = invoke(report, missing, "--data-dir", tiny_data_dir, "--device", "cpu")

@@ -101,6 +101,16 @@ def test_overwrite_keeps_files_under_a_reports_names_that_are_not_a_report(finis
     assert not (finished / "confusion_matrix.png").exists()
 
 
+def test_a_fresh_out_with_a_folder_at_a_run_files_name_is_told_so_not_to_overwrite(
+        tiny_data_dir, tmp_path):
+    out = tmp_path / "new"
+    (out / "metrics.jsonl").mkdir(parents=True)
+    result = cli(*train_args(out, tiny_data_dir))
+    assert_one_error_line(result, 1, f"--out {out}: {out / 'metrics.jsonl'} is a folder where "
+                          "gpumlp keeps a file; move it out of the run folder")
+    assert "--overwrite" not in result.stderr
+
+
 @pytest.mark.parametrize("name", ["model.onnx", "init.npz", "summary.json"])
 def test_overwrite_with_a_folder_where_the_run_keeps_a_file_is_refused_before_any_removal(
         finished, tiny_data_dir, name):
