@@ -10,7 +10,8 @@ import os
 
 import click
 
-from .errors import ConfigError, DeviceError, GpumlpError, Terminated, folder_problem
+from .errors import (ConfigError, DeviceError, GpumlpError, Terminated, folder_problem,
+                     one_line_message)
 
 USAGE_ERRORS = (ConfigError, DeviceError)
 
@@ -63,9 +64,9 @@ def domain_errors(fn):
         try:
             return fn(*args, **kwargs)
         except USAGE_ERRORS as e:
-            raise OneLineError(str(e), exit_code=2) from None
+            raise OneLineError(one_line_message(e), exit_code=2) from None
         except GpumlpError as e:
-            raise OneLineError(str(e), exit_code=1) from None
+            raise OneLineError(one_line_message(e), exit_code=1) from None
         except MemoryError as e:  # NumPy's, and CuPy's OutOfMemoryError
             detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise OneLineError(f"out of memory{f' ({detail})' if detail else ''}; "

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from .cli_common import (OneLineError, data_dir_option_for, data_dir_source, domain_errors,
                          load_mnist_for, no_mnist_files, require)
-from .errors import GpumlpError, folder_problem, target_problem, write_problem
+from .errors import (GpumlpError, folder_problem, one_line_message, target_problem,
+                     write_problem)
 from .fetch import (Event, all_missing, check_cache, ensure_mnist, file_problem, mnist_cache_dir,
                     no_files_message)
 from .mnist import ALL_FILES, load_mnist
@@ -82,7 +83,7 @@ def run(function, *args, **kwargs):
     try:
         return function(*args, **kwargs)
     except GpumlpError as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(one_line_message(e)) from None
 
 
 @click.group("data")

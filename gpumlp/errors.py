@@ -29,7 +29,16 @@ def shown(value: object, limit: int = 60) -> str:
 
 
 class GpumlpError(Exception):
-    """An error the user can fix; its message says what is wrong and how to fix it."""
+    """An error the user can fix; its message says what is wrong and how to fix it, in one line
+    (a line break in it, from a file name, is shown as \\n), unless `multiline`."""
+    multiline = False
+
+
+def one_line_message(error: GpumlpError) -> str:
+    """The message of `error` as the CLI prints it: line breaks escaped, unless it is made of
+    several lines by design."""
+    text = str(error)
+    return text if error.multiline else text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 class ConfigError(GpumlpError):

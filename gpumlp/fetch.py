@@ -317,5 +317,7 @@ def ensure_mnist(data_dir: str | os.PathLike | None = None, *, source: str = "au
                                                 all_missing(missing, len(checksums))))
         missing = fetch_missing(cache, missing, sources, failures, report)
     if missing:
-        raise DataError(failure_message(failures, list(checksums)))
+        error = DataError(failure_message(failures, list(checksums)))
+        error.multiline = True  # a line per source tried
+        raise error
     return cache

@@ -647,3 +647,11 @@ def test_the_epoch_line_shows_the_validation_numbers_of_a_run_that_has_them():
     line = format_epoch(row)
     assert "val_loss 0.2500" in line and "val_acc 0.8750" in line
     assert "val_" not in format_epoch({k: v for k, v in row.items() if not k.startswith("val")})
+
+
+def test_a_line_break_in_a_file_name_keeps_the_error_on_one_line(tmp_path):
+    """A run folder named with a newline: the error is one line, the break shown as \\n; the
+    report of every download source failing keeps its line per source (test_cli_data)."""
+    folder = tmp_path / "new\nline"
+    result = cli("train", "--resume", folder)
+    assert_one_error_line(result, 1, f"--resume {tmp_path}/new\\nline: no such folder")

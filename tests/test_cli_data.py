@@ -83,6 +83,8 @@ def test_fetch_with_every_source_failing_is_one_clear_error(fake):
     result = invoke("fetch", "--source", "mirrors")
     assert_clean_error(result, "could not get the MNIST files")
     assert "cannot connect" in result.stderr and "--data-dir FOLDER" in result.stderr
+    assert "\nSources tried, in order:\n  - cache " in result.stderr     # a line per source
+    assert "\n  - mirror http://127.0.0.1:" in result.stderr
 
 
 def test_fetch_with_malformed_gpumlp_pip_args_is_one_line(monkeypatch, fake):
