@@ -101,6 +101,12 @@ def metrics_row(line: str, where: str) -> dict:
     if not isinstance(row, dict):
         raise ReportError(f"{where} is a JSON {type(row).__name__}, not a metrics row (an object "
                           f"with {', '.join(ROW_KEYS)}); {ROW_HINT}")
+    return check_row(row, where)
+
+
+def check_row(row: dict, where: str) -> dict:
+    """`row`, a metrics row as `gpumlp train` writes it (also in a checkpoint's record); a
+    ReportError saying what is wrong."""
     missing = [key for key in ROW_KEYS if key not in row]
     if VAL_KEYS[0] in row or VAL_KEYS[1] in row:
         missing += [key for key in VAL_KEYS if key not in row]

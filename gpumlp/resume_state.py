@@ -5,7 +5,6 @@ the one-line errors, with the command that starts the run over, for what is dama
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,13 +107,13 @@ def damaged_record(source: str) -> CheckpointError:
 def history_row_problem(row: object, epoch: int) -> str | None:
     """Why `row` is not the metrics row of `epoch` that a run writes (report's rules), or
     None."""
-    from .report import ReportError, metrics_row
+    from .report import ReportError, check_row
 
     if not isinstance(row, dict):
         return "not a metrics row"
     try:
-        metrics_row(json.dumps(row), "row")
-    except (ReportError, TypeError, ValueError) as e:
+        check_row(row, "row")
+    except ReportError as e:
         return str(e)
     return None if row["epoch"] == epoch else f"epoch {row['epoch']} where {epoch} belongs"
 
