@@ -26,9 +26,9 @@ numbers are written:
 - every product is a BLAS gemm (SciPy's wrappers; one per column block in the first layer)
   writing into a buffer allocated once per batch size, and every elementwise line has an
   `out=`;
-- softmax and cross-entropy are fused, on the logits transposed, S = A_L.T (c, m): NumPy
+- softmax and cross-entropy are fused, on the logits transposed, S = A_K.T (c, m): NumPy
   reduces down the columns of S far faster than along rows of only c = 10. S ends as
-  m dA_L.T = (Z_L - Y).T; the 1/m goes into the alpha of the products that read it;
+  m dA_K.T = (Z_K - Y).T; the 1/m goes into the alpha of the products that read it;
 - the SGD update is folded into the dJ_k product through gemm's alpha and beta, so dJ_k is
   never stored. The velocity is kept as vel_k = s V_k with one scale s for the run
   (optim.OptState.scale): vel_k *= mu is s *= mu, and no pass over V_k is spent on it:
@@ -45,8 +45,9 @@ numbers are written:
   the first input's blocks; with data.normalize "unit" it leaves them 0..255 and x / 255 is
   the first products' alpha.
 
-Optimizers that need dW_k itself (Adam, AdamW, Nesterov with weight decay) take the generic step;
-`supports` says which configs come here.
+Adam and AdamW need dW_k itself, which the folded update never stores, so they take the
+generic step; so does Nesterov with weight decay, since by the time `vel += wd J` would run,
+J_k has already been moved by lr mu vel_k. `supports` says which configs come here.
 """
 
 from __future__ import annotations
@@ -69,13 +70,14 @@ TINY_SCALE = 2.0 ** -64  # the velocity scale is multiplied out before it falls 
 
 
 def supports(config: Config) -> bool:
-    """True when the fast step computes exactly this config's equations (SGD, no Nesterov + wd)."""
+    """True when the fast step computes exactly this config's equations: SGD, and not
+    Nesterov with weight decay (its decay would read J_k after the lr mu vel_k shift)."""
     o = config.optim
     nesterov_wd = o.nesterov and o.momentum > 0 and o.weight_decay > 0
     return o.name == "sgd" and not nesterov_wd
 
 
-class Blas(NamedTuple):
+class ScipyBlas(NamedTuple):
     """SciPy's BLAS wrappers for one dtype (s... for float32, d... for float64)."""
     gemm: Callable
     axpy: Callable
@@ -173,15 +175,15 @@ def blocks_of(params: Params, state: OptState) -> tuple[tuple, tuple]:
 # ---- buffers -------------------------------------------------------------------------------------
 
 class Buffers(NamedTuple):
-    """Everything one step writes, for one batch size m and L layers (L - 1 hidden)."""
-    Z: tuple            # [1 | Z_{k-1}] (m, fan_in + 1), k = 1..L: each layer's input. Z[0] is
+    """Everything one step writes, for one batch size m and K layers (K - 1 hidden)."""
+    Z: tuple            # [1 | Z_{k-1}] (m, fan_in + 1), k = 1..K: each layer's input. Z[0] is
                         # storage for the first input's column blocks (`first_parts`)
     A: tuple            # A_k (m, h_k) of the hidden layers
     dA: tuple           # dA_k (m, h_k) of the hidden layers; dZ_k is computed in place in them
     positive: tuple     # (A_k > 0) (m, h_k) as 0/1 floats: phi'(A_k) of ReLU, from the forward
                         # pass (a float mask multiplies 2-3x faster than a bool one)
-    logits: np.ndarray  # A_L (m, c), as its gemm writes it fastest
-    S: np.ndarray       # (c, m) the logits transposed, then shifted, exp'd, normalised: m dA_L.T
+    logits: np.ndarray  # A_K (m, c), as its gemm writes it fastest
+    S: np.ndarray       # (c, m) the logits transposed, then shifted, exp'd, normalised: m dA_K.T
     colmax: np.ndarray  # (m,) max of each column of S, then log-sum-exp
     colsum: np.ndarray  # (m,) sum of exp of each shifted column
     at_label: np.ndarray  # (m,) shifted logit of the label, S[y_i, i]
@@ -222,9 +224,9 @@ Part = tuple[int, int, np.ndarray]
 def first_parts(buf: Buffers, blocks: list[tuple[int, int, int]]) -> list[Part]:
     """Parts (lo, col0, Z (m - lo, w)) for the blocks (lo, col0, w), one after the other in
     buf.Z[0]'s storage, each contiguous."""
-    flat, start, parts, m = buf.Z[0].reshape(-1), 0, [], buf.Z[0].shape[0]
+    storage, start, parts, m = buf.Z[0].reshape(-1), 0, [], buf.Z[0].shape[0]
     for lo, col0, w in blocks:
-        parts.append((lo, col0, flat[start:start + (m - lo) * w].reshape(m - lo, w)))
+        parts.append((lo, col0, storage[start:start + (m - lo) * w].reshape(m - lo, w)))
         start += (m - lo) * w
     return parts
 
@@ -248,7 +250,7 @@ def products_into(gemm: Callable, alpha: float, parts: list[Part], J: np.ndarray
 
 def forward_into(gemm: Callable, Js: tuple, masks: tuple, buf: Buffers, act_name: str,
                  first: list[Part]) -> None:
-    """buf.A, buf.Z and buf.S = A_L.T from the first input's parts `first`, as model.forward.
+    """buf.A, buf.Z and buf.S = A_K.T from the first input's parts `first`, as model.forward.
 
     Every gemm writes its output (m, fan_out), the layout OpenBLAS writes fastest (for the
     logits at h = 1024 twice as fast as (c, m)); the logits are then copied transposed.
@@ -266,44 +268,45 @@ def forward_into(gemm: Callable, Js: tuple, masks: tuple, buf: Buffers, act_name
             np.copyto(Z, act.phi(A))
         if masks:
             np.multiply(Z, masks[k], out=Z)                            # inverted dropout
-    products_into(gemm, alpha, parts, Js[-1], buf.logits)              # (m, c) [1 | Z] @ J_L
+    products_into(gemm, alpha, parts, Js[-1], buf.logits)              # (m, c) [1 | Z] @ J_K
     np.copyto(buf.S, buf.logits.T)                                     # (c, m)
 
 
-# ---- softmax and cross-entropy, fused, on S = A_L.T ----------------------------------------------
+# ---- softmax and cross-entropy, fused, on S = A_K.T ----------------------------------------------
 
 def softmax_ce_into(buf: Buffers, y: np.ndarray, smoothing: float) -> tuple[Any, Any]:
-    """L (mean cross-entropy from log-sum-exp) and the correct count; S becomes (Z_L - Y).T.
+    """L (mean cross-entropy from log-sum-exp) and the correct count; S becomes (Z_K - Y).T.
 
     With label smoothing e, Y = (1 - e) one-hot + e / c, and for each example i
-    -sum_j Y_ij log Z_L,ij = lse_i - (1 - e) S[y_i, i] - (e / c) sum_j S_ji, S the shifted logits.
+    -sum_j Y_ij log Z_K,ij = lse_i - (1 - e) S[y_i, i] - (e / c) sum_j S_ji, S the shifted logits.
     """
-    S, lse = buf.S, buf.colmax                                         # (c, m), (m,)
+    S = buf.S                                                          # (c, m)
+    lse = buf.colmax  # (m,): the column maxima's buffer, free once S is shifted, reused
     c, m = S.shape
-    flat = S.reshape(-1)
+    S_flat = S.reshape(-1)
     np.maximum.reduce(S, axis=0, out=buf.colmax)                       # (m,) max logit
     np.subtract(S, buf.colmax, out=S)                                  # (c, m) shifted
     S.argmax(axis=0, out=buf.pred)                                     # (m,) as model.correct_count
     correct = np.count_nonzero(np.equal(buf.pred, y, out=buf.hit))
     np.multiply(y, m, out=buf.label_pos, dtype=np.intp)
     np.add(buf.label_pos, buf.col, out=buf.label_pos)                  # (m,) y_i m + i
-    flat.take(buf.label_pos, out=buf.at_label)                         # (m,) S[y_i, i]
-    S_sum = np.add.reduce(flat) if smoothing else 0.0                  # () for the e / c term
+    S_flat.take(buf.label_pos, out=buf.at_label)                       # (m,) S[y_i, i]
+    S_sum = np.add.reduce(S_flat) if smoothing else 0.0                # () for the e / c term
     np.exp(S, out=S)                                                   # (c, m)
     np.add.reduce(S, axis=0, out=buf.colsum)                           # (m,)
     np.log(buf.colsum, out=lse)                                        # (m,) log-sum-exp
     L = (np.add.reduce(lse) - (1 - smoothing) * np.add.reduce(buf.at_label)
          - smoothing / c * S_sum) / m                                  # ()
-    np.divide(S, buf.colsum, out=S)                                    # (c, m) Z_L.T
+    np.divide(S, buf.colsum, out=S)                                    # (c, m) Z_K.T
     if smoothing:
         np.subtract(S, smoothing / c, out=S)
-    flat[buf.label_pos] -= 1 - smoothing                               # (c, m) (Z_L - Y).T
+    S_flat[buf.label_pos] -= 1 - smoothing                             # (c, m) (Z_K - Y).T
     return S.dtype.type(L), np.int64(correct)
 
 
 # ---- backward with the update folded in ----------------------------------------------------------
 
-def sgd_fold(lib: Blas, cfg: OptimConfig, lr: float, J: np.ndarray, V: Any, s: float,
+def sgd_fold(lib: ScipyBlas, cfg: OptimConfig, lr: float, J: np.ndarray, V: Any, s: float,
              alpha: float, parts: list[Part], Q: np.ndarray, trans_q: bool) -> None:
     """J updated by SGD with dJ = alpha P.T @ op(Q) folded into the gemms (module docstring),
     P the layer's input in column blocks `parts`: a gemm per block, into its rows of the
@@ -331,12 +334,13 @@ def sgd_fold(lib: Blas, cfg: OptimConfig, lr: float, J: np.ndarray, V: Any, s: f
     fold(alpha / s, V)                                                 # vel = mu vel + dJ
     if wd:
         lib.axpy(Jf, Vf, a=wd / s)                                     # vel += wd J
-    lib.axpy(Vf, Jf, a=-lr * (1 + mu) * s if cfg.nesterov else -lr * s)  # J -= lr (1+mu) vel
+    lib.axpy(Vf, Jf, a=-lr * (1 + mu) * s if cfg.nesterov else -lr * s)
+    # J -= lr (1 + mu) vel with Nesterov, else J -= lr vel
 
 
-def backward_update(lib: Blas, cfg: OptimConfig, lr: float, Js: tuple, Vs: tuple, s: float,
+def backward_update(lib: ScipyBlas, cfg: OptimConfig, lr: float, Js: tuple, Vs: tuple, s: float,
                     masks: tuple, buf: Buffers, act_name: str, first: list[Part]) -> None:
-    """From S = m dA_L.T down to layer 1: dZ_{k-1} with the old W_k, then update layer k.
+    """From S = m dA_K.T down to layer 1: dZ_{k-1} with the old W_k, then update layer k.
     `first` is the first input's parts, as forward_into had them."""
     m = buf.S.shape[1]
     top = len(buf.A)                                                   # index of the last layer
@@ -457,7 +461,7 @@ class FastStep:
         self.config = config
         self.act_name = config.model.activation
         self.dtype = np.dtype(config.train.dtype)
-        self.lib = Blas(*blas.get_blas_funcs(("gemm", "axpy", "scal"), dtype=self.dtype))
+        self.lib = ScipyBlas(*blas.get_blas_funcs(("gemm", "axpy", "scal"), dtype=self.dtype))
         self.widths = config.model.layer_widths
         self.buffers: dict[int, Buffers] = {}  # one set per batch size: the full and the last
         self.generic = generic_step(config)

@@ -24,8 +24,9 @@ The products call cuBLAS's gemmEx on the arrays' device pointers (gpu_blas.Blas)
 `ndarray.dot`, whose host-side checks cost as much as a product of this size takes.
 Deeper nets repeat the hidden-layer lines. Dropout masks (made by the training loop) enter
 bias_act and act_backward; label smoothing enters softmax_xent; max-norm runs the generic
-`optim.apply_max_norm` after the update. Only float64 (`train.dtype`) routes to the generic
-step (see `unsupported`). docs/gpu.md tells the whole story.
+`optim.apply_max_norm` after the update. float64 (`train.dtype`), or an activation
+without a kernel, routes to the generic step (see `unsupported`; every activation of
+activations.py has one). docs/gpu.md tells the whole story.
 
 The kernels are one CUDA source (`cuda_source()`), compiled by CuPy's RawModule with
 `--fmad=false`, so that each float32 operation rounds as the generic step's does. Every
@@ -361,10 +362,10 @@ def launch(kernel: Any, n: int, *args: Any) -> None:
 
 class Buffers(NamedTuple):
     """The device arrays of one step for one batch size m, written in place every step."""
-    A: tuple   # (A1, ..., A_L): (m, fan_out) pre-activations; A_L are the logits (m, c)
-    Z: tuple   # (Z1, ..., Z_{L-1}): (m, h_k) hidden activations, after dropout
-    dZ: tuple  # (dZ1, ..., dZ_{L-1}): (m, h_k), overwritten by dA_k; dA_L has its own:
-    dA: Any    # (m, c) dA_L = (Z_L - Y) / m
+    A: tuple   # (A1, ..., A_K): (m, fan_out) pre-activations; A_K are the logits (m, c)
+    Z: tuple   # (Z1, ..., Z_{K-1}): (m, h_k) hidden activations, after dropout
+    dZ: tuple  # (dZ1, ..., dZ_{K-1}): (m, h_k), overwritten by dA_k; dA_K has its own:
+    dA: Any    # (m, c) dA_K = (Z_K - Y) / m
     ones: Any  # (1, m) of 1: db_k = ones @ dA_k, the column sums, as one more product
 
 
@@ -487,7 +488,7 @@ class FusedStep:
         return L, correct
 
     def forward(self, params: Params, X: Any, masks: tuple, buf: Buffers) -> None:
-        """A_k = Z_{k-1} @ W_k + b_k and Z_k = phi(A_k) [* M_k] for the hidden layers; A_L = Z @ W_L."""
+        """A_k = Z_{k-1} @ W_k + b_k and Z_k = phi(A_k) [* M_k] for the hidden layers; A_K = Z @ W_K."""
         Z = X                                                             # (m, d)
         for k, (Wk, bk) in enumerate(zip(params.W[:-1], params.b[:-1])):
             self.blas.gemm(Z, Wk, buf.A[k])                               # (m, h_k)
@@ -501,7 +502,7 @@ class FusedStep:
         self.blas.gemm(Z, params.W[-1], buf.A[-1])                        # (m, c), bias below
 
     def loss(self, params: Params, y: Any, buf: Buffers) -> tuple[Any, Any]:
-        """A_L += b_L, dA_L = (Z_L - Y) / m, and the mean loss and correct count (0-d arrays)."""
+        """A_K += b_K, dA_K = (Z_K - Y) / m, and the mean loss and correct count (0-d arrays)."""
         m, c = buf.A[-1].shape
         L = self.xp.empty((), dtype=np.float32)
         correct = self.xp.empty((), dtype=np.int64)

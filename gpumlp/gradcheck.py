@@ -69,12 +69,13 @@ def check_gradients(params: Params, X: np.ndarray, y: np.ndarray, act: Activatio
                     rng: np.random.Generator | None = None) -> list[ParamCheck]:
     """Compare backward() with central differences for every parameter of a float64 net.
 
-    `samples` entries per parameter are drawn from `rng` (all entries when None; a fresh
-    generator when `rng` is None). Only the loss gradients are checked: weight decay and
-    max-norm act in the optimizer step. With a kinked activation, drawn entries whose step
-    straddles the kink are measured again with SMALLER_STEPS (`rescued`), or, straddling at
-    every step, counted in `straddling` and left out of `checked` and the errors.
-    A ValueError when the net or X is not float64.
+    `samples` entries per parameter are drawn from `rng` (all entries when None; a generator
+    seeded with 0 when `rng` is None, so that the same call checks the same entries). Only the
+    loss gradients are checked: weight decay and max-norm act in the optimizer step. With a
+    kinked activation, drawn entries whose step straddles the kink are measured again with
+    SMALLER_STEPS (`rescued`), or, straddling at every step, counted in `straddling` and left
+    out of `checked` and the errors. Each entry of `params` is moved in place and put back.
+    A ValueError when the net or X is not float64, or a parameter not C-contiguous.
     """
     tensors = {name: t for k in range(len(params.W))
                for name, t in ((f"W{k + 1}", params.W[k]), (f"b{k + 1}", params.b[k]))}
@@ -82,7 +83,11 @@ def check_gradients(params: Params, X: np.ndarray, y: np.ndarray, act: Activatio
     if not_float64:
         raise ValueError("check_gradients needs a float64 net and float64 X (central differences "
                          f"in lower precision are roundoff); not float64: {', '.join(not_float64)}")
-    rng = np.random.default_rng() if rng is None else rng
+    strided = [name for name, t in tensors.items() if not t.flags.c_contiguous]
+    if strided:  # reshape(-1) would give a copy, and the check would move nothing
+        raise ValueError(f"check_gradients moves entries in place; not C-contiguous: "
+                         f"{', '.join(strided)}")
+    rng = np.random.default_rng(0) if rng is None else rng
     cache = forward(params, X, act, masks)
     _, dA2 = loss_and_dA2(cache.A[-1], y, smoothing)
     grads = backward(params, cache, dA2, act)
@@ -102,33 +107,40 @@ def check_gradients(params: Params, X: np.ndarray, y: np.ndarray, act: Activatio
             zip(pattern, kink_pattern(at_plus, masks), kink_pattern(at_minus, masks)))
         return (plus - minus) / (2 * h), kept
 
+    def measure(flat_theta, i):
+        """The central difference at entry i with the first step whose ends keep the kink
+        pattern, and that step (0 when none does)."""
+        for h in (EPS, *SMALLER_STEPS):
+            numeric, kept = central_difference(flat_theta, i, h)
+            if kept:
+                return numeric, h
+        return numeric, 0.0
+
     results = []
     for k in range(len(params.W)):
         for name, theta, analytic in ((f"W{k + 1}", params.W[k], grads.W[k]),
                                       (f"b{k + 1}", params.b[k], grads.b[k])):
-            flat_theta, flat_grad = theta.reshape(-1), analytic.reshape(-1)
-            n = flat_theta.size
-            every = samples is None or samples >= n
-            idx = np.arange(n) if every else rng.choice(n, samples, replace=False)
-            numeric = np.empty(len(idx))
-            step = np.zeros(len(idx))  # the step each entry was measured with; 0: none kept
-            for j, i in enumerate(idx):
-                for h in (EPS, *SMALLER_STEPS):
-                    numeric[j], kept = central_difference(flat_theta, i, h)
-                    if kept:
-                        step[j] = h
-                        break
-            valid = step > 0
-            scale = EPS / np.where(valid, step, EPS)  # 1, 10 or 100: roundoff grows as 1 / step
-            a = flat_grad[idx]
-            abs_err = np.abs(a - numeric)
-            rel = abs_err / np.maximum(np.maximum(np.abs(a), np.abs(numeric)), FLOOR * scale)
-            counted = valid | np.isnan(rel)  # a NaN gradient fails wherever it is
-            results.append(ParamCheck(name, theta.shape, int(valid.sum()), largest(rel[counted]),
-                                      largest(abs_err[counted]),
-                                      int((np.abs(numeric) > NONZERO * scale)[valid].sum()),
-                                      int((~valid).sum()), int((valid & (step < EPS)).sum())))
+            flat_theta, n = theta.reshape(-1), theta.size
+            idx = np.arange(n) if samples is None or samples >= n else \
+                rng.choice(n, samples, replace=False)
+            numeric, step = np.array([measure(flat_theta, i) for i in idx]).reshape(-1, 2).T
+            results.append(compare(name, theta.shape, analytic.reshape(-1)[idx], numeric, step))
     return results
+
+
+def compare(name: str, shape: tuple, analytic: np.ndarray, numeric: np.ndarray,
+            step: np.ndarray) -> ParamCheck:
+    """The check of one parameter from its entries' analytic and numeric gradients and the
+    step each was measured with (0: left out, straddling the kink at every step)."""
+    valid = step > 0
+    scale = EPS / np.where(valid, step, EPS)  # 1, 10 or 100: roundoff grows as 1 / step
+    abs_err = np.abs(analytic - numeric)
+    rel = abs_err / np.maximum(np.maximum(np.abs(analytic), np.abs(numeric)), FLOOR * scale)
+    counted = valid | np.isnan(rel)  # a NaN gradient fails wherever it is
+    return ParamCheck(name=name, shape=shape, checked=int(valid.sum()),
+                      max_rel_error=largest(rel[counted]), max_abs_error=largest(abs_err[counted]),
+                      nonzero=int((np.abs(numeric) > NONZERO * scale)[valid].sum()),
+                      straddling=int((~valid).sum()), rescued=int((valid & (step < EPS)).sum()))
 
 
 def worst_error(results: list[ParamCheck]) -> float:
@@ -150,7 +162,9 @@ def passes(results: list[ParamCheck], tolerance: float) -> bool:
 def gradcheck_config(widths: tuple[int, ...], act: Activation, init: str, seed: int = 0,
                      m: int = 8, dropout: float = 0.0, smoothing: float = 0.0,
                      samples: int | None = 20) -> list[ParamCheck]:
-    """Check a float64 net of the given widths on a random minibatch of m examples."""
+    """Check a float64 net of the given widths on a random minibatch of m examples: `init`'s
+    weights, biases drawn from N(0, 0.1) (zero biases would check db less), inputs uniform
+    in [0, 1), and dropout masks of probability `dropout`, all from one generator of `seed`."""
     rng = np.random.default_rng(seed)
     params = init_params(widths, init, rng, "float64")
     params = Params(params.W, tuple(rng.normal(0, 0.1, v.shape) for v in params.b))

@@ -71,9 +71,11 @@ def init_params(widths: tuple[int, ...], init: str, rng: np.random.Generator,
     for fan_in, fan_out in zip(widths[:-1], widths[1:]):
         if init == "he":  # He et al. 2015: Var = 2 / fan_in, for relu-like phi
             Wk = rng.normal(0.0, np.sqrt(2.0 / fan_in), size=(fan_in, fan_out))
-        else:  # Glorot & Bengio 2010: U(-r, r), r = sqrt(6 / (fan_in + fan_out))
+        elif init == "xavier":  # Glorot & Bengio 2010: U(-r, r), r = sqrt(6 / (fan_in + fan_out))
             r = np.sqrt(6.0 / (fan_in + fan_out))
             Wk = rng.uniform(-r, r, size=(fan_in, fan_out))
+        else:
+            raise ValueError(f"init must be 'he' or 'xavier', not {init!r}")
         W.append(Wk.astype(dtype))
         b.append(np.zeros(fan_out, dtype=dtype))
     return Params(tuple(W), tuple(b))
@@ -118,10 +120,12 @@ def targets(y: Array, c: int, dtype: Any, smoothing: float = 0.0) -> Array:
 
 
 def loss_and_dA2(A2: Array, y: Array, smoothing: float = 0.0) -> tuple[Array, Array]:
-    """Mean cross-entropy L = -(1/m) sum(Y * log Z2) (a 0-d device array) and dA2 = (Z2 - Y) / m.
+    """Mean cross-entropy L = -(1/m) sum(Y * log Z2) and dA2 = (Z2 - Y) / m (m, c).
 
-    Y is the one-hot target, or the smoothed one when `smoothing` > 0. With one-hot Y, L is
-    mean(logsumexp(A2[i]) - A2[i, y_i]) = -mean(log Z2[i, y_i]).
+    L is a 0-d array on the device (a NumPy scalar on the CPU). Y is the one-hot target, or
+    the smoothed one when `smoothing` > 0. With one-hot Y, L is
+    mean(logsumexp(A2[i]) - A2[i, y_i]) = -mean(log Z2[i, y_i]). For a deeper net, A2 and Z2
+    stand for the output layer's A_K and Z_K.
     """
     m, c = A2.shape
     logZ2 = log_softmax(A2)                                          # (m, c)
@@ -153,13 +157,16 @@ def correct_count(A2: Array, y: Array) -> Array:
     return (A2.argmax(axis=1) == y).sum()
 
 
-def dropout_masks(rng: Any, m: int, widths: tuple[int, ...], p: float, dtype: Any) -> tuple:
-    """One inverted-dropout mask per hidden layer: 1/(1-p) where kept, 0 where dropped.
+def dropout_masks(rng: Any, m: int, hidden: tuple[int, ...], p: float, dtype: Any) -> tuple:
+    """One inverted-dropout mask (m, h_k) per hidden layer of the widths `hidden` (h1, ...):
+    1/(1-p) where kept, 0 where dropped; () when p is 0.
 
     `rng` is a numpy or cupy Generator living on the same device as the activations.
     """
+    if p == 0:
+        return ()
     masks = []
-    for h in widths if p > 0 else ():
+    for h in hidden:
         M = (rng.random((m, h), dtype=dtype) >= p).astype(dtype)   # (m, h) of 0 and 1
         M *= 1.0 / (1.0 - p)                                         # in place: keeps dtype
         masks.append(M)

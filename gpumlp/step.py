@@ -2,8 +2,10 @@
 
 `make_step` picks the implementation once per run. The generic step below runs on NumPy
 and CuPy alike; device-specific fast paths live beside it (same signature) and are tested
-against it: on the CPU, `fast_cpu.fast_step` for SGD (plain, momentum, Nesterov), which folds
-the update into the dW products; the generic step for the optimizers that need dW itself.
+against it: on the CPU, `fast_cpu.fast_step` for SGD (plain, momentum, Nesterov; not Nesterov
+with weight decay), which folds the update into the dW products, and the generic step for the
+rest; on a GPU, `fast_cuda.gpu_step`, fused kernels for every optimizer in float32, and the
+generic step (on the GPU) for float64.
 
 A step may carry a `batch(split, idx)` loader that writes the batch into its own buffers;
 `batch_inputs` uses it when there is no augmentation, else `data.gather` and `data.to_inputs`.
@@ -25,7 +27,8 @@ from .data import DeviceSplit, gather, to_inputs
 from .model import Params, backward, correct_count, forward, loss_and_dA2
 from .optim import OptState, apply_max_norm, unscaled, update
 
-# step(params, state, X, y, lr, t, masks) -> (L, correct), both 0-d device arrays
+# step(params, state, X, y, lr, t, masks) -> (L, correct), both 0-d arrays on the device
+# (NumPy scalars on the CPU)
 Step = Callable[[Params, OptState, Any, Any, float, int, tuple], tuple[Any, Any]]
 
 

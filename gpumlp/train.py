@@ -1,12 +1,13 @@
 """The training loop: epochs of shuffled minibatches on the device, evaluation, run files.
 
-Nothing is copied to the host inside a step: the loss and the correct count accumulate
-in device scalars read once per epoch (and at checkpoints), apart from the NaN guard's look at
-the loss sum (every step on the CPU, every 50 on a GPU) and before every checkpoint, which is
-written only when the loss and all the weights are finite and the weights still give a loss
-below MAX_PROBE_LOSS (the evaluation loss at an epoch's end, a probe of the training set
-mid-epoch): finite weights can be too large to use, and a checkpoint of them is no net to go on
-from. Progress goes to an optional callback `on_event(kind, info)`; the library never prints.
+- Nothing is copied to the host inside a step: the loss and the correct count accumulate in
+  device scalars read once per epoch (and at checkpoints), apart from the NaN guard's look at
+  the loss sum (every step on the CPU, every 50 on a GPU).
+- A checkpoint is written only when the loss and all the weights are finite and the weights
+  still give a loss below MAX_PROBE_LOSS (the evaluation loss at an epoch's end, a probe of the
+  training set mid-epoch): finite weights can be too large to use, and a checkpoint of them is
+  no net to go on from.
+- Progress goes to an optional callback `on_event(kind, info)`; the library never prints.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def new_state(config: Config, backend: Backend, init: Params | None = None) -> R
     rng = np.random.default_rng(config.train.seed)
     widths = config.model.layer_widths
     host = init_params(widths, config.model.init, rng, config.train.dtype)
-    if init is not None:
+    if init is not None:  # drawn all the same: `rng` then shuffles as in a run without --init
         host = init
     params = params_on(backend, host)
     dev_rng = backend.xp.random.default_rng(config.train.seed + 1)
@@ -91,16 +92,17 @@ def new_state(config: Config, backend: Backend, init: Params | None = None) -> R
 
 
 def evaluate(params: Params, split: DeviceSplit, config: Config) -> tuple[float, float]:
-    """(mean loss, accuracy) of `params` on a split, in batches, read once at the end."""
+    """(mean loss, accuracy) of `params` on a split, in batches, read once at the end. Each
+    batch's L * m is added in float64, as the training loop adds its steps'."""
     act = ACTIVATIONS[config.model.activation]
     loss_sum, correct = 0.0, 0
     n = len(split)
     for sl in batch_slices(n, config.train.eval_batch_size):
         X = to_inputs(split.images[sl], config.data.normalize, config.train.dtype)
-        A_out = forward(params, X, act).A[-1]
-        L, _ = loss_and_dA2(A_out, split.labels[sl])
-        loss_sum = loss_sum + L * (sl.stop - sl.start)
-        correct = correct + correct_count(A_out, split.labels[sl])
+        A2 = forward(params, X, act).A[-1]                             # (m, c) the logits
+        L, _ = loss_and_dA2(A2, split.labels[sl])
+        loss_sum = loss_sum + (L * (sl.stop - sl.start)).astype(np.float64)
+        correct = correct + correct_count(A2, split.labels[sl])
     return float(loss_sum) / n, int(correct) / n
 
 
@@ -273,25 +275,34 @@ def train(config: Config, backend: Backend, mnist: Mnist, *, out_dir: str | Path
         return _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
 
 
-def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop) -> RunResult:
-    data = prepare_data(mnist, config.data, backend)
-    check_batch_size(config, len(data.train))
-    files = RunFiles(Path(out_dir)) if out_dir is not None else None
-    restored = resume and files.path("checkpoint.npz").exists()
-    if restored:
+def start_state(config: Config, backend: Backend, data: DeviceData, files: RunFiles | None,
+                init: Params | None, resume: bool) -> tuple[RunState, list, bool, Params | None]:
+    """The state to train from, its metrics rows so far, whether it came from a checkpoint,
+    and the --init weights the run starts from (a resumed run's own, if it had them); each
+    checked as usable first."""
+    if resume and files.path("checkpoint.npz").exists():
         state, history = files.load_checkpoint(config, backend, len(data.train))
         if state.pos.epoch >= config.train.epochs:
             files.check_nothing_set(config)  # no step left to take the --set values
         else:
             check_resumed_weights(state, data, config, str(files.path("checkpoint.npz")))
-    else:  # a fresh run, or one killed before its first checkpoint: start it over
-        if resume:
-            files.check_resumable()  # never retrain a finished run whose checkpoint is gone
-            init = files.saved_init(config)  # from the same --init weights, if it had them
-        state, history = new_state(config, backend, init), []
-        if init is not None:
-            check_usable_start(state, data, config, "the --init weights",
-                               "start from other weights, or without --init")
+        return state, history, True, init
+    # a fresh run, or one killed before its first checkpoint: start it over
+    if resume:
+        files.check_resumable()  # never retrain a finished run whose checkpoint is gone
+        init = files.saved_init(config)  # from the same --init weights, if it had them
+    state = new_state(config, backend, init)
+    if init is not None:
+        check_usable_start(state, data, config, "the --init weights",
+                           "start from other weights, or without --init")
+    return state, [], False, init
+
+
+def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop) -> RunResult:
+    data = prepare_data(mnist, config.data, backend)
+    check_batch_size(config, len(data.train))
+    files = RunFiles(Path(out_dir)) if out_dir is not None else None
+    state, history, restored, init = start_state(config, backend, data, files, init, resume)
     step_fn = make_step(config, backend)
     prepare_state(step_fn, state, data.train)
     if should_stop():  # Ctrl-C or SIGTERM during the set-up: an old run stays as it is

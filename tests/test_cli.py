@@ -261,7 +261,7 @@ def test_gradcheck_of_the_default_net_measures_the_entry_that_straddles_relus_ki
                                      "central difference there is not a derivative): 1 measured "
                                      "again with a smaller step")
     monkeypatch.setitem(ACTIVATIONS, "relu", ACTIVATIONS["relu"]._replace(kink=False))
-    result = cli("gradcheck", "--samples", "256")                         # as before the fix
+    result = cli("gradcheck", "--samples", "256")         # no kink handling: a false FAIL
     assert result.exit_code == 1 and result.stdout.splitlines()[-1].startswith("FAIL: ")
     assert gradcheck_table(result.stdout)["b1"][2] == "256" and result.stderr == ""
 
@@ -612,7 +612,7 @@ def test_python_dash_m_gpumlp_runs_the_command_through_the_entry_point():
     assert (done.returncode, done.stdout.split()[:2]) == (0, ["gpumlp,", "version"])
 
 
-# --- what a mutation review found untested -------------------------------------------------
+# --- the data-dir option, the progress lines, file names in errors -------------------------
 
 @pytest.mark.parametrize("command", [["train", "--config", SMOKE], ["evaluate", "model.npz"],
                                      ["data", "path"], ["data", "verify"], ["report", "run"]])

@@ -37,7 +37,8 @@ from gpumlp.config import ACTIVATIONS as config_activations
 from gpumlp.config import build_config
 from gpumlp.data import DeviceSplit, gather, to_inputs
 from gpumlp.errors import GpumlpError
-from gpumlp.model import Params, dropout_masks, init_params
+from gpumlp.model import (Params, backward, dropout_masks, forward, init_params,
+                          loss_and_dA2)
 from gpumlp.optim import init_state
 from gpumlp.gpu_blas import Blas
 from gpumlp.step import add_to_sums, generic_step
@@ -283,9 +284,19 @@ def copy(params: Params) -> Params:
     return Params(tuple(w.copy() for w in params.W), tuple(b.copy() for b in params.b))
 
 
+def backward_of(params: Params, X, y, masks, config) -> Params:
+    """model.backward's gradients (the generic step's) of the batch at these parameters."""
+    act = ACTIVATIONS[config.model.activation]
+    cache = forward(params, X, act, masks)
+    _, dA2 = loss_and_dA2(cache.A[-1], y, config.train.label_smoothing)
+    return backward(params, cache, dA2, act)
+
+
 def assert_same_run(config, emulated, widths=(784, 48, 10), sizes=(32, 32, 7)):
     """Steps of FusedStep (host kernels) and generic_step from the same start agree, a shorter
-    last batch included; parameters, optimizer state, loss and correct count."""
+    last batch included; parameters, optimizer state, loss and correct count, and each step's
+    dW_k and db_k against model.backward. (The kernels are float32 only, too coarse for a
+    central-difference check; model.backward, their reference, has one in float64.)"""
     params, _, _ = problem(widths, 1, seed=3)
     fused_params, generic_params = copy(params), copy(params)
     fused_state, generic_state = init_state(config.optim, fused_params), init_state(config.optim, generic_params)
@@ -295,7 +306,13 @@ def assert_same_run(config, emulated, widths=(784, 48, 10), sizes=(32, 32, 7)):
         _, X, y = problem(widths, m, seed=10 + t)
         masks = dropout_masks(rng, m, widths[1:-1], config.model.dropout, np.float32)
         lr = config.optim.lr / (2 * t)
+        expected = backward_of(copy(fused_params), X, y, masks, config)
         L_f, ok_f = fused(fused_params, fused_state, X, y, lr, t, masks)
+        grads = fused.grads[tuple(widths)].grads
+        for name, a, b in zip(("dW", "db"), (grads.W, grads.b), (expected.W, expected.b)):
+            for k, (x, z) in enumerate(zip(a, b)):
+                np.testing.assert_allclose(x, z, rtol=RTOL, atol=ATOL,
+                                           err_msg=f"{name}{k + 1} at step {t}")
         L_g, ok_g = generic(generic_params, generic_state, X, y, lr, t, masks)
         assert L_f.shape == () and L_f.dtype == np.float32 and ok_f.dtype == np.int64
         np.testing.assert_allclose(L_f, L_g, rtol=RTOL, err_msg=f"L at step {t}")

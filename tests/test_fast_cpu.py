@@ -22,7 +22,9 @@ from gpumlp.cli import main
 from gpumlp.config import build_config
 from gpumlp.data import DeviceSplit, gather, to_inputs
 from gpumlp.mnist import Mnist, Split, load_mnist
-from gpumlp.model import Params, correct_count, forward, init_params, loss_and_dA2
+from gpumlp.gradcheck import EPS, FLOOR, loss_of
+from gpumlp.model import (Params, correct_count, dropout_masks, forward, init_params,
+                          loss_and_dA2)
 from gpumlp.optim import init_state, multiply_out, unscaled
 from gpumlp.step import batch_inputs, generic_step, make_step, prepare_state
 from gpumlp.train import new_state, train
@@ -374,6 +376,64 @@ def test_fast_step_on_its_own_sparse_batches_given_inputs_or_falling_back_matche
         assert_close(unpacked_p.W + unpacked_p.b, ref_p.W + ref_p.b, "generic params", rtol, atol)
 
 
+@pytest.mark.parametrize("hidden", [(12,), (12, 8)])
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_fast_step_gradients_are_the_central_differences_float64(activation, hidden):
+    """The fast step's own gradients against central differences of the loss, not against the
+    generic step: in float64, plain SGD with lr 1 moves every parameter by minus its gradient,
+    so theta_before - theta_after is the step's dtheta. On its own sparse batch (zero pixels
+    left out, rows reordered), with dropout masks and label smoothing; entries sampled per
+    parameter, every W_k and b_k."""
+    rng = np.random.default_rng(13)
+    split = sparse_split(rng, 64)
+    config = build_config(None, [f"model.hidden={list(hidden)}", f"model.activation={activation}",
+                                 "train.dtype=float64", "optim.momentum=0", "model.dropout=0.25",
+                                 "train.label_smoothing=0.1"])
+    widths = (784, *hidden, 10)
+    params = init_params(widths, "xavier", rng, "float64")
+    params = Params(params.W, tuple(rng.normal(0, 0.1, v.shape) for v in params.b))
+    before = copy_params(params)
+    step, p, s = packed(params, config, split)
+    step.generic = None                                  # the fast path, or fail loudly
+    idx = rng.permutation(64)[:48]
+    X, y = step.batch(split, idx)                        # rows sorted by extent
+    masks = dropout_masks(rng, 48, hidden, 0.25, np.float64)
+    step(p, s, X, y, 1.0, 1, masks)
+    after, _ = step.export(p, s)
+    assert step.buffers_for(48).parts[-1][1] + step.buffers_for(48).parts[-1][2].shape[1] < 785
+
+    # the loss of the batch in the loop's row order: the step sorts rows and masks alike
+    assert step.row_order is not None and (step.row_order != np.arange(48)).any()
+    X_ref, y_ref = to_inputs(split.images[idx], "unit", np.float64), split.labels[idx]
+    act = ACTIVATIONS[activation]
+    loss = lambda: loss_of(before, X_ref, y_ref, act, masks, 0.1)[0]  # noqa: E731
+    for k in range(len(widths) - 1):
+        for name, theta, new in ((f"W{k + 1}", before.W[k], after.W[k]),
+                                 (f"b{k + 1}", before.b[k], after.b[k])):
+            step_grad = (theta - new).reshape(-1)
+            flat_theta = theta.reshape(-1)
+            entries = rng.choice(flat_theta.size, min(25, flat_theta.size), replace=False)
+            if name == "W1":                             # and the rows of pixels in the batch
+                entries = np.concatenate([entries, np.flatnonzero(step_grad)[:25]])
+            numeric = np.array([central(loss, flat_theta, i) for i in entries])
+            analytic = step_grad[entries]
+            assert np.abs(analytic).max() > 1e-6, name  # the comparison is not of zeros
+            error = np.abs(analytic - numeric) / np.maximum(
+                np.maximum(np.abs(analytic), np.abs(numeric)), FLOOR)
+            assert error.max() < 1e-6, (name, error.max())
+
+
+def central(loss, flat_theta, i, eps=EPS):
+    """(loss(theta_i + eps) - loss(theta_i - eps)) / 2 eps, theta changed in place, restored."""
+    saved = flat_theta[i]
+    flat_theta[i] = saved + eps
+    plus = loss()
+    flat_theta[i] = saved - eps
+    minus = loss()
+    flat_theta[i] = saved
+    return (plus - minus) / (2 * eps)
+
+
 def test_fast_step_refuses_prepared_params_with_another_optimizer_state():
     config = build_config(None, ["model.hidden=8"])
     rng = np.random.default_rng(14)
@@ -459,6 +519,13 @@ def test_trained_run_with_the_fast_step_matches_the_generic_step(extra, monkeypa
     config = build_config(None, ["model.hidden=24", "train.epochs=2", "train.batch_size=64",
                                  "optim.nesterov=true", "optim.schedule=cosine", *extra])
     assert make_step(config, CPU).kind == "fast_cpu"
+
+    def fast_only(config, backend):                     # no silent fallback to the generic step
+        step = make_step(config, backend)
+        step.generic = None
+        return step
+
+    monkeypatch.setattr(train_module, "make_step", fast_only)
     fast = train(config, CPU, mnist)                    # 200 = 3 x 64 + a last batch of 8
     monkeypatch.setattr(train_module, "make_step", lambda config, backend: generic_step(config))
     generic = train(config, CPU, mnist)

@@ -41,10 +41,6 @@ def gradients(params, X, y, act, masks=(), smoothing=0.0):
     return backward(params, cache, dA2, act)
 
 
-def worst(results):
-    return worst_error(results)
-
-
 def n_entries(widths):
     """How many numbers the W_k and b_k of a net of these widths hold."""
     return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
@@ -64,7 +60,7 @@ def test_gradients_match_central_differences_float64(activation, net):
                                samples=None)
     assert sum(r.checked for r in results) == n_entries(NETS[net])  # every entry
     assert [r.name for r in results][-2:] == [f"W{len(NETS[net]) - 1}", f"b{len(NETS[net]) - 1}"]
-    assert worst(results) < TOL, results
+    assert worst_error(results) < TOL, results
 
 
 @pytest.mark.parametrize("net", NETS)
@@ -74,7 +70,7 @@ def test_gradcheck_config_with_dropout_and_label_smoothing_matches_central_diffe
     """The CLI's path: gradcheck_config draws the masks and passes the smoothing through."""
     results = gradcheck_config(NETS[net], ACTIVATIONS[activation], "he", seed=2, m=6,
                                dropout=0.3, smoothing=0.1, samples=None)
-    assert worst(results) < TOL, results
+    assert worst_error(results) < TOL, results
 
 
 @pytest.mark.parametrize("net", NETS)
@@ -93,7 +89,7 @@ def test_gradients_with_dropout_or_label_smoothing_match_central_differences_flo
     assert all(rel(a, b) > 1e-3 for a, b in zip(plain.W, regularised.W))  # it changes every dW_k
     results = check_gradients(params, X, y, act, masks, alpha)
     assert sum(r.checked for r in results) == n_entries(widths)
-    assert worst(results) < TOL, results
+    assert worst_error(results) < TOL, results
 
 
 @pytest.mark.parametrize("net", NETS)
@@ -104,7 +100,7 @@ def test_gradients_for_a_batch_of_one_match_central_differences_float64(activati
     assert X.shape == (1, NETS[net][0]) and y.shape == (1,)
     results = check_gradients(params, X, y, ACTIVATIONS[activation])
     assert sum(r.checked for r in results) == n_entries(NETS[net])
-    assert worst(results) < TOL, results
+    assert worst_error(results) < TOL, results
 
 
 @pytest.mark.parametrize("optim", ["sgd", "adam", "adamw"])
@@ -261,7 +257,7 @@ def test_only_relu_and_leaky_relu_have_a_kink_a_smooth_activation_is_compared_ac
         assert {r.name: (r.rescued, r.straddling) for r in results if r.rescued or r.straddling} \
             == {}
         assert sum(r.checked for r in results) == n_entries((6, 5, 4))
-        assert worst(results) < TOL, results
+        assert worst_error(results) < TOL, results
 
 
 @pytest.mark.parametrize("kept", [False, True])
@@ -365,7 +361,7 @@ def test_a_wrong_gradient_still_fails_the_full_check_when_kinks_are_left_out(wro
     if wrong == "dW1 doubled":
         assert results[0].max_rel_error > 0.4
     else:
-        assert math.isnan(worst(results))
+        assert math.isnan(worst_error(results))
 
 
 def db1_times_100(params, cache, dA2, act):
@@ -375,15 +371,15 @@ def db1_times_100(params, cache, dA2, act):
 
 @pytest.mark.parametrize("right", [True, False])
 def test_a_parameter_with_no_entry_compared_fails(right, monkeypatch):
-    """6-1-4 relu: the only entry of b1 straddles the kink at every step. Left out, it left b1
-    with max_rel_error 0.0 and the check passed, a db1 100 times too large included."""
+    """6-1-4 relu: the only entry of b1 straddles the kink at every step, so nothing of b1 is
+    compared: its error is unknown (inf) and the check fails, a right db1 as a wrong one."""
     if not right:
         monkeypatch.setattr(gradcheck, "backward", db1_times_100)
     params, X, y = kinked_net(3e-9, (6, 1, 4), unit=0)
     results = {r.name: r for r in check_gradients(params, X, y, ACTIVATIONS["relu"])}
     assert (results["b1"].checked, results["b1"].straddling) == (0, 1)
     assert results["b1"].max_rel_error == results["b1"].max_abs_error == math.inf
-    assert worst(results.values()) == math.inf
+    assert worst_error(results.values()) == math.inf
     assert not passes(list(results.values()), TOL)
     assert not passes([results["b1"]._replace(max_rel_error=0.0)], math.inf)  # checked == 0
 
@@ -433,7 +429,7 @@ def test_seed_literal_first_layer_formulas_are_off_by_m_and_m_squared_central_di
     dA1_seed = (1 / m) * dZ1 * act.phi_prime(A1)           # the seed, literally
     dW1_seed = (1 / m) * X.T @ dA1_seed
     db1_seed = (dZ1 * act.phi_prime(A1)).mean(axis=0)      # "average along rows of" it
-    # dA1 / dA1_seed = m by construction; the code's own dW1 and db1 are off by m^2 and m:
+    # the seed's dW1 and db1 are the code's divided by m^2 and m (its dA1 by m, as written):
     np.testing.assert_allclose(grads.W[0] / dW1_seed, m ** 2, rtol=1e-12)
     np.testing.assert_allclose(grads.b[0] / db1_seed, m, rtol=1e-12)
     np.testing.assert_allclose(grads.W[0], X.T @ dA1, rtol=1e-12)
@@ -446,6 +442,14 @@ def test_seed_literal_first_layer_formulas_are_off_by_m_and_m_squared_central_di
     assert rel(grads.W[0], numeric_W1) < TOL and rel(grads.b[0], numeric_b1) < TOL
     assert rel(dW1_seed, numeric_W1) > 0.9   # 1 - 1/m^2 = 0.98: fails the check
     assert rel(db1_seed, numeric_b1) > 0.8   # 1 - 1/m = 0.875: fails the check
+
+    # dA1 itself: the loss as a function of the pre-activations A1 (forward from A1 on)
+    A1_var = A1.copy()
+    loss_of_A1 = lambda: float(loss_and_dA2(act.phi(A1_var) @ W2 + params.b[1], y)[0])  # noqa: E731
+    numeric_A1 = np.array([central_difference(loss_of_A1, A1_var, i)
+                           for i in range(A1.size)]).reshape(A1.shape)
+    assert rel(dA1, numeric_A1) < TOL
+    assert rel(dA1_seed, numeric_A1) > 0.8   # 1 - 1/m: fails the check
 
 
 def test_erratum_numbers_quoted_in_the_derivation_central_differences_float64():
@@ -594,7 +598,7 @@ def test_check_gradients_refuses_a_net_that_is_not_float64():
     mixed = Params((params64.W[0], params.W[1]), params64.b)
     with pytest.raises(ValueError, match="not float64: W2$"):
         check_gradients(mixed, X64, y, ACTIVATIONS["tanh"])
-    assert worst(check_gradients(params64, X64, y, ACTIVATIONS["tanh"])) < TOL
+    assert worst_error(check_gradients(params64, X64, y, ACTIVATIONS["tanh"])) < TOL
 
 
 def test_gradient_check_counts_the_entries_whose_numeric_gradient_is_not_zero():

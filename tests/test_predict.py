@@ -466,7 +466,7 @@ def test_smoothly_enlarged_mnist_digits_are_predicted_as_their_arrays(mnist_mode
     assert share >= 0.99, f"only {share:.3f} of the pictures predicted as their arrays"
 
 
-# --- what a mutation review found untested -------------------------------------------------
+# --- standardised pixels, output that cannot be written ------------------------------------
 
 def test_probabilities_standardise_the_pixels_as_the_model_was_trained():
     from gpumlp.predict import probabilities

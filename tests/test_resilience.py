@@ -421,7 +421,7 @@ def test_checkpoint_keeps_the_fast_step_velocity_scale_and_refuses_a_damaged_one
             RunFiles(tmp_path / "run").load_checkpoint(config, CPU, 250)
 
 
-# --- what a mutation review found untested -------------------------------------------------
+# --- fsync, unpickling, non-finite weights, float64 models ---------------------------------
 
 def test_each_metrics_row_is_fsynced_once_written(tmp_path, monkeypatch):
     synced, real_fsync = [], os.fsync

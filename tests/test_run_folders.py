@@ -1071,7 +1071,7 @@ def test_resume_and_report_in_a_folder_they_cannot_write_say_so_in_one_line(
     assert digests(finished) == before
 
 
-# --- what a mutation review found untested -------------------------------------------------
+# --- resuming from damaged or edited run folders -------------------------------------------
 
 def test_train_resume_refuses_a_finished_run_whose_checkpoint_is_gone(tiny_mnist, tmp_path):
     config = build_config(None, ["model.hidden=8", "train.epochs=1", "train.batch_size=100"])

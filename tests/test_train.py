@@ -217,7 +217,7 @@ def test_the_loop_gives_step_t_1_to_n_and_the_schedules_lr_across_epochs_and_a_r
     assert expected[-1] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
 
 
-# --- what a mutation review found untested -------------------------------------------------
+# --- seeding, the lr column, stopping, resumed weights -------------------------------------
 
 def test_the_seed_drives_the_init_the_shuffle_and_the_dropout(tiny_mnist):
     base = ["model.hidden=16", "train.epochs=1", "train.batch_size=50"]
