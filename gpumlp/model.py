@@ -130,7 +130,7 @@ def loss_and_dA2(A2: Array, y: Array, smoothing: float = 0.0) -> tuple[Array, Ar
     m, c = A2.shape
     logZ2 = log_softmax(A2)                                          # (m, c)
     Y = targets(y, c, A2.dtype, smoothing)                           # (m, c), smoothed if asked
-    L = -(Y * logZ2).sum() / m                                       # ()
+    L = -(Y * logZ2).sum() / A2.dtype.type(m)                        # () in A2's dtype
     dA2 = (array_module(A2).exp(logZ2) - Y) / m                      # (m, c)
     return L, dA2
 

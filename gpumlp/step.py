@@ -99,7 +99,7 @@ def add_to_sums(loss_sum: Any, correct: Any, L: Any, ok: Any, m: int) -> None:
     """The training loop's running sums, in place: loss_sum += L * m, correct += ok (0-d
     float64 and int64 arrays). A step may carry its own `tally` doing the same (fast_cuda's,
     in one launch); `tallier` picks it."""
-    loss_sum += L * m
+    loss_sum += L * L.dtype.type(m)  # the product in L's dtype (NumPy 1 would widen it)
     correct += ok
 
 

@@ -101,7 +101,7 @@ def evaluate(params: Params, split: DeviceSplit, config: Config) -> tuple[float,
         X = to_inputs(split.images[sl], config.data.normalize, config.train.dtype)
         A2 = forward(params, X, act).A[-1]                             # (m, c) the logits
         L, _ = loss_and_dA2(A2, split.labels[sl])
-        loss_sum = loss_sum + (L * (sl.stop - sl.start)).astype(np.float64)
+        loss_sum = loss_sum + (L * L.dtype.type(sl.stop - sl.start)).astype(np.float64)
         correct = correct + correct_count(A2, split.labels[sl])
     return float(loss_sum) / n, int(correct) / n
 

@@ -355,7 +355,8 @@ def test_fused_step_matches_generic_for_each_activation(emulated, activation):
 @pytest.mark.parametrize("extra", [["model.dropout=0.3"], ["train.label_smoothing=0.1"],
                                    ["model.max_norm=1.5"],
                                    ["model.dropout=0.2", "model.activation=gelu",
-                                    "optim.name=adamw", "optim.weight_decay=0.1", ADAM_EPS]])
+                                    "optim.name=adamw", "optim.weight_decay=0.1",
+                                    "optim.lr=0.001", ADAM_EPS]])
 def test_fused_step_matches_generic_with_dropout_smoothing_max_norm(emulated, extra):
     assert_same_run(build_config(None, extra), emulated)
 

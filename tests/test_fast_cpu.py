@@ -21,13 +21,14 @@ from gpumlp.bench import executed_gflop
 from gpumlp.cli import main
 from gpumlp.config import build_config
 from gpumlp.data import DeviceSplit, gather, to_inputs
-from gpumlp.mnist import Mnist, Split, load_mnist
 from gpumlp.gradcheck import EPS, FLOOR, loss_of
+from gpumlp.mnist import Mnist, Split, load_mnist
 from gpumlp.model import (Params, correct_count, dropout_masks, forward, init_params,
                           loss_and_dA2)
 from gpumlp.optim import init_state, multiply_out, unscaled
 from gpumlp.step import batch_inputs, generic_step, make_step, prepare_state
 from gpumlp.train import new_state, train
+from numeric_helpers import central_difference
 
 RTOL, ATOL = 1e-5, 1e-5  # float32: rounding of sums of a few hundred terms of order 1
 H256 = "configs/h256.yaml"
@@ -415,23 +416,12 @@ def test_fast_step_gradients_are_the_central_differences_float64(activation, hid
             entries = rng.choice(flat_theta.size, min(25, flat_theta.size), replace=False)
             if name == "W1":                             # and the rows of pixels in the batch
                 entries = np.concatenate([entries, np.flatnonzero(step_grad)[:25]])
-            numeric = np.array([central(loss, flat_theta, i) for i in entries])
+            numeric = np.array([central_difference(loss, flat_theta, i, EPS) for i in entries])
             analytic = step_grad[entries]
             assert np.abs(analytic).max() > 1e-6, name  # the comparison is not of zeros
             error = np.abs(analytic - numeric) / np.maximum(
                 np.maximum(np.abs(analytic), np.abs(numeric)), FLOOR)
             assert error.max() < 1e-6, (name, error.max())
-
-
-def central(loss, flat_theta, i, eps=EPS):
-    """(loss(theta_i + eps) - loss(theta_i - eps)) / 2 eps, theta changed in place, restored."""
-    saved = flat_theta[i]
-    flat_theta[i] = saved + eps
-    plus = loss()
-    flat_theta[i] = saved - eps
-    minus = loss()
-    flat_theta[i] = saved
-    return (plus - minus) / (2 * eps)
 
 
 def test_fast_step_refuses_prepared_params_with_another_optimizer_state():

@@ -17,6 +17,7 @@ from gpumlp.gradcheck import ParamCheck, check_gradients, gradcheck_config, pass
 from gpumlp.model import (Grads, Params, backward, dropout_masks, forward, init_params,
                           log_softmax, loss_and_dA2, softmax, targets)
 from gpumlp.optim import apply_max_norm, flat, init_state, update
+from numeric_helpers import central_difference
 
 TOL = 1e-6  # largest relative error a float64 central-difference check may show
 NETS = {"1-hidden": (7, 6, 4), "2-hidden": (7, 6, 5, 4),   # (d, h1, ..., c): every entry checked
@@ -145,18 +146,6 @@ def test_dropout_masks_are_inverted_and_drop_units():
     assert set(np.unique(M).tolist()) == {0.0, np.float32(1 / 0.75)}
     assert 0.15 < (M == 0).mean() < 0.35
     assert dropout_masks(rng, 10, (5,), 0.0, np.dtype("float32")) == ()
-
-
-def central_difference(loss, theta, i, eps=1e-6):
-    """(loss(theta_i + eps) - loss(theta_i - eps)) / 2 eps, theta changed in place and restored."""
-    flat = theta.reshape(-1)
-    saved = flat[i]
-    flat[i] = saved + eps
-    plus = loss()
-    flat[i] = saved - eps
-    minus = loss()
-    flat[i] = saved
-    return (plus - minus) / (2 * eps)
 
 
 def plain_numpy_loss(params, X, y):
