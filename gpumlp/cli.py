@@ -8,6 +8,8 @@ saves a checkpoint, then exits 128 + the signal's number: 130, or 143.
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import math
 import os
@@ -30,6 +32,7 @@ class OneLineGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, **extra)
+        closed_streams()
         tolerant_output()
         previous = catch_sigterm()
         try:
@@ -60,6 +63,26 @@ class OneLineGroup(click.Group):
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+class ClosedOutput(io.TextIOBase):
+    """Stands in for a stdout the process was started without (`>&-`): writing to it is an
+    OSError, reported as any output that cannot be written, rather than lost in silence."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "standard output is closed")
+
+
+def closed_streams() -> None:
+    """A stdout or stderr closed at start (Python then has None there): stdout writes fail
+    with a one-line error (ClosedOutput), stderr writes go to the null device."""
+    if sys.stdout is None:
+        sys.stdout = ClosedOutput()
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
 
 
 def tolerant_output() -> None:
@@ -242,7 +265,8 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     from .checkpoint import load_init
     from .config import build_config
     from .progress import Reporter
-    from .runfiles import RunFiles, check_out_dir, check_same_run, fixed_keys, lock_run
+    from .runfiles import (RunFiles, check_out_dir, check_same_run, fixed_keys, lock_run,
+                           remove_if_empty)
     from .train import Interrupted, StoppedBeforeStart, train as run_training
 
     given = (config_path, init_path, seed)
@@ -266,16 +290,28 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     else:
         out_dir = Path(out) if out else default_out(config_path)
         created = not out or not os.path.exists(out_dir)  # os.path: no error for a name too long
-        existing = check_out_dir(out_dir, overwrite)
-        hold(lock_run(out_dir, "--out"))
-        # An empty folder gets config.yaml (and init.npz) first, so that a run killed at once
-        # can be resumed; an old run being overwritten stays intact until the new one has its
-        # data and state.
-        early = not existing
-        if early:
-            RunFiles(out_dir).start(config, init)
-    reporter, stop = Reporter(quiet), StopFlag()
+        locked = False  # until then another train may own what is in the folder
+        try:
+            existing = check_out_dir(out_dir, overwrite)
+            hold(lock_run(out_dir, "--out"))
+            locked = True
+            # An empty folder gets config.yaml (and init.npz) first, so that a run killed at
+            # once can be resumed; an old run being overwritten stays intact until the new one
+            # has its data and state.
+            early = not existing
+            if early:
+                RunFiles(out_dir).start(config, init)
+        except BaseException:  # Ctrl-C or SIGTERM before config.yaml is whole: no empty folder
+            if created and out_dir.is_dir():
+                with StopFlag.ignored():
+                    if locked:
+                        RunFiles(out_dir).discard_unstarted(remove_folder=True)
+                    else:
+                        remove_if_empty(out_dir)
+            raise
+    reporter, stop = None, StopFlag()
     try:
+        reporter = Reporter(quiet)
         mnist = load_mnist_for(data_dir, quiet)  # Ctrl-C here stops at once (a download)
         previous = stop.install()   # from here, Ctrl-C or SIGTERM saves a checkpoint first
         try:
@@ -297,7 +333,8 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
             raise SystemExit(stop.exit_code()) from None
         raise
     finally:
-        reporter.close()
+        if reporter is not None:
+            reporter.close()
     s = result.summary
     click.echo(f"test_accuracy {s['test_accuracy']:.4f}  test_loss {s['test_loss']:.4f}  "
                f"epochs {s['epochs']}  {s['seconds']:.1f}s on {s['device']}  -> {out_dir}")

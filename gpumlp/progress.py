@@ -28,6 +28,13 @@ class Reporter:
         self.use_bar = not quiet and self.stream.isatty()
 
     def __call__(self, kind: str, info: dict) -> None:
+        try:
+            self.report(kind, info)
+        except OSError:  # stderr is gone (`2>&1 | head -1` stopped reading): train on, unshown
+            self.bar = None
+            self.quiet, self.use_bar = True, False
+
+    def report(self, kind: str, info: dict) -> None:
         # said even when quiet, and only when there is something left to train
         if kind == "start" and info.get("unchecked") and info["epoch"] < info["epochs"]:
             click.echo("Warning: the checkpoint comes from a gpumlp that did not record the "
@@ -65,5 +72,8 @@ class Reporter:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+            bar, self.bar = self.bar, None
+            try:
+                bar.close()
+            except OSError:
+                pass

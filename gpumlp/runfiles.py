@@ -87,6 +87,14 @@ def check_out_dir(path: Path, overwrite: bool) -> list[str]:
     return existing
 
 
+def remove_if_empty(folder: Path) -> None:
+    """Remove `folder` if it is empty; leave it (and anything in it) otherwise."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
 def lock_run(folder: Path, option: str) -> int | None:
     """Hold an exclusive lock on the run folder `folder` until the process ends, so that two
     `gpumlp train` never write one run at once; a GpumlpError when another holds it. The lock
@@ -227,10 +235,7 @@ class RunFiles:
         for name in ("config.yaml", "metrics.jsonl", "init.npz"):
             self.path(name).unlink(missing_ok=True)
         if remove_folder:
-            try:
-                self.folder.rmdir()  # only if now empty
-            except OSError:
-                pass
+            remove_if_empty(self.folder)
 
     def stale_outputs(self) -> str | None:
         """What a resume that trains leaves out of date (a report, an export: DERIVED_FILES in

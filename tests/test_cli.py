@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -655,3 +657,51 @@ def test_a_line_break_in_a_file_name_keeps_the_error_on_one_line(tmp_path):
     folder = tmp_path / "new\nline"
     result = cli("train", "--resume", folder)
     assert_one_error_line(result, 1, f"--resume {tmp_path}/new\\nline: no such folder")
+
+
+# --- standard streams closed at start or while running ---------------------------------------
+
+def test_a_stdout_closed_at_start_is_one_error_line_not_silence(monkeypatch, capsys):
+    """`gpumlp info >&-`: Python starts with sys.stdout None, where click.echo writes nothing
+    and the command would end 0 with its output lost."""
+    monkeypatch.setattr(sys, "stdout", None)
+    with pytest.raises(SystemExit) as ended:
+        main.main(["info"], prog_name="gpumlp")
+    assert ended.value.code == 1
+    assert capsys.readouterr().err == ("Error: cannot write the output (standard output is "
+                                       "closed); check where it goes\n")
+
+
+def test_a_stderr_closed_at_start_still_trains(tiny_data_dir, tmp_path, monkeypatch):
+    """`gpumlp train ... 2>&-`: the progress has nowhere to go, the run is made all the same
+    (it ended in an AttributeError, leaving a half-made run folder)."""
+    monkeypatch.setattr(sys, "stderr", None)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as ended:
+        main.main(["train", "--config", SMOKE, *TINY, "--set", "train.epochs=1", "--device",
+                   "cpu", "--out", str(out), "--data-dir", str(tiny_data_dir)], prog_name="gpumlp")
+    sys.stderr.close()                                   # the null device it was given
+    assert ended.value.code == 0
+    assert (out / "model.npz").is_file()
+
+
+def test_progress_that_cannot_be_written_does_not_stop_training(monkeypatch):
+    """`gpumlp train ... 2>&1 | head -1`: once the reader is gone, the progress lines fail with
+    BrokenPipeError; the reporter stops showing them and training goes on."""
+    from gpumlp.progress import Reporter
+
+    class GonePipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stderr", GonePipe())
+    reporter = Reporter()
+    info = {"device": "cpu (NumPy)", "n_train": 300, "batches": 3, "epoch": 0, "epochs": 2,
+            "stale": "the report is old"}
+    reporter("start", info)                              # no exception: it goes quiet
+    assert reporter.quiet
+    reporter("step", {"epoch": 1, "batch": 1, "batches": 3})
+    reporter("epoch", {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8, "test_loss": 0.3,
+                       "test_accuracy": 0.9, "lr": 0.1, "seconds": 1.5,
+                       "samples_per_second": 1000.0})
+    reporter.close()

@@ -563,6 +563,38 @@ def test_a_stop_while_training_is_set_up_leaves_the_run_being_overwritten_intact
     assert digests(finished) == before
 
 
+@pytest.mark.parametrize("where", ["lock", "start"])
+@pytest.mark.parametrize("out_given", [True, False])
+def test_a_stop_while_a_new_run_folder_is_made_leaves_no_folder(tiny_data_dir, tmp_path,
+                                                                 monkeypatch, where, out_given):
+    """Ctrl-C between making the folder and a whole config.yaml in it (locking it, writing
+    config.yaml): 130 and no folder, not an empty one that --resume cannot take."""
+    import gpumlp.runfiles as runfiles_module
+
+    lock_run_, start = runfiles_module.lock_run, RunFiles.start
+
+    def stopped_lock(folder, option):
+        lock_run_(folder, option)
+        raise KeyboardInterrupt
+
+    def stopped_start(self, config, init):
+        start(self, config, init)            # config.yaml written, then the signal
+        raise KeyboardInterrupt
+
+    if where == "lock":
+        monkeypatch.setattr(runfiles_module, "lock_run", stopped_lock)
+    else:
+        monkeypatch.setattr(RunFiles, "start", stopped_start)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "new" / "run"
+    args = train_args(out, tiny_data_dir) if out_given else \
+        [a for a in train_args(out, tiny_data_dir) if str(a) not in ("--out", str(out))]
+    result = cli(*args)
+    assert result.exit_code == 130 and result.stderr.strip() == "interrupted"
+    assert not out.exists()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_train_from_a_thread_other_than_the_main_one_runs(tiny_data_dir, tmp_path):
     """Python sets signal handlers only in the main thread; elsewhere the CLI leaves them be
     (Ctrl-C then reaches the main thread) instead of failing on them."""
