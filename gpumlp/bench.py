@@ -123,11 +123,14 @@ def blas_threads(n: int | None = None) -> list[str]:
         lib = ctypes.CDLL(path)
         setter, getter = _blas_symbol(lib, SET_NAMES), _blas_symbol(lib, GET_NAMES)
         core = _blas_symbol(lib, CORE_NAMES)
+        name = os.path.basename(path).split("-")[0]              # e.g. libscipy_openblas64_
         if n is not None and setter is not None:
             setter(ctypes.c_int(n))
+            if getter is not None and int(getter()) != n:        # capped at its build's maximum
+                raise BenchError(f"--threads {n}: {name} runs at most {int(getter())} threads; "
+                                 f"give --threads {int(getter())} or fewer")
         if getter is not None and core is not None:
             core.restype = ctypes.c_char_p
-            name = os.path.basename(path).split("-")[0]          # e.g. libscipy_openblas64_
             described.append(f"{name} {int(getter())} ({core().decode().strip()})")
     return described
 

@@ -302,7 +302,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
             if early:
                 RunFiles(out_dir).start(config, init)
         except BaseException:  # Ctrl-C or SIGTERM before config.yaml is whole: no empty folder
-            if created and out_dir.is_dir():
+            if created and os.path.isdir(out_dir):  # os.path: no error for a name too long
                 with StopFlag.ignored():
                     if locked:
                         RunFiles(out_dir).discard_unstarted(remove_folder=True)
@@ -424,7 +424,8 @@ def gradcheck(config_path, overrides, samples, batch, tolerance):
     """
     from .activations import ACTIVATIONS
     from .config import build_config
-    from .gradcheck import EPS, SMALLER_STEPS, gradcheck_config, passes, worst_error
+    from .gradcheck import (EPS, SMALLER_STEPS, all_zero, gradcheck_config, passes,
+                            worst_error)
 
     config = build_config(config_path, overrides)
     widths = config.model.layer_widths
@@ -452,13 +453,20 @@ def gradcheck(config_path, overrides, samples, batch, tolerance):
         click.echo(f"note: no entry of {', '.join(unchecked)} could be compared (each straddles "
                    f"{activation}'s kink at every step), so the check fails: draw others with "
                    "more --samples, another --batch or --set train.seed=N", err=True)
-    if any(r.checked and r.nonzero == 0 for r in results):
+    zero = [r.name for r in results if all_zero(r)]
+    if zero:
+        click.echo(f"note: every entry of {', '.join(zero)} has a zero gradient on this batch "
+                   "(dead units or zero inputs), so the check says nothing about them and "
+                   "fails: try another --batch or --set train.seed=N", err=True)
+    if any(r.checked and r.nonzero == 0 and not all_zero(r) for r in results):
         click.echo("note: every checked entry of a parameter had a zero gradient (dead units or "
                    "zero inputs in this batch); check more entries with --samples", err=True)
     worst, passed = worst_error(results), passes(results, tolerance)   # a NaN error fails
+    said = f"; only zero gradients in {len(zero)} parameter{'s' if len(zero) > 1 else ''}" \
+        if zero else ""
     click.echo(f"{'PASS' if passed else 'FAIL'}: largest relative error {worst:.3e} (tolerance "
                f"{tolerance:g}), activation {activation}, float64, "
-               "central differences")
+               f"central differences{said}")
     if not passed:
         raise SystemExit(1)
 

@@ -16,6 +16,7 @@ from .cli_common import data_dir_option, device_option, domain_errors, load_mnis
 from .config import MAX_WIDTH
 
 MAX_SYNTHETIC = 10_000_000   # --samples: 7.8 GB of synthetic uint8 images
+MAX_THREADS = 4096           # --threads: past any BLAS build's maximum (and C int's range)
 CPU_BATCHES = (64, 128, 256, 1024)
 GPU_BATCHES = (128, 1024)
 
@@ -115,7 +116,7 @@ def table_lines(result: dict) -> list[str]:
                    "or N synthetic ones (at most 10^7).")
 @click.option("--torch/--no-torch", "with_torch", default=True, show_default=True,
               help="Also time PyTorch eager on the same net when it is installed.")
-@click.option("--threads", type=click.IntRange(min=1),
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS),
               help="BLAS and PyTorch threads (default: leave them as they are).")
 @domain_errors
 def bench(device, hidden, batch, epochs, repeats, data, data_dir, samples, with_torch, threads):

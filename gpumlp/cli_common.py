@@ -173,7 +173,7 @@ def data_dir_option_for(help_text: str, path_type: type | None = None):
         return path_type(value) if path_type else value
 
     return click.option(
-        "--data-dir", type=click.Path(), envvar=DATA_DIR_ENV, callback=checked,
+        "--data-dir", type=click.Path(readable=False), envvar=DATA_DIR_ENV, callback=checked,
         help=help_text.format(env=DATA_DIR_ENV))
 
 

@@ -116,6 +116,17 @@ def onnx_model(params: Params, config: Config):
     return model
 
 
+def float32_params(params: Params, source: str) -> Params:
+    """The weights as float32, the type the graph stores them in; a CheckpointError naming
+    the first array with a value past float32's range (a float64 model's), which the cast
+    would make infinite and the graph's outputs NaN."""
+    from .checkpoint import finite
+    fix = "; the ONNX graph stores float32 weights, so this model cannot be exported"
+    W = tuple(finite(w, f"W{k}", "float32", source, fix) for k, w in enumerate(params.W, 1))
+    b = tuple(finite(v, f"b{k}", "float32", source, fix) for k, v in enumerate(params.b, 1))
+    return Params(W, b)
+
+
 def model_bytes(params: Params, config: Config) -> bytes:
     """The serialised ONNX model, ready to write to a .onnx file."""
     return onnx_model(params, config).SerializeToString()

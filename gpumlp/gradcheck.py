@@ -153,10 +153,18 @@ def worst_error(results: list[ParamCheck]) -> float:
     return max(e if r.checked else math.inf for e, r in zip(errors, results))
 
 
+def all_zero(r: ParamCheck) -> bool:
+    """Every entry of the parameter was drawn and each compared one has a zero gradient on
+    this batch (dead units, zero inputs): a wrong backward that keeps zeros zero (a factor
+    1/m) passes there, so the check says nothing about it, and more samples cannot help."""
+    return r.checked > 0 and r.nonzero == 0 and r.checked + r.straddling == math.prod(r.shape)
+
+
 def passes(results: list[ParamCheck], tolerance: float) -> bool:
-    """Every relative error at most `tolerance` and every parameter with an entry compared
-    (False for NaN)."""
-    return worst_error(results) <= tolerance and all(r.checked for r in results)
+    """Every relative error at most `tolerance`, every parameter with an entry compared and
+    none all zero (`all_zero`); False for NaN."""
+    return (worst_error(results) <= tolerance and all(r.checked for r in results)
+            and not any(all_zero(r) for r in results))
 
 
 def gradcheck_config(widths: tuple[int, ...], act: Activation, init: str, seed: int = 0,

@@ -17,7 +17,7 @@ from .activations import ACTIVATIONS
 from .backend import Backend, to_host
 from .config import Config
 from .data import batch_slices, to_inputs
-from .errors import CheckpointError
+from .errors import CheckpointError, one_line_message
 from .model import Params, forward, softmax
 from .preprocess import ImageError, load_digit
 
@@ -64,7 +64,7 @@ def predict_files(params: Params, config: Config, paths: Sequence[str | os.PathL
         try:
             digits[i] = load_digit(path).reshape(-1)                   # (784,)
         except ImageError as e:
-            errors[i] = str(e)
+            errors[i] = one_line_message(e)                           # a line break as \n
     pixels = np.stack(list(digits.values())) if digits else np.zeros((0, 784), np.float32)
     Z2 = dict(zip(digits, probabilities(params, config, pixels, backend, source)))
     return [FileResult(str(path), Z2.get(i), errors.get(i)) for i, path in enumerate(paths)]

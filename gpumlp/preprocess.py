@@ -157,25 +157,36 @@ def float_levels(gray: np.ndarray, source: str, what: str) -> np.ndarray:
 
 def gray_from_image(data: bytes, source: str) -> np.ndarray:
     """Luma of a picture Pillow can read (its first frame, turned upright as its EXIF
-    orientation says, as phone cameras write it); transparency over white."""
+    orientation says, as phone cameras write it); transparency over white. Anything Pillow
+    cannot decode or convert is an ImageError naming the file, never another exception."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     too_big = f"more than {MAX_PIXELS:,} pixels ({MAX_SIDE}x{MAX_SIDE}); scale it down"
     try:
-        with warnings.catch_warnings():  # the size is checked below, in one line
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # the size is checked below, in one line; a corrupt
+            warnings.simplefilter("ignore")  # EXIF block is Pillow's warning, not the user's
             image = Image.open(io.BytesIO(data))     # reads the header only
-        if image.width * image.height > MAX_PIXELS:
-            raise ImageError(f"{source}: picture of {image.width}x{image.height} pixels, "
-                             f"{too_big}")
-        image.load()
-        image = ImageOps.exif_transpose(image)
+            if image.width * image.height > MAX_PIXELS:
+                raise ImageError(f"{source}: picture of {image.width}x{image.height} pixels, "
+                                 f"{too_big}")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return luma(image, source)
+    except ImageError:
+        raise
     except UnidentifiedImageError:
         raise ImageError(f"{source}: not an image; {IMAGE_HINT}") from None
     except Image.DecompressionBombError:
         raise ImageError(f"{source}: picture of {too_big}") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"{source}: damaged or unsupported image ({e})") from None
+    except Exception as e:  # Pillow's decoders raise OSError, ValueError, NotImplementedError..
+        raise ImageError(f"{source}: damaged or unsupported image ({e or type(e).__name__})") \
+            from None
+
+
+def luma(image, source: str) -> np.ndarray:
+    """The grey levels (float64, 0..255) of a loaded Pillow image, by its mode."""
+    from PIL import Image
+
     if image.mode == "F":  # 32-bit float grey (TIFF): fractions or levels, as in a .npy
         return float_levels(np.asarray(image, dtype=np.float64), source, "picture")
     if image.mode in ("I;16", "I;16B", "I;16L"):  # 16-bit grey

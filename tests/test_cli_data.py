@@ -164,6 +164,18 @@ def test_verify_checks_a_named_data_dir(tmp_path, fake):
     assert "BAD  t10k-labels-idx1-ubyte: broken gzip data" in result.stdout
 
 
+def test_a_data_dir_is_not_refused_by_clicks_own_readability_check(tmp_path, fake,
+                                                                    monkeypatch):
+    """click.Path would refuse a folder os.access calls unreadable with its generic "Path ...
+    is not readable" (exit 2, naming --data-dir even for GPUMLP_DATA_DIR): gpumlp's reading
+    says what is wrong with which file, and `data path` needs no reading at all."""
+    folder = fake.write(tmp_path / "mine")
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
+    result = invoke("path", "--data-dir", str(folder))
+    assert result.exit_code == 0 and result.stdout == f"{folder}\n"
+    assert invoke("verify", "--data-dir", str(folder)).exit_code == 0
+
+
 def test_verify_of_an_empty_data_dir_is_one_line(tmp_path, fake):
     folder = tmp_path / "mine"
     folder.mkdir()

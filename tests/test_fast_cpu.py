@@ -669,6 +669,25 @@ def test_bench_refuses_more_rows_per_batch_than_samples():
     assert "--samples 64" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("threads, said", [
+    ("4000", "--threads 4000: libscipy_openblas"),                 # past OpenBLAS's maximum
+    ("4294967297", "'--threads': 4294967297 is not in the range")])  # would wrap to 1 in a C int
+def test_bench_refuses_more_threads_than_the_blas_runs_rather_than_time_another_count(
+        threads, said):
+    """In a child process: OpenBLAS keeps the count it was set to, which would slow the tests
+    after this one."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "gpumlp", "bench", "--device", "cpu",
+                             "--data", "synthetic", "--hidden", "8", "--batch", "64", "--samples",
+                             "128", "--repeats", "1", "--no-torch", "--threads", threads],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert len(result.stderr.splitlines()) == 1 and said in result.stderr
+    if threads == "4000":
+        assert result.stderr.rstrip().endswith("or fewer")
+
+
 def test_bench_ratio_is_the_median_of_each_round_s_ratio_not_the_ratio_of_medians():
     """A round's two epochs run back to back: their ratio sees one state of the machine."""
     from gpumlp.bench import Row, paired_ratio

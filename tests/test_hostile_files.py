@@ -249,6 +249,19 @@ def test_float64_weights_beyond_float32_are_refused_not_turned_infinite(model_ar
     assert not (tmp_path / "model.onnx").exists()
 
 
+def test_a_float64_model_beyond_float32_is_not_exported_as_infinite_weights(tmp_path):
+    """A float64 run's model loads as float64 (evaluate and predict use it so); the ONNX graph
+    holds float32, where 1e100 is infinite and every output NaN: refused, nothing written."""
+    pytest.importorskip("onnx")
+    path = tmp_path / "model.npz"
+    config = build_config(None, ["model.hidden=16", "train.dtype=float64"])
+    params = init_params((784, 16, 10), "he", np.random.default_rng(0), "float64")
+    save_model(path, params._replace(W=(params.W[0] * 1e100, params.W[1])), config)
+    assert_one_error(invoke(export, path), f"{path}: W1 holds values up to ",
+                     "do not fit float32; the ONNX graph stores float32 weights")
+    assert not (tmp_path / "model.onnx").exists()
+
+
 def test_init_weights_beyond_float32_are_refused(model_arrays, tmp_path, tiny_data_dir):
     init = tmp_path / "init.npz"
     weights = {k: v for k, v in model_arrays.items() if k != "config"}
@@ -457,6 +470,52 @@ def test_a_lying_npy_among_good_ones_does_not_stop_the_batch(model_arrays, tmp_p
     refused = (f"Error: {liar}: .npy array of 100000x100000 pixels, more than 16,777,216 pixels "
                "(4096x4096); scale it down")
     assert result.stderr.splitlines() == [refused, "Error: 1 of 3 files could not be predicted"]
+
+
+def lab_tiff(path: Path) -> None:
+    """A TIFF in the LAB colour space, which Pillow opens and loads but cannot convert."""
+    from PIL import Image
+    Image.new("RGB", (28, 28)).convert("LAB").save(path)
+
+
+def broken_blp(path: Path) -> None:
+    """A BLP whose encoding byte is wrong: Pillow's BLP decoder raises its own error class
+    (a NotImplementedError), neither OSError nor ValueError."""
+    from PIL import Image
+    Image.new("P", (28, 28)).save(path)
+    data = bytearray(path.read_bytes())
+    data[8] = 9
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, make", [("lab.tiff", lab_tiff), ("broken.blp", broken_blp)])
+def test_a_picture_pillow_cannot_decode_or_convert_is_one_line_and_the_rest_go_on(
+        model_arrays, tmp_path, name, make):
+    pytest.importorskip("PIL")
+    model = tmp_path / "model.npz"
+    np.savez(model, **model_arrays)
+    good = tmp_path / "good.npy"
+    np.save(good, np.eye(28, dtype=np.uint8) * 255)
+    bad = tmp_path / name
+    make(bad)
+    result = invoke(predict, model, bad, good, "--device", "cpu")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert [line.split(": ")[0] for line in result.stdout.splitlines()] == [str(good)]
+    said = result.stderr.splitlines()
+    assert len(said) == 2 and said[1] == "Error: 1 of 2 files could not be predicted"
+    assert said[0].startswith(f"Error: {bad}: damaged or unsupported image (")
+
+
+def test_a_missing_picture_named_with_a_line_break_keeps_its_error_on_one_line(model_arrays,
+                                                                              tmp_path):
+    model = tmp_path / "model.npz"
+    np.savez(model, **model_arrays)
+    good = tmp_path / "good.npy"
+    np.save(good, np.eye(28, dtype=np.uint8) * 255)
+    result = invoke(predict, model, tmp_path / "a\nb.png", good, "--device", "cpu")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [f"Error: {tmp_path}/a\\nb.png: no such file",
+                                          "Error: 1 of 2 files could not be predicted"]
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
