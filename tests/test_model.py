@@ -541,6 +541,8 @@ def test_init_is_seeded_he_and_xavier_scaled():
     x = init_params((784, 300, 10), "xavier", np.random.default_rng(0))
     r = math.sqrt(6 / (784 + 300))
     assert np.abs(x.W[0]).max() <= r and x.W[0].std() == pytest.approx(r / math.sqrt(3), rel=0.02)
+    with pytest.raises(ValueError, match="'he' or 'xavier', not 'glorot'"):
+        init_params((784, 300, 10), "glorot", np.random.default_rng(0))  # not Xavier silently
 
 
 @pytest.mark.parametrize("optim", ["sgd", "sgd-nesterov", "adam", "adamw"])
@@ -588,6 +590,19 @@ def test_check_gradients_refuses_a_net_that_is_not_float64():
     with pytest.raises(ValueError, match="not float64: W2$"):
         check_gradients(mixed, X64, y, ACTIVATIONS["tanh"])
     assert worst_error(check_gradients(params64, X64, y, ACTIVATIONS["tanh"])) < TOL
+
+
+def test_check_gradients_refuses_strided_parameters_and_draws_the_same_entries_each_call():
+    """A strided parameter's reshape(-1) is a copy: moving its entries would move nothing and
+    every numeric gradient would be 0. Without a generator, the sample is seeded: the same call
+    checks the same entries."""
+    params, X, y = small_net((30, 20, 4), seed=13)
+    strided = Params((np.asfortranarray(params.W[0]), params.W[1]), params.b)
+    with pytest.raises(ValueError, match="not C-contiguous: W1$"):
+        check_gradients(strided, X, y, ACTIVATIONS["tanh"])
+    first = check_gradients(params, X, y, ACTIVATIONS["tanh"], samples=5)
+    assert check_gradients(params, X, y, ACTIVATIONS["tanh"], samples=5) == first
+    assert first[0].checked == 5 and first[0].max_abs_error > 0
 
 
 def test_gradient_check_counts_the_entries_whose_numeric_gradient_is_not_zero():
