@@ -92,12 +92,14 @@ def paired_ratio(a: Row, b: Row) -> float:
 
 # ---- BLAS threads and the sgemm reference ----------------------------------------------------
 
-SET_NAMES = ("openblas_set_num_threads", "scipy_openblas_set_num_threads64_",
-             "scipy_openblas_set_num_threads")
-GET_NAMES = ("openblas_get_num_threads", "scipy_openblas_get_num_threads64_",
-             "scipy_openblas_get_num_threads")
-CORE_NAMES = ("openblas_get_corename", "scipy_openblas_get_corename64_",
-              "scipy_openblas_get_corename")
+# The symbols of the OpenBLAS builds NumPy and SciPy bundle: plain, 64-bit-integer ("64_", as
+# NumPy 1.22 to 1.26 ship it) and NumPy 2's scipy_openblas, in both widths.
+SET_NAMES = ("openblas_set_num_threads", "openblas_set_num_threads64_",
+             "scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads")
+GET_NAMES = ("openblas_get_num_threads", "openblas_get_num_threads64_",
+             "scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads")
+CORE_NAMES = ("openblas_get_corename", "openblas_get_corename64_",
+              "scipy_openblas_get_corename64_", "scipy_openblas_get_corename")
 
 
 def loaded_openblas() -> list[str]:

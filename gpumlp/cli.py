@@ -265,8 +265,8 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     from .checkpoint import load_init
     from .config import build_config
     from .progress import Reporter
-    from .runfiles import (RunFiles, check_out_dir, check_same_run, fixed_keys, lock_run,
-                           remove_if_empty)
+    from .runfiles import (RunFiles, RunLocked, check_out_dir, check_same_run, fixed_keys,
+                           lock_run, remove_if_empty)
     from .train import Interrupted, StoppedBeforeStart, train as run_training
 
     given = (config_path, init_path, seed)
@@ -289,10 +289,11 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         out_dir = Path(resume_dir)
     else:
         out_dir = Path(out) if out else default_out(config_path)
-        created = not out or not os.path.exists(out_dir)  # os.path: no error for a name too long
+        created = not out  # default_out made it; else check_out_dir says whether it did
         locked = False  # until then another train may own what is in the folder
         try:
-            existing = check_out_dir(out_dir, overwrite)
+            existing, made = check_out_dir(out_dir, overwrite)
+            created = created or made
             hold(lock_run(out_dir, "--out"))
             locked = True
             # An empty folder gets config.yaml (and init.npz) first, so that a run killed at
@@ -301,6 +302,8 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
             early = not existing
             if early:
                 RunFiles(out_dir).start(config, init)
+        except RunLocked:  # another train made it its run first: all in it is that run's
+            raise
         except BaseException:  # Ctrl-C or SIGTERM before config.yaml is whole: no empty folder
             if created and os.path.isdir(out_dir):  # os.path: no error for a name too long
                 with StopFlag.ignored():

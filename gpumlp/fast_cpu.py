@@ -291,17 +291,18 @@ def softmax_ce_into(buf: Buffers, y: np.ndarray, smoothing: float) -> tuple[Any,
     np.multiply(y, m, out=buf.label_pos, dtype=np.intp)
     np.add(buf.label_pos, buf.col, out=buf.label_pos)                  # (m,) y_i m + i
     S_flat.take(buf.label_pos, out=buf.at_label)                       # (m,) S[y_i, i]
-    S_sum = np.add.reduce(S_flat) if smoothing else 0.0                # () for the e / c term
+    t = S.dtype.type  # scalars in S's dtype: NumPy 1 would widen float32 ones to float64
+    S_sum = np.add.reduce(S_flat) if smoothing else t(0)               # () for the e / c term
     np.exp(S, out=S)                                                   # (c, m)
     np.add.reduce(S, axis=0, out=buf.colsum)                           # (m,)
     np.log(buf.colsum, out=lse)                                        # (m,) log-sum-exp
-    L = (np.add.reduce(lse) - (1 - smoothing) * np.add.reduce(buf.at_label)
-         - smoothing / c * S_sum) / m                                  # ()
+    L = (np.add.reduce(lse) - t(1 - smoothing) * np.add.reduce(buf.at_label)
+         - t(smoothing / c) * S_sum) / t(m)                            # ()
     np.divide(S, buf.colsum, out=S)                                    # (c, m) Z_K.T
     if smoothing:
         np.subtract(S, smoothing / c, out=S)
     S_flat[buf.label_pos] -= 1 - smoothing                             # (c, m) (Z_K - Y).T
-    return S.dtype.type(L), np.int64(correct)
+    return t(L), np.int64(correct)
 
 
 # ---- backward with the update folded in ----------------------------------------------------------

@@ -179,8 +179,8 @@ def gray_from_image(data: bytes, source: str) -> np.ndarray:
     except Image.DecompressionBombError:
         raise ImageError(f"{source}: picture of {too_big}") from None
     except Exception as e:  # Pillow's decoders raise OSError, ValueError, NotImplementedError..
-        raise ImageError(f"{source}: damaged or unsupported image ({e or type(e).__name__})") \
-            from None
+        raise ImageError(f"{source}: damaged or unsupported image "
+                         f"({str(e) or type(e).__name__})") from None
 
 
 def luma(image, source: str) -> np.ndarray:

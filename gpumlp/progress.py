@@ -31,7 +31,7 @@ class Reporter:
         try:
             self.report(kind, info)
         except OSError:  # stderr is gone (`2>&1 | head -1` stopped reading): train on, unshown
-            self.bar = None
+            self.close()
             self.quiet, self.use_bar = True, False
 
     def report(self, kind: str, info: dict) -> None:

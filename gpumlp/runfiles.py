@@ -52,10 +52,14 @@ def had_outputs(path: Path) -> bool:
     return any((path / name).exists() for name in RUN_OUTPUTS)
 
 
-def check_out_dir(path: Path, overwrite: bool) -> list[str]:
+class RunLocked(GpumlpError):
+    """Another `gpumlp train` holds the run folder's lock: what is in it is that run's."""
+
+
+def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
     """Refuse a folder holding another run unless `overwrite`; check it can be written.
 
-    Returns the RUN_FILES it already holds."""
+    Returns the RUN_FILES it already holds, and whether this call made the folder."""
     try:
         if path.is_symlink() and not path.exists():
             raise GpumlpError(f"--out {path}: a link to {shown(os.readlink(path), 200)}, which "
@@ -77,14 +81,19 @@ def check_out_dir(path: Path, overwrite: bool) -> list[str]:
         resume = "" if "summary.json" in existing else ", resume it with --resume"  # finished?
         raise GpumlpError(f"--out {path}: already holds a run ({', '.join(existing)}); "
                           f"pick another folder{resume}, or pass --overwrite to replace it")
+    made = False
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True)
+            made = True
+        except FileExistsError:  # there before, or made by another train just now
+            pass
         why = write_problem(path)
     except OSError as e:
         why = e.strerror or str(e)
     if why is not None:
         raise GpumlpError(f"--out {path}: cannot write there ({why}); pick a writable folder")
-    return existing
+    return existing, made
 
 
 def remove_if_empty(folder: Path) -> None:
@@ -109,7 +118,7 @@ def lock_run(folder: Path, option: str) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise GpumlpError(f"{option} {folder}: another gpumlp train is writing this run now; "
+        raise RunLocked(f"{option} {folder}: another gpumlp train is writing this run now; "
                           "wait for it to end (or stop it: it saves a checkpoint first)") from None
     except OSError:   # a file system without locks: go on unlocked, as before
         os.close(fd)

@@ -108,6 +108,19 @@ def test_a_32_bit_integer_picture_is_read_in_the_levels_its_values_use(tmp_path,
                                atol=1e-3)
 
 
+def test_a_picture_with_a_corrupt_exif_block_is_read_without_pillows_warning(tmp_path):
+    """Pillow warns "Corrupt EXIF data" (a UserWarning with its file's path) where the EXIF
+    block is cut short; the picture itself is fine, and the user is told nothing they can act
+    on: read as if it had no EXIF, silently."""
+    path = tmp_path / "cut-exif.jpg"
+    cut = b"Exif\x00\x00" + b"MM\x00\x2a\x00\x00\x00\x08" + b"\x00\x05" + b"\xff" * 20
+    Image.new("L", (28, 28), 255).save(path, "JPEG", exif=cut)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # any warning fails the test
+        gray = read_gray(path)
+    assert gray.shape == (28, 28) and gray.min() > 250
+
+
 def test_a_picture_is_turned_upright_as_its_exif_orientation_says(tmp_path):
     seven = np.full((90, 60), 255, dtype=np.uint8)
     seven[10:22, 5:55], seven[22:85, 40:52] = 0, 0          # a bar and a stem: not symmetric

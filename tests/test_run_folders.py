@@ -595,6 +595,45 @@ def test_a_stop_while_a_new_run_folder_is_made_leaves_no_folder(tiny_data_dir, t
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_a_stop_while_config_yaml_is_written_into_a_folder_that_was_there_keeps_the_folder(
+        tiny_data_dir, tmp_path, monkeypatch):
+    """An empty --out made beforehand (by the user, a script): it was not the run's to remove;
+    its config.yaml, written whole, lets --resume start the run."""
+    start = RunFiles.start
+
+    def stopped_start(self, config, init):
+        start(self, config, init)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunFiles, "start", stopped_start)
+    out = tmp_path / "mine"
+    out.mkdir()
+    result = cli(*train_args(out, tiny_data_dir))
+    assert result.exit_code == 130
+    assert out.is_dir() and (out / "config.yaml").is_file()
+    monkeypatch.setattr(RunFiles, "start", start)
+    assert cli("train", "--resume", out, "--data-dir", tiny_data_dir, "-q").exit_code == 0
+    assert (out / "model.npz").is_file()
+
+
+def test_a_new_folder_another_train_locked_first_is_left_to_it(tiny_data_dir, tmp_path,
+                                                               monkeypatch):
+    """Two `train --out X` started together: both may see X missing; the one that loses the
+    lock must not remove X, even empty, as the other is about to write its run there."""
+    import gpumlp.runfiles as runfiles_module
+
+    out = tmp_path / "shared-run"
+
+    def locked_by_another(folder, option):
+        raise runfiles_module.RunLocked(f"{option} {folder}: another gpumlp train is writing "
+                                        "this run now")
+
+    monkeypatch.setattr(runfiles_module, "lock_run", locked_by_another)
+    result = cli(*train_args(out, tiny_data_dir))
+    assert_one_error_line(result, 1, f"--out {out}: another gpumlp train is writing")
+    assert out.is_dir()
+
+
 def test_train_from_a_thread_other_than_the_main_one_runs(tiny_data_dir, tmp_path):
     """Python sets signal handlers only in the main thread; elsewhere the CLI leaves them be
     (Ctrl-C then reaches the main thread) instead of failing on them."""

@@ -296,3 +296,22 @@ def test_train_called_wrongly_from_python_says_what_to_pass(tiny_mnist, tmp_path
         train(config, CPU, tmp_path)
     with pytest.raises(TypeError, match=r"resume=True\) needs out_dir"):
         train(config, CPU, tiny_mnist.mnist, resume=True)
+
+
+def test_evaluate_adds_the_batch_losses_in_float64(tiny_mnist):
+    """Each batch's float32 L * m is added to a float64 sum, as the training loop adds its
+    steps' (a float32 sum of many batches drifts in its last digits)."""
+    from gpumlp.activations import ACTIVATIONS
+    from gpumlp.model import forward, loss_and_dA2
+    from gpumlp.train import evaluate
+
+    config = build_config(None, ["model.hidden=16", "train.eval_batch_size=3"])
+    data = prepare_data(tiny_mnist.mnist, config.data, CPU)
+    params = new_state(config, CPU).params
+    split, total = data.test, 0.0
+    for sl in batch_slices(len(split), 3):                        # 100 rows, 3 at a time
+        X = to_inputs(split.images[sl], "unit", "float32")
+        L, _ = loss_and_dA2(forward(params, X, ACTIVATIONS["relu"]).A[-1], split.labels[sl])
+        assert L.dtype == np.float32
+        total += float(L * np.float32(sl.stop - sl.start))        # float64 sum, in order
+    assert evaluate(params, split, config)[0] == total / len(split)
