@@ -44,14 +44,14 @@ class ModelConfig:
     max_norm: float | None = None        # cap on the L2 norm of each unit's incoming weights
 
     @property
-    def widths(self) -> tuple[int, ...]:
+    def hidden_widths(self) -> tuple[int, ...]:
         """The hidden widths as a tuple, whether `hidden` is an int or a list."""
         return (self.hidden,) if isinstance(self.hidden, int) else tuple(self.hidden)
 
     @property
     def layer_widths(self) -> tuple[int, ...]:
         """(d, h_1, ..., c): MNIST's 784 inputs, the hidden widths, its 10 classes."""
-        return (D, *self.widths, C)
+        return (D, *self.hidden_widths, C)
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ def onnx_model(params: Params, config: Config):
                               opset_imports=[helper.make_operatorsetid("", OPSET)],
                               doc_string=f"input '{INPUT}': pixel/255 in [0, 1], rows of 784")
     model.ir_version = IR_VERSION
-    helper.set_model_props(model, {"hidden": str(list(config.model.widths)),
+    helper.set_model_props(model, {"hidden": str(list(config.model.hidden_widths)),
                                    "activation": activation,
                                    "normalize": config.data.normalize,
                                    "input_scaling": "pixel / 255"})

@@ -218,8 +218,8 @@ def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Back
         X, y = batch_inputs(step_fn, data.train, perm[slices[b]], config, augment,
                             state.dev_rng)  # (m, d) inputs, (m,) labels
         m = X.shape[0]
-        masks = dropout_masks(state.dev_rng, m, config.model.widths, config.model.dropout,
-                              X.dtype)  # () without dropout
+        masks = dropout_masks(state.dev_rng, m, config.model.hidden_widths,
+                              config.model.dropout, X.dtype)  # () without dropout
         lr = learning_rate(config.optim, pos.step, batches, total_steps)
         L, ok = step_fn(state.params, state.opt, X, y, lr, pos.step + 1, masks)
         tally(loss_sum, correct, L, ok, m)

@@ -52,7 +52,7 @@ def test_shipped_configs_load_and_round_trip(name):
 
 def test_round_trip_through_yaml_text(tmp_path):
     c = build_config(overrides=["model.hidden=[32, 16]", "optim.name=adamw", "data.limit=100"])
-    assert c.model.hidden == (32, 16) and c.model.widths == (32, 16)
+    assert c.model.hidden == (32, 16) and c.model.hidden_widths == (32, 16)
     assert build_config(write(tmp_path, dump_config(c))) == c
 
 
@@ -283,7 +283,7 @@ def test_out_of_range_names_the_key(override, key):
 def test_the_largest_widths_and_elastic_settings_in_range_are_taken():
     c = build_config(None, ["model.hidden=[1099511627776, 1]", "data.augment.elastic_sigma=28",
                             "data.augment.elastic_alpha=1000"])
-    assert c.model.widths == (2 ** 40, 1)
+    assert c.model.hidden_widths == (2 ** 40, 1)
     assert (c.data.augment.elastic_sigma, c.data.augment.elastic_alpha) == (28.0, 1000.0)
 
 
@@ -372,7 +372,7 @@ def test_a_huge_value_is_shown_cut_short(tmp_path):
 def test_ints_are_accepted_for_floats_and_lists_for_hidden():
     c = build_config(None, ["optim.lr=1", "model.hidden=[64]"])
     assert c.optim.lr == 1.0 and isinstance(c.optim.lr, float)
-    assert c.model.hidden == 64 and c.model.widths == (64,)
+    assert c.model.hidden == 64 and c.model.hidden_widths == (64,)
 
 
 def test_missing_file(tmp_path):

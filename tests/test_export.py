@@ -41,7 +41,7 @@ def assert_same_predictions(model: bytes, params, config, pixels: np.ndarray) ->
 
 def random_model(hidden: str, **keys):
     config = config_with(model__hidden=hidden, **keys)
-    widths = (784, *config.model.widths, 10)
+    widths = (784, *config.model.hidden_widths, 10)
     return init_params(widths, "he", np.random.default_rng(1), config.train.dtype), config
 
 

@@ -189,7 +189,7 @@ NETS = {
 def run_both(config, steps, m_last=None, masks_p=0.0, dtype=np.float32):
     """Run the fast and the generic step side by side from the same start; yield after each."""
     rng = np.random.default_rng(3)
-    widths = (784, *config.model.widths, 10)
+    widths = (784, *config.model.hidden_widths, 10)
     gen_p = init_params(widths, "he", rng, np.dtype(dtype).name)
     gen_s = init_state(config.optim, gen_p)
     fast, fast_p, fast_s = packed(gen_p, config)         # copies, in the fast step's layout
@@ -199,7 +199,7 @@ def run_both(config, steps, m_last=None, masks_p=0.0, dtype=np.float32):
         m = m_last if (t == steps and m_last) else 40
         X, y = batch(rng, m, dtype)
         masks = tuple((rng.random((m, h)) >= masks_p).astype(dtype) / dtype(1 - masks_p)
-                      for h in config.model.widths) if masks_p else ()
+                      for h in config.model.hidden_widths) if masks_p else ()
         lr = 0.1 * (1 + 0.1 * t)                         # changes every step, as a schedule does
         out_fast = fast(fast_p, fast_s, X, y, lr, t, masks)
         out_gen = generic(gen_p, gen_s, X, y, lr, t, masks)

@@ -204,7 +204,7 @@ def test_fused_steps_match_the_generic_step_on_the_gpu_and_numpy(gpu, name):
     the GPU, generic on the CPU. After the first, also the fused step's forward buffers and
     gradients against the CPU's forward and backward."""
     config = build_config(None, CONFIGS[name])
-    widths = (784, *config.model.widths, 10)
+    widths = (784, *config.model.hidden_widths, 10)
     act = ACTIVATIONS[config.model.activation]
     params, _, _ = host_problem(widths, 1, seed=20)
     runs = {"fused": (to_device(gpu, params), gpu, FusedStep(config, gpu)),
@@ -213,7 +213,8 @@ def test_fused_steps_match_the_generic_step_on_the_gpu_and_numpy(gpu, name):
     states = {key: init_state(config.optim, run[0]) for key, run in runs.items()}
     for t, m in enumerate((128, 128, 37), start=1):
         _, X, y = host_problem(widths, m, seed=30 + t)
-        masks = tuple(host_mask(40 + t + k, (m, h)) for k, h in enumerate(config.model.widths)) \
+        masks = tuple(host_mask(40 + t + k, (m, h))
+                      for k, h in enumerate(config.model.hidden_widths)) \
             if config.model.dropout else ()
         before = to_device(CPU, runs["cpu"][0])
         out = {key: step(p, states[key], dev.asarray(X), dev.asarray(y), config.optim.lr / (2 * t), t,

@@ -77,7 +77,7 @@ def test_deeper_net_and_other_optimizers_train(tiny_mnist):
         config = build_config(SMOKE, [*TINY_SMOKE, "train.epochs=3", *overrides])
         result = train(config, CPU, tiny_mnist.mnist)
         assert result.history[-1]["test_accuracy"] > 0.8, overrides
-        assert len(result.params.W) == len(config.model.widths) + 1
+        assert len(result.params.W) == len(config.model.hidden_widths) + 1
 
 
 def test_numerical_blow_up_is_a_clear_error(tiny_mnist):
