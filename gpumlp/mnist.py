@@ -80,8 +80,13 @@ def read_checked(folder: Path, stem: str,
         raw = read_bytes(path)  # a file too large to be MNIST is not read
         problem = check(stem, raw)
     except DataError as e:
-        return path, None, str(e).removeprefix(f"{path}: ")
-    return (path, raw, None) if problem is None else (path, None, problem)
+        problem, raw = str(e).removeprefix(f"{path}: "), None
+    if problem is None:
+        return path, raw, None
+    gz = path.with_name(f"{path.name}.gz")
+    if path.suffix != ".gz" and gz.is_file():  # find_file takes the raw file first
+        problem += f" ({gz.name} beside it is not read while {path.name} is there)"
+    return path, None, problem
 
 
 def read_files(folder: Path, check: Check | None) -> dict[str, np.ndarray]:

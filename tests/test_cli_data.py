@@ -176,6 +176,22 @@ def test_a_data_dir_is_not_refused_by_clicks_own_readability_check(tmp_path, fak
     assert invoke("verify", "--data-dir", str(folder)).exit_code == 0
 
 
+def test_a_damaged_raw_file_beside_a_good_gz_says_the_gz_is_not_read(tmp_path, fake):
+    """The raw file is read first where both are there: the user is told why the good .gz
+    does not help, and what to remove."""
+    import gzip
+
+    folder = fake.write(tmp_path / "mine")
+    good = folder / "t10k-labels-idx1-ubyte.gz"
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(gzip.decompress(good.read_bytes())[:-1])
+    result = invoke("verify", "--data-dir", str(folder))
+    assert result.exit_code == 1
+    bad = [line for line in result.stdout.splitlines() if line.startswith("BAD")]
+    assert len(bad) == 1 and bad[0].startswith("BAD  t10k-labels-idx1-ubyte: ")
+    assert bad[0].endswith("(t10k-labels-idx1-ubyte.gz beside it is not read while "
+                           "t10k-labels-idx1-ubyte is there)")
+
+
 def test_verify_of_an_empty_data_dir_is_one_line(tmp_path, fake):
     folder = tmp_path / "mine"
     folder.mkdir()
