@@ -8,7 +8,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, shown
 from .idx import parse_idx, read_bytes
 
 D, C = 784, 10  # input pixels (28 x 28) and classes of MNIST: the model's d and c
@@ -64,6 +64,28 @@ def stray_folder(folder: Path, stem: str) -> str | None:
     return next((name for name in names if (folder / name).is_dir()), None)
 
 
+def not_a_file(folder: Path, stem: str) -> str | None:
+    """What stands where `stem` (raw or .gz) belongs in `folder` when neither name is a file:
+    a folder, a link that leads to no file, a pipe or a device; None when one is a file or
+    nothing is there."""
+    names = (stem, f"{stem}.gz")
+    try:
+        if any((folder / name).is_file() for name in names):
+            return None
+        for name in names:
+            path = folder / name
+            if path.is_symlink() and not path.exists():
+                target = shown(os.readlink(path), 200)
+                return f"{name} is a link to {target}, which leads to no file"
+            if path.is_dir():
+                return f"{name} is a folder, not the file"
+            if path.exists():
+                return f"{name} is not a regular file (a pipe, a socket or a device)"
+    except OSError:  # unreadable: said when the file is read
+        return None
+    return None
+
+
 Check = Callable[[str, bytes], "str | None"]  # (stem, decompressed bytes) -> problem or None
 
 
@@ -74,8 +96,8 @@ def read_checked(folder: Path, stem: str,
     try:
         path = find_file(folder, stem)
     except DataError:
-        stray = stray_folder(folder, stem)
-        return None, None, "missing" if stray is None else f"{stray} is a folder, not the file"
+        stray = not_a_file(folder, stem)
+        return None, None, "missing" if stray is None else stray
     try:
         raw = read_bytes(path)  # a file too large to be MNIST is not read
         problem = check(stem, raw)

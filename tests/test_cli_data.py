@@ -192,6 +192,22 @@ def test_a_damaged_raw_file_beside_a_good_gz_says_the_gz_is_not_read(tmp_path, f
                            "t10k-labels-idx1-ubyte is there)")
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
+def test_a_dangling_link_or_a_pipe_in_place_of_a_file_is_named_not_called_missing(tmp_path,
+                                                                                  fake):
+    folder = fake.write(tmp_path / "mine")
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    (folder / "t10k-labels-idx1-ubyte.gz").symlink_to(tmp_path / "gone.gz")
+    (folder / "train-labels-idx1-ubyte.gz").unlink()
+    os.mkfifo(folder / "train-labels-idx1-ubyte.gz")
+    result = invoke("verify", "--data-dir", str(folder))
+    assert result.exit_code == 1
+    assert (f"BAD  t10k-labels-idx1-ubyte: t10k-labels-idx1-ubyte.gz is a link to "
+            f"'{tmp_path / 'gone.gz'}', which leads to no file") in result.stdout.splitlines()
+    assert ("BAD  train-labels-idx1-ubyte: train-labels-idx1-ubyte.gz is not a regular file (a "
+            "pipe, a socket or a device)") in result.stdout.splitlines()
+
+
 def test_verify_of_an_empty_data_dir_is_one_line(tmp_path, fake):
     folder = tmp_path / "mine"
     folder.mkdir()
