@@ -200,6 +200,35 @@ class StopFlag:
         return "interrupted" if self.signum in (None, signal.SIGINT) else "terminated (SIGTERM)"
 
 
+def claim_out_dir(out_dir: Path, made: bool, overwrite: bool, config, init) -> tuple[bool, bool]:
+    """Check, make and lock a new run's folder; give an empty one its config.yaml (and
+    init.npz) at once, so that a run killed from then on can be resumed (an old run being
+    overwritten stays intact until the new one has its data and state). Returns whether this
+    run made the folder (`made`: default_out did) and whether it wrote config.yaml. A stop
+    before config.yaml is whole leaves no folder it made."""
+    from .runfiles import RunFiles, RunLocked, check_out_dir, lock_run, remove_if_empty
+
+    locked = False  # until then another train may own what is in the folder
+    try:
+        existing, made_here = check_out_dir(out_dir, overwrite)
+        made = made or made_here
+        hold(lock_run(out_dir, "--out"))
+        locked = True
+        if not existing:
+            RunFiles(out_dir).start(config, init)
+        return made, not existing
+    except RunLocked:  # another train made it its run first: all in it is that run's
+        raise
+    except BaseException:  # Ctrl-C or SIGTERM before config.yaml is whole
+        if made and os.path.isdir(out_dir):  # os.path: no error for a name too long
+            with StopFlag.ignored():
+                if locked:
+                    RunFiles(out_dir).discard_unstarted(remove_folder=True)
+                else:
+                    remove_if_empty(out_dir)
+        raise
+
+
 def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
                   config_given: bool, init_path: str | None) -> None:
     """A usage error for what --resume cannot take (it continues the run with its saved config,
@@ -265,8 +294,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     from .checkpoint import load_init
     from .config import build_config
     from .progress import Reporter
-    from .runfiles import (RunFiles, RunLocked, check_out_dir, check_same_run, fixed_keys,
-                           lock_run, remove_if_empty)
+    from .runfiles import RunFiles, check_same_run, fixed_keys, lock_run
     from .train import Interrupted, StoppedBeforeStart, train as run_training
 
     given = (config_path, init_path, seed)
@@ -284,34 +312,11 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     init = None
     if init_path:
         init = load_init(init_path, config.model.layer_widths, config.train.dtype)
-    created = early = False  # this run made the folder / wrote config.yaml before the data
     if resume_dir:
-        out_dir = Path(resume_dir)
+        out_dir, created, early = Path(resume_dir), False, False
     else:
         out_dir = Path(out) if out else default_out(config_path)
-        created = not out  # default_out made it; else check_out_dir says whether it did
-        locked = False  # until then another train may own what is in the folder
-        try:
-            existing, made = check_out_dir(out_dir, overwrite)
-            created = created or made
-            hold(lock_run(out_dir, "--out"))
-            locked = True
-            # An empty folder gets config.yaml (and init.npz) first, so that a run killed at
-            # once can be resumed; an old run being overwritten stays intact until the new one
-            # has its data and state.
-            early = not existing
-            if early:
-                RunFiles(out_dir).start(config, init)
-        except RunLocked:  # another train made it its run first: all in it is that run's
-            raise
-        except BaseException:  # Ctrl-C or SIGTERM before config.yaml is whole: no empty folder
-            if created and os.path.isdir(out_dir):  # os.path: no error for a name too long
-                with StopFlag.ignored():
-                    if locked:
-                        RunFiles(out_dir).discard_unstarted(remove_folder=True)
-                    else:
-                        remove_if_empty(out_dir)
-            raise
+        created, early = claim_out_dir(out_dir, not out, overwrite, config, init)
     reporter, stop = None, StopFlag()
     try:
         reporter = Reporter(quiet)
