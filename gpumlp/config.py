@@ -384,10 +384,32 @@ def load_yaml(text: str) -> Any:
     raise error
 
 
-UniqueKeyLoader.add_implicit_resolver(  # 1e-3, 1.5e3, .5e1: floats, as YAML 1.2 and Python say
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+# Numbers as YAML 1.2 (and Python) read them, not as YAML 1.1 (PyYAML): 1e-3 is a float,
+# 0100 is a hundred (not octal 64), 0o17 and 0x1f are octal and hex, and 1:30 (base 60) or
+# 0b101 are text, which a number key then refuses. Underscores between digits are allowed.
+YAML12_INT = re.compile(r"^[-+]?[0-9][0-9_]*$|^0o[0-7_]+$|^0x[0-9a-fA-F_]+$")
+YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$"
+                          r"|^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"
+                          r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
+
+
+def construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """A YAML 1.2 integer: decimal (leading zeros and all), 0o octal or 0x hex."""
+    text = loader.construct_scalar(node).replace("_", "")
+    for prefix, base in (("0o", 8), ("0x", 16)):
+        if text.startswith(prefix):
+            return int(text[2:], base)
+    return int(text, 10)
+
+
+UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", YAML12_INT, list("-+0123456789"))
+UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT,
+                                      list("-+0123456789."))
+UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", construct_int)
 
 
 def read_yaml(path: str | Path) -> dict:

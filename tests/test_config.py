@@ -296,6 +296,21 @@ def test_numbers_with_an_exponent_and_no_dot_are_numbers(tmp_path, text, value):
     assert parse_override(f"optim.lr={text}") == {"optim": {"lr": value}}
 
 
+@pytest.mark.parametrize("text, value", [("0100", 100), ("08", 8), ("0o17", 15), ("0x1f", 31),
+                                         ("1_000", 1000), ("-7", -7), ("007.5", 7.5)])
+def test_integers_read_as_yaml_1_2_and_python_read_them_not_as_yaml_1_1(tmp_path, text, value):
+    """PyYAML (YAML 1.1) reads 0100 as octal 64 and 1:30 as 90, silently; gpumlp as YAML 1.2:
+    leading zeros are decimal, octal needs 0o."""
+    assert read_yaml(write(tmp_path, f"data:\n  limit: {text}\n"))["data"]["limit"] == value
+    assert parse_override(f"data.limit={text}") == {"data": {"limit": value}}
+
+
+@pytest.mark.parametrize("text", ["1:30", "1:30.5", "0b101"])
+def test_base_60_and_binary_numbers_are_text_refused_by_a_number_key(text):
+    with pytest.raises(ConfigError, match=f"'train.epochs' must be an integer, got '{text}'"):
+        build_config(None, [f"train.epochs={text}"])
+
+
 @pytest.mark.parametrize("text", ['"1e-3"', "'0.5'", '"5"'])
 def test_a_quoted_number_is_text_and_the_error_says_drop_the_quotes(text):
     override = f"optim.lr={text}"
