@@ -22,6 +22,7 @@ import numpy as np
 from .backend import to_host
 from .config import Config, config_from_dict, config_to_dict
 from .errors import CheckpointError, ConfigError, shell_path, shown
+from .files import writing_now
 from .model import Params
 from .npzio import Npz, save_npz
 
@@ -124,6 +125,9 @@ def no_config(npz: Npz, source: str) -> CheckpointError:
     if not (folder / "config.yaml").is_file():  # moved out of its run's folder
         return CheckpointError(f"{source}: a training checkpoint, not a model; give a model.npz, "
                                "which gpumlp train writes into its run's folder at the end")
+    if writing_now(folder):
+        return CheckpointError(f"{source}: a training checkpoint, not a model; a gpumlp train "
+                               f"writing its run now will write {model} when it ends")
     return CheckpointError(f"{source}: a training checkpoint, not a model; finish the run with "
                            f"gpumlp train --resume {shell_path(folder)} (it writes "
                            f"{model})")
@@ -157,6 +161,8 @@ def unfinished_run(path: Path) -> str:
             or not all((folder / name).is_file() for name in ("checkpoint.npz", "config.yaml")):
         return ""
     run = shell_path(folder)
+    if writing_now(folder):
+        return f"; the run in {run} has not finished: a gpumlp train writing it now will write it"
     return f"; the run in {run} has not finished: gpumlp train --resume {run} writes it"
 
 

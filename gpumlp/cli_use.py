@@ -139,8 +139,13 @@ def export(model_path, fmt, out, overwrite):
     require("onnx", "onnx", "onnx")
     from .checkpoint import load_model
     from .export_onnx import OPSET, check_target, float32_params, model_bytes
+    from .files import writing_now
     from .npzio import atomic_write
 
+    folder = Path(model_path).parent
+    if (folder / "config.yaml").is_file() and writing_now(folder):  # a run being resumed
+        raise OneLineError(f"{model_path}: a gpumlp train is writing its run now (model.npz "
+                           "at its end); export the model when the train ends")
     params, config = load_model(model_path)
     params = float32_params(params, str(model_path))
     target = Path(out) if out else Path(model_path).with_suffix(f".{fmt}")

@@ -14,3 +14,26 @@ def read_at_most(path: str | os.PathLike, limit: int) -> bytes | None:
     with open(path, "rb") as f:
         data = f.read(limit + 1)
     return None if len(data) > limit else data
+
+
+def writing_now(folder: str | os.PathLike) -> bool:
+    """Whether a `gpumlp train` is writing the run in `folder` now: it holds an exclusive
+    flock(2) on the folder for as long as it runs (runfiles.lock_run), so a shared one cannot
+    be had. False where the system has no flock, or the folder cannot be opened."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released as fd closes
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without locks
+        return False
+    finally:
+        os.close(fd)

@@ -28,6 +28,7 @@ import numpy as np
 from .backend import Backend
 from .checkpoint import load_model, parse_json
 from .errors import GpumlpError, folder_problem, shell_path, write_problem
+from .files import writing_now
 from .mnist import Split
 from .model import params_on
 from .npzio import atomic_write
@@ -327,6 +328,9 @@ def check_run(run_dir: Path, overwrite: bool = False) -> list[dict]:
     if what is not None:
         raise ReportError(f"{run_dir}: {what}; give the folder of a run, as written by "
                           "gpumlp train --out DIR")
+    if writing_now(run_dir):  # its model and metrics are about to change
+        raise ReportError(f"{run_dir}: a gpumlp train is writing this run now; make the report "
+                          "when it ends")
     rows = read_metrics(run_dir)
     if not (run_dir / "model.npz").is_file():
         raise ReportError(f"{run_dir}: no model.npz; finish the run first "

@@ -26,6 +26,7 @@ from .checkpoint import load_init, param_arrays, save_model
 from .config import Config, build_config, config_to_dict, dump_config, read_yaml
 from .errors import (CheckpointError, ConfigError, GpumlpError, folder_problem, shell_path, shown,
                      write_problem)
+from .files import writing_now
 from .model import Params
 from .npzio import atomic_write, save_npz
 from .resume_state import read_checkpoint, read_position, restore_generators, restore_optimizer
@@ -77,6 +78,8 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
     if taken:
         raise GpumlpError(f"--out {path}: {path / taken[0]} is a folder where gpumlp keeps a "
                           "file; move it out of the run folder, or pick another folder")
+    if existing and writing_now(path):  # neither --overwrite nor --resume can have it now
+        raise run_locked("--out", path)
     if existing and not overwrite:
         resume = "" if "summary.json" in existing else ", resume it with --resume"  # finished?
         raise GpumlpError(f"--out {path}: already holds a run ({', '.join(existing)}); "
@@ -104,6 +107,11 @@ def remove_if_empty(folder: Path) -> None:
         pass
 
 
+def run_locked(option: str, folder: Path) -> RunLocked:
+    return RunLocked(f"{option} {folder}: another gpumlp train is writing this run now; wait "
+                     "for it to end (or stop it: it saves a checkpoint first)")
+
+
 def lock_run(folder: Path, option: str) -> int | None:
     """Hold an exclusive lock on the run folder `folder` until the process ends, so that two
     `gpumlp train` never write one run at once; a GpumlpError when another holds it. The lock
@@ -118,8 +126,7 @@ def lock_run(folder: Path, option: str) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RunLocked(f"{option} {folder}: another gpumlp train is writing this run now; "
-                          "wait for it to end (or stop it: it saves a checkpoint first)") from None
+        raise run_locked(option, folder) from None
     except OSError:   # a file system without locks: go on unlocked, as before
         os.close(fd)
         return None

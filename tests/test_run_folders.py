@@ -708,6 +708,38 @@ def test_a_run_another_train_is_writing_is_refused_by_resume_and_by_overwrite(st
     assert cli("train", "--resume", stopped, "--data-dir", tiny_data_dir).exit_code == 0
 
 
+def test_report_export_and_out_wait_for_a_train_writing_the_run_and_never_advise_resume(
+        finished, stopped, tiny_data_dir):
+    """A report or export made while a train writes the run would describe the model before
+    it, with nothing to say so; a stopped run being resumed is not to be resumed again."""
+    before = digests(finished)
+    other = lock_run(finished, "--resume")                 # a resume training it longer
+    try:
+        assert_one_error_line(cli("report", finished, "--data-dir", tiny_data_dir), 1,
+                              f"{finished}: a gpumlp train is writing this run now; make the "
+                              "report when it ends")
+        assert_one_error_line(cli("export", finished / "model.npz", "--overwrite"), 1,
+                              f"{finished / 'model.npz'}: a gpumlp train is writing its run now")
+        assert_one_error_line(cli(*train_args(finished, tiny_data_dir)), 1,
+                              f"--out {finished}: another gpumlp train is writing this run now")
+        assert digests(finished) == before
+    finally:
+        os.close(other)
+    other = lock_run(stopped, "--resume")                  # a train not finished yet
+    try:
+        result = cli("evaluate", stopped / "checkpoint.npz", "--data-dir", tiny_data_dir)
+        assert_one_error_line(result, 1, "a training checkpoint, not a model; a gpumlp train "
+                              "writing its run now will write")
+        assert "--resume" not in result.stderr
+        result = cli("evaluate", stopped / "model.npz", "--data-dir", tiny_data_dir)
+        assert_one_error_line(result, 1, "has not finished: a gpumlp train writing it now")
+        assert_one_error_line(cli(*train_args(stopped, tiny_data_dir)), 1,
+                              f"--out {stopped}: another gpumlp train is writing this run now")
+    finally:
+        os.close(other)
+    assert cli("report", finished, "--data-dir", tiny_data_dir, "--overwrite").exit_code == 0
+
+
 @pytest.mark.parametrize("command", ["resume", "report"])
 def test_a_checkpoint_or_model_the_system_will_not_open_is_not_called_damaged(
         stopped, tiny_data_dir, monkeypatch, command):
