@@ -105,7 +105,7 @@ def parse_json(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"not JSON: {e.msg} at character {e.pos + 1}") from None
+        raise ValueError(f"not JSON: {e.msg} (character {e.pos + 1})") from None
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
     except ValueError:  # Python's limit on the digits of an integer

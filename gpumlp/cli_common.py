@@ -104,9 +104,24 @@ class ModelPath(click.Path):
         super().__init__(dir_okay=False)
 
     def convert(self, value, param, ctx):
+        if not str(value).strip():  # "" would be read as the current folder
+            self.fail("is empty; give a model.npz (a run's folder holds one)", param, ctx)
         model = os.path.join(value, "model.npz")
         if os.path.isdir(value) and os.path.isfile(model):
             self.fail(f"{value} is a run's folder; give its model, {model}", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class RunDir(click.Path):
+    """A run folder argument, never empty (which would be read as the current folder)."""
+
+    def __init__(self):
+        super().__init__(file_okay=False)
+
+    def convert(self, value, param, ctx):
+        if not str(value).strip():
+            self.fail("is empty; give a run's folder, as gpumlp train --out DIR wrote it", param,
+                      ctx)
         return super().convert(value, param, ctx)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import (OneLineError, data_dir_option, device_option, domain_errors,
+from .cli_common import (OneLineError, RunDir, data_dir_option, device_option, domain_errors,
                          load_mnist_for, model_argument, require)
 from .errors import CheckpointError, shell_path
 
@@ -78,7 +78,7 @@ def predict(model_path, files, top_k, as_json, device):
 
 
 @click.command()
-@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+@click.argument("run_dir", metavar="RUN_DIR", type=RunDir())
 @click.option("--overwrite", is_flag=True,
               help="Replace files under the report's names that an earlier report did not write.")
 @device_option

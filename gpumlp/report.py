@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -73,8 +74,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.is_file():
         raise ReportError(f"{run_dir}: no metrics.jsonl; give the folder of a run "
                           "(gpumlp train --out DIR)")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+    try:  # a BOM an editor added is no part of the rows; lines end in \n, \r\n or \r
+        lines = re.split(r"\r\n|\r|\n", path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
         raise ReportError(f"{path}: not UTF-8 text; {ROW_HINT}") from None
     numbered = [(number, metrics_row(line, f"{path}: line {number}"))
@@ -82,11 +83,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not numbered:
         raise ReportError(f"{path}: no epoch finished yet; train at least one epoch first")
     first, first_row = numbered[0]
-    for number, row in numbered:
+    for epoch, (number, row) in enumerate(numbered, start=1):
         if (VAL_KEYS[0] in row) != (VAL_KEYS[0] in first_row):
             has, lacks = (number, first) if VAL_KEYS[0] in row else (first, number)
             raise ReportError(f"{path}: line {has} has {' and '.join(VAL_KEYS)}, line {lacks} "
                               f"has not (the rows of one run hold the same keys); {ROW_HINT}")
+        if row["epoch"] != epoch:  # one row per epoch, in order, as the run wrote them
+            raise ReportError(f"{path}: line {number} is epoch {row['epoch']} where epoch "
+                              f"{epoch} belongs (one row per epoch, in order); {ROW_HINT}")
     return [row for _, row in numbered]
 
 

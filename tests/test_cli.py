@@ -718,3 +718,16 @@ def test_progress_that_cannot_be_written_does_not_stop_training(monkeypatch):
                        "test_accuracy": 0.9, "lr": 0.1, "seconds": 1.5,
                        "samples_per_second": 1000.0})
     reporter.close()
+
+
+@pytest.mark.parametrize("args, name", [(["report", ""], "RUN_DIR"), (["evaluate", ""], "MODEL"),
+                                        (["predict", "", "x.png"], "MODEL"),
+                                        (["export", " "], "MODEL")])
+def test_an_empty_model_or_run_folder_argument_is_a_usage_error_not_the_current_folder(
+        args, name, tmp_path, monkeypatch):
+    """`gpumlp report "$RUN"` with RUN unset: "" would be the current folder (report wrote
+    report.md there, titled with an empty name)."""
+    monkeypatch.chdir(tmp_path)
+    result = cli(*args)
+    assert_one_error_line(result, 2, f"Invalid value for '{name}': is empty; give a ")
+    assert list(tmp_path.iterdir()) == []

@@ -87,7 +87,7 @@ def assert_one_error(result, *fragments: str) -> str:
 @pytest.mark.parametrize("config, reason", [
     (DEEP_JSON, "JSON nested too deeply"),
     ('{"model": {"hidden": ' + LONG_NUMBER + "}}", "JSON with a number too long to read"),
-    ('{"model" 1}', "not JSON: Expecting ':' delimiter at character 10"),
+    ('{"model" 1}', "not JSON: Expecting ':' delimiter (character 10)"),
 ], ids=["nested", "long number", "not JSON"])
 def test_a_model_config_python_cannot_read_is_one_error_line(model_arrays, tmp_path, config,
                                                             reason):

@@ -248,9 +248,13 @@ GOOD = '{"epoch": 1, "train_loss": 2.0, "train_accuracy": 0.5, "test_loss": 2.1,
     ([GOOD.replace('"test_loss": 2.1', '"test_loss": 1e308'),             # matplotlib's axis
       GOOD.replace('"test_loss": 2.1', '"test_loss": -1e308')],           # broke on these
      "line 1: test_loss is 1e+308, beyond any value a run writes"),
+    ([GOOD.replace('"epoch": 1', '"epoch": 2'), GOOD],
+     "line 1 is epoch 2 where epoch 1 belongs (one row per epoch, in order)"),
+    ([GOOD, GOOD], "line 2 is epoch 1 where epoch 2 belongs"),
+    ([GOOD, "", GOOD.replace('"epoch": 1', '"epoch": 5')], "line 3 is epoch 5 where epoch 2"),
 ], ids=["epoch only", "a list", "a string", "fractional epoch", "a bool", "not JSON",
         "half a validation", "validation in one row", "epoch of 400 digits", "epoch 0",
-        "loss of 1e308"])
+        "loss of 1e308", "out of order", "an epoch twice", "a gap"])
 def test_a_row_that_is_not_a_metrics_row_is_one_error_line_naming_it(
         run_dir, tiny_data_dir, tmp_path, lines, error):
     copy_run(run_dir, tmp_path)
@@ -262,6 +266,18 @@ def test_a_row_that_is_not_a_metrics_row_is_one_error_line_naming_it(
     assert result.stderr.count("\n") == 1
     assert metrics.read_text() == "\n".join(lines) + "\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "model.npz"]
+
+
+def test_metrics_with_a_bom_or_a_line_separator_inside_a_string_are_read(run_dir, tmp_path):
+    """An editor's BOM is no part of the first row; U+2028 inside a JSON string (a key someone
+    added) is no line end; CRLF and CR line ends are line ends."""
+    copy_run(run_dir, tmp_path)
+    second = GOOD.replace('"epoch": 1', '"epoch": 2').replace("}", ', "note": "a\u2028b"}')
+    for text in ("\ufeff" + GOOD + "\n" + second + "\n", GOOD + "\r\n" + second + "\r\n",
+                 GOOD + "\r" + second):
+        (tmp_path / "metrics.jsonl").write_text(text, encoding="utf-8", newline="")
+        rows = check_run(tmp_path)
+        assert [row["epoch"] for row in rows] == [1, 2], repr(text)
 
 
 def test_a_metrics_file_that_is_not_text_is_one_error_line(run_dir, tmp_path):
