@@ -48,6 +48,10 @@ SPLITS = (("train", "train", "C0"), ("val", "validation", "C2"), ("test", "test"
 REPORT = "report.md"
 REPORT_TITLE = "# Report: "  # report.md's first line; a report.md without it is not ours
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The text chunk every figure of the report carries, right after the PNG's header: what tells
+# the report's own figures from a user's PNG of the same name.
+PNG_MARK = b"tEXtSoftware\x00gpumlp report"
+PNG_MARK_WITHIN = 64  # bytes from the start: the signature, the IHDR chunk, then the mark
 ROW_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr",
             "seconds")         # what every metrics.jsonl row must hold (samples_per_second unused)
 VAL_KEYS = ("val_loss", "val_accuracy")  # in every row of a run with a validation split, or none
@@ -143,7 +147,8 @@ def json_text(value: object, limit: int = 60) -> str:
 
 def foreign_outputs(run_dir: Path) -> list[str]:
     """The report's file names in `run_dir` taken by something the report did not write:
-    a link, a folder, a .png name that is not a PNG, a report.md that is not a report."""
+    a link, a folder, a .png without the report's mark (PNG_MARK), a report.md that is not a
+    report."""
     names = []
     for name in [*FIGURES.values(), REPORT]:
         path = run_dir / name
@@ -151,9 +156,12 @@ def foreign_outputs(run_dir: Path) -> list[str]:
             names.append(name)
         elif path.is_file():
             with open(path, "rb") as f:
-                head = f.read(max(len(PNG_SIGNATURE), len(REPORT_TITLE)))
-            ours = PNG_SIGNATURE if name.endswith(".png") else REPORT_TITLE.encode()
-            if not head.startswith(ours):
+                head = f.read(max(PNG_MARK_WITHIN, len(REPORT_TITLE)))
+            if name.endswith(".png"):
+                ours = head.startswith(PNG_SIGNATURE) and PNG_MARK in head
+            else:
+                ours = head.startswith(REPORT_TITLE.encode())
+            if not ours:
                 names.append(name)
     return names
 
@@ -161,7 +169,7 @@ def foreign_outputs(run_dir: Path) -> list[str]:
 def save_figure(fig, path: Path) -> None:
     """The figure as a PNG at `path`, written whole (a link there is replaced, not followed)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", metadata={"Software": "gpumlp report"})  # PNG_MARK
     atomic_write(path, buffer.getvalue())
 
 

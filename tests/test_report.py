@@ -19,8 +19,9 @@ from gpumlp.checkpoint import load_model
 from gpumlp.cli_use import report
 from gpumlp.data import to_inputs
 from gpumlp.model import forward, softmax
-from gpumlp.report import (FIGURES, ReportError, SplitOutputs, check_run, confident_mistakes,
-                           confusion_matrix, make_report, plot_mistakes)
+from gpumlp.report import (FIGURES, PNG_MARK, PNG_MARK_WITHIN, ReportError, SplitOutputs,
+                           check_run, confident_mistakes, confusion_matrix, make_report,
+                           plot_mistakes)
 from use_helpers import assert_missing_extra, invoke, train_model, without_module
 
 
@@ -311,6 +312,24 @@ def test_the_report_replaces_its_own_files_but_not_others_unless_told(
     assert again.exit_code == 0, again.output
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == sorted(
         ["metrics.jsonl", "model.npz", "report.md", *FIGURES.values()])
+
+
+def test_a_users_own_png_under_a_figure_name_is_kept_and_the_reports_own_are_marked(
+        run_dir, tiny_data_dir, tmp_path):
+    """A real PNG of the user's (a digit saved as confusion_matrix.png) is no figure of the
+    report's: refused without --overwrite, as a text file is. The report's own figures carry
+    its mark in a text chunk, which is how it knows them."""
+    run = copy_run(run_dir, tmp_path)
+    Image.new("L", (28, 28), 0).save(run / FIGURES["confusion"])
+    mine = (run / FIGURES["confusion"]).read_bytes()
+    with pytest.raises(ReportError, match=f"{FIGURES['confusion']} not written by gpumlp"):
+        check_run(run)
+    assert (run / FIGURES["confusion"]).read_bytes() == mine
+    assert invoke(report, run, "--data-dir", tiny_data_dir, "--overwrite").exit_code == 0
+    for name in FIGURES.values():
+        head = (run / name).read_bytes()[:PNG_MARK_WITHIN]
+        assert PNG_MARK in head, name
+    check_run(run)                                      # all its own now: no refusal
 
 
 def test_a_folder_under_a_report_name_is_refused_even_with_overwrite(run_dir, tmp_path):

@@ -27,7 +27,7 @@ from gpumlp.backend import CPU
 from gpumlp.config import build_config
 from gpumlp.errors import GpumlpError
 from gpumlp.npzio import load_npz
-from gpumlp.report import FIGURES, PNG_SIGNATURE, REPORT_TITLE
+from gpumlp.report import FIGURES, PNG_MARK, PNG_SIGNATURE, REPORT_TITLE
 from gpumlp.runfiles import DERIVED_FILES, RunFiles, lock_run
 from gpumlp.train import train
 
@@ -50,7 +50,8 @@ def finished(tiny_data_dir, tmp_path) -> Path:
     out = tmp_path / "run"
     assert cli(*train_args(out, tiny_data_dir)).exit_code == 0
     for name in DERIVED_FILES:                       # each as gpumlp report or export begins it
-        head = {".png": PNG_SIGNATURE, ".md": REPORT_TITLE.encode()}.get(Path(name).suffix, b"")
+        head = {".png": PNG_SIGNATURE + PNG_MARK,
+                ".md": REPORT_TITLE.encode()}.get(Path(name).suffix, b"")
         (out / name).write_bytes(head + b"made from the old model")
     (out / "notes.txt").write_text("mine")
     return out
