@@ -138,7 +138,7 @@ def export(model_path, fmt, out, overwrite):
                            f"written; give --out a name such as mnist.{fmt}", exit_code=2)
     require("onnx", "onnx", "onnx")
     from .checkpoint import load_model
-    from .export_onnx import OPSET, check_target, float32_params, model_bytes
+    from .export_onnx import OPSET, check_target, check_usable, float32_params, model_bytes
     from .files import writing_now
     from .npzio import atomic_write
 
@@ -148,6 +148,7 @@ def export(model_path, fmt, out, overwrite):
                            "at its end); export the model when the train ends")
     params, config = load_model(model_path)
     params = float32_params(params, str(model_path))
+    check_usable(params, config, str(model_path))
     target = Path(out) if out else Path(model_path).with_suffix(f".{fmt}")
     check_target(target, Path(model_path), overwrite, named=bool(out))
     try:

@@ -127,6 +127,19 @@ def float32_params(params: Params, source: str) -> Params:
     return Params(W, b)
 
 
+def check_usable(params: Params, config: Config, source: str) -> None:
+    """A CheckpointError (predict's "too large to use") when float32 weights give non-finite
+    probabilities on probe images (blank, full, a ramp), as the graph would on real ones."""
+    from .backend import CPU
+    from .config import config_from_dict, config_to_dict
+    from .predict import probabilities
+
+    as_graph = config_to_dict(config)
+    as_graph["train"]["dtype"] = "float32"                              # as the graph computes
+    probes = np.stack([np.zeros(784), np.full(784, 255.0), np.linspace(0, 255, 784)])
+    probabilities(params, config_from_dict(as_graph), probes, CPU, source)
+
+
 def model_bytes(params: Params, config: Config) -> bytes:
     """The serialised ONNX model, ready to write to a .onnx file."""
     return onnx_model(params, config).SerializeToString()
