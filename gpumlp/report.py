@@ -29,7 +29,7 @@ import numpy as np
 from .backend import Backend
 from .checkpoint import load_model, parse_json
 from .errors import GpumlpError, folder_problem, shell_path, write_problem
-from .files import writing_now
+from .files import read_at_most, writing_now
 from .mnist import Split
 from .model import params_on
 from .npzio import atomic_write
@@ -57,6 +57,7 @@ ROW_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy
 VAL_KEYS = ("val_loss", "val_accuracy")  # in every row of a run with a validation split, or none
 MAX_VALUE = 1e30  # no loss, accuracy, rate or time a run writes comes near; a plot's axis breaks
 ROW_HINT = "metrics.jsonl is written by gpumlp train; restore it or remove that line"
+MAX_METRICS_BYTES = 256 << 20  # a row is about 250 bytes: a million epochs
 
 
 class ReportError(GpumlpError):
@@ -76,10 +77,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of metrics.jsonl, one per epoch, checked; a ReportError naming the line if not."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
+        if path.exists() or path.is_symlink():
+            raise ReportError(f"{path}: not a regular file (a folder, a pipe, a device or a "
+                              "broken link); put the run's metrics.jsonl back there")
         raise ReportError(f"{run_dir}: no metrics.jsonl; give the folder of a run "
                           "(gpumlp train --out DIR)")
+    data = read_at_most(path, MAX_METRICS_BYTES)
+    if data is None:
+        raise ReportError(f"{path}: more than {MAX_METRICS_BYTES >> 20} MiB, more than a "
+                          "million epochs' rows; restore the run's metrics.jsonl")
     try:  # a BOM an editor added is no part of the rows; lines end in \n, \r\n or \r
-        lines = re.split(r"\r\n|\r|\n", path.read_text(encoding="utf-8-sig"))
+        lines = re.split(r"\r\n|\r|\n", data.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise ReportError(f"{path}: not UTF-8 text; {ROW_HINT}") from None
     numbered = [(number, metrics_row(line, f"{path}: line {number}"))

@@ -281,6 +281,22 @@ def test_metrics_with_a_bom_or_a_line_separator_inside_a_string_are_read(run_dir
         assert [row["epoch"] for row in rows] == [1, 2], repr(text)
 
 
+def test_a_metrics_file_that_is_no_regular_file_or_too_large_is_one_error_line(
+        run_dir, tmp_path, monkeypatch):
+    import gpumlp.report as report_module
+
+    copy_run(run_dir, tmp_path)
+    metrics = tmp_path / "metrics.jsonl"
+    kept = metrics.read_bytes()
+    monkeypatch.setattr(report_module, "MAX_METRICS_BYTES", len(kept) - 1)
+    with pytest.raises(ReportError, match="metrics.jsonl: more than 0 MiB, more than a million"):
+        check_run(tmp_path)
+    metrics.unlink()
+    metrics.symlink_to(tmp_path / "gone")
+    with pytest.raises(ReportError, match="metrics.jsonl: not a regular file"):
+        check_run(tmp_path)
+
+
 def test_a_metrics_file_that_is_not_text_is_one_error_line(run_dir, tmp_path):
     copy_run(run_dir, tmp_path)
     (tmp_path / "metrics.jsonl").write_bytes(b"\xff\xfe\x00binary")
