@@ -23,7 +23,8 @@ import click
 from . import __version__
 from .cli_common import (data_dir_option, device_option, domain_errors, interrupted_how,
                          load_mnist_for, model_argument)
-from .errors import CheckpointError, ConfigError, GpumlpError, Terminated, shell_path
+from .errors import (CheckpointError, ConfigError, GpumlpError, Terminated, json_text,
+                     shell_path)
 
 
 class OneLineGroup(click.Group):
@@ -378,7 +379,7 @@ def evaluate(model_path, device, data_dir, as_json):
     if not math.isfinite(loss):
         raise CheckpointError(f"{model_path}: {TOO_LARGE}")
     result = {"test_loss": loss, "test_accuracy": accuracy, "n": len(test),
-              "model": str(model_path), "device": backend.description}
+              "model": json_text(str(model_path)), "device": backend.description}
     if as_json:
         click.echo(json.dumps(result))
     else:

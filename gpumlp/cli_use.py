@@ -14,15 +14,15 @@ import click
 
 from .cli_common import (OneLineError, RunDir, data_dir_option, device_option, domain_errors,
                          load_mnist_for, model_argument, require)
-from .errors import CheckpointError, shell_path
+from .errors import CheckpointError, json_text, shell_path
 
 
 def result_line(result, top_k: int, as_json: bool) -> str:
     if as_json:
         if result.error is not None:
-            return json.dumps({"file": result.path, "error": result.error})
+            return json.dumps({"file": json_text(result.path), "error": json_text(result.error)})
         top = result.top(top_k)
-        return json.dumps({"file": result.path, "prediction": top[0][0],
+        return json.dumps({"file": json_text(result.path), "prediction": top[0][0],
                            "top": [{"class": c, "probability": p} for c, p in top]})
     return f"{result.path}: " + "  ".join(f"{c} ({p:.3f})" for c, p in result.top(top_k))
 

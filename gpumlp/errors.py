@@ -69,6 +69,12 @@ def shell_path(path: str | os.PathLike) -> str:
     return shlex.quote(f"./{text}" if text.startswith("-") else text)
 
 
+def json_text(text: str) -> str:
+    """`text` fit for JSON: a file name's bytes that are not UTF-8 (which Python holds as lone
+    surrogates, which strict JSON parsers refuse) written as \\xNN escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def folder_problem(path: str | os.PathLike) -> str | None:
     """Why `path` is no folder ("no such folder" / "not a folder"), or None when it is one; the
     caller puts it in its own sentence."""

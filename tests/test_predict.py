@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -514,3 +515,19 @@ def test_output_to_a_reader_that_stops_early_or_a_full_disk_is_handled(random_mo
         assert done.returncode == 1
         assert done.stderr == ("Error: cannot write the output (No space left on device); "
                                "check where it goes\n")
+
+
+def test_json_output_writes_a_file_name_that_is_not_utf8_as_escapes_not_lone_surrogates(
+        random_model, tmp_path):
+    """Python holds the byte 0xff of a file name as the lone surrogate U+DCFF, which
+    json.dumps writes as \\udcff: JSON that strict parsers (serde_json, jq) refuse."""
+    name = os.fsdecode(b"digit-\xff.npy")
+    np.save(tmp_path / name, np.eye(28, dtype=np.uint8) * 255)
+    missing = os.fsdecode(b"gone-\xfe.npy")
+    result = invoke(predict, random_model, tmp_path / name, tmp_path / missing, "--json",
+                    "--device", "cpu")
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and "\\ud" not in result.stdout
+    rows = [json.loads(line) for line in lines]
+    assert rows[0]["file"] == f"{tmp_path}/digit-\\xff.npy" and "prediction" in rows[0]
+    assert rows[1]["file"] == f"{tmp_path}/gone-\\xfe.npy" and "\\xfe" in rows[1]["error"]
