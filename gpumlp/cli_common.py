@@ -104,7 +104,7 @@ class ModelPath(click.Path):
         super().__init__(dir_okay=False)
 
     def convert(self, value, param, ctx):
-        if not str(value).strip():  # "" would be read as the current folder
+        if str(value) == "":  # "" would be read as the current folder
             self.fail("is empty; give a model.npz (a run's folder holds one)", param, ctx)
         model = os.path.join(value, "model.npz")
         if os.path.isdir(value) and os.path.isfile(model):
@@ -119,7 +119,7 @@ class RunDir(click.Path):
         super().__init__(file_okay=False)
 
     def convert(self, value, param, ctx):
-        if not str(value).strip():
+        if str(value) == "":
             self.fail("is empty; give a run's folder, as gpumlp train --out DIR wrote it", param,
                       ctx)
         return super().convert(value, param, ctx)

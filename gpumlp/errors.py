@@ -72,7 +72,10 @@ def shell_path(path: str | os.PathLike) -> str:
 def json_text(text: str) -> str:
     """`text` fit for JSON: a file name's bytes that are not UTF-8 (which Python holds as lone
     surrogates, which strict JSON parsers refuse) written as \\xNN escapes."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no byte stands for (a Windows name): \uNNNN
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def folder_problem(path: str | os.PathLike) -> str | None:

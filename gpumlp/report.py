@@ -51,7 +51,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The text chunk every figure of the report carries, right after the PNG's header: what tells
 # the report's own figures from a user's PNG of the same name.
 PNG_MARK = b"tEXtSoftware\x00gpumlp report"
-PNG_MARK_WITHIN = 64  # bytes from the start: the signature, the IHDR chunk, then the mark
+PNG_MARK_WITHIN = 96  # bytes read from the start: the signature, the IHDR chunk, the mark
+# Figures of reports made before the mark carry matplotlib's own text chunk there instead;
+# they count as the report's too, so that a report (or train --overwrite) after an upgrade
+# replaces them as before, though it keeps any PNG that no matplotlib wrote.
+OLD_PNG_MARK = b"tEXtSoftware\x00Matplotlib version"
 ROW_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr",
             "seconds")         # what every metrics.jsonl row must hold (samples_per_second unused)
 VAL_KEYS = ("val_loss", "val_accuracy")  # in every row of a run with a validation split, or none
@@ -166,7 +170,8 @@ def foreign_outputs(run_dir: Path) -> list[str]:
             with open(path, "rb") as f:
                 head = f.read(max(PNG_MARK_WITHIN, len(REPORT_TITLE)))
             if name.endswith(".png"):
-                ours = head.startswith(PNG_SIGNATURE) and PNG_MARK in head
+                ours = head.startswith(PNG_SIGNATURE) and (PNG_MARK in head
+                                                           or OLD_PNG_MARK in head)
             else:
                 ours = head.startswith(REPORT_TITLE.encode())
             if not ours:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -123,7 +124,14 @@ def lock_run(folder: Path, option: str) -> int | None:
         return None
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for attempt in range(5):  # files.writing_now's probe holds a shared lock for a moment
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.02)
     except BlockingIOError:
         os.close(fd)
         raise run_locked(option, folder) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -178,6 +179,22 @@ def test_evaluate_json_equals_an_independent_recomputation(trained_model, tiny_m
     assert report["test_accuracy"] == accuracy and report["n"] == 100
     assert report["test_loss"] == pytest.approx(loss, rel=1e-5)
     assert report["device"].startswith("cpu")
+
+
+def test_evaluate_json_writes_a_model_name_that_is_not_utf8_with_escapes(trained_model,
+                                                                        tiny_data_dir, tmp_path):
+    model = tmp_path / os.fsdecode(b"model-\xff.npz")      # the byte 0xff: U+DCFF in Python
+    shutil.copyfile(trained_model, model)
+    result = cli("evaluate", model, "--device", "cpu", "--data-dir", tiny_data_dir, "--json")
+    assert result.exit_code == 0 and "\\ud" not in result.stdout
+    assert json.loads(result.stdout)["model"] == f"{tmp_path}/model-\\xff.npz"
+
+
+def test_json_text_escapes_every_lone_surrogate():
+    from gpumlp.errors import json_text
+    assert json_text(os.fsdecode(b"a\xffb")) == "a\\xffb"   # a byte that is not UTF-8
+    assert json_text("a\ud800b") == "a\\ud800b"              # a surrogate no byte stands for
+    assert json_text("caf\u00e9") == "caf\u00e9"              # UTF-8 text as it is
 
 
 def test_evaluate_prints_one_line(trained_model, tiny_data_dir):
@@ -722,7 +739,7 @@ def test_progress_that_cannot_be_written_does_not_stop_training(monkeypatch):
 
 @pytest.mark.parametrize("args, name", [(["report", ""], "RUN_DIR"), (["evaluate", ""], "MODEL"),
                                         (["predict", "", "x.png"], "MODEL"),
-                                        (["export", " "], "MODEL")])
+                                        (["export", ""], "MODEL")])
 def test_an_empty_model_or_run_folder_argument_is_a_usage_error_not_the_current_folder(
         args, name, tmp_path, monkeypatch):
     """`gpumlp report "$RUN"` with RUN unset: "" would be the current folder (report wrote

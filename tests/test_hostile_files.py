@@ -263,6 +263,18 @@ def test_a_float64_model_beyond_float32_is_not_exported_as_infinite_weights(tmp_
     assert not (tmp_path / "model.onnx").exists()
 
 
+def test_a_float64_model_that_fits_float32_but_overflows_there_is_not_exported(tmp_path):
+    """W1 of 1e37 fits float32, but the graph computes in float32, where the logits overflow
+    to NaN probabilities: refused as evaluate and predict refuse such weights."""
+    pytest.importorskip("onnx")
+    path = tmp_path / "model.npz"
+    config = build_config(None, ["model.hidden=16", "train.dtype=float64"])
+    params = init_params((784, 16, 10), "he", np.random.default_rng(0), "float64")
+    save_model(path, params._replace(W=(np.sign(params.W[0]) * 1e37, params.W[1])), config)
+    assert_one_error(invoke(export, path), f"{path}: its weights are finite but too large to use")
+    assert not (tmp_path / "model.onnx").exists()
+
+
 def test_init_weights_beyond_float32_are_refused(model_arrays, tmp_path, tiny_data_dir):
     init = tmp_path / "init.npz"
     weights = {k: v for k, v in model_arrays.items() if k != "config"}

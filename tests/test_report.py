@@ -348,6 +348,22 @@ def test_a_users_own_png_under_a_figure_name_is_kept_and_the_reports_own_are_mar
     check_run(run)                                      # all its own now: no refusal
 
 
+def test_figures_of_a_report_made_before_the_mark_still_count_as_the_reports(run_dir,
+                                                                            tmp_path):
+    """They carry matplotlib's own text chunk where the mark now is: after an upgrade, report
+    and train --overwrite replace them as before, not keep them as a user's pictures."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = copy_run(run_dir, tmp_path)
+    fig = plt.figure(figsize=(1, 1))
+    fig.savefig(run / FIGURES["confusion"], format="png")  # matplotlib's default metadata
+    plt.close(fig)
+    assert PNG_MARK not in (run / FIGURES["confusion"]).read_bytes()[:PNG_MARK_WITHIN]
+    check_run(run)                                       # no refusal: the report's own
+
+
 def test_a_folder_under_a_report_name_is_refused_even_with_overwrite(run_dir, tmp_path):
     copy_run(run_dir, tmp_path)
     (tmp_path / FIGURES["weights"]).mkdir()

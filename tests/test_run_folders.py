@@ -741,6 +741,22 @@ def test_report_export_and_out_wait_for_a_train_writing_the_run_and_never_advise
     assert cli("report", finished, "--data-dir", tiny_data_dir, "--overwrite").exit_code == 0
 
 
+def test_a_momentary_shared_lock_does_not_make_train_think_another_train_runs(tmp_path):
+    """report, export and --out probe a run's lock with a shared lock held for a moment
+    (files.writing_now); a train locking the folder just then waits for it, not refuses."""
+    import fcntl
+    import threading
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    probe = os.open(folder, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    threading.Timer(0.03, os.close, args=(probe,)).start()  # the probe ends 30 ms later
+    fd = lock_run(folder, "--out")
+    assert fd is not None
+    os.close(fd)
+
+
 @pytest.mark.parametrize("command", ["resume", "report"])
 def test_a_checkpoint_or_model_the_system_will_not_open_is_not_called_damaged(
         stopped, tiny_data_dir, monkeypatch, command):
