@@ -76,11 +76,12 @@ def restore_optimizer(state: "RunState", arrays: dict, config: Config, backend: 
 
 def restore_generators(state: "RunState", meta: dict, config: Config, backend: Backend,
                        source: str) -> None:
-    """The host generator from its saved state; the device generator too, or, for one that
-    cannot save its state (CuPy's), reseeded from the position."""
+    """The host generator from its saved state; the device generator too, or, where either
+    side is CuPy's (which cannot save or take a state: a GPU run, or a CPU run resumed on a
+    GPU), reseeded from the position."""
     try:
         state.rng.bit_generator.state = meta["rng"]
-        if meta.get("dev_rng"):
+        if meta.get("dev_rng") and isinstance(state.dev_rng, np.random.Generator):
             state.dev_rng.bit_generator.state = parse_json(meta["dev_rng"])
         else:
             state.dev_rng = backend.xp.random.default_rng(config.train.seed + 1 + state.pos.step)

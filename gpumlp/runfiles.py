@@ -191,11 +191,11 @@ def check_same_run(saved: dict, config: Config, folder: Path,
 
 
 def generator_state(rng) -> str | None:
-    """The JSON of a NumPy generator's state; None for a generator that cannot say (CuPy)."""
-    try:
-        return json.dumps(rng.bit_generator.state)
-    except (AttributeError, TypeError):
+    """The JSON of a NumPy generator's state; None for a generator that cannot say (CuPy's,
+    whose `bit_generator.state` is a method, not a property)."""
+    if not isinstance(rng, np.random.Generator):
         return None
+    return json.dumps(rng.bit_generator.state)
 
 
 class RunFiles:

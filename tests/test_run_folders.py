@@ -1315,3 +1315,32 @@ def test_a_run_folder_gone_while_training_says_so_and_how_to_go_on(tmp_path):
         tmp_path / "my run" / "metrics.jsonl", OSError(errno.ENOSPC, "No space left"), "kept")
     assert str(full).endswith(f"(No space left); kept; free some space, then: gpumlp train "
                               f"--resume '{tmp_path / 'my run'}'")
+
+
+class CupyLikeGenerator:
+    """What CuPy's Generator shows of its state: `bit_generator.state` is a method that gives a
+    device pointer, and it takes no state (assigning to it would just hide the method)."""
+
+    def __init__(self, seed):
+        self.seed = seed
+        self.bit_generator = SimpleNamespace(state=lambda: 0x7F00_0000)
+
+
+def test_a_cpu_checkpoint_resumed_on_a_gpu_reseeds_the_device_generator_not_overwrites_it():
+    """A CPU run saves its device generator's state; CuPy's generator cannot take it, so a
+    resume on a GPU reseeds it from the position (as a GPU run's resume does)."""
+    from gpumlp.resume_state import restore_generators
+    from gpumlp.runfiles import generator_state
+    config = build_config(None, "train.seed=3")
+    host = np.random.default_rng(5)
+    meta = {"rng": host.bit_generator.state,
+            "dev_rng": generator_state(np.random.default_rng(4))}
+    gpu = SimpleNamespace(xp=SimpleNamespace(random=SimpleNamespace(
+        default_rng=CupyLikeGenerator)))
+    state = SimpleNamespace(rng=np.random.default_rng(0), dev_rng=CupyLikeGenerator(4),
+                            pos=SimpleNamespace(step=70))
+    restore_generators(state, meta, config, gpu, "run/checkpoint.npz")
+    assert isinstance(state.dev_rng, CupyLikeGenerator) and state.dev_rng.seed == 3 + 1 + 70
+    assert callable(state.dev_rng.bit_generator.state)
+    assert state.rng.bit_generator.state == host.bit_generator.state
+    assert generator_state(state.dev_rng) is None   # and a GPU run saves none
