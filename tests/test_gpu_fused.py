@@ -10,7 +10,7 @@
   real MNIST reaches the CPU's test accuracy within 0.5 points.
 
 Skipped, with the reason, where gpumlp sees no CUDA device. CuPy is reached through the
-backend (cupyx only for its synchronisation detector).
+backend.
 """
 
 from __future__ import annotations
@@ -259,25 +259,40 @@ def test_make_step_takes_the_fused_step_on_the_gpu(gpu):
     assert not isinstance(make_step(build_config(None, ["train.dtype=float64"]), gpu), FusedStep)
 
 
-@pytest.mark.filterwarnings("ignore:cupyx.allow_synchronize")  # best effort, CuPy says
+# Keeps one thread of the GPU busy for `cycles` of its clock (2e9 cycles: 1 s at 1.98 GHz).
+SPIN = r"""extern "C" __global__ void spin(long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) { }
+}"""
+
+
 def test_a_step_does_not_synchronise_with_the_host(gpu):
-    cupyx = pytest.importorskip("cupyx")
-    if not hasattr(cupyx, "allow_synchronize"):
-        pytest.skip("this CuPy has no cupyx.allow_synchronize")
+    """Three steps and tallies queued behind a kernel that keeps the GPU busy for seconds: the
+    host must issue them all while that kernel still runs. A step that waited for the GPU (a
+    `.item()`, a copy to the host, a synchronize) would return only after it ended.
+    (CuPy 14's `cupyx.allow_synchronize` detects nothing: its checks were removed.)"""
     config = build_config(None, ["model.dropout=0.1", "model.max_norm=3", "optim.name=adam"])
     params, X, y = host_problem((784, 256, 10), 128, seed=50)
     params, step = to_device(gpu, params), FusedStep(config, gpu)
     state = init_state(config.optim, params)
     split = DeviceSplit(gpu.asarray((X * 255).astype(np.uint8)), gpu.asarray(y))
     idx, masks = gpu.asarray(np.arange(128)), (gpu.asarray(host_mask(51, (128, 256))),)
-    step(params, state, *step.batch(split, idx), 0.01, 1, masks)        # compiles, allocates
     sums = (gpu.xp.zeros((), np.float64), gpu.xp.zeros((), np.int64))   # the loop's
-    with cupyx.allow_synchronize(False):
-        for t in (2, 3, 4):
-            L, ok = step(params, state, *step.batch(split, idx), 0.01, t, masks)
-            step.tally(*sums, L, ok, 128)
+    L, ok = step(params, state, *step.batch(split, idx), 0.01, 1, masks)  # compiles, allocates
+    step.tally(*sums, L, ok, 128)
+    spin = gpu.xp.RawKernel(SPIN, "spin")
+    spin((1,), (1,), (np.int64(1000),))                                   # compiled
     gpu.synchronize()
-    assert 0 < int(sums[1]) <= 3 * 128 and np.isfinite(float(sums[0]))
+    spin((1,), (1,), (np.int64(4_000_000_000),))                          # 2 s or more
+    busy = gpu.xp.cuda.Event()
+    busy.record()
+    for t in (2, 3, 4):
+        L, ok = step(params, state, *step.batch(split, idx), 0.01, t, masks)
+        step.tally(*sums, L, ok, 128)
+    issued_while_busy = not busy.done
+    gpu.synchronize()
+    assert issued_while_busy, "a step or tally waited for the GPU: it synchronises with the host"
+    assert 0 < int(sums[1]) <= 4 * 128 and np.isfinite(float(sums[0]))
 
 
 def test_a_short_run_matches_the_cpu(gpu, tiny_mnist):
