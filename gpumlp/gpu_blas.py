@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DeviceError
+
 
 def address(array: Any) -> int:
     """Where an array's first element is: a CuPy array's device pointer (NumPy arrays, in the
@@ -32,9 +34,14 @@ class Blas:
     """out = op(a) @ op(b) for C-contiguous float32 matrices, on the current stream."""
 
     def __init__(self, xp: Any, tf32: bool):
-        self.xp, self.cublas = xp, xp.cuda.cublas
+        try:  # CuPy 14 loads libcublas on first use: a missing one shows here
+            self.xp, self.cublas = xp, xp.cuda.cublas
+            self.handle = xp.cuda.device.get_cublas_handle()
+        except Exception as e:  # ImportError, or a CUDA error creating the handle
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise DeviceError(f"cuBLAS could not be loaded ({type(e).__name__}: {first}); check "
+                              "the CUDA installation (nvidia-smi, gpumlp info)") from None
         cublas = self.cublas
-        self.handle = xp.cuda.device.get_cublas_handle()
         self.full = cublas.CUBLAS_COMPUTE_32F  # float32 inputs, float32 sums
         self.compute = cublas.CUBLAS_COMPUTE_32F_FAST_TF32 if tf32 else self.full
         self.float32 = xp.cuda.runtime.CUDA_R_32F

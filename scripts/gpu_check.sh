@@ -16,9 +16,10 @@
 #   SECTIONS          the sections to run, by name (default: all five, "info tests steps bench
 #                     train"); e.g. SECTIONS="tests bench" to rerun two after a fix.
 #
-# Sections, each under its own time limit (40 + 210 + 45 + 120 + 80 s, and 10 s more each to be
+# Sections, each under its own time limit (60 + 190 + 45 + 120 + 80 s, and 10 s more each to be
 # killed: 545 s at most, usually far less; give a job runner at least that):
-#   info       nvidia-smi, versions, `gpumlp info`                       -> $OUT/info.log
+#   info       nvidia-smi, versions, `gpumlp info`, a preflight of what  -> $OUT/info.log
+#              the others need (cuBLAS, NVRTC, cuRAND, cupyx, torch)
 #   tests      python -m pytest -m gpu tests/test_gpu_*.py                -> $OUT/pytest-gpu.log
 #   steps      generic vs fused step, h256, batch 128 (ms per step), and  -> $OUT/steps.log
 #              the fused step replayed as a CUDA graph (a probe)
@@ -44,6 +45,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export OUT PY PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export GPUMLP_CACHE_DIR="${GPUMLP_CACHE_DIR:-$(mktemp -d)}"  # never the user's cache
+export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-$(mktemp -d)}"      # CuPy's kernels: a writable cache
 if [ -z "${GPUMLP_DATA_DIR:-}" ] && [ -d shared/data/mnist ]; then
   export GPUMLP_DATA_DIR="$PWD/shared/data/mnist"
 fi
@@ -67,7 +69,7 @@ section() {  # section NAME LIMIT_SECONDS LOG COMMAND...: run it, tee its output
   fi
 }
 
-info() {  # fails when the versions or `gpumlp info` cannot be printed
+info() {  # fails when the versions or `gpumlp info` cannot be printed, or a preflight fails
   local rc=0
   date -u +"%Y-%m-%d %H:%M:%S UTC"
   nvidia-smi || true
@@ -84,6 +86,33 @@ except ImportError:
     print("torch: not installed")
 EOF
   "$PY" -m gpumlp info || rc=1
+  "$PY" - <<'EOF' || rc=1
+# What the other sections need, each tried once, so that a missing library fails here in one
+# line rather than in every test (CuPy 14 loads cuBLAS, cuRAND and NVRTC at their first use).
+checks = {
+    "cuBLAS (a product)": "import cupy; a = cupy.ones((64, 64), cupy.float32); "
+                          "assert float((a @ a)[0, 0]) == 64",
+    "the fused kernels (NVRTC)": "import cupy; from gpumlp.fast_cuda import Kernels; "
+                                 "Kernels(cupy, 'relu')",
+    "CuPy's generator": "import cupy; r = cupy.random.default_rng(0).random(4, cupy.float32); "
+                        "assert r.dtype == cupy.float32",
+    "cupyx map_coordinates": "import cupy, cupyx.scipy.ndimage as nd; "
+                             "nd.map_coordinates(cupy.ones((4, 4), cupy.float32), "
+                             "cupy.ones((2, 3), cupy.float32), order=1)",
+    "PyTorch sees the GPU (bench)": "import torch; assert torch.cuda.is_available()",
+    "Pillow, matplotlib (a GPU test)": "import PIL, matplotlib",
+}
+failed = 0
+for name, code in checks.items():
+    try:
+        exec(code, {})
+        print(f"preflight {name}: ok")
+    except BaseException as e:
+        failed += 1
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"preflight {name}: FAILED ({type(e).__name__}: {first})")
+raise SystemExit(1 if failed else 0)
+EOF
   echo "GPUMLP_DATA_DIR=${GPUMLP_DATA_DIR:-<unset: the real-MNIST test and the h256 run will skip or fail>}"
   return $rc
 }
@@ -133,9 +162,44 @@ for name, values in times.items():
 
 # A probe, not the product: the fused step captured once as a CUDA graph (fixed lr and t) and
 # replayed, to tell what a whole-step graph would save (docs/gpu.md). A failure is reported.
+import ctypes
+
+
+class DirectCublas:
+    """The three calls gpu_blas.Blas makes of CuPy's cuBLAS wrapper, straight to libcublas:
+    the wrapper refuses every call (its setStream first) while a stream is being captured."""
+
+    def __init__(self, cublas):
+        for name in dir(cublas):
+            if name.startswith("CUBLAS_"):
+                setattr(self, name, getattr(cublas, name))
+        with open("/proc/self/maps") as maps:  # the libcublas CuPy loaded (the steps ran)
+            path = next(line.split()[-1] for line in maps if "/libcublas.so" in line)
+        lib = ctypes.CDLL(path)
+        p, i = ctypes.c_void_p, ctypes.c_int
+        lib.cublasSetStream_v2.argtypes = [p, p]
+        lib.cublasSetPointerMode_v2.argtypes = [p, i]
+        lib.cublasGemmEx.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i]
+        self.lib = lib
+
+    def call(self, status):
+        if status != 0:
+            raise RuntimeError(f"cuBLAS status {status}")
+
+    def setStream(self, handle, stream):
+        self.call(self.lib.cublasSetStream_v2(handle, stream))
+
+    def setPointerMode(self, handle, mode):
+        self.call(self.lib.cublasSetPointerMode_v2(handle, mode))
+
+    def gemmEx(self, *args):
+        self.call(self.lib.cublasGemmEx(*args))
+
+
 cp = gpu.xp
 try:
     step = steps["fused"]
+    step.blas.cublas = DirectCublas(step.blas.cublas)
     params = Params(tuple(map(gpu.asarray, host.W)), tuple(map(gpu.asarray, host.b)))
     state = init_state(config.optim, params)
     stream = cp.cuda.Stream(non_blocking=True)
@@ -172,11 +236,11 @@ train_h256() {
 }
 
 export -f info steps train_h256  # so that `timeout bash -c NAME` runs them
-wanted info && section info 40 info.log bash -c info
+wanted info && section info 60 info.log bash -c info
 if wanted tests; then
-  PER_TEST=()  # with pytest-timeout, a test that hangs costs 60 s, not the section's 210
+  PER_TEST=()  # with pytest-timeout, a test that hangs costs 60 s, not the section's 190
   "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=60)
-  section tests 210 pytest-gpu.log \
+  section tests 190 pytest-gpu.log \
     "$PY" -m pytest -m gpu -q -rfEs --durations=10 -p no:cacheprovider "${PER_TEST[@]}" \
     tests/test_gpu_*.py  # only these: a missing onnx or PIL must not stop the GPU tests
   if [ "${STATUS[tests]}" = ok ] && ! grep -qE "[0-9]+ passed" "$OUT/pytest-gpu.log"; then
@@ -195,6 +259,7 @@ echo "=== summary ==="
 for name in $SECTIONS; do
   printf '%-6s %s\n' "$name" "${STATUS[$name]}"
 done
+! wanted info || grep -E "^preflight .*FAILED" "$OUT/info.log"
 ! wanted tests || grep -E "[0-9]+ (passed|failed|skipped|errors?)" "$OUT/pytest-gpu.log" | tail -n 1
 ! wanted steps || grep -E "ms/step|probe failed" "$OUT/steps.log"
 ! wanted bench || grep -E "^\|" "$OUT/bench.log"

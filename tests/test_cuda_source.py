@@ -36,7 +36,7 @@ from gpumlp.backend import CPU, Backend, enable_tf32
 from gpumlp.config import ACTIVATIONS as config_activations
 from gpumlp.config import build_config
 from gpumlp.data import DeviceSplit, gather, to_inputs
-from gpumlp.errors import GpumlpError
+from gpumlp.errors import DeviceError, GpumlpError
 from gpumlp.model import (Params, backward, dropout_masks, forward, init_params,
                           loss_and_dA2)
 from gpumlp.optim import init_state
@@ -403,6 +403,20 @@ def test_gemm_is_the_row_major_product_for_each_transpose(trans_a, trans_b):
     want = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
     assert cupy.cuda.cublas.calls == [HostCublas.CUBLAS_COMPUTE_32F]
+
+
+def test_a_cublas_cupy_cannot_load_is_a_one_line_device_error():
+    """CuPy 14 loads libcublas at its first use (`cupy.cuda.cublas`): a CUDA install without
+    it is a DeviceError naming the library, not a traceback out of the step."""
+    def missing():
+        raise ImportError('Failure finding "libcublasLt.so.13 or libcublasLt.so.12"\nsearched')
+    cupy = fake_cupy()
+    cupy.cuda.device.get_cublas_handle = missing
+    with pytest.raises(DeviceError) as e:
+        Blas(cupy, tf32=False)
+    assert str(e.value) == ('cuBLAS could not be loaded (ImportError: Failure finding '
+                            '"libcublasLt.so.13 or libcublasLt.so.12"); check the CUDA '
+                            'installation (nvidia-smi, gpumlp info)')
 
 
 @pytest.mark.parametrize("tf32, capability, compute", [(True, "90", 77), (False, "90", 68),
