@@ -71,10 +71,13 @@ TINY_SCALE = 2.0 ** -64  # the velocity scale is multiplied out before it falls 
 
 def supports(config: Config) -> bool:
     """True when the fast step computes exactly this config's equations: SGD, and not
-    Nesterov with weight decay (its decay would read J_k after the lr mu vel_k shift)."""
+    Nesterov with weight decay (its decay would read J_k after the lr mu vel_k shift), and a
+    momentum of 0 or one the velocity's scale s (s *= mu) can take: below TINY_SCALE, s = mu
+    itself would make the gemms' alpha / s overflow and lr s round to 0 in float32."""
     o = config.optim
     nesterov_wd = o.nesterov and o.momentum > 0 and o.weight_decay > 0
-    return o.name == "sgd" and not nesterov_wd
+    tiny_momentum = 0 < o.momentum < TINY_SCALE
+    return o.name == "sgd" and not nesterov_wd and not tiny_momentum
 
 
 class ScipyBlas(NamedTuple):

@@ -112,18 +112,24 @@ def check_batch_size(config: Config, n: int) -> None:
                           f"training set has only {n} examples; lower it")
 
 
-def all_finite(params: Params) -> bool:
-    return all(bool(np.isfinite(float(p.sum(dtype=np.float64)))) for p in (*params.W, *params.b))
+def all_finite(arrays) -> bool:
+    return all(bool(np.isfinite(float(a.sum(dtype=np.float64)))) for a in arrays)
 
 
 def check_finite(state: RunState) -> None:
-    """A NumericalError unless the running loss and every parameter (model.py's layout) are
-    finite: the guard before a checkpoint, or a metrics row, is written."""
-    pos = state.pos
-    if not np.isfinite(pos.loss_sum) or not all_finite(state.params):
-        epoch = pos.epoch + 1 if pos.batch else pos.epoch  # batch 0: the epoch just completed
-        raise NumericalError(f"the loss or the weights became NaN or infinite in epoch {epoch} "
-                             f"(by step {pos.step})")
+    """A NumericalError unless the running loss, every parameter and the optimizer's state
+    (model.py's layout) are finite: the guard before a checkpoint, or a metrics row, is
+    written (a resume refuses a checkpoint with a NaN velocity as damaged)."""
+    pos, opt = state.pos, state.opt
+    scale = () if opt.scale is None else (np.asarray(opt.scale),)
+    if not np.isfinite(pos.loss_sum) or not all_finite((*state.params.W, *state.params.b)):
+        what = "the loss or the weights"
+    elif not all_finite((*opt.m, *opt.v, *scale)):
+        what = "the optimizer's state"
+    else:
+        return
+    epoch = pos.epoch + 1 if pos.batch else pos.epoch  # batch 0: the epoch just completed
+    raise NumericalError(f"{what} became NaN or infinite in epoch {epoch} (by step {pos.step})")
 
 
 def too_large(what: str) -> NumericalError:

@@ -492,6 +492,26 @@ def test_make_step_keeps_the_generic_step_where_dW_itself_is_needed(overrides):
     assert make_step(config, CPU).kind == "generic"
 
 
+@pytest.mark.parametrize("momentum", ["1e-30", "1e-46"])
+def test_a_momentum_below_the_velocitys_scale_floor_trains_on_the_generic_step(momentum):
+    """s = mu after a multiply-out: a momentum below TINY_SCALE would make the fold's alpha / s
+    overflow and lr s round to 0 in float32 (the weights never moved, the velocity went NaN).
+    Such a config takes the generic step, which trains as with a momentum of 0."""
+    rng = np.random.default_rng(16)
+    images = sparse_images(rng, 160)
+    labels = rng.integers(0, 10, 160).astype(np.uint8)
+    mnist = Mnist(Split(images[:128], labels[:128]), Split(images[128:], labels[128:]))
+    base = ["model.hidden=24", "train.epochs=1", "train.batch_size=32", "optim.nesterov=false"]
+    config = build_config(None, [*base, f"optim.momentum={momentum}"])
+    assert config.optim.momentum > 0 and not fast_cpu.supports(config)
+    assert make_step(config, CPU).kind == "generic"
+    tiny = train(config, CPU, mnist)
+    none = train(build_config(None, [*base, "optim.momentum=0"]), CPU, mnist)
+    assert_close(tiny.params.W + tiny.params.b, none.params.W + none.params.b, "params")
+    start = new_state(config, CPU).params
+    assert not np.array_equal(tiny.params.b[0], start.b[0])       # it trained
+
+
 @pytest.mark.parametrize("extra", [[], ["model.dropout=0.3"], ["model.hidden=[24, 12]"],
                                    ["model.hidden=[24, 12, 8]", "model.dropout=0.3"],
                                    ["model.hidden=[24, 12]", "optim.nesterov=false",

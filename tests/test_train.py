@@ -315,3 +315,18 @@ def test_evaluate_adds_the_batch_losses_in_float64(tiny_mnist):
         assert L.dtype == np.float32
         total += float(L * np.float32(sl.stop - sl.start))        # float64 sum, in order
     assert evaluate(params, split, config)[0] == total / len(split)
+
+
+@pytest.mark.parametrize("slot", ["velocity", "scale"])
+def test_a_checkpoints_guard_refuses_a_nan_optimizer_state_with_finite_weights(slot):
+    """A resume refuses a checkpoint whose optimizer state is not finite (as damaged), so the
+    guard before a checkpoint or a metrics row refuses it too, not only NaN weights."""
+    from gpumlp.train import check_finite
+    state = new_state(build_config(None, "model.hidden=8"), CPU)
+    check_finite(state)                                   # a fresh state passes
+    if slot == "velocity":
+        state.opt.m[2][0, 0] = np.nan
+    else:
+        state.opt = state.opt._replace(scale=np.array([np.inf]))
+    with pytest.raises(NumericalError, match=r"^the optimizer's state became NaN or infinite"):
+        check_finite(state)
