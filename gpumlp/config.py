@@ -259,12 +259,34 @@ def _coerce(path: str, value: Any, annotation: str, keys: tuple) -> Any:
     raise wrong(expected_words(path, annotation))
 
 
-def _build(cls: type, values: Mapping[str, Any], prefix: str, keys: tuple = ()) -> Any:
-    """Instantiate dataclass `cls` from a mapping, recursing into nested sections; `keys` is
-    the path of `values` as a tuple (for KeyProblem), `prefix` as text ("data.augment.")."""
+def _is_section(f: dataclasses.Field) -> bool:
+    """Whether a config field is a section (model, data.augment, ...), not a key."""
+    return (f.default_factory is not dataclasses.MISSING
+            and dataclasses.is_dataclass(f.default_factory))
+
+
+def _check_mapping(values: Any, prefix: str, keys: tuple) -> None:
     if not isinstance(values, Mapping):
         section = f"config section {_where(prefix)}" if prefix else "the top level of a config"
         raise KeyProblem(keys, f"{section} must be a mapping, got {shown(values)}")
+
+
+def _check_sections(values: Any, cls: type | None = None, prefix: str = "",
+                    keys: tuple = ()) -> None:
+    """A KeyProblem where one layer of a config (a file, a --set) gives a section as something
+    other than a mapping: checked before the layers merge, where a later layer's mapping would
+    replace it unseen (a file's `optim: [...]` lost to --set optim.lr=...)."""
+    _check_mapping(values, prefix, keys)
+    for f in fields(cls or Config):
+        if f.name in values and _is_section(f):
+            _check_sections(values[f.name], f.default_factory, f"{prefix}{f.name}.",
+                            (*keys, f.name))
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str, keys: tuple = ()) -> Any:
+    """Instantiate dataclass `cls` from a mapping, recursing into nested sections; `keys` is
+    the path of `values` as a tuple (for KeyProblem), `prefix` as text ("data.augment.")."""
+    _check_mapping(values, prefix, keys)
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in values.items():
@@ -272,7 +294,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, keys: tuple = ()) 
         if key not in known:
             raise _unknown_key(prefix, str(key), list(known), at)
         f = known[key]
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+        if _is_section(f):
             kwargs[key] = _build(f.default_factory, value, f"{path}.", at)
         else:
             kwargs[key] = _coerce(path, value, str(f.type), at)
@@ -466,7 +488,11 @@ def build_config(path: str | Path | None = None, overrides: tuple[str, ...] | li
     layers += [(f"--{key.rpartition('.')[2]} {shown(value)}: ", _nest(key, value))  # --seed
                for key, value in flags.items() if value is not None]
     values: dict = {}
-    for _, layer in layers:
+    for source, layer in layers:
+        try:
+            _check_sections(layer)
+        except KeyProblem as e:
+            raise ConfigError(f"{source}{e}") from None
         values = _deep_merge(values, layer)
     try:
         config = config_from_dict(values)

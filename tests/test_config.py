@@ -109,6 +109,19 @@ def test_a_set_may_still_mend_a_file_value_and_errors_past_it_are_its_own(tmp_pa
     assert message.startswith("--set 'model.activaton=relu': unknown config key 'model.activaton'")
 
 
+@pytest.mark.parametrize("text, section, got, key", [
+    ("optim:\n  - name: adam\n  - lr: 0.001\n", "optim", "[{...}, {...}]", "optim.lr=0.1"),
+    ("model: garbage\n", "model", "'garbage'", "model.hidden=8"),
+    ("data: {augment: 2}\n", "data.augment", "2", "data.augment.shift=1")])
+def test_a_file_section_that_is_not_a_mapping_is_refused_even_under_a_set_of_its_keys(
+        tmp_path, text, section, got, key):
+    """A later layer's mapping would replace it in the merge: the file's section (adam, lr
+    0.001) was lost without a word and the run trained on the defaults."""
+    path = write(tmp_path, text)
+    assert error_of(build_config, path, [key]) == (
+        f"{path}: config section '{section}' must be a mapping, got {got}")
+
+
 def test_an_error_from_a_flag_names_the_flag(tmp_path):
     path = write(tmp_path, "train: {seed: 1}\n")
     message = error_of(build_config, path, ["train.seed=2"], **{"train.seed": -1})
