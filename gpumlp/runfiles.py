@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -190,6 +190,13 @@ def check_same_run(saved: dict, config: Config, folder: Path,
             f"train keys may change), so {fix}, or start a new run")
 
 
+def key_paths(values: Any, prefix: str = "") -> set[str]:
+    """The dotted keys of a nested mapping's leaves: {"model.hidden", "data.augment.shift", ...}."""
+    if not isinstance(values, dict):
+        return {prefix[:-1]} if prefix else set()
+    return {key for name, value in values.items() for key in key_paths(value, f"{prefix}{name}.")}
+
+
 def generator_state(rng) -> str | None:
     """The JSON of a NumPy generator's state; None for a generator that cannot say (CuPy's,
     whose `bit_generator.state` is a method, not a property)."""
@@ -316,6 +323,14 @@ class RunFiles:
             raise GpumlpError(f"--resume {folder}: holds a run ({', '.join(done)}) but no "
                               "checkpoint.npz, so there is nothing to resume; start over with a "
                               f"new --out, or with --out {shell_path(folder)} --overwrite")
+        lacks = sorted(key_paths(config_to_dict(Config())) -
+                       key_paths(read_yaml(self.path("config.yaml"))))
+        if lacks:  # not a run killed before its first checkpoint: a config of one's own
+            more = f" and {len(lacks) - 1} more" if len(lacks) > 1 else ""
+            raise GpumlpError(f"--resume {folder}: no checkpoint.npz, and its config.yaml is not "
+                              f"a run's (a run's lists every key; it lacks '{lacks[0]}'{more}); "
+                              "to train with that config: gpumlp train --config "
+                              f"{shell_path(self.path('config.yaml'))}")
 
     def saved_init(self, config: Config) -> Params | None:
         """The `--init` weights this run started from (init.npz), or None for a random start."""

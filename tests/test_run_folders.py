@@ -1344,3 +1344,19 @@ def test_a_cpu_checkpoint_resumed_on_a_gpu_reseeds_the_device_generator_not_over
     assert callable(state.dev_rng.bit_generator.state)
     assert state.rng.bit_generator.state == host.bit_generator.state
     assert generator_state(state.dev_rng) is None   # and a GPU run saves none
+
+
+def test_resume_of_a_folder_with_only_a_config_of_ones_own_refuses_and_keeps_it(
+        tiny_data_dir, tmp_path):
+    """A run killed before its first checkpoint left config.yaml with every key (the test
+    above resumes it); a folder with a config.yaml written by hand is no run: resume refuses
+    it, rather than training there over the user's file, comments and all."""
+    out = tmp_path / "exp"
+    out.mkdir()
+    mine = "# my experiment\nmodel: {hidden: 8}   # small\ntrain: {epochs: 1}\n"
+    (out / "config.yaml").write_text(mine)
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert_one_error_line(result, 1, "its config.yaml is not a run's", "it lacks 'data.",
+                          f"gpumlp train --config {out / 'config.yaml'}")
+    assert (out / "config.yaml").read_text() == mine
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
