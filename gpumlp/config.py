@@ -503,6 +503,9 @@ def build_config(path: str | Path | None = None, overrides: tuple[str, ...] | li
         raise ConfigError(f"{source}{e}") from None
 
 
+SMALLEST_NORMAL = {"float32": 2.0 ** -126, "float64": 2.0 ** -1022}  # numpy's finfo(...).tiny
+
+
 def _check_together(config: Config) -> Config:
     """The checks added after models were saved, and those that read two keys: not in
     config_from_dict, so that every model saved before still loads."""
@@ -511,6 +514,15 @@ def _check_together(config: Config) -> Config:
         raise KeyProblem(("model", "hidden"), f"config key 'model.hidden' lists {len(hidden)} "
                          f"hidden layers; give at most {MAX_DEPTH}")
     optim = config.optim
+    tiny = SMALLEST_NORMAL[config.train.dtype]
+    for key in ("lr", "eps"):
+        value = getattr(optim, key)
+        if value < tiny:  # 0, or a subnormal that has lost its digits, in the run's arithmetic
+            raise KeyProblem(("optim", key),
+                             f"config key 'optim.{key}' ({value:g}) is below the smallest normal "
+                             f"{config.train.dtype} number ({tiny:.3g}), where train.dtype "
+                             f"{config.train.dtype} computes it as 0 or without its digits; "
+                             f"give at least {tiny:.3g}", others=(("train", "dtype"),))
     if optim.schedule == "cosine" and optim.min_lr > optim.lr:
         raise KeyProblem(("optim", "min_lr"),
                          f"config key 'optim.min_lr' ({optim.min_lr:g}) is above optim.lr "

@@ -509,3 +509,16 @@ def test_one_override_may_be_a_string_and_a_binary_file_is_no_config(tmp_path):
     latin.write_bytes("# caf\u00e9\ntrain:\n  epochs: 2\n".encode("latin-1"))
     assert error_of(read_yaml, latin) == (f"config file {latin} is not UTF-8 text (byte 0xe9 at "
                                           "offset 5); save it as UTF-8")
+
+
+@pytest.mark.parametrize("key", ["lr", "eps"])
+def test_a_rate_or_eps_below_the_dtypes_smallest_normal_number_is_refused(key):
+    """1e-46 is 0 in float32: an lr of it trained nothing and exited 0, an eps of it made Adam
+    divide 0 by 0 (with advice to lower the lr). Fine in float64, whose floor is lower."""
+    message = error_of(build_config, None, [f"optim.{key}=1e-46"])
+    assert message == (f"--set 'optim.{key}=1e-46': config key 'optim.{key}' (1e-46) is below "
+                       "the smallest normal float32 number (1.18e-38), where train.dtype "
+                       "float32 computes it as 0 or without its digits; give at least 1.18e-38")
+    assert getattr(build_config(None, [f"optim.{key}=1.2e-38"]).optim, key) == 1.2e-38
+    config = build_config(None, [f"optim.{key}=1e-46", "train.dtype=float64"])
+    assert getattr(config.optim, key) == 1e-46
