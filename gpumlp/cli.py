@@ -141,7 +141,11 @@ def default_out(config_path: str | None) -> Path:
             path.mkdir(parents=True)  # atomic: two runs started in the same second differ
             return path
         except FileExistsError:
-            continue
+            if not path.parent.is_dir():  # runs is a link to a missing folder
+                raise GpumlpError(f"{path.parent}: a link to a missing folder, so no run folder "
+                                  f"can be made in it; pass --out, or move {path.parent} away"
+                                  ) from None
+            continue  # that name is taken: the next
         except OSError as e:
             raise GpumlpError(f"{path}: cannot create the run folder ({e.strerror or e}); "
                               "pass a writable --out") from None

@@ -507,6 +507,18 @@ def test_default_run_names_never_collide(tiny_data_dir, tmp_path, monkeypatch):
     assert all((tmp_path / "runs" / name / "model.npz").is_file() for name in runs)
 
 
+def test_a_runs_link_to_a_missing_folder_is_named_not_taken_for_999_runs(tiny_data_dir,
+                                                                         tmp_path, monkeypatch):
+    """mkdir(parents=True) says FileExistsError for every name under a dangling `runs` link."""
+    monkeypatch.chdir(tmp_path)
+    Path("runs").symlink_to(tmp_path / "gone")
+    result = cli("train", "--config", SMOKE, *TINY, "--device", "cpu", "--data-dir",
+                 tiny_data_dir, "--quiet")
+    assert_one_error_line(result, 1, "runs: a link to a missing folder, so no run folder can be "
+                          "made in it; pass --out, or move runs away")
+    assert not (tmp_path / "gone").exists()
+
+
 def test_a_failed_run_with_a_default_name_leaves_no_folder(tiny_data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = cli("train", "--config", SMOKE, *TINY, "--device", "cpu", "--set", HUGE,
