@@ -7,6 +7,7 @@ saves a checkpoint, then exits 128 + the signal's number: 130, or 143.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import io
@@ -89,11 +90,15 @@ def closed_streams() -> None:
 def tolerant_output() -> None:
     """Let stdout and stderr write what their encoding lacks as backslash escapes (a run folder
     named with a euro sign under a Latin-1 locale, a file name that is not UTF-8) rather than
-    fail with UnicodeEncodeError after the work is done."""
+    fail with UnicodeEncodeError after the work is done. An ASCII stream (LC_ALL=C) becomes
+    UTF-8, as click would rewrap it anyway, but with its `errors="replace"`, which turned the
+    bytes of a file name that is not UTF-8 into '?'."""
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.reconfigure(errors="backslashreplace")
-        except (AttributeError, ValueError, OSError):  # not a TextIOWrapper (a test's capture)
+            ascii_only = codecs.lookup(stream.encoding).name == "ascii"
+            stream.reconfigure(errors="backslashreplace", **({"encoding": "utf-8"}
+                                                             if ascii_only else {}))
+        except (AttributeError, TypeError, LookupError, ValueError, OSError):  # a test's capture
             pass
 
 

@@ -602,6 +602,24 @@ def test_output_a_latin_1_terminal_cannot_show_is_escaped_not_a_traceback(tmp_pa
     assert done.stderr.startswith(b"Warning: --data-dir " + escaped + b": no such folder")
 
 
+def test_a_file_name_an_ascii_locale_cannot_decode_is_escaped_not_a_question_mark(tmp_path):
+    """Under LC_ALL=C, Python holds a name's non-ASCII bytes as surrogates, and click rewrapped
+    the ASCII stream with errors="replace": every such byte printed as '?'."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "LANG")}
+    env.update(LC_ALL="C", PYTHONUTF8="0")
+    done = subprocess.run([sys.executable, "-m", "gpumlp", "data", "path", "--data-dir",
+                           os.fsencode(tmp_path) + b"/caf\xc3\xa9"], capture_output=True,
+                          env=env, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    escaped = os.fsencode(tmp_path) + b"/caf\\udcc3\\udca9"
+    assert done.stdout == escaped + b"\n"
+    assert done.stderr.startswith(b"Warning: --data-dir " + escaped + b": no such folder")
+
+
 def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130(monkeypatch, capsys):
     """The console script imports the CLI (NumPy, click, ...) inside a guard: Ctrl-C then is
     `interrupted` and 130, as during a command, not an import's traceback."""
