@@ -67,7 +67,7 @@ def header_lines(backend, result: dict, spec, data: str = "mnist") -> list[str]:
         f"threads   {threads}; torch {result['torch_threads'] or '-'}; "
         f"gpumlp step: {result.get('gpumlp_step', '-')}",
         f"sgemm     {result['sgemm_gflops']:.1f} GFLOP/s (best 2048^3 float32 product, measured "
-        "at the start)",
+        "at the start and at the end)",
         f"data      {data_line(data, spec.samples)}; fp32; SGD momentum {MOMENTUM}, lr {LR}; "
         + (f"median of {spec.repeats} interleaved timings of {spec.epochs} epoch(s); "
            f"gpumlp/torch: median of the {spec.repeats} rounds' ratios of gpumlp's epoch to "
@@ -123,7 +123,7 @@ def bench(device, hidden, batch, epochs, repeats, data, data_dir, samples, with_
     """Time training epochs, against PyTorch eager in the same run.
 
     Prints seconds per epoch, samples per second, achieved GFLOP/s and their share of an
-    sgemm rate measured at the start, and the ratio gpumlp/PyTorch, as a Markdown table,
+    sgemm rate measured at the start and the end, and the ratio gpumlp/PyTorch, as a Markdown table,
     then the command that reproduces it. Epochs run on MNIST's training images (or, with
     --data synthetic, on random images of its shape, which have no zero pixels to skip).
 

@@ -368,11 +368,13 @@ def check_run(run_dir: Path, overwrite: bool = False) -> list[dict]:
     folders = [name for name in foreign
                if (run_dir / name).is_dir() and not (run_dir / name).is_symlink()]
     if folders:
-        raise ReportError(f"{run_dir}: {', '.join(folders)} is a folder, where the report "
-                          "writes a file; move it out of the way")
+        are, them = ("are folders", "them") if len(folders) > 1 else ("is a folder", "it")
+        raise ReportError(f"{run_dir}: {', '.join(folders)} {are}, where the report writes "
+                          f"files; move {them} out of the way")
     if foreign and not overwrite:
-        raise ReportError(f"{run_dir}: {', '.join(foreign)} not written by gpumlp report "
-                          "(the report would replace it); move it away, or pass --overwrite")
+        it = "them" if len(foreign) > 1 else "it"
+        raise ReportError(f"{run_dir}: {', '.join(foreign)} not written by gpumlp report (the "
+                          f"report would replace {it}); move {it} away, or pass --overwrite")
     return rows
 
 

@@ -683,6 +683,17 @@ def test_bench_counts_the_flops_the_fast_step_executes_not_those_it_skips():
     assert 0.99 * model <= dense.gflop <= model
 
 
+def test_bench_takes_the_best_sgemm_rate_of_the_start_and_the_end(monkeypatch):
+    """One reference taken in a slow phase at the start gave shares of it above 100%."""
+    import gpumlp.bench as bench_module
+
+    rates = iter([50.0, 80.0])
+    monkeypatch.setattr(bench_module, "sgemm_rate", lambda backend: next(rates))
+    spec = bench_module.BenchSpec(hidden=(8,), batch=(32,), repeats=1, samples=64, torch=False)
+    assert bench_module.run_bench(spec, CPU)["sgemm_gflops"] == 80.0
+    assert next(rates, None) is None                               # measured twice, no more
+
+
 def test_bench_refuses_more_rows_per_batch_than_samples():
     result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--data", "synthetic",
                                        "--hidden", "8", "--batch", "128", "--samples", "64",
