@@ -23,7 +23,7 @@ import pytest
 NEEDS_REAL_CUPY = {
     "test_the_gpu_backend_runs_on_cupy": "asserts the backend's module is CuPy",
     "test_tf32_is_used_when_asked_and_stays_close": "reads CuPy's own cuBLAS compute type",
-    "test_a_step_does_not_synchronise_with_the_host": "needs a GPU that runs while the host goes on",
+    "test_a_step_does_not_synchronise_with_the_host": "needs a GPU running beside the host",
     # both sides of these would be NumPy running the same generic code: they could not fail
     "test_forward_and_backward_agree_float32": "both sides would be the same NumPy code",
     "test_one_training_step_agrees_float32": "both sides would be the same NumPy code",
