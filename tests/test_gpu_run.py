@@ -2,7 +2,8 @@
 
 - dropout masks and every augmentation drawn by CuPy's generator (cupyx's map_coordinates for
   the warps), in a run interrupted mid-epoch after a checkpoint and resumed by the CLI; CuPy's
-  generator cannot save its state, so the resume reseeds it from the position;
+  generator cannot save its state, so the resume reseeds it from the position; and a CPU run
+  resumed the same way on the GPU (its saved NumPy generator state is of no use to CuPy's);
 - `evaluate`, `predict` and `report` with `--device cuda` on that run's model.
 
 The fused-step tests (test_gpu_fused.py) give the step its masks and inputs from the host;
@@ -38,10 +39,9 @@ def cli(*args) -> str:
     return result.stdout
 
 
-@pytest.fixture(scope="module")
-def resumed_run(gpu, tiny_mnist, tmp_path_factory) -> Path:
-    """A cuda run with dropout and augmentation, stopped mid-epoch 2 and resumed by the CLI."""
-    out = tmp_path_factory.mktemp("gpu-run") / "run"
+def stopped_and_resumed(backend, tiny_mnist, out: Path) -> None:
+    """A run on `backend` with dropout and augmentation, stopped mid-epoch 2, resumed by the
+    CLI with --device cuda."""
     stop = []
 
     def on_event(kind: str, info: dict) -> None:
@@ -49,7 +49,7 @@ def resumed_run(gpu, tiny_mnist, tmp_path_factory) -> Path:
             stop.append(True)                                # as Ctrl-C sets the CLI's flag
 
     with pytest.raises(Interrupted):
-        train(build_config(None, SETTINGS), gpu, tiny_mnist.mnist, out_dir=out,
+        train(build_config(None, SETTINGS), backend, tiny_mnist.mnist, out_dir=out,
               on_event=on_event, should_stop=lambda: bool(stop))
     with np.load(out / "checkpoint.npz", allow_pickle=False) as npz:
         position = json.loads(str(npz["state"]))["position"]
@@ -63,7 +63,27 @@ def resumed_run(gpu, tiny_mnist, tmp_path_factory) -> Path:
         mp.delenv("GPUMLP_DATA_DIR", raising=False)
         cli("train", "--resume", out, "--device", "cuda", "--data-dir", tiny_mnist.folder, "-q")
     assert (out / "metrics.jsonl").read_text().startswith(first_epoch)  # continued, not redone
+
+
+@pytest.fixture(scope="module")
+def resumed_run(gpu, tiny_mnist, tmp_path_factory) -> Path:
+    """A cuda run with dropout and augmentation, stopped mid-epoch 2 and resumed by the CLI."""
+    out = tmp_path_factory.mktemp("gpu-run") / "run"
+    stopped_and_resumed(gpu, tiny_mnist, out)
     return out
+
+
+def test_a_cpu_run_resumes_on_the_gpu(gpu, tiny_mnist, tmp_path):
+    """The CPU run's checkpoint holds NumPy's device generator state, which CuPy's generator
+    cannot take: the resume reseeds it (assigning the state hid its `state` method, and the
+    first dropout mask failed)."""
+    from gpumlp.backend import CPU
+
+    stopped_and_resumed(CPU, tiny_mnist, tmp_path / "run")
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["epoch"] for row in rows] == [1, 2, 3]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["device"].startswith("cuda:0") and summary["test_accuracy"] > 0.3
 
 
 def test_a_cuda_run_with_dropout_and_augmentation_resumes_mid_epoch(resumed_run):
