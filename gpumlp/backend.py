@@ -76,6 +76,12 @@ def cuda_backend(index: int, given: str | None = None) -> Backend:
         raise DeviceError(f"{named}: only {count} GPU(s) here "
                           f"(cuda:0..cuda:{count - 1}); pick one of those or --device cpu")
     cupy.cuda.Device(index).use()
+    try:
+        cupy.cuda.cublas  # noqa: B018 (CuPy 14 loads libcublas at its first use: here, not mid-run)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DeviceError(f"{named}: CuPy cannot load cuBLAS ({type(e).__name__}: {first}); "
+                          "check the CUDA installation (nvidia-smi, gpumlp info)") from None
     name = cupy.cuda.runtime.getDeviceProperties(index)["name"]
     name = name.decode() if isinstance(name, bytes) else name
     return Backend(cupy, f"cuda:{index}", f"cuda:{index} ({name})")

@@ -14,7 +14,7 @@ dW_k products plus 2 m fan_in fan_out for each dZ_k below the last layer (dX is 
 For 784-256-10 that is 49.1 GFLOP an epoch; the usual "backward = 2 x forward" count would say
 73.2. A step that skips pixels counts the ones it multiplies (`FastStep.pixels_used`), and its
 row gets the model's count less what it skipped. The sgemm rate the results are compared with
-is measured at the start of the run.
+is the best of one measured at the start of the run and one at its end.
 
 Nothing here prints: results come back as records, and `on_row` hears each one as it is done.
 """

@@ -90,9 +90,9 @@ def closed_streams() -> None:
 def tolerant_output() -> None:
     """Let stdout and stderr write what their encoding lacks as backslash escapes (a run folder
     named with a euro sign under a Latin-1 locale, a file name that is not UTF-8) rather than
-    fail with UnicodeEncodeError after the work is done. An ASCII stream (LC_ALL=C) becomes
-    UTF-8, as click would rewrap it anyway, but with its `errors="replace"`, which turned the
-    bytes of a file name that is not UTF-8 into '?'."""
+    fail with UnicodeEncodeError after the work is done. An ASCII stream (the C locale with
+    PYTHONUTF8=0) becomes UTF-8, as click would rewrap it anyway, but with its
+    `errors="replace"`, which turned the bytes of a file name that is not UTF-8 into '?'."""
     for stream in (sys.stdout, sys.stderr):
         try:
             ascii_only = codecs.lookup(stream.encoding).name == "ascii"

@@ -325,7 +325,10 @@ class RunFiles:
                               f"new --out, or with --out {shell_path(folder)} --overwrite")
         lacks = sorted(key_paths(config_to_dict(Config())) -
                        key_paths(read_yaml(self.path("config.yaml"))))
-        if lacks:  # not a run killed before its first checkpoint: a config of one's own
+        if lacks and not metrics.exists():
+            # not a run killed before its first checkpoint (it has metrics.jsonl, written just
+            # after its config.yaml of every key): a config of one's own. A killed run's config
+            # edited since, or written by a version with fewer keys, has metrics.jsonl
             more = f" and {len(lacks) - 1} more" if len(lacks) > 1 else ""
             raise GpumlpError(f"--resume {folder}: no checkpoint.npz, and its config.yaml is not "
                               f"a run's (a run's lists every key; it lacks '{lacks[0]}'{more}); "

@@ -89,28 +89,33 @@ EOF
   "$PY" - <<'EOF' || rc=1
 # What the other sections need, each tried once, so that a missing library fails here in one
 # line rather than in every test (CuPy 14 loads cuBLAS, cuRAND and NVRTC at their first use).
-checks = {
-    "cuBLAS (a product)": "import cupy; a = cupy.ones((64, 64), cupy.float32); "
-                          "assert float((a @ a)[0, 0]) == 64",
+import numpy as np
+checks = {  # each a statement that raises when the library cannot do its part
+    "cuBLAS (a product)": "import cupy; a = cupy.asarray(np.ones((64, 64), np.float32)); "
+                          "assert float((a @ a)[0, 0]) == 64, 'wrong product'",
     "the fused kernels (NVRTC)": "import cupy; from gpumlp.fast_cuda import Kernels; "
                                  "Kernels(cupy, 'relu')",
     "CuPy's generator": "import cupy; r = cupy.random.default_rng(0).random(4, cupy.float32); "
-                        "assert r.dtype == cupy.float32",
+                        "assert r.dtype == cupy.float32, r.dtype",
     "cupyx map_coordinates": "import cupy, cupyx.scipy.ndimage as nd; "
                              "nd.map_coordinates(cupy.ones((4, 4), cupy.float32), "
                              "cupy.ones((2, 3), cupy.float32), order=1)",
-    "PyTorch sees the GPU (bench)": "import torch; assert torch.cuda.is_available()",
     "Pillow, matplotlib (a GPU test)": "import PIL, matplotlib",
 }
 failed = 0
 for name, code in checks.items():
     try:
-        exec(code, {})
+        exec(code, {"np": np})
         print(f"preflight {name}: ok")
     except BaseException as e:
         failed += 1
         first = (str(e).strip().splitlines() or [""])[0]
         print(f"preflight {name}: FAILED ({type(e).__name__}: {first})")
+try:  # optional: bench compares with PyTorch only where it sees the GPU
+    import torch
+    print(f"preflight PyTorch on the GPU (bench's comparison): {torch.cuda.is_available()}")
+except ImportError:
+    print("preflight PyTorch on the GPU (bench's comparison): not installed")
 raise SystemExit(1 if failed else 0)
 EOF
   echo "GPUMLP_DATA_DIR=${GPUMLP_DATA_DIR:-<unset: the real-MNIST test and the h256 run will skip or fail>}"
@@ -174,7 +179,9 @@ class DirectCublas:
             if name.startswith("CUBLAS_"):
                 setattr(self, name, getattr(cublas, name))
         with open("/proc/self/maps") as maps:  # the libcublas CuPy loaded (the steps ran)
-            path = next(line.split()[-1] for line in maps if "/libcublas.so" in line)
+            path = next((line.split()[-1] for line in maps if "/libcublas.so" in line), None)
+        if path is None:
+            raise RuntimeError("libcublas is not loaded in this process")
         lib = ctypes.CDLL(path)
         p, i = ctypes.c_void_p, ctypes.c_int
         lib.cublasSetStream_v2.argtypes = [p, p]
@@ -242,7 +249,7 @@ if wanted tests; then
   "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=60)
   section tests 190 pytest-gpu.log \
     "$PY" -m pytest -m gpu -q -rfEs --durations=10 -p no:cacheprovider "${PER_TEST[@]}" \
-    tests/test_gpu_*.py  # only these: a missing onnx or PIL must not stop the GPU tests
+    tests/test_gpu_*.py  # only these: a missing onnx must not stop the GPU tests
   if [ "${STATUS[tests]}" = ok ] && ! grep -qE "[0-9]+ passed" "$OUT/pytest-gpu.log"; then
     STATUS[tests]="failed: no test passed (all skipped: is the GPU visible?)"  # pytest says 0
   fi

@@ -410,6 +410,36 @@ def test_a_missing_gpu_is_named_as_the_user_wrote_the_device(command, monkeypatc
                           "Error: --device cuda: no CUDA GPU is visible")
 
 
+class CudaWithoutCublas:
+    """What CuPy 14 on a CUDA install without libcublas shows gpumlp: a GPU, and an ImportError
+    at the first touch of cupy.cuda.cublas."""
+
+    class cuda:
+        class Device:
+            def __init__(self, index):
+                pass
+
+            def use(self):
+                pass
+
+        def __getattr__(self, name):
+            raise ImportError('Failure finding "libcublasLt.so.13 or libcublasLt.so.12"')
+
+    cuda = cuda()
+
+
+@pytest.mark.parametrize("command", CUDA_COMMANDS)
+def test_a_cublas_cupy_cannot_load_is_named_before_any_work(command, monkeypatch, in_tmp):
+    """Not a traceback from the first product of a run on the generic GPU path."""
+    monkeypatch.setattr(backend, "_import_cupy", lambda: CudaWithoutCublas)
+    monkeypatch.setattr(backend, "_cuda_count", lambda cupy: 1)
+    assert_one_error_line(cli(*command, "--device", "cuda"), 2,
+                          "Error: --device cuda: CuPy cannot load cuBLAS (ImportError: Failure "
+                          'finding "libcublasLt.so.13 or libcublasLt.so.12"); check the CUDA '
+                          "installation (nvidia-smi, gpumlp info)")
+    assert not (in_tmp / "run").exists()
+
+
 def test_file_errors_exit_1_with_one_line(in_tmp):
     assert_one_error_line(cli("evaluate", "missing.npz", "--device", "cpu"), 1, "missing.npz",
                           "no such file")
@@ -603,8 +633,9 @@ def test_output_a_latin_1_terminal_cannot_show_is_escaped_not_a_traceback(tmp_pa
 
 
 def test_a_file_name_an_ascii_locale_cannot_decode_is_escaped_not_a_question_mark(tmp_path):
-    """Under LC_ALL=C, Python holds a name's non-ASCII bytes as surrogates, and click rewrapped
-    the ASCII stream with errors="replace": every such byte printed as '?'."""
+    """Under LC_ALL=C with PYTHONUTF8=0 (else Python makes the C locale UTF-8 itself), Python
+    holds a name's non-ASCII bytes as surrogates, and click rewrapped the ASCII stream with
+    errors="replace": every such byte printed as '?'."""
     import os
     import subprocess
     import sys
