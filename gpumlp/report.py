@@ -17,6 +17,7 @@ report.md that is not a report, a link) is kept unless `overwrite` says otherwis
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -46,7 +47,13 @@ MISTAKES_SHOWN = 16  # images in the mistakes grid
 DPI = 110
 SPLITS = (("train", "train", "C0"), ("val", "validation", "C2"), ("test", "test", "C3"))
 REPORT = "report.md"
-REPORT_TITLE = "# Report: "  # report.md's first line; a report.md without it is not ours
+REPORT_TITLE = "# Report: "  # report.md's first line
+# report.md's last line: a report.md whose content above it has another hash was edited since
+# the report wrote it (or is not a report): the next report keeps it unless told to overwrite
+REPORT_SEAL = b"<!-- written by gpumlp report; sha256 of the text above: %s -->\n"
+REPORT_SEAL_RE = re.compile(rb"<!-- written by gpumlp report; sha256 of the text above: "
+                            rb"([0-9a-f]{64}) -->\n\Z")
+MAX_REPORT_MD = 1 << 24  # 16 MiB: larger than any report.md gpumlp writes
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The text chunk every figure of the report carries, right after the PNG's header: what tells
 # the report's own figures from a user's PNG of the same name.
@@ -159,24 +166,39 @@ def json_text(value: object, limit: int = 60) -> str:
 
 def foreign_outputs(run_dir: Path) -> list[str]:
     """The report's file names in `run_dir` taken by something the report did not write:
-    a link, a folder, a .png without the report's mark (PNG_MARK), a report.md that is not a
-    report."""
+    a link, a folder, a .png without the report's mark (PNG_MARK), a report.md without its
+    seal or edited since (REPORT_SEAL)."""
     names = []
     for name in [*FIGURES.values(), REPORT]:
         path = run_dir / name
         if path.is_symlink() or (path.exists() and not path.is_file()):
             names.append(name)
         elif path.is_file():
-            with open(path, "rb") as f:
-                head = f.read(max(PNG_MARK_WITHIN, len(REPORT_TITLE)))
             if name.endswith(".png"):
+                with open(path, "rb") as f:
+                    head = f.read(PNG_MARK_WITHIN)
                 ours = head.startswith(PNG_SIGNATURE) and (PNG_MARK in head
                                                            or OLD_PNG_MARK in head)
             else:
-                ours = head.startswith(REPORT_TITLE.encode())
+                data = read_at_most(path, MAX_REPORT_MD)
+                ours = data is not None and is_sealed(data)
             if not ours:
                 names.append(name)
     return names
+
+
+def sealed(text: bytes) -> bytes:
+    """report.md's bytes with its seal: the hash of `text` on a last line of its own."""
+    text = text if text.endswith(b"\n") else text + b"\n"
+    return text + REPORT_SEAL % hashlib.sha256(text).hexdigest().encode()
+
+
+def is_sealed(data: bytes) -> bool:
+    """Whether `data` ends in a seal whose hash is that of the text above it (not edited)."""
+    seal = data[data.rfind(b"\n", 0, len(data) - 1) + 1:]
+    match = REPORT_SEAL_RE.fullmatch(seal)
+    body = data[:len(data) - len(seal)]
+    return match is not None and match.group(1).decode() == hashlib.sha256(body).hexdigest()
 
 
 def save_figure(fig, path: Path) -> None:
@@ -398,6 +420,6 @@ def make_report(run_dir: str | Path, test: Split, backend: Backend,
     plot_first_layer(params.W[0], paths["weights"])
     plot_mistakes(test.images, out, picked, paths["mistakes"])
     report = run_dir / REPORT
-    atomic_write(report, markdown(run_dir, rows, counts, out, picked, smoothing)
-                 .encode("utf-8", "backslashreplace"))  # a folder name not UTF-8 stays legible
+    atomic_write(report, sealed(markdown(run_dir, rows, counts, out, picked, smoothing)
+                                .encode("utf-8", "backslashreplace")))  # a name not UTF-8: legible
     return [*paths.values(), report]

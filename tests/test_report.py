@@ -19,9 +19,9 @@ from gpumlp.checkpoint import load_model
 from gpumlp.cli_use import report
 from gpumlp.data import to_inputs
 from gpumlp.model import forward, softmax
-from gpumlp.report import (FIGURES, PNG_MARK, PNG_MARK_WITHIN, ReportError, SplitOutputs,
-                           check_run, confident_mistakes, confusion_matrix, make_report,
-                           plot_mistakes)
+from gpumlp.report import (FIGURES, PNG_MARK, PNG_MARK_WITHIN, REPORT_TITLE, ReportError,
+                           SplitOutputs, check_run, confident_mistakes, confusion_matrix,
+                           make_report, plot_mistakes)
 from use_helpers import assert_missing_extra, invoke, train_model, without_module
 
 
@@ -328,6 +328,30 @@ def test_the_report_replaces_its_own_files_but_not_others_unless_told(
     assert again.exit_code == 0, again.output
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == sorted(
         ["metrics.jsonl", "model.npz", "report.md", *FIGURES.values()])
+
+
+@pytest.mark.parametrize("edit", ["append", "change", "drop the seal"])
+def test_a_report_md_edited_since_the_report_wrote_it_is_kept_unless_told(
+        run_dir, tiny_data_dir, tmp_path, edit):
+    """report.md ends in a seal, the hash of the text above it: notes added to it, a number
+    changed, or the seal removed make it the user's, which the next report keeps (it replaced
+    any report.md whose first line was the title)."""
+    run = copy_run(run_dir, tmp_path)
+    args = (run, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert invoke(report, *args).exit_code == 0
+    written = (run / "report.md").read_bytes()
+    assert written.startswith(REPORT_TITLE.encode()) and written.endswith(b" -->\n")
+    assert invoke(report, *args).exit_code == 0             # its own, unedited: replaced
+    body, seal = written[:written.rindex(b"<!--")], written[written.rindex(b"<!--"):]
+    mine = {"append": body + b"\n## My notes\n" + seal,
+            "change": body.replace(b"test accuracy", b"test accuracy (!)", 1) + seal,
+            "drop the seal": body}[edit]
+    (run / "report.md").write_bytes(mine)
+    refused = invoke(report, *args)
+    assert refused.exit_code == 1
+    assert "report.md not written by gpumlp report" in refused.stderr
+    assert (run / "report.md").read_bytes() == mine
+    assert invoke(report, *args, "--overwrite").exit_code == 0
 
 
 def test_a_users_own_png_under_a_figure_name_is_kept_and_the_reports_own_are_marked(

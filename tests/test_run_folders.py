@@ -27,7 +27,7 @@ from gpumlp.backend import CPU
 from gpumlp.config import build_config
 from gpumlp.errors import GpumlpError
 from gpumlp.npzio import load_npz
-from gpumlp.report import FIGURES, PNG_MARK, PNG_SIGNATURE, REPORT_TITLE
+from gpumlp.report import FIGURES, PNG_MARK, PNG_SIGNATURE, REPORT_TITLE, sealed
 from gpumlp.runfiles import DERIVED_FILES, RunFiles, lock_run
 from gpumlp.train import train
 
@@ -49,10 +49,11 @@ def finished(tiny_data_dir, tmp_path) -> Path:
     """A finished run, with a report's and an export's files beside it and a user's notes."""
     out = tmp_path / "run"
     assert cli(*train_args(out, tiny_data_dir)).exit_code == 0
-    for name in DERIVED_FILES:                       # each as gpumlp report or export begins it
-        head = {".png": PNG_SIGNATURE + PNG_MARK,
-                ".md": REPORT_TITLE.encode()}.get(Path(name).suffix, b"")
-        (out / name).write_bytes(head + b"made from the old model")
+    for name in DERIVED_FILES:                       # each marked as gpumlp report or export does
+        made = b"made from the old model\n"
+        (out / name).write_bytes({".png": PNG_SIGNATURE + PNG_MARK + made,
+                                  ".md": sealed(REPORT_TITLE.encode() + made)}.get(
+                                      Path(name).suffix, made))
     (out / "notes.txt").write_text("mine")
     return out
 
