@@ -54,7 +54,8 @@ MEMORY_HINT = "free some memory and try again"
 OS_ERROR_HINTS = {errno.ENAMETOOLONG: "; give a shorter path",
                   errno.EACCES: "; check its permissions", errno.EPERM: "; check its permissions",
                   errno.ELOOP: "; a link there leads back to itself: fix or remove it",
-                  errno.ENOSPC: "; free some space and try again"}
+                  errno.ENOSPC: "; free some space and try again",
+                  errno.EFBIG: "; the file size limit (ulimit -f) is too low: raise it"}
 
 
 def domain_errors(fn):

@@ -104,6 +104,7 @@ def data():
                      "and use (or fill) the cache (env: {env}).", Path)
 @click.option("--quiet", "-q", is_flag=True,
               help="Show no progress, only warnings; print only the folder.")
+@domain_errors
 def fetch_command(source: str, data_dir: Path | None, quiet: bool) -> None:
     """Make sure the four verified MNIST files are at hand; print their folder.
 
@@ -122,6 +123,7 @@ def fetch_command(source: str, data_dir: Path | None, quiet: bool) -> None:
 @data.command("verify", short_help="Check the sha256 of each MNIST file.")
 @data_dir_option_for("Check the MNIST files in this folder instead of the cache (env: {env}).",
                      Path)
+@domain_errors
 def verify_command(data_dir: Path | None) -> None:
     """Check the sha256 of each cached MNIST file (or of --data-dir's); exit 1 if any is wrong.
 
@@ -154,6 +156,7 @@ def verify_command(data_dir: Path | None) -> None:
 
 @data.command("path", short_help="Print the folder the MNIST files are read from.")
 @data_dir_option_for("Print this folder instead of the cache (env: {env}).", Path)
+@domain_errors
 def path_command(data_dir: Path | None) -> None:
     """Print the folder the MNIST files are read from: --data-dir if given, else the cache.
 
@@ -184,6 +187,7 @@ def class_counts_table(splits: dict[str, np.ndarray]) -> list[str]:
 @data.command("info", short_help="Count the images of each split and digit.")
 @data_dir_option_for("Read the MNIST files in this folder instead of the cache; a missing or "
                      "damaged file there is an error (env: {env}).", Path)
+@domain_errors
 def info_command(data_dir: Path | None) -> None:
     """Count the images of each split and of each digit (downloads nothing).
 

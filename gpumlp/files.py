@@ -8,12 +8,22 @@ from __future__ import annotations
 import os
 
 
+READ_CHUNK = 1 << 20  # 1 MiB
+
+
 def read_at_most(path: str | os.PathLike, limit: int) -> bytes | None:
     """The bytes of `path`, or None when it holds more than `limit` bytes (only `limit` + 1
-    are read). OSError as `open` and `read` raise it (a folder: IsADirectoryError)."""
+    are read, in chunks: `read(limit + 1)` would reserve all of it first, 257 MiB for one small
+    picture). OSError as `open` and `read` raise it (a folder: IsADirectoryError)."""
+    chunks, size = [], 0
     with open(path, "rb") as f:
-        data = f.read(limit + 1)
-    return None if len(data) > limit else data
+        while size <= limit:
+            chunk = f.read(min(READ_CHUNK, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    return None if size > limit else b"".join(chunks)
 
 
 def writing_now(folder: str | os.PathLike) -> bool:

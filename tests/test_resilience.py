@@ -286,6 +286,35 @@ def test_atomic_write_in_a_folder_it_cannot_write_names_the_file_not_a_temporary
     assert (info.value.errno, info.value.filename) == (errno.EROFS, str(tmp_path / "model.npz"))
 
 
+def test_atomic_write_takes_a_name_up_to_the_systems_limit(tmp_path):
+    """Its temporary name adds 14 characters to the target's: one of 242 to 255 was refused."""
+    name = "a" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 1)
+    npzio.atomic_write(tmp_path / name, b"contents")
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert (tmp_path / name).read_bytes() == b"contents"
+
+
+def test_reading_a_small_file_under_a_large_limit_reserves_no_more_than_a_chunk(tmp_path):
+    """`read(limit + 1)` reserved the whole limit first (257 MiB for one 28x28 PNG): `predict`
+    and `report` ran out of memory under `ulimit -v` with small files."""
+    import tracemalloc
+
+    from gpumlp.files import READ_CHUNK, read_at_most
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.write_bytes(b"x" * 1000)
+    big.write_bytes(b"y" * (3 * READ_CHUNK + 5))
+    tracemalloc.start()
+    try:
+        assert read_at_most(small, 256 << 20) == b"x" * 1000
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * READ_CHUNK
+    assert read_at_most(big, 3 * READ_CHUNK + 5) == big.read_bytes()
+    assert read_at_most(big, 3 * READ_CHUNK + 4) is None
+    assert read_at_most(small, 1000) == b"x" * 1000 and read_at_most(small, 999) is None
+
+
 def digest_tree(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
