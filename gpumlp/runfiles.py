@@ -409,11 +409,17 @@ class RunFiles:
                 "dev_rng": generator_state(state.dev_rng), "history": history,
                 "fixed": fixed_keys(config), "config": dotted_config(config)}
         arrays["state"] = np.array(json.dumps(meta))
+        path = self.path("checkpoint.npz")
+        first = not path.exists()
         try:
-            save_npz(self.path("checkpoint.npz"), arrays)
+            save_npz(path, arrays)
         except OSError as e:
-            raise self.write_failed(self.path("checkpoint.npz"), e,
-                                    "the previous checkpoint is intact") from None
+            if first and self.folder.is_dir():  # nothing to resume: a new run's folder goes
+                fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+                raise GpumlpError(f"cannot write {path} ({e.strerror or e}); no checkpoint was "
+                                  f"written yet; {fix}, then run the same command again"
+                                  ) from None
+            raise self.write_failed(path, e, "the previous checkpoint is intact") from None
 
     def load_checkpoint(self, config: Config, backend: Backend,
                         n_train: int) -> tuple["RunState", list[dict]]:

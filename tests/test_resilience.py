@@ -239,6 +239,26 @@ def test_nan_from_a_huge_learning_rate_is_one_line_exit_1(reference, tmp_path):
     assert len(lines) == 1 and "NaN or infinite" in lines[0] and "step" in lines[0]
 
 
+def test_a_first_checkpoint_that_cannot_be_written_does_not_advise_a_resume(tmp_path,
+                                                                          monkeypatch):
+    """No checkpoint is there yet (a new run's folder then goes, and --overwrite has removed the
+    old run's): 'the previous checkpoint is intact; ... --resume' was false advice."""
+    out = tmp_path / "run"
+    real_replace = os.replace
+
+    def too_large(src, dst):
+        if Path(dst).name == "checkpoint.npz":
+            raise OSError(errno.EFBIG, "File too large")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(npzio.os, "replace", too_large)
+    with pytest.raises(GpumlpError) as info:
+        train(tiny_config(), __import__("gpumlp.backend").backend.CPU, tiny_mnist(), out_dir=out)
+    assert str(info.value) == (f"cannot write {out / 'checkpoint.npz'} (File too large); no "
+                               "checkpoint was written yet; fix that, then run the same command "
+                               "again")
+
+
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     out = tmp_path / "run"
     calls = {"n": 0}
