@@ -24,7 +24,8 @@ def result_line(result, top_k: int, as_json: bool) -> str:
         top = result.top(top_k)
         return json.dumps({"file": json_text(result.path), "prediction": top[0][0],
                            "top": [{"class": c, "probability": p} for c, p in top]})
-    return f"{result.path}: " + "  ".join(f"{c} ({p:.3f})" for c, p in result.top(top_k))
+    name = str(result.path).replace("\r", "\\r").replace("\n", "\\n")  # one line a file,
+    return f"{name}: " + "  ".join(f"{c} ({p:.3f})" for c, p in result.top(top_k))  # as errors
 
 
 @click.command(short_help="Predict the digit in PNG, JPEG or BMP images, or .npy arrays.")

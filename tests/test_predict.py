@@ -382,6 +382,15 @@ def test_top_k_lines_list_classes_by_falling_probability(random_model, tmp_path)
     assert one.stdout.strip() == f"{path}: {classes[0]} ({probabilities[0]:.3f})"
 
 
+def test_a_file_name_with_a_line_break_is_still_one_line_of_output(random_model, tmp_path):
+    """As in its error lines, the name's line breaks are escaped: one line per file."""
+    path = save_png(tmp_path / "new\nline.png", ring_digit())
+    result = invoke(predict, random_model, path, "--top-k", "1", "--device", "cpu")
+    assert result.exit_code == 0 and result.stderr == ""
+    assert len(result.stdout.splitlines()) == 1
+    assert result.stdout.startswith(f"{tmp_path}/new\\nline.png: ")
+
+
 def test_json_gives_one_object_per_file_errors_included(random_model, tmp_path):
     path = save_png(tmp_path / "ring.png", ring_digit())
     (tmp_path / "bad.png").write_text("nope")
