@@ -36,9 +36,14 @@ class OneLineGroup(click.Group):
             return super().main(args, prog_name, complete_var, False, **extra)
         closed_streams()
         tolerant_output()
-        previous = catch_sigterm()
+        previous = catch_signals()
         try:
             result = super().main(args, prog_name, complete_var, False, **extra)
+            if SIGNALLED:  # raised where Python swallowed it: the command went on to its end
+                said, code = interrupted_how(Terminated() if SIGNALLED[0] == signal.SIGTERM
+                                             else KeyboardInterrupt())
+                click.echo(said, err=True)
+                sys.exit(code)
         except click.exceptions.NoArgsIsHelpError as e:  # a group with no command: its help
             click.echo(e.ctx.get_help())
             sys.exit(0)
@@ -62,8 +67,8 @@ class OneLineGroup(click.Group):
                            err=True)
             sys.exit(1)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         sys.exit(result if isinstance(result, int) else 0)
 
 
@@ -110,19 +115,35 @@ def quiet_stdout() -> None:
         pass
 
 
-def catch_sigterm():
-    """Make SIGTERM raise `Terminated` (a KeyboardInterrupt: Ctrl-C's clean-up, exit 143) for
-    the command's duration; training's StopFlag replaces it while a run could checkpoint. In a
-    container gpumlp is the first process, which the kernel spares a SIGTERM it does not
-    handle: `docker stop` would wait 10 s and kill it. The previous handler, to put back."""
-    def handler(signum, frame):
+SIGNALLED: list[int] = []  # the signals catch_signals' handlers were called for
+
+
+def catch_signals() -> dict:
+    """Make SIGTERM raise `Terminated` (a KeyboardInterrupt: Ctrl-C's clean-up, exit 143), and
+    SIGINT KeyboardInterrupt as Python's own handler does, for the command's duration, noting
+    each in SIGNALLED: an exception raised in a weakref or garbage-collection callback is
+    swallowed by Python, and the command would end as if never stopped. Training's StopFlag
+    replaces them while a run could checkpoint. In a container gpumlp is the first process,
+    which the kernel spares a SIGTERM it does not handle: `docker stop` would wait 10 s and
+    kill it. The previous handlers, to put back."""
+    def on_term(signum, frame):
+        SIGNALLED.append(signum)
         raise Terminated()
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_IGN, None):
-        return None  # ignored by whoever started us (or set outside Python): left as it is
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        return None
+
+    def on_int(signum, frame):
+        SIGNALLED.append(signum)
+        raise KeyboardInterrupt()
+
+    SIGNALLED.clear()
+    previous = {}
+    for signum, handler in ((signal.SIGTERM, on_term), (signal.SIGINT, on_int)):
+        if signal.getsignal(signum) in (signal.SIG_IGN, None):
+            continue  # ignored by whoever started us (or set outside Python): left as it is
+        try:
+            previous[signum] = signal.signal(signum, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            break
+    return previous
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -493,6 +493,32 @@ def sigterm_while_the_data_loads(out: Path, patch: str = "") -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("signame, code, said", [("SIGTERM", 143, "terminated (SIGTERM)"),
+                                                  ("SIGINT", 130, "interrupted")])
+def test_a_signal_python_swallows_in_a_weakref_callback_still_ends_the_command(signame, code,
+                                                                                said):
+    """A signal that lands while a weakref or GC callback runs (matplotlib's, in `report`)
+    raises there, where Python prints 'Exception ignored' and goes on: the command then ended
+    with exit 0, as if never stopped."""
+    import subprocess
+    import sys
+
+    script = ("import signal, weakref, gpumlp.cli as c, gpumlp.sysinfo as s\n"
+              "class Thing: pass\n"
+              "def details():\n"
+              "    thing = Thing()\n"
+              f"    ref = weakref.ref(thing, lambda r: signal.raise_signal(signal.{signame}))\n"
+              "    del thing\n"
+              "    return {'gpumlp': 'test'}\n"
+              "s.system_info = details\n"
+              "c.main(['info'])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert "Exception ignored" in done.stderr              # Python did swallow it
+    assert done.returncode == code, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == said
+
+
 def test_sigterm_while_the_data_loads_exits_143_and_leaves_no_run(tmp_path):
     """Outside training SIGTERM stops the command as Ctrl-C does, exit 143: in a container
     gpumlp is the first process, which the kernel spares a SIGTERM it does not handle (in a
