@@ -44,7 +44,9 @@ def cannot_write(folder: Path, error: OSError, create: bool = False) -> CacheUnw
     if create:
         return CacheUnwritable(f"cannot create the cache folder {folder} ({reason}); "
                                f"set {CACHE_ENV} to a folder you can write to")
-    fix = "free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+    fix = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+           errno.EFBIG: "raise the file size limit (ulimit -f)",
+           errno.ENAMETOOLONG: "give it a shorter path"}.get(error.errno, "make it writable")
     return CacheUnwritable(f"cannot write to the cache folder {folder} ({reason}); {fix}, "
                            f"or set {CACHE_ENV} to a folder you can write to")
 

@@ -312,6 +312,22 @@ def test_unwritable_cache_is_said_first_and_no_source_is_asked(monkeypatch, cach
     assert server.log == []
 
 
+@pytest.mark.parametrize("code, strerror, fix", [
+    (errno.EFBIG, "File too large", "raise the file size limit (ulimit -f)"),
+    (errno.ENAMETOOLONG, "File name too long", "give it a shorter path"),
+    (errno.ENOSPC, "No space left on device", "free some space")])
+def test_a_cache_that_refuses_a_file_says_what_would_fix_it(monkeypatch, cache, fake, server,
+                                                            code, strerror, fix):
+    """'make it writable' was the advice for a file-size limit or an over-long path too."""
+    def refuse(*args, **kwargs):
+        raise OSError(code, strerror)
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    with pytest.raises(DataError) as caught:
+        ensure(fake, mirrors=[server.mirror("good", "good", fake.gz)])
+    assert str(caught.value) == (f"cannot write to the cache folder {cache} ({strerror}); {fix}, "
+                                 "or set GPUMLP_CACHE_DIR to a folder you can write to")
+
+
 def test_a_file_the_cache_refuses_stops_the_fetch_after_that_mirror(monkeypatch, cache, fake,
                                                                     server):
     """The mirror's other files are still stored; no other source is asked for the one left."""
