@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from time import monotonic
 from pathlib import Path
 
 import click
@@ -116,6 +117,8 @@ def quiet_stdout() -> None:
 
 
 SIGNALLED: list[int] = []  # the signals catch_signals' handlers were called for
+SIGNALLED_AT: list[float] = []  # and when (time.monotonic)
+REPEAT_GAP = 1.0  # s: a signal this soon after the last is the same stop sent twice
 
 
 def catch_signals() -> dict:
@@ -125,22 +128,25 @@ def catch_signals() -> dict:
     swallowed by Python, and the command would end as if never stopped. Training's StopFlag
     replaces them while a run could checkpoint. In a container gpumlp is the first process,
     which the kernel spares a SIGTERM it does not handle: `docker stop` would wait 10 s and
-    kill it. The previous handlers, to put back."""
-    def on_term(signum, frame):
+    kill it. A signal within REPEAT_GAP of the last is only noted (`timeout` signals the process
+    and its group: two at once, the second in the first's clean-up); a later one stops the
+    command again. The previous handlers, to put back."""
+    def on_signal(signum, frame):
+        now = monotonic()
+        again = bool(SIGNALLED_AT) and now - SIGNALLED_AT[-1] < REPEAT_GAP
         SIGNALLED.append(signum)
-        raise Terminated()
-
-    def on_int(signum, frame):
-        SIGNALLED.append(signum)
-        raise KeyboardInterrupt()
+        SIGNALLED_AT.append(now)
+        if not again:
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     SIGNALLED.clear()
+    SIGNALLED_AT.clear()
     previous = {}
-    for signum, handler in ((signal.SIGTERM, on_term), (signal.SIGINT, on_int)):
+    for signum in (signal.SIGTERM, signal.SIGINT):
         if signal.getsignal(signum) in (signal.SIG_IGN, None):
             continue  # ignored by whoever started us (or set outside Python): left as it is
         try:
-            previous[signum] = signal.signal(signum, handler)
+            previous[signum] = signal.signal(signum, on_signal)
         except ValueError:  # not the main thread: leave signals alone
             break
     return previous

@@ -519,6 +519,27 @@ def test_a_signal_python_swallows_in_a_weakref_callback_still_ends_the_command(s
     assert done.stderr.strip().splitlines()[-1] == said
 
 
+def test_a_second_sigterm_in_the_first_ones_clean_up_is_no_traceback():
+    """`timeout` signals the process and its group: two SIGTERMs at once; the second landed
+    while the first's message was printed, and ended in a KeyboardInterrupt traceback."""
+    import subprocess
+    import sys
+
+    script = ("import signal, gpumlp.cli as c, gpumlp.cli_common as cc, gpumlp.sysinfo as s\n"
+              "def details():\n"
+              "    signal.raise_signal(signal.SIGTERM)\n"
+              "told = cc.interrupted_how\n"
+              "def twice(e):\n"
+              "    signal.raise_signal(signal.SIGTERM)\n"
+              "    return told(e)\n"
+              "s.system_info, c.interrupted_how, cc.interrupted_how = details, twice, twice\n"
+              "c.main(['info'])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip() == "terminated (SIGTERM)"             # no traceback
+
+
 def test_sigterm_while_the_data_loads_exits_143_and_leaves_no_run(tmp_path):
     """Outside training SIGTERM stops the command as Ctrl-C does, exit 143: in a container
     gpumlp is the first process, which the kernel spares a SIGTERM it does not handle (in a
