@@ -69,7 +69,12 @@ class OneLineGroup(click.Group):
             sys.exit(1)
         finally:
             for signum, handler in previous.items():
-                signal.signal(signum, handler)
+                if signum == "unraisablehook":
+                    sys.unraisablehook = handler
+                else:
+                    signal.signal(signum, handler)
+            if previous:  # this command's signals, said: none is left for another's StopFlag
+                SIGNALLED.clear()
         sys.exit(result if isinstance(result, int) else 0)
 
 
@@ -117,8 +122,8 @@ def quiet_stdout() -> None:
 
 
 SIGNALLED: list[int] = []  # the signals catch_signals' handlers were called for
-SIGNALLED_AT: list[float] = []  # and when (time.monotonic)
-REPEAT_GAP = 1.0  # s: a signal this soon after the last is the same stop sent twice
+RAISED_AT: list[float] = []  # when (time.monotonic) they last raised
+REPEAT_GAP = 1.0  # s: a signal this soon after the last that raised is the same stop sent twice
 
 
 def catch_signals() -> dict:
@@ -128,19 +133,21 @@ def catch_signals() -> dict:
     swallowed by Python, and the command would end as if never stopped. Training's StopFlag
     replaces them while a run could checkpoint. In a container gpumlp is the first process,
     which the kernel spares a SIGTERM it does not handle: `docker stop` would wait 10 s and
-    kill it. A signal within REPEAT_GAP of the last is only noted (`timeout` signals the process
-    and its group: two at once, the second in the first's clean-up); a later one stops the
-    command again. The previous handlers, to put back."""
+    kill it. A signal within REPEAT_GAP of the last one that raised is only noted (`timeout`
+    signals the process and its group: two at once, the second in the first's clean-up); a
+    later one stops the command again. Python's "Exception ignored" report of a swallowed one
+    is left out (the exit code says it). The previous handlers, to put back."""
     def on_signal(signum, frame):
         now = monotonic()
-        again = bool(SIGNALLED_AT) and now - SIGNALLED_AT[-1] < REPEAT_GAP
         SIGNALLED.append(signum)
-        SIGNALLED_AT.append(now)
-        if not again:
+        if not RAISED_AT or now - RAISED_AT[-1] >= REPEAT_GAP:
+            RAISED_AT.append(now)
             raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    SIGNALLED.clear()
-    SIGNALLED_AT.clear()
+    def unraisable(info):  # a signal's exception raised in a callback: noted in SIGNALLED
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            default_unraisable(info)
+
     previous = {}
     for signum in (signal.SIGTERM, signal.SIGINT):
         if signal.getsignal(signum) in (signal.SIG_IGN, None):
@@ -149,6 +156,12 @@ def catch_signals() -> dict:
             previous[signum] = signal.signal(signum, on_signal)
         except ValueError:  # not the main thread: leave signals alone
             break
+    if previous:
+        SIGNALLED.clear()
+        RAISED_AT.clear()
+        default_unraisable = sys.unraisablehook
+        sys.unraisablehook = unraisable
+        previous["unraisablehook"] = default_unraisable
     return previous
 
 
@@ -201,14 +214,17 @@ class StopFlag:
         the main thread, where Python cannot set handlers: there signals keep their handlers)."""
         def handler(signum, frame):
             self.signum = self.signum or signum
+        if SIGNALLED:  # a signal before now whose exception Python swallowed: stop at once
+            self.signum = self.signum or SIGNALLED[0]
         return self.replace_handlers(handler)
 
     @classmethod
     def replace_handlers(cls, handler) -> dict:
         """Set `handler` for SIGINT and SIGTERM; the previous handlers ({} outside the main
         thread, where Python cannot set them)."""
-        try:
-            return {s: signal.signal(s, handler) for s in cls.SIGNALS}
+        try:  # a signal ignored by whoever started us stays ignored
+            return {s: signal.signal(s, handler) for s in cls.SIGNALS
+                    if signal.getsignal(s) not in (signal.SIG_IGN, None)}
         except ValueError:
             return {}
 

@@ -6,6 +6,7 @@ after `limit` bytes instead of filling the memory. (A pipe with no writer waits 
 from __future__ import annotations
 
 import os
+import stat
 
 
 READ_CHUNK = 1 << 20  # 1 MiB
@@ -13,17 +14,23 @@ READ_CHUNK = 1 << 20  # 1 MiB
 
 def read_at_most(path: str | os.PathLike, limit: int) -> bytes | None:
     """The bytes of `path`, or None when it holds more than `limit` bytes (only `limit` + 1
-    are read, in chunks: `read(limit + 1)` would reserve all of it first, 257 MiB for one small
-    picture). OSError as `open` and `read` raise it (a folder: IsADirectoryError)."""
+    are read: as many as a regular file holds, and from a pipe in chunks; `read(limit + 1)`
+    would reserve all of it first, 257 MiB for one small picture). OSError as `open` and
+    `read` raise it (a folder: IsADirectoryError)."""
     chunks, size = [], 0
     with open(path, "rb") as f:
-        while size <= limit:
+        if stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # its size known: one read, one copy
+            first = f.read(min(os.fstat(f.fileno()).st_size, limit) + 1)
+            chunks, size = [first], len(first)
+        while size <= limit:  # a pipe, or a file that grew since
             chunk = f.read(min(READ_CHUNK, limit + 1 - size))
             if not chunk:
                 break
             chunks.append(chunk)
             size += len(chunk)
-    return None if size > limit else b"".join(chunks)
+    if size > limit:
+        return None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def writing_now(folder: str | os.PathLike) -> bool:

@@ -53,13 +53,13 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
 
 def atomic_write(path: str | os.PathLike, data: bytes, suffix: str = ".tmp") -> None:
     """Write `data` to `path` through a fsynced temporary file ".<name>.<random><suffix>" beside
-    it (the name's first 200 characters) and a rename."""
+    it (the name's first 200 bytes) and a rename."""
     path = Path(path)
     try:
-        # ".<name>.<8 random><suffix>": the name cut so that a long one (up to NAME_MAX, 255)
-        # still leaves room for the rest
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=suffix,
-                                   dir=path.parent)
+        # ".<name>.<8 random><suffix>": the name cut to 200 bytes so that a long one (up to
+        # NAME_MAX, 255 bytes) still leaves room for the rest
+        short = os.fsdecode(os.fsencode(path.name)[:200])
+        fd, tmp = tempfile.mkstemp(prefix=f".{short}.", suffix=suffix, dir=path.parent)
     except OSError as e:  # named by the file it was for, not the temporary name
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:

@@ -316,8 +316,8 @@ def test_the_report_replaces_its_own_files_but_not_others_unless_told(
     refused = invoke(report, *args)
     assert refused.exit_code == 1 and refused.stdout == ""
     assert refused.stderr == (f"Error: {run}: {FIGURES['confusion']}, report.md not written by "
-                              "gpumlp report (the report would replace them); move them away, "
-                              "or pass --overwrite\n")
+                              "gpumlp report, or changed since (the report would replace them); "
+                              "move them away, or pass --overwrite\n")
     assert (run / FIGURES["confusion"]).read_text() == "not a picture"
     assert not (run / FIGURES["learning_curves"]).exists()
     assert invoke(report, *args, "--overwrite").exit_code == 0

@@ -306,9 +306,11 @@ def test_atomic_write_in_a_folder_it_cannot_write_names_the_file_not_a_temporary
     assert (info.value.errno, info.value.filename) == (errno.EROFS, str(tmp_path / "model.npz"))
 
 
-def test_atomic_write_takes_a_name_up_to_the_systems_limit(tmp_path):
-    """Its temporary name adds 14 characters to the target's: one of 242 to 255 was refused."""
-    name = "a" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 1)
+@pytest.mark.parametrize("char", ["a", "\u6587"])   # 1 byte, 3 bytes in UTF-8
+def test_atomic_write_takes_a_name_up_to_the_systems_limit(tmp_path, char):
+    """Its temporary name adds 14 characters to the target's: one of 242 to 255 was refused.
+    NAME_MAX counts bytes: a name of 84 three-byte characters is 252 of them."""
+    name = char * ((os.pathconf(tmp_path, "PC_NAME_MAX") - 1) // len(char.encode()))
     npzio.atomic_write(tmp_path / name, b"contents")
     assert [p.name for p in tmp_path.iterdir()] == [name]
     assert (tmp_path / name).read_bytes() == b"contents"
