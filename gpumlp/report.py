@@ -201,11 +201,18 @@ def is_sealed(data: bytes) -> bool:
     return match is not None and match.group(1).decode() == hashlib.sha256(body).hexdigest()
 
 
-def save_figure(fig, path: Path) -> None:
-    """The figure as a PNG at `path`, written whole (a link there is replaced, not followed)."""
+Target = Path | io.BytesIO  # where a figure goes: its file, or a buffer
+
+
+def save_figure(fig, path: Target) -> None:
+    """The figure as a PNG at `path`, written whole (a link there is replaced, not followed),
+    or into a buffer (make_report writes its files once all are drawn)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": "gpumlp report"})  # PNG_MARK
-    atomic_write(path, buffer.getvalue())
+    if isinstance(path, io.BytesIO):
+        path.write(buffer.getvalue())
+    else:
+        atomic_write(path, buffer.getvalue())
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, c: int = 10) -> np.ndarray:
@@ -250,7 +257,7 @@ def smoothing_note(smoothing: float, c: int, has_val: bool) -> str:
             f"why train_loss can sit above {them}.")
 
 
-def plot_learning_curves(rows: list[dict], path: Path, smoothing: float = 0.0) -> None:
+def plot_learning_curves(rows: list[dict], path: Target, smoothing: float = 0.0) -> None:
     """Loss and accuracy per epoch, one line per split; with label smoothing the train loss's
     legend says that it is against the smoothed targets."""
     from matplotlib.ticker import MaxNLocator
@@ -272,7 +279,7 @@ def plot_learning_curves(rows: list[dict], path: Path, smoothing: float = 0.0) -
     save_figure(fig, path)
 
 
-def plot_confusion(counts: np.ndarray, path: Path) -> None:
+def plot_confusion(counts: np.ndarray, path: Target) -> None:
     fig = new_figure(7.5, 6.5)
     ax = fig.subplots()
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -289,7 +296,7 @@ def plot_confusion(counts: np.ndarray, path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_first_layer(W1: np.ndarray, path: Path, units: int = UNITS_SHOWN) -> None:
+def plot_first_layer(W1: np.ndarray, path: Target, units: int = UNITS_SHOWN) -> None:
     """One 28x28 tile per hidden unit: its incoming weights, on one colour scale."""
     shown = W1[:, :units]                                           # (d, units)
     cols = int(np.ceil(np.sqrt(shown.shape[1])))
@@ -310,7 +317,8 @@ def plot_first_layer(W1: np.ndarray, path: Path, units: int = UNITS_SHOWN) -> No
     save_figure(fig, path)
 
 
-def plot_mistakes(images: np.ndarray, out: SplitOutputs, picked: np.ndarray, path: Path) -> None:
+def plot_mistakes(images: np.ndarray, out: SplitOutputs, picked: np.ndarray,
+                  path: Target) -> None:
     cols = 4
     rows = max(1, int(np.ceil(len(picked) / cols)))
     fig = new_figure(2.1 * cols, 2.3 * rows + 0.7)
@@ -415,12 +423,16 @@ def make_report(run_dir: str | Path, test: Split, backend: Backend,
     counts = confusion_matrix(out.labels, out.predicted, Z2.shape[1])
     picked = confident_mistakes(out)
     paths = {key: run_dir / name for key, name in FIGURES.items()}
+    drawn = {key: io.BytesIO() for key in FIGURES}  # all drawn before any file is written
     smoothing = config.train.label_smoothing
-    plot_learning_curves(rows, paths["learning_curves"], smoothing)
-    plot_confusion(counts, paths["confusion"])
-    plot_first_layer(params.W[0], paths["weights"])
-    plot_mistakes(test.images, out, picked, paths["mistakes"])
+    plot_learning_curves(rows, drawn["learning_curves"], smoothing)
+    plot_confusion(counts, drawn["confusion"])
+    plot_first_layer(params.W[0], drawn["weights"])
+    plot_mistakes(test.images, out, picked, drawn["mistakes"])
     report = run_dir / REPORT
-    atomic_write(report, sealed(markdown(run_dir, rows, counts, out, picked, smoothing)
-                                .encode("utf-8", "backslashreplace")))  # a name not UTF-8: legible
+    text = sealed(markdown(run_dir, rows, counts, out, picked, smoothing)
+                  .encode("utf-8", "backslashreplace"))  # a folder name not UTF-8: legible
+    for key, path in paths.items():
+        atomic_write(path, drawn[key].getvalue())
+    atomic_write(report, text)
     return [*paths.values(), report]

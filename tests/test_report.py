@@ -354,6 +354,27 @@ def test_a_report_md_edited_since_the_report_wrote_it_is_kept_unless_told(
     assert invoke(report, *args, "--overwrite").exit_code == 0
 
 
+def test_a_report_that_fails_while_drawing_writes_no_file(run_dir, tiny_data_dir, tmp_path,
+                                                          monkeypatch):
+    """All figures and report.md are made before any is written: a failure in the last figure
+    left the first ones new beside the old report.md."""
+    import gpumlp.report as report_module
+
+    run = copy_run(run_dir, tmp_path)
+    args = (run, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert invoke(report, *args).exit_code == 0
+    # the inode too: a figure drawn again has the same bytes, but its write makes a new file
+    before = {p.name: (p.read_bytes(), p.stat().st_ino) for p in run.iterdir()}
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(report_module, "plot_mistakes", no_memory)
+    failed = invoke(report, *args)
+    assert failed.exit_code == 1 and "out of memory" in failed.stderr
+    assert {p.name: (p.read_bytes(), p.stat().st_ino) for p in run.iterdir()} == before
+
+
 def test_a_users_own_png_under_a_figure_name_is_kept_and_the_reports_own_are_marked(
         run_dir, tiny_data_dir, tmp_path):
     """A real PNG of the user's (a digit saved as confusion_matrix.png) is no figure of the
