@@ -208,6 +208,7 @@ def generator_state(rng) -> str | None:
 class RunFiles:
     def __init__(self, folder: Path):
         self.folder = folder
+        self.kept: str | None = None  # start's warning: report files of the user's it kept
         self.trained_config: dict | None = None  # dotted: the config of the checkpoint's steps
 
     def path(self, name: str) -> Path:
@@ -227,6 +228,13 @@ class RunFiles:
             for name in DERIVED_FILES:
                 if name not in foreign:
                     self.path(name).unlink(missing_ok=True)
+            if foreign:
+                it = "them" if len(foreign) > 1 else "it"
+                self.kept = (f"kept {', '.join(foreign)} in {self.folder}: not written by gpumlp "
+                             "report, or changed since, so not removed with the run it replaced "
+                             f"(it may describe that run); remove {it}, or make the report again "
+                             f"when this run ends: gpumlp report {shell_path(self.folder)} "
+                             "--overwrite")
         for name in RUN_OUTPUTS:
             self.path(name).unlink(missing_ok=True)
         if init is not None:

@@ -97,6 +97,11 @@ def test_overwrite_keeps_files_under_a_reports_names_that_are_not_a_report(finis
     (finished / "learning_curves.png").write_bytes(b"not a png")
     result = cli(*train_args(finished, tiny_data_dir, "--overwrite"))
     assert result.exit_code == 0, result.output
+    assert result.stderr == (f"Warning: kept learning_curves.png, report.md in {finished}: not "
+                             "written by gpumlp report, or changed since, so not removed with the "
+                             "run it replaced (it may describe that run); remove them, or make the "
+                             f"report again when this run ends: gpumlp report {finished} "
+                             "--overwrite\n")                    # silent, for a pre-seal report
     assert (finished / "report.md").read_text() == "MY OWN NOTES\n"
     assert (finished / "learning_curves.png").read_bytes() == b"not a png"
     assert not (finished / "model.onnx").exists()                       # the old run's own
