@@ -1,16 +1,60 @@
-"""The `gpumlp` console script: the CLI imported inside a guard, so that Ctrl-C while Python
-loads NumPy, click and the rest ends as it does later, with `interrupted` and exit 130, not a
-traceback (`gpumlp.cli` installs its own handling once it is loaded)."""
+"""The `gpumlp` console script: the CLI imported inside a guard, so that Ctrl-C or SIGTERM while
+Python loads NumPy, click and the rest ends as it does later, with `interrupted` (exit 130) or
+`terminated (SIGTERM)` (exit 143), not a traceback, and not lost: in a container gpumlp is the
+first process, which the kernel spares a SIGTERM it does not handle. A signal whose exception
+Python swallowed in an import's callback stops the command before it starts. `gpumlp.cli`
+installs its own handling once it is loaded; a KeyboardInterrupt that escapes it (a signal in
+the moment before) ends the same way."""
 
 from __future__ import annotations
 
+import signal
 import sys
+
+NOTED: list[int] = []  # the signals seen while the CLI loads
+
+
+def on_signal(signum, frame) -> None:
+    NOTED.append(signum)
+    raise KeyboardInterrupt()
+
+
+def stop(error: BaseException | None = None) -> None:
+    """Say how the command was stopped and exit with 128 + the signal's number."""
+    for signum in (signal.SIGINT, signal.SIGTERM):  # a second one cannot cut this short
+        signal.signal(signum, signal.SIG_IGN)
+    term = type(error).__name__ == "Terminated" or (NOTED[-1:] == [signal.SIGTERM])
+    sys.stderr.write("terminated (SIGTERM)\n" if term else "interrupted\n")
+    sys.exit(143 if term else 130)
 
 
 def main() -> None:
+    NOTED.clear()
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    for signum, handler in previous.items():
+        if handler not in (signal.SIG_IGN, None):  # one ignored by the parent stays ignored
+            signal.signal(signum, on_signal)
+    hook = sys.unraisablehook  # a signal's exception swallowed in a callback: NOTED says it
+
+    def unraisable(info) -> None:
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            hook(info)
+
     try:
-        from .cli import main as cli
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
-    cli()
+        sys.unraisablehook = unraisable
+        try:
+            from .cli import main as cli
+        except KeyboardInterrupt as e:
+            stop(e)
+        finally:
+            sys.unraisablehook = hook
+        if NOTED:
+            stop()
+        try:
+            cli()
+        except KeyboardInterrupt as e:
+            stop(e)
+    finally:  # for a caller in the same process (the tests); a script exits next
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)

@@ -792,6 +792,34 @@ def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130(monkeypatch, ca
     assert capsys.readouterr().err == "interrupted\n"
 
 
+@pytest.mark.parametrize("how", ["raised", "swallowed"])
+@pytest.mark.parametrize("signame, code, said", [("SIGTERM", 143, "terminated (SIGTERM)"),
+                                                  ("SIGINT", 130, "interrupted")])
+def test_a_signal_while_the_cli_loads_stops_it_in_one_line(how, signame, code, said):
+    """SIGTERM had no handler until the CLI was loaded: the process died without a word, and as
+    a container's first process it was ignored (the run went on). A signal whose exception an
+    import's callback swallowed let the command run to its end with exit 0."""
+    import subprocess
+
+    signal_it = f"signal.raise_signal(signal.{signame})"
+    if how == "swallowed":
+        signal_it = (f"ref = weakref.ref(Thing(), lambda r: {signal_it})")
+    script = ("import signal, sys, weakref, importlib.abc\n"
+              "class Thing: pass\n"
+              "class Loading(importlib.abc.MetaPathFinder):\n"
+              "    def find_spec(self, name, path, target=None):\n"
+              "        if name == 'gpumlp.cli':\n"
+              f"            {signal_it}\n"
+              "        return None\n"
+              "sys.meta_path.insert(0, Loading())\n"
+              "from gpumlp import entry\n"
+              "sys.argv = ['gpumlp', 'info']\n"
+              "entry.main()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (code, "", f"{said}\n")
+
+
 @pytest.mark.parametrize("group", [[], ["data"]])
 def test_the_command_lists_show_each_summary_whole(group):
     """click cuts a long first sentence to '...' in a group's list of commands."""
