@@ -534,6 +534,7 @@ def gradcheck(config_path, overrides, samples, batch, tolerance):
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@domain_errors
 def info(as_json):
     """Versions, usable devices and the BLAS NumPy uses.
 

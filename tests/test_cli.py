@@ -606,7 +606,7 @@ def test_a_second_sigterm_in_the_first_ones_clean_up_is_no_traceback():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 143, done.stderr
-    assert done.stderr.strip() == "terminated (SIGTERM)"             # no traceback
+    assert done.stderr == "terminated (SIGTERM)\n"          # no traceback, no blank line
 
 
 def test_sigterm_while_the_data_loads_exits_143_and_leaves_no_run(tmp_path):
