@@ -494,6 +494,14 @@ def sigterm_while_the_data_loads(out: Path, patch: str = "") -> None:
     assert "Traceback" not in done.stderr
 
 
+def python_c(script: str):
+    """`python -c script` in a child process, where a signal cannot stop the tests."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+
+
 @pytest.mark.parametrize("signame, code, said", [("SIGTERM", 143, "terminated (SIGTERM)"),
                                                   ("SIGINT", 130, "interrupted")])
 def test_a_signal_python_swallows_in_a_weakref_callback_still_ends_the_command(signame, code,
@@ -501,9 +509,6 @@ def test_a_signal_python_swallows_in_a_weakref_callback_still_ends_the_command(s
     """A signal that lands while a weakref or GC callback runs (matplotlib's, in `report`)
     raises there, where Python prints 'Exception ignored' and goes on: the command then ended
     with exit 0, as if never stopped."""
-    import subprocess
-    import sys
-
     script = ("import signal, weakref, gpumlp.cli as c, gpumlp.sysinfo as s\n"
               "class Thing: pass\n"
               "def details():\n"
@@ -513,8 +518,7 @@ def test_a_signal_python_swallows_in_a_weakref_callback_still_ends_the_command(s
               "    return {'gpumlp': 'test'}\n"
               "s.system_info = details\n"
               "c.main(['info'])")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    done = python_c(script)
     assert done.returncode == code, done.stderr
     assert done.stderr == f"{said}\n"                     # no "Exception ignored" report
 
@@ -533,9 +537,6 @@ def swallowed(signame: str) -> str:
 def test_ctrl_c_pressed_again_and_again_after_a_swallowed_one_stops_the_command():
     """Each press within a second of the last was ignored, so presses every half second
     never stopped it: only those within a second of the last one that stopped it are."""
-    import subprocess
-    import sys
-
     script = (swallowed("SIGINT") + "import time, gpumlp.cli as c, gpumlp.sysinfo as s\n"
               "def details():\n"
               "    swallowed()\n"
@@ -545,8 +546,7 @@ def test_ctrl_c_pressed_again_and_again_after_a_swallowed_one_stops_the_command(
               "    raise AssertionError('presses every 0.4 s for 1.6 s did not stop it')\n"
               "s.system_info = details\n"
               "c.main(['info'])")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    done = python_c(script)
     assert done.returncode == 130, done.stderr
     assert done.stderr.strip() == "interrupted"
 
@@ -554,9 +554,6 @@ def test_ctrl_c_pressed_again_and_again_after_a_swallowed_one_stops_the_command(
 def test_a_swallowed_ctrl_c_before_training_stops_the_run_before_it_trains(tmp_path,
                                                                            tiny_data_dir):
     """It used to train every epoch, write the model, then say 'interrupted' with exit 130."""
-    import subprocess
-    import sys
-
     out = tmp_path / "run"
     from gpumlp import fetch
 
@@ -569,8 +566,7 @@ def test_a_swallowed_ctrl_c_before_training_stops_the_run_before_it_trains(tmp_p
               "c.load_mnist_for = loaded\n"
               f"c.main(['train', '--config', {str(SMOKE)!r}, *{TINY!r}, '--device', 'cpu',"
               f" '--out', {str(out)!r}, '--data-dir', {str(tiny_data_dir)!r}])")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    done = python_c(script)
     assert done.returncode == 130, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "interrupted"
     assert not (out / "model.npz").exists()
@@ -591,9 +587,6 @@ def test_a_signal_ignored_by_whoever_started_gpumlp_stays_ignored_in_training():
 def test_a_second_sigterm_in_the_first_ones_clean_up_is_no_traceback():
     """`timeout` signals the process and its group: two SIGTERMs at once; the second landed
     while the first's message was printed, and ended in a KeyboardInterrupt traceback."""
-    import subprocess
-    import sys
-
     script = ("import signal, gpumlp.cli as c, gpumlp.cli_common as cc, gpumlp.sysinfo as s\n"
               "def details():\n"
               "    signal.raise_signal(signal.SIGTERM)\n"
@@ -603,8 +596,7 @@ def test_a_second_sigterm_in_the_first_ones_clean_up_is_no_traceback():
               "    return told(e)\n"
               "s.system_info, c.interrupted_how, cc.interrupted_how = details, twice, twice\n"
               "c.main(['info'])")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    done = python_c(script)
     assert done.returncode == 143, done.stderr
     assert done.stderr == "terminated (SIGTERM)\n"          # no traceback, no blank line
 
@@ -799,8 +791,6 @@ def test_a_signal_while_the_cli_loads_stops_it_in_one_line(how, signame, code, s
     """SIGTERM had no handler until the CLI was loaded: the process died without a word, and as
     a container's first process it was ignored (the run went on). A signal whose exception an
     import's callback swallowed let the command run to its end with exit 0."""
-    import subprocess
-
     signal_it = f"signal.raise_signal(signal.{signame})"
     if how == "swallowed":
         signal_it = (f"ref = weakref.ref(Thing(), lambda r: {signal_it})")
@@ -815,8 +805,7 @@ def test_a_signal_while_the_cli_loads_stops_it_in_one_line(how, signame, code, s
               "from gpumlp import entry\n"
               "sys.argv = ['gpumlp', 'info']\n"
               "entry.main()\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    done = python_c(script)
     assert (done.returncode, done.stdout, done.stderr) == (code, "", f"{said}\n")
 
 
