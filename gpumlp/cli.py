@@ -17,16 +17,17 @@ import os
 import signal
 import sys
 import time
-from time import monotonic
+from collections.abc import Callable
 from pathlib import Path
+from time import monotonic  # by name: tests replace `time` for default_out's strftime
 
 import click
 
 from . import __version__
 from .cli_common import (data_dir_option, device_option, domain_errors, interrupted_how,
                          load_mnist_for, model_argument)
-from .errors import (CheckpointError, ConfigError, GpumlpError, Terminated, json_text,
-                     shell_path)
+from .errors import (CheckpointError, ConfigError, GpumlpError, json_text, shell_path,
+                     signal_error, without_interrupt_reports)
 
 
 class OneLineGroup(click.Group):
@@ -37,12 +38,11 @@ class OneLineGroup(click.Group):
             return super().main(args, prog_name, complete_var, False, **extra)
         closed_streams()
         tolerant_output()
-        previous = catch_signals()
+        restore = catch_signals()
         try:
             result = super().main(args, prog_name, complete_var, False, **extra)
             if SIGNALLED:  # raised where Python swallowed it: the command went on to its end
-                said, code = interrupted_how(Terminated() if SIGNALLED[0] == signal.SIGTERM
-                                             else KeyboardInterrupt())
+                said, code = interrupted_how(signal_error(SIGNALLED[0]))
                 click.echo(said, err=True)
                 sys.exit(code)
         except click.exceptions.NoArgsIsHelpError as e:  # a group with no command: its help
@@ -68,13 +68,7 @@ class OneLineGroup(click.Group):
                            err=True)
             sys.exit(1)
         finally:
-            for signum, handler in previous.items():
-                if signum == "unraisablehook":
-                    sys.unraisablehook = handler
-                else:
-                    signal.signal(signum, handler)
-            if previous:  # this command's signals, said: none is left for another's StopFlag
-                SIGNALLED.clear()
+            restore()
         sys.exit(result if isinstance(result, int) else 0)
 
 
@@ -126,7 +120,7 @@ RAISED_AT: list[float] = []  # when (time.monotonic) they last raised
 REPEAT_GAP = 1.0  # s: a signal this soon after the last that raised is the same stop sent twice
 
 
-def catch_signals() -> dict:
+def catch_signals() -> Callable[[], None]:
     """Make SIGTERM raise `Terminated` (a KeyboardInterrupt: Ctrl-C's clean-up, exit 143), and
     SIGINT KeyboardInterrupt as Python's own handler does, for the command's duration, noting
     each in SIGNALLED: an exception raised in a weakref or garbage-collection callback is
@@ -136,33 +130,28 @@ def catch_signals() -> dict:
     kill it. A signal within REPEAT_GAP of the last one that raised is only noted (`timeout`
     signals the process and its group: two at once, the second in the first's clean-up); a
     later one stops the command again. Python's "Exception ignored" report of a swallowed one
-    is left out (the exit code says it). The previous handlers, to put back."""
+    is left out (the exit code says it). Returns what puts the previous handlers back (and
+    forgets the command's signals: none is left for another command's StopFlag)."""
     def on_signal(signum, frame):
         now = monotonic()
         SIGNALLED.append(signum)
         if not RAISED_AT or now - RAISED_AT[-1] >= REPEAT_GAP:
             RAISED_AT.append(now)
-            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+            raise signal_error(signum)
 
-    def unraisable(info):  # a signal's exception raised in a callback: noted in SIGNALLED
-        if not isinstance(info.exc_value, KeyboardInterrupt):
-            default_unraisable(info)
+    previous = StopFlag.replace_handlers(on_signal)  # {} outside the main thread
+    if not previous:
+        return lambda: None
+    SIGNALLED.clear()
+    RAISED_AT.clear()
+    hook = sys.unraisablehook
+    sys.unraisablehook = without_interrupt_reports(hook)
 
-    previous = {}
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(signum) in (signal.SIG_IGN, None):
-            continue  # ignored by whoever started us (or set outside Python): left as it is
-        try:
-            previous[signum] = signal.signal(signum, on_signal)
-        except ValueError:  # not the main thread: leave signals alone
-            break
-    if previous:
+    def restore() -> None:
+        StopFlag.restore(previous)
+        sys.unraisablehook = hook
         SIGNALLED.clear()
-        RAISED_AT.clear()
-        default_unraisable = sys.unraisablehook
-        sys.unraisablehook = unraisable
-        previous["unraisablehook"] = default_unraisable
-    return previous
+    return restore
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -10,7 +10,7 @@ import os
 
 import click
 
-from .errors import (ConfigError, DeviceError, GpumlpError, Terminated, folder_problem,
+from .errors import (ConfigError, DeviceError, GpumlpError, folder_problem, interrupted_how,
                      one_line_message)
 
 USAGE_ERRORS = (ConfigError, DeviceError)
@@ -32,13 +32,6 @@ def require(module: str, package: str, extra: str) -> None:
         raise OneLineError(f"this command needs {package}, which is not installed; install it "
                            f"with pip install -e '.[{extra}]' in the gpumlp folder (the checkout "
                            "holding pyproject.toml)") from None
-
-
-def interrupted_how(e: BaseException | None) -> tuple[str, int]:
-    """What to print and the exit code after Ctrl-C or SIGTERM (`Terminated`): 128 + signal."""
-    if isinstance(e, Terminated):
-        return "terminated (SIGTERM)", 143
-    return "interrupted", 130
 
 
 # what to lower when a command runs out of memory, by command (the function's name)

@@ -11,21 +11,24 @@ from __future__ import annotations
 import signal
 import sys
 
+from .errors import interrupted_how, signal_error, without_interrupt_reports  # stdlib only
+
 NOTED: list[int] = []  # the signals seen while the CLI loads
 
 
 def on_signal(signum, frame) -> None:
     NOTED.append(signum)
-    raise KeyboardInterrupt()
+    raise signal_error(signum)
 
 
 def stop(error: BaseException | None = None) -> None:
-    """Say how the command was stopped and exit with 128 + the signal's number."""
+    """Say how the command was stopped (by `error`, else by the last signal noted) and exit
+    with 128 + the signal's number."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # a second one cannot cut this short
         signal.signal(signum, signal.SIG_IGN)
-    term = type(error).__name__ == "Terminated" or (NOTED[-1:] == [signal.SIGTERM])
-    sys.stderr.write("terminated (SIGTERM)\n" if term else "interrupted\n")
-    sys.exit(143 if term else 130)
+    said, code = interrupted_how(error if error is not None else signal_error(NOTED[-1]))
+    sys.stderr.write(f"{said}\n")
+    sys.exit(code)
 
 
 def main() -> None:
@@ -35,13 +38,8 @@ def main() -> None:
         if handler not in (signal.SIG_IGN, None):  # one ignored by the parent stays ignored
             signal.signal(signum, on_signal)
     hook = sys.unraisablehook  # a signal's exception swallowed in a callback: NOTED says it
-
-    def unraisable(info) -> None:
-        if not isinstance(info.exc_value, KeyboardInterrupt):
-            hook(info)
-
     try:
-        sys.unraisablehook = unraisable
+        sys.unraisablehook = without_interrupt_reports(hook)
         try:
             from .cli import main as cli
         except KeyboardInterrupt as e:

@@ -62,6 +62,29 @@ class Terminated(KeyboardInterrupt):
     clean-up), exit 143. A container's first process must handle SIGTERM, or it is ignored."""
 
 
+def interrupted_how(e: BaseException | None) -> tuple[str, int]:
+    """What to print and the exit code after Ctrl-C or SIGTERM (`Terminated`): 128 + signal."""
+    if isinstance(e, Terminated):
+        return "terminated (SIGTERM)", 143
+    return "interrupted", 130
+
+
+def signal_error(signum: int) -> KeyboardInterrupt:
+    """The exception that stops a command on signal `signum` (SIGTERM or SIGINT)."""
+    import signal
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def without_interrupt_reports(hook):
+    """A sys.unraisablehook that leaves out Python's "Exception ignored" report of a signal's
+    exception swallowed in a weakref or GC callback (the caller notes the signal itself, and
+    the exit code says it), and passes every other report to `hook`."""
+    def unraisable(info) -> None:
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            hook(info)
+    return unraisable
+
+
 def shell_path(path: str | os.PathLike) -> str:
     """`path` as one word of a command to paste into a shell: quoted, and given a leading
     `./` when it starts with '-', which a command would take for an option."""
