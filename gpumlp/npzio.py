@@ -54,7 +54,42 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
 def atomic_write(path: str | os.PathLike, data: bytes, suffix: str = ".tmp") -> None:
     """Write `data` to `path` through a fsynced temporary file ".<name>.<random><suffix>" beside
     it (the name's first 200 bytes) and a rename."""
-    path = Path(path)
+    atomic_write_all({Path(path): data}, suffix)
+
+
+def atomic_write_all(files: Mapping[Path, bytes], suffix: str = ".tmp") -> None:
+    """Write each file as `atomic_write` does, all or none: every temporary file is written
+    and fsynced before the first rename, so a full disk changes none of the targets."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, data in files.items():
+            staged.append((stage(path, data, suffix), path))
+        while staged:
+            tmp, path = staged[0]
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, str(path)) from None
+            staged.pop(0)
+    finally:
+        for tmp, _ in staged:  # those not renamed: a failure before or during the renames
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    for folder in {path.parent for path in files}:  # make the renames themselves durable
+        try:
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
+
+
+def stage(path: Path, data: bytes, suffix: str) -> str:
+    """A fsynced temporary file holding `data` beside `path`: its name, for `os.replace`."""
     try:
         # ".<name>.<8 random><suffix>": the name cut to 200 bytes so that a long one (up to
         # NAME_MAX, 255 bytes) still leaves room for the rest
@@ -68,7 +103,6 @@ def atomic_write(path: str | os.PathLike, data: bytes, suffix: str = ".tmp") -> 
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as e:
         try:
             os.unlink(tmp)
@@ -77,14 +111,7 @@ def atomic_write(path: str | os.PathLike, data: bytes, suffix: str = ".tmp") -> 
         if isinstance(e, OSError):  # a full disk has no file name: give it the target's
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    return tmp
 
 
 def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:

@@ -33,7 +33,7 @@ from .errors import GpumlpError, folder_problem, shell_path, write_problem
 from .files import read_at_most, writing_now
 from .mnist import Split
 from .model import params_on
-from .npzio import atomic_write
+from .npzio import atomic_write, atomic_write_all
 from .predict import probabilities
 
 FIGURES = {
@@ -432,7 +432,7 @@ def make_report(run_dir: str | Path, test: Split, backend: Backend,
     report = run_dir / REPORT
     text = sealed(markdown(run_dir, rows, counts, out, picked, smoothing)
                   .encode("utf-8", "backslashreplace"))  # a folder name not UTF-8: legible
-    for key, path in paths.items():
-        atomic_write(path, drawn[key].getvalue())
-    atomic_write(report, text)
+    # all or none: a full disk leaves the old report whole, never new figures beside it
+    atomic_write_all({**{path: drawn[key].getvalue() for key, path in paths.items()},
+                      report: text})
     return [*paths.values(), report]

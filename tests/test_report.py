@@ -3,6 +3,7 @@ those of metrics.jsonl (and of the model on the test set). Runs on the tiny MNIS
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -372,6 +373,30 @@ def test_a_report_that_fails_while_drawing_writes_no_file(run_dir, tiny_data_dir
     monkeypatch.setattr(report_module, "plot_mistakes", no_memory)
     failed = invoke(report, *args)
     assert failed.exit_code == 1 and "out of memory" in failed.stderr
+    assert {p.name: (p.read_bytes(), p.stat().st_ino) for p in run.iterdir()} == before
+
+
+def test_a_disk_that_fills_while_the_report_is_written_changes_no_file(
+        run_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """Every file is written in full before the first one replaces its old self: a disk full at
+    the third figure left the first two new beside the old report.md."""
+    run = copy_run(run_dir, tmp_path)
+    args = (run, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert invoke(report, *args).exit_code == 0
+    before = {p.name: (p.read_bytes(), p.stat().st_ino) for p in run.iterdir()}
+    real_fsync, synced = os.fsync, []
+
+    def fills_at_the_third_file(fd):
+        synced.append(fd)
+        if len(synced) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fills_at_the_third_file)
+    failed = invoke(report, *args)
+    assert failed.exit_code == 1 and "No space left on device" in failed.stderr, failed.stderr
+    assert len(synced) == 3
+    # nothing replaced, and no temporary file left behind
     assert {p.name: (p.read_bytes(), p.stat().st_ino) for p in run.iterdir()} == before
 
 

@@ -306,6 +306,17 @@ def test_atomic_write_in_a_folder_it_cannot_write_names_the_file_not_a_temporary
     assert (info.value.errno, info.value.filename) == (errno.EROFS, str(tmp_path / "model.npz"))
 
 
+def test_atomic_write_all_whose_rename_fails_midway_leaves_no_temporary(tmp_path):
+    """The first file is replaced; the second cannot be (a folder holds its name): it is named,
+    and its temporary file, written in full, is removed."""
+    (tmp_path / "b.png").mkdir()
+    with pytest.raises(OSError) as info:
+        npzio.atomic_write_all({tmp_path / "a.png": b"a", tmp_path / "b.png": b"b"})
+    assert info.value.filename == str(tmp_path / "b.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+    assert (tmp_path / "a.png").read_bytes() == b"a" and (tmp_path / "b.png").is_dir()
+
+
 @pytest.mark.parametrize("char", ["a", "\u6587"])   # 1 byte, 3 bytes in UTF-8
 def test_atomic_write_takes_a_name_up_to_the_systems_limit(tmp_path, char):
     """Its temporary name adds 14 characters to the target's: one of 242 to 255 was refused.
