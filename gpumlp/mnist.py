@@ -111,14 +111,15 @@ def read_checked(folder: Path, stem: str,
     return path, None, problem
 
 
-def read_files(folder: Path, check: Check | None) -> dict[str, np.ndarray]:
-    """stem -> array of each of the four files, each read once.
+def read_files(folder: Path, check: Check | None,
+               stems: tuple[str, ...] = ALL_FILES) -> dict[str, np.ndarray]:
+    """stem -> array of each file of `stems` (default: the four), each read once.
 
     With `check`, every file's bytes must pass it, and one DataError lists every file that
     does not (missing, unreadable or rejected); without it, the first bad file raises.
     """
     arrays, problems = {}, []
-    for stem in ALL_FILES:
+    for stem in stems:
         if check is None:
             path = find_file(folder, stem)
             raw = read_bytes(path)
@@ -146,15 +147,28 @@ def make_split(folder: Path, split: str, arrays: dict[str, np.ndarray]) -> Split
     return Split(images.reshape(len(images), D), labels)
 
 
-def load_mnist(folder: str | os.PathLike, check: Check | None = None) -> Mnist:
-    """Read the train and test splits from the four IDX files in `folder`.
-
-    `check(stem, raw)` (e.g. a checksum) vets each file's bytes as they are read.
-    """
+def data_folder(folder: str | os.PathLike) -> Path:
+    """`folder` as a Path, once it is known to be a folder holding at least one MNIST file."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such data folder; pass --data-dir with the four MNIST files")
     if holds_none(folder):  # one line, not four missing files
         raise NoMnistFiles(f"{folder}: {NONE_THERE}")
+    return folder
+
+
+def load_mnist(folder: str | os.PathLike, check: Check | None = None) -> Mnist:
+    """Read the train and test splits from the four IDX files in `folder`.
+
+    `check(stem, raw)` (e.g. a checksum) vets each file's bytes as they are read.
+    """
+    folder = data_folder(folder)
     arrays = read_files(folder, check)
     return Mnist(make_split(folder, "train", arrays), make_split(folder, "test", arrays))
+
+
+def load_split(folder: str | os.PathLike, split: str, check: Check | None = None) -> Split:
+    """Read one split ("train" or "test") from its two IDX files in `folder`, as `load_mnist`
+    does; the other split's files are neither needed nor read."""
+    folder = data_folder(folder)
+    return make_split(folder, split, read_files(folder, check, FILES[split]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -384,6 +385,61 @@ def test_every_command_reading_a_data_dir_with_none_of_the_files_says_so_in_one_
                              f"{NAMES}, each raw or .gz); put them there under those names, or "
                              f"{drop} to use the cache\n")
     assert result.stdout == "" and not (tmp_path / "run").exists()
+
+
+TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+TRAIN_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+
+
+@pytest.mark.parametrize("command, stems", [
+    ("evaluate", TEST_FILES), ("report", TEST_FILES), ("data image", TEST_FILES),
+    ("data image --split train", TRAIN_FILES)])
+def test_a_command_fetches_and_reads_only_the_files_it_uses(finished_run, cache, mirror,
+                                                            tmp_path, command, stems):
+    """evaluate and report read the test set alone: they fetched (and read) the training
+    images too, 47 MB of them, before they could start."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    args = {"evaluate": ["evaluate", run / "model.npz", "--device", "cpu"],
+            "report": ["report", run, "--device", "cpu"],
+            "data image": ["data", "image", "0", tmp_path / "digit.npy"],
+            "data image --split train": ["data", "image", "0", tmp_path / "digit.npy",
+                                         "--split", "train"]}[command]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert sorted(mirror.asked("good")) == sorted(f"{stem}.gz" for stem in stems)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(stems)
+    again = CliRunner().invoke(main, [str(a) for a in args] + ["--overwrite"] * (
+        command.startswith("data image") or command == "report"))
+    assert again.exit_code == 0, again.output
+    assert len(mirror.asked("good")) == len(stems)  # the second time, from the cache alone
+
+
+def test_a_data_dir_holding_only_the_test_files_is_enough_to_evaluate(finished_run, tmp_path,
+                                                                       fake):
+    folder = fake.write(tmp_path / "mine")
+    for stem in TRAIN_FILES:
+        (folder / f"{stem}.gz").unlink()
+    evaluated = CliRunner().invoke(main, ["evaluate", str(finished_run / "model.npz"),
+                                          "--device", "cpu", "--data-dir", str(folder)])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert evaluated.stdout.startswith("test_accuracy ") and "(4 images, on cpu" in evaluated.stdout
+    trained = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "run"), "--device",
+                                        "cpu", "--data-dir", str(folder)])
+    assert_clean_error(trained, f"--data-dir {folder}: train-images-idx3-ubyte: missing; "
+                       "train-labels-idx1-ubyte: missing; fix")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_data_dir_holding_only_the_training_files_is_enough_to_bench(tmp_path, fake):
+    folder = fake.write(tmp_path / "mine")
+    for stem in TEST_FILES:
+        (folder / f"{stem}.gz").unlink()
+    result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--data-dir", str(folder),
+                                       "--hidden", "8", "--batch", "2", "--samples", "6",
+                                       "--repeats", "1", "--no-torch"])
+    assert result.exit_code == 0, result.output
+    assert "MNIST, the first 6 training images" in result.stdout
 
 
 def test_a_data_dir_missing_only_some_files_lists_them(tmp_path, fake):
