@@ -124,13 +124,25 @@ def model_argument(fn):
     return click.argument("model_path", metavar="MODEL", type=ModelPath())(fn)
 
 
-def no_mnist_files(data_dir: str, then: str) -> str:
+def no_mnist_files(data_dir: str, then: str, split: str | None = None) -> str:
     """The one line for a --data-dir (or GPUMLP_DATA_DIR) holding none of the four MNIST files:
-    the names it needs, and how to `then` ("use", "check") the cache instead."""
-    from .mnist import NONE_THERE
+    the names it needs (the two of `split` for a command that reads one split alone), and how
+    to `then` ("use", "check") the cache instead."""
+    from .mnist import FILES, NONE_THERE
 
     source, drop = data_dir_source()
-    return f"{source}{data_dir}: {NONE_THERE}, or {drop} to {then} the cache"
+    there = NONE_THERE if split is None else (
+        f"neither {split} file is there ({', '.join(FILES[split])}, each raw or .gz); put "
+        "them there under those names")
+    return f"{source}{data_dir}: {there}, or {drop} to {then} the cache"
+
+
+def files_needed(split: str | None) -> str:
+    """The MNIST files a command reads: all four, or the two of `split`."""
+    from .mnist import FILES
+
+    return ("the four MNIST files" if split is None else
+            f"the two {split} files ({', '.join(FILES[split])})")
 
 
 def load_mnist_for(data_dir: str | None, quiet: bool = False, split: str | None = None):
@@ -145,21 +157,21 @@ def load_mnist_for(data_dir: str | None, quiet: bool = False, split: str | None 
     from .cli_data import progress_reporter
     from .errors import DataError
     from .fetch import ensure_mnist, load_verified, mnist_cache_dir, split_checksums
-    from .mnist import NoMnistFiles, load_mnist, load_split
+    from .mnist import FilesMissing, NoMnistFiles, load_mnist, load_split
 
     if data_dir:
         source, drop = data_dir_source()
         what = folder_problem(data_dir)
         if what is not None:
-            raise DataError(f"{source}{data_dir}: {what}; point it at the folder holding the "
-                            f"four MNIST files, or {drop} to use the cache")
+            raise DataError(f"{source}{data_dir}: {what}; point it at the folder holding "
+                            f"{files_needed(split)}, or {drop} to use the cache")
         try:
             return load_verified(data_dir, split=split)
         except NoMnistFiles:  # one line, as `gpumlp data verify` says it
-            raise DataError(no_mnist_files(data_dir, "use")) from None
+            raise DataError(no_mnist_files(data_dir, "use", split)) from None
         except DataError as e:
-            raise DataError(f"{source}{e}; fix or replace those files, or {drop} to use the "
-                            "cache") from None
+            fix = "put them there" if isinstance(e, FilesMissing) else "fix or replace those files"
+            raise DataError(f"{source}{e}; {fix}, or {drop} to use the cache") from None
     try:  # a complete cache, each file read once (ensure_mnist's check would read it again)
         return load_verified(mnist_cache_dir(), split=split)
     except DataError:  # missing or damaged files: fetch (or repair) them, saying so

@@ -146,11 +146,14 @@ def verify_command(data_dir: Path | None) -> None:
         raise click.ClickException(no_mnist_files(data_dir, "check"))
     for stem, problem in problems.items():
         click.echo(f"ok   {stem}" if problem is None else f"BAD  {stem}: {problem}")
-    bad = sum(problem is not None for problem in problems.values())
-    if bad:
-        fix = "replace them by hand" if data_dir else "`gpumlp data fetch` replaces them"
-        raise click.ClickException(f"{bad} of {len(problems)} MNIST files in {folder} "
-                                   f"failed verification; {fix}")
+    failed = [problem for problem in problems.values() if problem is not None]
+    if failed:
+        absent = all(problem == "missing" for problem in failed)  # e.g. after an evaluate
+        what = "are missing" if absent else "failed verification"
+        fix = ("put them there by hand" if absent else "replace them by hand") if data_dir else (
+            "`gpumlp data fetch` fetches them" if absent else "`gpumlp data fetch` replaces them")
+        raise click.ClickException(f"{len(failed)} of {len(problems)} MNIST files in {folder} "
+                                   f"{what}; {fix}")
     click.echo(f"all {len(problems)} MNIST files in {folder} are canonical")
 
 

@@ -280,6 +280,9 @@ def not_at_hand_message(cache: Path, failures: list[tuple[str, str]], none_there
     reason = failures[-1][1]
     if none_there:
         return f"{unused}{no_files_message(cache)}"
+    if all(part.endswith(": missing") for part in reason.split("; ")):  # one split fetched
+        return (f"{unused}the MNIST files in {cache} are not all there ({reason}); run "
+                "`gpumlp data fetch` to fetch them")
     return (f"{unused}the MNIST files in {cache} are not intact ({reason}); run "
             "`gpumlp data fetch` to replace them")
 

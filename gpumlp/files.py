@@ -5,6 +5,7 @@ after `limit` bytes instead of filling the memory. (A pipe with no writer waits 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 
@@ -52,5 +53,27 @@ def writing_now(folder: str | os.PathLike) -> bool:
         return True
     except OSError:  # a file system without locks
         return False
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def run_held(folder: str | os.PathLike):
+    """A shared flock(2) on the run folder `folder` held inside, so that a `gpumlp train`
+    (runfiles.lock_run: exclusive) cannot start writing the run meanwhile; nothing is held
+    where a train holds it already (writing_now says so), the system has no flock or the
+    folder cannot be opened."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # a train holds it (said by the caller's check), or no locks here
+            pass
+        yield
     finally:
         os.close(fd)

@@ -49,6 +49,10 @@ class NoMnistFiles(DataError):
     or missing ones: a wrong folder, most likely."""
 
 
+class FilesMissing(DataError):
+    """Files a folder lacks (each "missing"), none of them there but damaged."""
+
+
 def holds_none(folder: str | os.PathLike) -> bool:
     """Whether `folder` holds none of the four MNIST files, raw or `.gz` (none is read)."""
     return not any((Path(folder) / name).is_file() for stem in ALL_FILES
@@ -118,7 +122,7 @@ def read_files(folder: Path, check: Check | None,
     With `check`, every file's bytes must pass it, and one DataError lists every file that
     does not (missing, unreadable or rejected); without it, the first bad file raises.
     """
-    arrays, problems = {}, []
+    arrays, problems, absent = {}, [], 0
     for stem in stems:
         if check is None:
             path = find_file(folder, stem)
@@ -127,10 +131,12 @@ def read_files(folder: Path, check: Check | None,
             path, raw, problem = read_checked(folder, stem, check)
             if problem is not None:
                 problems.append(f"{stem}: {problem}")
+                absent += problem == "missing"
                 continue
         arrays[stem] = parse_idx(raw, name=str(path))
     if problems:
-        raise DataError(f"{folder}: {'; '.join(problems)}")
+        kind = FilesMissing if absent == len(problems) else DataError
+        raise kind(f"{folder}: {'; '.join(problems)}")
     return arrays
 
 

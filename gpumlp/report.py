@@ -30,7 +30,7 @@ import numpy as np
 from .backend import Backend
 from .checkpoint import load_model, parse_json
 from .errors import GpumlpError, folder_problem, shell_path, write_problem
-from .files import read_at_most, writing_now
+from .files import read_at_most, run_held, writing_now
 from .mnist import Split
 from .model import params_on
 from .npzio import atomic_write, atomic_write_all
@@ -411,8 +411,15 @@ def check_run(run_dir: Path, overwrite: bool = False) -> list[dict]:
 
 def make_report(run_dir: str | Path, test: Split, backend: Backend,
                 overwrite: bool = False) -> list[Path]:
-    """Write the figures and report.md into `run_dir`; the paths written, report.md last."""
-    run_dir = Path(run_dir)
+    """Write the figures and report.md into `run_dir`; the paths written, report.md last.
+    The run is held from the check to the last file (files.run_held): a `gpumlp train` that
+    starts meanwhile is refused, where its new run would have got this report."""
+    with run_held(run_dir):
+        return write_report(Path(run_dir), test, backend, overwrite)
+
+
+def write_report(run_dir: Path, test: Split, backend: Backend, overwrite: bool) -> list[Path]:
+    """`make_report`'s work, once the run is held."""
     rows = check_run(run_dir, overwrite)
     with mplbackend_ignored():  # loaded here, so that the drawing below never reads it
         import matplotlib  # noqa: F401

@@ -133,7 +133,15 @@ def lock_run(folder: Path, option: str) -> int | None:
                     raise
                 time.sleep(0.02)
     except BlockingIOError:
+        try:  # shared holders only: a gpumlp report being made there (files.run_held)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            reporting = True
+        except OSError:
+            reporting = False
         os.close(fd)
+        if reporting:
+            raise RunLocked(f"{option} {folder}: a gpumlp report is being made in this run "
+                            "now; wait for it to end") from None
         raise run_locked(option, folder) from None
     except OSError:   # a file system without locks: go on unlocked, as before
         os.close(fd)

@@ -381,10 +381,32 @@ def test_every_command_reading_a_data_dir_with_none_of_the_files_says_so_in_one_
         result = CliRunner().invoke(main, args, env={given: str(empty)})
         source = f"{given}={empty}"
     assert_clean_error(result, "")
-    assert result.stderr == (f"Error: {source}: none of the four MNIST files is there ("
-                             f"{NAMES}, each raw or .gz); put them there under those names, or "
-                             f"{drop} to use the cache\n")
+    # evaluate and report read the test files alone: all four were asked of a folder that
+    # needs two
+    there = (f"none of the four MNIST files is there ({NAMES}" if command in ("data info", "train")
+             else "neither test file is there (t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte")
+    assert result.stderr == (f"Error: {source}: {there}, each raw or .gz); put them there under "
+                             f"those names, or {drop} to use the cache\n")
     assert result.stdout == "" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command, needed", [
+    ("evaluate", "the two test files (t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte)"),
+    ("data image --split train",
+     "the two train files (train-images-idx3-ubyte, train-labels-idx1-ubyte)"),
+    ("train", "the four MNIST files")])
+def test_a_missing_data_dir_names_the_files_the_command_reads(finished_run, tmp_path, command,
+                                                              needed):
+    """A --data-dir holding just the test files is enough to evaluate: the error for a wrong
+    --data-dir asked every command for the four files."""
+    args = {"evaluate": ["evaluate", finished_run / "model.npz", "--device", "cpu"],
+            "data image --split train": ["data", "image", "0", tmp_path / "digit.npy",
+                                         "--split", "train"],
+            "train": ["train", "--out", tmp_path / "run", "--device", "cpu"]}[command]
+    result = CliRunner().invoke(main, [str(a) for a in args] + [
+        "--data-dir", str(tmp_path / "nowhere")])
+    assert_clean_error(result, f"--data-dir {tmp_path / 'nowhere'}: no such folder; point it at "
+                               f"the folder holding {needed}, or drop --data-dir to use the cache")
 
 
 TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -427,7 +449,7 @@ def test_a_data_dir_holding_only_the_test_files_is_enough_to_evaluate(finished_r
     trained = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "run"), "--device",
                                         "cpu", "--data-dir", str(folder)])
     assert_clean_error(trained, f"--data-dir {folder}: train-images-idx3-ubyte: missing; "
-                       "train-labels-idx1-ubyte: missing; fix")
+                       "train-labels-idx1-ubyte: missing; put them there, or drop --data-dir")
     assert not (tmp_path / "run").exists()
 
 
@@ -448,7 +470,29 @@ def test_a_data_dir_missing_only_some_files_lists_them(tmp_path, fake):
     (folder / "train-labels-idx1-ubyte.gz").write_bytes(fake.gz["train-labels-idx1-ubyte"])
     result = invoke("info", "--data-dir", str(folder))
     assert_clean_error(result, f"--data-dir {folder}: train-images-idx3-ubyte: missing; "
-                       "t10k-images-idx3-ubyte: missing; t10k-labels-idx1-ubyte: missing; fix")
+                       "t10k-images-idx3-ubyte: missing; t10k-labels-idx1-ubyte: missing; "
+                       "put them there, or drop --data-dir")
+
+
+def test_a_cache_holding_one_split_is_called_incomplete_not_damaged(finished_run, cache, mirror,
+                                                                    fake):
+    """After an evaluate fetched the test files alone, data info and verify said the cache was
+    "not intact" and its files "failed verification"; a damaged file is still called so."""
+    evaluated = CliRunner().invoke(main, ["evaluate", str(finished_run / "model.npz"),
+                                          "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    info = invoke("info")
+    assert_clean_error(info, f"the MNIST files in {cache} are not all there ("
+                       "train-images-idx3-ubyte: missing; train-labels-idx1-ubyte: missing); "
+                       "run `gpumlp data fetch` to fetch them")
+    verify = invoke("verify")
+    assert_clean_error(verify, f"2 of 4 MNIST files in {cache} are missing; `gpumlp data fetch` "
+                       "fetches them")
+    (cache / "train-labels-idx1-ubyte").write_bytes(b"junk")
+    assert_clean_error(invoke("info"), "are not intact (train-images-idx3-ubyte: missing; "
+                       "train-labels-idx1-ubyte: ")
+    assert_clean_error(invoke("verify"), "2 of 4 MNIST files in "
+                       f"{cache} failed verification; `gpumlp data fetch` replaces them")
 
 
 def test_files_under_other_names_get_the_names_they_need(tmp_path):

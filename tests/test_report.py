@@ -486,3 +486,32 @@ def test_make_report_from_python_ignores_a_bad_mplbackend_too(run_dir, tmp_path)
                           text=True, env={**os.environ, "MPLBACKEND": "bogus"}, timeout=120,
                           check=False)
     assert (done.returncode, done.stdout) == (0, "report.md\n"), done.stderr
+
+
+def test_a_train_that_starts_while_the_report_is_drawn_is_refused(run_dir, tiny_data_dir,
+                                                                   tmp_path, monkeypatch):
+    """The report checks that no train writes the run, then reads model.npz, draws for seconds
+    and writes: a `train --out RUN --overwrite` started in between removed the old run and its
+    report, and the report then wrote figures and a report.md of the old model (its accuracy,
+    "the same as metrics.jsonl") into the new run. The report holds the run while it works."""
+    import gpumlp.report as report_module
+    from gpumlp.runfiles import RunLocked, lock_run
+
+    run = copy_run(run_dir, tmp_path)
+    plot_confusion, tried = report_module.plot_confusion, []
+
+    def a_train_starts_now(*args):
+        try:
+            fd = lock_run(run, "--out")  # what `gpumlp train --out RUN --overwrite` takes first
+        except RunLocked as e:
+            tried.append(str(e))
+        else:
+            os.close(fd)
+            tried.append("locked")
+        plot_confusion(*args)
+
+    monkeypatch.setattr(report_module, "plot_confusion", a_train_starts_now)
+    result = invoke(report, run, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert len(tried) == 1 and tried[0] != "locked", tried
+    assert "gpumlp report" in tried[0]  # the refusal says what holds the run
