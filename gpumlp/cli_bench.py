@@ -12,10 +12,12 @@ import platform
 
 import click
 
-from .cli_common import data_dir_option, device_option, domain_errors, load_mnist_for
+from .cli_common import (OneLineError, data_dir_option, device_option, domain_errors,
+                         load_mnist_for)
 from .config import MAX_WIDTH
 
 MAX_SYNTHETIC = 10_000_000   # --samples: 7.8 GB of synthetic uint8 images
+MNIST_TRAIN = 60_000         # --samples with --data mnist: MNIST's training images
 MAX_THREADS = 4096           # --threads: past any BLAS build's maximum (and C int's range)
 CPU_BATCHES = (64, 128, 256, 1024)
 GPU_BATCHES = (128, 1024)
@@ -94,6 +96,19 @@ def table_lines(result: dict) -> list[str]:
     return lines
 
 
+def check_data_options(data: str, data_dir: str | None, samples: int) -> None:
+    """Refuse, before any data is read or fetched, more samples than MNIST has and a
+    --data-dir on the command line that --data synthetic would ignore."""
+    ctx = click.get_current_context()
+    if data == "synthetic" and data_dir and (ctx.get_parameter_source("data_dir") ==
+                                             click.core.ParameterSource.COMMANDLINE):
+        raise OneLineError("--data-dir is read with --data mnist only; drop it, or drop "
+                           "--data synthetic", exit_code=2)
+    if data == "mnist" and samples > MNIST_TRAIN:
+        raise OneLineError(f"--samples {samples}: MNIST has {MNIST_TRAIN} training images; give "
+                           f"at most {MNIST_TRAIN}, or --data synthetic for more", exit_code=2)
+
+
 @click.command()
 @device_option
 @click.option("--hidden", multiple=True, type=click.IntRange(1, MAX_WIDTH),
@@ -110,7 +125,7 @@ def table_lines(result: dict) -> list[str]:
               help="Train on MNIST (from --data-dir or the cache, fetched on first use) or on "
                    "random images of MNIST's shape.")
 @data_dir_option
-@click.option("--samples", default=60000, show_default=True,
+@click.option("--samples", default=MNIST_TRAIN, show_default=True,
               type=click.IntRange(1, MAX_SYNTHETIC),
               help="Examples per epoch: the first N MNIST training images (at most 60000), "
                    "or N synthetic ones (at most 10^7).")
@@ -134,6 +149,7 @@ def bench(device, hidden, batch, epochs, repeats, data, data_dir, samples, with_
     from .backend import get_backend
     from .bench import BenchSpec, first_of, run_bench
 
+    check_data_options(data, data_dir, samples)
     backend = get_backend(device)
     hidden = hidden or (256, 1024)
     batch = batch or (GPU_BATCHES if backend.is_gpu else CPU_BATCHES)

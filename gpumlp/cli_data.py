@@ -228,6 +228,8 @@ def image_bytes(image: np.ndarray, suffix: str) -> bytes:
 def check_image_target(out: Path, overwrite: bool) -> str:
     """The output's suffix, after refusing a name `data image` does not write, a path that is
     not a plain file, and an existing file unless `overwrite`."""
+    if not out.name:  # "" (click refuses the folders "." and "/" itself)
+        raise OneLineError("FILE is empty; give a file name such as digit.png", exit_code=2)
     suffix = next((s for s in IMAGE_SUFFIXES if out.name.lower().endswith(s)), None)
     if suffix is None:
         raise OneLineError(f"{out}: the name must end in .png or .npy, the formats written; "

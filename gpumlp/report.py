@@ -359,7 +359,7 @@ def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutp
         "| epoch | " + " | ".join(keys) + " | lr | seconds |",
         "|---:|" + "---:|" * (len(keys) + 2),
         *(f"| {row['epoch']} | " + " | ".join(f"{row[k]:.4f}" for k in keys)
-          + f" | {row['lr']:.4g} | {row['seconds']:.1f} |" for row in rows), "",
+          + f" | {row['lr']:.4g} | {row['seconds']:.2f} |" for row in rows), "",
         "## Confusion matrix (test set)", "",
         (f"model.npz gets {right} of {n} test images right (accuracy {right / n:.4f}), {agree} "
          f"the last epoch's test_accuracy in metrics.jsonl ({last['test_accuracy']:.4f})."), "",

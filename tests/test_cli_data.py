@@ -608,6 +608,7 @@ def test_image_replaces_a_file_only_with_overwrite(tmp_path, fake):
     (["0", "d.npz"], 2, "d.npz: the name must end in .png or .npy"),
     (["0", "nowhere/d.png"], 1, "nowhere/d.png: cannot write in nowhere (no such folder)"),
     (["0", "note.txt/d.png"], 1, "note.txt/d.png: cannot write in note.txt (not a folder)"),
+    (["0", ""], 2, "FILE is empty; give a file name such as digit.png"),
 ])
 def test_image_refuses_bad_arguments_in_one_line_writing_nothing(tmp_path, fake, monkeypatch,
                                                                 args, code, words):

@@ -702,6 +702,30 @@ def test_bench_refuses_more_rows_per_batch_than_samples():
     assert "--samples 64" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("args, said", [
+    (["--samples", "70000"], "Error: --samples 70000: MNIST has 60000 training images; give at "
+                             "most 60000, or --data synthetic for more\n"),
+    (["--data", "synthetic", "--data-dir", "nowhere"],
+     "Error: --data-dir is read with --data mnist only; drop it, or drop --data synthetic\n")])
+def test_bench_refuses_data_options_it_cannot_use_before_reading_any_data(monkeypatch, args,
+                                                                          said):
+    """--samples 70000 was refused only once the training files were read (or downloaded), and
+    a --data-dir beside --data synthetic went unused without a word."""
+    import gpumlp.cli_bench as cli_bench
+
+    monkeypatch.setattr(cli_bench, "load_mnist_for", lambda *a, **k: pytest.fail("data read"))
+    result = CliRunner().invoke(main, ["bench", "--device", "cpu", *args])
+    assert (result.exit_code, result.stderr) == (2, said)
+
+
+def test_bench_on_synthetic_data_leaves_a_data_dir_set_in_the_environment_alone():
+    result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--data", "synthetic",
+                                       "--hidden", "8", "--batch", "100", "--samples", "200",
+                                       "--repeats", "1", "--no-torch"],
+                                env={"GPUMLP_DATA_DIR": "nowhere"})
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize("threads, said", [
     ("4000", "--threads 4000: lib"),                               # past OpenBLAS's maximum
     ("4294967297", "'--threads': 4294967297 is not in the range")])  # would wrap to 1 in a C int

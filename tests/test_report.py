@@ -133,7 +133,7 @@ def test_the_epoch_table_holds_the_numbers_of_metrics_jsonl(reported):
                     "test_accuracy"):
             assert float(row[key]) == pytest.approx(epoch[key], abs=5e-5), key
         assert float(row["lr"]) == pytest.approx(epoch["lr"], rel=1e-3)
-        assert float(row["seconds"]) == pytest.approx(epoch["seconds"], abs=0.05)
+        assert float(row["seconds"]) == pytest.approx(epoch["seconds"], abs=0.005)  # to 0.01: fast epochs showed 0.0
 
 
 def test_the_confusion_count_is_the_models_and_the_last_epochs_accuracy(reported, tiny_mnist):
