@@ -273,3 +273,13 @@ def test_a_larger_elastic_sigma_gives_a_smoother_field():
         return np.corrcoef(D[..., :-1].ravel(), D[..., 1:].ravel())[0, 1]
 
     assert neighbour_correlation(1.0) < neighbour_correlation(4.0) - 0.1
+
+
+@pytest.mark.parametrize("sigma", [0.9, 1.2, 2.4])
+def test_gaussian_matrix_rounds_its_radius_as_scipy_does(sigma):
+    """4 sigma with a fractional part of .5 or more: the kernel reaches round(4 sigma), as
+    scipy's radius int(truncate * sigma + 0.5) does, not its floor."""
+    U = np.random.default_rng(1).random((3, SIDE, SIDE))
+    K = gaussian_matrix(np, sigma, np.float64)
+    expected = ndimage.gaussian_filter(U, (0, sigma, sigma), mode="constant", cval=0.0)
+    np.testing.assert_allclose(K @ U @ K.T, expected, atol=1e-12)

@@ -629,3 +629,51 @@ def test_tf32_follows_the_config_when_a_gpu_step_is_made():
 def test_importing_the_fused_step_does_not_import_cupy():
     code = "import sys, gpumlp.fast_cuda, gpumlp.step; sys.exit('cupy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_softmax_xent_keeps_huge_logits_finite_and_counts_the_first_maximum_of_a_tie(emulated):
+    """Row 0's logits are huge (exp would overflow without the row maximum taken off first);
+    row 1 ties its maximum between classes 2 and 7 and is labelled 2: the first maximum
+    counts, as argmax (model.correct_count) takes it."""
+    step = fast_cuda.FusedStep(build_config(None, []), emulated)
+    rng = np.random.default_rng(4)
+    A2 = (3 * rng.standard_normal((6, 10))).astype(np.float32)
+    A2[0] = 1e4 + np.arange(10, dtype=np.float32)
+    A2[1] = 0.0
+    A2[1, [2, 7]] = 5.0
+    y = rng.integers(0, 10, 6).astype(np.int32)
+    y[1] = 2
+    b2 = np.zeros(10, dtype=np.float32)
+    want_L, want_dA2 = loss_and_dA2(A2, y)
+    buf = step.step_buffers(6, (784, 16, 10))
+    buf.A[-1][...] = A2
+    L, correct = step.loss(Params((), (b2,)), y, buf)
+    assert np.isfinite(L) and np.isfinite(buf.dA).all()
+    np.testing.assert_allclose(L, want_L, rtol=RTOL)
+    np.testing.assert_allclose(buf.dA, want_dA2, rtol=RTOL, atol=ATOL)
+    assert int(correct) == int((A2.argmax(axis=1) == y).sum())
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_act_backward_takes_phi_prime_at_exactly_zero_as_activations_does(emulated, activation):
+    """A pre-activation of exactly 0 (zero bias on a blank image, say) is on the kink:
+    phi'(0) is 0 for relu and the slope for leaky_relu, in the kernel as in activations.py."""
+    step = fast_cuda.FusedStep(build_config(None, [f"model.activation={activation}"]), emulated)
+    A = np.array([[0.0, -0.0, 1.0, -1.0], [0.0, 2.0, 0.0, -3.0]], dtype=np.float32)
+    dZ = np.full_like(A, 0.5)
+    want = dZ * ACTIVATIONS[activation].phi_prime(A)
+    fast_cuda.launch(step.kernels.act_backward, A.size, np.int64(A.size), dZ, A)
+    np.testing.assert_array_equal(dZ, want)
+
+
+def test_the_batch_loader_clips_row_indices_outside_the_split_as_take_does(emulated):
+    """The kernel reads no row outside the images: an index below 0 or past the end reads
+    the first or the last row, as np.take(mode="clip") (fast_cpu's loader) does."""
+    rng = np.random.default_rng(6)
+    split = DeviceSplit(rng.integers(0, 256, (5, 784)).astype(np.uint8),
+                        rng.integers(0, 10, 5).astype(np.int32))
+    idx = np.array([-3, 0, 4, 5, 1000], dtype=np.int64)
+    X, y = fast_cuda.FusedStep(build_config(None, []), emulated).batch(split, idx)
+    rows = split.images.take(idx, axis=0, mode="clip")
+    np.testing.assert_array_equal(X, to_inputs(rows, "unit", "float32"))
+    np.testing.assert_array_equal(y, split.labels.take(idx, mode="clip"))

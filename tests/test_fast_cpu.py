@@ -757,3 +757,22 @@ def test_bench_ratio_is_the_median_of_each_round_s_ratio_not_the_ratio_of_median
     assert ours.epoch_s / theirs.epoch_s == 0.05         # what the medians alone would say
     lines = table_lines({"rows": [ours, theirs], "sgemm_gflops": 200.0})
     assert lines[2].endswith("| 0.50 |") and lines[3].endswith("| - |")
+
+
+def test_fast_step_given_exported_params_and_a_scaled_velocity_continues_as_the_generic_step():
+    """`export` gives the velocity back as stored, vel / s with its scale s beside it; a step
+    on those arrays (not `prepare`'s, so the generic step) must multiply s out first."""
+    config = build_config(None, ["model.hidden=16", "optim.nesterov=false"])
+    rng = np.random.default_rng(11)
+    step, p, s = packed(init_params((784, 16, 10), "he", rng), config)
+    for t in (1, 2, 3):
+        step(p, s, *batch(rng, 30), 0.1, t, ())
+    p_out, s_out = step.export(p, s)
+    assert s_out.scale[0] == pytest.approx(0.9 ** 3)                 # a scaled velocity
+    p_ref, s_ref = copy_params(p_out), unscaled(s_out)
+    for t in (4, 5):
+        X, y = batch(rng, 30)
+        step(p_out, s_out, X, y, 0.1, t, ())                          # the generic fallback
+        generic_step(config)(p_ref, s_ref, X, y, 0.1, t, ())
+    assert_close(p_out.W + p_out.b, p_ref.W + p_ref.b, "params")
+    assert_close(unscaled(s_out).m, s_ref.m, "velocity")

@@ -616,3 +616,17 @@ def test_gradient_check_counts_the_entries_whose_numeric_gradient_is_not_zero():
     counts = {r.name: r.nonzero for r in check_gradients(dead, X, y, ACTIVATIONS["relu"])}
     assert counts["W1"] == counts["b1"] == counts["W2"] == 0 and counts["b2"] == 3
     assert min(live.values()) > 0
+
+
+def test_a_check_whose_gradients_are_all_zero_does_not_pass():
+    """Every hidden unit dead on the batch: W1, b1 and W2 have only zero gradients, which a
+    wrong backward that keeps zeros zero matches as well; `passes` refuses such a check even
+    though every compared error is 0."""
+    rng = np.random.default_rng(3)
+    params = init_params((6, 5, 3), "he", rng, "float64")
+    X, y = rng.random((4, 6)), rng.integers(0, 3, 4)
+    dead = Params(params.W, (np.full(5, -100.0), params.b[1]))        # A1 < 0 everywhere
+    results = check_gradients(dead, X, y, ACTIVATIONS["relu"])
+    assert worst_error(results) <= 1e-6 and all(r.checked for r in results)
+    assert not passes(results, 1e-6)
+    assert passes(check_gradients(params, X, y, ACTIVATIONS["relu"]), 1e-6)

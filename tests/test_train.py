@@ -330,3 +330,33 @@ def test_a_checkpoints_guard_refuses_a_nan_optimizer_state_with_finite_weights(s
         state.opt = state.opt._replace(scale=np.array([np.inf]))
     with pytest.raises(NumericalError, match=r"^the optimizer's state became NaN or infinite"):
         check_finite(state)
+
+
+def test_an_epochs_train_loss_and_accuracy_weigh_each_steps_loss_by_its_rows(tiny_mnist,
+                                                                            monkeypatch):
+    """train_loss is sum(L * m) / n over the epoch's steps, train_accuracy sum(correct) / n:
+    300 examples in batches of 128, so the last step's 44 rows must count 44 times, not 128
+    (nor once)."""
+    import gpumlp.train as train_module
+    from gpumlp.step import make_step
+
+    steps = []
+
+    class Recording:
+        def __init__(self, step):
+            self.step = step
+
+        def __call__(self, params, state, X, y, lr, t, masks):
+            L, ok = self.step(params, state, X, y, lr, t, masks)
+            steps.append((float(L), int(ok), X.shape[0]))
+            return L, ok
+
+        def __getattr__(self, name):   # prepare, export, batch, kind: the wrapped step's
+            return getattr(self.step, name)
+
+    monkeypatch.setattr(train_module, "make_step", lambda *a: Recording(make_step(*a)))
+    config = build_config(None, ["model.hidden=16", "train.epochs=1", "train.batch_size=128"])
+    row = train(config, CPU, tiny_mnist.mnist).history[0]
+    assert [m for _, _, m in steps] == [128, 128, 44]
+    assert row["train_loss"] == pytest.approx(sum(L * m for L, _, m in steps) / 300, rel=1e-6)
+    assert row["train_accuracy"] == sum(ok for _, ok, _ in steps) / 300
