@@ -25,7 +25,7 @@ import click
 
 from . import __version__
 from .cli_common import (data_dir_option, device_option, domain_errors, interrupted_how,
-                         load_mnist_for, model_argument)
+                         load_mnist_for, model_argument, test_data_dir_option)
 from .errors import (CheckpointError, ConfigError, GpumlpError, json_text, shell_path,
                      signal_error, without_interrupt_reports)
 
@@ -393,7 +393,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
 @main.command(short_help="Test loss and accuracy of a model.npz on the MNIST test set.")
 @model_argument
 @device_option
-@data_dir_option
+@test_data_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @domain_errors
 def evaluate(model_path, device, data_dir, as_json):

@@ -12,8 +12,8 @@ import platform
 
 import click
 
-from .cli_common import (OneLineError, data_dir_option, device_option, domain_errors,
-                         load_mnist_for)
+from .cli_common import (OneLineError, device_option, domain_errors, load_mnist_for,
+                         train_data_dir_option)
 from .config import MAX_WIDTH
 
 MAX_SYNTHETIC = 10_000_000   # --samples: 7.8 GB of synthetic uint8 images
@@ -124,7 +124,7 @@ def check_data_options(data: str, data_dir: str | None, samples: int) -> None:
               show_default=True,
               help="Train on MNIST (from --data-dir or the cache, fetched on first use) or on "
                    "random images of MNIST's shape.")
-@data_dir_option
+@train_data_dir_option
 @click.option("--samples", default=MNIST_TRAIN, show_default=True,
               type=click.IntRange(1, MAX_SYNTHETIC),
               help="Examples per epoch: the first N MNIST training images (at most 60000), "

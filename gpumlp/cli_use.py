@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from .cli_common import (OneLineError, RunDir, data_dir_option, device_option, domain_errors,
-                         load_mnist_for, model_argument, require)
+from .cli_common import (OneLineError, RunDir, device_option, domain_errors,
+                         load_mnist_for, model_argument, require, test_data_dir_option)
 from .errors import CheckpointError, json_text, shell_path
 
 
@@ -83,7 +83,7 @@ def predict(model_path, files, top_k, as_json, device):
 @click.option("--overwrite", is_flag=True,
               help="Replace files under the report's names that an earlier report did not write.")
 @device_option
-@data_dir_option
+@test_data_dir_option
 @domain_errors
 def report(run_dir, overwrite, device, data_dir):
     """Write figures and report.md into a run directory.

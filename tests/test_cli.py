@@ -835,7 +835,7 @@ def test_an_empty_data_dir_is_a_usage_error_and_an_empty_variable_is_unset(comma
     """`--data-dir "$DIR"` with DIR unset would be the current folder, or no folder."""
     monkeypatch.chdir(tmp_path)
     assert_one_error_line(cli(*command, "--data-dir", ""), 2, "Invalid value for '--data-dir': "
-                          "is empty; give the folder of the four MNIST files, or leave it out")
+                          "is empty; give the folder of the MNIST files, or leave it out")
     monkeypatch.setenv("GPUMLP_DATA_DIR", "")
     monkeypatch.setenv("GPUMLP_CACHE_DIR", str(tmp_path / "cache"))
     assert cli("data", "path").stdout == f"{tmp_path / 'cache' / 'mnist'}\n"
@@ -930,3 +930,15 @@ def test_an_empty_model_or_run_folder_argument_is_a_usage_error_not_the_current_
     result = cli(*args)
     assert_one_error_line(result, 2, f"Invalid value for '{name}': is empty; give a ")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command, files", [
+    (["evaluate"], "the MNIST test files, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte"),
+    (["report"], "the MNIST test files, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte"),
+    (["bench"], "the MNIST training files, train-images-idx3-ubyte and train-labels-idx1-ubyte"),
+    (["train"], "the four MNIST files")])
+def test_data_dir_help_names_the_files_the_command_reads(command, files):
+    """evaluate and report read the test files alone, bench the training files: their help
+    asked for the four."""
+    text = " ".join(cli(*command, "--help").stdout.split())
+    assert f"--data-dir PATH Folder with {files}" in text.replace("- ", "-")
