@@ -522,3 +522,55 @@ def test_a_rate_or_eps_below_the_dtypes_smallest_normal_number_is_refused(key):
     assert getattr(build_config(None, [f"optim.{key}=1.2e-38"]).optim, key) == 1.2e-38
     config = build_config(None, [f"optim.{key}=1e-46", "train.dtype=float64"])
     assert getattr(config.optim, key) == 1e-46
+
+
+# (key, values just inside its range, values just outside): every numeric key of RANGES
+RANGE_EDGES = [
+    ("model.dropout", [0, 0.999], [-0.001, 1]),
+    ("model.max_norm", [None, 1e-9], [0, -1]),
+    ("data.val_size", [0], [-1]),
+    ("data.limit", [None, 1], [0]),
+    ("data.augment.shift", [0, 14], [-0.001, 14.001]),
+    ("data.augment.rotate", [0, 180], [-0.001, 180.001]),
+    ("data.augment.scale", [0, 0.999], [-0.001, 1]),
+    ("data.augment.elastic_alpha", [0, 1000], [-0.001, 1000.001]),
+    ("data.augment.elastic_sigma", [1e-9, 28], [0, 28.001]),
+    ("train.epochs", [1], [0]),
+    ("train.batch_size", [1], [0]),
+    ("train.seed", [0], [-1]),
+    ("train.eval_batch_size", [1], [0]),
+    ("train.checkpoint_every", [0], [-1]),
+    ("train.label_smoothing", [0, 0.999], [-0.001, 1]),
+    ("optim.lr", [1e-9], [0]),
+    ("optim.momentum", [0, 0.999], [-0.001, 1]),
+    ("optim.weight_decay", [0], [-1e-9]),
+    ("optim.beta1", [0, 0.999], [-0.001, 1]),
+    ("optim.beta2", [0, 0.999], [-0.001, 1]),
+    ("optim.eps", [1e-9], [0]),
+    ("optim.warmup_epochs", [0], [-0.001]),
+    ("optim.step_epochs", [1e-9], [0]),
+    ("optim.gamma", [1e-9, 1], [0, 1.001]),
+    ("optim.min_lr", [0], [-1e-9]),
+]
+
+
+@pytest.mark.parametrize("key, inside, outside", RANGE_EDGES, ids=[e[0] for e in RANGE_EDGES])
+def test_each_range_takes_its_edges_and_refuses_just_past_them(key, inside, outside):
+    """Guards the bounds of every numeric key (a `<` for a `<=`, a missing check): the value on
+    each edge of the range is taken, one just past it is refused naming the key, in a saved
+    config (config_from_dict, as a model's is read) as in a --set."""
+    def nested(value):
+        values = value
+        for part in reversed(key.split(".")):
+            values = {part: values}
+        return values
+
+    for value in inside:
+        got = config_from_dict(nested(value))
+        for part in key.split("."):
+            got = getattr(got, part)
+        assert got == value
+    for value in outside:
+        assert error_of(config_from_dict, nested(value)).startswith(f"config key '{key}' ")
+        assert error_of(build_config, None, [f"{key}={value}"]).startswith(
+            f"--set '{key}={value}': config key '{key}' ")

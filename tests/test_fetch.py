@@ -507,3 +507,26 @@ def test_real_files_from_a_mirror_match_the_canonical_checksums(cache, server, m
     files = {stem: gz(stem) for stem in CHECKSUMS}
     assert ensure_mnist(mirrors=[server.mirror("ossci", "good", files)]) == cache
     assert verify_folder(cache) == []
+
+
+@pytest.mark.parametrize("stem", ALL_FILES)
+def test_load_verified_checks_each_of_the_four_files_against_its_own_checksum(tiny_mnist,
+                                                                               tmp_path, stem):
+    """Guards load_verified, the one checksum check of a --data-dir that train, evaluate and
+    report read: a well-formed IDX file that is not the canonical one is refused, whichever of
+    the four it is (not only the first), by its own name."""
+    import shutil
+
+    from gpumlp.fetch import load_verified
+    from gpumlp.idx import read_idx
+
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_mnist.folder, folder)
+    array = read_idx(folder / f"{stem}.gz")
+    (folder / f"{stem}.gz").unlink()
+    (folder / stem).write_bytes(encode_idx((array + 1) % 10))      # well-formed, one value off
+    with pytest.raises(DataError, match=f"{stem}: a well-formed IDX file, but not the canonical"):
+        load_verified(folder, tiny_mnist.checksums)
+    split = "train" if stem.startswith("train") else "test"
+    with pytest.raises(DataError, match=stem):
+        load_verified(folder, tiny_mnist.checksums, split=split)

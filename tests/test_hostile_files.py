@@ -7,6 +7,7 @@ patched to claim encryption or an unknown compression method, JSON nested 100,00
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import os
@@ -582,3 +583,61 @@ def test_the_size_cap_holds_the_largest_npy_picture_gpumlp_accepts(tmp_path):
         f.write(header)
         f.truncate(len(header) + MAX_SIDE * MAX_SIDE * 8)          # zeros
     assert read_gray(path).shape == (MAX_SIDE, MAX_SIDE)
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"W5": np.zeros((3, 3), np.float32)}, "arrays ['W5'] do not fit hidden sizes [16]"),
+    ({"W3": np.zeros((10, 10), np.float32), "b4": np.zeros(3, np.float32)},
+     "arrays ['W3', 'b4'] do not fit hidden sizes [16]"),
+    ({"W1": np.zeros((784, 16), np.int32)}, "W1 has shape (784, 16) and dtype int32"),
+], ids=["a_layer_far_beyond", "layers_beyond", "integer_weights"])
+def test_init_or_model_weights_of_another_layout_are_refused(model_arrays, tmp_path, change,
+                                                             says):
+    """Guards check_layout: a layer beyond the net's depth (the next one or any later) and
+    weights that are not floats are refused by --init and by a model load alike, not dropped
+    or converted."""
+    path = tmp_path / "weights.npz"
+    np.savez(path, **{**model_arrays, **change})
+    for load in (lambda: load_init(path, (784, 16, 10), "float32"), lambda: load_model(path)):
+        with pytest.raises(CheckpointError) as info:
+            load()
+        assert says in str(info.value)
+
+
+def test_a_model_whose_config_string_is_over_the_limit_is_refused_unread(model_arrays,
+                                                                         tmp_path):
+    """Guards checkpoint.MAX_CONFIG_CHARS: a config string past a million characters is refused
+    from its .npy header, before it is read and parsed."""
+    from gpumlp.checkpoint import MAX_CONFIG_CHARS
+
+    path = tmp_path / "model.npz"
+    np.savez(path, **{**model_arrays, "config": np.array(" " * (MAX_CONFIG_CHARS + 1))})
+    with pytest.raises(CheckpointError, match=f"holds {MAX_CONFIG_CHARS + 1:,} characters, more "
+                                              f"than the {MAX_CONFIG_CHARS:,} a config may hold"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("member, reason", [
+    (b"\x93NUMPY\x01\x00" + struct.pack("<H", 20_000) + b" " * 20_000,
+     ".npy header of 20,000 bytes, more than 10,000"),
+    (lying_header((-2, -5)) + bytes(80), ".npy header with a negative dimension (-2, -5)"),
+    (b"\x93NUMPY\x01\x00\x00", ".npy header cut short"),             # 1 of its 2 length bytes
+    (None, "two members are named 'W1'"),
+], ids=["header_too_long", "negative_dimension", "length_cut_short", "name_twice"])
+def test_a_member_with_a_header_numpy_may_not_refuse_says_why(model_arrays, tmp_path, member,
+                                                              reason):
+    """Guards Npz's own header checks (before NumPy sees a header): a header longer than
+    NumPy's limit, a negative dimension (two make a positive size), a length cut short, and an
+    array name given twice (which one would be read?) are each refused, saying which."""
+    path = tmp_path / "model.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in model_members(model_arrays).items():
+            zf.writestr(name, data)
+        with pytest.warns(UserWarning, match="Duplicate name") if member is None else \
+                contextlib.nullcontext():
+            zf.writestr("W1.npy" if member is None else "x.npy",
+                        npy_bytes(model_arrays["W1"]) if member is None else member)
+    with pytest.raises(CheckpointError) as info:
+        load_npz(path)
+    assert f"{path}: not a readable .npz file (" in str(info.value)
+    assert reason in str(info.value)

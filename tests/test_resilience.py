@@ -317,6 +317,43 @@ def test_atomic_write_all_whose_rename_fails_midway_leaves_no_temporary(tmp_path
     assert (tmp_path / "a.png").read_bytes() == b"a" and (tmp_path / "b.png").is_dir()
 
 
+def test_atomic_write_all_fsyncs_every_file_before_the_first_rename_and_the_folder_after(
+        tmp_path, monkeypatch):
+    """Guards atomic_write_all's order: each temporary file is fsynced before any target is
+    replaced (a full disk at the second file changes neither), and the folder is fsynced after
+    the renames, which makes them durable."""
+    import stat
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(npzio.os, "fsync", fsync)
+    monkeypatch.setattr(npzio.os, "replace", replace)
+    files = {tmp_path / "a.png": b"a", tmp_path / "b.png": b"b"}
+    npzio.atomic_write_all(files)
+    assert events == ["file", "file", "rename", "rename", "dir"]
+    assert all(path.read_bytes() == data for path, data in files.items())
+
+    def full_at_the_second(fd):
+        if len(events) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    events.clear()
+    monkeypatch.setattr(npzio.os, "fsync", full_at_the_second)
+    with pytest.raises(OSError):
+        npzio.atomic_write_all({path: b"new" for path in files})
+    assert all(path.read_bytes() == data for path, data in files.items())   # neither replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
+
+
 @pytest.mark.parametrize("char", ["a", "\u6587"])   # 1 byte, 3 bytes in UTF-8
 def test_atomic_write_takes_a_name_up_to_the_systems_limit(tmp_path, char):
     """Its temporary name adds 14 characters to the target's: one of 242 to 255 was refused.
@@ -478,7 +515,7 @@ def test_checkpoint_keeps_the_fast_step_velocity_scale_and_refuses_a_damaged_one
     assert saved["opt_scale"].tolist() == pytest.approx([0.9 ** 5], rel=1e-12)   # 5 steps
     state, _ = RunFiles(tmp_path / "run").load_checkpoint(config, CPU, 250)
     assert state.opt.scale.tolist() == saved["opt_scale"].tolist()
-    for bad in ([-1.0], [0.5, 0.5], [float("nan")]):
+    for bad in ([-1.0], [0.0], [0.5, 0.5], [float("nan")]):   # 0: no velocity at all
         npzio.save_npz(tmp_path / "run" / "checkpoint.npz", {**saved, "opt_scale": np.array(bad)})
         with pytest.raises(CheckpointError, match=r"its velocity scale \(opt_scale\) is "
                            "damaged; start the run over: gpumlp train --config "):

@@ -89,6 +89,21 @@ def test_overwrite_removes_the_old_report_and_export_but_no_other_file(finished,
     assert (finished / "model.npz").read_bytes() != old_model
 
 
+def test_overwrite_stopped_before_its_first_checkpoint_leaves_no_old_state_to_resume(
+        finished, tiny_data_dir, monkeypatch):
+    """Guards RunFiles.start: the old run's checkpoint, model and summary go as the new run
+    starts, so a new run stopped before its first checkpoint leaves neither the old run's
+    state for --resume to take under the new config.yaml, nor a 'finished' folder."""
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train_epoch", stopped)
+    result = cli(*train_args(finished, tiny_data_dir, "--overwrite", "--set", "train.seed=7"))
+    assert result.exit_code == 130
+    assert not {"checkpoint.npz", "model.npz", "summary.json"} & {p.name for p in
+                                                                 finished.iterdir()}
+
+
 def test_overwrite_keeps_files_under_a_reports_names_that_are_not_a_report(finished,
                                                                           tiny_data_dir):
     """A user's own report.md (no report title) and a .png that is not a PNG are not gpumlp's:
@@ -1097,6 +1112,10 @@ def damage_state(record: dict, how: str) -> None:
         record["position"]["step"] = 5
     elif how == "correct_huge":
         record["position"]["correct"] = 10 ** 9
+    elif how == "correct_negative":
+        record["position"]["correct"] = -1
+    elif how == "batch_at_end":                     # step 10 of epoch 1 ends it: no batch left
+        record["position"].update(step=10, batch=10)
     elif how == "history_extra_row":                # a row for an epoch not finished
         record["history"] = [dict(GOOD_ROW)]
     elif how.startswith("history_row_"):            # at batch 4 of epoch 2, after one row
@@ -1123,6 +1142,8 @@ GOOD_ROW = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8, "test_loss": 0
     ("rng_huge", "its generator states are damaged"),
     ("step_off", "its state record is missing or damaged"),
     ("correct_huge", "its state record is missing or damaged"),
+    ("correct_negative", "its state record is missing or damaged"),
+    ("batch_at_end", "the epoch's order does not fit a training set of 250 examples"),
     ("history_extra_row", "its state record is missing or damaged"),
     ("history_row_lacks", "its state record is missing or damaged"),
     ("history_row_huge", "its state record is missing or damaged"),
@@ -1134,6 +1155,7 @@ GOOD_ROW = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8, "test_loss": 0
                     "training examples is"),
     ("velocity_missing", "optimizer state does not match the config; put config.yaml back as "
                          "the run had it, or"),
+    ("velocity_shape", "optimizer state does not match the config"),
 ])
 def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_data_dir, how,
                                                                fragment):
@@ -1158,6 +1180,8 @@ def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_dat
         arrays["W1"] = arrays["W1"] * np.float32(1e20)
     elif how == "velocity_missing":
         del arrays["opt_m0"]
+    elif how == "velocity_shape":                   # one row: it would broadcast unseen
+        arrays["opt_m0"] = arrays["opt_m0"][:1]
     elif how == "record_list":
         arrays["state"] = np.array("[]")
     else:

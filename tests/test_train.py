@@ -360,3 +360,74 @@ def test_an_epochs_train_loss_and_accuracy_weigh_each_steps_loss_by_its_rows(tin
     assert [m for _, _, m in steps] == [128, 128, 44]
     assert row["train_loss"] == pytest.approx(sum(L * m for L, _, m in steps) / 300, rel=1e-6)
     assert row["train_accuracy"] == sum(ok for _, ok, _ in steps) / 300
+
+
+def test_init_weights_equal_to_the_seeds_own_give_the_run_without_init(tiny_mnist):
+    """Guards new_state's promise that --init weights are drawn over all the same: the host
+    generator then shuffles as in a run without --init, so a run from its own initial weights is
+    that run, bit for bit (skipping the draw would shift every epoch's order)."""
+    config = build_config(None, ["model.hidden=16", "train.epochs=2", "train.batch_size=50"])
+    start = new_state(config, CPU).params
+    init = Params(tuple(w.copy() for w in start.W), tuple(v.copy() for v in start.b))
+    plain = train(config, CPU, tiny_mnist.mnist)
+    from_init = train(config, CPU, tiny_mnist.mnist, init=init)
+    for a, b in zip(plain.params.W + plain.params.b, from_init.params.W + from_init.params.b):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_each_epoch_draws_a_new_order_of_the_training_set(tiny_mnist, monkeypatch):
+    """Guards the shuffle per epoch: every epoch visits each example once, in an order of its
+    own (an epoch's order kept into the next would repeat it); data.shuffle=false keeps 0..n-1."""
+    import gpumlp.train as train_module
+
+    def orders(*extra):
+        seen = []
+
+        def recording(step, split, idx, *args):
+            seen.append(np.asarray(idx).copy())
+            return batch_inputs(step, split, idx, *args)
+
+        batch_inputs = train_module.batch_inputs
+        monkeypatch.setattr(train_module, "batch_inputs", recording)
+        train(build_config(None, ["model.hidden=8", "train.epochs=3", "train.batch_size=100",
+                                  *extra]), CPU, tiny_mnist.mnist)
+        monkeypatch.setattr(train_module, "batch_inputs", batch_inputs)
+        return [np.concatenate(seen[i:i + 3]) for i in (0, 3, 6)]       # 3 steps an epoch
+
+    shuffled = orders()
+    assert all(sorted(order) == list(range(300)) for order in shuffled)
+    assert len({order.tobytes() for order in shuffled}) == 3
+    assert all(np.array_equal(order, np.arange(300)) for order in orders("data.shuffle=false"))
+
+
+def test_a_stop_asked_in_the_last_epochs_last_step_ends_the_run_not_interrupts_it(tiny_mnist,
+                                                                                 tmp_path):
+    """Guards the end of the loop: a Ctrl-C that lands in the run's very last step leaves no
+    step to save a checkpoint for, so the run ends as finished (model.npz, summary.json) rather
+    than as interrupted with a resume to do."""
+    config = build_config(None, ["model.hidden=8", "train.epochs=2", "train.batch_size=100"])
+    steps = []
+    result = train(config, CPU, tiny_mnist.mnist, out_dir=tmp_path / "run",
+                   on_event=lambda kind, info: steps.append(info) if kind == "step" else None,
+                   should_stop=lambda: len(steps) >= 6)             # asked in step 6, the last
+    assert result.summary["steps"] == 6 and len(result.history) == 2
+    assert (tmp_path / "run" / "model.npz").is_file()
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_a_resumed_epoch_counts_the_seconds_spent_before_the_stop(tiny_mnist, tmp_path):
+    """Guards the epoch's clock across a resume: the seconds a mid-epoch checkpoint records are
+    part of that epoch's `seconds` (and samples_per_second), not dropped by the resume."""
+    from gpumlp.npzio import save_npz
+
+    config = build_config(None, ["model.hidden=8", "train.epochs=1", "train.batch_size=100"])
+    steps, out = [], tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(config, CPU, tiny_mnist.mnist, out_dir=out, should_stop=lambda: len(steps) >= 1,
+              on_event=lambda kind, info: steps.append(info) if kind == "step" else None)
+    arrays = load_npz(out / "checkpoint.npz")
+    record = json.loads(str(arrays["state"]))
+    record["position"]["seconds"] = 1000.0        # as if the first step had taken that long
+    save_npz(out / "checkpoint.npz", {**arrays, "state": np.array(json.dumps(record))})
+    row = train(config, CPU, tiny_mnist.mnist, out_dir=out, resume=True).history[0]
+    assert 1000 <= row["seconds"] < 1100
