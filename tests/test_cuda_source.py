@@ -677,3 +677,169 @@ def test_the_batch_loader_clips_row_indices_outside_the_split_as_take_does(emula
     rows = split.images.take(idx, axis=0, mode="clip")
     np.testing.assert_array_equal(X, to_inputs(rows, "unit", "float32"))
     np.testing.assert_array_equal(y, split.labels.take(idx, mode="clip"))
+
+
+# --- 4. what the step's host side must keep right, on a GPU more than here --------------------
+def test_new_buffers_are_poisoned_so_that_a_missed_element_shows():
+    """Every buffer is NaN (labels -1) until a kernel writes it: an element a kernel misses
+    shows at once instead of reading as a plausible 0. The ones row of db = ones @ dA is 1."""
+    step = fast_cuda.FusedStep(build_config(), gpu_backend())
+    params, _, _ = problem((784, 16, 10), 1)
+    buf = step.step_buffers(3, (784, 16, 10))
+    for a in (*buf.A, *buf.Z, *buf.dZ, buf.dA):
+        assert a.dtype == np.float32 and np.isnan(a).all()
+    assert buf.ones.dtype == np.float32 and (buf.ones == 1).all()
+    grads, rows = step.grad_buffers(params, (784, 16, 10))
+    assert all(np.isnan(g).all() for g in (*grads.W, *grads.b))
+    assert np.shares_memory(rows[0], grads.b[0])
+    X, y = step.poisoned((4, 784)), step.poisoned((4,), np.int32)     # as batch makes the loader's
+    assert np.isnan(X).all() and y.dtype == np.int32 and (y == -1).all()
+
+
+def test_a_step_keeps_gradient_buffers_per_layer_widths(emulated):
+    """One FusedStep given nets of two widths writes each net's gradients into buffers of its
+    own shapes (cuBLAS would write past a smaller buffer on a GPU)."""
+    config = build_config(None, ["optim.momentum=0.9"])
+    fused, generic = fast_cuda.FusedStep(config, emulated), generic_step(config)
+    for widths in ((784, 24, 10), (784, 16, 10), (784, 24, 10)):
+        params, X, y = problem(widths, 8, seed=widths[1])
+        want, got = copy(params), copy(params)
+        want_state, got_state = init_state(config.optim, want), init_state(config.optim, got)
+        generic(want, want_state, X, y, 0.1, 1)
+        fused(got, got_state, X, y, 0.1, 1)
+        for a, b in zip((*got.W, *got.b, *got_state.m), (*want.W, *want.b, *want_state.m)):
+            np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=str(widths))
+    assert set(fused.grads) == {(784, 24, 10), (784, 16, 10)}
+
+
+def test_a_new_optimizer_state_for_the_same_parameters_gets_a_new_update_table(emulated):
+    """The table holds the state arrays' addresses too: a step given the same Params with
+    another OptState (a reset velocity, say) updates that state, not the last one."""
+    config = build_config(None, ["optim.momentum=0.9"])
+    fused, generic = fast_cuda.FusedStep(config, emulated), generic_step(config)
+    params, X, y = problem((784, 16, 10), 8)
+    want = copy(params)
+    old_state = init_state(config.optim, params)
+    fused(params, old_state, X, y, 0.1, 1)
+    generic(want, init_state(config.optim, want), X, y, 0.1, 1)
+    kept = [m.copy() for m in old_state.m]
+    new_state, want_state = init_state(config.optim, params), init_state(config.optim, want)
+    fused(params, new_state, X, y, 0.1, 2)
+    generic(want, want_state, X, y, 0.1, 2)
+    for a, b in zip((*params.W, *params.b, *new_state.m), (*want.W, *want.b, *want_state.m)):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+    for a, b in zip(old_state.m, kept):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_fused_step_refuses_shapes_and_host_arrays_its_kernels_would_misread(emulated):
+    """The kernels index raw memory by the shapes the step assumes; on a GPU a wrong shape
+    reads or writes past an array, and a host array's address is no device pointer."""
+    config = build_config(None, ["optim.momentum=0.9", "model.dropout=0.5"])
+    params, X, y = problem((784, 16, 10), 4)
+    state = init_state(config.optim, params)
+    mask = np.ones((4, 16), np.float32)
+    short_b = Params(params.W, (params.b[0][:8].copy(), params.b[1]))
+    short_m = state._replace(m=(state.m[0][:100].copy(), *state.m[1:]))
+    cases = [("dropout mask 1", (params, state, X, y, [np.ones((4, 8), np.float32)])),
+             ("b1 as a C-contiguous float32", (short_b, state, X, y, [mask])),
+             (r"optimizer state m\[0\]", (params, short_m, X, y, [mask])),
+             ("one integer label per row", (params, state, X, y[:3], [mask])),
+             (r"inputs of shape \(m, 784\)", (params, state, X[:, :700].copy(), y, [mask]))]
+    for match, (p, s, X_in, y_in, masks) in cases:
+        with pytest.raises(GpumlpError, match=match):
+            fast_cuda.FusedStep(config, emulated)(p, s, X_in, y_in, 0.1, 1, tuple(masks))
+    split = DeviceSplit(np.zeros((6, 784), np.uint16), np.zeros(6, np.int32))
+    with pytest.raises(GpumlpError, match="the training images as a C-contiguous uint8"):
+        fast_cuda.FusedStep(config, emulated).batch(split, np.arange(2))
+
+    device = type("DeviceArray", (np.ndarray,), {})                  # what is "on the GPU"
+
+    def on(array):
+        return array.view(device)
+
+    step = fast_cuda.FusedStep(config, emulated)
+    step.xp = types.SimpleNamespace(**{**vars(emulated.xp), "ndarray": device})
+    with pytest.raises(GpumlpError, match="needs the parameters and optimizer state on the GPU"):
+        step(params, state, on(X), on(y), 0.1, 1, (on(mask),))
+    with pytest.raises(GpumlpError, match="needs the training split on the GPU"):
+        step.batch(DeviceSplit(np.zeros((6, 784), np.uint8), np.zeros(6, np.int32)),
+                   on(np.arange(2)))
+
+
+def test_each_step_points_cublas_at_the_current_handle_stream_and_host_scalars(emulated):
+    """CuPy's own calls between two steps may leave its cuBLAS handle on another stream or in
+    device pointer mode, and the handle is per thread and device: each step sets them again."""
+    config = build_config(None, [])
+    step = fast_cuda.FusedStep(config, emulated)
+    params, X, y = problem((784, 16, 10), 4)
+    state = init_state(config.optim, params)
+    step(params, state, X, y, 0.1, 1)
+    cublas = emulated.xp.cuda.cublas
+    cublas.handle_state = {"stream": (HostCublas.HANDLE, 0), "pointer_mode": (HostCublas.HANDLE, 1)}
+    step(params, state, X, y, 0.1, 2)
+    cublas.HANDLE, cublas.handle_state = 4321, {}                    # another thread's handle
+    emulated.xp.cuda.device.get_cublas_handle = lambda: 4321
+    step(params, state, X, y, 0.1, 3)
+    assert len(cublas.calls) == 3 * 7
+
+
+def test_tf32_is_used_from_compute_capability_8_0_and_old_cupy_without_it_is_fine_when_off():
+    assert enable_tf32(gpu_backend("80"), True) is True
+    old = gpu_backend()
+    old.xp._core = types.SimpleNamespace()                           # no set_compute_type
+    assert enable_tf32(old, False) is False
+    with pytest.raises(DeviceError, match="has no way to set the matmul compute type"):
+        enable_tf32(old, True)
+
+
+class FakeCupy:
+    """What backend.cuda_backend uses of CuPy, with `count` GPUs; records the device used."""
+
+    def __init__(self, count):
+        self.used = []
+        fake = self
+
+        class Device:
+            def __init__(self, index):
+                self.index = index
+
+            def use(self):
+                fake.used.append(self.index)
+
+        self.cuda = types.SimpleNamespace(
+            Device=Device, cublas=object(), runtime=types.SimpleNamespace(
+                getDeviceCount=lambda: count,
+                getDeviceProperties=lambda i: {"name": f"GPU{i}".encode()}))
+
+
+def test_cuda_n_picks_gpu_n_and_a_gpu_past_the_last_is_refused(monkeypatch):
+    from gpumlp import backend as backend_module
+    cupy = FakeCupy(2)
+    monkeypatch.setattr(backend_module, "_import_cupy", lambda: cupy)
+    chosen = backend_module.get_backend("cuda:1")
+    assert (chosen.device, chosen.description, cupy.used) == ("cuda:1", "cuda:1 (GPU1)", [1])
+    assert backend_module.get_backend("CUDA").device == "cuda:0" and cupy.used == [1, 0]
+    assert backend_module.get_backend("auto").device == "cuda:0"
+    assert backend_module.available_devices() == ["cpu", "cuda:0", "cuda:1"]
+    with pytest.raises(DeviceError) as e:
+        backend_module.get_backend("cuda:2")
+    assert str(e.value) == ("--device cuda:2: only 2 GPU(s) here (cuda:0..cuda:1); pick one of "
+                            "those or --device cpu")
+    for name in ("cuda:1x", "cuda:", "cuda1"):
+        with pytest.raises(DeviceError, match="not a device"):
+            backend_module.get_backend(name)
+    assert cupy.used == [1, 0, 0]
+    monkeypatch.setattr(backend_module, "_import_cupy", lambda: FakeCupy(0))  # no GPU
+    assert backend_module.get_backend("auto") is backend_module.CPU
+
+
+def test_batch_inputs_uses_the_steps_loader_only_without_augmentation():
+    from gpumlp.step import batch_inputs
+    split = DeviceSplit(np.full((4, 784), 255, np.uint8), np.arange(4, dtype=np.int32))
+    loaded = []
+    step = types.SimpleNamespace(batch=lambda s, idx: loaded.append(idx) or ("X", "y"))
+    config = build_config(None, [])
+    assert batch_inputs(step, split, np.arange(2), config, None, None) == ("X", "y")
+    X, y = batch_inputs(step, split, np.arange(2), config, lambda X, rng: X * 0.5, None)
+    assert len(loaded) == 1 and (X == 0.5).all() and list(y) == [0, 1]

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from gpumlp.cli import main
 from gpumlp.config import build_config
-from gpumlp.train import Interrupted, train
+from gpumlp.train import Interrupted, NumericalError, train
 
 pytestmark = pytest.mark.gpu
 
@@ -120,3 +120,13 @@ def test_evaluate_predict_and_report_on_the_gpu_agree_with_the_cpu(resumed_run, 
     names = {"report.md", "learning_curves.png", "confusion_matrix.png",
              "first_layer_weights.png", "confident_mistakes.png"}
     assert names <= {p.name for p in resumed_run.iterdir()}
+
+
+def test_a_gpu_run_reads_its_loss_every_50_steps_and_stops_at_the_first_nan(gpu, tiny_mnist):
+    """On a GPU the loop reads the running loss back every 50 steps, not every step (a host
+    round trip each) nor only at the epoch's end: a blow-up in step 1 stops the run at step 50."""
+    config = build_config(None, ["model.hidden=[16]", "train.batch_size=4", "train.epochs=1",
+                                 "data.val_size=50", "optim.lr=1e12"])   # 63 steps an epoch
+    with pytest.raises(NumericalError, match=r"^the loss became NaN or infinite at epoch 1, "
+                                             r"step 50; lower optim.lr$"):
+        train(config, gpu, tiny_mnist.mnist)

@@ -1388,6 +1388,20 @@ def test_a_cpu_checkpoint_resumed_on_a_gpu_reseeds_the_device_generator_not_over
     assert generator_state(state.dev_rng) is None   # and a GPU run saves none
 
 
+def test_a_gpu_checkpoint_resumed_on_the_cpu_reseeds_the_device_generator():
+    """A GPU run saves no device generator state (CuPy's cannot say it): a resume on the CPU
+    reseeds NumPy's from the position, as a GPU resume does, instead of calling it damaged."""
+    from gpumlp.resume_state import restore_generators
+    config = build_config(None, "train.seed=3")
+    host = np.random.default_rng(5)
+    meta = {"rng": host.bit_generator.state, "dev_rng": None}
+    state = SimpleNamespace(rng=np.random.default_rng(0), dev_rng=np.random.default_rng(9),
+                            pos=SimpleNamespace(step=70))
+    restore_generators(state, meta, config, CPU, "run/checkpoint.npz")
+    assert state.dev_rng.random() == np.random.default_rng(3 + 1 + 70).random()
+    assert state.rng.bit_generator.state == host.bit_generator.state
+
+
 def test_resume_of_a_folder_with_only_a_config_of_ones_own_refuses_and_keeps_it(
         tiny_data_dir, tmp_path):
     """A run killed before its first checkpoint left config.yaml with every key (the test
