@@ -203,6 +203,10 @@ def test_evaluate_prints_one_line(trained_model, tiny_data_dir):
     assert result.exit_code == 0
     assert result.stdout.startswith("test_accuracy ")
     assert result.stdout.endswith("(100 images, on cpu (NumPy))\n")
+    numbers = json.loads(cli("evaluate", trained_model, "--device", "cpu", "--data-dir",
+                             tiny_data_dir, "--json").stdout)
+    assert result.stdout.startswith(f"test_accuracy {numbers['test_accuracy']:.4f}  test_loss "
+                                    f"{numbers['test_loss']:.4f}  (100 images")
 
 
 # --- gradcheck, info, help --------------------------------------------------------------------
@@ -342,6 +346,16 @@ def test_info_lists_versions_and_devices():
     assert fields["devices"].startswith("cpu") and fields["numpy"] == np.__version__
     details = json.loads(cli("info", "--json").stdout)
     assert details["numpy"] == np.__version__ and "cpu" in details["devices"]
+
+
+def test_info_names_every_device_and_the_blas_by_name_then_version(monkeypatch):
+    from gpumlp import sysinfo
+    monkeypatch.setattr(sysinfo, "available_devices", lambda: ["cpu", "gpu0", "gpu1"])
+    monkeypatch.setattr(sysinfo.np, "show_config", lambda mode: {
+        "Build Dependencies": {"blas": {"name": "scipy-openblas", "version": "0.3.27"}}})
+    details = sysinfo.system_info()
+    assert details["devices"] == "cpu, gpu0, gpu1"
+    assert details["blas"] == "scipy-openblas 0.3.27"
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["gradcheck"], ["info"]])

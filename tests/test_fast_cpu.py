@@ -776,3 +776,91 @@ def test_fast_step_given_exported_params_and_a_scaled_velocity_continues_as_the_
         generic_step(config)(p_ref, s_ref, X, y, 0.1, t, ())
     assert_close(p_out.W + p_out.b, p_ref.W + p_ref.b, "params")
     assert_close(unscaled(s_out).m, s_ref.m, "velocity")
+
+
+# ---- the benchmark's numbers, from a mutation run of the use side -------------------------------
+
+def test_the_bench_table_s_rates_are_over_the_median_epoch():
+    from gpumlp.bench import Row
+    from gpumlp.cli_bench import table_lines
+
+    row = Row("gpumlp", 256, 128, seconds=[2.0, 1.0, 4.0], gflop=50.0, samples=60000)
+    line = table_lines({"rows": [row], "sgemm_gflops": 100.0})[2]
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    #            h    batch   impl     s/epoch  samples/s GFLOP/s % of sgemm  ratio
+    assert cells == ["256", "128", "gpumlp", "2.000", "30,000", "25.0", "25%", "-"]
+
+
+def test_a_skipped_pixel_saves_the_forward_and_the_dw1_product_of_its_row():
+    from gpumlp.bench import skipped_gflop
+    assert skipped_gflop((784, 8, 10), 2, 2 * 784 - 100) == pytest.approx(4 * 8 * 100 / 1e9)
+
+
+def test_the_sgemm_rate_counts_two_flops_per_multiply_add_over_the_best_try(monkeypatch):
+    import itertools
+    from types import SimpleNamespace
+
+    import gpumlp.bench as bench_module
+    steps = itertools.chain([0.0, 9.0], itertools.count(10.0, 0.25))  # a slow warm-up, then 0.25 s
+    monkeypatch.setattr(bench_module, "time", SimpleNamespace(perf_counter=lambda: next(steps)))
+    assert bench_module.sgemm_rate(CPU, size=64, tries=2) == pytest.approx(2 * 64 ** 3 / 0.25 / 1e9)
+
+
+def test_time_epochs_gives_seconds_per_epoch(monkeypatch):
+    from types import SimpleNamespace
+
+    import gpumlp.bench as bench_module
+    clock = [0.0]
+
+    def epoch():
+        clock[0] += 3.0
+    monkeypatch.setattr(bench_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert bench_module.time_epochs(epoch, 4, CPU) == 3.0
+
+
+def test_bench_pair_warms_each_up_then_alternates_the_order_each_round():
+    from gpumlp.bench import BenchSpec, Row, bench_pair
+
+    calls = []
+    runners = {impl: (lambda impl=impl: calls.append(impl)) for impl in ("gpumlp", "torch")}
+    rows = {impl: Row(impl, 8, 16) for impl in runners}
+    bench_pair(runners, BenchSpec(hidden=(8,), batch=(16,), repeats=3), CPU, rows)
+    assert calls == ["gpumlp", "torch"] + ["gpumlp", "torch", "torch", "gpumlp", "gpumlp", "torch"]
+    assert [len(row.seconds) for row in rows.values()] == [3, 3]
+
+
+def test_bench_gflop_is_per_epoch_with_several_epochs_a_timing():
+    from gpumlp.bench import BenchSpec, run_bench
+
+    spec = BenchSpec(hidden=(8,), batch=(32,), epochs=3, repeats=1, samples=64, torch=False)
+    row = run_bench(spec, CPU)["rows"][0]                          # random pixels: few skipped
+    model = executed_gflop((784, 8, 10), 64)
+    assert row.gflop == pytest.approx(model, rel=0.01) and row.gflop <= model
+
+
+def test_bench_refuses_a_samples_below_any_batch_and_takes_all_of_the_data():
+    from gpumlp.bench import BenchError, BenchSpec, first_of, run_bench
+
+    with pytest.raises(BenchError, match="--samples 64 is smaller than the largest --batch 128"):
+        run_bench(BenchSpec(hidden=(8,), batch=(16, 128), samples=64, torch=False), CPU)
+    images, labels = np.zeros((5, 784), np.uint8), np.arange(5, dtype=np.int32)
+    assert len(first_of(images, labels, 5, CPU)) == 5
+    with pytest.raises(BenchError, match="--samples 6 is more than the 5 images"):
+        first_of(images, labels, 6, CPU)
+
+
+def test_the_reproduce_command_carries_every_option():
+    from gpumlp.cli_bench import reproduce_command
+    assert (reproduce_command("cpu", (8, 16), (32, 64), 2, 3, 640, True, 4, "synthetic")
+            == "gpumlp bench --device cpu --data synthetic --hidden 8 --hidden 16 --batch 32 "
+               "--batch 64 --epochs 2 --repeats 3 --samples 640 --torch --threads 4")
+
+
+def test_bench_takes_all_of_mnist_s_60000_training_images(monkeypatch):
+    from gpumlp import cli_bench
+
+    def reached(*args, **kwargs):
+        raise SystemExit(7)                                         # past the option checks
+    monkeypatch.setattr(cli_bench, "load_mnist_for", reached)
+    result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--samples", "60000"])
+    assert result.exit_code == 7, result.output

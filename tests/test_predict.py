@@ -540,3 +540,57 @@ def test_json_output_writes_a_file_name_that_is_not_utf8_as_escapes_not_lone_sur
     rows = [json.loads(line) for line in lines]
     assert rows[0]["file"] == f"{tmp_path}/digit-\\xff.npy" and "prediction" in rows[0]
     assert rows[1]["file"] == f"{tmp_path}/gone-\\xfe.npy" and "\\xfe" in rows[1]["error"]
+
+
+# --- from a mutation run of the use side -------------------------------------------------------
+
+def test_the_background_is_the_median_of_the_whole_frame_so_ink_touching_it_changes_nothing():
+    """Ink that runs into the picture's edges (a tight crop) covers part of the frame: the
+    background is its median, the paper, as with a margin; the sides count as much as the top
+    and bottom (a bar touching both, wider than half the picture, is still ink)."""
+    from PIL import ImageFilter
+    bar = np.full((100, 40), 255, dtype=np.uint8)
+    bar[:, 10:30] = 0                                        # touches the top and the bottom
+    soft = np.asarray(Image.fromarray(bar).filter(ImageFilter.GaussianBlur(2)), dtype=float)
+    soft[0], soft[-1] = soft[1], soft[-2]                    # ink up to the edge, grey sides
+    margin = np.pad(soft, 10, constant_values=255)
+    np.testing.assert_array_equal(mnist_pixels(soft), mnist_pixels(margin))
+
+
+def test_a_digit_larger_than_the_box_is_shrunk_by_area_averaging():
+    """MNIST's anti-aliasing: a digit drawn 5 times larger (each pixel a 5x5 block) shrinks
+    back to the very pixels it was drawn from."""
+    from gpumlp.preprocess import fit_box
+    small = np.random.default_rng(0).integers(0, 256, (20, 12)).astype(float)
+    np.testing.assert_allclose(fit_box(np.kron(small, np.ones((5, 5)))), small, atol=1e-3)
+
+
+def test_a_digit_already_20_pixels_long_keeps_its_faint_edge_outside_the_ink_box():
+    """The faint anti-aliased pixels around an MNIST digit lie below INK_LEVEL, outside the
+    box the ink spans; a digit of MNIST's size keeps them (FRINGE) rather than losing them."""
+    digit = mnist_like_digit()
+    rows = np.flatnonzero((digit > INK_LEVEL * 255).any(axis=1))
+    cols = np.flatnonzero((digit > INK_LEVEL * 255).any(axis=0))
+    faint = digit.copy()
+    faint[rows[0] + 5:rows[0] + 10, cols[0] - 1] = 0.1 * 255            # left of the box
+    np.testing.assert_allclose(mnist_pixels(faint), faint, atol=1e-3)
+
+
+def test_probabilities_come_out_for_every_row_whatever_the_eval_batch():
+    from gpumlp.predict import probabilities
+    one = build_config(None, ["model.hidden=8"])
+    small = build_config(None, ["model.hidden=8", "train.eval_batch_size=2"])
+    params = init_params(one.model.layer_widths, "he", np.random.default_rng(0), "float32")
+    pixels = np.random.default_rng(1).integers(0, 256, (5, 784)).astype(np.float32)
+    whole = probabilities(params, one, pixels, CPU)
+    assert whole.shape == (5, 10)
+    np.testing.assert_allclose(probabilities(params, small, pixels, CPU), whole, rtol=1e-6)
+
+
+def test_two_files_one_unreadable_say_how_many_failed(random_model, tmp_path):
+    good = save_png(tmp_path / "ring.png", ring_digit())
+    result = invoke(predict, random_model, good, tmp_path / "missing.png", "--device", "cpu")
+    assert result.exit_code == 1
+    assert result.stdout.startswith(f"{good}: ")
+    assert result.stderr.splitlines() == [f"Error: {tmp_path / 'missing.png'}: no such file",
+                                          "Error: 1 of 2 files could not be predicted"]

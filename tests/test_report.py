@@ -515,3 +515,27 @@ def test_a_train_that_starts_while_the_report_is_drawn_is_refused(run_dir, tiny_
     assert result.exit_code == 0, result.output
     assert len(tried) == 1 and tried[0] != "locked", tried
     assert "gpumlp report" in tried[0]  # the refusal says what holds the run
+
+
+def test_report_md_says_the_models_own_count_and_when_it_differs_from_the_last_epoch():
+    """A model.npz that is not the last epoch's (or another test set): report.md gives the
+    model's own accuracy and says that it differs; the headline quotes metrics.jsonl's."""
+    from gpumlp.report import markdown
+    row = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8125, "test_loss": 0.25,
+           "test_accuracy": 0.9375, "lr": 0.1, "seconds": 1.0}
+    labels = np.array([0, 1, 1, 0])
+    out = SplitOutputs(labels, np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.6, 0.4]]))
+    counts = confusion_matrix(labels, out.predicted, 2)                       # 3 of 4 right
+    text = markdown(Path("run"), [row], counts, out, confident_mistakes(out))
+    assert ("After epoch 1: test accuracy 0.9375, test loss 0.2500, train accuracy 0.8125."
+            in text)
+    assert ("model.npz gets 3 of 4 test images right (accuracy 0.7500), which differs from "
+            in text) and "the last epoch's test_accuracy in metrics.jsonl (0.9375)" in text
+    same = markdown(Path("run"), [{**row, "test_accuracy": 0.75}], counts, out, np.array([2]))
+    assert "(accuracy 0.7500), the same as the last epoch's" in same
+
+
+def test_a_file_that_is_not_a_png_is_foreign_even_with_the_mark_inside(tmp_path):
+    from gpumlp.report import foreign_outputs
+    (tmp_path / FIGURES["confusion"]).write_bytes(b"notes " + PNG_MARK + b"\n")
+    assert foreign_outputs(tmp_path) == [FIGURES["confusion"]]
