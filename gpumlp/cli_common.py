@@ -157,7 +157,7 @@ def load_mnist_for(data_dir: str | None, quiet: bool = False, split: str | None 
     from .cli_data import progress_reporter
     from .errors import DataError
     from .fetch import ensure_mnist, load_verified, mnist_cache_dir, split_checksums
-    from .mnist import FilesMissing, NoMnistFiles, load_mnist, load_split
+    from .mnist import FilesMissing, NoMnistFiles, load_for
 
     if data_dir:
         source, drop = data_dir_source()
@@ -177,7 +177,7 @@ def load_mnist_for(data_dir: str | None, quiet: bool = False, split: str | None 
     except DataError:  # missing or damaged files: fetch (or repair) them, saying so
         folder = ensure_mnist(None, progress=progress_reporter(quiet),
                               checksums=split_checksums(split))
-        return load_mnist(folder) if split is None else load_split(folder, split)
+        return load_for(folder, split)
 
 
 def data_dir_option_for(help_text: str, path_type: type | None = None):

