@@ -38,42 +38,30 @@ def writing_now(folder: str | os.PathLike) -> bool:
     """Whether a `gpumlp train` is writing the run in `folder` now: it holds an exclusive
     flock(2) on the folder for as long as it runs (runfiles.lock_run), so a shared one cannot
     be had. False where the system has no flock, or the folder cannot be opened."""
-    try:
-        import fcntl
-    except ImportError:
-        return False
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released as fd closes
-        return False
-    except BlockingIOError:
-        return True
-    except OSError:  # a file system without locks
-        return False
-    finally:
-        os.close(fd)
+    with run_held(folder) as train_holds_it:  # the shared lock is let go at once
+        return train_holds_it
 
 
 @contextlib.contextmanager
 def run_held(folder: str | os.PathLike):
     """A shared flock(2) on the run folder `folder` held inside, so that a `gpumlp train`
-    (runfiles.lock_run: exclusive) cannot start writing the run meanwhile; nothing is held
-    where a train holds it already (writing_now says so), the system has no flock or the
-    folder cannot be opened."""
+    (runfiles.lock_run: exclusive) cannot start writing the run meanwhile. Yields whether a
+    train holds it already (then nothing is held); False, holding nothing, where the system
+    has no flock or the folder cannot be opened."""
     try:
         import fcntl
         fd = os.open(folder, os.O_RDONLY)
     except (ImportError, OSError):
-        yield
+        yield False
         return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:  # a train holds it (said by the caller's check), or no locks here
-            pass
-        yield
+            train_holds_it = False
+        except BlockingIOError:
+            train_holds_it = True
+        except OSError:  # a file system without locks
+            train_holds_it = False
+        yield train_holds_it
     finally:
         os.close(fd)
