@@ -52,7 +52,8 @@ class BenchSpec:
     epochs: int = 1               # epochs per timing
     repeats: int = 5              # interleaved timings of each implementation
     samples: int = 60000          # examples per epoch: the first n of the split, or synthetic
-    torch: bool = True            # also time PyTorch eager when it imports
+    torch: bool | None = None     # also time PyTorch eager: when it imports (None), always
+                                  # (True: a BenchError without it), never (False)
     threads: int | None = None    # BLAS (and torch) threads; None leaves them as they are
     seed: int = 0
 
@@ -261,10 +262,20 @@ def import_torch(device: str) -> tuple[Any, str | None]:
     try:
         import torch
     except Exception:
-        return None, "PyTorch is not installed (pip install torch) - no comparison"
+        return None, "PyTorch is not installed (pip install torch)"
     if device != "cpu" and not torch.cuda.is_available():
-        return None, f"this PyTorch build ({torch.__version__}) has no CUDA - no comparison"
+        return None, f"this PyTorch build ({torch.__version__}) has no CUDA"
     return torch, None
+
+
+def torch_for(spec: BenchSpec, backend: Backend) -> tuple[Any, str | None]:
+    """import_torch's answer, its reason said as the table's header says it; a BenchError
+    where `spec.torch` asks for PyTorch (--torch) and it cannot run here."""
+    torch, why_not = import_torch(backend.device)
+    if torch is None and spec.torch:
+        raise BenchError(f"--torch: {why_not}; install a PyTorch that runs on "
+                         f"{backend.device}, or drop --torch (or pass --no-torch)")
+    return torch, None if torch is not None else f"{why_not} - no comparison"
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -307,7 +318,7 @@ def run_bench(spec: BenchSpec, backend: Backend, split: DeviceSplit | None = Non
         raise BenchError(f"--samples {spec.samples} is smaller than the largest --batch "
                          f"{max(spec.batch)}; raise it")
     threads = blas_threads(spec.threads) if not backend.is_gpu else []
-    torch, why_not = import_torch(backend.device) if spec.torch else (None, "--no-torch")
+    torch, why_not = (None, "--no-torch") if spec.torch is False else torch_for(spec, backend)
     if torch is not None and spec.threads is not None:
         torch.set_num_threads(spec.threads)
     if split is None:

@@ -129,8 +129,9 @@ def check_data_options(data: str, data_dir: str | None, samples: int) -> None:
               type=click.IntRange(1, MAX_SYNTHETIC),
               help="Examples per epoch: the first N MNIST training images (at most 60000), "
                    "or N synthetic ones (at most 10^7).")
-@click.option("--torch/--no-torch", "with_torch", default=True, show_default=True,
-              help="Also time PyTorch eager on the same net when it is installed.")
+@click.option("--torch/--no-torch", "with_torch", default=None,
+              help="Also time PyTorch eager on the same net. Default: when PyTorch is installed "
+                   "(and sees the device); --torch: an error without it; --no-torch: never.")
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS),
               help="BLAS and PyTorch threads (default: leave them as they are).")
 @domain_errors
@@ -147,7 +148,7 @@ def bench(device, hidden, batch, epochs, repeats, data, data_dir, samples, with_
       gpumlp bench --device cpu --hidden 256 --batch 128 --threads 2
     """
     from .backend import get_backend
-    from .bench import BenchSpec, first_of, run_bench
+    from .bench import BenchSpec, first_of, run_bench, torch_for
 
     check_data_options(data, data_dir, samples)
     backend = get_backend(device)
@@ -155,6 +156,8 @@ def bench(device, hidden, batch, epochs, repeats, data, data_dir, samples, with_
     batch = batch or (GPU_BATCHES if backend.is_gpu else CPU_BATCHES)
     spec = BenchSpec(hidden=tuple(hidden), batch=tuple(batch), epochs=epochs, repeats=repeats,
                      samples=samples, torch=with_torch, threads=threads)
+    if with_torch:  # before the data is read: --torch where PyTorch cannot run is refused
+        torch_for(spec, backend)
     split = None
     if data == "mnist":
         train = load_mnist_for(data_dir, split="train")
@@ -165,4 +168,5 @@ def bench(device, hidden, batch, epochs, repeats, data, data_dir, samples, with_
         click.echo(line)
     click.echo("")
     click.echo("reproduce: " + reproduce_command(backend.device, hidden, batch, epochs, repeats,
-                                                 samples, with_torch, threads, data))
+                                                 samples, result["torch"] is not None,
+                                                 threads, data))

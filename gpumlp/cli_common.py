@@ -11,7 +11,7 @@ import os
 import click
 
 from .errors import (ConfigError, DeviceError, GpumlpError, folder_problem, interrupted_how,
-                     one_line_message)
+                     one_line_message, shell_path)
 
 USAGE_ERRORS = (ConfigError, DeviceError)
 
@@ -103,6 +103,11 @@ class ModelPath(click.Path):
         model = os.path.join(value, "model.npz")
         if os.path.isdir(value) and os.path.isfile(model):
             self.fail(f"{value} is a run's folder; give its model, {model}", param, ctx)
+        if str(value).lower().endswith(".onnx") and os.path.isfile(value):  # gpumlp export's
+            npz = os.path.join(os.path.dirname(value), "model.npz")
+            which = shell_path(npz) if os.path.isfile(npz) else "a run's model.npz"
+            self.fail(f"{shell_path(value)} is an ONNX export, which gpumlp does not read; give "
+                      f"the model.npz it was made from: {which}", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -116,6 +121,9 @@ class RunDir(click.Path):
         if str(value) == "":
             self.fail("is empty; give a run's folder, as gpumlp train --out DIR wrote it", param,
                       ctx)
+        if os.path.isfile(value):  # report runs/h256/model.npz: the folder is what is meant
+            self.fail(f"{shell_path(value)} is a file; give the run's folder: "
+                      f"{shell_path(os.path.dirname(value) or '.')}", param, ctx)
         return super().convert(value, param, ctx)
 
 

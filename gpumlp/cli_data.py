@@ -144,8 +144,9 @@ def verify_command(data_dir: Path | None) -> None:
         if data_dir is None:
             raise click.ClickException(no_files_message(folder, instead="check"))
         raise click.ClickException(no_mnist_files(data_dir, "check"))
-    for stem, problem in problems.items():
-        click.echo(f"ok   {stem}" if problem is None else f"BAD  {stem}: {problem}")
+    for stem, problem in problems.items():  # a missing file is not a damaged one: "--"
+        mark = "ok  " if problem is None else "--  " if problem == "missing" else "BAD "
+        click.echo(f"{mark} {stem}" + (f": {problem}" if problem else ""))
     failed = [problem for problem in problems.values() if problem is not None]
     if failed:
         absent = all(problem == "missing" for problem in failed)  # e.g. after an evaluate

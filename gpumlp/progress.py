@@ -65,6 +65,9 @@ class Reporter:
             click.echo(f"nothing to train: the run has done its {epochs}; writing its results "
                        "(to train longer, resume with --set train.epochs=N)", err=True)
             return
+        if info.get("removed"):
+            click.echo(f"replacing the run there: removed its {', '.join(info['removed'])} "
+                       "(made from the old model)", err=True)
         click.echo(f"training on {info['device']}: {info['n_train']} examples, "
                    f"{info['batches']} batches per epoch, {epochs}"
                    + (f" (resuming after epoch {info['epoch']})" if info["epoch"] else ""),

@@ -104,7 +104,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
     numbered = [(number, metrics_row(line, f"{path}: line {number}"))
                 for number, line in enumerate(lines, start=1) if line.strip()]
     if not numbered:
-        raise ReportError(f"{path}: no epoch finished yet; train at least one epoch first")
+        how = (f"resume it for one: gpumlp train --resume {shell_path(run_dir)}"
+               if (run_dir / "checkpoint.npz").is_file() else "train at least one epoch first")
+        raise ReportError(f"{path}: no epoch finished yet; {how}")
     first, first_row = numbered[0]
     for epoch, (number, row) in enumerate(numbered, start=1):
         if (VAL_KEYS[0] in row) != (VAL_KEYS[0] in first_row):

@@ -79,12 +79,21 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
     if taken:
         raise GpumlpError(f"--out {path}: {path / taken[0]} is a folder where gpumlp keeps a "
                           "file; move it out of the run folder, or pick another folder")
+    inside = [] if existing else runs_inside(path)  # --out runs, meant: --out runs/NAME
+    if inside:
+        shown_names = ", ".join(f"{name}/" for name in inside[:3]) + (", ..." if inside[3:] else "")
+        raise GpumlpError(f"--out {path}: holds other runs ({shown_names}), and a run's files "
+                          "would lie among them; give this run a folder of its own, such as "
+                          f"{shell_path(path / 'NAME')}")
     if existing and writing_now(path):  # neither --overwrite nor --resume can have it now
         raise run_locked("--out", path)
     if existing and not overwrite:
         resume = "" if "summary.json" in existing else ", resume it with --resume"  # finished?
-        raise GpumlpError(f"--out {path}: already holds a run ({', '.join(existing)}); "
-                          f"pick another folder{resume}, or pass --overwrite to replace it")
+        derived = derived_outputs(path)
+        also = f"; and {', '.join(derived)}, made from it" if derived else ""
+        goes = ", which goes with it" if derived else ""
+        raise GpumlpError(f"--out {path}: already holds a run ({', '.join(existing)}{also}); "
+                          f"pick another folder{resume}, or pass --overwrite to replace it{goes}")
     made = False
     try:
         try:
@@ -98,6 +107,33 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
     if why is not None:
         raise GpumlpError(f"--out {path}: cannot write there ({why}); pick a writable folder")
     return existing, made
+
+
+def runs_inside(path: Path, look_at: int = 1000) -> list[str]:
+    """The sorted names of the folders in `path` that hold a run (its config.yaml and one of
+    RUN_OUTPUTS), among its first `look_at` entries (a huge folder is not read to the end)."""
+    names = []
+    try:
+        with os.scandir(path) as entries:
+            for _, entry in zip(range(look_at), entries):
+                sub = Path(entry.path)
+                if (entry.is_dir() and (sub / "config.yaml").is_file()
+                        and any((sub / name).is_file() for name in RUN_OUTPUTS)):
+                    names.append(entry.name)
+    except OSError:  # not there yet, or not readable: check_out_dir says what is wrong
+        return []
+    return sorted(names)
+
+
+def derived_outputs(path: Path) -> list[str]:
+    """The DERIVED_FILES in `path` that go with its run on --overwrite (RunFiles.start): none
+    without an earlier run's outputs; never a file the report did not write."""
+    if not had_outputs(path):
+        return []
+    from .report import foreign_outputs
+
+    foreign = foreign_outputs(path)
+    return [name for name in DERIVED_FILES if name not in foreign and (path / name).is_file()]
 
 
 def remove_if_empty(folder: Path) -> None:
@@ -217,6 +253,7 @@ class RunFiles:
     def __init__(self, folder: Path):
         self.folder = folder
         self.kept: str | None = None  # start's warning: report files of the user's it kept
+        self.removed: list[str] = []  # start's note: the old run's report and export it removed
         self.trained_config: dict | None = None  # dotted: the config of the checkpoint's steps
 
     def path(self, name: str) -> Path:
@@ -231,6 +268,7 @@ class RunFiles:
         from .report import foreign_outputs
 
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.removed = derived_outputs(self.folder)
         if had_outputs(self.folder):
             foreign = foreign_outputs(self.folder)
             for name in DERIVED_FILES:

@@ -322,7 +322,8 @@ def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
                        "n_train": len(data.train), "batches": steps_per_epoch,
                        "epoch": state.pos.epoch,
                        "unchecked": restored and files.trained_config is None,
-                       "stale": files.stale_outputs() if restored else files and files.kept})
+                       "stale": files.stale_outputs() if restored else files and files.kept,
+                       "removed": [] if restored or not files else files.removed})
 
     def save() -> None:
         """A mid-epoch checkpoint, never of NaN, infinite or unusable weights: the previous one

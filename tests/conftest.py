@@ -59,10 +59,9 @@ def mnist_dir() -> Path:
     """The folder of the four real MNIST files; the test is skipped, with a reason, without it."""
     folder = real_mnist_dir()
     if folder is None:
-        pytest.skip(f"real MNIST files not found: set {fetch.DATA_DIR_ENV} to a folder holding "
-                    "the four MNIST IDX files, put them in ../shared/data/mnist beside the "
-                    f"repository, or run `gpumlp data fetch` to fill gpumlp's cache "
-                    f"({STARTING_CACHE}, intact files only)")
+        pytest.skip(f"real MNIST files not found: run `gpumlp data fetch` to fill gpumlp's "
+                    f"cache ({STARTING_CACHE}, intact files only), or set "
+                    f"{fetch.DATA_DIR_ENV} to a folder holding the four MNIST IDX files")
     return folder
 
 

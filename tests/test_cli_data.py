@@ -488,11 +488,19 @@ def test_a_cache_holding_one_split_is_called_incomplete_not_damaged(finished_run
     verify = invoke("verify")
     assert_clean_error(verify, f"2 of 4 MNIST files in {cache} are missing; `gpumlp data fetch` "
                        "fetches them")
+    assert verify.stdout.splitlines() == ["--   train-images-idx3-ubyte: missing",
+                                          "--   train-labels-idx1-ubyte: missing",
+                                          "ok   t10k-images-idx3-ubyte",
+                                          "ok   t10k-labels-idx1-ubyte"]
     (cache / "train-labels-idx1-ubyte").write_bytes(b"junk")
     assert_clean_error(invoke("info"), "are not intact (train-images-idx3-ubyte: missing; "
                        "train-labels-idx1-ubyte: ")
-    assert_clean_error(invoke("verify"), "2 of 4 MNIST files in "
+    damaged = invoke("verify")
+    assert_clean_error(damaged, "2 of 4 MNIST files in "
                        f"{cache} failed verification; `gpumlp data fetch` replaces them")
+    assert damaged.stdout.splitlines()[:2] == ["--   train-images-idx3-ubyte: missing",
+                                               "BAD  train-labels-idx1-ubyte: " + damaged.stdout
+                                               .splitlines()[1].split(": ", 1)[1]]
 
 
 def test_files_under_other_names_get_the_names_they_need(tmp_path):

@@ -849,6 +849,32 @@ def test_bench_refuses_a_samples_below_any_batch_and_takes_all_of_the_data():
         first_of(images, labels, 6, CPU)
 
 
+def test_bench_without_pytorch_times_gpumlp_alone_and_says_so_unless_torch_was_asked_for(
+        monkeypatch):
+    """By default a missing PyTorch leaves the comparison out, and the reproduce command says
+    --no-torch (what was timed); an explicit --torch is refused before any data is read."""
+    from gpumlp import cli_bench
+    from use_helpers import without_module
+
+    without_module(monkeypatch, "torch")
+    args = ["bench", "--device", "cpu", "--data", "synthetic", "--hidden", "8", "--batch", "16",
+            "--samples", "64", "--repeats", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "torch - (PyTorch is not installed (pip install torch) - no comparison)" in result.stdout
+    assert result.stdout.rstrip().endswith("--samples 64 --no-torch")
+    assert [row.split("|")[3] for row in result.stdout.splitlines()
+            if row.startswith("| 8 |")] == [" gpumlp "]
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the data was read")
+    monkeypatch.setattr(cli_bench, "load_mnist_for", reached)
+    asked = CliRunner().invoke(main, ["bench", "--device", "cpu", "--torch"])
+    assert asked.exit_code == 2 and asked.stdout == ""
+    assert asked.stderr == ("Error: --torch: PyTorch is not installed (pip install torch); install "
+                            "a PyTorch that runs on cpu, or drop --torch (or pass --no-torch)\n")
+
+
 def test_the_reproduce_command_carries_every_option():
     from gpumlp.cli_bench import reproduce_command
     assert (reproduce_command("cpu", (8, 16), (32, 64), 2, 3, 640, True, 4, "synthetic")

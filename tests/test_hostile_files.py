@@ -380,6 +380,21 @@ def test_a_run_folder_given_as_the_model_names_the_file_to_give(tmp_path):
     assert result.exit_code == 2 and "is a directory" in result.stderr
 
 
+def test_an_onnx_export_given_as_the_model_names_the_model_npz_to_give(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.onnx").write_bytes(b"onnx")
+    for args in model_commands(run / "model.onnx", tmp_path):    # no model.npz beside it
+        result = invoke(*args)
+        assert result.exit_code == 2
+        assert (f"'MODEL': {run}/model.onnx is an ONNX export, which gpumlp does not read; give "
+                "the model.npz it was made from: a run's model.npz\n") in result.stderr
+    (run / "model.npz").write_bytes(b"")
+    for args in model_commands(run / "model.onnx", tmp_path):
+        result = invoke(*args)
+        assert result.exit_code == 2 and f"made from: {run}/model.npz\n" in result.stderr
+
+
 def test_the_missing_model_of_an_unfinished_run_says_how_to_finish_it(interrupted, tmp_path):
     model = interrupted / "model.npz"
     for args in model_commands(model, tmp_path):

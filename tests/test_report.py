@@ -195,7 +195,19 @@ def test_a_folder_without_a_run_or_a_model_gets_one_error_line(tmp_path, run_dir
     assert result.exit_code == 1 and "no model.npz" in result.stderr
     (tmp_path / "metrics.jsonl").write_text("")
     result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
-    assert result.exit_code == 1 and "no epoch finished" in result.stderr
+    assert result.exit_code == 1 and result.stderr.endswith(
+        "no epoch finished yet; train at least one epoch first\n")
+    (tmp_path / "checkpoint.npz").write_bytes((run_dir / "checkpoint.npz").read_bytes())
+    result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 1 and result.stderr.endswith(      # stopped in its first epoch
+        f"no epoch finished yet; resume it for one: gpumlp train --resume {tmp_path}\n")
+
+
+def test_a_model_file_given_for_the_run_folder_is_told_to_give_the_folder(run_dir, tiny_data_dir):
+    result = invoke(report, run_dir / "model.npz", "--data-dir", tiny_data_dir)
+    assert result.exit_code == 2 and result.stdout == ""     # (the gpumlp group prints this line
+    assert result.stderr.endswith(f"\nError: Invalid value for 'RUN_DIR': {run_dir}/model.npz "
+                                  f"is a file; give the run's folder: {run_dir}\n")  # alone)
 
 
 def test_the_resume_command_for_an_unfinished_run_pastes(tmp_path, run_dir, tiny_data_dir,

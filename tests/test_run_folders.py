@@ -89,6 +89,36 @@ def test_overwrite_removes_the_old_report_and_export_but_no_other_file(finished,
     assert (finished / "model.npz").read_bytes() != old_model
 
 
+def test_a_refused_out_names_the_report_and_export_that_overwrite_would_remove_too(
+        finished, tiny_data_dir):
+    """Only the files that go with the run: a user's notes are not named, nor a report.md
+    that is not the report's."""
+    (finished / "report.md").write_text("MY OWN NOTES\n")
+    before = digests(finished)
+    result = cli(*train_args(finished, tiny_data_dir))
+    figures = [name for name in DERIVED_FILES if name.endswith(".png")]
+    assert_one_error_line(result, 1, f"summary.json; and {', '.join(figures)}, model.onnx, made "
+                          "from it); pick another folder, or pass --overwrite to replace it, "
+                          "which goes with it")
+    assert "report.md" not in result.stderr and "notes.txt" not in result.stderr
+    assert digests(finished) == before
+
+
+def test_overwrite_says_which_report_and_export_files_it_removed(finished, tiny_data_dir):
+    args = [a for a in train_args(finished, tiny_data_dir, "--overwrite") if a != "--quiet"]
+    (finished / "model.onnx").unlink()
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    gone = [name for name in DERIVED_FILES if name != "model.onnx"]
+    assert f"replacing the run there: removed its {', '.join(gone)} (made from the old model)\n" \
+        in result.stderr
+    result = cli(*args)                                 # a run without a report: nothing to say
+    assert result.exit_code == 0, result.output
+    assert "removed" not in result.stderr
+    quiet = cli(*train_args(finished, tiny_data_dir, "--overwrite"))
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
 def test_overwrite_stopped_before_its_first_checkpoint_leaves_no_old_state_to_resume(
         finished, tiny_data_dir, monkeypatch):
     """Guards RunFiles.start: the old run's checkpoint, model and summary go as the new run
@@ -121,6 +151,24 @@ def test_overwrite_keeps_files_under_a_reports_names_that_are_not_a_report(finis
     assert (finished / "learning_curves.png").read_bytes() == b"not a png"
     assert not (finished / "model.onnx").exists()                       # the old run's own
     assert not (finished / "confusion_matrix.png").exists()
+
+
+def test_an_out_holding_other_runs_is_refused_so_that_no_run_lies_among_them(finished,
+                                                                            tiny_data_dir):
+    """`--out runs` for `--out runs/NAME`: the run's files would have been scattered among the
+    other runs' folders (and a later --overwrite there would act on them all)."""
+    parent = finished.parent
+    (parent / "notes").mkdir()                                      # not a run: no reason
+    before = sorted(p.name for p in parent.iterdir())
+    result = cli(*train_args(parent, tiny_data_dir))
+    assert_one_error_line(result, 1, f"--out {parent}: holds other runs (run/), and a run's files "
+                          "would lie among them; give this run a folder of its own, such as "
+                          f"{parent}/NAME")
+    assert sorted(p.name for p in parent.iterdir()) == before
+    other = parent / "other"
+    (other / "notes").mkdir(parents=True)
+    (other / "notes" / "config.yaml").write_text("mine")            # a config alone: no run
+    assert cli(*train_args(other, tiny_data_dir)).exit_code == 0
 
 
 def test_a_fresh_out_with_a_folder_at_a_run_files_name_is_told_so_not_to_overwrite(
