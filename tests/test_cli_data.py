@@ -224,6 +224,31 @@ def test_a_dangling_link_or_a_pipe_in_place_of_a_file_is_named_not_called_missin
             "pipe, a socket or a device)") in result.stdout.splitlines()
 
 
+def test_a_link_to_a_folder_in_place_of_a_file_is_called_a_folder(tmp_path, fake):
+    folder = fake.write(tmp_path / "mine")
+    (tmp_path / "elsewhere").mkdir()
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    (folder / "t10k-labels-idx1-ubyte.gz").symlink_to(tmp_path / "elsewhere")
+    result = invoke("verify", "--data-dir", str(folder))
+    assert result.exit_code == 1
+    assert ("BAD  t10k-labels-idx1-ubyte: t10k-labels-idx1-ubyte.gz is a folder, not the file"
+            in result.stdout.splitlines())
+
+
+def test_only_a_raw_file_is_said_to_hide_the_gz_beside_it(tmp_path, fake):
+    """find_file reads STEM or STEM.gz: a STEM.gz.gz beside a damaged STEM.gz is never read,
+    so it is not named as if removing STEM.gz would let it be."""
+    folder = fake.write(tmp_path / "mine")
+    gz = folder / "t10k-labels-idx1-ubyte.gz"
+    (folder / "t10k-labels-idx1-ubyte.gz.gz").write_bytes(gz.read_bytes())
+    gz.write_bytes(HTML_PAGE)
+    result = invoke("verify", "--data-dir", str(folder))
+    assert result.exit_code == 1
+    bad = [line for line in result.stdout.splitlines() if line.startswith("BAD")]
+    assert len(bad) == 1 and bad[0].startswith("BAD  t10k-labels-idx1-ubyte: ")
+    assert "beside it" not in bad[0]
+
+
 def test_verify_of_an_empty_data_dir_is_one_line(tmp_path, fake):
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -464,6 +489,21 @@ def test_a_data_dir_holding_only_the_training_files_is_enough_to_bench(tmp_path,
     assert "MNIST, the first 6 training images" in result.stdout
 
 
+def test_a_data_dir_with_a_damaged_file_is_told_to_replace_it_even_beside_a_missing_one(
+        tmp_path, fake):
+    """"put them there" is the advice only when every file named is missing."""
+    folder = fake.write(tmp_path / "mine")
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(HTML_PAGE)
+    damaged = invoke("info", "--data-dir", str(folder))
+    assert_clean_error(damaged, f"--data-dir {folder}: train-images-idx3-ubyte: ")
+    assert "fix or replace those files, or drop --data-dir" in damaged.stderr
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    both = invoke("info", "--data-dir", str(folder))
+    assert_clean_error(both, "t10k-labels-idx1-ubyte: missing; fix or replace those files, or "
+                       "drop --data-dir")
+    assert "put them there" not in both.stderr
+
+
 def test_a_data_dir_missing_only_some_files_lists_them(tmp_path, fake):
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -571,6 +611,20 @@ def test_quiet_progress_shows_only_the_unused_data_dir_warning():
                                  "cache\n")
 
 
+def test_progress_gives_each_file_its_own_bar_at_its_own_count():
+    """Bytes events carry the count so far: the bar shows that count, and a file's first event
+    starts a new bar even when no other event came between the two files."""
+    show = TerminalProgress(bars=True, stream=io.StringIO())
+    for done in (0, 40, 100):
+        show(Event("bytes", "mirror M", "a.gz", done, 100))
+    assert (show.bar.desc, show.bar.n, show.bar.total) == ("a.gz", 100, 100)
+    for done in (0, 25):
+        show(Event("bytes", "mirror M", "b.gz", done, 50))
+    assert (show.bar.desc, show.bar.n, show.bar.total) == ("b.gz", 25, 50)
+    show(Event("skip", "mirror M", detail="why"))
+    assert show.bar is None
+
+
 def test_info_on_the_real_files(monkeypatch, mnist_dir):
     monkeypatch.setattr(fetch, "CHECKSUMS", dict(fetch.CHECKSUMS))  # the real ones
     result = invoke("info", "--data-dir", str(mnist_dir))
@@ -631,6 +685,32 @@ def test_image_refuses_bad_arguments_in_one_line_writing_nothing(tmp_path, fake,
     assert [p.name for p in work.iterdir()] == ["note.txt"]
     assert (work / "note.txt").read_text() == "keep me"
 
+
+
+def test_image_into_a_folder_that_refuses_files_says_so_before_any_download(tmp_path,
+                                                                           monkeypatch, mirror):
+    """Checked by creating a file there (tests may run as root, whom permission bits do not
+    stop): a read-only mount is named before the MNIST files are fetched or read."""
+    import tempfile
+
+    import gpumlp.errors as errors_module
+
+    work = tmp_path / "work"
+    work.mkdir()
+    real_temporary, real_mkstemp = errors_module.tempfile.TemporaryFile, tempfile.mkstemp
+
+    def refuse_in_work(real):
+        def create(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir) == work:
+                raise OSError(30, "Read-only file system")
+            return real(*args, dir=dir, **kwargs)
+        return create
+    monkeypatch.setattr(errors_module.tempfile, "TemporaryFile", refuse_in_work(real_temporary))
+    monkeypatch.setattr(tempfile, "mkstemp", refuse_in_work(real_mkstemp))
+    result = invoke("image", "0", str(work / "digit.npy"))
+    assert_clean_error(result, f"{work / 'digit.npy'}: cannot write in {work} (Read-only file "
+                       "system); give a path in a writable folder")
+    assert mirror.log == [] and list(work.iterdir()) == []
 
 
 def test_image_never_writes_through_a_link_or_into_what_is_not_a_file(tmp_path, fake):

