@@ -25,7 +25,9 @@ MIN_ENLARGEMENT = 1.5  # read back pictures enlarged this much or more ...
 MAX_ENLARGEMENT = 20.0  # ... and no more (the cost grows with the square of the size)
 READBACK_RMS = 3.0    # an accepted read-back explains the picture to this rms, levels of 255:
                       # enlargements fit to 0.3-1.5 (3 after JPEG), photos and rotated ones 6+
-REFINE_TOP = 4        # windows tried again in each round of the search's refinement
+REFINE_TOP = 15       # windows refitted in each round of the search's refinement: all 15 of
+                      # the 5 sizes by 3 clipped filters (with fewer, Lanczos at 70 or 140 px
+                      # was read back from one size too small, a pixel off)
 CLOSE_FIT_RMS = 1.0   # a fit this close is the enlargement: the search stops
 HOPELESS_RMS = 8.0    # a fit this far off is not refined further (photos: 10 and more)
 ONE_THREAD = 1 << 18  # matrix products kept below this size (multiply-adds), see _dot
