@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from time import monotonic  # by name: tests replace `time` for default_out's strftime
+from typing import NoReturn
 
 import click
 
@@ -46,7 +47,10 @@ class OneLineGroup(click.Group):
                 click.echo(said, err=True)
                 sys.exit(code)
         except click.exceptions.NoArgsIsHelpError as e:  # a group with no command: its help
-            click.echo(e.ctx.get_help())
+            try:                                # written here, outside click's own handling
+                click.echo(e.ctx.get_help())
+            except OSError as error:
+                output_failed(error)
             sys.exit(0)
         except click.UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
@@ -60,13 +64,7 @@ class OneLineGroup(click.Group):
             click.echo(said, err=True)
             sys.exit(code if isinstance(e.__cause__, KeyboardInterrupt) else 1)
         except OSError as e:  # outside a command's own handling: most often, writing stdout
-            quiet_stdout()    # so that the flush at exit does not fail a second time
-            if not isinstance(e, BrokenPipeError):  # `| head` stopped reading: nothing to say
-                what = e.strerror or e
-                click.echo(f"Error: {e.filename}: {what}" if e.filename else
-                           f"Error: cannot write the output ({what}); check where it goes",
-                           err=True)
-            sys.exit(1)
+            output_failed(e)
         finally:
             restore()
         sys.exit(result if isinstance(result, int) else 0)
@@ -105,6 +103,17 @@ def tolerant_output() -> None:
                                                              if ascii_only else {}))
         except (AttributeError, TypeError, LookupError, ValueError, OSError):  # a test's capture
             pass
+
+
+def output_failed(e: OSError) -> NoReturn:
+    """Exit 1 after an OSError that no command handled, most often a write to stdout that
+    failed: one line that says so, or nothing when the reader has gone (`| head`)."""
+    quiet_stdout()    # so that the flush at exit does not fail a second time
+    if not isinstance(e, BrokenPipeError):  # `| head` stopped reading: nothing to say
+        what = e.strerror or e
+        click.echo(f"Error: {e.filename}: {what}" if e.filename else
+                   f"Error: cannot write the output ({what}); check where it goes", err=True)
+    sys.exit(1)
 
 
 def quiet_stdout() -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -567,24 +568,86 @@ def test_ctrl_c_pressed_again_and_again_after_a_swallowed_one_stops_the_command(
     assert done.stderr.strip() == "interrupted"
 
 
+def train_swallowing_in_load(out, tiny_data_dir) -> str:
+    """Python that runs `gpumlp train` into `out` on the tiny files, calling the script's
+    swallowed() while the MNIST files load (before training)."""
+    from gpumlp import fetch
+
+    return ("import gpumlp.cli as c, gpumlp.fetch as f\n"
+            f"f.CHECKSUMS = {dict(fetch.CHECKSUMS)!r}\n"            # the tiny files' own
+            "load = c.load_mnist_for\n"
+            "def loaded(*args, **kwargs):\n"
+            "    swallowed()\n"
+            "    return load(*args, **kwargs)\n"
+            "c.load_mnist_for = loaded\n"
+            f"c.main(['train', '--config', {str(SMOKE)!r}, *{TINY!r}, '--device', 'cpu',"
+            f" '--out', {str(out)!r}, '--data-dir', {str(tiny_data_dir)!r}])")
+
+
 def test_a_swallowed_ctrl_c_before_training_stops_the_run_before_it_trains(tmp_path,
                                                                            tiny_data_dir):
     """It used to train every epoch, write the model, then say 'interrupted' with exit 130."""
     out = tmp_path / "run"
-    from gpumlp import fetch
-
-    script = (swallowed("SIGINT") + "import gpumlp.cli as c, gpumlp.fetch as f\n"
-              f"f.CHECKSUMS = {dict(fetch.CHECKSUMS)!r}\n"          # the tiny files' own
-              "load = c.load_mnist_for\n"
-              "def loaded(*args, **kwargs):\n"
-              "    swallowed()\n"
-              "    return load(*args, **kwargs)\n"
-              "c.load_mnist_for = loaded\n"
-              f"c.main(['train', '--config', {str(SMOKE)!r}, *{TINY!r}, '--device', 'cpu',"
-              f" '--out', {str(out)!r}, '--data-dir', {str(tiny_data_dir)!r}])")
-    done = python_c(script)
+    done = python_c(swallowed("SIGINT") + train_swallowing_in_load(out, tiny_data_dir))
     assert done.returncode == 130, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "interrupted"
+    assert not (out / "model.npz").exists()
+
+
+def test_a_ctrl_c_just_after_a_command_stopped_by_one_stops_the_next_command_too():
+    """In one process (a program that runs several commands), a signal that stopped the last
+    command is not the same stop sent twice for the next one."""
+    script = ("import signal, gpumlp.cli as c, gpumlp.sysinfo as s\n"
+              "def details():\n"
+              "    signal.raise_signal(signal.SIGINT)\n"
+              "    raise AssertionError('Ctrl-C did not stop the command')\n"
+              "s.system_info = details\n"
+              "for _ in range(2):\n"
+              "    try:\n"
+              "        c.main(['info'])\n"
+              "    except SystemExit as e:\n"
+              "        print('exit', e.code)\n")
+    done = python_c(script)
+    assert done.stdout.splitlines() == ["exit 130", "exit 130"], done.stderr
+
+
+def two_swallowed(first: str, second: str) -> str:
+    """Python source: `swallowed()`, which raises the signal `first` inside a weakref callback,
+    where Python swallows the exception, then `second` (only noted when it comes at once)."""
+    return ("import signal, weakref\n"
+            "class Thing: pass\n"
+            "def swallowed():\n"
+            "    thing = Thing()\n"
+            f"    ref = weakref.ref(thing, lambda r: signal.raise_signal(signal.{first}))\n"
+            "    del thing\n"
+            f"    signal.raise_signal(signal.{second})\n")
+
+
+@pytest.mark.parametrize("first, second, code, said", [
+    ("SIGINT", "SIGTERM", 130, "interrupted"), ("SIGTERM", "SIGINT", 143, "terminated (SIGTERM)")])
+def test_of_two_signals_swallowed_in_a_command_the_first_says_how_it_ends(first, second, code,
+                                                                          said):
+    script = (two_swallowed(first, second) + "import gpumlp.cli as c, gpumlp.sysinfo as s\n"
+              "c.monotonic = lambda: 0.0\n"                 # the second comes at once
+              "def details():\n"
+              "    swallowed()\n"
+              "    return {'gpumlp': 'test'}\n"
+              "s.system_info = details\n"
+              "c.main(['info'])")
+    done = python_c(script)
+    assert (done.returncode, done.stderr) == (code, f"{said}\n")
+
+
+@pytest.mark.parametrize("first, second, code, said", [
+    ("SIGINT", "SIGTERM", 130, "interrupted"), ("SIGTERM", "SIGINT", 143, "terminated (SIGTERM)")])
+def test_of_two_signals_swallowed_before_training_the_first_says_how_it_ends(
+        first, second, code, said, tmp_path, tiny_data_dir):
+    out = tmp_path / "run"
+    done = python_c(two_swallowed(first, second) + "import gpumlp.cli as c\n"
+                    "c.monotonic = lambda: 0.0\n"           # the second comes at once
+                    + train_swallowing_in_load(out, tiny_data_dir))
+    assert done.returncode == code, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == said
     assert not (out / "model.npz").exists()
 
 
@@ -598,6 +661,36 @@ def test_a_signal_ignored_by_whoever_started_gpumlp_stays_ignored_in_training():
         StopFlag.restore(previous)
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_commands_swallowed_signal_is_not_left_for_a_later_stop_flag():
+    """A signal noted during one command (exit 130) must not make the StopFlag of a training
+    run started later in the same process stop it before its first step."""
+    script = (swallowed("SIGINT") + "import gpumlp.cli as c, gpumlp.sysinfo as s\n"
+              "def details():\n"
+              "    swallowed()\n"
+              "    return {'gpumlp': 'test'}\n"
+              "s.system_info = details\n"
+              "try:\n"
+              "    c.main(['info'])\n"
+              "except SystemExit as e:\n"
+              "    print('exit', e.code)\n"
+              "flag = c.StopFlag()\n"
+              "c.StopFlag.restore(flag.install())\n"
+              "print('stopped', flag())\n")
+    done = python_c(script)
+    assert done.stdout.splitlines()[-2:] == ["exit 130", "stopped False"], done.stderr
+
+
+def test_an_abort_that_is_no_ctrl_c_exits_1_not_130(monkeypatch):
+    """click turns an EOFError that leaves a command into Abort, as it does Ctrl-C: only the
+    signals' exit codes are 128 + N."""
+    from gpumlp import sysinfo
+
+    def end_of_input():
+        raise EOFError
+    monkeypatch.setattr(sysinfo, "system_info", end_of_input)
+    assert cli("info").exit_code == 1
 
 
 def test_a_second_sigterm_in_the_first_ones_clean_up_is_no_traceback():
@@ -625,16 +718,53 @@ def test_sigterm_while_the_data_loads_exits_143_and_leaves_no_run(tmp_path):
     assert not (tmp_path / "run").exists()               # nothing half-made is left behind
 
 
-def test_a_second_sigterm_during_the_clean_up_does_not_cut_it_short(tmp_path):
-    """`timeout` signals gpumlp and its process group: two SIGTERMs, the second one while the
-    half-made run is being removed."""
-    sigterm_while_the_data_loads(tmp_path / "run", (
+# a script's lines: a second SIGTERM as the half-made run's files are being removed
+SIGTERM_IN_THE_CLEAN_UP = (
         "discard = r.RunFiles.discard_unstarted\n"
         "def twice(self, *args, **kwargs):\n"
         "    assert (self.folder / 'config.yaml').exists()\n"
         "    signal.raise_signal(signal.SIGTERM)\n"
         "    discard(self, *args, **kwargs)\n"
-        "r.RunFiles.discard_unstarted = twice\n"))
+        "r.RunFiles.discard_unstarted = twice\n")
+
+
+def test_a_second_sigterm_during_the_clean_up_does_not_cut_it_short(tmp_path):
+    """`timeout` signals gpumlp and its process group: two SIGTERMs, the second one while the
+    half-made run is being removed."""
+    sigterm_while_the_data_loads(tmp_path / "run", SIGTERM_IN_THE_CLEAN_UP)
+    assert not (tmp_path / "run").exists()               # the clean-up ran to its end
+
+
+@pytest.mark.parametrize("number, hint", [(errno.EACCES, "; check its permissions"),
+                                          (errno.EPERM, "; check its permissions"),
+                                          (errno.ENOSPC, "; free some space and try again"),
+                                          (errno.ENAMETOOLONG, "; give a shorter path")])
+def test_a_file_the_system_refused_is_named_with_what_to_do_about_it(number, hint, monkeypatch):
+    from gpumlp import sysinfo
+
+    def refused():
+        raise OSError(number, os.strerror(number), "/some/file")
+    monkeypatch.setattr(sysinfo, "system_info", refused)
+    assert_one_error_line(cli("info"), 1, f"Error: /some/file: {os.strerror(number)}{hint}")
+
+
+def test_out_of_memory_shows_the_first_line_of_what_the_allocator_said(monkeypatch):
+    import gpumlp.gradcheck as gradcheck_module
+
+    said = "Unable to allocate 6.9 PiB for an array"
+
+    def too_large(*args, **kwargs):
+        raise MemoryError(f"{said}\nwith shape (784, 1099511627776) and data type float64")
+    monkeypatch.setattr(gradcheck_module, "gradcheck_config", too_large)
+    assert_one_error_line(cli("gradcheck"), 1, f"Error: out of memory ({said}); lower --batch")
+
+
+def test_a_sigterm_seconds_after_the_first_during_the_clean_up_does_not_cut_it_short(tmp_path):
+    """A second `docker stop` (or Ctrl-C) well after the first, not one sent twice at once:
+    the clean-up ignores it all the same (the clock moves 10 s each time it is read)."""
+    sigterm_while_the_data_loads(tmp_path / "run", (
+        "import itertools\n"
+        "c.monotonic = itertools.count(0, 10).__next__\n" + SIGTERM_IN_THE_CLEAN_UP))
     assert not (tmp_path / "run").exists()               # the clean-up ran to its end
 
 
@@ -726,7 +856,8 @@ def test_a_fetch_is_quiet_only_when_a_commands_own_quiet_asks(trained_model, tin
     assert (quiet.exit_code, quiet.stderr) == (0, "") and len(list(tiny_mirror.iterdir())) == 4
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
-@pytest.mark.parametrize("args", [["info"], ["data", "path"], ["--help"], ["info", "--json"]])
+@pytest.mark.parametrize("args", [["info"], ["data", "path"], ["--help"], ["info", "--json"],
+                                  [], ["data"]])
 def test_output_that_cannot_be_written_is_one_error_line(args):
     import subprocess
     import sys
@@ -737,6 +868,22 @@ def test_output_that_cannot_be_written_is_one_error_line(args):
     assert done.returncode == 1
     assert done.stderr == ("Error: cannot write the output (No space left on device); check "
                            "where it goes\n")
+
+
+@pytest.mark.parametrize("args", [["info"], [], ["data"]])
+def test_output_to_a_reader_that_has_gone_ends_in_silence_with_exit_1(args):
+    """`gpumlp | head -0`: the reader stopped reading, nothing to say about it; a group's help
+    (written outside click's own handling of a closed pipe) ended in a traceback."""
+    import subprocess
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "gpumlp", *args], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (1, "")
 
 
 def test_output_a_latin_1_terminal_cannot_show_is_escaped_not_a_traceback(tmp_path):
@@ -825,6 +972,78 @@ def test_a_signal_while_the_cli_loads_stops_it_in_one_line(how, signame, code, s
     assert (done.returncode, done.stdout, done.stderr) == (code, "", f"{said}\n")
 
 
+def test_a_second_sigterm_while_the_console_script_says_the_first_is_no_traceback():
+    """`timeout` sends two SIGTERMs at once; the CLI is still loading when they land."""
+    script = ("import signal, sys, importlib.abc\n"
+              "from gpumlp import entry\n"
+              "told = entry.interrupted_how\n"
+              "def twice(e):\n"
+              "    signal.raise_signal(signal.SIGTERM)\n"
+              "    return told(e)\n"
+              "entry.interrupted_how = twice\n"
+              "class Loading(importlib.abc.MetaPathFinder):\n"
+              "    def find_spec(self, name, path, target=None):\n"
+              "        if name == 'gpumlp.cli':\n"
+              "            signal.raise_signal(signal.SIGTERM)\n"
+              "        return None\n"
+              "sys.meta_path.insert(0, Loading())\n"
+              "sys.argv = ['gpumlp', 'info']\n"
+              "entry.main()\n")
+    done = python_c(script)
+    assert (done.returncode, done.stdout, done.stderr) == (143, "", "terminated (SIGTERM)\n")
+
+
+def test_the_console_script_leaves_the_unraisable_hook_as_it_found_it(monkeypatch):
+    """For a caller in the same process: the hook that hides a swallowed signal's report is
+    the command's, not left behind to hide later reports."""
+    from gpumlp import entry
+
+    hook = sys.unraisablehook
+    monkeypatch.setattr(sys, "unraisablehook", hook)      # put back whatever happens
+    monkeypatch.setattr(sys, "argv", ["gpumlp", "--version"])
+    with pytest.raises(SystemExit) as ended:
+        entry.main()
+    assert ended.value.code == 0
+    assert sys.unraisablehook is hook
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_ignored_by_whoever_started_gpumlp_stays_ignored_while_the_cli_loads(signame):
+    """`nohup gpumlp ...` ignores SIGINT (and a parent may ignore SIGTERM): the guard around the
+    import must not make such a signal stop the command."""
+    script = ("import signal, sys, importlib.abc\n"
+              f"signal.signal(signal.{signame}, signal.SIG_IGN)\n"
+              "class Loading(importlib.abc.MetaPathFinder):\n"
+              "    def find_spec(self, name, path, target=None):\n"
+              "        if name == 'gpumlp.cli':\n"
+              f"            signal.raise_signal(signal.{signame})\n"
+              "        return None\n"
+              "sys.meta_path.insert(0, Loading())\n"
+              "from gpumlp import entry\n"
+              "sys.argv = ['gpumlp', '--version']\n"
+              "entry.main()\n")
+    done = python_c(script)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.split()[:2] == ["gpumlp,", "version"]
+
+
+@pytest.mark.parametrize("signame, code, said", [("SIGTERM", 143, "terminated (SIGTERM)"),
+                                                  ("SIGINT", 130, "interrupted")])
+def test_a_signal_after_the_cli_loads_but_before_it_takes_the_signals_is_one_line(signame, code,
+                                                                                   said):
+    """The CLI is loaded but has not yet set its own handlers: the guard's KeyboardInterrupt
+    leaves the command itself, and the console script must still end it in one line."""
+    script = ("import signal, sys, gpumlp.cli as c\n"
+              "from gpumlp import entry\n"
+              "def streams():\n"
+              f"    signal.raise_signal(signal.{signame})\n"
+              "c.closed_streams = streams\n"
+              "sys.argv = ['gpumlp', '--version']\n"
+              "entry.main()\n")
+    done = python_c(script)
+    assert (done.returncode, done.stdout, done.stderr) == (code, "", f"{said}\n")
+
+
 @pytest.mark.parametrize("group", [[], ["data"]])
 def test_the_command_lists_show_each_summary_whole(group):
     """click cuts a long first sentence to '...' in a group's list of commands."""
@@ -869,6 +1088,18 @@ def test_the_start_line_counts_epochs_in_words(capsys):
         "epoch 1)\n")
 
 
+@pytest.mark.parametrize("warning", [{"unchecked": True}, {"stale": "report.md is older"}])
+def test_a_warning_before_training_is_said_even_when_quiet_but_not_when_nothing_is_left(warning,
+                                                                                      capsys):
+    from gpumlp.progress import Reporter
+
+    info = {"device": "cpu (NumPy)", "n_train": 300, "batches": 3, "epochs": 2, **warning}
+    Reporter(quiet=True)("start", {**info, "epoch": 1})
+    assert capsys.readouterr().err.startswith("Warning: ")
+    Reporter(quiet=True)("start", {**info, "epoch": 2})          # the run is done: no training
+    assert capsys.readouterr().err == ""
+
+
 def test_the_epoch_line_shows_the_validation_numbers_of_a_run_that_has_them():
     from gpumlp.progress import format_epoch
     row = {"epoch": 2, "train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.25,
@@ -879,12 +1110,63 @@ def test_the_epoch_line_shows_the_validation_numbers_of_a_run_that_has_them():
     assert "val_" not in format_epoch({k: v for k, v in row.items() if not k.startswith("val")})
 
 
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
+EPOCH_ROW = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8, "test_loss": 0.3,
+             "test_accuracy": 0.9, "lr": 0.1, "seconds": 1.5, "samples_per_second": 1000.0}
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_progress_bar_is_drawn_only_when_stderr_is_a_terminal(terminal, monkeypatch, capsys):
+    from gpumlp.progress import Reporter
+
+    stderr = Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    reporter = Reporter()
+    for batch in (1, 2, 3):
+        reporter("step", {"epoch": 1, "batch": batch, "batches": 3})
+    reporter.close()
+    assert ("epoch 1:" in stderr.getvalue()) == terminal
+    assert capsys.readouterr().out == ""                 # stdout is the command's own
+
+
+def test_each_epochs_bar_is_a_new_one_that_starts_from_the_batches_already_done(monkeypatch):
+    """A resumed epoch's bar starts where the checkpoint left it (batch 3 of 5 next: 2/5), and
+    the epoch's line replaces its bar, then the next epoch has a bar of its own."""
+    from gpumlp.progress import Reporter
+
+    stderr = Terminal()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    reporter = Reporter()
+    for batch in (3, 4, 5):
+        reporter("step", {"epoch": 1, "batch": batch, "batches": 5})
+    reporter("epoch", EPOCH_ROW)
+    reporter("step", {"epoch": 2, "batch": 1, "batches": 5})
+    reporter.close()
+    shown = stderr.getvalue()
+    assert "epoch 1:  40%" in shown and "| 2/5 " in shown
+    before, line, after = shown.partition("epoch   1  train_loss")
+    assert "epoch 1:" in before and before.endswith("\r") and "epoch 1:" not in after
+    assert "epoch 2:   0%" in after and "| 0/5 " in after
+
+
 def test_a_line_break_in_a_file_name_keeps_the_error_on_one_line(tmp_path):
     """A run folder named with a newline: the error is one line, the break shown as \\n; the
     report of every download source failing keeps its line per source (test_cli_data)."""
     folder = tmp_path / "new\nline"
     result = cli("train", "--resume", folder)
     assert_one_error_line(result, 1, f"--resume {tmp_path}/new\\nline: no such folder")
+
+
+def test_a_carriage_return_in_a_file_name_keeps_the_error_on_one_line(tmp_path):
+    """A \\r would send the terminal back to the start of the line, over the message."""
+    result = cli("train", "--resume", tmp_path / "new\rline")
+    assert_one_error_line(result, 1, f"--resume {tmp_path}/new\\rline: no such folder")
 
 
 # --- standard streams closed at start or while running ---------------------------------------

@@ -397,6 +397,30 @@ def test_a_huge_value_is_shown_cut_short(tmp_path):
     assert len(message) < 250                # the --set and the value, each cut short
 
 
+@pytest.mark.parametrize("value, limit", [("x" * 50, 60), ("x" * 58, 60), ("x" * 59, 60),
+                                          ("x" * 80, 60), (list(range(40)), 12),
+                                          ({f"k{i}": i for i in range(30)}, 20), (10 ** 70, 60)])
+def test_a_shown_value_is_whole_when_it_fits_the_limit_and_cut_to_exactly_the_limit_if_not(
+        value, limit):
+    from gpumlp.errors import shown
+
+    whole = shown(value, 10 ** 6)
+    text = shown(value, limit)
+    if len(whole) <= limit:
+        assert text == whole
+    else:
+        assert len(text) == limit and text.endswith("...") and whole.startswith(text[:-3])
+    if isinstance(value, str):
+        assert whole == ascii(value)
+
+
+def test_a_shown_string_is_ascii_whatever_it_holds():
+    from gpumlp.errors import shown
+
+    text = shown("caf\u00e9 \u20ac \u6587")
+    assert text.isascii() and text.startswith("'caf")
+
+
 def test_ints_are_accepted_for_floats_and_lists_for_hidden():
     c = build_config(None, ["optim.lr=1", "model.hidden=[64]"])
     assert c.optim.lr == 1.0 and isinstance(c.optim.lr, float)

@@ -513,6 +513,88 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_puts_the_handlers_back(tiny_da
     assert (out / "model.npz").read_bytes() == (reference / "model.npz").read_bytes()
 
 
+class SignalsAt(SigtermAt):
+    """The run's step, which sends this process `signums`, one after the other, at step `at`."""
+
+    def __init__(self, step, at: int, signums):
+        super().__init__(step, at)
+        self.signums = signums
+
+    def __call__(self, params, state, X, y, lr, t, masks):
+        if t == self.at:
+            for signum in self.signums:
+                signal.raise_signal(signum)
+        return self.step(params, state, X, y, lr, t, masks)
+
+
+@pytest.mark.parametrize("first, second, code, said", [
+    (signal.SIGINT, signal.SIGTERM, 130, "interrupted"),
+    (signal.SIGTERM, signal.SIGINT, 143, "terminated (SIGTERM)")])
+def test_the_first_of_two_signals_during_training_says_how_the_run_ends(
+        tiny_data_dir, tmp_path, monkeypatch, first, second, code, said):
+    """Ctrl-C, then `docker stop` before the checkpoint is saved: the run was interrupted."""
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step",
+                        lambda *a: SignalsAt(make_step(*a), at=2, signums=(first, second)))
+    out = tmp_path / "run"
+    result = cli(*train_args(out, tiny_data_dir, "--set", "train.batch_size=25"))
+    assert result.exit_code == code, result.output
+    assert result.stderr.startswith(f"{said}; checkpoint saved.")
+
+
+def test_on_a_terminal_the_bar_is_cleared_before_the_line_that_says_how_to_resume(
+        tiny_data_dir, tmp_path, monkeypatch):
+    from test_cli import Terminal
+
+    from gpumlp import progress
+
+    events = []
+
+    class Shown(progress.Reporter):
+        def __init__(self, quiet):
+            super().__init__(False, stream=Terminal())
+
+        def close(self):
+            if self.bar is not None:
+                events.append("bar cleared")
+            super().close()
+
+    echo = click.echo
+
+    def recorded(message=None, *args, **kwargs):
+        events.append(str(message))
+        return echo(message, *args, **kwargs)
+
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step",
+                        lambda *a: SignalsAt(make_step(*a), at=2, signums=(signal.SIGINT,)))
+    monkeypatch.setattr(progress, "Reporter", Shown)
+    monkeypatch.setattr(click, "echo", recorded)
+    result = cli(*train_args(tmp_path / "run", tiny_data_dir, "--set", "train.batch_size=25"))
+    assert result.exit_code == 130, result.output
+    said = next(i for i, e in enumerate(events) if e.startswith("interrupted; checkpoint saved"))
+    assert "bar cleared" in events[:said]
+
+
+def test_train_puts_back_the_handlers_it_found_when_called_without_the_command_wrapper(
+        tiny_data_dir, tmp_path):
+    """main(args, standalone_mode=False), as a program that embeds gpumlp calls it, sets no
+    command-wide handlers that would put them back afterwards: training's own must."""
+    signums = (signal.SIGINT, signal.SIGTERM)
+    before = [signal.getsignal(s) for s in signums]
+    try:
+        result = CliRunner().invoke(cli_module.main,
+                                    [str(a) for a in train_args(tmp_path / "run", tiny_data_dir)],
+                                    standalone_mode=False)
+        after = [signal.getsignal(s) for s in signums]
+    finally:
+        for signum, handler in zip(signums, before):
+            signal.signal(signum, handler)
+    assert result.exception is None, result.output
+    assert (tmp_path / "run" / "model.npz").is_file()
+    assert after == before
+
+
 def test_an_out_path_that_cannot_be_a_folder_is_one_line_and_nothing_is_made(tiny_data_dir,
                                                                               tmp_path):
     dangling = tmp_path / "dangling"
@@ -588,6 +670,16 @@ def test_a_runs_link_to_a_missing_folder_is_named_not_taken_for_999_runs(tiny_da
     assert not (tmp_path / "gone").exists()
 
 
+def test_a_runs_that_is_a_file_says_to_pass_out(tiny_data_dir, tmp_path, monkeypatch):
+    """No run folder can be made under a file named `runs`: the error says what to do."""
+    monkeypatch.chdir(tmp_path)
+    Path("runs").write_text("notes\n")
+    result = cli("train", "--config", SMOKE, *TINY, "--device", "cpu", "--data-dir",
+                 tiny_data_dir, "--quiet")
+    assert_one_error_line(result, 1, "cannot create the run folder", "pass a writable --out")
+    assert Path("runs").read_text() == "notes\n"
+
+
 def test_a_failed_run_with_a_default_name_leaves_no_folder(tiny_data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = cli("train", "--config", SMOKE, *TINY, "--device", "cpu", "--set", HUGE,
@@ -622,6 +714,20 @@ def test_a_missing_data_folder_is_named_by_where_it_came_from(tiny_data_dir, tmp
     assert_one_error_line(result, 1, f"GPUMLP_DATA_DIR={missing}: no such folder",
                           "unset GPUMLP_DATA_DIR")
     assert "--data-dir" not in result.stderr
+    assert not out.exists()
+
+
+def test_a_missing_data_dir_given_with_the_variable_set_too_says_to_unset_it_as_well(
+        tiny_data_dir, tmp_path):
+    """--data-dir wins over GPUMLP_DATA_DIR: dropping --data-dir alone would use the folder
+    the variable names, not the cache."""
+    missing = tmp_path / "no-data"
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli_module.main, [
+        "train", "--config", SMOKE, "--device", "cpu", "--out", str(out), "--quiet",
+        "--data-dir", str(missing)], env={"GPUMLP_DATA_DIR": str(tiny_data_dir)})
+    assert_one_error_line(result, 1, f"--data-dir {missing}: no such folder",
+                          "drop --data-dir and unset GPUMLP_DATA_DIR to use the cache")
     assert not out.exists()
 
 
