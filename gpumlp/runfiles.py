@@ -81,8 +81,8 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
                           "file; move it out of the run folder, or pick another folder")
     inside = [] if existing else runs_inside(path)  # --out runs, meant: --out runs/NAME
     if inside:
-        shown_names = ", ".join(f"{name}/" for name in inside[:3]) + (", ..." if inside[3:] else "")
-        raise GpumlpError(f"--out {path}: holds other runs ({shown_names}), and a run's files "
+        names = ", ".join(f"{name}/" for name in inside[:3]) + (", ..." if inside[3:] else "")
+        raise GpumlpError(f"--out {path}: holds other runs ({names}), and a run's files "
                           "would lie among them; give this run a folder of its own, such as "
                           f"{shell_path(path / 'NAME')}")
     if existing and writing_now(path):  # neither --overwrite nor --resume can have it now
@@ -125,14 +125,16 @@ def runs_inside(path: Path, look_at: int = 1000) -> list[str]:
     return sorted(names)
 
 
-def derived_outputs(path: Path) -> list[str]:
+def derived_outputs(path: Path, foreign: list[str] | None = None) -> list[str]:
     """The DERIVED_FILES in `path` that go with its run on --overwrite (RunFiles.start): none
-    without an earlier run's outputs; never a file the report did not write."""
+    without an earlier run's outputs; never one of `foreign` (report.foreign_outputs), a file
+    the report did not write."""
     if not had_outputs(path):
         return []
-    from .report import foreign_outputs
+    if foreign is None:
+        from .report import foreign_outputs
 
-    foreign = foreign_outputs(path)
+        foreign = foreign_outputs(path)
     return [name for name in DERIVED_FILES if name not in foreign and (path / name).is_file()]
 
 
@@ -268,9 +270,9 @@ class RunFiles:
         from .report import foreign_outputs
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.removed = derived_outputs(self.folder)
         if had_outputs(self.folder):
             foreign = foreign_outputs(self.folder)
+            self.removed = derived_outputs(self.folder, foreign)
             for name in DERIVED_FILES:
                 if name not in foreign:
                     self.path(name).unlink(missing_ok=True)
