@@ -26,7 +26,7 @@ import click
 
 from . import __version__
 from .cli_common import (data_dir_option, device_option, domain_errors, interrupted_how,
-                         load_mnist_for, model_argument, test_data_dir_option)
+                         load_mnist_for, model_argument, tell, test_data_dir_option)
 from .errors import (CheckpointError, ConfigError, GpumlpError, json_text, shell_path,
                      signal_error, without_interrupt_reports)
 
@@ -44,7 +44,7 @@ class OneLineGroup(click.Group):
             result = super().main(args, prog_name, complete_var, False, **extra)
             if SIGNALLED:  # raised where Python swallowed it: the command went on to its end
                 said, code = interrupted_how(signal_error(SIGNALLED[0]))
-                click.echo(said, err=True)
+                tell(said)
                 sys.exit(code)
         except click.exceptions.NoArgsIsHelpError as e:  # a group with no command: its help
             try:                                # written here, outside click's own handling
@@ -54,14 +54,14 @@ class OneLineGroup(click.Group):
             sys.exit(0)
         except click.UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-            click.echo(f"Error: {e.format_message()}{hint}", err=True)
+            tell(f"Error: {e.format_message()}{hint}")
             sys.exit(e.exit_code)
         except click.ClickException as e:
-            click.echo(f"Error: {e.format_message()}", err=True)
+            tell(f"Error: {e.format_message()}")
             sys.exit(e.exit_code)
         except click.Abort as e:
             said, code = interrupted_how(e.__cause__)
-            click.echo(said, err=True)
+            tell(said)
             sys.exit(code if isinstance(e.__cause__, KeyboardInterrupt) else 1)
         except OSError as e:  # outside a command's own handling: most often, writing stdout
             output_failed(e)

@@ -24,6 +24,15 @@ class OneLineError(click.ClickException):
         self.exit_code = exit_code
 
 
+def tell(text: str) -> None:
+    """Write one line to stderr, or nothing when it cannot be written (its reader has gone):
+    the exit code still says how the command ended."""
+    try:
+        click.echo(text, err=True)
+    except OSError:
+        pass
+
+
 def require(module: str, package: str, extra: str) -> None:
     """A one-line error naming the pip extra when `module` (of `package`) cannot be imported."""
     try:
@@ -67,8 +76,12 @@ def domain_errors(fn):
                                f"{MEMORY_HINTS.get(fn.__name__, MEMORY_HINT)}") from None
         except KeyboardInterrupt as e:
             said, code = interrupted_how(e)
-            click.echo(said, err=True)
+            tell(said)
             raise SystemExit(code) from None
+        except EOFError as e:  # a reader that did not catch a cut-short input; click would
+            detail = f": {e}" if str(e) else ""  # say "Aborted!" (or our "interrupted")
+            raise OneLineError(f"an input ended before its end (EOFError{detail}); "
+                               "a file it read may be cut short") from None
         except OSError as e:  # a file the OS refused: name it, no traceback
             if e.filename is None:  # stdout, most often: OneLineGroup.main says it for all
                 raise

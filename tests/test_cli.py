@@ -682,15 +682,50 @@ def test_a_commands_swallowed_signal_is_not_left_for_a_later_stop_flag():
     assert done.stdout.splitlines()[-2:] == ["exit 130", "stopped False"], done.stderr
 
 
-def test_an_abort_that_is_no_ctrl_c_exits_1_not_130(monkeypatch):
-    """click turns an EOFError that leaves a command into Abort, as it does Ctrl-C: only the
-    signals' exit codes are 128 + N."""
+@pytest.mark.parametrize("detail", ["", "No data left in file"])
+def test_an_eof_error_that_leaves_a_command_is_one_line_exit_1_not_interrupted(monkeypatch,
+                                                                                 detail):
+    """click turns an EOFError that leaves a command into Abort, as it does Ctrl-C: that said
+    "interrupted" (after a blank line), though nothing was; only signals exit 128 + N."""
     from gpumlp import sysinfo
 
     def end_of_input():
-        raise EOFError
+        raise EOFError(detail)
     monkeypatch.setattr(sysinfo, "system_info", end_of_input)
-    assert cli("info").exit_code == 1
+    result = cli("info")
+    assert result.exit_code == 1
+    assert result.stderr == (f"Error: an input ended before its end (EOFError"
+                             f"{': ' + detail if detail else ''}); a file it read may be cut "
+                             "short\n")
+
+
+@pytest.mark.parametrize("args, code", [(["train", "--no-such-option"], 2), (["nosuch"], 2),
+                                        (["info", "--json"], 0)])
+def test_an_exit_code_stands_when_stderrs_reader_has_gone(args, code):
+    """A usage error whose stderr pipe has no reader left exited 1, not 2: the write of its
+    one line failed inside the handler, and that OSError became the exit code."""
+    import subprocess
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "gpumlp", *args], stderr=write,
+                              stdout=subprocess.DEVNULL, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == code
+
+
+def test_an_interrupt_whose_stderr_reader_has_gone_still_exits_130():
+    """domain_errors says "interrupted" through `tell`: a stderr that cannot be written
+    leaves the exit code at 130."""
+    script = ("import os, signal, gpumlp.cli as c, gpumlp.sysinfo as s\n"
+              "r, w = os.pipe(); os.close(r); os.dup2(w, 2)\n"
+              "def details():\n"
+              "    signal.raise_signal(signal.SIGINT)\n"
+              "s.system_info = details\n"
+              "c.main(['info'])")
+    assert python_c(script).returncode == 130
 
 
 def test_a_second_sigterm_in_the_first_ones_clean_up_is_no_traceback():
