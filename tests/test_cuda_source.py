@@ -11,8 +11,9 @@
 3. The routing (which configs take the fused step), buffer keying and `enable_tf32`, with a
    fake CuPy; CuPy itself is never imported here.
 
-What this cannot check is the GPU itself: grid-stride indexing, shared memory and
-__syncthreads, cuBLAS through CuPy. tests/test_gpu_fused.py does, on a GPU.
+What this cannot check: threads that run at once (grid-stride indexing, shared memory and
+__syncthreads), which tests/test_cuda_threads.py checks on CPU threads under ThreadSanitizer;
+and the GPU itself, cuBLAS through CuPy, which tests/test_gpu_fused.py checks on a GPU.
 """
 
 from __future__ import annotations
