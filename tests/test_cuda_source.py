@@ -680,6 +680,69 @@ def test_the_batch_loader_clips_row_indices_outside_the_split_as_take_does(emula
     np.testing.assert_array_equal(y, split.labels.take(idx, mode="clip"))
 
 
+def test_a_label_below_zero_gives_a_nan_loss_as_one_past_the_last_does(emulated):
+    """softmax_xent's guard is on both ends of 0..c-1: a label of -1 matches no class, so its
+    row would add a loss of 0 (or -y_off's sum) and the mean would look plausible; the
+    training loop's NaN guard must see it instead. The rows' count stays the argmax's."""
+    step = fast_cuda.FusedStep(build_config(None, []), emulated)
+    A2 = np.random.default_rng(7).standard_normal((5, 10)).astype(np.float32)
+    b2 = np.zeros(10, dtype=np.float32)
+    for bad in (-1, -1000, 10):
+        y = A2.argmax(axis=1).astype(np.int32)
+        y[2] = bad
+        buf = step.step_buffers(5, (784, 16, 10))
+        buf.A[-1][...] = A2
+        L, correct = step.loss(Params((), (b2,)), y, buf)
+        assert np.isnan(L), f"label {bad}: L = {L}"
+        assert int(correct) == 4, f"label {bad}"
+
+
+def test_softmax_xent_smooths_labels_over_the_nets_own_class_count(emulated):
+    """Y's y_off is e / c for the c the logits have, not MNIST's 10: a net of 4 or 13 outputs
+    gets the targets model.targets gives it (its dA, and its loss through them)."""
+    step = fast_cuda.FusedStep(build_config(None, ["train.label_smoothing=0.2"]), emulated)
+    rng = np.random.default_rng(8)
+    for c in (4, 13):
+        A2 = rng.standard_normal((6, c)).astype(np.float32)
+        b2 = rng.normal(0, 0.1, c).astype(np.float32)
+        y = rng.integers(0, c, 6).astype(np.int32)
+        want_L, want_dA2 = loss_and_dA2(A2 + b2, y, 0.2)
+        buf = step.step_buffers(6, (784, 16, c))
+        buf.A[-1][...] = A2
+        L, _ = step.loss(Params((), (b2,)), y, buf)
+        np.testing.assert_allclose(L, want_L, rtol=RTOL, err_msg=f"c = {c}")
+        np.testing.assert_allclose(buf.dA, want_dA2, rtol=RTOL, atol=ATOL, err_msg=f"c = {c}")
+
+
+@pytest.mark.parametrize("activation", sorted(fast_cuda.ACTIVATION_TYPES))
+def test_bias_act_passes_nan_and_infinities_through_as_activations_does(emulated, activation):
+    """A NaN pre-activation (a NaN weight, an overflowed product) stays NaN through phi, as
+    activations.py's (np.maximum propagates it): a relu written `a > 0 ? a : 0` would turn it
+    into 0, and the training loop's NaN guard would never see the broken weight."""
+    step = fast_cuda.FusedStep(build_config(None, [f"model.activation={activation}"]), emulated)
+    A = np.array([[np.nan, np.inf, -np.inf, 0.0], [1.5, -2.0, 30.0, -30.0]], dtype=np.float32)
+    b = np.array([0.0, 0.0, 0.0, 0.5], dtype=np.float32)
+    Z = np.full_like(A, 7.0)
+    with np.errstate(all="ignore"):
+        want = ACTIVATIONS[activation].phi(A + b)
+    fast_cuda.launch(step.kernels.bias_act, A.size, np.int64(A.size), np.int32(4), A, b, Z)
+    assert np.isnan(Z[0, 0])
+    np.testing.assert_allclose(Z, want, rtol=RTOL, atol=ATOL)   # NaN where want has NaN
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_the_batch_loader_writes_every_label_whatever_the_row_width(emulated, d):
+    """gather_inputs writes y[r] from one element of row r (its column 0): with rows of one
+    or three columns every label must still be written (a new y is all -1 until then)."""
+    rng = np.random.default_rng(9)
+    split = DeviceSplit(rng.integers(0, 256, (7, d)).astype(np.uint8),
+                        rng.integers(0, 10, 7).astype(np.int32))
+    idx = np.array([6, 0, 3, 3, 5], dtype=np.int64)
+    X, y = fast_cuda.FusedStep(build_config(None, []), emulated).batch(split, idx)
+    np.testing.assert_array_equal(y, split.labels[idx])
+    np.testing.assert_array_equal(X, to_inputs(split.images[idx], "unit", "float32"))
+
+
 # --- 4. what the step's host side must keep right, on a GPU more than here --------------------
 def test_new_buffers_are_poisoned_so_that_a_missed_element_shows():
     """Every buffer is NaN (labels -1) until a kernel writes it: an element a kernel misses
