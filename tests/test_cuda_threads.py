@@ -1,24 +1,31 @@
-"""The fused CUDA kernels on concurrent threads, under ThreadSanitizer: what the one-thread-at-
-a-time host build of tests/test_cuda_source.py cannot check without a GPU.
+"""The fused CUDA kernels on concurrent threads, under ThreadSanitizer and AddressSanitizer:
+what the one-thread-at-a-time host build of tests/test_cuda_source.py cannot check without a
+GPU.
 
 The CUDA source's device branch (the one NVRTC compiles, not GPUMLP_HOST_EMULATION) is built
 for the CPU with a small shim of CUDA's execution model: every thread of every block of a
 launch is a thread of its own, all running at once; blockIdx, threadIdx, blockDim and gridDim
 are what the kernel sees; `__syncthreads()` is a barrier of the block's threads. Built with
 `-fsanitize=thread`, any two threads that touch the same element without a barrier between
-them (a write and a read or a second write) are reported, whatever the scheduling was.
+them (a write and a read or a second write) are reported, whatever the scheduling was. Built
+with `-fsanitize=address`, any read or write past the end of an array is reported: on a GPU it
+would go unseen, into the padding of CuPy's allocations (rounded up to 512 bytes) or into the
+next array.
 
-This module's tests run a child Python with ThreadSanitizer preloaded (it must be loaded first),
+This module's tests run a child Python with the sanitizer's runtime preloaded (it must be
+loaded first),
 which calls every test of tests/test_cuda_source.py that runs `fast_cuda.FusedStep` on the
 host kernels (the `emulated` fixture), for each of its parameters, with these kernels instead:
 the same comparisons against the generic step, now through the grid-stride loops as a GPU runs
 them and softmax_xent's shared-memory reduction on its 256 threads. The elementwise kernels
 are launched on at most GRID_CAP blocks of BLOCK_CAP threads (their loops take any grid), so
-each thread strides over many elements. Two more tests break the source on purpose (a missing
-barrier, a stride without gridDim) and check that this finds it.
+each thread strides over many elements. Three more tests break the source on purpose (a
+missing barrier, a stride without gridDim, a loop one element past the end) and check that
+this finds it.
 
 Run by hand: `python tests/test_cuda_threads.py LIBRARY [NAME ...]` under
-`LD_PRELOAD=$(g++ -print-file-name=libtsan.so)`, with LIBRARY built by `build_threaded`.
+`LD_PRELOAD=$(g++ -print-file-name=libtsan.so)` (or libasan.so with ASAN_OPTIONS=detect_leaks=0),
+with LIBRARY built by `build_threaded`.
 """
 
 from __future__ import annotations
@@ -79,27 +86,36 @@ def launchers(source: str) -> str:
     for name, params in re.findall(r"KERNEL\s+(\w+)\(([^)]*)\)", source):
         names = ", ".join(re.findall(r"(\w+)\s*(?:,|$)", params))
         wrappers.append(f'extern "C" void launch_{name}(unsigned int grid_, unsigned int block_, '
-                        f"{params}) {{\n  run_grid(grid_, block_, [=] {{ {name}({names}); }});\n}}\n")
+                        f"{params}) {{\n"
+                        f"  run_grid(grid_, block_, [=] {{ {name}({names}); }});\n}}\n")
     return "".join(wrappers)
 
 
-def tsan_runtime() -> str | None:
-    """The path of GCC's ThreadSanitizer runtime, or None where there is no g++ or no runtime."""
+SANITIZERS = {  # -fsanitize=NAME: (GCC's runtime library, the child's options)
+    "thread": ("libtsan.so", {"TSAN_OPTIONS": "halt_on_error=0 exitcode=66 "
+                                              "report_signal_unsafe=0"}),
+    "address": ("libasan.so", {"ASAN_OPTIONS": "detect_leaks=0 exitcode=66"}),
+}
+
+
+def runtime(sanitizer: str) -> str | None:
+    """The path of GCC's runtime of `sanitizer`, or None where there is no g++ or no runtime."""
     compiler = shutil.which("g++")
     if compiler is None:
         return None
-    found = subprocess.run([compiler, "-print-file-name=libtsan.so"], capture_output=True,
-                           text=True).stdout.strip()
+    found = subprocess.run([compiler, f"-print-file-name={SANITIZERS[sanitizer][0]}"],
+                           capture_output=True, text=True).stdout.strip()
     return found if os.path.isabs(found) and os.path.exists(found) else None
 
 
-def build_threaded(source: str, folder: Path) -> Path:
-    """The CUDA source's device branch with the shim, built with ThreadSanitizer: its path."""
-    path = folder / "threaded_kernels.cpp"
+def build_threaded(source: str, folder: Path, sanitizer: str = "thread") -> Path:
+    """The CUDA source's device branch with the shim, built with `-fsanitize=sanitizer`: its
+    path."""
+    path = folder / f"threaded_kernels_{sanitizer}.cpp"
     path.write_text(SHIM + source + launchers(source))
-    library = folder / "threaded_kernels.so"
+    library = path.with_suffix(".so")
     done = subprocess.run(["g++", "-x", "c++", "-std=c++17", "-O1", "-g", "-shared", "-fPIC",
-                           "-pthread", "-fsanitize=thread", "-ffp-contract=off", "-Wall",
+                           "-pthread", f"-fsanitize={sanitizer}", "-ffp-contract=off", "-Wall",
                            "-Werror", str(path), "-o", str(library)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -187,31 +203,48 @@ def child(library_path: str, wanted: list[str]) -> int:
 
 # --- the tests ---------------------------------------------------------------------------------
 
-def run_child(library: Path, *wanted: str) -> subprocess.CompletedProcess:
-    """This file as a child Python with ThreadSanitizer preloaded; 'halt_on_error=0': every
-    race is reported, and the exit status is 66 if there was one."""
+def sanitized_env(sanitizer: str) -> dict:
+    """The environment of a child Python with `sanitizer`'s runtime preloaded: every race is
+    reported ('halt_on_error=0'; AddressSanitizer stops at its first report), and the exit
+    status is 66 if there was one."""
     tests = Path(__file__).resolve().parent
-    env = {**os.environ, "LD_PRELOAD": tsan_runtime(), "OPENBLAS_NUM_THREADS": "1",
-           "TSAN_OPTIONS": "halt_on_error=0 exitcode=66 report_signal_unsafe=0",
-           "PYTHONPATH": os.pathsep.join([str(tests), *filter(None, [os.environ.get(
-               "PYTHONPATH")])])}
+    return {**os.environ, "LD_PRELOAD": runtime(sanitizer), "OPENBLAS_NUM_THREADS": "1",
+            **SANITIZERS[sanitizer][1], "PYTHONPATH": os.pathsep.join(
+                [str(tests), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def run_child(library: Path, *wanted: str, sanitizer: str = "thread"
+              ) -> subprocess.CompletedProcess:
+    """This file as a child Python under `sanitizer`, running the cases named `wanted` (all
+    when none is) on the kernels of `library`."""
     return subprocess.run([sys.executable, str(Path(__file__).resolve()), str(library), *wanted],
-                          capture_output=True, text=True, env=env, timeout=900)
+                          capture_output=True, text=True, env=sanitized_env(sanitizer),
+                          timeout=900)
+
+
+def sanitizer_folder(sanitizer: str, tmp_path_factory) -> Path:
+    """A folder for the builds, or a skip that says why `sanitizer` cannot run here."""
+    name = SANITIZERS[sanitizer][0]
+    if runtime(sanitizer) is None:
+        pytest.skip(f"no g++ with the {sanitizer} sanitizer's runtime ({name}): the kernels "
+                    "were not run on threads under it")
+    started = subprocess.run([sys.executable, "-c", "pass"], capture_output=True, text=True,
+                             env=sanitized_env(sanitizer), timeout=120)
+    if started.returncode != 0:   # e.g. "FATAL: ThreadSanitizer: unexpected memory mapping"
+        lines = started.stderr.strip().splitlines() or [f"exit {started.returncode}"]
+        pytest.skip(f"{name} does not start here ({lines[0]}): the kernels were not run on "
+                    "threads under it")
+    return tmp_path_factory.mktemp(sanitizer)
 
 
 @pytest.fixture(scope="module")
-def tsan(tmp_path_factory):
-    runtime = tsan_runtime()
-    if runtime is None:
-        pytest.skip("no g++ with ThreadSanitizer's runtime (libtsan): the kernels were not run "
-                    "on threads")
-    started = subprocess.run([sys.executable, "-c", "pass"], capture_output=True, text=True,
-                             env={**os.environ, "LD_PRELOAD": runtime}, timeout=120)
-    if started.returncode != 0:   # e.g. "FATAL: ThreadSanitizer: unexpected memory mapping"
-        lines = started.stderr.strip().splitlines() or [f"exit {started.returncode}"]
-        pytest.skip(f"ThreadSanitizer does not start here ({lines[0]}): the kernels were not "
-                    "run on threads")
-    return tmp_path_factory.mktemp("threads")
+def tsan(tmp_path_factory) -> Path:
+    return sanitizer_folder("thread", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def asan(tmp_path_factory) -> Path:
+    return sanitizer_folder("address", tmp_path_factory)
 
 
 def source() -> str:
@@ -260,6 +293,29 @@ def test_a_grid_stride_without_the_grid_is_caught(tsan):
     assert "FAILED test_fused_step_matches_generic_for_each_optimizer[momentum]" in done.stdout, \
         done.stdout + done.stderr[-2000:]
     assert "WARNING: ThreadSanitizer: data race" in done.stderr
+
+
+def test_kernels_on_concurrent_threads_stay_inside_their_arrays(asan):
+    """The same cases under AddressSanitizer: no kernel reads or writes outside its arrays
+    (those it is given and those its address tables point to)."""
+    done = run_child(build_threaded(source(), asan, "address"), sanitizer="address")
+    assert "AddressSanitizer" not in done.stderr, done.stderr[-4000:]
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    ran = [line.split(" ", 1)[1] for line in done.stdout.splitlines() if line.startswith("ok ")]
+    assert sorted(ran) == sorted(emulated_cases()), done.stdout
+
+
+def test_a_loop_one_past_the_end_is_reported(asan):
+    """A grid-stride loop that runs while i <= n writes one element past each array, which a
+    GPU would put unseen into an allocation's padding: AddressSanitizer must say so."""
+    text = source()
+    bound = "i < (n); \\"
+    assert text.count(bound) == 1
+    broken = text.replace(bound, "i <= (n); \\")
+    done = run_child(build_threaded(broken, asan, "address"), "for_each_optimizer[momentum]",
+                     sanitizer="address")
+    assert done.returncode == 66, done.stdout + done.stderr[-2000:]
+    assert "ERROR: AddressSanitizer: heap-buffer-overflow" in done.stderr
 
 
 if __name__ == "__main__":
