@@ -42,6 +42,10 @@ class Reporter:
                        "checked; training on with config.yaml as it is", err=True)
         if kind == "start" and info.get("stale") and info["epoch"] < info["epochs"]:
             click.echo(f"Warning: {info['stale']}", err=True)
+        if kind == "put_back":  # before the error that ended the run
+            self.close()
+            click.echo(f"put back the run this one was to replace in {info['folder']}, as it "
+                       "was (this run ended before its first checkpoint)", err=True)
         if self.quiet:
             return
         if kind == "start":

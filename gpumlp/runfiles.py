@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -41,6 +42,9 @@ RUN_OUTPUTS = ("checkpoint.npz", "model.npz", "summary.json")  # what training h
 # written into a run folder by `gpumlp report` (report.FIGURES, report.md) and `gpumlp export`
 DERIVED_FILES = ("report.md", "learning_curves.png", "confusion_matrix.png",
                  "first_layer_weights.png", "confident_mistakes.png", "model.onnx")
+# where `train --overwrite` puts the run it replaces until the new run's first checkpoint; a
+# new run that fails before then puts it back (RunFiles.put_back)
+REPLACED = ".gpumlp-replaced"
 
 
 def run_files_in(path: Path) -> list[str]:
@@ -69,6 +73,8 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
         if path.exists() and not path.is_dir():
             raise GpumlpError(f"--out {path}: exists and is not a folder; pick another path")
         existing = run_files_in(path)
+        if not existing and (path / REPLACED).is_dir():  # a replacing run killed at its start
+            existing = [f"{REPLACED}/"]
     except OSError as e:  # a name too long, a loop of links, ...
         raise GpumlpError(f"--out {path}: cannot use that path ({e.strerror or e}); pick "
                           "another path") from None
@@ -117,7 +123,7 @@ def runs_inside(path: Path, look_at: int = 1000) -> list[str]:
         with os.scandir(path) as entries:
             for _, entry in zip(range(look_at), entries):
                 sub = Path(entry.path)
-                if (entry.is_dir() and (sub / "config.yaml").is_file()
+                if (entry.is_dir() and entry.name != REPLACED and (sub / "config.yaml").is_file()
                         and any((sub / name).is_file() for name in RUN_OUTPUTS)):
                     names.append(entry.name)
     except OSError:  # not there yet, or not readable: check_out_dir says what is wrong
@@ -256,6 +262,7 @@ class RunFiles:
         self.folder = folder
         self.kept: str | None = None  # start's warning: report files of the user's it kept
         self.removed: list[str] = []  # start's note: the old run's report and export it removed
+        self.put_aside = False        # start moved an earlier run to REPLACED (put_back undoes)
         self.trained_config: dict | None = None  # dotted: the config of the checkpoint's steps
 
     def path(self, name: str) -> Path:
@@ -266,16 +273,24 @@ class RunFiles:
         finds them), its config, empty metrics, and no files of an earlier run.
 
         A report or an export (DERIVED_FILES) goes with the run it was made from; in a folder
-        that holds no such run, files of those names are someone else's and stay."""
+        that holds no such run, files of those names are someone else's and stay. An earlier
+        run's files are moved to REPLACED, and removed with it at this run's first checkpoint
+        (`drop_replaced`); until then `put_back` restores them. A REPLACED already there, with
+        no earlier run's outputs beside it, is from a replacing run killed before its first
+        checkpoint: it still holds the run to put back."""
         from .report import foreign_outputs
 
         self.folder.mkdir(parents=True, exist_ok=True)
+        aside = self.path(REPLACED)
         if had_outputs(self.folder):
             foreign = foreign_outputs(self.folder)
             self.removed = derived_outputs(self.folder, foreign)
-            for name in DERIVED_FILES:
-                if name not in foreign:
-                    self.path(name).unlink(missing_ok=True)
+            shutil.rmtree(aside, ignore_errors=True)  # older than the outputs here: stale
+            aside.mkdir()
+            for name in (*RUN_FILES, *self.removed):
+                if self.path(name).exists():
+                    os.replace(self.path(name), aside / name)
+            self.put_aside = True
             if foreign:
                 it = "them" if len(foreign) > 1 else "it"
                 self.kept = (f"kept {', '.join(foreign)} in {self.folder}: not written by gpumlp "
@@ -283,6 +298,8 @@ class RunFiles:
                              f"(it may describe that run); remove {it}, or make the report again "
                              f"when this run ends: gpumlp report {shell_path(self.folder)} "
                              "--overwrite")
+        else:
+            self.put_aside = aside.is_dir()
         for name in RUN_OUTPUTS:
             self.path(name).unlink(missing_ok=True)
         if init is not None:
@@ -313,6 +330,30 @@ class RunFiles:
         fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
         return GpumlpError(f"cannot write {path} ({e.strerror or e}); {kept}; {fix}, then: "
                            f"gpumlp train --resume {shell_path(self.folder)}")
+
+    def drop_replaced(self) -> None:
+        """Remove the run this one replaced (REPLACED): called once a checkpoint is written."""
+        if self.put_aside or self.path(REPLACED).is_dir():
+            shutil.rmtree(self.path(REPLACED), ignore_errors=True)
+            self.put_aside = False
+
+    def put_back(self) -> bool:
+        """After this run failed before its first checkpoint: remove its files and move the
+        run it was to replace back from REPLACED. Whether that run is back, whole."""
+        if not self.put_aside or self.path("checkpoint.npz").exists():
+            return False
+        aside = self.path(REPLACED)
+        try:
+            for name in RUN_FILES:                  # this run's config, metrics and init
+                self.path(name).unlink(missing_ok=True)
+            for name in os.listdir(aside):
+                if not self.path(name).exists():    # never over a file made there since
+                    os.replace(aside / name, self.path(name))
+            aside.rmdir()                           # fails if anything stayed behind
+        except OSError:
+            return False
+        self.put_aside = False
+        return True
 
     def discard_unstarted(self, remove_folder: bool) -> None:
         """Remove the files (and, with `remove_folder`, the folder) this run created, when no
@@ -469,6 +510,7 @@ class RunFiles:
         first = not path.exists()
         try:
             save_npz(path, arrays)
+            self.drop_replaced()
         except OSError as e:
             if first and self.folder.is_dir():  # nothing to resume: a new run's folder goes
                 fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"

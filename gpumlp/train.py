@@ -277,8 +277,14 @@ def train(config: Config, backend: Backend, mnist: Mnist, *, out_dir: str | Path
                         "get_backend('cpu'), say) and a gpumlp.mnist.Mnist (from load_mnist), "
                         f"not {type(backend).__name__} and {type(mnist).__name__}")
     on_event = on_event or (lambda kind, info: None)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # the guard reports them
-        return _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop)
+    files = RunFiles(Path(out_dir)) if out_dir is not None else None
+    try:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # the guard says
+            return _train(config, backend, mnist, files, init, resume, on_event, should_stop)
+    except BaseException:  # before its first checkpoint: the run it was to replace comes back
+        if files is not None and files.put_back():
+            on_event("put_back", {"folder": str(files.folder)})
+        raise
 
 
 def start_state(config: Config, backend: Backend, data: DeviceData, files: RunFiles | None,
@@ -304,10 +310,9 @@ def start_state(config: Config, backend: Backend, data: DeviceData, files: RunFi
     return state, [], False, init
 
 
-def _train(config, backend, mnist, out_dir, init, resume, on_event, should_stop) -> RunResult:
+def _train(config, backend, mnist, files, init, resume, on_event, should_stop) -> RunResult:
     data = prepare_data(mnist, config.data, backend)
     check_batch_size(config, len(data.train))
-    files = RunFiles(Path(out_dir)) if out_dir is not None else None
     state, history, restored, init = start_state(config, backend, data, files, init, resume)
     step_fn = make_step(config, backend)
     prepare_state(step_fn, state, data.train)

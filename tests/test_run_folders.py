@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from gpumlp.config import build_config
 from gpumlp.errors import GpumlpError
 from gpumlp.npzio import load_npz
 from gpumlp.report import FIGURES, PNG_MARK, PNG_SIGNATURE, REPORT_TITLE, sealed
-from gpumlp.runfiles import DERIVED_FILES, RunFiles, lock_run
+from gpumlp.runfiles import DERIVED_FILES, REPLACED, RunFiles, lock_run
 from gpumlp.train import train
 
 HUGE = "model.hidden=1000000000000"  # 5.6 PiB of weights: beyond any address space
@@ -119,19 +120,89 @@ def test_overwrite_says_which_report_and_export_files_it_removed(finished, tiny_
     assert quiet.exit_code == 0 and quiet.stderr == ""
 
 
-def test_overwrite_stopped_before_its_first_checkpoint_leaves_no_old_state_to_resume(
+def test_overwrite_stopped_before_its_first_checkpoint_puts_the_old_run_back(
         finished, tiny_data_dir, monkeypatch):
-    """Guards RunFiles.start: the old run's checkpoint, model and summary go as the new run
-    starts, so a new run stopped before its first checkpoint leaves neither the old run's
-    state for --resume to take under the new config.yaml, nor a 'finished' folder."""
+    """RunFiles.start moves the old run aside: a new run stopped before its first checkpoint
+    has nothing to resume, and the run it was to replace comes back whole, its own config.yaml
+    with it (so --resume never takes the old state under the new config), report included."""
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
 
+    before = digests(finished)
     monkeypatch.setattr(train_module, "train_epoch", stopped)
     result = cli(*train_args(finished, tiny_data_dir, "--overwrite", "--set", "train.seed=7"))
     assert result.exit_code == 130
-    assert not {"checkpoint.npz", "model.npz", "summary.json"} & {p.name for p in
-                                                                 finished.iterdir()}
+    assert digests(finished) == before and not (finished / REPLACED).exists()
+    assert result.stderr == (f"put back the run this one was to replace in {finished}, as it "
+                             "was (this run ended before its first checkpoint)\ninterrupted\n")
+
+
+def test_overwrite_that_fails_with_nan_in_epoch_1_puts_the_old_run_back(finished,
+                                                                        tiny_data_dir):
+    """--overwrite with a rate that blows up in the first epoch: the NaN error, and the old
+    run (its checkpoint, model, summary, metrics, config, report and export) as it was. It
+    was removed as the new run started."""
+    before = digests(finished)
+    result = cli(*train_args(finished, tiny_data_dir, "--overwrite", "--set",
+                             "train.batch_size=250", "--set", "optim.lr=1e30"))
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("put back the run this one was to replace") and len(lines) == 2
+    assert lines[1].startswith("Error: the evaluation loss became NaN or infinite")
+    assert digests(finished) == before and not (finished / REPLACED).exists()
+
+
+def test_overwrite_keeps_the_old_run_aside_until_the_first_checkpoint_then_removes_it(
+        finished, tiny_data_dir, monkeypatch):
+    """While the new run's first epoch runs, the old run's files are in REPLACED, not in the
+    folder (where --resume or a report would take them); its first checkpoint removes them."""
+    old = digests(finished)
+    seen = []
+    train_epoch = train_module.train_epoch
+
+    def looking(*args, **kwargs):
+        seen.append((digests(finished / REPLACED), sorted(p.name for p in finished.iterdir())))
+        return train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_epoch", looking)
+    assert cli(*train_args(finished, tiny_data_dir, "--overwrite")).exit_code == 0
+    aside, names = seen[0]
+    assert aside == {name: old[name] for name in aside}
+    assert set(aside) == set(old) - {"notes.txt"} and "checkpoint.npz" in aside
+    assert set(names) == {"config.yaml", "metrics.jsonl", "notes.txt", REPLACED}
+    assert not (finished / REPLACED).exists()
+    assert digests(finished)["checkpoint.npz"] != old["checkpoint.npz"]
+
+
+def test_a_replacing_run_killed_before_its_first_checkpoint_leaves_the_old_run_aside(
+        finished, tiny_data_dir, tmp_path):
+    """SIGKILL during an overwriting run's first epoch leaves its config.yaml and the old run
+    in REPLACED: a plain train there is refused (the old run is still a run), an overwriting
+    one that fails puts that old run back, one that succeeds removes it. A REPLACED alone
+    (killed between the moves and the new config.yaml) is a run too, not one 'inside'."""
+    before = digests(finished)
+    aside = finished / REPLACED
+    aside.mkdir()
+    for name in before:
+        if name != "notes.txt":
+            (finished / name).rename(aside / name)
+    (finished / "config.yaml").write_text((aside / "config.yaml").read_text())
+    (finished / "metrics.jsonl").write_text("")
+    refused = cli(*train_args(finished, tiny_data_dir))
+    assert_one_error_line(refused, 1, "already holds a run (config.yaml, metrics.jsonl)")
+    failed = cli(*train_args(finished, tiny_data_dir, "--overwrite", "--set",
+                             "train.batch_size=250", "--set", "optim.lr=1e30"))
+    assert failed.exit_code == 1 and "put back the run" in failed.stderr
+    assert digests(finished) == before and not aside.exists()
+    only_aside = tmp_path / "only"
+    (only_aside / REPLACED).mkdir(parents=True)
+    for name in before:
+        if name != "notes.txt":
+            shutil.copyfile(finished / name, only_aside / REPLACED / name)
+    assert_one_error_line(cli(*train_args(only_aside, tiny_data_dir)), 1,
+                          f"already holds a run ({REPLACED}/)")
+    assert cli(*train_args(only_aside, tiny_data_dir, "--overwrite")).exit_code == 0
+    assert not (only_aside / REPLACED).exists() and (only_aside / "model.npz").is_file()
 
 
 def test_overwrite_keeps_files_under_a_reports_names_that_are_not_a_report(finished,
