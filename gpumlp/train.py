@@ -269,7 +269,8 @@ def train(config: Config, backend: Backend, mnist: Mnist, *, out_dir: str | Path
           on_event: EventHandler | None = None,
           should_stop: Callable[[], bool] = lambda: False) -> RunResult:
     """Train `config` on `backend`; write the run directory when `out_dir` is given (the
-    caller owns that folder: nothing here refuses an earlier run in it, as the CLI does)."""
+    caller owns that folder: nothing here refuses an earlier run in it, as the CLI does; such
+    a run is put aside, and back if this one ends before its first checkpoint)."""
     if resume and out_dir is None:
         raise TypeError("train(resume=True) needs out_dir, the folder of the run to resume")
     if not isinstance(backend, Backend) or not isinstance(mnist, Mnist):
