@@ -332,10 +332,9 @@ class RunFiles:
                            f"gpumlp train --resume {shell_path(self.folder)}")
 
     def drop_replaced(self) -> None:
-        """Remove the run this one replaced (REPLACED): called once a checkpoint is written."""
-        if self.put_aside or self.path(REPLACED).is_dir():
-            shutil.rmtree(self.path(REPLACED), ignore_errors=True)
-            self.put_aside = False
+        """Remove the run this one replaced (REPLACED, if there): once a checkpoint is written."""
+        shutil.rmtree(self.path(REPLACED), ignore_errors=True)
+        self.put_aside = False
 
     def put_back(self) -> bool:
         """After this run failed before its first checkpoint: remove its files and move the
