@@ -19,8 +19,10 @@ import io
 import lzma
 import math
 import os
+import signal
 import struct
 import tempfile
+import threading
 import tokenize
 import zipfile
 import zlib
@@ -57,27 +59,56 @@ def atomic_write(path: str | os.PathLike, data: bytes, suffix: str = ".tmp") -> 
     atomic_write_all({Path(path): data}, suffix)
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM (those with a handler) while the block runs, and deliver the
+    first one that came when it ends: for steps that must not be cut in two. Outside the main
+    thread, where Python sets no handlers, signals are left as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    held = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) not in (signal.SIG_IGN, None):
+            held[signum] = signal.signal(signum, lambda n, frame: came.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        if came:
+            signal.raise_signal(came[0])   # now, to the handler it would have met
+
+
 def atomic_write_all(files: Mapping[Path, bytes], suffix: str = ".tmp") -> None:
     """Write each file as `atomic_write` does, all or none: every temporary file is written
-    and fsynced before the first rename, so a full disk changes none of the targets."""
+    and fsynced before the first rename, so a full disk changes none of the targets, and
+    Ctrl-C or SIGTERM during the renames takes effect after the last (`signals_held`)."""
     staged: list[tuple[str, Path]] = []
     try:
         for path, data in files.items():
             staged.append((stage(path, data, suffix), path))
-        while staged:
-            tmp, path = staged[0]
-            try:
-                os.replace(tmp, path)
-            except OSError as e:
-                raise OSError(e.errno, e.strerror, str(path)) from None
-            staged.pop(0)
+        with signals_held():
+            while staged:
+                tmp, path = staged[0]
+                try:
+                    os.replace(tmp, path)
+                except OSError as e:
+                    raise OSError(e.errno, e.strerror, str(path)) from None
+                staged.pop(0)
+            sync_folders({path.parent for path in files})  # makes the renames durable
     finally:
         for tmp, _ in staged:  # those not renamed: a failure before or during the renames
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
-    for folder in {path.parent for path in files}:  # make the renames themselves durable
+
+
+def sync_folders(folders: set[Path]) -> None:
+    """fsync each folder, where the system allows it."""
+    for folder in folders:
         try:
             dir_fd = os.open(folder, os.O_RDONLY)
             try:

@@ -354,6 +354,62 @@ def test_atomic_write_all_fsyncs_every_file_before_the_first_rename_and_the_fold
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
 
 
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_atomic_write_alls_renames_takes_effect_after_the_last(
+        tmp_path, monkeypatch, signame):
+    """A report's renames cut by Ctrl-C or SIGTERM left some new figures beside the old
+    report.md: the signal now waits for the last rename, then raises as it would have."""
+    import signal
+
+    signum = getattr(signal, signame)
+
+    class Stopped(BaseException):
+        pass
+
+    def stop(n, frame):
+        raise Stopped(n)
+
+    real_replace, renames = os.replace, []
+
+    def replace(src, dst):
+        renames.append(dst)
+        if len(renames) == 1:
+            signal.raise_signal(signum)          # the signal lands after the first rename
+        real_replace(src, dst)
+
+    previous = signal.signal(signum, stop)
+    try:
+        files = {tmp_path / name: b"old" for name in ("a.png", "b.png", "report.md")}
+        for path, data in files.items():
+            path.write_bytes(data)
+        monkeypatch.setattr(npzio.os, "replace", replace)
+        with pytest.raises(Stopped) as info:
+            npzio.atomic_write_all({path: b"new" for path in files})
+        assert info.value.args == (signum,) and len(renames) == 3
+        assert all(path.read_bytes() == b"new" for path in files)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "report.md"]
+        assert signal.getsignal(signum) is stop                  # its handler back in place
+    finally:
+        signal.signal(signum, previous)
+
+
+def test_signals_held_leaves_an_ignored_signal_ignored_and_a_quiet_block_alone(monkeypatch):
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with npzio.signals_held():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGTERM)                   # ignored: nothing happens
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    handler = signal.getsignal(signal.SIGINT)
+    with npzio.signals_held():
+        pass
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
 @pytest.mark.parametrize("char", ["a", "\u6587"])   # 1 byte, 3 bytes in UTF-8
 def test_atomic_write_takes_a_name_up_to_the_systems_limit(tmp_path, char):
     """Its temporary name adds 14 characters to the target's: one of 242 to 255 was refused.
