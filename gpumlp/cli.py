@@ -380,15 +380,15 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
             stop.restore(previous)
     except Interrupted:
         reporter.close()
-        click.echo(f"{stop.what()}; checkpoint saved. Resume with: gpumlp train --resume "
-                   f"{shell_path(out_dir)}", err=True)
+        tell(f"{stop.what()}; checkpoint saved. Resume with: gpumlp train --resume "
+             f"{shell_path(out_dir)}")
         raise SystemExit(stop.exit_code())
     except (Exception, KeyboardInterrupt) as e:  # a bug's too: leave no half-made run behind
         if early:
             with StopFlag.ignored():
                 RunFiles(out_dir).discard_unstarted(remove_folder=created)
         if isinstance(e, StoppedBeforeStart):  # Ctrl-C or SIGTERM during the set-up
-            click.echo(stop.what(), err=True)
+            tell(stop.what())
             raise SystemExit(stop.exit_code()) from None
         raise
     finally:

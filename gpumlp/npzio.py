@@ -75,8 +75,16 @@ def signals_held() -> Iterator[None]:
     try:
         yield
     finally:
+        stopped = None
         for signum, handler in held.items():
-            signal.signal(signum, handler)
+            while True:  # signal.signal first runs a pending signal's handler, which may raise
+                try:     # (a signal that came just after an earlier handler was put back):
+                    signal.signal(signum, handler)  # this one is still to be put back
+                    break
+                except BaseException as e:
+                    stopped = stopped or e
+        if stopped is not None:
+            raise stopped
         if came:
             signal.raise_signal(came[0])   # now, to the handler it would have met
 

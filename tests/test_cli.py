@@ -728,6 +728,23 @@ def test_an_interrupt_whose_stderr_reader_has_gone_still_exits_130():
     assert python_c(script).returncode == 130
 
 
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_stopped_trainings_exit_code_stands_when_stderrs_reader_has_gone(tmp_path, signame,
+                                                                          code):
+    """train's own stop line ('...; checkpoint saved. Resume with: ...') went through
+    click.echo: with stderr's reader gone, a SIGTERM'd `train --quiet` exited 1, not 143."""
+    script = ("import os, signal, gpumlp.cli as c, gpumlp.train as t\n"
+              "r, w = os.pipe(); os.close(r); os.dup2(w, 2)\n"
+              "c.load_mnist_for = lambda *args, **kwargs: None\n"
+              "def stopped(*args, should_stop, **kwargs):\n"
+              f"    signal.raise_signal(signal.{signame})\n"
+              "    assert should_stop()\n"
+              "    raise t.Interrupted('interrupted')\n"
+              "t.train = stopped\n"
+              f"c.main(['train', '--out', {str(tmp_path / 'run')!r}, '--quiet'])")
+    assert python_c(script).returncode == code
+
+
 def test_a_second_sigterm_in_the_first_ones_clean_up_is_no_traceback():
     """`timeout` signals the process and its group: two SIGTERMs at once; the second landed
     while the first's message was printed, and ended in a KeyboardInterrupt traceback."""

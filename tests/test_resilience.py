@@ -410,6 +410,36 @@ def test_signals_held_leaves_an_ignored_signal_ignored_and_a_quiet_block_alone(m
     assert signal.getsignal(signal.SIGINT) is handler
 
 
+def test_signals_held_puts_every_handler_back_when_a_restored_one_raises(tmp_path, monkeypatch):
+    """signal.signal runs a pending signal's handler before it changes one: a Ctrl-C landing
+    just after SIGINT's handler was put back raised in SIGTERM's restore, which left SIGTERM
+    on the block's collecting handler for good (every later SIGTERM swallowed)."""
+    import signal
+
+    real, fired = signal.signal, []
+
+    def term(n, frame):
+        pass
+
+    def restoring(signum, handler):
+        if signum == signal.SIGTERM and handler is term and not fired:
+            fired.append(signum)
+            signal.raise_signal(signal.SIGINT)   # run as signal.signal runs a pending one
+        return real(signum, handler)
+
+    previous = real(signal.SIGTERM, term)
+    try:
+        monkeypatch.setattr(signal, "signal", restoring)
+        with pytest.raises(KeyboardInterrupt):
+            npzio.atomic_write(tmp_path / "a", b"x")
+        monkeypatch.undo()
+        assert fired and signal.getsignal(signal.SIGTERM) is term
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert (tmp_path / "a").read_bytes() == b"x"
+    finally:
+        real(signal.SIGTERM, previous)
+
+
 @pytest.mark.parametrize("char", ["a", "\u6587"])   # 1 byte, 3 bytes in UTF-8
 def test_atomic_write_takes_a_name_up_to_the_systems_limit(tmp_path, char):
     """Its temporary name adds 14 characters to the target's: one of 242 to 255 was refused.
