@@ -94,12 +94,17 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
     if existing and writing_now(path):  # neither --overwrite nor --resume can have it now
         raise run_locked("--out", path)
     if existing and not overwrite:
-        resume = "" if "summary.json" in existing else ", resume it with --resume"  # finished?
+        resumable = "config.yaml" in existing and "summary.json" not in existing  # unfinished
+        resume = ", resume it with --resume" if resumable else ""
         derived = derived_outputs(path)
         also = f"; and {', '.join(derived)}, made from it" if derived else ""
         goes = ", which goes with it" if derived else ""
+        aside = (f"; {path / REPLACED} holds the run an --overwrite killed before its first "
+                 "checkpoint was replacing: move its files back into the folder to keep it"
+                 if (path / REPLACED).is_dir() else "")
         raise GpumlpError(f"--out {path}: already holds a run ({', '.join(existing)}{also}); "
-                          f"pick another folder{resume}, or pass --overwrite to replace it{goes}")
+                          f"pick another folder{resume}, or pass --overwrite to replace it"
+                          f"{goes}{aside}")
     made = False
     try:
         try:
@@ -285,8 +290,11 @@ class RunFiles:
         if had_outputs(self.folder):
             foreign = foreign_outputs(self.folder)
             self.removed = derived_outputs(self.folder, foreign)
-            shutil.rmtree(aside, ignore_errors=True)  # older than the outputs here: stale
-            aside.mkdir()
+            # config.yaml moves first: aside with it, and none here, is a start killed during
+            # its moves, to finish; else aside is older than the outputs here: stale
+            if not ((aside / "config.yaml").exists() and not self.path("config.yaml").exists()):
+                shutil.rmtree(aside, ignore_errors=True)
+            aside.mkdir(exist_ok=True)
             for name in (*RUN_FILES, *self.removed):
                 if self.path(name).exists():
                     os.replace(self.path(name), aside / name)
@@ -508,7 +516,13 @@ class RunFiles:
         path = self.path("checkpoint.npz")
         first = not path.exists()
         try:
-            save_npz(path, arrays)
+            try:
+                save_npz(path, arrays)
+            except OSError as e:  # the replaced run's room first: --overwrite never needs
+                if not (self.put_aside and e.errno in (errno.ENOSPC, errno.EDQUOT)):  # both
+                    raise
+                self.drop_replaced()
+                save_npz(path, arrays)
             self.drop_replaced()
         except OSError as e:
             if first and self.folder.is_dir():  # nothing to resume: a new run's folder goes

@@ -4,6 +4,7 @@ state, --resume refuses what it cannot continue, default names never collide, an
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -123,7 +124,8 @@ def test_overwrite_says_which_report_and_export_files_it_removed(finished, tiny_
 def test_overwrite_stopped_before_its_first_checkpoint_puts_the_old_run_back(
         finished, tiny_data_dir, monkeypatch):
     """RunFiles.start moves the old run aside: a new run stopped before its first checkpoint
-    has nothing to resume, and the run it was to replace comes back whole, its own config.yaml
+    (a KeyboardInterrupt outside the stop flag's reach, which saves a checkpoint first; a
+    bug's exception alike) has nothing to resume, and the run it was to replace comes back whole, its own config.yaml
     with it (so --resume never takes the old state under the new config), report included."""
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
@@ -190,6 +192,9 @@ def test_a_replacing_run_killed_before_its_first_checkpoint_leaves_the_old_run_a
     (finished / "metrics.jsonl").write_text("")
     refused = cli(*train_args(finished, tiny_data_dir))
     assert_one_error_line(refused, 1, "already holds a run (config.yaml, metrics.jsonl)")
+    assert refused.stderr.rstrip().endswith(
+        f"; {aside} holds the run an --overwrite killed before its first checkpoint was "
+        "replacing: move its files back into the folder to keep it")
     failed = cli(*train_args(finished, tiny_data_dir, "--overwrite", "--set",
                              "train.batch_size=250", "--set", "optim.lr=1e30"))
     assert failed.exit_code == 1 and "put back the run" in failed.stderr
@@ -199,10 +204,64 @@ def test_a_replacing_run_killed_before_its_first_checkpoint_leaves_the_old_run_a
     for name in before:
         if name != "notes.txt":
             shutil.copyfile(finished / name, only_aside / REPLACED / name)
-    assert_one_error_line(cli(*train_args(only_aside, tiny_data_dir)), 1,
-                          f"already holds a run ({REPLACED}/)")
+    refused = cli(*train_args(only_aside, tiny_data_dir))
+    assert_one_error_line(refused, 1, f"already holds a run ({REPLACED}/)")
+    assert "--resume" not in refused.stderr                # no config.yaml: nothing to resume
     assert cli(*train_args(only_aside, tiny_data_dir, "--overwrite")).exit_code == 0
     assert not (only_aside / REPLACED).exists() and (only_aside / "model.npz").is_file()
+
+
+def test_a_replacing_run_killed_during_its_moves_is_finished_not_lost(finished,
+                                                                      tiny_data_dir):
+    """SIGKILL while RunFiles.start moved the old run aside (config.yaml and metrics.jsonl
+    moved, the checkpoint, model and the rest not yet): the next --overwrite finishes the
+    moves rather than removing what was moved, so a failing run still puts all of it back."""
+    before = digests(finished)
+    aside = finished / REPLACED
+    aside.mkdir()
+    for name in ("config.yaml", "metrics.jsonl"):
+        (finished / name).rename(aside / name)
+    failed = cli(*train_args(finished, tiny_data_dir, "--overwrite", "--set",
+                             "train.batch_size=250", "--set", "optim.lr=1e30"))
+    assert failed.exit_code == 1 and "put back the run" in failed.stderr
+    assert digests(finished) == before and not aside.exists()
+
+
+def test_a_full_disk_at_the_first_checkpoint_takes_the_replaced_runs_room(
+        finished, tiny_data_dir, monkeypatch):
+    """The old run stays on disk until the new run's first checkpoint: on a disk too full for
+    both, that checkpoint failed where --overwrite had succeeded before. Its room is given
+    up first, and the checkpoint written."""
+    from gpumlp import runfiles
+
+    real_save, failures = runfiles.save_npz, []
+
+    def full_while_aside(path, arrays):
+        if (finished / REPLACED).exists():
+            failures.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(path, arrays)
+
+    monkeypatch.setattr(runfiles, "save_npz", full_while_aside)
+    result = cli(*train_args(finished, tiny_data_dir, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert len(failures) == 1 and not (finished / REPLACED).exists()
+    assert (finished / "model.npz").is_file() and (finished / "checkpoint.npz").is_file()
+
+
+def test_a_stop_in_the_first_epoch_of_a_replacing_run_keeps_the_new_run(
+        finished, tiny_data_dir, monkeypatch):
+    """Ctrl-C or SIGTERM during training saves a checkpoint (the run can be resumed): from
+    then on the folder's run is the new one, and the run it replaced is gone, as after any
+    checkpoint (decisions.md)."""
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=2))
+    result = cli(*train_args(finished, tiny_data_dir, "--overwrite", "--set",
+                             "train.batch_size=25"))
+    assert result.exit_code == 143
+    assert "checkpoint saved. Resume with" in result.stderr
+    assert "put back" not in result.stderr and not (finished / REPLACED).exists()
+    assert (finished / "checkpoint.npz").is_file() and not (finished / "model.npz").exists()
 
 
 def test_overwrite_keeps_files_under_a_reports_names_that_are_not_a_report(finished,
