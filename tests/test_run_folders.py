@@ -125,8 +125,9 @@ def test_overwrite_stopped_before_its_first_checkpoint_puts_the_old_run_back(
         finished, tiny_data_dir, monkeypatch):
     """RunFiles.start moves the old run aside: a new run stopped before its first checkpoint
     (a KeyboardInterrupt outside the stop flag's reach, which saves a checkpoint first; a
-    bug's exception alike) has nothing to resume, and the run it was to replace comes back whole, its own config.yaml
-    with it (so --resume never takes the old state under the new config), report included."""
+    bug's exception alike) has nothing to resume, and the run it was to replace comes back
+    whole, its own config.yaml with it (so --resume never takes the old state under the new
+    config), report included."""
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
 
