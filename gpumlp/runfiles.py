@@ -94,7 +94,10 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
     if existing and writing_now(path):  # neither --overwrite nor --resume can have it now
         raise run_locked("--out", path)
     if existing and not overwrite:
-        resumable = "config.yaml" in existing and "summary.json" not in existing  # unfinished
+        # what --resume goes on with (RunFiles.check_resumable): an unfinished run's config.yaml
+        # and its checkpoint, or no outputs yet (a run killed before its first checkpoint)
+        resumable = ("config.yaml" in existing and "summary.json" not in existing
+                     and ("checkpoint.npz" in existing or "model.npz" not in existing))
         resume = ", resume it with --resume" if resumable else ""
         derived = derived_outputs(path)
         also = f"; and {', '.join(derived)}, made from it" if derived else ""

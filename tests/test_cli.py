@@ -154,9 +154,16 @@ def test_out_holding_a_run_is_refused_without_overwrite(tiny_data_dir, tmp_path)
     assert_one_error_line(cli(*args), 1, f"--out {out}: already holds a run (model.npz, "
                           "summary.json); pick another folder, or pass --overwrite to replace it")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old
-    (out / "summary.json").unlink()            # not finished: resuming it is a way on
+    (out / "summary.json").unlink()            # no config.yaml: nothing --resume could take
+    assert_one_error_line(cli(*args), 1, "already holds a run (model.npz); pick another folder, "
+                          "or pass --overwrite to replace it")
+    (out / "config.yaml").write_text("{}\n")
+    (out / "checkpoint.npz").write_bytes(b"a checkpoint")   # not finished: resuming is a way on
     assert_one_error_line(cli(*args), 1, "pick another folder, resume it with --resume, or pass "
                           "--overwrite to replace it")
+    (out / "checkpoint.npz").unlink()          # a model but no checkpoint: --resume refuses it
+    assert "--resume" not in cli(*args).stderr
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
 
     assert cli(*args, "--overwrite").exit_code == 0
     assert (out / "model.npz").read_bytes() != old["model.npz"]

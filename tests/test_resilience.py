@@ -428,6 +428,7 @@ def test_signals_held_puts_every_handler_back_when_a_restored_one_raises(tmp_pat
         return real(signum, handler)
 
     previous = real(signal.SIGTERM, term)
+    previous_int = real(signal.SIGINT, signal.default_int_handler)  # whatever pytest runs under
     try:
         monkeypatch.setattr(signal, "signal", restoring)
         with pytest.raises(KeyboardInterrupt):
@@ -438,6 +439,7 @@ def test_signals_held_puts_every_handler_back_when_a_restored_one_raises(tmp_pat
         assert (tmp_path / "a").read_bytes() == b"x"
     finally:
         real(signal.SIGTERM, previous)
+        real(signal.SIGINT, previous_int)
 
 
 @pytest.mark.parametrize("char", ["a", "\u6587"])   # 1 byte, 3 bytes in UTF-8
