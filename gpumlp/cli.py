@@ -111,8 +111,8 @@ def output_failed(e: OSError) -> NoReturn:
     quiet_stdout()    # so that the flush at exit does not fail a second time
     if not isinstance(e, BrokenPipeError):  # `| head` stopped reading: nothing to say
         what = e.strerror or e
-        click.echo(f"Error: {e.filename}: {what}" if e.filename else
-                   f"Error: cannot write the output ({what}); check where it goes", err=True)
+        tell(f"Error: {e.filename}: {what}" if e.filename else
+             f"Error: cannot write the output ({what}); check where it goes")
     sys.exit(1)
 
 

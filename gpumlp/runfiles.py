@@ -45,6 +45,7 @@ DERIVED_FILES = ("report.md", "learning_curves.png", "confusion_matrix.png",
 # where `train --overwrite` puts the run it replaces until the new run's first checkpoint; a
 # new run that fails before then puts it back (RunFiles.put_back)
 REPLACED = ".gpumlp-replaced"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the errnos of a disk (or quota) with no room left
 
 
 def run_files_in(path: Path) -> list[str]:
@@ -73,7 +74,8 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
         if path.exists() and not path.is_dir():
             raise GpumlpError(f"--out {path}: exists and is not a folder; pick another path")
         existing = run_files_in(path)
-        if not existing and (path / REPLACED).is_dir():  # a replacing run killed at its start
+        replaced = (path / REPLACED).is_dir()  # the run a killed --overwrite was replacing
+        if not existing and replaced:          # killed at its start: that run is the one here
             existing = [f"{REPLACED}/"]
     except OSError as e:  # a name too long, a loop of links, ...
         raise GpumlpError(f"--out {path}: cannot use that path ({e.strerror or e}); pick "
@@ -104,7 +106,7 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
         goes = ", which goes with it" if derived else ""
         aside = (f"; {path / REPLACED} holds the run an --overwrite killed before its first "
                  "checkpoint was replacing: move its files back into the folder to keep it"
-                 if (path / REPLACED).is_dir() else "")
+                 if replaced else "")
         raise GpumlpError(f"--out {path}: already holds a run ({', '.join(existing)}{also}); "
                           f"pick another folder{resume}, or pass --overwrite to replace it"
                           f"{goes}{aside}")
@@ -338,7 +340,7 @@ class RunFiles:
             return GpumlpError(f"cannot write {path}: the run folder is gone (moved or removed "
                                f"while training); {kept} wherever the folder went: resume it "
                                "there with gpumlp train --resume FOLDER")
-        fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+        fix = "free some space" if e.errno in DISK_FULL else "fix that"
         return GpumlpError(f"cannot write {path} ({e.strerror or e}); {kept}; {fix}, then: "
                            f"gpumlp train --resume {shell_path(self.folder)}")
 
@@ -522,14 +524,14 @@ class RunFiles:
             try:
                 save_npz(path, arrays)
             except OSError as e:  # the replaced run's room first: --overwrite never needs
-                if not (self.put_aside and e.errno in (errno.ENOSPC, errno.EDQUOT)):  # both
+                if not (self.put_aside and e.errno in DISK_FULL):  # both
                     raise
                 self.drop_replaced()
                 save_npz(path, arrays)
             self.drop_replaced()
         except OSError as e:
             if first and self.folder.is_dir():  # nothing to resume: a new run's folder goes
-                fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "fix that"
+                fix = "free some space" if e.errno in DISK_FULL else "fix that"
                 raise GpumlpError(f"cannot write {path} ({e.strerror or e}); no checkpoint was "
                                   f"written yet; {fix}, then run the same command again"
                                   ) from None
