@@ -29,6 +29,7 @@ from .cli_common import (data_dir_option, device_option, domain_errors, interrup
                          load_mnist_for, model_argument, tell, test_data_dir_option)
 from .errors import (CheckpointError, ConfigError, GpumlpError, json_text, shell_path,
                      signal_error, without_interrupt_reports)
+from .signals import replace_handlers, restore_handlers
 
 
 class OneLineGroup(click.Group):
@@ -148,7 +149,7 @@ def catch_signals() -> Callable[[], None]:
             RAISED_AT.append(now)
             raise signal_error(signum)
 
-    previous = StopFlag.replace_handlers(on_signal)  # {} outside the main thread
+    previous = replace_handlers(on_signal)  # {} outside the main thread
     if not previous:
         return lambda: None
     SIGNALLED.clear()
@@ -157,7 +158,7 @@ def catch_signals() -> Callable[[], None]:
     sys.unraisablehook = without_interrupt_reports(hook)
 
     def restore() -> None:
-        StopFlag.restore(previous)
+        restore_handlers(previous)
         sys.unraisablehook = hook
         SIGNALLED.clear()
     return restore
@@ -199,8 +200,6 @@ class StopFlag:
     """Set by the first Ctrl-C (SIGINT) or SIGTERM (`docker stop`); training checks it between
     steps and saves a checkpoint."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
     def __init__(self):
         self.signum: int | None = None   # the first signal caught
 
@@ -208,40 +207,24 @@ class StopFlag:
         return self.signum is not None
 
     def install(self) -> dict:
-        """Catch SIGINT and SIGTERM; returns the previous handlers, for `restore` (none outside
-        the main thread, where Python cannot set handlers: there signals keep their handlers)."""
+        """Catch SIGINT and SIGTERM; returns the previous handlers, for `restore_handlers` ({}
+        outside the main thread, where Python cannot set handlers: there signals keep theirs)."""
         def handler(signum, frame):
             self.signum = self.signum or signum
         if SIGNALLED:  # a signal before now whose exception Python swallowed: stop at once
             self.signum = self.signum or SIGNALLED[0]
-        return self.replace_handlers(handler)
-
-    @classmethod
-    def replace_handlers(cls, handler) -> dict:
-        """Set `handler` for SIGINT and SIGTERM; the previous handlers ({} outside the main
-        thread, where Python cannot set them)."""
-        try:  # a signal ignored by whoever started us stays ignored
-            return {s: signal.signal(s, handler) for s in cls.SIGNALS
-                    if signal.getsignal(s) not in (signal.SIG_IGN, None)}
-        except ValueError:
-            return {}
-
-    @staticmethod
-    def restore(previous: dict) -> None:
-        for signum, handler in previous.items():
-            if handler is not None:  # None: a handler not set from Python, which cannot be put back
-                signal.signal(signum, handler)
+        return replace_handlers(handler)
 
     @classmethod
     @contextlib.contextmanager
     def ignored(cls):
         """SIGINT and SIGTERM ignored inside, so that clean-up is not cut short by a second
         one (`timeout` signals the process and its group: two SIGTERMs)."""
-        previous = cls.replace_handlers(signal.SIG_IGN)
+        previous = replace_handlers(signal.SIG_IGN)
         try:
             yield
         finally:
-            cls.restore(previous)
+            restore_handlers(previous)
 
     def exit_code(self) -> int:
         """128 + the signal's number, as a shell reports a process the signal ended."""
@@ -377,7 +360,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
             result = run_training(config, backend, mnist, out_dir=out_dir, init=init,
                                   resume=bool(resume_dir), on_event=reporter, should_stop=stop)
         finally:
-            stop.restore(previous)
+            restore_handlers(previous)
     except Interrupted:
         reporter.close()
         tell(f"{stop.what()}; checkpoint saved. Resume with: gpumlp train --resume "

@@ -12,6 +12,7 @@ import signal
 import sys
 
 from .errors import interrupted_how, signal_error, without_interrupt_reports  # stdlib only
+from .signals import STOP_SIGNALS, replace_handlers, restore_handlers  # stdlib only
 
 NOTED: list[int] = []  # the signals seen while the CLI loads
 
@@ -24,7 +25,7 @@ def on_signal(signum, frame) -> None:
 def stop(error: BaseException | None = None) -> None:
     """Say how the command was stopped (by `error`, else by the last signal noted) and exit
     with 128 + the signal's number."""
-    for signum in (signal.SIGINT, signal.SIGTERM):  # a second one cannot cut this short
+    for signum in STOP_SIGNALS:  # a second one cannot cut this short
         signal.signal(signum, signal.SIG_IGN)
     said, code = interrupted_how(error if error is not None else signal_error(NOTED[-1]))
     sys.stderr.write(f"{said}\n")
@@ -33,10 +34,7 @@ def stop(error: BaseException | None = None) -> None:
 
 def main() -> None:
     NOTED.clear()
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    for signum, handler in previous.items():
-        if handler not in (signal.SIG_IGN, None):  # one ignored by the parent stays ignored
-            signal.signal(signum, on_signal)
+    previous = replace_handlers(on_signal)  # one ignored by the parent stays ignored
     hook = sys.unraisablehook  # a signal's exception swallowed in a callback: NOTED says it
     try:
         sys.unraisablehook = without_interrupt_reports(hook)
@@ -53,6 +51,4 @@ def main() -> None:
         except KeyboardInterrupt as e:
             stop(e)
     finally:  # for a caller in the same process (the tests); a script exits next
-        for signum, handler in previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
+        restore_handlers(previous)

@@ -22,7 +22,6 @@ import os
 import signal
 import struct
 import tempfile
-import threading
 import tokenize
 import zipfile
 import zlib
@@ -33,6 +32,7 @@ from typing import BinaryIO, NamedTuple, NoReturn
 import numpy as np
 
 from .errors import CheckpointError, GpumlpError, shown
+from .signals import replace_handlers, restore_handlers
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 MAGIC_LEN = 8                 # b"\x93NUMPY" and two version bytes
@@ -64,27 +64,12 @@ def signals_held() -> Iterator[None]:
     """Hold SIGINT and SIGTERM (those with a handler) while the block runs, and deliver the
     first one that came when it ends: for steps that must not be cut in two. Outside the main
     thread, where Python sets no handlers, signals are left as they are."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     came: list[int] = []
-    held = {}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) not in (signal.SIG_IGN, None):
-            held[signum] = signal.signal(signum, lambda n, frame: came.append(n))
+    held = replace_handlers(lambda signum, frame: came.append(signum))
     try:
         yield
     finally:
-        stopped = None
-        for signum, handler in held.items():
-            while True:  # signal.signal first runs a pending signal's handler, which may raise
-                try:     # (a signal that came just after an earlier handler was put back):
-                    signal.signal(signum, handler)  # this one is still to be put back
-                    break
-                except BaseException as e:
-                    stopped = stopped or e
-        if stopped is not None:
-            raise stopped
+        restore_handlers(held)
         if came:
             signal.raise_signal(came[0])   # now, to the handler it would have met
 

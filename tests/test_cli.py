@@ -659,13 +659,13 @@ def test_of_two_signals_swallowed_before_training_the_first_says_how_it_ends(
 
 
 def test_a_signal_ignored_by_whoever_started_gpumlp_stays_ignored_in_training():
-    from gpumlp.cli import StopFlag
+    from gpumlp.cli import StopFlag, restore_handlers
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         previous = StopFlag().install()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         assert signal.SIGINT not in previous and signal.SIGTERM in previous
-        StopFlag.restore(previous)
+        restore_handlers(previous)
     finally:
         signal.signal(signal.SIGINT, before)
 
@@ -683,7 +683,7 @@ def test_a_commands_swallowed_signal_is_not_left_for_a_later_stop_flag():
               "except SystemExit as e:\n"
               "    print('exit', e.code)\n"
               "flag = c.StopFlag()\n"
-              "c.StopFlag.restore(flag.install())\n"
+              "c.restore_handlers(flag.install())\n"
               "print('stopped', flag())\n")
     done = python_c(script)
     assert done.stdout.splitlines()[-2:] == ["exit 130", "stopped False"], done.stderr
