@@ -105,7 +105,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
                 for number, line in enumerate(lines, start=1) if line.strip()]
     if not numbered:
         how = (f"resume it for one: gpumlp train --resume {shell_path(run_dir)}"
-               if (run_dir / "checkpoint.npz").is_file() else "train at least one epoch first")
+               if resumable(run_dir) else "train at least one epoch first")
         raise ReportError(f"{path}: no epoch finished yet; {how}")
     first, first_row = numbered[0]
     for epoch, (number, row) in enumerate(numbered, start=1):
@@ -378,6 +378,25 @@ def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutp
     return "\n".join(lines)
 
 
+def resumable(run_dir: Path) -> bool:
+    """Whether `gpumlp train --resume` can go on with the run: it needs its checkpoint.npz and
+    its config.yaml (RunFiles.check_resumable), so a report never offers a resume that fails."""
+    return all((run_dir / name).is_file() for name in ("checkpoint.npz", "config.yaml"))
+
+
+def finish_hint(run_dir: Path) -> str:
+    """How to get the model.npz of a run that lacks it: resume it, or, without what a resume
+    needs, train it again (from its config.yaml when it has one)."""
+    if resumable(run_dir):
+        return f"finish the run first (gpumlp train --resume {shell_path(run_dir)})"
+    lacks = " and ".join(name for name in ("checkpoint.npz", "config.yaml")
+                         if not (run_dir / name).is_file())
+    config = run_dir / "config.yaml"
+    given = f"--config {shell_path(config)} " if config.is_file() else "--config FILE "
+    return (f"it has no {lacks} to resume it from, so train it again: gpumlp train {given}"
+            f"--out {shell_path(run_dir)} --overwrite")
+
+
 def check_run(run_dir: Path, overwrite: bool = False) -> list[dict]:
     """The metrics of a run that has finished an epoch and has its model.npz, once the report's
     file names are known to be free or the report's own (or `overwrite` says to replace them)."""
@@ -390,8 +409,7 @@ def check_run(run_dir: Path, overwrite: bool = False) -> list[dict]:
                           "when it ends")
     rows = read_metrics(run_dir)
     if not (run_dir / "model.npz").is_file():
-        raise ReportError(f"{run_dir}: no model.npz; finish the run first "
-                          f"(gpumlp train --resume {shell_path(run_dir)})")
+        raise ReportError(f"{run_dir}: no model.npz; {finish_hint(run_dir)}")
     why = write_problem(run_dir)
     if why is not None:
         raise ReportError(f"{run_dir}: cannot write the report there ({why}); make the folder "

@@ -197,10 +197,33 @@ def test_a_folder_without_a_run_or_a_model_gets_one_error_line(tmp_path, run_dir
     result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
     assert result.exit_code == 1 and result.stderr.endswith(
         "no epoch finished yet; train at least one epoch first\n")
-    (tmp_path / "checkpoint.npz").write_bytes((run_dir / "checkpoint.npz").read_bytes())
+    for name in ("checkpoint.npz", "config.yaml"):
+        (tmp_path / name).write_bytes((run_dir / name).read_bytes())
     result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
     assert result.exit_code == 1 and result.stderr.endswith(      # stopped in its first epoch
         f"no epoch finished yet; resume it for one: gpumlp train --resume {tmp_path}\n")
+
+
+def test_a_run_without_a_model_is_told_to_resume_only_when_a_resume_can_go_on(
+        tmp_path, run_dir, tiny_data_dir):
+    """--resume needs checkpoint.npz and config.yaml: without either, the run is trained again
+    (from its config.yaml when it has one), as a resume would only fail."""
+    def said() -> str:
+        result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
+        assert result.exit_code == 1 and result.stderr.count("\n") == 1
+        return result.stderr
+    (tmp_path / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+    (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    assert said().endswith(f"no model.npz; it has no checkpoint.npz to resume it from, so train "
+                           f"it again: gpumlp train --config {tmp_path}/config.yaml --out "
+                           f"{tmp_path} --overwrite\n")
+    (tmp_path / "checkpoint.npz").write_bytes((run_dir / "checkpoint.npz").read_bytes())
+    (tmp_path / "config.yaml").unlink()
+    assert said().endswith(f"no model.npz; it has no config.yaml to resume it from, so train it "
+                           f"again: gpumlp train --config FILE --out {tmp_path} --overwrite\n")
+    (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    assert said().endswith(f"no model.npz; finish the run first (gpumlp train --resume "
+                           f"{tmp_path})\n")
 
 
 def test_a_model_file_given_for_the_run_folder_is_told_to_give_the_folder(run_dir, tiny_data_dir):
@@ -215,7 +238,8 @@ def test_the_resume_command_for_an_unfinished_run_pastes(tmp_path, run_dir, tiny
     """A folder named '-r un' is one word, and not an option: './-r un', quoted."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "-r un").mkdir()
-    (tmp_path / "-r un" / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+    for name in ("metrics.jsonl", "config.yaml", "checkpoint.npz"):
+        (tmp_path / "-r un" / name).write_bytes((run_dir / name).read_bytes())
     result = invoke(report, "--data-dir", tiny_data_dir, "--device", "cpu", "--", "-r un")
     assert result.exit_code == 1
     assert result.stderr.strip().endswith("finish the run first (gpumlp train --resume './-r un')")
