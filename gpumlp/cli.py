@@ -297,7 +297,7 @@ def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
               help="Override a config key, value parsed as YAML; repeatable (--set optim.lr=0.05). "
                    "With --resume: the keys that keep it the same run (optim.lr, train.epochs, "
                    "...).")
-@click.option("--init", "init_path", type=click.Path(dir_okay=False),
+@click.option("--init", "init_path", type=click.Path(dir_okay=False, readable=False),
               help="Start from the weights W1, b1, ... of this .npz.")
 @click.option("--seed", type=int, help="Shortcut for --set train.seed=N.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),

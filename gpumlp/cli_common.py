@@ -108,7 +108,7 @@ class ModelPath(click.Path):
     """A model.npz argument: a run's folder given instead says which file to give."""
 
     def __init__(self):
-        super().__init__(dir_okay=False)
+        super().__init__(dir_okay=False, readable=False)  # the loader says why, exit 1
 
     def convert(self, value, param, ctx):
         if str(value) == "":  # "" would be read as the current folder

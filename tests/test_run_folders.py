@@ -1099,6 +1099,35 @@ def test_a_checkpoint_or_model_the_system_will_not_open_is_not_called_damaged(
     assert {p.name: p.read_bytes() for p in stopped.iterdir()} == before
 
 
+@pytest.mark.parametrize("command", ["evaluate", "export", "predict", "init"])
+def test_a_model_the_system_will_not_open_is_a_file_error_for_every_command(
+        stopped, tiny_data_dir, tmp_path, monkeypatch, command):
+    """An unreadable model.npz (or --init) is exit 1 with report's line, as a missing one is,
+    not click's exit 2 of a mistyped option: the file, not the command line, is what is wrong."""
+    assert cli("train", "--resume", stopped, "--data-dir", tiny_data_dir).exit_code == 0
+    locked = stopped / "model.npz"
+    real_open, real_access = open, os.access
+
+    def refusing_open(path, *args, **kwargs):              # what chmod 000 does to a non-root
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(npzio, "open", refusing_open, raising=False)
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: Path(path) != locked
+                        and real_access(path, mode, *a, **k))
+    image = tmp_path / "digit.npy"
+    np.save(image, np.pad(np.full((10, 4), 255, np.uint8), 9))
+    args = {"evaluate": ["evaluate", locked, "--data-dir", tiny_data_dir],
+            "export": ["export", locked, "--out", tmp_path / "m.onnx"],
+            "predict": ["predict", locked, image],
+            "init": train_args(tmp_path / "new", tiny_data_dir, "--init", locked)}[command]
+    result = cli(*args, "--device", "cpu") if command != "export" else cli(*args)
+    assert_one_error_line(result, 1, f"{locked}: cannot be read (Permission denied); make it "
+                          "readable and try again (the file itself may be intact)")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "m.onnx").exists()
+
+
 def edit_config(out: Path, section: str, key: str, value) -> None:
     config = yaml.safe_load((out / "config.yaml").read_text())
     config[section][key] = value
