@@ -35,6 +35,7 @@ from .mnist import Split
 from .model import params_on
 from .npzio import atomic_write, atomic_write_all
 from .predict import probabilities
+from .runfiles import resumable
 
 FIGURES = {
     "learning_curves": "learning_curves.png",
@@ -378,23 +379,17 @@ def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutp
     return "\n".join(lines)
 
 
-def resumable(run_dir: Path) -> bool:
-    """Whether `gpumlp train --resume` can go on with the run: it needs its checkpoint.npz and
-    its config.yaml (RunFiles.check_resumable), so a report never offers a resume that fails."""
-    return all((run_dir / name).is_file() for name in ("checkpoint.npz", "config.yaml"))
-
-
 def finish_hint(run_dir: Path) -> str:
-    """How to get the model.npz of a run that lacks it: resume it, or, without what a resume
-    needs, train it again (from its config.yaml when it has one)."""
+    """How to get the model.npz of a run that lacks it: resume it where `gpumlp train
+    --resume` can go on with it, else train it again (from its config.yaml when it has one)."""
     if resumable(run_dir):
         return f"finish the run first (gpumlp train --resume {shell_path(run_dir)})"
-    lacks = " and ".join(name for name in ("checkpoint.npz", "config.yaml")
-                         if not (run_dir / name).is_file())
+    lacks = [name for name in ("config.yaml", "checkpoint.npz") if not (run_dir / name).is_file()]
+    why = f"it has no {' or '.join(lacks)} to resume from" if lacks else "it has finished"
     config = run_dir / "config.yaml"
     given = f"--config {shell_path(config)} " if config.is_file() else "--config FILE "
-    return (f"it has no {lacks} to resume it from, so train it again: gpumlp train {given}"
-            f"--out {shell_path(run_dir)} --overwrite")
+    return (f"{why}, so train it again: gpumlp train {given}--out {shell_path(run_dir)} "
+            "--overwrite")
 
 
 def check_run(run_dir: Path, overwrite: bool = False) -> list[dict]:

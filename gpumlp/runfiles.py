@@ -53,6 +53,20 @@ def run_files_in(path: Path) -> list[str]:
     return [name for name in RUN_FILES if (path / name).exists()]
 
 
+def resumable(path: Path) -> bool:
+    """Whether `gpumlp train --resume` goes on with the run in `path` (what
+    RunFiles.check_resumable lets through, its config's content aside): its config.yaml and
+    its checkpoint (a finished run's too: its resume writes its results again, or trains on
+    with more epochs), or nothing trained yet (a run killed before its first checkpoint, which
+    a resume starts over)."""
+    def has(name: str) -> bool:
+        return (path / name).is_file()
+    metrics = path / "metrics.jsonl"
+    trained = (has("model.npz") or has("summary.json")
+               or (metrics.is_file() and metrics.stat().st_size > 0))
+    return has("config.yaml") and (has("checkpoint.npz") or not trained)
+
+
 def had_outputs(path: Path) -> bool:
     """Whether `path` holds an earlier run's checkpoint, model or summary (RUN_OUTPUTS): then its
     report and export (DERIVED_FILES) go with it on --overwrite."""
@@ -96,11 +110,8 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
     if existing and writing_now(path):  # neither --overwrite nor --resume can have it now
         raise run_locked("--out", path)
     if existing and not overwrite:
-        # what --resume goes on with (RunFiles.check_resumable): an unfinished run's config.yaml
-        # and its checkpoint, or no outputs yet (a run killed before its first checkpoint)
-        resumable = ("config.yaml" in existing and "summary.json" not in existing
-                     and ("checkpoint.npz" in existing or "model.npz" not in existing))
-        resume = ", resume it with --resume" if resumable else ""
+        unfinished = resumable(path) and "summary.json" not in existing
+        resume = ", resume it with --resume" if unfinished else ""
         derived = derived_outputs(path)
         also = f"; and {', '.join(derived)}, made from it" if derived else ""
         goes = ", which goes with it" if derived else ""

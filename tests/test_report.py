@@ -206,20 +206,20 @@ def test_a_folder_without_a_run_or_a_model_gets_one_error_line(tmp_path, run_dir
 
 def test_a_run_without_a_model_is_told_to_resume_only_when_a_resume_can_go_on(
         tmp_path, run_dir, tiny_data_dir):
-    """--resume needs checkpoint.npz and config.yaml: without either, the run is trained again
-    (from its config.yaml when it has one), as a resume would only fail."""
+    """--resume needs checkpoint.npz and config.yaml (runfiles.resumable): without either, the
+    run is trained again (from its config.yaml when it has one), as a resume would only fail."""
     def said() -> str:
         result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
         assert result.exit_code == 1 and result.stderr.count("\n") == 1
         return result.stderr
     (tmp_path / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
     (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
-    assert said().endswith(f"no model.npz; it has no checkpoint.npz to resume it from, so train "
-                           f"it again: gpumlp train --config {tmp_path}/config.yaml --out "
+    assert said().endswith(f"no model.npz; it has no checkpoint.npz to resume from, so train it "
+                           f"again: gpumlp train --config {tmp_path}/config.yaml --out "
                            f"{tmp_path} --overwrite\n")
     (tmp_path / "checkpoint.npz").write_bytes((run_dir / "checkpoint.npz").read_bytes())
     (tmp_path / "config.yaml").unlink()
-    assert said().endswith(f"no model.npz; it has no config.yaml to resume it from, so train it "
+    assert said().endswith(f"no model.npz; it has no config.yaml to resume from, so train it "
                            f"again: gpumlp train --config FILE --out {tmp_path} --overwrite\n")
     (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
     assert said().endswith(f"no model.npz; finish the run first (gpumlp train --resume "

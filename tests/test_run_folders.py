@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import os
 import shlex
@@ -1733,3 +1734,30 @@ def test_resume_of_a_folder_with_only_a_config_of_ones_own_refuses_and_keeps_it(
                           f"gpumlp train --config {out / 'config.yaml'}")
     assert (out / "config.yaml").read_text() == mine
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+@pytest.mark.parametrize("present", [
+    frozenset(names) for k in range(6) for names in itertools.combinations(
+        ("config.yaml", "checkpoint.npz", "model.npz", "summary.json", "metrics rows"), k)])
+def test_out_offers_resume_exactly_where_resume_goes_on(tmp_path, present):
+    """runfiles.resumable, by which report and check_out_dir offer --resume, must agree with
+    RunFiles.check_resumable, what --resume itself lets through, for every mix of a run's files
+    (a folder with metrics rows but no checkpoint was offered a resume that then refused);
+    check_out_dir offers it for an unfinished run only (no summary.json)."""
+    from gpumlp.config import Config, dump_config
+    from gpumlp.runfiles import RunFiles, check_out_dir, resumable
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n' if "metrics rows" in present else "")
+    for name in present - {"metrics rows"}:
+        (run / name).write_text(dump_config(Config()) if name == "config.yaml" else "x")
+    try:
+        RunFiles(run).check_resumable()
+        goes_on = True
+    except GpumlpError:
+        goes_on = False
+    assert resumable(run) == goes_on
+    with pytest.raises(GpumlpError) as refused:
+        check_out_dir(run, overwrite=False)
+    offered = goes_on and "summary.json" not in present
+    assert ("resume it with --resume" in str(refused.value)) == offered
