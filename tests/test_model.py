@@ -74,6 +74,36 @@ def test_gradcheck_config_with_dropout_and_label_smoothing_matches_central_diffe
     assert worst_error(results) < TOL, results
 
 
+def backward_without_the_masks(params, cache, dA2, act):
+    """model.backward with dZ_k not taken through the dropout masks (the forward pass was)."""
+    return backward(params, cache._replace(masks=()), dA2, act)
+
+
+def loss_and_unsmoothed_dA2(A2, y, smoothing=0.0):
+    """The smoothed loss L with the one-hot target's dA2, whatever the smoothing."""
+    return loss_and_dA2(A2, y, smoothing)[0], loss_and_dA2(A2, y)[1]
+
+
+WRONG_WITHOUT = {"dropout": ("backward", backward_without_the_masks, {"dropout": 0.3}),
+                 "label-smoothing": ("loss_and_dA2", loss_and_unsmoothed_dA2, {"smoothing": 0.1})}
+
+
+@pytest.mark.parametrize("regulariser", WRONG_WITHOUT)
+def test_gradcheck_config_fails_a_gradient_that_ignores_its_regulariser_central_differences_float64(
+        regulariser, monkeypatch):
+    """The CLI's path checks through its dropout masks and label smoothing: a backward pass that
+    leaves one out passes the check without it and fails it with it. Had gradcheck_config not
+    passed the option on (`gpumlp gradcheck --set model.dropout=0.3` checking a net without
+    dropout), the wrong gradient would pass both."""
+    name, wrong, option = WRONG_WITHOUT[regulariser]
+    monkeypatch.setattr(gradcheck, name, wrong)
+    check = lambda **kw: gradcheck_config(NETS["2-hidden"], ACTIVATIONS["tanh"], "he",  # noqa: E731
+                                          seed=2, m=6, samples=None, **kw)
+    assert passes(check(), TOL)                          # right where the regulariser is off
+    results = check(**option)
+    assert worst_error(results) > 1e-3 and not passes(results, TOL), results
+
+
 @pytest.mark.parametrize("net", NETS)
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("regulariser", REGULARISERS)
