@@ -260,6 +260,28 @@ def test_gradcheck_fails_on_a_nan_gradient_even_when_it_is_not_the_first(monkeyp
     assert result.stdout.splitlines()[-1].startswith("FAIL: largest relative error nan")
 
 
+@pytest.mark.parametrize("option", ["model.dropout=0.3", "train.label_smoothing=0.1"])
+def test_gradcheck_checks_the_configs_dropout_and_label_smoothing_by_central_differences(
+        option, monkeypatch):
+    """A backward pass that ignores the dropout masks (or a dA2 that ignores the smoothing)
+    passes the check of a net without them: with the option set, gradcheck must FAIL it, so it
+    checks the net the option describes."""
+    import gpumlp.gradcheck as gradcheck_module
+    from gpumlp.model import backward, loss_and_dA2
+
+    if option.startswith("model.dropout"):
+        monkeypatch.setattr(gradcheck_module, "backward", lambda params, cache, dA2, act:
+                            backward(params, cache._replace(masks=()), dA2, act))
+    else:
+        monkeypatch.setattr(gradcheck_module, "loss_and_dA2", lambda A2, y, smoothing=0.0:
+                            (loss_and_dA2(A2, y, smoothing)[0], loss_and_dA2(A2, y)[1]))
+    net = ["--set", "model.hidden=8", "--set", "model.activation=tanh", "--samples", "20"]
+    assert cli("gradcheck", *net).exit_code == 0           # right without the option
+    result = cli("gradcheck", *net, "--set", option)
+    assert result.exit_code == 1, result.output
+    assert result.stdout.splitlines()[-1].startswith("FAIL: largest relative error")
+
+
 def test_out_of_memory_names_what_to_lower_for_the_command_that_ran():
     # 784 x 2^40 float64 first-layer weights: 6.9 PB, refused at once by any machine
     result = cli("gradcheck", "--set", f"model.hidden={2 ** 40}")
