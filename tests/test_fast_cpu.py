@@ -426,6 +426,42 @@ def test_fast_step_gradients_are_the_central_differences_float64(activation, hid
             assert error.max() < 1e-6, (name, error.max())
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fast_step_weight_decay_is_the_central_difference_of_the_decayed_loss_float64(momentum):
+    """The fast step's own weight decay (J_k = [b_k; W_k] decayed whole: a scal without
+    momentum, an axpy into the scaled velocity with it) against central differences of
+    L + wd/2 sum ||theta||^2, not against the generic step: in float64, from zero velocity, one
+    SGD step with lr 0.5 moves every parameter, biases included, by minus lr times that loss's
+    gradient."""
+    wd, lr, rng = 0.3, 0.5, np.random.default_rng(14)
+    config = build_config(None, ["model.hidden=[12, 8]", "model.activation=tanh",
+                                 "train.dtype=float64", f"optim.momentum={momentum}",
+                                 "optim.nesterov=false", f"optim.weight_decay={wd}"])
+    params = init_params((784, 12, 8, 10), "xavier", rng, "float64")
+    params = Params(params.W, tuple(rng.normal(0, 0.5, v.shape) for v in params.b))
+    before = copy_params(params)
+    step, p, s = packed(params, config)
+    step.generic = None                                  # the fast path, or fail loudly
+    X, y = batch(rng, 16, np.float64)
+    step(p, s, X, y, lr, 1)
+    after, _ = step.export(p, s)
+    act = ACTIVATIONS["tanh"]
+
+    def decayed():
+        return loss_of(before, X, y, act)[0] + wd / 2 * sum(
+            float((theta * theta).sum()) for theta in before.W + before.b)
+
+    for theta, new in zip(before.W + before.b, after.W + after.b):
+        step_grad, flat_theta = (theta - new).reshape(-1) / lr, theta.reshape(-1)
+        entries = rng.choice(flat_theta.size, min(25, flat_theta.size), replace=False)
+        numeric = np.array([central_difference(decayed, flat_theta, i, EPS) for i in entries])
+        analytic, decay = step_grad[entries], wd * flat_theta[entries]
+        error = lambda g: np.abs(g - numeric) / np.maximum(  # noqa: E731
+            np.maximum(np.abs(g), np.abs(numeric)), FLOOR)
+        assert error(analytic).max() < 1e-6, (theta.shape, error(analytic).max())
+        assert error(analytic - decay).max() > 1e-2      # the decay is no rounding error
+
+
 def test_fast_step_refuses_prepared_params_with_another_optimizer_state():
     config = build_config(None, ["model.hidden=8"])
     rng = np.random.default_rng(14)
