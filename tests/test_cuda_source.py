@@ -5,7 +5,8 @@
 2. The same source compiled for the CPU (GPUMLP_HOST_EMULATION: each kernel runs its threads
    one at a time, the block reduction phase by phase) stands in for CuPy's RawModule, so that
    `fast_cuda.FusedStep` runs on NumPy arrays: against the generic step, for every
-   activation, optimizer, dropout, label smoothing, max-norm and a deeper net. Each launch is
+   activation, optimizer, dropout, label smoothing, max-norm and a deeper net, and its
+   gradients against central differences of the float64 loss. Each launch is
    checked against the kernel's declared parameters (numpy scalar types, array dtypes,
    contiguity, block size), which on a GPU would otherwise fail silently.
 3. The routing (which configs take the fused step), buffer keying and `enable_tf32`, with a
@@ -38,11 +39,13 @@ from gpumlp.config import ACTIVATIONS as config_activations
 from gpumlp.config import build_config
 from gpumlp.data import DeviceSplit, gather, to_inputs
 from gpumlp.errors import DeviceError, GpumlpError
+from gpumlp.gradcheck import EPS, FLOOR, loss_of
 from gpumlp.model import (Params, backward, dropout_masks, forward, init_params,
                           loss_and_dA2)
 from gpumlp.optim import init_state
 from gpumlp.gpu_blas import Blas
 from gpumlp.step import add_to_sums, generic_step
+from numeric_helpers import central_difference
 
 RTOL, ATOL = 1e-5, 1e-6  # float32; the host's tanhf/expf and summation orders differ by ulps
 NVRTC_OPTIONS = ("-ftz=true", "-arch=sm_90", "--device-as-default-execution-space")  # CuPy's
@@ -296,8 +299,8 @@ def backward_of(params: Params, X, y, masks, config) -> Params:
 def assert_same_run(config, emulated, widths=(784, 48, 10), sizes=(32, 32, 7)):
     """Steps of FusedStep (host kernels) and generic_step from the same start agree, a shorter
     last batch included; parameters, optimizer state, loss and correct count, and each step's
-    dW_k and db_k against model.backward. (The kernels are float32 only, too coarse for a
-    central-difference check; model.backward, their reference, has one in float64.)"""
+    dW_k and db_k against model.backward. (Their own central-difference check, float64
+    differences against the float32 kernels, is test_fused_step_gradients_are_the_central_...)"""
     params, _, _ = problem(widths, 1, seed=3)
     fused_params, generic_params = copy(params), copy(params)
     fused_state, generic_state = init_state(config.optim, fused_params), init_state(config.optim, generic_params)
@@ -366,6 +369,38 @@ def test_fused_step_matches_generic_on_a_deeper_net(emulated):
     config = build_config(None, ["model.hidden=[40, 24]", "model.dropout=0.1", "optim.name=adam",
                                  "optim.lr=0.001", "train.label_smoothing=0.05", ADAM_EPS])
     assert_same_run(config, emulated, widths=(784, 40, 24, 10), sizes=(16, 300, 5))
+
+
+@pytest.mark.parametrize("activation", sorted(fast_cuda.ACTIVATION_TYPES))
+def test_fused_step_gradients_are_the_central_differences_of_the_float64_loss(emulated,
+                                                                            activation):
+    """The kernels' own dW_k and db_k, not against model.backward: central differences in
+    float64 of the loss at the same (float32) parameters, every entry of a small 30-12-8-10 net,
+    with dropout and label smoothing. The float32 gradients' roundoff is ~1e-5 of the floor
+    (gradcheck.FLOOR) here; a wrong factor or derivative is above 1e-3. No hidden
+    pre-activation is within 1e-3 of relu's kink, which a step of EPS moves by at most ~1e-5."""
+    widths, m, smoothing = (30, 12, 8, 10), 16, 0.1
+    config = build_config(None, [f"model.activation={activation}", "model.dropout=0.25",
+                                 f"train.label_smoothing={smoothing}"])
+    params, X, y = problem(widths, m, seed=21)
+    masks = dropout_masks(np.random.default_rng(21), m, widths[1:-1], 0.25, np.float32)
+    step = fast_cuda.FusedStep(config, emulated)
+    at = Params(*(tuple(t.astype(np.float64) for t in ts) for ts in params))  # before the step
+    step(params, init_state(config.optim, params), X, y, 0.1, 1, masks)
+    grads = step.grads[widths].grads
+    act, X64, masks64 = ACTIVATIONS[activation], X.astype(np.float64), tuple(
+        M.astype(np.float64) for M in masks)
+    assert min(np.abs(A).min() for A in forward(at, X64, act, masks64).A[:-1]) > 1e-3
+    loss = lambda: loss_of(at, X64, y, act, masks64, smoothing)[0]  # noqa: E731
+    for name, theta, g in zip(("W", "b"), (at.W, at.b), (grads.W, grads.b)):
+        for k, (theta_k, g_k) in enumerate(zip(theta, g)):
+            flat = theta_k.reshape(-1)
+            numeric = np.array([central_difference(loss, flat, i, EPS) for i in range(flat.size)])
+            analytic = g_k.reshape(-1).astype(np.float64)
+            error = np.abs(analytic - numeric) / np.maximum(
+                np.maximum(np.abs(analytic), np.abs(numeric)), FLOOR)
+            assert np.abs(analytic).max() > 1e-3, f"d{name}{k + 1}"  # not zeros against zeros
+            assert error.max() < 1e-3, (f"d{name}{k + 1}", error.max())
 
 
 def test_a_batch_of_more_rows_than_threads_and_a_batch_of_one(emulated):
