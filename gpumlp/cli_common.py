@@ -124,6 +124,21 @@ class ModelPath(click.Path):
         return super().convert(value, param, ctx)
 
 
+class OutFile(click.Path):
+    """A file a command writes: a name that ends in a separator names a folder (Path would drop
+    it, and the file would be written under the name of the folder meant)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(dir_okay=False, **kwargs)
+
+    def convert(self, value, param, ctx):
+        text = os.fsdecode(value)
+        if text.endswith(("/", os.sep)):
+            self.fail(f"{shell_path(text)} ends in '/', the name of a folder; give a file name: "
+                      "without the '/', or a name inside that folder", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class RunDir(click.Path):
     """A run folder argument, never empty (which would be read as the current folder)."""
 

@@ -14,8 +14,8 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from .cli_common import (OneLineError, data_dir_option_for, data_dir_source, domain_errors,
-                         load_mnist_for, no_mnist_files, require)
+from .cli_common import (OneLineError, OutFile, data_dir_option_for, data_dir_source,
+                         domain_errors, load_mnist_for, no_mnist_files, require)
 from .errors import (GpumlpError, folder_problem, one_line_message, target_problem,
                      write_problem)
 from .fetch import (Event, all_missing, check_cache, ensure_mnist, file_problem, mnist_cache_dir,
@@ -248,7 +248,7 @@ def check_image_target(out: Path, overwrite: bool) -> str:
 
 @data.command("image", short_help="Save one MNIST image as a PNG or .npy file.")
 @click.argument("index", type=click.IntRange(min=0))
-@click.argument("out", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", metavar="FILE", type=OutFile(path_type=Path))
 @click.option("--split", type=click.Choice(["test", "train"]), default="test",
               show_default=True, help="Which split INDEX counts in.")
 @click.option("--overwrite", is_flag=True, help="Replace FILE if it exists.")

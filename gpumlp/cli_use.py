@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import (OneLineError, RunDir, device_option, domain_errors,
+from .cli_common import (OneLineError, OutFile, RunDir, device_option, domain_errors,
                          load_mnist_for, model_argument, require, test_data_dir_option)
 from .errors import CheckpointError, json_text, shell_path
 
@@ -114,7 +114,7 @@ def report(run_dir, overwrite, device, data_dir):
 @model_argument
 @click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True,
               help="File format to write.")
-@click.option("--out", type=click.Path(dir_okay=False),
+@click.option("--out", type=OutFile(),
               help="Output file, ending in .onnx (default: MODEL with the suffix .onnx).")
 @click.option("--overwrite", is_flag=True,
               help="Replace an existing .onnx output file (never a .npz, nor the model).")

@@ -687,6 +687,19 @@ def test_image_refuses_bad_arguments_in_one_line_writing_nothing(tmp_path, fake,
 
 
 
+def test_image_to_a_name_ending_in_a_slash_is_a_usage_error_writing_nothing(tmp_path, fake,
+                                                                          monkeypatch):
+    """`d.png/` means a folder: Path would drop the '/' and write the file d.png."""
+    from test_cli import assert_one_error_line, cli
+    folder, work = fake.write(tmp_path / "mine"), tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert_one_error_line(cli("data", "image", "0", "d.png/", "--data-dir", folder), 2,
+                          "Invalid value for 'FILE': d.png/ ends in '/', the name of a folder; "
+                          "give a file name: without the '/', or a name inside that folder")
+    assert list(work.iterdir()) == []
+
+
 def test_image_into_a_folder_that_refuses_files_says_so_before_any_download(tmp_path,
                                                                            monkeypatch, mirror):
     """Checked by creating a file there (tests may run as root, whom permission bits do not

@@ -185,6 +185,15 @@ def test_an_empty_out_is_a_usage_error_not_the_default(saved, out):
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
 
 
+def test_an_out_ending_in_a_slash_is_a_usage_error_not_a_file_of_that_name(saved):
+    """`--out x.onnx/` means a folder: Path would drop the '/' and write the file x.onnx."""
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    from test_cli import assert_one_error_line, cli
+    assert_one_error_line(cli("export", saved / "model.npz", "--out", f"{saved / 'x.onnx'}/"), 2,
+                          f"{saved / 'x.onnx'}/ ends in '/', the name of a folder")
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+
+
 def test_an_out_named_onnx_in_any_case_is_written(saved):
     result = invoke(export, saved / "model.npz", "--out", saved / "Model.ONNX")
     assert result.exit_code == 0, result.output
