@@ -35,7 +35,7 @@ from .mnist import Split
 from .model import params_on
 from .npzio import atomic_write, atomic_write_all
 from .predict import probabilities
-from .runfiles import resumable
+from .runfiles import aside_note, resumable
 
 FIGURES = {
     "learning_curves": "learning_curves.png",
@@ -402,9 +402,12 @@ def check_run(run_dir: Path, overwrite: bool = False) -> list[dict]:
     if writing_now(run_dir):  # its model and metrics are about to change
         raise ReportError(f"{run_dir}: a gpumlp train is writing this run now; make the report "
                           "when it ends")
-    rows = read_metrics(run_dir)
-    if not (run_dir / "model.npz").is_file():
-        raise ReportError(f"{run_dir}: no model.npz; {finish_hint(run_dir)}")
+    try:
+        rows = read_metrics(run_dir)
+        if not (run_dir / "model.npz").is_file():
+            raise ReportError(f"{run_dir}: no model.npz; {finish_hint(run_dir)}")
+    except ReportError as e:  # the run a killed --overwrite put aside may be the one meant
+        raise ReportError(f"{e}{aside_note(run_dir)}") from None
     why = write_problem(run_dir)
     if why is not None:
         raise ReportError(f"{run_dir}: cannot write the report there ({why}); make the folder "

@@ -67,6 +67,15 @@ def resumable(path: Path) -> bool:
     return has("config.yaml") and (has("checkpoint.npz") or not trained)
 
 
+def aside_note(path: Path) -> str:
+    """"; <path>/.gpumlp-replaced holds ...": what an error about the folder `path` adds when a
+    killed --overwrite left the run it was replacing aside there (REPLACED); else ""."""
+    if not (path / REPLACED).is_dir():
+        return ""
+    return (f"; {path / REPLACED} holds the run an --overwrite killed before its first "
+            "checkpoint was replacing: move its files back into the folder to keep it")
+
+
 def had_outputs(path: Path) -> bool:
     """Whether `path` holds an earlier run's checkpoint, model or summary (RUN_OUTPUTS): then its
     report and export (DERIVED_FILES) go with it on --overwrite."""
@@ -115,9 +124,7 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
         derived = derived_outputs(path)
         also = f"; and {', '.join(derived)}, made from it" if derived else ""
         goes = ", which goes with it" if derived else ""
-        aside = (f"; {path / REPLACED} holds the run an --overwrite killed before its first "
-                 "checkpoint was replacing: move its files back into the folder to keep it"
-                 if replaced else "")
+        aside = aside_note(path) if replaced else ""
         raise GpumlpError(f"--out {path}: already holds a run ({', '.join(existing)}{also}); "
                           f"pick another folder{resume}, or pass --overwrite to replace it"
                           f"{goes}{aside}")

@@ -197,6 +197,9 @@ def test_a_replacing_run_killed_before_its_first_checkpoint_leaves_the_old_run_a
     assert refused.stderr.rstrip().endswith(
         f"; {aside} holds the run an --overwrite killed before its first checkpoint was "
         "replacing: move its files back into the folder to keep it")
+    no_report = cli("report", finished, "--data-dir", tiny_data_dir)  # says where the old is
+    assert_one_error_line(no_report, 1, "no epoch finished yet")
+    assert no_report.stderr.rstrip().endswith(refused.stderr.rstrip()[-150:])
     failed = cli(*train_args(finished, tiny_data_dir, "--overwrite", "--set",
                              "train.batch_size=250", "--set", "optim.lr=1e30"))
     assert failed.exit_code == 1 and "put back the run" in failed.stderr
