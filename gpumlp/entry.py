@@ -8,11 +8,18 @@ the moment before) ends the same way."""
 
 from __future__ import annotations
 
-import signal
 import sys
 
-from .errors import interrupted_how, signal_error, without_interrupt_reports  # stdlib only
-from .signals import STOP_SIGNALS, replace_handlers, restore_handlers  # stdlib only
+# stdlib only; Ctrl-C while they load (tens of ms: tempfile, shlex, ...), before main() takes
+# SIGINT over, ends as it does later, not with an import's traceback
+try:
+    import signal
+
+    from .errors import interrupted_how, signal_error, without_interrupt_reports
+    from .signals import STOP_SIGNALS, replace_handlers, restore_handlers
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted\n")
+    sys.exit(130)
 
 NOTED: list[int] = []  # the signals seen while the CLI loads
 

@@ -1053,6 +1053,24 @@ def test_a_signal_while_the_cli_loads_stops_it_in_one_line(how, signame, code, s
     assert (done.returncode, done.stdout, done.stderr) == (code, "", f"{said}\n")
 
 
+@pytest.mark.parametrize("module", ["gpumlp.errors", "gpumlp.signals"])
+def test_ctrl_c_while_the_console_script_loads_its_own_modules_is_one_line(module):
+    """entry imports errors (tempfile, shlex, pathlib: tens of ms) and signals before main()
+    takes SIGINT over: Ctrl-C then was Python's KeyboardInterrupt traceback, not `interrupted`
+    and 130."""
+    script = ("import signal, sys, runpy, importlib.abc\n"
+              "class Loading(importlib.abc.MetaPathFinder):\n"
+              "    def find_spec(self, name, path, target=None):\n"
+              f"        if name == {module!r}:\n"
+              "            signal.raise_signal(signal.SIGINT)\n"
+              "        return None\n"
+              "sys.meta_path.insert(0, Loading())\n"
+              "sys.argv = ['gpumlp', 'info']\n"
+              "runpy.run_module('gpumlp', run_name='__main__')\n")
+    done = python_c(script)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "interrupted\n")
+
+
 def test_a_second_sigterm_while_the_console_script_says_the_first_is_no_traceback():
     """`timeout` sends two SIGTERMs at once; the CLI is still loading when they land."""
     script = ("import signal, sys, importlib.abc\n"
