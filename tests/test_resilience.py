@@ -442,6 +442,45 @@ def test_signals_held_puts_every_handler_back_when_a_restored_one_raises(tmp_pat
         real(signal.SIGINT, previous_int)
 
 
+def test_restore_handlers_puts_each_back_and_raises_the_first_exception(monkeypatch):
+    """Each handler whose restore a pending signal's handler cut short is tried again until it
+    is back, and what the first of them raised is raised after the last, not the later one's."""
+    from gpumlp.signals import STOP_SIGNALS, restore_handlers
+
+    class First(Exception):
+        pass
+
+    class Second(Exception):
+        pass
+
+    real, cut = signal.signal, []
+
+    def cut_once(signum, handler):               # as signal.signal running a pending signal
+        if signum not in cut:
+            cut.append(signum)
+            raise First() if len(cut) == 1 else Second()
+        return real(signum, handler)
+
+    def mine_int(n, frame):
+        pass
+
+    def mine_term(n, frame):
+        pass
+
+    saved = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        monkeypatch.setattr(signal, "signal", cut_once)
+        with pytest.raises(First):
+            restore_handlers({signal.SIGINT: mine_int, signal.SIGTERM: mine_term})
+        monkeypatch.undo()
+        assert sorted(cut) == sorted([signal.SIGINT, signal.SIGTERM])   # each cut once
+        assert signal.getsignal(signal.SIGINT) is mine_int
+        assert signal.getsignal(signal.SIGTERM) is mine_term
+    finally:
+        for signum, handler in saved.items():
+            real(signum, handler)
+
+
 @pytest.mark.parametrize("char", ["a", "\u6587"])   # 1 byte, 3 bytes in UTF-8
 def test_atomic_write_takes_a_name_up_to_the_systems_limit(tmp_path, char):
     """Its temporary name adds 14 characters to the target's: one of 242 to 255 was refused.
