@@ -481,6 +481,34 @@ def test_restore_handlers_puts_each_back_and_raises_the_first_exception(monkeypa
             real(signum, handler)
 
 
+def test_signals_held_delivers_the_first_of_two_signals(monkeypatch):
+    """SIGTERM, then Ctrl-C during the block: SIGTERM is the one delivered when it ends."""
+    class Term(BaseException):
+        pass
+
+    class Int(BaseException):
+        pass
+
+    def on_term(n, frame):
+        raise Term()
+
+    def on_int(n, frame):
+        raise Int()
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_term),
+                signal.SIGINT: signal.signal(signal.SIGINT, on_int)}
+    try:
+        with pytest.raises(Term):
+            with npzio.signals_held():
+                signal.raise_signal(signal.SIGTERM)
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGTERM) is on_term
+        assert signal.getsignal(signal.SIGINT) is on_int
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 @pytest.mark.parametrize("char", ["a", "\u6587"])   # 1 byte, 3 bytes in UTF-8
 def test_atomic_write_takes_a_name_up_to_the_systems_limit(tmp_path, char):
     """Its temporary name adds 14 characters to the target's: one of 242 to 255 was refused.
