@@ -509,6 +509,30 @@ def test_signals_held_delivers_the_first_of_two_signals(monkeypatch):
             signal.signal(signum, handler)
 
 
+def test_a_handler_not_set_from_python_is_left_in_place(monkeypatch):
+    """signal.getsignal says None for a handler that a program embedding Python set: it cannot
+    be put back (signal.signal takes no None), so replace_handlers leaves that signal alone."""
+    from gpumlp.signals import replace_handlers, restore_handlers
+
+    real = signal.getsignal
+    saved = {signum: real(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def mine(n, frame):
+        pass
+
+    monkeypatch.setattr(signal, "getsignal",
+                        lambda signum: None if signum == signal.SIGTERM else real(signum))
+    try:
+        previous = replace_handlers(mine)
+        assert list(previous) == [signal.SIGINT] and previous[signal.SIGINT] is saved[signal.SIGINT]
+        assert real(signal.SIGTERM) is saved[signal.SIGTERM] and real(signal.SIGINT) is mine
+        restore_handlers(previous)
+        assert real(signal.SIGINT) is saved[signal.SIGINT]
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
 @pytest.mark.parametrize("char", ["a", "\u6587"])   # 1 byte, 3 bytes in UTF-8
 def test_atomic_write_takes_a_name_up_to_the_systems_limit(tmp_path, char):
     """Its temporary name adds 14 characters to the target's: one of 242 to 255 was refused.
