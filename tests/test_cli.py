@@ -1092,6 +1092,27 @@ def test_a_second_sigterm_while_the_console_script_says_the_first_is_no_tracebac
     assert (done.returncode, done.stdout, done.stderr) == (143, "", "terminated (SIGTERM)\n")
 
 
+def test_a_second_ctrl_c_while_the_console_script_says_the_first_is_no_traceback():
+    """Ctrl-C pressed twice while the CLI loads: the second lands while the first is told."""
+    script = ("import signal, sys, importlib.abc\n"
+              "from gpumlp import entry\n"
+              "told = entry.interrupted_how\n"
+              "def twice(e):\n"
+              "    signal.raise_signal(signal.SIGINT)\n"
+              "    return told(e)\n"
+              "entry.interrupted_how = twice\n"
+              "class Loading(importlib.abc.MetaPathFinder):\n"
+              "    def find_spec(self, name, path, target=None):\n"
+              "        if name == 'gpumlp.cli':\n"
+              "            signal.raise_signal(signal.SIGINT)\n"
+              "        return None\n"
+              "sys.meta_path.insert(0, Loading())\n"
+              "sys.argv = ['gpumlp', 'info']\n"
+              "entry.main()\n")
+    done = python_c(script)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "interrupted\n")
+
+
 def test_the_console_script_leaves_the_unraisable_hook_as_it_found_it(monkeypatch):
     """For a caller in the same process: the hook that hides a swallowed signal's report is
     the command's, not left behind to hide later reports."""
