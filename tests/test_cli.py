@@ -1113,6 +1113,28 @@ def test_a_second_ctrl_c_while_the_console_script_says_the_first_is_no_traceback
     assert (done.returncode, done.stdout, done.stderr) == (130, "", "interrupted\n")
 
 
+def test_the_console_script_puts_back_the_signal_handlers_it_found(monkeypatch):
+    """For a caller in the same process: SIGINT and SIGTERM are left on that caller's
+    handlers, not on the guard the console script set while the CLI loaded."""
+    from gpumlp import entry
+
+    def mine(signum, frame):
+        pass
+
+    monkeypatch.setattr(sys, "argv", ["gpumlp", "--version"])
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, mine),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, mine)}
+    try:
+        with pytest.raises(SystemExit) as ended:
+            entry.main()
+        assert ended.value.code == 0
+        assert signal.getsignal(signal.SIGINT) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def test_the_console_script_leaves_the_unraisable_hook_as_it_found_it(monkeypatch):
     """For a caller in the same process: the hook that hides a swallowed signal's report is
     the command's, not left behind to hide later reports."""
