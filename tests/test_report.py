@@ -226,6 +226,17 @@ def test_a_run_without_a_model_is_told_to_resume_only_when_a_resume_can_go_on(
                            f"{tmp_path})\n")
 
 
+def test_a_checkpoint_without_its_config_is_not_told_to_resume_for_an_epoch(
+        tmp_path, run_dir, tiny_data_dir):
+    """A run stopped in its first epoch is told to resume only when --resume can go on with it
+    (runfiles.resumable): a checkpoint.npz with no config.yaml beside it cannot."""
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "checkpoint.npz").write_bytes((run_dir / "checkpoint.npz").read_bytes())
+    result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 1 and result.stderr.endswith(
+        "no epoch finished yet; train at least one epoch first\n")
+
+
 def test_a_model_file_given_for_the_run_folder_is_told_to_give_the_folder(run_dir, tiny_data_dir):
     result = invoke(report, run_dir / "model.npz", "--data-dir", tiny_data_dir)
     assert result.exit_code == 2 and result.stdout == ""     # (the gpumlp group prints this line
