@@ -237,6 +237,23 @@ def test_a_checkpoint_without_its_config_is_not_told_to_resume_for_an_epoch(
         "no epoch finished yet; train at least one epoch first\n")
 
 
+def test_a_run_without_a_model_says_where_a_killed_overwrite_left_the_old_run(
+        tmp_path, run_dir, tiny_data_dir):
+    """Its epochs done but no model.npz, beside the run a killed --overwrite put aside: the
+    error says where that run is, as it does for a run with no epoch yet."""
+    from gpumlp.runfiles import REPLACED
+
+    for name in ("metrics.jsonl", "config.yaml", "checkpoint.npz"):
+        (tmp_path / name).write_bytes((run_dir / name).read_bytes())
+    (tmp_path / REPLACED).mkdir()
+    result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert f"no model.npz; finish the run first (gpumlp train --resume {tmp_path})" in result.stderr
+    assert result.stderr.endswith(
+        f"; {tmp_path / REPLACED} holds the run an --overwrite killed before its first "
+        "checkpoint was replacing: move its files back into the folder to keep it\n")
+
+
 def test_a_model_file_given_for_the_run_folder_is_told_to_give_the_folder(run_dir, tiny_data_dir):
     result = invoke(report, run_dir / "model.npz", "--data-dir", tiny_data_dir)
     assert result.exit_code == 2 and result.stdout == ""     # (the gpumlp group prints this line
