@@ -254,6 +254,15 @@ def test_a_run_without_a_model_says_where_a_killed_overwrite_left_the_old_run(
         "checkpoint was replacing: move its files back into the folder to keep it\n")
 
 
+def test_check_runs_error_does_not_chain_the_one_it_adds_to(tmp_path, run_dir):
+    """check_run adds to read_metrics' error (where the old run is): the new one is raised
+    alone, not 'during handling of' an error with the same message cut short."""
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(ReportError, match="no epoch finished yet") as raised:
+        check_run(tmp_path)
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+
+
 def test_a_model_file_given_for_the_run_folder_is_told_to_give_the_folder(run_dir, tiny_data_dir):
     result = invoke(report, run_dir / "model.npz", "--data-dir", tiny_data_dir)
     assert result.exit_code == 2 and result.stdout == ""     # (the gpumlp group prints this line
