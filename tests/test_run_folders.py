@@ -1764,3 +1764,17 @@ def test_out_offers_resume_exactly_where_resume_goes_on(tmp_path, present):
         check_out_dir(run, overwrite=False)
     offered = goes_on and "summary.json" not in present
     assert ("resume it with --resume" in str(refused.value)) == offered
+
+
+def test_a_metrics_file_of_one_byte_is_a_trained_run_for_resumable_too(tmp_path):
+    """RunFiles.check_resumable counts any byte in metrics.jsonl as an epoch's row: a config.yaml
+    beside a one-byte metrics.jsonl, with no checkpoint, is no run --resume goes on with."""
+    from gpumlp.config import Config, dump_config
+    from gpumlp.runfiles import resumable
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(Config()))
+    (run / "metrics.jsonl").write_text("\n")
+    with pytest.raises(GpumlpError, match="no checkpoint.npz"):
+        RunFiles(run).check_resumable()
+    assert not resumable(run)
