@@ -700,6 +700,18 @@ def test_image_to_a_name_ending_in_a_slash_is_a_usage_error_writing_nothing(tmp_
     assert list(work.iterdir()) == []
 
 
+def test_image_to_an_existing_folder_is_a_usage_error_leaving_it_as_it_was(tmp_path, fake,
+                                                                           monkeypatch):
+    """FILE (OutFile) names a file: a folder of that name is refused by click, exit 2."""
+    from test_cli import assert_one_error_line, cli
+    folder, work = fake.write(tmp_path / "mine"), tmp_path / "work"
+    (work / "d.png").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    assert_one_error_line(cli("data", "image", "0", "d.png", "--data-dir", folder), 2,
+                          "Invalid value for 'FILE': File 'd.png' is a directory")
+    assert [p.name for p in work.iterdir()] == ["d.png"] and not any((work / "d.png").iterdir())
+
+
 def test_image_into_a_folder_that_refuses_files_says_so_before_any_download(tmp_path,
                                                                            monkeypatch, mirror):
     """Checked by creating a file there (tests may run as root, whom permission bits do not
