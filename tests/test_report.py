@@ -263,6 +263,15 @@ def test_check_runs_error_does_not_chain_the_one_it_adds_to(tmp_path, run_dir):
     assert raised.value.__cause__ is None and raised.value.__suppress_context__
 
 
+def test_a_run_with_only_its_metrics_lacks_both_files_a_resume_needs(tmp_path, run_dir,
+                                                                       tiny_data_dir):
+    (tmp_path / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+    result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 1 and result.stderr.endswith(
+        "no model.npz; it has no config.yaml or checkpoint.npz to resume from, so train it "
+        f"again: gpumlp train --config FILE --out {tmp_path} --overwrite\n")
+
+
 def test_a_model_file_given_for_the_run_folder_is_told_to_give_the_folder(run_dir, tiny_data_dir):
     result = invoke(report, run_dir / "model.npz", "--data-dir", tiny_data_dir)
     assert result.exit_code == 2 and result.stdout == ""     # (the gpumlp group prints this line
