@@ -692,6 +692,26 @@ def test_a_signal_ignored_by_whoever_started_gpumlp_stays_ignored_in_training():
         signal.signal(signal.SIGINT, before)
 
 
+def test_stop_flag_ignored_puts_back_the_handlers_it_found():
+    """Clean-up runs with SIGINT and SIGTERM ignored; after it, each has its handler again."""
+    from gpumlp.cli import StopFlag
+
+    def mine(signum, frame):
+        pass
+
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, mine),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, mine)}
+    try:
+        with StopFlag.ignored():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def test_a_commands_swallowed_signal_is_not_left_for_a_later_stop_flag():
     """A signal noted during one command (exit 130) must not make the StopFlag of a training
     run started later in the same process stop it before its first step."""
