@@ -272,6 +272,17 @@ def test_a_run_with_only_its_metrics_lacks_both_files_a_resume_needs(tmp_path, r
         f"again: gpumlp train --config FILE --out {tmp_path} --overwrite\n")
 
 
+def test_a_file_named_like_the_aside_folder_is_not_said_to_hold_a_run(tmp_path, tiny_data_dir):
+    """Only a folder REPLACED is where a killed --overwrite put the old run (aside_note)."""
+    from gpumlp.runfiles import REPLACED
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / REPLACED).write_text("not a run")
+    result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 1 and result.stderr.endswith(
+        "no epoch finished yet; train at least one epoch first\n")
+
+
 def test_a_model_file_given_for_the_run_folder_is_told_to_give_the_folder(run_dir, tiny_data_dir):
     result = invoke(report, run_dir / "model.npz", "--data-dir", tiny_data_dir)
     assert result.exit_code == 2 and result.stdout == ""     # (the gpumlp group prints this line
