@@ -215,9 +215,9 @@ class StopFlag:
             self.signum = self.signum or SIGNALLED[0]
         return replace_handlers(handler)
 
-    @classmethod
+    @staticmethod
     @contextlib.contextmanager
-    def ignored(cls):
+    def ignored():
         """SIGINT and SIGTERM ignored inside, so that clean-up is not cut short by a second
         one (`timeout` signals the process and its group: two SIGTERMs)."""
         previous = replace_handlers(signal.SIG_IGN)

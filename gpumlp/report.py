@@ -384,12 +384,12 @@ def finish_hint(run_dir: Path) -> str:
     --resume` can go on with it, else train it again (from its config.yaml when it has one)."""
     if resumable(run_dir):
         return f"finish the run first (gpumlp train --resume {shell_path(run_dir)})"
+    # not resumable: it lacks its config.yaml, or its checkpoint after training began
     lacks = [name for name in ("config.yaml", "checkpoint.npz") if not (run_dir / name).is_file()]
-    why = f"it has no {' or '.join(lacks)} to resume from" if lacks else "it has finished"
     config = run_dir / "config.yaml"
     given = f"--config {shell_path(config)} " if config.is_file() else "--config FILE "
-    return (f"{why}, so train it again: gpumlp train {given}--out {shell_path(run_dir)} "
-            "--overwrite")
+    return (f"it has no {' or '.join(lacks)} to resume from, so train it again: gpumlp train "
+            f"{given}--out {shell_path(run_dir)} --overwrite")
 
 
 def check_run(run_dir: Path, overwrite: bool = False) -> list[dict]:

@@ -124,7 +124,7 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
         derived = derived_outputs(path)
         also = f"; and {', '.join(derived)}, made from it" if derived else ""
         goes = ", which goes with it" if derived else ""
-        aside = aside_note(path) if replaced else ""
+        aside = aside_note(path)
         raise GpumlpError(f"--out {path}: already holds a run ({', '.join(existing)}{also}); "
                           f"pick another folder{resume}, or pass --overwrite to replace it"
                           f"{goes}{aside}")
