@@ -1091,46 +1091,29 @@ def test_ctrl_c_while_the_console_script_loads_its_own_modules_is_one_line(modul
     assert (done.returncode, done.stdout, done.stderr) == (130, "", "interrupted\n")
 
 
-def test_a_second_sigterm_while_the_console_script_says_the_first_is_no_traceback():
-    """`timeout` sends two SIGTERMs at once; the CLI is still loading when they land."""
+@pytest.mark.parametrize("signame, code, said", [("SIGTERM", 143, "terminated (SIGTERM)"),
+                                                   ("SIGINT", 130, "interrupted")])
+def test_a_second_signal_while_the_console_script_says_the_first_is_no_traceback(signame, code,
+                                                                                said):
+    """`timeout` sends two SIGTERMs at once, a user may press Ctrl-C twice: the CLI is still
+    loading when the first lands, and the second lands while the first is told."""
     script = ("import signal, sys, importlib.abc\n"
               "from gpumlp import entry\n"
               "told = entry.interrupted_how\n"
               "def twice(e):\n"
-              "    signal.raise_signal(signal.SIGTERM)\n"
+              f"    signal.raise_signal(signal.{signame})\n"
               "    return told(e)\n"
               "entry.interrupted_how = twice\n"
               "class Loading(importlib.abc.MetaPathFinder):\n"
               "    def find_spec(self, name, path, target=None):\n"
               "        if name == 'gpumlp.cli':\n"
-              "            signal.raise_signal(signal.SIGTERM)\n"
+              f"            signal.raise_signal(signal.{signame})\n"
               "        return None\n"
               "sys.meta_path.insert(0, Loading())\n"
               "sys.argv = ['gpumlp', 'info']\n"
               "entry.main()\n")
     done = python_c(script)
-    assert (done.returncode, done.stdout, done.stderr) == (143, "", "terminated (SIGTERM)\n")
-
-
-def test_a_second_ctrl_c_while_the_console_script_says_the_first_is_no_traceback():
-    """Ctrl-C pressed twice while the CLI loads: the second lands while the first is told."""
-    script = ("import signal, sys, importlib.abc\n"
-              "from gpumlp import entry\n"
-              "told = entry.interrupted_how\n"
-              "def twice(e):\n"
-              "    signal.raise_signal(signal.SIGINT)\n"
-              "    return told(e)\n"
-              "entry.interrupted_how = twice\n"
-              "class Loading(importlib.abc.MetaPathFinder):\n"
-              "    def find_spec(self, name, path, target=None):\n"
-              "        if name == 'gpumlp.cli':\n"
-              "            signal.raise_signal(signal.SIGINT)\n"
-              "        return None\n"
-              "sys.meta_path.insert(0, Loading())\n"
-              "sys.argv = ['gpumlp', 'info']\n"
-              "entry.main()\n")
-    done = python_c(script)
-    assert (done.returncode, done.stdout, done.stderr) == (130, "", "interrupted\n")
+    assert (done.returncode, done.stdout, done.stderr) == (code, "", f"{said}\n")
 
 
 def test_the_console_script_puts_back_the_signal_handlers_it_found(monkeypatch):
