@@ -14,6 +14,7 @@ import functools
 import gzip
 import hashlib
 import os
+import signal
 from pathlib import Path
 from typing import NamedTuple
 
@@ -141,3 +142,16 @@ def gpu():
     device = get_backend("cuda")
     enable_tf32(device, False)
     return device
+
+
+REAL_SIGNAL, REAL_GETSIGNAL = signal.signal, signal.getsignal  # tests may monkeypatch them
+
+
+@pytest.fixture
+def keep_stop_handlers():
+    """SIGINT's and SIGTERM's handlers as they were before the test, put back after it,
+    whatever the test set (with the real signal.signal, which the test may have replaced)."""
+    saved = {signum: REAL_GETSIGNAL(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield saved
+    for signum, handler in saved.items():
+        REAL_SIGNAL(signum, handler)

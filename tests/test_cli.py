@@ -692,24 +692,20 @@ def test_a_signal_ignored_by_whoever_started_gpumlp_stays_ignored_in_training():
         signal.signal(signal.SIGINT, before)
 
 
-def test_stop_flag_ignored_puts_back_the_handlers_it_found():
+def test_stop_flag_ignored_puts_back_the_handlers_it_found(keep_stop_handlers):
     """Clean-up runs with SIGINT and SIGTERM ignored; after it, each has its handler again."""
     from gpumlp.cli import StopFlag
 
     def mine(signum, frame):
         pass
 
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, mine),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, mine)}
-    try:
-        with StopFlag.ignored():
-            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-        assert signal.getsignal(signal.SIGINT) is mine
-        assert signal.getsignal(signal.SIGTERM) is mine
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    signal.signal(signal.SIGINT, mine)
+    signal.signal(signal.SIGTERM, mine)
+    with StopFlag.ignored():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is mine
+    assert signal.getsignal(signal.SIGTERM) is mine
 
 
 def test_a_commands_swallowed_signal_is_not_left_for_a_later_stop_flag():
@@ -1116,7 +1112,8 @@ def test_a_second_signal_while_the_console_script_says_the_first_is_no_traceback
     assert (done.returncode, done.stdout, done.stderr) == (code, "", f"{said}\n")
 
 
-def test_the_console_script_puts_back_the_signal_handlers_it_found(monkeypatch):
+def test_the_console_script_puts_back_the_signal_handlers_it_found(monkeypatch,
+                                                                   keep_stop_handlers):
     """For a caller in the same process: SIGINT and SIGTERM are left on that caller's
     handlers, not on the guard the console script set while the CLI loaded."""
     from gpumlp import entry
@@ -1125,17 +1122,13 @@ def test_the_console_script_puts_back_the_signal_handlers_it_found(monkeypatch):
         pass
 
     monkeypatch.setattr(sys, "argv", ["gpumlp", "--version"])
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, mine),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, mine)}
-    try:
-        with pytest.raises(SystemExit) as ended:
-            entry.main()
-        assert ended.value.code == 0
-        assert signal.getsignal(signal.SIGINT) is mine
-        assert signal.getsignal(signal.SIGTERM) is mine
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    signal.signal(signal.SIGINT, mine)
+    signal.signal(signal.SIGTERM, mine)
+    with pytest.raises(SystemExit) as ended:
+        entry.main()
+    assert ended.value.code == 0
+    assert signal.getsignal(signal.SIGINT) is mine
+    assert signal.getsignal(signal.SIGTERM) is mine
 
 
 def test_the_console_script_leaves_the_unraisable_hook_as_it_found_it(monkeypatch):

@@ -442,10 +442,11 @@ def test_signals_held_puts_every_handler_back_when_a_restored_one_raises(tmp_pat
         real(signal.SIGINT, previous_int)
 
 
-def test_restore_handlers_puts_each_back_and_raises_the_first_exception(monkeypatch):
+def test_restore_handlers_puts_each_back_and_raises_the_first_exception(monkeypatch,
+                                                                        keep_stop_handlers):
     """Each handler whose restore a pending signal's handler cut short is tried again until it
     is back, and what the first of them raised is raised after the last, not the later one's."""
-    from gpumlp.signals import STOP_SIGNALS, restore_handlers
+    from gpumlp.signals import restore_handlers
 
     class First(Exception):
         pass
@@ -467,21 +468,16 @@ def test_restore_handlers_puts_each_back_and_raises_the_first_exception(monkeypa
     def mine_term(n, frame):
         pass
 
-    saved = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    try:
-        monkeypatch.setattr(signal, "signal", cut_once)
-        with pytest.raises(First):
-            restore_handlers({signal.SIGINT: mine_int, signal.SIGTERM: mine_term})
-        monkeypatch.undo()
-        assert sorted(cut) == sorted([signal.SIGINT, signal.SIGTERM])   # each cut once
-        assert signal.getsignal(signal.SIGINT) is mine_int
-        assert signal.getsignal(signal.SIGTERM) is mine_term
-    finally:
-        for signum, handler in saved.items():
-            real(signum, handler)
+    monkeypatch.setattr(signal, "signal", cut_once)
+    with pytest.raises(First):
+        restore_handlers({signal.SIGINT: mine_int, signal.SIGTERM: mine_term})
+    monkeypatch.undo()
+    assert sorted(cut) == sorted([signal.SIGINT, signal.SIGTERM])   # each cut once
+    assert signal.getsignal(signal.SIGINT) is mine_int
+    assert signal.getsignal(signal.SIGTERM) is mine_term
 
 
-def test_signals_held_delivers_the_first_of_two_signals(monkeypatch):
+def test_signals_held_delivers_the_first_of_two_signals(keep_stop_handlers):
     """SIGTERM, then Ctrl-C during the block: SIGTERM is the one delivered when it ends."""
     class Term(BaseException):
         pass
@@ -495,42 +491,33 @@ def test_signals_held_delivers_the_first_of_two_signals(monkeypatch):
     def on_int(n, frame):
         raise Int()
 
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_term),
-                signal.SIGINT: signal.signal(signal.SIGINT, on_int)}
-    try:
-        with pytest.raises(Term):
-            with npzio.signals_held():
-                signal.raise_signal(signal.SIGTERM)
-                signal.raise_signal(signal.SIGINT)
-        assert signal.getsignal(signal.SIGTERM) is on_term
-        assert signal.getsignal(signal.SIGINT) is on_int
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_int)
+    with pytest.raises(Term):
+        with npzio.signals_held():
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is on_term
+    assert signal.getsignal(signal.SIGINT) is on_int
 
 
-def test_a_handler_not_set_from_python_is_left_in_place(monkeypatch):
+def test_a_handler_not_set_from_python_is_left_in_place(monkeypatch, keep_stop_handlers):
     """signal.getsignal says None for a handler that a program embedding Python set: it cannot
     be put back (signal.signal takes no None), so replace_handlers leaves that signal alone."""
     from gpumlp.signals import replace_handlers, restore_handlers
 
-    real = signal.getsignal
-    saved = {signum: real(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    real, saved = signal.getsignal, keep_stop_handlers
 
     def mine(n, frame):
         pass
 
     monkeypatch.setattr(signal, "getsignal",
                         lambda signum: None if signum == signal.SIGTERM else real(signum))
-    try:
-        previous = replace_handlers(mine)
-        assert list(previous) == [signal.SIGINT] and previous[signal.SIGINT] is saved[signal.SIGINT]
-        assert real(signal.SIGTERM) is saved[signal.SIGTERM] and real(signal.SIGINT) is mine
-        restore_handlers(previous)
-        assert real(signal.SIGINT) is saved[signal.SIGINT]
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
+    previous = replace_handlers(mine)
+    assert list(previous) == [signal.SIGINT] and previous[signal.SIGINT] is saved[signal.SIGINT]
+    assert real(signal.SIGTERM) is saved[signal.SIGTERM] and real(signal.SIGINT) is mine
+    restore_handlers(previous)
+    assert real(signal.SIGINT) is saved[signal.SIGINT]
 
 
 @pytest.mark.parametrize("char", ["a", "\u6587"])   # 1 byte, 3 bytes in UTF-8
