@@ -19,7 +19,8 @@
 # Sections, each under its own time limit (60 + 190 + 45 + 120 + 80 s, and 10 s more each to be
 # killed: 545 s at most, usually far less; give a job runner at least that):
 #   info       nvidia-smi, versions, `gpumlp info`, a preflight of what  -> $OUT/info.log
-#              the others need (cuBLAS, NVRTC, cuRAND, cupyx, torch)
+#              the others need (cuBLAS, NVRTC, cuRAND, cupyx, Pillow,
+#              matplotlib; whether PyTorch sees the GPU)
 #   tests      python -m pytest -m gpu tests/test_gpu_*.py                -> $OUT/pytest-gpu.log
 #   steps      generic vs fused step, h256, batch 128 (ms per step), and  -> $OUT/steps.log
 #              the fused step replayed as a CUDA graph (a probe)
