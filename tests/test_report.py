@@ -179,11 +179,37 @@ def test_confusion_matrix_and_mistakes_by_hand():
     assert confident_mistakes(out, count=1).tolist() == [5]
 
 
-def test_a_model_without_mistakes_gets_a_figure_that_says_so(tmp_path):
+def figure_texts(monkeypatch) -> list[list[str]]:
+    """Each figure report.save_figure is given, as the texts drawn on it (every Text artist,
+    titles and suptitle included), appended as it is saved."""
+    import gpumlp.report as report_module
+    from matplotlib.text import Text
+
+    figures, save_figure = [], report_module.save_figure
+
+    def keep_texts(fig, path):
+        figures.append([t.get_text() for t in fig.findobj(Text) if t.get_text()])
+        save_figure(fig, path)
+
+    monkeypatch.setattr(report_module, "save_figure", keep_texts)
+    return figures
+
+
+def test_a_model_without_mistakes_gets_a_figure_that_says_so(tmp_path, monkeypatch):
+    """The figure of no mistakes says so in words (a PNG alone would pass for an empty grid),
+    and shows no digit; with a mistake, it shows that one and does not say so."""
+    texts = figure_texts(monkeypatch)
     out = SplitOutputs(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]))
+    assert confident_mistakes(out).size == 0
     plot_mistakes(np.zeros((2, 784)), out, confident_mistakes(out), tmp_path / "m.png")
     with Image.open(tmp_path / "m.png") as image:
         assert image.format == "PNG"
+    assert "no test image is misclassified" in texts[0]
+    assert not any(re.match(r"#\d+: true", text) for text in texts[0])   # no digit's title
+    wrong = SplitOutputs(np.array([0, 1]), np.array([[0.9, 0.1], [0.7, 0.3]]))
+    plot_mistakes(np.zeros((2, 784)), wrong, confident_mistakes(wrong), tmp_path / "w.png")
+    assert "no test image is misclassified" not in texts[1]
+    assert "#1: true 1, predicted 0\np = 0.700" in texts[1]
 
 
 def test_a_folder_without_a_run_or_a_model_gets_one_error_line(tmp_path, run_dir, tiny_data_dir):
