@@ -261,10 +261,15 @@ def test_dropout_is_off_at_evaluation():
     ("shift", 3.0, lambda warp: warp.shift),
 ])
 def test_each_transform_fills_its_configured_bound_and_stays_in_it(key, bound, drawn):
+    """Uniform in [-b, b]: both ends reached (a draw in [0, b) alone reaches b as well), and
+    half the draws within b / 2 of no change."""
     for b in (bound, bound / 3):
         warp = draw_warp(AugmentConfig(**{key: b}), np.random.default_rng(0), np, 4000, np.float64)
-        largest = np.abs(drawn(warp)).max()
+        values = drawn(warp)
+        largest = np.abs(values).max()
         assert 0.95 * b < largest <= b
+        assert values.min() < -0.95 * b and values.max() > 0.95 * b, (values.min(), values.max())
+        assert 0.45 < (np.abs(values) < b / 2).mean() < 0.55
 
 
 def test_a_larger_elastic_sigma_gives_a_smoother_field():
