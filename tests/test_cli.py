@@ -231,9 +231,25 @@ def test_gradcheck_passes_and_prints_every_parameter():
     assert float(lines[-1].split()[4]) < 1e-6
 
 
-def test_gradcheck_with_a_config_file():
+def test_gradcheck_with_a_config_file(tmp_path):
+    """The net checked is the file's (smoke.yaml: 784-64-10 relu; then a 784-12-6-10 tanh net),
+    not the default 784-256-10 one."""
     result = cli("gradcheck", "--config", SMOKE, "--samples", "5", "--batch", "4")
     assert result.exit_code == 0 and "PASS" in result.stdout
+    table = gradcheck_table(result.stdout)
+    assert {name: row[1] for name, row in table.items()} == {
+        "W1": "(784,64)", "b1": "(64,)", "W2": "(64,10)", "b2": "(10,)"}
+    assert all(row[2] == "5" for row in table.values())                 # --samples 5 each
+    assert ", activation relu, float64" in result.stdout.splitlines()[-1]
+    config = tmp_path / "deep.yaml"
+    config.write_text("model: {hidden: [12, 6], activation: tanh}\n")
+    result = cli("gradcheck", "--config", config, "--samples", "5", "--batch", "4")
+    assert result.exit_code == 0, result.output
+    assert [(name, row[1]) for name, row in gradcheck_table(result.stdout).items()] == [
+        ("W1", "(784,12)"), ("b1", "(12,)"), ("W2", "(12,6)"), ("b2", "(6,)"),
+        ("W3", "(6,10)"), ("b3", "(10,)")]
+    assert result.stdout.splitlines()[-1].startswith("PASS: ")
+    assert ", activation tanh, float64" in result.stdout.splitlines()[-1]
 
 
 def test_gradcheck_exits_1_when_above_the_tolerance():
