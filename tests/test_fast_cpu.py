@@ -846,12 +846,13 @@ def test_time_epochs_gives_seconds_per_epoch(monkeypatch):
     from types import SimpleNamespace
 
     import gpumlp.bench as bench_module
-    clock = [0.0]
+    clock, lengths = [0.0], iter([1.0, 2.0, 3.0, 6.0])    # mean 3; first 1, median 2.5, last 6
 
     def epoch():
-        clock[0] += 3.0
+        clock[0] += next(lengths)
     monkeypatch.setattr(bench_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     assert bench_module.time_epochs(epoch, 4, CPU) == 3.0
+    assert next(lengths, None) is None                     # all four epochs ran, no fifth
 
 
 def test_bench_pair_warms_each_up_then_alternates_the_order_each_round():
