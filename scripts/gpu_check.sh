@@ -20,7 +20,7 @@
 # killed: 545 s at most, usually far less; give a job runner at least that):
 #   info       nvidia-smi, versions, `gpumlp info`, a preflight of what  -> $OUT/info.log
 #              the others need (cuBLAS, NVRTC, cuRAND, cupyx, Pillow,
-#              matplotlib; whether PyTorch sees the GPU)
+#              matplotlib, pytest; whether PyTorch sees the GPU)
 #   tests      python -m pytest -m gpu tests/test_gpu_*.py                -> $OUT/pytest-gpu.log
 #   steps      generic vs fused step, h256, batch 128 (ms per step), and  -> $OUT/steps.log
 #              the fused step replayed as a CUDA graph (a probe)
@@ -75,16 +75,42 @@ info() {  # fails when the versions or `gpumlp info` cannot be printed, or a pre
   date -u +"%Y-%m-%d %H:%M:%S UTC"
   nvidia-smi || true
   "$PY" - <<'EOF' || rc=1
-import platform, numpy, cupy
+# Each version on a line of its own: one that cannot be read says why, and the rest still print.
+import platform
+from importlib import import_module
 from importlib.metadata import version
-print("python", platform.python_version(), "numpy", numpy.__version__, "cupy", cupy.__version__,
-      "click", version("click"), "pytest", version("pytest"))
-print("CUDA runtime", cupy.cuda.runtime.runtimeGetVersion(), "driver", cupy.cuda.runtime.driverGetVersion())
+
+
+def first_line(e):
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
+def about(name, optional=False):  # its module must import; the version is the dist's
+    try:
+        import_module(name)
+        return version(name) if name != "cupy" else import_module(name).__version__
+    except Exception as e:
+        if not optional:
+            missing.append(name)
+        return f"{'not installed' if optional else 'MISSING'} ({first_line(e)})"
+
+
+missing = []
+print("python  ", platform.python_version())
+for name in ("numpy", "cupy", "click", "pytest"):
+    print(f"{name:8}", about(name))
 try:
-    import torch
-    print("torch", torch.__version__, "cuda", torch.version.cuda)
-except ImportError:
-    print("torch: not installed")
+    import cupy
+    print("CUDA     runtime", cupy.cuda.runtime.runtimeGetVersion(),
+          "driver", cupy.cuda.runtime.driverGetVersion())
+except Exception as e:
+    missing.append("the CUDA runtime")
+    print(f"CUDA     MISSING ({first_line(e)})")
+torch = about("torch", optional=True)
+if not torch.startswith("not installed"):
+    torch += f" (cuda {import_module('torch').version.cuda})"
+print("torch   ", torch)
+raise SystemExit(f"missing: {', '.join(missing)}" if missing else 0)
 EOF
   "$PY" -m gpumlp info || rc=1
   "$PY" - <<'EOF' || rc=1
@@ -102,6 +128,7 @@ checks = {  # each a statement that raises when the library cannot do its part
                              "nd.map_coordinates(cupy.ones((4, 4), cupy.float32), "
                              "cupy.ones((2, 3), cupy.float32), order=1)",
     "Pillow, matplotlib (a GPU test)": "import PIL, matplotlib",
+    "pytest (the tests section)": "import pytest",
 }
 failed = 0
 for name, code in checks.items():

@@ -1,9 +1,11 @@
 """scripts/gpu_check.sh without a GPU: its section choice (SECTIONS), with PYTHON=false making
 every section fail at once, so only which sections ran, and what the summary says, is tested;
-and its steps section's Python, run in the host emulation of the GPU tests (emulate_gpu)."""
+the info section's versions, without CuPy and with a stand-in; and its steps section's Python,
+run in the host emulation of the GPU tests (emulate_gpu)."""
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,7 +52,7 @@ def section_python(name: str) -> str:
     """The Python a section of the script feeds to "$PY" - <<'EOF' ... EOF."""
     lines = SCRIPT.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(f"{name}() {{"))
-    begin = next(i for i in range(start, len(lines)) if lines[i].endswith("<<'EOF'")) + 1
+    begin = next(i for i in range(start, len(lines)) if "<<'EOF'" in lines[i]) + 1
     end = lines.index("EOF", begin)
     return "\n".join(lines[begin:end])
 
@@ -68,3 +70,40 @@ def test_the_steps_sections_python_runs_and_prints_its_timings(gpu, monkeypatch,
         assert re.search(rf"^{name} +h256 batch 128: [0-9.]+ ms/step .* host issue [0-9.]+ "
                          "ms/step$", out, re.M), out
     assert re.search(r"^graph +(h256 batch 128: [0-9.]+ ms/step|probe failed: )", out, re.M)
+
+
+STUB_CUPY = """__version__ = "0.0-stub"
+class runtime:
+    runtimeGetVersion = staticmethod(lambda: 13020)
+    driverGetVersion = staticmethod(lambda: 13020)
+class cuda:
+    runtime = runtime
+"""
+
+
+@pytest.mark.parametrize("cupy", ["absent", "stub"])
+def test_the_info_sections_versions_print_each_and_name_what_is_missing(tmp_path, cupy):
+    """The versions (python, numpy, cupy, click, pytest, the CUDA runtime, torch) each on a
+    line: one that cannot be read says so there, the others still print, and the block fails
+    naming what is missing, with no traceback. Here without CuPy (CI has none), then with a
+    stand-in CuPy whose runtime answers."""
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    if cupy == "stub":
+        (tmp_path / "cupy.py").write_text(STUB_CUPY)
+    else:
+        (tmp_path / "cupy.py").write_text("raise ImportError('no CuPy here (test)')")
+    result = subprocess.run([sys.executable, "-"], input=section_python("info"), env=env,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert "Traceback" not in result.stderr, result.stderr
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    assert names == ["python", "numpy", "cupy", "click", "pytest", "CUDA", "torch"], result.stdout
+    lines = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    assert lines["pytest"] == pytest.__version__
+    if cupy == "stub":
+        assert lines["cupy"] == "0.0-stub" and lines["CUDA"] == "runtime 13020 driver 13020"
+        assert result.returncode == 0, result.stderr
+    else:
+        assert lines["cupy"] == "MISSING (ImportError: no CuPy here (test))"
+        assert lines["CUDA"] == "MISSING (ImportError: no CuPy here (test))"
+        assert result.returncode == 1
+        assert result.stderr.strip() == "missing: cupy, the CUDA runtime"
