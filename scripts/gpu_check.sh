@@ -28,7 +28,7 @@
 #   train      gpumlp train --device cuda --config configs/h256.yaml    -> $OUT/train-h256.log,
 #              and that run's metrics.jsonl and summary.json
 # A section that fails or runs out of time does not stop the next one; the last lines printed
-# are a summary of all of them.
+# are a summary of all of them, and the exit status is 1 when any section did not end ok.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -296,6 +296,11 @@ for name in $SECTIONS; do
 done
 ! wanted info || grep -E "^preflight .*FAILED" "$OUT/info.log"
 ! wanted tests || grep -E "[0-9]+ (passed|failed|skipped|errors?)" "$OUT/pytest-gpu.log" | tail -n 1
-! wanted steps || grep -E "ms/step|probe failed" "$OUT/steps.log"
-! wanted bench || grep -E "^\|" "$OUT/bench.log"
+! wanted steps || grep -E "ms/step|probe failed" "$OUT/steps.log" || tail -n 1 "$OUT/steps.log"
+! wanted bench || grep -E "^\|" "$OUT/bench.log" || tail -n 1 "$OUT/bench.log"
 ! wanted train || tail -n 1 "$OUT/train-h256.log"
+failed=0  # the exit status: 1 when any section did not end ok
+for name in $SECTIONS; do
+  [ "${STATUS[$name]}" = ok ] || failed=1
+done
+exit $failed

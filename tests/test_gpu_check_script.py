@@ -13,8 +13,9 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
 
 
-def run_script(tmp_path: Path, sections: str | None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON="false",
+def run_script(tmp_path: Path, sections: str | None,
+               python: str = "false") -> subprocess.CompletedProcess:
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=python,
                GPUMLP_CACHE_DIR=str(tmp_path / "cache"))
     env.pop("SECTIONS", None)
     if sections is not None:
@@ -37,6 +38,19 @@ def test_sections_defaults_to_all_five(tmp_path):
     summary = result.stdout.split("=== summary ===")[1]
     names = [line.split()[0] for line in summary.splitlines() if "failed" in line]
     assert names == ["info", "tests", "steps", "bench", "train"]
+    assert result.returncode == 1
+
+
+def test_the_exit_status_is_0_only_when_every_section_ended_ok(tmp_path):
+    """PYTHON=true: the steps section's Python "succeeds" (prints nothing), so the summary
+    shows its log's last line; PYTHON=false: it fails."""
+    ok = run_script(tmp_path / "ok", "steps", python="true")
+    assert ok.returncode == 0, ok.stdout
+    assert ok.stdout.split("=== summary ===")[1].split("\n")[1:3] == [
+        "steps  ok", "=== steps (at most 45s) ==="]
+    one_failed = run_script(tmp_path / "one", "steps tests", python="true")  # pytest "ran"
+    assert "tests  failed: no test passed" in one_failed.stdout              # no test
+    assert one_failed.returncode == 1, one_failed.stdout
 
 
 def test_unknown_section_is_one_line_and_writes_nothing(tmp_path):
