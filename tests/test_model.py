@@ -521,8 +521,13 @@ def test_softmax_of_huge_logits_has_the_exact_limits():
 
 def test_loss_of_equal_logits_is_log_10():
     for value in (0.0, 7.0, -1e4):
-        L, dA2 = loss_and_dA2(np.full((4, 10), value), np.array([0, 3, 9, 5]))
+        y = np.array([0, 3, 9, 5])
+        L, dA2 = loss_and_dA2(np.full((4, 10), value), y)
         assert L == pytest.approx(math.log(10), rel=1e-12)
+        expected = np.full((4, 10), 0.1 / 4)             # (Z2 - Y) / m with Z2 = 1/10 everywhere
+        expected[np.arange(4), y] = (0.1 - 1) / 4
+        assert dA2.shape == (4, 10)
+        np.testing.assert_allclose(dA2, expected, rtol=1e-12, atol=1e-15)
 
 
 def test_loss_from_log_sum_exp_is_finite_and_exact_for_huge_logits():
