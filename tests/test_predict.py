@@ -134,14 +134,36 @@ def test_a_picture_is_turned_upright_as_its_exif_orientation_says(tmp_path):
                               mnist_pixels(seven[::-1, ::-1].astype(float)))
 
 
-def test_npy_arrays_in_levels_or_fractions_flat_or_square_agree(tmp_path):
+def test_npy_arrays_in_levels_or_fractions_flat_or_square_agree(tmp_path, random_model):
+    """The same digit as levels or fractions, as a 28x28 square or as its 784 values in any of
+    the three flat shapes, reads as the same pixels and gets the same prediction."""
     square = 255 - ring_digit(56, 56)
     np.save(tmp_path / "levels.npy", square)
-    np.save(tmp_path / "flat.npy", np.asarray(Image.fromarray(square).resize((28, 28))).ravel())
+    small = np.asarray(Image.fromarray(square).resize((28, 28)))     # a 28x28 image, 784 values
+    np.save(tmp_path / "flat.npy", small.ravel())
     np.save(tmp_path / "fractions.npy", square / 255.0)
+    np.save(tmp_path / "small.npy", small)
+    np.save(tmp_path / "row.npy", small.reshape(1, 784))
+    np.save(tmp_path / "column.npy", small.reshape(784, 1))
     levels = load_digit(tmp_path / "levels.npy")
     np.testing.assert_allclose(load_digit(tmp_path / "fractions.npy"), levels, atol=1e-3)
     assert load_digit(tmp_path / "flat.npy").shape == (28, 28)
+    for flat in ("flat", "row", "column"):         # row-major 784 values: the square, unturned
+        np.testing.assert_array_equal(load_digit(tmp_path / f"{flat}.npy"),
+                                      load_digit(tmp_path / "small.npy"))
+    names = ["levels", "fractions", "small", "flat", "row", "column"]
+    result = invoke(predict, random_model, *[tmp_path / f"{name}.npy" for name in names],
+                    "--json", "--top-k", "10", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    rows = dict(zip(names, (json.loads(line) for line in result.stdout.splitlines())))
+    assert len(rows) == len(names) and all("error" not in row for row in rows.values()), rows
+    probabilities = {name: np.array([p["probability"] for p in sorted(
+        row["top"], key=lambda p: p["class"])]) for name, row in rows.items()}
+    assert rows["fractions"]["prediction"] == rows["levels"]["prediction"]
+    np.testing.assert_allclose(probabilities["fractions"], probabilities["levels"], atol=1e-5)
+    for flat in ("flat", "row", "column"):                # float32 rows in one batch: to rounding
+        assert rows[flat]["prediction"] == rows["small"]["prediction"]
+        np.testing.assert_allclose(probabilities[flat], probabilities["small"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("height, width, refused", [(1, 2, True), (4, 4, True), (5, 3, False)])
