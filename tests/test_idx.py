@@ -105,7 +105,8 @@ def test_unreadable_path(tmp_path):
 
 # --- the MNIST folder -------------------------------------------------------------------------
 
-def write_folder(folder, n_train=4, n_test=2, train_labels=None):
+def write_folder(folder, n_train=4, n_test=2, train_labels=None, gz_labels=False):
+    """The four files; images as .gz and labels raw, or the other way round with gz_labels."""
     rng = np.random.default_rng(0)
     arrays = {
         FILES["train"][0]: rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
@@ -115,17 +116,29 @@ def write_folder(folder, n_train=4, n_test=2, train_labels=None):
     }
     folder.mkdir(exist_ok=True)
     for i, (stem, array) in enumerate(arrays.items()):  # raw and .gz mixed in one folder
-        name, raw = (stem, encode_idx(array)) if i % 2 else (f"{stem}.gz", gzip.compress(encode_idx(array)))
+        if bool(i % 2) != gz_labels:
+            name, raw = stem, encode_idx(array)
+        else:
+            name, raw = f"{stem}.gz", gzip.compress(encode_idx(array))
         (folder / name).write_bytes(raw)
     return arrays
 
 
-def test_load_mnist_reads_raw_and_gz_and_flattens(tmp_path):
-    arrays = write_folder(tmp_path / "m")
+@pytest.mark.parametrize("gz_labels", [False, True], ids=["gz images", "gz labels"])
+def test_load_mnist_reads_raw_and_gz_and_flattens(tmp_path, gz_labels):
+    arrays = write_folder(tmp_path / "m", train_labels=np.array([3, 1, 4, 1], np.uint8),
+                          gz_labels=gz_labels)      # not 0..n-1, as the test labels are
+    assert {p.suffix == ".gz" for p in (tmp_path / "m").iterdir()} == {True, False}
     mnist = load_mnist(tmp_path / "m")
     assert mnist.train.images.shape == (4, 784) and mnist.test.images.shape == (2, 784)
     np.testing.assert_array_equal(mnist.train.images, arrays[FILES["train"][0]].reshape(4, 784))
     np.testing.assert_array_equal(mnist.test.labels, [0, 1])
+    for split in ("train", "test"):                  # every file as written, row-major
+        images, labels = getattr(mnist, split)
+        n = len(arrays[FILES[split][1]])
+        np.testing.assert_array_equal(images, arrays[FILES[split][0]].reshape(n, 784))
+        np.testing.assert_array_equal(labels, arrays[FILES[split][1]])
+        assert images.dtype == labels.dtype == np.uint8
 
 
 def test_load_mnist_missing_file_and_folder(tmp_path):
