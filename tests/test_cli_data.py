@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tqdm import tqdm
 
 from fetch_helpers import HTML_PAGE, FakeMnist, build_wheel, go_offline, start_server
 from use_helpers import assert_missing_extra, train_model, without_module
@@ -588,16 +590,28 @@ def test_every_help_has_an_example(command):
     assert result.exit_code == 0 and "Example" in result.output and "gpumlp data" in result.output
 
 
-def test_progress_shows_bars_only_when_asked():
+def test_progress_shows_bars_only_when_asked(monkeypatch):
     events = [Event("source", "mirror M"), Event("bytes", "mirror M", "a.gz", 0, 100),
               Event("bytes", "mirror M", "a.gz", 100, 100), Event("skip", "mirror M", detail="why")]
-    with_bars, plain = io.StringIO(), io.StringIO()
+    with_bars, plain, drawn = io.StringIO(), io.StringIO(), io.StringIO()
     for stream, bars in [(with_bars, True), (plain, False)]:
         show = TerminalProgress(bars=bars, stream=stream)
         for event in events:
             show(event)
     assert "\ra.gz:   0%" in with_bars.getvalue()
     assert plain.getvalue() == "fetching MNIST from mirror M\n  passed over mirror M: why\n"
+    # the finished bar is wiped (a blank frame), and the next line starts on a clean line
+    assert with_bars.getvalue().startswith("fetching MNIST from mirror M\n\ra.gz:   0%")
+    *_, wiped, after = with_bars.getvalue().split("\r")
+    assert wiped.strip() == "" and len(wiped) > 20 and after == "  passed over mirror M: why\n"
+    # tqdm draws at most one frame per 0.1 s; with every frame drawn, the bar ends at 100%
+    monkeypatch.setattr("gpumlp.cli_data.tqdm", functools.partial(tqdm, mininterval=0))
+    show = TerminalProgress(bars=True, stream=drawn)
+    for event in events:
+        show(event)
+    *_, full, wiped, after = drawn.getvalue().split("\r")
+    assert full.startswith("a.gz: 100%|") and "| 100/100 [" in full, drawn.getvalue()
+    assert wiped.strip() == "" and after == "  passed over mirror M: why\n"
 
 
 def test_quiet_progress_shows_only_the_unused_data_dir_warning():
