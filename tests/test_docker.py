@@ -359,6 +359,10 @@ def test_a_bad_dockerfile_is_rejected(old, new, complaint):
 def test_a_second_pip_install_without_no_cache_dir_is_caught():
     bad = GOOD.replace("'./[cuda12]'", "'./[cuda12]' && pip3 install numpy==2.2.6")
     assert check_pip_cache(parse_dockerfile(bad)) != []
+    # that one command, not the install before it in the same RUN (line 4), which has the flag
+    assert check_pip_cache(parse_dockerfile(bad)) == [
+        "line 4: pip install without --no-cache-dir: pip3 install numpy==2.2.6"]
+    assert check_pip_cache(parse_dockerfile(GOOD)) == []
 
 
 def test_global_arg_in_from_is_resolved():
