@@ -54,12 +54,43 @@ def invoke(*args, **kwargs):
     return CliRunner().invoke(data, list(args), **kwargs)
 
 
-def assert_clean_error(result, words):
+VERIFY_MARKS = ("ok   ", "BAD  ", "--   ")  # how `data verify` starts its line for each file
+
+
+def assert_clean_error(result, words, report=False):
+    """Exit code 1 and stderr exactly one line, `Error: ...`, holding `words` (which may end
+    with the line's newline); stdout empty, or with `report` verify's line for each file."""
     assert result.exit_code == 1, result.output
-    error = result.stderr[result.stderr.index("Error: "):]
-    assert error.startswith("Error: ") and words in error
-    assert "Traceback" not in result.output
     assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert result.stderr == lines[0] + "\n" and words in result.stderr, result.stderr
+    if report:
+        rows = result.stdout.splitlines()
+        assert len(rows) == 4 and all(row.startswith(VERIFY_MARKS) for row in rows), rows
+    else:
+        assert result.stdout == "", result.stdout
+
+
+def assert_every_source_failed(result):
+    """The one error that is not one line, by design: after the progress lines, `Error: could
+    not get the MNIST files`, then a line per source tried, then what to do."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert result.stderr.count("Error: ") == 1 and result.stderr.endswith(".\n"), result.stderr
+    start = next(i for i, line in enumerate(lines) if line.startswith("Error: "))
+    progress, error = lines[:start], lines[start:]
+    assert all(line.startswith(("fetching MNIST from ", "  passed over ")) for line in progress)
+    assert error[:2] == ["Error: could not get the MNIST files: no source had them intact.",
+                         "Sources tried, in order:"], error
+    sources = [line for line in error[2:] if line.startswith("  - ")]
+    assert len(sources) >= 2 and error[2:2 + len(sources)] == sources, error
+    rest = error[2 + len(sources):]
+    assert 1 <= len(rest) <= 2 and rest[-1].startswith("To supply them by hand, put "), error
+    assert len(rest) == 1 or rest[0].startswith("Or try --source auto, which also asks "), error
 
 
 def test_fetch_prints_the_folder_and_progress_on_stderr(cache, mirror):
@@ -99,7 +130,7 @@ def test_fetch_from_the_index_only(monkeypatch, cache, tmp_path, fake, mirror):
 
 def test_fetch_with_every_source_failing_is_one_clear_error(fake):
     result = invoke("fetch", "--source", "mirrors")
-    assert_clean_error(result, "could not get the MNIST files")
+    assert_every_source_failed(result)
     assert "cannot connect" in result.stderr and "--data-dir FOLDER" in result.stderr
     assert "\nSources tried, in order:\n  - cache " in result.stderr     # a line per source
     assert "\n  - mirror http://127.0.0.1:" in result.stderr
@@ -164,7 +195,7 @@ def test_verify_detects_a_poisoned_cache_and_fetch_repairs_it(cache, fake, mirro
     (cache / "train-labels-idx1-ubyte").write_bytes(HTML_PAGE)
     (cache / "t10k-images-idx3-ubyte").write_bytes(fake.raw["t10k-images-idx3-ubyte"][:100])
     poisoned = invoke("verify")
-    assert_clean_error(poisoned, "2 of 4 MNIST files")
+    assert_clean_error(poisoned, "2 of 4 MNIST files", report=True)
     assert "`gpumlp data fetch` replaces them" in poisoned.stderr
     assert "BAD  train-labels-idx1-ubyte: an HTML page" in poisoned.stdout
     assert "BAD  t10k-images-idx3-ubyte: body is short" in poisoned.stdout
@@ -178,7 +209,7 @@ def test_verify_checks_a_named_data_dir(tmp_path, fake):
     assert invoke("verify", "--data-dir", str(folder)).exit_code == 0
     (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b" + b"cut")
     result = invoke("verify", "--data-dir", str(folder))
-    assert_clean_error(result, "replace them by hand")
+    assert_clean_error(result, "replace them by hand", report=True)
     assert "BAD  t10k-labels-idx1-ubyte: broken gzip data" in result.stdout
 
 
@@ -262,7 +293,7 @@ def test_verify_of_an_empty_data_dir_is_one_line(tmp_path, fake):
     assert result.stdout == ""
     (folder / "train-labels-idx1-ubyte.gz").write_bytes(fake.gz["train-labels-idx1-ubyte"])
     some = invoke("verify", "--data-dir", str(folder))
-    assert_clean_error(some, "3 of 4 MNIST files")
+    assert_clean_error(some, "3 of 4 MNIST files", report=True)
     assert "ok   train-labels-idx1-ubyte" in some.stdout
 
 
@@ -529,7 +560,7 @@ def test_a_cache_holding_one_split_is_called_incomplete_not_damaged(finished_run
                        "run `gpumlp data fetch` to fetch them")
     verify = invoke("verify")
     assert_clean_error(verify, f"2 of 4 MNIST files in {cache} are missing; `gpumlp data fetch` "
-                       "fetches them")
+                       "fetches them", report=True)
     assert verify.stdout.splitlines() == ["--   train-images-idx3-ubyte: missing",
                                           "--   train-labels-idx1-ubyte: missing",
                                           "ok   t10k-images-idx3-ubyte",
@@ -539,7 +570,8 @@ def test_a_cache_holding_one_split_is_called_incomplete_not_damaged(finished_run
                        "train-labels-idx1-ubyte: ")
     damaged = invoke("verify")
     assert_clean_error(damaged, "2 of 4 MNIST files in "
-                       f"{cache} failed verification; `gpumlp data fetch` replaces them")
+                       f"{cache} failed verification; `gpumlp data fetch` replaces them",
+                       report=True)
     assert damaged.stdout.splitlines()[:2] == ["--   train-images-idx3-ubyte: missing",
                                                "BAD  train-labels-idx1-ubyte: " + damaged.stdout
                                                .splitlines()[1].split(": ", 1)[1]]
