@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from help_helpers import assert_help_has_an_example
 from gpumlp import backend
 from gpumlp.backend import CPU
 from gpumlp.cli import main
@@ -406,10 +407,12 @@ def test_info_names_every_device_and_the_blas_by_name_then_version(monkeypatch):
     assert details["blas"] == "scipy-openblas 0.3.27"
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["gradcheck"], ["info"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["gradcheck"], ["info"],
+                                     ["bench"], ["predict"], ["report"], ["export"]])
 def test_help_explains_with_an_example(command):
     result = cli(*command, "--help")
     assert result.exit_code == 0 and "Example" in result.stdout
+    assert_help_has_an_example(command, result.stdout)
 
 
 # --- errors -----------------------------------------------------------------------------------

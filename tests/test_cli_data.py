@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from tqdm import tqdm
 
 from fetch_helpers import HTML_PAGE, FakeMnist, build_wheel, go_offline, start_server
+from help_helpers import assert_help_has_an_example
 from use_helpers import assert_missing_extra, train_model, without_module
 from gpumlp import fetch
 from gpumlp.cli import main
@@ -620,6 +621,7 @@ def test_info_on_a_damaged_cache_names_the_file_in_one_line(cache, fake, mirror)
 def test_every_help_has_an_example(command):
     result = invoke(*command, "--help")
     assert result.exit_code == 0 and "Example" in result.output and "gpumlp data" in result.output
+    assert_help_has_an_example(["data", *command], result.output)
 
 
 def test_progress_shows_bars_only_when_asked(monkeypatch):
