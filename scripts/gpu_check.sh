@@ -13,8 +13,10 @@
 #   GPUMLP_CACHE_DIR  default: a fresh temporary folder, so the user's cache is never touched.
 #   OUT               where the logs go (default: gpu-check-out/ in the checkout).
 #   PYTHON            the interpreter (default: python3).
-#   SECTIONS          the sections to run, by name (default: all five, "info tests steps bench
-#                     train"); e.g. SECTIONS="tests bench" to rerun two after a fix.
+#   SECTIONS          the sections to run, by name (default: the first five, "info tests steps
+#                     bench train"); e.g. SECTIONS="tests bench" to rerun two after a fix, or
+#                     SECTIONS=sanitize for the sixth, which runs only when named.
+#   SANITIZER         compute-sanitizer's path (default: the one on PATH, else CUDA's bin/).
 #
 # Sections, each under its own time limit (60 + 190 + 45 + 120 + 80 s, and 10 s more each to be
 # killed: 545 s at most, usually far less; give a job runner at least that):
@@ -27,6 +29,9 @@
 #   bench      gpumlp bench --device cuda (vs PyTorch eager)             -> $OUT/bench.log
 #   train      gpumlp train --device cuda --config configs/h256.yaml    -> $OUT/train-h256.log,
 #              and that run's metrics.jsonl and summary.json
+#   sanitize   only when named, at most 240 s: a short `gpumlp train`   -> $OUT/sanitize.log
+#              through every fused kernel under compute-sanitizer's
+#              memcheck, then its racecheck; each array its own cudaMalloc
 # A section that fails or runs out of time does not stop the next one; the last lines printed
 # are a summary of all of them, and the exit status is 1 when any section did not end ok.
 set -uo pipefail
@@ -35,9 +40,9 @@ cd "$(dirname "$0")/.."
 SECTIONS="${SECTIONS:-info tests steps bench train}"
 for name in $SECTIONS; do
   case $name in
-    info|tests|steps|bench|train) ;;
+    info|tests|steps|bench|train|sanitize) ;;
     *) echo "gpu_check.sh: no section '$name' in SECTIONS;" \
-         "the sections are: info tests steps bench train" >&2
+         "the sections are: info tests steps bench train sanitize" >&2
        exit 2 ;;
   esac
 done
@@ -270,7 +275,40 @@ train_h256() {
     cp "$run/metrics.jsonl" "$run/summary.json" "$OUT/"
 }
 
-export -f info steps train_h256  # so that `timeout bash -c NAME` runs them
+sanitize() {  # opt-in: a short cuda run under compute-sanitizer, memcheck then racecheck
+  local tool run rc=0
+  if ! [ -x "$SANITIZER" ]; then
+    echo "compute-sanitizer not found at '$SANITIZER'; set SANITIZER to its path"
+    return 1
+  fi
+  for tool in memcheck racecheck; do
+    run="$(mktemp -d)/small"
+    echo "--- $tool"
+    "$SANITIZER" --tool "$tool" --error-exitcode 1 "$PY" - "$run" <<'EOF' || rc=1
+# Every fused kernel (the loader, dropout, two hidden layers, Adam, label smoothing, a shorter
+# last batch, the loop's tally) in one short `gpumlp train`, each array its own cudaMalloc, so
+# that memcheck sees a read or write one element past an array's end.
+import sys
+
+import cupy
+
+from gpumlp.cli import main
+
+cupy.cuda.set_allocator(None)
+main(["train", "--device", "cuda", "--config", "configs/smoke.yaml", "--out", sys.argv[1], "-q",
+      "--set", "model.hidden=[64, 32]", "--set", "model.dropout=0.2",
+      "--set", "model.activation=gelu", "--set", "optim.name=adam", "--set", "optim.lr=0.001",
+      "--set", "train.label_smoothing=0.1", "--set", "data.limit=1550",
+      "--set", "data.val_size=0", "--set", "train.epochs=1"])
+EOF
+  done
+  return $rc
+}
+
+SANITIZER="${SANITIZER:-$(command -v compute-sanitizer ||
+                            echo /usr/local/cuda/bin/compute-sanitizer)}"
+export SANITIZER
+export -f info steps train_h256 sanitize  # so that `timeout bash -c NAME` runs them
 wanted info && section info 60 info.log bash -c info
 if wanted tests; then
   PER_TEST=()  # with pytest-timeout, a test that hangs costs 60 s, not the section's 190
@@ -289,6 +327,7 @@ wanted bench && section bench 120 bench.log \
   "$PY" -m gpumlp bench --device cuda --data "$BENCH_DATA" --hidden 256 --hidden 1024 \
   --batch 128 --batch 1024
 wanted train && section train 80 train-h256.log bash -c train_h256
+wanted sanitize && section sanitize 240 sanitize.log bash -c sanitize
 
 echo "=== summary ==="
 for name in $SECTIONS; do
@@ -299,6 +338,7 @@ done
 ! wanted steps || grep -E "ms/step|probe failed" "$OUT/steps.log" || tail -n 1 "$OUT/steps.log"
 ! wanted bench || grep -E "^\|" "$OUT/bench.log" || tail -n 1 "$OUT/bench.log"
 ! wanted train || tail -n 1 "$OUT/train-h256.log"
+! wanted sanitize || grep -E "ERROR SUMMARY|RACECHECK SUMMARY|not found" "$OUT/sanitize.log"
 failed=0  # the exit status: 1 when any section did not end ok
 for name in $SECTIONS; do
   [ "${STATUS[$name]}" = ok ] || failed=1

@@ -2,13 +2,16 @@
 every section fail at once, so only which sections ran, and what the summary says, is tested;
 the info section's versions, without CuPy and with a stand-in; and its steps section's Python,
 run in the host emulation of the GPU tests (emulate_gpu)."""
+import json
 import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+import yaml
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
 
@@ -58,8 +61,22 @@ def test_unknown_section_is_one_line_and_writes_nothing(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [(
         "gpu_check.sh: no section 'bogus' in SECTIONS; the sections are: info tests steps bench "
-        "train")]
+        "train sanitize")]
     assert not (tmp_path / "out").exists()
+
+
+def test_sanitize_runs_only_when_named_and_says_when_the_sanitizer_is_missing(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON="false", SECTIONS="sanitize",
+               SANITIZER=str(tmp_path / "no-such-sanitizer"))
+    result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sanitize.log"]
+    summary = result.stdout.split("=== summary ===")[1].strip().splitlines()
+    assert summary == ["sanitize failed (1)", "compute-sanitizer not found at "
+                       f"'{tmp_path / 'no-such-sanitizer'}'; set SANITIZER to its path"]
+    by_default = run_script(tmp_path / "default", None)
+    assert "sanitize" not in by_default.stdout.split("=== summary ===")[1]
 
 
 def section_python(name: str) -> str:
@@ -121,3 +138,38 @@ def test_the_info_sections_versions_print_each_and_name_what_is_missing(tmp_path
         assert lines["CUDA"] == "MISSING (ImportError: no CuPy here (test))"
         assert result.returncode == 1
         assert result.stderr.strip() == "missing: cupy, the CUDA runtime"
+
+
+@pytest.mark.gpu
+def test_the_sanitize_sections_python_trains_through_every_fused_kernel(gpu, monkeypatch,
+                                                                        tmp_path):
+    """A dry run of the sanitize section's code (the run compute-sanitizer watches), in the host
+    emulation: the fused step takes every step of it, with its loader and tally, and the run
+    has the two hidden layers, dropout, Adam and the shorter last batch it is meant to."""
+    if "emulation" not in gpu.description:
+        pytest.skip("on a GPU, the script's sanitize section runs this itself")
+    from gpumlp import fast_cuda
+
+    calls: dict = {}
+    for name in ("__call__", "batch", "tally"):
+        method = getattr(fast_cuda.FusedStep, name)
+
+        def counted(self, *args, _name=name, _method=method, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _method(self, *args, **kwargs)
+        monkeypatch.setattr(fast_cuda.FusedStep, name, counted)
+    allocators: list = []
+    cuda = types.SimpleNamespace(set_allocator=allocators.append)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
+    monkeypatch.chdir(SCRIPT.parents[1])                    # it reads configs/smoke.yaml
+    monkeypatch.setattr(sys, "argv", ["-", str(tmp_path / "small")])
+    with pytest.raises(SystemExit) as done:
+        exec(compile(section_python("sanitize"), f"{SCRIPT.name}:sanitize", "exec"),
+             {"__name__": "__main__"})
+    assert done.value.code in (0, None)
+    assert allocators == [None]                               # CuPy's pool off
+    assert calls == {"__call__": 16, "batch": 16, "tally": 16}  # 15 batches of 100, one of 50
+    saved = yaml.safe_load((tmp_path / "small" / "config.yaml").read_text())
+    assert saved["model"]["hidden"] == [64, 32] and saved["model"]["dropout"] == 0.2
+    assert (saved["optim"]["name"], saved["model"]["activation"]) == ("adam", "gelu")
+    assert json.loads((tmp_path / "small" / "summary.json").read_text())["steps"] == 16
