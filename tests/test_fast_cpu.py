@@ -652,6 +652,59 @@ def test_executed_flops_of_an_h256_epoch_are_the_issue_s_49_1_gflop():
     assert executed_gflop((784, 256, 10), 60000) == pytest.approx(49.09, abs=0.01)
 
 
+def separable_split(n: int = 640, seed: int = 0) -> DeviceSplit:
+    """uint8 images whose label k lights pixels 78 k to 78 k + 77, over noise: a net learns it
+    in a few epochs."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    images = rng.integers(0, 60, (n, 784)).astype(np.uint8)
+    for i, k in enumerate(labels):
+        images[i, 78 * k:78 * k + 78] = 255
+    return DeviceSplit(images, labels)
+
+
+def test_the_benchs_pytorch_side_trains_the_same_784_h_10_relu_net():
+    """What the bench times against: PyTorch eager training the seed's net (784-h-10, ReLU),
+    which learns. Skipped where PyTorch is not installed (CI: its wheel with CUDA's libraries is
+    gigabytes); the GPU check runs it on the GPU host through the bench."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed: the bench's "
+                                "comparison side was not run")
+    from gpumlp.bench import torch_runner
+
+    split = separable_split()
+    epoch = torch_runner(torch, "cpu", split, 16, 32, seed=0)
+    shapes = [tuple(p.shape) for p in epoch.net.parameters()]
+    assert shapes == [(16, 784), (16,), (10, 16), (10,)]
+    assert [type(m).__name__ for m in epoch.net] == ["Linear", "ReLU", "Linear"]
+
+    def accuracy() -> float:
+        with torch.no_grad():
+            X = torch.from_numpy(split.images.astype(np.float32) / 255)
+            return float((epoch.net(X).argmax(1).numpy() == split.labels).mean())
+    before = accuracy()
+    for _ in range(3):
+        epoch()
+    assert before < 0.5 < 0.95 < accuracy(), (before, accuracy())
+
+
+def test_bench_with_pytorch_on_the_cpu_gives_both_rows_and_their_ratio():
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed: the bench's "
+                                "comparison side was not run")
+    args = ["bench", "--device", "cpu", "--data", "synthetic", "--hidden", "8", "--batch", "16",
+            "--samples", "64", "--repeats", "2", "--torch", "--threads", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
+            if line.startswith("| 8 |")]
+    assert [[c.strip() for c in row[:3]] for row in rows] == [["8", "16", "gpumlp"],
+                                                               ["8", "16", "torch"]]
+    assert float(rows[0][-1]) > 0 and rows[1][-1].strip() == "-"  # gpumlp's epoch / torch's
+    assert int(rows[1][4].replace(",", "")) > 0                   # torch's samples/s
+    assert f"torch {torch.__version__}" in result.stdout           # its version
+    assert "; torch 1; gpumlp step:" in result.stdout              # and its threads
+    assert "--torch --threads 1" in result.stdout.split("reproduce:")[1]
+
+
 def test_bench_prints_a_table_and_the_command_that_reproduces_it():
     args = ["bench", "--device", "cpu", "--data", "synthetic", "--hidden", "8", "--batch", "16",
             "--batch", "24", "--samples", "64", "--repeats", "2", "--no-torch"]
