@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 import os
 import shutil
 import struct
@@ -100,6 +101,25 @@ def test_a_model_config_python_cannot_read_is_one_error_line(model_arrays, tmp_p
         result = invoke(command, *args, "--device", "cpu")
         assert_one_error(result, f"{path}: its config is invalid ({reason}); not a gpumlp "
                          "model file")
+
+
+@pytest.mark.parametrize("key, value, reason", [
+    ("hidden", -3, "config key 'model.hidden' must be a width from 1 to 2^40 or a non-empty "
+                   "list of them, got -3"),
+    ("activation", "swish", "config key 'model.activation' must be one of relu, leaky_relu, "
+                            "sigmoid, tanh, gelu, got 'swish'"),
+], ids=["hidden", "activation"])
+def test_a_model_config_of_values_gpumlp_refuses_is_one_error_line(model_arrays, tmp_path, key,
+                                                                  value, reason):
+    """JSON that reads, naming a net gpumlp cannot build: the config's own check says why."""
+    config = json.loads(str(model_arrays["config"]))
+    config["model"][key] = value
+    path = tmp_path / "model.npz"
+    np.savez(path, **{**model_arrays, "config": np.array(json.dumps(config))})
+    for command in (evaluate, predict):
+        args = [path] if command is evaluate else [path, tmp_path / "digit.png"]
+        result = invoke(command, *args, "--device", "cpu")
+        assert_one_error(result, f"{path}: its config is invalid ({reason})")
 
 
 @pytest.mark.parametrize("line, reason", [
@@ -419,6 +439,17 @@ def test_the_advice_for_an_unfinished_run_writes_the_model(interrupted, tiny_dat
     (run / "model.npz").unlink()  # a finished run (summary.json) that lost its model: no advice
     line = assert_one_error(invoke(evaluate, run / "model.npz", "--device", "cpu"))
     assert line == f"Error: {run / 'model.npz'}: no such file"
+
+
+@pytest.mark.parametrize("dropped", ["W2", "b1"])
+def test_a_model_missing_a_layers_array_says_which_and_that_it_was_changed(model_arrays,
+                                                                          tmp_path, dropped):
+    model = tmp_path / "model.npz"
+    np.savez(model, **{k: v for k, v in model_arrays.items() if k != dropped})
+    line = assert_one_error(invoke(evaluate, model, "--device", "cpu"))
+    assert line == (f"Error: {model}: array {dropped} is missing for hidden sizes [16]: not "
+                    "the net its own config describes, so the file was changed after gpumlp "
+                    "wrote it; train it again")
 
 
 def test_a_model_whose_arrays_do_not_fit_its_own_config_says_it_was_changed(tmp_path):
