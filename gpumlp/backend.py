@@ -117,6 +117,21 @@ def cupy_version() -> str | None:
     return None if cupy is None else cupy.__version__
 
 
+def cuda_versions(cupy: Any = None) -> str:
+    """"CUDA runtime 13.0, driver 13.0": the CUDA runtime `cupy` was built with and what the
+    driver supports (CUDA encodes 13.0 as 13000); what is missing, said instead."""
+    cupy = cupy if cupy is not None else _import_cupy()
+    if cupy is None:
+        return "- (no CuPy)"
+    try:
+        runtime = cupy.cuda.runtime
+        numbers = (runtime.runtimeGetVersion(), runtime.driverGetVersion())
+    except Exception as e:  # a broken CUDA install, or no runtime library
+        return f"unknown ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})"
+    shown = [f"{v // 1000}.{v % 1000 // 10}" if v else "none" for v in map(int, numbers)]
+    return f"CUDA runtime {shown[0]}, driver {shown[1]}"
+
+
 def array_module(array: Any) -> ModuleType:
     """numpy or cupy, whichever `array` belongs to (without importing cupy)."""
     if type(array).__module__.split(".")[0] == "cupy":

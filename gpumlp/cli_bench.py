@@ -57,15 +57,18 @@ def header_lines(backend, result: dict, spec, data: str = "mnist") -> list[str]:
     import scipy
 
     from . import __version__
+    from .backend import cuda_versions
     from .bench import LR, MOMENTUM
 
     torch = result["torch"] or f"- ({result['torch_note']})"
     threads = ", ".join(result["blas_threads"]) or "-"
+    cupy = (f"cupy {backend.xp.__version__} ({cuda_versions(backend.xp)}), " if backend.is_gpu
+            else "")
     return [
         f"# gpumlp bench, {datetime.date.today().isoformat()}",
         f"device    {backend.description}; CPU {cpu_model()}, {os.cpu_count()} cores",
         f"versions  gpumlp {__version__}, python {platform.python_version()}, numpy "
-        f"{numpy.__version__}, scipy {scipy.__version__}, torch {torch}",
+        f"{numpy.__version__}, scipy {scipy.__version__}, {cupy}torch {torch}",
         f"threads   {threads}; torch {result['torch_threads'] or '-'}; "
         f"gpumlp step: {result.get('gpumlp_step', '-')}",
         f"sgemm     {result['sgemm_gflops']:.1f} GFLOP/s (best 2048^3 float32 product, measured "

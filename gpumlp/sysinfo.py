@@ -9,7 +9,7 @@ import platform
 import numpy as np
 
 from . import __version__
-from .backend import available_devices, cupy_version
+from .backend import available_devices, cuda_versions, cupy_version
 
 
 def blas_name() -> str:
@@ -32,6 +32,7 @@ def system_info() -> dict:
         "numpy": np.__version__,
         "blas": blas_name(),
         "cupy": cupy_version() or "not installed (pip install -e '.[cuda12]' in the gpumlp folder)",
+        "cuda": cuda_versions(),
         "click": importlib.metadata.version("click"),
         "pyyaml": yaml.__version__,
         "cpus": os.cpu_count(),

@@ -397,6 +397,20 @@ def test_info_lists_versions_and_devices():
     assert details["numpy"] == np.__version__ and "cpu" in details["devices"]
 
 
+def test_info_names_the_cuda_runtime_and_driver_with_cupy(monkeypatch):
+    import types
+
+    from gpumlp import backend
+    runtime = types.SimpleNamespace(runtimeGetVersion=lambda: 12080, driverGetVersion=lambda: 13000,
+                                    getDeviceCount=lambda: 0)
+    cupy = types.SimpleNamespace(__version__="13.6.0", cuda=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setattr(backend, "_import_cupy", lambda: None)
+    assert json.loads(cli("info", "--json").stdout)["cuda"] == "- (no CuPy)"
+    monkeypatch.setattr(backend, "_import_cupy", lambda: cupy)
+    details = json.loads(cli("info", "--json").stdout)
+    assert (details["cupy"], details["cuda"]) == ("13.6.0", "CUDA runtime 12.8, driver 13.0")
+
+
 def test_info_names_every_device_and_the_blas_by_name_then_version(monkeypatch):
     from gpumlp import sysinfo
     monkeypatch.setattr(sysinfo, "available_devices", lambda: ["cpu", "gpu0", "gpu1"])

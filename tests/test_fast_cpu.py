@@ -734,6 +734,45 @@ def test_the_bench_header_explains_the_ratio_when_torch_was_timed():
                          "is faster)")
 
 
+def stub_cupy(runtime: int = 13000, driver: int = 13020, version: str = "14.2.0"):
+    """What cuda_versions reads of CuPy."""
+    import types
+    versions = types.SimpleNamespace(runtimeGetVersion=lambda: runtime,
+                                     driverGetVersion=lambda: driver)
+    return types.SimpleNamespace(__version__=version, cuda=types.SimpleNamespace(runtime=versions))
+
+
+def test_cuda_versions_reads_cudas_encoding_and_says_what_is_missing(monkeypatch):
+    from gpumlp import backend
+    from gpumlp.backend import cuda_versions
+
+    assert cuda_versions(stub_cupy(12080, 13020)) == "CUDA runtime 12.8, driver 13.2"
+    assert cuda_versions(stub_cupy(13000, 0)) == "CUDA runtime 13.0, driver none"  # no driver
+    broken = stub_cupy()
+    broken.cuda.runtime.driverGetVersion = lambda: (_ for _ in ()).throw(
+        RuntimeError("libcudart.so.13: cannot open\nmore"))
+    assert cuda_versions(broken) == "unknown (RuntimeError: libcudart.so.13: cannot open)"
+    monkeypatch.setattr(backend, "_import_cupy", lambda: None)
+    assert cuda_versions() == "- (no CuPy)"
+
+
+def test_the_bench_header_on_a_gpu_names_cupy_and_the_cuda_versions():
+    """The GPU's table is recorded with its versions: CuPy's and CUDA's are in its header."""
+    from gpumlp.backend import Backend
+    from gpumlp.bench import BenchSpec
+    from gpumlp.cli_bench import header_lines
+
+    gpu = Backend(stub_cupy(), "cuda:0", "cuda:0 (NVIDIA H200)")
+    result = {"torch": "2.11.0+cu130", "torch_note": "", "torch_threads": 16, "blas_threads": [],
+              "sgemm_gflops": 50000.0, "gpumlp_step": "fused_cuda"}
+    lines = header_lines(gpu, result, BenchSpec(hidden=(256,), batch=(128,), repeats=3))
+    versions = next(line for line in lines if line.startswith("versions "))
+    assert versions.endswith(", cupy 14.2.0 (CUDA runtime 13.0, driver 13.2), torch 2.11.0+cu130")
+    assert lines[1].startswith("device    cuda:0 (NVIDIA H200); CPU ")
+    cpu = header_lines(CPU, result, BenchSpec(hidden=(256,), batch=(128,), repeats=3))
+    assert "cupy" not in next(line for line in cpu if line.startswith("versions "))
+
+
 def test_bench_runs_on_the_first_mnist_images_by_default(tiny_data_dir, monkeypatch):
     """MNIST's zero pixels are what the fast step skips: the benchmark trains on MNIST itself."""
     import gpumlp.bench as bench_module
