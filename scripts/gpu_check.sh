@@ -102,15 +102,8 @@ def about(name, optional=False):  # its module must import; the version is the d
 
 missing = []
 print("python  ", platform.python_version())
-for name in ("numpy", "cupy", "click", "pytest"):
+for name in ("numpy", "cupy", "click", "pytest"):  # CUDA's versions: `gpumlp info` next
     print(f"{name:8}", about(name))
-try:
-    import cupy
-    print("CUDA     runtime", cupy.cuda.runtime.runtimeGetVersion(),
-          "driver", cupy.cuda.runtime.driverGetVersion())
-except Exception as e:
-    missing.append("the CUDA runtime")
-    print(f"CUDA     MISSING ({first_line(e)})")
 torch = about("torch", optional=True)
 if not torch.startswith("not installed"):
     torch += f" (cuda {import_module('torch').version.cuda})"
