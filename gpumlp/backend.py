@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DeviceError
+from .errors import DeviceError, error_summary
 
 CUDA_HINT = ("install CuPy with pip install -e '.[cuda12]' (or '.[cuda13]') in the gpumlp folder, "
              "or use --device cpu")
@@ -79,8 +79,7 @@ def cuda_backend(index: int, given: str | None = None) -> Backend:
     try:
         cupy.cuda.cublas  # noqa: B018 (CuPy 14 loads libcublas at its first use: here, not mid-run)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise DeviceError(f"{named}: CuPy cannot load cuBLAS ({type(e).__name__}: {first}); "
+        raise DeviceError(f"{named}: CuPy cannot load cuBLAS ({error_summary(e)}); "
                           "check the CUDA installation (nvidia-smi, gpumlp info)") from None
     name = cupy.cuda.runtime.getDeviceProperties(index)["name"]
     name = name.decode() if isinstance(name, bytes) else name
@@ -127,7 +126,7 @@ def cuda_versions(cupy: Any = None) -> str:
         runtime = cupy.cuda.runtime
         numbers = (runtime.runtimeGetVersion(), runtime.driverGetVersion())
     except Exception as e:  # a broken CUDA install, or no runtime library
-        return f"unknown ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})"
+        return f"unknown ({error_summary(e)})"
     shown = [f"{v // 1000}.{v % 1000 // 10}" if v else "none" for v in map(int, numbers)]
     return f"CUDA runtime {shown[0]}, driver {shown[1]}"
 

@@ -1,7 +1,8 @@
 """Domain errors: the CLI turns each into a one-line message and a non-zero exit code; and
 what several messages share: `shown`, a value cut short; `shell_path`, a path as a word of a
-command to paste; `folder_problem`, `write_problem` and `target_problem`, the words for a path
-that is not a folder, a folder that cannot be written, and a file that may not be written."""
+command to paste; `error_summary`, what a library raised, in a line; `folder_problem`,
+`write_problem` and `target_problem`, the words for a path that is not a folder, a folder that
+cannot be written, and a file that may not be written."""
 
 from __future__ import annotations
 
@@ -60,6 +61,13 @@ class CheckpointError(GpumlpError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`docker stop`) outside training: stops the command as Ctrl-C does (the same
     clean-up), exit 143. A container's first process must handle SIGTERM, or it is ignored."""
+
+
+def error_summary(e: BaseException) -> str:
+    """"Type: first line of its message" (the type alone when it has none), for a one-line
+    error that reports what a library raised."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def interrupted_how(e: BaseException | None) -> tuple[str, int]:

@@ -45,7 +45,7 @@ from .activations import GELU_C, GELU_K, LEAKY_SLOPE
 from .backend import Backend, enable_tf32
 from .config import Config
 from .data import MNIST_MEAN, MNIST_STD, DeviceSplit
-from .errors import DeviceError, GpumlpError
+from .errors import DeviceError, GpumlpError, error_summary
 from .gpu_blas import Blas, address
 from .model import Grads, Params
 from .optim import OptState, apply_max_norm, flat
@@ -346,12 +346,11 @@ class Kernels:
             self.act_backward = get(f"act_backward_{activation}")
             self.act_backward_masked = get(f"act_backward_masked_{activation}")
         except Exception as e:  # CuPy's CompileException, or a CUDA error while loading
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             whose = ("this is a gpumlp bug, please report it"
                      if type(e).__name__ == "CompileException"  # NVRTC refused our source
                      else "check the CUDA installation (nvidia-smi, gpumlp info)")
-            raise DeviceError(f"the fused CUDA kernels did not build ({type(e).__name__}: "
-                              f"{first}); {whose}") from None
+            raise DeviceError(f"the fused CUDA kernels did not build ({error_summary(e)}); "
+                              f"{whose}") from None
 
 
 def launch(kernel: Any, n: int, *args: Any) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DeviceError
+from .errors import DeviceError, error_summary
 
 
 def address(array: Any) -> int:
@@ -38,8 +38,7 @@ class Blas:
             self.xp, self.cublas = xp, xp.cuda.cublas
             self.handle = xp.cuda.device.get_cublas_handle()
         except Exception as e:  # ImportError, or a CUDA error creating the handle
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise DeviceError(f"cuBLAS could not be loaded ({type(e).__name__}: {first}); check "
+            raise DeviceError(f"cuBLAS could not be loaded ({error_summary(e)}); check "
                               "the CUDA installation (nvidia-smi, gpumlp info)") from None
         cublas = self.cublas
         self.full = cublas.CUBLAS_COMPUTE_32F  # float32 inputs, float32 sums

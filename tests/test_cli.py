@@ -1411,3 +1411,11 @@ def test_data_dir_help_names_the_files_the_command_reads(command, files):
     asked for the four."""
     text = " ".join(cli(*command, "--help").stdout.split())
     assert f"--data-dir PATH Folder with {files}" in text.replace("- ", "-")
+
+
+def test_error_summary_is_the_type_and_the_first_line_of_the_message():
+    from gpumlp.errors import error_summary
+
+    assert error_summary(ImportError("libcublas.so.13: cannot open\nmore")) == (
+        "ImportError: libcublas.so.13: cannot open")
+    assert error_summary(RuntimeError("  \n")) == "RuntimeError"  # no message: the type alone

@@ -16,10 +16,10 @@ import yaml
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
 
 
-def run_script(tmp_path: Path, sections: str | None,
-               python: str = "false") -> subprocess.CompletedProcess:
+def run_script(tmp_path: Path, sections: str | None, python: str = "false",
+               **more_env: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=python,
-               GPUMLP_CACHE_DIR=str(tmp_path / "cache"))
+               GPUMLP_CACHE_DIR=str(tmp_path / "cache"), **more_env)
     env.pop("SECTIONS", None)
     if sections is not None:
         env["SECTIONS"] = sections
@@ -66,10 +66,7 @@ def test_unknown_section_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_sanitize_runs_only_when_named_and_says_when_the_sanitizer_is_missing(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON="false", SECTIONS="sanitize",
-               SANITIZER=str(tmp_path / "no-such-sanitizer"))
-    result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
-                            timeout=60, check=False)
+    result = run_script(tmp_path, "sanitize", SANITIZER=str(tmp_path / "no-such-sanitizer"))
     assert result.returncode == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sanitize.log"]
     summary = result.stdout.split("=== summary ===")[1].strip().splitlines()
