@@ -581,6 +581,18 @@ def python_c(script: str):
                           timeout=120)
 
 
+def on_import(module: str, action: str) -> str:
+    """Script lines that run `action` (one line of Python) when `module` is first imported,
+    before it loads: a signal that lands while the command is loading."""
+    return ("import importlib.abc\n"
+            "class Loading(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            f"        if name == {module!r}:\n"
+            f"            {action}\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, Loading())\n")
+
+
 @pytest.mark.parametrize("signame, code, said", [("SIGTERM", 143, "terminated (SIGTERM)"),
                                                   ("SIGINT", 130, "interrupted")])
 def test_a_signal_python_swallows_in_a_weakref_callback_still_ends_the_command(signame, code,
@@ -1087,14 +1099,9 @@ def test_a_signal_while_the_cli_loads_stops_it_in_one_line(how, signame, code, s
     signal_it = f"signal.raise_signal(signal.{signame})"
     if how == "swallowed":
         signal_it = (f"ref = weakref.ref(Thing(), lambda r: {signal_it})")
-    script = ("import signal, sys, weakref, importlib.abc\n"
+    script = ("import signal, sys, weakref\n"
               "class Thing: pass\n"
-              "class Loading(importlib.abc.MetaPathFinder):\n"
-              "    def find_spec(self, name, path, target=None):\n"
-              "        if name == 'gpumlp.cli':\n"
-              f"            {signal_it}\n"
-              "        return None\n"
-              "sys.meta_path.insert(0, Loading())\n"
+              + on_import("gpumlp.cli", signal_it) +
               "from gpumlp import entry\n"
               "sys.argv = ['gpumlp', 'info']\n"
               "entry.main()\n")
@@ -1107,13 +1114,8 @@ def test_ctrl_c_while_the_console_script_loads_its_own_modules_is_one_line(modul
     """entry imports errors (tempfile, shlex, pathlib: tens of ms) and signals before main()
     takes SIGINT over: Ctrl-C then was Python's KeyboardInterrupt traceback, not `interrupted`
     and 130."""
-    script = ("import signal, sys, runpy, importlib.abc\n"
-              "class Loading(importlib.abc.MetaPathFinder):\n"
-              "    def find_spec(self, name, path, target=None):\n"
-              f"        if name == {module!r}:\n"
-              "            signal.raise_signal(signal.SIGINT)\n"
-              "        return None\n"
-              "sys.meta_path.insert(0, Loading())\n"
+    script = ("import signal, sys, runpy\n"
+              + on_import(module, "signal.raise_signal(signal.SIGINT)") +
               "sys.argv = ['gpumlp', 'info']\n"
               "runpy.run_module('gpumlp', run_name='__main__')\n")
     done = python_c(script)
@@ -1126,19 +1128,14 @@ def test_a_second_signal_while_the_console_script_says_the_first_is_no_traceback
                                                                                 said):
     """`timeout` sends two SIGTERMs at once, a user may press Ctrl-C twice: the CLI is still
     loading when the first lands, and the second lands while the first is told."""
-    script = ("import signal, sys, importlib.abc\n"
+    script = ("import signal, sys\n"
               "from gpumlp import entry\n"
               "told = entry.interrupted_how\n"
               "def twice(e):\n"
               f"    signal.raise_signal(signal.{signame})\n"
               "    return told(e)\n"
               "entry.interrupted_how = twice\n"
-              "class Loading(importlib.abc.MetaPathFinder):\n"
-              "    def find_spec(self, name, path, target=None):\n"
-              "        if name == 'gpumlp.cli':\n"
-              f"            signal.raise_signal(signal.{signame})\n"
-              "        return None\n"
-              "sys.meta_path.insert(0, Loading())\n"
+              + on_import("gpumlp.cli", f"signal.raise_signal(signal.{signame})") +
               "sys.argv = ['gpumlp', 'info']\n"
               "entry.main()\n")
     done = python_c(script)
@@ -1182,14 +1179,9 @@ def test_the_console_script_leaves_the_unraisable_hook_as_it_found_it(monkeypatc
 def test_a_signal_ignored_by_whoever_started_gpumlp_stays_ignored_while_the_cli_loads(signame):
     """`nohup gpumlp ...` ignores SIGINT (and a parent may ignore SIGTERM): the guard around the
     import must not make such a signal stop the command."""
-    script = ("import signal, sys, importlib.abc\n"
+    script = ("import signal, sys\n"
               f"signal.signal(signal.{signame}, signal.SIG_IGN)\n"
-              "class Loading(importlib.abc.MetaPathFinder):\n"
-              "    def find_spec(self, name, path, target=None):\n"
-              "        if name == 'gpumlp.cli':\n"
-              f"            signal.raise_signal(signal.{signame})\n"
-              "        return None\n"
-              "sys.meta_path.insert(0, Loading())\n"
+              + on_import("gpumlp.cli", f"signal.raise_signal(signal.{signame})") +
               "from gpumlp import entry\n"
               "sys.argv = ['gpumlp', '--version']\n"
               "entry.main()\n")
