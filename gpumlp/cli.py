@@ -2,7 +2,8 @@
 
 Domain errors become one line on stderr and an exit code: 2 for a usage error (a bad
 config or device), 1 for a failure; Ctrl-C (SIGINT) or SIGTERM (`docker stop`) during training
-saves a checkpoint, then exits 128 + the signal's number: 130, or 143.
+saves a checkpoint, then exits 128 + the signal's number: 130, or 143; after the last step it
+lets the run finish (exit 0) with a note.
 """
 
 from __future__ import annotations
@@ -359,8 +360,9 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         try:
             result = run_training(config, backend, mnist, out_dir=out_dir, init=init,
                                   resume=bool(resume_dir), on_event=reporter, should_stop=stop)
-        finally:
+        except BaseException:
             restore_handlers(previous)
+            raise
     except Interrupted:
         reporter.close()
         tell(f"{stop.what()}; checkpoint saved. Resume with: gpumlp train --resume "
@@ -377,9 +379,15 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     finally:
         if reporter is not None:
             reporter.close()
-    s = result.summary
-    click.echo(f"test_accuracy {s['test_accuracy']:.4f}  test_loss {s['test_loss']:.4f}  "
-               f"epochs {s['epochs']}  {s['seconds']:.1f}s on {s['device']}  -> {out_dir}")
+    try:  # a signal now finds the run complete: StopFlag notes it, nothing raises
+        s = result.summary
+        click.echo(f"test_accuracy {s['test_accuracy']:.4f}  test_loss {s['test_loss']:.4f}  "
+                   f"epochs {s['epochs']}  {s['seconds']:.1f}s on {s['device']}  -> {out_dir}")
+        if stop():  # after the last step: the work it would stop is done (exit 0)
+            tell(f"note: {stop.what()} after the last step, so the run finished; "
+                 f"{shell_path(out_dir)} is complete, with nothing to resume")
+    finally:
+        restore_handlers(previous)
 
 
 @main.command(short_help="Test loss and accuracy of a model.npz on the MNIST test set.")

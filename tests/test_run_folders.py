@@ -677,6 +677,36 @@ def test_the_first_of_two_signals_during_training_says_how_the_run_ends(
     assert result.stderr.startswith(f"{said}; checkpoint saved.")
 
 
+@pytest.mark.parametrize("signum, said", [(signal.SIGINT, "interrupted"),
+                                           (signal.SIGTERM, "terminated (SIGTERM)")])
+@pytest.mark.parametrize("when", ["last step", "summary line"])
+def test_a_signal_after_the_last_step_lets_the_run_finish_exit_0_and_says_so(
+        tiny_data_dir, tmp_path, monkeypatch, signum, said, when):
+    """Ctrl-C or `docker stop` in the run's last step, or while its summary line is printed:
+    nothing is left to stop, so the run is complete (model.npz, summary.json), exits 0 and
+    says so in a note rather than ending as interrupted with a resume to do."""
+    if when == "last step":  # 250 examples in batches of 25: step 10 is the last
+        make_step = train_module.make_step
+        monkeypatch.setattr(train_module, "make_step",
+                            lambda *a: SignalsAt(make_step(*a), at=10, signums=(signum,)))
+    else:
+        echo = click.echo
+
+        def signalled(message=None, *args, **kwargs):
+            if str(message).startswith("test_accuracy"):
+                signal.raise_signal(signum)
+            echo(message, *args, **kwargs)
+        monkeypatch.setattr(click, "echo", signalled)
+    out = tmp_path / "run"
+    result = cli(*train_args(out, tiny_data_dir, "--set", "train.batch_size=25"))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("test_accuracy ")
+    assert result.stderr.strip() == (f"note: {said} after the last step, so the run finished; "
+                                     f"{out} is complete, with nothing to resume")
+    assert json.loads((out / "summary.json").read_text())["steps"] == 10
+    assert (out / "model.npz").is_file()
+
+
 def test_on_a_terminal_the_bar_is_cleared_before_the_line_that_says_how_to_resume(
         tiny_data_dir, tmp_path, monkeypatch):
     from test_cli import Terminal
