@@ -243,8 +243,13 @@ try:
         stream.begin_capture()
         try:
             step(params, state, X, y, 0.1, 1)
-        finally:  # a step that failed while captured still ends the capture
-            graph = stream.end_capture()
+        except BaseException:  # one that failed while captured still ends the capture, and
+            try:               # its error, not end_capture's, is the one reported
+                stream.end_capture()
+            except Exception:
+                pass
+            raise
+        graph = stream.end_capture()
         graph.launch(stream)
         stream.synchronize()
         replays = []
