@@ -33,6 +33,8 @@ from .model import Params
 
 OPSET = 17
 IR_VERSION = 8  # the IR that opset 17 came with: loadable by runtimes from 2022 on
+PRODUCER = "gpumlp"  # the model's producer_name: how train --overwrite knows an export
+PRODUCER_MARK = b"\x12" + bytes([len(PRODUCER)]) + PRODUCER.encode()  # field 2, serialised
 INPUT, LOGITS, PROBABILITIES = "pixels", "logits", "probabilities"
 
 
@@ -104,7 +106,7 @@ def onnx_model(params: Params, config: Config):
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", c])
          for name in (LOGITS, PROBABILITIES)],
         initializer=g.constants)
-    model = helper.make_model(graph, producer_name="gpumlp", producer_version=__version__,
+    model = helper.make_model(graph, producer_name=PRODUCER, producer_version=__version__,
                               opset_imports=[helper.make_operatorsetid("", OPSET)],
                               doc_string=f"input '{INPUT}': pixel/255 in [0, 1], rows of 784")
     model.ir_version = IR_VERSION
@@ -143,6 +145,21 @@ def check_usable(params: Params, config: Config, source: str) -> None:
 def model_bytes(params: Params, config: Config) -> bytes:
     """The serialised ONNX model, ready to write to a .onnx file."""
     return onnx_model(params, config).SerializeToString()
+
+
+def made_by_export(path: Path) -> bool:
+    """Whether `path` is a plain file (not a link) that `gpumlp export` wrote: a serialised
+    ONNX model whose producer_name is "gpumlp". Read from its first bytes, as protobuf writes
+    fields in order: 0x08 and ir_version's varint (field 1), then PRODUCER_MARK (field 2)."""
+    try:
+        if path.is_symlink() or not path.is_file():
+            return False
+        with open(path, "rb") as f:
+            head = f.read(11 + len(PRODUCER_MARK))
+    except OSError:  # unreadable: not known to be gpumlp's, so kept
+        return False
+    end = next((i for i in range(1, min(len(head), 11)) if head[i] < 0x80), None)
+    return head[:1] == b"\x08" and end is not None and head[end + 1:].startswith(PRODUCER_MARK)
 
 
 def is_npz(path: Path) -> bool:

@@ -161,15 +161,40 @@ def runs_inside(path: Path, look_at: int = 1000) -> list[str]:
 
 def derived_outputs(path: Path, foreign: list[str] | None = None) -> list[str]:
     """The DERIVED_FILES in `path` that go with its run on --overwrite (RunFiles.start): none
-    without an earlier run's outputs; never one of `foreign` (report.foreign_outputs), a file
-    the report did not write."""
+    without an earlier run's outputs; never one of `foreign` (foreign_derived), a file gpumlp
+    did not write."""
     if not had_outputs(path):
         return []
     if foreign is None:
-        from .report import foreign_outputs
-
-        foreign = foreign_outputs(path)
+        foreign = foreign_derived(path)
     return [name for name in DERIVED_FILES if name not in foreign and (path / name).is_file()]
+
+
+def foreign_derived(path: Path) -> list[str]:
+    """The DERIVED_FILES names in `path` taken by what gpumlp did not write: the report's
+    (report.foreign_outputs), and a model.onnx that is not an export's (a user's own)."""
+    from .export_onnx import made_by_export
+    from .report import foreign_outputs
+
+    onnx = path / "model.onnx"
+    theirs = os.path.lexists(onnx) and not made_by_export(onnx)
+    return [*foreign_outputs(path), *(["model.onnx"] if theirs else [])]
+
+
+def kept_warning(folder: Path, foreign: list[str]) -> str:
+    """What --overwrite says of the `foreign` files (foreign_derived) it kept in `folder`."""
+    quoted, when = shell_path(folder), "when this run ends"
+    report = any(name != "model.onnx" for name in foreign)
+    makers = [maker for maker, found in (("gpumlp report", report),
+                                         ("gpumlp export", "model.onnx" in foreign)) if found]
+    again = [f"make the report again {when}: gpumlp report {quoted} --overwrite"] * report
+    if "model.onnx" in foreign:
+        again.append(f"export the new model {when}: gpumlp export "
+                     f"{shell_path(folder / 'model.npz')} --overwrite")
+    it = "them" if len(foreign) > 1 else "it"
+    return (f"kept {', '.join(foreign)} in {folder}: not written by {' or '.join(makers)}, or "
+            f"changed since, so not removed with the run it replaced (it may describe that "
+            f"run); remove {it}, or {'; or '.join(again)}")
 
 
 def remove_if_empty(folder: Path) -> None:
@@ -288,7 +313,7 @@ def generator_state(rng) -> str | None:
 class RunFiles:
     def __init__(self, folder: Path):
         self.folder = folder
-        self.kept: str | None = None  # start's warning: report files of the user's it kept
+        self.kept: str | None = None  # start's warning: the user's files it kept
         self.removed: list[str] = []  # start's note: the old run's report and export it removed
         self.put_aside = False        # start moved an earlier run to REPLACED (put_back undoes)
         self.trained_config: dict | None = None  # dotted: the config of the checkpoint's steps
@@ -300,18 +325,17 @@ class RunFiles:
         """Begin a fresh run: its `--init` weights (before config.yaml, so that a resume always
         finds them), its config, empty metrics, and no files of an earlier run.
 
-        A report or an export (DERIVED_FILES) goes with the run it was made from; in a folder
-        that holds no such run, files of those names are someone else's and stay. An earlier
+        A report or an export (DERIVED_FILES) goes with the run it was made from; one gpumlp
+        did not write (foreign_derived) stays, as do files of those names in a folder that
+        holds no such run: they are someone else's. An earlier
         run's files are moved to REPLACED, and removed with it at this run's first checkpoint
         (`drop_replaced`); until then `put_back` restores them. A REPLACED already there, with
         no earlier run's outputs beside it, is from a replacing run killed before its first
         checkpoint: it still holds the run to put back."""
-        from .report import foreign_outputs
-
         self.folder.mkdir(parents=True, exist_ok=True)
         aside = self.path(REPLACED)
         if had_outputs(self.folder):
-            foreign = foreign_outputs(self.folder)
+            foreign = foreign_derived(self.folder)
             self.removed = derived_outputs(self.folder, foreign)
             # config.yaml moves first: aside with it, and none here, is a start killed during
             # its moves, to finish; else aside is older than the outputs here: stale
@@ -323,12 +347,7 @@ class RunFiles:
                     os.replace(self.path(name), aside / name)
             self.put_aside = True
             if foreign:
-                it = "them" if len(foreign) > 1 else "it"
-                self.kept = (f"kept {', '.join(foreign)} in {self.folder}: not written by gpumlp "
-                             "report, or changed since, so not removed with the run it replaced "
-                             f"(it may describe that run); remove {it}, or make the report again "
-                             f"when this run ends: gpumlp report {shell_path(self.folder)} "
-                             "--overwrite")
+                self.kept = kept_warning(self.folder, foreign)
         else:
             self.put_aside = aside.is_dir()
         for name in RUN_OUTPUTS:

@@ -14,7 +14,8 @@ from gpumlp.activations import ACTIVATIONS
 from gpumlp.backend import CPU
 from gpumlp.checkpoint import save_model
 from gpumlp.cli_use import export
-from gpumlp.export_onnx import INPUT, LOGITS, OPSET, PROBABILITIES, model_bytes
+from gpumlp.export_onnx import (INPUT, LOGITS, OPSET, PROBABILITIES, made_by_export,
+                                model_bytes)
 from gpumlp.mnist import load_mnist
 from gpumlp.model import init_params
 from gpumlp.predict import probabilities
@@ -92,6 +93,26 @@ def test_the_command_writes_a_checked_onnx_file(tmp_path):
     assert_same_predictions((tmp_path / "model.onnx").read_bytes(), params, config, pixels)
     assert invoke(export, tmp_path / "model.npz", "--out", tmp_path / "b.onnx").exit_code == 0
     assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "model.onnx").read_bytes()
+
+
+def test_made_by_export_knows_gpumlps_onnx_files_from_their_first_bytes(tmp_path):
+    """What `train --overwrite` removes with the run it replaces: a model.onnx that `gpumlp
+    export` wrote (its producer is gpumlp), never another file under that name."""
+    params, config = random_model("8")
+    ours = tmp_path / "ours.onnx"
+    ours.write_bytes(model_bytes(params, config))
+    model = onnx.load(ours)
+    model.ir_version = 300                             # a varint of two bytes before the mark
+    (tmp_path / "later.onnx").write_bytes(model.SerializeToString())
+    model.producer_name = "pytorch"
+    (tmp_path / "other.onnx").write_bytes(model.SerializeToString())
+    (tmp_path / "text.onnx").write_text("my own onnx")
+    (tmp_path / "cut.onnx").write_bytes(ours.read_bytes()[:6])
+    (tmp_path / "link.onnx").symlink_to(ours)
+    (tmp_path / "folder.onnx").mkdir()
+    assert made_by_export(ours) and made_by_export(tmp_path / "later.onnx")
+    for name in ("other", "text", "cut", "link", "folder", "missing"):
+        assert not made_by_export(tmp_path / f"{name}.onnx"), name
 
 
 def test_a_file_that_is_not_a_model_and_an_unknown_format_are_refused(tmp_path):

@@ -29,6 +29,7 @@ from gpumlp import npzio
 from gpumlp.backend import CPU
 from gpumlp.config import build_config
 from gpumlp.errors import GpumlpError
+from gpumlp.export_onnx import PRODUCER_MARK
 from gpumlp.npzio import load_npz
 from gpumlp.report import FIGURES, PNG_MARK, PNG_SIGNATURE, REPORT_TITLE, sealed
 from gpumlp.runfiles import DERIVED_FILES, REPLACED, RunFiles, lock_run
@@ -55,8 +56,9 @@ def finished(tiny_data_dir, tmp_path) -> Path:
     for name in DERIVED_FILES:                       # each marked as gpumlp report or export does
         made = b"made from the old model\n"
         (out / name).write_bytes({".png": PNG_SIGNATURE + PNG_MARK + made,
-                                  ".md": sealed(REPORT_TITLE.encode() + made)}.get(
-                                      Path(name).suffix, made))
+                                  ".md": sealed(REPORT_TITLE.encode() + made),
+                                  ".onnx": b"\x08\x08" + PRODUCER_MARK + made}[
+                                      Path(name).suffix])
     (out / "notes.txt").write_text("mine")
     return out
 
@@ -286,6 +288,31 @@ def test_overwrite_keeps_files_under_a_reports_names_that_are_not_a_report(finis
     assert (finished / "learning_curves.png").read_bytes() == b"not a png"
     assert not (finished / "model.onnx").exists()                       # the old run's own
     assert not (finished / "confusion_matrix.png").exists()
+
+
+def test_overwrite_keeps_a_model_onnx_that_gpumlp_export_did_not_write(finished, tiny_data_dir):
+    """A user's own model.onnx (any file but one whose ONNX producer is gpumlp) was said to be
+    'made from' the old run, and --overwrite removed it."""
+    (finished / "model.onnx").write_text("my own onnx\n")
+    refused = cli(*train_args(finished, tiny_data_dir))
+    assert refused.exit_code == 1 and "model.onnx" not in refused.stderr
+    result = cli(*train_args(finished, tiny_data_dir, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (f"Warning: kept model.onnx in {finished}: not written by gpumlp "
+                             "export, or changed since, so not removed with the run it replaced "
+                             "(it may describe that run); remove it, or export the new model "
+                             f"when this run ends: gpumlp export {finished}/model.npz "
+                             "--overwrite\n")
+    assert (finished / "model.onnx").read_text() == "my own onnx\n"
+    assert not (finished / "report.md").exists()                     # the old run's own
+    (finished / "report.md").write_text("MY OWN NOTES\n")
+    result = cli(*train_args(finished, tiny_data_dir, "--overwrite"))
+    assert result.stderr.startswith(f"Warning: kept report.md, model.onnx in {finished}: not "
+                                    "written by gpumlp report or gpumlp export, or changed since")
+    assert result.stderr.endswith(f"remove them, or make the report again when this run ends: "
+                                  f"gpumlp report {finished} --overwrite; or export the new model "
+                                  f"when this run ends: gpumlp export {finished}/model.npz "
+                                  "--overwrite\n")
 
 
 def test_an_out_holding_other_runs_is_refused_so_that_no_run_lies_among_them(finished,
