@@ -28,8 +28,8 @@ import click
 from . import __version__
 from .cli_common import (data_dir_option, device_option, domain_errors, interrupted_how,
                          load_mnist_for, model_argument, tell, test_data_dir_option)
-from .errors import (CheckpointError, ConfigError, GpumlpError, json_text, shell_path,
-                     signal_error, without_interrupt_reports)
+from .errors import (CheckpointError, ConfigError, GpumlpError, json_text, one_line,
+                     shell_path, signal_error, without_interrupt_reports)
 from .signals import replace_handlers, restore_handlers
 
 
@@ -56,10 +56,11 @@ class OneLineGroup(click.Group):
             sys.exit(0)
         except click.UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-            tell(f"Error: {e.format_message()}{hint}")
+            tell(f"Error: {one_line(e.format_message())}{hint}")
             sys.exit(e.exit_code)
-        except click.ClickException as e:
-            tell(f"Error: {e.format_message()}")
+        except click.ClickException as e:  # a line break in a file name shown as \n
+            message = e.format_message()
+            tell(f"Error: {message if getattr(e, 'multiline', False) else one_line(message)}")
             sys.exit(e.exit_code)
         except click.Abort as e:
             said, code = interrupted_how(e.__cause__)

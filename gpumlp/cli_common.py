@@ -11,17 +11,18 @@ import os
 import click
 
 from .errors import (ConfigError, DeviceError, GpumlpError, folder_problem, interrupted_how,
-                     one_line_message, shell_path)
+                     one_line, shell_path)
 
 USAGE_ERRORS = (ConfigError, DeviceError)
 
 
 class OneLineError(click.ClickException):
-    """Printed as 'Error: <message>' with no usage text and no traceback."""
+    """Printed as 'Error: <message>' with no usage text and no traceback, on one line (a line
+    break in a file name shown as \\n) unless `multiline` (by design)."""
 
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
+    def __init__(self, message: str, exit_code: int = 1, multiline: bool = False):
+        super().__init__(message if multiline else one_line(message))
+        self.exit_code, self.multiline = exit_code, multiline
 
 
 def tell(text: str) -> None:
@@ -67,9 +68,9 @@ def domain_errors(fn):
         try:
             return fn(*args, **kwargs)
         except USAGE_ERRORS as e:
-            raise OneLineError(one_line_message(e), exit_code=2) from None
+            raise OneLineError(str(e), exit_code=2, multiline=e.multiline) from None
         except GpumlpError as e:
-            raise OneLineError(one_line_message(e), exit_code=1) from None
+            raise OneLineError(str(e), exit_code=1, multiline=e.multiline) from None
         except MemoryError as e:  # NumPy's, and CuPy's OutOfMemoryError
             detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise OneLineError(f"out of memory{f' ({detail})' if detail else ''}; "

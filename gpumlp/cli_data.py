@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .cli_common import (OneLineError, OutFile, data_dir_option_for, data_dir_source,
                          domain_errors, load_mnist_for, no_mnist_files, require)
-from .errors import (GpumlpError, folder_problem, one_line_message, target_problem,
+from .errors import (GpumlpError, folder_problem, one_line, target_problem,
                      write_problem)
 from .fetch import (Event, all_missing, check_cache, ensure_mnist, file_problem, mnist_cache_dir,
                     no_files_message)
@@ -44,8 +44,8 @@ class TerminalProgress:
             return
         self.close()
         if event.kind == "unused":
-            click.echo(f"Warning: not using {event.source} ({event.detail}); falling back to "
-                       "the cache", file=self.stream)
+            click.echo(one_line(f"Warning: not using {event.source} ({event.detail}); falling "
+                                "back to the cache"), file=self.stream)
         elif self.quiet:
             return
         elif event.kind == "source":
@@ -83,7 +83,7 @@ def run(function, *args, **kwargs):
     try:
         return function(*args, **kwargs)
     except GpumlpError as e:
-        raise click.ClickException(one_line_message(e)) from None
+        raise OneLineError(str(e), multiline=e.multiline) from None
 
 
 @click.group("data")
@@ -134,16 +134,16 @@ def verify_command(data_dir: Path | None) -> None:
     what = None if data_dir is None else folder_problem(data_dir)
     if what is not None:
         source, drop = data_dir_source()
-        raise click.ClickException(f"{source}{data_dir}: {what}; point it at the folder "
-                                   f"holding the four MNIST files, or {drop} to check the cache")
+        raise OneLineError(f"{source}{data_dir}: {what}; point it at the folder holding the "
+                           f"four MNIST files, or {drop} to check the cache")
     folder = data_dir or run(mnist_cache_dir)
     if data_dir is None:
         run(check_cache, folder)
     problems = {stem: file_problem(folder, stem) for stem in ALL_FILES}
     if all_missing(problems, len(ALL_FILES)):  # nothing to list file by file
         if data_dir is None:
-            raise click.ClickException(no_files_message(folder, instead="check"))
-        raise click.ClickException(no_mnist_files(data_dir, "check"))
+            raise OneLineError(no_files_message(folder, instead="check"))
+        raise OneLineError(no_mnist_files(data_dir, "check"))
     for stem, problem in problems.items():  # a missing file is not a damaged one: "--"
         mark = "ok  " if problem is None else "--  " if problem == "missing" else "BAD "
         click.echo(f"{mark} {stem}" + (f": {problem}" if problem else ""))
@@ -153,8 +153,8 @@ def verify_command(data_dir: Path | None) -> None:
         what = "are missing" if absent else "failed verification"
         fix = ("put them there by hand" if absent else "replace them by hand") if data_dir else (
             "`gpumlp data fetch` fetches them" if absent else "`gpumlp data fetch` replaces them")
-        raise click.ClickException(f"{len(failed)} of {len(problems)} MNIST files in {folder} "
-                                   f"{what}; {fix}")
+        raise OneLineError(f"{len(failed)} of {len(problems)} MNIST files in {folder} {what}; "
+                           f"{fix}")
     click.echo(f"all {len(problems)} MNIST files in {folder} are canonical")
 
 
@@ -174,8 +174,9 @@ def path_command(data_dir: Path | None) -> None:
     what = None if data_dir is None else folder_problem(data_dir)
     if what is not None:
         source, drop = data_dir_source()
-        click.echo(f"Warning: {source}{data_dir}: {what}; reading the MNIST files from "
-                   f"it will fail until it holds them (or {drop} to use the cache)", err=True)
+        click.echo(one_line(f"Warning: {source}{data_dir}: {what}; reading the MNIST files "
+                            f"from it will fail until it holds them (or {drop} to use the "
+                            "cache)"), err=True)
     click.echo(data_dir or run(mnist_cache_dir))
 
 
@@ -236,8 +237,9 @@ def check_image_target(out: Path, overwrite: bool) -> str:
         raise OneLineError(f"{out}: the name must end in .png or .npy, the formats written; "
                            "give a name such as digit.png", exit_code=2)
     problem = target_problem(out, overwrite)
-    if problem is not None:
-        raise OneLineError(f"{out}: {problem}, or give another name")
+    if problem is not None:  # a FIFO, a folder: no --overwrite writes over one
+        instead = "; give" if out.exists() and not out.is_file() else ", or give"
+        raise OneLineError(f"{out}: {problem}{instead} another name")
     folder = out.parent
     what = folder_problem(folder) or write_problem(folder)
     if what is not None:

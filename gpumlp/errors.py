@@ -35,11 +35,16 @@ class GpumlpError(Exception):
     multiline = False
 
 
+def one_line(text: str) -> str:
+    """`text` on one line: a line break in it (from a file name) shown as \\n, \\r."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def one_line_message(error: GpumlpError) -> str:
     """The message of `error` as the CLI prints it: line breaks escaped, unless it is made of
     several lines by design."""
     text = str(error)
-    return text if error.multiline else text.replace("\r", "\\r").replace("\n", "\\n")
+    return text if error.multiline else one_line(text)
 
 
 class ConfigError(GpumlpError):

@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from .errors import one_line
+
 
 def format_epoch(row: dict) -> str:
     parts = [f"epoch {row['epoch']:>3}", f"train_loss {row['train_loss']:.4f}",
@@ -41,7 +43,7 @@ class Reporter:
                        "config its steps ran with, so edits to config.yaml since cannot be "
                        "checked; training on with config.yaml as it is", err=True)
         if kind == "start" and info.get("stale") and info["epoch"] < info["epochs"]:
-            click.echo(f"Warning: {info['stale']}", err=True)
+            click.echo(f"Warning: {one_line(info['stale'])}", err=True)  # a folder name's \n
         if kind == "put_back":  # before the error that ended the run
             self.close()
             click.echo(f"put back the run this one was to replace in {info['folder']}, as it "

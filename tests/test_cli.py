@@ -1326,6 +1326,42 @@ def test_a_line_break_in_a_file_name_keeps_the_error_on_one_line(tmp_path):
     assert_one_error_line(result, 1, f"--resume {tmp_path}/new\\nline: no such folder")
 
 
+@pytest.mark.parametrize("args, code, fragment", [
+    (["data", "image", "0", "taken\n.png"], 1, "Error: taken\\n.png: already exists; pass"),
+    (["data", "image", "0", "d\n.jpg"], 2, "Error: d\\n.jpg: the name must end in .png"),
+    (["data", "image", "0", "no\ndir/x.png"], 1, "cannot write in no\\ndir (no such folder)"),
+    (["data", "verify", "--data-dir", "no\ndir"], 1, "Error: --data-dir no\\ndir: no such"),
+    (["export", "model.npz", "--out", "x\n.txt"], 2, "Error: --out x\\n.txt: the output's"),
+    (["export", "model.npz", "--out", "no\ndir/x.onnx"], 1, "Error: --out no\\ndir/x.onnx: "),
+], ids=["image taken", "image suffix", "image folder", "verify", "export suffix",
+        "export folder"])
+def test_a_line_break_in_a_name_given_to_data_or_export_keeps_the_error_on_one_line(
+        tmp_path, monkeypatch, args, code, fragment):
+    """Errors those commands raise themselves (not a library's) were printed as they were
+    made: a name's line break split them over two or three lines."""
+    from gpumlp.checkpoint import save_model
+    from gpumlp.model import init_params
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken\n.png").write_bytes(b"mine")
+    config = build_config(None, ["model.hidden=8"])
+    save_model(tmp_path / "model.npz", init_params((784, 8, 10), "he",
+                                                   np.random.default_rng(0), "float32"), config)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = cli(*args)
+    assert_one_error_line(result, code, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "taken\n.png").read_bytes() == b"mine"
+
+
+def test_a_line_break_in_a_data_folders_name_keeps_its_warning_on_one_line(tmp_path):
+    result = cli("data", "path", "--data-dir", tmp_path / "no\ndir")
+    assert result.exit_code == 0
+    assert result.stderr == (f"Warning: --data-dir {tmp_path}/no\\ndir: no such folder; reading "
+                             "the MNIST files from it will fail until it holds them (or drop "
+                             "--data-dir and unset GPUMLP_DATA_DIR to use the cache)\n")
+
+
 def test_a_carriage_return_in_a_file_name_keeps_the_error_on_one_line(tmp_path):
     """A \\r would send the terminal back to the start of the line, over the message."""
     result = cli("train", "--resume", tmp_path / "new\rline")

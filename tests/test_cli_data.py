@@ -797,7 +797,7 @@ def test_image_never_writes_through_a_link_or_into_what_is_not_a_file(tmp_path, 
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     result = invoke("image", "0", str(fifo), "--data-dir", str(folder), "--overwrite")
-    assert_clean_error(result, f"{fifo}: exists and is not a plain file, or give another name")
+    assert_clean_error(result, f"{fifo}: exists and is not a plain file; give another name")
 
 
 def test_image_takes_a_name_that_is_only_the_suffix(tmp_path, fake, monkeypatch):
