@@ -218,11 +218,20 @@ def expected_words(path: str, annotation: str) -> str:
     return words
 
 
+def is_number(text: str) -> bool:
+    """Whether `text` reads as a number (not '0.1.2' or '.', which only look like one)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _coerce(path: str, value: Any, annotation: str, keys: tuple) -> Any:
     """Check `value` against the declared type of `path`; ints are accepted for floats."""
     def wrong(expected: str) -> ConfigError:
         quoted = isinstance(value, str) and re.fullmatch(r"\s*[-+]?[0-9.]+([eE][-+]?[0-9]+)?\s*",
-                                                         value)
+                                                         value) and is_number(value)
         if value is not None and "None" in annotation:          # model.max_norm, data.limit
             expected += " or null"
         tip = " (a number in quotes is text: drop the quotes)" if quoted else ""

@@ -332,6 +332,13 @@ def test_a_quoted_number_is_text_and_the_error_says_drop_the_quotes(text):
     assert message.endswith("(a number in quotes is text: drop the quotes)")
 
 
+@pytest.mark.parametrize("text", ["0.1.2", ".", "1..2", "1.2.3e4"])
+def test_text_that_only_looks_like_a_number_gets_no_drop_the_quotes_tip(text):
+    """It has no quotes to drop: the value itself is wrong."""
+    message = error_of(build_config, None, [f"optim.lr={text}"])
+    assert message.endswith(f"config key 'optim.lr' must be a number, got '{text}'")
+
+
 def test_a_key_that_is_a_list_is_one_error_line(tmp_path):
     message = error_of(read_yaml, write(tmp_path, "? [1, 2]\n: 3\n"))
     assert message.endswith("a key that is a list (line 1); write the key as a plain name")
