@@ -46,6 +46,9 @@ DERIVED_FILES = ("report.md", "learning_curves.png", "confusion_matrix.png",
 # new run that fails before then puts it back (RunFiles.put_back)
 REPLACED = ".gpumlp-replaced"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the errnos of a disk (or quota) with no room left
+# config.yaml's first line in a run started from --init weights: a resume before the first
+# checkpoint then knows that init.npz is needed, not a random start (RunFiles.saved_init)
+FROM_INIT = "# this run started from the --init weights in init.npz beside this file\n"
 
 
 def run_files_in(path: Path) -> list[str]:
@@ -356,8 +359,22 @@ class RunFiles:
             save_npz(self.path("init.npz"), param_arrays(init))
         else:
             self.path("init.npz").unlink(missing_ok=True)
-        atomic_write(self.path("config.yaml"), dump_config(config).encode())
+        self.write_config(config, from_init=init is not None)
         atomic_write(self.path("metrics.jsonl"), b"")
+
+    def write_config(self, config: Config, from_init: bool) -> None:
+        """config.yaml: every key of `config`, after FROM_INIT when the run started from
+        --init weights."""
+        text = (FROM_INIT if from_init else "") + dump_config(config)
+        atomic_write(self.path("config.yaml"), text.encode())
+
+    def from_init(self) -> bool:
+        """Whether config.yaml says the run started from --init weights (FROM_INIT)."""
+        try:
+            with open(self.path("config.yaml"), encoding="utf-8", errors="replace") as f:
+                return f.readline() == FROM_INIT
+        except OSError:
+            return False
 
     def append_metrics(self, row: dict) -> None:
         path = self.path("metrics.jsonl")
@@ -482,8 +499,15 @@ class RunFiles:
                               f"{shell_path(self.path('config.yaml'))}")
 
     def saved_init(self, config: Config) -> Params | None:
-        """The `--init` weights this run started from (init.npz), or None for a random start."""
+        """The `--init` weights this run started from (init.npz), or None for a random start;
+        a CheckpointError when config.yaml says there were some and init.npz is gone."""
         if not self.path("init.npz").exists():
+            if self.from_init():
+                raise CheckpointError(
+                    f"{self.path('init.npz')}: no such file, yet the run started from the "
+                    "--init weights it held (config.yaml's first line says so) and has no "
+                    "checkpoint to go on from; put it back, or start the run over with --init "
+                    f"and --out {shell_path(self.folder)} --overwrite")
             return None
         try:
             return load_init(self.path("init.npz"), config.model.layer_widths,
@@ -526,7 +550,7 @@ class RunFiles:
         """Rewrite config.yaml as `config` when its values differ (a resume with --set), so that
         the folder says what the run goes on with; an equal file is left as it is."""
         if self.differs(config):
-            atomic_write(self.path("config.yaml"), dump_config(config).encode())
+            self.write_config(config, self.from_init())
 
     def last_good(self, config: Config) -> str:
         """Where the last good checkpoint is and how to go on with a tenth of the learning

@@ -482,6 +482,37 @@ def test_resume_says_what_to_do_when_init_npz_is_damaged(finished, tiny_data_dir
     assert digests(out) == before
 
 
+def test_resume_refuses_a_run_from_init_whose_init_npz_is_gone(finished, tiny_data_dir,
+                                                                tmp_path):
+    """Killed before its first checkpoint, then init.npz deleted: the resume trained from a
+    random start, silently another run than the one --init began. config.yaml's first line
+    now says the run needs it, also once a resume with --set has rewritten config.yaml."""
+    out = tmp_path / "from-init"
+    assert cli(*train_args(out, tiny_data_dir, "--init", finished / "model.npz")).exit_code == 0
+    for name in ("checkpoint.npz", "model.npz", "summary.json"):
+        (out / name).unlink()
+    (out / "metrics.jsonl").write_bytes(b"")                  # as left by an early kill
+    saved = (out / "init.npz").read_bytes()
+    resume = ["train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu"]
+    with pytest.MonkeyPatch.context() as m:                   # killed again, after --set
+        m.setattr(train_module, "train_epoch", lambda *a, **k: (_ for _ in ()).throw(Killed))
+        with pytest.raises(Killed):
+            CliRunner().invoke(cli_module.main, [str(a) for a in [*resume, "--set",
+                                                                  "optim.lr=0.05"]])
+    assert "lr: 0.05" in (out / "config.yaml").read_text()   # rewritten, still marked
+    (out / "init.npz").unlink()
+    before = digests(out)
+    result = cli(*resume)
+    assert_one_error_line(result, 1, f"{out / 'init.npz'}: no such file, yet the run started "
+                          "from the --init weights it held", f"--init and --out {out} --overwrite")
+    assert digests(out) == before
+    (out / "init.npz").write_bytes(saved)                     # put back: it resumes
+    assert cli(*resume).exit_code == 0
+    plain = tmp_path / "plain"                                # no --init: nothing needed
+    assert cli(*train_args(plain, tiny_data_dir)).exit_code == 0
+    assert not (plain / "config.yaml").read_text().startswith("#")
+
+
 class PoisonedAboveLr:
     """The run's step, whose update at step `at` makes the weights NaN when lr > `above`."""
 
