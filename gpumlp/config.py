@@ -418,9 +418,11 @@ def load_yaml(text: str) -> Any:
 # Numbers as YAML 1.2 (and Python) read them, not as YAML 1.1 (PyYAML): 1e-3 is a float,
 # 0100 is a hundred (not octal 64), 0o17 and 0x1f are octal and hex, and 1:30 (base 60) or
 # 0b101 are text, which a number key then refuses. Underscores between digits are allowed.
-YAML12_INT = re.compile(r"^[-+]?[0-9][0-9_]*$|^0o[0-7_]+$|^0x[0-9a-fA-F_]+$")
-YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$"
-                          r"|^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"
+DIGITS = r"[0-9]+(?:_[0-9]+)*"  # an underscore only between two digits: 60_000, not 2_ or 1__0
+YAML12_INT = re.compile(rf"^[-+]?{DIGITS}$|^0o[0-7]+(?:_[0-7]+)*$"
+                        r"|^0x[0-9a-fA-F]+(?:_[0-9a-fA-F]+)*$")
+YAML12_FLOAT = re.compile(rf"^[-+]?(?:{DIGITS}\.(?:{DIGITS})?|\.{DIGITS})(?:[eE][-+]?[0-9]+)?$"
+                          rf"|^[-+]?{DIGITS}[eE][-+]?[0-9]+$"
                           r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gpumlp.config import (Config, build_config, config_from_dict, config_to_dict, dump_config,
-                           parse_override, read_yaml)
+                           load_yaml, parse_override, read_yaml)
 from gpumlp.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -316,6 +316,21 @@ def test_integers_read_as_yaml_1_2_and_python_read_them_not_as_yaml_1_1(tmp_path
     leading zeros are decimal, octal needs 0o."""
     assert read_yaml(write(tmp_path, f"data:\n  limit: {text}\n"))["data"]["limit"] == value
     assert parse_override(f"data.limit={text}") == {"data": {"limit": value}}
+
+
+@pytest.mark.parametrize("text", ["2_", "_2", "1__000", "1_.5", "1._5", "0x_1f", "0o17_"])
+def test_an_underscore_not_between_two_digits_is_no_number(text):
+    """'2_' was read as 2: only 60_000's underscores, between digits, are a number's."""
+    with pytest.raises(ConfigError, match=f"'data.limit' must be an integer or null, got "
+                                          f"'{text}'$"):
+        build_config(None, [f"data.limit={text}"])
+    assert load_yaml(f"x: {text}\n") == {"x": text}
+
+
+@pytest.mark.parametrize("text, value", [("60_000", 60000), ("1_0.2_5", 10.25), ("0x1_f", 31),
+                                         ("1_0e2", 1000.0)])
+def test_underscores_between_digits_are_a_numbers(text, value):
+    assert load_yaml(f"x: {text}\n") == {"x": value}
 
 
 @pytest.mark.parametrize("text", ["1:30", "1:30.5", "0b101"])
