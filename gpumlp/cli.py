@@ -177,9 +177,18 @@ def main():
     """
 
 
+def run_stem(config_path: str | None) -> str:
+    """The config's name for its runs' folders: h256 for configs/h256.yaml, never with a
+    leading dot (./.yaml: yaml, not a hidden folder); "run" without a config, and for one read
+    from a pipe (`<(...)`, /dev/fd/63: a number the user did not choose)."""
+    if not config_path or not Path(config_path).is_file():  # is_file: a pipe is none
+        return "run"
+    return Path(config_path).stem.lstrip(".") or "run"
+
+
 def default_out(config_path: str | None) -> Path:
     """Create and return runs/<config>-<YYYYmmdd-HHMMSS>, with -2, -3, ... when it is taken."""
-    stem = Path(config_path).stem if config_path else "run"
+    stem = run_stem(config_path)
     base = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     for n in range(1, 1000):
         path = base if n == 1 else base.with_name(f"{base.name}-{n}")

@@ -903,6 +903,33 @@ def test_default_run_names_never_collide(tiny_data_dir, tmp_path, monkeypatch):
     assert all((tmp_path / "runs" / name / "model.npz").is_file() for name in runs)
 
 
+@pytest.mark.parametrize("name, stem", [("configs/h256.yaml", "h256"), (".yaml", "yaml"),
+                                        ("..my.yaml", "my"), ("pipe", "run")])
+def test_a_default_run_folder_is_named_after_the_config_never_hidden_nor_a_pipes_number(
+        tiny_data_dir, tmp_path, monkeypatch, name, stem):
+    """--config ./.yaml made runs/.yaml-<time>, hidden from ls; --config <(...) (/dev/fd/63)
+    made runs/63-<time>."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli_module, "time", SimpleNamespace(strftime=lambda fmt: "20250101"))
+    config = tmp_path / name
+    config.parent.mkdir(exist_ok=True)
+    if name == "pipe":
+        os.mkfifo(config)
+        writer = os.fork()
+        if writer == 0:                                       # the other end of <(...)
+            with open(config, "w") as f:
+                f.write(Path(SMOKE).read_text())
+            os._exit(0)
+    else:
+        shutil.copyfile(SMOKE, config)
+    result = cli("train", "--config", config, *TINY, "--set", "train.epochs=1", "--device",
+                 "cpu", "--data-dir", tiny_data_dir, "--quiet")
+    if name == "pipe":
+        os.waitpid(writer, 0)
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [f"{stem}-20250101"]
+
+
 def test_a_runs_link_to_a_missing_folder_is_named_not_taken_for_999_runs(tiny_data_dir,
                                                                          tmp_path, monkeypatch):
     """mkdir(parents=True) says FileExistsError for every name under a dangling `runs` link."""
