@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -154,6 +155,12 @@ def check_row(row: dict, where: str) -> dict:
                               f"{MAX_EPOCH:,}; {ROW_HINT}")
         if MAX_VALUE <= abs(value) < float("inf"):  # NaN and inf: a diverged run's, shown as such
             raise ReportError(f"{where}: {key} is {json_text(value)}, beyond any value a run "
+                              f"writes; {ROW_HINT}")
+        if key.endswith("_accuracy") and not (0 <= value <= 1 or math.isnan(value)):
+            raise ReportError(f"{where}: {key} is {json_text(value)}, not a share from 0 to 1; "
+                              f"{ROW_HINT}")
+        if value < 0:  # a loss, a rate, a time
+            raise ReportError(f"{where}: {key} is {json_text(value)}, below 0, which no run "
                               f"writes; {ROW_HINT}")
     return row
 

@@ -369,13 +369,22 @@ GOOD = '{"epoch": 1, "train_loss": 2.0, "train_accuracy": 0.5, "test_loss": 2.1,
     ([GOOD.replace('"test_loss": 2.1', '"test_loss": 1e308'),             # matplotlib's axis
       GOOD.replace('"test_loss": 2.1', '"test_loss": -1e308')],           # broke on these
      "line 1: test_loss is 1e+308, beyond any value a run writes"),
+    ([GOOD, GOOD.replace('"epoch": 1', '"epoch": 2').replace('"test_accuracy": 0.4',
+                                                           '"test_accuracy": 5')],
+     "line 2: test_accuracy is 5, not a share from 0 to 1"),
+    ([GOOD.replace('"train_accuracy": 0.5', '"train_accuracy": -0.1')],
+     "line 1: train_accuracy is -0.1, not a share from 0 to 1"),
+    ([GOOD.replace('"train_loss": 2.0', '"train_loss": -2.0')],
+     "line 1: train_loss is -2.0, below 0, which no run writes"),
+    ([GOOD.replace('"seconds": 0.2', '"seconds": -1')], "line 1: seconds is -1, below 0"),
     ([GOOD.replace('"epoch": 1', '"epoch": 2'), GOOD],
      "line 1 is epoch 2 where epoch 1 belongs (one row per epoch, in order)"),
     ([GOOD, GOOD], "line 2 is epoch 1 where epoch 2 belongs"),
     ([GOOD, "", GOOD.replace('"epoch": 1', '"epoch": 5')], "line 3 is epoch 5 where epoch 2"),
 ], ids=["epoch only", "a list", "a string", "fractional epoch", "a bool", "not JSON",
         "half a validation", "validation in one row", "epoch of 400 digits", "epoch 0",
-        "loss of 1e308", "out of order", "an epoch twice", "a gap"])
+        "loss of 1e308", "accuracy of 5", "negative accuracy", "negative loss",
+        "negative seconds", "out of order", "an epoch twice", "a gap"])
 def test_a_row_that_is_not_a_metrics_row_is_one_error_line_naming_it(
         run_dir, tiny_data_dir, tmp_path, lines, error):
     copy_run(run_dir, tmp_path)
