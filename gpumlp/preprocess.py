@@ -7,23 +7,30 @@ same to a grey image of any size:
 
     1. grayscale (luma), upright as the EXIF orientation says; transparent pixels count as
        white paper
-    2. background = median of the outermost pixel frame; invert when it is light,
-       then stretch so that the background is 0 and the darkest ink 255
+    2. paper = median of the outermost pixel frame, or a plane fitted to it where the light
+       falls unevenly (`paper`); the ink is the levels' distance from the paper, on the side
+       (darker or lighter) where it reaches farther: inverted when dark; stretched so that
+       the paper is 0 and the strongest ink 255
     3. a picture that is a 28x28 image enlarged (by repeating pixels, or smoothly:
        bilinear, bicubic, Lanczos) and padded is read back as that image (`read_back`);
-       any other picture goes on as it is
-    4. crop to the bounding box of the ink (pixels above INK_LEVEL); ink shorter than
+       any other picture goes on as it is. A 28x28 image laid out as MNIST's are (`laid_out`)
+       is taken as it is: steps 4 to 7 are skipped
+    4. blobs of ink that are small and far from the digit (dust, noise) are left out
+       (`drop_specks`)
+    5. crop to the bounding box of the ink (pixels above INK_LEVEL); ink shorter than
        MIN_INK_SIDE on its longer side is refused as too small to be a digit
-    5. resize so that the longer side is BOX = 20 pixels, keeping the aspect ratio:
+    6. resize so that the longer side is BOX = 20 pixels, keeping the aspect ratio:
        area averaging when shrinking (MNIST's anti-aliasing), bilinear when enlarging; a
-       digit already that long is kept unscaled, with FRINGE pixels of faint edge around it
-    6. paste into a FIELD = 28 square so that the centre of mass lands on pixel
-       (CENTRE, CENTRE), rounded to whole pixels; ink shifted past the edge is cut off
+       digit already 19 or 20 pixels long is kept unscaled, with FRINGE pixels of faint edge
+    7. paste into a FIELD = 28 square so that the centre of mass lands on pixel
+       (CENTRE, CENTRE), rounded to whole pixels, moved back where that would put ink past
+       the edge
 
-Step 3 is there because the placement of step 6 is exact to the pixel: a smooth enlargement
+Step 3 is there because the placement of step 7 is exact to the pixel: a smooth enlargement
 blurs the ink's box and centre of mass by a fraction of a pixel, which moves the digit by
 one pixel for about one image in eight, and an MLP often changes its answer for a digit
-moved by one pixel. Read back, an MNIST image comes out as it went in.
+moved by one pixel. Read back, an MNIST image comes out as it went in, and so do all 70,000
+of MNIST's own arrays (but for step 2's stretch).
 
 The result is float pixels in [0, 255], as the uint8 training images are before
 `data.to_inputs` scales them. Pillow is needed only to read and resize images; `.npy`
@@ -57,6 +64,15 @@ MIN_INK_SIDE = 5      # ink shorter than this on its longer side is too small to
                       # digit (MNIST's are 20 pixels long; a 1x2 picture was read as a "2")
 FRINGE = 2            # a digit already BOX pixels long keeps this many pixels around its box
                       # (MNIST's faint anti-aliased edge lies below INK_LEVEL)
+MNIST_SIDES = (BOX - 1, BOX)  # ink this long is MNIST's size, kept unscaled (the box of some
+                      # MNIST digits' ink above INK_LEVEL is 19 pixels long)
+MNIST_PLACED = 0.6    # a 28x28 image whose centre of mass is this close to the centre, its ink
+                      # within BOX pixels, is laid out already (MNIST's: 0.52 and 20 at most)
+SHADE_LEVELS = 12.0   # paper whose level drifts by this much across the frame is lit unevenly:
+PLANE_ROUNDS = 4      # its level is a plane fitted to the frame, refitted this many times
+SPECK_MASS = 0.1      # a blob of ink with less than this fraction of the heaviest blob's ink
+SPECK_GAP = 0.5       # and farther from the digit than this fraction of its longer side is a
+                      # speck, not part of the digit: left out (MNIST's farthest is 0.4)
 MAX_SIDE = 4096       # pictures and arrays may hold up to MAX_SIDE**2 pixels (a 12-megapixel
 MAX_PIXELS = MAX_SIDE * MAX_SIDE  # phone photo fits); larger ones are refused before decoding
 MAX_FILE_BYTES = 16 * MAX_PIXELS + 2**20  # 257 MiB: MAX_PIXELS values of the widest .npy
@@ -203,25 +219,103 @@ def luma(image, source: str) -> np.ndarray:
 
 
 def ink_levels(gray: np.ndarray, source: str) -> np.ndarray:
-    """Ink in [0, 255] on a 0 background: inverted when the background is light, stretched."""
-    frame = np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
-    background = float(np.median(frame))
-    if background > 127.5:
-        gray, background = 255.0 - gray, 255.0 - background
-    peak = float(gray.max())
-    if peak - background < MIN_CONTRAST:
+    """Ink in [0, 255] on a 0 background: the levels' distance from the paper (`paper`), on
+    the side the ink lies (darker or lighter than the paper), stretched."""
+    distance = gray - paper(gray)
+    dark, light = float(-distance.min()), float(distance.max())
+    if dark > light:                           # dark ink: inverted, as MNIST's is light on 0
+        distance, peak = -distance, dark
+    else:
+        peak = light
+    if peak < MIN_CONTRAST:
         raise ImageError(f"{source}: no ink found (the image is nearly uniform, contrast "
-                         f"{max(peak - background, 0):.0f} of 255); {IMAGE_HINT}")
-    return np.clip((gray - background) * (255.0 / (peak - background)), 0.0, 255.0)
+                         f"{max(peak, 0.0):.0f} of 255); {IMAGE_HINT}")
+    return np.clip(distance * (255.0 / peak), 0.0, 255.0)
+
+
+def paper(gray: np.ndarray) -> float | np.ndarray:
+    """The background's level: the median of the outermost pixel frame; where the frame's
+    levels drift across the picture by SHADE_LEVELS or more (light falling unevenly on the
+    page of a photo), a plane fitted to the frame, ink touching the frame left out."""
+    h, w = gray.shape
+    frame = np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
+    median = float(np.median(frame))
+    if h < 3 or w < 3:
+        return median
+    rows = np.concatenate([np.zeros(w), np.full(w, h - 1), np.arange(1, h - 1),
+                           np.arange(1, h - 1)]) / (h - 1) - 0.5
+    cols = np.concatenate([np.arange(w), np.arange(w), np.zeros(h - 2),
+                           np.full(h - 2, w - 1)]) / (w - 1) - 0.5
+    design = np.stack([np.ones_like(rows), rows, cols], axis=1)
+    paper_pixels = np.abs(frame - median) < SHADE_LEVELS + 2 * mad(frame)
+    for _ in range(PLANE_ROUNDS):  # refit on the pixels near the last plane: ink drops out
+        if paper_pixels.sum() < 3:
+            return median
+        coef = np.linalg.lstsq(design[paper_pixels], frame[paper_pixels], rcond=None)[0]
+        residual = frame - design @ coef
+        paper_pixels = np.abs(residual) < SHADE_LEVELS / 2 + 3 * mad(residual[paper_pixels])
+    if abs(coef[1]) + abs(coef[2]) < SHADE_LEVELS:   # the plane's rise across the picture
+        return median
+    r = np.arange(h)[:, None] / (h - 1) - 0.5
+    c = np.arange(w)[None, :] / (w - 1) - 0.5
+    return coef[0] + coef[1] * r + coef[2] * c
+
+
+def mad(values: np.ndarray) -> float:
+    """The median absolute deviation from the median, scaled to a normal's sigma."""
+    return 1.4826 * float(np.median(np.abs(values - np.median(values))))
+
+
+def drop_specks(ink: np.ndarray) -> np.ndarray:
+    """`ink` without the blobs that are not part of the digit: dust, noise, a mark at the
+    page's edge. The digit is the blobs of ink (pixels above INK_LEVEL, 8-connected) with at
+    least SPECK_MASS of the heaviest one's ink, and, grown blob by blob, the blobs within
+    SPECK_GAP of its longer side of the box they span; a blob smaller than one pixel of the
+    digit scaled to BOX pixels is noise wherever it lies. MNIST's own digits lose nothing."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(ink > INK_LEVEL * 255, structure=np.ones((3, 3), dtype=bool))
+    if n < 2:
+        return ink
+    mass = np.asarray(ndimage.sum_labels(ink, labels, np.arange(1, n + 1)))
+    pixels = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    boxes = np.array([(r.start, r.stop, c.start, c.stop)
+                      for r, c in ndimage.find_objects(labels)])  # (n, 4): rows, columns
+    kept = mass >= SPECK_MASS * mass.max()
+
+    def span(blobs):  # (top, bottom, left, right) of the blobs' box
+        return (boxes[blobs, 0].min(), boxes[blobs, 1].max(), boxes[blobs, 2].min(),
+                boxes[blobs, 3].max())
+
+    top, bottom, left, right = span(kept)
+    scale = max(bottom - top, right - left) / BOX      # picture pixels per pixel of MNIST's
+    candidates = pixels >= scale ** 2
+    while True:
+        top, bottom, left, right = span(kept)
+        gap = SPECK_GAP * max(bottom - top, right - left)
+        near = candidates & ((boxes[:, 0] < bottom + gap) & (boxes[:, 1] > top - gap)
+                             & (boxes[:, 2] < right + gap) & (boxes[:, 3] > left - gap))
+        if (near <= kept).all():
+            break
+        kept |= near
+    if kept.all():
+        return ink
+    return np.where(np.isin(labels, np.flatnonzero(~kept) + 1), 0.0, ink)
+
+
+def ink_box(ink: np.ndarray, level: float = INK_LEVEL) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the pixels above `level` of full ink, bottom and right
+    exclusive."""
+    rows = np.flatnonzero((ink > level * 255).any(axis=1))
+    cols = np.flatnonzero((ink > level * 255).any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 def crop_to_ink(ink: np.ndarray, margin: int = 0) -> np.ndarray:
     """The smallest rectangle holding every pixel above INK_LEVEL, widened by `margin`
     pixels on each side as far as the image goes."""
-    rows = np.flatnonzero((ink > INK_LEVEL * 255).any(axis=1))
-    cols = np.flatnonzero((ink > INK_LEVEL * 255).any(axis=0))
-    return ink[max(rows[0] - margin, 0):rows[-1] + 1 + margin,
-               max(cols[0] - margin, 0):cols[-1] + 1 + margin]
+    top, bottom, left, right = ink_box(ink)
+    return ink[max(top - margin, 0):bottom + margin, max(left - margin, 0):right + margin]
 
 
 def fit_box(patch: np.ndarray, box: int = BOX) -> np.ndarray:
@@ -238,18 +332,37 @@ def fit_box(patch: np.ndarray, box: int = BOX) -> np.ndarray:
 
 
 def centre_by_mass(patch: np.ndarray, field: int = FIELD, centre: float = CENTRE) -> np.ndarray:
-    """A (field, field) image with `patch` pasted so that its centre of mass is at `centre`."""
+    """A (field, field) image with `patch` pasted so that its centre of mass is at `centre`,
+    rounded to whole pixels; moved back as far as needed to keep its ink (pixels above
+    INK_LEVEL) inside the field, where the ink fits. What lies past the edge is cut off."""
     h, w = patch.shape
     mass = patch.sum()
     com_row = (patch.sum(axis=1) @ np.arange(h)) / mass
     com_col = (patch.sum(axis=0) @ np.arange(w)) / mass
     top, left = int(round(centre - com_row)), int(round(centre - com_col))
+    if (patch > INK_LEVEL * 255).any():  # none may be left after shrinking a thin stroke
+        ink_top, ink_bottom, ink_left, ink_right = ink_box(patch)
+        if ink_bottom - ink_top <= field:
+            top = min(max(top, -ink_top), field - ink_bottom)
+        if ink_right - ink_left <= field:
+            left = min(max(left, -ink_left), field - ink_right)
     out = np.zeros((field, field))
     r0, c0 = max(top, 0), max(left, 0)
     r1, c1 = min(top + h, field), min(left + w, field)
     out[r0:r1, c0:c1] = patch[r0 - top:r1 - top, c0 - left:c1 - left]
     return out
 
+
+def laid_out(ink: np.ndarray) -> bool:
+    """Whether `ink` is a 28x28 image laid out as MNIST's are: all its ink (above 0) within a
+    BOX-pixel square, its centre of mass within MNIST_PLACED of (CENTRE, CENTRE)."""
+    if ink.shape != (FIELD, FIELD) or not (ink > 0).any():
+        return False
+    top, bottom, left, right = ink_box(ink, 0.0)
+    mass = ink.sum()
+    com = np.array([ink.sum(axis=1) @ np.arange(FIELD), ink.sum(axis=0) @ np.arange(FIELD)])
+    return (max(bottom - top, right - left) <= BOX
+            and bool(np.abs(com / mass - CENTRE).max() <= MNIST_PLACED))
 
 
 def mnist_pixels(gray: np.ndarray, source: str = "image") -> np.ndarray:
@@ -258,12 +371,16 @@ def mnist_pixels(gray: np.ndarray, source: str = "image") -> np.ndarray:
     small = read_back(ink, INK_LEVEL)
     if small is not None:
         ink = small
+    if laid_out(ink):
+        return ink.astype(np.float32)
+    if small is None:
+        ink = drop_specks(ink)
     patch = crop_to_ink(ink)
     if max(patch.shape) < MIN_INK_SIDE:
         raise ImageError(f"{source}: the ink is only {patch.shape[1]}x{patch.shape[0]} pixels, "
                          f"too small to read as a digit; give a picture whose digit is at least "
                          f"{MIN_INK_SIDE} pixels long (MNIST's are 20)")
-    if max(patch.shape) == BOX:        # already MNIST's size: keep its faint edges, unscaled
+    if max(patch.shape) in MNIST_SIDES:  # already MNIST's size: kept unscaled, faint edges too
         patch = crop_to_ink(ink, FRINGE)
     else:
         patch = fit_box(patch)

@@ -356,8 +356,8 @@ def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutp
                                                 else []) + ["test_loss", "test_accuracy"]
     right, n = int(np.trace(counts)), int(counts.sum())
     same = f"{right / n:.4f}" == f"{last['test_accuracy']:.4f}"
-    agree = ("the same as" if same else "which differs from (model.npz or the test set is not "
-             "the one of the last epoch)")
+    agree = "the same as" if same else "which differs from"
+    why = "" if same else ": model.npz or the test set is not the one of the last epoch"
     lines = [
         f"{REPORT_TITLE}{run_dir.name}", "",
         (f"After epoch {last['epoch']}: test accuracy {last['test_accuracy']:.4f}, "
@@ -372,7 +372,8 @@ def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutp
           + f" | {row['lr']:.4g} | {row['seconds']:.2f} |" for row in rows), "",
         "## Confusion matrix (test set)", "",
         (f"model.npz gets {right} of {n} test images right (accuracy {right / n:.4f}), {agree} "
-         f"the last epoch's test_accuracy in metrics.jsonl ({last['test_accuracy']:.4f})."), "",
+         f"the last epoch's test_accuracy in metrics.jsonl ({last['test_accuracy']:.4f}){why}."),
+        "",
         f"![confusion matrix]({FIGURES['confusion']})", "",
         "## First-layer weights", "",
         ("Each tile is one hidden unit's column of W1 reshaped to 28x28: red pixels push the "

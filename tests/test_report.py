@@ -658,7 +658,8 @@ def test_report_md_says_the_models_own_count_and_when_it_differs_from_the_last_e
     assert ("After epoch 1: test accuracy 0.9375, test loss 0.2500, train accuracy 0.8125."
             in text)
     assert ("model.npz gets 3 of 4 test images right (accuracy 0.7500), which differs from "
-            in text) and "the last epoch's test_accuracy in metrics.jsonl (0.9375)" in text
+            "the last epoch's test_accuracy in metrics.jsonl (0.9375): model.npz or the test "
+            "set is not the one of the last epoch.") in text
     same = markdown(Path("run"), [{**row, "test_accuracy": 0.75}], counts, out, np.array([2]))
     assert "(accuracy 0.7500), the same as the last epoch's" in same
 
