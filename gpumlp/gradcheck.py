@@ -69,8 +69,9 @@ def check_gradients(params: Params, X: np.ndarray, y: np.ndarray, act: Activatio
                     rng: np.random.Generator | None = None) -> list[ParamCheck]:
     """Compare backward() with central differences for every parameter of a float64 net.
 
-    `samples` entries per parameter are drawn from `rng` (all entries when None; a generator
-    seeded with 0 when `rng` is None, so that the same call checks the same entries). Only the
+    `samples` entries per parameter are drawn from `rng` (`drawn_entries`; all entries when
+    None; a generator seeded with 0 when `rng` is None, so that the same call checks the same
+    entries). Only the
     loss gradients are checked: weight decay and max-norm act in the optimizer step. With a
     kinked activation, drawn entries whose step straddles the kink are measured again with
     SMALLER_STEPS (`rescued`), or, straddling at every step, counted in `straddling` and left
@@ -120,12 +121,26 @@ def check_gradients(params: Params, X: np.ndarray, y: np.ndarray, act: Activatio
     for k in range(len(params.W)):
         for name, theta, analytic in ((f"W{k + 1}", params.W[k], grads.W[k]),
                                       (f"b{k + 1}", params.b[k], grads.b[k])):
-            flat_theta, n = theta.reshape(-1), theta.size
-            idx = np.arange(n) if samples is None or samples >= n else \
-                rng.choice(n, samples, replace=False)
+            flat_theta = theta.reshape(-1)
+            idx = drawn_entries(theta.shape, samples, rng)
             numeric, step = np.array([measure(flat_theta, i) for i in idx]).reshape(-1, 2).T
             results.append(compare(name, theta.shape, analytic.reshape(-1)[idx], numeric, step))
     return results
+
+
+def drawn_entries(shape: tuple, samples: int | None, rng: np.random.Generator) -> np.ndarray:
+    """The flat indices of a parameter's entries to check, sorted: all of them when `samples`
+    is None or covers them; else `samples` drawn at random with at least one in each column,
+    that is for each unit the parameter feeds (more than `samples` where there are more
+    columns; every entry of a bias). A gradient wrong for one unit cannot slip through."""
+    n = math.prod(shape)
+    if samples is None or samples >= n or len(shape) == 1:
+        return np.arange(n)
+    rows, cols = shape
+    one_per_column = rng.integers(0, rows, cols) * cols + np.arange(cols)
+    rest = np.setdiff1d(np.arange(n), one_per_column)
+    more = rng.choice(rest, max(samples - cols, 0), replace=False)
+    return np.sort(np.concatenate([one_per_column, more]))
 
 
 def compare(name: str, shape: tuple, analytic: np.ndarray, numeric: np.ndarray,

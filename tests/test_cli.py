@@ -240,7 +240,8 @@ def test_gradcheck_with_a_config_file(tmp_path):
     table = gradcheck_table(result.stdout)
     assert {name: row[1] for name, row in table.items()} == {
         "W1": "(784,64)", "b1": "(64,)", "W2": "(64,10)", "b2": "(10,)"}
-    assert all(row[2] == "5" for row in table.values())                 # --samples 5 each
+    checked = {name: row[2] for name, row in table.items()}           # --samples 5, but at
+    assert checked == {"W1": "64", "b1": "64", "W2": "10", "b2": "10"}  # least one a column
     assert ", activation relu, float64" in result.stdout.splitlines()[-1]
     config = tmp_path / "deep.yaml"
     config.write_text("model: {hidden: [12, 6], activation: tanh}\n")
@@ -251,6 +252,25 @@ def test_gradcheck_with_a_config_file(tmp_path):
         ("W3", "(6,10)"), ("b3", "(10,)")]
     assert result.stdout.splitlines()[-1].startswith("PASS: ")
     assert ", activation tanh, float64" in result.stdout.splitlines()[-1]
+
+
+def test_gradcheck_says_what_it_does_not_check_and_when_its_tolerance_is_loose():
+    """Weight decay and max-norm are the optimizer step's: a PASS with them set says so; a
+    tolerance that lets wrong gradients through is named; the last line counts the entries
+    compared and names what was checked."""
+    result = cli("gradcheck", "--set", "model.hidden=8", "--set", "optim.weight_decay=0.1",
+                 "--set", "model.max_norm=3", "--samples", "5", "--tolerance", "0.5")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "note: optim.weight_decay 0.1 and model.max_norm 3 act in the optimizer step, not in "
+        "model.backward, and are not checked here (the tests check weight decay: "
+        "docs/derivation.md)",
+        "note: --tolerance 0.5 is loose: a wrong gradient can pass it (right ones agree to "
+        "about 1e-6 in float64)"]
+    last = result.stdout.splitlines()[-1]
+    assert " over 36 of 6,370 entries, " in last and last.endswith("of model.backward")
+    result = cli("gradcheck", "--set", "model.hidden=8", "--samples", "5")
+    assert result.exit_code == 0 and result.stderr == ""
 
 
 def test_gradcheck_exits_1_when_above_the_tolerance():
@@ -372,9 +392,9 @@ def test_gradcheck_fails_and_says_so_when_a_parameter_had_no_entry_compared(monk
     result = cli("gradcheck", "--set", "model.hidden=8", "--samples", "5")
     assert result.exit_code == 1
     assert result.stdout.splitlines()[-1].startswith("FAIL: largest relative error inf")
-    assert gradcheck_table(result.stdout)["b1"][2:5] == ["0", "0", "5"]
+    assert gradcheck_table(result.stdout)["b1"][2:5] == ["0", "0", "8"]     # every entry
     notes = result.stderr.splitlines()
-    assert notes[0].startswith("note: 5 entries straddle relu's kink") and "5 excluded" in notes[0]
+    assert notes[0].startswith("note: 8 entries straddle relu's kink") and "8 excluded" in notes[0]
     assert notes[1:] == [("note: no entry of b1 could be compared (each straddles relu's kink "
                           "at every step), so the check fails: draw others with more --samples, "
                           "another --batch or --set train.seed=N")]            # no 'zero gradient'
@@ -933,7 +953,7 @@ def test_gradcheck_says_when_a_parameter_was_checked_only_where_its_gradient_is_
     result = cli("gradcheck", "--set", "model.hidden=8", "--samples", "5")
     assert result.exit_code == 0
     assert "zero gradient" in result.stderr and "--samples" in result.stderr
-    assert result.stdout.splitlines()[1].split()[:5] == ["W1", "(784,", "8)", "5", "0"]
+    assert result.stdout.splitlines()[1].split()[:5] == ["W1", "(784,", "8)", "8", "0"]
 
 
 def test_gradcheck_fails_when_every_entry_of_a_parameter_has_a_zero_gradient():

@@ -379,8 +379,9 @@ def test_fused_step_gradients_are_the_central_differences_of_the_float64_loss(em
                                                                             activation):
     """The kernels' own dW_k and db_k, not against model.backward: central differences in
     float64 of the loss at the same (float32) parameters, every entry of a small 30-12-8-10 net,
-    with dropout and label smoothing. The float32 gradients' roundoff is ~1e-5 of the floor
-    (gradcheck.FLOOR) here; a wrong factor or derivative is above 1e-3. No hidden
+    with dropout and label smoothing. The float32 gradients' roundoff reaches 6.4e-5 of the
+    floor (gradcheck.FLOOR) here; a derivative off by 5e-4 of itself is above 2e-4 (smaller
+    slips are the comparison with model.backward's, to 1e-5). No hidden
     pre-activation is within 1e-3 of relu's kink, which a step of EPS moves by at most ~1e-5."""
     widths, m, smoothing = (30, 12, 8, 10), 16, 0.1
     config = build_config(None, [f"model.activation={activation}", "model.dropout=0.25",
@@ -403,7 +404,7 @@ def test_fused_step_gradients_are_the_central_differences_of_the_float64_loss(em
             error = np.abs(analytic - numeric) / np.maximum(
                 np.maximum(np.abs(analytic), np.abs(numeric)), FLOOR)
             assert np.abs(analytic).max() > 1e-3, f"d{name}{k + 1}"  # not zeros against zeros
-            assert error.max() < 1e-3, (f"d{name}{k + 1}", error.max())
+            assert error.max() < 2e-4, (f"d{name}{k + 1}", error.max())
 
 
 def test_a_batch_of_more_rows_than_threads_and_a_batch_of_one(emulated):
