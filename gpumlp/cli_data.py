@@ -275,5 +275,6 @@ def image(index: int, out: Path, split: str, overwrite: bool, data_dir: str | No
                            f"give 0 to {len(chosen.labels) - 1}", exit_code=2)
     from .npzio import atomic_write
 
-    atomic_write(out, image_bytes(chosen.images[index].reshape(28, 28), suffix))
+    atomic_write(out, image_bytes(chosen.images[index].reshape(28, 28), suffix),
+                 new=not overwrite)  # checked free above: a file that came since is kept
     click.echo(f"wrote {out}: {split} image {index}, label {int(chosen.labels[index])}")

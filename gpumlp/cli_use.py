@@ -153,7 +153,7 @@ def export(model_path, fmt, out, overwrite):
     target = Path(out) if out else Path(model_path).with_suffix(f".{fmt}")
     check_target(target, Path(model_path), overwrite, named=bool(out))
     try:
-        atomic_write(target, model_bytes(params, config))
+        atomic_write(target, model_bytes(params, config), new=not overwrite)
     except OSError as e:
         named = f"--out {target}" if out else f"{target} (the default --out)"
         raise OneLineError(f"{named}: cannot write there ({e.strerror or e}); "

@@ -15,6 +15,7 @@ Other members (a README.txt added to the zip) are not arrays: they are left out,
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import lzma
 import math
@@ -25,7 +26,7 @@ import tempfile
 import tokenize
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, NoReturn
 
@@ -53,10 +54,12 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
-def atomic_write(path: str | os.PathLike, data: bytes, suffix: str = ".tmp") -> None:
+def atomic_write(path: str | os.PathLike, data: bytes, suffix: str = ".tmp",
+                 new: bool = False) -> None:
     """Write `data` to `path` through a fsynced temporary file ".<name>.<random><suffix>" beside
-    it (the name's first 200 bytes) and a rename."""
-    atomic_write_all({Path(path): data}, suffix)
+    it (the name's first 200 bytes) and a rename; `new`: only where no file is (`TargetAppeared`
+    if one came since the caller looked)."""
+    atomic_write_all({Path(path): data}, suffix, new={Path(path)} if new else ())
 
 
 @contextlib.contextmanager
@@ -74,23 +77,65 @@ def signals_held() -> Iterator[None]:
             signal.raise_signal(came[0])   # now, to the handler it would have met
 
 
-def atomic_write_all(files: Mapping[Path, bytes], suffix: str = ".tmp") -> None:
+class TargetAppeared(GpumlpError):
+    """A file came to be where gpumlp was to write a new one (after the check that none was
+    there): it is left as it is."""
+
+
+NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK,
+                 errno.EXDEV}  # a file system without hard links: publish by rename instead
+
+
+def publish_new(tmp: str, path: Path) -> None:
+    """Give the temporary file `tmp` the name `path` only if nothing has it: a hard link that
+    fails where a name exists (a rename would replace it), then `tmp` removed."""
+    appeared = TargetAppeared(f"{path}: a file appeared there while gpumlp was writing it, "
+                              "and was left as it is; move it away, or pass --overwrite")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise appeared from None
+    except OSError as e:
+        if e.errno not in NO_HARD_LINKS:
+            raise
+        if os.path.lexists(path):  # the best a file system without links allows
+            raise appeared from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def atomic_write_all(files: Mapping[Path, bytes], suffix: str = ".tmp",
+                     new: Collection[Path] = ()) -> None:
     """Write each file as `atomic_write` does, all or none: every temporary file is written
     and fsynced before the first rename, so a full disk changes none of the targets, and
-    Ctrl-C or SIGTERM during the renames takes effect after the last (`signals_held`)."""
+    Ctrl-C or SIGTERM during the renames takes effect after the last (`signals_held`). The
+    paths in `new` are written only where no file is, first: a file that appeared there
+    since the caller's check stops the write (`TargetAppeared`) before any other is replaced,
+    and those already written are taken back."""
     staged: list[tuple[str, Path]] = []
+    published: list[Path] = []  # of `new`: taken back if a later file fails
     try:
-        for path, data in files.items():
+        for path, data in sorted(files.items(), key=lambda item: item[0] not in new):
             staged.append((stage(path, data, suffix), path))
         with signals_held():
             while staged:
                 tmp, path = staged[0]
                 try:
-                    os.replace(tmp, path)
+                    if path in new:
+                        publish_new(tmp, path)
+                        published.append(path)
+                    else:
+                        os.replace(tmp, path)
                 except OSError as e:
                     raise OSError(e.errno, e.strerror, str(path)) from None
                 staged.pop(0)
             sync_folders({path.parent for path in files})  # makes the renames durable
+    except BaseException:
+        for path in published if staged else ():
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
     finally:
         for tmp, _ in staged:  # those not renamed: a failure before or during the renames
             try:

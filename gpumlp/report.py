@@ -447,6 +447,8 @@ def make_report(run_dir: str | Path, test: Split, backend: Backend,
 def write_report(run_dir: Path, test: Split, backend: Backend, overwrite: bool) -> list[Path]:
     """`make_report`'s work, once the run is held."""
     rows = check_run(run_dir, overwrite)
+    free = () if overwrite else {run_dir / name for name in (*FIGURES.values(), REPORT)
+                                 if not os.path.lexists(run_dir / name)}  # kept free
     with mplbackend_ignored():  # loaded here, so that the drawing below never reads it
         import matplotlib  # noqa: F401
     params, config = load_model(run_dir / "model.npz")
@@ -467,5 +469,5 @@ def write_report(run_dir: Path, test: Split, backend: Backend, overwrite: bool) 
                   .encode("utf-8", "backslashreplace"))  # a folder name not UTF-8: legible
     # all or none: a full disk leaves the old report whole, never new figures beside it
     atomic_write_all({**{path: drawn[key].getvalue() for key, path in paths.items()},
-                      report: text})
+                      report: text}, new=free)
     return [*paths.values(), report]
