@@ -242,7 +242,7 @@ class StopFlag:
         return 128 + int(self.signum or signal.SIGINT)
 
     def what(self) -> str:
-        return "interrupted" if self.signum in (None, signal.SIGINT) else "terminated (SIGTERM)"
+        return interrupted_how(signal_error(self.signum or signal.SIGINT))[0]
 
 
 def claim_out_dir(out_dir: Path, made: bool, overwrite: bool, config, init) -> tuple[bool, bool]:

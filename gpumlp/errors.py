@@ -75,16 +75,26 @@ def error_summary(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+class HungUp(Terminated):
+    """SIGHUP (the terminal or ssh session closed): stops the command as SIGTERM does, exit 129;
+    a run started with `nohup` ignores it and goes on."""
+
+
 def interrupted_how(e: BaseException | None) -> tuple[str, int]:
-    """What to print and the exit code after Ctrl-C or SIGTERM (`Terminated`): 128 + signal."""
+    """What to print and the exit code after Ctrl-C, SIGTERM (`Terminated`) or SIGHUP
+    (`HungUp`): 128 + the signal's number."""
+    if isinstance(e, HungUp):
+        return "hung up (SIGHUP)", 129
     if isinstance(e, Terminated):
         return "terminated (SIGTERM)", 143
     return "interrupted", 130
 
 
 def signal_error(signum: int) -> KeyboardInterrupt:
-    """The exception that stops a command on signal `signum` (SIGTERM or SIGINT)."""
+    """The exception that stops a command on signal `signum` (SIGINT, SIGTERM or SIGHUP)."""
     import signal
+    if signum == getattr(signal, "SIGHUP", None):
+        return HungUp()
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 

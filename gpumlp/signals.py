@@ -1,4 +1,4 @@
-"""The one rule for taking over SIGINT and SIGTERM, shared by the console script (`entry`), the
+"""The one rule for taking over SIGINT, SIGTERM and SIGHUP, shared by the console script (`entry`), the
 training loop's stop flag (`cli.StopFlag`) and the renames that must not be cut in two
 (`npzio.signals_held`): a signal ignored by whoever started us stays ignored, nothing changes
 outside the main thread (where Python cannot set handlers), and every handler is put back even
@@ -9,11 +9,14 @@ from __future__ import annotations
 import signal
 import threading
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP: the terminal or ssh session closed (where the system has it; `nohup` ignores it,
+# and an ignored signal stays ignored)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP")
+                                                 else ()))
 
 
 def replace_handlers(handler) -> dict:
-    """Set `handler` for SIGINT and SIGTERM, except where one is ignored (SIG_IGN) or was not
+    """Set `handler` for the STOP_SIGNALS, except where one is ignored (SIG_IGN) or was not
     set from Python (None); the previous handlers, for `restore_handlers` ({} outside the main
     thread)."""
     if threading.current_thread() is not threading.main_thread():

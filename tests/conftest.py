@@ -24,6 +24,7 @@ import pytest
 from gpumlp import fetch
 from gpumlp.idx import encode_idx
 from gpumlp.mnist import FILES, Mnist, Split
+from gpumlp.signals import STOP_SIGNALS
 
 # The shared MNIST files sit beside the repository: <repo>/../shared/data/mnist
 SHARED_MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -149,9 +150,9 @@ REAL_SIGNAL, REAL_GETSIGNAL = signal.signal, signal.getsignal  # tests may monke
 
 @pytest.fixture
 def keep_stop_handlers():
-    """SIGINT's and SIGTERM's handlers as they were before the test, put back after it,
-    whatever the test set (with the real signal.signal, which the test may have replaced)."""
-    saved = {signum: REAL_GETSIGNAL(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    """SIGINT's, SIGTERM's and SIGHUP's handlers as they were before the test, put back after
+    it, whatever the test set (with the real signal.signal, which the test may have replaced)."""
+    saved = {signum: REAL_GETSIGNAL(signum) for signum in STOP_SIGNALS}
     yield saved
     for signum, handler in saved.items():
         REAL_SIGNAL(signum, handler)

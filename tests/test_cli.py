@@ -614,6 +614,7 @@ def on_import(module: str, action: str) -> str:
 
 
 @pytest.mark.parametrize("signame, code, said", [("SIGTERM", 143, "terminated (SIGTERM)"),
+                                                  ("SIGHUP", 129, "hung up (SIGHUP)"),
                                                   ("SIGINT", 130, "interrupted")])
 def test_a_signal_python_swallows_in_a_weakref_callback_still_ends_the_command(signame, code,
                                                                                 said):
@@ -745,16 +746,20 @@ def test_of_two_signals_swallowed_before_training_the_first_says_how_it_ends(
     assert not (out / "model.npz").exists()
 
 
-def test_a_signal_ignored_by_whoever_started_gpumlp_stays_ignored_in_training():
+@pytest.mark.parametrize("ignored, caught", [("SIGINT", "SIGTERM"), ("SIGHUP", "SIGINT")],
+                         ids=["sigint", "nohup"])
+def test_a_signal_ignored_by_whoever_started_gpumlp_stays_ignored_in_training(ignored, caught):
+    """`nohup gpumlp train` ignores SIGHUP: the run goes on when the terminal closes."""
     from gpumlp.cli import StopFlag, restore_handlers
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignored, caught = getattr(signal, ignored), getattr(signal, caught)
+    before = signal.signal(ignored, signal.SIG_IGN)
     try:
         previous = StopFlag().install()
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        assert signal.SIGINT not in previous and signal.SIGTERM in previous
+        assert signal.getsignal(ignored) is signal.SIG_IGN
+        assert ignored not in previous and caught in previous
         restore_handlers(previous)
     finally:
-        signal.signal(signal.SIGINT, before)
+        signal.signal(ignored, before)
 
 
 def test_stop_flag_ignored_puts_back_the_handlers_it_found(keep_stop_handlers):
@@ -1111,6 +1116,7 @@ def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130(monkeypatch, ca
 
 @pytest.mark.parametrize("how", ["raised", "swallowed"])
 @pytest.mark.parametrize("signame, code, said", [("SIGTERM", 143, "terminated (SIGTERM)"),
+                                                  ("SIGHUP", 129, "hung up (SIGHUP)"),
                                                   ("SIGINT", 130, "interrupted")])
 def test_a_signal_while_the_cli_loads_stops_it_in_one_line(how, signame, code, said):
     """SIGTERM had no handler until the CLI was loaded: the process died without a word, and as
@@ -1211,6 +1217,7 @@ def test_a_signal_ignored_by_whoever_started_gpumlp_stays_ignored_while_the_cli_
 
 
 @pytest.mark.parametrize("signame, code, said", [("SIGTERM", 143, "terminated (SIGTERM)"),
+                                                  ("SIGHUP", 129, "hung up (SIGHUP)"),
                                                   ("SIGINT", 130, "interrupted")])
 def test_a_signal_after_the_cli_loads_but_before_it_takes_the_signals_is_one_line(signame, code,
                                                                                    said):
