@@ -12,6 +12,7 @@ first checkpoint start over from the same weights.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -320,6 +321,8 @@ class RunFiles:
         self.removed: list[str] = []  # start's note: the old run's report and export it removed
         self.put_aside = False        # start moved an earlier run to REPLACED (put_back undoes)
         self.trained_config: dict | None = None  # dotted: the config of the checkpoint's steps
+        self.config_before: bytes | None = None  # config.yaml before record_config rewrote it,
+                                                 # until a checkpoint is written with the new
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -550,7 +553,18 @@ class RunFiles:
         """Rewrite config.yaml as `config` when its values differ (a resume with --set), so that
         the folder says what the run goes on with; an equal file is left as it is."""
         if self.differs(config):
+            before = self.path("config.yaml").read_bytes()
             self.write_config(config, self.from_init())
+            self.config_before = before
+
+    def undo_config(self) -> None:
+        """Put back the config.yaml that record_config replaced, if no checkpoint has been
+        written with the new one since: a resume that fails before its first checkpoint leaves
+        the run's files as they were (best effort: the failure is what gets reported)."""
+        if self.config_before is not None:
+            with contextlib.suppress(OSError):
+                atomic_write(self.path("config.yaml"), self.config_before)
+            self.config_before = None
 
     def last_good(self, config: Config) -> str:
         """Where the last good checkpoint is and how to go on with a tenth of the learning
@@ -597,6 +611,7 @@ class RunFiles:
                 self.drop_replaced()
                 save_npz(path, arrays)
             self.drop_replaced()
+            self.config_before = None  # the checkpoint goes on with config.yaml as it is
         except OSError as e:
             if first and self.folder.is_dir():  # nothing to resume: a new run's folder goes
                 fix = "free some space" if e.errno in DISK_FULL else "fix that"
@@ -635,5 +650,13 @@ class RunFiles:
                 f"{begun} epochs the run has trained or begun; give at least {begun}")
 
     def finish(self, params: Params, config: Config, summary: dict) -> None:
-        save_model(self.path("model.npz"), params, config)
-        atomic_write(self.path("summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+        """model.npz and summary.json, once the last epoch's checkpoint is written: a failure
+        names the resume that writes them from it."""
+        for path, write in ((self.path("model.npz"), lambda p: save_model(p, params, config)),
+                            (self.path("summary.json"), lambda p: atomic_write(
+                                p, (json.dumps(summary, indent=2) + "\n").encode()))):
+            try:
+                write(path)
+            except OSError as e:
+                raise self.write_failed(path, e, "the last epoch's checkpoint is intact (a "
+                                        "resume writes the file from it)") from None

@@ -1915,3 +1915,55 @@ def test_a_metrics_file_of_one_byte_is_a_trained_run_for_resumable_too(tmp_path)
     with pytest.raises(GpumlpError, match="no checkpoint.npz"):
         RunFiles(run).check_resumable()
     assert not resumable(run)
+
+
+# --- a resume that fails ---------------------------------------------------------------------
+
+def test_a_resume_that_fails_before_its_first_checkpoint_keeps_config_yaml(
+        finished, tiny_data_dir, monkeypatch):
+    """`--resume --set train.epochs=2` rewrites config.yaml to say what the run goes on with;
+    when the first checkpoint then cannot be written (a full disk), the run has not gone on,
+    and config.yaml said epochs 2 all the same. A later checkpoint keeps the new one."""
+    from gpumlp import runfiles
+
+    before = (finished / "config.yaml").read_bytes()
+
+    def full(path, arrays):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    real = runfiles.save_npz
+    monkeypatch.setattr(runfiles, "save_npz", full)
+    resume = ["train", "--resume", finished, "--set", "train.epochs=2", "--data-dir",
+              tiny_data_dir, "--quiet"]
+    result = cli(*resume)
+    assert result.exit_code == 1 and "checkpoint.npz" in result.stderr, result.output
+    assert (finished / "config.yaml").read_bytes() == before
+    monkeypatch.setattr(runfiles, "save_npz", real)
+    assert cli(*resume).exit_code == 0
+    assert "epochs: 2" in (finished / "config.yaml").read_text()
+
+
+def test_a_model_npz_that_cannot_be_written_at_the_end_says_how_to_write_it(
+        finished, tiny_data_dir, monkeypatch):
+    """The last epoch's checkpoint is written when model.npz fails: the error names the resume
+    that writes model.npz from it, as a failed checkpoint's does."""
+    from gpumlp import runfiles
+
+    real = runfiles.save_model
+
+    def refused(path, params, config):
+        raise OSError(errno.EPERM, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(runfiles, "save_model", refused)
+    (finished / "model.npz").unlink()
+    resume = ["train", "--resume", finished, "--set", "train.epochs=2", "--data-dir",
+              tiny_data_dir, "--quiet"]
+    result = cli(*resume)                        # (a warning on the fixture's report first)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: cannot write {finished / 'model.npz'} (Operation not permitted); the last "
+        f"epoch's checkpoint is intact (a resume writes the file from it); fix that, then: "
+        f"gpumlp train --resume {finished}")
+    monkeypatch.setattr(runfiles, "save_model", real)
+    assert cli("train", "--resume", finished, "--data-dir", tiny_data_dir, "-q").exit_code == 0
+    assert (finished / "model.npz").is_file()
