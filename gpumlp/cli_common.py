@@ -7,6 +7,7 @@ import errno
 import functools
 import importlib
 import os
+import re
 
 import click
 
@@ -53,6 +54,8 @@ MEMORY_HINTS = {
     "predict": "give fewer or smaller files at a time",
 }
 MEMORY_HINT = "free some memory and try again"
+# what the dynamic loader says when a library's segments do not fit (a memory limit)
+LOAD_OUT_OF_MEMORY = re.compile(r"failed to map segment|cannot allocate memory", re.IGNORECASE)
 # what to do about an error the system gave for a path, by errno
 OS_ERROR_HINTS = {errno.ENAMETOOLONG: "; give a shorter path",
                   errno.EACCES: "; check its permissions", errno.EPERM: "; check its permissions",
@@ -71,7 +74,11 @@ def domain_errors(fn):
             raise OneLineError(str(e), exit_code=2, multiline=e.multiline) from None
         except GpumlpError as e:
             raise OneLineError(str(e), exit_code=1, multiline=e.multiline) from None
-        except MemoryError as e:  # NumPy's, and CuPy's OutOfMemoryError
+        except (MemoryError, ImportError) as e:  # NumPy's, and CuPy's OutOfMemoryError; a
+            # library that could not be loaded for want of memory (ulimit -v: "failed to map
+            # segment from shared object")
+            if isinstance(e, ImportError) and not LOAD_OUT_OF_MEMORY.search(str(e)):
+                raise
             detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise OneLineError(f"out of memory{f' ({detail})' if detail else ''}; "
                                f"{MEMORY_HINTS.get(fn.__name__, MEMORY_HINT)}") from None

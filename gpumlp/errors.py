@@ -110,9 +110,17 @@ def without_interrupt_reports(hook):
 
 def shell_path(path: str | os.PathLike) -> str:
     """`path` as one word of a command to paste into a shell: quoted, and given a leading
-    `./` when it starts with '-', which a command would take for an option."""
-    text = str(path)
-    return shlex.quote(f"./{text}" if text.startswith("-") else text)
+    `./` when it starts with '-', which a command would take for an option. A name with bytes
+    that are not text in this locale (held as lone surrogates), or with a line break or other
+    control character, is written as bash's $'...' with \\xNN escapes: the same bytes, on one
+    line, where plain quotes would show them as \\udcNN or break the line."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else path
+    text = f"./{text}" if text.startswith("-") else text
+    if text.isprintable():
+        return shlex.quote(text)
+    return "$'" + "".join(chr(b) if 0x20 <= b < 0x7F and chr(b) not in "\\'" else
+                          f"\\{chr(b)}" if chr(b) in "\\'" else f"\\x{b:02x}"
+                          for b in os.fsencode(text)) + "'"
 
 
 def json_text(text: str) -> str:

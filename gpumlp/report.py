@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -249,6 +250,20 @@ def mplbackend_ignored():
             os.environ["MPLBACKEND"] = saved
 
 
+@contextlib.contextmanager
+def matplotlib_quiet():
+    """matplotlib's warnings through logging held back while it loads and draws: where its
+    config folder cannot be written (a read-only HOME, MPLCONFIGDIR unusable) it says so in
+    two lines on stderr and works on from a temporary folder, which changes nothing here."""
+    logger = logging.getLogger("matplotlib")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def new_figure(width: float, height: float):
     from matplotlib.figure import Figure
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
@@ -446,6 +461,12 @@ def make_report(run_dir: str | Path, test: Split, backend: Backend,
 
 def write_report(run_dir: Path, test: Split, backend: Backend, overwrite: bool) -> list[Path]:
     """`make_report`'s work, once the run is held."""
+    with matplotlib_quiet():
+        return draw_and_write(run_dir, test, backend, overwrite)
+
+
+def draw_and_write(run_dir: Path, test: Split, backend: Backend, overwrite: bool) -> list[Path]:
+    """Check the run, draw the figures and the report in memory, then write them all."""
     rows = check_run(run_dir, overwrite)
     free = () if overwrite else {run_dir / name for name in (*FIGURES.values(), REPORT)
                                  if not os.path.lexists(run_dir / name)}  # kept free

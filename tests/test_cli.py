@@ -327,6 +327,30 @@ def test_out_of_memory_names_what_to_lower_for_the_command_that_ran():
     assert "train.batch_size" not in result.stderr        # train's hint, not gradcheck's
 
 
+def test_a_library_that_cannot_be_loaded_for_want_of_memory_is_the_out_of_memory_line(
+        tiny_data_dir, tmp_path, monkeypatch):
+    """Under `ulimit -v`, loading SciPy's BLAS for the fast CPU step failed with the loader's
+    ImportError ("failed to map segment from shared object") and a traceback. Any other
+    ImportError is a bug, and stays one."""
+    import gpumlp.train as train_module
+
+    def cannot_map(config, backend):
+        raise ImportError("/venv/lib/numpy/fft/_pocketfft_umath.so: failed to map segment "
+                          "from shared object")
+
+    monkeypatch.setattr(train_module, "make_step", cannot_map)
+    result = cli("train", "--config", SMOKE, *TINY, "--data-dir", tiny_data_dir, "--out",
+                 tmp_path / "run", "--device", "cpu", "-q")
+    assert_one_error_line(result, 1, "Error: out of memory (/venv/lib/numpy/fft/_pocketfft_",
+                          "failed to map segment from shared object); lower "
+                          "train.eval_batch_size")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(train_module, "make_step", lambda c, b: __import__("no_such_module"))
+    result = CliRunner().invoke(main, ["train", "--config", SMOKE, *TINY, "--data-dir",
+                                       str(tiny_data_dir), "--out", str(tmp_path / "run"), "-q"])
+    assert isinstance(result.exception, ModuleNotFoundError)
+
+
 def gradcheck_table(stdout: str) -> dict[str, list[str]]:
     """param -> its row of gradcheck's table, split on white space (shape as one field)."""
     rows = [line.replace(", ", ",").split() for line in stdout.splitlines()[1:-1]]

@@ -616,6 +616,25 @@ def test_make_report_from_python_ignores_a_bad_mplbackend_too(run_dir, tmp_path)
     assert (done.returncode, done.stdout) == (0, "report.md\n"), done.stderr
 
 
+def test_a_config_folder_matplotlib_cannot_write_adds_nothing_to_stderr(run_dir, tmp_path):
+    """matplotlib warned in two lines ("mkdir -p failed ...", "Matplotlib created a temporary
+    cache directory ...") where its config folder cannot be written; the report is the same."""
+    import os
+    import subprocess
+    import sys
+
+    copy_run(run_dir, tmp_path)
+    code = ("import numpy as np, sys; from gpumlp.backend import CPU; from gpumlp.mnist import "
+            "Split; from gpumlp.report import make_report; rng = np.random.default_rng(0); "
+            "test = Split(rng.integers(0, 256, (40, 784), dtype=np.uint8), "
+            "rng.integers(0, 10, 40).astype(np.uint8)); "
+            "print(make_report(sys.argv[1], test, CPU)[-1].name)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, "MPLCONFIGDIR": "/proc/nowhere"},
+                          timeout=120, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "report.md\n", "")
+
+
 def test_a_train_that_starts_while_the_report_is_drawn_is_refused(run_dir, tiny_data_dir,
                                                                    tmp_path, monkeypatch):
     """The report checks that no train writes the run, then reads model.npz, draws for seconds

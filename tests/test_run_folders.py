@@ -12,6 +12,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -1785,6 +1786,20 @@ def test_printed_paths_are_one_shell_word_that_no_command_takes_for_an_option(pa
 
     assert shell_path(path) == word
     assert shlex.split(word) == [f"./{path}" if path.startswith("-") else path]
+
+
+@pytest.mark.parametrize("name", [b"bad\xff\xfe/run9", b"two\nlines", b"tab\there's\\",
+                                  b"-\xff"])
+def test_a_name_that_is_not_text_is_printed_as_bash_escapes_of_its_bytes(name):
+    """A folder named in bytes that are not UTF-8 was printed as \\udcff in the resume
+    command, a folder that does not exist; a line break broke the command in two."""
+    from gpumlp.errors import shell_path
+
+    word = shell_path(os.fsdecode(name))
+    assert word.startswith("$'") and word.isascii() and word.isprintable()
+    echoed = subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True,
+                            check=True).stdout
+    assert echoed == (b"./" + name if name.startswith(b"-") else name)
 
 
 def test_a_run_folder_named_with_a_dash_gets_warnings_that_paste(stopped, tiny_data_dir,
