@@ -598,9 +598,9 @@ def test_a_backend_matplotlib_does_not_know_in_mplbackend_does_not_stop_the_repo
     assert os.environ["MPLBACKEND"] == "bogus"
 
 
-def test_make_report_from_python_ignores_a_bad_mplbackend_too(run_dir, tmp_path):
-    """The library, not only the command: make_report called in a fresh process."""
-    import os
+def report_in_a_fresh_process(run_dir: Path, tmp_path: Path, **env):
+    """make_report on a copy of the run in tmp_path, in a new Python (matplotlib not loaded
+    yet) with `env` added to the environment; the finished process."""
     import subprocess
     import sys
 
@@ -610,28 +610,20 @@ def test_make_report_from_python_ignores_a_bad_mplbackend_too(run_dir, tmp_path)
             "test = Split(rng.integers(0, 256, (40, 784), dtype=np.uint8), "
             "rng.integers(0, 10, 40).astype(np.uint8)); "
             "print(make_report(sys.argv[1], test, CPU)[-1].name)")
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
-                          text=True, env={**os.environ, "MPLBACKEND": "bogus"}, timeout=120,
-                          check=False)
+    return subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=120, check=False)
+
+
+def test_make_report_from_python_ignores_a_bad_mplbackend_too(run_dir, tmp_path):
+    """The library, not only the command: make_report called in a fresh process."""
+    done = report_in_a_fresh_process(run_dir, tmp_path, MPLBACKEND="bogus")
     assert (done.returncode, done.stdout) == (0, "report.md\n"), done.stderr
 
 
 def test_a_config_folder_matplotlib_cannot_write_adds_nothing_to_stderr(run_dir, tmp_path):
     """matplotlib warned in two lines ("mkdir -p failed ...", "Matplotlib created a temporary
     cache directory ...") where its config folder cannot be written; the report is the same."""
-    import os
-    import subprocess
-    import sys
-
-    copy_run(run_dir, tmp_path)
-    code = ("import numpy as np, sys; from gpumlp.backend import CPU; from gpumlp.mnist import "
-            "Split; from gpumlp.report import make_report; rng = np.random.default_rng(0); "
-            "test = Split(rng.integers(0, 256, (40, 784), dtype=np.uint8), "
-            "rng.integers(0, 10, 40).astype(np.uint8)); "
-            "print(make_report(sys.argv[1], test, CPU)[-1].name)")
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
-                          text=True, env={**os.environ, "MPLCONFIGDIR": "/proc/nowhere"},
-                          timeout=120, check=False)
+    done = report_in_a_fresh_process(run_dir, tmp_path, MPLCONFIGDIR="/proc/nowhere")
     assert (done.returncode, done.stdout, done.stderr) == (0, "report.md\n", "")
 
 
