@@ -61,7 +61,11 @@ OS_ERROR_HINTS = {errno.ENAMETOOLONG: "; give a shorter path",
                   errno.EACCES: "; check its permissions", errno.EPERM: "; check its permissions",
                   errno.ELOOP: "; a link there leads back to itself: fix or remove it",
                   errno.ENOSPC: "; free some space and try again",
-                  errno.EFBIG: "; the file size limit (ulimit -f) is too low: raise it"}
+                  errno.EFBIG: "; the file size limit (ulimit -f) is too low: raise it",
+                  errno.EMFILE: "; the open-file limit (ulimit -n) is too low: raise it",
+                  errno.ENFILE: "; the system's open-file table is full: close some programs"}
+CWD_GONE = ("; the current folder no longer exists (deleted or moved), so names relative to it "
+            "lead nowhere: cd into a folder that exists")
 
 
 def domain_errors(fn):
@@ -70,10 +74,15 @@ def domain_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except OneLineError as e:  # the command's own line
+            if cwd_gone() and not e.multiline:
+                e.message = one_line(f"{e.message}{CWD_GONE}")
+            raise
         except USAGE_ERRORS as e:
             raise OneLineError(str(e), exit_code=2, multiline=e.multiline) from None
         except GpumlpError as e:
-            raise OneLineError(str(e), exit_code=1, multiline=e.multiline) from None
+            raise OneLineError(f"{e}{CWD_GONE * cwd_gone()}", exit_code=1,
+                               multiline=e.multiline) from None
         except (MemoryError, ImportError) as e:  # NumPy's, and CuPy's OutOfMemoryError; a
             # library that could not be loaded for want of memory (ulimit -v: "failed to map
             # segment from shared object")
@@ -94,8 +103,20 @@ def domain_errors(fn):
             if e.filename is None:  # stdout, most often: OneLineGroup.main says it for all
                 raise
             raise OneLineError(f"{e.filename}: {e.strerror or e}"
-                               f"{OS_ERROR_HINTS.get(e.errno, '')}") from None
+                               f"{OS_ERROR_HINTS.get(e.errno, '')}"
+                               f"{CWD_GONE * (e.errno == errno.ENOENT and cwd_gone())}") from None
     return wrapper
+
+
+def cwd_gone() -> bool:
+    """Whether the current folder has been deleted (or moved away) under the command."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def data_dir_source() -> tuple[str, str]:

@@ -6,6 +6,7 @@ cannot be written, and a file that may not be written."""
 
 from __future__ import annotations
 
+import errno
 import os
 import reprlib
 import shlex
@@ -138,7 +139,22 @@ def folder_problem(path: str | os.PathLike) -> str | None:
     path = Path(path)
     if path.is_dir():
         return None
+    if in_link_loop(path):
+        return LINK_LOOP
     return "not a folder" if path.exists() else "no such folder"
+
+
+LINK_LOOP = "a link that leads back to itself (fix or remove it)"
+
+
+def in_link_loop(path: str | os.PathLike) -> bool:
+    """Whether `path` cannot be reached for links that lead back to themselves (ELOOP), which
+    Path.exists() reports as no file at all."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
 
 
 def target_problem(path: str | os.PathLike, overwrite: bool) -> str | None:

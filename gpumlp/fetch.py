@@ -76,7 +76,7 @@ def default_cache_dir() -> Path:
     except RuntimeError as e:  # "~nouser/x", or no home folder to be found
         why = (f"{CACHE_ENV}={shown(override)}: no home folder is known for "
                f"{shown(override.split('/')[0])}" if override else
-               f"gpumlp's cache: {str(e).rstrip('.').lower()}")
+               f"gpumlp's cache: {str(e)[:1].lower()}{str(e)[1:].rstrip('.')}")
         raise DataError(f"{why}; set {CACHE_ENV} to a folder given in full, e.g. "
                         "/tmp/gpumlp-cache") from None
 
@@ -86,6 +86,9 @@ def platform_cache_dir() -> Path:
     if sys.platform == "win32":
         base = os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"
         return Path(base) / "gpumlp" / "Cache"
+    home = os.environ.get("HOME")
+    if home is not None and not Path(home).is_absolute():  # "" gave /.cache, "x" ./x/.cache
+        raise RuntimeError(f"the home folder, HOME={shown(home)}, is not a folder given in full")
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Caches" / "gpumlp"
     xdg = os.environ.get("XDG_CACHE_HOME", "")

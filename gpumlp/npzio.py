@@ -32,7 +32,7 @@ from typing import BinaryIO, NamedTuple, NoReturn
 
 import numpy as np
 
-from .errors import CheckpointError, GpumlpError, shown
+from .errors import LINK_LOOP, CheckpointError, GpumlpError, in_link_loop, shown
 from .signals import replace_handlers, restore_handlers
 
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
@@ -253,6 +253,8 @@ class Npz:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():  # links followed
+            if in_link_loop(self.path):
+                raise CheckpointError(f"{self.path}: {LINK_LOOP}")
             if not self.path.exists():
                 raise CheckpointError(f"{self.path}: no such file")
             what = "a folder" if self.path.is_dir() else "a device, pipe or socket"

@@ -351,6 +351,50 @@ def test_a_library_that_cannot_be_loaded_for_want_of_memory_is_the_out_of_memory
     assert isinstance(result.exception, ModuleNotFoundError)
 
 
+@pytest.mark.parametrize("args", [["train", "--resume", "{loop}"], ["report", "{loop}"],
+                                  ["evaluate", "{loop}/model.npz"], ["export", "{loop}"],
+                                  ["data", "verify", "--data-dir", "{loop}"]])
+def test_a_link_that_leads_back_to_itself_is_named_as_one(tmp_path, args):
+    """Path.exists() is False for a link loop (ELOOP): each command said "no such folder" or
+    "no such file", which sends the user looking for a folder that is there."""
+    loop = tmp_path / "loopA"
+    loop.symlink_to(tmp_path / "loopB")
+    (tmp_path / "loopB").symlink_to(loop)
+    result = cli(*(arg.format(loop=loop) for arg in args))
+    assert_one_error_line(result, 1, "a link that leads back to itself (fix or remove it)")
+
+
+def test_a_current_folder_deleted_under_the_command_is_said_to_be_the_cause(
+        tiny_data_dir, tmp_path, monkeypatch):
+    """runs/... 'cannot create the run folder (No such file or directory)' and 'cannot write
+    in .' sent the user looking for a path, when the folder they stood in had been removed."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    said = ("the current folder no longer exists (deleted or moved), so names relative to it "
+            "lead nowhere: cd into a folder that exists")
+    result = cli("train", "--config", SMOKE, *TINY, "--data-dir", tiny_data_dir, "-q")
+    assert_one_error_line(result, 1, "cannot create the run folder", said)
+    result = cli("data", "image", "0", "x.png", "--data-dir", tiny_data_dir)
+    assert_one_error_line(result, 1, "x.png: cannot write in .", said)
+
+
+@pytest.mark.parametrize("code, said", [
+    (errno.EMFILE, "the open-file limit (ulimit -n) is too low: raise it"),
+    (errno.ENFILE, "the system's open-file table is full: close some programs")])
+def test_too_many_open_files_says_which_limit(code, said):
+    from gpumlp.cli_common import OneLineError, domain_errors
+
+    @domain_errors
+    def command():
+        raise OSError(code, os.strerror(code), "/lib/some_plugin.py")
+
+    with pytest.raises(OneLineError) as error:
+        command()
+    assert error.value.message == f"/lib/some_plugin.py: {os.strerror(code)}; {said}"
+
+
 def gradcheck_table(stdout: str) -> dict[str, list[str]]:
     """param -> its row of gradcheck's table, split on white space (shape as one field)."""
     rows = [line.replace(", ", ",").split() for line in stdout.splitlines()[1:-1]]

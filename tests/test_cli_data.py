@@ -324,6 +324,24 @@ def test_a_cache_folder_of_an_unknown_users_home_is_one_line(monkeypatch, tmp_pa
     assert result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("home", ["", "relative/home"])
+def test_a_home_that_is_not_a_folder_given_in_full_is_no_cache_folder(monkeypatch, tmp_path,
+                                                                       home):
+    """HOME= put the cache in /.cache/gpumlp, HOME=relative/home in one below the current
+    folder, a different one in each folder."""
+    monkeypatch.delenv("GPUMLP_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", home)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    result = invoke("path")
+    assert_clean_error(result, f"gpumlp's cache: the home folder, HOME={home!r}, is not a "
+                       "folder given in full; "
+                       "set GPUMLP_CACHE_DIR to a folder given in full, e.g. /tmp/gpumlp-cache")
+    assert list(here.iterdir()) == []
+
+
 def test_verify_says_the_cache_path_is_not_a_folder(cache, fake):
     cache.parent.mkdir(parents=True)
     cache.write_bytes(b"")
