@@ -8,9 +8,9 @@ same to a grey image of any size:
     1. grayscale (luma), upright as the EXIF orientation says; transparent pixels count as
        white paper
     2. paper = median of the outermost pixel frame, or a plane fitted to it where the light
-       falls unevenly (`paper`); the ink is the levels' distance from the paper, on the side
-       (darker or lighter) where it reaches farther: inverted when dark; stretched so that
-       the paper is 0 and the strongest ink 255
+       falls unevenly (`paper`); the ink is the levels' distance from the paper, on the
+       paper's usual side unless the other reaches much farther (`ink_levels`): inverted
+       when dark; stretched so that the paper is 0 and the strongest ink 255
     3. a picture that is a 28x28 image enlarged (by repeating pixels, or smoothly:
        bilinear, bicubic, Lanczos) and padded is read back as that image (`read_back`);
        any other picture goes on as it is. A 28x28 image laid out as MNIST's are (`laid_out`)
@@ -20,8 +20,9 @@ same to a grey image of any size:
     5. crop to the bounding box of the ink (pixels above INK_LEVEL); ink shorter than
        MIN_INK_SIDE on its longer side is refused as too small to be a digit
     6. resize so that the longer side is BOX = 20 pixels, keeping the aspect ratio:
-       area averaging when shrinking (MNIST's anti-aliasing), bilinear when enlarging; a
-       digit already 19 or 20 pixels long is kept unscaled, with FRINGE pixels of faint edge
+       area averaging when shrinking (MNIST's anti-aliasing), bilinear when enlarging, and
+       stretched again to full ink; a digit already 19 or 20 pixels long is kept unscaled,
+       with FRINGE pixels of faint edge
     7. paste into a FIELD = 28 square so that the centre of mass lands on pixel
        (CENTRE, CENTRE), rounded to whole pixels, moved back where that would put ink past
        the edge
@@ -58,6 +59,8 @@ from .readback import BOX, FIELD, read_back
 CENTRE = 14.0         # where MNIST puts the centre of mass (row and column index; measured
                       # over the test set: 13.99 and 14.01)
 MIN_CONTRAST = 24.0   # ink must differ from the background by this many levels of 255
+INK_SIDE_ODDS = 2.0   # the ink lies on the paper's usual side (dark on light paper) unless the
+                      # other side reaches this many times as far from the paper
 INK_LEVEL = 0.15      # a pixel is ink when its stretched value is above this fraction of 255;
                       # high enough to step over JPEG ringing around the strokes
 MIN_INK_SIDE = 5      # ink shorter than this on its longer side is too small to be read as a
@@ -220,10 +223,16 @@ def luma(image, source: str) -> np.ndarray:
 
 def ink_levels(gray: np.ndarray, source: str) -> np.ndarray:
     """Ink in [0, 255] on a 0 background: the levels' distance from the paper (`paper`), on
-    the side the ink lies (darker or lighter than the paper), stretched."""
-    distance = gray - paper(gray)
+    the side the ink lies, stretched. On light paper (above 127.5) the ink is dark unless the
+    lighter levels reach more than INK_SIDE_ODDS times as far from the paper as the darker
+    ones (a glare spot beside a pencil digit does not), on dark paper light unless the darker
+    ones do: a dark digit on dim grey paper is still dark ink."""
+    level = paper(gray)
+    distance = gray - level
     dark, light = float(-distance.min()), float(distance.max())
-    if dark > light:                           # dark ink: inverted, as MNIST's is light on 0
+    light_paper = float(np.median(level)) > 127.5
+    if (dark * INK_SIDE_ODDS > light) if light_paper else (dark > light * INK_SIDE_ODDS):
+        # dark ink: inverted, as MNIST's is light on 0
         distance, peak = -distance, dark
     else:
         peak = light
@@ -271,7 +280,9 @@ def drop_specks(ink: np.ndarray) -> np.ndarray:
     page's edge. The digit is the blobs of ink (pixels above INK_LEVEL, 8-connected) with at
     least SPECK_MASS of the heaviest one's ink, and, grown blob by blob, the blobs within
     SPECK_GAP of its longer side of the box they span; a blob smaller than one pixel of the
-    digit scaled to BOX pixels is noise wherever it lies. MNIST's own digits lose nothing."""
+    digit scaled to BOX pixels (or than a square of the heaviest blob's stroke width, where
+    that is less: a broken pen line's dashes) is noise wherever it lies. MNIST's own digits
+    lose nothing."""
     from scipy import ndimage
 
     labels, n = ndimage.label(ink > INK_LEVEL * 255, structure=np.ones((3, 3), dtype=bool))
@@ -289,7 +300,10 @@ def drop_specks(ink: np.ndarray) -> np.ndarray:
 
     top, bottom, left, right = span(kept)
     scale = max(bottom - top, right - left) / BOX      # picture pixels per pixel of MNIST's
-    candidates = pixels >= scale ** 2
+    heaviest = labels == np.argmax(mass) + 1
+    edge = heaviest & ~ndimage.binary_erosion(heaviest)
+    stroke = max(2.0 * heaviest.sum() / max(edge.sum(), 1), 1.0)  # area / half its perimeter
+    candidates = pixels >= min(scale, stroke) ** 2     # a dash of a thin stroke is no noise
     while True:
         top, bottom, left, right = span(kept)
         gap = SPECK_GAP * max(bottom - top, right - left)
@@ -354,14 +368,15 @@ def centre_by_mass(patch: np.ndarray, field: int = FIELD, centre: float = CENTRE
 
 
 def laid_out(ink: np.ndarray) -> bool:
-    """Whether `ink` is a 28x28 image laid out as MNIST's are: all its ink (above 0) within a
-    BOX-pixel square, its centre of mass within MNIST_PLACED of (CENTRE, CENTRE)."""
+    """Whether `ink` is a 28x28 image laid out as MNIST's are: all its ink (above 0) 19 or 20
+    pixels long (MNIST_SIDES; a smaller digit is scaled up), its centre of mass within
+    MNIST_PLACED of (CENTRE, CENTRE)."""
     if ink.shape != (FIELD, FIELD) or not (ink > 0).any():
         return False
     top, bottom, left, right = ink_box(ink, 0.0)
     mass = ink.sum()
     com = np.array([ink.sum(axis=1) @ np.arange(FIELD), ink.sum(axis=0) @ np.arange(FIELD)])
-    return (max(bottom - top, right - left) <= BOX
+    return (max(bottom - top, right - left) in MNIST_SIDES
             and bool(np.abs(com / mass - CENTRE).max() <= MNIST_PLACED))
 
 
@@ -384,6 +399,7 @@ def mnist_pixels(gray: np.ndarray, source: str = "image") -> np.ndarray:
         patch = crop_to_ink(ink, FRINGE)
     else:
         patch = fit_box(patch)
+        patch *= 255.0 / max(patch.max(), 1e-12)  # a thin stroke averaged down to a faint one
     return centre_by_mass(patch).astype(np.float32)
 
 
