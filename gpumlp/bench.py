@@ -127,7 +127,10 @@ def blas_threads(n: int | None = None) -> list[str]:
         setter, getter = _blas_symbol(lib, SET_NAMES), _blas_symbol(lib, GET_NAMES)
         core = _blas_symbol(lib, CORE_NAMES)
         name = os.path.basename(path).split("-")[0]              # e.g. libscipy_openblas64_
-        if n is not None and setter is not None:
+        if n is not None and setter is None:
+            raise BenchError(f"--threads {n}: {name} has no call to set its threads; drop "
+                             "--threads and set OPENBLAS_NUM_THREADS before gpumlp starts")
+        if n is not None:
             setter(ctypes.c_int(n))
             if getter is not None and int(getter()) != n:        # capped at its build's maximum
                 raise BenchError(f"--threads {n}: {name} runs at most {int(getter())} threads; "
@@ -135,6 +138,9 @@ def blas_threads(n: int | None = None) -> list[str]:
         if getter is not None and core is not None:
             core.restype = ctypes.c_char_p
             described.append(f"{name} {int(getter())} ({core().decode().strip()})")
+    if n is not None and not described:  # an MKL or Accelerate NumPy, or not Linux
+        raise BenchError(f"--threads {n}: no OpenBLAS found in this process to set; drop "
+                         "--threads and set the BLAS's own thread variable before gpumlp starts")
     return described
 
 
@@ -238,6 +244,14 @@ def torch_runner(torch: Any, device: str, split: DeviceSplit, hidden: int, batch
     n = images.shape[0]
 
     def epoch() -> None:
+        try:
+            train_epoch()
+        except RuntimeError as e:  # PyTorch's out of memory, on the CPU or a GPU: one line
+            if "out of memory" in str(e) or "can't allocate memory" in str(e):
+                raise MemoryError(f"PyTorch: {str(e).strip().splitlines()[0]}") from None
+            raise
+
+    def train_epoch() -> None:
         perm = torch.randperm(n, device=dev)
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         correct = torch.zeros((), dtype=torch.int64, device=dev)
@@ -281,9 +295,26 @@ def torch_for(spec: BenchSpec, backend: Backend) -> tuple[Any, str | None]:
 
 # ---- the run ---------------------------------------------------------------------------------------
 
+SETTLE_WINDOW = 0.02   # s: settle() looks at the process's CPU time over windows this long
+SETTLE_MAX = 1.0       # s: and waits at most this long
+
+
+def settle(max_wait: float = SETTLE_MAX) -> None:
+    """Wait until this process burns (almost) no CPU: after an epoch, OpenBLAS's threads spin
+    for about 0.1 s (OpenMP's for 0.01 s), and on a 2-core machine the other side's epoch
+    timed next lost a core to them for that long (PyTorch's ratio was 10-15% too slow)."""
+    deadline = time.perf_counter() + max_wait
+    while time.perf_counter() < deadline:
+        cpu = time.process_time()                 # every thread of the process
+        time.sleep(SETTLE_WINDOW)
+        if time.process_time() - cpu < 0.1 * SETTLE_WINDOW:
+            return
+
+
 def time_epochs(epoch: Callable[[], None], epochs: int, backend: Backend) -> float:
-    """Seconds per epoch of `epochs` epochs in a row."""
+    """Seconds per epoch of `epochs` epochs in a row, once the process is idle (`settle`)."""
     backend.synchronize()
+    settle()
     start = time.perf_counter()
     for _ in range(epochs):
         epoch()
@@ -310,14 +341,19 @@ def gflop_counters(runners: dict[str, Callable]) -> dict[str, Callable[[], float
     return {impl: run.gflop_done for impl, run in runners.items() if hasattr(run, "gflop_done")}
 
 
+def check_sizes(spec: BenchSpec) -> None:
+    """A BenchError for a --samples below the largest --batch (before any data is read)."""
+    if spec.samples < max(spec.batch):
+        raise BenchError(f"--samples {spec.samples} is smaller than the largest --batch "
+                         f"{max(spec.batch)}; raise it")
+
+
 def run_bench(spec: BenchSpec, backend: Backend, split: DeviceSplit | None = None,
               on_row: Callable[[Row], None] = lambda row: None) -> dict:
     """Time every (hidden, batch) of `spec` on `split` (spec.samples examples; None: synthetic
     data); returns the sgemm rate (the best of the start's and the end's), the rows and
     notes."""
-    if spec.samples < max(spec.batch):
-        raise BenchError(f"--samples {spec.samples} is smaller than the largest --batch "
-                         f"{max(spec.batch)}; raise it")
+    check_sizes(spec)
     threads = blas_threads(spec.threads) if not backend.is_gpu else []
     torch, why_not = (None, "--no-torch") if spec.torch is False else torch_for(spec, backend)
     if torch is not None and spec.threads is not None:
@@ -331,6 +367,7 @@ def run_bench(spec: BenchSpec, backend: Backend, split: DeviceSplit | None = Non
               "torch_threads": None if torch is None else torch.get_num_threads()}
     for hidden in spec.hidden:
         for batch in spec.batch:
+            runners = None  # the last pair's memory given back before the next is made
             runners = {"gpumlp": gpumlp_runner(backend, split, hidden, batch, spec.seed)}
             result["gpumlp_step"] = runners["gpumlp"].kind
             if torch is not None:

@@ -16,7 +16,10 @@ from .cli_common import (OneLineError, device_option, domain_errors, load_mnist_
                          train_data_dir_option)
 from .config import MAX_WIDTH
 
-MAX_SYNTHETIC = 10_000_000   # --samples: 7.8 GB of synthetic uint8 images
+MAX_SYNTHETIC = 10_000_000   # --samples: 7.8 GB of synthetic uint8 images (and as much
+                             # again for the fast CPU step's copy in its pixel order)
+BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS",
+            "MKL_NUM_THREADS", "GOTO_NUM_THREADS")  # change the timings: said when set
 MNIST_TRAIN = 60_000         # --samples with --data mnist: MNIST's training images
 MAX_THREADS = 4096           # --threads: past any BLAS build's maximum (and C int's range)
 CPU_BATCHES = (64, 128, 256, 1024)
@@ -71,6 +74,9 @@ def header_lines(backend, result: dict, spec, data: str = "mnist") -> list[str]:
         f"{numpy.__version__}, scipy {scipy.__version__}, {cupy}torch {torch}",
         f"threads   {threads}; torch {result['torch_threads'] or '-'}; "
         f"gpumlp step: {result.get('gpumlp_step', '-')}",
+        *([f"env       {' '.join(f'{k}={os.environ[k]}' for k in BLAS_ENV if k in os.environ)}"
+           " (set before gpumlp started: they change the BLAS's speed or threads)"]
+          if any(k in os.environ for k in BLAS_ENV) else []),
         f"sgemm     {result['sgemm_gflops']:.1f} GFLOP/s (best 2048^3 float32 product, measured "
         "at the start and at the end)",
         f"data      {data_line(data, spec.samples)}; fp32; SGD momentum {MOMENTUM}, lr {LR}; "
@@ -151,14 +157,15 @@ def bench(device, hidden, batch, epochs, repeats, data, data_dir, samples, with_
       gpumlp bench --device cpu --hidden 256 --batch 128 --threads 2
     """
     from .backend import get_backend
-    from .bench import BenchSpec, first_of, run_bench, torch_for
+    from .bench import BenchSpec, check_sizes, first_of, run_bench, torch_for
 
     check_data_options(data, data_dir, samples)
     backend = get_backend(device)
-    hidden = hidden or (256, 1024)
-    batch = batch or (GPU_BATCHES if backend.is_gpu else CPU_BATCHES)
-    spec = BenchSpec(hidden=tuple(hidden), batch=tuple(batch), epochs=epochs, repeats=repeats,
+    hidden = tuple(dict.fromkeys(hidden)) or (256, 1024)   # each size once, in order given
+    batch = tuple(dict.fromkeys(batch)) or (GPU_BATCHES if backend.is_gpu else CPU_BATCHES)
+    spec = BenchSpec(hidden=hidden, batch=batch, epochs=epochs, repeats=repeats,
                      samples=samples, torch=with_torch, threads=threads)
+    check_sizes(spec)  # before the data is read
     if with_torch:  # before the data is read: --torch where PyTorch cannot run is refused
         torch_for(spec, backend)
     split = None

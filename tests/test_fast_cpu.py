@@ -19,7 +19,7 @@ from scipy.linalg import blas
 from gpumlp import fast_cpu
 from gpumlp.activations import ACTIVATIONS
 from gpumlp.backend import CPU
-from gpumlp.bench import executed_gflop
+from gpumlp.bench import executed_gflop, synthetic_split
 from gpumlp.cli import main
 from gpumlp.config import build_config
 from gpumlp.data import DeviceSplit, gather, to_inputs
@@ -793,7 +793,8 @@ def test_bench_runs_on_the_first_mnist_images_by_default(tiny_data_dir, monkeypa
     np.testing.assert_array_equal(seen[0].images, first.images[:200])
     np.testing.assert_array_equal(seen[0].labels, first.labels[:200])
     too_many = CliRunner().invoke(main, ["bench", "--device", "cpu", "--data-dir",
-                                         str(tiny_data_dir), "--samples", "301", "--no-torch"])
+                                         str(tiny_data_dir), "--samples", "301", "--batch", "64",
+                                         "--no-torch"])
     assert too_many.exit_code == 2
     assert "--samples 301" in too_many.output and "300" in too_many.output
     assert "Traceback" not in too_many.output
@@ -957,6 +958,97 @@ def test_bench_pair_warms_each_up_then_alternates_the_order_each_round():
     bench_pair(runners, BenchSpec(hidden=(8,), batch=(16,), repeats=3), CPU, rows)
     assert calls == ["gpumlp", "torch"] + ["gpumlp", "torch", "torch", "gpumlp", "gpumlp", "torch"]
     assert [len(row.seconds) for row in rows.values()] == [3, 3]
+
+
+def test_each_timed_epoch_waits_until_the_last_sides_threads_stop_spinning():
+    """OpenBLAS's threads spin for about 0.1 s after gpumlp's epoch: on two cores PyTorch's
+    epoch timed next lost a core for that long (its ratio came out 10-15% too slow). A side
+    that leaves a thread busy is waited for before the other is timed."""
+    import threading
+    import time
+
+    from gpumlp.bench import time_epochs
+
+    spinning = []
+
+    def leaves_a_thread_spinning():
+        def spin(until=time.perf_counter() + 0.3):
+            while time.perf_counter() < until:
+                pass
+        spinning.append(threading.Thread(target=spin))
+        spinning[-1].start()
+
+    def sees_no_other_thread_busy():
+        assert not spinning[-1].is_alive(), "timed while the other side's thread spun"
+
+    time_epochs(leaves_a_thread_spinning, 1, CPU)
+    time_epochs(sees_no_other_thread_busy, 1, CPU)
+    spinning[-1].join()
+
+
+def test_bench_turns_pytorchs_out_of_memory_into_the_one_line_error(monkeypatch):
+    """PyTorch's allocator raises RuntimeError ("DefaultCPUAllocator: can't allocate memory",
+    "CUDA out of memory"): it printed 48 lines of traceback, gpumlp's own shortage one line."""
+    torch = pytest.importorskip("torch")
+    from gpumlp.bench import torch_runner
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 12800000000 bytes.")
+
+    epoch = torch_runner(torch, "cpu", synthetic_split(CPU, 64, 0), 8, 32, seed=0)
+    monkeypatch.setattr(torch, "randperm", refuse)
+    with pytest.raises(MemoryError, match="^PyTorch: .*can't allocate memory"):
+        epoch()
+    result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--data", "synthetic",
+                                       "--samples", "64", "--batch", "32", "--hidden", "8",
+                                       "--repeats", "1", "--torch"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("Error: out of memory (PyTorch: ")
+
+
+def test_bench_times_each_size_once_and_refuses_a_small_samples_before_reading_data(
+        monkeypatch):
+    """--hidden 8 --hidden 8 timed the pair twice and paired the first gpumlp row with the
+    second pair's torch epochs; a --samples below a --batch was refused after MNIST was read."""
+    import gpumlp.cli_bench as cli_bench
+
+    monkeypatch.setattr(cli_bench, "load_mnist_for", lambda *a, **k: pytest.fail("data read"))
+    result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--samples", "50",
+                                       "--batch", "64", "--no-torch"])
+    assert result.exit_code == 2 and "--samples 50 is smaller than the largest --batch 64" \
+        in result.output
+    result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--data", "synthetic",
+                                       "--samples", "64", "--batch", "32", "--hidden", "8",
+                                       "--hidden", "8", "--batch", "32", "--repeats", "1",
+                                       "--no-torch"])
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.stdout.splitlines() if line.startswith("| 8 |")] != []
+    assert len([line for line in result.stdout.splitlines() if line.startswith("| 8 |")]) == 1
+    assert "--hidden 8 --batch 32 " in result.stdout  # the reproduce command: once each
+
+
+def test_the_bench_header_names_blas_variables_set_in_the_environment(monkeypatch):
+    """OPENBLAS_CORETYPE=Haswell halved the sgemm rate here (SkylakeX kernels otherwise), and
+    the header said only '(Haswell)'."""
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--data", "synthetic",
+                                       "--samples", "64", "--batch", "32", "--hidden", "8",
+                                       "--repeats", "1", "--no-torch"])
+    assert result.exit_code == 0, result.output
+    env = [line for line in result.stdout.splitlines() if line.startswith("env ")]
+    assert len(env) == 1 and "OPENBLAS_CORETYPE=Haswell" in env[0]
+    assert "OMP_NUM_THREADS" not in env[0]
+
+
+def test_bench_threads_where_no_openblas_can_be_set_is_refused(monkeypatch):
+    import gpumlp.bench as bench_module
+
+    monkeypatch.setattr(bench_module, "loaded_openblas", lambda: [])
+    with pytest.raises(bench_module.BenchError, match="--threads 2: no OpenBLAS found"):
+        bench_module.blas_threads(2)
+    assert bench_module.blas_threads(None) == []
 
 
 def test_bench_gflop_is_per_epoch_with_several_epochs_a_timing():
