@@ -46,12 +46,29 @@ def to_host(array: Any) -> np.ndarray:
     return get() if callable(get) else np.asarray(array)
 
 
+CUPY_IMPORT: list[str] = []  # why the last `import cupy` failed, when CuPy is there but broken
+
+
 def _import_cupy() -> ModuleType | None:
+    CUPY_IMPORT.clear()
     try:
         import cupy  # the project's only cupy import
-    except Exception:  # ImportError, or a broken CUDA install raising at import
+    except ModuleNotFoundError as e:
+        if e.name not in ("cupy", None):  # CuPy is there; something it imports is not
+            CUPY_IMPORT.append(error_summary(e))
+        return None
+    except Exception as e:  # a broken CUDA install raising at import
+        CUPY_IMPORT.append(error_summary(e))
         return None
     return cupy
+
+
+def cupy_missing() -> str:
+    """Why CuPy is not there to use, after _import_cupy gave None: not installed, or
+    installed but not loadable (its error)."""
+    if CUPY_IMPORT:
+        return f"CuPy is installed but cannot be loaded ({CUPY_IMPORT[0]})"
+    return "CuPy is not installed"
 
 
 def _cuda_count(cupy: ModuleType) -> int:
@@ -67,7 +84,7 @@ def cuda_backend(index: int, given: str | None = None) -> Backend:
     cupy = _import_cupy()
     named = f"--device {given if given is not None else f'cuda:{index}'}"
     if cupy is None:
-        raise DeviceError(f"{named}: CuPy is not installed; {CUDA_HINT}")
+        raise DeviceError(f"{named}: {cupy_missing()}; {CUDA_HINT}")
     count = _cuda_count(cupy)
     if count == 0:
         raise DeviceError(f"{named}: no CUDA GPU is visible (driver missing or "

@@ -33,7 +33,7 @@ import numpy as np
 from .backend import Backend
 from .config import build_config
 from .data import DeviceData, DeviceSplit, device_split
-from .errors import ConfigError
+from .errors import ConfigError, error_summary
 from .mnist import C, D
 from .step import make_step, prepare_state
 from .train import Position, new_state, train_epoch
@@ -276,8 +276,10 @@ def import_torch(device: str) -> tuple[Any, str | None]:
     """(torch, None), or (None, why it is left out)."""
     try:
         import torch
-    except Exception:
-        return None, "PyTorch is not installed (pip install torch)"
+    except Exception as e:  # not installed, or a broken install (a missing shared library)
+        if isinstance(e, ModuleNotFoundError) and e.name in ("torch", None):
+            return None, "PyTorch is not installed (pip install torch)"
+        return None, f"PyTorch is installed but cannot be loaded ({error_summary(e)})"
     if device != "cpu" and not torch.cuda.is_available():
         return None, f"this PyTorch build ({torch.__version__}) has no CUDA"
     return torch, None

@@ -9,7 +9,7 @@ import platform
 import numpy as np
 
 from . import __version__
-from .backend import available_devices, cuda_versions, cupy_version
+from .backend import CUPY_IMPORT, available_devices, cuda_versions, cupy_version
 
 
 def blas_name() -> str:
@@ -22,6 +22,16 @@ def blas_name() -> str:
         return "unknown"
 
 
+def cupy_entry() -> str:
+    """CuPy's version, or why there is none: not installed, or installed but not loadable."""
+    version = cupy_version()
+    if version is not None:
+        return version
+    if CUPY_IMPORT:
+        return f"installed but cannot be loaded ({CUPY_IMPORT[0]})"
+    return "not installed (pip install -e '.[cuda12]' or '.[cuda13]' in the gpumlp folder)"
+
+
 def system_info() -> dict:
     import yaml
 
@@ -31,7 +41,7 @@ def system_info() -> dict:
         "platform": platform.platform(),
         "numpy": np.__version__,
         "blas": blas_name(),
-        "cupy": cupy_version() or "not installed (pip install -e '.[cuda12]' in the gpumlp folder)",
+        "cupy": cupy_entry(),
         "cuda": cuda_versions(),
         "click": importlib.metadata.version("click"),
         "pyyaml": yaml.__version__,

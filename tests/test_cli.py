@@ -570,6 +570,37 @@ def test_cuda_without_cupy_says_how_to_fix_it(command, device, no_cupy, in_tmp):
     assert not (in_tmp / "run").exists()
 
 
+def broken_module(monkeypatch, tmp_path, name: str, error: str) -> None:
+    """A module `name` on the path that raises `error` when imported, as a broken install
+    does (a CUDA driver too old, a shared library missing)."""
+    folder = tmp_path / f"broken-{name}"
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(f"raise {error}\n")
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+def test_a_cupy_that_cannot_be_loaded_is_not_said_to_be_missing(monkeypatch, tmp_path, in_tmp):
+    """A CuPy whose import fails (an old driver) was 'not installed', in `info` and in the
+    error of --device cuda: the user installs it again, and nothing changes."""
+    broken_module(monkeypatch, tmp_path, "cupy",
+                  "RuntimeError('CUDA driver version is insufficient for CUDA runtime version')")
+    result = cli("bench", "--data", "synthetic", "--device", "cuda")
+    assert_one_error_line(result, 2, "--device cuda: CuPy is installed but cannot be loaded "
+                          "(RuntimeError: CUDA driver version is insufficient")
+    info = json.loads(cli("info", "--json").stdout)
+    assert info["cupy"].startswith("installed but cannot be loaded (RuntimeError: CUDA driver")
+
+
+def test_a_pytorch_that_cannot_be_loaded_is_not_said_to_be_missing(monkeypatch, tmp_path):
+    broken_module(monkeypatch, tmp_path, "torch",
+                  "OSError('libtorch_cpu.so: cannot open shared object file')")
+    result = cli("bench", "--device", "cpu", "--data", "synthetic", "--samples", "64",
+                 "--batch", "32", "--hidden", "8", "--torch")
+    assert_one_error_line(result, 2, "--torch: PyTorch is installed but cannot be loaded "
+                          "(OSError: libtorch_cpu.so: cannot open shared object file)")
+
+
 @pytest.mark.parametrize("command", CUDA_COMMANDS)
 def test_a_missing_gpu_is_named_as_the_user_wrote_the_device(command, monkeypatch, in_tmp):
     monkeypatch.setattr(backend, "_import_cupy", lambda: object())   # CuPy, but no GPU

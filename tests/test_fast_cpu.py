@@ -944,7 +944,8 @@ def test_time_epochs_gives_seconds_per_epoch(monkeypatch):
 
     def epoch():
         clock[0] += next(lengths)
-    monkeypatch.setattr(bench_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(bench_module, "time", SimpleNamespace(   # an idle process: no wait
+        perf_counter=lambda: clock[0], process_time=lambda: 0.0, sleep=lambda s: None))
     assert bench_module.time_epochs(epoch, 4, CPU) == 3.0
     assert next(lengths, None) is None                     # all four epochs ran, no fifth
 
