@@ -367,6 +367,20 @@ def run_bench(spec: BenchSpec, backend: Backend, split: DeviceSplit | None = Non
     result = {"sgemm_gflops": sgemm_rate(backend), "rows": [], "blas_threads": threads,
               "torch": None if torch is None else torch.__version__, "torch_note": why_not,
               "torch_threads": None if torch is None else torch.get_num_threads()}
+    try:
+        time_sizes(spec, backend, split, torch, result, on_row)
+    except KeyboardInterrupt as e:  # the rows done so far go with it (`gpumlp bench` prints them)
+        e.partial = result
+        raise
+    # again at the end, the best of both: a shared machine may have been in a slow phase at
+    # the start, and a share of the reference above 100% would mean nothing
+    result["sgemm_gflops"] = max(result["sgemm_gflops"], sgemm_rate(backend))
+    return result
+
+
+def time_sizes(spec: BenchSpec, backend: Backend, split: DeviceSplit, torch: Any, result: dict,
+               on_row: Callable[[Row], None]) -> None:
+    """Time each (hidden, batch) of `spec`, its rows added to result["rows"] as they come."""
     for hidden in spec.hidden:
         for batch in spec.batch:
             runners = None  # the last pair's memory given back before the next is made
@@ -382,7 +396,3 @@ def run_bench(spec: BenchSpec, backend: Backend, split: DeviceSplit | None = Non
             for row in rows.values():
                 result["rows"].append(row)
                 on_row(row)
-    # again at the end, the best of both: a shared machine may have been in a slow phase at
-    # the start, and a share of the reference above 100% would mean nothing
-    result["sgemm_gflops"] = max(result["sgemm_gflops"], sgemm_rate(backend))
-    return result

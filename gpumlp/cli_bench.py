@@ -6,6 +6,7 @@ table (ready for docs/benchmarks.md) and the command that reproduces it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -172,8 +173,19 @@ def bench(device, hidden, batch, epochs, repeats, data, data_dir, samples, with_
     if data == "mnist":
         train = load_mnist_for(data_dir, split="train")
         split = first_of(train.images, train.labels, samples, backend)
-    result = run_bench(spec, backend, split, on_row=lambda row: click.echo(
-        f"  {row.impl:<6} h={row.hidden} batch={row.batch}: {row.epoch_s:.3f} s/epoch", err=True))
+    try:
+        result = run_bench(spec, backend, split, on_row=lambda row: click.echo(
+            f"  {row.impl:<6} h={row.hidden} batch={row.batch}: {row.epoch_s:.3f} s/epoch",
+            err=True))
+    except KeyboardInterrupt as e:  # Ctrl-C: the sizes measured so far, then "interrupted"
+        partial = getattr(e, "partial", None)
+        if partial and partial["rows"]:
+            with contextlib.suppress(OSError):
+                for line in (header_lines(backend, partial, spec, data) + [""]
+                             + table_lines(partial) + ["", "(interrupted: the sizes measured "
+                                                       "before Ctrl-C)"]):
+                    click.echo(line)
+        raise
     for line in header_lines(backend, result, spec, data) + [""] + table_lines(result):
         click.echo(line)
     click.echo("")

@@ -1043,6 +1043,28 @@ def test_the_bench_header_names_blas_variables_set_in_the_environment(monkeypatc
     assert "OMP_NUM_THREADS" not in env[0]
 
 
+def test_ctrl_c_during_the_bench_prints_the_sizes_measured_so_far(monkeypatch):
+    """A grid takes minutes; Ctrl-C in its last size threw away every row measured."""
+    import gpumlp.bench as bench_module
+
+    real, pairs = bench_module.bench_pair, []
+
+    def stopped_at_the_second(runners, spec, backend, rows):
+        pairs.append(rows)
+        if len(pairs) == 2:
+            raise KeyboardInterrupt
+        real(runners, spec, backend, rows)
+
+    monkeypatch.setattr(bench_module, "bench_pair", stopped_at_the_second)
+    result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--data", "synthetic",
+                                       "--samples", "64", "--batch", "32", "--hidden", "8",
+                                       "--hidden", "16", "--repeats", "1", "--no-torch"])
+    assert result.exit_code == 130 and result.stderr.splitlines()[-1] == "interrupted"
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["8"]
+    assert result.stdout.rstrip().endswith("(interrupted: the sizes measured before Ctrl-C)")
+
+
 def test_bench_threads_where_no_openblas_can_be_set_is_refused(monkeypatch):
     import gpumlp.bench as bench_module
 
