@@ -90,6 +90,12 @@ def header_lines(backend, result: dict, spec, data: str = "mnist") -> list[str]:
     ]
 
 
+def seconds(value: float) -> str:
+    """Seconds to the millisecond, and to 3 significant digits below 0.01 s (a small
+    --samples showed 0.000)."""
+    return f"{value:.3f}" if value >= 0.01 else f"{value:.3g}"
+
+
 def table_lines(result: dict) -> list[str]:
     from .bench import paired_ratio
 
@@ -101,7 +107,7 @@ def table_lines(result: dict) -> list[str]:
         if r.impl == "gpumlp" and (r.hidden, r.batch) in torch_rows:
             ratio = f"{paired_ratio(r, torch_rows[(r.hidden, r.batch)]):.2f}"
         share = 100 * r.gflops / result["sgemm_gflops"]
-        lines.append(f"| {r.hidden} | {r.batch} | {r.impl} | {r.epoch_s:.3f} | "
+        lines.append(f"| {r.hidden} | {r.batch} | {r.impl} | {seconds(r.epoch_s)} | "
                      f"{r.samples_per_s:,.0f} | {r.gflops:.1f} | {share:.0f}% | {ratio} |")
     return lines
 
@@ -175,7 +181,7 @@ def bench(device, hidden, batch, epochs, repeats, data, data_dir, samples, with_
         split = first_of(train.images, train.labels, samples, backend)
     try:
         result = run_bench(spec, backend, split, on_row=lambda row: click.echo(
-            f"  {row.impl:<6} h={row.hidden} batch={row.batch}: {row.epoch_s:.3f} s/epoch",
+            f"  {row.impl:<6} h={row.hidden} batch={row.batch}: {seconds(row.epoch_s)} s/epoch",
             err=True))
     except KeyboardInterrupt as e:  # Ctrl-C: the sizes measured so far, then "interrupted"
         partial = getattr(e, "partial", None)

@@ -1065,6 +1065,13 @@ def test_ctrl_c_during_the_bench_prints_the_sizes_measured_so_far(monkeypatch):
     assert result.stdout.rstrip().endswith("(interrupted: the sizes measured before Ctrl-C)")
 
 
+def test_bench_seconds_below_a_hundredth_keep_three_significant_digits():
+    from gpumlp.cli_bench import seconds
+
+    assert [seconds(v) for v in (1.23456, 0.0123, 0.000412, 0.0)] == [
+        "1.235", "0.012", "0.000412", "0"]
+
+
 def test_bench_threads_where_no_openblas_can_be_set_is_refused(monkeypatch):
     import gpumlp.bench as bench_module
 
