@@ -63,12 +63,19 @@ def _import_cupy() -> ModuleType | None:
     return cupy
 
 
+def cupy_load_error() -> str | None:
+    """The error of the last `import cupy` when CuPy is installed but cannot be loaded."""
+    return CUPY_IMPORT[0] if CUPY_IMPORT else None
+
+
 def cupy_missing() -> str:
-    """Why CuPy is not there to use, after _import_cupy gave None: not installed, or
-    installed but not loadable (its error)."""
+    """Why CuPy is not there to use, after _import_cupy gave None, and what to do: not
+    installed, or installed but not loadable (its error)."""
     if CUPY_IMPORT:
-        return f"CuPy is installed but cannot be loaded ({CUPY_IMPORT[0]})"
-    return "CuPy is not installed"
+        return (f"CuPy is installed but cannot be loaded ({CUPY_IMPORT[0]}); check that the "
+                "NVIDIA driver supports CuPy's CUDA version (nvidia-smi, gpumlp info), or use "
+                "--device cpu")
+    return f"CuPy is not installed; {CUDA_HINT}"
 
 
 def _cuda_count(cupy: ModuleType) -> int:
@@ -84,7 +91,7 @@ def cuda_backend(index: int, given: str | None = None) -> Backend:
     cupy = _import_cupy()
     named = f"--device {given if given is not None else f'cuda:{index}'}"
     if cupy is None:
-        raise DeviceError(f"{named}: {cupy_missing()}; {CUDA_HINT}")
+        raise DeviceError(f"{named}: {cupy_missing()}")
     count = _cuda_count(cupy)
     if count == 0:
         raise DeviceError(f"{named}: no CUDA GPU is visible (driver missing or "

@@ -21,6 +21,7 @@ Nothing here prints: results come back as records, and `on_row` hears each one a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import statistics
@@ -121,7 +122,7 @@ def blas_threads(n: int | None = None) -> list[str]:
     """Set (when n is given) the threads of every loaded OpenBLAS; "library threads (core)" each."""
     from scipy.linalg import blas  # noqa: F401  (loads SciPy's OpenBLAS, which the step uses)
 
-    described = []
+    described, set_any = [], False
     for path in loaded_openblas():
         lib = ctypes.CDLL(path)
         setter, getter = _blas_symbol(lib, SET_NAMES), _blas_symbol(lib, GET_NAMES)
@@ -132,13 +133,14 @@ def blas_threads(n: int | None = None) -> list[str]:
                              "--threads and set OPENBLAS_NUM_THREADS before gpumlp starts")
         if n is not None:
             setter(ctypes.c_int(n))
+            set_any = True
             if getter is not None and int(getter()) != n:        # capped at its build's maximum
                 raise BenchError(f"--threads {n}: {name} runs at most {int(getter())} threads; "
                                  f"give --threads {int(getter())} or fewer")
         if getter is not None and core is not None:
             core.restype = ctypes.c_char_p
             described.append(f"{name} {int(getter())} ({core().decode().strip()})")
-    if n is not None and not described:  # an MKL or Accelerate NumPy, or not Linux
+    if n is not None and not set_any:  # an MKL or Accelerate NumPy, or not Linux
         raise BenchError(f"--threads {n}: no OpenBLAS found in this process to set; drop "
                          "--threads and set the BLAS's own thread variable before gpumlp starts")
     return described
@@ -226,9 +228,27 @@ def gpumlp_runner(backend: Backend, split: DeviceSplit, hidden: int, batch: int,
     return epoch
 
 
+@contextlib.contextmanager
+def torch_memory():
+    """PyTorch's out of memory (a RuntimeError, on the CPU or a GPU) as the MemoryError that
+    `gpumlp bench` says in one line, not a traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "out of memory" in str(e) or "can't allocate memory" in str(e):
+            raise MemoryError(f"PyTorch: {str(e).strip().splitlines()[0]}") from None
+        raise
+
+
 def torch_runner(torch: Any, device: str, split: DeviceSplit, hidden: int, batch: int,
                  seed: int) -> Callable[[], None]:
     """A function that trains one more epoch of the same net in PyTorch eager."""
+    with torch_memory():  # its copy of the data and its net, as its epochs
+        return make_torch_runner(torch, device, split, hidden, batch, seed)
+
+
+def make_torch_runner(torch: Any, device: str, split: DeviceSplit, hidden: int, batch: int,
+                      seed: int) -> Callable[[], None]:
     from .backend import to_host
 
     torch.manual_seed(seed)
@@ -244,12 +264,8 @@ def torch_runner(torch: Any, device: str, split: DeviceSplit, hidden: int, batch
     n = images.shape[0]
 
     def epoch() -> None:
-        try:
+        with torch_memory():
             train_epoch()
-        except RuntimeError as e:  # PyTorch's out of memory, on the CPU or a GPU: one line
-            if "out of memory" in str(e) or "can't allocate memory" in str(e):
-                raise MemoryError(f"PyTorch: {str(e).strip().splitlines()[0]}") from None
-            raise
 
     def train_epoch() -> None:
         perm = torch.randperm(n, device=dev)

@@ -55,7 +55,8 @@ MEMORY_HINTS = {
 }
 MEMORY_HINT = "free some memory and try again"
 # what the dynamic loader says when a library's segments do not fit (a memory limit)
-LOAD_OUT_OF_MEMORY = re.compile(r"failed to map segment|cannot allocate memory", re.IGNORECASE)
+LOAD_OUT_OF_MEMORY = re.compile(r"failed to map segment|cannot allocate memory(?! in static TLS)",
+                                re.IGNORECASE)  # static TLS: a loader limit (LD_PRELOAD fixes it)
 # what to do about an error the system gave for a path, by errno
 OS_ERROR_HINTS = {errno.ENAMETOOLONG: "; give a shorter path",
                   errno.EACCES: "; check its permissions", errno.EPERM: "; check its permissions",
@@ -64,6 +65,7 @@ OS_ERROR_HINTS = {errno.ENAMETOOLONG: "; give a shorter path",
                   errno.EFBIG: "; the file size limit (ulimit -f) is too low: raise it",
                   errno.EMFILE: "; the open-file limit (ulimit -n) is too low: raise it",
                   errno.ENFILE: "; the system's open-file table is full: close some programs"}
+NO_SUCH = re.compile(r"no such (file|folder)", re.IGNORECASE)  # errors a deleted cwd explains
 CWD_GONE = ("; the current folder no longer exists (deleted or moved), so names relative to it "
             "lead nowhere: cd into a folder that exists")
 
@@ -75,13 +77,14 @@ def domain_errors(fn):
         try:
             return fn(*args, **kwargs)
         except OneLineError as e:  # the command's own line
-            if cwd_gone() and not e.multiline:
+            if cwd_gone() and not e.multiline and NO_SUCH.search(e.message):
                 e.message = one_line(f"{e.message}{CWD_GONE}")
             raise
         except USAGE_ERRORS as e:
             raise OneLineError(str(e), exit_code=2, multiline=e.multiline) from None
         except GpumlpError as e:
-            raise OneLineError(f"{e}{CWD_GONE * cwd_gone()}", exit_code=1,
+            gone = bool(NO_SUCH.search(str(e))) and cwd_gone()
+            raise OneLineError(f"{e}{CWD_GONE * gone}", exit_code=1,
                                multiline=e.multiline) from None
         except (MemoryError, ImportError) as e:  # NumPy's, and CuPy's OutOfMemoryError; a
             # library that could not be loaded for want of memory (ulimit -v: "failed to map

@@ -97,9 +97,9 @@ def report(run_dir, overwrite, device, data_dir):
     Example:
       gpumlp report runs/h256
     """
-    from .report import check_run, make_report, mplbackend_ignored
+    from .report import check_run, make_report, matplotlib_quiet, mplbackend_ignored
 
-    with mplbackend_ignored():
+    with mplbackend_ignored(), matplotlib_quiet():  # its first import: quiet as make_report's
         require("matplotlib", "matplotlib", "report")
     from .backend import get_backend
 

@@ -1,10 +1,10 @@
-"""The `gpumlp` console script: the CLI imported inside a guard, so that Ctrl-C or SIGTERM while
-Python loads NumPy, click and the rest ends as it does later, with `interrupted` (exit 130) or
-`terminated (SIGTERM)` (exit 143), not a traceback, and not lost: in a container gpumlp is the
-first process, which the kernel spares a SIGTERM it does not handle. A signal whose exception
-Python swallowed in an import's callback stops the command before it starts. `gpumlp.cli`
-installs its own handling once it is loaded; a KeyboardInterrupt that escapes it (a signal in
-the moment before) ends the same way."""
+"""The `gpumlp` console script: the CLI imported inside a guard, so that Ctrl-C, SIGTERM or SIGHUP
+while Python loads NumPy, click and the rest ends as it does later, with `interrupted` (exit
+130) or `terminated (SIGTERM)` (exit 143), not a traceback, and not lost: in a container gpumlp
+is the first process, which the kernel spares a SIGTERM it does not handle. A signal whose
+exception Python swallowed in an import's callback stops the command before it starts.
+`gpumlp.cli` installs its own handling once it is loaded; a KeyboardInterrupt that escapes it (a
+signal in the moment before) ends the same way."""
 
 from __future__ import annotations
 
@@ -35,7 +35,11 @@ def stop(error: BaseException | None = None) -> None:
     for signum in STOP_SIGNALS:  # a second one cannot cut this short
         signal.signal(signum, signal.SIG_IGN)
     said, code = interrupted_how(error if error is not None else signal_error(NOTED[-1]))
-    sys.stderr.write(f"{said}\n")
+    try:  # after a hang-up the terminal is gone: the exit code still says it
+        sys.stderr.write(f"{said}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
     sys.exit(code)
 
 

@@ -86,14 +86,21 @@ def platform_cache_dir() -> Path:
     if sys.platform == "win32":
         base = os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local"
         return Path(base) / "gpumlp" / "Cache"
-    home = os.environ.get("HOME")
-    if home is not None and not Path(home).is_absolute():  # "" gave /.cache, "x" ./x/.cache
-        raise RuntimeError(f"the home folder, HOME={shown(home)}, is not a folder given in full")
     if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "gpumlp"
+        return home() / "Library" / "Caches" / "gpumlp"
     xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else home() / ".cache"
     return base / "gpumlp"
+
+
+def home() -> Path:
+    """The home folder, for the cache (a RuntimeError when it is unknown, or HOME is set to
+    something that is not a folder given in full: "" gave /.cache, "x" a folder below the
+    current one)."""
+    value = os.environ.get("HOME")
+    if value is not None and not Path(value).is_absolute():
+        raise RuntimeError(f"the home folder, HOME={shown(value)}, is not a folder given in full")
+    return Path.home()
 
 
 def mnist_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -64,9 +64,10 @@ def atomic_write(path: str | os.PathLike, data: bytes, suffix: str = ".tmp",
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM (those with a handler) while the block runs, and deliver the
-    first one that came when it ends: for steps that must not be cut in two. Outside the main
-    thread, where Python sets no handlers, signals are left as they are."""
+    """Hold the stop signals (SIGINT, SIGTERM, SIGHUP: those with a handler) while the block
+    runs, and deliver the first one that came when it ends: for steps that must not be cut in
+    two. Outside the main thread, where Python sets no handlers, signals are left as they
+    are."""
     came: list[int] = []
     held = replace_handlers(lambda signum, frame: came.append(signum))
     try:
@@ -83,7 +84,8 @@ class TargetAppeared(GpumlpError):
 
 
 NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK,
-                 errno.EXDEV}  # a file system without hard links: publish by rename instead
+                 errno.EXDEV, errno.EINVAL}  # no hard links here (EINVAL: Windows' FAT, SMB):
+                                             # publish by rename instead
 
 
 def publish_new(tmp: str, path: Path) -> None:
@@ -102,7 +104,8 @@ def publish_new(tmp: str, path: Path) -> None:
             raise appeared from None
         os.replace(tmp, path)
         return
-    os.unlink(tmp)
+    with contextlib.suppress(OSError):  # published: a temporary name left is all that fails
+        os.unlink(tmp)
 
 
 def atomic_write_all(files: Mapping[Path, bytes], suffix: str = ".tmp",
@@ -113,6 +116,7 @@ def atomic_write_all(files: Mapping[Path, bytes], suffix: str = ".tmp",
     paths in `new` are written only where no file is, first: a file that appeared there
     since the caller's check stops the write (`TargetAppeared`) before any other is replaced,
     and those already written are taken back."""
+    new = {Path(p) for p in new}
     staged: list[tuple[str, Path]] = []
     published: list[Path] = []  # of `new`: taken back if a later file fails
     try:

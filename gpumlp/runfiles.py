@@ -12,7 +12,6 @@ first checkpoint start over from the same weights.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -321,8 +320,6 @@ class RunFiles:
         self.removed: list[str] = []  # start's note: the old run's report and export it removed
         self.put_aside = False        # start moved an earlier run to REPLACED (put_back undoes)
         self.trained_config: dict | None = None  # dotted: the config of the checkpoint's steps
-        self.config_before: bytes | None = None  # config.yaml before record_config rewrote it,
-                                                 # until a checkpoint is written with the new
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -553,18 +550,7 @@ class RunFiles:
         """Rewrite config.yaml as `config` when its values differ (a resume with --set), so that
         the folder says what the run goes on with; an equal file is left as it is."""
         if self.differs(config):
-            before = self.path("config.yaml").read_bytes()
             self.write_config(config, self.from_init())
-            self.config_before = before
-
-    def undo_config(self) -> None:
-        """Put back the config.yaml that record_config replaced, if no checkpoint has been
-        written with the new one since: a resume that fails before its first checkpoint leaves
-        the run's files as they were (best effort: the failure is what gets reported)."""
-        if self.config_before is not None:
-            with contextlib.suppress(OSError):
-                atomic_write(self.path("config.yaml"), self.config_before)
-            self.config_before = None
 
     def last_good(self, config: Config) -> str:
         """Where the last good checkpoint is and how to go on with a tenth of the learning
@@ -611,7 +597,6 @@ class RunFiles:
                 self.drop_replaced()
                 save_npz(path, arrays)
             self.drop_replaced()
-            self.config_before = None  # the checkpoint goes on with config.yaml as it is
         except OSError as e:
             if first and self.folder.is_dir():  # nothing to resume: a new run's folder goes
                 fix = "free some space" if e.errno in DISK_FULL else "fix that"

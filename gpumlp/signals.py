@@ -1,5 +1,5 @@
-"""The one rule for taking over SIGINT, SIGTERM and SIGHUP, shared by the console script (`entry`), the
-training loop's stop flag (`cli.StopFlag`) and the renames that must not be cut in two
+"""The one rule for taking over SIGINT, SIGTERM and SIGHUP, shared by the console script (`entry`),
+the training loop's stop flag (`cli.StopFlag`) and the renames that must not be cut in two
 (`npzio.signals_held`): a signal ignored by whoever started us stays ignored, nothing changes
 outside the main thread (where Python cannot set handlers), and every handler is put back even
 when a signal arrives while they are. Standard library only: `entry` loads it before NumPy."""

@@ -9,7 +9,7 @@ import platform
 import numpy as np
 
 from . import __version__
-from .backend import CUPY_IMPORT, available_devices, cuda_versions, cupy_version
+from .backend import available_devices, cuda_versions, cupy_load_error, cupy_version
 
 
 def blas_name() -> str:
@@ -27,8 +27,8 @@ def cupy_entry() -> str:
     version = cupy_version()
     if version is not None:
         return version
-    if CUPY_IMPORT:
-        return f"installed but cannot be loaded ({CUPY_IMPORT[0]})"
+    if cupy_load_error() is not None:
+        return f"installed but cannot be loaded ({cupy_load_error()})"
     return "not installed (pip install -e '.[cuda12]' or '.[cuda13]' in the gpumlp folder)"
 
 

@@ -285,8 +285,6 @@ def train(config: Config, backend: Backend, mnist: Mnist, *, out_dir: str | Path
     except BaseException:  # before its first checkpoint: the run it was to replace comes back
         if files is not None and files.put_back():
             on_event("put_back", {"folder": str(files.folder)})
-        if files is not None:  # and a resume's --set values, never trained with, go
-            files.undo_config()
         raise
 
 

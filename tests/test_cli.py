@@ -51,8 +51,10 @@ def assert_one_error_line(result, exit_code, *fragments):
 
 @pytest.fixture
 def no_cupy(monkeypatch):
-    """As on a machine without CuPy, whatever this machine has."""
+    """As on a machine without CuPy, whatever this machine has (a broken CuPy's import error,
+    noted by an earlier import, forgotten)."""
     monkeypatch.setattr(backend, "_import_cupy", lambda: None)
+    monkeypatch.setattr(backend, "CUPY_IMPORT", [])
 
 
 @pytest.fixture(scope="module")
@@ -393,6 +395,32 @@ def test_too_many_open_files_says_which_limit(code, said):
     with pytest.raises(OneLineError) as error:
         command()
     assert error.value.message == f"/lib/some_plugin.py: {os.strerror(code)}; {said}"
+
+
+def test_a_loader_limit_that_is_no_shortage_of_memory_is_not_called_one():
+    """glibc's "cannot allocate memory in static TLS block" (aarch64, fixed with LD_PRELOAD)
+    is no out-of-memory: it stays the error it is."""
+    from gpumlp.cli_common import LOAD_OUT_OF_MEMORY
+
+    assert LOAD_OUT_OF_MEMORY.search("x.so: failed to map segment from shared object")
+    assert LOAD_OUT_OF_MEMORY.search("libopenblas.so.0: cannot allocate memory")
+    assert not LOAD_OUT_OF_MEMORY.search("libgomp.so.1: cannot allocate memory in static TLS "
+                                         "block")
+
+
+def test_a_signal_while_the_cli_loads_exits_by_it_when_stderr_is_gone():
+    """After a terminal hang-up, writing 'hung up (SIGHUP)' fails (EIO): the exit code must
+    still be 129, not 1."""
+    script = ("import io, signal, sys\n"
+              "class Gone(io.TextIOBase):\n"
+              "    def write(self, s): raise OSError(5, 'Input/output error')\n"
+              "sys.stderr = Gone()\n"
+              + on_import("gpumlp.cli", "signal.raise_signal(signal.SIGHUP)") +
+              "from gpumlp import entry\n"
+              "sys.argv = ['gpumlp', 'info']\n"
+              "entry.main()\n")
+    done = python_c(script)
+    assert done.returncode == 129, done.stderr
 
 
 def gradcheck_table(stdout: str) -> dict[str, list[str]]:

@@ -342,6 +342,16 @@ def test_a_home_that_is_not_a_folder_given_in_full_is_no_cache_folder(monkeypatc
     assert list(here.iterdir()) == []
 
 
+def test_an_empty_home_does_not_matter_when_xdg_cache_home_names_the_cache(monkeypatch,
+                                                                          tmp_path):
+    monkeypatch.delenv("GPUMLP_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    result = invoke("path")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(tmp_path / "xdg" / "gpumlp" / "mnist")
+
+
 def test_verify_says_the_cache_path_is_not_a_folder(cache, fake):
     cache.parent.mkdir(parents=True)
     cache.write_bytes(b"")

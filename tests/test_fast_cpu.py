@@ -1001,6 +1001,11 @@ def test_bench_turns_pytorchs_out_of_memory_into_the_one_line_error(monkeypatch)
     monkeypatch.setattr(torch, "randperm", refuse)
     with pytest.raises(MemoryError, match="^PyTorch: .*can't allocate memory"):
         epoch()
+    monkeypatch.setattr(torch, "from_numpy", refuse)          # its copy of the data, too
+    with pytest.raises(MemoryError, match="^PyTorch: .*can't allocate memory"):
+        torch_runner(torch, "cpu", synthetic_split(CPU, 64, 0), 8, 32, seed=0)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "randperm", refuse)
     result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--data", "synthetic",
                                        "--samples", "64", "--batch", "32", "--hidden", "8",
                                        "--repeats", "1", "--torch"])
@@ -1075,10 +1080,14 @@ def test_bench_seconds_below_a_hundredth_keep_three_significant_digits():
 def test_bench_threads_where_no_openblas_can_be_set_is_refused(monkeypatch):
     import gpumlp.bench as bench_module
 
+    real = bench_module.loaded_openblas()
     monkeypatch.setattr(bench_module, "loaded_openblas", lambda: [])
     with pytest.raises(bench_module.BenchError, match="--threads 2: no OpenBLAS found"):
         bench_module.blas_threads(2)
     assert bench_module.blas_threads(None) == []
+    monkeypatch.setattr(bench_module, "loaded_openblas", lambda: real)   # set, but unnamed:
+    monkeypatch.setattr(bench_module, "CORE_NAMES", ())                   # no core to say
+    assert bench_module.blas_threads(1) == []
 
 
 def test_bench_gflop_is_per_epoch_with_several_epochs_a_timing():

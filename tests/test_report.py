@@ -627,6 +627,22 @@ def test_a_config_folder_matplotlib_cannot_write_adds_nothing_to_stderr(run_dir,
     assert (done.returncode, done.stdout, done.stderr) == (0, "report.md\n", "")
 
 
+def test_the_report_command_adds_nothing_to_stderr_where_matplotlib_cannot_write_its_folder(
+        run_dir, mnist_dir, tmp_path):
+    """The command imports matplotlib to check it is installed, before make_report: its two
+    warning lines came from there."""
+    import subprocess
+    import sys
+
+    copy_run(run_dir, tmp_path)
+    done = subprocess.run([sys.executable, "-m", "gpumlp", "report", str(tmp_path), "--data-dir",
+                           str(mnist_dir), "--device", "cpu"], capture_output=True, text=True,
+                          env={**os.environ, "MPLCONFIGDIR": "/proc/nowhere"}, timeout=120,
+                          check=False)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert done.stdout.startswith("wrote ")
+
+
 def test_a_train_that_starts_while_the_report_is_drawn_is_refused(run_dir, tiny_data_dir,
                                                                    tmp_path, monkeypatch):
     """The report checks that no train writes the run, then reads model.npz, draws for seconds

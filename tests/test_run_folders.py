@@ -1934,28 +1934,29 @@ def test_a_metrics_file_of_one_byte_is_a_trained_run_for_resumable_too(tmp_path)
 
 # --- a resume that fails ---------------------------------------------------------------------
 
-def test_a_resume_that_fails_before_its_first_checkpoint_keeps_config_yaml(
+def test_a_resume_whose_first_checkpoint_fails_keeps_its_set_values_for_the_advised_resume(
         finished, tiny_data_dir, monkeypatch):
-    """`--resume --set train.epochs=2` rewrites config.yaml to say what the run goes on with;
-    when the first checkpoint then cannot be written (a full disk), the run has not gone on,
-    and config.yaml said epochs 2 all the same. A later checkpoint keeps the new one."""
+    """`--resume --set train.epochs=2` records epochs 2 in config.yaml when training starts;
+    when its first checkpoint then cannot be written (a full disk), the error's advice is the
+    plain resume, which must go on with what was asked: config.yaml keeps the --set values
+    (putting the old file back made that resume train to the old end, or refuse the NaN
+    advice's --set)."""
     from gpumlp import runfiles
-
-    before = (finished / "config.yaml").read_bytes()
 
     def full(path, arrays):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     real = runfiles.save_npz
     monkeypatch.setattr(runfiles, "save_npz", full)
-    resume = ["train", "--resume", finished, "--set", "train.epochs=2", "--data-dir",
-              tiny_data_dir, "--quiet"]
-    result = cli(*resume)
-    assert result.exit_code == 1 and "checkpoint.npz" in result.stderr, result.output
-    assert (finished / "config.yaml").read_bytes() == before
+    result = cli("train", "--resume", finished, "--set", "train.epochs=2", "--data-dir",
+                 tiny_data_dir, "--quiet")
+    assert result.exit_code == 1, result.output
+    advice = result.stderr.strip().splitlines()[-1]
+    assert advice.endswith(f"free some space, then: gpumlp train --resume {finished}")
+    assert yaml.safe_load((finished / "config.yaml").read_text())["train"]["epochs"] == 2
     monkeypatch.setattr(runfiles, "save_npz", real)
-    assert cli(*resume).exit_code == 0
-    assert "epochs: 2" in (finished / "config.yaml").read_text()
+    assert cli("train", "--resume", finished, "--data-dir", tiny_data_dir, "-q").exit_code == 0
+    assert json.loads((finished / "summary.json").read_text())["epochs"] == 2
 
 
 def test_a_model_npz_that_cannot_be_written_at_the_end_says_how_to_write_it(

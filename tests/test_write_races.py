@@ -47,6 +47,13 @@ def test_a_new_file_is_written_where_none_is_and_an_old_one_replaced(tmp_path):
     assert (tmp_path / "a").read_bytes() == b"2" and leftovers(tmp_path) == []
 
 
+def test_a_new_path_given_as_text_is_kept_free_as_one_given_as_a_path(tmp_path):
+    (tmp_path / "a").write_bytes(PRECIOUS)
+    with pytest.raises(TargetAppeared):
+        atomic_write_all({tmp_path / "a": b"1"}, new={str(tmp_path / "a")})
+    assert (tmp_path / "a").read_bytes() == PRECIOUS and leftovers(tmp_path) == []
+
+
 def test_a_file_appearing_stops_the_write_before_any_other_is_replaced(tmp_path, monkeypatch):
     """All or none: the new files go first; one that finds a name takes back those written
     before it, and the files to replace are left as they were."""
@@ -59,7 +66,7 @@ def test_a_file_appearing_stops_the_write_before_any_other_is_replaced(tmp_path,
     assert not first.exists() and leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("code", [errno.EPERM, errno.ENOTSUP])
+@pytest.mark.parametrize("code", [errno.EPERM, errno.ENOTSUP, errno.EINVAL])
 def test_without_hard_links_a_new_file_is_renamed_in_after_a_last_look(tmp_path, monkeypatch,
                                                                        code):
     def no_links(src, dst):
