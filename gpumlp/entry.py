@@ -1,10 +1,11 @@
 """The `gpumlp` console script: the CLI imported inside a guard, so that Ctrl-C, SIGTERM or SIGHUP
 while Python loads NumPy, click and the rest ends as it does later, with `interrupted` (exit
-130) or `terminated (SIGTERM)` (exit 143), not a traceback, and not lost: in a container gpumlp
-is the first process, which the kernel spares a SIGTERM it does not handle. A signal whose
-exception Python swallowed in an import's callback stops the command before it starts.
-`gpumlp.cli` installs its own handling once it is loaded; a KeyboardInterrupt that escapes it (a
-signal in the moment before) ends the same way."""
+130), `terminated (SIGTERM)` (exit 143) or `hung up (SIGHUP)` (exit 129), not a traceback, and
+not lost (even when stderr is gone with the terminal): in a container gpumlp is the first
+process, which the kernel spares a SIGTERM it does not handle. A signal whose exception Python
+swallowed in an import's callback stops the command before it starts. `gpumlp.cli` installs its
+own handling once it is loaded; a KeyboardInterrupt that escapes it (a signal in the moment
+before) ends the same way."""
 
 from __future__ import annotations
 
