@@ -77,14 +77,13 @@ def domain_errors(fn):
         try:
             return fn(*args, **kwargs)
         except OneLineError as e:  # the command's own line
-            if cwd_gone() and not e.multiline and NO_SUCH.search(e.message):
-                e.message = one_line(f"{e.message}{CWD_GONE}")
+            if not e.multiline:
+                e.message = one_line(with_cwd_note(e.message))
             raise
         except USAGE_ERRORS as e:
             raise OneLineError(str(e), exit_code=2, multiline=e.multiline) from None
         except GpumlpError as e:
-            gone = bool(NO_SUCH.search(str(e))) and cwd_gone()
-            raise OneLineError(f"{e}{CWD_GONE * gone}", exit_code=1,
+            raise OneLineError(with_cwd_note(str(e)), exit_code=1,
                                multiline=e.multiline) from None
         except (MemoryError, ImportError) as e:  # NumPy's, and CuPy's OutOfMemoryError; a
             # library that could not be loaded for want of memory (ulimit -v: "failed to map
@@ -105,10 +104,15 @@ def domain_errors(fn):
         except OSError as e:  # a file the OS refused: name it, no traceback
             if e.filename is None:  # stdout, most often: OneLineGroup.main says it for all
                 raise
-            raise OneLineError(f"{e.filename}: {e.strerror or e}"
-                               f"{OS_ERROR_HINTS.get(e.errno, '')}"
-                               f"{CWD_GONE * (e.errno == errno.ENOENT and cwd_gone())}") from None
+            raise OneLineError(with_cwd_note(f"{e.filename}: {e.strerror or e}"
+                                             f"{OS_ERROR_HINTS.get(e.errno, '')}")) from None
     return wrapper
+
+
+def with_cwd_note(message: str) -> str:
+    """`message`, and CWD_GONE after it when it says something is missing (NO_SUCH) and the
+    current folder has been deleted under the command: then that is why."""
+    return f"{message}{CWD_GONE}" if NO_SUCH.search(message) and cwd_gone() else message
 
 
 def cwd_gone() -> bool:

@@ -345,14 +345,19 @@ def fit_box(patch: np.ndarray, box: int = BOX) -> np.ndarray:
     return np.clip(np.asarray(resized, dtype=np.float64), 0.0, 255.0)
 
 
+def centre_of_mass(patch: np.ndarray) -> tuple[float, float]:
+    """(row, column) of the ink's centre of mass, in pixels from the top left."""
+    h, w = patch.shape
+    mass = patch.sum()
+    return (patch.sum(axis=1) @ np.arange(h)) / mass, (patch.sum(axis=0) @ np.arange(w)) / mass
+
+
 def centre_by_mass(patch: np.ndarray, field: int = FIELD, centre: float = CENTRE) -> np.ndarray:
     """A (field, field) image with `patch` pasted so that its centre of mass is at `centre`,
     rounded to whole pixels; moved back as far as needed to keep its ink (pixels above
     INK_LEVEL) inside the field, where the ink fits. What lies past the edge is cut off."""
     h, w = patch.shape
-    mass = patch.sum()
-    com_row = (patch.sum(axis=1) @ np.arange(h)) / mass
-    com_col = (patch.sum(axis=0) @ np.arange(w)) / mass
+    com_row, com_col = centre_of_mass(patch)
     top, left = int(round(centre - com_row)), int(round(centre - com_col))
     if (patch > INK_LEVEL * 255).any():  # none may be left after shrinking a thin stroke
         ink_top, ink_bottom, ink_left, ink_right = ink_box(patch)
@@ -374,10 +379,8 @@ def laid_out(ink: np.ndarray) -> bool:
     if ink.shape != (FIELD, FIELD) or not (ink > 0).any():
         return False
     top, bottom, left, right = ink_box(ink, 0.0)
-    mass = ink.sum()
-    com = np.array([ink.sum(axis=1) @ np.arange(FIELD), ink.sum(axis=0) @ np.arange(FIELD)])
     return (max(bottom - top, right - left) in MNIST_SIDES
-            and bool(np.abs(com / mass - CENTRE).max() <= MNIST_PLACED))
+            and bool(np.abs(np.array(centre_of_mass(ink)) - CENTRE).max() <= MNIST_PLACED))
 
 
 def mnist_pixels(gray: np.ndarray, source: str = "image") -> np.ndarray:
