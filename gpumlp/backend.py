@@ -140,19 +140,29 @@ def cupy_version() -> str | None:
     return None if cupy is None else cupy.__version__
 
 
-def cuda_versions(cupy: Any = None) -> str:
-    """"CUDA runtime 13.0, driver 13.0": the CUDA runtime `cupy` was built with and what the
-    driver supports (CUDA encodes 13.0 as 13000); what is missing, said instead."""
+def cuda_version_numbers(cupy: Any = None) -> tuple[str, str] | None:
+    """("13.0", "13.0"): the CUDA runtime `cupy` was built with and what the driver supports
+    (CUDA encodes 13.0 as 13000; "none" for no driver); None without CuPy. Raises what a broken
+    CUDA install raises."""
     cupy = cupy if cupy is not None else _import_cupy()
     if cupy is None:
-        return "- (no CuPy)"
+        return None
+    runtime = cupy.cuda.runtime
+    numbers = (runtime.runtimeGetVersion(), runtime.driverGetVersion())
+    runtime_version, driver_version = (f"{v // 1000}.{v % 1000 // 10}" if v else "none"
+                                       for v in map(int, numbers))
+    return runtime_version, driver_version
+
+
+def cuda_versions(cupy: Any = None) -> str:
+    """"CUDA runtime 13.0, driver 13.0" (cuda_version_numbers); what is missing, said instead."""
     try:
-        runtime = cupy.cuda.runtime
-        numbers = (runtime.runtimeGetVersion(), runtime.driverGetVersion())
+        numbers = cuda_version_numbers(cupy)
     except Exception as e:  # a broken CUDA install, or no runtime library
         return f"unknown ({error_summary(e)})"
-    shown = [f"{v // 1000}.{v % 1000 // 10}" if v else "none" for v in map(int, numbers)]
-    return f"CUDA runtime {shown[0]}, driver {shown[1]}"
+    if numbers is None:
+        return "- (no CuPy)"
+    return f"CUDA runtime {numbers[0]}, driver {numbers[1]}"
 
 
 def array_module(array: Any) -> ModuleType:

@@ -559,14 +559,14 @@ def info(as_json):
     Example:
       gpumlp info
     """
-    from .sysinfo import system_info
+    from .sysinfo import info_lines, system_info
 
     details = system_info()
     if as_json:
         click.echo(json.dumps(details, indent=2))
         return
-    for key, value in details.items():
-        click.echo(f"{key:<10} {value}")
+    for line in info_lines(details):
+        click.echo(line)
 
 
 def _register_extra_commands() -> None:

@@ -9,7 +9,8 @@ import platform
 import numpy as np
 
 from . import __version__
-from .backend import available_devices, cuda_versions, cupy_load_error, cupy_version
+from .backend import (available_devices, cuda_version_numbers, cuda_versions, cupy_load_error,
+                      cupy_version)
 
 
 def blas_name() -> str:
@@ -22,29 +23,60 @@ def blas_name() -> str:
         return "unknown"
 
 
-def cupy_entry() -> str:
-    """CuPy's version, or why there is none: not installed, or installed but not loadable."""
-    version = cupy_version()
-    if version is not None:
-        return version
+def cupy_absence() -> str:
+    """Why there is no CuPy version: not installed, or installed but not loadable."""
     if cupy_load_error() is not None:
         return f"installed but cannot be loaded ({cupy_load_error()})"
     return "not installed (pip install -e '.[cuda12]' or '.[cuda13]' in the gpumlp folder)"
 
 
 def system_info() -> dict:
+    """Each value as a program reads it (`info --json`): text, a number, a list of device
+    strings, the CUDA versions as {"runtime", "driver"}, or None for what is missing, with why
+    it is missing under "unavailable" (a key per None)."""
     import yaml
 
+    unavailable = {}
+    cupy = cupy_version()
+    if cupy is None:
+        unavailable["cupy"] = cupy_absence()
+    try:
+        numbers = cuda_version_numbers()
+    except Exception:  # a broken CUDA install: cuda_versions says what it raised
+        numbers = None
+        unavailable["cuda"] = cuda_versions()
+    else:
+        if numbers is None:
+            unavailable["cuda"] = "no CuPy"
     return {
         "gpumlp": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "numpy": np.__version__,
         "blas": blas_name(),
-        "cupy": cupy_entry(),
-        "cuda": cuda_versions(),
+        "cupy": cupy,
+        "cuda": None if numbers is None else dict(zip(("runtime", "driver"), numbers)),
         "click": importlib.metadata.version("click"),
         "pyyaml": yaml.__version__,
         "cpus": os.cpu_count(),
-        "devices": ", ".join(available_devices()),
+        "devices": available_devices(),
+        "unavailable": unavailable,
     }
+
+
+def info_lines(details: dict) -> list[str]:
+    """`gpumlp info`'s lines, "name  value", for a person: a missing value's reason in its
+    place ("- (no CuPy)" for CUDA without CuPy)."""
+    lines = []
+    for key, value in details.items():
+        if key == "unavailable":
+            continue
+        if value is None:
+            value = details["unavailable"].get(key, "unknown")  # os.cpu_count() can be None
+            value = "- (no CuPy)" if value == "no CuPy" else value
+        elif key == "cuda":
+            value = f"CUDA runtime {value['runtime']}, driver {value['driver']}"
+        elif key == "devices":
+            value = ", ".join(value)
+        lines.append(f"{key:<10} {value}")
+    return lines

@@ -510,7 +510,22 @@ def test_info_lists_versions_and_devices():
     assert fields["devices"].startswith("cpu") and fields["numpy"] == np.__version__
     assert fields["python"] == platform.python_version()
     details = json.loads(cli("info", "--json").stdout)
-    assert details["numpy"] == np.__version__ and "cpu" in details["devices"]
+    assert details["numpy"] == np.__version__ and details["devices"][0] == "cpu"
+    assert details["cpus"] == os.cpu_count() and set(details["unavailable"]) <= set(details)
+
+
+def test_info_json_gives_what_is_missing_as_null_and_why_apart(monkeypatch):
+    from gpumlp import backend, sysinfo
+    monkeypatch.setattr(backend, "_import_cupy", lambda: None)
+    monkeypatch.setattr(sysinfo.os, "cpu_count", lambda: None)
+    details = json.loads(cli("info", "--json").stdout)
+    assert (details["cupy"], details["cuda"], details["cpus"]) == (None, None, None)
+    assert details["devices"] == ["cpu"]
+    assert details["unavailable"]["cupy"].startswith("not installed (pip install")
+    assert details["unavailable"]["cuda"] == "no CuPy"
+    text = cli("info").stdout
+    assert "\ncuda       - (no CuPy)\n" in text and "\ncpus       unknown\n" in text
+    assert "\ncupy       not installed (pip install" in text and "unavailable" not in text
 
 
 def test_info_names_the_cuda_runtime_and_driver_with_cupy(monkeypatch):
@@ -521,10 +536,16 @@ def test_info_names_the_cuda_runtime_and_driver_with_cupy(monkeypatch):
                                     getDeviceCount=lambda: 0)
     cupy = types.SimpleNamespace(__version__="13.6.0", cuda=types.SimpleNamespace(runtime=runtime))
     monkeypatch.setattr(backend, "_import_cupy", lambda: None)
-    assert json.loads(cli("info", "--json").stdout)["cuda"] == "- (no CuPy)"
+    assert json.loads(cli("info", "--json").stdout)["cuda"] is None
     monkeypatch.setattr(backend, "_import_cupy", lambda: cupy)
     details = json.loads(cli("info", "--json").stdout)
-    assert (details["cupy"], details["cuda"]) == ("13.6.0", "CUDA runtime 12.8, driver 13.0")
+    assert (details["cupy"], details["cuda"]) == ("13.6.0", {"runtime": "12.8", "driver": "13.0"})
+    assert details["unavailable"] == {}
+    assert "\ncuda       CUDA runtime 12.8, driver 13.0\n" in cli("info").stdout
+    runtime.driverGetVersion = lambda: (_ for _ in ()).throw(RuntimeError("no libcuda.so.1"))
+    details = json.loads(cli("info", "--json").stdout)
+    assert details["cuda"] is None
+    assert details["unavailable"]["cuda"] == "unknown (RuntimeError: no libcuda.so.1)"
 
 
 def test_info_names_every_device_and_the_blas_by_name_then_version(monkeypatch):
@@ -533,7 +554,8 @@ def test_info_names_every_device_and_the_blas_by_name_then_version(monkeypatch):
     monkeypatch.setattr(sysinfo.np, "show_config", lambda mode: {
         "Build Dependencies": {"blas": {"name": "scipy-openblas", "version": "0.3.27"}}})
     details = sysinfo.system_info()
-    assert details["devices"] == "cpu, gpu0, gpu1"
+    assert details["devices"] == ["cpu", "gpu0", "gpu1"]
+    assert sysinfo.info_lines(details)[-1] == "devices    cpu, gpu0, gpu1"
     assert details["blas"] == "scipy-openblas 0.3.27"
 
 
