@@ -534,6 +534,12 @@ def _check_together(config: Config) -> Config:
                              f"{config.train.dtype} number ({tiny:.3g}), where train.dtype "
                              f"{config.train.dtype} computes it as 0 or without its digits; "
                              f"give at least {tiny:.3g}", others=(("train", "dtype"),))
+    if optim.name == "sgd" and optim.nesterov and optim.momentum == 0:
+        raise KeyProblem(("optim", "nesterov"),
+                         "config key 'optim.nesterov' is true with optim.momentum 0, where SGD "
+                         "has no momentum to look ahead with (PyTorch refuses it too); set "
+                         "optim.momentum, e.g. optim.momentum=0.9, or optim.nesterov=false",
+                         others=(("optim", "momentum"),))
     if optim.schedule == "cosine" and optim.min_lr > optim.lr:
         raise KeyProblem(("optim", "min_lr"),
                          f"config key 'optim.min_lr' ({optim.min_lr:g}) is above optim.lr "

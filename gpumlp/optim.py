@@ -91,6 +91,19 @@ def update(cfg: OptimConfig, params: Params, grads: Grads, state: OptState, lr: 
             adam_update(cfg, p, g, state.m[i], state.v[i], lr, t)
 
 
+def step_decays(epoch: float, step_epochs: float) -> float:
+    """How often the step schedule has multiplied by gamma at `epoch`: floor(epoch /
+    step_epochs), where a quotient within 1e-9 of a whole number is that number (0.6 / 0.2 is
+    2.9999999999999996 in floats, and its decay came a step late); inf for a tiny
+    `step_epochs` (gamma ** inf is 0)."""
+    decays = epoch / step_epochs
+    if not math.isfinite(decays):
+        return decays
+    nearest = round(decays)
+    return float(nearest if abs(decays - nearest) <= 1e-9 * max(1.0, decays)
+                 else math.floor(decays))
+
+
 def learning_rate(cfg: OptimConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
     """The learning rate for 0-based `step`: linear warm-up, then constant, step or cosine."""
     epoch = step / steps_per_epoch
@@ -98,8 +111,7 @@ def learning_rate(cfg: OptimConfig, step: int, steps_per_epoch: int, total_steps
     if step < warmup:  # a warm-up shorter than a step never overshoots the peak
         return cfg.lr * min((step + 1) / warmup, 1.0)
     if cfg.schedule == "step":
-        decays = epoch / cfg.step_epochs  # inf for a tiny step_epochs: gamma ** inf is 0
-        return cfg.lr * cfg.gamma ** (math.floor(decays) if math.isfinite(decays) else decays)
+        return cfg.lr * cfg.gamma ** step_decays(epoch, cfg.step_epochs)
     if cfg.schedule == "cosine":
         span = max(total_steps - warmup, 1)
         progress = min((step - warmup) / span, 1.0)

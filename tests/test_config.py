@@ -515,6 +515,18 @@ def test_a_cosine_floor_above_the_rate_is_refused_and_other_schedules_ignore_it(
     assert build_config(None, ["optim.schedule=constant", "optim.min_lr=5"]).optim.min_lr == 5
 
 
+def test_nesterov_without_momentum_is_refused_and_adam_ignores_it():
+    message = error_of(build_config, None, ["optim.nesterov=true", "optim.momentum=0"])
+    assert message == ("--set 'optim.momentum=0': config key 'optim.nesterov' is true with "
+                       "optim.momentum 0, where SGD has no momentum to look ahead with (PyTorch "
+                       "refuses it too); set optim.momentum, e.g. optim.momentum=0.9, or "
+                       "optim.nesterov=false")
+    assert build_config(None, ["optim.nesterov=true", "optim.momentum=0.5"]).optim.nesterov
+    assert build_config(None, ["optim.nesterov=false", "optim.momentum=0"]).optim.momentum == 0
+    assert build_config(None, ["optim.name=adam", "optim.nesterov=true",
+                               "optim.momentum=0"]).optim.name == "adam"
+
+
 def test_more_than_100_hidden_layers_are_refused():
     assert len(build_config(None, [f"model.hidden={[8] * 100}"]).model.hidden) == 100
     message = error_of(build_config, None, [f"model.hidden={[8] * 101}"])

@@ -178,6 +178,26 @@ def test_step_schedule_with_a_tiny_step_epochs_decays_to_zero_without_overflow()
     assert lr_at(10, schedule="step", step_epochs=0.1, gamma=0.5) == pytest.approx(0.1 / 1024)
 
 
+@pytest.mark.parametrize("step_epochs", [0.1, 0.2, 0.3, 0.7, 1.1, 2.2, 0.05, 1.5, 3])
+@pytest.mark.parametrize("steps_per_epoch", [10, 100, 469, 600])
+def test_step_schedule_decays_at_each_exact_multiple_of_a_fractional_step_epochs(
+        step_epochs, steps_per_epoch):
+    # the count of decays in exact rational arithmetic, as PyTorch's StepLR counts whole steps
+    # (0.6 / 0.2 is 2.9999999999999996 in floats, and that step's decay came one step late)
+    from fractions import Fraction
+    period = Fraction(str(step_epochs))
+    for step in range(20 * steps_per_epoch):
+        decays = math.floor(Fraction(step, steps_per_epoch) / period)
+        assert lr_at(step, steps_per_epoch, schedule="step", step_epochs=step_epochs,
+                     gamma=0.5) == 0.1 * 0.5 ** decays, step
+
+
+def test_step_decays_inside_the_warm_up_take_effect_when_it_ends():
+    rates = [lr_at(s, schedule="step", step_epochs=1, gamma=0.5, warmup_epochs=2)
+             for s in (0, 9, 10, 19, 20, 29, 30)]
+    assert rates == pytest.approx([0.005, 0.05, 0.055, 0.1, 0.025, 0.025, 0.0125])
+
+
 # --- max-norm ---------------------------------------------------------------------------------
 
 def test_max_norm_rescales_hidden_columns_only():
