@@ -7,10 +7,14 @@
 #
 # Environment:
 #   GPUMLP_DATA_DIR   the folder of the four MNIST files; nothing is downloaded when it is set.
-#                     Without it, shared/data/mnist in the checkout is used if present; else
-#                     the real-MNIST test skips, the benchmark runs on random images and the
-#                     h256 run downloads MNIST into GPUMLP_CACHE_DIR (failing offline).
+#                     Without it, shared/data/mnist in the checkout is used if present (copy
+#                     the files there: a link to a folder outside may not travel); else the
+#                     real-MNIST test skips, the benchmark runs on random images and the h256
+#                     run is not started (it would try to download MNIST).
 #   GPUMLP_CACHE_DIR  default: a fresh temporary folder, so the user's cache is never touched.
+#   CUPY_CACHE_DIR    CuPy's compiled kernels; default: gpumlp-cupy-kernels in the temporary
+#                     folder, the same for every run of the script, so a rerun of two sections
+#                     on the same machine does not compile every kernel again.
 #   OUT               where the logs go (default: gpu-check-out/ in the checkout).
 #   PYTHON            the interpreter (default: python3).
 #   SECTIONS          the sections to run, by name (default: the first five, "info tests steps
@@ -18,8 +22,10 @@
 #                     SECTIONS=sanitize for the sixth, which runs only when named.
 #   SANITIZER         compute-sanitizer's path (default: the one on PATH, else CUDA's bin/).
 #
-# Sections, each under its own time limit (60 + 190 + 45 + 120 + 80 s, and 10 s more each to be
-# killed: 545 s at most, usually far less; give a job runner at least that):
+# Sections, each under its own time limit (40 + 150 + 40 + 90 + 60 s, and 10 s more each to be
+# killed: 430 s at most, usually far less; give a job runner at least that). At the limit a
+# section gets SIGINT, so pytest still prints its failures and summary; pytest runs with -v
+# (each test's result as it ends) and dumps the stack of a test still running after 40 s.
 #   info       nvidia-smi, versions, `gpumlp info`, a preflight of what  -> $OUT/info.log
 #              the others need (cuBLAS, NVRTC, cuRAND, cupyx, Pillow,
 #              matplotlib, pytest; whether PyTorch sees the GPU)
@@ -28,12 +34,14 @@
 #              the fused step replayed as a CUDA graph (a probe)
 #   bench      gpumlp bench --device cuda (vs PyTorch eager)             -> $OUT/bench.log
 #   train      gpumlp train --device cuda --config configs/h256.yaml    -> $OUT/train-h256.log,
-#              and that run's metrics.jsonl and summary.json
+#              then that run's metrics.jsonl and summary.json, also when it failed
 #   sanitize   only when named, at most 240 s: a short `gpumlp train`   -> $OUT/sanitize.log
 #              through every fused kernel under compute-sanitizer's
 #              memcheck, then its racecheck; each array its own cudaMalloc
 # A section that fails or runs out of time does not stop the next one; the last lines printed
 # are a summary of all of them, and the exit status is 1 when any section did not end ok.
+# Every file goes to one log per section (at most six files in $OUT: a job runner may bring
+# back only a few).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,7 +59,7 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export OUT PY PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export GPUMLP_CACHE_DIR="${GPUMLP_CACHE_DIR:-$(mktemp -d)}"  # never the user's cache
-export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-$(mktemp -d)}"      # CuPy's kernels: a writable cache
+export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-${TMPDIR:-/tmp}/gpumlp-cupy-kernels}"  # writable
 if [ -z "${GPUMLP_DATA_DIR:-}" ] && [ -d shared/data/mnist ]; then
   export GPUMLP_DATA_DIR="$PWD/shared/data/mnist"
 fi
@@ -64,12 +72,12 @@ section() {  # section NAME LIMIT_SECONDS LOG COMMAND...: run it, tee its output
   shift 3
   echo "=== $name (at most ${limit}s) ===" | tee "$OUT/$log"
   local start=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
+  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
   local rc=${PIPESTATUS[0]} took=$((SECONDS - start))
   if [ "$rc" -eq 0 ]; then
     STATUS[$name]=ok
   elif [ "$rc" -eq 124 ] || { [ "$rc" -eq 137 ] && [ "$took" -ge "$limit" ]; }; then
-    STATUS[$name]="TIMED OUT"           # 137: it ignored timeout's SIGTERM and was killed
+    STATUS[$name]="TIMED OUT"           # 137: it ignored timeout's SIGINT and was killed
   else
     STATUS[$name]="failed ($rc)"        # 137 before the limit: killed, e.g. out of memory
   fi
@@ -266,11 +274,19 @@ except Exception as e:  # the probe only informs: say why it could not run
 EOF
 }
 
-train_h256() {
-  local run
+train_h256() {  # the run's metrics and summary, what there is of them, go into its log
+  local run rc=0 file
+  if [ -z "${GPUMLP_DATA_DIR:-}" ]; then
+    echo "no MNIST: set GPUMLP_DATA_DIR or copy the four files into shared/data/mnist"
+    return 1
+  fi
   run="$(mktemp -d)/h256"
-  "$PY" -m gpumlp train --device cuda --config configs/h256.yaml --out "$run" &&
-    cp "$run/metrics.jsonl" "$run/summary.json" "$OUT/"
+  "$PY" -m gpumlp train --device cuda --config configs/h256.yaml --out "$run" || rc=$?
+  for file in metrics.jsonl summary.json; do
+    echo "--- $file"
+    cat "$run/$file" 2>/dev/null || echo "(none)"
+  done
+  return $rc
 }
 
 sanitize() {  # opt-in: a short cuda run under compute-sanitizer, memcheck then racecheck
@@ -307,24 +323,25 @@ SANITIZER="${SANITIZER:-$(command -v compute-sanitizer ||
                             echo /usr/local/cuda/bin/compute-sanitizer)}"
 export SANITIZER
 export -f info steps train_h256 sanitize  # so that `timeout bash -c NAME` runs them
-wanted info && section info 60 info.log bash -c info
+wanted info && section info 40 info.log bash -c info
 if wanted tests; then
-  PER_TEST=()  # with pytest-timeout, a test that hangs costs 60 s, not the section's 190
-  "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=60)
-  section tests 190 pytest-gpu.log \
-    "$PY" -m pytest -m gpu -q -rfEs --durations=10 -p no:cacheprovider "${PER_TEST[@]}" \
+  PER_TEST=()  # with pytest-timeout, a test that hangs costs 45 s, not the section's 150
+  "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=45)
+  section tests 150 pytest-gpu.log \
+    "$PY" -m pytest -m gpu -v -rfEs --durations=10 -p no:cacheprovider \
+    -o faulthandler_timeout=40 "${PER_TEST[@]}" \
     tests/test_gpu_*.py  # only these: a missing onnx must not stop the GPU tests
   if [ "${STATUS[tests]}" = ok ] && ! grep -qE "[0-9]+ passed" "$OUT/pytest-gpu.log"; then
     STATUS[tests]="failed: no test passed (all skipped: is the GPU visible?)"  # pytest says 0
   fi
 fi
-wanted steps && section steps 45 steps.log bash -c steps
+wanted steps && section steps 40 steps.log bash -c steps
 BENCH_DATA=mnist  # the MNIST files when they came along, else random images of their shape
 [ -n "${GPUMLP_DATA_DIR:-}" ] || BENCH_DATA=synthetic
-wanted bench && section bench 120 bench.log \
+wanted bench && section bench 90 bench.log \
   "$PY" -m gpumlp bench --device cuda --data "$BENCH_DATA" --hidden 256 --hidden 1024 \
   --batch 128 --batch 1024
-wanted train && section train 80 train-h256.log bash -c train_h256
+wanted train && section train 60 train-h256.log bash -c train_h256
 wanted sanitize && section sanitize 240 sanitize.log bash -c sanitize
 
 echo "=== summary ==="
@@ -335,7 +352,8 @@ done
 ! wanted tests || grep -E "[0-9]+ (passed|failed|skipped|errors?)" "$OUT/pytest-gpu.log" | tail -n 1
 ! wanted steps || grep -E "ms/step|probe failed" "$OUT/steps.log" || tail -n 1 "$OUT/steps.log"
 ! wanted bench || grep -E "^\|" "$OUT/bench.log" || tail -n 1 "$OUT/bench.log"
-! wanted train || tail -n 1 "$OUT/train-h256.log"
+! wanted train || grep -E "^(Error|no MNIST|test_accuracy )" "$OUT/train-h256.log" ||
+  tail -n 1 "$OUT/train-h256.log"
 ! wanted sanitize || grep -E "ERROR SUMMARY|RACECHECK SUMMARY|not found" "$OUT/sanitize.log"
 failed=0  # the exit status: 1 when any section did not end ok
 for name in $SECTIONS; do

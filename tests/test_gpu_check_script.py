@@ -50,10 +50,82 @@ def test_the_exit_status_is_0_only_when_every_section_ended_ok(tmp_path):
     ok = run_script(tmp_path / "ok", "steps", python="true")
     assert ok.returncode == 0, ok.stdout
     assert ok.stdout.split("=== summary ===")[1].split("\n")[1:3] == [
-        "steps  ok", "=== steps (at most 45s) ==="]
+        "steps  ok", "=== steps (at most 40s) ==="]
     one_failed = run_script(tmp_path / "one", "steps tests", python="true")  # pytest "ran"
     assert "tests  failed: no test passed" in one_failed.stdout              # no test
     assert one_failed.returncode == 1, one_failed.stdout
+
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# A stand-in interpreter: pytest that reports only when interrupted, a train that fails midway
+echo "kernel cache: $CUPY_CACHE_DIR"
+if [ "$1 $2" = "-m pytest" ]; then
+  trap 'kill $!; echo "FAILED tests/test_gpu_x.py::test_fails"; echo "1 failed, 1 passed"
+        exit 2' INT
+  echo "tests/test_gpu_x.py::test_passes PASSED"
+  sleep 60 & wait  # (a background sleep ignores SIGINT: the trap ends it)
+fi
+if [ "$1 $2 $3" = "-m gpumlp train" ]; then
+  while [ "$1" != "--out" ]; do shift; done
+  mkdir -p "$2" && echo '{"epoch": 1}' > "$2/metrics.jsonl"
+  echo "Error: the run stopped (test)"
+  exit 1
+fi
+"""
+
+
+def run_short_copy(tmp_path: Path, sections: str, limit: int = 2, **env: str):
+    """The script copied into a checkout of its own, each section's limit cut to `limit`
+    seconds, run with FAKE_PYTHON."""
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True, exist_ok=True)
+    short = re.sub(r"^(wanted \w+ && section \w+ |  section tests )\d+", rf"\g<1>{limit}",
+                   SCRIPT.read_text(), flags=re.M)
+    (root / "scripts" / SCRIPT.name).write_text(short)
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("GPUMLP_DATA_DIR", "CUPY_CACHE_DIR")}
+    env = {**inherited, "OUT": str(tmp_path / "out"), "PYTHON": str(fake),
+           "SECTIONS": sections, "GPUMLP_CACHE_DIR": str(tmp_path / "cache"), **env}
+    return subprocess.run(["bash", str(root / "scripts" / SCRIPT.name)], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_a_section_at_its_limit_is_interrupted_so_pytest_still_reports(tmp_path):
+    result = run_short_copy(tmp_path, "tests")
+    log = (tmp_path / "out" / "pytest-gpu.log").read_text()
+    assert "test_passes PASSED" in log                     # -v: each result as it ends
+    assert "FAILED tests/test_gpu_x.py::test_fails" in log  # SIGINT, not SIGTERM: it reported
+    assert "tests  TIMED OUT" in result.stdout and result.stdout.rstrip().endswith(
+        "1 failed, 1 passed")
+    assert result.returncode == 1
+
+
+def test_the_train_section_without_mnist_fails_at_once_and_logs_a_failed_runs_files(tmp_path):
+    result = run_short_copy(tmp_path, "train", limit=30)
+    log = (tmp_path / "out" / "train-h256.log").read_text()
+    assert "no MNIST: set GPUMLP_DATA_DIR or copy the four files into shared/data/mnist" in log
+    assert "train  failed (1)" in result.stdout and "kernel cache" not in log  # not started
+    mnist = tmp_path / "mnist"
+    mnist.mkdir()
+    result = run_short_copy(tmp_path, "train", limit=30, GPUMLP_DATA_DIR=str(mnist))
+    log = (tmp_path / "out" / "train-h256.log").read_text()
+    assert log.split("Error: the run stopped (test)\n")[1] == (
+        '--- metrics.jsonl\n{"epoch": 1}\n--- summary.json\n(none)\n')
+    assert "train  failed (1)" in result.stdout
+    assert result.stdout.rstrip().endswith("Error: the run stopped (test)")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train-h256.log"]
+
+
+def test_cupys_kernel_cache_is_the_same_folder_for_every_run(tmp_path):
+    caches = set()
+    for attempt in range(2):
+        run_short_copy(tmp_path / str(attempt), "steps", limit=30)
+        log = (tmp_path / str(attempt) / "out" / "steps.log").read_text()
+        caches.add(log.split("kernel cache: ")[1].split("\n")[0])
+    assert len(caches) == 1 and caches.pop().endswith("/gpumlp-cupy-kernels")
 
 
 def test_unknown_section_is_one_line_and_writes_nothing(tmp_path):
