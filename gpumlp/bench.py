@@ -386,6 +386,7 @@ def run_bench(spec: BenchSpec, backend: Backend, split: DeviceSplit | None = Non
     try:
         time_sizes(spec, backend, split, torch, result, on_row)
     except KeyboardInterrupt as e:  # the rows done so far go with it (`gpumlp bench` prints them)
+        result["sgemm_when"] = "at the start; stopped before the end"
         e.partial = result
         raise
     # again at the end, the best of both: a shared machine may have been in a slow phase at

@@ -1,9 +1,9 @@
 """The `gpumlp` command: a thin shell that parses, calls one library function, and reports.
 
 Domain errors become one line on stderr and an exit code: 2 for a usage error (a bad
-config or device), 1 for a failure; Ctrl-C (SIGINT) or SIGTERM (`docker stop`) during training
-saves a checkpoint, then exits 128 + the signal's number: 130, or 143; after the last step it
-lets the run finish (exit 0) with a note.
+config or device), 1 for a failure; Ctrl-C (SIGINT), SIGTERM (`docker stop`) or SIGHUP (a
+closed terminal) during training saves a checkpoint, then exits 128 + the signal's number:
+130, 143 or 129; after the last step it lets the run finish (exit 0) with a note.
 """
 
 from __future__ import annotations
@@ -133,8 +133,9 @@ REPEAT_GAP = 1.0  # s: a signal this soon after the last that raised is the same
 
 
 def catch_signals() -> Callable[[], None]:
-    """Make SIGTERM raise `Terminated` (a KeyboardInterrupt: Ctrl-C's clean-up, exit 143), and
-    SIGINT KeyboardInterrupt as Python's own handler does, for the command's duration, noting
+    """Make SIGTERM raise `Terminated` and SIGHUP `HungUp` (KeyboardInterrupts: Ctrl-C's
+    clean-up, exit 143 and 129), and SIGINT KeyboardInterrupt as Python's own handler does,
+    for the command's duration, noting
     each in SIGNALLED: an exception raised in a weakref or garbage-collection callback is
     swallowed by Python, and the command would end as if never stopped. Training's StopFlag
     replaces them while a run could checkpoint. In a container gpumlp is the first process,
@@ -208,8 +209,8 @@ def default_out(config_path: str | None) -> Path:
 
 
 class StopFlag:
-    """Set by the first Ctrl-C (SIGINT) or SIGTERM (`docker stop`); training checks it between
-    steps and saves a checkpoint."""
+    """Set by the first Ctrl-C (SIGINT), SIGTERM (`docker stop`) or SIGHUP; training checks it
+    between steps and saves a checkpoint."""
 
     def __init__(self):
         self.signum: int | None = None   # the first signal caught
@@ -218,8 +219,9 @@ class StopFlag:
         return self.signum is not None
 
     def install(self) -> dict:
-        """Catch SIGINT and SIGTERM; returns the previous handlers, for `restore_handlers` ({}
-        outside the main thread, where Python cannot set handlers: there signals keep theirs)."""
+        """Catch SIGINT, SIGTERM and SIGHUP (signals.STOP_SIGNALS); returns the previous
+        handlers, for `restore_handlers` ({} outside the main thread, where Python cannot set
+        handlers: there signals keep theirs)."""
         def handler(signum, frame):
             self.signum = self.signum or signum
         if SIGNALLED:  # a signal before now whose exception Python swallowed: stop at once
@@ -229,7 +231,7 @@ class StopFlag:
     @staticmethod
     @contextlib.contextmanager
     def ignored():
-        """SIGINT and SIGTERM ignored inside, so that clean-up is not cut short by a second
+        """The stop signals ignored inside, so that clean-up is not cut short by a second
         one (`timeout` signals the process and its group: two SIGTERMs)."""
         previous = replace_handlers(signal.SIG_IGN)
         try:

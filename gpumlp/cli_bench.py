@@ -79,7 +79,7 @@ def header_lines(backend, result: dict, spec, data: str = "mnist") -> list[str]:
            " (set before gpumlp started: they change the BLAS's speed or threads)"]
           if any(k in os.environ for k in BLAS_ENV) else []),
         f"sgemm     {result['sgemm_gflops']:.1f} GFLOP/s (best 2048^3 float32 product, measured "
-        "at the start and at the end)",
+        f"{result.get('sgemm_when', 'at the start and at the end')})",
         f"data      {data_line(data, spec.samples)}; fp32; SGD momentum {MOMENTUM}, lr {LR}; "
         + (f"median of {spec.repeats} interleaved timings of {spec.epochs} epoch(s); "
            f"gpumlp/torch: median of the {spec.repeats} rounds' ratios of gpumlp's epoch to "
@@ -189,7 +189,7 @@ def bench(device, hidden, batch, epochs, repeats, data, data_dir, samples, with_
             with contextlib.suppress(OSError):
                 for line in (header_lines(backend, partial, spec, data) + [""]
                              + table_lines(partial) + ["", "(interrupted: the sizes measured "
-                                                       "before Ctrl-C)"]):
+                                                       "before it was stopped)"]):
                     click.echo(line)
         raise
     for line in header_lines(backend, result, spec, data) + [""] + table_lines(result):

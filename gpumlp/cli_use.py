@@ -40,8 +40,9 @@ def result_line(result, top_k: int, as_json: bool) -> str:
 def predict(model_path, files, top_k, as_json, device):
     """Predict the digit in image files (PNG, JPEG, BMP) or .npy arrays.
 
-    Each image is laid out as MNIST's digits are: grayscale, inverted when the background
-    is light, cropped to the ink, scaled to fit 20x20 and centred by mass in 28x28.
+    Each image is laid out as MNIST's digits are: grayscale, inverted when the ink is darker
+    than the paper, cropped to the ink, scaled to fit 20x20 and centred by mass in 28x28
+    (docs/using-models.md).
     One line per file; a file that cannot be read gets an error line and the others are
     still predicted, and the exit code is then 1.
 

@@ -1,7 +1,7 @@
 """Matrix products of the fused GPU step, through cuBLAS's gemmEx called directly.
 
-At the sizes of one training step (a 128 x 784 by 784 x 256 product is a few microseconds
-of an H200) the host time of `ndarray.dot(out=)` (dtype promotion, overlap checks, views) is
+At the sizes of one training step (a 128 x 784 by 784 x 256 product should be a few
+microseconds of an H200: estimated from its peak, not measured) the host time of `ndarray.dot(out=)` (dtype promotion, overlap checks, views) is
 as long as the product. This calls `cublasGemmEx` with the arrays' device pointers and
 nothing else. cuBLAS is column-major: a C-contiguous (r, c) array is, to cuBLAS, its (c, r)
 transpose with leading dimension c. So out = op(a) @ op(b) is computed as

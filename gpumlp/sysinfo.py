@@ -1,4 +1,4 @@
-"""What `gpumlp info` reports: versions, devices, BLAS, threads."""
+"""What `gpumlp info` reports: versions, devices, the BLAS, the CPU count."""
 
 from __future__ import annotations
 

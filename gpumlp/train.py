@@ -45,7 +45,7 @@ class NumericalError(GpumlpError):
 
 
 class Interrupted(GpumlpError):
-    """Training was asked to stop (Ctrl-C, SIGTERM); a checkpoint was saved."""
+    """Training was asked to stop (Ctrl-C, SIGTERM, SIGHUP); a checkpoint was saved."""
 
 
 class StoppedBeforeStart(GpumlpError):

@@ -664,12 +664,22 @@ def separable_split(n: int = 640, seed: int = 0) -> DeviceSplit:
     return DeviceSplit(images, labels)
 
 
+def torch_or_skip():
+    """PyTorch, or a skip that says why: not installed, or installed but not loadable (as the
+    bench says; pytest's importorskip skips only the first before pytest 8.2)."""
+    try:
+        import torch
+    except ImportError as e:
+        pytest.skip(f"PyTorch is not installed or cannot be loaded ({e}): the bench's "
+                    "comparison side was not run")
+    return torch
+
+
 def test_the_benchs_pytorch_side_trains_the_same_784_h_10_relu_net():
     """What the bench times against: PyTorch eager training the seed's net (784-h-10, ReLU),
     which learns. Skipped where PyTorch is not installed (CI: its wheel with CUDA's libraries is
     gigabytes); the GPU check runs it on the GPU host through the bench."""
-    torch = pytest.importorskip("torch", reason="PyTorch is not installed: the bench's "
-                                "comparison side was not run")
+    torch = torch_or_skip()
     from gpumlp.bench import torch_runner
 
     split = separable_split()
@@ -689,8 +699,7 @@ def test_the_benchs_pytorch_side_trains_the_same_784_h_10_relu_net():
 
 
 def test_bench_with_pytorch_on_the_cpu_gives_both_rows_and_their_ratio():
-    torch = pytest.importorskip("torch", reason="PyTorch is not installed: the bench's "
-                                "comparison side was not run")
+    torch = torch_or_skip()
     args = ["bench", "--device", "cpu", "--data", "synthetic", "--hidden", "8", "--batch", "16",
             "--samples", "64", "--repeats", "2", "--torch", "--threads", "1"]
     result = CliRunner().invoke(main, args)
@@ -990,7 +999,7 @@ def test_each_timed_epoch_waits_until_the_last_sides_threads_stop_spinning():
 def test_bench_turns_pytorchs_out_of_memory_into_the_one_line_error(monkeypatch):
     """PyTorch's allocator raises RuntimeError ("DefaultCPUAllocator: can't allocate memory",
     "CUDA out of memory"): it printed 48 lines of traceback, gpumlp's own shortage one line."""
-    torch = pytest.importorskip("torch")
+    torch = torch_or_skip()
     from gpumlp.bench import torch_runner
 
     def refuse(*args, **kwargs):
@@ -1067,7 +1076,10 @@ def test_ctrl_c_during_the_bench_prints_the_sizes_measured_so_far(monkeypatch):
     assert result.exit_code == 130 and result.stderr.splitlines()[-1] == "interrupted"
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in table[2:]] == ["8"]
-    assert result.stdout.rstrip().endswith("(interrupted: the sizes measured before Ctrl-C)")
+    assert result.stdout.rstrip().endswith("(interrupted: the sizes measured before it was "
+                                           "stopped)")
+    assert ("GFLOP/s (best 2048^3 float32 product, measured at the start; stopped before the "
+            "end)") in result.stdout
 
 
 def test_bench_seconds_below_a_hundredth_keep_three_significant_digits():
