@@ -1,5 +1,5 @@
 """`python -m gpumlp` runs the CLI."""
 
-from .entry import main
+from .entry import run
 
-main()
+run()

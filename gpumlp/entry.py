@@ -44,7 +44,12 @@ def stop(error: BaseException | None = None) -> None:
     sys.exit(code)
 
 
-def main() -> None:
+def main(exiting: bool = False) -> None:
+    """Run the CLI with the guard. `exiting` (the console script, `python -m gpumlp`): the
+    process ends next, so the stop signals are left ignored, not given back to Python's
+    defaults, where a Ctrl-C pressed again while the interpreter shuts down printed a
+    traceback, or killed the process with no word after a finished run; otherwise (a caller in
+    the same process, the tests) the handlers found are put back."""
     NOTED.clear()
     previous = replace_handlers(on_signal)  # one ignored by the parent stays ignored
     hook = sys.unraisablehook  # a signal's exception swallowed in a callback: NOTED says it
@@ -62,5 +67,14 @@ def main() -> None:
             cli()
         except KeyboardInterrupt as e:
             stop(e)
-    finally:  # for a caller in the same process (the tests); a script exits next
-        restore_handlers(previous)
+    finally:
+        if exiting:
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+        else:
+            restore_handlers(previous)
+
+
+def run() -> None:
+    """The console script's entry point: `main` for a process that exits when it returns."""
+    main(exiting=True)

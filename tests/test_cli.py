@@ -423,6 +423,39 @@ def test_a_signal_while_the_cli_loads_exits_by_it_when_stderr_is_gone():
     assert done.returncode == 129, done.stderr
 
 
+@pytest.mark.parametrize("how", ["finished", "stopped"])
+def test_a_ctrl_c_while_the_console_script_shuts_down_is_ignored(how):
+    """A Ctrl-C pressed again (or late) while Python shuts down, after the command has ended,
+    reached Python's default handler: a KeyboardInterrupt traceback after 'interrupted', or a
+    finished run killed with no word. Here the signal comes in an atexit callback, which runs
+    during the interpreter's shutdown."""
+    stop = ("" if how == "finished" else
+            on_import("gpumlp.cli", "signal.raise_signal(signal.SIGINT)"))
+    script = ("import atexit, os, signal, sys, time\n"
+              + stop +
+              "def late():\n"
+              "    for _ in range(3):\n"
+              "        os.kill(os.getpid(), signal.SIGINT); time.sleep(0.02)\n"
+              "atexit.register(late)\n"
+              "from gpumlp import entry\n"
+              "sys.argv = ['gpumlp', '--version']\n"
+              "entry.run()\n")
+    done = python_c(script)
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr
+    if how == "finished":
+        assert (done.returncode, done.stderr) == (0, ""), done.stderr
+        assert "version" in done.stdout
+    else:
+        assert (done.returncode, done.stderr) == (130, "interrupted\n")
+
+
+def test_python_m_gpumlp_and_the_console_script_run_the_exiting_entry_point():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    assert 'gpumlp = "gpumlp.entry:run"\n' in (root / "pyproject.toml").read_text()
+    assert "from .entry import run\n\nrun()" in (root / "gpumlp" / "__main__.py").read_text()
+
+
 def gradcheck_table(stdout: str) -> dict[str, list[str]]:
     """param -> its row of gradcheck's table, split on white space (shape as one field)."""
     rows = [line.replace(", ", ",").split() for line in stdout.splitlines()[1:-1]]
