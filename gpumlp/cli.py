@@ -350,7 +350,10 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         files = RunFiles(Path(resume_dir))
         files.check_resumable()
         hold(lock_run(files.folder, "--resume"))
-        config = build_config(files.path("config.yaml"), overrides)
+        # the two-key checks: here with --set (naming it), else once training is sure to take
+        # a step (a finished run saved before a check was added still writes its results)
+        config = build_config(files.path("config.yaml"), overrides,
+                              check_together=bool(overrides))
         if overrides:  # only keys that keep it the same run (training records them)
             check_same_run(fixed_keys(files.saved_config()), config, files.folder, "--set")
     else:

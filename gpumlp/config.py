@@ -507,7 +507,7 @@ def build_config(path: str | Path | None = None, overrides: tuple[str, ...] | li
         values = _deep_merge(values, layer)
     try:
         config = config_from_dict(values)
-        return _check_together(config) if check_together else config
+        return checked_together(config) if check_together else config
     except KeyProblem as e:
         source = next((source for source, layer in reversed(layers)
                        if any(_has(layer, keys) for keys in (e.keys, *e.others))), "")
@@ -517,7 +517,7 @@ def build_config(path: str | Path | None = None, overrides: tuple[str, ...] | li
 SMALLEST_NORMAL = {"float32": 2.0 ** -126, "float64": 2.0 ** -1022}  # numpy's finfo(...).tiny
 
 
-def _check_together(config: Config) -> Config:
+def checked_together(config: Config) -> Config:
     """The checks added after models were saved, and those that read two keys: not in
     config_from_dict, so that every model saved before still loads."""
     hidden = config.model.hidden
@@ -538,8 +538,8 @@ def _check_together(config: Config) -> Config:
         raise KeyProblem(("optim", "nesterov"),
                          "config key 'optim.nesterov' is true with optim.momentum 0, where SGD "
                          "has no momentum to look ahead with (PyTorch refuses it too); set "
-                         "optim.momentum, e.g. optim.momentum=0.9, or optim.nesterov=false",
-                         others=(("optim", "momentum"),))
+                         "optim.nesterov=false (plain SGD, as it trained), or a momentum, e.g. "
+                         "optim.momentum=0.9", others=(("optim", "momentum"),))
     if optim.schedule == "cosine" and optim.min_lr > optim.lr:
         raise KeyProblem(("optim", "min_lr"),
                          f"config key 'optim.min_lr' ({optim.min_lr:g}) is above optim.lr "

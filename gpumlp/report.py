@@ -444,9 +444,9 @@ def check_run(run_dir: Path, overwrite: bool = False) -> list[dict]:
                           f"files; move {them} out of the way")
     if foreign and not overwrite:
         it = "them" if len(foreign) > 1 else "it"
-        raise ReportError(f"{run_dir}: {', '.join(foreign)} not written by gpumlp report, or "
-                          f"changed since (the report would replace {it}); move {it} away, or "
-                          "pass --overwrite")
+        raise ReportError(f"{run_dir}: {', '.join(foreign)} not marked as made by gpumlp "
+                          f"report (another program's, an older gpumlp's, or changed since: the "
+                          f"report would replace {it}); move {it} away, or pass --overwrite")
     return rows
 
 

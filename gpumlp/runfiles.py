@@ -25,7 +25,8 @@ import numpy as np
 
 from .backend import Backend, to_host
 from .checkpoint import load_init, param_arrays, save_model
-from .config import Config, build_config, config_to_dict, dump_config, read_yaml
+from .config import (Config, KeyProblem, build_config, checked_together, config_to_dict,
+                     dump_config, read_yaml)
 from .errors import (CheckpointError, ConfigError, GpumlpError, folder_problem, shell_path, shown,
                      write_problem)
 from .files import writing_now
@@ -195,9 +196,10 @@ def kept_warning(folder: Path, foreign: list[str]) -> str:
         again.append(f"export the new model {when}: gpumlp export "
                      f"{shell_path(folder / 'model.npz')} --overwrite")
     it = "them" if len(foreign) > 1 else "it"
-    return (f"kept {', '.join(foreign)} in {folder}: not written by {' or '.join(makers)}, or "
-            f"changed since, so not removed with the run it replaced (it may describe that "
-            f"run); remove {it}, or {'; or '.join(again)}")
+    return (f"kept {', '.join(foreign)} in {folder}: not marked as made by "
+            f"{' or '.join(makers)} (another program's, an older gpumlp's, or changed since), so "
+            f"not removed with the run it replaced (it may describe that run); remove {it}, or "
+            f"{'; or '.join(again)}")
 
 
 def remove_if_empty(folder: Path) -> None:
@@ -524,6 +526,15 @@ class RunFiles:
     def differs(self, config: Config) -> bool:
         """Whether `config` differs from what config.yaml says (a resume with --set)."""
         return self.saved_config() != config
+
+    def check_trainable(self, config: Config) -> Config:
+        """The checks that read two keys, for a resume that trains on with config.yaml as it is
+        (the CLI leaves them out then, so that a finished run saved before a check was added
+        still writes its results again); with --set the CLI has made them, naming the source."""
+        try:
+            return checked_together(config)
+        except KeyProblem as e:
+            raise ConfigError(f"{self.path('config.yaml')}: {e}") from None
 
     def check_nothing_set(self, config: Config) -> None:
         """Refuse values a resume of a run with no step left would record but never use: from

@@ -298,11 +298,13 @@ def start_state(config: Config, backend: Backend, data: DeviceData, files: RunFi
         if state.pos.epoch >= config.train.epochs:
             files.check_nothing_set(config)  # no step left to take the --set values
         else:
+            files.check_trainable(config)
             check_resumed_weights(state, data, config, str(files.path("checkpoint.npz")))
         return state, history, True, init
     # a fresh run, or one killed before its first checkpoint: start it over
     if resume:
         files.check_resumable()  # never retrain a finished run whose checkpoint is gone
+        files.check_trainable(config)
         init = files.saved_init(config)  # from the same --init weights, if it had them
     state = new_state(config, backend, init)
     if init is not None:

@@ -672,7 +672,9 @@ def test_a_cupy_that_cannot_be_loaded_is_not_said_to_be_missing(monkeypatch, tmp
     assert_one_error_line(result, 2, "--device cuda: CuPy is installed but cannot be loaded "
                           "(RuntimeError: CUDA driver version is insufficient")
     info = json.loads(cli("info", "--json").stdout)
-    assert info["cupy"].startswith("installed but cannot be loaded (RuntimeError: CUDA driver")
+    assert info["cupy"] is None
+    assert info["unavailable"]["cupy"].startswith(
+        "installed but cannot be loaded (RuntimeError: CUDA driver")
 
 
 def test_a_pytorch_that_cannot_be_loaded_is_not_said_to_be_missing(monkeypatch, tmp_path):

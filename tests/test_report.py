@@ -444,9 +444,10 @@ def test_the_report_replaces_its_own_files_but_not_others_unless_told(
     args = (run, "--data-dir", tiny_data_dir, "--device", "cpu")
     refused = invoke(report, *args)
     assert refused.exit_code == 1 and refused.stdout == ""
-    assert refused.stderr == (f"Error: {run}: {FIGURES['confusion']}, report.md not written by "
-                              "gpumlp report, or changed since (the report would replace them); "
-                              "move them away, or pass --overwrite\n")
+    assert refused.stderr == (f"Error: {run}: {FIGURES['confusion']}, report.md not marked as "
+                              "made by gpumlp report (another program's, an older gpumlp's, or "
+                              "changed since: the report would replace them); move them away, or "
+                              "pass --overwrite\n")
     assert (run / FIGURES["confusion"]).read_text() == "not a picture"
     assert not (run / FIGURES["learning_curves"]).exists()
     assert invoke(report, *args, "--overwrite").exit_code == 0
@@ -478,7 +479,7 @@ def test_a_report_md_edited_since_the_report_wrote_it_is_kept_unless_told(
     (run / "report.md").write_bytes(mine)
     refused = invoke(report, *args)
     assert refused.exit_code == 1
-    assert "report.md not written by gpumlp report" in refused.stderr
+    assert "report.md not marked as made by gpumlp report" in refused.stderr
     assert (run / "report.md").read_bytes() == mine
     assert invoke(report, *args, "--overwrite").exit_code == 0
 
@@ -536,7 +537,7 @@ def test_a_users_own_png_under_a_figure_name_is_kept_and_the_reports_own_are_mar
     run = copy_run(run_dir, tmp_path)
     Image.new("L", (28, 28), 0).save(run / FIGURES["confusion"])
     mine = (run / FIGURES["confusion"]).read_bytes()
-    with pytest.raises(ReportError, match=f"{FIGURES['confusion']} not written by gpumlp"):
+    with pytest.raises(ReportError, match=f"{FIGURES['confusion']} not marked as made by gpumlp"):
         check_run(run)
     assert (run / FIGURES["confusion"]).read_bytes() == mine
     assert invoke(report, run, "--data-dir", tiny_data_dir, "--overwrite").exit_code == 0

@@ -281,8 +281,9 @@ def test_overwrite_keeps_files_under_a_reports_names_that_are_not_a_report(finis
     result = cli(*train_args(finished, tiny_data_dir, "--overwrite"))
     assert result.exit_code == 0, result.output
     assert result.stderr == (f"Warning: kept learning_curves.png, report.md in {finished}: not "
-                             "written by gpumlp report, or changed since, so not removed with the "
-                             "run it replaced (it may describe that run); remove them, or make the "
+                             "marked as made by gpumlp report (another program's, an older "
+                             "gpumlp's, or changed since), so not removed with the run it "
+                             "replaced (it may describe that run); remove them, or make the "
                              f"report again when this run ends: gpumlp report {finished} "
                              "--overwrite\n")                    # silent, for a pre-seal report
     assert (finished / "report.md").read_text() == "MY OWN NOTES\n"
@@ -299,9 +300,10 @@ def test_overwrite_keeps_a_model_onnx_that_gpumlp_export_did_not_write(finished,
     assert refused.exit_code == 1 and "model.onnx" not in refused.stderr
     result = cli(*train_args(finished, tiny_data_dir, "--overwrite"))
     assert result.exit_code == 0, result.output
-    assert result.stderr == (f"Warning: kept model.onnx in {finished}: not written by gpumlp "
-                             "export, or changed since, so not removed with the run it replaced "
-                             "(it may describe that run); remove it, or export the new model "
+    assert result.stderr == (f"Warning: kept model.onnx in {finished}: not marked as made by "
+                             "gpumlp export (another program's, an older gpumlp's, or changed "
+                             "since), so not removed with the run it replaced (it may describe "
+                             "that run); remove it, or export the new model "
                              f"when this run ends: gpumlp export {finished}/model.npz "
                              "--overwrite\n")
     assert (finished / "model.onnx").read_text() == "my own onnx\n"
@@ -309,7 +311,8 @@ def test_overwrite_keeps_a_model_onnx_that_gpumlp_export_did_not_write(finished,
     (finished / "report.md").write_text("MY OWN NOTES\n")
     result = cli(*train_args(finished, tiny_data_dir, "--overwrite"))
     assert result.stderr.startswith(f"Warning: kept report.md, model.onnx in {finished}: not "
-                                    "written by gpumlp report or gpumlp export, or changed since")
+                                    "marked as made by gpumlp report or gpumlp export (another "
+                                    "program's, an older gpumlp's, or changed since)")
     assert result.stderr.endswith(f"remove them, or make the report again when this run ends: "
                                   f"gpumlp report {finished} --overwrite; or export the new model "
                                   f"when this run ends: gpumlp export {finished}/model.npz "
@@ -1290,6 +1293,51 @@ def test_a_saved_cosine_floor_above_the_rate_is_fixed_by_the_set_the_error_names
     result = cli("train", "--resume", stopped, "--set", "optim.min_lr=0", *common)
     assert result.exit_code == 0, result.output
     assert yaml.safe_load((stopped / "config.yaml").read_text())["optim"]["min_lr"] == 0
+
+
+def test_a_finished_run_saved_before_a_check_was_added_still_writes_its_results_again(
+        tiny_data_dir, tmp_path):
+    """A run an older gpumlp finished with optim.nesterov true and momentum 0 (refused since):
+    a resume with nothing to train writes its results again, as for any finished run (the
+    check's advice, a --set, was then refused as a change no step would use: a loop); one that
+    trains on is refused, naming config.yaml, until the --set the error gives."""
+    from gpumlp import config as config_module
+    from gpumlp import runfiles
+
+    out = tmp_path / "old"
+    old = ["--set", "optim.nesterov=true", "--set", "optim.momentum=0"]
+    with pytest.MonkeyPatch.context() as older:  # the older gpumlp, without the check
+        for module in (config_module, runfiles):
+            older.setattr(module, "checked_together", lambda config: config)
+        assert cli(*train_args(out, tiny_data_dir, *old)).exit_code == 0
+    model = (out / "model.npz").read_bytes()
+    (out / "model.npz").unlink()
+    common = ["--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
+    again = cli("train", "--resume", out, *common)
+    assert again.exit_code == 0, again.output
+    assert (out / "model.npz").read_bytes() == model
+    on = cli("train", "--resume", out, "--set", "train.epochs=2", *common)
+    assert_one_error_line(on, 2, f"{out / 'config.yaml'}: config key 'optim.nesterov' is true "
+                          "with optim.momentum 0", "set optim.nesterov=false (plain SGD, as it "
+                          "trained)")
+    fixed = cli("train", "--resume", out, "--set", "train.epochs=2", "--set",
+                "optim.nesterov=false", *common)
+    assert fixed.exit_code == 0, fixed.output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_stopped_run_saved_before_a_check_was_added_is_refused_before_it_trains(
+        stopped, tiny_data_dir):
+    """Without --set, the check of a resume that trains on is made once the checkpoint says a
+    step is left, naming config.yaml (the CLI leaves it out for a finished run)."""
+    edit_config(stopped, "optim", "nesterov", True)
+    edit_config(stopped, "optim", "momentum", 0)
+    before = (stopped / "checkpoint.npz").read_bytes()
+    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
+                 "-q")
+    assert_one_error_line(result, 2, f"{stopped / 'config.yaml'}: config key 'optim.nesterov'")
+    assert (stopped / "checkpoint.npz").read_bytes() == before
+    assert not (stopped / "model.npz").exists()
 
 
 @pytest.mark.parametrize("section, key, value, change", [
