@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -313,19 +314,44 @@ def torch_for(spec: BenchSpec, backend: Backend) -> tuple[Any, str | None]:
 
 # ---- the run ---------------------------------------------------------------------------------------
 
-SETTLE_WINDOW = 0.02   # s: settle() looks at the process's CPU time over windows this long
+SETTLE_WINDOW = 0.02   # s: settle() looks again after this long
 SETTLE_MAX = 1.0       # s: and waits at most this long
 
 
+def runnable_threads() -> int | None:
+    """How many of this process's other threads are running or waiting for a core (state R in
+    Linux's /proc/self/task), whether or not the scheduler gives them one; None without /proc."""
+    me = threading.get_native_id()
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    busy = 0
+    for tid in tasks:
+        if tid == str(me):
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread has ended
+            continue
+        busy += stat.rpartition(")")[2].split()[:1] == ["R"]
+    return busy
+
+
 def settle(max_wait: float = SETTLE_MAX) -> None:
-    """Wait until this process burns (almost) no CPU: after an epoch, OpenBLAS's threads spin
+    """Wait until no other thread of this process runs: after an epoch, OpenBLAS's threads spin
     for about 0.1 s (OpenMP's for 0.01 s), and on a 2-core machine the other side's epoch
-    timed next lost a core to them for that long (PyTorch's ratio was 10-15% too slow)."""
+    timed next lost a core to them for that long (PyTorch's ratio was 10-15% too slow). A
+    spinning thread is runnable however loaded the machine is; without /proc, the process's
+    CPU time over a window is the sign (which a busy machine can hide)."""
     deadline = time.perf_counter() + max_wait
     while time.perf_counter() < deadline:
         cpu = time.process_time()                 # every thread of the process
         time.sleep(SETTLE_WINDOW)
-        if time.process_time() - cpu < 0.1 * SETTLE_WINDOW:
+        runnable = runnable_threads()
+        if runnable == 0 or (runnable is None
+                             and time.process_time() - cpu < 0.1 * SETTLE_WINDOW):
             return
 
 

@@ -62,6 +62,7 @@ def get(url: str, timeout: float, on_bytes: OnBytes, stop: threading.Event) -> b
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return read_body(response, on_bytes, stop)
     except urllib.error.HTTPError as e:
+        e.close()  # its connection, else left to the garbage collector (a ResourceWarning)
         raise SourceFailed(one_line(f"HTTP {e.code} {e.reason}")) from None
     except urllib.error.URLError as e:
         raise Unreachable(one_line(f"cannot connect ({e.reason})")) from None

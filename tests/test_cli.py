@@ -1565,7 +1565,9 @@ def test_a_line_break_in_a_name_given_to_data_or_export_keeps_the_error_on_one_l
     assert (tmp_path / "taken\n.png").read_bytes() == b"mine"
 
 
-def test_a_line_break_in_a_data_folders_name_keeps_its_warning_on_one_line(tmp_path):
+def test_a_line_break_in_a_data_folders_name_keeps_its_warning_on_one_line(tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("GPUMLP_DATA_DIR", str(tmp_path))  # CI sets it only beside ../shared
     result = cli("data", "path", "--data-dir", tmp_path / "no\ndir")
     assert result.exit_code == 0
     assert result.stderr == (f"Warning: --data-dir {tmp_path}/no\\ndir: no such folder; reading "

@@ -10,6 +10,7 @@ gather + to_inputs; and `gpumlp bench` through click's CliRunner.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -970,6 +971,16 @@ def test_bench_pair_warms_each_up_then_alternates_the_order_each_round():
     assert [len(row.seconds) for row in rows.values()] == [3, 3]
 
 
+def spin_outside_the_gil(done: Callable[[], bool]) -> None:
+    """Burn CPU as OpenBLAS's threads do after a product, without Python's GIL (hashing a
+    large block releases it): a Python loop would wait for the GIL whenever the main thread
+    holds it, and then not count as running."""
+    import hashlib
+    block = bytes(1 << 20)
+    while not done():
+        hashlib.sha256(block)
+
+
 def test_each_timed_epoch_waits_until_the_last_sides_threads_stop_spinning():
     """OpenBLAS's threads spin for about 0.1 s after gpumlp's epoch: on two cores PyTorch's
     epoch timed next lost a core for that long (its ratio came out 10-15% too slow). A side
@@ -982,10 +993,9 @@ def test_each_timed_epoch_waits_until_the_last_sides_threads_stop_spinning():
     spinning = []
 
     def leaves_a_thread_spinning():
-        def spin(until=time.perf_counter() + 0.3):
-            while time.perf_counter() < until:
-                pass
-        spinning.append(threading.Thread(target=spin))
+        until = time.perf_counter() + 0.3
+        spinning.append(threading.Thread(target=spin_outside_the_gil,
+                                         args=(lambda: time.perf_counter() >= until,)))
         spinning[-1].start()
 
     def sees_no_other_thread_busy():
@@ -994,6 +1004,55 @@ def test_each_timed_epoch_waits_until_the_last_sides_threads_stop_spinning():
     time_epochs(leaves_a_thread_spinning, 1, CPU)
     time_epochs(sees_no_other_thread_busy, 1, CPU)
     spinning[-1].join()
+
+
+def test_a_spinning_thread_counts_as_runnable_whatever_the_load_and_a_sleeping_one_not():
+    """What settle() waits on: a thread that spins is runnable (state R) whether or not it has
+    a core; the CPU time it burns in a window, the earlier sign, shrank to nothing on a loaded
+    machine, and the bench timed while it spun."""
+    import threading
+    import time
+
+    from gpumlp import bench as bench_module
+
+    if bench_module.runnable_threads() is None:
+        pytest.skip("no /proc/self/task here: settle() falls back on the CPU time")
+    stop = threading.Event()
+    spinner = threading.Thread(target=spin_outside_the_gil, args=(stop.is_set,))
+    sleeper = threading.Thread(target=stop.wait)
+    sleeper.start()
+    bench_module.settle()               # OpenBLAS's threads, spinning after an earlier test
+    idle = bench_module.runnable_threads()
+    spinner.start()
+    try:
+        time.sleep(0.05)
+        assert bench_module.runnable_threads() == idle + 1
+    finally:
+        stop.set()
+        spinner.join()
+        sleeper.join()
+    assert idle == 0
+
+
+def test_settle_without_proc_waits_while_the_cpu_time_grows(monkeypatch):
+    from gpumlp import bench as bench_module
+
+    clock = {"cpu": 0.0, "wall": 0.0, "sleeps": 0}
+
+    def sleep(seconds):
+        clock["sleeps"] += 1
+        clock["wall"] += seconds
+        clock["cpu"] += seconds if clock["sleeps"] <= 3 else 0.0   # busy for three windows
+
+    monkeypatch.setattr(bench_module, "runnable_threads", lambda: None)
+    monkeypatch.setattr(bench_module.time, "sleep", sleep)
+    monkeypatch.setattr(bench_module.time, "process_time", lambda: clock["cpu"])
+    monkeypatch.setattr(bench_module.time, "perf_counter", lambda: clock["wall"])
+    bench_module.settle()
+    assert clock["sleeps"] == 4
+    clock.update(sleeps=-1000)                                   # busy throughout: gives up
+    bench_module.settle(max_wait=0.1)
+    assert clock["sleeps"] == -1000 + 5
 
 
 def test_bench_turns_pytorchs_out_of_memory_into_the_one_line_error(monkeypatch):

@@ -104,7 +104,8 @@ def test_a_32_bit_integer_picture_is_read_in_the_levels_its_values_use(tmp_path,
     ring = ring_digit()
     path = tmp_path / "ring.tif"
     Image.fromarray(ring.astype(np.int32) * scale, mode="I").save(path)
-    assert Image.open(path).mode == "I"
+    with Image.open(path) as saved:
+        assert saved.mode == "I"
     np.testing.assert_allclose(load_digit(path), load_digit(save_png(tmp_path / "r.png", ring)),
                                atol=1e-3)
 
@@ -576,7 +577,8 @@ def test_output_to_a_reader_that_stops_early_or_a_full_disk_is_handled(random_mo
     assert reader.stdout.readline().startswith(str(digit).encode())
     reader.stdout.close()                          # what `head -1` does after its line
     assert reader.wait(timeout=120) == 1
-    assert reader.stderr.read() == b""             # no traceback, no "Broken pipe" line
+    with reader.stderr:
+        assert reader.stderr.read() == b""         # no traceback, no "Broken pipe" line
     if Path("/dev/full").exists():
         with open("/dev/full", "w") as full:
             done = subprocess.run(command[:6], stdout=full, stderr=subprocess.PIPE, text=True,
