@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import __version__
 from .backend import Backend
 from .checkpoint import check_layout, params_from_arrays, parse_json
 from .config import Config
@@ -21,9 +22,16 @@ if TYPE_CHECKING:
     from .train import RunState
 
 
+# The checkpoint's layout, in its state record from 2026-11-30 on (none before: 1): a later
+# gpumlp that changes how a checkpoint is read raises it, and this one refuses what it would
+# misread (gpumlp of 2026-11-29 read the later opt_scale's velocity wrong, without a word).
+CHECKPOINT_FORMAT = 1
+
+
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """(the arrays, the state record) of a checkpoint, the record's shape checked: its
-    `fixed` and `config` entries, when there, are mappings."""
+    `fixed` and `config` entries, when there, are mappings; a format this gpumlp does not
+    know (a later gpumlp's) is refused."""
     source = str(path)
     try:
         arrays = load_npz(path)
@@ -36,6 +44,14 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     if not isinstance(meta, dict) or not isinstance(meta.get("fixed", {}), dict) \
             or not isinstance(meta.get("config") or {}, dict):
         raise damaged_record(source)
+    written = meta.get("format", 1)
+    if not isinstance(written, int) or isinstance(written, bool) or written < 1:
+        raise damaged_record(source)
+    if written > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{source}: written by a later gpumlp (checkpoint format "
+                              f"{written}; this gpumlp {__version__} reads format "
+                              f"{CHECKPOINT_FORMAT}); resume it with that gpumlp, or upgrade "
+                              "this one")
     return arrays, meta
 
 

@@ -32,7 +32,8 @@ from .errors import (CheckpointError, ConfigError, GpumlpError, folder_problem, 
 from .files import writing_now
 from .model import Params
 from .npzio import atomic_write, save_npz
-from .resume_state import read_checkpoint, read_position, restore_generators, restore_optimizer
+from .resume_state import (CHECKPOINT_FORMAT, read_checkpoint, read_position, restore_generators,
+                           restore_optimizer)
 
 if TYPE_CHECKING:
     from .train import RunState
@@ -593,7 +594,8 @@ class RunFiles:
         perm = pos.pop("perm")
         if perm is not None:
             arrays["perm"] = np.asarray(perm, dtype=np.int64)
-        meta = {"position": pos, "rng": json.loads(generator_state(state.rng)),
+        meta = {"format": CHECKPOINT_FORMAT, "position": pos,
+                "rng": json.loads(generator_state(state.rng)),
                 "dev_rng": generator_state(state.dev_rng), "history": history,
                 "fixed": fixed_keys(config), "config": dotted_config(config)}
         arrays["state"] = np.array(json.dumps(meta))

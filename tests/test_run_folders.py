@@ -1593,6 +1593,31 @@ def test_a_checkpoint_from_before_the_config_record_resumes_as_before_with_a_war
     assert (stopped / "model.npz").read_bytes() == (reference / "model.npz").read_bytes()
 
 
+def test_a_checkpoint_says_its_format_and_one_without_it_is_format_1(stopped, tiny_data_dir):
+    """From 2026-11-30 the state record carries its layout's number, so that a later gpumlp's
+    checkpoint is refused rather than misread; an earlier one, without it, still resumes."""
+    from gpumlp.npzio import save_npz
+
+    path = stopped / "checkpoint.npz"
+    arrays = load_npz(path)
+    record = json.loads(str(arrays["state"]))
+    assert record["format"] == 1
+    arrays["state"] = np.array(json.dumps({**record, "format": 2}))
+    save_npz(path, arrays)
+    before = digests(stopped)
+    later = resume_quietly(stopped, tiny_data_dir)
+    from gpumlp import __version__
+    assert_one_error_line(later, 1, f"{path}: written by a later gpumlp (checkpoint format 2; "
+                          f"this gpumlp {__version__} reads format 1); resume it with that "
+                          "gpumlp, or upgrade this one")
+    assert digests(stopped) == before
+    del record["format"]
+    arrays["state"] = np.array(json.dumps(record))
+    save_npz(path, arrays)
+    result = resume_quietly(stopped, tiny_data_dir)
+    assert result.exit_code == 0, result.output
+
+
 def resume_quietly(folder: Path, data_dir: Path):
     """`gpumlp train --resume folder -q` on the CPU and the tiny data: click's Result."""
     return cli("train", "--resume", folder, "--data-dir", data_dir, "--device", "cpu", "-q")
@@ -1620,6 +1645,12 @@ def damage_state(record: dict, how: str) -> None:
         record["position"]["correct"] = -1
     elif how == "batch_at_end":                     # step 10 of epoch 1 ends it: no batch left
         record["position"].update(step=10, batch=10)
+    elif how == "format_text":
+        record["format"] = "1"
+    elif how == "format_zero":
+        record["format"] = 0
+    elif how == "format_later":                     # a later gpumlp's layout
+        record["format"] = 2
     elif how == "history_extra_row":                # a row for an epoch not finished
         record["history"] = [dict(GOOD_ROW)]
     elif how.startswith("history_row_"):            # at batch 4 of epoch 2, after one row
@@ -1650,6 +1681,8 @@ GOOD_ROW = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8, "test_loss": 0
     ("correct_negative", "its state record is missing or damaged"),
     ("batch_at_end", "the epoch's order does not fit a training set of 250 examples"),
     ("history_extra_row", "its state record is missing or damaged"),
+    ("format_text", "its state record is missing or damaged"),
+    ("format_zero", "its state record is missing or damaged"),
     ("history_row_lacks", "its state record is missing or damaged"),
     ("history_row_huge", "its state record is missing or damaged"),
     ("history_row_epoch", "its state record is missing or damaged"),
