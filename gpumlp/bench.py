@@ -411,13 +411,13 @@ def run_bench(spec: BenchSpec, backend: Backend, split: DeviceSplit | None = Non
               "torch_threads": None if torch is None else torch.get_num_threads()}
     try:
         time_sizes(spec, backend, split, torch, result, on_row)
+        # again at the end, the best of both: a shared machine may have been in a slow phase
+        # at the start, and a share of the reference above 100% would mean nothing
+        result["sgemm_gflops"] = max(result["sgemm_gflops"], sgemm_rate(backend))
     except KeyboardInterrupt as e:  # the rows done so far go with it (`gpumlp bench` prints them)
         result["sgemm_when"] = "at the start; stopped before the end"
         e.partial = result
         raise
-    # again at the end, the best of both: a shared machine may have been in a slow phase at
-    # the start, and a share of the reference above 100% would mean nothing
-    result["sgemm_gflops"] = max(result["sgemm_gflops"], sgemm_rate(backend))
     return result
 
 

@@ -538,7 +538,7 @@ def checked_together(config: Config) -> Config:
         raise KeyProblem(("optim", "nesterov"),
                          "config key 'optim.nesterov' is true with optim.momentum 0, where SGD "
                          "has no momentum to look ahead with (PyTorch refuses it too); set "
-                         "optim.nesterov=false (plain SGD, as it trained), or a momentum, e.g. "
+                         "optim.nesterov=false (plain SGD), or a momentum, e.g. "
                          "optim.momentum=0.9", others=(("optim", "momentum"),))
     if optim.schedule == "cosine" and optim.min_lr > optim.lr:
         raise KeyProblem(("optim", "min_lr"),

@@ -93,14 +93,16 @@ def update(cfg: OptimConfig, params: Params, grads: Grads, state: OptState, lr: 
 
 def step_decays(epoch: float, step_epochs: float) -> float:
     """How often the step schedule has multiplied by gamma at `epoch`: floor(epoch /
-    step_epochs), where a quotient within 1e-9 of a whole number is that number (0.6 / 0.2 is
-    2.9999999999999996 in floats, and its decay came a step late); inf for a tiny
-    `step_epochs` (gamma ** inf is 0)."""
+    step_epochs), where a quotient within 1e-12 (relative) of a whole number is that number
+    (0.6 / 0.2 is 2.9999999999999996 in floats, and its decay came a step late; the float
+    error is about 1e-15, and a true quotient that close below a whole number needs a
+    step_epochs of more decimals than anyone writes); inf for a tiny `step_epochs` (gamma **
+    inf is 0)."""
     decays = epoch / step_epochs
     if not math.isfinite(decays):
         return decays
     nearest = round(decays)
-    return float(nearest if abs(decays - nearest) <= 1e-9 * max(1.0, decays)
+    return float(nearest if abs(decays - nearest) <= 1e-12 * max(1.0, decays)
                  else math.floor(decays))
 
 

@@ -32,8 +32,9 @@ def cupy_absence() -> str:
 
 def system_info() -> dict:
     """Each value as a program reads it (`info --json`): text, a number, a list of device
-    strings, the CUDA versions as {"runtime", "driver"}, or None for what is missing, with why
-    it is missing under "unavailable" (a key per None)."""
+    strings, the CUDA versions as {"runtime", "driver"} ("none" for a driver CUDA reports
+    absent), or None for what is missing, with why it is missing under "unavailable" (a key
+    per None)."""
     import yaml
 
     unavailable = {}
@@ -48,6 +49,9 @@ def system_info() -> dict:
     else:
         if numbers is None:
             unavailable["cuda"] = "no CuPy"
+    cpus = os.cpu_count()
+    if cpus is None:
+        unavailable["cpus"] = "unknown"
     return {
         "gpumlp": __version__,
         "python": platform.python_version(),
@@ -58,7 +62,7 @@ def system_info() -> dict:
         "cuda": None if numbers is None else dict(zip(("runtime", "driver"), numbers)),
         "click": importlib.metadata.version("click"),
         "pyyaml": yaml.__version__,
-        "cpus": os.cpu_count(),
+        "cpus": cpus,
         "devices": available_devices(),
         "unavailable": unavailable,
     }
@@ -72,7 +76,7 @@ def info_lines(details: dict) -> list[str]:
         if key == "unavailable":
             continue
         if value is None:
-            value = details["unavailable"].get(key, "unknown")  # os.cpu_count() can be None
+            value = details["unavailable"][key]
             value = "- (no CuPy)" if value == "no CuPy" else value
         elif key == "cuda":
             value = f"CUDA runtime {value['runtime']}, driver {value['driver']}"

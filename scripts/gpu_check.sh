@@ -12,9 +12,10 @@
 #                     real-MNIST test skips, the benchmark runs on random images and the h256
 #                     run is not started (it would try to download MNIST).
 #   GPUMLP_CACHE_DIR  default: a fresh temporary folder, so the user's cache is never touched.
-#   CUPY_CACHE_DIR    CuPy's compiled kernels; default: gpumlp-cupy-kernels in the temporary
-#                     folder, the same for every run of the script, so a rerun of two sections
-#                     on the same machine does not compile every kernel again.
+#   CUPY_CACHE_DIR    CuPy's compiled kernels; default: gpumlp-cupy-kernels-<uid> in the
+#                     temporary folder (mode 700, yours alone, else a fresh folder), the same
+#                     for every run of the script, so a rerun of two sections on the same
+#                     machine does not compile every kernel again.
 #   OUT               where the logs go (default: gpu-check-out/ in the checkout).
 #   PYTHON            the interpreter (default: python3).
 #   SECTIONS          the sections to run, by name (default: the first five, "info tests steps
@@ -59,7 +60,14 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export OUT PY PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export GPUMLP_CACHE_DIR="${GPUMLP_CACHE_DIR:-$(mktemp -d)}"  # never the user's cache
-export CUPY_CACHE_DIR="${CUPY_CACHE_DIR:-${TMPDIR:-/tmp}/gpumlp-cupy-kernels}"  # writable
+if [ -z "${CUPY_CACHE_DIR:-}" ]; then  # one per user, only theirs; else a fresh one
+  CUPY_CACHE_DIR="${TMPDIR:-/tmp}/gpumlp-cupy-kernels-$(id -u)"
+  mkdir -p -m 700 "$CUPY_CACHE_DIR" 2>/dev/null
+  if ! [ -O "$CUPY_CACHE_DIR" ] || ! [ -w "$CUPY_CACHE_DIR" ] || [ -L "$CUPY_CACHE_DIR" ]; then
+    CUPY_CACHE_DIR="$(mktemp -d)"
+  fi
+fi
+export CUPY_CACHE_DIR
 if [ -z "${GPUMLP_DATA_DIR:-}" ] && [ -d shared/data/mnist ]; then
   export GPUMLP_DATA_DIR="$PWD/shared/data/mnist"
 fi
@@ -353,7 +361,7 @@ done
 ! wanted steps || grep -E "ms/step|probe failed" "$OUT/steps.log" || tail -n 1 "$OUT/steps.log"
 ! wanted bench || grep -E "^\|" "$OUT/bench.log" || tail -n 1 "$OUT/bench.log"
 ! wanted train || grep -E "^(Error|no MNIST|test_accuracy )" "$OUT/train-h256.log" ||
-  tail -n 1 "$OUT/train-h256.log"
+  sed '/^--- metrics.jsonl$/,$d' "$OUT/train-h256.log" | tail -n 1  # the run's last word
 ! wanted sanitize || grep -E "ERROR SUMMARY|RACECHECK SUMMARY|not found" "$OUT/sanitize.log"
 failed=0  # the exit status: 1 when any section did not end ok
 for name in $SECTIONS; do

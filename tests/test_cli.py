@@ -556,6 +556,8 @@ def test_info_json_gives_what_is_missing_as_null_and_why_apart(monkeypatch):
     assert details["devices"] == ["cpu"]
     assert details["unavailable"]["cupy"].startswith("not installed (pip install")
     assert details["unavailable"]["cuda"] == "no CuPy"
+    assert details["unavailable"]["cpus"] == "unknown"   # a reason for each null
+    assert set(details["unavailable"]) == {k for k, v in details.items() if v is None}
     text = cli("info").stdout
     assert "\ncuda       - (no CuPy)\n" in text and "\ncpus       unknown\n" in text
     assert "\ncupy       not installed (pip install" in text and "unavailable" not in text

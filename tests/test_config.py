@@ -519,7 +519,7 @@ def test_nesterov_without_momentum_is_refused_and_adam_ignores_it():
     message = error_of(build_config, None, ["optim.nesterov=true", "optim.momentum=0"])
     assert message == ("--set 'optim.momentum=0': config key 'optim.nesterov' is true with "
                        "optim.momentum 0, where SGD has no momentum to look ahead with (PyTorch "
-                       "refuses it too); set optim.nesterov=false (plain SGD, as it trained), "
+                       "refuses it too); set optim.nesterov=false (plain SGD), "
                        "or a momentum, e.g. optim.momentum=0.9")
     assert build_config(None, ["optim.nesterov=true", "optim.momentum=0.5"]).optim.nesterov
     assert build_config(None, ["optim.nesterov=false", "optim.momentum=0"]).optim.momentum == 0

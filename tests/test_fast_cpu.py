@@ -670,7 +670,7 @@ def torch_or_skip():
     bench says; pytest's importorskip skips only the first before pytest 8.2)."""
     try:
         import torch
-    except ImportError as e:
+    except Exception as e:  # noqa: BLE001 (a broken install raises OSError, as bench says)
         pytest.skip(f"PyTorch is not installed or cannot be loaded ({e}): the bench's "
                     "comparison side was not run")
     return torch
@@ -1139,6 +1139,28 @@ def test_ctrl_c_during_the_bench_prints_the_sizes_measured_so_far(monkeypatch):
                                            "stopped)")
     assert ("GFLOP/s (best 2048^3 float32 product, measured at the start; stopped before the "
             "end)") in result.stdout
+
+
+def test_ctrl_c_during_the_closing_sgemm_still_prints_every_row(monkeypatch):
+    """After the last size, the bench measures sgemm again: a stop there lost every row."""
+    import gpumlp.bench as bench_module
+
+    real, calls = bench_module.sgemm_rate, []
+
+    def stopped_the_second_time(backend):
+        calls.append(backend)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(backend)
+
+    monkeypatch.setattr(bench_module, "sgemm_rate", stopped_the_second_time)
+    result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--data", "synthetic",
+                                       "--samples", "64", "--batch", "32", "--hidden", "8",
+                                       "--hidden", "16", "--repeats", "1", "--no-torch"])
+    assert result.exit_code == 130 and len(calls) == 2
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["8", "16"]
+    assert "measured at the start; stopped before the end" in result.stdout
 
 
 def test_bench_seconds_below_a_hundredth_keep_three_significant_digits():

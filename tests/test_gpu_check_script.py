@@ -68,6 +68,8 @@ fi
 if [ "$1 $2 $3" = "-m gpumlp train" ]; then
   while [ "$1" != "--out" ]; do shift; done
   mkdir -p "$2" && echo '{"epoch": 1}' > "$2/metrics.jsonl"
+  [ -n "${FAKE_CRASH:-}" ] && { echo "Traceback (most recent call last):"
+                                echo "RuntimeError: cudaErrorIllegalAddress (test)"; exit 1; }
   echo "Error: the run stopped (test)"
   exit 1
 fi
@@ -117,6 +119,9 @@ def test_the_train_section_without_mnist_fails_at_once_and_logs_a_failed_runs_fi
     assert "train  failed (1)" in result.stdout
     assert result.stdout.rstrip().endswith("Error: the run stopped (test)")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train-h256.log"]
+    crashed = run_short_copy(tmp_path, "train", limit=30, GPUMLP_DATA_DIR=str(mnist),
+                             FAKE_CRASH="1")                    # the summary: its last word
+    assert crashed.stdout.rstrip().endswith("RuntimeError: cudaErrorIllegalAddress (test)")
 
 
 def test_cupys_kernel_cache_is_the_same_folder_for_every_run(tmp_path):
@@ -125,7 +130,23 @@ def test_cupys_kernel_cache_is_the_same_folder_for_every_run(tmp_path):
         run_short_copy(tmp_path / str(attempt), "steps", limit=30)
         log = (tmp_path / str(attempt) / "out" / "steps.log").read_text()
         caches.add(log.split("kernel cache: ")[1].split("\n")[0])
-    assert len(caches) == 1 and caches.pop().endswith("/gpumlp-cupy-kernels")
+    cache = caches.pop()
+    assert not caches and cache.endswith(f"/gpumlp-cupy-kernels-{os.getuid()}")
+    assert os.stat(cache).st_mode & 0o777 == 0o700                    # the user's alone
+
+
+def test_a_kernel_cache_folder_that_is_not_the_users_alone_is_not_used(tmp_path):
+    """Another user's folder at the shared name (CuPy could not write there, and would load
+    kernels planted there): a fresh folder instead."""
+    shared = tmp_path / "tmp"
+    (shared / f"gpumlp-cupy-kernels-{os.getuid()}").mkdir(parents=True)
+    os.symlink(tmp_path, shared / "elsewhere")
+    (shared / f"gpumlp-cupy-kernels-{os.getuid()}").rmdir()
+    os.symlink(shared / "elsewhere", shared / f"gpumlp-cupy-kernels-{os.getuid()}")
+    run_short_copy(tmp_path, "steps", limit=30, TMPDIR=str(shared))
+    log = (tmp_path / "out" / "steps.log").read_text()
+    used = log.split("kernel cache: ")[1].split("\n")[0]
+    assert "gpumlp-cupy-kernels" not in used and Path(used).is_dir()
 
 
 def test_unknown_section_is_one_line_and_writes_nothing(tmp_path):

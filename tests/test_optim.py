@@ -192,6 +192,18 @@ def test_step_schedule_decays_at_each_exact_multiple_of_a_fractional_step_epochs
                      gamma=0.5) == 0.1 * 0.5 ** decays, step
 
 
+def test_step_schedule_never_decays_early_where_the_quotient_is_just_below_a_multiple():
+    # 100007 steps of 2381 over 0.6667 epochs is 62.99999994 decays: the 63rd comes a step
+    # later (a tolerance of 1e-9 took it one step early)
+    from fractions import Fraction
+    for step in (100007, 100008):
+        exact = math.floor(Fraction(step, 2381) / Fraction("0.6667"))
+        assert lr_at(step, 2381, schedule="step", step_epochs=0.6667, gamma=0.9) \
+            == 0.1 * 0.9 ** exact, step
+    assert [math.floor(Fraction(s, 2381) / Fraction("0.6667")) for s in (100007, 100008)] \
+        == [62, 63]
+
+
 def test_step_decays_inside_the_warm_up_take_effect_when_it_ends():
     rates = [lr_at(s, schedule="step", step_epochs=1, gamma=0.5, warmup_epochs=2)
              for s in (0, 9, 10, 19, 20, 29, 30)]

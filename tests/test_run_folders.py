@@ -1318,8 +1318,7 @@ def test_a_finished_run_saved_before_a_check_was_added_still_writes_its_results_
     assert (out / "model.npz").read_bytes() == model
     on = cli("train", "--resume", out, "--set", "train.epochs=2", *common)
     assert_one_error_line(on, 2, f"{out / 'config.yaml'}: config key 'optim.nesterov' is true "
-                          "with optim.momentum 0", "set optim.nesterov=false (plain SGD, as it "
-                          "trained)")
+                          "with optim.momentum 0", "set optim.nesterov=false (plain SGD)")
     fixed = cli("train", "--resume", out, "--set", "train.epochs=2", "--set",
                 "optim.nesterov=false", *common)
     assert fixed.exit_code == 0, fixed.output
