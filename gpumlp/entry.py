@@ -30,11 +30,15 @@ def on_signal(signum, frame) -> None:
     raise signal_error(signum)
 
 
+def ignore_stop_signals() -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def stop(error: BaseException | None = None) -> None:
     """Say how the command was stopped (by `error`, else by the last signal noted) and exit
     with 128 + the signal's number."""
-    for signum in STOP_SIGNALS:  # a second one cannot cut this short
-        signal.signal(signum, signal.SIG_IGN)
+    ignore_stop_signals()  # a second one cannot cut this short
     said, code = interrupted_how(error if error is not None else signal_error(NOTED[-1]))
     try:  # after a hang-up the terminal is gone: the exit code still says it
         sys.stderr.write(f"{said}\n")
@@ -69,8 +73,7 @@ def main(exiting: bool = False) -> None:
             stop(e)
     finally:
         if exiting:
-            for signum in STOP_SIGNALS:
-                signal.signal(signum, signal.SIG_IGN)
+            ignore_stop_signals()
         else:
             restore_handlers(previous)
 

@@ -1,10 +1,11 @@
 """Matrix products of the fused GPU step, through cuBLAS's gemmEx called directly.
 
 At the sizes of one training step (a 128 x 784 by 784 x 256 product should be a few
-microseconds of an H200: estimated from its peak, not measured) the host time of `ndarray.dot(out=)` (dtype promotion, overlap checks, views) is
-as long as the product. This calls `cublasGemmEx` with the arrays' device pointers and
-nothing else. cuBLAS is column-major: a C-contiguous (r, c) array is, to cuBLAS, its (c, r)
-transpose with leading dimension c. So out = op(a) @ op(b) is computed as
+microseconds of an H200: estimated from its peak, not measured) the host time of
+`ndarray.dot(out=)` (dtype promotion, overlap checks, views) is as long as the product. This
+calls `cublasGemmEx` with the arrays' device pointers and nothing else. cuBLAS is
+column-major: a C-contiguous (r, c) array is, to cuBLAS, its (c, r) transpose with leading
+dimension c. So out = op(a) @ op(b) is computed as
 out^T = op(b)^T @ op(a)^T, with b first:
 
     gemmEx(op_b, op_a, M=n, N=m, K=k, b, ldb=b.shape[1], a, lda=a.shape[1], out, ldc=n)
