@@ -29,30 +29,41 @@ class FileResult(NamedTuple):
     path: str
     probabilities: np.ndarray | None  # (c,) on the host, or None when the file failed
     error: str | None                 # one line naming the file, or None
+    logits: np.ndarray | None = None  # (c,) A2, which ranks the classes as evaluate does
 
     def top(self, k: int) -> list[tuple[int, float]]:
-        """The k most probable classes with their probabilities, most probable first."""
-        order = np.argsort(-self.probabilities, kind="stable")[:k]
+        """The k most probable classes with their probabilities, most probable first, ranked
+        by the logits where given (float32 probabilities can tie where the logits do not)."""
+        rank = self.logits if self.logits is not None else self.probabilities
+        order = np.argsort(-rank, kind="stable")[:k]
         return [(int(c), float(self.probabilities[c])) for c in order]
+
+
+def outputs(params: Params, config: Config, pixels: np.ndarray, backend: Backend,
+            source: str = "the model") -> tuple[np.ndarray, np.ndarray]:
+    """(A2, Z2), the logits and their softmax, each (n, c) on the host, for pixels (n, 784) in
+    [0, 255], scaled as in training; a CheckpointError naming `source` (the model file) when
+    any of them is NaN or infinite. `params` live on the backend's device (`model.params_on`).
+    """
+    act = ACTIVATIONS[config.model.activation]
+    logits, probs = [], []
+    with np.errstate(over="ignore", invalid="ignore"):  # the check below says it in one line
+        for sl in batch_slices(len(pixels), config.train.eval_batch_size):
+            X = to_inputs(backend.asarray(pixels[sl]), config.data.normalize, config.train.dtype)
+            A2 = forward(params, X, act).A[-1]                              # (m, c)
+            logits.append(to_host(A2))
+            probs.append(to_host(softmax(A2)))
+    empty = np.zeros((0, 10), dtype=config.train.dtype)
+    A2, Z2 = (np.concatenate(parts) if parts else empty for parts in (logits, probs))
+    if not (np.isfinite(A2).all() and np.isfinite(Z2).all()):
+        raise CheckpointError(f"{source}: {TOO_LARGE}")
+    return A2, Z2
 
 
 def probabilities(params: Params, config: Config, pixels: np.ndarray, backend: Backend,
                   source: str = "the model") -> np.ndarray:
-    """Z2 (n, c) on the host for pixels (n, 784) in [0, 255], scaled as in training; a
-    CheckpointError naming `source` (the model file) when any of it is NaN or infinite.
-
-    `params` live on the backend's device (see `model.params_on`).
-    """
-    act = ACTIVATIONS[config.model.activation]
-    out = []
-    with np.errstate(over="ignore", invalid="ignore"):  # the check below says it in one line
-        for sl in batch_slices(len(pixels), config.train.eval_batch_size):
-            X = to_inputs(backend.asarray(pixels[sl]), config.data.normalize, config.train.dtype)
-            out.append(to_host(softmax(forward(params, X, act).A[-1])))   # (m, c)
-    Z2 = np.concatenate(out) if out else np.zeros((0, 10), dtype=config.train.dtype)
-    if not np.isfinite(Z2).all():
-        raise CheckpointError(f"{source}: {TOO_LARGE}")
-    return Z2
+    """Z2 (n, c) on the host, as `outputs` gives it."""
+    return outputs(params, config, pixels, backend, source)[1]
 
 
 def predict_files(params: Params, config: Config, paths: Sequence[str | os.PathLike],
@@ -66,5 +77,7 @@ def predict_files(params: Params, config: Config, paths: Sequence[str | os.PathL
         except ImageError as e:
             errors[i] = one_line_message(e)                           # a line break as \n
     pixels = np.stack(list(digits.values())) if digits else np.zeros((0, 784), np.float32)
-    Z2 = dict(zip(digits, probabilities(params, config, pixels, backend, source)))
-    return [FileResult(str(path), Z2.get(i), errors.get(i)) for i, path in enumerate(paths)]
+    A2, Z2 = (dict(zip(digits, rows)) for rows in outputs(params, config, pixels, backend,
+                                                          source))
+    return [FileResult(str(path), Z2.get(i), errors.get(i), A2.get(i))
+            for i, path in enumerate(paths)]

@@ -36,7 +36,7 @@ from .files import read_at_most, run_held, writing_now
 from .mnist import Split
 from .model import params_on
 from .npzio import atomic_write, atomic_write_all
-from .predict import probabilities
+from .predict import outputs
 from .runfiles import aside_note, resumable
 
 FIGURES = {
@@ -79,12 +79,13 @@ class ReportError(GpumlpError):
 
 
 class SplitOutputs(NamedTuple):
-    labels: np.ndarray  # (n,) true classes
-    Z2: np.ndarray      # (n, c) predicted probabilities
+    labels: np.ndarray              # (n,) true classes
+    Z2: np.ndarray                  # (n, c) predicted probabilities
+    A2: np.ndarray | None = None    # (n, c) logits: they pick the class, as evaluate's do
 
     @property
     def predicted(self) -> np.ndarray:
-        return self.Z2.argmax(axis=1)
+        return (self.A2 if self.A2 is not None else self.Z2).argmax(axis=1)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -473,9 +474,9 @@ def draw_and_write(run_dir: Path, test: Split, backend: Backend, overwrite: bool
     with mplbackend_ignored():  # loaded here, so that the drawing below never reads it
         import matplotlib  # noqa: F401
     params, config = load_model(run_dir / "model.npz")
-    Z2 = probabilities(params_on(backend, params), config, test.images, backend,
-                       str(run_dir / "model.npz"))
-    out = SplitOutputs(test.labels.astype(np.int64), Z2)
+    A2, Z2 = outputs(params_on(backend, params), config, test.images, backend,
+                     str(run_dir / "model.npz"))
+    out = SplitOutputs(test.labels.astype(np.int64), Z2, A2)
     counts = confusion_matrix(out.labels, out.predicted, Z2.shape[1])
     picked = confident_mistakes(out)
     paths = {key: run_dir / name for key, name in FIGURES.items()}

@@ -656,3 +656,24 @@ def test_two_files_one_unreadable_say_how_many_failed(random_model, tmp_path):
     assert result.stdout.startswith(f"{good}: ")
     assert result.stderr.splitlines() == [f"Error: {tmp_path / 'missing.png'}: no such file",
                                           "Error: 1 of 2 files could not be predicted"]
+
+
+def test_predict_and_report_pick_the_class_evaluate_picks_where_probabilities_tie(tmp_path):
+    """Logits 1e-9 apart give equal float32 probabilities: predict named the first of them,
+    class 0, and report counted it, where evaluate's argmax of the logits says class 3."""
+    from gpumlp.model import Params
+    from gpumlp.predict import outputs, predict_files
+    from gpumlp.report import SplitOutputs
+
+    config = build_config(None, ["model.hidden=4"])
+    b2 = np.zeros(10, np.float32)
+    b2[3] = 1e-9
+    params = Params((np.zeros((784, 4), np.float32), np.zeros((4, 10), np.float32)),
+                    (np.zeros(4, np.float32), b2))
+    digit = tmp_path / "digit.npy"
+    np.save(digit, np.eye(28, dtype=np.uint8) * 255)
+    A2, Z2 = outputs(params, config, np.load(digit).reshape(1, 784).astype(np.float32), CPU)
+    assert (Z2 == Z2[0, 0]).all() and A2.argmax() == 3          # tied, but not in the logits
+    [result] = predict_files(params, config, [digit], CPU)
+    assert result.top(2)[0][0] == 3 and result.top(2)[1][0] == 0
+    assert SplitOutputs(np.array([3]), Z2, A2).predicted.tolist() == [3]
