@@ -287,8 +287,10 @@ def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
             raise ConfigError("--resume takes the run's saved config; drop --config, --seed, "
                               "--init and --out (--set may change optim.lr, train.epochs, ...)")
         if overwrite:
+            from .resume_state import start_over_in  # (numpy: not for every usage error)
+            over = start_over_in(Path(resume_dir)) if resume_dir else "start over with --out"
             raise ConfigError("--resume continues the run in its folder and never replaces it; "
-                              "drop --overwrite (to start over there, use --out DIR --overwrite)")
+                              f"drop --overwrite, or {over}")
     if out == "":
         raise ConfigError("--out is empty; give the run's folder, or drop --out for the default "
                           "runs/<config>-<YYYYmmdd-HHMMSS>")

@@ -107,12 +107,19 @@ def restore_generators(state: "RunState", meta: dict, config: Config, backend: B
 
 
 def start_over(source: str) -> str:
-    """How to start the run of a checkpoint that cannot be resumed over, with its config (and
-    its --init weights, init.npz, when it had them)."""
-    folder = Path(source).parent
+    """How to start the run of a checkpoint that cannot be resumed over (start_over_in)."""
+    return start_over_in(Path(source).parent)
+
+
+def start_over_in(folder: Path, init: str | None = None) -> str:
+    """How to start the run in `folder` over in place, with its config.yaml (and its --init
+    weights: `init`, a word of the command, else init.npz when it is there): without --config
+    the command would train the built-in defaults over the run."""
     quoted = shell_path(folder)
-    init = f" --init {quoted}/init.npz" if (folder / "init.npz").is_file() else ""
-    return (f"start the run over: gpumlp train --config {quoted}/config.yaml{init} --out "
+    if init is None and (folder / "init.npz").is_file():
+        init = f"{quoted}/init.npz"
+    init_option = f" --init {init}" if init else ""
+    return (f"start the run over: gpumlp train --config {quoted}/config.yaml{init_option} --out "
             f"{quoted} --overwrite")
 
 

@@ -33,7 +33,7 @@ from .files import writing_now
 from .model import Params
 from .npzio import atomic_write, save_npz
 from .resume_state import (CHECKPOINT_FORMAT, read_checkpoint, read_position, restore_generators,
-                           restore_optimizer)
+                           restore_optimizer, start_over_in)
 
 if TYPE_CHECKING:
     from .train import RunState
@@ -487,8 +487,8 @@ class RunFiles:
             done.append("metrics.jsonl rows")
         if done:
             raise GpumlpError(f"--resume {folder}: holds a run ({', '.join(done)}) but no "
-                              "checkpoint.npz, so there is nothing to resume; start over with a "
-                              f"new --out, or with --out {shell_path(folder)} --overwrite")
+                              "checkpoint.npz, so there is nothing to resume; "
+                              f"{start_over_in(folder)}")
         lacks = sorted(key_paths(config_to_dict(Config())) -
                        key_paths(read_yaml(self.path("config.yaml"))))
         if lacks and not metrics.exists():
@@ -509,16 +509,17 @@ class RunFiles:
                 raise CheckpointError(
                     f"{self.path('init.npz')}: no such file, yet the run started from the "
                     "--init weights it held (config.yaml's first line says so) and has no "
-                    "checkpoint to go on from; put it back, or start the run over with --init "
-                    f"and --out {shell_path(self.folder)} --overwrite")
+                    "checkpoint to go on from; put it back, or "
+                    f"{start_over_in(self.folder, init='FILE')} (FILE: the weights it started "
+                    "from)")
             return None
         try:
             return load_init(self.path("init.npz"), config.model.layer_widths,
                              config.train.dtype)
         except CheckpointError as e:
-            raise CheckpointError(f"{e}; it held the --init weights of the run, so start it over "
-                                  f"with --init and --out {shell_path(self.folder)} --overwrite"
-                                  ) from None
+            raise CheckpointError(f"{e}; it held the --init weights of the run, so "
+                                  f"{start_over_in(self.folder, init='FILE')} (FILE: the "
+                                  "weights it started from)") from None
 
     def saved_config(self) -> Config:
         """The config as the run's config.yaml says it (no --set)."""

@@ -29,7 +29,7 @@ from gpumlp import cli as cli_module
 from gpumlp import npzio
 from gpumlp.backend import CPU
 from gpumlp.config import build_config
-from gpumlp.errors import GpumlpError
+from gpumlp.errors import GpumlpError, shell_path
 from gpumlp.export_onnx import PRODUCER_MARK
 from gpumlp.npzio import load_npz
 from gpumlp.report import FIGURES, PNG_MARK, PNG_SIGNATURE, REPORT_TITLE, sealed
@@ -413,6 +413,11 @@ def test_resume_refuses_a_finished_run_whose_checkpoint_is_gone(finished, tiny_d
     result = cli("train", "--resume", finished, "--data-dir", tiny_data_dir, "--device", "cpu")
     assert_one_error_line(result, 1, "no checkpoint.npz", "nothing to resume", "--overwrite")
     assert digests(finished) == before
+    config = (finished / "config.yaml").read_text()        # the advice trains the run's config,
+    advised = shlex.split(result.stderr.split("start the run over: gpumlp ")[1])
+    assert advised[:2] == ["train", "--config"]               # not the built-in defaults
+    assert cli(*advised, "--data-dir", tiny_data_dir, "--device", "cpu", "-q").exit_code == 0
+    assert (finished / "config.yaml").read_text() == config
 
 
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_over(tiny_data_dir,
@@ -482,8 +487,19 @@ def test_resume_says_what_to_do_when_init_npz_is_damaged(finished, tiny_data_dir
     before = digests(out)
     result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu")
     assert_one_error_line(result, 1, f"{out / 'init.npz'}: not a readable .npz",
-                          f"--init and --out {out} --overwrite")
+                          f"--init FILE --out {out} --overwrite (FILE: the weights it started")
     assert digests(out) == before
+    assert_advice_starts_over_from(result, finished / "model.npz", out, tiny_data_dir)
+
+
+def assert_advice_starts_over_from(result, weights, out, tiny_data_dir):
+    """The advised command, FILE being `weights`, trains the run's config from them."""
+    config = (out / "config.yaml").read_text()
+    advised = shlex.split(result.stderr.split("start the run over: gpumlp ")[1].split(" (")[0])
+    advised = [str(weights) if word == "FILE" else word for word in advised]
+    assert cli(*advised, "--data-dir", tiny_data_dir, "--device", "cpu", "-q").exit_code == 0
+    assert (out / "config.yaml").read_text() == config
+    assert np.load(out / "init.npz")["W1"].tobytes() == np.load(weights)["W1"].tobytes()
 
 
 def test_resume_refuses_a_run_from_init_whose_init_npz_is_gone(finished, tiny_data_dir,
@@ -508,7 +524,8 @@ def test_resume_refuses_a_run_from_init_whose_init_npz_is_gone(finished, tiny_da
     before = digests(out)
     result = cli(*resume)
     assert_one_error_line(result, 1, f"{out / 'init.npz'}: no such file, yet the run started "
-                          "from the --init weights it held", f"--init and --out {out} --overwrite")
+                          "from the --init weights it held",
+                          f"--init FILE --out {out} --overwrite (FILE: the weights it started")
     assert digests(out) == before
     (out / "init.npz").write_bytes(saved)                     # put back: it resumes
     assert cli(*resume).exit_code == 0
@@ -668,7 +685,8 @@ def test_a_learning_rate_that_blows_up_in_epoch_1_leaves_no_run_and_says_what_wo
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--resume", "RUN", "--overwrite"], "drop --overwrite"),
+    (["--resume", "RUN", "--overwrite"], "drop --overwrite, or start the run over: gpumlp "
+                                         "train --config RUN/config.yaml --out RUN --overwrite"),
     (["--resume", "RUN", "--out", ""], "drop --config, --seed, --init and --out"),
     (["--resume", ""], "--resume is empty"),
     (["--config", SMOKE, "--out", ""], "--out is empty; give the run's folder, or drop --out"),
@@ -683,7 +701,7 @@ def test_resume_with_overwrite_and_empty_paths_are_usage_errors(finished, tiny_d
     before = digests(finished)
     args = [finished if a == "RUN" else a for a in args]
     result = cli("train", *args, "--data-dir", tiny_data_dir, "--device", "cpu")
-    assert_one_error_line(result, 2, fragment)
+    assert_one_error_line(result, 2, fragment.replace("RUN", shell_path(finished)))
     assert digests(finished) == before
     assert not (tmp_path / "runs").exists()
 
