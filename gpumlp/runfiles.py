@@ -69,7 +69,28 @@ def resumable(path: Path) -> bool:
     metrics = path / "metrics.jsonl"
     trained = (has("model.npz") or has("summary.json")
                or (metrics.is_file() and metrics.stat().st_size > 0))
-    return has("config.yaml") and (has("checkpoint.npz") or not trained)
+    if not has("config.yaml") or not (has("checkpoint.npz") or not trained):
+        return False
+    return has("checkpoint.npz") or not own_config(path)  # unreadable: the resume says so
+
+
+def own_config(path: Path) -> bool:
+    """Whether `path`/config.yaml is a config of one's own (keys_lacking), when readable."""
+    try:
+        return bool(keys_lacking(path))
+    except ConfigError:
+        return False
+
+
+def keys_lacking(path: Path) -> list[str]:
+    """The config keys that `path`/config.yaml lacks when it is a config of one's own rather
+    than a run's (a run's lists every key); [] for a run's. Not a run killed before its first
+    checkpoint: that one has metrics.jsonl, written just after its config.yaml of every key; a
+    killed run's config edited since, or written by a version with fewer keys, has it too."""
+    if (path / "metrics.jsonl").exists():
+        return []
+    return sorted(key_paths(config_to_dict(Config())) -
+                  key_paths(read_yaml(path / "config.yaml")))
 
 
 def aside_note(path: Path) -> str:
@@ -123,6 +144,12 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
                           f"{shell_path(path / 'NAME')}")
     if existing and writing_now(path):  # neither --overwrite nor --resume can have it now
         raise run_locked("--out", path)
+    if existing == ["config.yaml"] and not overwrite and own_config(path):
+        raise GpumlpError(f"--out {path}: holds a config.yaml of one's own (not a run's, which "
+                          "lists every key), which the run would replace; pick another folder "
+                          "(to train with that config: gpumlp train --config "
+                          f"{shell_path(path / 'config.yaml')}), or pass --overwrite to "
+                          "replace it")
     if existing and not overwrite:
         unfinished = resumable(path) and "summary.json" not in existing
         resume = ", resume it with --resume" if unfinished else ""
@@ -489,12 +516,8 @@ class RunFiles:
             raise GpumlpError(f"--resume {folder}: holds a run ({', '.join(done)}) but no "
                               "checkpoint.npz, so there is nothing to resume; "
                               f"{start_over_in(folder)}")
-        lacks = sorted(key_paths(config_to_dict(Config())) -
-                       key_paths(read_yaml(self.path("config.yaml"))))
-        if lacks and not metrics.exists():
-            # not a run killed before its first checkpoint (it has metrics.jsonl, written just
-            # after its config.yaml of every key): a config of one's own. A killed run's config
-            # edited since, or written by a version with fewer keys, has metrics.jsonl
+        lacks = keys_lacking(folder)
+        if lacks:
             more = f" and {len(lacks) - 1} more" if len(lacks) > 1 else ""
             raise GpumlpError(f"--resume {folder}: no checkpoint.npz, and its config.yaml is not "
                               f"a run's (a run's lists every key; it lacks '{lacks[0]}'{more}); "

@@ -1989,6 +1989,26 @@ def test_resume_of_a_folder_with_only_a_config_of_ones_own_refuses_and_keeps_it(
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
 
 
+def test_out_holding_a_config_of_ones_own_offers_no_resume_but_training_with_it(
+        tiny_data_dir, tmp_path):
+    """--out offered a --resume that --resume then refused (runfiles.resumable and
+    RunFiles.check_resumable disagreed on a config.yaml written by hand)."""
+    from gpumlp.runfiles import resumable
+    out = tmp_path / "exp"
+    out.mkdir()
+    mine = "model: {hidden: 8}\ntrain: {epochs: 1}\n"
+    (out / "config.yaml").write_text(mine)
+    assert not resumable(out)
+    result = cli("train", "--out", out, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert_one_error_line(result, 1, "holds a config.yaml of one's own (not a run's",
+                          f"gpumlp train --config {shell_path(out / 'config.yaml')})",
+                          "or pass --overwrite")
+    assert "--resume" not in result.stderr
+    assert (out / "config.yaml").read_text() == mine
+    (out / "config.yaml").write_text("{{{ not yaml")          # unreadable: the resume says so
+    assert resumable(out)
+
+
 @pytest.mark.parametrize("present", [
     frozenset(names) for k in range(6) for names in itertools.combinations(
         ("config.yaml", "checkpoint.npz", "model.npz", "summary.json", "metrics rows"), k)])
