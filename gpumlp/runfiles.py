@@ -27,8 +27,8 @@ from .backend import Backend, to_host
 from .checkpoint import load_init, param_arrays, save_model
 from .config import (Config, KeyProblem, build_config, checked_together, config_to_dict,
                      dump_config, read_yaml)
-from .errors import (CheckpointError, ConfigError, GpumlpError, folder_problem, shell_path, shown,
-                     write_problem)
+from .errors import (LINK_LOOP, CheckpointError, ConfigError, GpumlpError, folder_problem,
+                     in_link_loop, shell_path, shown, write_problem)
 from .files import writing_now
 from .model import Params
 from .npzio import atomic_write, save_npz
@@ -117,6 +117,8 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
 
     Returns the RUN_FILES it already holds, and whether this call made the folder."""
     try:
+        if in_link_loop(path):
+            raise GpumlpError(f"--out {path}: {LINK_LOOP}; pick another path")
         if path.is_symlink() and not path.exists():
             raise GpumlpError(f"--out {path}: a link to {shown(os.readlink(path), 200)}, which "
                               "leads to no folder; point it at one, or pick another path")

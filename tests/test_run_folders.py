@@ -874,7 +874,12 @@ def test_an_out_path_that_cannot_be_a_folder_is_one_line_and_nothing_is_made(tin
     result = cli(*train_args(too_long, tiny_data_dir))
     assert_one_error_line(result, 1, f"--out {too_long}: cannot use that path (File name too "
                           "long); pick another path")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling"]
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)                    # what --resume, report, ... say of it, --out says
+    result = cli(*train_args(loop, tiny_data_dir))
+    assert_one_error_line(result, 1, f"--out {loop}: a link that leads back to itself (fix or "
+                          "remove it); pick another path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "loop"]
 
 
 @pytest.mark.parametrize("make, code, fragment", [
