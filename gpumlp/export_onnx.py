@@ -4,8 +4,8 @@
     [Sub mean, Mul 1/std]                     only for data.normalize: standard, as in training
     A_k = MatMul(Z_{k-1}, W_k) + b_k          every layer, Z_0 = the (normalised) input
     Z_k = phi(A_k)                            hidden layers
-    output "logits"         float32 (N, 10)   A_L
-    output "probabilities"  float32 (N, 10)   Softmax(A_L) over the classes
+    output "logits"         float32 (N, 10)   A_K, the last layer's
+    output "probabilities"  float32 (N, 10)   Softmax(A_K) over the classes
 
 The scaling by 1/255 stays outside the graph (callers feed x/255); the standardisation of
 `normalize: standard` is inside it as two ops with the constants training used, so the
@@ -122,10 +122,10 @@ def float32_params(params: Params, source: str) -> Params:
     """The weights as float32, the type the graph stores them in; a CheckpointError naming
     the first array with a value past float32's range (a float64 model's), which the cast
     would make infinite and the graph's outputs NaN."""
-    from .checkpoint import finite
+    from .checkpoint import as_finite
     fix = "; the ONNX graph stores float32 weights, so this model cannot be exported"
-    W = tuple(finite(w, f"W{k}", "float32", source, fix) for k, w in enumerate(params.W, 1))
-    b = tuple(finite(v, f"b{k}", "float32", source, fix) for k, v in enumerate(params.b, 1))
+    W = tuple(as_finite(w, f"W{k}", "float32", source, fix) for k, w in enumerate(params.W, 1))
+    b = tuple(as_finite(v, f"b{k}", "float32", source, fix) for k, v in enumerate(params.b, 1))
     return Params(W, b)
 
 
@@ -178,7 +178,7 @@ def is_npz(path: Path) -> bool:
 def check_target(target: Path, model_path: Path, overwrite: bool, named: bool) -> None:
     """Refuse to write the export over the model, over any .npz, over what is not a plain file,
     or over an existing file unless `overwrite`; `named`: the user gave `target` with --out."""
-    where = f"--out {target}" if named else f"{target} (the default output)"
+    where = f"--out {target}" if named else f"{target} (the default --out)"
     if target.exists() and os.path.samefile(target, model_path):
         raise ExportError(f"{where}: is the model being exported; give --out a new name "
                           "ending in .onnx")

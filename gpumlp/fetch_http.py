@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .fetch_store import SourceFailed, Unreachable, gunzip, one_line, store_verified
+from .fetch_store import (SourceFailed, Unreachable, gunzip, squeeze_spaces,
+                          store_verified)
 
 USER_AGENT = f"gpumlp/{__version__} (MNIST downloader; Python urllib)"
 CHUNK = 1 << 16
@@ -63,15 +64,16 @@ def get(url: str, timeout: float, on_bytes: OnBytes, stop: threading.Event) -> b
             return read_body(response, on_bytes, stop)
     except urllib.error.HTTPError as e:
         e.close()  # its connection, else left to the garbage collector (a ResourceWarning)
-        raise SourceFailed(one_line(f"HTTP {e.code} {e.reason}")) from None
+        raise SourceFailed(squeeze_spaces(f"HTTP {e.code} {e.reason}")) from None
     except urllib.error.URLError as e:
-        raise Unreachable(one_line(f"cannot connect ({e.reason})")) from None
+        raise Unreachable(squeeze_spaces(f"cannot connect ({e.reason})")) from None
     except (TimeoutError, socket.timeout):
         raise Unreachable(f"no data for {timeout:g} s (timed out)") from None
     except http.client.IncompleteRead as e:
         raise SourceFailed(f"connection closed after {len(e.partial)} bytes") from None
     except (http.client.HTTPException, OSError) as e:
-        raise Unreachable(one_line(f"connection failed ({e.__class__.__name__}: {e})")) from None
+        raise Unreachable(squeeze_spaces(f"connection failed ({e.__class__.__name__}: {e})")
+                          ) from None
 
 
 def download(url: str, timeout: float, deadline: float, on_bytes: OnBytes) -> bytes:

@@ -51,7 +51,7 @@ def cannot_write(folder: Path, error: OSError, create: bool = False) -> CacheUnw
                            f"or set {CACHE_ENV} to a folder you can write to")
 
 
-def one_line(text: object) -> str:
+def squeeze_spaces(text: object) -> str:
     """`text` with its line breaks and runs of spaces made single spaces."""
     return " ".join(str(text).split())
 

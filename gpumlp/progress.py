@@ -21,7 +21,8 @@ def format_epoch(row: dict) -> str:
 
 
 class Reporter:
-    """An `on_event` handler: a tqdm bar per epoch on a terminal, one line per epoch always."""
+    """An `on_event` handler: a tqdm bar per epoch on a terminal, one line per epoch unless
+    quiet."""
 
     def __init__(self, quiet: bool = False, stream=None):
         self.quiet = quiet

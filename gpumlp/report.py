@@ -150,24 +150,24 @@ def check_row(row: dict, where: str) -> dict:
         value = row.get(key, 0)
         wanted = int if key == "epoch" else (int, float)
         if isinstance(value, bool) or not isinstance(value, wanted):
-            raise ReportError(f"{where}: {key} is {json_text(value)}, not "
+            raise ReportError(f"{where}: {key} is {json_shown(value)}, not "
                               f"{'a whole number' if key == 'epoch' else 'a number'}; {ROW_HINT}")
         if key == "epoch" and not 1 <= value <= MAX_EPOCH:  # a plot's axis needs a float
-            raise ReportError(f"{where}: epoch is {json_text(value)}, not from 1 to "
+            raise ReportError(f"{where}: epoch is {json_shown(value)}, not from 1 to "
                               f"{MAX_EPOCH:,}; {ROW_HINT}")
         if MAX_VALUE <= abs(value) < float("inf"):  # NaN and inf: a diverged run's, shown as such
-            raise ReportError(f"{where}: {key} is {json_text(value)}, beyond any value a run "
+            raise ReportError(f"{where}: {key} is {json_shown(value)}, beyond any value a run "
                               f"writes; {ROW_HINT}")
         if key.endswith("_accuracy") and not (0 <= value <= 1 or math.isnan(value)):
-            raise ReportError(f"{where}: {key} is {json_text(value)}, not a share from 0 to 1; "
+            raise ReportError(f"{where}: {key} is {json_shown(value)}, not a share from 0 to 1; "
                               f"{ROW_HINT}")
         if value < 0:  # a loss, a rate, a time
-            raise ReportError(f"{where}: {key} is {json_text(value)}, below 0, which no run "
+            raise ReportError(f"{where}: {key} is {json_shown(value)}, below 0, which no run "
                               f"writes; {ROW_HINT}")
     return row
 
 
-def json_text(value: object, limit: int = 60) -> str:
+def json_shown(value: object, limit: int = 60) -> str:
     """`value` as JSON for a one-line message, cut to `limit` characters."""
     try:
         text = json.dumps(value)

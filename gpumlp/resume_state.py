@@ -55,8 +55,8 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     return arrays, meta
 
 
-def restore_optimizer(state: "RunState", arrays: dict, config: Config, backend: Backend,
-                      source: str) -> None:
+def restore_params_and_optimizer(state: "RunState", arrays: dict, config: Config,
+                                 backend: Backend, source: str) -> None:
     """Copy the checkpoint's weights and optimizer state (and the fast CPU step's velocity
     scale) into the fresh `state`, each checked for shape and finiteness. Arrays of other
     shapes may come of a config.yaml changed under an older checkpoint (which records no

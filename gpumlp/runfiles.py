@@ -33,7 +33,7 @@ from .files import writing_now
 from .model import Params
 from .npzio import atomic_write, save_npz
 from .resume_state import (CHECKPOINT_FORMAT, read_checkpoint, read_position, restore_generators,
-                           restore_optimizer, start_over_in)
+                           restore_params_and_optimizer, start_over_in)
 
 if TYPE_CHECKING:
     from .train import RunState
@@ -655,7 +655,7 @@ class RunFiles:
         check_same_run(meta.get("fixed", {}), config, self.folder)  # older ones: not checked
         self.trained_config = meta.get("config")                    # older ones lack it
         state = new_state(config, backend)
-        restore_optimizer(state, arrays, config, backend, source)
+        restore_params_and_optimizer(state, arrays, config, backend, source)
         batches = -(-n_train // config.train.batch_size)
         state.pos, history = read_position(meta, arrays.get("perm"), n_train, batches, source)
         self.check_epochs(config, state.pos.epoch + (state.pos.batch > 0))

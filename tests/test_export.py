@@ -235,7 +235,7 @@ def test_the_default_output_is_not_replaced_without_overwrite(saved):
     assert invoke(export, saved / "model.npz").exit_code == 0
     (saved / "model.onnx").write_bytes(b"an older export")
     result = invoke(export, saved / "model.npz")
-    assert_refused(result, f"{saved / 'model.onnx'} (the default output): already exists")
+    assert_refused(result, f"{saved / 'model.onnx'} (the default --out): already exists")
     assert (saved / "model.onnx").read_bytes() == b"an older export"
     assert invoke(export, saved / "model.npz", "--overwrite").exit_code == 0
     onnx.checker.check_model(onnx.load(saved / "model.onnx"), full_check=True)
