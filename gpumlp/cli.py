@@ -291,6 +291,9 @@ def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
             over = start_over_in(Path(resume_dir)) if resume_dir else "start over with --out"
             raise ConfigError("--resume continues the run in its folder and never replaces it; "
                               f"drop --overwrite, or {over}")
+    if overwrite and out is None and resume_dir is None:
+        raise ConfigError("--overwrite replaces the run in --out; give --out DIR (without --out "
+                          "each run gets a folder of its own, and nothing is replaced)")
     if out == "":
         raise ConfigError("--out is empty; give the run's folder, or drop --out for the default "
                           "runs/<config>-<YYYYmmdd-HHMMSS>")

@@ -39,6 +39,9 @@ def prepare_data(mnist: Mnist, cfg: DataConfig, backend: Backend) -> DeviceData:
     """Limit the training set, hold out its last `val_size` rows, and move it all to the device."""
     images, labels = mnist.train
     if cfg.limit is not None:
+        if cfg.limit > len(labels):  # would train on fewer than config.yaml records
+            raise ConfigError(f"config key 'data.limit' is {cfg.limit:,} but MNIST has "
+                              f"{len(labels):,} training images; lower it, or null for all")
         images, labels = images[:cfg.limit], labels[:cfg.limit]
     if cfg.val_size >= len(labels):
         raise ConfigError(f"config key 'data.val_size' is {cfg.val_size} but only {len(labels)} "

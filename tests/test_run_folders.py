@@ -689,6 +689,7 @@ def test_a_learning_rate_that_blows_up_in_epoch_1_leaves_no_run_and_says_what_wo
                                          "train --config RUN/config.yaml --out RUN --overwrite"),
     (["--resume", "RUN", "--out", ""], "drop --config, --seed, --init and --out"),
     (["--resume", ""], "--resume is empty"),
+    (["--config", SMOKE, "--overwrite"], "--overwrite replaces the run in --out; give --out DIR"),
     (["--config", SMOKE, "--out", ""], "--out is empty; give the run's folder, or drop --out"),
     (["--resume", "RUN", "--config", ""], "drop --config, --seed, --init and --out"),
     (["--resume", "RUN", "--init", ""], "drop --config, --seed, --init and --out"),

@@ -99,9 +99,14 @@ def test_an_epoch_whose_evaluation_loss_is_nan_is_a_numerical_error(tiny_mnist):
     assert "epoch" not in events
 
 
-def test_too_large_val_size_or_batch_is_a_config_error(tiny_mnist):
+def test_too_large_val_size_limit_or_batch_is_a_config_error(tiny_mnist):
     with pytest.raises(ConfigError, match="data.val_size"):
         train(build_config(None, ["data.val_size=300"]), CPU, tiny_mnist.mnist)
+    with pytest.raises(ConfigError, match="'data.limit' is 301 but MNIST has 300 training "
+                                          "images; lower it, or null for all"):
+        train(build_config(None, ["data.limit=301"]), CPU, tiny_mnist.mnist)  # not 300 silently
+    assert prepare_data(tiny_mnist.mnist, build_config(None, ["data.limit=300"]).data,
+                        CPU).train.images.shape == (300, 784)
     with pytest.raises(ConfigError, match="train.batch_size"):
         train(build_config(None, ["train.batch_size=301"]), CPU, tiny_mnist.mnist)
 
