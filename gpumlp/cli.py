@@ -541,10 +541,12 @@ def gradcheck(config_path, overrides, samples, batch, tolerance):
         ("optim.weight_decay", config.optim.weight_decay),
         ("model.max_norm", config.model.max_norm or 0.0)) if value]
     if in_step:
-        acts = "acts" if len(in_step) == 1 else "act"
+        acts, are = ("acts", "it is") if len(in_step) == 1 else ("act", "they are")
+        why = [*(["the tests check weight decay's step: docs/derivation.md"]
+                 if config.optim.weight_decay else []),
+               *(["max-norm rescales weights, no gradient"] if config.model.max_norm else [])]
         click.echo(f"note: {' and '.join(in_step)} {acts} in the optimizer step, not in "
-                   "model.backward, and are not checked here (the tests check weight decay: "
-                   "docs/derivation.md)", err=True)
+                   f"model.backward, so {are} not checked here ({'; '.join(why)})", err=True)
     if tolerance > LOOSE_TOLERANCE:
         click.echo(f"note: --tolerance {tolerance:g} is loose: a wrong gradient can pass it "
                    f"(right ones agree to about 1e-6 in float64)", err=True)

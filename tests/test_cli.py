@@ -265,12 +265,17 @@ def test_gradcheck_says_what_it_does_not_check_and_when_its_tolerance_is_loose()
     assert result.exit_code == 0, result.output
     assert result.stderr.splitlines() == [
         "note: optim.weight_decay 0.1 and model.max_norm 3 act in the optimizer step, not in "
-        "model.backward, and are not checked here (the tests check weight decay: "
-        "docs/derivation.md)",
+        "model.backward, so they are not checked here (the tests check weight decay's step: "
+        "docs/derivation.md; max-norm rescales weights, no gradient)",
         "note: --tolerance 0.5 is loose: a wrong gradient can pass it (right ones agree to "
         "about 1e-6 in float64)"]
     last = result.stdout.splitlines()[-1]
     assert " over 36 of 6,370 entries, " in last and last.endswith("of model.backward")
+    result = cli("gradcheck", "--set", "model.hidden=8", "--set", "model.max_norm=3",
+                 "--samples", "5")
+    assert result.stderr.splitlines() == [              # no pointer to weight decay's tests
+        "note: model.max_norm 3 acts in the optimizer step, not in model.backward, so it is "
+        "not checked here (max-norm rescales weights, no gradient)"]
     result = cli("gradcheck", "--set", "model.hidden=8", "--samples", "5")
     assert result.exit_code == 0 and result.stderr == ""
 
