@@ -53,8 +53,8 @@ class TerminalProgress:
         elif event.kind == "skip":
             click.echo(f"  passed over {event.source}: {event.detail}", file=self.stream)
         elif event.kind == "done":
-            click.echo(f"MNIST verified and stored in {event.detail} (from {event.source})",
-                       file=self.stream)
+            click.echo(f"{event.file or 'MNIST'} verified and stored in {event.detail}, from "
+                       f"{event.source}", file=self.stream)
 
     def show_bytes(self, event: Event) -> None:
         if not self.bars:

@@ -51,7 +51,8 @@ class Event(NamedTuple):
     """One step of `ensure_mnist`, for a progress display.
 
     kind: "source" (asking a remote source), "skip" (a source failed; `detail` says why),
-    "done" (the files are verified in the cache, `detail`, the last from `source`), "unused"
+    "done" (the files `file` names are verified in the cache, `detail`, the last from
+    `source`), "unused"
     (the folder the user named fails its check, `detail` says why, and the cache is used
     instead: worth a warning even when nothing else is shown), "bytes" (download of `file`:
     `done` of `total` bytes, `total` None when unknown).
@@ -220,6 +221,15 @@ def remote_sources(source: str, mirrors: Sequence[str], timeout: float, deadline
     return sources
 
 
+def stored_name(stems: Sequence[str]) -> str:
+    """What a fetch of `stems` stores, for its last line: "MNIST", "MNIST's test split", or
+    the files' names."""
+    if sorted(stems) == sorted(ALL_FILES):
+        return "MNIST"
+    split = next((name for name, pair in FILES.items() if sorted(pair) == sorted(stems)), None)
+    return f"MNIST's {split} split" if split else ", ".join(stems)
+
+
 def fetch_missing(cache: Path, missing: dict[str, str], sources: list[tuple[str, Fill]],
                   failures: list[tuple[str, str]], report: Progress) -> dict[str, str]:
     """Ask each source in turn for the files still missing; what is still missing after all.
@@ -227,6 +237,7 @@ def fetch_missing(cache: Path, missing: dict[str, str], sources: list[tuple[str,
     A cache folder that cannot be written to is a DataError saying so, before or after any
     source is asked (no source could do better).
     """
+    stored = stored_name(list(missing))
     try:
         prepare_cache(cache)
         for label, fill in sources:
@@ -241,7 +252,7 @@ def fetch_missing(cache: Path, missing: dict[str, str], sources: list[tuple[str,
                 report(Event("skip", label, detail=failures[-1][1]))
             missing = failed
             if not missing:
-                report(Event("done", label, detail=str(cache)))
+                report(Event("done", label, file=stored, detail=str(cache)))
                 break
     except CacheUnwritable as e:
         raise DataError(str(e)) from None

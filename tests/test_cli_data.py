@@ -99,8 +99,8 @@ def test_fetch_prints_the_folder_and_progress_on_stderr(cache, mirror):
     assert result.exit_code == 0, result.output
     assert result.stdout == f"{cache}\n"
     assert "fetching MNIST from mirror http://127.0.0.1" in result.stderr
-    assert result.stderr.endswith(f"MNIST verified and stored in {cache} (from mirror "
-                                  f"{mirror.base}good/)\n")
+    assert result.stderr.endswith(f"MNIST verified and stored in {cache}, from mirror "
+                                  f"{mirror.base}good/\n")
     quiet = invoke("fetch", "--quiet")
     assert (quiet.exit_code, quiet.stdout, quiet.stderr) == (0, f"{cache}\n", "")
 
@@ -171,6 +171,16 @@ def test_fetch_warns_on_stderr_when_it_passes_over_a_damaged_data_dir(cache, tmp
         assert (result.exit_code, result.stdout) == (0, f"{cache}\n")
         assert result.stderr.startswith(warning) and "falling back to the cache" in result.stderr
     assert result.stderr.count("Warning") == 1
+
+
+def test_a_fetch_of_one_split_says_it_stored_that_split_not_mnist(cache, mirror, tmp_path):
+    """`data image` (as evaluate) fetches the two files of its split only: its last line said
+    "MNIST verified and stored", and `data info` then found half of MNIST missing."""
+    result = invoke("image", "0", str(tmp_path / "digit.npy"))
+    assert result.exit_code == 0, result.output
+    assert (f"MNIST's test split verified and stored in {cache}, from mirror {mirror.base}good/"
+            in result.stderr.splitlines())
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["t10k", "t10k"]
 
 
 def test_fetch_names_the_files_a_data_dir_holding_none_of_them_lacks(cache, tmp_path, mirror):
