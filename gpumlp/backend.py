@@ -85,6 +85,33 @@ def _cuda_count(cupy: ModuleType) -> int:
         return 0
 
 
+def no_gpu_reason(cupy: Any) -> str:
+    """Why CUDA shows no GPU to `cupy`: no driver, a driver older than the CUDA that CuPy was
+    built for (and the extra that fits it), what CUDA raised, or an empty CUDA_VISIBLE_DEVICES."""
+    try:
+        cupy.cuda.runtime.getDeviceCount()
+        error = None
+    except Exception as e:
+        error = error_summary(e)
+    try:
+        numbers = cuda_version_numbers(cupy)
+    except Exception:
+        numbers = None
+    if numbers is not None and numbers[1] == "none":
+        return "no NVIDIA driver is loaded; nvidia-smi says why"
+    if numbers is not None and int(numbers[1].split(".")[0]) < int(numbers[0].split(".")[0]):
+        major = numbers[1].split(".")[0]
+        built = numbers[0].split(".")[0]
+        swap = (f", or swap CuPy for the one for CUDA {major} (pip uninstall cupy-cuda{built}x; "
+                f"pip install -e '.[cuda{major}]' in the gpumlp folder)"
+                if major in ("12", "13") else "")
+        return (f"the NVIDIA driver supports CUDA {numbers[1]}, older than the CUDA "
+                f"{numbers[0]} this CuPy is built for: update the driver{swap}")
+    if error is not None:
+        return f"{error}; nvidia-smi says whether the driver sees a GPU"
+    return "driver missing or CUDA_VISIBLE_DEVICES empty"
+
+
 def cuda_backend(index: int, given: str | None = None) -> Backend:
     """The CuPy backend on GPU `index`, or a DeviceError saying how to get one; the error names
     the device as the user wrote it (`given`, e.g. "cuda"), else as cuda:N."""
@@ -94,8 +121,8 @@ def cuda_backend(index: int, given: str | None = None) -> Backend:
         raise DeviceError(f"{named}: {cupy_missing()}")
     count = _cuda_count(cupy)
     if count == 0:
-        raise DeviceError(f"{named}: no CUDA GPU is visible (driver missing or "
-                          "CUDA_VISIBLE_DEVICES empty); use --device cpu")
+        raise DeviceError(f"{named}: no CUDA GPU is visible ({no_gpu_reason(cupy)}); use "
+                          "--device cpu")
     if index >= count:
         raise DeviceError(f"{named}: only {count} GPU(s) here "
                           f"(cuda:0..cuda:{count - 1}); pick one of those or --device cpu")

@@ -9,8 +9,9 @@ import platform
 import numpy as np
 
 from . import __version__
+from . import backend
 from .backend import (available_devices, cuda_version_numbers, cuda_versions, cupy_load_error,
-                      cupy_version)
+                      cupy_version, no_gpu_reason)
 
 
 def blas_name() -> str:
@@ -34,7 +35,7 @@ def system_info() -> dict:
     """Each value as a program reads it (`info --json`): text, a number, a list of device
     strings, the CUDA versions as {"runtime", "driver"} ("none" for a driver CUDA reports
     absent), or None for what is missing, with why it is missing under "unavailable" (a key
-    per None)."""
+    per None; and "gpu", why no GPU is listed, when CuPy is there)."""
     import yaml
 
     unavailable = {}
@@ -52,6 +53,9 @@ def system_info() -> dict:
     cpus = os.cpu_count()
     if cpus is None:
         unavailable["cpus"] = "unknown"
+    devices = available_devices()
+    if cupy is not None and devices == ["cpu"]:
+        unavailable["gpu"] = no_gpu_reason(backend._import_cupy())
     return {
         "gpumlp": __version__,
         "python": platform.python_version(),
@@ -63,7 +67,7 @@ def system_info() -> dict:
         "click": importlib.metadata.version("click"),
         "pyyaml": yaml.__version__,
         "cpus": cpus,
-        "devices": available_devices(),
+        "devices": devices,
         "unavailable": unavailable,
     }
 
@@ -81,6 +85,7 @@ def info_lines(details: dict) -> list[str]:
         elif key == "cuda":
             value = f"CUDA runtime {value['runtime']}, driver {value['driver']}"
         elif key == "devices":
-            value = ", ".join(value)
+            gpu = details["unavailable"].get("gpu")
+            value = ", ".join(value) + (f" (no CUDA GPU: {gpu})" if gpu else "")
         lines.append(f"{key:<10} {value}")
     return lines

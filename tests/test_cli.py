@@ -580,7 +580,7 @@ def test_info_names_the_cuda_runtime_and_driver_with_cupy(monkeypatch):
     monkeypatch.setattr(backend, "_import_cupy", lambda: cupy)
     details = json.loads(cli("info", "--json").stdout)
     assert (details["cupy"], details["cuda"]) == ("13.6.0", {"runtime": "12.8", "driver": "13.0"})
-    assert details["unavailable"] == {}
+    assert details["unavailable"] == {"gpu": "driver missing or CUDA_VISIBLE_DEVICES empty"}
     assert "\ncuda       CUDA runtime 12.8, driver 13.0\n" in cli("info").stdout
     runtime.driverGetVersion = lambda: (_ for _ in ()).throw(RuntimeError("no libcuda.so.1"))
     details = json.loads(cli("info", "--json").stdout)
@@ -699,6 +699,36 @@ def test_a_missing_gpu_is_named_as_the_user_wrote_the_device(command, monkeypatc
     monkeypatch.setattr(backend, "_cuda_count", lambda cupy: 0)
     assert_one_error_line(cli(*command, "--device", "cuda"), 2,
                           "Error: --device cuda: no CUDA GPU is visible")
+
+
+def insufficient_driver(*args):
+    raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient for "
+                       "CUDA runtime version")
+
+
+@pytest.mark.parametrize("driver, said", [
+    (12020, "the NVIDIA driver supports CUDA 12.2, older than the CUDA 13.0 this CuPy is built "
+            "for: update the driver, or swap CuPy for the one for CUDA 12 (pip uninstall "
+            "cupy-cuda13x; pip install -e '.[cuda12]' in the gpumlp folder)"),
+    (0, "no NVIDIA driver is loaded; nvidia-smi says why"),
+    (13000, "RuntimeError: cudaErrorInsufficientDriver: CUDA driver version is insufficient "
+            "for CUDA runtime version; nvidia-smi says whether the driver sees a GPU")])
+def test_why_cuda_shows_no_gpu_is_said_by_device_cuda_and_info(monkeypatch, in_tmp, driver,
+                                                               said):
+    """cupy-cuda13x on a CUDA 12 driver: CUDA raises at the device count, which said "driver
+    missing or CUDA_VISIBLE_DEVICES empty", and info listed the CPU alone without a word."""
+    import types
+    runtime = types.SimpleNamespace(runtimeGetVersion=lambda: 13000,
+                                    driverGetVersion=lambda: driver,
+                                    getDeviceCount=insufficient_driver)
+    cupy = types.SimpleNamespace(__version__="14.2.0", cuda=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setattr(backend, "_import_cupy", lambda: cupy)
+    assert_one_error_line(cli("train", "--device", "cuda", "--out", "run"), 2,
+                          f"Error: --device cuda: no CUDA GPU is visible ({said}); use "
+                          "--device cpu")
+    assert not (in_tmp / "run").exists()
+    assert json.loads(cli("info", "--json").stdout)["unavailable"] == {"gpu": said}
+    assert f"\ndevices    cpu (no CUDA GPU: {said})\n" in cli("info").stdout
 
 
 class CudaWithoutCublas:
