@@ -127,11 +127,15 @@ def cuda_backend(index: int, given: str | None = None) -> Backend:
         raise DeviceError(f"{named}: only {count} GPU(s) here "
                           f"(cuda:0..cuda:{count - 1}); pick one of those or --device cpu")
     cupy.cuda.Device(index).use()
-    try:
-        cupy.cuda.cublas  # noqa: B018 (CuPy 14 loads libcublas at its first use: here, not mid-run)
-    except Exception as e:
-        raise DeviceError(f"{named}: CuPy cannot load cuBLAS ({error_summary(e)}); "
-                          "check the CUDA installation (nvidia-smi, gpumlp info)") from None
+    # CuPy 14 loads these libraries at their first use: here, not mid-run, where what they raise
+    # is no one-line error (NVRTC compiles every kernel: CuPy's own and the fused step's)
+    for library, load in (("cuBLAS", lambda: cupy.cuda.cublas),
+                          ("NVRTC", lambda: cupy.cuda.nvrtc.getVersion())):
+        try:
+            load()
+        except Exception as e:
+            raise DeviceError(f"{named}: CuPy cannot load {library} ({error_summary(e)}); "
+                              "check the CUDA installation (nvidia-smi, gpumlp info)") from None
     name = cupy.cuda.runtime.getDeviceProperties(index)["name"]
     name = name.decode() if isinstance(name, bytes) else name
     return Backend(cupy, f"cuda:{index}", f"cuda:{index} ({name})")

@@ -749,6 +749,30 @@ class CudaWithoutCublas:
     cuda = cuda()
 
 
+class CudaWithoutNvrtc:
+    """CuPy 14 with cuBLAS but no NVRTC (found only at the first kernel's compile, which every
+    CuPy operation needs: a traceback mid-run)."""
+
+    class cuda:
+        Device, cublas = CudaWithoutCublas.cuda.Device, object()
+
+        class nvrtc:
+            @staticmethod
+            def getVersion():
+                raise ImportError('Failure finding "libnvrtc.so.13 or libnvrtc.so.12"')
+
+
+@pytest.mark.parametrize("command", CUDA_COMMANDS)
+def test_an_nvrtc_cupy_cannot_load_is_named_before_any_work(command, monkeypatch, in_tmp):
+    monkeypatch.setattr(backend, "_import_cupy", lambda: CudaWithoutNvrtc)
+    monkeypatch.setattr(backend, "_cuda_count", lambda cupy: 1)
+    assert_one_error_line(cli(*command, "--device", "cuda"), 2,
+                          "Error: --device cuda: CuPy cannot load NVRTC (ImportError: Failure "
+                          'finding "libnvrtc.so.13 or libnvrtc.so.12"); check the CUDA '
+                          "installation (nvidia-smi, gpumlp info)")
+    assert not (in_tmp / "run").exists()
+
+
 @pytest.mark.parametrize("command", CUDA_COMMANDS)
 def test_a_cublas_cupy_cannot_load_is_named_before_any_work(command, monkeypatch, in_tmp):
     """Not a traceback from the first product of a run on the generic GPU path."""

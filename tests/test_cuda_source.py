@@ -911,7 +911,8 @@ class FakeCupy:
                 fake.used.append(self.index)
 
         self.cuda = types.SimpleNamespace(
-            Device=Device, cublas=object(), runtime=types.SimpleNamespace(
+            Device=Device, cublas=object(),
+            nvrtc=types.SimpleNamespace(getVersion=lambda: (13, 0)), runtime=types.SimpleNamespace(
                 getDeviceCount=lambda: count,
                 getDeviceProperties=lambda i: {"name": f"GPU{i}".encode()}))
 
