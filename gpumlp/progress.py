@@ -20,6 +20,16 @@ def format_epoch(row: dict) -> str:
     return "  ".join(parts)
 
 
+def resuming(info: dict) -> str:
+    """" (resuming ...)": where a resumed run goes on, for its start line; "" for a new run."""
+    if info.get("batch"):  # stopped inside an epoch
+        return (f" (resuming epoch {info['epoch'] + 1} after batch {info['batch']} of "
+                f"{info['batches']})")
+    if info.get("restored") and info["epoch"]:
+        return f" (resuming after epoch {info['epoch']})"
+    return ""
+
+
 class Reporter:
     """An `on_event` handler: a tqdm bar per epoch on a terminal, one line per epoch unless
     quiet."""
@@ -76,9 +86,7 @@ class Reporter:
             click.echo(f"replacing the run there: removed its {', '.join(info['removed'])} "
                        "(made from the old model)", err=True)
         click.echo(f"training on {info['device']}: {info['n_train']} examples, "
-                   f"{info['batches']} batches per epoch, {epochs}"
-                   + (f" (resuming after epoch {info['epoch']})" if info["epoch"] else ""),
-                   err=True)
+                   f"{info['batches']} batches per epoch, {epochs}{resuming(info)}", err=True)
 
     def close(self) -> None:
         if self.bar is not None:

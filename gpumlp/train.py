@@ -328,7 +328,7 @@ def _train(config, backend, mnist, files, init, resume, on_event, should_stop) -
     steps_per_epoch = len(batch_slices(len(data.train), config.train.batch_size))
     on_event("start", {"device": backend.description, "epochs": config.train.epochs,
                        "n_train": len(data.train), "batches": steps_per_epoch,
-                       "epoch": state.pos.epoch,
+                       "epoch": state.pos.epoch, "batch": state.pos.batch, "restored": restored,
                        "unchecked": restored and files.trained_config is None,
                        "stale": files.stale_outputs() if restored else files and files.kept,
                        "removed": [] if restored or not files else files.removed})

@@ -746,9 +746,15 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_puts_the_handlers_back(tiny_da
                                      f"gpumlp train --resume {out}")
     assert '"step": 4,' in str(load_npz(out / "checkpoint.npz")["state"])
     monkeypatch.setattr(train_module, "make_step", make_step)
-    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
+    resume = ["train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu"]
+    result = cli(*resume)
     assert result.exit_code == 0, result.output
     assert (out / "model.npz").read_bytes() == (reference / "model.npz").read_bytes()
+    # the start line says where it goes on (a stop in epoch 1 looked like a new run)
+    assert result.stderr.splitlines()[0].endswith(
+        "250 examples, 10 batches per epoch, 2 epochs (resuming epoch 1 after batch 4 of 10)")
+    result = cli(*resume, "--set", "train.epochs=3")
+    assert result.stderr.splitlines()[0].endswith("3 epochs (resuming after epoch 2)")
 
 
 class SignalsAt(SigtermAt):
