@@ -1511,16 +1511,18 @@ def test_an_empty_data_dir_is_a_usage_error_and_an_empty_variable_is_unset(comma
     assert cli("data", "path").stdout == f"{tmp_path / 'cache' / 'mnist'}\n"
 
 
-def test_the_start_line_counts_epochs_in_words(capsys):
+def test_the_start_line_counts_epochs_in_words_and_examples_with_separators(capsys):
     from gpumlp.progress import Reporter
 
     info = {"device": "cpu (NumPy)", "n_train": 300, "batches": 3, "epoch": 0}
     Reporter()("start", {**info, "epochs": 1})
-    Reporter()("start", {**info, "epochs": 2, "epoch": 1})
+    Reporter()("start", {**info, "epochs": 2, "epoch": 1, "restored": True})
+    Reporter()("start", {**info, "n_train": 60000, "batches": 1875, "epochs": 1})
     assert capsys.readouterr().err == (
         "training on cpu (NumPy): 300 examples, 3 batches per epoch, 1 epoch\n"
         "training on cpu (NumPy): 300 examples, 3 batches per epoch, 2 epochs (resuming after "
-        "epoch 1)\n")
+        "epoch 1)\n"
+        "training on cpu (NumPy): 60,000 examples, 1,875 batches per epoch, 1 epoch\n")
 
 
 @pytest.mark.parametrize("warning", [{"unchecked": True}, {"stale": "report.md is older"}])
