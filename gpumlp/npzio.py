@@ -161,6 +161,29 @@ def sync_folders(folders: set[Path]) -> None:
             pass
 
 
+def file_mode(path: Path) -> int:
+    """The permissions a file written at `path` gets: those of the file it replaces, else what
+    open() would give a new one (0o666 less the umask; mkstemp's are 0o600)."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        return 0o666 & ~umask()
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and put back (a moment other threads could see)
+    os.umask(mask)
+    return mask
+
+
 def stage(path: Path, data: bytes, suffix: str) -> str:
     """A fsynced temporary file holding `data` beside `path`: its name, for `os.replace`."""
     try:
@@ -172,7 +195,7 @@ def stage(path: Path, data: bytes, suffix: str) -> str:
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)
+            os.fchmod(f.fileno(), file_mode(path))
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

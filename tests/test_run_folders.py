@@ -2113,3 +2113,43 @@ def test_a_model_npz_that_cannot_be_written_at_the_end_says_how_to_write_it(
     monkeypatch.setattr(runfiles, "save_model", real)
     assert cli("train", "--resume", finished, "--data-dir", tiny_data_dir, "-q").exit_code == 0
     assert (finished / "model.npz").is_file()
+
+
+def test_files_a_run_writes_follow_the_umask_and_a_replaced_file_keeps_its_mode(tiny_data_dir,
+                                                                               tmp_path):
+    """Every file was made 0644 whatever the umask (a checkpoint readable by all under umask
+    077), and a resume made a file the user had set to 0600 readable by all again."""
+    out = tmp_path / "run"
+    mask = os.umask(0o077)
+    try:
+        assert cli(*train_args(out, tiny_data_dir)).exit_code == 0
+        assert cli("export", out / "model.npz").exit_code == 0
+    finally:
+        os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == {name: 0o600 for name in modes} and "model.onnx" in modes
+    (out / "checkpoint.npz").chmod(0o640)
+    mask = os.umask(0o022)
+    try:
+        assert cli("train", "--resume", out, "--set", "train.epochs=2", "--data-dir",
+                   tiny_data_dir, "--device", "cpu", "-q").exit_code == 0
+        assert cli(*train_args(tmp_path / "new", tiny_data_dir)).exit_code == 0
+    finally:
+        os.umask(mask)
+    assert (out / "checkpoint.npz").stat().st_mode & 0o777 == 0o640   # replaced, mode kept
+    assert (out / "model.npz").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "new" / "model.npz").stat().st_mode & 0o777 == 0o644
+
+
+def test_the_umask_is_read_where_there_is_no_proc(monkeypatch):
+    from gpumlp import npzio
+
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory")
+    mask = os.umask(0o027)
+    try:
+        assert npzio.umask() == 0o027
+        monkeypatch.setattr(npzio, "open", no_proc, raising=False)
+        assert npzio.umask() == 0o027 and os.umask(0o027) == 0o027   # and put back
+    finally:
+        os.umask(mask)
