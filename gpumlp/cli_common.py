@@ -162,10 +162,11 @@ class ModelPath(click.Path):
 
 class OutFile(click.Path):
     """A file a command writes: a name that ends in a separator names a folder (Path would drop
-    it, and the file would be written under the name of the folder meant)."""
+    it, and the file would be written under the name of the folder meant). Replacing a file
+    needs no right to read it: click's readable check is off."""
 
     def __init__(self, **kwargs):
-        super().__init__(dir_okay=False, **kwargs)
+        super().__init__(dir_okay=False, readable=False, **kwargs)
 
     def convert(self, value, param, ctx):
         text = os.fsdecode(value)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -229,6 +230,21 @@ def test_an_existing_file_is_replaced_only_with_overwrite(saved):
     assert notes.read_text() == "keep me"
     assert invoke(export, saved / "model.npz", "--out", notes, "--overwrite").exit_code == 0
     onnx.checker.check_model(onnx.load(notes), full_check=True)
+
+
+def test_a_file_one_may_not_read_is_still_replaced_with_overwrite(saved, monkeypatch):
+    """Replacing needs no read right: click's readable check refused it, 'is not readable'."""
+    target = saved / "write-only.onnx"
+    target.write_text("old")
+    target.chmod(0o200)
+    access = os.access                                    # as for a user who is not root
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+        False if os.fspath(path) == str(target) and mode & os.R_OK else access(path, mode, **kw)))
+    result = invoke(export, saved / "model.npz", "--out", target)
+    assert_refused(result, f"--out {target}: already exists; pass --overwrite")
+    assert invoke(export, saved / "model.npz", "--out", target, "--overwrite").exit_code == 0
+    target.chmod(0o600)
+    onnx.checker.check_model(onnx.load(target), full_check=True)
 
 
 def test_the_default_output_is_not_replaced_without_overwrite(saved):
