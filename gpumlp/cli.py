@@ -26,7 +26,7 @@ from typing import NoReturn
 import click
 
 from . import __version__
-from .cli_common import (data_dir_option, device_option, domain_errors, interrupted_how,
+from .cli_common import (RunDir, data_dir_option, device_option, domain_errors, interrupted_how,
                          load_mnist_for, model_argument, tell, test_data_dir_option)
 from .errors import (CheckpointError, ConfigError, GpumlpError, json_text, one_line,
                      shell_path, signal_error, without_interrupt_reports)
@@ -279,9 +279,9 @@ def claim_out_dir(out_dir: Path, made: bool, overwrite: bool, config, init) -> t
 def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
                   config_given: bool, init_path: str | None) -> None:
     """A usage error for what --resume cannot take (it continues the run with its saved config,
-    in its folder; --set may change what keeps it the same run), and for an empty --out,
-    --resume or --init, which would otherwise mean 'not given'. `config_given`: --config,
-    --seed or --init was given, even empty."""
+    in its folder; --set may change what keeps it the same run), and for an empty --out or
+    --init, which would otherwise mean 'not given' (RunDir refuses an empty --resume).
+    `config_given`: --config, --seed or --init was given, even empty."""
     if resume_dir is not None:
         if config_given or out is not None:
             raise ConfigError("--resume takes the run's saved config; drop --config, --seed, "
@@ -297,18 +297,15 @@ def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
     if out == "":
         raise ConfigError("--out is empty; give the run's folder, or drop --out for the default "
                           "runs/<config>-<YYYYmmdd-HHMMSS>")
-    if resume_dir == "":
-        raise ConfigError("--resume is empty; give the run directory of an interrupted "
-                          "`gpumlp train`")
     if init_path == "":
         raise ConfigError("--init is empty; give a model.npz to start from, or drop --init")
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+@click.option("--config", "config_path", type=click.Path(readable=False),  # read_yaml says why
               help="YAML config (see configs/). Defaults apply to keys it leaves out.")
 @device_option
-@click.option("--out", type=click.Path(file_okay=False),
+@click.option("--out", type=RunDir(new=True),
               help="Run directory (default: runs/<config>-<YYYYmmdd-HHMMSS>, -2, -3, ... "
                    "if taken).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -318,7 +315,7 @@ def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
 @click.option("--init", "init_path", type=click.Path(dir_okay=False, readable=False),
               help="Start from the weights W1, b1, ... of this .npz.")
 @click.option("--seed", type=int, help="Shortcut for --set train.seed=N.")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+@click.option("--resume", "resume_dir", type=RunDir(),
               help="Continue the run in this directory from its last checkpoint.")
 @click.option("--overwrite", is_flag=True,
               help="Replace the run already in --out (the old run stays until the new one "
@@ -465,7 +462,7 @@ def positive_finite(value: float, name: str) -> float:
 
 
 @main.command(short_help="Check the gradients against central differences in float64.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+@click.option("--config", "config_path", type=click.Path(readable=False),
               help="YAML config whose net (hidden, activation, init, dropout, label smoothing) "
                    "is checked.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key.")

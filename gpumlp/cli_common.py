@@ -177,18 +177,23 @@ class OutFile(click.Path):
 
 
 class RunDir(click.Path):
-    """A run folder argument, never empty (which would be read as the current folder)."""
+    """A run folder: a file given for it is refused naming the folder it is in (report
+    runs/h256/model.npz: the folder is what is meant); `new`, for train --out, a folder for a
+    run to come, may be empty here (the command says what that means) and is not readable yet.
+    """
 
-    def __init__(self):
+    def __init__(self, new: bool = False):
         super().__init__(file_okay=False)
+        self.new = new
 
     def convert(self, value, param, ctx):
-        if str(value) == "":
+        if str(value) == "" and not self.new:
             self.fail("is empty; give a run's folder, as gpumlp train --out DIR wrote it", param,
                       ctx)
-        if os.path.isfile(value):  # report runs/h256/model.npz: the folder is what is meant
-            self.fail(f"{shell_path(value)} is a file; give the run's folder: "
-                      f"{shell_path(os.path.dirname(value) or '.')}", param, ctx)
+        if os.path.isfile(value):
+            self.fail(f"{shell_path(value)} is a file; give " + (
+                "a folder for the run" if self.new else
+                f"the run's folder: {shell_path(os.path.dirname(value) or '.')}"), param, ctx)
         return super().convert(value, param, ctx)
 
 

@@ -463,8 +463,9 @@ def read_yaml(path: str | Path) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from None
     except IsADirectoryError:
+        example = path / "config.yaml" if (path / "config.yaml").is_file() else "configs/h256.yaml"
         raise ConfigError(f"config file {path} is a folder, not a file; give a YAML file, "
-                          "e.g. configs/h256.yaml") from None
+                          f"e.g. {example}") from None
     except UnicodeDecodeError as e:
         if b"\0" in data:  # binary: no text file holds a NUL byte
             raise ConfigError(f"config file {path} is not text, so no YAML config (a model or "

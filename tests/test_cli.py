@@ -632,7 +632,7 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
     (["train", "--resume", "run", "--seed", "1"], ["--resume takes the run's saved config"]),
     (["train", "--config", "", "--out", "run"], ["the config file path is empty"]),
     (["gradcheck", "--config", ""], ["the config file path is empty"]),
-    (["train", "--config", ".", "--out", "run"], ["'.' is a directory"]),
+    (["train", "--config", ".", "--out", "run"], ["config file . is a folder, not a file"]),
     (["train", "--set", "optim..lr=3", "--out", "run"], ["'optim..lr' has an empty part"]),
     (["evaluate", "model.npz", "--device", "gpu0"], ["not a device"]),
     (["gradcheck", "--set", "model.activation=swish"], ["model.activation", "relu"]),

@@ -688,7 +688,7 @@ def test_a_learning_rate_that_blows_up_in_epoch_1_leaves_no_run_and_says_what_wo
     (["--resume", "RUN", "--overwrite"], "drop --overwrite, or start the run over: gpumlp "
                                          "train --config RUN/config.yaml --out RUN --overwrite"),
     (["--resume", "RUN", "--out", ""], "drop --config, --seed, --init and --out"),
-    (["--resume", ""], "--resume is empty"),
+    (["--resume", ""], "'--resume': is empty; give a run's folder"),
     (["--config", SMOKE, "--overwrite"], "--overwrite replaces the run in --out; give --out DIR"),
     (["--config", SMOKE, "--out", ""], "--out is empty; give the run's folder, or drop --out"),
     (["--resume", "RUN", "--config", ""], "drop --config, --seed, --init and --out"),
@@ -891,7 +891,7 @@ def test_an_out_path_that_cannot_be_a_folder_is_one_line_and_nothing_is_made(tin
 
 @pytest.mark.parametrize("make, code, fragment", [
     (None, 1, "--resume {}: no such folder"),
-    ("file", 2, "'{}' is a file"),                        # click's own check
+    ("file", 2, "{} is a file; give the run's folder: {}"),   # its folder named, as report's
     ("dir", 1, "--resume {}: no config.yaml"),
 ])
 def test_resume_says_what_is_wrong_with_the_folder(tiny_data_dir, tmp_path, make, code,
@@ -902,7 +902,14 @@ def test_resume_says_what_is_wrong_with_the_folder(tiny_data_dir, tmp_path, make
     elif make == "dir":
         target.mkdir()
     result = cli("train", "--resume", target, "--data-dir", tiny_data_dir)
-    assert_one_error_line(result, code, fragment.format(target))
+    assert_one_error_line(result, code, fragment.format(target, tmp_path))
+    if make == "file":                     # nor --out of a file, nor --config of a run folder
+        result = cli("train", "--out", target, "--data-dir", tiny_data_dir)
+        assert_one_error_line(result, 2, f"{target} is a file; give a folder for the run")
+        (tmp_path / "config.yaml").write_text("model: {hidden: 8}\n")
+        result = cli("train", "--config", tmp_path, "--data-dir", tiny_data_dir)
+        assert_one_error_line(result, 2, f"config file {tmp_path} is a folder, not a file; give "
+                              f"a YAML file, e.g. {tmp_path / 'config.yaml'}")
     assert (target.exists(), target.is_dir()) == (make is not None, make == "dir")
 
 
