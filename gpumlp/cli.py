@@ -465,7 +465,9 @@ def positive_finite(value: float, name: str) -> float:
 @click.option("--config", "config_path", type=click.Path(readable=False),
               help="YAML config whose net (hidden, activation, init, dropout, label smoothing) "
                    "is checked.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a key.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, value parsed as YAML; repeatable "
+                   "(--set model.hidden=64).")
 @click.option("--samples", default=20, show_default=True, type=click.IntRange(min=1),
               help="Entries checked per weight matrix, drawn at random, at least one in each "
                    "column (each unit it feeds); every bias entry is checked (every entry of "

@@ -280,13 +280,13 @@ def data_dir_option_for(help_text: str, path_type: type | None = None):
 
 
 data_dir_option = data_dir_option_for(
-    "Folder with the four MNIST files (default: the cache; env {env}).")
+    "Folder with the four MNIST files (default: the cache; env: {env}).")
 test_data_dir_option = data_dir_option_for(  # evaluate and report read the test set alone
     "Folder with the MNIST test files, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte, "
-    "raw or .gz (default: the cache; env {env}).")
+    "raw or .gz (default: the cache; env: {env}).")
 train_data_dir_option = data_dir_option_for(  # bench reads the training set alone
     "Folder with the MNIST training files, train-images-idx3-ubyte and "
-    "train-labels-idx1-ubyte, raw or .gz (default: the cache; env {env}).")
+    "train-labels-idx1-ubyte, raw or .gz (default: the cache; env: {env}).")
 device_option = click.option(
     "--device", default="auto", show_default=True,
     help="auto, cpu, cuda or cuda:N. auto takes the GPU when CuPy sees one.")
