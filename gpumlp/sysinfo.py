@@ -1,4 +1,4 @@
-"""What `gpumlp info` reports: versions, devices, the BLAS, the CPU count."""
+"""What `gpumlp info` reports: versions, devices, NumPy's and SciPy's BLAS, the CPU count."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from .backend import (available_devices, cuda_version_numbers, cuda_versions, cu
                       cupy_version, no_gpu_reason)
 
 
-def blas_name() -> str:
-    """The BLAS library NumPy was built against, as NumPy reports it."""
+def blas_name(module=np) -> str:
+    """The BLAS library `module` (NumPy, or SciPy, whose BLAS the CPU training step's products
+    use) was built against, as it reports it."""
     try:
-        config = np.show_config(mode="dicts")
+        config = module.show_config(mode="dicts")
         blas = config["Build Dependencies"]["blas"]
         return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
     except Exception:  # older NumPy without mode="dicts"
@@ -36,6 +37,7 @@ def system_info() -> dict:
     strings, the CUDA versions as {"runtime", "driver"} ("none" for a driver CUDA reports
     absent), or None for what is missing, with why it is missing under "unavailable" (a key
     per None; and "gpu", why no GPU is listed, when CuPy is there)."""
+    import scipy
     import yaml
 
     unavailable = {}
@@ -62,6 +64,8 @@ def system_info() -> dict:
         "platform": platform.platform(),
         "numpy": np.__version__,
         "blas": blas_name(),
+        "scipy": scipy.__version__,
+        "scipy_blas": blas_name(scipy),
         "cupy": cupy,
         "cuda": None if numbers is None else dict(zip(("runtime", "driver"), numbers)),
         "click": importlib.metadata.version("click"),

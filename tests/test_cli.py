@@ -593,10 +593,16 @@ def test_info_names_every_device_and_the_blas_by_name_then_version(monkeypatch):
     monkeypatch.setattr(sysinfo, "available_devices", lambda: ["cpu", "gpu0", "gpu1"])
     monkeypatch.setattr(sysinfo.np, "show_config", lambda mode: {
         "Build Dependencies": {"blas": {"name": "scipy-openblas", "version": "0.3.27"}}})
+    import scipy                              # the CPU step's products are SciPy's BLAS's
+    monkeypatch.setattr(scipy, "show_config", lambda mode: {
+        "Build Dependencies": {"blas": {"name": "scipy-openblas", "version": "0.3.28"}}})
     details = sysinfo.system_info()
     assert details["devices"] == ["cpu", "gpu0", "gpu1"]
     assert sysinfo.info_lines(details)[-1] == "devices    cpu, gpu0, gpu1"
     assert details["blas"] == "scipy-openblas 0.3.27"
+    assert (details["scipy"], details["scipy_blas"]) == (scipy.__version__,
+                                                         "scipy-openblas 0.3.28")
+    assert "scipy_blas scipy-openblas 0.3.28" in sysinfo.info_lines(details)
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["gradcheck"], ["info"],
