@@ -168,6 +168,13 @@ def target_problem(path: str | os.PathLike, overwrite: bool) -> str | None:
     return None
 
 
+def write_fix(error: OSError, otherwise: str = "fix that") -> str:
+    """What to do about a file that could not be written for `error`, in a few words."""
+    return {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+            errno.EFBIG: "raise the file size limit (ulimit -f)",
+            errno.ENAMETOOLONG: "give it a shorter path"}.get(error.errno, otherwise)
+
+
 def write_problem(folder: str | os.PathLike) -> str | None:
     """The system's reason why no file can be created in the existing `folder`, or None."""
     try:

@@ -9,7 +9,6 @@ that refuses a write (read-only, full) stops the fetch: no other source could do
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shutil
@@ -17,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, write_fix
 from . import idx
 from .idx import parse_idx
 from .npzio import atomic_write
@@ -44,9 +43,7 @@ def cannot_write(folder: Path, error: OSError, create: bool = False) -> CacheUnw
     if create:
         return CacheUnwritable(f"cannot create the cache folder {folder} ({reason}); "
                                f"set {CACHE_ENV} to a folder you can write to")
-    fix = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
-           errno.EFBIG: "raise the file size limit (ulimit -f)",
-           errno.ENAMETOOLONG: "give it a shorter path"}.get(error.errno, "make it writable")
+    fix = write_fix(error, "make it writable")
     return CacheUnwritable(f"cannot write to the cache folder {folder} ({reason}); {fix}, "
                            f"or set {CACHE_ENV} to a folder you can write to")
 

@@ -28,7 +28,7 @@ from .checkpoint import load_init, param_arrays, save_model
 from .config import (Config, KeyProblem, build_config, checked_together, config_to_dict,
                      dump_config, read_yaml)
 from .errors import (LINK_LOOP, CheckpointError, ConfigError, GpumlpError, folder_problem,
-                     in_link_loop, shell_path, shown, write_problem)
+                     in_link_loop, shell_path, shown, write_fix, write_problem)
 from .files import writing_now
 from .model import Params
 from .npzio import atomic_write, save_npz
@@ -426,7 +426,7 @@ class RunFiles:
             return GpumlpError(f"cannot write {path}: the run folder is gone (moved or removed "
                                f"while training); {kept} wherever the folder went: resume it "
                                "there with gpumlp train --resume FOLDER")
-        fix = "free some space" if e.errno in DISK_FULL else "fix that"
+        fix = write_fix(e)
         return GpumlpError(f"cannot write {path} ({e.strerror or e}); {kept}; {fix}, then: "
                            f"gpumlp train --resume {shell_path(self.folder)}")
 
@@ -638,7 +638,7 @@ class RunFiles:
             self.drop_replaced()
         except OSError as e:
             if first and self.folder.is_dir():  # nothing to resume: a new run's folder goes
-                fix = "free some space" if e.errno in DISK_FULL else "fix that"
+                fix = write_fix(e)
                 raise GpumlpError(f"cannot write {path} ({e.strerror or e}); no checkpoint was "
                                   f"written yet; {fix}, then run the same command again"
                                   ) from None

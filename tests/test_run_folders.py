@@ -1947,6 +1947,9 @@ def test_a_run_folder_gone_while_training_says_so_and_how_to_go_on(tmp_path):
         tmp_path / "my run" / "metrics.jsonl", OSError(errno.ENOSPC, "No space left"), "kept")
     assert str(full).endswith(f"(No space left); kept; free some space, then: gpumlp train "
                               f"--resume '{tmp_path / 'my run'}'")
+    limit = RunFiles(tmp_path / "my run").write_failed(    # as the cache's error says it
+        tmp_path / "my run" / "model.npz", OSError(errno.EFBIG, "File too large"), "kept")
+    assert "(File too large); kept; raise the file size limit (ulimit -f), then:" in str(limit)
 
 
 class CupyLikeGenerator:
