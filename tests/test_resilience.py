@@ -269,8 +269,8 @@ def test_a_first_checkpoint_that_cannot_be_written_does_not_advise_a_resume(tmp_
     with pytest.raises(GpumlpError) as info:
         train(tiny_config(), __import__("gpumlp.backend").backend.CPU, tiny_mnist(), out_dir=out)
     assert str(info.value) == (f"cannot write {out / 'checkpoint.npz'} (File too large); no "
-                               "checkpoint was written yet; fix that, then run the same command "
-                               "again")
+                               "checkpoint was written yet; raise the file size limit "
+                               "(ulimit -f), then run the same command again")
 
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
