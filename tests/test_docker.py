@@ -291,6 +291,15 @@ def test_base_is_devel_flavor_for_nvrtc_headers():
     assert "-devel-" in image, image
 
 
+def test_the_home_holding_the_caches_is_open_to_any_uid():
+    """Ubuntu's useradd makes the home 0750: under `docker run --user` with another uid, CuPy
+    14 failed at import (it creates CUPY_CACHE_DIR there), and so did the MNIST cache."""
+    instructions = parse_dockerfile(DOCKERFILE.read_text())
+    home = "/".join(env_values(instructions)["GPUMLP_CACHE_DIR"].split("/")[:3])  # /home/NAME
+    made = next(ins.args for ins in instructions if ins.keyword == "RUN" and "useradd" in ins.args)
+    assert f"chmod 0755 {home}" in made, made
+
+
 def test_caches_and_entrypoint_are_the_documented_ones():
     instructions = parse_dockerfile(DOCKERFILE.read_text())
     env = env_values(instructions)
@@ -303,8 +312,11 @@ def test_caches_and_entrypoint_are_the_documented_ones():
 def test_dockerignore_excludes_git_and_keeps_what_the_image_copies():
     assert DOCKERIGNORE.is_file(), ".dockerignore is missing"
     patterns = dockerignore_patterns(DOCKERIGNORE.read_text())
-    for dropped in (".git", ".venv", "runs", "gpumlp/__pycache__"):
+    for dropped in (".git", ".venv", "runs", "gpumlp/__pycache__", "shared/data/mnist/x.gz",
+                    "myrun/model.npz", "runs/h256/checkpoint.npz", "gpumlp/x.pyc"):
         assert is_ignored(dropped, patterns), f"{dropped} reaches the build context"
+    for kept in ("pyproject.toml", "README.md", "gpumlp/model.py", "configs/h256.yaml"):
+        assert not is_ignored(kept, patterns), f"{kept} is left out of the build context"
     copies = [ins for ins in parse_dockerfile(DOCKERFILE.read_text()) if ins.keyword == "COPY"]
     sources = [src for ins in copies if "--from" not in ins.args
                for src in ins.args.split()[:-1] if not src.startswith("--")]
