@@ -7,6 +7,7 @@ module it has; it only calls `xp`.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from types import ModuleType
@@ -47,6 +48,7 @@ def to_host(array: Any) -> np.ndarray:
 
 
 CUPY_IMPORT: list[str] = []  # why the last `import cupy` failed, when CuPy is there but broken
+DRIVER_FIX = "check that the NVIDIA driver supports CuPy's CUDA version (nvidia-smi, gpumlp info)"
 
 
 def _import_cupy() -> ModuleType | None:
@@ -59,8 +61,20 @@ def _import_cupy() -> ModuleType | None:
         return None
     except Exception as e:  # a broken CUDA install raising at import
         CUPY_IMPORT.append(error_summary(e))
+        CUPY_IMPORT.append(import_fix(e))
         return None
     return cupy
+
+
+def import_fix(error: Exception) -> str:
+    """What to do about `import cupy` raising `error`: a folder it could not make or reach (CuPy
+    14 makes its kernel cache, CUPY_CACHE_DIR, at import), else the driver."""
+    name = getattr(error, "filename", None)
+    if isinstance(error, OSError) and name and ".so" not in os.fsdecode(name):
+        return ("CuPy could not make or reach that folder at import (its kernel cache, "
+                "CUPY_CACHE_DIR, default ~/.cupy/kernel_cache): make it writable, or set "
+                "CUPY_CACHE_DIR to a folder you can write to")
+    return DRIVER_FIX
 
 
 def cupy_load_error() -> str | None:
@@ -72,8 +86,8 @@ def cupy_missing() -> str:
     """Why CuPy is not there to use, after _import_cupy gave None, and what to do: not
     installed, or installed but not loadable (its error)."""
     if CUPY_IMPORT:
-        return (f"CuPy is installed but cannot be loaded ({CUPY_IMPORT[0]}); check that the "
-                "NVIDIA driver supports CuPy's CUDA version (nvidia-smi, gpumlp info), or use "
+        fix = CUPY_IMPORT[1] if len(CUPY_IMPORT) > 1 else DRIVER_FIX
+        return (f"CuPy is installed but cannot be loaded ({CUPY_IMPORT[0]}); {fix}, or use "
                 "--device cpu")
     return f"CuPy is not installed; {CUDA_HINT}"
 

@@ -684,10 +684,26 @@ def test_a_cupy_that_cannot_be_loaded_is_not_said_to_be_missing(monkeypatch, tmp
     result = cli("bench", "--data", "synthetic", "--device", "cuda")
     assert_one_error_line(result, 2, "--device cuda: CuPy is installed but cannot be loaded "
                           "(RuntimeError: CUDA driver version is insufficient")
+    assert "check that the NVIDIA driver supports CuPy's CUDA version" in result.stderr
     info = json.loads(cli("info", "--json").stdout)
     assert info["cupy"] is None
     assert info["unavailable"]["cupy"].startswith(
         "installed but cannot be loaded (RuntimeError: CUDA driver")
+
+
+def test_a_cupy_that_cannot_make_its_kernel_cache_is_told_so_not_to_check_the_driver(
+        monkeypatch, tmp_path, in_tmp):
+    """CuPy 14 makes CUPY_CACHE_DIR at import: under `docker run --user` with a home it could
+    not enter, the error blamed the driver."""
+    broken_module(monkeypatch, tmp_path, "cupy",
+                  "PermissionError(13, 'Permission denied', '/home/gpumlp/.cache')")
+    result = cli("train", "--device", "cuda", "--out", "run")
+    assert_one_error_line(result, 2, "--device cuda: CuPy is installed but cannot be loaded "
+                          "(PermissionError: [Errno 13] Permission denied: '/home/gpumlp/.cache')"
+                          "; CuPy could not make or reach that folder at import (its kernel "
+                          "cache, CUPY_CACHE_DIR", "set CUPY_CACHE_DIR to a folder you can "
+                          "write to, or use --device cpu")
+    assert "driver" not in result.stderr
 
 
 def test_a_pytorch_that_cannot_be_loaded_is_not_said_to_be_missing(monkeypatch, tmp_path):
