@@ -15,6 +15,7 @@ from gpumlp.activations import ACTIVATIONS
 from gpumlp.backend import CPU
 from gpumlp.checkpoint import save_model
 from gpumlp.cli_use import export
+from gpumlp.errors import shell_path
 from gpumlp.export_onnx import (INPUT, LOGITS, OPSET, PROBABILITIES, made_by_export,
                                 model_bytes)
 from gpumlp.mnist import load_mnist
@@ -211,8 +212,9 @@ def test_an_out_ending_in_a_slash_is_a_usage_error_not_a_file_of_that_name(saved
     """`--out x.onnx/` means a folder: Path would drop the '/' and write the file x.onnx."""
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
     from test_cli import assert_one_error_line, cli
-    assert_one_error_line(cli("export", saved / "model.npz", "--out", f"{saved / 'x.onnx'}/"), 2,
-                          f"{saved / 'x.onnx'}/ ends in '/', the name of a folder")
+    out = f"{saved / 'x.onnx'}/"
+    assert_one_error_line(cli("export", saved / "model.npz", "--out", out), 2,
+                          f"{shell_path(out)} ends in '/', the name of a folder")
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
 
 

@@ -28,7 +28,7 @@ from gpumlp.checkpoint import load_init, load_model, save_model
 from gpumlp.cli import evaluate, train
 from gpumlp.cli_use import export, predict, report
 from gpumlp.config import build_config
-from gpumlp.errors import CheckpointError
+from gpumlp.errors import CheckpointError, shell_path
 from gpumlp.model import init_params
 from gpumlp.npzio import load_npz
 from gpumlp.preprocess import ImageError, read_gray
@@ -404,15 +404,16 @@ def test_an_onnx_export_given_as_the_model_names_the_model_npz_to_give(tmp_path)
     run = tmp_path / "run"
     run.mkdir()
     (run / "model.onnx").write_bytes(b"onnx")
+    onnx, npz = shell_path(run / "model.onnx"), shell_path(run / "model.npz")  # as shell words
     for args in model_commands(run / "model.onnx", tmp_path):    # no model.npz beside it
         result = invoke(*args)
         assert result.exit_code == 2
-        assert (f"'MODEL': {run}/model.onnx is an ONNX export, which gpumlp does not read; give "
+        assert (f"'MODEL': {onnx} is an ONNX export, which gpumlp does not read; give "
                 "the model.npz it was made from: a run's model.npz\n") in result.stderr
     (run / "model.npz").write_bytes(b"")
     for args in model_commands(run / "model.onnx", tmp_path):
         result = invoke(*args)
-        assert result.exit_code == 2 and f"made from: {run}/model.npz\n" in result.stderr
+        assert result.exit_code == 2 and f"made from: {npz}\n" in result.stderr
 
 
 def test_the_missing_model_of_an_unfinished_run_says_how_to_finish_it(interrupted, tmp_path):
@@ -435,7 +436,7 @@ def test_the_advice_for_an_unfinished_run_writes_the_model(interrupted, tiny_dat
                   "--device", "cpu").exit_code == 0
     line = assert_one_error(invoke(evaluate, run / "checkpoint.npz", "--device", "cpu"))
     assert line == (f"Error: {run / 'checkpoint.npz'}: a training checkpoint, not a model; give "
-                    f"the run's model, {run / 'model.npz'}")              # finished: it is there
+                    f"the run's model, {shell_path(run / 'model.npz')}")  # finished: it is there
     (run / "model.npz").unlink()  # a finished run (summary.json) that lost its model: no advice
     line = assert_one_error(invoke(evaluate, run / "model.npz", "--device", "cpu"))
     assert line == f"Error: {run / 'model.npz'}: no such file"

@@ -24,6 +24,7 @@ from gpumlp.checkpoint import save_model
 from gpumlp.cli_use import predict
 from gpumlp.config import build_config
 from gpumlp.data import to_inputs
+from gpumlp.errors import shell_path
 from gpumlp.mnist import load_mnist
 from gpumlp.model import forward, init_params
 from gpumlp.preprocess import (
@@ -403,9 +404,10 @@ def test_a_picture_given_before_the_model_says_the_model_comes_first(random_mode
     result = invoke(predict, digit, random_model, "b.png", "--device", "cpu")
     assert result.exit_code == 1 and result.stdout == ""
     assert result.stderr == (f"Error: {digit}: not a readable .npz file (not a zip archive); the "
-                             f"model comes first: gpumlp predict {random_model} {digit} b.png\n")
+                             f"model comes first: gpumlp predict {shell_path(random_model)} "
+                             f"{shell_path(digit)} b.png\n")
     dashed = invoke(predict, "--device", "cpu", "--", "-d.png", random_model)
-    assert dashed.stderr.strip().endswith(f"gpumlp predict {random_model} ./-d.png")
+    assert dashed.stderr.strip().endswith(f"gpumlp predict {shell_path(random_model)} ./-d.png")
 
 
 def test_an_empty_file_name_is_said_so(random_model):

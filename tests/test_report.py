@@ -19,6 +19,7 @@ from gpumlp.backend import CPU
 from gpumlp.checkpoint import load_model
 from gpumlp.cli_use import report
 from gpumlp.data import to_inputs
+from gpumlp.errors import shell_path
 from gpumlp.model import forward, softmax
 from gpumlp.report import (FIGURES, PNG_MARK, PNG_MARK_WITHIN, REPORT_TITLE, ReportError,
                            SplitOutputs, check_run, confident_mistakes, confusion_matrix,
@@ -227,7 +228,7 @@ def test_a_folder_without_a_run_or_a_model_gets_one_error_line(tmp_path, run_dir
         (tmp_path / name).write_bytes((run_dir / name).read_bytes())
     result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
     assert result.exit_code == 1 and result.stderr.endswith(      # stopped in its first epoch
-        f"no epoch finished yet; resume it for one: gpumlp train --resume {tmp_path}\n")
+        f"no epoch finished yet; resume it for one: gpumlp train --resume {shell_path(tmp_path)}\n")
 
 
 def test_a_run_without_a_model_is_told_to_resume_only_when_a_resume_can_go_on(
@@ -241,15 +242,16 @@ def test_a_run_without_a_model_is_told_to_resume_only_when_a_resume_can_go_on(
     (tmp_path / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
     (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
     assert said().endswith(f"no model.npz; it has no checkpoint.npz to resume from, so train it "
-                           f"again: gpumlp train --config {tmp_path}/config.yaml --out "
-                           f"{tmp_path} --overwrite\n")
+                           f"again: gpumlp train --config {shell_path(tmp_path / 'config.yaml')} "
+                           f"--out {shell_path(tmp_path)} --overwrite\n")
     (tmp_path / "checkpoint.npz").write_bytes((run_dir / "checkpoint.npz").read_bytes())
     (tmp_path / "config.yaml").unlink()
     assert said().endswith(f"no model.npz; it has no config.yaml to resume from, so train it "
-                           f"again: gpumlp train --config FILE --out {tmp_path} --overwrite\n")
+                           f"again: gpumlp train --config FILE --out {shell_path(tmp_path)} "
+                           "--overwrite\n")
     (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
     assert said().endswith(f"no model.npz; finish the run first (gpumlp train --resume "
-                           f"{tmp_path})\n")
+                           f"{shell_path(tmp_path)})\n")
 
 
 def test_a_checkpoint_without_its_config_is_not_told_to_resume_for_an_epoch(
@@ -274,7 +276,8 @@ def test_a_run_without_a_model_says_where_a_killed_overwrite_left_the_old_run(
     (tmp_path / REPLACED).mkdir()
     result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
-    assert f"no model.npz; finish the run first (gpumlp train --resume {tmp_path})" in result.stderr
+    assert (f"no model.npz; finish the run first (gpumlp train --resume {shell_path(tmp_path)})"
+            in result.stderr)
     assert result.stderr.endswith(
         f"; {tmp_path / REPLACED} holds the run an --overwrite killed before its first "
         "checkpoint was replacing: move its files back into the folder to keep it\n")
@@ -295,7 +298,7 @@ def test_a_run_with_only_its_metrics_lacks_both_files_a_resume_needs(tmp_path, r
     result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
     assert result.exit_code == 1 and result.stderr.endswith(
         "no model.npz; it has no config.yaml or checkpoint.npz to resume from, so train it "
-        f"again: gpumlp train --config FILE --out {tmp_path} --overwrite\n")
+        f"again: gpumlp train --config FILE --out {shell_path(tmp_path)} --overwrite\n")
 
 
 def test_a_file_named_like_the_aside_folder_is_not_said_to_hold_a_run(tmp_path, tiny_data_dir):
@@ -312,8 +315,9 @@ def test_a_file_named_like_the_aside_folder_is_not_said_to_hold_a_run(tmp_path, 
 def test_a_model_file_given_for_the_run_folder_is_told_to_give_the_folder(run_dir, tiny_data_dir):
     result = invoke(report, run_dir / "model.npz", "--data-dir", tiny_data_dir)
     assert result.exit_code == 2 and result.stdout == ""     # (the gpumlp group prints this line
-    assert result.stderr.endswith(f"\nError: Invalid value for 'RUN_DIR': {run_dir}/model.npz "
-                                  f"is a file; give the run's folder: {run_dir}\n")  # alone)
+    assert result.stderr.endswith("\nError: Invalid value for 'RUN_DIR': "
+                                  f"{shell_path(run_dir / 'model.npz')} is a file; give the "
+                                  f"run's folder: {shell_path(run_dir)}\n")  # alone)
 
 
 def test_the_resume_command_for_an_unfinished_run_pastes(tmp_path, run_dir, tiny_data_dir,

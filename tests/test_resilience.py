@@ -22,7 +22,7 @@ import gpumlp.train as train_module
 from gpumlp import npzio
 from gpumlp.checkpoint import load_init, load_model, save_model
 from gpumlp.config import build_config
-from gpumlp.errors import CheckpointError, GpumlpError
+from gpumlp.errors import CheckpointError, GpumlpError, shell_path
 from gpumlp.mnist import Mnist, Split
 from gpumlp.model import init_params
 from gpumlp.npzio import load_npz
@@ -127,7 +127,8 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_exits_128_plus_n_and_resumes_ident
                                            f"epochs: {err}")
         pytest.skip(f"the run finished before {signal.Signals(signum).name} arrived")
     assert proc.returncode == code, err
-    assert err.strip().splitlines()[-1] == f"{said}. Resume with: gpumlp train --resume {out}"
+    assert (err.strip().splitlines()[-1]
+            == f"{said}. Resume with: gpumlp train --resume {shell_path(out)}")
     assert "Traceback" not in err
     resumed = subprocess.run(gpumlp_cmd("train", "--resume", str(out), "--device", "cpu", "-q"),
                              env=env, capture_output=True, text=True, timeout=300)

@@ -284,8 +284,8 @@ def test_overwrite_keeps_files_under_a_reports_names_that_are_not_a_report(finis
                              "marked as made by gpumlp report (another program's, an older "
                              "gpumlp's, or changed since), so not removed with the run it "
                              "replaced (it may describe that run); remove them, or make the "
-                             f"report again when this run ends: gpumlp report {finished} "
-                             "--overwrite\n")                    # silent, for a pre-seal report
+                             "report again when this run ends: gpumlp report "
+                             f"{shell_path(finished)} --overwrite\n")  # silent, pre-seal report
     assert (finished / "report.md").read_text() == "MY OWN NOTES\n"
     assert (finished / "learning_curves.png").read_bytes() == b"not a png"
     assert not (finished / "model.onnx").exists()                       # the old run's own
@@ -304,8 +304,8 @@ def test_overwrite_keeps_a_model_onnx_that_gpumlp_export_did_not_write(finished,
                              "gpumlp export (another program's, an older gpumlp's, or changed "
                              "since), so not removed with the run it replaced (it may describe "
                              "that run); remove it, or export the new model "
-                             f"when this run ends: gpumlp export {finished}/model.npz "
-                             "--overwrite\n")
+                             "when this run ends: gpumlp export "
+                             f"{shell_path(finished / 'model.npz')} --overwrite\n")
     assert (finished / "model.onnx").read_text() == "my own onnx\n"
     assert not (finished / "report.md").exists()                     # the old run's own
     (finished / "report.md").write_text("MY OWN NOTES\n")
@@ -314,9 +314,9 @@ def test_overwrite_keeps_a_model_onnx_that_gpumlp_export_did_not_write(finished,
                                     "marked as made by gpumlp report or gpumlp export (another "
                                     "program's, an older gpumlp's, or changed since)")
     assert result.stderr.endswith(f"remove them, or make the report again when this run ends: "
-                                  f"gpumlp report {finished} --overwrite; or export the new model "
-                                  f"when this run ends: gpumlp export {finished}/model.npz "
-                                  "--overwrite\n")
+                                  f"gpumlp report {shell_path(finished)} --overwrite; or export "
+                                  "the new model when this run ends: gpumlp export "
+                                  f"{shell_path(finished / 'model.npz')} --overwrite\n")
 
 
 def test_an_out_holding_other_runs_is_refused_so_that_no_run_lies_among_them(finished,
@@ -329,7 +329,7 @@ def test_an_out_holding_other_runs_is_refused_so_that_no_run_lies_among_them(fin
     result = cli(*train_args(parent, tiny_data_dir))
     assert_one_error_line(result, 1, f"--out {parent}: holds other runs (run/), and a run's files "
                           "would lie among them; give this run a folder of its own, such as "
-                          f"{parent}/NAME")
+                          f"{shell_path(parent / 'NAME')}")
     assert sorted(p.name for p in parent.iterdir()) == before
     other = parent / "other"
     (other / "notes").mkdir(parents=True)
@@ -487,7 +487,8 @@ def test_resume_says_what_to_do_when_init_npz_is_damaged(finished, tiny_data_dir
     before = digests(out)
     result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu")
     assert_one_error_line(result, 1, f"{out / 'init.npz'}: not a readable .npz",
-                          f"--init FILE --out {out} --overwrite (FILE: the weights it started")
+                          f"--init FILE --out {shell_path(out)} --overwrite (FILE: the weights "
+                          "it started")
     assert digests(out) == before
     assert_advice_starts_over_from(result, finished / "model.npz", out, tiny_data_dir)
 
@@ -525,7 +526,8 @@ def test_resume_refuses_a_run_from_init_whose_init_npz_is_gone(finished, tiny_da
     result = cli(*resume)
     assert_one_error_line(result, 1, f"{out / 'init.npz'}: no such file, yet the run started "
                           "from the --init weights it held",
-                          f"--init FILE --out {out} --overwrite (FILE: the weights it started")
+                          f"--init FILE --out {shell_path(out)} --overwrite (FILE: the weights "
+                          "it started")
     assert digests(out) == before
     (out / "init.npz").write_bytes(saved)                     # put back: it resumes
     assert cli(*resume).exit_code == 0
@@ -581,7 +583,7 @@ def test_after_a_nan_lowering_optim_lr_in_config_yaml_and_resuming_goes_on(tiny_
     result = cli(*train_args(out, tiny_data_dir, "--set", "optim.lr=0.2", "--set",
                              "train.batch_size=25", "--set", "train.checkpoint_every=2"))
     how = (f"the last good checkpoint {out / 'checkpoint.npz'} is intact; to continue from it "
-           f"with a lower rate: gpumlp train --resume {out} --set optim.lr=0.02")
+           f"with a lower rate: gpumlp train --resume {shell_path(out)} --set optim.lr=0.02")
     assert_one_error_line(result, 1, "NaN or infinite", "by step 4", how)
     assert '"step": 2' in str(load_npz(out / "checkpoint.npz")["state"])
     resume = ["train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
@@ -622,7 +624,8 @@ def test_after_a_nan_with_a_cosine_floor_the_advice_lowers_the_floor_too_and_goe
     result = cli(*train_args(out, tiny_data_dir, "--set", "optim.lr=0.2", "--set",
                              "optim.schedule=cosine", "--set", "optim.min_lr=0.1", "--set",
                              "train.batch_size=25", "--set", "train.checkpoint_every=2"))
-    advice = f"gpumlp train --resume {out} --set optim.lr=0.02 --set optim.min_lr=0.01"
+    advice = (f"gpumlp train --resume {shell_path(out)} --set optim.lr=0.02 "
+              "--set optim.min_lr=0.01")
     assert_one_error_line(result, 1, "NaN or infinite", advice)
     result = cli(*shlex.split(advice)[1:], "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
     assert result.exit_code == 0, result.output
@@ -651,7 +654,7 @@ def test_weights_too_large_to_use_are_not_saved_so_a_lower_lr_resumes(tiny_data_
                              "train.batch_size=25", "--set", f"train.checkpoint_every={every}",
                              "--set", "train.epochs=2"))
     how = (f"the last good checkpoint {out / 'checkpoint.npz'} is intact; to continue from it "
-           f"with a lower rate: gpumlp train --resume {out} --set optim.lr=0.02")
+           f"with a lower rate: gpumlp train --resume {shell_path(out)} --set optim.lr=0.02")
     assert_one_error_line(result, 1, fragment, "the weights are finite but too large", how)
     checkpoint = load_npz(out / "checkpoint.npz")
     assert f'"step": {saved},' in str(checkpoint["state"])
@@ -743,7 +746,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_puts_the_handlers_back(tiny_da
         signal.signal(signal.SIGTERM, previous)
     assert result.exit_code == 143, result.output
     assert result.stderr.strip() == ("terminated (SIGTERM); checkpoint saved. Resume with: "
-                                     f"gpumlp train --resume {out}")
+                                     f"gpumlp train --resume {shell_path(out)}")
     assert '"step": 4,' in str(load_npz(out / "checkpoint.npz")["state"])
     monkeypatch.setattr(train_module, "make_step", make_step)
     resume = ["train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu"]
@@ -811,7 +814,7 @@ def test_a_signal_after_the_last_step_lets_the_run_finish_exit_0_and_says_so(
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("test_accuracy ")
     assert result.stderr.strip() == (f"note: {said} after the last step, so the run finished; "
-                                     f"{out} is complete, with nothing to resume")
+                                     f"{shell_path(out)} is complete, with nothing to resume")
     assert json.loads((out / "summary.json").read_text())["steps"] == 10
     assert (out / "model.npz").is_file()
 
@@ -902,10 +905,12 @@ def test_resume_says_what_is_wrong_with_the_folder(tiny_data_dir, tmp_path, make
     elif make == "dir":
         target.mkdir()
     result = cli("train", "--resume", target, "--data-dir", tiny_data_dir)
-    assert_one_error_line(result, code, fragment.format(target, tmp_path))
+    paths = (shell_path(target), shell_path(tmp_path)) if make == "file" else (target,)
+    assert_one_error_line(result, code, fragment.format(*paths))
     if make == "file":                     # nor --out of a file, nor --config of a run folder
         result = cli("train", "--out", target, "--data-dir", tiny_data_dir)
-        assert_one_error_line(result, 2, f"{target} is a file; give a folder for the run")
+        assert_one_error_line(result, 2, f"{shell_path(target)} is a file; give a folder for the "
+                              "run")
         (tmp_path / "config.yaml").write_text("model: {hidden: 8}\n")
         result = cli("train", "--config", tmp_path, "--data-dir", tiny_data_dir)
         assert_one_error_line(result, 2, f"config file {tmp_path} is a folder, not a file; give "
@@ -1768,8 +1773,9 @@ def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_dat
         save_npz(path, arrays)
     before = digests(stopped)
     result = resume_quietly(stopped, tiny_data_dir)
-    start_over = (f"start the run over: gpumlp train --config {stopped}/config.yaml --out "
-                  f"{stopped} --overwrite")
+    quoted = shell_path(stopped)                    # the message quotes the folder alone
+    start_over = (f"start the run over: gpumlp train --config {quoted}/config.yaml --out "
+                  f"{quoted} --overwrite")
     assert_one_error_line(result, 1, f"{path}: {fragment}", start_over)
     assert result.stderr.strip().endswith(start_over)
     assert digests(stopped) == before
@@ -1874,11 +1880,11 @@ def test_resume_with_an_emptied_config_yaml_says_so_not_what_the_defaults_change
 @pytest.mark.parametrize("names, said", [
     (["report.md", "model.onnx"], "the report (report.md and its figures) and model.onnx in the "
      "run describe the model before this resume; when it ends, make them again: gpumlp report "
-     "{run}; gpumlp export {run}/model.npz --overwrite"),
+     "{run}; gpumlp export {model} --overwrite"),
     (["learning_curves.png"], "the report (report.md and its figures) in the run describes the "
      "model before this resume; when it ends, make it again: gpumlp report {run}"),
     (["model.onnx"], "model.onnx in the run describes the model before this resume; when it "
-     "ends, make it again: gpumlp export {run}/model.npz --overwrite"),
+     "ends, make it again: gpumlp export {model} --overwrite"),
 ])
 def test_a_resume_that_trains_warns_that_a_report_or_an_export_is_of_the_model_before(
         stopped, tiny_data_dir, names, said):
@@ -1886,7 +1892,8 @@ def test_a_resume_that_trains_warns_that_a_report_or_an_export_is_of_the_model_b
         (stopped / name).write_bytes(b"made from the model before")
     result = resume_quietly(stopped, tiny_data_dir)
     assert result.exit_code == 0, result.output
-    assert result.stderr == f"Warning: {said.format(run=stopped)}\n"
+    words = {"run": shell_path(stopped), "model": shell_path(stopped / "model.npz")}
+    assert result.stderr == f"Warning: {said.format(**words)}\n"
     for name in names:                                                  # kept: the user's call
         assert (stopped / name).read_bytes() == b"made from the model before"
     again = resume_quietly(stopped, tiny_data_dir)
@@ -2006,7 +2013,7 @@ def test_resume_of_a_folder_with_only_a_config_of_ones_own_refuses_and_keeps_it(
     (out / "config.yaml").write_text(mine)
     result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu")
     assert_one_error_line(result, 1, "its config.yaml is not a run's", "it lacks 'data.",
-                          f"gpumlp train --config {out / 'config.yaml'}")
+                          f"gpumlp train --config {shell_path(out / 'config.yaml')}")
     assert (out / "config.yaml").read_text() == mine
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
 
@@ -2092,7 +2099,7 @@ def test_a_resume_whose_first_checkpoint_fails_keeps_its_set_values_for_the_advi
                  tiny_data_dir, "--quiet")
     assert result.exit_code == 1, result.output
     advice = result.stderr.strip().splitlines()[-1]
-    assert advice.endswith(f"free some space, then: gpumlp train --resume {finished}")
+    assert advice.endswith(f"free some space, then: gpumlp train --resume {shell_path(finished)}")
     assert yaml.safe_load((finished / "config.yaml").read_text())["train"]["epochs"] == 2
     monkeypatch.setattr(runfiles, "save_npz", real)
     assert cli("train", "--resume", finished, "--data-dir", tiny_data_dir, "-q").exit_code == 0
@@ -2119,7 +2126,7 @@ def test_a_model_npz_that_cannot_be_written_at_the_end_says_how_to_write_it(
     assert result.stderr.splitlines()[-1] == (
         f"Error: cannot write {finished / 'model.npz'} (Operation not permitted); the last "
         f"epoch's checkpoint is intact (a resume writes the file from it); fix that, then: "
-        f"gpumlp train --resume {finished}")
+        f"gpumlp train --resume {shell_path(finished)}")
     monkeypatch.setattr(runfiles, "save_model", real)
     assert cli("train", "--resume", finished, "--data-dir", tiny_data_dir, "-q").exit_code == 0
     assert (finished / "model.npz").is_file()
