@@ -151,7 +151,8 @@ class ModelPath(click.Path):
             self.fail("is empty; give a model.npz (a run's folder holds one)", param, ctx)
         model = os.path.join(value, "model.npz")
         if os.path.isdir(value) and os.path.isfile(model):
-            self.fail(f"{value} is a run's folder; give its model, {model}", param, ctx)
+            self.fail(f"{shell_path(value)} is a run's folder; give its model, "
+                      f"{shell_path(model)}", param, ctx)
         if str(value).lower().endswith(".onnx") and os.path.isfile(value):  # gpumlp export's
             npz = os.path.join(os.path.dirname(value), "model.npz")
             which = shell_path(npz) if os.path.isfile(npz) else "a run's model.npz"

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import ConfigError, shown
+from .errors import ConfigError, shell_path, shown
 from .files import read_at_most
 from .mnist import C, D
 
@@ -463,7 +463,8 @@ def read_yaml(path: str | Path) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from None
     except IsADirectoryError:
-        example = path / "config.yaml" if (path / "config.yaml").is_file() else "configs/h256.yaml"
+        example = (shell_path(path / "config.yaml") if (path / "config.yaml").is_file()
+                   else "configs/h256.yaml")
         raise ConfigError(f"config file {path} is a folder, not a file; give a YAML file, "
                           f"e.g. {example}") from None
     except UnicodeDecodeError as e:

@@ -914,7 +914,7 @@ def test_resume_says_what_is_wrong_with_the_folder(tiny_data_dir, tmp_path, make
         (tmp_path / "config.yaml").write_text("model: {hidden: 8}\n")
         result = cli("train", "--config", tmp_path, "--data-dir", tiny_data_dir)
         assert_one_error_line(result, 2, f"config file {tmp_path} is a folder, not a file; give "
-                              f"a YAML file, e.g. {tmp_path / 'config.yaml'}")
+                              f"a YAML file, e.g. {shell_path(tmp_path / 'config.yaml')}")
     assert (target.exists(), target.is_dir()) == (make is not None, make == "dir")
 
 
