@@ -35,11 +35,14 @@ def device_split(images: np.ndarray, labels: np.ndarray, backend: Backend) -> De
                        backend.asarray(labels.astype(np.int32)))
 
 
-def prepare_data(mnist: Mnist, cfg: DataConfig, backend: Backend) -> DeviceData:
-    """Limit the training set, hold out its last `val_size` rows, and move it all to the device."""
+def prepare_data(mnist: Mnist, cfg: DataConfig, backend: Backend,
+                 new: bool = True) -> DeviceData:
+    """Limit the training set, hold out its last `val_size` rows, and move it all to the device.
+    A limit above the training set's size is refused for a `new` run; a resumed run made before
+    that rule goes on with all of the set, as it trained."""
     images, labels = mnist.train
     if cfg.limit is not None:
-        if cfg.limit > len(labels):  # would train on fewer than config.yaml records
+        if cfg.limit > len(labels) and new:  # would train on fewer than config.yaml records
             raise ConfigError(f"config key 'data.limit' is {cfg.limit:,} but MNIST has "
                               f"{len(labels):,} training images; lower it, or null for all")
         images, labels = images[:cfg.limit], labels[:cfg.limit]

@@ -162,10 +162,12 @@ def sync_folders(folders: set[Path]) -> None:
 
 
 def file_mode(path: Path) -> int:
-    """The permissions a file written at `path` gets: those of the file it replaces, else what
-    open() would give a new one (0o666 less the umask; mkstemp's are 0o600)."""
+    """The permissions a file written at `path` gets: those of the file it replaces, but that
+    its owner may read and write it (gpumlp appends to metrics.jsonl; an export one cannot read
+    is of no use), else what open() would give a new one (0o666 less the umask; mkstemp's are
+    0o600)."""
     try:
-        return os.stat(path).st_mode & 0o777
+        return os.stat(path).st_mode & 0o777 | 0o600
     except OSError:
         return 0o666 & ~umask()
 

@@ -75,7 +75,10 @@ def resumable(path: Path) -> bool:
 
 
 def own_config(path: Path) -> bool:
-    """Whether `path`/config.yaml is a config of one's own (keys_lacking), when readable."""
+    """Whether `path`/config.yaml is a config of one's own (keys_lacking), when a readable
+    file (a pipe there would block the reading)."""
+    if not (path / "config.yaml").is_file():
+        return False
     try:
         return bool(keys_lacking(path))
     except ConfigError:

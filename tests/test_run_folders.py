@@ -2156,6 +2156,12 @@ def test_files_a_run_writes_follow_the_umask_and_a_replaced_file_keeps_its_mode(
     assert (out / "checkpoint.npz").stat().st_mode & 0o777 == 0o640   # replaced, mode kept
     assert (out / "model.npz").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "new" / "model.npz").stat().st_mode & 0o777 == 0o644
+    for path in out.iterdir():                 # a run made read-only: a resume appends to
+        path.chmod(0o444)                      # metrics.jsonl, so its owner keeps the right
+    assert cli("train", "--resume", out, "--set", "train.epochs=3", "--data-dir",
+               tiny_data_dir, "--device", "cpu", "-q").exit_code == 0
+    assert {(out / name).stat().st_mode & 0o777 for name in (
+        "metrics.jsonl", "checkpoint.npz", "model.npz", "summary.json")} == {0o644}
 
 
 def test_the_umask_is_read_where_there_is_no_proc(monkeypatch):

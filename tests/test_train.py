@@ -107,6 +107,23 @@ def test_too_large_val_size_limit_or_batch_is_a_config_error(tiny_mnist):
         train(build_config(None, ["data.limit=301"]), CPU, tiny_mnist.mnist)  # not 300 silently
     assert prepare_data(tiny_mnist.mnist, build_config(None, ["data.limit=300"]).data,
                         CPU).train.images.shape == (300, 784)
+    assert prepare_data(tiny_mnist.mnist, build_config(None, ["data.limit=301"]).data, CPU,
+                        new=False).train.images.shape == (300, 784)   # a resume of an older run
+
+
+def test_a_run_made_before_the_limit_rule_still_resumes(tiny_mnist, tmp_path, monkeypatch):
+    """A run with data.limit over the set's size trained on all of it, before that was refused:
+    its resume must go on (no --set or edit could lower the limit of the same run)."""
+    import gpumlp.train as train_module
+    config = build_config(None, ["data.limit=301", "data.val_size=50", "train.batch_size=50",
+                                 "train.epochs=1", "model.hidden=8"])
+    with monkeypatch.context() as m:              # made by a gpumlp before the rule
+        m.setattr(train_module, "prepare_data", lambda *a, **k: prepare_data(*a, new=False))
+        train(config, CPU, tiny_mnist.mnist, out_dir=tmp_path / "run")
+    longer = build_config(None, ["data.limit=301", "data.val_size=50", "train.batch_size=50",
+                                 "train.epochs=2", "model.hidden=8"])
+    result = train(longer, CPU, tiny_mnist.mnist, out_dir=tmp_path / "run", resume=True)
+    assert len(result.history) == 2
     with pytest.raises(ConfigError, match="train.batch_size"):
         train(build_config(None, ["train.batch_size=301"]), CPU, tiny_mnist.mnist)
 
