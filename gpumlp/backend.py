@@ -101,7 +101,8 @@ def _cuda_count(cupy: ModuleType) -> int:
 
 def no_gpu_reason(cupy: Any) -> str:
     """Why CUDA shows no GPU to `cupy`: no driver, a driver older than the CUDA that CuPy was
-    built for (and the extra that fits it), what CUDA raised, or an empty CUDA_VISIBLE_DEVICES."""
+    built for (and the extra that fits it), a CUDA_VISIBLE_DEVICES that hides every GPU, or
+    what CUDA raised."""
     try:
         cupy.cuda.runtime.getDeviceCount()
         error = None
@@ -121,9 +122,14 @@ def no_gpu_reason(cupy: Any) -> str:
                 if major in ("12", "13") else "")
         return (f"the NVIDIA driver supports CUDA {numbers[1]}, older than the CUDA "
                 f"{numbers[0]} this CuPy is built for: update the driver{swap}")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # nvidia-smi ignores it: it would list the GPUs this hides
+        return (f"CUDA_VISIBLE_DEVICES is {visible!r}, which leaves CUDA no GPU"
+                + (f" ({error})" if error else "")
+                + "; unset it, or name a GPU nvidia-smi lists")
     if error is not None:
         return f"{error}; nvidia-smi says whether the driver sees a GPU"
-    return "driver missing or CUDA_VISIBLE_DEVICES empty"
+    return "driver missing"
 
 
 def cuda_backend(index: int, given: str | None = None) -> Backend:
@@ -149,7 +155,8 @@ def cuda_backend(index: int, given: str | None = None) -> Backend:
             load()
         except Exception as e:
             raise DeviceError(f"{named}: CuPy cannot load {library} ({error_summary(e)}); "
-                              "check the CUDA installation (nvidia-smi, gpumlp info)") from None
+                              "check the CUDA installation (nvidia-smi, gpumlp info), or use "
+                              "--device cpu") from None
     name = cupy.cuda.runtime.getDeviceProperties(index)["name"]
     name = name.decode() if isinstance(name, bytes) else name
     return Backend(cupy, f"cuda:{index}", f"cuda:{index} ({name})")
@@ -166,7 +173,8 @@ def get_backend(device: str = "auto") -> Backend:
         return CPU
     if device == "auto":
         cupy = _import_cupy()
-        return cuda_backend(0) if cupy is not None and _cuda_count(cupy) > 0 else CPU
+        usable = cupy is not None and _cuda_count(cupy) > 0
+        return cuda_backend(0, "auto (cuda:0)") if usable else CPU
     match = re.fullmatch(r"cuda(?::(\d+))?", device)
     if match is None:
         raise DeviceError(f"--device {given!r}: not a device; use auto, cpu, cuda or cuda:N")

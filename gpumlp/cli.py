@@ -26,8 +26,9 @@ from typing import NoReturn
 import click
 
 from . import __version__
-from .cli_common import (RunDir, data_dir_option, device_option, domain_errors, interrupted_how,
-                         load_mnist_for, model_argument, tell, test_data_dir_option)
+from .cli_common import (ModelPath, RunDir, data_dir_option, device_option, domain_errors,
+                         interrupted_how, load_mnist_for, model_argument, tell,
+                         test_data_dir_option)
 from .errors import (CheckpointError, ConfigError, GpumlpError, json_text, one_line,
                      shell_path, signal_error, without_interrupt_reports)
 from .signals import replace_handlers, restore_handlers
@@ -288,9 +289,10 @@ def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
                               "--init and --out (--set may change optim.lr, train.epochs, ...)")
         if overwrite:
             from .resume_state import start_over_in  # (numpy: not for every usage error)
-            over = start_over_in(Path(resume_dir)) if resume_dir else "start over with --out"
+            run = (Path(resume_dir) / "config.yaml").is_file()  # else no run to start over
+            over = f", or {start_over_in(Path(resume_dir))}" if run else ""
             raise ConfigError("--resume continues the run in its folder and never replaces it; "
-                              f"drop --overwrite, or {over}")
+                              f"drop --overwrite{over}")
     if overwrite and out is None and resume_dir is None:
         raise ConfigError("--overwrite replaces the run in --out; give --out DIR (without --out "
                           "each run gets a folder of its own, and nothing is replaced)")
@@ -312,7 +314,7 @@ def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
               help="Override a config key, value parsed as YAML; repeatable (--set optim.lr=0.05). "
                    "With --resume: the keys that keep it the same run (optim.lr, train.epochs, "
                    "...).")
-@click.option("--init", "init_path", type=click.Path(dir_okay=False, readable=False),
+@click.option("--init", "init_path", type=ModelPath(empty_ok=True),
               help="Start from the weights W1, b1, ... of this .npz.")
 @click.option("--seed", type=int, help="Shortcut for --set train.seed=N.")
 @click.option("--resume", "resume_dir", type=RunDir(),

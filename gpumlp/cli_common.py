@@ -143,10 +143,13 @@ def data_dir_source() -> tuple[str, str]:
 class ModelPath(click.Path):
     """A model.npz argument: a run's folder given instead says which file to give."""
 
-    def __init__(self):
+    def __init__(self, empty_ok: bool = False):
         super().__init__(dir_okay=False, readable=False)  # the loader says why, exit 1
+        self.empty_ok = empty_ok  # train --init: its command says what an empty one means
 
     def convert(self, value, param, ctx):
+        if str(value) == "" and self.empty_ok:
+            return value
         if str(value) == "":  # "" would be read as the current folder
             self.fail("is empty; give a model.npz (a run's folder holds one)", param, ctx)
         model = os.path.join(value, "model.npz")
@@ -180,8 +183,7 @@ class OutFile(click.Path):
 class RunDir(click.Path):
     """A run folder: a file given for it is refused naming the folder it is in (report
     runs/h256/model.npz: the folder is what is meant); `new`, for train --out, a folder for a
-    run to come, may be empty here (the command says what that means) and is not readable yet.
-    """
+    run to come, may be empty here (the command says what that means)."""
 
     def __init__(self, new: bool = False):
         super().__init__(file_okay=False)

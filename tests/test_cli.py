@@ -576,11 +576,12 @@ def test_info_names_the_cuda_runtime_and_driver_with_cupy(monkeypatch):
                                     getDeviceCount=lambda: 0)
     cupy = types.SimpleNamespace(__version__="13.6.0", cuda=types.SimpleNamespace(runtime=runtime))
     monkeypatch.setattr(backend, "_import_cupy", lambda: None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert json.loads(cli("info", "--json").stdout)["cuda"] is None
     monkeypatch.setattr(backend, "_import_cupy", lambda: cupy)
     details = json.loads(cli("info", "--json").stdout)
     assert (details["cupy"], details["cuda"]) == ("13.6.0", {"runtime": "12.8", "driver": "13.0"})
-    assert details["unavailable"] == {"gpu": "driver missing or CUDA_VISIBLE_DEVICES empty"}
+    assert details["unavailable"] == {"gpu": "driver missing"}
     assert "\ncuda       CUDA runtime 12.8, driver 13.0\n" in cli("info").stdout
     runtime.driverGetVersion = lambda: (_ for _ in ()).throw(RuntimeError("no libcuda.so.1"))
     details = json.loads(cli("info", "--json").stdout)
@@ -728,15 +729,19 @@ def insufficient_driver(*args):
                        "CUDA runtime version")
 
 
-@pytest.mark.parametrize("driver, said", [
-    (12020, "the NVIDIA driver supports CUDA 12.2, older than the CUDA 13.0 this CuPy is built "
+@pytest.mark.parametrize("driver, visible, said", [
+    (12020, None, "the NVIDIA driver supports CUDA 12.2, older than the CUDA 13.0 this CuPy is built "
             "for: update the driver, or swap CuPy for the one for CUDA 12 (pip uninstall "
             "cupy-cuda13x; pip install -e '.[cuda12]' in the gpumlp folder)"),
-    (0, "no NVIDIA driver is loaded; nvidia-smi says why"),
-    (13000, "RuntimeError: cudaErrorInsufficientDriver: CUDA driver version is insufficient "
-            "for CUDA runtime version; nvidia-smi says whether the driver sees a GPU")])
+    (0, None, "no NVIDIA driver is loaded; nvidia-smi says why"),
+    (13000, None, "RuntimeError: cudaErrorInsufficientDriver: CUDA driver version is "
+                  "insufficient for CUDA runtime version; nvidia-smi says whether the driver "
+                  "sees a GPU"),
+    (13000, "-1", "CUDA_VISIBLE_DEVICES is '-1', which leaves CUDA no GPU (RuntimeError: "
+                  "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA "
+                  "runtime version); unset it, or name a GPU nvidia-smi lists")])
 def test_why_cuda_shows_no_gpu_is_said_by_device_cuda_and_info(monkeypatch, in_tmp, driver,
-                                                               said):
+                                                               visible, said):
     """cupy-cuda13x on a CUDA 12 driver: CUDA raises at the device count, which said "driver
     missing or CUDA_VISIBLE_DEVICES empty", and info listed the CPU alone without a word."""
     import types
@@ -745,6 +750,9 @@ def test_why_cuda_shows_no_gpu_is_said_by_device_cuda_and_info(monkeypatch, in_t
                                     getDeviceCount=insufficient_driver)
     cupy = types.SimpleNamespace(__version__="14.2.0", cuda=types.SimpleNamespace(runtime=runtime))
     monkeypatch.setattr(backend, "_import_cupy", lambda: cupy)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)   # (which nvidia-smi ignores)
+    if visible is not None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert_one_error_line(cli("train", "--device", "cuda", "--out", "run"), 2,
                           f"Error: --device cuda: no CUDA GPU is visible ({said}); use "
                           "--device cpu")

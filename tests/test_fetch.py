@@ -542,13 +542,20 @@ def test_a_failing_pip_is_named_by_the_last_line_of_its_errors(monkeypatch, tmp_
     assert str(caught.value) == f"pip download failed: {line}"
 
 
-def test_pip_gives_up_on_a_silent_network_unless_told_otherwise(tmp_path):
+def test_pip_gives_up_on_a_silent_network_unless_told_otherwise(tmp_path, monkeypatch):
     """pip's 5 retries of 15 s sat silent for 99 s on a network that drops packets; the user's
-    GPUMLP_PIP_ARGS come after gpumlp's, so that theirs win (pip takes the last value)."""
+    GPUMLP_PIP_ARGS come after gpumlp's, so that theirs win (pip takes the last value), and
+    PIP_TIMEOUT or PIP_RETRIES, which a command line would override, leave gpumlp's out."""
+    monkeypatch.delenv("PIP_TIMEOUT", raising=False)
+    monkeypatch.delenv("PIP_RETRIES", raising=False)
     command = fetch_index.pip_command(tmp_path, ["--retries", "5"])
     assert command[command.index("--timeout") + 1] == "15"
     assert command.index("--retries") < len(command) - 3
     assert command[-3:] == ["--retries", "5", fetch_index.REQUIREMENT]
+    monkeypatch.setenv("PIP_RETRIES", "4")
+    monkeypatch.setenv("PIP_TIMEOUT", "120")
+    command = fetch_index.pip_command(tmp_path, [])
+    assert "--retries" not in command and "--timeout" not in command
 
 
 def test_a_pip_that_runs_too_long_is_left_at_the_time_limit(monkeypatch, tmp_path):

@@ -396,6 +396,10 @@ def test_a_run_folder_given_as_the_model_names_the_file_to_give(tmp_path):
         assert result.exit_code == 2
         assert (f"Error: Invalid value for 'MODEL': {shell_path(run)} is a run's folder; give "
                 f"its model, {shell_path(run / 'model.npz')}\n") in result.stderr
+    result = invoke(train, "--init", run, "--out", tmp_path / "new")   # as --init
+    assert result.exit_code == 2 and (
+        f"Error: Invalid value for '--init': {shell_path(run)} is a run's folder; give its "
+        f"model, {shell_path(run / 'model.npz')}") in result.stderr
     result = invoke(evaluate, tmp_path, "--device", "cpu")   # a folder with no model in it
     assert result.exit_code == 2 and "is a directory" in result.stderr
 

@@ -706,6 +706,9 @@ def test_resume_with_overwrite_and_empty_paths_are_usage_errors(finished, tiny_d
     args = [finished if a == "RUN" else a for a in args]
     result = cli("train", *args, "--data-dir", tiny_data_dir, "--device", "cpu")
     assert_one_error_line(result, 2, fragment.replace("RUN", shell_path(finished)))
+    if args == ["--resume", finished, "--overwrite"]:     # no run there: nothing to start over
+        result = cli("train", "--resume", tmp_path / "none", "--overwrite")
+        assert result.stderr.rstrip().endswith("never replaces it; drop --overwrite")
     assert digests(finished) == before
     assert not (tmp_path / "runs").exists()
 
@@ -2030,8 +2033,8 @@ def test_out_holding_a_config_of_ones_own_offers_no_resume_but_training_with_it(
     assert not resumable(out)
     result = cli("train", "--out", out, "--data-dir", tiny_data_dir, "--device", "cpu")
     assert_one_error_line(result, 1, "holds a config.yaml of one's own (not a run's",
-                          f"gpumlp train --config {shell_path(out / 'config.yaml')})",
-                          "or pass --overwrite")
+                          f"(--config {shell_path(out / 'config.yaml')} --out "
+                          f"{shell_path(out / 'run')} trains with it)", "or pass --overwrite")
     assert "--resume" not in result.stderr
     assert (out / "config.yaml").read_text() == mine
     (out / "config.yaml").write_text("{{{ not yaml")          # unreadable: the resume says so
