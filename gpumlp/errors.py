@@ -172,7 +172,7 @@ def write_fix(error: OSError, otherwise: str = "fix that") -> str:
     """What to do about a file that could not be written for `error`, in a few words."""
     return {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
             errno.EFBIG: "raise the file size limit (ulimit -f)",
-            errno.EACCES: "make it writable", errno.EPERM: "make it writable",
+            errno.EACCES: "make it writable",
             errno.ENAMETOOLONG: "give it a shorter path"}.get(error.errno, otherwise)
 
 
