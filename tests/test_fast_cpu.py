@@ -726,7 +726,7 @@ def test_bench_prints_a_table_and_the_command_that_reproduces_it():
     rows = [line for line in out.splitlines() if line.startswith("| 8 |")]
     assert [row.split("|")[2:4] for row in rows] == [[" 16 ", " gpumlp "], [" 24 ", " gpumlp "]]
     assert "sgemm" in out and "synthetic uint8 64x784" in out
-    assert "median of 2 timings of 1 epoch(s) (no torch to compare)" in out
+    assert "median of 2 timings of 1 epoch (no torch to compare)" in out
     assert "gpumlp/torch" not in out.split("| h |")[0]      # the header: no ratio to explain
     assert ("reproduce: gpumlp bench --device cpu --data synthetic --hidden 8 --batch 16 "
             "--batch 24 --epochs 1 --repeats 2 --samples 64 --no-torch") in out
@@ -740,7 +740,7 @@ def test_the_bench_header_explains_the_ratio_when_torch_was_timed():
               "sgemm_gflops": 100.0, "gpumlp_step": "fast_cpu"}
     lines = header_lines(CPU, result, BenchSpec(hidden=(8,), batch=(16,), repeats=3))
     data = next(line for line in lines if line.startswith("data "))
-    assert data.endswith("median of 3 interleaved timings of 1 epoch(s); gpumlp/torch: median "
+    assert data.endswith("median of 3 interleaved timings of 1 epoch; gpumlp/torch: median "
                          "of the 3 rounds' ratios of gpumlp's epoch to torch's (below 1: gpumlp "
                          "is faster)")
 
