@@ -123,13 +123,22 @@ def no_gpu_reason(cupy: Any) -> str:
         return (f"the NVIDIA driver supports CUDA {numbers[1]}, older than the CUDA "
                 f"{numbers[0]} this CuPy is built for: update the driver{swap}")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:  # nvidia-smi ignores it: it would list the GPUs this hides
-        return (f"CUDA_VISIBLE_DEVICES is {visible!r}, which leaves CUDA no GPU"
-                + (f" ({error})" if error else "")
-                + "; unset it, or name a GPU nvidia-smi lists")
+    if visible is not None and hides_every_gpu(visible):  # which nvidia-smi does not heed
+        return (f"CUDA_VISIBLE_DEVICES is {visible!r}, which hides every GPU; unset it, or name "
+                "a GPU nvidia-smi lists")
+    shown_as = f" (CUDA_VISIBLE_DEVICES is {visible!r})" if visible is not None else ""
     if error is not None:
-        return f"{error}; nvidia-smi says whether the driver sees a GPU"
-    return "driver missing"
+        return f"{error}{shown_as}; nvidia-smi says whether the driver sees a GPU"
+    driver = f"the driver (CUDA {numbers[1]})" if numbers is not None else "no driver"
+    return f"{driver} reports no GPU{shown_as}; nvidia-smi says whether it sees one"
+
+
+def hides_every_gpu(visible: str) -> bool:
+    """Whether CUDA_VISIBLE_DEVICES=`visible` leaves CUDA no GPU: empty, or a first entry that
+    is neither an index nor a GPU-/MIG- UUID (CUDA reads the list up to its first bad entry;
+    "-1" is the usual way to hide them all)."""
+    first = visible.split(",")[0].strip()
+    return not (first.isdigit() or first.startswith(("GPU-", "MIG-")))
 
 
 def cuda_backend(index: int, given: str | None = None) -> Backend:
@@ -144,7 +153,9 @@ def cuda_backend(index: int, given: str | None = None) -> Backend:
         raise DeviceError(f"{named}: no CUDA GPU is visible ({no_gpu_reason(cupy)}); use "
                           "--device cpu")
     if index >= count:
-        raise DeviceError(f"{named}: only {count} GPU(s) here "
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown_as = f", CUDA_VISIBLE_DEVICES being {visible!r}" if visible is not None else ""
+        raise DeviceError(f"{named}: only {count} GPU(s) here{shown_as} "
                           f"(cuda:0..cuda:{count - 1}); pick one of those or --device cpu")
     cupy.cuda.Device(index).use()
     # CuPy 14 loads these libraries at their first use: here, not mid-run, where what they raise

@@ -26,8 +26,8 @@ from typing import NoReturn
 import click
 
 from . import __version__
-from .cli_common import (ModelPath, RunDir, data_dir_option, device_option, domain_errors,
-                         interrupted_how, load_mnist_for, model_argument, tell,
+from .cli_common import (RunDir, data_dir_option, device_option, domain_errors,
+                         interrupted_how, load_mnist_for, model_argument, model_hint, tell,
                          test_data_dir_option)
 from .errors import (CheckpointError, ConfigError, GpumlpError, json_text, one_line,
                      shell_path, signal_error, without_interrupt_reports)
@@ -289,7 +289,9 @@ def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
                               "--init and --out (--set may change optim.lr, train.epochs, ...)")
         if overwrite:
             from .resume_state import start_over_in  # (numpy: not for every usage error)
-            run = (Path(resume_dir) / "config.yaml").is_file()  # else no run to start over
+            from .runfiles import own_config
+            run = ((Path(resume_dir) / "config.yaml").is_file()  # else no run to start over
+                   and not own_config(Path(resume_dir)))
             over = f", or {start_over_in(Path(resume_dir))}" if run else ""
             raise ConfigError("--resume continues the run in its folder and never replaces it; "
                               f"drop --overwrite{over}")
@@ -314,7 +316,7 @@ def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
               help="Override a config key, value parsed as YAML; repeatable (--set optim.lr=0.05). "
                    "With --resume: the keys that keep it the same run (optim.lr, train.epochs, "
                    "...).")
-@click.option("--init", "init_path", type=ModelPath(empty_ok=True),
+@click.option("--init", "init_path", type=click.Path(readable=False),  # model_hint, below
               help="Start from the weights W1, b1, ... of this .npz.")
 @click.option("--seed", type=int, help="Shortcut for --set train.seed=N.")
 @click.option("--resume", "resume_dir", type=RunDir(),
@@ -350,6 +352,11 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
 
     given = (config_path, init_path, seed)
     check_options(resume_dir, out, overwrite, any(v is not None for v in given), init_path)
+    if init_path:  # after check_options: with --resume, its words come first
+        hint = model_hint(init_path) or (f"{shell_path(init_path)} is a folder; give a model.npz"
+                                         if os.path.isdir(init_path) else None)
+        if hint is not None:
+            raise click.BadParameter(hint, param_hint="'--init'")
     if resume_dir:
         files = RunFiles(Path(resume_dir))
         files.check_resumable()

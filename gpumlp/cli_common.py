@@ -143,25 +143,30 @@ def data_dir_source() -> tuple[str, str]:
 class ModelPath(click.Path):
     """A model.npz argument: a run's folder given instead says which file to give."""
 
-    def __init__(self, empty_ok: bool = False):
+    def __init__(self):
         super().__init__(dir_okay=False, readable=False)  # the loader says why, exit 1
-        self.empty_ok = empty_ok  # train --init: its command says what an empty one means
 
     def convert(self, value, param, ctx):
-        if str(value) == "" and self.empty_ok:
-            return value
         if str(value) == "":  # "" would be read as the current folder
             self.fail("is empty; give a model.npz (a run's folder holds one)", param, ctx)
-        model = os.path.join(value, "model.npz")
-        if os.path.isdir(value) and os.path.isfile(model):
-            self.fail(f"{shell_path(value)} is a run's folder; give its model, "
-                      f"{shell_path(model)}", param, ctx)
-        if str(value).lower().endswith(".onnx") and os.path.isfile(value):  # gpumlp export's
-            npz = os.path.join(os.path.dirname(value), "model.npz")
-            which = shell_path(npz) if os.path.isfile(npz) else "a run's model.npz"
-            self.fail(f"{shell_path(value)} is an ONNX export, which gpumlp does not read; give "
-                      f"the model.npz it was made from: {which}", param, ctx)
+        hint = model_hint(value)
+        if hint is not None:
+            self.fail(hint, param, ctx)
         return super().convert(value, param, ctx)
+
+
+def model_hint(value: str) -> str | None:
+    """What to give instead of `value` for a model.npz: a run's folder names its model.npz, an
+    ONNX export the model.npz it was made from; None for anything else."""
+    model = os.path.join(value, "model.npz")
+    if os.path.isdir(value) and os.path.isfile(model):
+        return f"{shell_path(value)} is a run's folder; give its model, {shell_path(model)}"
+    if str(value).lower().endswith(".onnx") and os.path.isfile(value):  # gpumlp export's
+        npz = os.path.join(os.path.dirname(value), "model.npz")
+        which = shell_path(npz) if os.path.isfile(npz) else "a run's model.npz"
+        return (f"{shell_path(value)} is an ONNX export, which gpumlp does not read; give the "
+                f"model.npz it was made from: {which}")
+    return None
 
 
 class OutFile(click.Path):

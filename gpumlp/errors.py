@@ -168,11 +168,15 @@ def target_problem(path: str | os.PathLike, overwrite: bool) -> str | None:
     return None
 
 
-def write_fix(error: OSError, otherwise: str = "fix that") -> str:
-    """What to do about a file that could not be written for `error`, in a few words."""
+def write_fix(error: OSError, otherwise: str = "fix that", folder: Path | None = None) -> str:
+    """What to do about a file that could not be written for `error`, in a few words; `folder`:
+    where it was written through a temporary file and a rename, which its permissions refused
+    (the file's own do not matter then)."""
+    writable = ("make it writable" if folder is None else
+                f"make the folder {shell_path(folder)} writable")
     return {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
             errno.EFBIG: "raise the file size limit (ulimit -f)",
-            errno.EACCES: "make it writable",
+            errno.EACCES: writable,
             errno.ENAMETOOLONG: "give it a shorter path"}.get(error.errno, otherwise)
 
 

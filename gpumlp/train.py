@@ -314,7 +314,8 @@ def start_state(config: Config, backend: Backend, data: DeviceData, files: RunFi
 
 
 def _train(config, backend, mnist, files, init, resume, on_event, should_stop) -> RunResult:
-    data = prepare_data(mnist, config.data, backend, new=not resume)
+    restoring = resume and files.path("checkpoint.npz").exists()  # else it starts over: new
+    data = prepare_data(mnist, config.data, backend, new=not restoring)
     check_batch_size(config, len(data.train))
     state, history, restored, init = start_state(config, backend, data, files, init, resume)
     step_fn = make_step(config, backend)

@@ -581,7 +581,8 @@ def test_info_names_the_cuda_runtime_and_driver_with_cupy(monkeypatch):
     monkeypatch.setattr(backend, "_import_cupy", lambda: cupy)
     details = json.loads(cli("info", "--json").stdout)
     assert (details["cupy"], details["cuda"]) == ("13.6.0", {"runtime": "12.8", "driver": "13.0"})
-    assert details["unavailable"] == {"gpu": "driver missing"}
+    assert details["unavailable"] == {"gpu": "the driver (CUDA 13.0) reports no GPU; nvidia-smi "
+                                             "says whether it sees one"}
     assert "\ncuda       CUDA runtime 12.8, driver 13.0\n" in cli("info").stdout
     runtime.driverGetVersion = lambda: (_ for _ in ()).throw(RuntimeError("no libcuda.so.1"))
     details = json.loads(cli("info", "--json").stdout)
@@ -730,16 +731,18 @@ def insufficient_driver(*args):
 
 
 @pytest.mark.parametrize("driver, visible, said", [
-    (12020, None, "the NVIDIA driver supports CUDA 12.2, older than the CUDA 13.0 this CuPy is built "
-            "for: update the driver, or swap CuPy for the one for CUDA 12 (pip uninstall "
+    (12020, None, "the NVIDIA driver supports CUDA 12.2, older than the CUDA 13.0 this CuPy is "
+            "built for: update the driver, or swap CuPy for the one for CUDA 12 (pip uninstall "
             "cupy-cuda13x; pip install -e '.[cuda12]' in the gpumlp folder)"),
     (0, None, "no NVIDIA driver is loaded; nvidia-smi says why"),
     (13000, None, "RuntimeError: cudaErrorInsufficientDriver: CUDA driver version is "
                   "insufficient for CUDA runtime version; nvidia-smi says whether the driver "
                   "sees a GPU"),
-    (13000, "-1", "CUDA_VISIBLE_DEVICES is '-1', which leaves CUDA no GPU (RuntimeError: "
-                  "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA "
-                  "runtime version); unset it, or name a GPU nvidia-smi lists")])
+    (13000, "-1", "CUDA_VISIBLE_DEVICES is '-1', which hides every GPU; unset it, or name a GPU "
+                  "nvidia-smi lists"),
+    (13000, "0", "RuntimeError: cudaErrorInsufficientDriver: CUDA driver version is "   # SLURM's
+                 "insufficient for CUDA runtime version (CUDA_VISIBLE_DEVICES is '0'); "
+                 "nvidia-smi says whether the driver sees a GPU")])
 def test_why_cuda_shows_no_gpu_is_said_by_device_cuda_and_info(monkeypatch, in_tmp, driver,
                                                                visible, said):
     """cupy-cuda13x on a CUDA 12 driver: CUDA raises at the device count, which said "driver
@@ -811,8 +814,10 @@ def test_a_cublas_cupy_cannot_load_is_named_before_any_work(command, monkeypatch
     assert_one_error_line(cli(*command, "--device", "cuda"), 2,
                           "Error: --device cuda: CuPy cannot load cuBLAS (ImportError: Failure "
                           'finding "libcublasLt.so.13 or libcublasLt.so.12"); check the CUDA '
-                          "installation (nvidia-smi, gpumlp info)")
+                          "installation (nvidia-smi, gpumlp info), or use --device cpu")
     assert not (in_tmp / "run").exists()
+    assert_one_error_line(cli(*command, "--device", "auto"), 2,   # not cuda:0, which the user
+                          "Error: --device auto (cuda:0): CuPy cannot load cuBLAS")  # never typed
 
 
 def test_file_errors_exit_1_with_one_line(in_tmp):

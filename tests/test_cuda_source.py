@@ -919,6 +919,7 @@ class FakeCupy:
 
 def test_cuda_n_picks_gpu_n_and_a_gpu_past_the_last_is_refused(monkeypatch):
     from gpumlp import backend as backend_module
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     cupy = FakeCupy(2)
     monkeypatch.setattr(backend_module, "_import_cupy", lambda: cupy)
     chosen = backend_module.get_backend("cuda:1")
@@ -930,6 +931,10 @@ def test_cuda_n_picks_gpu_n_and_a_gpu_past_the_last_is_refused(monkeypatch):
         backend_module.get_backend("cuda:2")
     assert str(e.value) == ("--device cuda:2: only 2 GPU(s) here (cuda:0..cuda:1); pick one of "
                             "those or --device cpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")     # which may be why
+    with pytest.raises(DeviceError, match=r"only 2 GPU\(s\) here, CUDA_VISIBLE_DEVICES being "
+                                          r"'2,3' \(cuda:0\.\.cuda:1\)"):
+        backend_module.get_backend("cuda:2")
     for name in ("cuda:1x", "cuda:", "cuda1"):
         with pytest.raises(DeviceError, match="not a device"):
             backend_module.get_backend(name)

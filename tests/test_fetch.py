@@ -546,8 +546,8 @@ def test_pip_gives_up_on_a_silent_network_unless_told_otherwise(tmp_path, monkey
     """pip's 5 retries of 15 s sat silent for 99 s on a network that drops packets; the user's
     GPUMLP_PIP_ARGS come after gpumlp's, so that theirs win (pip takes the last value), and
     PIP_TIMEOUT or PIP_RETRIES, which a command line would override, leave gpumlp's out."""
-    monkeypatch.delenv("PIP_TIMEOUT", raising=False)
-    monkeypatch.delenv("PIP_RETRIES", raising=False)
+    for name in ("PIP_TIMEOUT", "PIP_DEFAULT_TIMEOUT", "PIP_RETRIES"):
+        monkeypatch.delenv(name, raising=False)
     command = fetch_index.pip_command(tmp_path, ["--retries", "5"])
     assert command[command.index("--timeout") + 1] == "15"
     assert command.index("--retries") < len(command) - 3
@@ -556,6 +556,11 @@ def test_pip_gives_up_on_a_silent_network_unless_told_otherwise(tmp_path, monkey
     monkeypatch.setenv("PIP_TIMEOUT", "120")
     command = fetch_index.pip_command(tmp_path, [])
     assert "--retries" not in command and "--timeout" not in command
+    monkeypatch.setenv("PIP_RETRIES", "")                 # empty: pip ignores it, so gpumlp too
+    monkeypatch.delenv("PIP_TIMEOUT")
+    monkeypatch.setenv("PIP_DEFAULT_TIMEOUT", "180")      # pip's other name for --timeout
+    command = fetch_index.pip_command(tmp_path, [])
+    assert "--retries" in command and "--timeout" not in command
 
 
 def test_a_pip_that_runs_too_long_is_left_at_the_time_limit(monkeypatch, tmp_path):

@@ -400,6 +400,12 @@ def test_a_run_folder_given_as_the_model_names_the_file_to_give(tmp_path):
     assert result.exit_code == 2 and (
         f"Error: Invalid value for '--init': {shell_path(run)} is a run's folder; give its "
         f"model, {shell_path(run / 'model.npz')}") in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = invoke(train, "--init", tmp_path / "empty", "--out", tmp_path / "new")
+    assert result.exit_code == 2 and (f"Error: Invalid value for '--init': "
+                                      f"{shell_path(tmp_path / 'empty')} is a folder; give a "
+                                      "model.npz") in result.stderr
+    assert not (tmp_path / "new").exists()
     result = invoke(evaluate, tmp_path, "--device", "cpu")   # a folder with no model in it
     assert result.exit_code == 2 and "is a directory" in result.stderr
 

@@ -696,6 +696,7 @@ def test_a_learning_rate_that_blows_up_in_epoch_1_leaves_no_run_and_says_what_wo
     (["--config", SMOKE, "--out", ""], "--out is empty; give the run's folder, or drop --out"),
     (["--resume", "RUN", "--config", ""], "drop --config, --seed, --init and --out"),
     (["--resume", "RUN", "--init", ""], "drop --config, --seed, --init and --out"),
+    (["--resume", "RUN", "--init", "RUN"], "drop --config, --seed, --init and --out"),
     (["--config", SMOKE, "--init", ""], "--init is empty; give a model.npz to start from"),
 ])
 def test_resume_with_overwrite_and_empty_paths_are_usage_errors(finished, tiny_data_dir,
@@ -708,6 +709,10 @@ def test_resume_with_overwrite_and_empty_paths_are_usage_errors(finished, tiny_d
     assert_one_error_line(result, 2, fragment.replace("RUN", shell_path(finished)))
     if args == ["--resume", finished, "--overwrite"]:     # no run there: nothing to start over
         result = cli("train", "--resume", tmp_path / "none", "--overwrite")
+        assert result.stderr.rstrip().endswith("never replaces it; drop --overwrite")
+        (tmp_path / "mine").mkdir()                         # nor in a config of one's own
+        (tmp_path / "mine" / "config.yaml").write_text("model: {hidden: 8}\n")
+        result = cli("train", "--resume", tmp_path / "mine", "--overwrite")
         assert result.stderr.rstrip().endswith("never replaces it; drop --overwrite")
     assert digests(finished) == before
     assert not (tmp_path / "runs").exists()
@@ -1960,6 +1965,12 @@ def test_a_run_folder_gone_while_training_says_so_and_how_to_go_on(tmp_path):
     limit = RunFiles(tmp_path / "my run").write_failed(    # as the cache's error says it
         tmp_path / "my run" / "model.npz", OSError(errno.EFBIG, "File too large"), "kept")
     assert "(File too large); kept; raise the file size limit (ulimit -f), then:" in str(limit)
+    denied = OSError(errno.EACCES, "Permission denied")    # a temporary file and a rename: the
+    folder = RunFiles(tmp_path / "my run")                 # folder's permissions refused it
+    assert (f"(Permission denied); kept; make the folder {shell_path(folder.folder)} writable, "
+            "then:") in str(folder.write_failed(folder.path("model.npz"), denied, "kept"))
+    assert "(Permission denied); kept; make it writable, then:" in str(   # appended in place
+        folder.write_failed(folder.path("metrics.jsonl"), denied, "kept", appended=True))
 
 
 class CupyLikeGenerator:
@@ -2019,6 +2030,19 @@ def test_resume_of_a_folder_with_only_a_config_of_ones_own_refuses_and_keeps_it(
                           f"gpumlp train --config {shell_path(out / 'config.yaml')}")
     assert (out / "config.yaml").read_text() == mine
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def test_out_whose_config_yaml_is_a_pipe_is_refused_without_reading_it(tiny_data_dir,
+                                                                      tmp_path):
+    """Whether --out's config.yaml is one's own is read from it: a FIFO there blocked train
+    for good (read_yaml reads pipes, as --config <(...) needs)."""
+    out = tmp_path / "fifo"
+    out.mkdir()
+    os.mkfifo(out / "config.yaml")
+    done = subprocess.run([sys.executable, "-m", "gpumlp", *map(str, train_args(
+        out, tiny_data_dir))], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert done.returncode == 1 and done.stderr.startswith(f"Error: --out {out}: already holds")
 
 
 def test_out_holding_a_config_of_ones_own_offers_no_resume_but_training_with_it(

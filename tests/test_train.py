@@ -109,6 +109,8 @@ def test_too_large_val_size_limit_or_batch_is_a_config_error(tiny_mnist):
                         CPU).train.images.shape == (300, 784)
     assert prepare_data(tiny_mnist.mnist, build_config(None, ["data.limit=301"]).data, CPU,
                         new=False).train.images.shape == (300, 784)   # a resume of an older run
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        train(build_config(None, ["train.batch_size=301"]), CPU, tiny_mnist.mnist)
 
 
 def test_a_run_made_before_the_limit_rule_still_resumes(tiny_mnist, tmp_path, monkeypatch):
@@ -124,8 +126,11 @@ def test_a_run_made_before_the_limit_rule_still_resumes(tiny_mnist, tmp_path, mo
                                  "train.epochs=2", "model.hidden=8"])
     result = train(longer, CPU, tiny_mnist.mnist, out_dir=tmp_path / "run", resume=True)
     assert len(result.history) == 2
-    with pytest.raises(ConfigError, match="train.batch_size"):
-        train(build_config(None, ["train.batch_size=301"]), CPU, tiny_mnist.mnist)
+    for name in ("checkpoint.npz", "model.npz", "summary.json"):   # killed before its first
+        (tmp_path / "run" / name).unlink()                        # checkpoint: a resume starts
+    (tmp_path / "run" / "metrics.jsonl").write_text("")           # it over, a new run
+    with pytest.raises(ConfigError, match="'data.limit' is 301 but MNIST has 300"):
+        train(longer, CPU, tiny_mnist.mnist, out_dir=tmp_path / "run", resume=True)
 
 
 # --- data handling ----------------------------------------------------------------------------
