@@ -359,8 +359,9 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
             raise click.BadParameter(hint, param_hint="'--init'")
     if resume_dir:
         files = RunFiles(Path(resume_dir))
+        if files.folder.is_dir():  # first: a run another train replaces now is not half there
+            hold(lock_run(files.folder, "--resume"))
         files.check_resumable()
-        hold(lock_run(files.folder, "--resume"))
         # the two-key checks: here with --set (naming it), else once training is sure to take
         # a step (a finished run saved before a check was added still writes its results)
         config = build_config(files.path("config.yaml"), overrides,

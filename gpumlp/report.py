@@ -70,7 +70,8 @@ ROW_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy
             "seconds")         # what every metrics.jsonl row must hold (samples_per_second unused)
 VAL_KEYS = ("val_loss", "val_accuracy")  # in every row of a run with a validation split, or none
 MAX_VALUE = 1e30  # no loss, accuracy, rate or time a run writes comes near; a plot's axis breaks
-ROW_HINT = "metrics.jsonl is written by gpumlp train; restore it or remove that line"
+ROW_HINT = ("metrics.jsonl is written by gpumlp train; restore it or remove that line (gpumlp "
+            "train --resume rewrites it from the checkpoint)")
 MAX_METRICS_BYTES = 256 << 20  # a row is about 250 bytes: a million epochs
 
 

@@ -1215,6 +1215,10 @@ def test_a_run_another_train_is_writing_is_refused_by_resume_and_by_overwrite(st
         result = cli(*train_args(stopped, tiny_data_dir, "--overwrite"))
         assert_one_error_line(result, 1, f"--out {stopped}: another gpumlp train is writing")
         assert {p.name: p.read_bytes() for p in stopped.iterdir()} == before
+        (stopped / "config.yaml").rename(stopped / "aside")   # an --overwrite moving it aside:
+        result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir)  # not "no
+        assert_one_error_line(result, 1, "another gpumlp train is writing")   # config.yaml"
+        (stopped / "aside").rename(stopped / "config.yaml")
     finally:
         os.close(other)
     result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu")
