@@ -35,7 +35,7 @@ from .errors import GpumlpError, folder_problem, shell_path, write_problem
 from .files import read_at_most, run_held, writing_now
 from .mnist import Split
 from .model import params_on
-from .npzio import atomic_write, atomic_write_all
+from .npzio import TargetAppeared, atomic_write, atomic_write_all
 from .predict import outputs
 from .runfiles import aside_note, resumable
 
@@ -491,6 +491,13 @@ def draw_and_write(run_dir: Path, test: Split, backend: Backend, overwrite: bool
     text = sealed(markdown(run_dir, rows, counts, out, picked, smoothing)
                   .encode("utf-8", "backslashreplace"))  # a folder name not UTF-8: legible
     # all or none: a full disk leaves the old report whole, never new figures beside it
-    atomic_write_all({**{path: drawn[key].getvalue() for key, path in paths.items()},
-                      report: text}, new=free)
+    try:
+        atomic_write_all({**{path: drawn[key].getvalue() for key, path in paths.items()},
+                          report: text}, new=free)
+    except TargetAppeared:
+        if foreign_outputs(run_dir):  # another program's file: the user's to move
+            raise
+        raise ReportError(f"{run_dir}: another gpumlp report wrote its report there while this "
+                          "one was being made; this one wrote nothing (run gpumlp report again "
+                          "to make it anew)") from None
     return [*paths.values(), report]

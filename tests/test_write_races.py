@@ -21,14 +21,14 @@ from gpumlp.report import FIGURES, REPORT
 PRECIOUS = b"my own notes"
 
 
-def appearing_at(monkeypatch, target: Path) -> None:
-    """Someone writes PRECIOUS at `target` just after gpumlp staged its temporary file there."""
+def appearing_at(monkeypatch, target: Path, content: bytes = PRECIOUS) -> None:
+    """Someone writes `content` at `target` just after gpumlp staged its temporary file there."""
     real = npzio.stage
 
     def stage_then_appear(path, data, suffix):
         tmp = real(path, data, suffix)
         if Path(path) == target:
-            target.write_bytes(PRECIOUS)
+            target.write_bytes(content)
         return tmp
 
     monkeypatch.setattr(npzio, "stage", stage_then_appear)
@@ -113,3 +113,20 @@ def test_report_keeps_a_file_that_appeared_while_it_wrote_and_writes_none(tiny_m
     assert_kept(invoke(report, run, "--data-dir", tiny_data_dir, "--device", "cpu"), run / REPORT)
     assert sorted(p.name for p in run.iterdir()) == sorted([*before, REPORT])  # no figure
     assert not any((run / name).exists() for name in FIGURES.values())
+
+
+def test_a_report_another_report_wrote_meanwhile_is_not_called_a_foreign_file(
+        tiny_mnist, tiny_data_dir, tmp_path, monkeypatch):
+    """Two `gpumlp report RUN` at once: the one that lost was told to move the other's report
+    away or pass --overwrite, as if it were another program's file."""
+    from gpumlp.report import sealed
+    run = tmp_path / "run"
+    train_model(tiny_mnist.mnist, run, model__hidden=8, train__epochs=1, train__batch_size=50)
+    theirs = sealed(b"# Report: run\n")                  # what the other gpumlp report wrote
+    appearing_at(monkeypatch, run / REPORT, theirs)
+    result = invoke(report, run, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 1 and result.stderr == (
+        f"Error: {run}: another gpumlp report wrote its report there while this one was being "
+        "made; this one wrote nothing (run gpumlp report again to make it anew)\n")
+    assert (run / REPORT).read_bytes() == theirs and leftovers(run) == []
+
