@@ -123,14 +123,17 @@ def no_gpu_reason(cupy: Any) -> str:
         return (f"the NVIDIA driver supports CUDA {numbers[1]}, older than the CUDA "
                 f"{numbers[0]} this CuPy is built for: update the driver{swap}")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and hides_every_gpu(visible):  # which nvidia-smi does not heed
-        return (f"CUDA_VISIBLE_DEVICES is {visible!r}, which hides every GPU; unset it, or name "
-                "a GPU nvidia-smi lists")
+    hidden = visible is not None and (  # what a list of no GPU here gives, which nvidia-smi
+        hides_every_gpu(visible) or error is None or "cudaErrorNoDevice" in error)  # ignores
+    if hidden:
+        return (f"CUDA_VISIBLE_DEVICES is {visible!r}, which names no GPU CUDA has; unset it, "
+                "or name a GPU nvidia-smi lists")
     shown_as = f" (CUDA_VISIBLE_DEVICES is {visible!r})" if visible is not None else ""
     if error is not None:
         return f"{error}{shown_as}; nvidia-smi says whether the driver sees a GPU"
-    driver = f"the driver (CUDA {numbers[1]})" if numbers is not None else "no driver"
-    return f"{driver} reports no GPU{shown_as}; nvidia-smi says whether it sees one"
+    if numbers is None:
+        return "CUDA reports no GPU (its driver's version could not be read); nvidia-smi says why"
+    return f"the driver (CUDA {numbers[1]}) reports no GPU; nvidia-smi says whether it sees one"
 
 
 def hides_every_gpu(visible: str) -> bool:

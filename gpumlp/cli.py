@@ -353,8 +353,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     given = (config_path, init_path, seed)
     check_options(resume_dir, out, overwrite, any(v is not None for v in given), init_path)
     if init_path:  # after check_options: with --resume, its words come first
-        hint = model_hint(init_path) or (f"{shell_path(init_path)} is a folder; give a model.npz"
-                                         if os.path.isdir(init_path) else None)
+        hint = model_hint(init_path)
         if hint is not None:
             raise click.BadParameter(hint, param_hint="'--init'")
     if resume_dir:

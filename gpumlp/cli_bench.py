@@ -66,6 +66,8 @@ def header_lines(backend, result: dict, spec, data: str = "mnist") -> list[str]:
 
     torch = result["torch"] or f"- ({result['torch_note']})"
     timings = "timing" if spec.repeats == 1 else "timings"
+    ratios = ("the round's ratio" if spec.repeats == 1 else
+              f"median of the {spec.repeats} rounds' ratios")
     epochs = f"{spec.epochs} epoch" + ("" if spec.epochs == 1 else "s")
     threads = ", ".join(result["blas_threads"]) or "-"
     cupy = (f"cupy {backend.xp.__version__} ({cuda_versions(backend.xp)}), " if backend.is_gpu
@@ -84,8 +86,8 @@ def header_lines(backend, result: dict, spec, data: str = "mnist") -> list[str]:
         f"{result.get('sgemm_when', 'at the start and at the end')})",
         f"data      {data_line(data, spec.samples)}; fp32; SGD momentum {MOMENTUM}, lr {LR}; "
         + (f"median of {spec.repeats} interleaved {timings} of {epochs}; "
-           f"gpumlp/torch: median of the {spec.repeats} rounds' ratios of gpumlp's epoch to "
-           "torch's (below 1: gpumlp is faster)" if result["torch"] else
+           f"gpumlp/torch: {ratios} of gpumlp's epoch to torch's (below 1: gpumlp is faster)"
+           if result["torch"] else
            f"median of {spec.repeats} {timings} of {epochs} (no torch to compare)"),
         "GFLOP/s   the products each side executes (gpumlp's CPU step leaves zero pixels out of "
         "its first layer's), over s/epoch",

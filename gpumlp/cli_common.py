@@ -157,10 +157,13 @@ class ModelPath(click.Path):
 
 def model_hint(value: str) -> str | None:
     """What to give instead of `value` for a model.npz: a run's folder names its model.npz, an
-    ONNX export the model.npz it was made from; None for anything else."""
+    ONNX export the model.npz it was made from, another folder a model.npz; None for anything
+    else."""
     model = os.path.join(value, "model.npz")
     if os.path.isdir(value) and os.path.isfile(model):
         return f"{shell_path(value)} is a run's folder; give its model, {shell_path(model)}"
+    if os.path.isdir(value):
+        return f"{shell_path(value)} is a folder; give a model.npz"
     if str(value).lower().endswith(".onnx") and os.path.isfile(value):  # gpumlp export's
         npz = os.path.join(os.path.dirname(value), "model.npz")
         which = shell_path(npz) if os.path.isfile(npz) else "a run's model.npz"

@@ -70,8 +70,8 @@ ROW_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy
             "seconds")         # what every metrics.jsonl row must hold (samples_per_second unused)
 VAL_KEYS = ("val_loss", "val_accuracy")  # in every row of a run with a validation split, or none
 MAX_VALUE = 1e30  # no loss, accuracy, rate or time a run writes comes near; a plot's axis breaks
-ROW_HINT = ("metrics.jsonl is written by gpumlp train; restore it or remove that line (gpumlp "
-            "train --resume rewrites it from the checkpoint)")
+ROW_HINT = "metrics.jsonl is written by gpumlp train; restore it or remove that line"
+REWRITTEN = " (gpumlp train --resume rewrites it from the run's checkpoint)"
 MAX_METRICS_BYTES = 256 << 20  # a row is about 250 bytes: a million epochs
 
 
@@ -90,7 +90,17 @@ class SplitOutputs(NamedTuple):
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of metrics.jsonl, one per epoch, checked; a ReportError naming the line if not."""
+    """The rows of metrics.jsonl, one per epoch, checked; a ReportError naming the line if not
+    (and, where the run has its checkpoint, that a resume rewrites the file from it)."""
+    try:
+        return read_rows(run_dir)
+    except ReportError as e:
+        if ROW_HINT in str(e) and (run_dir / "checkpoint.npz").is_file():
+            raise ReportError(f"{e}{REWRITTEN}") from None
+        raise
+
+
+def read_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         if path.exists() or path.is_symlink():

@@ -12,6 +12,7 @@ first checkpoint start over from the same weights.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -460,13 +461,15 @@ class RunFiles:
 
     def discard_unstarted(self, remove_folder: bool) -> None:
         """Remove the files (and, with `remove_folder`, the folder) this run created, when no
-        checkpoint was written yet."""
+        checkpoint was written yet; what cannot be removed stays (a folder made read-only: the
+        error that ended the run is the one to tell)."""
         if self.path("checkpoint.npz").exists():
             return
-        for name in ("config.yaml", "metrics.jsonl", "init.npz"):
-            self.path(name).unlink(missing_ok=True)
-        if remove_folder:
-            remove_if_empty(self.folder)
+        with contextlib.suppress(OSError):
+            for name in ("config.yaml", "metrics.jsonl", "init.npz"):
+                self.path(name).unlink(missing_ok=True)
+            if remove_folder:
+                remove_if_empty(self.folder)
 
     def stale_outputs(self) -> str | None:
         """What a resume that trains leaves out of date (a report, an export: DERIVED_FILES in

@@ -315,7 +315,12 @@ def start_state(config: Config, backend: Backend, data: DeviceData, files: RunFi
 
 def _train(config, backend, mnist, files, init, resume, on_event, should_stop) -> RunResult:
     restoring = resume and files.path("checkpoint.npz").exists()  # else it starts over: new
-    data = prepare_data(mnist, config.data, backend, new=not restoring)
+    try:
+        data = prepare_data(mnist, config.data, backend, new=not restoring)
+    except ConfigError as e:  # a resume's config is config.yaml: name it, the one to edit
+        if not resume:
+            raise
+        raise ConfigError(f"{files.path('config.yaml')}: {e}") from None
     check_batch_size(config, len(data.train))
     state, history, restored, init = start_state(config, backend, data, files, init, resume)
     step_fn = make_step(config, backend)

@@ -738,8 +738,8 @@ def insufficient_driver(*args):
     (13000, None, "RuntimeError: cudaErrorInsufficientDriver: CUDA driver version is "
                   "insufficient for CUDA runtime version; nvidia-smi says whether the driver "
                   "sees a GPU"),
-    (13000, "-1", "CUDA_VISIBLE_DEVICES is '-1', which hides every GPU; unset it, or name a GPU "
-                  "nvidia-smi lists"),
+    (13000, "-1", "CUDA_VISIBLE_DEVICES is '-1', which names no GPU CUDA has; unset it, or name "
+                  "a GPU nvidia-smi lists"),
     (13000, "0", "RuntimeError: cudaErrorInsufficientDriver: CUDA driver version is "   # SLURM's
                  "insufficient for CUDA runtime version (CUDA_VISIBLE_DEVICES is '0'); "
                  "nvidia-smi says whether the driver sees a GPU")])
@@ -762,6 +762,29 @@ def test_why_cuda_shows_no_gpu_is_said_by_device_cuda_and_info(monkeypatch, in_t
     assert not (in_tmp / "run").exists()
     assert json.loads(cli("info", "--json").stdout)["unavailable"] == {"gpu": said}
     assert f"\ndevices    cpu (no CUDA GPU: {said})\n" in cli("info").stdout
+
+
+def test_a_cuda_visible_devices_past_the_last_gpu_is_named(monkeypatch):
+    """CUDA_VISIBLE_DEVICES=1 on a machine of one GPU hides it (cudaErrorNoDevice), as '-1'
+    does; nvidia-smi, which ignores the variable, would list the GPU."""
+    import types
+
+    def no_device():
+        raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
+    runtime = types.SimpleNamespace(runtimeGetVersion=lambda: 12080,
+                                    driverGetVersion=lambda: 12080, getDeviceCount=no_device)
+    cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert backend.no_gpu_reason(cupy) == ("CUDA_VISIBLE_DEVICES is '1', which names no GPU "
+                                           "CUDA has; unset it, or name a GPU nvidia-smi lists")
+    runtime.getDeviceCount = lambda: 0                      # no error, no GPU: the same
+    assert backend.no_gpu_reason(cupy).startswith("CUDA_VISIBLE_DEVICES is '1'")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert backend.no_gpu_reason(cupy) == ("the driver (CUDA 12.8) reports no GPU; nvidia-smi "
+                                           "says whether it sees one")
+    runtime.driverGetVersion = lambda: (_ for _ in ()).throw(RuntimeError("no libcuda"))
+    assert backend.no_gpu_reason(cupy) == ("CUDA reports no GPU (its driver's version could "
+                                           "not be read); nvidia-smi says why")
 
 
 class CudaWithoutCublas:

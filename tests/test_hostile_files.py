@@ -406,8 +406,10 @@ def test_a_run_folder_given_as_the_model_names_the_file_to_give(tmp_path):
                                       f"{shell_path(tmp_path / 'empty')} is a folder; give a "
                                       "model.npz") in result.stderr
     assert not (tmp_path / "new").exists()
-    result = invoke(evaluate, tmp_path, "--device", "cpu")   # a folder with no model in it
-    assert result.exit_code == 2 and "is a directory" in result.stderr
+    result = invoke(evaluate, tmp_path, "--device", "cpu")   # a folder with no model in it,
+    assert result.exit_code == 2 and (                       # in the words --init has
+        f"Error: Invalid value for 'MODEL': {shell_path(tmp_path)} is a folder; give a "
+        "model.npz") in result.stderr
 
 
 def test_an_onnx_export_given_as_the_model_names_the_model_npz_to_give(tmp_path):

@@ -400,6 +400,18 @@ def test_a_row_that_is_not_a_metrics_row_is_one_error_line_naming_it(
     assert result.stderr.count("\n") == 1
     assert metrics.read_text() == "\n".join(lines) + "\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "model.npz"]
+    assert "--resume" not in result.stderr       # no checkpoint here to rewrite the file from
+
+
+def test_a_damaged_row_of_a_run_with_its_checkpoint_says_a_resume_rewrites_it(
+        run_dir, tiny_data_dir, tmp_path):
+    copy_run(run_dir, tmp_path)
+    shutil.copyfile(run_dir / "checkpoint.npz", tmp_path / "checkpoint.npz")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().replace('"epoch": 1', '"epoch": 1.5'))
+    result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.stderr.rstrip().endswith("restore it or remove that line (gpumlp train "
+                                           "--resume rewrites it from the run's checkpoint)")
 
 
 def test_metrics_with_a_bom_or_a_line_separator_inside_a_string_are_read(run_dir, tmp_path):

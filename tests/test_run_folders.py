@@ -2207,3 +2207,31 @@ def test_the_umask_is_read_where_there_is_no_proc(monkeypatch):
         assert npzio.umask() == 0o027 and os.umask(0o027) == 0o027   # and put back
     finally:
         os.umask(mask)
+
+
+def test_a_first_checkpoint_refused_by_the_folder_says_so_not_what_the_clean_up_met(
+        tiny_data_dir, tmp_path, monkeypatch):
+    """A folder made read-only before the first checkpoint: the clean-up's own failure to
+    remove config.yaml replaced the error that ended the run ('config.yaml: Permission
+    denied; check its permissions')."""
+    import errno as errors
+    from pathlib import Path as PathType
+
+    from gpumlp import runfiles
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errors.EACCES, "Permission denied")
+    made_read_only = []
+
+    def first_checkpoint(*args, **kwargs):
+        made_read_only.append(True)
+        refused()
+    out = tmp_path / "run"
+    monkeypatch.setattr(runfiles, "save_npz", first_checkpoint)
+    real_unlink = PathType.unlink
+    monkeypatch.setattr(PathType, "unlink", lambda self, *a, **k: (
+        refused() if self.parent == out and made_read_only else real_unlink(self, *a, **k)))
+    result = cli(*train_args(out, tiny_data_dir))
+    assert_one_error_line(result, 1, f"cannot write {out / 'checkpoint.npz'} (Permission "
+                          f"denied); no checkpoint was written yet; make the folder "
+                          f"{shell_path(out)} writable, then run the same command again")

@@ -129,7 +129,8 @@ def test_a_run_made_before_the_limit_rule_still_resumes(tiny_mnist, tmp_path, mo
     for name in ("checkpoint.npz", "model.npz", "summary.json"):   # killed before its first
         (tmp_path / "run" / name).unlink()                        # checkpoint: a resume starts
     (tmp_path / "run" / "metrics.jsonl").write_text("")           # it over, a new run
-    with pytest.raises(ConfigError, match="'data.limit' is 301 but MNIST has 300"):
+    with pytest.raises(ConfigError, match=r"run/config.yaml: config key 'data.limit' is 301 but "
+                                          "MNIST has 300"):      # the file to edit, named
         train(longer, CPU, tiny_mnist.mnist, out_dir=tmp_path / "run", resume=True)
 
 
