@@ -122,12 +122,14 @@ def no_gpu_reason(cupy: Any) -> str:
                 if major in ("12", "13") else "")
         return (f"the NVIDIA driver supports CUDA {numbers[1]}, older than the CUDA "
                 f"{numbers[0]} this CuPy is built for: update the driver{swap}")
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    hidden = visible is not None and (  # what a list of no GPU here gives, which nvidia-smi
-        hides_every_gpu(visible) or error is None or "cudaErrorNoDevice" in error)  # ignores
-    if hidden:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # which nvidia-smi does not heed
+    if visible is not None and hides_every_gpu(visible):
         return (f"CUDA_VISIBLE_DEVICES is {visible!r}, which names no GPU CUDA has; unset it, "
                 "or name a GPU nvidia-smi lists")
+    if visible is not None and (error is None or "cudaErrorNoDevice" in error):  # either
+        return (f"CUDA finds no GPU, CUDA_VISIBLE_DEVICES being {visible!r}: if nvidia-smi "
+                "lists GPUs, name one of them (from 0) or unset it; if it lists none, the "
+                "driver sees no GPU")
     shown_as = f" (CUDA_VISIBLE_DEVICES is {visible!r})" if visible is not None else ""
     if error is not None:
         return f"{error}{shown_as}; nvidia-smi says whether the driver sees a GPU"

@@ -397,7 +397,11 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     except (Exception, KeyboardInterrupt) as e:  # a bug's too: leave no half-made run behind
         if early:
             with StopFlag.ignored():
-                RunFiles(out_dir).discard_unstarted(remove_folder=created)
+                cleared = RunFiles(out_dir).discard_unstarted(remove_folder=created)
+            again = "then run the same command again"  # which its files left there refuse
+            if not cleared and isinstance(e, GpumlpError) and str(e).endswith(again):
+                raise GpumlpError(str(e).removesuffix(again) + "then start it over: gpumlp "
+                                  f"train --resume {shell_path(out_dir)}") from None
         if isinstance(e, StoppedBeforeStart):  # Ctrl-C or SIGTERM during the set-up
             tell(stop.what())
             raise SystemExit(stop.exit_code()) from None

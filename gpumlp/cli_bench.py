@@ -65,10 +65,14 @@ def header_lines(backend, result: dict, spec, data: str = "mnist") -> list[str]:
     from .bench import LR, MOMENTUM
 
     torch = result["torch"] or f"- ({result['torch_note']})"
-    timings = "timing" if spec.repeats == 1 else "timings"
+    epochs_timed = f"{spec.epochs} epoch" + ("" if spec.epochs == 1 else "s")
+
+    def timed(how: str) -> str:
+        return (f"one timing of {epochs_timed}" if spec.repeats == 1 else
+                f"median of {spec.repeats} {how}timings of {epochs_timed}")
+
     ratios = ("the round's ratio" if spec.repeats == 1 else
               f"median of the {spec.repeats} rounds' ratios")
-    epochs = f"{spec.epochs} epoch" + ("" if spec.epochs == 1 else "s")
     threads = ", ".join(result["blas_threads"]) or "-"
     cupy = (f"cupy {backend.xp.__version__} ({cuda_versions(backend.xp)}), " if backend.is_gpu
             else "")
@@ -85,10 +89,10 @@ def header_lines(backend, result: dict, spec, data: str = "mnist") -> list[str]:
         f"sgemm     {result['sgemm_gflops']:.1f} GFLOP/s (best 2048^3 float32 product, measured "
         f"{result.get('sgemm_when', 'at the start and at the end')})",
         f"data      {data_line(data, spec.samples)}; fp32; SGD momentum {MOMENTUM}, lr {LR}; "
-        + (f"median of {spec.repeats} interleaved {timings} of {epochs}; "
+        + (f"{timed('interleaved ')}; "
            f"gpumlp/torch: {ratios} of gpumlp's epoch to torch's (below 1: gpumlp is faster)"
            if result["torch"] else
-           f"median of {spec.repeats} {timings} of {epochs} (no torch to compare)"),
+           f"{timed('')} (no torch to compare)"),
         "GFLOP/s   the products each side executes (gpumlp's CPU step leaves zero pixels out of "
         "its first layer's), over s/epoch",
     ]

@@ -459,17 +459,23 @@ class RunFiles:
         self.put_aside = False
         return True
 
-    def discard_unstarted(self, remove_folder: bool) -> None:
+    def discard_unstarted(self, remove_folder: bool) -> bool:
         """Remove the files (and, with `remove_folder`, the folder) this run created, when no
-        checkpoint was written yet; what cannot be removed stays (a folder made read-only: the
-        error that ended the run is the one to tell)."""
+        checkpoint was written yet; whether its files are gone. What cannot be removed stays (a
+        folder made read-only: the error that ended the run is the one to tell), a run killed
+        before its first checkpoint, which a resume starts over."""
         if self.path("checkpoint.npz").exists():
-            return
-        with contextlib.suppress(OSError):
-            for name in ("config.yaml", "metrics.jsonl", "init.npz"):
+            return True
+        whole = True
+        for name in ("config.yaml", "metrics.jsonl", "init.npz"):
+            try:
                 self.path(name).unlink(missing_ok=True)
-            if remove_folder:
+            except OSError:
+                whole = False
+        if remove_folder:
+            with contextlib.suppress(OSError):
                 remove_if_empty(self.folder)
+        return whole
 
     def stale_outputs(self) -> str | None:
         """What a resume that trains leaves out of date (a report, an export: DERIVED_FILES in

@@ -317,11 +317,12 @@ def _train(config, backend, mnist, files, init, resume, on_event, should_stop) -
     restoring = resume and files.path("checkpoint.npz").exists()  # else it starts over: new
     try:
         data = prepare_data(mnist, config.data, backend, new=not restoring)
+        check_batch_size(config, len(data.train))
     except ConfigError as e:  # a resume's config is config.yaml: name it, the one to edit
         if not resume:
             raise
-        raise ConfigError(f"{files.path('config.yaml')}: {e}") from None
-    check_batch_size(config, len(data.train))
+        back = "; or put it back as the run had it, if it was edited" if restoring else ""
+        raise ConfigError(f"{files.path('config.yaml')}: {e}{back}") from None
     state, history, restored, init = start_state(config, backend, data, files, init, resume)
     step_fn = make_step(config, backend)
     prepare_state(step_fn, state, data.train)

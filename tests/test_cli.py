@@ -766,7 +766,8 @@ def test_why_cuda_shows_no_gpu_is_said_by_device_cuda_and_info(monkeypatch, in_t
 
 def test_a_cuda_visible_devices_past_the_last_gpu_is_named(monkeypatch):
     """CUDA_VISIBLE_DEVICES=1 on a machine of one GPU hides it (cudaErrorNoDevice), as '-1'
-    does; nvidia-smi, which ignores the variable, would list the GPU."""
+    does; nvidia-smi, which ignores the variable, would list the GPU. A GPU gone from the bus
+    gives the same error: the line says both."""
     import types
 
     def no_device():
@@ -774,11 +775,13 @@ def test_a_cuda_visible_devices_past_the_last_gpu_is_named(monkeypatch):
     runtime = types.SimpleNamespace(runtimeGetVersion=lambda: 12080,
                                     driverGetVersion=lambda: 12080, getDeviceCount=no_device)
     cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    assert backend.no_gpu_reason(cupy) == ("CUDA_VISIBLE_DEVICES is '1', which names no GPU "
-                                           "CUDA has; unset it, or name a GPU nvidia-smi lists")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")          # or a GPU fell off the bus:
+    assert backend.no_gpu_reason(cupy) == ("CUDA finds no GPU, CUDA_VISIBLE_DEVICES being '1': "
+                                           "if nvidia-smi lists GPUs, name one of them (from 0) "
+                                           "or unset it; if it lists none, the driver sees no "
+                                           "GPU")                      # both are said
     runtime.getDeviceCount = lambda: 0                      # no error, no GPU: the same
-    assert backend.no_gpu_reason(cupy).startswith("CUDA_VISIBLE_DEVICES is '1'")
+    assert backend.no_gpu_reason(cupy).startswith("CUDA finds no GPU, CUDA_VISIBLE_DEVICES")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert backend.no_gpu_reason(cupy) == ("the driver (CUDA 12.8) reports no GPU; nvidia-smi "
                                            "says whether it sees one")

@@ -2234,4 +2234,9 @@ def test_a_first_checkpoint_refused_by_the_folder_says_so_not_what_the_clean_up_
     result = cli(*train_args(out, tiny_data_dir))
     assert_one_error_line(result, 1, f"cannot write {out / 'checkpoint.npz'} (Permission "
                           f"denied); no checkpoint was written yet; make the folder "
-                          f"{shell_path(out)} writable, then run the same command again")
+                          f"{shell_path(out)} writable, then start it over: gpumlp train "
+                          f"--resume {shell_path(out)}")     # its files stay: the same command
+    made_read_only.clear()                                 # would find the folder taken
+    monkeypatch.setattr(runfiles, "save_npz", npzio.save_npz)
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "-q")
+    assert result.exit_code == 0, result.output

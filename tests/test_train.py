@@ -132,6 +132,11 @@ def test_a_run_made_before_the_limit_rule_still_resumes(tiny_mnist, tmp_path, mo
     with pytest.raises(ConfigError, match=r"run/config.yaml: config key 'data.limit' is 301 but "
                                           "MNIST has 300"):      # the file to edit, named
         train(longer, CPU, tiny_mnist.mnist, out_dir=tmp_path / "run", resume=True)
+    wide = build_config(None, ["data.val_size=50", "train.batch_size=999", "train.epochs=2",
+                               "model.hidden=8"])
+    with pytest.raises(ConfigError, match=r"run/config.yaml: config key 'train.batch_size' is "
+                                          "999 but the training set has only 250 examples"):
+        train(wide, CPU, tiny_mnist.mnist, out_dir=tmp_path / "run", resume=True)
 
 
 # --- data handling ----------------------------------------------------------------------------
