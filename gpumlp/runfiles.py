@@ -461,21 +461,18 @@ class RunFiles:
 
     def discard_unstarted(self, remove_folder: bool) -> bool:
         """Remove the files (and, with `remove_folder`, the folder) this run created, when no
-        checkpoint was written yet; whether its files are gone. What cannot be removed stays (a
-        folder made read-only: the error that ended the run is the one to tell), a run killed
-        before its first checkpoint, which a resume starts over."""
+        checkpoint was written yet; False when its config.yaml stays. The removal stops at the
+        first file that cannot go (a folder made read-only: the error that ended the run is the
+        one to tell), config.yaml before init.npz, so that what stays is a run killed before
+        its first checkpoint, which a resume starts over."""
         if self.path("checkpoint.npz").exists():
             return True
-        whole = True
-        for name in ("config.yaml", "metrics.jsonl", "init.npz"):
-            try:
+        with contextlib.suppress(OSError):
+            for name in ("metrics.jsonl", "config.yaml", "init.npz"):
                 self.path(name).unlink(missing_ok=True)
-            except OSError:
-                whole = False
-        if remove_folder:
-            with contextlib.suppress(OSError):
+            if remove_folder:
                 remove_if_empty(self.folder)
-        return whole
+        return not self.path("config.yaml").exists()
 
     def stale_outputs(self) -> str | None:
         """What a resume that trains leaves out of date (a report, an export: DERIVED_FILES in

@@ -321,8 +321,11 @@ def _train(config, backend, mnist, files, init, resume, on_event, should_stop) -
     except ConfigError as e:  # a resume's config is config.yaml: name it, the one to edit
         if not resume:
             raise
-        back = "; or put it back as the run had it, if it was edited" if restoring else ""
-        raise ConfigError(f"{files.path('config.yaml')}: {e}{back}") from None
+        said = str(e)
+        if restoring:  # its checkpoint holds the run's value: another is refused
+            said = (said.split("; lower it")[0] + "; a resume goes on with the run's value: put "
+                    "config.yaml back as the run had it, or give the data it trained on")
+        raise ConfigError(f"{files.path('config.yaml')}: {said}") from None
     state, history, restored, init = start_state(config, backend, data, files, init, resume)
     step_fn = make_step(config, backend)
     prepare_state(step_fn, state, data.train)

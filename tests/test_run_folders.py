@@ -2209,11 +2209,13 @@ def test_the_umask_is_read_where_there_is_no_proc(monkeypatch):
         os.umask(mask)
 
 
+@pytest.mark.parametrize("stuck", [None, "config.yaml", "metrics.jsonl"])
 def test_a_first_checkpoint_refused_by_the_folder_says_so_not_what_the_clean_up_met(
-        tiny_data_dir, tmp_path, monkeypatch):
+        finished, tiny_data_dir, tmp_path, monkeypatch, stuck):
     """A folder made read-only before the first checkpoint: the clean-up's own failure to
     remove config.yaml replaced the error that ended the run ('config.yaml: Permission
-    denied; check its permissions')."""
+    denied; check its permissions'). Whichever file cannot go (`stuck`; None: all), what
+    stays is a run that --resume starts over, its --init weights with it."""
     import errno as errors
     from pathlib import Path as PathType
 
@@ -2223,15 +2225,18 @@ def test_a_first_checkpoint_refused_by_the_folder_says_so_not_what_the_clean_up_
         raise PermissionError(errors.EACCES, "Permission denied")
     made_read_only = []
 
-    def first_checkpoint(*args, **kwargs):
+    def first_checkpoint(path, *args, **kwargs):
+        if Path(path).name != "checkpoint.npz":              # init.npz, at the start
+            return npzio.save_npz(path, *args, **kwargs)
         made_read_only.append(True)
         refused()
-    out = tmp_path / "run"
+    out = tmp_path / "new-run"
     monkeypatch.setattr(runfiles, "save_npz", first_checkpoint)
     real_unlink = PathType.unlink
     monkeypatch.setattr(PathType, "unlink", lambda self, *a, **k: (
-        refused() if self.parent == out and made_read_only else real_unlink(self, *a, **k)))
-    result = cli(*train_args(out, tiny_data_dir))
+        refused() if self.parent == out and made_read_only and stuck in (None, self.name)
+        else real_unlink(self, *a, **k)))
+    result = cli(*train_args(out, tiny_data_dir, "--init", finished / "model.npz"))
     assert_one_error_line(result, 1, f"cannot write {out / 'checkpoint.npz'} (Permission "
                           f"denied); no checkpoint was written yet; make the folder "
                           f"{shell_path(out)} writable, then start it over: gpumlp train "
@@ -2240,3 +2245,5 @@ def test_a_first_checkpoint_refused_by_the_folder_says_so_not_what_the_clean_up_
     monkeypatch.setattr(runfiles, "save_npz", npzio.save_npz)
     result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "-q")
     assert result.exit_code == 0, result.output
+    assert (np.load(out / "init.npz")["W1"].tobytes() ==
+            np.load(finished / "model.npz")["W1"].tobytes())

@@ -137,6 +137,15 @@ def test_a_run_made_before_the_limit_rule_still_resumes(tiny_mnist, tmp_path, mo
     with pytest.raises(ConfigError, match=r"run/config.yaml: config key 'train.batch_size' is "
                                           "999 but the training set has only 250 examples"):
         train(wide, CPU, tiny_mnist.mnist, out_dir=tmp_path / "run", resume=True)
+    kept = build_config(None, ["data.val_size=50", "train.batch_size=50", "train.epochs=1",
+                               "model.hidden=8"])
+    train(kept, CPU, tiny_mnist.mnist, out_dir=tmp_path / "kept")     # with its checkpoint:
+    with pytest.raises(ConfigError) as refused:            # lowering it would be refused too
+        train(wide, CPU, tiny_mnist.mnist, out_dir=tmp_path / "kept", resume=True)
+    assert str(refused.value).endswith(
+        "'train.batch_size' is 999 but the training set has only 250 examples; a resume goes "
+        "on with the run's value: put config.yaml back as the run had it, or give the data it "
+        "trained on")
 
 
 # --- data handling ----------------------------------------------------------------------------
