@@ -822,28 +822,22 @@ class CudaWithoutNvrtc:
 
 
 @pytest.mark.parametrize("command", CUDA_COMMANDS)
-def test_an_nvrtc_cupy_cannot_load_is_named_before_any_work(command, monkeypatch, in_tmp):
-    monkeypatch.setattr(backend, "_import_cupy", lambda: CudaWithoutNvrtc)
+@pytest.mark.parametrize("fake, library, lost", [
+    (CudaWithoutCublas, "cuBLAS", "libcublasLt.so.13 or libcublasLt.so.12"),
+    (CudaWithoutNvrtc, "NVRTC", "libnvrtc.so.13 or libnvrtc.so.12")])
+def test_a_library_cupy_cannot_load_is_named_before_any_work(command, monkeypatch, in_tmp, fake,
+                                                             library, lost):
+    """Not a traceback from the first product, or the first kernel compile, of a run."""
+    monkeypatch.setattr(backend, "_import_cupy", lambda: fake)
     monkeypatch.setattr(backend, "_cuda_count", lambda cupy: 1)
     assert_one_error_line(cli(*command, "--device", "cuda"), 2,
-                          "Error: --device cuda: CuPy cannot load NVRTC (ImportError: Failure "
-                          'finding "libnvrtc.so.13 or libnvrtc.so.12"); check the CUDA '
-                          "installation (nvidia-smi, gpumlp info)")
+                          f"Error: --device cuda: CuPy cannot load {library} (ImportError: "
+                          f'Failure finding "{lost}"); check the CUDA installation (nvidia-smi, '
+                          "gpumlp info), or use --device cpu")
     assert not (in_tmp / "run").exists()
-
-
-@pytest.mark.parametrize("command", CUDA_COMMANDS)
-def test_a_cublas_cupy_cannot_load_is_named_before_any_work(command, monkeypatch, in_tmp):
-    """Not a traceback from the first product of a run on the generic GPU path."""
-    monkeypatch.setattr(backend, "_import_cupy", lambda: CudaWithoutCublas)
-    monkeypatch.setattr(backend, "_cuda_count", lambda cupy: 1)
-    assert_one_error_line(cli(*command, "--device", "cuda"), 2,
-                          "Error: --device cuda: CuPy cannot load cuBLAS (ImportError: Failure "
-                          'finding "libcublasLt.so.13 or libcublasLt.so.12"); check the CUDA '
-                          "installation (nvidia-smi, gpumlp info), or use --device cpu")
-    assert not (in_tmp / "run").exists()
-    assert_one_error_line(cli(*command, "--device", "auto"), 2,   # not cuda:0, which the user
-                          "Error: --device auto (cuda:0): CuPy cannot load cuBLAS")  # never typed
+    # named as the user wrote it, not cuda:0, which they never typed
+    assert_one_error_line(cli(*command, "--device", "auto"), 2,
+                          f"Error: --device auto (cuda:0): CuPy cannot load {library}")
 
 
 def test_file_errors_exit_1_with_one_line(in_tmp):
