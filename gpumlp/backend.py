@@ -114,9 +114,8 @@ def no_gpu_reason(cupy: Any) -> str:
         numbers = None
     if numbers is not None and numbers[1] == "none":
         return "no NVIDIA driver is loaded; nvidia-smi says why"
-    if numbers is not None and int(numbers[1].split(".")[0]) < int(numbers[0].split(".")[0]):
-        major = numbers[1].split(".")[0]
-        built = numbers[0].split(".")[0]
+    built, major = (v.split(".")[0] for v in numbers) if numbers is not None else ("0", "0")
+    if major.isdigit() and built.isdigit() and int(major) < int(built):
         swap = (f", or swap CuPy for the one for CUDA {major} (pip uninstall cupy-cuda{built}x; "
                 f"pip install -e '.[cuda{major}]' in the gpumlp folder)"
                 if major in ("12", "13") else "")
