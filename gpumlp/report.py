@@ -37,6 +37,7 @@ from .mnist import Split
 from .model import params_on
 from .npzio import TargetAppeared, atomic_write, atomic_write_all
 from .predict import outputs
+from .resume_state import start_over_in
 from .runfiles import aside_note, resumable
 
 FIGURES = {
@@ -416,15 +417,17 @@ def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutp
 
 def finish_hint(run_dir: Path) -> str:
     """How to get the model.npz of a run that lacks it: resume it where `gpumlp train
-    --resume` can go on with it, else train it again (from its config.yaml when it has one)."""
+    --resume` can go on with it, else start it over (from its config.yaml and --init weights
+    when it has them)."""
     if resumable(run_dir):
         return f"finish the run first (gpumlp train --resume {shell_path(run_dir)})"
     # not resumable: it lacks its config.yaml, or its checkpoint after training began
     lacks = [name for name in ("config.yaml", "checkpoint.npz") if not (run_dir / name).is_file()]
-    config = run_dir / "config.yaml"
-    given = f"--config {shell_path(config)} " if config.is_file() else "--config FILE "
-    return (f"it has no {' or '.join(lacks)} to resume from, so train it again: gpumlp train "
-            f"{given}--out {shell_path(run_dir)} --overwrite")
+    if (run_dir / "config.yaml").is_file():
+        how = start_over_in(run_dir)
+    else:
+        how = f"train it again: gpumlp train --config FILE --out {shell_path(run_dir)} --overwrite"
+    return f"it has no {' or '.join(lacks)} to resume from, so {how}"
 
 
 def check_run(run_dir: Path, overwrite: bool = False) -> list[dict]:

@@ -111,16 +111,32 @@ def start_over(source: str) -> str:
     return start_over_in(Path(source).parent)
 
 
+FROM_INIT = "# this run started from the --init weights in init.npz beside this file\n"
+
+
+def started_from_init(folder: Path) -> bool:
+    """Whether `folder`'s config.yaml says the run started from --init weights (FROM_INIT)."""
+    try:
+        with open(folder / "config.yaml", encoding="utf-8", errors="replace") as f:
+            return f.readline() == FROM_INIT
+    except OSError:
+        return False
+
+
 def start_over_in(folder: Path, init: str | None = None) -> str:
-    """How to start the run in `folder` over in place, with its config.yaml (and its --init
-    weights: `init`, a word of the command, else init.npz when it is there): without --config
+    """How to start the run in `folder` over in place, with its config.yaml and its --init
+    weights (`init`, a word of the command; else init.npz when it is there, or FILE where
+    config.yaml says the run started from weights init.npz no longer holds): without --config
     the command would train the built-in defaults over the run."""
     quoted = shell_path(folder)
     if init is None and (folder / "init.npz").is_file():
         init = f"{quoted}/init.npz"
+    elif init is None and started_from_init(folder):
+        init = "FILE"
     init_option = f" --init {init}" if init else ""
+    file_is = " (FILE: the weights it started from)" if init == "FILE" else ""
     return (f"start the run over: gpumlp train --config {quoted}/config.yaml{init_option} --out "
-            f"{quoted} --overwrite")
+            f"{quoted} --overwrite{file_is}")
 
 
 def damaged_record(source: str) -> CheckpointError:

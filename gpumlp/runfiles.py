@@ -33,8 +33,9 @@ from .errors import (LINK_LOOP, CheckpointError, ConfigError, GpumlpError, folde
 from .files import writing_now
 from .model import Params
 from .npzio import atomic_write, save_npz
-from .resume_state import (CHECKPOINT_FORMAT, read_checkpoint, read_position, restore_generators,
-                           restore_params_and_optimizer, start_over_in)
+from .resume_state import (CHECKPOINT_FORMAT, FROM_INIT, read_checkpoint, read_position,
+                           restore_generators, restore_params_and_optimizer, start_over_in,
+                           started_from_init)
 
 if TYPE_CHECKING:
     from .train import RunState
@@ -51,7 +52,6 @@ REPLACED = ".gpumlp-replaced"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the errnos of a disk (or quota) with no room left
 # config.yaml's first line in a run started from --init weights: a resume before the first
 # checkpoint then knows that init.npz is needed, not a random start (RunFiles.saved_init)
-FROM_INIT = "# this run started from the --init weights in init.npz beside this file\n"
 
 
 def run_files_in(path: Path) -> list[str]:
@@ -406,11 +406,7 @@ class RunFiles:
 
     def from_init(self) -> bool:
         """Whether config.yaml says the run started from --init weights (FROM_INIT)."""
-        try:
-            with open(self.path("config.yaml"), encoding="utf-8", errors="replace") as f:
-                return f.readline() == FROM_INIT
-        except OSError:
-            return False
+        return started_from_init(self.folder)
 
     def append_metrics(self, row: dict) -> None:
         path = self.path("metrics.jsonl")
@@ -546,16 +542,14 @@ class RunFiles:
                     f"{self.path('init.npz')}: no such file, yet the run started from the "
                     "--init weights it held (config.yaml's first line says so) and has no "
                     "checkpoint to go on from; put it back, or "
-                    f"{start_over_in(self.folder, init='FILE')} (FILE: the weights it started "
-                    "from)")
+                    f"{start_over_in(self.folder, init='FILE')}")
             return None
         try:
             return load_init(self.path("init.npz"), config.model.layer_widths,
                              config.train.dtype)
         except CheckpointError as e:
             raise CheckpointError(f"{e}; it held the --init weights of the run, so "
-                                  f"{start_over_in(self.folder, init='FILE')} (FILE: the "
-                                  "weights it started from)") from None
+                                  f"{start_over_in(self.folder, init='FILE')}") from None
 
     def saved_config(self) -> Config:
         """The config as the run's config.yaml says it (no --set)."""

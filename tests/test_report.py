@@ -241,9 +241,10 @@ def test_a_run_without_a_model_is_told_to_resume_only_when_a_resume_can_go_on(
         return result.stderr
     (tmp_path / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
     (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
-    assert said().endswith(f"no model.npz; it has no checkpoint.npz to resume from, so train it "
-                           f"again: gpumlp train --config {shell_path(tmp_path / 'config.yaml')} "
-                           f"--out {shell_path(tmp_path)} --overwrite\n")
+    here = shell_path(tmp_path)
+    assert said().endswith(f"no model.npz; it has no checkpoint.npz to resume from, so start the "
+                           f"run over: gpumlp train --config {here}/config.yaml --out {here} "
+                           "--overwrite\n")
     (tmp_path / "checkpoint.npz").write_bytes((run_dir / "checkpoint.npz").read_bytes())
     (tmp_path / "config.yaml").unlink()
     assert said().endswith(f"no model.npz; it has no config.yaml to resume from, so train it "
@@ -252,6 +253,28 @@ def test_a_run_without_a_model_is_told_to_resume_only_when_a_resume_can_go_on(
     (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
     assert said().endswith(f"no model.npz; finish the run first (gpumlp train --resume "
                            f"{shell_path(tmp_path)})\n")
+
+
+def test_a_run_from_init_weights_without_a_model_is_started_over_with_them(
+        tmp_path, run_dir, tiny_data_dir):
+    """A run that started from --init weights is started over with them: from its init.npz,
+    else FILE where config.yaml's first line says there were some (without --init the command
+    would train a different run from random weights, and drop init.npz)."""
+    from gpumlp.resume_state import FROM_INIT
+
+    (tmp_path / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+    (tmp_path / "config.yaml").write_text(FROM_INIT + (run_dir / "config.yaml").read_text())
+    (tmp_path / "init.npz").write_bytes((run_dir / "model.npz").read_bytes())
+    here = shell_path(tmp_path)
+    result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 1 and result.stderr.endswith(
+        f"so start the run over: gpumlp train --config {here}/config.yaml --init "
+        f"{here}/init.npz --out {here} --overwrite\n")
+    (tmp_path / "init.npz").unlink()
+    result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert result.exit_code == 1 and result.stderr.endswith(
+        f"so start the run over: gpumlp train --config {here}/config.yaml --init FILE --out "
+        f"{here} --overwrite (FILE: the weights it started from)\n")
 
 
 def test_a_checkpoint_without_its_config_is_not_told_to_resume_for_an_epoch(

@@ -1582,6 +1582,22 @@ def test_the_start_over_advice_keeps_the_runs_init_weights(finished, tiny_data_d
     assert (out / "model.npz").read_bytes() == (reference / "model.npz").read_bytes()
 
 
+def test_the_start_over_advice_asks_for_init_weights_that_init_npz_no_longer_holds(
+        finished, tiny_data_dir, tmp_path):
+    """config.yaml's first line says the run started from --init weights: without init.npz the
+    advice asks for them (FILE), as a command without --init trains from random weights."""
+    out = tmp_path / "from init"
+    assert cli(*train_args(out, tiny_data_dir, "--init", finished / "model.npz")).exit_code == 0
+    (out / "checkpoint.npz").unlink()
+    (out / "init.npz").unlink()
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
+    assert_one_error_line(result, 1, "nothing to resume")
+    assert result.stderr.endswith(f"start the run over: gpumlp train --config "
+                                  f"{shell_path(out)}/config.yaml --init FILE --out "
+                                  f"{shell_path(out)} --overwrite (FILE: the weights it started "
+                                  "from)\n")
+
+
 @pytest.mark.parametrize("how", ["--set", "config.yaml"])
 def test_a_run_stopped_at_an_epochs_end_can_be_ended_there(tiny_data_dir, tmp_path,
                                                            monkeypatch, how):
