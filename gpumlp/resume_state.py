@@ -41,17 +41,19 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
         meta = parse_json(str(arrays["state"]))
     except (KeyError, ValueError):
         meta = None
-    if not isinstance(meta, dict) or not isinstance(meta.get("fixed", {}), dict) \
-            or not isinstance(meta.get("config") or {}, dict):
+    if not isinstance(meta, dict):
         raise damaged_record(source)
     written = meta.get("format", 1)
     if not isinstance(written, int) or isinstance(written, bool) or written < 1:
         raise damaged_record(source)
-    if written > CHECKPOINT_FORMAT:
+    if written > CHECKPOINT_FORMAT:  # before the entries' shapes, which a later format may change
         raise CheckpointError(f"{source}: written by a later gpumlp (checkpoint format "
                               f"{written}; this gpumlp {__version__} reads format "
                               f"{CHECKPOINT_FORMAT}); resume it with that gpumlp, or upgrade "
                               "this one")
+    if not isinstance(meta.get("fixed", {}), dict) \
+            or not isinstance(meta.get("config") or {}, dict):
+        raise damaged_record(source)
     return arrays, meta
 
 
