@@ -649,6 +649,12 @@ class RunFiles:
                                   ) from None
             raise self.write_failed(path, e, "the previous checkpoint is intact") from None
 
+    def check_checkpoint_run(self, config: Config) -> None:
+        """Refuse a `config` that changes a fixed key since the checkpoint (check_same_run),
+        before data checks whose errors would name the key the change made wrong."""
+        _, meta = read_checkpoint(self.path("checkpoint.npz"))
+        check_same_run(meta.get("fixed", {}), config, self.folder)
+
     def load_checkpoint(self, config: Config, backend: Backend,
                         n_train: int) -> tuple["RunState", list[dict]]:
         """The state saved by the last checkpoint, checked against `config` and the size of the

@@ -323,6 +323,7 @@ def _train(config, backend, mnist, files, init, resume, on_event, should_stop) -
             raise
         said = str(e)
         if restoring:  # its checkpoint holds the run's value: another is refused
+            files.check_checkpoint_run(config)  # a changed data.limit, named as the cause
             said = (said.split("; lower it")[0] + "; a resume goes on with the run's value: put "
                     "config.yaml back as the run had it, or give the data it trained on")
         raise ConfigError(f"{files.path('config.yaml')}: {said}") from None

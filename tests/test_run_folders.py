@@ -1333,6 +1333,19 @@ def edit_config(out: Path, section: str, key: str, value) -> None:
     (out / "config.yaml").write_text(yaml.safe_dump(config))
 
 
+@pytest.mark.parametrize("limit", [40, 260])
+def test_a_limit_edited_below_what_the_run_needs_is_named_as_the_change(stopped, tiny_data_dir,
+                                                                        limit):
+    """config.yaml's data.limit lowered since the checkpoint is refused as the change it is,
+    not as the val_size or batch size it leaves too large (which nobody changed)."""
+    edit_config(stopped, "data", "limit", limit)
+    before = digests(stopped)
+    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert_one_error_line(result, 1, f"config.yaml changes data.limit (null -> {limit}) since "
+                          "the checkpoint")
+    assert digests(stopped) == before
+
+
 def test_a_saved_cosine_floor_above_the_rate_is_fixed_by_the_set_the_error_names(stopped,
                                                                                  tiny_data_dir):
     """A config.yaml saved before optim.min_lr <= optim.lr was checked still resumes, with the

@@ -13,10 +13,10 @@ import pytest
 from gpumlp.backend import CPU
 from gpumlp.config import build_config
 from gpumlp.data import batch_slices, permutation, prepare_data, to_inputs
-from gpumlp.errors import ConfigError
+from gpumlp.errors import ConfigError, GpumlpError
 from gpumlp.mnist import Mnist, Split, load_mnist
 from gpumlp.model import Params
-from gpumlp.npzio import load_npz
+from gpumlp.npzio import load_npz, save_npz
 from gpumlp.train import Interrupted, NumericalError, new_state, train
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
@@ -140,6 +140,15 @@ def test_a_run_made_before_the_limit_rule_still_resumes(tiny_mnist, tmp_path, mo
     kept = build_config(None, ["data.val_size=50", "train.batch_size=50", "train.epochs=1",
                                "model.hidden=8"])
     train(kept, CPU, tiny_mnist.mnist, out_dir=tmp_path / "kept")     # with its checkpoint:
+    with pytest.raises(GpumlpError) as refused:  # the change is named, not the size it broke
+        train(wide, CPU, tiny_mnist.mnist, out_dir=tmp_path / "kept", resume=True)
+    assert "config.yaml changes train.batch_size (50 -> 999) since the checkpoint" in str(
+        refused.value)
+    checkpoint = tmp_path / "kept" / "checkpoint.npz"     # one of before the fixed record:
+    arrays = load_npz(checkpoint)                         # nothing says what changed
+    record = json.loads(str(arrays["state"]))
+    del record["fixed"]
+    save_npz(checkpoint, {**arrays, "state": np.array(json.dumps(record))})
     with pytest.raises(ConfigError) as refused:            # lowering it would be refused too
         train(wide, CPU, tiny_mnist.mnist, out_dir=tmp_path / "kept", resume=True)
     assert str(refused.value).endswith(
