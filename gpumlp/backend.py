@@ -82,11 +82,16 @@ def cupy_load_error() -> str | None:
     return CUPY_IMPORT[0] if CUPY_IMPORT else None
 
 
+def cupy_load_fix() -> str | None:
+    """What to do about the last `import cupy`'s error, where import_fix knew."""
+    return CUPY_IMPORT[1] if len(CUPY_IMPORT) > 1 else None
+
+
 def cupy_missing() -> str:
     """Why CuPy is not there to use, after _import_cupy gave None, and what to do: not
     installed, or installed but not loadable (its error)."""
     if CUPY_IMPORT:
-        fix = CUPY_IMPORT[1] if len(CUPY_IMPORT) > 1 else DRIVER_FIX
+        fix = cupy_load_fix() or DRIVER_FIX
         return (f"CuPy is installed but cannot be loaded ({CUPY_IMPORT[0]}); {fix}, or use "
                 "--device cpu")
     return f"CuPy is not installed; {CUDA_HINT}"
@@ -229,8 +234,13 @@ def cuda_versions(cupy: Any = None) -> str:
     except Exception as e:  # a broken CUDA install, or no runtime library
         return f"unknown ({error_summary(e)})"
     if numbers is None:
-        return "- (no CuPy)"
+        return f"- ({no_cupy()})"
     return f"CUDA runtime {numbers[0]}, driver {numbers[1]}"
+
+
+def no_cupy() -> str:
+    """Why there are no CUDA versions to show, after an `import cupy` gave none."""
+    return "CuPy cannot be loaded" if CUPY_IMPORT else "no CuPy"
 
 
 def array_module(array: Any) -> ModuleType:

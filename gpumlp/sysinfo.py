@@ -11,7 +11,7 @@ import numpy as np
 from . import __version__
 from . import backend
 from .backend import (available_devices, cuda_version_numbers, cuda_versions, cupy_load_error,
-                      cupy_version, no_gpu_reason)
+                      cupy_load_fix, cupy_version, no_cupy, no_gpu_reason)
 
 
 def blas_name(module=np) -> str:
@@ -28,7 +28,8 @@ def blas_name(module=np) -> str:
 def cupy_absence() -> str:
     """Why there is no CuPy version: not installed, or installed but not loadable."""
     if cupy_load_error() is not None:
-        return f"installed but cannot be loaded ({cupy_load_error()})"
+        fix = f"; {cupy_load_fix()}" if cupy_load_fix() else ""
+        return f"installed but cannot be loaded ({cupy_load_error()}){fix}"
     return "not installed (pip install -e '.[cuda12]' or '.[cuda13]' in the gpumlp folder)"
 
 
@@ -51,7 +52,7 @@ def system_info() -> dict:
         unavailable["cuda"] = cuda_versions()
     else:
         if numbers is None:
-            unavailable["cuda"] = "no CuPy"
+            unavailable["cuda"] = no_cupy()
     cpus = os.cpu_count()
     if cpus is None:
         unavailable["cpus"] = "unknown"
@@ -78,14 +79,14 @@ def system_info() -> dict:
 
 def info_lines(details: dict) -> list[str]:
     """`gpumlp info`'s lines, "name  value", for a person: a missing value's reason in its
-    place ("- (no CuPy)" for CUDA without CuPy)."""
+    place ("- (no CuPy)" for CUDA without a CuPy to ask)."""
     lines = []
     for key, value in details.items():
         if key == "unavailable":
             continue
         if value is None:
             value = details["unavailable"][key]
-            value = "- (no CuPy)" if value == "no CuPy" else value
+            value = f"- ({value})" if key == "cuda" and value == no_cupy() else value
         elif key == "cuda":
             value = f"CUDA runtime {value['runtime']}, driver {value['driver']}"
         elif key == "devices":

@@ -555,6 +555,7 @@ def test_info_lists_versions_and_devices():
 def test_info_json_gives_what_is_missing_as_null_and_why_apart(monkeypatch):
     from gpumlp import backend, sysinfo
     monkeypatch.setattr(backend, "_import_cupy", lambda: None)
+    monkeypatch.setattr(backend, "CUPY_IMPORT", [])           # no earlier test's failed import
     monkeypatch.setattr(sysinfo.os, "cpu_count", lambda: None)
     details = json.loads(cli("info", "--json").stdout)
     assert (details["cupy"], details["cuda"], details["cpus"]) == (None, None, None)
@@ -706,6 +707,13 @@ def test_a_cupy_that_cannot_make_its_kernel_cache_is_told_so_not_to_check_the_dr
                           "cache, CUPY_CACHE_DIR", "set CUPY_CACHE_DIR to a folder you can "
                           "write to, or use --device cpu")
     assert "driver" not in result.stderr
+    info = cli("info")                             # the command the errors point to says so too
+    assert ("\ncupy       installed but cannot be loaded (PermissionError: [Errno 13] Permission "
+            "denied: '/home/gpumlp/.cache'); CuPy could not make or reach that folder at import"
+            in info.stdout)
+    assert "\ncuda       - (CuPy cannot be loaded)\n" in info.stdout   # not "no CuPy"
+    details = json.loads(cli("info", "--json").stdout)["unavailable"]
+    assert "set CUPY_CACHE_DIR" in details["cupy"] and details["cuda"] == "CuPy cannot be loaded"
 
 
 def test_a_pytorch_that_cannot_be_loaded_is_not_said_to_be_missing(monkeypatch, tmp_path):

@@ -768,7 +768,10 @@ def test_cuda_versions_reads_cudas_encoding_and_says_what_is_missing(monkeypatch
         RuntimeError("libcudart.so.13: cannot open\nmore"))
     assert cuda_versions(broken) == "unknown (RuntimeError: libcudart.so.13: cannot open)"
     monkeypatch.setattr(backend, "_import_cupy", lambda: None)
+    monkeypatch.setattr(backend, "CUPY_IMPORT", [])
     assert cuda_versions() == "- (no CuPy)"
+    monkeypatch.setattr(backend, "CUPY_IMPORT", ["OSError: libcuda.so.1: cannot open"])
+    assert cuda_versions() == "- (CuPy cannot be loaded)"     # installed: not "no CuPy"
 
 
 def test_the_bench_header_on_a_gpu_names_cupy_and_the_cuda_versions():
