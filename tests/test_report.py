@@ -277,6 +277,31 @@ def test_a_run_from_init_weights_without_a_model_is_started_over_with_them(
         f"{here} --overwrite (FILE: the weights it started from)\n")
 
 
+@pytest.mark.parametrize("summary", ["older", "unreadable"])
+def test_a_model_older_than_the_metrics_is_not_reported_as_theirs(tmp_path, run_dir,
+                                                                  tiny_data_dir, summary):
+    """A finished run resumed for more epochs and stopped keeps its old model.npz beside the
+    new rows: its report would mix the two models. summary.json, written with model.npz, says
+    which epoch the model is of; where it cannot say, the report goes on (the accuracy check
+    in report.md is left)."""
+    for name in ("metrics.jsonl", "config.yaml", "checkpoint.npz", "model.npz", "summary.json"):
+        (tmp_path / name).write_bytes((run_dir / name).read_bytes())
+    record = json.loads((tmp_path / "summary.json").read_text())
+    assert record["epochs"] == 3
+    (tmp_path / "summary.json").write_text(json.dumps({**record, "epochs": 2})
+                                           if summary == "older" else "{")
+    result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
+    if summary == "older":
+        assert result.exit_code == 1 and result.stderr.count("\n") == 1
+        assert result.stderr.endswith(
+            f"{tmp_path}: model.npz is the model of epoch 2 (summary.json), but metrics.jsonl "
+            "goes on to epoch 3: the run was resumed and has not finished; finish the run first "
+            f"(gpumlp train --resume {shell_path(tmp_path)})\n")
+        assert not (tmp_path / "report.md").exists()
+    else:
+        assert result.exit_code == 0, result.output
+
+
 def test_a_checkpoint_without_its_config_is_not_told_to_resume_for_an_epoch(
         tmp_path, run_dir, tiny_data_dir):
     """A run stopped in its first epoch is told to resume only when --resume can go on with it
