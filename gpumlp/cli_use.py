@@ -140,7 +140,8 @@ def export(model_path, fmt, out, overwrite):
                            f"written; give --out a name such as mnist.{fmt}", exit_code=2)
     require("onnx", "onnx", "onnx")
     from .checkpoint import load_model
-    from .export_onnx import OPSET, check_target, check_usable, float32_params, model_bytes
+    from .export_onnx import (OPSET, check_size, check_target, check_usable, float32_params,
+                              model_bytes)
     from .files import writing_now
     from .npzio import atomic_write
 
@@ -149,6 +150,7 @@ def export(model_path, fmt, out, overwrite):
         raise OneLineError(f"{model_path}: a gpumlp train is writing its run now (model.npz "
                            "at its end); export the model when the train ends")
     params, config = load_model(model_path)
+    check_size(params, str(model_path))
     params = float32_params(params, str(model_path))
     check_usable(params, config, str(model_path))
     target = Path(out) if out else Path(model_path).with_suffix(f".{fmt}")

@@ -38,8 +38,24 @@ PRODUCER_MARK = b"\x12" + bytes([len(PRODUCER)]) + PRODUCER.encode()  # field 2,
 INPUT, LOGITS, PROBABILITIES = "pixels", "logits", "probabilities"
 
 
+# protobuf serialises at most 2 GiB, and an .onnx file is one message: the weights, stored as
+# float32, and the graph's few kilobytes must fit
+ONNX_MAX_BYTES = 2**31 - 1
+GRAPH_MARGIN = 1 << 20
+
+
 class ExportError(GpumlpError):
     """The model cannot be written in the requested format."""
+
+
+def check_size(params: Params, source: str) -> None:
+    """An ExportError, before any work, for weights too large for one .onnx file (the
+    serialiser fails on them after a minute and a few copies of them in memory)."""
+    size = 4 * sum(int(a.size) for a in (*params.W, *params.b))
+    if size + GRAPH_MARGIN > ONNX_MAX_BYTES:
+        raise ExportError(f"{source}: {size / 2**30:.2f} GiB of weights as float32, more than "
+                          "the 2 GiB an ONNX file can hold; export a smaller model (this one "
+                          "is used as model.npz: gpumlp predict and evaluate take it)")
 
 
 class GraphBuilder:

@@ -126,6 +126,21 @@ def test_a_file_that_is_not_a_model_and_an_unknown_format_are_refused(tmp_path):
     assert not (tmp_path / "notes.onnx").exists()
 
 
+def test_weights_too_large_for_one_onnx_file_are_refused_before_any_work(saved, monkeypatch):
+    """protobuf writes at most 2 GiB: a larger model failed after a minute with a traceback."""
+    import gpumlp.export_onnx as export_onnx
+    params, _ = random_model("8")
+    size = 4 * sum(a.size for a in (*params.W, *params.b))          # 6,370 float32 values
+    monkeypatch.setattr(export_onnx, "ONNX_MAX_BYTES", size + export_onnx.GRAPH_MARGIN)
+    assert invoke(export, saved / "model.npz", "--out", saved / "fits.onnx").exit_code == 0
+    monkeypatch.setattr(export_onnx, "ONNX_MAX_BYTES", size + export_onnx.GRAPH_MARGIN - 1)
+    monkeypatch.setattr(export_onnx, "onnx_model", lambda *a: pytest.fail("built the graph"))
+    result = invoke(export, saved / "model.npz")
+    assert_refused(result, f"{saved / 'model.npz'}: 0.00 GiB of weights as float32, more than "
+                   "the 2 GiB an ONNX file can hold; export a smaller model")
+    assert not (saved / "model.onnx").exists()
+
+
 def test_without_onnx_the_error_names_the_extra(tmp_path, monkeypatch):
     without_module(monkeypatch, "onnx")
     assert_missing_extra(invoke(export, tmp_path / "model.npz"), "onnx")
