@@ -84,10 +84,17 @@ def enlargement(n: int, size: int, kind: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=128)
-def _solvers(size: int, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The SOURCE-to-`size` enlargement A, its pseudo-inverse, an orthonormal basis of its range."""
+def _solvers(size: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """The SOURCE-to-`size` enlargement A and its pseudo-inverse (for the few windows fitted)."""
     A = enlargement(SOURCE, size, kind)
-    return A, np.linalg.pinv(A), np.linalg.qr(A)[0]
+    return A, np.linalg.pinv(A)
+
+
+@functools.lru_cache(maxsize=512)
+def _range_basis(size: int, kind: str) -> np.ndarray:
+    """(size, SOURCE): an orthonormal basis of the range of the SOURCE-to-`size` enlargement
+    (for every size and filter the profiles try)."""
+    return np.linalg.qr(enlargement(SOURCE, size, kind))[0]
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -104,13 +111,25 @@ def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.concatenate([a @ b[:, j:j + step] for j in range(0, n, step)], axis=1)
 
 
+def _windows_dot(seen: np.ndarray, basis: np.ndarray, spectra: dict) -> np.ndarray:
+    """(len(seen) - len(basis) + 1, basis.shape[1]): each window of len(basis) pixels of
+    `seen` times `basis`, a correlation, computed by FFT (`spectra` keeps the basis's
+    spectrum by FFT size, for the next call): as a product of the windows (a Hankel matrix)
+    it was a thousand matrix-vector products, half a second for a 500-pixel drawing."""
+    fft_size = 1 << (len(seen) - 1).bit_length()   # at least len(seen): no window wraps round
+    if fft_size not in spectra:
+        spectra[fft_size] = np.fft.rfft(basis, fft_size, axis=0).conj()
+    product = np.fft.rfft(seen, fft_size)[:, None] * spectra[fft_size]
+    return np.fft.irfft(product, fft_size, axis=0)[:len(seen) - len(basis) + 1]
+
+
 @functools.lru_cache(maxsize=64)
 def _stacked_bases(sizes: range, kinds: tuple[str, ...]) -> np.ndarray:
     """(sizes[-1], SOURCE * len(sizes) * len(kinds)): the range bases of each size and filter
     side by side, each padded with zero rows to the longest size."""
     out = np.zeros((sizes[-1], SOURCE * len(sizes) * len(kinds)))
     for i, (size, kind) in enumerate((size, kind) for size in sizes for kind in kinds):
-        out[:size, i * SOURCE:(i + 1) * SOURCE] = _solvers(size, kind)[2]
+        out[:size, i * SOURCE:(i + 1) * SOURCE] = _range_basis(size, kind)
     return out
 
 
@@ -140,13 +159,13 @@ def _by_profiles(patch: np.ndarray, sizes: range, kinds: tuple[str, ...],
     the enlarged source best explains the patch's row and column sums (an enlargement's sums
     are the enlargement of sums, with the same filter and grid). The window holds the box."""
     basis, longest = _stacked_bases(sizes, kinds), sizes[-1]
-    best = []
+    best, spectra = [], {}
     for profile, (first, end) in ((patch.sum(axis=1), box_rows), (patch.sum(axis=0), box_cols)):
         offsets = np.arange(end - longest, first + 1)
         padded = np.concatenate([np.zeros(longest), profile, np.zeros(longest)])
-        windows = np.lib.stride_tricks.sliding_window_view(padded, longest)[offsets + longest]
-        explained = (_dot(windows, basis) ** 2).reshape(len(offsets), len(sizes), len(kinds),
-                                                        SOURCE).sum(axis=3)
+        seen = padded[offsets[0] + longest:offsets[-1] + 2 * longest]  # every window's pixels
+        explained = (_windows_dot(seen, basis, spectra) ** 2).reshape(
+            len(offsets), len(sizes), len(kinds), SOURCE).sum(axis=3)
         misfit = profile @ profile - explained                         # (offsets, sizes, kinds)
         misfit[offsets[:, None] + np.asarray(sizes)[None, :] < end] = np.inf   # misses the box
         at = misfit.argmin(axis=0)                                     # (sizes, kinds)
@@ -164,7 +183,7 @@ def _fit(patch: np.ndarray, size: int, kind: str, top: int, left: int) -> Enlarg
     the overshoot of the bicubic and Lanczos filters at a stroke's edges is cut off. Those
     cut-off values are estimated along with the image (the least-squares fit alternates with
     putting the model's values back where the picture is clipped, over-relaxed)."""
-    A, pinv, _ = _solvers(size, kind)
+    A, pinv = _solvers(size, kind)
     window = _window(patch, size, top, left)
     outside = max(float((patch ** 2).sum() - (window ** 2).sum()), 0.0)   # ink the window misses
     inner = _dot(pinv, window)                               # (SOURCE, size): after the row pass

@@ -329,6 +329,22 @@ def test_an_enlarged_small_image_is_read_back_pixel_for_pixel(resample, size):
     np.testing.assert_allclose(mnist_pixels(picture), digit, atol=5.0)
 
 
+@pytest.mark.parametrize("n, length", [(1, 7), (5, 12), (42, 42), (566, 1200), (64, 65)])
+def test_the_windows_product_by_fft_is_the_product_of_the_windows(n, length):
+    """read_back's profiles correlate the sums with each basis by FFT: the same numbers as the
+    windows' matrix product, with no window wrapping round the FFT's length."""
+    from gpumlp.readback import _windows_dot
+    rng = np.random.default_rng(n)
+    seen, basis = rng.random(length) * 255, rng.standard_normal((n, 6))
+    windows = np.lib.stride_tricks.sliding_window_view(seen, n)      # (length - n + 1, n)
+    spectra: dict = {}
+    np.testing.assert_allclose(_windows_dot(seen, basis, spectra), windows @ basis,
+                               rtol=0, atol=1e-10 * np.abs(windows @ basis).max())
+    np.testing.assert_allclose(_windows_dot(seen[::-1].copy(), basis, spectra),
+                               windows[::-1, ::-1] @ basis,          # the kept spectrum reused
+                               rtol=0, atol=1e-10 * np.abs(windows @ basis).max())
+
+
 def test_pictures_that_are_not_enlargements_are_not_read_back():
     assert read_back(255.0 - ring_digit().astype(float), INK_LEVEL) is None           # sharp edges
     digit = Image.fromarray(255 - mnist_like_digit().astype(np.uint8)).resize((112, 112))
