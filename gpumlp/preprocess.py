@@ -181,10 +181,15 @@ def gray_from_image(data: bytes, source: str) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     too_big = f"more than {MAX_PIXELS:,} pixels ({MAX_SIDE}x{MAX_SIDE}); scale it down"
-    try:
+    bomb_limit = Image.MAX_IMAGE_PIXELS  # Pillow's own refusal, past 179 million pixels, would
+    try:                                 # leave the size unsaid: MAX_PIXELS is far lower
         with warnings.catch_warnings():  # the size is checked below, in one line; a corrupt
             warnings.simplefilter("ignore")  # EXIF block is Pillow's warning, not the user's
-            image = Image.open(io.BytesIO(data))     # reads the header only
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                image = Image.open(io.BytesIO(data))     # reads the header only
+            finally:
+                Image.MAX_IMAGE_PIXELS = bomb_limit
             if image.width * image.height > MAX_PIXELS:
                 raise ImageError(f"{source}: picture of {image.width}x{image.height} pixels, "
                                  f"{too_big}")

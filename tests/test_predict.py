@@ -284,6 +284,27 @@ def test_a_huge_picture_through_the_command_is_one_line_without_warnings(random_
                             f"{MAX_PIXELS:,} pixels (4096x4096); scale it down\n"
 
 
+def test_a_picture_past_pillows_own_limit_is_refused_with_its_size(tmp_path):
+    """Pillow refuses pictures past 179 million pixels itself, before gpumlp's check: its
+    error left the size unsaid. A PNG's header alone (no pixels) gives the size."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body))
+
+    path = tmp_path / "giant.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(
+        ">IIBBBBB", 20000, 20000, 1, 0, 0, 0, 0)) + chunk(b"IEND", b""))
+    limit = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageError) as info:
+        load_digit(path)
+    assert str(info.value) == (f"{path}: picture of 20000x20000 pixels, more than "
+                               f"{MAX_PIXELS:,} pixels (4096x4096); scale it down")
+    assert Image.MAX_IMAGE_PIXELS == limit is not None    # Pillow's limit, put back
+
+
 def test_a_huge_npy_array_is_refused(tmp_path):
     path = save_npy(tmp_path / "huge.npy", np.zeros((4097, 4096), dtype=np.uint8))
     with pytest.raises(ImageError, match=r"4096x4097 pixels, more than .*; scale it down"):
