@@ -312,6 +312,8 @@ def plot_learning_curves(rows: list[dict], path: Target, smoothing: float = 0.0)
                         color=colour, label=name)
         ax.set(title=f"{metric.capitalize()} per epoch", xlabel="epoch", ylabel=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(set(epochs)) == 1:  # one epoch in view: the locator falls back to fractions
+            ax.set_xticks(epochs[:1])
         ax.grid(alpha=0.3)
         ax.legend()
     save_figure(fig, path)

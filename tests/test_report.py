@@ -302,6 +302,23 @@ def test_a_model_older_than_the_metrics_is_not_reported_as_theirs(tmp_path, run_
         assert result.exit_code == 0, result.output
 
 
+@pytest.mark.parametrize("epochs", [1, 2, 7])
+def test_the_learning_curves_mark_whole_epochs_only(run_dir, monkeypatch, epochs):
+    """With one epoch, the integer locator fell back to ticks at 0.95, 0.975, ... 1.05."""
+    import gpumlp.report as report_module
+    from gpumlp.report import plot_learning_curves, read_metrics
+
+    row = read_metrics(run_dir)[0]
+    rows = [{**row, "epoch": e} for e in range(1, epochs + 1)]
+    drawn = []
+    monkeypatch.setattr(report_module, "save_figure", lambda fig, path: drawn.append(fig))
+    plot_learning_curves(rows, "unused.png")
+    for ax in drawn[0].axes:
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
 def test_a_checkpoint_without_its_config_is_not_told_to_resume_for_an_epoch(
         tmp_path, run_dir, tiny_data_dir):
     """A run stopped in its first epoch is told to resume only when --resume can go on with it
