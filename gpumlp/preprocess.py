@@ -213,9 +213,8 @@ def luma(image, source: str) -> np.ndarray:
 
     if image.mode == "F":  # 32-bit float grey (TIFF): fractions or levels, as in a .npy
         return float_levels(np.asarray(image, dtype=np.float64), source, "picture")
-    if image.mode in ("I;16", "I;16B", "I;16L"):  # 16-bit grey
-        return np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
-    if image.mode == "I":  # 32-bit integers: 8- or 16-bit grey in practice, told by the values
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 32- or 16-bit integers: 8- or 16-bit
+        # grey in practice, told by the values (a 16-bit PNG may hold levels 0..255)
         gray = np.clip(np.asarray(image, dtype=np.float64), 0, None)
         top = float(gray.max(initial=0))
         full = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top

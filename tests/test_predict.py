@@ -111,6 +111,21 @@ def test_a_32_bit_integer_picture_is_read_in_the_levels_its_values_use(tmp_path,
                                atol=1e-3)
 
 
+@pytest.mark.parametrize("mode, suffix", [("I;16", "png"), ("I;16B", "tif")])
+@pytest.mark.parametrize("scale", [1, 257], ids=["8-bit levels", "16-bit"])
+def test_a_16_bit_picture_is_read_in_the_levels_its_values_use(tmp_path, mode, suffix, scale):
+    """A 16-bit PNG may hold levels 0..255 (a uint16 array saved as it is), which were scaled
+    as 16-bit: a contrast of 1 and 'no ink'. As for mode "I", its values tell which."""
+    ring = ring_digit()
+    path = tmp_path / f"ring.{suffix}"
+    values = (ring.astype(np.uint16) * scale).astype(">u2" if mode == "I;16B" else "<u2")
+    Image.frombytes(mode, ring.shape[::-1], values.tobytes()).save(path)
+    with Image.open(path) as saved:
+        assert saved.mode == mode
+    np.testing.assert_allclose(load_digit(path), load_digit(save_png(tmp_path / "r.png", ring)),
+                               atol=1e-3)
+
+
 def test_a_picture_with_a_corrupt_exif_block_is_read_without_pillows_warning(tmp_path):
     """Pillow warns "Corrupt EXIF data" (a UserWarning with its file's path) where the EXIF
     block is cut short; the picture itself is fine, and the user is told nothing they can act
