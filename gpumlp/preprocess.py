@@ -6,7 +6,8 @@ centre; the ink is light (up to 255) on a black background (0). `mnist_pixels` d
 same to a grey image of any size:
 
     1. grayscale (luma), upright as the EXIF orientation says; transparent pixels count as
-       white paper
+       white paper, or black where the opaque ones are all light (`backdrop`: white strokes
+       drawn on a transparent canvas)
     2. paper = median of the outermost pixel frame, or a plane fitted to it where the light
        falls unevenly (`paper`); the ink is the levels' distance from the paper, on the
        paper's usual side unless the other reaches much farther (`ink_levels`): inverted
@@ -176,8 +177,9 @@ def float_levels(gray: np.ndarray, source: str, what: str) -> np.ndarray:
 
 def gray_from_image(data: bytes, source: str) -> np.ndarray:
     """Luma of a picture Pillow can read (its first frame, turned upright as its EXIF
-    orientation says, as phone cameras write it); transparency over white. Anything Pillow
-    cannot decode or convert is an ImageError naming the file, never another exception."""
+    orientation says, as phone cameras write it); transparency over paper (`backdrop`).
+    Anything Pillow cannot decode or convert is an ImageError naming the file, never another
+    exception."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     too_big = f"more than {MAX_PIXELS:,} pixels ({MAX_SIDE}x{MAX_SIDE}); scale it down"
@@ -220,9 +222,22 @@ def luma(image, source: str) -> np.ndarray:
         full = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
         return gray * (255.0 / full)
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        paper = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(paper, image.convert("RGBA"))
+        image = image.convert("RGBA")
+        paper = Image.new("RGBA", image.size, (backdrop(image),) * 3 + (255,))
+        image = Image.alpha_composite(paper, image)
     return np.asarray(image.convert("L"), dtype=np.float64)
+
+
+def backdrop(image) -> int:
+    """The level (0 or 255) an RGBA image's transparent pixels count as: white paper, unless
+    its opaque pixels (at least half its most opaque) are all of one light level, strokes whose
+    alpha holds the digit (white ink drawn on a transparent canvas): black, so that they read
+    as ink. Dark strokes, and pictures whose opaque pixels hold a digit of their own, get white."""
+    alpha = np.asarray(image.getchannel("A"))
+    levels = np.asarray(image.convert("L"), dtype=np.float64)[alpha >= max(alpha.max(), 1) / 2]
+    if levels.size and np.ptp(levels) < MIN_CONTRAST and np.median(levels) > 127.5:
+        return 0
+    return 255
 
 
 def ink_levels(gray: np.ndarray, source: str) -> np.ndarray:

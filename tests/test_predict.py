@@ -98,6 +98,29 @@ def test_transparent_background_counts_as_white_paper(tmp_path):
     np.testing.assert_array_equal(load_digit(transparent), load_digit(plain))
 
 
+def test_white_strokes_on_a_transparent_canvas_are_read_as_ink(tmp_path):
+    """A canvas drawing holds its digit in alpha alone: white strokes composited over white
+    paper had no ink at all ('nearly uniform, contrast 0'); they go over black (black strokes
+    still go over white: the test above)."""
+    ring = ring_digit()
+    rgba = np.full(ring.shape + (4,), 255, dtype=np.uint8)
+    rgba[..., 3] = 255 - ring                             # opaque only where the ink is
+    transparent = save_png(tmp_path / "canvas.png", rgba)
+    np.testing.assert_array_equal(load_digit(transparent),
+                                  load_digit(save_png(tmp_path / "plain.png", ring)))
+
+
+def test_a_page_with_a_transparent_border_is_read_on_white_paper(tmp_path):
+    """Opaque pixels that hold the digit themselves (light paper, dark ink) keep white."""
+    ring = ring_digit()
+    rgba = np.zeros(ring.shape + (4,), dtype=np.uint8)    # the border: transparent black
+    rgba[10:-10, 10:-10, :3] = ring[10:-10, 10:-10, None]
+    rgba[10:-10, 10:-10, 3] = 255
+    page = save_png(tmp_path / "page.png", rgba)
+    np.testing.assert_array_equal(load_digit(page),
+                                  load_digit(save_png(tmp_path / "plain.png", ring)))
+
+
 @pytest.mark.parametrize("scale", [1, 257, 65537], ids=["8-bit levels", "16-bit", "wider"])
 def test_a_32_bit_integer_picture_is_read_in_the_levels_its_values_use(tmp_path, scale):
     """Pillow's mode "I" holds 8-bit, 16-bit or wider grey; its values, not the mode, tell
