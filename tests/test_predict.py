@@ -696,6 +696,23 @@ def test_the_background_is_the_median_of_the_whole_frame_so_ink_touching_it_chan
     np.testing.assert_array_equal(mnist_pixels(soft), mnist_pixels(margin))
 
 
+def test_a_digit_cropped_to_its_ink_is_refused_not_read_as_its_negative(mnist_dir, tmp_path):
+    """MNIST's test image 14, a slanted '1', cropped to its ink (above 128), dark on white,
+    enlarged 8 times: its outermost pixels are mostly ink, the paper level they gave was a
+    plane through ink and paper, and a net saw a sliver of the negative (a '5', 0.21). With a
+    margin of paper around it, it reads as before."""
+    digit = load_mnist(mnist_dir).test.images[14].reshape(28, 28)
+    rows, cols = np.flatnonzero((digit > 128).any(axis=1)), np.flatnonzero((digit > 128).any(0))
+    crop = 255 - digit[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    big = np.kron(crop, np.ones((8, 8), dtype=np.uint8))
+    with pytest.raises(ImageError, match=r"tight\.png: the digit touches the picture's edges "
+                                         r"\(\d+% of its outermost pixels are ink.*; leave a "
+                                         "margin of paper around it$"):
+        load_digit(save_png(tmp_path / "tight.png", big))
+    margin = load_digit(save_png(tmp_path / "margin.png", np.pad(big, 16, constant_values=255)))
+    assert np.ptp(np.flatnonzero(margin.any(axis=0))) < 12       # the stroke, not the page
+
+
 def test_a_digit_larger_than_the_box_is_shrunk_by_area_averaging():
     """MNIST's anti-aliasing: a digit drawn 5 times larger (each pixel a 5x5 block) shrinks
     back to the very pixels it was drawn from."""
