@@ -545,6 +545,14 @@ def checked_together(config: Config) -> Config:
                          "has no momentum to look ahead with (PyTorch refuses it too); set "
                          "optim.nesterov=false (plain SGD), or a momentum, e.g. "
                          "optim.momentum=0.9", others=(("optim", "momentum"),))
+    decay = optim.lr * optim.weight_decay  # the share of each weight one step's decay takes
+    if optim.name in ("sgd", "adamw") and decay >= 1:
+        raise KeyProblem(("optim", "weight_decay"),
+                         f"config key 'optim.weight_decay' ({optim.weight_decay:g}) times "
+                         f"optim.lr ({optim.lr:g}) is {decay:g}: each step's decay alone would "
+                         "take the whole weight or more, and the net trains to chance or blows "
+                         f"up; give optim.weight_decay well below {1 / optim.lr:g} (1/optim.lr), "
+                         "e.g. optim.weight_decay=5e-4", others=(("optim", "lr"),))
     if optim.schedule == "cosine" and optim.min_lr > optim.lr:
         raise KeyProblem(("optim", "min_lr"),
                          f"config key 'optim.min_lr' ({optim.min_lr:g}) is above optim.lr "

@@ -597,16 +597,10 @@ class RunFiles:
 
     def last_good(self, config: Config) -> str:
         """Where the last good checkpoint is and how to go on with a tenth of the learning
-        rate (and of a cosine floor above it), for the NaN error. With sgd or adamw, a weight
-        decay that takes more than the whole weight a step (lr * weight_decay >= 1) is named
-        instead: a lower rate would not help the checkpoint it has already shaken."""
+        rate (and of a cosine floor above it), for the NaN error. (A weight decay that takes
+        the whole weight a step never trains: checked_together refuses it.)"""
         path = self.path("checkpoint.npz")
         optim = config.optim
-        decay = optim.lr * optim.weight_decay  # the share of each weight one step's decay takes
-        if optim.name in ("sgd", "adamw") and decay >= 1:
-            return (f"optim.weight_decay times optim.lr is {decay:g}, so each step's decay alone "
-                    "takes more than the whole weight, and a checkpoint carries what it did; "
-                    f"start over with optim.weight_decay well below {1 / optim.lr:g}")
         lower = f"--set optim.lr={optim.lr / 10:g}"
         if optim.schedule == "cosine" and optim.min_lr > optim.lr / 10:
             lower += f" --set optim.min_lr={optim.min_lr / 10:g}"
