@@ -159,7 +159,7 @@ __host__ __device__ inline double xent_row(float* a, const float* b, int c, int 
     float logp = (a[j] - top) - lse;                     // log Z2_j
     float yj = j == label ? y_on + y_off : y_off;        // Y_j
     da[j] = (expf(logp) - yj) / (float)m;                // dA2_j
-    loss -= (double)(yj * logp);
+    if (yj != 0.0f) loss -= (double)(yj * logp);       // 0 * -inf (a spread past float) is 0
   }
   *hit = best == label;
   return (label < 0 || label >= c) ? (double)nanf("") : loss;

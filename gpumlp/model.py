@@ -97,7 +97,8 @@ def forward(params: Params, X: Array, act: Activation, masks: tuple = ()) -> Cac
 
 
 def log_softmax(A2: Array) -> Array:
-    """log Z2, from the row maximum and log-sum-exp: finite for any finite logits."""
+    """log Z2, from the row maximum and log-sum-exp: no exp overflows, and log Z2 is finite
+    unless a logit lies farther below the row's maximum than the dtype's range (-inf then)."""
     xp = array_module(A2)
     shifted = A2 - A2.max(axis=1, keepdims=True)                     # (m, c)
     return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
@@ -130,8 +131,11 @@ def loss_and_dA2(A2: Array, y: Array, smoothing: float = 0.0) -> tuple[Array, Ar
     m, c = A2.shape
     logZ2 = log_softmax(A2)                                          # (m, c)
     Y = targets(y, c, A2.dtype, smoothing)                           # (m, c), smoothed if asked
-    L = -(Y * logZ2).sum() / A2.dtype.type(m)                        # () in A2's dtype
-    dA2 = (array_module(A2).exp(logZ2) - Y) / m                      # (m, c)
+    xp = array_module(A2)
+    # a 0 target's term is 0, also where a logit so far below the row's maximum (a spread past
+    # the dtype's range) makes log Z2 -inf: 0 * -inf would be NaN
+    L = -xp.where(Y != 0, Y * logZ2, 0).sum() / A2.dtype.type(m)    # () in A2's dtype
+    dA2 = (xp.exp(logZ2) - Y) / m                                    # (m, c)
     return L, dA2
 
 

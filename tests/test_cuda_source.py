@@ -694,6 +694,20 @@ def test_softmax_xent_keeps_huge_logits_finite_and_counts_the_first_maximum_of_a
     assert int(correct) == int((A2.argmax(axis=1) == y).sum())
 
 
+def test_softmax_xent_of_a_logit_spread_past_float_is_the_loss_not_nan(emulated):
+    """The kernel's 0-target terms count 0 where log Z2 is -inf, as model.loss_and_dA2 and the
+    fast CPU step do (0 * -inf was NaN)."""
+    step = fast_cuda.FusedStep(build_config(None, []), emulated)
+    A2 = np.zeros((2, 10), dtype=np.float32)
+    A2[:, 0], A2[:, 1] = 3e38, -3e38
+    y = np.zeros(2, dtype=np.int32)
+    buf = step.step_buffers(2, (784, 16, 10))
+    buf.A[-1][...] = A2
+    L, _ = step.loss(Params((), (np.zeros(10, dtype=np.float32),)), y, buf)
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert float(L) == float(loss_and_dA2(A2, y)[0]) == 0.0
+
+
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
 def test_act_backward_takes_phi_prime_at_exactly_zero_as_activations_does(emulated, activation):
     """A pre-activation of exactly 0 (zero bias on a blank image, say) is on the kink:

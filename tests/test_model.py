@@ -543,6 +543,19 @@ def test_loss_from_log_sum_exp_is_finite_and_exact_for_huge_logits():
     assert L32.dtype == np.float32 and L32 == pytest.approx(1e4, rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype, top", [(np.float32, 3e38), (np.float64, 1e308)])
+def test_a_logit_spread_past_the_dtypes_range_gives_the_loss_not_nan(dtype, top):
+    """A2 - max overflows to -inf for the bottom logit: its target is 0, so its term is 0 (it
+    was 0 * -inf = NaN, where the fast CPU step gave the loss, 0 here)."""
+    A2 = np.zeros((2, 10), dtype=dtype)
+    A2[:, 0], A2[:, 1] = top, -top
+    with np.errstate(over="ignore", invalid="ignore"):   # as training runs it (train.py)
+        L, dA2 = loss_and_dA2(A2, np.array([0, 0]))
+        smoothed = loss_and_dA2(A2, np.array([0, 0]), smoothing=0.1)[0]
+    assert float(L) == 0.0 and np.isfinite(dA2).all()
+    assert float(smoothed) == np.inf                     # every Y > 0: the loss is that large
+
+
 def test_loss_and_dA2_against_a_direct_formula():
     rng = np.random.default_rng(7)
     A2, y = rng.normal(size=(5, 10)), rng.integers(0, 10, 5)
