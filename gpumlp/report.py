@@ -38,7 +38,7 @@ from .model import params_on
 from .npzio import TargetAppeared, atomic_write, atomic_write_all
 from .predict import outputs
 from .resume_state import start_over_in
-from .runfiles import aside_note, resumable
+from .runfiles import aside_note, resumable, summary_epochs
 
 FIGURES = {
     "learning_curves": "learning_curves.png",
@@ -432,18 +432,6 @@ def finish_hint(run_dir: Path) -> str:
     return f"it has no {' or '.join(lacks)} to resume from, so {how}"
 
 
-def model_epochs(run_dir: Path) -> int | None:
-    """The epochs of the run's model.npz, as summary.json (written with it) says; None where it
-    cannot say."""
-    path = run_dir / "summary.json"
-    try:  # a regular file only: a pipe there would hang the read
-        data = read_at_most(path, 1 << 20) if path.is_file() else None
-        epochs = json.loads(data)["epochs"] if data is not None else None
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
-
-
 def check_run(run_dir: Path, overwrite: bool = False) -> list[dict]:
     """The metrics of a run that has finished an epoch and has its model.npz, once the report's
     file names are known to be free or the report's own (or `overwrite` says to replace them)."""
@@ -458,7 +446,7 @@ def check_run(run_dir: Path, overwrite: bool = False) -> list[dict]:
         rows = read_metrics(run_dir)
         if not (run_dir / "model.npz").is_file():
             raise ReportError(f"{run_dir}: no model.npz; {finish_hint(run_dir)}")
-        trained = model_epochs(run_dir)
+        trained = summary_epochs(run_dir)
         if trained is not None and rows[-1]["epoch"] > trained:  # resumed, then stopped
             raise ReportError(f"{run_dir}: model.npz is the model of epoch {trained} "
                               f"(summary.json), but metrics.jsonl goes on to epoch "

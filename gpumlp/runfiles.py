@@ -30,7 +30,7 @@ from .config import (Config, KeyProblem, build_config, checked_together, config_
                      dump_config, read_yaml)
 from .errors import (LINK_LOOP, CheckpointError, ConfigError, GpumlpError, folder_problem,
                      in_link_loop, shell_path, shown, write_fix, write_problem)
-from .files import writing_now
+from .files import read_at_most, writing_now
 from .model import Params
 from .npzio import atomic_write, save_npz
 from .resume_state import (CHECKPOINT_FORMAT, FROM_INIT, read_checkpoint, read_position,
@@ -73,6 +73,31 @@ def resumable(path: Path) -> bool:
     if not has("config.yaml") or not (has("checkpoint.npz") or not trained):
         return False
     return has("checkpoint.npz") or not own_config(path)  # unreadable: the resume says so
+
+
+def summary_epochs(path: Path) -> int | None:
+    """The epochs of the run's model.npz, as summary.json (written with it) says; None where it
+    cannot say."""
+    summary = path / "summary.json"
+    try:  # a regular file only: a pipe there would hang the read
+        data = read_at_most(summary, 1 << 20) if summary.is_file() else None
+        epochs = json.loads(data)["epochs"] if data is not None else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
+
+
+def extended(path: Path) -> bool:
+    """Whether the finished run in `path` was resumed for more epochs than its model.npz and
+    summary.json are of, and has not finished them: config.yaml's train.epochs is more."""
+    done = summary_epochs(path)
+    if done is None or not (path / "config.yaml").is_file() or own_config(path):
+        return False
+    try:
+        epochs = read_yaml(path / "config.yaml").get("train", {}).get("epochs")
+    except (ConfigError, AttributeError):
+        return False
+    return isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > done
 
 
 def own_config(path: Path) -> bool:
@@ -157,7 +182,7 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
                           f"{shell_path(path / 'run')} trains with it), or pass --overwrite to "
                           "replace it")
     if existing and not overwrite:
-        unfinished = resumable(path) and "summary.json" not in existing
+        unfinished = resumable(path) and ("summary.json" not in existing or extended(path))
         resume = ", resume it with --resume" if unfinished else ""
         derived = derived_outputs(path)
         also = f"; and {', '.join(derived)}, made from it" if derived else ""

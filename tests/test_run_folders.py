@@ -2134,6 +2134,23 @@ def test_out_offers_resume_exactly_where_resume_goes_on(tmp_path, present):
     assert ("resume it with --resume" in str(refused.value)) == offered
 
 
+def test_a_finished_run_resumed_for_more_epochs_and_stopped_is_offered_the_resume(
+        finished, tiny_data_dir, monkeypatch):
+    """Its old model.npz and summary.json stay until the resume ends, so --out took it for a
+    finished run and offered no --resume; config.yaml's train.epochs says more are to come."""
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=4))
+    resume = ["train", "--resume", finished, "--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
+    assert cli(*resume, "--set", "train.epochs=3").exit_code == 143     # in its second epoch
+    assert json.loads((finished / "summary.json").read_text())["epochs"] == 1
+    refused = cli(*train_args(finished, tiny_data_dir))
+    assert_one_error_line(refused, 1, "already holds a run", "resume it with --resume")
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    assert cli(*resume).exit_code == 0                                 # it finishes the epochs
+    refused = cli(*train_args(finished, tiny_data_dir))
+    assert "resume it with --resume" not in refused.stderr
+
+
 def test_a_metrics_file_of_one_byte_is_a_trained_run_for_resumable_too(tmp_path):
     """RunFiles.check_resumable counts any byte in metrics.jsonl as an epoch's row: a config.yaml
     beside a one-byte metrics.jsonl, with no checkpoint, is no run --resume goes on with."""
