@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict
@@ -307,7 +308,22 @@ def lock_run(folder: Path, option: str) -> int | None:
     except OSError:   # a file system without locks: go on unlocked, as before
         os.close(fd)
         return None
+    sweep_temporaries(folder)
     return fd
+
+
+def sweep_temporaries(folder: Path) -> None:
+    """Remove the temporary files of run files ('.checkpoint.npz.<8 random>.tmp', as
+    npzio.stage names them) that a process killed while writing them left behind (SIGKILL:
+    `docker stop` after its 10 s), up to a checkpoint's size each. Only with the folder's lock
+    held: no other gpumlp train is writing them then, and report's and export's are left."""
+    pattern = re.compile("|".join(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp"
+                                  for name in RUN_FILES))
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 RESUME_FIXED_KEYS = ("train.batch_size", "train.seed", "train.dtype", "optim.name")

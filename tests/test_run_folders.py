@@ -2151,6 +2151,25 @@ def test_a_finished_run_resumed_for_more_epochs_and_stopped_is_offered_the_resum
     assert "resume it with --resume" not in refused.stderr
 
 
+@pytest.mark.parametrize("how", ["--resume", "--overwrite"])
+def test_temporary_files_a_killed_write_left_are_removed_once_the_run_is_locked(
+        finished, tiny_data_dir, how):
+    """SIGKILL while a checkpoint is written (docker stop, after 10 s) leaves its temporary
+    file, up to a checkpoint's size, which nothing removed. Another program's, and report's
+    and export's (written without the train's lock), stay."""
+    left = [".checkpoint.npz.k3x_9q0a.tmp", ".model.npz.abcdefgh.tmp", ".summary.json.00000000.tmp"]
+    kept = [".report.md.abcdefgh.tmp", ".checkpoint.npz.short.tmp", "checkpoint.npz.abcdefgh.tmp",
+            ".notes.txt.abcdefgh.tmp"]
+    for name in left + kept:
+        (finished / name).write_bytes(b"partial")
+    if how == "--resume":
+        result = cli("train", "--resume", finished, "--data-dir", tiny_data_dir, "--device", "cpu")
+    else:
+        result = cli(*train_args(finished, tiny_data_dir, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert [name for name in left + kept if (finished / name).exists()] == kept
+
+
 def test_a_metrics_file_of_one_byte_is_a_trained_run_for_resumable_too(tmp_path):
     """RunFiles.check_resumable counts any byte in metrics.jsonl as an epoch's row: a config.yaml
     beside a one-byte metrics.jsonl, with no checkpoint, is no run --resume goes on with."""
