@@ -102,10 +102,18 @@ def restore_generators(state: "RunState", meta: dict, config: Config, backend: B
         if meta.get("dev_rng") and isinstance(state.dev_rng, np.random.Generator):
             state.dev_rng.bit_generator.state = parse_json(meta["dev_rng"])
         else:
-            state.dev_rng = backend.xp.random.default_rng(config.train.seed + 1 + state.pos.step)
+            state.dev_rng = backend.xp.random.default_rng(
+                resume_seed(config.train.seed, state.pos.step))
     except (KeyError, TypeError, ValueError, OverflowError):
         raise CheckpointError(f"{source}: its generator states are damaged; "
                               f"{start_over(source)}") from None
+
+
+def resume_seed(seed: int, step: int) -> int:
+    """The device generator's seed for a resume at `step` where its state cannot be restored:
+    a hash of both numbers (seed + 1 + step, as before 2026-12-01, drew the stream a fresh
+    run with seed + step draws, so that seed 0 resumed at step 2 repeated seed 2's)."""
+    return int(np.random.SeedSequence([seed, 1, step]).generate_state(1, np.uint64)[0])
 
 
 def start_over(source: str) -> str:

@@ -33,6 +33,7 @@ from gpumlp.errors import GpumlpError, shell_path
 from gpumlp.export_onnx import PRODUCER_MARK
 from gpumlp.npzio import load_npz
 from gpumlp.report import FIGURES, PNG_MARK, PNG_SIGNATURE, REPORT_TITLE, sealed
+from gpumlp.resume_state import resume_seed
 from gpumlp.runfiles import DERIVED_FILES, REPLACED, RunFiles, lock_run
 from gpumlp.train import train
 
@@ -2038,7 +2039,8 @@ def test_a_cpu_checkpoint_resumed_on_a_gpu_reseeds_the_device_generator_not_over
     state = SimpleNamespace(rng=np.random.default_rng(0), dev_rng=CupyLikeGenerator(4),
                             pos=SimpleNamespace(step=70))
     restore_generators(state, meta, config, gpu, "run/checkpoint.npz")
-    assert isinstance(state.dev_rng, CupyLikeGenerator) and state.dev_rng.seed == 3 + 1 + 70
+    assert isinstance(state.dev_rng, CupyLikeGenerator)
+    assert state.dev_rng.seed == resume_seed(3, 70)
     assert callable(state.dev_rng.bit_generator.state)
     assert state.rng.bit_generator.state == host.bit_generator.state
     assert generator_state(state.dev_rng) is None   # and a GPU run saves none
@@ -2054,8 +2056,16 @@ def test_a_gpu_checkpoint_resumed_on_the_cpu_reseeds_the_device_generator():
     state = SimpleNamespace(rng=np.random.default_rng(0), dev_rng=np.random.default_rng(9),
                             pos=SimpleNamespace(step=70))
     restore_generators(state, meta, config, CPU, "run/checkpoint.npz")
-    assert state.dev_rng.random() == np.random.default_rng(3 + 1 + 70).random()
+    assert state.dev_rng.random() == np.random.default_rng(resume_seed(3, 70)).random()
     assert state.rng.bit_generator.state == host.bit_generator.state
+
+
+def test_a_reseeded_resume_does_not_repeat_another_seeds_stream():
+    """seed + 1 + step was the seed a fresh run with seed + step starts its device generator
+    with (train.py: seed + 1): seed 0 resumed at step 2 drew seed 2's dropout and shifts."""
+    fresh = {seed + 1 for seed in range(1000)}
+    resumed = {resume_seed(seed, step) for seed in range(20) for step in range(0, 5000, 7)}
+    assert not fresh & resumed and len(resumed) == 20 * len(range(0, 5000, 7))
 
 
 def test_resume_of_a_folder_with_only_a_config_of_ones_own_refuses_and_keeps_it(
