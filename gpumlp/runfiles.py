@@ -546,8 +546,12 @@ class RunFiles:
             raise GpumlpError(f"--resume {folder}: {self.path(folders[0])} is a folder where the "
                               "run keeps a file; move it out of the run and resume")
         if not self.path("config.yaml").is_file():
+            if self.path("checkpoint.npz").is_file():  # a resume reads the run's config there
+                raise GpumlpError(f"--resume {folder}: its checkpoint.npz is there but no "
+                                  "config.yaml, which a resume reads the run's config from; put "
+                                  f"the run's config.yaml back beside it{aside_note(folder)}")
             raise GpumlpError(f"--resume {folder}: no config.yaml there; give the run "
-                              "directory of an interrupted `gpumlp train`")
+                              f"directory of an interrupted `gpumlp train`{aside_note(folder)}")
         if read_yaml(self.path("config.yaml")) == {}:  # gpumlp writes every key there
             raise GpumlpError(f"--resume {folder}: its config.yaml holds no config (a run's "
                               "holds every key); put it back as the run had it, or start a "

@@ -908,6 +908,22 @@ def test_an_out_path_that_cannot_be_a_folder_is_one_line_and_nothing_is_made(tin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "loop"]
 
 
+def test_resume_of_a_checkpoint_without_its_config_says_to_put_config_yaml_back(
+        finished, tiny_data_dir):
+    """A checkpoint copied alone, or a config.yaml that a killed --overwrite had put aside:
+    'no config.yaml there; give the run directory' named neither."""
+    from gpumlp.runfiles import REPLACED
+    (finished / "config.yaml").unlink()
+    result = cli("train", "--resume", finished, "--data-dir", tiny_data_dir)
+    assert_one_error_line(result, 1, f"--resume {finished}: its checkpoint.npz is there but no "
+                          "config.yaml", "put the run's config.yaml back beside it")
+    (finished / REPLACED).mkdir()
+    (finished / "checkpoint.npz").unlink()
+    result = cli("train", "--resume", finished, "--data-dir", tiny_data_dir)
+    assert_one_error_line(result, 1, "no config.yaml there", f"; {finished / REPLACED} holds the "
+                          "run an --overwrite killed")
+
+
 @pytest.mark.parametrize("make, code, fragment", [
     (None, 1, "--resume {}: no such folder"),
     ("file", 2, "{} is a file; give the run's folder: {}"),   # its folder named, as report's
