@@ -30,6 +30,7 @@ DTYPES = ("float32", "float64")
 NORMALIZE = ("unit", "standard")
 MAX_DEPTH = 100       # hidden layers: a plain MLP deeper than this hardly trains (decisions.md)
 MAX_WIDTH = 2 ** 40   # units per hidden layer: 3.5 PB of first-layer weights, beyond any machine
+KEY_PARTS = 3         # the most parts a config key has: data.augment.shift
 MAX_SIGMA = 28.0      # elastic smoothing, pixels: wider than the image, the field is a plain shift
 MAX_ALPHA = 1000.0    # elastic strength, pixels: far beyond any image's content
 MAX_CONFIG_BYTES = 2 ** 20  # a config is a few hundred bytes; a larger file is not one
@@ -234,10 +235,13 @@ def _coerce(path: str, value: Any, annotation: str, keys: tuple) -> Any:
     """Check `value` against the declared type of `path`; ints are accepted for floats."""
     def wrong(expected: str) -> ConfigError:
         quoted = isinstance(value, str) and re.fullmatch(r"\s*[-+]?[0-9.]+([eE][-+]?[0-9]+)?\s*",
-                                                         value) and is_number(value)
+                                                         value, re.ASCII) and is_number(value)
+        odd_space = isinstance(value, str) and is_number(value) and not quoted
         if value is not None and "None" in annotation:          # model.max_norm, data.limit
             expected += " or null"
-        tip = " (a number in quotes is text: drop the quotes)" if quoted else ""
+        tip = (" (a number in quotes is text: drop the quotes)" if quoted else
+               " (a number beside a non-breaking or other Unicode space, as pasted from a web "
+               "page, is text: type the number again)" if odd_space else "")
         got = "null (an empty value, ~ and null all mean none)" if value is None else shown(value)
         return KeyProblem(keys, f"config key '{path}' must be {expected}, got {got}{tip}")
 
@@ -278,7 +282,7 @@ def _is_section(f: dataclasses.Field) -> bool:
 
 
 def _check_mapping(values: Any, prefix: str, keys: tuple) -> None:
-    if not isinstance(values, Mapping):
+    if not isinstance(values, Mapping) and not (values is None and prefix):  # None: no keys
         section = f"config section {_where(prefix)}" if prefix else "the top level of a config"
         raise KeyProblem(keys, f"{section} must be a mapping, got {shown(values)}")
 
@@ -290,7 +294,7 @@ def _check_sections(values: Any, cls: type | None = None, prefix: str = "",
     replace it unseen (a file's `optim: [...]` lost to --set optim.lr=...)."""
     _check_mapping(values, prefix, keys)
     for f in fields(cls or Config):
-        if f.name in values and _is_section(f):
+        if f.name in values and values[f.name] is not None and _is_section(f):
             _check_sections(values[f.name], f.default_factory, f"{prefix}{f.name}.",
                             (*keys, f.name))
 
@@ -306,8 +310,8 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, keys: tuple = ()) 
         if key not in known:
             raise _unknown_key(prefix, str(key), list(known), at)
         f = known[key]
-        if _is_section(f):
-            kwargs[key] = _build(f.default_factory, value, f"{path}.", at)
+        if _is_section(f):  # a header with its keys commented out (None): the defaults
+            kwargs[key] = _build(f.default_factory, value or {}, f"{path}.", at)
         else:
             kwargs[key] = _coerce(path, value, str(f.type), at)
         check = RANGES.get(path)
@@ -319,6 +323,8 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, keys: tuple = ()) 
 def _deep_merge(base: dict, extra: Mapping) -> dict:
     out = dict(base)
     for key, value in extra.items():
+        if value is None and isinstance(out.get(key), Mapping):  # an empty section header
+            continue
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = _deep_merge(out[key], value)
         else:
@@ -358,6 +364,11 @@ def parse_override(text: str) -> dict:
     if "" in (part.strip() for part in key.split(".")):
         raise ConfigError(f"--set {shown(text)}: the key {shown(key)} has an empty part (a dot "
                           "too many or too few); write SECTION.KEY=VALUE, e.g. --set optim.lr=0.05")
+    parts = len(key.split("."))
+    if parts > KEY_PARTS:
+        raise ConfigError(f"--set {shown(text)}: the key has {parts} parts, and gpumlp's keys "
+                          f"have at most {KEY_PARTS} (data.augment.shift); write "
+                          "SECTION.KEY=VALUE, e.g. --set optim.lr=0.05")
     try:
         value = load_yaml(raw) if raw.strip() else None
     except BadKey as e:
@@ -459,6 +470,10 @@ def read_yaml(path: str | Path) -> dict:
         if data is None:
             raise ConfigError(f"config file {path} holds more than a config's "
                               f"{MAX_CONFIG_BYTES:,} bytes; give a YAML config")
+        wide = utf_16_or_32(data)
+        if wide:  # Windows PowerShell 5's > and Out-File write UTF-16 (its ASCII, NULs between)
+            raise ConfigError(f"config file {path} is {wide} text; save it as UTF-8 (in "
+                              "PowerShell: Out-File -Encoding utf8)")
         text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from None
@@ -489,6 +504,25 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} must hold a mapping of sections "
                           f"(model, data, train, optim), not a {type(data).__name__}")
     return data
+
+
+def utf_16_or_32(data: bytes) -> str | None:
+    """"UTF-16" or "UTF-32" where `data` is text in it (by its byte-order mark, or ASCII text's
+    NUL bytes: every second, or three in four), else None."""
+    if data.startswith((b"\xff\xfe\0\0", b"\0\0\xfe\xff")):
+        return "UTF-32"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    head = data[:64]
+    for width, name in ((4, "UTF-32"), (2, "UTF-16")):  # ASCII text: one column of bytes
+        head = head[:len(head) - len(head) % width]      # holds it, the others are all NUL
+        columns = [head[i::width] for i in range(width)]
+        if len(head) >= 2 * width and any(
+                0 not in columns[text] and not any(b for c in columns[:text] + columns[text + 1:]
+                                                   for b in c)
+                for text in (0, width - 1)):
+            return name
+    return None
 
 
 def build_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
@@ -529,6 +563,14 @@ def checked_together(config: Config) -> Config:
     if not isinstance(hidden, int) and len(hidden) > MAX_DEPTH:
         raise KeyProblem(("model", "hidden"), f"config key 'model.hidden' lists {len(hidden)} "
                          f"hidden layers; give at most {MAX_DEPTH}")
+    widths = config.model.layer_widths
+    largest = max(a * b for a, b in zip(widths, widths[1:]))
+    if largest > D * MAX_WIDTH:  # past NumPy's array limit (2^63 bytes) from 2^61 up
+        raise KeyProblem(("model", "hidden"),
+                         f"config key 'model.hidden' ({shown(list(config.model.hidden_widths))}) "
+                         f"makes a weight matrix of {largest:.3g} entries, more than the first "
+                         f"layer's largest ({D} x 2^{MAX_WIDTH.bit_length() - 1}); give "
+                         "smaller widths")
     optim = config.optim
     tiny = SMALLEST_NORMAL[config.train.dtype]
     for key in ("lr", "eps"):
@@ -539,6 +581,12 @@ def checked_together(config: Config) -> Config:
                              f"{config.train.dtype} number ({tiny:.3g}), where train.dtype "
                              f"{config.train.dtype} computes it as 0 or without its digits; "
                              f"give at least {tiny:.3g}", others=(("train", "dtype"),))
+    if optim.name != "sgd" and optim.nesterov:
+        raise KeyProblem(("optim", "nesterov"),
+                         f"config key 'optim.nesterov' is true with optim.name {optim.name}, "
+                         "which has no Nesterov form here (only sgd looks ahead); set "
+                         "optim.nesterov=false, or optim.name=sgd",
+                         others=(("optim", "name"),))
     if optim.name == "sgd" and optim.nesterov and optim.momentum == 0:
         raise KeyProblem(("optim", "nesterov"),
                          "config key 'optim.nesterov' is true with optim.momentum 0, where SGD "

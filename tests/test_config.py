@@ -515,7 +515,7 @@ def test_a_cosine_floor_above_the_rate_is_refused_and_other_schedules_ignore_it(
     assert build_config(None, ["optim.schedule=constant", "optim.min_lr=5"]).optim.min_lr == 5
 
 
-def test_nesterov_without_momentum_is_refused_and_adam_ignores_it():
+def test_nesterov_without_momentum_is_refused_and_so_is_nesterov_under_adam():
     message = error_of(build_config, None, ["optim.nesterov=true", "optim.momentum=0"])
     assert message == ("--set 'optim.momentum=0': config key 'optim.nesterov' is true with "
                        "optim.momentum 0, where SGD has no momentum to look ahead with (PyTorch "
@@ -523,8 +523,59 @@ def test_nesterov_without_momentum_is_refused_and_adam_ignores_it():
                        "or a momentum, e.g. optim.momentum=0.9")
     assert build_config(None, ["optim.nesterov=true", "optim.momentum=0.5"]).optim.nesterov
     assert build_config(None, ["optim.nesterov=false", "optim.momentum=0"]).optim.momentum == 0
-    assert build_config(None, ["optim.name=adam", "optim.nesterov=true",
-                               "optim.momentum=0"]).optim.name == "adam"
+    for name in ("adam", "adamw"):      # no Nesterov form: it was ignored, and recorded
+        message = error_of(build_config, None, [f"optim.name={name}", "optim.nesterov=true"])
+        assert message == (f"--set 'optim.nesterov=true': config key 'optim.nesterov' is true "
+                           f"with optim.name {name}, which has no Nesterov form here (only sgd "
+                           "looks ahead); set optim.nesterov=false, or optim.name=sgd")
+        assert build_config(None, [f"optim.name={name}", "optim.momentum=0"]).optim.name == name
+
+
+@pytest.mark.parametrize("hidden", ["[1, 2097152, 1099511627776]", "[4, 1099511627776, 2048]"])
+def test_adjacent_widths_past_numpys_array_limit_are_refused_in_one_line(hidden):
+    """Each width is at most 2^40, but two adjacent ones could make a matrix past NumPy's
+    limit: a traceback ('array is too big') where the first layer's is the memory line."""
+    message = error_of(build_config, None, [f"model.hidden={hidden}"])
+    assert "makes a weight matrix of" in message and message.endswith(
+        "more than the first layer's largest (784 x 2^40); give smaller widths")
+    assert build_config(None, ["model.hidden=[1, 1099511627776]"]).model.hidden[1] == 2 ** 40
+
+
+def test_a_section_header_with_its_keys_commented_out_is_the_sections_defaults(tmp_path):
+    """'data:' with every key below it commented out was 'must be a mapping, got None'."""
+    path = write(tmp_path, "model:\n  hidden: 64\ndata:\n  # limit: 5000\ntrain:\n  epochs: 1\n")
+    config = build_config(path, ["optim.lr=0.5"])
+    assert config.data == build_config().data and config.model.hidden == 64
+    assert build_config(path, ["data.limit=500"]).data.limit == 500     # a --set fills it
+    assert build_config(None, ["data.limit=500", "data="]).data.limit == 500
+
+
+def test_a_number_beside_a_unicode_space_is_not_said_to_be_in_quotes(tmp_path):
+    message = error_of(build_config, write(tmp_path, "optim: {lr: 0.5\u00a0}\n"))
+    assert "drop the quotes" not in message and "non-breaking or other Unicode space" in message
+    quoted = error_of(build_config, write(tmp_path, "optim: {lr: '0.5'}\n"))
+    assert quoted.endswith("(a number in quotes is text: drop the quotes)")
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32",
+                                      "utf-32-le"])
+def test_a_utf16_or_utf32_config_is_told_to_be_saved_as_utf8(tmp_path, encoding):
+    """Windows PowerShell 5 writes UTF-16 with > and Out-File: it was 'not text (a model or a
+    checkpoint?)', or, without a byte-order mark, invalid YAML at a NUL character."""
+    path = tmp_path / "c.yaml"
+    path.write_bytes("optim: {lr: 0.5}\n".encode(encoding))
+    message = error_of(build_config, path)
+    assert message == (f"config file {path} is {encoding[:6].upper()} text; save it as UTF-8 (in "
+                       "PowerShell: Out-File -Encoding utf8)")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)))   # binary: a PNG
+    assert "is not text, so no YAML config" in error_of(build_config, path)
+
+
+def test_a_set_key_deeper_than_any_config_key_is_refused_before_the_merge():
+    """Two such --set with a shared path of 1,000 parts overflowed the merge's recursion."""
+    key = "optim.lr" + ".a" * 1000
+    message = error_of(build_config, None, [f"{key}=1", f"{key}=2"])
+    assert "the key has 1002 parts, and gpumlp's keys have at most 3" in message
 
 
 def test_more_than_100_hidden_layers_are_refused():
