@@ -121,6 +121,18 @@ def learning_rate(cfg: OptimConfig, step: int, steps_per_epoch: int, total_steps
     return cfg.lr
 
 
+def warmup_warning(cfg: OptimConfig, epochs: int) -> str | None:
+    """What a warm-up as long as the run or longer does (the rate never reaches optim.lr), for
+    the start's warning; None for any other. Not refused: a resume may lengthen the run."""
+    if cfg.warmup_epochs <= 0 or cfg.warmup_epochs < epochs:
+        return None
+    peak = epochs / cfg.warmup_epochs
+    cosine = ", and the cosine decay never begins" if cfg.schedule == "cosine" else ""
+    return (f"optim.warmup_epochs ({cfg.warmup_epochs:g}) is not below train.epochs ({epochs}): "
+            f"the rate rises all run and ends at {peak:.0%} of optim.lr ({cfg.lr * peak:g})"
+            f"{cosine}; shorten the warm-up, or give more epochs")
+
+
 def apply_max_norm(params: Params, max_norm: float | None) -> None:
     """Rescale each hidden unit's incoming weights (a column of W_k) to norm <= max_norm."""
     if max_norm is None:

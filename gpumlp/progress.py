@@ -55,6 +55,8 @@ class Reporter:
                        "checked; training on with config.yaml as it is", err=True)
         if kind == "start" and info.get("stale") and info["epoch"] < info["epochs"]:
             click.echo(f"Warning: {one_line(info['stale'])}", err=True)  # a folder name's \n
+        if kind == "start" and info.get("warmup") and info["epoch"] < info["epochs"]:
+            click.echo(f"Warning: {info['warmup']}", err=True)
         if kind == "put_back":  # before the error that ended the run
             self.close()
             click.echo(f"put back the run this one was to replace in {info['folder']}, as it "

@@ -29,7 +29,7 @@ from .errors import CheckpointError, ConfigError, GpumlpError
 from .mnist import C, Mnist
 from .model import (Params, correct_count, dropout_masks, forward, init_params, loss_and_dA2,
                     params_on)
-from .optim import OptState, init_state, learning_rate
+from .optim import OptState, init_state, learning_rate, warmup_warning
 from .resume_state import start_over
 from .runfiles import RunFiles
 from .step import batch_inputs, exported, make_step, prepare_state, tallier
@@ -342,7 +342,8 @@ def _train(config, backend, mnist, files, init, resume, on_event, should_stop) -
                        "epoch": state.pos.epoch, "batch": state.pos.batch, "restored": restored,
                        "unchecked": restored and files.trained_config is None,
                        "stale": files.stale_outputs() if restored else files and files.kept,
-                       "removed": [] if restored or not files else files.removed})
+                       "removed": [] if restored or not files else files.removed,
+                       "warmup": warmup_warning(config.optim, config.train.epochs)})
 
     def save() -> None:
         """A mid-epoch checkpoint, never of NaN, infinite or unusable weights: the previous one

@@ -2196,6 +2196,21 @@ def test_temporary_files_a_killed_write_left_are_removed_once_the_run_is_locked(
     assert [name for name in left + kept if (finished / name).exists()] == kept
 
 
+@pytest.mark.parametrize("warmup, warned", [(1, True), (2, True), (0.5, False), (0, False)])
+def test_a_warmup_as_long_as_the_run_is_warned_of_even_when_quiet(tiny_data_dir, tmp_path,
+                                                                  warmup, warned):
+    """Every step inside the warm-up: the rate never reaches optim.lr (a cosine never decays),
+    and the run exited 0 without a word. Not refused: a resume may add the epochs."""
+    result = cli(*train_args(tmp_path / "run", tiny_data_dir, "--set", "optim.schedule=cosine",
+                             "--set", f"optim.warmup_epochs={warmup}"))
+    assert result.exit_code == 0, result.output
+    said = (f"Warning: optim.warmup_epochs ({warmup:g}) is not below train.epochs (1): the rate "
+            f"rises all run and ends at {1 / warmup if warmup else 0:.0%} of optim.lr "
+            f"({0.1 / warmup if warmup else 0:g}), and the cosine decay never begins; shorten "
+            "the warm-up, or give more epochs\n")
+    assert (said in result.stderr) == warned, result.stderr
+
+
 def test_a_metrics_file_of_one_byte_is_a_trained_run_for_resumable_too(tmp_path):
     """RunFiles.check_resumable counts any byte in metrics.jsonl as an epoch's row: a config.yaml
     beside a one-byte metrics.jsonl, with no checkpoint, is no run --resume goes on with."""
