@@ -593,6 +593,12 @@ def checked_together(config: Config) -> Config:
                          "has no momentum to look ahead with (PyTorch refuses it too); set "
                          "optim.nesterov=false (plain SGD), or a momentum, e.g. "
                          "optim.momentum=0.9", others=(("optim", "momentum"),))
+    top_draw = 1 - 2.0 ** -(24 if config.train.dtype == "float32" else 53)  # random()'s largest
+    if config.model.dropout > top_draw:   # no draw reaches it: every unit dropped, every step
+        raise KeyProblem(("model", "dropout"),
+                         f"config key 'model.dropout' ({config.model.dropout!r}) drops every unit "
+                         f"with train.dtype {config.train.dtype}, whose random draws stop at "
+                         f"{top_draw!r}; give a lower rate", others=(("train", "dtype"),))
     decay = optim.lr * optim.weight_decay  # the share of each weight one step's decay takes
     if optim.name in ("sgd", "adamw") and decay >= 1:
         raise KeyProblem(("optim", "weight_decay"),

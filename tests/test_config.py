@@ -571,6 +571,16 @@ def test_a_utf16_or_utf32_config_is_told_to_be_saved_as_utf8(tmp_path, encoding)
     assert "is not text, so no YAML config" in error_of(build_config, path)
 
 
+def test_a_dropout_above_every_random_draw_of_the_dtype_is_refused():
+    """float32 draws stop at 1 - 2^-24: a dropout of 0.99999999 dropped every unit, silently."""
+    message = error_of(build_config, None, ["model.dropout=0.99999999"])
+    assert message.endswith("config key 'model.dropout' (0.99999999) drops every unit with "
+                            "train.dtype float32, whose random draws stop at 0.9999999403953552; "
+                            "give a lower rate")
+    assert build_config(None, ["model.dropout=0.99999999", "train.dtype=float64"]).model.dropout
+    assert build_config(None, [f"model.dropout={1 - 2 ** -24!r}"]).model.dropout
+
+
 def test_a_set_key_deeper_than_any_config_key_is_refused_before_the_merge():
     """Two such --set with a shared path of 1,000 parts overflowed the merge's recursion."""
     key = "optim.lr" + ".a" * 1000
