@@ -134,6 +134,17 @@ def test_a_32_bit_integer_picture_is_read_in_the_levels_its_values_use(tmp_path,
                                atol=1e-3)
 
 
+@pytest.mark.parametrize("bits", [9, 10, 12, 14])
+def test_a_16_bit_png_of_a_cameras_10_or_12_bits_is_read_in_that_range(tmp_path, bits):
+    """Scaled as 16-bit, 12-bit levels had a contrast of 16 of 255 and 10-bit 4: 'no ink'."""
+    ring = ring_digit()
+    path = tmp_path / "ring.png"
+    values = (ring.astype(np.uint32) * (2 ** bits - 1) // 255).astype("<u2")
+    Image.frombytes("I;16", ring.shape[::-1], values.tobytes()).save(path)
+    np.testing.assert_allclose(load_digit(path), load_digit(save_png(tmp_path / "r.png", ring)),
+                               atol=1e-3)
+
+
 @pytest.mark.parametrize("mode, suffix", [("I;16", "png"), ("I;16B", "tif")])
 @pytest.mark.parametrize("scale", [1, 257], ids=["8-bit levels", "16-bit"])
 def test_a_16_bit_picture_is_read_in_the_levels_its_values_use(tmp_path, mode, suffix, scale):
@@ -705,12 +716,29 @@ def test_a_digit_cropped_to_its_ink_is_refused_not_read_as_its_negative(mnist_di
     rows, cols = np.flatnonzero((digit > 128).any(axis=1)), np.flatnonzero((digit > 128).any(0))
     crop = 255 - digit[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     big = np.kron(crop, np.ones((8, 8), dtype=np.uint8))
-    with pytest.raises(ImageError, match=r"tight\.png: the digit touches the picture's edges "
-                                         r"\(\d+% of its outermost pixels are ink.*; leave a "
-                                         "margin of paper around it$"):
+    with pytest.raises(ImageError, match=r"tight\.png: \d+% of the picture's outermost pixels "
+                                         r"are not paper, against \d+% of the whole \(a digit "
+                                         r"cut by the edge.*; crop the picture to the paper "
+                                         "around the digit, leaving a margin$"):
         load_digit(save_png(tmp_path / "tight.png", big))
     margin = load_digit(save_png(tmp_path / "margin.png", np.pad(big, 16, constant_values=255)))
     assert np.ptp(np.flatnonzero(margin.any(axis=0))) < 12       # the stroke, not the page
+
+
+@pytest.mark.parametrize("where", ["corner", "band"])
+def test_glare_at_the_edge_of_a_pencil_digits_page_is_not_taken_for_ink_on_the_edges(where):
+    """A pencil digit (ink 80 levels below grey paper) with a saturated glare spot at a corner,
+    or a band of it along the top: the glare is on the paper's far side from the ink, which the
+    edge check counted as ink and refused (the digit had a 60-pixel margin)."""
+    page = np.full((400, 400), 200.0)
+    page[100:300, 100:300] = ring_digit(200, 200, ink=120, paper=200)
+    clean = mnist_pixels(page)
+    if where == "corner":
+        yy, xx = np.mgrid[:400, :400]
+        page[(yy ** 2 + xx ** 2) < 100 ** 2] = 255.0
+    else:
+        page[:15] = 255.0
+    np.testing.assert_allclose(mnist_pixels(page), clean, atol=1.0)
 
 
 def test_a_digit_larger_than_the_box_is_shrunk_by_area_averaging():
