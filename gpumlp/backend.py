@@ -58,6 +58,8 @@ def _import_cupy() -> ModuleType | None:
     except ModuleNotFoundError as e:
         if e.name not in ("cupy", None):  # CuPy is there; something it imports is not
             CUPY_IMPORT.append(error_summary(e))
+            CUPY_IMPORT.append(f"install the module it lacks ({e.name.split('.')[0]}), or "
+                               "reinstall CuPy with its dependencies")
         return None
     except Exception as e:  # a broken CUDA install raising at import
         CUPY_IMPORT.append(error_summary(e))

@@ -716,6 +716,19 @@ def test_a_cupy_that_cannot_make_its_kernel_cache_is_told_so_not_to_check_the_dr
     assert "set CUPY_CACHE_DIR" in details["cupy"] and details["cuda"] == "CuPy cannot be loaded"
 
 
+def test_a_cupy_that_lacks_a_module_it_imports_is_told_to_get_it_not_to_check_the_driver(
+        monkeypatch, tmp_path, in_tmp):
+    broken_module(monkeypatch, tmp_path, "cupy",
+                  "ModuleNotFoundError(\"No module named 'fastrlock'\", name='fastrlock')")
+    result = cli("train", "--device", "cuda", "--out", "run")
+    assert_one_error_line(result, 2, "--device cuda: CuPy is installed but cannot be loaded "
+                          "(ModuleNotFoundError: No module named 'fastrlock'); install the module "
+                          "it lacks (fastrlock), or reinstall CuPy with its dependencies, or use "
+                          "--device cpu")
+    assert "driver" not in result.stderr
+    assert "install the module it lacks (fastrlock)" in cli("info").stdout
+
+
 def test_a_pytorch_that_cannot_be_loaded_is_not_said_to_be_missing(monkeypatch, tmp_path):
     broken_module(monkeypatch, tmp_path, "torch",
                   "OSError('libtorch_cpu.so: cannot open shared object file')")
