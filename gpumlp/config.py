@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import re
+import struct
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -108,6 +109,15 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+SECTIONS = {"model": "hidden", "data": "limit", "train": "epochs", "optim": "lr",
+            "data.augment": "shift"}  # each section, and a key of it for examples
+
+
+def as_float32(value: float) -> float:
+    """`value` rounded to float32, as NumPy compares a float32 array with it."""
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 # key path -> (check, message); a failed check is a ConfigError naming the key
@@ -236,7 +246,8 @@ def _coerce(path: str, value: Any, annotation: str, keys: tuple) -> Any:
     def wrong(expected: str) -> ConfigError:
         quoted = isinstance(value, str) and re.fullmatch(r"\s*[-+]?[0-9.]+([eE][-+]?[0-9]+)?\s*",
                                                          value, re.ASCII) and is_number(value)
-        odd_space = isinstance(value, str) and is_number(value) and not quoted
+        odd_space = isinstance(value, str) and is_number(value) and any(
+            ch.isspace() and not ch.isascii() for ch in value)
         if value is not None and "None" in annotation:          # model.max_norm, data.limit
             expected += " or null"
         tip = (" (a number in quotes is text: drop the quotes)" if quoted else
@@ -311,7 +322,8 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, keys: tuple = ()) 
             raise _unknown_key(prefix, str(key), list(known), at)
         f = known[key]
         if _is_section(f):  # a header with its keys commented out (None): the defaults
-            kwargs[key] = _build(f.default_factory, value or {}, f"{path}.", at)
+            kwargs[key] = _build(f.default_factory, {} if value is None else value,
+                                 f"{path}.", at)
         else:
             kwargs[key] = _coerce(path, value, str(f.type), at)
         check = RANGES.get(path)
@@ -377,6 +389,9 @@ def parse_override(text: str) -> dict:
         reason = yaml_reason(e)
         raise ConfigError(f"--set {shown(text)}: the value is not valid YAML"
                           f"{f' ({reason})' if reason else ''}") from None
+    if value is None and key in SECTIONS:  # a file's empty header is its defaults; this is not
+        raise ConfigError(f"--set {shown(text)}: {key} is a section; give one of its keys, "
+                          f"e.g. --set {key}.{SECTIONS[key]}=VALUE")
     return _nest(key, value)
 
 
@@ -581,24 +596,17 @@ def checked_together(config: Config) -> Config:
                              f"{config.train.dtype} number ({tiny:.3g}), where train.dtype "
                              f"{config.train.dtype} computes it as 0 or without its digits; "
                              f"give at least {tiny:.3g}", others=(("train", "dtype"),))
-    if optim.name != "sgd" and optim.nesterov:
-        raise KeyProblem(("optim", "nesterov"),
-                         f"config key 'optim.nesterov' is true with optim.name {optim.name}, "
-                         "which has no Nesterov form here (only sgd looks ahead); set "
-                         "optim.nesterov=false, or optim.name=sgd",
-                         others=(("optim", "name"),))
     if optim.name == "sgd" and optim.nesterov and optim.momentum == 0:
         raise KeyProblem(("optim", "nesterov"),
                          "config key 'optim.nesterov' is true with optim.momentum 0, where SGD "
                          "has no momentum to look ahead with (PyTorch refuses it too); set "
                          "optim.nesterov=false (plain SGD), or a momentum, e.g. "
                          "optim.momentum=0.9", others=(("optim", "momentum"),))
-    top_draw = 1 - 2.0 ** -(24 if config.train.dtype == "float32" else 53)  # random()'s largest
-    if config.model.dropout > top_draw:   # no draw reaches it: every unit dropped, every step
-        raise KeyProblem(("model", "dropout"),
-                         f"config key 'model.dropout' ({config.model.dropout!r}) drops every unit "
-                         f"with train.dtype {config.train.dtype}, whose random draws stop at "
-                         f"{top_draw!r}; give a lower rate", others=(("train", "dtype"),))
+    if config.train.dtype == "float32" and as_float32(config.model.dropout) == 1:
+        raise KeyProblem(("model", "dropout"),   # the masks compare float32 draws with it
+                         f"config key 'model.dropout' ({config.model.dropout!r}) is 1 in "
+                         "train.dtype float32, which drops every unit on every step; give a "
+                         "lower rate", others=(("train", "dtype"),))
     decay = optim.lr * optim.weight_decay  # the share of each weight one step's decay takes
     if optim.name in ("sgd", "adamw") and decay >= 1:
         raise KeyProblem(("optim", "weight_decay"),

@@ -122,15 +122,20 @@ def learning_rate(cfg: OptimConfig, step: int, steps_per_epoch: int, total_steps
 
 
 def warmup_warning(cfg: OptimConfig, epochs: int) -> str | None:
-    """What a warm-up as long as the run or longer does (the rate never reaches optim.lr), for
-    the start's warning; None for any other. Not refused: a resume may lengthen the run."""
-    if cfg.warmup_epochs <= 0 or cfg.warmup_epochs < epochs:
+    """What a warm-up as long as the run or longer does, for the start's warning: the rate
+    never reaches optim.lr (or only at the last step, the schedule's decay never coming);
+    None for any other. Not refused: a resume may lengthen the run."""
+    if cfg.warmup_epochs <= 0 or cfg.warmup_epochs < epochs or (
+            cfg.warmup_epochs == epochs and cfg.schedule == "constant"):
         return None
     peak = epochs / cfg.warmup_epochs
-    cosine = ", and the cosine decay never begins" if cfg.schedule == "cosine" else ""
+    ends = (f"ends at {peak:.2g} of optim.lr ({cfg.lr * peak:g})" if peak < 1 else
+            "reaches optim.lr only at its last step")
+    never = {"cosine": ", and the cosine decay never begins",
+             "step": ", and the step decays never come"}.get(cfg.schedule, "")
     return (f"optim.warmup_epochs ({cfg.warmup_epochs:g}) is not below train.epochs ({epochs}): "
-            f"the rate rises all run and ends at {peak:.0%} of optim.lr ({cfg.lr * peak:g})"
-            f"{cosine}; shorten the warm-up, or give more epochs")
+            f"the rate rises all run and {ends}{never}; shorten the warm-up, or give more "
+            "epochs")
 
 
 def apply_max_norm(params: Params, max_norm: float | None) -> None:

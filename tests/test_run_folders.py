@@ -2196,19 +2196,26 @@ def test_temporary_files_a_killed_write_left_are_removed_once_the_run_is_locked(
     assert [name for name in left + kept if (finished / name).exists()] == kept
 
 
-@pytest.mark.parametrize("warmup, warned", [(1, True), (2, True), (0.5, False), (0, False)])
+@pytest.mark.parametrize("warmup, schedule, ends", [
+    (1, "cosine", "reaches optim.lr only at its last step, and the cosine decay never begins"),
+    (4, "step", "ends at 0.25 of optim.lr (0.025), and the step decays never come"),
+    (1000, "constant", "ends at 0.001 of optim.lr (0.0001)"),
+    (1, "constant", None), (0.5, "cosine", None), (0, "cosine", None)])
 def test_a_warmup_as_long_as_the_run_is_warned_of_even_when_quiet(tiny_data_dir, tmp_path,
-                                                                  warmup, warned):
-    """Every step inside the warm-up: the rate never reaches optim.lr (a cosine never decays),
-    and the run exited 0 without a word. Not refused: a resume may add the epochs."""
-    result = cli(*train_args(tmp_path / "run", tiny_data_dir, "--set", "optim.schedule=cosine",
-                             "--set", f"optim.warmup_epochs={warmup}"))
+                                                                  warmup, schedule, ends):
+    """Every step inside the warm-up: the rate never reaches optim.lr (or at the last step, a
+    cosine or step decay never coming), and the run exited 0 without a word. Not refused: a
+    resume may add the epochs."""
+    result = cli(*train_args(tmp_path / "run", tiny_data_dir, "--set",
+                             f"optim.schedule={schedule}", "--set",
+                             f"optim.warmup_epochs={warmup}"))
     assert result.exit_code == 0, result.output
-    said = (f"Warning: optim.warmup_epochs ({warmup:g}) is not below train.epochs (1): the rate "
-            f"rises all run and ends at {1 / warmup if warmup else 0:.0%} of optim.lr "
-            f"({0.1 / warmup if warmup else 0:g}), and the cosine decay never begins; shorten "
-            "the warm-up, or give more epochs\n")
-    assert (said in result.stderr) == warned, result.stderr
+    if ends is None:
+        assert "Warning" not in result.stderr
+    else:
+        assert (f"Warning: optim.warmup_epochs ({warmup:g}) is not below train.epochs (1): the "
+                f"rate rises all run and {ends}; shorten the warm-up, or give more epochs\n"
+                in result.stderr), result.stderr
 
 
 def test_a_metrics_file_of_one_byte_is_a_trained_run_for_resumable_too(tmp_path):
