@@ -544,6 +544,13 @@ class FastStep:
                 pixels * Z.dtype.type(buf.x_scale[0])
         return X
 
+    def matmul(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+        """A @ B (C-ordered, new) through the step's BLAS, for the evaluation (train.evaluate);
+        A @ B with NumPy's matmul where the two differ in dtype."""
+        if A.dtype != B.dtype or A.dtype != self.dtype:
+            return A @ B
+        return self.lib.gemm(1.0, B.T, A.T).T                          # (m, n) C-ordered
+
     def next_scale(self, state: OptState) -> float:
         """s *= mu for this step's velocity (state.scale), multiplying V out before s gets tiny."""
         mu = self.config.optim.momentum

@@ -81,12 +81,14 @@ def init_params(widths: tuple[int, ...], init: str, rng: np.random.Generator,
     return Params(tuple(W), tuple(b))
 
 
-def forward(params: Params, X: Array, act: Activation, masks: tuple = ()) -> Cache:
-    """A_k = Z_{k-1} @ W_k + b_k for k = 1..K; Z_k = phi(A_k) (times the mask M_k) for k < K."""
+def forward(params: Params, X: Array, act: Activation, masks: tuple = (),
+            matmul: Any = None) -> Cache:
+    """A_k = Z_{k-1} @ W_k + b_k for k = 1..K; Z_k = phi(A_k) (times the mask M_k) for k < K.
+    `matmul(A, B)`, when given, computes A @ B (a step's own BLAS, `FastStep.matmul`)."""
     Z, A = [X], []
     K = len(params.W)                                     # number of layers
     for k, (Wk, bk) in enumerate(zip(params.W, params.b), start=1):
-        Ak = Z[-1] @ Wk + bk          # (m, h_k): Z[-1] is Z_{k-1}; h_K = c
+        Ak = (Z[-1] @ Wk if matmul is None else matmul(Z[-1], Wk)) + bk  # (m, h_k); h_K = c
         A.append(Ak)
         if k < K:
             Zk = act.phi(Ak)          # (m, h_k)

@@ -91,15 +91,19 @@ def new_state(config: Config, backend: Backend, init: Params | None = None) -> R
     return RunState(params, init_state(config.optim, params), rng, dev_rng)
 
 
-def evaluate(params: Params, split: DeviceSplit, config: Config) -> tuple[float, float]:
+def evaluate(params: Params, split: DeviceSplit, config: Config,
+             matmul: Any = None) -> tuple[float, float]:
     """(mean loss, accuracy) of `params` on a split, in batches, read once at the end. Each
-    batch's L * m is added in float64, as the training loop adds its steps'."""
+    batch's L * m is added in float64, as the training loop adds its steps'. `matmul`: the
+    step's own product (`FastStep.matmul`), so that the evaluation wakes the BLAS threads the
+    steps use rather than a second pool's, which would spin on after it (about 0.1 s) and
+    take the cores from the next epoch's first steps."""
     act = ACTIVATIONS[config.model.activation]
     loss_sum, correct = 0.0, 0
     n = len(split)
     for sl in batch_slices(n, config.train.eval_batch_size):
         X = to_inputs(split.images[sl], config.data.normalize, config.train.dtype)
-        A2 = forward(params, X, act).A[-1]                             # (m, c) the logits
+        A2 = forward(params, X, act, matmul=matmul).A[-1]              # (m, c) the logits
         L, _ = loss_and_dA2(A2, split.labels[sl])
         loss_sum = loss_sum + (L * L.dtype.type(sl.stop - sl.start)).astype(np.float64)
         correct = correct + correct_count(A2, split.labels[sl])
@@ -248,7 +252,8 @@ def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Back
     pos.seconds = time.perf_counter() - started
 
 
-def epoch_metrics(state: RunState, data: DeviceData, config: Config, lr: float) -> dict:
+def epoch_metrics(state: RunState, data: DeviceData, config: Config, lr: float,
+                  matmul: Any = None) -> dict:
     """The metrics.jsonl line of the epoch that just ended (`state` in model.py's layout); a
     NumericalError if a loss or a weight is NaN or infinite, or then the val or test loss is
     not below MAX_PROBE_LOSS."""
@@ -257,8 +262,8 @@ def epoch_metrics(state: RunState, data: DeviceData, config: Config, lr: float) 
     row = {"epoch": pos.epoch + 1, "train_loss": pos.loss_sum / n,
            "train_accuracy": pos.correct / n}
     if data.val is not None:
-        row["val_loss"], row["val_accuracy"] = evaluate(state.params, data.val, config)
-    row["test_loss"], row["test_accuracy"] = evaluate(state.params, data.test, config)
+        row["val_loss"], row["val_accuracy"] = evaluate(state.params, data.val, config, matmul)
+    row["test_loss"], row["test_accuracy"] = evaluate(state.params, data.test, config, matmul)
     check_eval_losses(row, pos.step)
     row.update(lr=lr, seconds=pos.seconds, samples_per_second=n / max(pos.seconds, 1e-9))
     return row
@@ -361,7 +366,8 @@ def _train(config, backend, mnist, files, init, resume, on_event, should_stop) -
             lr = learning_rate(config.optim, state.pos.step - 1, steps_per_epoch,
                                config.train.epochs * steps_per_epoch)
             snap = exported(step_fn, state)
-            history.append(epoch_metrics(snap, data, config, lr))  # checks losses and weights
+            history.append(epoch_metrics(snap, data, config, lr,  # checks losses and weights
+                                         getattr(step_fn, "matmul", None)))
             state.pos = Position(epoch=state.pos.epoch + 1, step=state.pos.step)
             snap = replace(snap, pos=state.pos)
             if files:  # checkpoint first: a metrics row then always has a checkpoint behind it

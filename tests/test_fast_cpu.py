@@ -268,6 +268,32 @@ def test_velocity_scale_multiplied_out_when_tiny_keeps_the_steps_equal(optimizer
     assert len(scales) == 8 and min(scales) >= 0.5 and scales.count(0.9) == 2, scales
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_steps_matmul_is_the_product_in_c_order_and_mixed_dtypes_go_to_numpy(dtype):
+    step = make_step(build_config(None, ["model.hidden=8", f"train.dtype={dtype}"]), CPU)
+    rng = np.random.default_rng(0)
+    A, B = rng.standard_normal((37, 19)).astype(dtype), rng.standard_normal((19, 11)).astype(dtype)
+    product = step.matmul(A, B)
+    assert product.flags.c_contiguous and product.dtype == A.dtype
+    np.testing.assert_allclose(product, A @ B, rtol=1e-5 if dtype == "float32" else 1e-12)
+    other = np.float64 if dtype == "float32" else np.float32
+    np.testing.assert_array_equal(step.matmul(A, B.astype(other)), A @ B.astype(other))
+
+
+def test_the_epochs_evaluation_runs_on_the_steps_blas(tiny_mnist, monkeypatch):
+    """NumPy's matmul runs on a second OpenBLAS (NumPy's), whose threads spin on for about
+    0.1 s after the evaluation and took the cores from the next epoch's first steps: the
+    evaluation goes through the step's own gemm, every product of it."""
+    calls = []
+    matmul = fast_cpu.FastStep.matmul
+    monkeypatch.setattr(fast_cpu.FastStep, "matmul",
+                        lambda step, A, B: calls.append(A.shape[0]) or matmul(step, A, B))
+    config = build_config(None, ["model.hidden=[8, 8]", "data.val_size=50", "train.epochs=1",
+                                 "train.batch_size=50", "train.eval_batch_size=40"])
+    result = train(config, CPU, tiny_mnist.mnist)
+    assert sum(calls) == 3 * (50 + 100) and result.history[0]["test_accuracy"] > 0
+
+
 def test_prepare_state_multiplies_the_scale_out_for_the_generic_step():
     config = build_config(None, ["model.hidden=8", "optim.name=adam"])
     state = new_state(config, CPU)
