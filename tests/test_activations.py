@@ -64,3 +64,11 @@ def test_kinked_derivatives_at_and_around_zero():
     assert ACTIVATIONS["sigmoid"].phi_prime(np.array([0.0]))[0] == 0.25
     assert ACTIVATIONS["tanh"].phi_prime(np.array([0.0]))[0] == 1.0
     assert ACTIVATIONS["gelu"].phi_prime(np.array([0.0]))[0] == 0.5
+
+
+def test_the_leaky_slope_is_the_documented_0_01():
+    """The expected values above are built from LEAKY_SLOPE: this pins its value, the one
+    docs/derivation.md and the ONNX export (LeakyRelu alpha) promise."""
+    act = ACTIVATIONS["leaky_relu"]
+    assert act.phi(np.array([-1.0, 2.0])).tolist() == [-0.01, 2.0]
+    assert act.phi_prime(np.array([-1.0, 2.0])).tolist() == [0.01, 1.0]

@@ -535,6 +535,9 @@ def test_adjacent_widths_past_numpys_array_limit_are_refused_in_one_line(hidden)
     assert "makes a weight matrix of" in message and message.endswith(
         "more than the first layer's largest (784 x 2^40); give smaller widths")
     assert build_config(None, ["model.hidden=[1, 1099511627776]"]).model.hidden[1] == 2 ** 40
+    assert build_config(None, ["model.hidden=[784, 1099511627776]"]).model.hidden[0] == 784
+    assert "makes a weight matrix of" in error_of(build_config, None,   # just past 784 x 2^40
+                                                  ["model.hidden=[785, 1099511627776]"])
 
 
 def test_a_section_header_with_its_keys_commented_out_is_the_sections_defaults(tmp_path):

@@ -243,3 +243,10 @@ def test_max_norm_caps_the_columns_of_every_hidden_layer_of_a_deeper_net():
     assert np.linalg.norm(W[2], axis=0).min() > max_norm                  # would be capped
     np.testing.assert_array_equal(params.W[2], W[2])
     assert all((b == 9.0).all() for b in params.b)
+
+
+def test_the_cosine_schedule_stays_at_its_floor_past_the_last_step():
+    """progress is clamped at 1: a rate asked for at or past the run's end is min_lr, not the
+    cosine climbing back up."""
+    for step in (100, 150, 199):
+        assert lr_at(step, schedule="cosine", min_lr=0.01) == pytest.approx(0.01, abs=1e-15)

@@ -110,6 +110,17 @@ def test_white_strokes_on_a_transparent_canvas_are_read_as_ink(tmp_path):
                                   load_digit(save_png(tmp_path / "plain.png", ring)))
 
 
+def test_white_strokes_with_a_faint_dark_shadow_still_go_over_black():
+    """Only pixels at least half as opaque as the most opaque decide the backdrop: a drop
+    shadow of alpha 40 (dark) beside opaque white strokes is no paper of the picture's own."""
+    from gpumlp.preprocess import backdrop
+    ring = ring_digit()
+    rgba = np.zeros(ring.shape + (4,), dtype=np.uint8)
+    rgba[..., 3] = np.where(np.roll(ring, 3, axis=1) == 0, 40, 0)   # the shadow, dark, faint
+    rgba[ring == 0] = (255, 255, 255, 255)                           # the strokes, white
+    assert backdrop(Image.fromarray(rgba, "RGBA")) == 0
+
+
 def test_a_page_with_a_transparent_border_is_read_on_white_paper(tmp_path):
     """Opaque pixels that hold the digit themselves (light paper, dark ink) keep white."""
     ring = ring_digit()

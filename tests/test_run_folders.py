@@ -2218,6 +2218,25 @@ def test_a_warmup_as_long_as_the_run_is_warned_of_even_when_quiet(tiny_data_dir,
                 in result.stderr), result.stderr
 
 
+@pytest.mark.parametrize("epochs", ["true", "1.5", '"2"', "null", "[2]"])
+def test_a_damaged_summary_says_no_epochs_and_makes_no_run_extended(tmp_path, epochs):
+    from gpumlp.config import Config, dump_config
+    from gpumlp.runfiles import extended, summary_epochs
+    (tmp_path / "config.yaml").write_text(dump_config(Config()))      # train.epochs 10
+    (tmp_path / "summary.json").write_text(f'{{"epochs": {epochs}}}')
+    assert summary_epochs(tmp_path) is None and extended(tmp_path) is False
+    (tmp_path / "summary.json").write_text('{"epochs": 2}')
+    assert summary_epochs(tmp_path) == 2 and extended(tmp_path) is True
+
+
+def test_a_config_of_ones_own_beside_a_summary_is_no_extended_run(tmp_path):
+    """A hand-written config.yaml (lacking keys) says nothing of a run's epochs."""
+    from gpumlp.runfiles import extended
+    (tmp_path / "config.yaml").write_text("train:\n  epochs: 5\n")
+    (tmp_path / "summary.json").write_text('{"epochs": 2}')
+    assert extended(tmp_path) is False
+
+
 def test_a_metrics_file_of_one_byte_is_a_trained_run_for_resumable_too(tmp_path):
     """RunFiles.check_resumable counts any byte in metrics.jsonl as an epoch's row: a config.yaml
     beside a one-byte metrics.jsonl, with no checkpoint, is no run --resume goes on with."""
