@@ -121,6 +121,8 @@ def start_over(source: str) -> str:
     return start_over_in(Path(source).parent)
 
 
+# config.yaml's first line in a run started from --init weights: a resume before the first
+# checkpoint then knows that init.npz is needed, not a random start (RunFiles.saved_init)
 FROM_INIT = "# this run started from the --init weights in init.npz beside this file\n"
 
 

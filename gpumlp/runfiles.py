@@ -51,8 +51,6 @@ DERIVED_FILES = ("report.md", "learning_curves.png", "confusion_matrix.png",
 # new run that fails before then puts it back (RunFiles.put_back)
 REPLACED = ".gpumlp-replaced"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # the errnos of a disk (or quota) with no room left
-# config.yaml's first line in a run started from --init weights: a resume before the first
-# checkpoint then knows that init.npz is needed, not a random start (RunFiles.saved_init)
 
 
 def run_files_in(path: Path) -> list[str]:
