@@ -546,9 +546,9 @@ class FastStep:
 
     def matmul(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
         """A @ B (C-ordered, new) through the step's BLAS, for the evaluation (train.evaluate);
-        A @ B with NumPy's matmul where the two differ in dtype."""
-        if A.dtype != B.dtype or A.dtype != self.dtype:
-            return A @ B
+        NumPy's matmul where the two differ in dtype, or for one row or column."""
+        if A.dtype != B.dtype or A.dtype != self.dtype or A.shape[0] == 1 or B.shape[1] == 1:
+            return A @ B  # a row or a column: NumPy's gemv, whose bits a gemm does not give
         return self.lib.gemm(1.0, B.T, A.T).T                          # (m, n) C-ordered
 
     def next_scale(self, state: OptState) -> float:

@@ -141,17 +141,21 @@ def too_large(what: str) -> NumericalError:
     return NumericalError(f"{what}: the weights are finite but too large to use")
 
 
-def probe_loss(state: RunState, data: DeviceData, config: Config) -> tuple[float, int]:
+def probe_loss(state: RunState, data: DeviceData, config: Config,
+               matmul: Any = None) -> tuple[float, int]:
     """The mean loss of the (finite) weights on the first PROBE_ROWS training examples, and
-    how many those are: finite unless the weights are too large to use."""
+    how many those are: finite unless the weights are too large to use. `matmul`: as for
+    evaluate."""
     probe = DeviceSplit(data.train.images[:PROBE_ROWS], data.train.labels[:PROBE_ROWS])
-    return evaluate(state.params, probe, config)[0], len(probe)
+    return evaluate(state.params, probe, config, matmul)[0], len(probe)
 
 
-def check_usable(state: RunState, data: DeviceData, config: Config) -> None:
+def check_usable(state: RunState, data: DeviceData, config: Config,
+                 matmul: Any = None) -> None:
     """A NumericalError unless probe_loss is finite and below MAX_PROBE_LOSS: the guard before
-    a mid-epoch checkpoint, which must be worth going on from."""
-    loss, n = probe_loss(state, data, config)
+    a mid-epoch checkpoint, which must be worth going on from (on the step's BLAS, `matmul`,
+    as the epoch's evaluation)."""
+    loss, n = probe_loss(state, data, config, matmul)
     if not loss < MAX_PROBE_LOSS:  # NaN too
         pos = state.pos
         what = ("NaN or infinite" if not math.isfinite(loss)
@@ -356,7 +360,7 @@ def _train(config, backend, mnist, files, init, resume, on_event, should_stop) -
         if files:
             snapshot = exported(step_fn, state)
             check_finite(snapshot)
-            check_usable(snapshot, data, config)
+            check_usable(snapshot, data, config, getattr(step_fn, "matmul", None))
             files.save_checkpoint(snapshot, history, config)
 
     snap = None  # the last epoch end's state in model.py's layout

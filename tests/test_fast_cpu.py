@@ -278,9 +278,11 @@ def test_the_steps_matmul_is_the_product_in_c_order_and_mixed_dtypes_go_to_numpy
     np.testing.assert_allclose(product, A @ B, rtol=1e-5 if dtype == "float32" else 1e-12)
     other = np.float64 if dtype == "float32" else np.float32
     np.testing.assert_array_equal(step.matmul(A, B.astype(other)), A @ B.astype(other))
+    for row, column in ((A[:1], B), (A, B[:, :1]), (A[:1], B[:, :1])):   # NumPy's gemv: its
+        np.testing.assert_array_equal(step.matmul(row, column), row @ column)   # bits, kept
 
 
-def test_the_epochs_evaluation_runs_on_the_steps_blas(tiny_mnist, monkeypatch):
+def test_the_epochs_evaluation_runs_on_the_steps_blas(tiny_mnist, monkeypatch, tmp_path):
     """NumPy's matmul runs on a second OpenBLAS (NumPy's), whose threads spin on for about
     0.1 s after the evaluation and took the cores from the next epoch's first steps: the
     evaluation goes through the step's own gemm, every product of it."""
@@ -292,6 +294,11 @@ def test_the_epochs_evaluation_runs_on_the_steps_blas(tiny_mnist, monkeypatch):
                                  "train.batch_size=50", "train.eval_batch_size=40"])
     result = train(config, CPU, tiny_mnist.mnist)
     assert sum(calls) == 3 * (50 + 100) and result.history[0]["test_accuracy"] > 0
+    calls.clear()                          # the probe before each mid-epoch checkpoint too
+    checked = build_config(None, ["model.hidden=[8, 8]", "data.val_size=50", "train.epochs=1",
+                                  "train.batch_size=50", "train.checkpoint_every=2"])
+    train(checked, CPU, tiny_mnist.mnist, out_dir=tmp_path / "probed")
+    assert sum(calls) == 3 * (2 * 100 + 50 + 100)       # two probes of the first 100 rows
 
 
 def test_prepare_state_multiplies_the_scale_out_for_the_generic_step():
