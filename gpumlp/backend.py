@@ -57,15 +57,33 @@ def _import_cupy() -> ModuleType | None:
         import cupy  # the project's only cupy import
     except ModuleNotFoundError as e:
         if e.name not in ("cupy", None):  # CuPy is there; something it imports is not
-            CUPY_IMPORT.append(error_summary(e))
-            CUPY_IMPORT.append(f"install the module it lacks ({e.name.split('.')[0]}), or "
-                               "reinstall CuPy with its dependencies")
+            CUPY_IMPORT.extend((error_summary(e), missing_module_fix(e.name)))
         return None
     except Exception as e:  # a broken CUDA install raising at import
-        CUPY_IMPORT.append(error_summary(e))
-        CUPY_IMPORT.append(import_fix(e))
+        cause = original_error(e)  # CuPy 13 re-raises it under a banner ("Failed to import")
+        CUPY_IMPORT.append(error_summary(cause))
+        CUPY_IMPORT.append(missing_module_fix(cause.name)
+                           if isinstance(cause, ModuleNotFoundError) and cause.name
+                           else import_fix(cause))
         return None
     return cupy
+
+
+def original_error(e: BaseException) -> BaseException:
+    """The error `e` was raised from (`raise ... from`), and that one's, to the first."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+def missing_module_fix(name: str) -> str:
+    """What to do when `import cupy` lacks module `name`: one of CuPy's own (a broken
+    install), or a dependency (fastrlock, say)."""
+    top = name.split(".")[0]
+    if top == "cupy" or top.startswith("cupy_"):
+        return ("its install is incomplete: reinstall it (pip install --force-reinstall "
+                "cupy-cuda12x, or cupy-cuda13x: the one you have)")
+    return f"install the module it lacks ({top}), or reinstall CuPy with its dependencies"
 
 
 def import_fix(error: Exception) -> str:

@@ -729,6 +729,24 @@ def test_a_cupy_that_lacks_a_module_it_imports_is_told_to_get_it_not_to_check_th
     assert "install the module it lacks (fastrlock)" in cli("info").stdout
 
 
+@pytest.mark.parametrize("lacking, advice", [
+    ("fastrlock", "install the module it lacks (fastrlock), or reinstall CuPy with its "
+                  "dependencies"),
+    ("cupy_backends.cuda.api", "its install is incomplete: reinstall it")])
+def test_cupy_13s_banner_over_a_missing_module_gives_that_modules_advice(
+        monkeypatch, tmp_path, in_tmp, lacking, advice):
+    """CuPy 13 re-raises what its import lacked as a plain ImportError under a banner of '='
+    (raise ... from): the banner was the error shown, with the driver advice."""
+    banner = "=" * 64
+    broken_module(monkeypatch, tmp_path, "cupy", (
+        f"ImportError('\\n{banner}\\nFailed to import CuPy.\\n{banner}\\n') from "
+        f"ModuleNotFoundError(\"No module named '{lacking}'\", name='{lacking}')"))
+    result = cli("train", "--device", "cuda", "--out", "run")
+    assert_one_error_line(result, 2, "--device cuda: CuPy is installed but cannot be loaded "
+                          f"(ModuleNotFoundError: No module named '{lacking}'); {advice}")
+    assert "driver" not in result.stderr and "===" not in result.stderr
+
+
 def test_a_pytorch_that_cannot_be_loaded_is_not_said_to_be_missing(monkeypatch, tmp_path):
     broken_module(monkeypatch, tmp_path, "torch",
                   "OSError('libtorch_cpu.so: cannot open shared object file')")
