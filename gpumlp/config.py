@@ -389,7 +389,7 @@ def parse_override(text: str) -> dict:
         reason = yaml_reason(e)
         raise ConfigError(f"--set {shown(text)}: the value is not valid YAML"
                           f"{f' ({reason})' if reason else ''}") from None
-    if value is None and key in SECTIONS:  # a file's empty header is its defaults; this is not
+    if value in (None, {}) and key in SECTIONS:  # a file's empty header is its defaults: not
         raise ConfigError(f"--set {shown(text)}: {key} is a section; give one of its keys, "
                           f"e.g. --set {key}.{SECTIONS[key]}=VALUE")
     return _nest(key, value)

@@ -125,14 +125,16 @@ def warmup_warning(cfg: OptimConfig, epochs: int) -> str | None:
     """What a warm-up as long as the run or longer does, for the start's warning: the rate
     never reaches optim.lr (or only at the last step, the schedule's decay never coming);
     None for any other. Not refused: a resume may lengthen the run."""
+    decays = cfg.schedule == "cosine" or (cfg.schedule == "step" and cfg.step_epochs < epochs)
     if cfg.warmup_epochs <= 0 or cfg.warmup_epochs < epochs or (
-            cfg.warmup_epochs == epochs and cfg.schedule == "constant"):
+            cfg.warmup_epochs == epochs and not decays):
         return None
     peak = epochs / cfg.warmup_epochs
-    ends = (f"ends at {peak:.2g} of optim.lr ({cfg.lr * peak:g})" if peak < 1 else
+    shown = math.floor(peak * 1e4) / 1e4  # cut, not rounded: 0.99995 is not "1"
+    ends = (f"ends at {shown:g} of optim.lr ({cfg.lr * peak:g})" if peak < 1 else
             "reaches optim.lr only at its last step")
-    never = {"cosine": ", and the cosine decay never begins",
-             "step": ", and the step decays never come"}.get(cfg.schedule, "")
+    never = ("" if not decays else ", and the cosine decay never begins"
+             if cfg.schedule == "cosine" else ", and the step decays never come")
     return (f"optim.warmup_epochs ({cfg.warmup_epochs:g}) is not below train.epochs ({epochs}): "
             f"the rate rises all run and {ends}{never}; shorten the warm-up, or give more "
             "epochs")

@@ -546,7 +546,7 @@ def test_a_section_header_with_its_keys_commented_out_is_the_sections_defaults(t
     config = build_config(path, ["optim.lr=0.5"])
     assert config.data == build_config().data and config.model.hidden == 64
     assert build_config(path, ["data.limit=500"]).data.limit == 500     # a --set fills it
-    for text in ("data=", "data=null", "optim=~", "data.augment="):     # not a reset: refused
+    for text in ("data=", "data=null", "optim=~", "data.augment=", "data={}"):  # no reset
         section = text.split("=")[0]
         assert error_of(build_config, path, ["optim.lr=0.5", text]).startswith(
             f"--set {shown(text)}: {section} is a section; give one of its keys, e.g. --set "

@@ -250,3 +250,14 @@ def test_the_cosine_schedule_stays_at_its_floor_past_the_last_step():
     cosine climbing back up."""
     for step in (100, 150, 199):
         assert lr_at(step, schedule="cosine", min_lr=0.01) == pytest.approx(0.01, abs=1e-15)
+
+
+def test_the_warmup_warning_never_rounds_up_to_the_rate_and_skips_a_step_decay_past_the_run():
+    from gpumlp.config import OptimConfig
+    from gpumlp.optim import warmup_warning
+    said = warmup_warning(OptimConfig(lr=0.1, warmup_epochs=2.0001), 2)
+    assert "ends at 0.9999 of optim.lr (0.099995)" in said          # not "ends at 1"
+    late = OptimConfig(lr=0.1, warmup_epochs=2, schedule="step", step_epochs=5)
+    assert warmup_warning(late, 2) is None        # its first decay was past the run anyway
+    early = OptimConfig(lr=0.1, warmup_epochs=2, schedule="step", step_epochs=1)
+    assert "the step decays never come" in warmup_warning(early, 2)

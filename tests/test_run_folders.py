@@ -2199,6 +2199,7 @@ def test_temporary_files_a_killed_write_left_are_removed_once_the_run_is_locked(
 @pytest.mark.parametrize("warmup, schedule, ends", [
     (1, "cosine", "reaches optim.lr only at its last step, and the cosine decay never begins"),
     (4, "step", "ends at 0.25 of optim.lr (0.025), and the step decays never come"),
+    (4, "step-late", "ends at 0.25 of optim.lr (0.025)"),     # its first decay past the run
     (1000, "constant", "ends at 0.001 of optim.lr (0.0001)"),
     (1, "constant", None), (0.5, "cosine", None), (0, "cosine", None)])
 def test_a_warmup_as_long_as_the_run_is_warned_of_even_when_quiet(tiny_data_dir, tmp_path,
@@ -2206,16 +2207,18 @@ def test_a_warmup_as_long_as_the_run_is_warned_of_even_when_quiet(tiny_data_dir,
     """Every step inside the warm-up: the rate never reaches optim.lr (or at the last step, a
     cosine or step decay never coming), and the run exited 0 without a word. Not refused: a
     resume may add the epochs."""
+    step_epochs = 2 if schedule == "step-late" else 0.5
     result = cli(*train_args(tmp_path / "run", tiny_data_dir, "--set",
-                             f"optim.schedule={schedule}", "--set",
-                             f"optim.warmup_epochs={warmup}"))
+                             f"optim.schedule={schedule.removesuffix('-late')}", "--set",
+                             f"optim.warmup_epochs={warmup}", "--set",
+                             f"optim.step_epochs={step_epochs}"))
     assert result.exit_code == 0, result.output
     if ends is None:
         assert "Warning" not in result.stderr
     else:
         assert (f"Warning: optim.warmup_epochs ({warmup:g}) is not below train.epochs (1): the "
                 f"rate rises all run and {ends}; shorten the warm-up, or give more epochs\n"
-                in result.stderr), result.stderr
+                in result.stderr), result.stderr     # and nothing more after {ends}
 
 
 @pytest.mark.parametrize("epochs", ["true", "1.5", '"2"', "null", "[2]"])
