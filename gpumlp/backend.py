@@ -70,9 +70,12 @@ def _import_cupy() -> ModuleType | None:
 
 
 def original_error(e: BaseException) -> BaseException:
-    """The error `e` was raised from (`raise ... from`), and that one's, to the first."""
-    while e.__cause__ is not None:
+    """The error `e` was raised from (`raise ... from`), and that one's, to the first (a
+    chain that loops ends where it would come round)."""
+    seen = {id(e)}
+    while e.__cause__ is not None and id(e.__cause__) not in seen:
         e = e.__cause__
+        seen.add(id(e))
     return e
 
 
@@ -132,7 +135,7 @@ def no_gpu_reason(cupy: Any) -> str:
         cupy.cuda.runtime.getDeviceCount()
         error = None
     except Exception as e:
-        error = error_summary(e)
+        error = error_summary(original_error(e))
     try:
         numbers = cuda_version_numbers(cupy)
     except Exception:
@@ -194,7 +197,7 @@ def cuda_backend(index: int, given: str | None = None) -> Backend:
         try:
             load()
         except Exception as e:
-            raise DeviceError(f"{named}: CuPy cannot load {library} ({error_summary(e)}); "
+            raise DeviceError(f"{named}: CuPy cannot load {library} ({error_summary(original_error(e))}); "
                               "check the CUDA installation (nvidia-smi, gpumlp info), or use "
                               "--device cpu") from None
     name = cupy.cuda.runtime.getDeviceProperties(index)["name"]
@@ -252,7 +255,7 @@ def cuda_versions(cupy: Any = None) -> str:
     try:
         numbers = cuda_version_numbers(cupy)
     except Exception as e:  # a broken CUDA install, or no runtime library
-        return f"unknown ({error_summary(e)})"
+        return f"unknown ({error_summary(original_error(e))})"
     if numbers is None:
         return f"- ({no_cupy()})"
     return f"CUDA runtime {numbers[0]}, driver {numbers[1]}"

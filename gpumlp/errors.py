@@ -72,7 +72,9 @@ class Terminated(KeyboardInterrupt):
 def error_summary(e: BaseException) -> str:
     """"Type: first line of its message" (the type alone when it has none), for a one-line
     error that reports what a library raised."""
-    first = (str(e).strip().splitlines() or [""])[0]
+    lines = [line for line in str(e).strip().splitlines()
+             if line.strip("=-* \t")]  # not a banner's rule of = or -
+    first = lines[0].strip() if lines else ""
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 

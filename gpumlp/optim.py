@@ -130,8 +130,8 @@ def warmup_warning(cfg: OptimConfig, epochs: int) -> str | None:
             cfg.warmup_epochs == epochs and not decays):
         return None
     peak = epochs / cfg.warmup_epochs
-    shown = math.floor(peak * 1e4) / 1e4  # cut, not rounded: 0.99995 is not "1"
-    ends = (f"ends at {shown:g} of optim.lr ({cfg.lr * peak:g})" if peak < 1 else
+    shown = f"{peak:.3g}" if float(f"{peak:.3g}") < 1 else "0.999"  # never "1": it is below
+    ends = (f"ends at {shown} of optim.lr ({cfg.lr * peak:g})" if peak < 1 else
             "reaches optim.lr only at its last step")
     never = ("" if not decays else ", and the cosine decay never begins"
              if cfg.schedule == "cosine" else ", and the step decays never come")

@@ -747,6 +747,44 @@ def test_cupy_13s_banner_over_a_missing_module_gives_that_modules_advice(
     assert "driver" not in result.stderr and "===" not in result.stderr
 
 
+BANNER_FROM_FASTRLOCK = ("ImportError('\\n' + '=' * 64 + '\\nFailed to import CuPy.\\n' + "
+                         "'=' * 64) from ModuleNotFoundError(\"No module named 'fastrlock'\", "
+                         "name='fastrlock')")
+
+
+def test_a_banner_raised_at_cupys_first_use_shows_what_it_was_raised_from(
+        monkeypatch, tmp_path, in_tmp):
+    """A CuPy that imports and raises its banner at first use: the '=' rule was the error
+    shown, in --device cuda's line and twice in info."""
+    folder = tmp_path / "late-cupy"
+    folder.mkdir()
+    (folder / "cupy.py").write_text(f'__version__ = "14.0.0"\n\ndef __getattr__(name):\n'
+                                    f'    raise {BANNER_FROM_FASTRLOCK}\n')
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    result = cli("bench", "--data", "synthetic", "--device", "cuda")
+    assert_one_error_line(result, 2, "ModuleNotFoundError: No module named 'fastrlock'")
+    info = cli("info").stdout
+    assert "===" not in result.stderr + info and "No module named 'fastrlock'" in info
+
+
+def test_a_cupy_error_chain_that_loops_ends_in_one_line_not_a_hang(monkeypatch, tmp_path,
+                                                                     in_tmp):
+    broken_module(monkeypatch, tmp_path, "cupy", "(lambda a, b: (setattr(a, '__cause__', b), "
+                  "setattr(b, '__cause__', a), a)[2])(ImportError('banner'), "
+                  "RuntimeError('driver'))")
+    result = cli("bench", "--data", "synthetic", "--device", "cuda")
+    assert_one_error_line(result, 2, "--device cuda: CuPy is installed but cannot be loaded")
+
+
+def test_error_summary_skips_a_banners_rules():
+    from gpumlp.errors import error_summary
+    banner = ImportError("\n" + "=" * 64 + "\n  Failed to import CuPy.\n" + "-" * 20)
+    assert error_summary(banner) == "ImportError: Failed to import CuPy."
+    assert error_summary(ImportError("=" * 8)) == "ImportError"
+    assert error_summary(ValueError("a\nb")) == "ValueError: a"
+
+
 def test_a_pytorch_that_cannot_be_loaded_is_not_said_to_be_missing(monkeypatch, tmp_path):
     broken_module(monkeypatch, tmp_path, "torch",
                   "OSError('libtorch_cpu.so: cannot open shared object file')")

@@ -256,7 +256,10 @@ def test_the_warmup_warning_never_rounds_up_to_the_rate_and_skips_a_step_decay_p
     from gpumlp.config import OptimConfig
     from gpumlp.optim import warmup_warning
     said = warmup_warning(OptimConfig(lr=0.1, warmup_epochs=2.0001), 2)
-    assert "ends at 0.9999 of optim.lr (0.099995)" in said          # not "ends at 1"
+    assert "ends at 0.999 of optim.lr (0.099995)" in said           # not "ends at 1"
+    for epochs, warmup, share in ((57, 100, "0.57"), (1, 20000, "5e-05"), (1, 3, "0.333")):
+        said = warmup_warning(OptimConfig(lr=0.1, warmup_epochs=warmup), epochs)
+        assert f"ends at {share} of optim.lr" in said, said
     late = OptimConfig(lr=0.1, warmup_epochs=2, schedule="step", step_epochs=5)
     assert warmup_warning(late, 2) is None        # its first decay was past the run anyway
     early = OptimConfig(lr=0.1, warmup_epochs=2, schedule="step", step_epochs=1)
