@@ -197,9 +197,10 @@ def cuda_backend(index: int, given: str | None = None) -> Backend:
         try:
             load()
         except Exception as e:
-            raise DeviceError(f"{named}: CuPy cannot load {library} ({error_summary(original_error(e))}); "
-                              "check the CUDA installation (nvidia-smi, gpumlp info), or use "
-                              "--device cpu") from None
+            why = error_summary(original_error(e))
+            raise DeviceError(f"{named}: CuPy cannot load {library} ({why}); check the CUDA "
+                              "installation (nvidia-smi, gpumlp info), or use --device cpu"
+                              ) from None
     name = cupy.cuda.runtime.getDeviceProperties(index)["name"]
     name = name.decode() if isinstance(name, bytes) else name
     return Backend(cupy, f"cuda:{index}", f"cuda:{index} ({name})")
