@@ -11,8 +11,9 @@ The scaling by 1/255 stays outside the graph (callers feed x/255); the standardi
 `normalize: standard` is inside it as two ops with the constants training used, so the
 input is the same for every model. Weights are stored as float32 whatever the training
 dtype. GELU is written out with primitive ops in its tanh form,
-0.5 A (1 + tanh(sqrt(2/pi) (A + 0.044715 A^3))), the formula gpumlp trains with, so the
-graph needs only opset 17 (ONNX's own Gelu op arrives in opset 20).
+0.5 A (1 + tanh(sqrt(2/pi) (A + 0.044715 A^3))), the formula gpumlp trains with, computed as
+gpumlp does, A sigmoid(2 sqrt(2/pi) (A + 0.044715 A^3)), so the graph needs only opset 17
+(ONNX's own Gelu op arrives in opset 20).
 """
 
 from __future__ import annotations
@@ -76,14 +77,13 @@ class GraphBuilder:
 
 
 def gelu_tanh(g: GraphBuilder, A: str, name: str) -> str:
-    """0.5 A (1 + tanh(K (A + C A^3))), op by op, as activations.gelu computes it."""
+    """A sigmoid(2 K (A + C A^3)) = 0.5 A (1 + tanh(K (A + C A^3))), op by op, as
+    activations.gelu computes it."""
     A3 = g.op("Mul", [g.op("Mul", [A, A], f"{name}_sq"), A], f"{name}_cube")
     inner = g.op("Add", [A, g.op("Mul", [g.const(f"{name}_c", GELU_C), A3], f"{name}_cA3")],
                  f"{name}_inner")
-    T = g.op("Tanh", [g.op("Mul", [g.const(f"{name}_k", GELU_K), inner], f"{name}_kinner")],
-             f"{name}_tanh")
-    half_A = g.op("Mul", [g.const(f"{name}_half", 0.5), A], f"{name}_halfA")
-    return g.op("Mul", [half_A, g.op("Add", [g.const(f"{name}_one", 1.0), T], f"{name}_1pT")], name)
+    two_u = g.op("Mul", [g.const(f"{name}_2k", 2 * GELU_K), inner], f"{name}_2u")
+    return g.op("Mul", [A, g.op("Sigmoid", [two_u], f"{name}_sigmoid")], name)
 
 
 # activation name -> adds Z = phi(A) to the graph and returns the name of Z

@@ -92,20 +92,36 @@ struct LeakyRelu {
   __host__ __device__ static float phi(float a) { return a > 0.0f ? a : a * LEAKY_SLOPE; }
   __host__ __device__ static float phi_prime(float a) { return a > 0.0f ? 1.0f : LEAKY_SLOPE; }
 };
-struct Sigmoid {  // 1 / (1 + e^-a) written with tanh: no overflow
-  __host__ __device__ static float phi(float a) { return 0.5f * (1.0f + tanhf(0.5f * a)); }
-  __host__ __device__ static float phi_prime(float a) { float s = phi(a); return s * (1.0f - s); }
+// The logistic function from exponents <= 0 only, as activations.py writes it: e = e^-|x|,
+// sigma(x) = (x < 0 ? e : 1) / (1 + e) (activations.py's e^min(x, 0), the same bits) and
+// sigma'(x) = e / (1 + e)^2, without overflow and without cancellation.
+__host__ __device__ inline float exp_minus_abs(float x) { return expf(-fabsf(x)); }
+__host__ __device__ inline float logistic(float x, float e) {
+  return (x < 0.0f ? e : 1.0f) / (1.0f + e);
+}
+struct Sigmoid {
+  __host__ __device__ static float phi(float a) { return logistic(a, exp_minus_abs(a)); }
+  __host__ __device__ static float phi_prime(float a) {
+    float e = exp_minus_abs(a), d = 1.0f + e;
+    return e / (d * d);
+  }
 };
 struct Tanh {
   __host__ __device__ static float phi(float a) { return tanhf(a); }
-  __host__ __device__ static float phi_prime(float a) { float t = tanhf(a); return 1.0f - t * t; }
+  __host__ __device__ static float phi_prime(float a) {  // 1 - tanh^2 a
+    float e = exp_minus_abs(2.0f * a), d = 1.0f + e;
+    return 4.0f * e / (d * d);
+  }
 };
-struct Gelu {  // tanh approximation
-  __host__ __device__ static float inner(float a) { return tanhf(GELU_K * (a + GELU_C * powf(a, 3.0f))); }
-  __host__ __device__ static float phi(float a) { return 0.5f * a * (1.0f + inner(a)); }
+struct Gelu {  // tanh approximation: A (1 + tanh u) / 2 = A sigma(2u), u = K (A + C A^3)
+  __host__ __device__ static float two_u(float a) { return GELU_2K * (a + GELU_C * (a * a * a)); }
+  __host__ __device__ static float phi(float a) {
+    float v = two_u(a);
+    return a * logistic(v, exp_minus_abs(v));
+  }
   __host__ __device__ static float phi_prime(float a) {
-    float t = inner(a);
-    return 0.5f * (1.0f + t) + 0.5f * a * (1.0f - t * t) * GELU_K * (1.0f + GELU_3C * a * a);
+    float v = two_u(a), e = exp_minus_abs(v), d = 1.0f + e;
+    return logistic(v, e) + GELU_2K * a * (e + GELU_3C * a * (a * e)) / (d * d);
   }
 };
 
@@ -303,8 +319,8 @@ def c_float(value: float) -> str:
 def cuda_source() -> str:
     """The whole CUDA module: every kernel, for every activation."""
     constants = {"XENT_THREADS": str(XENT_THREADS), "LEAKY_SLOPE": c_float(LEAKY_SLOPE),
-                 "GELU_K": c_float(GELU_K), "GELU_C": c_float(GELU_C),
-                 "GELU_3C": c_float(3 * GELU_C)}  # as activations.gelu_prime rounds 3 * GELU_C
+                 "GELU_2K": c_float(2 * GELU_K), "GELU_C": c_float(GELU_C),
+                 "GELU_3C": c_float(3 * GELU_C)}  # as activations.py rounds 2 * K and 3 * C
     defines = "".join(f"#define {name} {value}\n" for name, value in constants.items())
     per_activation = "".join(ACTIVATION_KERNELS.format(name=name, act=act)
                              for name, act in ACTIVATION_TYPES.items())

@@ -45,6 +45,7 @@ from gpumlp.model import (Params, backward, dropout_masks, forward, init_params,
 from gpumlp.optim import init_state
 from gpumlp.gpu_blas import Blas
 from gpumlp.step import add_to_sums, generic_step
+from activation_reference import GRID, TERMS, float32_error
 from numeric_helpers import central_difference
 
 RTOL, ATOL = 1e-5, 1e-6  # float32; the host's tanhf/expf and summation orders differ by ulps
@@ -718,6 +719,24 @@ def test_act_backward_takes_phi_prime_at_exactly_zero_as_activations_does(emulat
     want = dZ * ACTIVATIONS[activation].phi_prime(A)
     fast_cuda.launch(step.kernels.act_backward, A.size, np.int64(A.size), dZ, A)
     np.testing.assert_array_equal(dZ, want)
+
+
+@pytest.mark.parametrize("activation", sorted(TERMS))
+def test_the_kernels_smooth_activations_are_within_4_ulps_of_float64_on_both_tails(emulated,
+                                                                                  activation):
+    """bias_act's phi and act_backward's phi' from A = -40 to 40, as test_activations checks
+    activations.py's: the kernel's forms of 1 + tanh and 1 - tanh^2 cancelled to 0 in the tails."""
+    step = fast_cuda.FusedStep(build_config(None, [f"model.activation={activation}"]), emulated)
+    A, n = GRID.reshape(1, -1).copy(), GRID.size
+    Z = np.full_like(A, np.nan)
+    fast_cuda.launch(step.kernels.bias_act, n, np.int64(n), np.int32(n), A,
+                     np.zeros(n, dtype=np.float32), Z)
+    dA = np.ones_like(A)
+    fast_cuda.launch(step.kernels.act_backward, n, np.int64(n), dA, A)
+    for which, got in (("phi", Z[0]), ("phi_prime", dA[0])):
+        error = float32_error(activation, which, got)
+        worst = np.nanargmax(error)
+        assert error[worst] <= 4, f"{which} at A = {GRID[worst]}: {error[worst]:.3g} ulps"
 
 
 def test_the_batch_loader_clips_row_indices_outside_the_split_as_take_does(emulated):

@@ -90,7 +90,7 @@ def test_the_command_writes_a_checked_onnx_file(tmp_path):
     assert [o.version for o in model.opset_import] == [OPSET]
     assert [i.name for i in model.graph.input] == [INPUT]
     assert [o.name for o in model.graph.output] == [LOGITS, PROBABILITIES]
-    assert {"MatMul", "Add", "Tanh", "Softmax"} <= {node.op_type for node in model.graph.node}
+    assert {"MatMul", "Add", "Sigmoid", "Softmax"} <= {node.op_type for node in model.graph.node}
     pixels = np.random.default_rng(4).integers(0, 256, size=(50, 784), dtype=np.uint8)
     assert_same_predictions((tmp_path / "model.onnx").read_bytes(), params, config, pixels)
     assert invoke(export, tmp_path / "model.npz", "--out", tmp_path / "b.onnx").exit_code == 0
