@@ -198,12 +198,42 @@ def cuda_backend(index: int, given: str | None = None) -> Backend:
             load()
         except Exception as e:
             why = error_summary(original_error(e))
-            raise DeviceError(f"{named}: CuPy cannot load {library} ({why}); check the CUDA "
-                              "installation (nvidia-smi, gpumlp info), or use --device cpu"
+            raise DeviceError(f"{named}: CuPy cannot load {library} ({why}); "
+                              f"{library_fix(cupy, original_error(e))}, or use --device cpu"
                               ) from None
     name = cupy.cuda.runtime.getDeviceProperties(index)["name"]
     name = name.decode() if isinstance(name, bytes) else name
     return Backend(cupy, f"cuda:{index}", f"cuda:{index} ({name})")
+
+
+def library_fix(cupy: Any, error: BaseException) -> str:
+    """What to do when CuPy cannot load one of CUDA's libraries (cuBLAS, NVRTC). CuPy 14's
+    wheel carries none: they come from a CUDA Toolkit or from pip, through CuPy's `ctk` extra
+    (which gpumlp's cuda12/cuda13 extras ask for); a library it did not find ("Failure finding",
+    from cuda-pathfinder) is installed so. Any other failure is the CUDA installation's."""
+    if "Failure finding" not in str(error):
+        return "check the CUDA installation (nvidia-smi, gpumlp info)"
+    package = cupy_package(cupy)
+    which = (f"pip install '{package}[ctk]'" if package else
+             "pip install 'cupy-cuda12x[ctk]' or 'cupy-cuda13x[ctk]', the one you have")
+    return f"CuPy 14 takes CUDA's libraries from a CUDA Toolkit or from pip: {which}"
+
+
+def cupy_package(cupy: Any) -> str | None:
+    """The pip package of the CuPy here, e.g. cupy-cuda13x: from the installed packages' records,
+    else from the CUDA it was built for; None when neither says."""
+    try:
+        from importlib.metadata import packages_distributions
+        names = [n for n in packages_distributions().get("cupy", []) if n.startswith("cupy-")]
+    except Exception:  # a broken record of some other package
+        names = []
+    if names:
+        return names[0]
+    try:
+        major = int(cupy.cuda.runtime.runtimeGetVersion()) // 1000
+    except Exception:
+        return None
+    return f"cupy-cuda{major}x" if major >= 12 else None
 
 
 CPU = Backend(np, "cpu", "cpu (NumPy)")

@@ -11,6 +11,7 @@ import platform
 import shutil
 import signal
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -909,12 +910,37 @@ def test_a_library_cupy_cannot_load_is_named_before_any_work(command, monkeypatc
     monkeypatch.setattr(backend, "_cuda_count", lambda cupy: 1)
     assert_one_error_line(cli(*command, "--device", "cuda"), 2,
                           f"Error: --device cuda: CuPy cannot load {library} (ImportError: "
-                          f'Failure finding "{lost}"); check the CUDA installation (nvidia-smi, '
-                          "gpumlp info), or use --device cpu")
+                          f'Failure finding "{lost}"); CuPy 14 takes CUDA\'s libraries from a '
+                          "CUDA Toolkit or from pip: pip install 'cupy-cuda12x[ctk]' or "
+                          "'cupy-cuda13x[ctk]', the one you have, or use --device cpu")
     assert not (in_tmp / "run").exists()
     # named as the user wrote it, not cuda:0, which they never typed
     assert_one_error_line(cli(*command, "--device", "auto"), 2,
                           f"Error: --device auto (cuda:0): CuPy cannot load {library}")
+
+
+@pytest.mark.parametrize("records, runtime, fix", [
+    ({"cupy": ["cupy-cuda13x"]}, None, "pip install 'cupy-cuda13x[ctk]'"),
+    ({}, 12090, "pip install 'cupy-cuda12x[ctk]'"),
+    ({}, None, "'cupy-cuda12x[ctk]' or 'cupy-cuda13x[ctk]', the one you have")])
+def test_a_library_cupy_did_not_find_is_installed_with_the_ctk_extra_of_that_cupy(
+        monkeypatch, records, runtime, fix):
+    """CuPy 14's wheel has none of CUDA's libraries: a driver-only machine gets them with CuPy's
+    ctk extra, for the CuPy installed (its package record, else the CUDA it was built for)."""
+    import importlib.metadata
+    monkeypatch.setattr(importlib.metadata, "packages_distributions", lambda: records)
+
+    class runtime_of:
+        @staticmethod
+        def runtimeGetVersion():
+            if runtime is None:
+                raise RuntimeError("no libcudart")
+            return runtime
+    cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime_of))
+    lost = RuntimeError('Failure finding "libnvrtc.so.13": No such file: libnvrtc.so.13')
+    assert backend.library_fix(cupy, lost).endswith(fix)
+    assert backend.library_fix(cupy, OSError("libcublas.so.13: undefined symbol: x")) == (
+        "check the CUDA installation (nvidia-smi, gpumlp info)")
 
 
 def test_file_errors_exit_1_with_one_line(in_tmp):

@@ -291,6 +291,26 @@ def test_base_is_devel_flavor_for_nvrtc_headers():
     assert "-devel-" in image, image
 
 
+def test_the_image_takes_cupy_for_its_base_images_cuda_and_not_cudas_wheels():
+    """The base image has CUDA's libraries and headers: CuPy for that CUDA major is named
+    itself, not through the cuda12 extra, whose ctk wheels would add a second CUDA (another
+    minor version, beside the headers NVRTC compiles against)."""
+    instructions = parse_dockerfile(DOCKERFILE.read_text())
+    major = re.match(r"nvidia/cuda:(\d+)\.", base_image(instructions)).group(1)
+    installs = " ".join(ins.args for ins in final_stage(instructions)
+                        if ins.keyword == "RUN" and PIP_INSTALL.search(ins.args))
+    assert f"'cupy-cuda{major}x>=13'" in installs, installs
+    assert "ctk" not in installs and "cuda1" not in installs.replace(f"cupy-cuda{major}x", "")
+
+
+def test_the_cuda_extras_bring_cudas_libraries_with_cupy():
+    """CuPy 14's wheel has no cuBLAS or NVRTC: the extras README gives a driver-only machine
+    must ask for CuPy's ctk extra, of the CuPy for that CUDA."""
+    text = (ROOT / "pyproject.toml").read_text()
+    for major in ("12", "13"):
+        assert f'cuda{major} = ["cupy-cuda{major}x[ctk]>=13"]' in text
+
+
 def test_the_home_holding_the_caches_is_open_to_any_uid():
     """Ubuntu's useradd makes the home 0750: under `docker run --user` with another uid, CuPy
     14 failed at import (it creates CUPY_CACHE_DIR there), and so did the MNIST cache."""
