@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -305,6 +306,30 @@ def check_options(resume_dir: str | None, out: str | None, overwrite: bool,
         raise ConfigError("--init is empty; give a model.npz to start from, or drop --init")
 
 
+def resume_options() -> str:
+    """The --device and --data-dir this train's command line gave, as words to put after
+    `gpumlp train --resume RUN` in a command it prints: without them the resume would take
+    another device (auto: a GPU if there is one) or look for MNIST in the cache."""
+    ctx = click.get_current_context()
+    typed = click.core.ParameterSource.COMMANDLINE
+    words = []
+    if ctx.get_parameter_source("device") == typed and ctx.params["device"] != "auto":
+        words += ["--device", shell_path(ctx.params["device"])]
+    if ctx.get_parameter_source("data_dir") == typed and ctx.params["data_dir"]:
+        words += ["--data-dir", shell_path(ctx.params["data_dir"])]
+    return "".join(f" {word}" for word in words)
+
+
+def add_resume_options(e: GpumlpError, out_dir: Path) -> GpumlpError:
+    """`e`, its `gpumlp train --resume OUT_DIR` (if it gives one) followed by resume_options()."""
+    command = f"gpumlp train --resume {shell_path(out_dir)}"
+    options = resume_options()
+    if options and len(e.args) == 1 and isinstance(e.args[0], str):
+        e.args = (re.sub(re.escape(command) + r"(?=$|[\s);,])",
+                         lambda m: m.group(0) + options, e.args[0]),)
+    return e
+
+
 @main.command()
 @click.option("--config", "config_path", type=click.Path(readable=False),  # read_yaml says why
               help="YAML config (see configs/). Defaults apply to keys it leaves out.")
@@ -392,7 +417,7 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     except Interrupted:
         reporter.close()
         tell(f"{stop.what()}; checkpoint saved. Resume with: gpumlp train --resume "
-             f"{shell_path(out_dir)}")
+             f"{shell_path(out_dir)}{resume_options()}")
         raise SystemExit(stop.exit_code())
     except (Exception, KeyboardInterrupt) as e:  # a bug's too: leave no half-made run behind
         if early:
@@ -400,11 +425,14 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
                 cleared = RunFiles(out_dir).discard_unstarted(remove_folder=created)
             again = "then run the same command again"  # which its files left there refuse
             if not cleared and isinstance(e, GpumlpError) and str(e).endswith(again):
-                raise GpumlpError(str(e).removesuffix(again) + "then start it over: gpumlp "
-                                  f"train --resume {shell_path(out_dir)}") from None
+                raise add_resume_options(GpumlpError(
+                    str(e).removesuffix(again) + "then start it over: gpumlp train --resume "
+                    f"{shell_path(out_dir)}"), out_dir) from None
         if isinstance(e, StoppedBeforeStart):  # Ctrl-C or SIGTERM during the set-up
             tell(stop.what())
             raise SystemExit(stop.exit_code()) from None
+        if isinstance(e, GpumlpError):  # its resume command, if it gives one, as given here
+            add_resume_options(e, out_dir)
         raise
     finally:
         if reporter is not None:

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -127,10 +128,10 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_exits_128_plus_n_and_resumes_ident
                                            f"epochs: {err}")
         pytest.skip(f"the run finished before {signal.Signals(signum).name} arrived")
     assert proc.returncode == code, err
-    assert (err.strip().splitlines()[-1]
-            == f"{said}. Resume with: gpumlp train --resume {shell_path(out)}")
+    command = f"gpumlp train --resume {shell_path(out)} --device cpu"  # the device it had
+    assert err.strip().splitlines()[-1] == f"{said}. Resume with: {command}"
     assert "Traceback" not in err
-    resumed = subprocess.run(gpumlp_cmd("train", "--resume", str(out), "--device", "cpu", "-q"),
+    resumed = subprocess.run(gpumlp_cmd(*shlex.split(command)[1:], "-q"),   # as printed
                              env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "model.npz").read_bytes() == (ref / "model.npz").read_bytes()

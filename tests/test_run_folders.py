@@ -50,6 +50,12 @@ def train_args(out, data_dir, *extra):
             "--out", out, "--data-dir", data_dir, "--quiet", *extra]
 
 
+def resume_of(out, data_dir) -> str:
+    """The resume command train prints for a run started with train_args: the --device and
+    --data-dir it was given go on with it."""
+    return f"gpumlp train --resume {shell_path(out)} --device cpu --data-dir {shell_path(data_dir)}"
+
+
 @pytest.fixture
 def finished(tiny_data_dir, tmp_path) -> Path:
     """A finished run, with a report's and an export's files beside it and a user's notes."""
@@ -591,7 +597,7 @@ def test_after_a_nan_lowering_optim_lr_in_config_yaml_and_resuming_goes_on(tiny_
     result = cli(*train_args(out, tiny_data_dir, "--set", "optim.lr=0.2", "--set",
                              "train.batch_size=25", "--set", "train.checkpoint_every=2"))
     how = (f"the last good checkpoint {out / 'checkpoint.npz'} is intact; to continue from it "
-           f"with a lower rate: gpumlp train --resume {shell_path(out)} --set optim.lr=0.02")
+           f"with a lower rate: {resume_of(out, tiny_data_dir)} --set optim.lr=0.02")
     assert_one_error_line(result, 1, "NaN or infinite", "by step 4", how)
     assert '"step": 2' in str(load_npz(out / "checkpoint.npz")["state"])
     resume = ["train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
@@ -632,10 +638,9 @@ def test_after_a_nan_with_a_cosine_floor_the_advice_lowers_the_floor_too_and_goe
     result = cli(*train_args(out, tiny_data_dir, "--set", "optim.lr=0.2", "--set",
                              "optim.schedule=cosine", "--set", "optim.min_lr=0.1", "--set",
                              "train.batch_size=25", "--set", "train.checkpoint_every=2"))
-    advice = (f"gpumlp train --resume {shell_path(out)} --set optim.lr=0.02 "
-              "--set optim.min_lr=0.01")
+    advice = f"{resume_of(out, tiny_data_dir)} --set optim.lr=0.02 --set optim.min_lr=0.01"
     assert_one_error_line(result, 1, "NaN or infinite", advice)
-    result = cli(*shlex.split(advice)[1:], "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
+    result = cli(*shlex.split(advice)[1:], "-q")          # as printed: the same data and device
     assert result.exit_code == 0, result.output
 
 
@@ -662,7 +667,7 @@ def test_weights_too_large_to_use_are_not_saved_so_a_lower_lr_resumes(tiny_data_
                              "train.batch_size=25", "--set", f"train.checkpoint_every={every}",
                              "--set", "train.epochs=2"))
     how = (f"the last good checkpoint {out / 'checkpoint.npz'} is intact; to continue from it "
-           f"with a lower rate: gpumlp train --resume {shell_path(out)} --set optim.lr=0.02")
+           f"with a lower rate: {resume_of(out, tiny_data_dir)} --set optim.lr=0.02")
     assert_one_error_line(result, 1, fragment, "the weights are finite but too large", how)
     checkpoint = load_npz(out / "checkpoint.npz")
     assert f'"step": {saved},' in str(checkpoint["state"])
@@ -762,7 +767,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_puts_the_handlers_back(tiny_da
         signal.signal(signal.SIGTERM, previous)
     assert result.exit_code == 143, result.output
     assert result.stderr.strip() == ("terminated (SIGTERM); checkpoint saved. Resume with: "
-                                     f"gpumlp train --resume {shell_path(out)}")
+                                     f"{resume_of(out, tiny_data_dir)}")
     assert '"step": 4,' in str(load_npz(out / "checkpoint.npz")["state"])
     monkeypatch.setattr(train_module, "make_step", make_step)
     resume = ["train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu"]
@@ -1538,6 +1543,20 @@ def test_a_stop_before_a_resume_with_set_trains_keeps_config_yaml(stopped, tiny_
     assert digests(stopped) == before
 
 
+def test_the_printed_resume_leaves_out_a_device_and_data_folder_that_were_not_typed(
+        tiny_data_dir, tmp_path, monkeypatch):
+    """--device auto (the default) and a data folder from $GPUMLP_DATA_DIR come back by
+    themselves on a resume: the command stays the short one."""
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=4))
+    monkeypatch.setenv("GPUMLP_DATA_DIR", str(tiny_data_dir))
+    out = tmp_path / "run"
+    result = cli("train", "--config", SMOKE, *TINY, "--device", "auto", "--out", out, "-q",
+                 "--set", "train.batch_size=25")
+    assert result.exit_code == 143, result.output
+    assert result.stderr.strip().endswith(f"Resume with: gpumlp train --resume {shell_path(out)}")
+
+
 def test_the_commands_printed_for_a_folder_with_a_space_can_be_pasted(tiny_data_dir, tmp_path,
                                                                       monkeypatch):
     make_step = train_module.make_step
@@ -1545,11 +1564,13 @@ def test_the_commands_printed_for_a_folder_with_a_space_can_be_pasted(tiny_data_
     out = tmp_path / "my run"
     result = cli(*train_args(out, tiny_data_dir, "--set", "train.batch_size=25"))
     assert result.exit_code == 143
-    assert result.stderr.strip().endswith(f"gpumlp train --resume '{out}'")
+    assert result.stderr.strip().endswith(f"gpumlp train --resume '{out}' --device cpu "
+                                          f"--data-dir {shell_path(tiny_data_dir)}")
     monkeypatch.setattr(train_module, "make_step",
                         lambda *a: PoisonedAboveLr(make_step(*a), at=8, above=0.05))
     result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
-    assert_one_error_line(result, 1, f"gpumlp train --resume '{out}' --set optim.lr=0.01")
+    assert_one_error_line(result, 1, f"gpumlp train --resume '{out}' --device cpu --data-dir "
+                          f"{shell_path(tiny_data_dir)} --set optim.lr=0.01")
 
 
 def test_a_mid_epoch_checkpoint_of_weights_with_an_absurd_loss_is_not_saved(tiny_data_dir,
@@ -2274,7 +2295,8 @@ def test_a_resume_whose_first_checkpoint_fails_keeps_its_set_values_for_the_advi
                  tiny_data_dir, "--quiet")
     assert result.exit_code == 1, result.output
     advice = result.stderr.strip().splitlines()[-1]
-    assert advice.endswith(f"free some space, then: gpumlp train --resume {shell_path(finished)}")
+    assert advice.endswith(f"free some space, then: gpumlp train --resume {shell_path(finished)}"
+                           f" --data-dir {shell_path(tiny_data_dir)}")  # as given, no --device
     assert yaml.safe_load((finished / "config.yaml").read_text())["train"]["epochs"] == 2
     monkeypatch.setattr(runfiles, "save_npz", real)
     assert cli("train", "--resume", finished, "--data-dir", tiny_data_dir, "-q").exit_code == 0
@@ -2301,7 +2323,7 @@ def test_a_model_npz_that_cannot_be_written_at_the_end_says_how_to_write_it(
     assert result.stderr.splitlines()[-1] == (
         f"Error: cannot write {finished / 'model.npz'} (Operation not permitted); the last "
         f"epoch's checkpoint is intact (a resume writes the file from it); fix that, then: "
-        f"gpumlp train --resume {shell_path(finished)}")
+        f"gpumlp train --resume {shell_path(finished)} --data-dir {shell_path(tiny_data_dir)}")
     monkeypatch.setattr(runfiles, "save_model", real)
     assert cli("train", "--resume", finished, "--data-dir", tiny_data_dir, "-q").exit_code == 0
     assert (finished / "model.npz").is_file()
