@@ -135,7 +135,10 @@ def no_gpu_reason(cupy: Any) -> str:
         cupy.cuda.runtime.getDeviceCount()
         error = None
     except Exception as e:
-        error = error_summary(original_error(e))
+        cause = original_error(e)
+        error = error_summary(cause)
+        if isinstance(cause, ModuleNotFoundError) and cause.name:  # at first use, not import
+            return f"CuPy cannot be loaded: {error}; {missing_module_fix(cause.name)}"
     try:
         numbers = cuda_version_numbers(cupy)
     except Exception:

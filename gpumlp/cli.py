@@ -388,10 +388,10 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         files.check_resumable()
         # the two-key checks: here with --set (naming it), else once training is sure to take
         # a step (a finished run saved before a check was added still writes its results)
-        config = build_config(files.path("config.yaml"), overrides,
-                              check_together=bool(overrides))
-        if overrides:  # only keys that keep it the same run (training records them)
+        config = build_config(files.path("config.yaml"), overrides, check_together=False)
+        if overrides:  # only keys that keep it the same run (training records them), first:
             check_same_run(fixed_keys(files.saved_config()), config, files.folder, "--set")
+            config = build_config(files.path("config.yaml"), overrides)  # advice it can take
     else:
         config = build_config(config_path, overrides, **{"train.seed": seed})
     backend = get_backend(device)

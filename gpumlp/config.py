@@ -389,10 +389,22 @@ def parse_override(text: str) -> dict:
         reason = yaml_reason(e)
         raise ConfigError(f"--set {shown(text)}: the value is not valid YAML"
                           f"{f' ({reason})' if reason else ''}") from None
-    if value in (None, {}) and key in SECTIONS:  # a file's empty header is its defaults: not
-        raise ConfigError(f"--set {shown(text)}: {key} is a section; give one of its keys, "
-                          f"e.g. --set {key}.{SECTIONS[key]}=VALUE")
-    return _nest(key, value)
+    nested = _nest(key, value)
+    for section in empty_sections(nested):  # a file's empty header is its defaults: not a reset
+        raise ConfigError(f"--set {shown(text)}: {section} is a section; give one of its keys, "
+                          f"e.g. --set {section}.{SECTIONS[section]}=VALUE")
+    return nested
+
+
+def empty_sections(tree: dict, prefix: str = ""):
+    """The dotted paths of the sections `tree` gives as nothing (null or {}), at any depth:
+    `--set data={augment: {}}` as well as `--set data.augment=`."""
+    for name, value in tree.items():
+        path = f"{prefix}{name}"
+        if path in SECTIONS and value in (None, {}):
+            yield path
+        elif isinstance(value, dict):
+            yield from empty_sections(value, f"{path}.")
 
 
 class BadKey(yaml.YAMLError):

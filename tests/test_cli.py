@@ -11,6 +11,7 @@ import platform
 import shutil
 import signal
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -764,9 +765,12 @@ def test_a_banner_raised_at_cupys_first_use_shows_what_it_was_raised_from(
     monkeypatch.syspath_prepend(str(folder))
     monkeypatch.delitem(sys.modules, "cupy", raising=False)
     result = cli("bench", "--data", "synthetic", "--device", "cuda")
-    assert_one_error_line(result, 2, "ModuleNotFoundError: No module named 'fastrlock'")
+    assert_one_error_line(result, 2, "CuPy cannot be loaded: ModuleNotFoundError: No module "
+                          "named 'fastrlock'; install the module it lacks (fastrlock), or "
+                          "reinstall CuPy with its dependencies); use --device cpu")
     info = cli("info").stdout
     assert "===" not in result.stderr + info and "No module named 'fastrlock'" in info
+    assert "driver" not in result.stderr + info     # the module's advice, not nvidia-smi's
 
 
 def test_a_cupy_error_chain_that_loops_ends_in_one_line_not_a_hang(monkeypatch, tmp_path,
@@ -774,6 +778,13 @@ def test_a_cupy_error_chain_that_loops_ends_in_one_line_not_a_hang(monkeypatch, 
     broken_module(monkeypatch, tmp_path, "cupy", "(lambda a, b: (setattr(a, '__cause__', b), "
                   "setattr(b, '__cause__', a), a)[2])(ImportError('banner'), "
                   "RuntimeError('driver'))")
+    a, b = ImportError("banner"), RuntimeError("driver")
+    a.__cause__, b.__cause__ = b, a
+    found = []      # original_error in a thread: a loop it does not end fails here, not hangs
+    worker = threading.Thread(target=lambda: found.append(backend.original_error(a)), daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert found == [b], "original_error went round the loop"
     result = cli("bench", "--data", "synthetic", "--device", "cuda")
     assert_one_error_line(result, 2, "--device cuda: CuPy is installed but cannot be loaded")
 

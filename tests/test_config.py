@@ -551,6 +551,11 @@ def test_a_section_header_with_its_keys_commented_out_is_the_sections_defaults(t
         assert error_of(build_config, path, ["optim.lr=0.5", text]).startswith(
             f"--set {shown(text)}: {section} is a section; give one of its keys, e.g. --set "
             f"{section}.")
+    for text in ("data={augment: {}}", "data={augment: }", "data={limit: 500, augment: null}"):
+        assert error_of(build_config, path, [text]) == (   # one level down: the same no-op
+            f"--set {shown(text)}: data.augment is a section; give one of its keys, e.g. --set "
+            "data.augment.shift=VALUE")
+    assert build_config(path, ["data={limit: 500}"]).data.limit == 500
 
 
 @pytest.mark.parametrize("value", [False, 0, "", []])

@@ -1469,6 +1469,10 @@ def test_resume_with_set_takes_a_new_learning_rate_and_more_epochs_and_records_t
     ("model.hidden=32", "model.hidden (64 -> 32)", 2),
     ("optim.name=adam", 'optim.name ("sgd" -> "adam")', 2),
     ("train.batch_size=50", "train.batch_size (25 -> 50)", 2),
+    # a change a two-key check would also refuse: named as a change (no new run can take it),
+    # not with that check's advice (give smaller widths), which a resume could never follow
+    ("model.hidden=[3000000000, 3000000000]", "model.hidden (64 -> [3000000000, 3000000000])",
+     2),
 ])
 def test_resume_with_set_refuses_what_would_make_it_another_run_and_changes_nothing(
         stopped, tiny_data_dir, override, change, code):
