@@ -121,23 +121,41 @@ def learning_rate(cfg: OptimConfig, step: int, steps_per_epoch: int, total_steps
     return cfg.lr
 
 
-def warmup_warning(cfg: OptimConfig, epochs: int) -> str | None:
-    """What a warm-up as long as the run or longer does, for the start's warning: the rate
-    never reaches optim.lr (or only at the last step, the schedule's decay never coming);
-    None for any other. Not refused: a resume may lengthen the run."""
-    decays = cfg.schedule == "cosine" or (cfg.schedule == "step" and cfg.step_epochs < epochs)
-    if cfg.warmup_epochs <= 0 or cfg.warmup_epochs < epochs or (
-            cfg.warmup_epochs == epochs and not decays):
+def shown(x: float, near: float, digits: int = 6) -> str:
+    """`x` to `digits` significant digits, or to more where fewer would read as `near`, which
+    it is not (a warm-up of 2.0000001 epochs is not "2", a share of 0.99999995 not "1")."""
+    for d in (digits, 10, 17):
+        text = f"{x:.{d}g}"
+        if x == near or float(text) != near:
+            return text
+    return repr(x)
+
+
+def warmup_warning(cfg: OptimConfig, epochs: int, steps_per_epoch: int) -> str | None:
+    """What a warm-up that takes in the run's last step does, for the start's warning: the
+    rate never reaches optim.lr (or only at the last step, a cosine or step decay never
+    coming). Decided in steps by learning_rate's own test, with the share learning_rate gives
+    the last step. None for any other warm-up, and for one that leaves a constant rate within
+    0.1% of optim.lr (nothing to change). Not refused: a resume may lengthen the run."""
+    total = epochs * steps_per_epoch
+    last = total - 1
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if cfg.warmup_epochs <= 0 or last >= warmup:
         return None
-    peak = epochs / cfg.warmup_epochs
-    shown = f"{peak:.3g}" if float(f"{peak:.3g}") < 1 else "0.999"  # never "1": it is below
-    ends = (f"ends at {shown} of optim.lr ({cfg.lr * peak:g})" if peak < 1 else
-            "reaches optim.lr only at its last step")
+    decays = cfg.schedule == "cosine" or (cfg.schedule == "step" and cfg.gamma < 1 and
+                                          step_decays(last / steps_per_epoch, cfg.step_epochs) >= 1)
+    rate = learning_rate(cfg, last, steps_per_epoch, total)
+    if not decays and rate >= 0.999 * cfg.lr:  # a constant rate 0.1% or less short of optim.lr
+        return None
+    ends = (f"ends at {shown(rate / cfg.lr, 1, 3)} of optim.lr ({shown(rate, cfg.lr)})"
+            if rate < cfg.lr else "reaches optim.lr only at its last step")
     never = ("" if not decays else ", and the cosine decay never begins"
              if cfg.schedule == "cosine" else ", and the step decays never come")
-    return (f"optim.warmup_epochs ({cfg.warmup_epochs:g}) is not below train.epochs ({epochs}): "
-            f"the rate rises all run and {ends}{never}; shorten the warm-up, or give more "
-            "epochs")
+    length = (f"is not below train.epochs ({epochs})" if cfg.warmup_epochs >= epochs else
+              f"ends within a step of train.epochs ({epochs}), at step {shown(warmup, total)} "
+              f"of {total}")
+    return (f"optim.warmup_epochs ({shown(cfg.warmup_epochs, epochs)}) {length}: the rate rises "
+            f"all run and {ends}{never}; shorten the warm-up, or give more epochs")
 
 
 def apply_max_norm(params: Params, max_norm: float | None) -> None:

@@ -352,7 +352,8 @@ def _train(config, backend, mnist, files, init, resume, on_event, should_stop) -
                        "unchecked": restored and files.trained_config is None,
                        "stale": files.stale_outputs() if restored else files and files.kept,
                        "removed": [] if restored or not files else files.removed,
-                       "warmup": warmup_warning(config.optim, config.train.epochs)})
+                       "warmup": warmup_warning(config.optim, config.train.epochs,
+                                                 steps_per_epoch)})
 
     def save() -> None:
         """A mid-epoch checkpoint, never of NaN, infinite or unusable weights: the previous one

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -255,12 +256,67 @@ def test_the_cosine_schedule_stays_at_its_floor_past_the_last_step():
 def test_the_warmup_warning_never_rounds_up_to_the_rate_and_skips_a_step_decay_past_the_run():
     from gpumlp.config import OptimConfig
     from gpumlp.optim import warmup_warning
-    said = warmup_warning(OptimConfig(lr=0.1, warmup_epochs=2.0001), 2)
-    assert "ends at 0.999 of optim.lr (0.099995)" in said           # not "ends at 1"
     for epochs, warmup, share in ((57, 100, "0.57"), (1, 20000, "5e-05"), (1, 3, "0.333")):
-        said = warmup_warning(OptimConfig(lr=0.1, warmup_epochs=warmup), epochs)
+        said = warmup_warning(OptimConfig(lr=0.1, warmup_epochs=warmup), epochs, 10)
         assert f"ends at {share} of optim.lr" in said, said
     late = OptimConfig(lr=0.1, warmup_epochs=2, schedule="step", step_epochs=5)
-    assert warmup_warning(late, 2) is None        # its first decay was past the run anyway
+    assert warmup_warning(late, 2, 10) is None    # its first decay was past the run anyway
     early = OptimConfig(lr=0.1, warmup_epochs=2, schedule="step", step_epochs=1)
-    assert "the step decays never come" in warmup_warning(early, 2)
+    assert "the step decays never come" in warmup_warning(early, 2, 10)
+    # 1.99 epochs is not below 2, but its first decay (at step 89.55) falls after the last step
+    assert warmup_warning(replace(early, warmup_epochs=2.5, step_epochs=1.99), 2, 45) == (
+        "optim.warmup_epochs (2.5) is not below train.epochs (2): the rate rises all run and "
+        "ends at 0.8 of optim.lr (0.08); shorten the warm-up, or give more epochs")
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_the_warmup_warning_is_decided_in_steps_as_learning_rate_decides(schedule):
+    """Warned exactly where the run's last step is still inside the warm-up: 1.99 of smoke.yaml's
+    2 epochs of 45 steps is 89.55 steps, so the rate reaches optim.lr only at step 89 of 0..89
+    and the decay never begins; in epochs it was below the run, and nothing was said."""
+    from gpumlp.config import OptimConfig
+    from gpumlp.optim import warmup_warning
+    cfg = OptimConfig(lr=0.1, schedule=schedule, step_epochs=1, gamma=0.5)
+    said = warmup_warning(replace(cfg, warmup_epochs=1.99), 2, 45)
+    never = ("the cosine decay never begins" if schedule == "cosine" else
+             "the step decays never come")
+    assert said == ("optim.warmup_epochs (1.99) ends within a step of train.epochs (2), at step "
+                    "89.55 of 90: the rate rises all run and reaches optim.lr only at its last "
+                    f"step, and {never}; shorten the warm-up, or give more epochs")
+    for warmup in (1.5, 1.9, 1.97, 1.98, 89 / 45, 1.978, 1.99, 1.9999999, 2, 2.0000001, 3):
+        c = replace(cfg, warmup_epochs=warmup)
+        rates = [learning_rate(c, s, 45, 90) for s in range(90)]
+        rises_all_run = all(a < b for a, b in zip(rates, rates[1:]))
+        assert (warmup_warning(c, 2, 45) is not None) == rises_all_run, (warmup, rates[-3:])
+
+
+def test_the_warmup_warning_prints_what_does_not_read_as_the_run_or_the_rate():
+    """2.0000001 epochs once read "(2) is not below train.epochs (2)", and its last step's
+    0.99999995 of the rate read "0.999"; 1.9999999 epochs read as 2 and its 89.9999955 steps
+    as 90."""
+    from gpumlp.config import OptimConfig
+    from gpumlp.optim import warmup_warning
+    said = warmup_warning(OptimConfig(lr=0.1, schedule="cosine", warmup_epochs=2.0000001), 2, 45)
+    assert said.startswith("optim.warmup_epochs (2.0000001) is not below train.epochs (2): the "
+                           "rate rises all run and ends at 0.99999995 of optim.lr (0.099999995), "
+                           "and the cosine decay never begins"), said
+    said = warmup_warning(OptimConfig(lr=0.1, schedule="cosine", warmup_epochs=1.9999999), 2, 45)
+    assert said.startswith("optim.warmup_epochs (1.9999999) ends within a step of train.epochs "
+                           "(2), at step 89.9999955 of 90: "), said
+    said = warmup_warning(OptimConfig(lr=0.1, schedule="cosine", warmup_epochs=2.0001), 2, 1)
+    assert "ends at 0.9999500025 of optim.lr (0.099995)," in said, said    # not "1" at 3 digits
+
+
+def test_a_constant_rate_within_a_tenth_of_a_percent_of_the_peak_is_not_warned_of():
+    """Nothing for the user to change: 2.0000001 epochs once warned of a rate 5e-8 short of
+    optim.lr. A decay that never comes is still warned of however close the rate came."""
+    from gpumlp.config import OptimConfig
+    from gpumlp.optim import warmup_warning
+    for warmup in (2.0000001, 2.0001, 2.0019, 1.99):
+        assert warmup_warning(OptimConfig(lr=0.1, warmup_epochs=warmup), 2, 45) is None, warmup
+        late = OptimConfig(lr=0.1, warmup_epochs=warmup, schedule="step", step_epochs=5)
+        assert warmup_warning(late, 2, 45) is None, warmup
+        early = replace(late, step_epochs=1)
+        assert "the step decays never come" in warmup_warning(early, 2, 45)
+    said = warmup_warning(OptimConfig(lr=0.1, warmup_epochs=2.01), 2, 45)
+    assert "ends at 0.995 of optim.lr (0.0995025)" in said, said

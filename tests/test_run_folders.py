@@ -2223,15 +2223,18 @@ def test_temporary_files_a_killed_write_left_are_removed_once_the_run_is_locked(
 
 @pytest.mark.parametrize("warmup, schedule, ends", [
     (1, "cosine", "reaches optim.lr only at its last step, and the cosine decay never begins"),
+    (0.9, "cosine", "reaches optim.lr only at its last step, and the cosine decay never begins"),
     (4, "step", "ends at 0.25 of optim.lr (0.025), and the step decays never come"),
     (4, "step-late", "ends at 0.25 of optim.lr (0.025)"),     # its first decay past the run
     (1000, "constant", "ends at 0.001 of optim.lr (0.0001)"),
-    (1, "constant", None), (0.5, "cosine", None), (0, "cosine", None)])
+    (1, "constant", None), (0.9, "constant", None), (1.0001, "constant", None),
+    (0.5, "cosine", None), (0, "cosine", None)])
 def test_a_warmup_as_long_as_the_run_is_warned_of_even_when_quiet(tiny_data_dir, tmp_path,
                                                                   warmup, schedule, ends):
-    """Every step inside the warm-up: the rate never reaches optim.lr (or at the last step, a
+    """The last step inside the warm-up: the rate never reaches optim.lr (or at the last step, a
     cosine or step decay never coming), and the run exited 0 without a word. Not refused: a
-    resume may add the epochs."""
+    resume may add the epochs. 250 examples in batches of 100 are 3 steps: 0.9 epochs is 2.7
+    steps, the last step's inside it. A constant rate 0.1% short of optim.lr or less is left."""
     step_epochs = 2 if schedule == "step-late" else 0.5
     result = cli(*train_args(tmp_path / "run", tiny_data_dir, "--set",
                              f"optim.schedule={schedule.removesuffix('-late')}", "--set",
@@ -2241,8 +2244,10 @@ def test_a_warmup_as_long_as_the_run_is_warned_of_even_when_quiet(tiny_data_dir,
     if ends is None:
         assert "Warning" not in result.stderr
     else:
-        assert (f"Warning: optim.warmup_epochs ({warmup:g}) is not below train.epochs (1): the "
-                f"rate rises all run and {ends}; shorten the warm-up, or give more epochs\n"
+        length = ("is not below train.epochs (1)" if warmup >= 1 else
+                  f"ends within a step of train.epochs (1), at step {warmup * 3:g} of 3")
+        assert (f"Warning: optim.warmup_epochs ({warmup:g}) {length}: the rate rises all run "
+                f"and {ends}; shorten the warm-up, or give more epochs\n"
                 in result.stderr), result.stderr     # and nothing more after {ends}
 
 
