@@ -131,14 +131,14 @@ def no_gpu_reason(cupy: Any) -> str:
     """Why CUDA shows no GPU to `cupy`: no driver, a driver older than the CUDA that CuPy was
     built for (and the extra that fits it), a CUDA_VISIBLE_DEVICES that hides every GPU, or
     what CUDA raised."""
+    late = missing_at_first_use(cupy)
+    if late is not None:
+        return f"CuPy cannot be loaded: {late[0]}; {late[1]}"
     try:
         cupy.cuda.runtime.getDeviceCount()
         error = None
     except Exception as e:
-        cause = original_error(e)
-        error = error_summary(cause)
-        if isinstance(cause, ModuleNotFoundError) and cause.name:  # at first use, not import
-            return f"CuPy cannot be loaded: {error}; {missing_module_fix(cause.name)}"
+        error = error_summary(original_error(e))
     try:
         numbers = cuda_version_numbers(cupy)
     except Exception:
@@ -168,6 +168,18 @@ def no_gpu_reason(cupy: Any) -> str:
     return f"the driver (CUDA {numbers[1]}) reports no GPU; nvidia-smi says whether it sees one"
 
 
+def missing_at_first_use(cupy: Any) -> tuple[str, str] | None:
+    """(the error, what to do) when `cupy` imported but lacks a module at its first use (its
+    banner raised from ModuleNotFoundError), as _import_cupy says it at import; else None."""
+    try:
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        cause = original_error(e)
+        if isinstance(cause, ModuleNotFoundError) and cause.name:
+            return error_summary(cause), missing_module_fix(cause.name)
+    return None
+
+
 def hides_every_gpu(visible: str) -> bool:
     """Whether CUDA_VISIBLE_DEVICES=`visible` leaves CUDA no GPU: empty, or a first entry that
     is neither an index nor a GPU-/MIG- UUID (CUDA reads the list up to its first bad entry;
@@ -184,6 +196,10 @@ def cuda_backend(index: int, given: str | None = None) -> Backend:
     if cupy is None:
         raise DeviceError(f"{named}: {cupy_missing()}")
     count = _cuda_count(cupy)
+    late = missing_at_first_use(cupy) if count == 0 else None
+    if late is not None:  # as at import: CuPy is the trouble, not the GPU
+        raise DeviceError(f"{named}: CuPy is installed but cannot be loaded ({late[0]}); "
+                          f"{late[1]}, or use --device cpu")
     if count == 0:
         raise DeviceError(f"{named}: no CUDA GPU is visible ({no_gpu_reason(cupy)}); use "
                           "--device cpu")
@@ -217,21 +233,25 @@ def library_fix(cupy: Any, error: BaseException) -> str:
     if "Failure finding" not in str(error):
         return "check the CUDA installation (nvidia-smi, gpumlp info)"
     package = cupy_package(cupy)
+    if package is not None and not package.startswith("cupy-cuda"):  # built from source, conda
+        return ("this CuPy takes CUDA's libraries from a CUDA Toolkit: install one that has "
+                "it (with conda: conda install cuda-toolkit)")
     which = (f"pip install '{package}[ctk]'" if package else
              "pip install 'cupy-cuda12x[ctk]' or 'cupy-cuda13x[ctk]', the one you have")
     return f"CuPy 14 takes CUDA's libraries from a CUDA Toolkit or from pip: {which}"
 
 
 def cupy_package(cupy: Any) -> str | None:
-    """The pip package of the CuPy here, e.g. cupy-cuda13x: from the installed packages' records,
-    else from the CUDA it was built for; None when neither says."""
+    """The package that installed the CuPy here: its record's name (cupy-cuda13x from a wheel,
+    cupy from source or conda), else the wheel for the CUDA it was built for; None when neither
+    says."""
     try:
         from importlib.metadata import packages_distributions
-        names = [n for n in packages_distributions().get("cupy", []) if n.startswith("cupy-")]
+        names = packages_distributions().get("cupy", [])
     except Exception:  # a broken record of some other package
         names = []
     if names:
-        return names[0]
+        return sorted(names, key=lambda n: not n.startswith("cupy-cuda"))[0]
     try:
         major = int(cupy.cuda.runtime.runtimeGetVersion()) // 1000
     except Exception:

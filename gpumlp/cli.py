@@ -321,11 +321,12 @@ def resume_options() -> str:
 
 
 def add_resume_options(e: GpumlpError, out_dir: Path) -> GpumlpError:
-    """`e`, its `gpumlp train --resume OUT_DIR` (if it gives one) followed by resume_options()."""
-    command = f"gpumlp train --resume {shell_path(out_dir)}"
+    """`e`, its `gpumlp train --resume OUT_DIR` (or `... FOLDER`, for a folder moved away while
+    training), if it gives one, followed by resume_options()."""
+    folders = f"(?:{re.escape(shell_path(out_dir))}|FOLDER)"
     options = resume_options()
     if options and len(e.args) == 1 and isinstance(e.args[0], str):
-        e.args = (re.sub(re.escape(command) + r"(?=$|[\s);,])",
+        e.args = (re.sub(r"gpumlp train --resume " + folders + r"(?=$|[\s);,])",
                          lambda m: m.group(0) + options, e.args[0]),)
     return e
 

@@ -120,8 +120,8 @@ struct Gelu {  // tanh approximation: A (1 + tanh u) / 2 = A sigma(2u), u = K (A
     return a * logistic(v, exp_minus_abs(v));
   }
   __host__ __device__ static float phi_prime(float a) {
-    float v = two_u(a), e = exp_minus_abs(v), d = 1.0f + e;
-    return logistic(v, e) + GELU_2K * a * (e + GELU_3C * a * (a * e)) / (d * d);
+    float v = two_u(a), e = exp_minus_abs(v), d = 1.0f + e, ae = a * e;  // a e first: e = 0
+    return logistic(v, e) + GELU_2K * (ae + GELU_3C * a * (a * ae)) / (d * d);  // gives 0
   }
 };
 

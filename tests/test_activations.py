@@ -47,12 +47,19 @@ def test_phi_and_phi_prime_keep_the_dtype(name, dtype):
     act = ACTIVATIONS[name]
     assert act.phi(A).dtype == dtype and act.phi(A).shape == A.shape
     assert act.phi_prime(A).dtype == dtype and act.phi_prime(A).shape == A.shape
+    for one in (np.array(-3.0, dtype=dtype), dtype(-3.0)):   # a 0-d array and a scalar too
+        assert act.phi(one).dtype == dtype and act.phi(one) == act.phi(A[:, :1] * 0 - 3)[0, 0]
+        assert act.phi_prime(one).dtype == dtype
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 def test_phi_and_phi_prime_are_finite_for_extreme_inputs(name):
     A = np.array([-1e4, -100.0, 100.0, 1e4], dtype=np.float32)
     act = ACTIVATIONS[name]
+    for huge in (np.array([-3.4e38, -2.2e38, 2.2e38, 3.4e38], dtype=np.float32),
+                 np.array([-1.7e308, 1.7e308])):   # gelu' was inf * 0 = NaN here (2 K A)
+        with np.errstate(all="ignore"):            # (an A^3 overflows: inf, then e^-inf = 0)
+            assert not np.isnan(act.phi_prime(huge)).any(), huge.dtype
     # no overflow warning hidden behind a finite answer (e^-1e4 underflowing to 0 is the answer)
     with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
         assert np.isfinite(act.phi(A)).all() and np.isfinite(act.phi_prime(A)).all()

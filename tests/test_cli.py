@@ -765,9 +765,10 @@ def test_a_banner_raised_at_cupys_first_use_shows_what_it_was_raised_from(
     monkeypatch.syspath_prepend(str(folder))
     monkeypatch.delitem(sys.modules, "cupy", raising=False)
     result = cli("bench", "--data", "synthetic", "--device", "cuda")
-    assert_one_error_line(result, 2, "CuPy cannot be loaded: ModuleNotFoundError: No module "
-                          "named 'fastrlock'; install the module it lacks (fastrlock), or "
-                          "reinstall CuPy with its dependencies); use --device cpu")
+    assert_one_error_line(result, 2, "--device cuda: CuPy is installed but cannot be loaded "
+                          "(ModuleNotFoundError: No module named 'fastrlock'); install the "
+                          "module it lacks (fastrlock), or reinstall CuPy with its "
+                          "dependencies, or use --device cpu")
     info = cli("info").stdout
     assert "===" not in result.stderr + info and "No module named 'fastrlock'" in info
     assert "driver" not in result.stderr + info     # the module's advice, not nvidia-smi's
@@ -933,7 +934,9 @@ def test_a_library_cupy_cannot_load_is_named_before_any_work(command, monkeypatc
 @pytest.mark.parametrize("records, runtime, fix", [
     ({"cupy": ["cupy-cuda13x"]}, None, "pip install 'cupy-cuda13x[ctk]'"),
     ({}, 12090, "pip install 'cupy-cuda12x[ctk]'"),
-    ({}, None, "'cupy-cuda12x[ctk]' or 'cupy-cuda13x[ctk]', the one you have")])
+    ({}, None, "'cupy-cuda12x[ctk]' or 'cupy-cuda13x[ctk]', the one you have"),
+    ({"cupy": ["cupy"]}, 12080, "a CUDA Toolkit: install one that has it (with conda: conda "
+                                "install cuda-toolkit)")])   # not a second CuPy from pip
 def test_a_library_cupy_did_not_find_is_installed_with_the_ctk_extra_of_that_cupy(
         monkeypatch, records, runtime, fix):
     """CuPy 14's wheel has none of CUDA's libraries: a driver-only machine gets them with CuPy's

@@ -739,6 +739,20 @@ def test_the_kernels_smooth_activations_are_within_4_ulps_of_float64_on_both_tai
         assert error[worst] <= 4, f"{which} at A = {GRID[worst]}: {error[worst]:.3g} ulps"
 
 
+@pytest.mark.parametrize("activation", sorted(TERMS))
+def test_act_backward_of_huge_pre_activations_is_no_nan(emulated, activation):
+    """phi' at the ends of float32, as activations.py gives it: gelu' took 2 K a (inf) times
+    e (0), a NaN that a blown-up run's guard would then report as the weights' own."""
+    step = fast_cuda.FusedStep(build_config(None, [f"model.activation={activation}"]), emulated)
+    A = np.array([[-3.4e38, -2.2e38, 2.2e38, 3.4e38]], dtype=np.float32)
+    dA = np.ones_like(A)
+    fast_cuda.launch(step.kernels.act_backward, A.size, np.int64(A.size), dA, A)
+    with np.errstate(all="ignore"):
+        want = ACTIVATIONS[activation].phi_prime(A)
+    assert not np.isnan(dA).any()
+    np.testing.assert_array_equal(dA, want)
+
+
 def test_the_batch_loader_clips_row_indices_outside_the_split_as_take_does(emulated):
     """The kernel reads no row outside the images: an index below 0 or past the end reads
     the first or the last row, as np.take(mode="clip") (fast_cpu's loader) does."""

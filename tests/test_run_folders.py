@@ -746,6 +746,33 @@ class SigtermAt:
         return getattr(self.step, name)
 
 
+class MovesTheFolderAt(SigtermAt):
+    """The run's step, which moves the run's folder away at step `at` (a user's `mv`)."""
+
+    def __init__(self, step, at: int, folder: Path):
+        super().__init__(step, at)
+        self.folder = folder
+
+    def __call__(self, params, state, X, y, lr, t, masks):
+        if t == self.at:
+            self.folder.rename(self.folder.with_name("moved"))
+        return self.step(params, state, X, y, lr, t, masks)
+
+
+def test_the_resume_advice_for_a_folder_moved_away_carries_the_options_typed_too(
+        tiny_data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step",
+                        lambda *a: MovesTheFolderAt(make_step(*a), at=2, folder=out))
+    result = cli(*train_args(out, tiny_data_dir, "--set", "train.batch_size=25", "--set",
+                             "train.checkpoint_every=4"))
+    assert_one_error_line(result, 1, "the run folder is gone", "resume it there with gpumlp "
+                          "train --resume FOLDER --device cpu --data-dir "
+                          f"{shell_path(tiny_data_dir)}")
+    assert (tmp_path / "moved" / "config.yaml").is_file()
+
+
 def test_sigterm_saves_a_checkpoint_exits_143_and_puts_the_handlers_back(tiny_data_dir, tmp_path,
                                                                          monkeypatch):
     reference = tmp_path / "reference"
