@@ -515,7 +515,8 @@ def test_fast_step_in_float64_matches_the_generic_step_to_float64_precision():
 
 
 def test_fast_step_given_unpacked_fortran_ordered_weights_still_updates_them():
-    """Arrays not in `pack`'s layout take the generic step; the update must not be lost."""
+    """Arrays not in `pack`'s layout take the generic step; the update must not be lost, and
+    `export` gives them back as they are (a checkpoint of them holds the update)."""
     config = build_config(None, ["model.hidden=16"])
     rng = np.random.default_rng(7)
     params = init_params((784, 16, 10), "he", rng)
@@ -523,10 +524,16 @@ def test_fast_step_given_unpacked_fortran_ordered_weights_still_updates_them():
     start, expected = copy_params(params), copy_params(params)
     state, state_ref = init_state(config.optim, params), init_state(config.optim, expected)
     X, y = batch(rng, 30)
-    fast_cpu.fast_step(config)(params, state, X, y, 0.1, 1, ())
+    step = fast_cpu.fast_step(config)
+    step(params, state, X, y, 0.1, 1, ())
     generic_step(config)(expected, state_ref, X, y, 0.1, 1, ())
     assert np.abs(params.W[0] - start.W[0]).max() > 1e-4
     assert_close(params.W + params.b, expected.W + expected.b, "params")
+    for prepared in (False, True):   # model.py's layout already, not what prepare returned
+        if prepared:
+            step.prepare(copy_params(params), init_state(config.optim, params))
+        exported_p, exported_s = step.export(params, state)
+        assert exported_p is params and exported_s is state                # as they are
 
 
 def test_fast_step_given_an_unpacked_strided_bias_and_velocity_still_updates_them():
