@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -58,7 +59,9 @@ class OneLineGroup(click.Group):
             sys.exit(0)
         except click.UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-            tell(f"Error: {one_line(e.format_message())}{hint}")
+            message = (set_instead(e, sys.argv[1:] if args is None else list(args))
+                       or f"{one_line(e.format_message())}{hint}")
+            tell(f"Error: {message}")
             sys.exit(e.exit_code)
         except click.ClickException as e:  # a line break in a file name shown as \n
             message = e.format_message()
@@ -73,6 +76,31 @@ class OneLineGroup(click.Group):
         finally:
             restore()
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def set_instead(e: click.UsageError, argv: list[str]) -> str:
+    """For an option that is no option of a command taking --set but names a config key
+    (`train --epochs 3`, `--lr=0.05`, `--batch-size 64`): the error, with the --set to write
+    instead and the value the user gave; '' for any other usage error."""
+    if not isinstance(e, click.NoSuchOption) or e.ctx is None or not any(
+            param.name == "overrides" for param in e.ctx.command.params):
+        return ""
+    from .config import is_number, key_named
+    key = key_named(e.option_name.lstrip("-").replace("-", "_"))
+    if key is None:
+        return ""
+    value = "VALUE"
+    for i, word in enumerate(argv):
+        name, equals, given = str(word).partition("=")
+        if name == e.option_name:
+            later = [str(w) for w in argv[i + 1:i + 2]]
+            if equals:
+                value = given
+            elif later and (not later[0].startswith("-") or is_number(later[0])):
+                value = later[0]                    # not the next option; -0.5 is a value
+            break
+    return (f"{e.ctx.command_path} has no option {e.option_name}; config keys are given with "
+            f"--set: --set {key}={shlex.quote(value)}")
 
 
 class ClosedOutput(io.TextIOBase):

@@ -207,6 +207,19 @@ def _near(key: str, names: list[str], cutoff: float = 0.6) -> list[str]:
     return part[:2] or difflib.get_close_matches(key, names, n=1, cutoff=cutoff)
 
 
+def key_named(name: str) -> str | None:
+    """The config key (not a section) whose last part is `name` ('epochs': train.epochs), or
+    else whose last part holds it or is close to it ('batch': train.batch_size); None if none
+    is, or if several are."""
+    every = _key_paths()
+    keys = [p for p in every if not any(q.startswith(f"{p}.") for q in every)]
+    exact = [p for p in keys if p.rpartition(".")[2] == name]
+    if not exact:
+        close = _near(name, list(dict.fromkeys(p.rpartition(".")[2] for p in keys)), 0.8)
+        exact = [p for p in keys if p.rpartition(".")[2] in close[:1]]
+    return exact[0] if len(exact) == 1 else None
+
+
 def _unknown_key(prefix: str, key: str, known: list[str], keys: tuple) -> ConfigError:
     where = _where(prefix)
     if not key.strip():

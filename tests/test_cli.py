@@ -659,6 +659,28 @@ def test_config_and_device_errors_exit_2_with_one_line(args, fragments, in_tmp):
     assert not (in_tmp / "run").exists()
 
 
+@pytest.mark.parametrize("args, instead", [
+    (["train", "--epochs", "3"], "--set train.epochs=3"),
+    (["train", "--lr=0.05", "--out", "run"], "--set optim.lr=0.05"),
+    (["train", "--batch-size", "64", "--device", "cpu"], "--set train.batch_size=64"),
+    (["train", "--momentum", "-0.5"], "--set optim.momentum=-0.5"),    # a value, not an option
+    (["train", "--hidden", "[64, 32]"], "--set model.hidden='[64, 32]'"),
+    (["train", "--dropout", "--out", "run"], "--set model.dropout=VALUE"),
+    (["gradcheck", "--activation", "gelu"], "--set model.activation=gelu")])
+def test_a_config_key_given_as_an_option_is_answered_with_its_set(args, instead, in_tmp):
+    """`train --epochs 3`, a newcomer's first guess, got click's 'No such option' and --help."""
+    assert_one_error_line(cli(*args), 2, f" {args[0]} has no option "   # (gpumlp: the runner's
+                          f"{args[1].partition('=')[0]}; config keys are given with --set: "
+                          f"{instead}")                                   # own name here)
+    assert not (in_tmp / "run").exists()
+
+
+def test_an_option_that_names_no_config_key_keeps_clicks_own_error():
+    assert_one_error_line(cli("train", "--bogus"), 2, "No such option '--bogus'",
+                          " train --help')")
+    assert_one_error_line(cli("info", "--epochs", "3"), 2, "No such option '--epochs'")
+
+
 CUDA_COMMANDS = [["train", "--out", "run"], ["evaluate", "model.npz"],
                  ["predict", "model.npz", "digit.png"], ["bench", "--data", "synthetic"]]
 

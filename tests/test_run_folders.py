@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1045,17 +1046,16 @@ def test_a_default_run_folder_is_named_after_the_config_never_hidden_nor_a_pipes
     config.parent.mkdir(exist_ok=True)
     if name == "pipe":
         os.mkfifo(config)
-        writer = os.fork()
-        if writer == 0:                                       # the other end of <(...)
-            with open(config, "w") as f:
-                f.write(Path(SMOKE).read_text())
-            os._exit(0)
+        writer = threading.Thread(target=Path(config).write_text,   # the other end of <(...)
+                                  args=(Path(SMOKE).read_text(),), daemon=True)
+        writer.start()                    # (a thread: fork() in pytest's threads may deadlock)
     else:
         shutil.copyfile(SMOKE, config)
     result = cli("train", "--config", config, *TINY, "--set", "train.epochs=1", "--device",
                  "cpu", "--data-dir", tiny_data_dir, "--quiet")
     if name == "pipe":
-        os.waitpid(writer, 0)
+        writer.join(timeout=30)
+        assert not writer.is_alive()
     assert result.exit_code == 0, result.output
     assert [p.name for p in (tmp_path / "runs").iterdir()] == [f"{stem}-20250101"]
 
