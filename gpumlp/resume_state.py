@@ -58,12 +58,15 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
 
 
 def restore_params_and_optimizer(state: "RunState", arrays: dict, config: Config,
-                                 backend: Backend, source: str) -> None:
+                                 backend: Backend, source: str, fixed_checked: bool = False
+                                 ) -> None:
     """Copy the checkpoint's weights and optimizer state (and the fast CPU step's velocity
     scale) into the fresh `state`, each checked for shape and finiteness. Arrays of other
     shapes may come of a config.yaml changed under an older checkpoint (which records no
-    fixed keys); values that are not finite, of a damaged file."""
-    other_run = f"put config.yaml back as the run had it, or {start_over(source)}"
+    fixed keys), or, where the fixed keys it records were `fixed_checked` against config.yaml,
+    of a damaged file only; values that are not finite, of a damaged file."""
+    other_run = (start_over(source) if fixed_checked else
+                 f"put config.yaml back as the run had it, or {start_over(source)}")
     try:
         check_layout(arrays, config.model.layer_widths, source)
     except CheckpointError as e:

@@ -703,7 +703,8 @@ class RunFiles:
         check_same_run(meta.get("fixed", {}), config, self.folder)  # older ones: not checked
         self.trained_config = meta.get("config")                    # older ones lack it
         state = new_state(config, backend)
-        restore_params_and_optimizer(state, arrays, config, backend, source)
+        restore_params_and_optimizer(state, arrays, config, backend, source,
+                                     fixed_checked="fixed" in meta)
         batches = -(-n_train // config.train.batch_size)
         state.pos, history = read_position(meta, arrays.get("perm"), n_train, batches, source)
         self.check_epochs(config, state.pos.epoch + (state.pos.batch > 0))
