@@ -801,15 +801,31 @@ def test_a_cupy_error_chain_that_loops_ends_in_one_line_not_a_hang(monkeypatch, 
     broken_module(monkeypatch, tmp_path, "cupy", "(lambda a, b: (setattr(a, '__cause__', b), "
                   "setattr(b, '__cause__', a), a)[2])(ImportError('banner'), "
                   "RuntimeError('driver'))")
-    a, b = ImportError("banner"), RuntimeError("driver")
-    a.__cause__, b.__cause__ = b, a
-    found = []      # original_error in a thread: a loop it does not end fails here, not hangs
-    worker = threading.Thread(target=lambda: found.append(backend.original_error(a)), daemon=True)
-    worker.start()
-    worker.join(timeout=10)
-    assert found == [b], "original_error went round the loop"
+    a, b, c = ImportError("banner"), RuntimeError("driver"), RuntimeError("c")
+    for chain, last in (((a, b, a), b), ((a, b, c, b), c)):   # back to the first, or not
+        for error, cause in zip(chain, chain[1:]):
+            error.__cause__ = cause
+        found = []  # original_error in a thread: a loop it does not end fails here, not hangs
+        worker = threading.Thread(target=lambda: found.append(backend.original_error(a)),
+                                  daemon=True)
+        worker.start()
+        worker.join(timeout=10)
+        assert found == [last], "original_error went round the loop"
     result = cli("bench", "--data", "synthetic", "--device", "cuda")
     assert_one_error_line(result, 2, "--device cuda: CuPy is installed but cannot be loaded")
+
+
+def test_the_real_import_of_a_missing_cupy_says_not_installed(monkeypatch, in_tmp):
+    """The no_cupy fixture replaces _import_cupy; here `import cupy` itself fails as on a
+    machine without CuPy (ModuleNotFoundError, name 'cupy'): 'not installed', never
+    'installed but cannot be loaded ... reinstall it'."""
+    monkeypatch.setitem(sys.modules, "cupy", None)   # import cupy: ModuleNotFoundError('cupy')
+    monkeypatch.setattr(backend, "CUPY_IMPORT", [])
+    assert backend._import_cupy() is None and backend.CUPY_IMPORT == []
+    assert_one_error_line(cli("bench", "--data", "synthetic", "--device", "cuda"), 2,
+                          "--device cuda: CuPy is not installed")
+    info = json.loads(cli("info", "--json").stdout)
+    assert info["unavailable"]["cupy"].startswith("not installed (pip install")
 
 
 def test_error_summary_skips_a_banners_rules():

@@ -723,3 +723,10 @@ def test_each_range_takes_its_edges_and_refuses_just_past_them(key, inside, outs
         assert error_of(config_from_dict, nested(value)).startswith(f"config key '{key}' ")
         assert error_of(build_config, None, [f"{key}={value}"]).startswith(
             f"--set '{key}={value}': config key '{key}' ")
+
+
+@pytest.mark.parametrize("value", ["' inf'", "' nan'", "'1_000 '", "'\t1e-3x'"])
+def test_an_ascii_space_beside_a_word_number_gets_no_unicode_space_tip(value):
+    """The tip about a non-breaking or other Unicode space only where one is."""
+    message = error_of(build_config, None, [f"optim.lr={value}"])
+    assert "must be a number" in message and "Unicode space" not in message

@@ -10,7 +10,8 @@ import pytest
 
 from gpumlp.config import OptimConfig
 from gpumlp.model import Grads, Params
-from gpumlp.optim import OptState, apply_max_norm, flat, init_state, learning_rate, update
+from gpumlp.optim import (OptState, apply_max_norm, flat, init_state, learning_rate, update,
+                          warmup_warning)
 
 LR = 0.1
 
@@ -320,3 +321,11 @@ def test_a_constant_rate_within_a_tenth_of_a_percent_of_the_peak_is_not_warned_o
         assert "the step decays never come" in warmup_warning(early, 2, 45)
     said = warmup_warning(OptimConfig(lr=0.1, warmup_epochs=2.01), 2, 45)
     assert "ends at 0.995 of optim.lr (0.0995025)" in said, said
+
+def test_a_step_decay_due_at_the_runs_end_is_no_decay_the_warning_names():
+    """step_epochs == train.epochs: the first decay would come after the last step, so a
+    warm-up of the run's length misses no decay: no warning; one just inside is warned of."""
+    at_end = OptimConfig(lr=0.1, warmup_epochs=2, schedule="step", step_epochs=2)
+    assert warmup_warning(at_end, 2, 45) is None
+    just_in = OptimConfig(lr=0.1, warmup_epochs=2, schedule="step", step_epochs=1.9)
+    assert "the step decays never come" in warmup_warning(just_in, 2, 45)

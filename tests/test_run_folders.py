@@ -35,7 +35,8 @@ from gpumlp.export_onnx import PRODUCER_MARK
 from gpumlp.npzio import load_npz
 from gpumlp.report import FIGURES, PNG_MARK, PNG_SIGNATURE, REPORT_TITLE, sealed
 from gpumlp.resume_state import resume_seed
-from gpumlp.runfiles import DERIVED_FILES, REPLACED, RunFiles, lock_run
+from gpumlp.runfiles import (DERIVED_FILES, REPLACED, RunFiles, keys_lacking, lock_run,
+                             resumable)
 from gpumlp.train import train
 
 HUGE = "model.hidden=1000000000000"  # 5.6 PiB of weights: beyond any address space
@@ -2551,3 +2552,93 @@ def test_a_first_checkpoint_refused_by_the_folder_says_so_not_what_the_clean_up_
     assert result.exit_code == 0, result.output
     assert (np.load(out / "init.npz")["W1"].tobytes() ==
             np.load(finished / "model.npz")["W1"].tobytes())
+
+
+# --- from a mutation run: behaviours no test pinned down --------------------------------------
+
+def killed_before_its_first_checkpoint(out, data_dir, **edits):
+    """A finished run made into one killed before its first checkpoint, its config.yaml
+    edited (SECTION__KEY=value; a value of None deletes the key)."""
+    assert cli(*train_args(out, data_dir)).exit_code == 0
+    for name in ("checkpoint.npz", "model.npz", "summary.json"):
+        (out / name).unlink()
+    (out / "metrics.jsonl").write_text("")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    for key, value in edits.items():
+        section, name = key.split("__")
+        if value is None:
+            del saved[section][name]
+        else:
+            saved[section][name] = value
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+
+
+def test_a_start_over_refuses_a_config_yaml_the_two_key_checks_refuse(tiny_data_dir, tmp_path):
+    """A resume with no checkpoint yet starts the run over: config.yaml gets the checks a new
+    run's config gets, those that read two keys too (lr * weight_decay >= 1 trained to chance)."""
+    out = tmp_path / "run"
+    killed_before_its_first_checkpoint(out, tiny_data_dir, optim__lr=0.1, optim__weight_decay=20)
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
+    assert_one_error_line(result, 2, f"{out / 'config.yaml'}: config key 'optim.weight_decay' "
+                                     "(20)")
+    assert not (out / "model.npz").exists()
+
+
+def test_a_killed_runs_config_that_lacks_a_key_is_still_a_runs(tiny_data_dir, tmp_path):
+    """metrics.jsonl (written just after config.yaml) marks a run killed before its first
+    checkpoint: its config.yaml, from a gpumlp with fewer keys, is the run's, and --resume
+    starts the run over rather than calling it a config of one's own."""
+    out = tmp_path / "run"
+    killed_before_its_first_checkpoint(out, tiny_data_dir, train__eval_batch_size=None)
+    assert keys_lacking(out) == [] and resumable(out)
+    again = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
+    assert again.exit_code == 0, again.output
+    assert (out / "model.npz").is_file()
+
+
+def test_resume_refuses_a_set_that_changes_the_dtype(tiny_data_dir, tmp_path):
+    """train.dtype keeps it the same run: float32 weights and velocity are not a float64 run's."""
+    out = tmp_path / "run"
+    assert cli(*train_args(out, tiny_data_dir)).exit_code == 0
+    before = digests(out)
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q",
+                 "--set", "train.epochs=2", "--set", "train.dtype=float64")
+    assert_one_error_line(result, 2, '--set changes train.dtype ("float32" -> "float64")')
+    assert digests(out) == before
+
+
+def test_put_back_never_replaces_a_file_made_in_the_folder_since(finished):
+    """The old run's report.md waits in .gpumlp-replaced/ while the new run starts; a
+    report.md made in the folder meanwhile is someone's: put_back leaves both, says the old
+    run is not back whole, and loses nothing."""
+    old_report = (finished / "report.md").read_bytes()
+    files = RunFiles(finished)
+    files.start(build_config(None, ["model.hidden=8"]))
+    assert (finished / REPLACED / "report.md").read_bytes() == old_report
+    (finished / "report.md").write_text("written since")
+    assert files.put_back() is False
+    assert (finished / "report.md").read_text() == "written since"
+    assert (finished / REPLACED / "report.md").read_bytes() == old_report
+    assert (finished / "model.npz").is_file()                # the rest of the old run is back
+
+
+def test_a_resume_with_no_step_left_does_not_warn_of_the_warmup(tiny_data_dir, tmp_path):
+    out = tmp_path / "run"
+    first = cli(*train_args(out, tiny_data_dir, "--set", "optim.schedule=cosine",
+                            "--set", "optim.warmup_epochs=1"))
+    assert first.exit_code == 0 and "Warning: optim.warmup_epochs" in first.stderr
+    again = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
+    assert again.exit_code == 0, again.output
+    assert "warmup" not in again.stderr, again.stderr
+
+
+def test_a_run_that_also_holds_runs_in_subfolders_is_replaced_by_overwrite(tiny_data_dir,
+                                                                           tmp_path):
+    """--out RUN --overwrite where RUN is a run that also holds a run in a subfolder: RUN is
+    a run, replaced as one, not refused as a folder that holds other runs."""
+    out = tmp_path / "run"
+    assert cli(*train_args(out, tiny_data_dir)).exit_code == 0
+    assert cli(*train_args(out / "inner", tiny_data_dir)).exit_code == 0
+    result = cli(*train_args(out, tiny_data_dir, "--overwrite", "--set", "model.hidden=8"))
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["hidden"] == 8
