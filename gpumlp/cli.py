@@ -60,8 +60,8 @@ class OneLineGroup(click.Group):
         except click.UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
             message = (set_instead(e, sys.argv[1:] if args is None else list(args))
-                       or f"{one_line(e.format_message())}{hint}")
-            tell(f"Error: {message}")
+                       or f"{e.format_message()}{hint}")
+            tell(f"Error: {one_line(message)}")
             sys.exit(e.exit_code)
         except click.ClickException as e:  # a line break in a file name shown as \n
             message = e.format_message()
@@ -78,6 +78,9 @@ class OneLineGroup(click.Group):
         sys.exit(result if isinstance(result, int) else 0)
 
 
+GRADCHECK_KEYS = ("train.seed", "train.label_smoothing")  # with model.*, what gradcheck reads
+
+
 def set_instead(e: click.UsageError, argv: list[str]) -> str:
     """For an option that is no option of a command taking --set but names a config key
     (`train --epochs 3`, `--lr=0.05`, `--batch-size 64`): the error, with the --set to write
@@ -85,11 +88,13 @@ def set_instead(e: click.UsageError, argv: list[str]) -> str:
     if not isinstance(e, click.NoSuchOption) or e.ctx is None or not any(
             param.name == "overrides" for param in e.ctx.command.params):
         return ""
-    from .config import is_number, key_named
+    from .config import Config, config_to_dict, is_number, key_named
     key = key_named(e.option_name.lstrip("-").replace("-", "_"))
-    if key is None:
-        return ""
-    value = "VALUE"
+    if key is None or (e.ctx.command.name == "gradcheck" and key not in GRADCHECK_KEYS
+                       and not key.startswith("model.")):
+        return ""   # (gradcheck reads the net and a few keys: --set of another does nothing)
+    section, _, name = key.partition(".")
+    value = "true" if isinstance(config_to_dict(Config())[section].get(name), bool) else "VALUE"
     for i, word in enumerate(argv):
         name, equals, given = str(word).partition("=")
         if name == e.option_name:

@@ -208,16 +208,19 @@ def _near(key: str, names: list[str], cutoff: float = 0.6) -> list[str]:
 
 
 def key_named(name: str) -> str | None:
-    """The config key (not a section) whose last part is `name` ('epochs': train.epochs), or
-    else whose last part holds it or is close to it ('batch': train.batch_size); None if none
-    is, or if several are."""
+    """The config key (not a section) that `name` names: a whole key path, a key's last part
+    ('epochs': train.epochs), or the start of exactly one key's last part, 4 letters or more
+    ('batch': train.batch_size); None for anything else (a guess would be pasted as it is)."""
     every = _key_paths()
     keys = [p for p in every if not any(q.startswith(f"{p}.") for q in every)]
-    exact = [p for p in keys if p.rpartition(".")[2] == name]
-    if not exact:
-        close = _near(name, list(dict.fromkeys(p.rpartition(".")[2] for p in keys)), 0.8)
-        exact = [p for p in keys if p.rpartition(".")[2] in close[:1]]
-    return exact[0] if len(exact) == 1 else None
+    if name in keys:
+        return name
+    for match in (lambda last: last == name,
+                  lambda last: len(name) >= 4 and last.startswith(name)):
+        found = [p for p in keys if match(p.rpartition(".")[2])]
+        if found:
+            return found[0] if len(found) == 1 else None
+    return None
 
 
 def _unknown_key(prefix: str, key: str, known: list[str], keys: tuple) -> ConfigError:

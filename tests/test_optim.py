@@ -329,3 +329,13 @@ def test_a_step_decay_due_at_the_runs_end_is_no_decay_the_warning_names():
     assert warmup_warning(at_end, 2, 45) is None
     just_in = OptimConfig(lr=0.1, warmup_epochs=2, schedule="step", step_epochs=1.9)
     assert "the step decays never come" in warmup_warning(just_in, 2, 45)
+
+
+def test_no_warmup_warning_where_the_warmup_changes_nothing():
+    """A one-step run takes optim.lr at its step, warm-up or not; a cosine down to a floor
+    of optim.lr is a constant rate, 5e-8 short of which is nothing to warn of."""
+    assert warmup_warning(OptimConfig(lr=0.1, schedule="cosine", warmup_epochs=0.5), 1, 1) is None
+    flat_cosine = OptimConfig(lr=0.1, schedule="cosine", warmup_epochs=2.0000001, min_lr=0.1)
+    assert warmup_warning(flat_cosine, 2, 45) is None
+    assert "cosine decay never begins" in warmup_warning(
+        OptimConfig(lr=0.1, schedule="cosine", warmup_epochs=2.0000001, min_lr=0.05), 2, 45)
