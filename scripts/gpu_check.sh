@@ -16,6 +16,9 @@
 #                     temporary folder (mode 700, yours alone, else a fresh folder), the same
 #                     for every run of the script, so a rerun of two sections on the same
 #                     machine does not compile every kernel again.
+#   CUPY_CACHE_TAR    a cupy-kernels.tar an earlier run left in its $OUT: its kernels are put in
+#                     CUPY_CACHE_DIR first, so a rerun on a fresh machine compiles none of them
+#                     again (a first run compiles about 80, some 30 s of NVRTC; docs/gpu.md).
 #   OUT               where the logs go (default: gpu-check-out/ in the checkout).
 #   PYTHON            the interpreter (default: python3).
 #   SECTIONS          the sections to run, by name (default: the first five, "info tests steps
@@ -23,10 +26,14 @@
 #                     SECTIONS=sanitize for the sixth, which runs only when named.
 #   SANITIZER         compute-sanitizer's path (default: the one on PATH, else CUDA's bin/).
 #
-# Sections, each under its own time limit (40 + 150 + 40 + 90 + 60 s, and 10 s more each to be
-# killed: 430 s at most, usually far less; give a job runner at least that). At the limit a
+# Sections, each under its own time limit (60 + 150 + 40 + 90 + 60 s, and 10 s more each to be
+# killed: 450 s at most, usually far less; give a job runner at least that). At the limit a
 # section gets SIGINT, so pytest still prints its failures and summary; pytest runs with -v
 # (each test's result as it ends) and dumps the stack of a test still running after 40 s.
+# With pytest-timeout (2.3 or newer) the tests also stop between two tests after 120 s, so
+# that no test is cut off midway (a `gpumlp` command a test runs takes SIGINT as its own
+# Ctrl-C: the test would fail with exit 130 and pytest go on to the next).
+# Each section's log ends with how many kernels CuPy compiled in it (a first run's cost).
 #   info       nvidia-smi, versions, `gpumlp info`, a preflight of what  -> $OUT/info.log
 #              the others need (cuBLAS, NVRTC, cuRAND, cupyx, Pillow,
 #              matplotlib, pytest; whether PyTorch sees the GPU)
@@ -41,8 +48,8 @@
 #              memcheck, then its racecheck; each array its own cudaMalloc
 # A section that fails or runs out of time does not stop the next one; the last lines printed
 # are a summary of all of them, and the exit status is 1 when any section did not end ok.
-# Every file goes to one log per section (at most six files in $OUT: a job runner may bring
-# back only a few).
+# Every file goes to one log per section, and the kernels this run compiled to
+# cupy-kernels.tar (at most seven files in $OUT: a job runner may bring back only a few).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,6 +75,16 @@ if [ -z "${CUPY_CACHE_DIR:-}" ]; then  # one per user, only theirs; else a fresh
   fi
 fi
 export CUPY_CACHE_DIR
+kernels() { find "$CUPY_CACHE_DIR" -maxdepth 1 -type f 2>/dev/null | wc -l; }
+if [ -n "${CUPY_CACHE_TAR:-}" ]; then  # an earlier run's kernels: none compiled again
+  if mkdir -p "$CUPY_CACHE_DIR" &&
+     tar -xf "$CUPY_CACHE_TAR" -C "$CUPY_CACHE_DIR" --no-same-owner 2>/dev/null; then
+    echo "kernel cache: $(kernels) kernels in $CUPY_CACHE_DIR after $CUPY_CACHE_TAR"
+  else
+    echo "gpu_check.sh: cannot read CUPY_CACHE_TAR '$CUPY_CACHE_TAR'; every kernel is compiled" >&2
+  fi
+fi
+START_KERNELS=$(kernels)
 if [ -z "${GPUMLP_DATA_DIR:-}" ] && [ -d shared/data/mnist ]; then
   export GPUMLP_DATA_DIR="$PWD/shared/data/mnist"
 fi
@@ -79,9 +96,12 @@ section() {  # section NAME LIMIT_SECONDS LOG COMMAND...: run it, tee its output
   local name=$1 limit=$2 log=$3
   shift 3
   echo "=== $name (at most ${limit}s) ===" | tee "$OUT/$log"
-  local start=$SECONDS
+  local start=$SECONDS before
+  before=$(kernels)
   timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
   local rc=${PIPESTATUS[0]} took=$((SECONDS - start))
+  echo "($name took ${took}s; CuPy compiled $(($(kernels) - before)) kernels in it)" |
+    tee -a "$OUT/$log"
   if [ "$rc" -eq 0 ]; then
     STATUS[$name]=ok
   elif [ "$rc" -eq 124 ] || { [ "$rc" -eq 137 ] && [ "$took" -ge "$limit" ]; }; then
@@ -130,6 +150,8 @@ EOF
   "$PY" - <<'EOF' || rc=1
 # What the other sections need, each tried once, so that a missing library fails here in one
 # line rather than in every test (CuPy 14 loads cuBLAS, cuRAND and NVRTC at their first use).
+import time
+
 import numpy as np
 checks = {  # each a statement that raises when the library cannot do its part
     "cuBLAS (a product)": "import cupy; a = cupy.asarray(np.ones((64, 64), np.float32)); "
@@ -145,10 +167,11 @@ checks = {  # each a statement that raises when the library cannot do its part
     "pytest (the tests section)": "import pytest",
 }
 failed = 0
-for name, code in checks.items():
+for name, code in checks.items():  # each one's time: the first (CUDA, cuBLAS) and NVRTC's
+    start = time.perf_counter()
     try:
         exec(code, {"np": np})
-        print(f"preflight {name}: ok")
+        print(f"preflight {name}: ok ({time.perf_counter() - start:.1f} s)")
     except BaseException as e:
         failed += 1
         first = (str(e).strip().splitlines() or [""])[0]
@@ -331,15 +354,20 @@ SANITIZER="${SANITIZER:-$(command -v compute-sanitizer ||
                             echo /usr/local/cuda/bin/compute-sanitizer)}"
 export SANITIZER
 export -f info steps train_h256 sanitize  # so that `timeout bash -c NAME` runs them
-wanted info && section info 40 info.log bash -c info
+wanted info && section info 60 info.log bash -c info  # 3 CUDA starts, 2 of PyTorch
 if wanted tests; then
-  PER_TEST=()  # with pytest-timeout, a test that hangs costs 45 s, not the section's 150
+  PER_TEST=()  # with pytest-timeout, a test that hangs costs 45 s, not the section's 150,
   "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=45)
+  # and the run stops between tests at 120 s (2.3+), with its summary, rather than by SIGINT
+  "$PY" -c "import pytest_timeout as t; assert hasattr(t, 'SESSION_TIMEOUT_KEY')" \
+    2>/dev/null && PER_TEST+=(--session-timeout=120)
   section tests 150 pytest-gpu.log \
     "$PY" -m pytest -m gpu -v -rfEs --durations=10 -p no:cacheprovider \
     -o faulthandler_timeout=40 "${PER_TEST[@]}" \
     tests/test_gpu_*.py  # only these: a missing onnx must not stop the GPU tests
-  if [ "${STATUS[tests]}" = ok ] && ! grep -qE "[0-9]+ passed" "$OUT/pytest-gpu.log"; then
+  if grep -qE "session-timeout: [0-9.]+ sec exceeded" "$OUT/pytest-gpu.log"; then
+    STATUS[tests]="TIMED OUT (stopped between tests after 120s)"
+  elif [ "${STATUS[tests]}" = ok ] && ! grep -qE "[0-9]+ passed" "$OUT/pytest-gpu.log"; then
     STATUS[tests]="failed: no test passed (all skipped: is the GPU visible?)"  # pytest says 0
   fi
 fi
@@ -352,16 +380,21 @@ wanted bench && section bench 90 bench.log \
 wanted train && section train 60 train-h256.log bash -c train_h256
 wanted sanitize && section sanitize 240 sanitize.log bash -c sanitize
 
+if [ "$(kernels)" -gt "$START_KERNELS" ]; then  # for CUPY_CACHE_TAR in a rerun elsewhere
+  tar -cf "$OUT/cupy-kernels.tar" -C "$CUPY_CACHE_DIR" . 2>/dev/null &&
+    echo "kernel cache: $(kernels) kernels -> $OUT/cupy-kernels.tar (CUPY_CACHE_TAR for a rerun)"
+fi
 echo "=== summary ==="
 for name in $SECTIONS; do
   printf '%-6s %s\n' "$name" "${STATUS[$name]}"
 done
 ! wanted info || grep -E "^preflight .*FAILED" "$OUT/info.log"
 ! wanted tests || grep -E "[0-9]+ (passed|failed|skipped|errors?)" "$OUT/pytest-gpu.log" | tail -n 1
-! wanted steps || grep -E "ms/step|probe failed" "$OUT/steps.log" || tail -n 1 "$OUT/steps.log"
-! wanted bench || grep -E "^\|" "$OUT/bench.log" || tail -n 1 "$OUT/bench.log"
+last_word() { grep -vE "^\([a-z]+ took [0-9]+s; CuPy compiled" "$@" | tail -n 1; }  # not ours
+! wanted steps || grep -E "ms/step|probe failed" "$OUT/steps.log" || last_word "$OUT/steps.log"
+! wanted bench || grep -E "^\|" "$OUT/bench.log" || last_word "$OUT/bench.log"
 ! wanted train || grep -E "^(Error|no MNIST|test_accuracy )" "$OUT/train-h256.log" ||
-  sed '/^--- metrics.jsonl$/,$d' "$OUT/train-h256.log" | tail -n 1  # the run's last word
+  sed '/^--- metrics.jsonl$/,$d' "$OUT/train-h256.log" | last_word  # the run's last word
 ! wanted sanitize || grep -E "ERROR SUMMARY|RACECHECK SUMMARY|not found" "$OUT/sanitize.log"
 failed=0  # the exit status: 1 when any section did not end ok
 for name in $SECTIONS; do

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import types
 from pathlib import Path
 
@@ -59,7 +60,17 @@ def test_the_exit_status_is_0_only_when_every_section_ended_ok(tmp_path):
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 # A stand-in interpreter: pytest that reports only when interrupted, a train that fails midway
 echo "kernel cache: $CUPY_CACHE_DIR"
+if [ "$1" = "-" ]; then  # a section's Python: the kernels it finds, and one it "compiles"
+  echo "kernels: $(ls "$CUPY_CACHE_DIR" | tr '\n' ' ')"
+  [ -n "${FAKE_KERNEL:-}" ] && touch "$CUPY_CACHE_DIR/$FAKE_KERNEL.cubin"
+fi
 if [ "$1 $2" = "-m pytest" ]; then
+  echo "pytest args: $*"
+  if [ -n "${FAKE_SESSION_TIMEOUT:-}" ]; then  # pytest-timeout's stop between two tests
+    echo "!!!!!!!!!! Interrupted: session-timeout: 120.0 sec exceeded !!!!!!!!!!"
+    echo "7 passed in 121.20s"
+    exit 1
+  fi
   trap 'kill $!; echo "FAILED tests/test_gpu_x.py::test_fails"; echo "1 failed, 1 passed"
         exit 2' INT
   echo "tests/test_gpu_x.py::test_passes PASSED"
@@ -114,14 +125,54 @@ def test_the_train_section_without_mnist_fails_at_once_and_logs_a_failed_runs_fi
     mnist.mkdir()
     result = run_short_copy(tmp_path, "train", limit=30, GPUMLP_DATA_DIR=str(mnist))
     log = (tmp_path / "out" / "train-h256.log").read_text()
-    assert log.split("Error: the run stopped (test)\n")[1] == (
-        '--- metrics.jsonl\n{"epoch": 1}\n--- summary.json\n(none)\n')
+    assert log.split("Error: the run stopped (test)\n")[1].startswith(
+        '--- metrics.jsonl\n{"epoch": 1}\n--- summary.json\n(none)\n(train took ')
     assert "train  failed (1)" in result.stdout
     assert result.stdout.rstrip().endswith("Error: the run stopped (test)")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train-h256.log"]
     crashed = run_short_copy(tmp_path, "train", limit=30, GPUMLP_DATA_DIR=str(mnist),
                              FAKE_CRASH="1")                    # the summary: its last word
     assert crashed.stdout.rstrip().endswith("RuntimeError: cudaErrorIllegalAddress (test)")
+
+
+def test_the_tests_stop_between_two_tests_at_120_s_and_say_so(tmp_path):
+    """With pytest-timeout (the stand-in's `-c` succeeds: it "has" it), pytest is asked to stop
+    between tests at 120 s, before the section's SIGINT, which a test's `gpumlp` command
+    would take as its own Ctrl-C (a failure, exit 130, and pytest going on)."""
+    result = run_short_copy(tmp_path, "tests", limit=30, FAKE_SESSION_TIMEOUT="1")
+    log = (tmp_path / "out" / "pytest-gpu.log").read_text()
+    assert "--timeout=45" in log and "--session-timeout=120" in log
+    summary = result.stdout.split("=== summary ===")[1].strip().splitlines()
+    assert summary == ["tests  TIMED OUT (stopped between tests after 120s)", "7 passed in 121.20s"]
+    assert result.returncode == 1
+
+
+def test_a_rerun_elsewhere_starts_from_the_kernels_the_first_run_compiled(tmp_path):
+    """The first run's new kernels go to $OUT/cupy-kernels.tar, and each section's log says how
+    many it compiled; a rerun given that file (CUPY_CACHE_TAR) in an empty kernel cache finds
+    them there before its first section, compiles none and writes no tar."""
+    first = tmp_path / "first"
+    (tmp_path / "k1").mkdir()  # (CuPy makes it)
+    run_short_copy(first, "steps", limit=30, CUPY_CACHE_DIR=str(tmp_path / "k1"),
+                   FAKE_KERNEL="abc123")
+    log = (first / "out" / "steps.log").read_text()
+    assert re.search(r"^\(steps took \d+s; CuPy compiled 1 kernels in it\)$", log, re.M), log
+    tar = first / "out" / "cupy-kernels.tar"
+    assert tarfile.open(tar).getnames() == [".", "./abc123.cubin"]
+    again = tmp_path / "again"
+    (tmp_path / "k2").mkdir()
+    result = run_short_copy(again, "steps", limit=30, CUPY_CACHE_DIR=str(tmp_path / "k2"),
+                            CUPY_CACHE_TAR=str(tar))
+    log = (again / "out" / "steps.log").read_text()
+    assert "kernels: abc123.cubin" in log and "CuPy compiled 0 kernels" in log
+    assert f"kernel cache: 1 kernels in {tmp_path / 'k2'} after {tar}" in result.stdout
+    assert sorted(p.name for p in (again / "out").iterdir()) == ["steps.log"]
+    missing = run_short_copy(tmp_path / "missing", "steps", limit=30,
+                             CUPY_CACHE_DIR=str(tmp_path / "k3"),
+                             CUPY_CACHE_TAR=str(tmp_path / "no-such.tar"))
+    assert missing.stderr.strip() == (f"gpu_check.sh: cannot read CUPY_CACHE_TAR "
+                                      f"'{tmp_path / 'no-such.tar'}'; every kernel is compiled")
+    assert "steps  ok" in missing.stdout
 
 
 def test_cupys_kernel_cache_is_the_same_folder_for_every_run(tmp_path):
