@@ -27,6 +27,7 @@ import os
 import statistics
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -254,6 +255,8 @@ def make_torch_runner(torch: Any, device: str, split: DeviceSplit, hidden: int, 
 
     torch.manual_seed(seed)
     dev = torch.device(device)
+    if dev.type == "cuda":  # full float32 products, as gpumlp's (train.tf32: false), whatever
+        torch.set_float32_matmul_precision("highest")  # TORCH_ALLOW_TF32_CUBLAS_OVERRIDE says
     # (n, d) uint8; torch.from_numpy wants it writable: copied only if read-only (only read)
     images = torch.from_numpy(np.require(to_host(split.images), requirements="W")).to(dev)
     labels = torch.from_numpy(to_host(split.labels).astype(np.int64)).to(dev)
@@ -297,9 +300,23 @@ def import_torch(device: str) -> tuple[Any, str | None]:
         if isinstance(e, ModuleNotFoundError) and e.name in ("torch", None):
             return None, "PyTorch is not installed (pip install torch)"
         return None, f"PyTorch is installed but cannot be loaded ({error_summary(e)})"
-    if device != "cpu" and not torch.cuda.is_available():
-        return None, f"this PyTorch build ({torch.__version__}) has no CUDA"
+    if device != "cpu":
+        with warnings.catch_warnings(record=True) as said:  # a CUDA build that cannot start
+            warnings.simplefilter("always")                 # warns (the driver, say): 3 lines
+            usable = torch.cuda.is_available()
+        if not usable and getattr(torch.version, "cuda", None) is None:
+            return None, f"this PyTorch build ({torch.__version__}) has no CUDA"
+        if not usable:
+            why = next((first_sentence(str(w.message)) for w in said), "no GPU visible")
+            return None, (f"PyTorch {torch.__version__} (built for CUDA {torch.version.cuda}) "
+                          f"cannot use the GPU here ({why})")
     return torch, None
+
+
+def first_sentence(text: str) -> str:
+    """"CUDA initialization: The NVIDIA driver on your system is too old (found version 12080)"
+    of PyTorch's warning, without its advice, URLs and "(Triggered internally at ...)"."""
+    return text.strip().splitlines()[0].split(". ")[0].rstrip(".") if text.strip() else ""
 
 
 def torch_for(spec: BenchSpec, backend: Backend) -> tuple[Any, str | None]:
@@ -402,6 +419,9 @@ def run_bench(spec: BenchSpec, backend: Backend, split: DeviceSplit | None = Non
     torch, why_not = (None, "--no-torch") if spec.torch is False else torch_for(spec, backend)
     if torch is not None and spec.threads is not None:
         torch.set_num_threads(spec.threads)
+    if backend.is_gpu:  # the sgemm reference in full float32 too (CUPY_TF32 would make it TF32's)
+        from .backend import enable_tf32
+        enable_tf32(backend, False)
     if split is None:
         split = synthetic_split(backend, spec.samples, spec.seed)
     if len(split) != spec.samples:

@@ -20,7 +20,10 @@ from .config import MAX_WIDTH
 MAX_SYNTHETIC = 10_000_000   # --samples: 7.8 GB of synthetic uint8 images (and as much
                              # again for the fast CPU step's copy in its pixel order)
 BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS",
-            "MKL_NUM_THREADS", "GOTO_NUM_THREADS")  # change the timings: said when set
+            "MKL_NUM_THREADS", "GOTO_NUM_THREADS",  # change the timings: said when set
+            # and on a GPU: TF32 for one side or both, launches made synchronous, no caching
+            "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "NVIDIA_TF32_OVERRIDE", "CUPY_TF32",
+            "CUDA_LAUNCH_BLOCKING", "PYTORCH_NO_CUDA_MEMORY_CACHING")
 MNIST_TRAIN = 60_000         # --samples with --data mnist: MNIST's training images
 MAX_THREADS = 4096           # --threads: past any BLAS build's maximum (and C int's range)
 CPU_BATCHES = (64, 128, 256, 1024)
@@ -84,7 +87,7 @@ def header_lines(backend, result: dict, spec, data: str = "mnist") -> list[str]:
         f"threads   {threads}; torch {result['torch_threads'] or '-'}; "
         f"gpumlp step: {result.get('gpumlp_step', '-')}",
         *([f"env       {' '.join(f'{k}={os.environ[k]}' for k in BLAS_ENV if k in os.environ)}"
-           " (set before gpumlp started: they change the BLAS's speed or threads)"]
+           " (set before gpumlp started: they change the BLAS's or the GPU's speed)"]
           if any(k in os.environ for k in BLAS_ENV) else []),
         f"sgemm     {result['sgemm_gflops']:.1f} GFLOP/s (best 2048^3 float32 product, measured "
         f"{result.get('sgemm_when', 'at the start and at the end')})",
@@ -113,7 +116,7 @@ def table_lines(result: dict) -> list[str]:
     for r in result["rows"]:
         ratio = "-"
         if r.impl == "gpumlp" and (r.hidden, r.batch) in torch_rows:
-            ratio = f"{paired_ratio(r, torch_rows[(r.hidden, r.batch)]):.2f}"
+            ratio = f"{paired_ratio(r, torch_rows[(r.hidden, r.batch)]):.3f}"  # 1/3: 0.333
         share = 100 * r.gflops / result["sgemm_gflops"]
         lines.append(f"| {r.hidden} | {r.batch} | {r.impl} | {seconds(r.epoch_s)} | "
                      f"{r.samples_per_s:,.0f} | {r.gflops:.1f} | {share:.0f}% | {ratio} |")

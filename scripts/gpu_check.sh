@@ -392,7 +392,7 @@ done
 ! wanted tests || grep -E "[0-9]+ (passed|failed|skipped|errors?)" "$OUT/pytest-gpu.log" | tail -n 1
 last_word() { grep -vE "^\([a-z]+ took [0-9]+s; CuPy compiled" "$@" | tail -n 1; }  # not ours
 ! wanted steps || grep -E "ms/step|probe failed" "$OUT/steps.log" || last_word "$OUT/steps.log"
-! wanted bench || grep -E "^\|" "$OUT/bench.log" || last_word "$OUT/bench.log"
+! wanted bench || grep -E "^\||no comparison" "$OUT/bench.log" || last_word "$OUT/bench.log"
 ! wanted train || grep -E "^(Error|no MNIST|test_accuracy )" "$OUT/train-h256.log" ||
   sed '/^--- metrics.jsonl$/,$d' "$OUT/train-h256.log" | last_word  # the run's last word
 ! wanted sanitize || grep -E "ERROR SUMMARY|RACECHECK SUMMARY|not found" "$OUT/sanitize.log"

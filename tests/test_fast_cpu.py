@@ -943,7 +943,7 @@ def test_bench_ratio_is_the_median_of_each_round_s_ratio_not_the_ratio_of_median
     assert paired_ratio(ours, theirs) == 0.5             # rounds: 0.5, 0.5, 0.05
     assert ours.epoch_s / theirs.epoch_s == 0.05         # what the medians alone would say
     lines = table_lines({"rows": [ours, theirs], "sgemm_gflops": 200.0})
-    assert lines[2].endswith("| 0.50 |") and lines[3].endswith("| - |")
+    assert lines[2].endswith("| 0.500 |") and lines[3].endswith("| - |")
 
 
 def test_fast_step_given_exported_params_and_a_scaled_velocity_continues_as_the_generic_step():
@@ -1291,3 +1291,69 @@ def test_bench_takes_all_of_mnist_s_60000_training_images(monkeypatch):
     monkeypatch.setattr(cli_bench, "load_mnist_for", reached)
     result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--samples", "60000"])
     assert result.exit_code == 7, result.output
+
+
+def test_the_benchs_pytorch_epoch_takes_the_same_sgd_steps_as_gpumlps_generic_step(monkeypatch):
+    """Same work on both sides: from the same weights and the same order, one epoch of the
+    bench's PyTorch side ends where gpumlp's generic step ends (lr, momentum, no weight decay,
+    the mean loss, x / 255): a torch side with other options times another training."""
+    torch = torch_or_skip()
+    from gpumlp import bench as bench_module
+
+    split = synthetic_split(CPU, 96, 3)
+    monkeypatch.setattr(torch, "randperm", lambda n, device=None: torch.arange(n, device=device))
+    epoch = bench_module.torch_runner(torch, "cpu", split, 16, 32, seed=0)
+    layers = (epoch.net[0], epoch.net[2])
+    params = Params(tuple(np.ascontiguousarray(m.weight.detach().numpy().T) for m in layers),
+                    tuple(m.bias.detach().numpy().copy() for m in layers))
+    config = build_config(None, ["model.hidden=16", f"optim.lr={bench_module.LR}",
+                                 f"optim.momentum={bench_module.MOMENTUM}"])
+    state, step = init_state(config.optim, params), generic_step(config)
+    for t, start in enumerate(range(0, 96, 32), start=1):
+        X = split.images[start:start + 32].astype(np.float32) / np.float32(255)
+        step(params, state, X, split.labels[start:start + 32], bench_module.LR, t, ())
+    epoch()
+    for ours, layer in zip(params.W, layers):
+        np.testing.assert_allclose(ours, layer.weight.detach().numpy().T, rtol=0, atol=1e-6)
+    for ours, layer in zip(params.b, layers):
+        np.testing.assert_allclose(ours, layer.bias.detach().numpy(), rtol=0, atol=1e-6)
+
+
+def test_a_cuda_pytorch_that_cannot_start_is_not_called_a_build_without_cuda(monkeypatch):
+    """A wheel for CUDA 13 under an older driver: torch.cuda.is_available() warns and says
+    False. 'this PyTorch build (2.x+cu130) has no CUDA' sent the user to look for another
+    build; the driver's reason is what to act on (and its warning is not printed as well)."""
+    import warnings
+
+    torch = torch_or_skip()
+    from gpumlp.bench import import_torch
+
+    def too_old():
+        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old "
+                      "(found version 12080). Please update your GPU driver by downloading and "
+                      "installing a new version from the URL: http://www.nvidia.com/Download/"
+                      "index.aspx Alternatively, go to: https://pytorch.org/ to install a PyTorch "
+                      "version that has been compiled with your version of the CUDA driver. "
+                      "(Triggered internally at c10/cuda/CUDAFunctions.cpp:119.)", UserWarning)
+        return False
+    monkeypatch.setattr(torch.cuda, "is_available", too_old)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # nothing escapes as a warning
+        _, why = import_torch("cuda:0")
+    assert why == (f"PyTorch {torch.__version__} (built for CUDA 13.0) cannot use the GPU here "
+                   "(CUDA initialization: The NVIDIA driver on your system is too old (found "
+                   "version 12080))")
+    monkeypatch.setattr(torch.version, "cuda", None)         # a CPU-only wheel
+    assert import_torch("cuda:0")[1] == f"this PyTorch build ({torch.__version__}) has no CUDA"
+
+
+def test_the_bench_header_names_gpu_variables_that_change_either_sides_speed(monkeypatch):
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")   # TF32 for PyTorch alone
+    monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")
+    result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--data", "synthetic",
+                                       "--samples", "64", "--batch", "32", "--hidden", "8",
+                                       "--repeats", "1", "--no-torch"])
+    assert result.exit_code == 0, result.output
+    env = next(line for line in result.stdout.splitlines() if line.startswith("env "))
+    assert "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1" in env and "CUDA_LAUNCH_BLOCKING=1" in env
