@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import statistics
 import threading
 import time
@@ -315,8 +316,13 @@ def import_torch(device: str) -> tuple[Any, str | None]:
 
 def first_sentence(text: str) -> str:
     """"CUDA initialization: The NVIDIA driver on your system is too old (found version 12080)"
-    of PyTorch's warning, without its advice, URLs and "(Triggered internally at ...)"."""
-    return text.strip().splitlines()[0].split(". ")[0].rstrip(".") if text.strip() else ""
+    of PyTorch's warning, without its advice, URLs and "(Triggered internally at ...)"; where
+    it carries CUDA's "Error N: ..." (cudaGetDeviceCount's 802, 803, 804), that error."""
+    text = text.split(" (Triggered internally")[0].strip()
+    code = re.search(r"Error \d+: [^(\n]*[^(\s.]", text)
+    if code:
+        return f"{text.split(':')[0]}: {code.group(0)}" if ":" in text else code.group(0)
+    return text.splitlines()[0].split(". ")[0].rstrip(".") if text else ""
 
 
 def torch_for(spec: BenchSpec, backend: Backend) -> tuple[Any, str | None]:

@@ -413,6 +413,10 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     check_options(resume_dir, out, overwrite, any(v is not None for v in given), init_path)
     if init_path:  # after check_options: with --resume, its words come first
         hint = model_hint(init_path)
+        from .config import INITS
+        if hint is None and init_path in INITS and not os.path.exists(init_path):
+            hint = (f"takes a model.npz to start from; the init scheme is --set "
+                    f"model.init={init_path}")
         if hint is not None:
             raise click.BadParameter(hint, param_hint="'--init'")
     if resume_dir:

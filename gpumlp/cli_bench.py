@@ -87,7 +87,8 @@ def header_lines(backend, result: dict, spec, data: str = "mnist") -> list[str]:
         f"threads   {threads}; torch {result['torch_threads'] or '-'}; "
         f"gpumlp step: {result.get('gpumlp_step', '-')}",
         *([f"env       {' '.join(f'{k}={os.environ[k]}' for k in BLAS_ENV if k in os.environ)}"
-           " (set before gpumlp started: they change the BLAS's or the GPU's speed)"]
+           " (set before gpumlp started: they change the BLAS's or the GPU's speed; the"
+           " bench keeps TF32 off on both sides whatever they say)"]
           if any(k in os.environ for k in BLAS_ENV) else []),
         f"sgemm     {result['sgemm_gflops']:.1f} GFLOP/s (best 2048^3 float32 product, measured "
         f"{result.get('sgemm_when', 'at the start and at the end')})",

@@ -140,12 +140,14 @@ def warmup_warning(cfg: OptimConfig, epochs: int, steps_per_epoch: int) -> str |
     total = epochs * steps_per_epoch
     last = total - 1
     warmup = cfg.warmup_epochs * steps_per_epoch
-    if cfg.warmup_epochs <= 0 or last >= warmup or total == 1:  # one step: the rate is lr
+    if cfg.warmup_epochs <= 0 or last >= warmup:
         return None
     decays = (cfg.schedule == "cosine" and cfg.min_lr < cfg.lr) or (
         cfg.schedule == "step" and cfg.gamma < 1
         and step_decays(last / steps_per_epoch, cfg.step_epochs) >= 1)
     rate = learning_rate(cfg, last, steps_per_epoch, total)
+    if total == 1 and rate >= cfg.lr:  # one step at optim.lr: the warm-up changed nothing
+        return None
     if not decays and rate >= 0.999 * cfg.lr:  # a constant rate 0.1% or less short of optim.lr
         return None
     ends = (f"ends at {shown(rate / cfg.lr, 1, 3)} of optim.lr ({shown(rate, cfg.lr)})"

@@ -19,6 +19,7 @@
 #   CUPY_CACHE_TAR    a cupy-kernels.tar an earlier run left in its $OUT: its kernels are put in
 #                     CUPY_CACHE_DIR first, so a rerun on a fresh machine compiles none of them
 #                     again (a first run compiles about 80, some 30 s of NVRTC; docs/gpu.md).
+#                     A relative path is taken from the checkout.
 #   OUT               where the logs go (default: gpu-check-out/ in the checkout).
 #   PYTHON            the interpreter (default: python3).
 #   SECTIONS          the sections to run, by name (default: the first five, "info tests steps
@@ -30,9 +31,9 @@
 # killed: 450 s at most, usually far less; give a job runner at least that). At the limit a
 # section gets SIGINT, so pytest still prints its failures and summary; pytest runs with -v
 # (each test's result as it ends) and dumps the stack of a test still running after 40 s.
-# With pytest-timeout (2.3 or newer) the tests also stop between two tests after 120 s, so
-# that no test is cut off midway (a `gpumlp` command a test runs takes SIGINT as its own
-# Ctrl-C: the test would fail with exit 130 and pytest go on to the next).
+# The tests also stop between two tests after 120 s (GPUMLP_TESTS_DEADLINE, which
+# tests/conftest.py reads), so that no test is cut off midway (a `gpumlp` command a test runs
+# takes SIGINT as its own Ctrl-C: the test would fail with exit 130 and pytest go on).
 # Each section's log ends with how many kernels CuPy compiled in it (a first run's cost).
 #   info       nvidia-smi, versions, `gpumlp info`, a preflight of what  -> $OUT/info.log
 #              the others need (cuBLAS, NVRTC, cuRAND, cupyx, Pillow,
@@ -77,9 +78,10 @@ fi
 export CUPY_CACHE_DIR
 kernels() { find "$CUPY_CACHE_DIR" -maxdepth 1 -type f 2>/dev/null | wc -l; }
 if [ -n "${CUPY_CACHE_TAR:-}" ]; then  # an earlier run's kernels: none compiled again
-  if mkdir -p "$CUPY_CACHE_DIR" &&
-     tar -xf "$CUPY_CACHE_TAR" -C "$CUPY_CACHE_DIR" --no-same-owner 2>/dev/null; then
-    echo "kernel cache: $(kernels) kernels in $CUPY_CACHE_DIR after $CUPY_CACHE_TAR"
+  if [ -f "$CUPY_CACHE_TAR" ] && mkdir -p "$CUPY_CACHE_DIR"; then  # (a relative path: from
+    tar -xf "$CUPY_CACHE_TAR" -C "$CUPY_CACHE_DIR" --no-same-owner 2>/dev/null  # the checkout)
+    echo "kernel cache: $(kernels) kernels in $CUPY_CACHE_DIR after $CUPY_CACHE_TAR" \
+      "(tar exited $?)"
   else
     echo "gpu_check.sh: cannot read CUPY_CACHE_TAR '$CUPY_CACHE_TAR'; every kernel is compiled" >&2
   fi
@@ -356,16 +358,16 @@ export SANITIZER
 export -f info steps train_h256 sanitize  # so that `timeout bash -c NAME` runs them
 wanted info && section info 60 info.log bash -c info  # 3 CUDA starts, 2 of PyTorch
 if wanted tests; then
-  PER_TEST=()  # with pytest-timeout, a test that hangs costs 45 s, not the section's 150,
+  PER_TEST=()  # with pytest-timeout, a test that hangs costs 45 s, not the section's 150
   "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=45)
-  # and the run stops between tests at 120 s (2.3+), with its summary, rather than by SIGINT
-  "$PY" -c "import pytest_timeout as t; assert hasattr(t, 'SESSION_TIMEOUT_KEY')" \
-    2>/dev/null && PER_TEST+=(--session-timeout=120)
-  section tests 150 pytest-gpu.log \
+  # tests/conftest.py starts no test after this deadline: the run stops between two tests,
+  # with its summary, rather than by the SIGINT at 150 s
+  GPUMLP_TESTS_DEADLINE=$(($(date +%s) + 120)) section tests 150 pytest-gpu.log \
     "$PY" -m pytest -m gpu -v -rfEs --durations=10 -p no:cacheprovider \
     -o faulthandler_timeout=40 "${PER_TEST[@]}" \
     tests/test_gpu_*.py  # only these: a missing onnx must not stop the GPU tests
-  if grep -qE "session-timeout: [0-9.]+ sec exceeded" "$OUT/pytest-gpu.log"; then
+  if [ "${STATUS[tests]}" != "TIMED OUT" ] &&
+     grep -q "GPUMLP_TESTS_DEADLINE passed: stopped between two tests" "$OUT/pytest-gpu.log"; then
     STATUS[tests]="TIMED OUT (stopped between tests after 120s)"
   elif [ "${STATUS[tests]}" = ok ] && ! grep -qE "[0-9]+ passed" "$OUT/pytest-gpu.log"; then
     STATUS[tests]="failed: no test passed (all skipped: is the GPU visible?)"  # pytest says 0

@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import os
 import signal
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -156,3 +157,17 @@ def keep_stop_handlers():
     yield saved
     for signum, handler in saved.items():
         REAL_SIGNAL(signum, handler)
+
+
+DEADLINE_ENV = "GPUMLP_TESTS_DEADLINE"  # a time.time() past which no further test starts
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """scripts/gpu_check.sh's stop between two tests: once $GPUMLP_TESTS_DEADLINE has passed
+    and tests are left, the session stops with its summary (a SIGINT at the section's limit
+    would reach a test's `gpumlp` command, which takes it as its own Ctrl-C and fails)."""
+    yield
+    deadline = os.environ.get(DEADLINE_ENV)
+    if deadline and nextitem is not None and time.time() > float(deadline):
+        item.session.shouldstop = f"{DEADLINE_ENV} passed: stopped between two tests"

@@ -688,6 +688,17 @@ def test_an_option_that_names_no_config_key_keeps_clicks_own_error(args):
     assert_one_error_line(cli(*args), 2, args[1], f" {args[0]} --help')")
 
 
+def test_an_init_scheme_given_to_init_is_answered_with_its_set(in_tmp):
+    """--init takes weights; `--init xavier` (the scheme's name) said only 'xavier: no such
+    file'. A file of that name is still read as weights."""
+    assert_one_error_line(cli("train", "--init", "xavier", "--out", "run"), 2,
+                          "--init", "takes a model.npz to start from; the init scheme is --set "
+                          "model.init=xavier")
+    assert not (in_tmp / "run").exists()
+    Path("he").write_text("not weights")
+    assert "the init scheme" not in cli("train", "--init", "he", "--out", "run").output
+
+
 def test_the_set_advice_stays_on_one_line():
     assert_one_error_line(cli("train", "--lr", "0.1\nx"), 2, "--set optim.lr='0.1\\nx'")
 

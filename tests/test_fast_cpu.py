@@ -10,6 +10,7 @@ gather + to_inputs; and `gpumlp bench` through click's CliRunner.
 from __future__ import annotations
 
 import re
+import types
 from collections.abc import Callable
 
 import numpy as np
@@ -1344,12 +1345,22 @@ def test_a_cuda_pytorch_that_cannot_start_is_not_called_a_build_without_cuda(mon
     assert why == (f"PyTorch {torch.__version__} (built for CUDA 13.0) cannot use the GPU here "
                    "(CUDA initialization: The NVIDIA driver on your system is too old (found "
                    "version 12080))")
+    def error_803():
+        warnings.warn("CUDA initialization: Unexpected error from cudaGetDeviceCount(). Did you "
+                      "run some cuda functions before calling NumCudaDevices() that might have "
+                      "already set an error? Error 803: system has unsupported display driver / "
+                      "cuda driver combination (Triggered internally at x.cpp:109.)", UserWarning)
+        return False
+    monkeypatch.setattr(torch.cuda, "is_available", error_803)  # CUDA's own error, not a
+    assert import_torch("cuda:0")[1].endswith(                  # fragment before it
+        "(CUDA initialization: Error 803: system has unsupported display driver / cuda driver "
+        "combination)")
     monkeypatch.setattr(torch.version, "cuda", None)         # a CPU-only wheel
     assert import_torch("cuda:0")[1] == f"this PyTorch build ({torch.__version__}) has no CUDA"
 
 
 def test_the_bench_header_names_gpu_variables_that_change_either_sides_speed(monkeypatch):
-    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")   # TF32 for PyTorch alone
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")   # (the bench pins it off)
     monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")
     result = CliRunner().invoke(main, ["bench", "--device", "cpu", "--data", "synthetic",
                                        "--samples", "64", "--batch", "32", "--hidden", "8",
@@ -1357,3 +1368,21 @@ def test_the_bench_header_names_gpu_variables_that_change_either_sides_speed(mon
     assert result.exit_code == 0, result.output
     env = next(line for line in result.stdout.splitlines() if line.startswith("env "))
     assert "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1" in env and "CUDA_LAUNCH_BLOCKING=1" in env
+
+
+def test_the_benchs_pytorch_on_a_gpu_takes_full_float32_products(monkeypatch):
+    """TORCH_ALLOW_TF32_CUBLAS_OVERRIDE (set by some launchers) gives PyTorch TF32 products,
+    which gpumlp's side (train.tf32: false) does not use: the CUDA runner pins them off."""
+    torch = torch_or_skip()
+    from gpumlp import bench
+
+    made = []
+    real_device = torch.device
+    monkeypatch.setattr(torch, "device", lambda name: types.SimpleNamespace(type="cuda"))
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", made.append)
+    try:
+        bench.make_torch_runner(torch, "cuda:0", None, 8, 4, 0)
+    except Exception:  # no GPU here: it stops at the first tensor moved to the device
+        pass
+    monkeypatch.setattr(torch, "device", real_device)
+    assert made == ["highest"]

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import time
 import types
 from pathlib import Path
 
@@ -66,10 +67,11 @@ if [ "$1" = "-" ]; then  # a section's Python: the kernels it finds, and one it 
 fi
 if [ "$1 $2" = "-m pytest" ]; then
   echo "pytest args: $*"
-  if [ -n "${FAKE_SESSION_TIMEOUT:-}" ]; then  # pytest-timeout's stop between two tests
-    echo "!!!!!!!!!! Interrupted: session-timeout: 120.0 sec exceeded !!!!!!!!!!"
+  echo "deadline in $(( ${GPUMLP_TESTS_DEADLINE:-0} - $(date +%s) ))s"
+  if [ -n "${FAKE_SESSION_TIMEOUT:-}" ]; then  # conftest's stop between two tests
+    echo "!!!!!! Interrupted: GPUMLP_TESTS_DEADLINE passed: stopped between two tests !!!!!!"
     echo "7 passed in 121.20s"
-    exit 1
+    exit 2
   fi
   trap 'kill $!; echo "FAILED tests/test_gpu_x.py::test_fails"; echo "1 failed, 1 passed"
         exit 2' INT
@@ -92,8 +94,9 @@ def run_short_copy(tmp_path: Path, sections: str, limit: int = 2, **env: str):
     seconds, run with FAKE_PYTHON."""
     root = tmp_path / "checkout"
     (root / "scripts").mkdir(parents=True, exist_ok=True)
-    short = re.sub(r"^(wanted \w+ && section \w+ |  section tests )\d+", rf"\g<1>{limit}",
-                   SCRIPT.read_text(), flags=re.M)
+    short = re.sub(r"^(wanted \w+ && section \w+ |  .*?section tests )\d+",
+                   rf"\g<1>{limit}", SCRIPT.read_text(), flags=re.M)
+    assert set(re.findall(r"section \w+ (\d+) \S+\.log", short)) == {str(limit)}  # all cut
     (root / "scripts" / SCRIPT.name).write_text(short)
     fake = tmp_path / "fake-python"
     fake.write_text(FAKE_PYTHON)
@@ -136,12 +139,12 @@ def test_the_train_section_without_mnist_fails_at_once_and_logs_a_failed_runs_fi
 
 
 def test_the_tests_stop_between_two_tests_at_120_s_and_say_so(tmp_path):
-    """With pytest-timeout (the stand-in's `-c` succeeds: it "has" it), pytest is asked to stop
-    between tests at 120 s, before the section's SIGINT, which a test's `gpumlp` command
-    would take as its own Ctrl-C (a failure, exit 130, and pytest going on)."""
+    """pytest is given a deadline 120 s on (conftest stops it between two tests), before the
+    section's SIGINT, which a test's `gpumlp` command would take as its own Ctrl-C (a
+    failure, exit 130, and pytest going on)."""
     result = run_short_copy(tmp_path, "tests", limit=30, FAKE_SESSION_TIMEOUT="1")
     log = (tmp_path / "out" / "pytest-gpu.log").read_text()
-    assert "--timeout=45" in log and "--session-timeout=120" in log
+    assert "--timeout=45" in log and re.search(r"deadline in 1(19|20)s", log), log
     summary = result.stdout.split("=== summary ===")[1].strip().splitlines()
     assert summary == ["tests  TIMED OUT (stopped between tests after 120s)", "7 passed in 121.20s"]
     assert result.returncode == 1
@@ -306,3 +309,38 @@ def test_the_sanitize_sections_python_trains_through_every_fused_kernel(gpu, mon
     assert saved["model"]["hidden"] == [64, 32] and saved["model"]["dropout"] == 0.2
     assert (saved["optim"]["name"], saved["model"]["activation"]) == ("adam", "gelu")
     assert json.loads((tmp_path / "small" / "summary.json").read_text())["steps"] == 16
+
+
+TWO_TESTS = """
+import time
+
+def test_first():
+    time.sleep(0.2)
+
+def test_second():
+    pass
+"""
+
+
+@pytest.mark.parametrize("deadline, ran, stopped", [(-100, 1, True), (100, 2, False)])
+def test_conftest_starts_no_test_past_the_deadline_and_never_stops_after_the_last(
+        tmp_path, deadline, ran, stopped):
+    """GPUMLP_TESTS_DEADLINE in the past: the first test runs, the second never starts, and
+    the summary says why; in the future: both run. A run whose last test ends past the
+    deadline is complete, not stopped (pytest-timeout's session timeout called it failed)."""
+    (tmp_path / "test_two.py").write_text(TWO_TESTS)
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1] / "tests"),
+           "GPUMLP_TESTS_DEADLINE": str(time.time() + deadline)}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-q",
+                             "-p", "no:cacheprovider", "-c", os.devnull, str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert f"{ran} passed" in result.stdout, result.stdout
+    assert ("GPUMLP_TESTS_DEADLINE passed: stopped between two tests" in result.stdout) is stopped
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "test_one.py").write_text("def test_only():\n    pass\n")
+    env["GPUMLP_TESTS_DEADLINE"] = str(time.time() - 100)
+    alone = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-q",
+                            "-p", "no:cacheprovider", "-c", os.devnull, str(one)],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 0 and "Interrupted" not in alone.stdout, alone.stdout

@@ -335,6 +335,7 @@ def test_no_warmup_warning_where_the_warmup_changes_nothing():
     """A one-step run takes optim.lr at its step, warm-up or not; a cosine down to a floor
     of optim.lr is a constant rate, 5e-8 short of which is nothing to warn of."""
     assert warmup_warning(OptimConfig(lr=0.1, schedule="cosine", warmup_epochs=0.5), 1, 1) is None
+    assert "ends at 0.2 of optim.lr" in warmup_warning(OptimConfig(lr=0.1, warmup_epochs=5), 1, 1)
     flat_cosine = OptimConfig(lr=0.1, schedule="cosine", warmup_epochs=2.0000001, min_lr=0.1)
     assert warmup_warning(flat_cosine, 2, 45) is None
     assert "cosine decay never begins" in warmup_warning(
