@@ -321,8 +321,10 @@ def first_sentence(text: str) -> str:
     text = text.split(" (Triggered internally")[0].strip()
     code = re.search(r"Error \d+: [^(\n]*[^(\s.]", text)
     if code:
-        return f"{text.split(':')[0]}: {code.group(0)}" if ":" in text else code.group(0)
-    return text.splitlines()[0].split(". ")[0].rstrip(".") if text else ""
+        before = text[:code.start()]
+        return f"{before.split(':')[0]}: {code.group(0)}" if ":" in before else code.group(0)
+    line = text.splitlines()[0] if text else ""
+    return re.split(r"(?<!e\.g)(?<!i\.e)\. ", line)[0].rstrip(".")
 
 
 def torch_for(spec: BenchSpec, backend: Backend) -> tuple[Any, str | None]:

@@ -80,8 +80,9 @@ kernels() { find "$CUPY_CACHE_DIR" -maxdepth 1 -type f 2>/dev/null | wc -l; }
 if [ -n "${CUPY_CACHE_TAR:-}" ]; then  # an earlier run's kernels: none compiled again
   if [ -f "$CUPY_CACHE_TAR" ] && mkdir -p "$CUPY_CACHE_DIR"; then  # (a relative path: from
     tar -xf "$CUPY_CACHE_TAR" -C "$CUPY_CACHE_DIR" --no-same-owner 2>/dev/null  # the checkout)
+    tar_rc=$?
     echo "kernel cache: $(kernels) kernels in $CUPY_CACHE_DIR after $CUPY_CACHE_TAR" \
-      "(tar exited $?)"
+      "(tar exited $tar_rc)"
   else
     echo "gpu_check.sh: cannot read CUPY_CACHE_TAR '$CUPY_CACHE_TAR'; every kernel is compiled" >&2
   fi

@@ -1355,6 +1355,15 @@ def test_a_cuda_pytorch_that_cannot_start_is_not_called_a_build_without_cuda(mon
     assert import_torch("cuda:0")[1].endswith(                  # fragment before it
         "(CUDA initialization: Error 803: system has unsupported display driver / cuda driver "
         "combination)")
+    from gpumlp.bench import first_sentence
+    assert first_sentence(                                      # not cut at "e.g."
+        "CUDA initialization: CUDA unknown error - this may be due to an incorrectly set up "
+        "environment, e.g. changing env variable CUDA_VISIBLE_DEVICES after program start. "
+        "Setting the available devices to be zero. (Triggered internally at x.cpp:109.)") == (
+        "CUDA initialization: CUDA unknown error - this may be due to an incorrectly set up "
+        "environment, e.g. changing env variable CUDA_VISIBLE_DEVICES after program start")
+    assert first_sentence("Error 804: forward compatibility was attempted") == (
+        "Error 804: forward compatibility was attempted")      # the code once, not twice
     monkeypatch.setattr(torch.version, "cuda", None)         # a CPU-only wheel
     assert import_torch("cuda:0")[1] == f"this PyTorch build ({torch.__version__}) has no CUDA"
 

@@ -168,7 +168,15 @@ def test_a_rerun_elsewhere_starts_from_the_kernels_the_first_run_compiled(tmp_pa
                             CUPY_CACHE_TAR=str(tar))
     log = (again / "out" / "steps.log").read_text()
     assert "kernels: abc123.cubin" in log and "CuPy compiled 0 kernels" in log
-    assert f"kernel cache: 1 kernels in {tmp_path / 'k2'} after {tar}" in result.stdout
+    assert f"kernel cache: 1 kernels in {tmp_path / 'k2'} after {tar} (tar exited 0)" in \
+        result.stdout
+    garbage = tmp_path / "garbage.tar"                          # cut short, or not a tar
+    garbage.write_text("not a tar archive at all")
+    (tmp_path / "k4").mkdir()
+    broken = run_short_copy(tmp_path / "broken", "steps", limit=30,
+                            CUPY_CACHE_DIR=str(tmp_path / "k4"), CUPY_CACHE_TAR=str(garbage))
+    assert re.search(r"kernel cache: 0 kernels in .* \(tar exited [12]\)", broken.stdout), \
+        broken.stdout
     assert sorted(p.name for p in (again / "out").iterdir()) == ["steps.log"]
     missing = run_short_copy(tmp_path / "missing", "steps", limit=30,
                              CUPY_CACHE_DIR=str(tmp_path / "k3"),
