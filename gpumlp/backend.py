@@ -62,9 +62,7 @@ def _import_cupy() -> ModuleType | None:
     except Exception as e:  # a broken CUDA install raising at import
         cause = original_error(e)  # CuPy 13 re-raises it under a banner ("Failed to import")
         CUPY_IMPORT.append(error_summary(cause))
-        CUPY_IMPORT.append(missing_module_fix(cause.name)
-                           if isinstance(cause, ModuleNotFoundError) and cause.name
-                           else import_fix(cause))
+        CUPY_IMPORT.append(lacking_fix(cause) or import_fix(cause))
         return None
     return cupy
 
@@ -77,6 +75,13 @@ def original_error(e: BaseException) -> BaseException:
         e = e.__cause__
         seen.add(id(e))
     return e
+
+
+def lacking_fix(cause: BaseException) -> str | None:
+    """missing_module_fix for a ModuleNotFoundError that names the module; None for any other."""
+    if isinstance(cause, ModuleNotFoundError) and cause.name:
+        return missing_module_fix(cause.name)
+    return None
 
 
 def missing_module_fix(name: str) -> str:
@@ -175,8 +180,9 @@ def missing_at_first_use(cupy: Any) -> tuple[str, str] | None:
         cupy.cuda.runtime.getDeviceCount()
     except Exception as e:
         cause = original_error(e)
-        if isinstance(cause, ModuleNotFoundError) and cause.name:
-            return error_summary(cause), missing_module_fix(cause.name)
+        fix = lacking_fix(cause)
+        if fix is not None:
+            return error_summary(cause), fix
     return None
 
 

@@ -88,16 +88,16 @@ def set_instead(e: click.UsageError, argv: list[str]) -> str:
     if not isinstance(e, click.NoSuchOption) or e.ctx is None or not any(
             param.name == "overrides" for param in e.ctx.command.params):
         return ""
-    from .config import Config, config_to_dict, is_number, key_named
+    from .config import Config, is_number, key_named
+    from .runfiles import dotted_config
     key = key_named(e.option_name.lstrip("-").replace("-", "_"))
     if key is None or (e.ctx.command.name == "gradcheck" and key not in GRADCHECK_KEYS
                        and not key.startswith("model.")):
         return ""   # (gradcheck reads the net and a few keys: --set of another does nothing)
-    section, _, name = key.partition(".")
-    value = "true" if isinstance(config_to_dict(Config())[section].get(name), bool) else "VALUE"
+    value = "true" if isinstance(dotted_config(Config())[key], bool) else "VALUE"  # a flag
     for i, word in enumerate(argv):
-        name, equals, given = str(word).partition("=")
-        if name == e.option_name:
+        option, equals, given = str(word).partition("=")
+        if option == e.option_name:
             later = [str(w) for w in argv[i + 1:i + 2]]
             if equals:
                 value = given
