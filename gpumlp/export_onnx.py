@@ -203,8 +203,8 @@ def check_target(target: Path, model_path: Path, overwrite: bool, named: bool) -
                           "name")
     if is_npz(target):  # only a plain file is opened (a FIFO would block)
         raise ExportError(f"{where}: gpumlp never writes an export over or as a .npz file "
-                          "(models and checkpoints), even with --overwrite; give --out a name "
-                          "ending in .onnx")
+                          "(models and checkpoints), even with --overwrite, whatever its name; "
+                          "give --out another name ending in .onnx")
     problem = target_problem(target, overwrite)
     if problem is not None:
         raise ExportError(f"{where}: {problem}, or give --out another name")

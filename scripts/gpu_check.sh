@@ -18,7 +18,7 @@
 #                     machine does not compile every kernel again.
 #   CUPY_CACHE_TAR    a cupy-kernels.tar an earlier run left in its $OUT: its kernels are put in
 #                     CUPY_CACHE_DIR first, so a rerun on a fresh machine compiles none of them
-#                     again (a first run compiles about 80, some 30 s of NVRTC; docs/gpu.md).
+#                     again (a first run compiles about 80, about 25 s of NVRTC; docs/gpu.md).
 #                     A relative path is taken from the checkout.
 #   OUT               where the logs go (default: gpu-check-out/ in the checkout).
 #   PYTHON            the interpreter (default: python3).

@@ -192,6 +192,8 @@ def test_the_model_and_npz_files_are_never_written_over(saved, out, overwrite):
     result = invoke(export, saved / "model.npz", "--out", saved / out, *overwrite)
     assert_refused(result, f"--out {saved / out}: ")
     assert "model being exported" in result.stderr or "never writes" in result.stderr
+    if out == "model-copy.onnx":  # its name already ends in .onnx: the advice says so
+        assert "whatever its name; give --out another name ending in .onnx" in result.stderr
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
     assert (saved / "link.onnx").is_symlink()
 
