@@ -123,8 +123,10 @@ def report(run_dir, overwrite, device, data_dir):
 def export(model_path, fmt, out, overwrite):
     """Write a trained model.npz in another format: ONNX.
 
-    The ONNX graph takes "pixels", float32 rows of 784 values scaled to [0, 1] (pixel / 255),
-    and gives "logits" and "probabilities" (softmax), 10 per row. The output's name must end
+    The ONNX graph takes "pixels", float32 rows of 784 values scaled to [0, 1] (pixel / 255)
+    of MNIST-style digits (predict's preprocessing of your own images is not in the graph:
+    gpumlp.preprocess.load_digit does it), and gives "logits" and "probabilities" (softmax),
+    10 per row. The output's name must end
     in .onnx, which keeps it off a run's own files (config.yaml, metrics.jsonl, ...); an
     existing output file is replaced only with --overwrite; a .npz file never is.
 

@@ -9,8 +9,9 @@
 
 The scaling by 1/255 stays outside the graph (callers feed x/255); the standardisation of
 `normalize: standard` is inside it as two ops with the constants training used, so the
-input is the same for every model. Weights are stored as float32 whatever the training
-dtype. GELU is written out with primitive ops in its tanh form,
+input is the same for every model. The input is an MNIST-style digit: predict's preprocessing
+of a photo or drawing (preprocess.load_digit) is not in the graph. Weights are stored as
+float32 whatever the training dtype. GELU is written out with primitive ops in its tanh form,
 0.5 A (1 + tanh(sqrt(2/pi) (A + 0.044715 A^3))), the formula gpumlp trains with, computed as
 gpumlp does, A sigmoid(2 sqrt(2/pi) (A + 0.044715 A^3)), so the graph needs only opset 17
 (ONNX's own Gelu op arrives in opset 20).

@@ -79,6 +79,30 @@ def test_onnx_matches_gpumlp_on_the_whole_mnist_test_set(mnist, activation, dept
                             mnist.test.images)
 
 
+def test_onnx_fed_load_digit_as_the_docs_show_gives_predicts_answer_for_a_drawing(mnist,
+                                                                                    tmp_path):
+    """predict's preprocessing is not in the graph: docs/using-models.md feeds the graph
+    load_digit(path) / 255, which must give predict's probabilities for a dark-on-light
+    drawing (where a plain resize gives nonsense)."""
+    from PIL import Image
+
+    from gpumlp.predict import predict_files
+    from gpumlp.preprocess import load_digit
+
+    config = config_with(model__hidden="64", data__limit=2000, train__epochs=1)
+    run = train(config, CPU, mnist)
+    page = np.full((120, 90), 250, np.uint8)
+    page[20:100, 40:52] = 20                                   # a dark stroke: a "1"
+    Image.fromarray(page).save(tmp_path / "one.png")
+    [expected] = predict_files(run.params, config, [tmp_path / "one.png"], CPU)
+    session = onnxruntime.InferenceSession(model_bytes(run.params, config),
+                                           providers=["CPUExecutionProvider"])
+    pixels = load_digit(tmp_path / "one.png").reshape(1, 784).astype(np.float32) / 255
+    got = session.run([PROBABILITIES], {INPUT: pixels})[0][0]
+    assert got.argmax() == expected.probabilities.argmax() == 1
+    assert np.abs(got - expected.probabilities).max() < 1e-5
+
+
 def test_the_command_writes_a_checked_onnx_file(tmp_path):
     params, config = random_model("[16,8]", model__activation="gelu")
     save_model(tmp_path / "model.npz", params, config)
