@@ -28,7 +28,7 @@ from typing import NoReturn
 import click
 
 from . import __version__
-from .cli_common import (RunDir, data_dir_option, device_option, domain_errors,
+from .cli_common import (RunDir, UserPath, data_dir_option, device_option, domain_errors,
                          interrupted_how, load_mnist_for, model_argument, model_hint, tell,
                          test_data_dir_option)
 from .errors import (CheckpointError, ConfigError, GpumlpError, json_text, one_line,
@@ -365,7 +365,7 @@ def add_resume_options(e: GpumlpError, out_dir: Path) -> GpumlpError:
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(readable=False),  # read_yaml says why
+@click.option("--config", "config_path", type=UserPath(readable=False),  # read_yaml says why
               help="YAML config (see configs/). Defaults apply to keys it leaves out.")
 @device_option
 @click.option("--out", type=RunDir(new=True),
@@ -375,7 +375,7 @@ def add_resume_options(e: GpumlpError, out_dir: Path) -> GpumlpError:
               help="Override a config key, value parsed as YAML; repeatable (--set optim.lr=0.05). "
                    "With --resume: the keys that keep it the same run (optim.lr, train.epochs, "
                    "...).")
-@click.option("--init", "init_path", type=click.Path(readable=False),  # model_hint, below
+@click.option("--init", "init_path", type=UserPath(readable=False),  # model_hint, below
               help="Start from the weights W1, b1, ... of this .npz.")
 @click.option("--seed", type=int, help="Shortcut for --set train.seed=N.")
 @click.option("--resume", "resume_dir", type=RunDir(),
@@ -541,7 +541,7 @@ def positive_finite(value: float, name: str) -> float:
 
 
 @main.command(short_help="Check the gradients against central differences in float64.")
-@click.option("--config", "config_path", type=click.Path(readable=False),
+@click.option("--config", "config_path", type=UserPath(readable=False),
               help="YAML config whose net (hidden, activation, init, dropout, label smoothing) "
                    "is checked.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",

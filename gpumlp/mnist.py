@@ -8,7 +8,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .errors import DataError, shown
+from .errors import DataError, search_problem, shown
 from .idx import parse_idx, read_bytes
 
 D, C = 784, 10  # input pixels (28 x 28) and classes of MNIST: the model's d and c
@@ -156,6 +156,9 @@ def make_split(folder: Path, split: str, arrays: dict[str, np.ndarray]) -> Split
 def data_folder(folder: str | os.PathLike) -> Path:
     """`folder` as a Path, once it is known to be a folder holding at least one MNIST file."""
     folder = Path(folder)
+    refused = search_problem(folder)  # Path.is_dir() would raise PermissionError
+    if refused is not None:
+        raise DataError(f"{folder}: {refused}")
     if not folder.is_dir():
         raise DataError(f"{folder}: no such data folder; pass --data-dir with the four MNIST files")
     if holds_none(folder):  # one line, not four missing files

