@@ -328,6 +328,25 @@ def test_gradcheck_checks_the_configs_dropout_and_label_smoothing_by_central_dif
     assert result.stdout.splitlines()[-1].startswith("FAIL: largest relative error")
 
 
+@pytest.mark.parametrize("init", ["he", "xavier"])
+def test_gradcheck_checks_the_net_at_the_configs_init(init, monkeypatch):
+    """The --config help says the config's init is checked: the weights gradcheck draws must
+    come from model.init (a hard-coded "he" would check another point of the same net)."""
+    import gpumlp.gradcheck as gradcheck_module
+
+    real, drawn = gradcheck_module.init_params, []
+
+    def spy(widths, scheme, *args, **kwargs):
+        drawn.append(scheme)
+        return real(widths, scheme, *args, **kwargs)
+
+    monkeypatch.setattr(gradcheck_module, "init_params", spy)
+    result = cli("gradcheck", "--set", "model.hidden=8", "--set", f"model.init={init}",
+                 "--samples", "5")
+    assert result.exit_code == 0, result.output
+    assert drawn == [init]
+
+
 def test_out_of_memory_names_what_to_lower_for_the_command_that_ran():
     # 784 x 2^40 float64 first-layer weights: 6.9 PB, refused at once by any machine
     result = cli("gradcheck", "--set", f"model.hidden={2 ** 40}")

@@ -482,3 +482,21 @@ def test_a_resumed_epoch_counts_the_seconds_spent_before_the_stop(tiny_mnist, tm
     save_npz(out / "checkpoint.npz", {**arrays, "state": np.array(json.dumps(record))})
     row = train(config, CPU, tiny_mnist.mnist, out_dir=out, resume=True).history[0]
     assert 1000 <= row["seconds"] < 1100
+
+
+def test_test_and_val_loss_are_against_the_true_labels_under_label_smoothing(tiny_mnist):
+    """decisions.md: with train.label_smoothing the epoch's val_loss and test_loss are the plain
+    cross-entropy against the true labels (computed after the epoch), not the smoothed objective
+    train_loss is: the same weights evaluate to the same loss whatever the smoothing."""
+    from gpumlp.activations import ACTIVATIONS
+    from gpumlp.model import forward, loss_and_dA2
+    from gpumlp.train import evaluate
+
+    config = build_config(None, ["model.hidden=16", "train.label_smoothing=0.2"])
+    split = prepare_data(tiny_mnist.mnist, config.data, CPU).test
+    params = new_state(config, CPU).params
+    loss, _ = evaluate(params, split, config)
+    A2 = forward(params, to_inputs(split.images, "unit", "float32"), ACTIVATIONS["relu"]).A[-1]
+    plain, smoothed = (float(loss_and_dA2(A2, split.labels, a)[0]) for a in (0.0, 0.2))
+    assert abs(smoothed - plain) > 1e-3 * plain            # the two differ here, and the loss
+    assert loss == pytest.approx(plain, rel=1e-5)          # is the plain one
