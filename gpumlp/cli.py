@@ -421,7 +421,9 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
             raise click.BadParameter(hint, param_hint="'--init'")
     if resume_dir:
         files = RunFiles(Path(resume_dir))
-        if files.folder.is_dir():  # first: a run another train replaces now is not half there
+        # first: a run another train replaces now is not half there (is_dir() raised
+        # PermissionError where a folder above cannot be searched: check_resumable says so)
+        if os.path.isdir(files.folder):
             hold(lock_run(files.folder, "--resume"))
         files.check_resumable()
         # the two-key checks: here with --set (naming it), else once training is sure to take

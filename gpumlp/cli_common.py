@@ -140,18 +140,27 @@ def data_dir_source() -> tuple[str, str]:
     return "--data-dir ", "drop --data-dir"
 
 
-def home_expanded(value):
+def home_expanded(value, param: click.Parameter | None = None, ctx: click.Context | None = None):
     """`value` with a leading `~` or `~user` made that home folder, as GPUMLP_CACHE_DIR is read
-    and as a shell does to a word (not to a quoted one, nor after `--data-dir=`); left as it is
-    when that user is unknown. Only a str is changed."""
-    return os.path.expanduser(value) if isinstance(value, str) else value
+    and as a shell does to a word (not to a quoted one, nor after `--data-dir=`); a usage error
+    when no home folder is known for it (fetch.expand_home), never a folder named ~ below the
+    current one. Only a str is changed."""
+    if not (isinstance(value, str) and value.startswith("~")):
+        return value
+    from .fetch import expand_home
+
+    try:
+        return expand_home(value)
+    except ValueError as e:
+        raise click.BadParameter(f"{shell_path(value)}: {e}; give the path in full", ctx,
+                                 param) from None
 
 
 class UserPath(click.Path):
     """A path the user gives (an option, an argument, an environment variable): `~` expanded."""
 
     def convert(self, value, param, ctx):
-        return super().convert(home_expanded(value), param, ctx)
+        return super().convert(home_expanded(value, param, ctx), param, ctx)
 
 
 class ModelPath(UserPath):
@@ -161,7 +170,7 @@ class ModelPath(UserPath):
         super().__init__(dir_okay=False, readable=False)  # the loader says why, exit 1
 
     def convert(self, value, param, ctx):
-        value = home_expanded(value)
+        value = home_expanded(value, param, ctx)
         if str(value) == "":  # "" would be read as the current folder
             self.fail("is empty; give a model.npz (a run's folder holds one)", param, ctx)
         hint = model_hint(value)
@@ -196,7 +205,7 @@ class OutFile(UserPath):
         super().__init__(dir_okay=False, readable=False, **kwargs)
 
     def convert(self, value, param, ctx):
-        value = home_expanded(value)
+        value = home_expanded(value, param, ctx)
         text = os.fsdecode(value)
         if text.endswith(("/", os.sep)):
             self.fail(f"{shell_path(text)} ends in '/', the name of a folder; give a file name: "
@@ -214,7 +223,7 @@ class RunDir(UserPath):
         self.new = new
 
     def convert(self, value, param, ctx):
-        value = home_expanded(value)
+        value = home_expanded(value, param, ctx)
         if str(value) == "" and not self.new:
             self.fail("is empty; give a run's folder, as gpumlp train --out DIR wrote it", param,
                       ctx)

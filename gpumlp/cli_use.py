@@ -12,9 +12,8 @@ from pathlib import Path
 
 import click
 
-from .cli_common import (OneLineError, OutFile, RunDir, device_option, domain_errors,
-                         home_expanded, load_mnist_for, model_argument, require,
-                         test_data_dir_option)
+from .cli_common import (OneLineError, OutFile, RunDir, UserPath, device_option, domain_errors,
+                         load_mnist_for, model_argument, require, test_data_dir_option)
 from .errors import CheckpointError, json_text, one_line, shell_path
 
 
@@ -31,7 +30,8 @@ def result_line(result, top_k: int, as_json: bool) -> str:
 
 @click.command(short_help="Predict the digit in PNG, JPEG or BMP images, or .npy arrays.")
 @model_argument
-@click.argument("files", metavar="FILE...", nargs=-1, required=True)
+@click.argument("files", metavar="FILE...", nargs=-1, required=True,
+                type=UserPath(readable=False))  # each read on its own: predict says why
 @click.option("--top-k", "top_k", default=3, show_default=True, type=click.IntRange(1, 10),
               help="How many classes to print per file, most probable first.")
 @click.option("--json", "as_json", is_flag=True,
@@ -53,7 +53,6 @@ def predict(model_path, files, top_k, as_json, device):
       gpumlp predict runs/h256/model.npz scans/*.jpg --top-k 1 --json
     """
     require("PIL", "Pillow", "predict")
-    files = tuple(home_expanded(f) for f in files)  # `~/digit.png` quoted, as the options' paths
     from .backend import get_backend
     from .checkpoint import load_model
     from .model import params_on

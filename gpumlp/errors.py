@@ -11,6 +11,7 @@ import errno
 import os
 import reprlib
 import shlex
+import stat
 import tempfile
 from pathlib import Path
 
@@ -140,10 +141,10 @@ def folder_problem(path: str | os.PathLike) -> str | None:
     """Why `path` is no folder ("no such folder" / "not a folder") or one that cannot be searched
     (`search_problem`), or None when it is one; the caller puts it in its own sentence."""
     path = Path(path)
-    refused = search_problem(path)
+    info, refused = folder_stat(path)
     if refused is not None:
         return refused
-    if path.is_dir():
+    if info is not None and stat.S_ISDIR(info.st_mode):
         return None
     if in_link_loop(path):
         return LINK_LOOP
@@ -155,20 +156,72 @@ SEARCH_PROBE = "gpumlp-search-probe"  # a name looked up, never made: only its l
 
 
 def search_problem(path: str | os.PathLike) -> str | None:
-    """Why no file in `path` can be looked up: the first folder on the way, `path` included,
-    without search (x) permission, where Path.is_file() raises PermissionError; None when
-    there is none. A name is looked up in each folder, as the kernel will (not os.access)."""
-    path = Path(path)
-    for folder in (*reversed(path.parents), path):
+    """Why no file in `path` can be looked up: a folder on the way to it without search (x)
+    permission, or `path` itself (`refused_search`); None when there is none, or `path` is no
+    folder."""
+    return folder_stat(path)[1]
+
+
+def folder_stat(path: str | os.PathLike) -> tuple[os.stat_result | None, str | None]:
+    """os.stat(path) (None when it fails) and `search_problem`'s words, from that one stat:
+    names are looked up on the way (slow under an autofs root) only when the stat is refused
+    or the mode of the folder `path` denies this user search."""
+    try:
+        info = os.stat(path)
+    except PermissionError as e:  # a folder on the way cannot be searched
+        return None, refused_search(path) or f"cannot be reached ({e.strerror})"
+    except (OSError, ValueError):
+        return None, None
+    if stat.S_ISDIR(info.st_mode) and denies_search(info):
+        return info, refused_search(path)  # root, an ACL, ... may search it all the same
+    return info, None
+
+
+def denies_search(info: os.stat_result) -> bool:
+    """Whether the mode of a folder (its stat `info`) denies search (x) to this process's user
+    and groups (False where there are no such modes)."""
+    if not hasattr(os, "geteuid"):
+        return False
+    if info.st_uid == os.geteuid():
+        return not info.st_mode & stat.S_IXUSR
+    if info.st_gid == os.getegid() or info.st_gid in os.getgroups():
+        return not info.st_mode & stat.S_IXGRP
+    return not info.st_mode & stat.S_IXOTH
+
+
+def refused_search(path: str | os.PathLike) -> str | None:
+    """The first folder on the real way to `path` (links followed), `path` included, in which
+    a name cannot be looked up, in words: "cannot be searched (Permission denied); FIX", or
+    "cannot be reached: FOLDER cannot be searched ..." for another folder; None when there is
+    none. A name is looked up in each, as the kernel will (not os.access, which asks about
+    the real user)."""
+    real = Path(os.path.realpath(path))
+    for folder in (*reversed(real.parents), real):
         try:
             os.stat(folder / SEARCH_PROBE)
         except PermissionError as e:
-            where = "" if folder == path else f"cannot be reached: {folder} "
+            where = "" if folder == Path(os.path.abspath(path)) else f"cannot be reached: {folder} "
             return (f"{where}cannot be searched ({e.strerror or 'Permission denied'}); "
-                    f"chmod u+rx {shell_path(folder)}")
+                    f"{search_fix(folder)}")
         except OSError:  # not there (the usual answer), not a folder, ...
             continue
     return None
+
+
+def search_fix(folder: Path) -> str:
+    """How to get search permission on `folder`: chmod for its owner, else whose it is."""
+    try:
+        owner = os.stat(folder).st_uid
+    except OSError:
+        owner = None
+    if owner is None or not hasattr(os, "geteuid") or owner == os.geteuid():
+        return f"chmod u+rx {shell_path(folder)}"
+    try:
+        import pwd
+        name = pwd.getpwuid(owner).pw_name
+    except (ImportError, KeyError):
+        name = f"user {owner}"
+    return f"only its owner, {name}, can give you search (x) permission on it"
 
 
 def in_link_loop(path: str | os.PathLike) -> bool:

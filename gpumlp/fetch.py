@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
-from .errors import DataError, folder_problem, search_problem, shown
+from .errors import LINK_LOOP, DataError, folder_problem, in_link_loop, search_problem, shown
 from .fetch_http import DEADLINE, fetch_file
 from .fetch_index import REQUIREMENT, extra_pip_args, fill_from_index
 from .fetch_store import (CACHE_ENV, CacheUnwritable, SourceFailed, Unreachable, content_problem,
@@ -73,10 +73,9 @@ def default_cache_dir() -> Path:
     """gpumlp's folder in the user's cache ($GPUMLP_CACHE_DIR overrides the platform's)."""
     override = os.environ.get(CACHE_ENV)
     try:
-        return Path(override).expanduser() if override else platform_cache_dir()
-    except RuntimeError as e:  # "~nouser/x", or no home folder to be found
-        why = (f"{CACHE_ENV}={shown(override)}: no home folder is known for "
-               f"{shown(override.split('/')[0])}" if override else
+        return Path(expand_home(override)) if override else platform_cache_dir()
+    except (ValueError, RuntimeError) as e:  # "~nouser/x", or no home folder to be found
+        why = (f"{CACHE_ENV}={shown(override)}: {e}" if override else
                f"gpumlp's cache: {str(e)[:1].lower()}{str(e)[1:].rstrip('.')}")
         raise DataError(f"{why}; set {CACHE_ENV} to a folder given in full, e.g. "
                         "/tmp/gpumlp-cache") from None
@@ -96,12 +95,34 @@ def platform_cache_dir() -> Path:
 
 def home() -> Path:
     """The home folder, for the cache (a RuntimeError when it is unknown, or HOME is set to
-    something that is not a folder given in full: "" gave /.cache, "x" a folder below the
-    current one)."""
-    value = os.environ.get("HOME")
-    if value is not None and not Path(value).is_absolute():
-        raise RuntimeError(f"the home folder, HOME={shown(value)}, is not a folder given in full")
+    something that is not a folder given in full)."""
+    bad = bad_home()
+    if bad is not None:
+        raise RuntimeError(f"the home folder, HOME={bad}, is not a folder given in full")
     return Path.home()
+
+
+def bad_home() -> str | None:
+    """$HOME, shown, when it is set to something that is not a folder given in full ("" gave
+    /.cache and made `~/x` /x, "x" a folder below the current one); else None."""
+    value = os.environ.get("HOME")
+    return shown(value) if value is not None and not Path(value).is_absolute() else None
+
+
+def expand_home(path: str) -> str:
+    """`path` with a leading `~` or `~user` made that home folder, as a shell does to a word;
+    a ValueError ("no home folder is known for '~nouser'") where os.path.expanduser would
+    leave it as it is (an unknown user, or no HOME and no passwd entry) or make `~/x` of an
+    empty or relative HOME /x or a folder below the current one."""
+    if not path.startswith("~"):
+        return path
+    head = (path.replace(os.altsep, os.sep) if os.altsep else path).split(os.sep, 1)[0]
+    bad = bad_home() if head == "~" else None
+    expanded = os.path.expanduser(path)
+    if bad is None and not expanded.startswith("~"):
+        return expanded
+    raise ValueError(f"no home folder is known for {shown(head)}"
+                     + (f" (HOME={bad} is not a folder given in full)" if bad else ""))
 
 
 def mnist_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -282,11 +303,17 @@ def check_cache(cache: Path, stems: Iterable[str] = CHECKSUMS) -> None:
 
 def dangling_link_message(cache: Path) -> str | None:
     """The words for a link on the way to the cache folder `cache`, itself included, that leads
-    to no folder (mkdir would say "File exists" of it), or None when there is none."""
+    to no folder (mkdir would say "File exists" of it) or back to itself, or None when there
+    is none. Its target is shown as the folder it names: a relative one joined to the link's
+    folder, a link it names followed to the end."""
     link = next((p for p in (cache, *cache.parents) if p.is_symlink() and not p.exists()), None)
     if link is None:
         return None
-    return (f"{link} is a link to {shown(os.readlink(link), 200)}, which leads to no folder; "
+    if in_link_loop(link):
+        return f"{link} is {LINK_LOOP}, or set {CACHE_ENV} to another folder"
+    target, end = os.readlink(link), os.path.realpath(link)
+    followed = "" if target == end else f" (followed to its end: {shown(end, 200)})"
+    return (f"{link} is a link to {shown(target, 200)}{followed}, which leads to no folder; "
             f"create that folder or remove the link, or set {CACHE_ENV} to another folder")
 
 

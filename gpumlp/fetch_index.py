@@ -70,6 +70,12 @@ def pip_command(dest: Path, pip_args: Sequence[str]) -> list[str]:
 RETRYING = re.compile(r"Retrying \(.*\) after connection broken by '(\w+)\((.*)'")
 ERRNO = re.compile(r"\[Errno [^\]]+\] [^'\"()\\]+")  # "[Errno -3] Temporary failure in ..."
 NO_SPACE = re.compile(rf"\[Errno {errno.ENOSPC}\]|{os.strerror(errno.ENOSPC)}")
+# the requests that reached no index: no connection, no name, no answer in time
+NOT_REACHED = ("NameResolutionError", "NewConnectionError", "ConnectTimeoutError",
+               "ReadTimeoutError", "ConnectionError", "TimeoutError", "ConnectionRefusedError")
+SSL_TEXT = re.compile(r"\[SSL[^\]]*\][^'\"\\]*?(?= \(_ssl\.c:\d+\)|['\"\\]|$)")  # [SSL: X] ...
+TUNNEL = re.compile(r"Tunnel connection failed: [^'\"\\]*")  # a proxy's answer to CONNECT
+QUOTED = re.compile(r"'([^']+)'")
 
 
 def last_line(text: str) -> str:
@@ -79,18 +85,40 @@ def last_line(text: str) -> str:
 
 def pip_failure(text: str, dest: Path) -> Exception:
     """What a failed pip download's output `text` says: an OSError (no space left) when pip
-    could not write the wheel into `dest`, "could not reach the package index (why)" when pip
-    found nothing after its requests failed (its last line hid why), else its last line."""
+    could not write the wheel into `dest`; when pip found nothing after its requests failed
+    (its last line hid why), why they failed (`request_failure`); else its last line."""
     line = last_line(text)
-    if NO_SPACE.search(line) and str(dest) in line:
+    named = {str(dest), os.path.realpath(dest)}  # pip resolves links and '..' in --dest
+    if NO_SPACE.search(line) and any(folder in line for folder in named):
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     retried = [match for match in map(RETRYING.search, text.splitlines()) if match]
     if retried and "No matching distribution found" in line:
-        name, detail = retried[-1].groups()
-        because = ERRNO.search(detail)
-        cause = f"{name}: {because.group(0).strip()}" if because else name
-        return Unreachable(f"could not reach the package index ({cause})")
+        return Unreachable(request_failure(*retried[-1].groups()))
     return Unreachable(f"pip download failed: {line}")
+
+
+def request_failure(name: str, detail: str) -> str:
+    """The words for pip's request that failed with the exception `name`(`detail`): "could not
+    reach the package index (cause)" for no connection, name or answer in time; for TLS, its
+    "[SSL: ...] ..." and, for a certificate, how to give pip one; for a proxy, its answer."""
+    because = ERRNO.search(detail)
+    if "SSL" in name:
+        tls = SSL_TEXT.search(detail)
+        cert = ("; if the index or a proxy on the way uses a certificate of its own, give pip its "
+                f"CA: set PIP_CERT=FILE or {PIP_ARGS_ENV}='--cert FILE'"
+                if "CERTIFICATE" in detail.upper() else "")
+        return f"TLS failed with the package index ({tls.group(0) if tls else name}){cert}"
+    tunnel = TUNNEL.search(detail)
+    if name == "ProxyError" or tunnel:
+        inner = tunnel or because
+        why = inner.group(0).strip() if inner else (QUOTED.findall(detail) or [name])[-1]
+        return (f"the proxy failed ({why}); check the proxy pip is given (--proxy, HTTPS_PROXY) "
+                "and its user and password")
+    if name in NOT_REACHED:
+        cause = f"{name}: {because.group(0).strip()}" if because else name
+        return f"could not reach the package index ({cause})"
+    words = because.group(0).strip() if because else next(iter(QUOTED.findall(detail)), "")
+    return f"pip's requests to the package index failed ({name}{': ' if words else ''}{words})"
 
 
 def download_wheel(dest: Path, pip_args: Sequence[str]) -> Path:

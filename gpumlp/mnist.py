@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .errors import DataError, search_problem, shown
+from .errors import DataError, folder_stat, shown
 from .idx import parse_idx, read_bytes
 
 D, C = 784, 10  # input pixels (28 x 28) and classes of MNIST: the model's d and c
@@ -156,10 +157,10 @@ def make_split(folder: Path, split: str, arrays: dict[str, np.ndarray]) -> Split
 def data_folder(folder: str | os.PathLike) -> Path:
     """`folder` as a Path, once it is known to be a folder holding at least one MNIST file."""
     folder = Path(folder)
-    refused = search_problem(folder)  # Path.is_dir() would raise PermissionError
+    info, refused = folder_stat(folder)  # Path.is_dir() would raise PermissionError
     if refused is not None:
         raise DataError(f"{folder}: {refused}")
-    if not folder.is_dir():
+    if info is None or not stat.S_ISDIR(info.st_mode):
         raise DataError(f"{folder}: no such data folder; pass --data-dir with the four MNIST files")
     if holds_none(folder):  # one line, not four missing files
         raise NoMnistFiles(f"{folder}: {NONE_THERE}")

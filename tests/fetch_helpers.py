@@ -168,6 +168,52 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/mnist/"
 
 
+class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    """A proxy that wants a password it is never given: 407 to every request."""
+
+    def do_CONNECT(self):
+        self.send_response(407, "Proxy Authentication Required")
+        self.send_header("Proxy-Authenticate", 'Basic realm="gpumlp-tests"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_CONNECT
+
+    def log_message(self, *args):
+        pass
+
+
+def start_index(kind: str, folder: Path) -> tuple[http.server.HTTPServer, list[str]]:
+    """A server on 127.0.0.1 and the pip arguments that send pip's requests to it: `kind`
+    "proxy", a proxy that answers 407; "tls", an index over HTTPS with a self-signed
+    certificate made in `folder` (pytest.skip without the openssl command)."""
+    import shutil
+    import ssl
+    import subprocess
+
+    import pytest
+
+    if kind == "proxy":
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ProxyHandler)
+        args = ["--proxy", f"http://127.0.0.1:{server.server_address[1]}",
+                "--index-url", "https://pypi.invalid/simple"]
+    else:
+        if shutil.which("openssl") is None:
+            pytest.skip("no openssl command to make a certificate with")
+        key, cert = folder / "key.pem", folder / "cert.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                        str(cert), "-days", "2", "-subj", "/CN=127.0.0.1"], check=True,
+                       capture_output=True)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        args = ["--index-url", f"https://127.0.0.1:{server.server_address[1]}/simple"]
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server, args
+
+
 def csv_bytes(images: np.ndarray, labels: np.ndarray) -> bytes:
     """The wheel's CSV layout: a header line, then label,pixel1..pixel784 per row (CRLF)."""
     header = "label," + ",".join(f"{r}x{c}" for r in range(1, 29) for c in range(1, 29))
@@ -248,12 +294,18 @@ def go_offline(monkeypatch, tmp_path: Path) -> Path:
 def refuse_search(monkeypatch, folder: Path) -> None:
     """Make each name inside `folder` fail to be looked up with PermissionError, as the kernel
     does in a folder without search (x) permission for any user but root (who may run the
-    tests): os.stat is what Path.is_file(), exists() and the rest call."""
+    tests): os.stat is what Path.is_file(), exists() and the rest call; and give the folder's
+    own stat the mode `chmod a-x` leaves, which is what gpumlp reads before it looks a name up."""
     real_stat = os.stat
     inside = os.path.join(os.fspath(folder), "")
 
     def stat(path, *args, **kwargs):
-        if not isinstance(path, int) and os.fsdecode(path).startswith(inside):
-            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
-        return real_stat(path, *args, **kwargs)
+        name = None if isinstance(path, int) else os.fsdecode(path)
+        if name is not None and name.startswith(inside):
+            raise PermissionError(errno.EACCES, "Permission denied", name)
+        info = real_stat(path, *args, **kwargs)
+        if name is not None and os.path.join(name, "") == inside:
+            kind, (fields, extra) = info.__reduce__()
+            return kind((fields[0] & ~0o111, *fields[1:]), extra)
+        return info
     monkeypatch.setattr(os, "stat", stat)

@@ -365,6 +365,9 @@ def test_a_home_that_is_not_a_folder_given_in_full_is_no_cache_folder(monkeypatc
                        "folder given in full; "
                        "set GPUMLP_CACHE_DIR to a folder given in full, e.g. /tmp/gpumlp-cache")
     assert list(here.iterdir()) == []
+    monkeypatch.setenv("GPUMLP_CACHE_DIR", "~/cache")  # HOME='' made it /cache
+    assert_clean_error(invoke("path"), f"GPUMLP_CACHE_DIR='~/cache': no home folder is known for "
+                       f"'~' (HOME={home!r} is not a folder given in full); set GPUMLP_CACHE_DIR")
 
 
 def test_an_empty_home_does_not_matter_when_xdg_cache_home_names_the_cache(monkeypatch,
@@ -424,6 +427,69 @@ def test_a_data_dir_that_cannot_be_searched_is_named_and_fetch_falls_back(tmp_pa
     path = invoke("path", "--data-dir", str(folder))
     assert path.stdout == f"{folder}\n"
     assert path.stderr.startswith(f"Warning: --data-dir {folder}: {why};")
+
+
+def test_a_resume_through_a_folder_that_cannot_be_searched_is_named_as_report_names_it(
+        tmp_path, monkeypatch):
+    """`train --resume sr/run` said "sr/run: Permission denied; check its permissions" where
+    `report sr/run` named sr (is_dir() raised PermissionError before the check)."""
+    run = tmp_path / "sr" / "run"
+    run.mkdir(parents=True)
+    refuse_search(monkeypatch, run.parent)
+    why = (f"{run}: cannot be reached: {run.parent} cannot be searched (Permission denied); "
+           f"chmod u+rx {run.parent}; give ")
+    for args in (["train", "--resume", str(run)], ["report", str(run)]):
+        result = CliRunner().invoke(main, args)
+        assert_clean_error(result, why)
+
+
+NO_DAC_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                   "--inh-caps=-dac_override,-dac_read_search", "--"]
+
+
+def test_a_folder_that_cannot_be_searched_is_named_as_the_kernel_refuses_it(tmp_path):
+    """The kernel's own checks, in a gpumlp process (root runs it without the capabilities
+    that pass them): a link into a folder without search (x) permission blamed the link
+    ("chmod u+rx LINK", where the folder refused is another); a folder of another user was
+    told "chmod u+rx", which only its owner may do."""
+    import pwd
+    import subprocess
+    import sys
+
+    root = os.geteuid() == 0
+    prefix = NO_DAC_OVERRIDE if root else []
+    if root and (shutil.which("setpriv") is None or subprocess.run(
+            [*prefix, "true"], capture_output=True).returncode != 0):
+        pytest.skip("root, and no setpriv that can drop the capabilities that pass the checks")
+    secret = tmp_path / "secret"
+    (secret / "data").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(secret / "data")
+    cases = [(tmp_path / "link", f"cannot be reached: {secret} cannot be searched (Permission "
+                                 f"denied); chmod u+rx {secret}")]
+    if root:  # a folder of another user: only root can make one
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 65534, 65534)
+        try:
+            owner = pwd.getpwuid(65534).pw_name
+        except KeyError:
+            owner = "user 65534"
+        cases.append((theirs, "cannot be searched (Permission denied); only its owner, "
+                              f"{owner}, can give you search (x) permission on it"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("GPUMLP_DATA_DIR", None)
+    secret.chmod(0o600)
+    try:
+        for folder, why in cases:
+            done = subprocess.run([*prefix, sys.executable, "-m", "gpumlp", "data", "verify",
+                                   "--data-dir", str(folder)], capture_output=True, text=True,
+                                  env=env, timeout=120, check=False)
+            assert (done.returncode, done.stdout) == (1, ""), done.stderr
+            assert done.stderr == (f"Error: --data-dir {folder}: {why}; point it at the folder "
+                                   "holding the four MNIST files, or drop --data-dir to check "
+                                   "the cache\n")
+    finally:
+        secret.chmod(0o700)
 
 
 @pytest.mark.parametrize("command", ["fetch", "verify", "info"])
@@ -522,13 +588,41 @@ def command_paths(command: click.Command, name: str = "gpumlp"):
 
 
 def test_every_path_a_command_takes_expands_a_tilde(tmp_path, monkeypatch):
-    """predict's FILE... (plain strings) is expanded in the command, as the test above shows."""
+    """A `~` that names no home folder was left as it was (`~nouser/run1`, a typo `~runs/h256`,
+    `~/x` with HOME unset and no passwd entry), and `train --out` made ./~nouser/run1 (a stray
+    ./~ invites `rm -rf ~`); HOME='' made `~/x` /x. Each is a usage error, as GPUMLP_CACHE_DIR's
+    is."""
+    import pwd
+
     monkeypatch.setenv("HOME", str(tmp_path))
     paths = list(command_paths(main))
-    assert len(paths) >= 10
+    assert len(paths) >= 11 and ("gpumlp predict", "files") in [(n, p.name) for n, p in paths]
     for name, param in paths:
         got = param.type.convert("~/x.npz", param, click.Context(main))
         assert os.fspath(got) == str(tmp_path / "x.npz"), f"{name} {param.name}"
+    def no_passwd_entry(uid):
+        raise KeyError(uid)
+
+    for value, home, why in (
+            ("~gpumlp-no-such-user/x.npz", str(tmp_path), "'~gpumlp-no-such-user'"),
+            ("~/x.npz", "", "'~' (HOME='' is not a folder given in full)"),
+            ("~/x.npz", None, "'~'")):  # no HOME, and no passwd entry for this user
+        if home is None:
+            monkeypatch.delenv("HOME")
+            monkeypatch.setattr(pwd, "getpwuid", no_passwd_entry)
+        else:
+            monkeypatch.setenv("HOME", home)
+        for name, param in paths:
+            with pytest.raises(click.BadParameter) as caught:
+                param.type.convert(value, param, click.Context(main))
+            assert caught.value.message == (f"'{value}': no home folder is known for {why}; give "
+                                             "the path in full"), f"{name} {param.name}"
+    monkeypatch.chdir(tmp_path)
+    trained = CliRunner().invoke(main, ["train", "--out", "~gpumlp-no-such-user/run1"])
+    assert trained.exit_code == 2 and trained.stderr == (
+        "Error: Invalid value for '--out': '~gpumlp-no-such-user/run1': no home folder is known "
+        "for '~gpumlp-no-such-user'; give the path in full (see 'main train --help')\n")
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("~")]
 
 
 def test_info_counts_each_split_and_digit(tmp_path, fake):

