@@ -479,7 +479,9 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
             reporter.close()
     try:  # a signal now finds the run complete: StopFlag notes it, nothing raises
         s = result.summary
-        click.echo(f"test_accuracy {s['test_accuracy']:.4f}  test_loss {s['test_loss']:.4f}  "
+        val = (f"val_accuracy {s['val_accuracy']:.4f}  val_loss {s['val_loss']:.4f}  "
+               if "val_accuracy" in s else "")  # with a validation split: the numbers to tune on
+        click.echo(f"{val}test_accuracy {s['test_accuracy']:.4f}  test_loss {s['test_loss']:.4f}  "
                    f"epochs {s['epochs']}  {s['seconds']:.1f}s on {s['device']}  -> {out_dir}")
         if stop():  # after the last step: the work it would stop is done (exit 0)
             tell(f"note: {stop.what()} after the last step, so the run finished; "

@@ -390,7 +390,9 @@ def markdown(run_dir: Path, rows: list[dict], counts: np.ndarray, out: SplitOutp
     why = "" if same else ": model.npz or the test set is not the one of the last epoch"
     lines = [
         f"{REPORT_TITLE}{run_dir.name}", "",
-        (f"After epoch {last['epoch']}: test accuracy {last['test_accuracy']:.4f}, "
+        (f"After epoch {last['epoch']}: "
+         + (f"validation accuracy {last['val_accuracy']:.4f}, " if "val_loss" in last else "")
+         + f"test accuracy {last['test_accuracy']:.4f}, "
          f"test loss {last['test_loss']:.4f}, train accuracy {last['train_accuracy']:.4f}."), "",
         "## Learning curves", "", f"![learning curves]({FIGURES['learning_curves']})", "",
         "Per epoch, from metrics.jsonl:", "",

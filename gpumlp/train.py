@@ -394,10 +394,15 @@ def _train(config, backend, mnist, files, init, resume, on_event, should_stop) -
 
 def make_summary(config: Config, backend: Backend, state: RunState, data: DeviceData,
                  history: list[dict]) -> dict:
-    if history:
-        test_loss, test_accuracy = history[-1]["test_loss"], history[-1]["test_accuracy"]
-    else:
-        test_loss, test_accuracy = evaluate(state.params, data.test, config)
-    return {"test_accuracy": test_accuracy, "test_loss": test_loss,
+    """summary.json: the last epoch's val_accuracy and val_loss (with a validation split only)
+    and test_accuracy and test_loss, as metrics.jsonl has them, then the run's epochs, steps,
+    training seconds and device."""
+    last = history[-1] if history else {}
+    if not history:  # no epoch row: the final weights evaluated now
+        last["test_loss"], last["test_accuracy"] = evaluate(state.params, data.test, config)
+        if data.val is not None:
+            last["val_loss"], last["val_accuracy"] = evaluate(state.params, data.val, config)
+    return {**{key: last[key] for key in ("val_accuracy", "val_loss") if key in last},
+            "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
             "epochs": config.train.epochs, "steps": state.pos.step,
             "seconds": sum(row["seconds"] for row in history), "device": backend.description}

@@ -87,7 +87,7 @@ def test_train_writes_the_run_directory(tiny_data_dir, tmp_path, no_cupy):
     assert result.exit_code == 0, result.output
     assert "training on cpu" in result.stderr           # auto says which device it took
     assert "epoch   2" in result.stderr                 # one plain line per epoch
-    assert result.stdout.startswith("test_accuracy ") and str(out) in result.stdout
+    assert str(out) in result.stdout
 
     assert build_config(out / "config.yaml") == build_config(SMOKE, TINY[1::2])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -102,6 +102,26 @@ def test_train_writes_the_run_directory(tiny_data_dir, tmp_path, no_cupy):
     assert SUMMARY_KEYS <= set(summary) and summary["epochs"] == 2
     assert summary["test_accuracy"] == rows[-1]["test_accuracy"] > 0.9
     assert summary["device"].startswith("cpu")
+    last = rows[-1]  # a validation split: its numbers, the ones to tune on, come first
+    assert {key: summary[key] for key in ("val_accuracy", "val_loss")} == {
+        "val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"]}
+    assert result.stdout.startswith(
+        f"val_accuracy {last['val_accuracy']:.4f}  val_loss {last['val_loss']:.4f}  "
+        f"test_accuracy {last['test_accuracy']:.4f}  test_loss {last['test_loss']:.4f}  "
+        "epochs 2  ")
+
+
+def test_a_run_without_a_validation_split_has_no_validation_numbers(tiny_data_dir, tmp_path):
+    """No val_* key in summary.json (not null), and the final line as before it had them."""
+    out = tmp_path / "run"
+    result = cli("train", "--config", SMOKE, "--set", "data.limit=null", "--set",
+                 "data.val_size=0", "--set", "train.epochs=1", "--device", "cpu", "--out", out,
+                 "--data-dir", tiny_data_dir, "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == SUMMARY_KEYS | {"steps"}
+    assert result.stdout.startswith(f"test_accuracy {summary['test_accuracy']:.4f}  test_loss "
+                                    f"{summary['test_loss']:.4f}  epochs 1  ")
 
 
 def test_train_quiet_prints_only_the_summary(tiny_data_dir, tmp_path):

@@ -52,6 +52,7 @@ def test_the_command_writes_the_report_into_the_run_directory(tiny_mnist, tiny_d
     assert all((tmp_path / name).is_file() for name in [*FIGURES.values(), "report.md"])
     markdown = (tmp_path / "report.md").read_text()
     assert "val_loss" not in markdown  # no validation split in this run, no column for it
+    assert "validation accuracy" not in markdown                    # nor a headline number
 
 
 def test_a_run_folder_named_in_bytes_that_are_not_utf8_gets_its_report(run_dir, tiny_mnist,
@@ -771,6 +772,10 @@ def test_report_md_says_the_models_own_count_and_when_it_differs_from_the_last_e
             "set is not the one of the last epoch.") in text
     same = markdown(Path("run"), [{**row, "test_accuracy": 0.75}], counts, out, np.array([2]))
     assert "(accuracy 0.7500), the same as the last epoch's" in same
+    validated = markdown(Path("run"), [{**row, "val_loss": 0.375, "val_accuracy": 0.875}],
+                         counts, out, confident_mistakes(out))     # the numbers to tune on
+    assert ("After epoch 1: validation accuracy 0.8750, test accuracy 0.9375, test loss 0.2500, "
+            "train accuracy 0.8125." in validated)
 
 
 def test_a_file_that_is_not_a_png_is_foreign_even_with_the_mark_inside(tmp_path):

@@ -748,6 +748,32 @@ class SigtermAt:
         return getattr(self.step, name)
 
 
+@pytest.mark.parametrize("how", ["interrupted", "finished"])
+def test_a_resumed_runs_summary_gives_the_last_epochs_validation_numbers(
+        tiny_data_dir, tmp_path, monkeypatch, how):
+    """summary.json and the final line of a resumed run (stopped in its second epoch, or
+    finished and resumed to write its results again from the checkpoint's rows) have the last
+    epoch's val_accuracy and val_loss, as metrics.jsonl has them."""
+    out = tmp_path / "run"
+    make_step = train_module.make_step
+    if how == "interrupted":
+        monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=4))
+    first = cli(*train_args(out, tiny_data_dir, "--set", "train.epochs=2"))
+    assert first.exit_code == (143 if how == "interrupted" else 0), first.output
+    monkeypatch.setattr(train_module, "make_step", make_step)
+    for name in ("model.npz", "summary.json"):
+        (out / name).unlink(missing_ok=True)
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    summary = json.loads((out / "summary.json").read_text())
+    assert last["epoch"] == 2 and summary["steps"] == 6
+    assert (summary["val_accuracy"], summary["val_loss"]) == (last["val_accuracy"],
+                                                              last["val_loss"])
+    assert result.stdout.startswith(f"val_accuracy {last['val_accuracy']:.4f}  val_loss "
+                                    f"{last['val_loss']:.4f}  test_accuracy ")
+
+
 class MovesTheFolderAt(SigtermAt):
     """The run's step, which moves the run's folder away at step `at` (a user's `mv`)."""
 
@@ -855,14 +881,14 @@ def test_a_signal_after_the_last_step_lets_the_run_finish_exit_0_and_says_so(
         echo = click.echo
 
         def signalled(message=None, *args, **kwargs):
-            if str(message).startswith("test_accuracy"):
+            if "test_accuracy " in str(message):
                 signal.raise_signal(signum)
             echo(message, *args, **kwargs)
         monkeypatch.setattr(click, "echo", signalled)
     out = tmp_path / "run"
     result = cli(*train_args(out, tiny_data_dir, "--set", "train.batch_size=25"))
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("test_accuracy ")
+    assert result.stdout.startswith("val_accuracy ") and "  test_accuracy " in result.stdout
     assert result.stderr.strip() == (f"note: {said} after the last step, so the run finished; "
                                      f"{shell_path(out)} is complete, with nothing to resume")
     assert json.loads((out / "summary.json").read_text())["steps"] == 10
