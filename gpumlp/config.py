@@ -544,9 +544,18 @@ def read_yaml(path: str | Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections "
-                          f"(model, data, train, optim), not a {type(data).__name__}")
+        raise NotAMapping(f"config file {path} must hold a mapping of sections "
+                          f"(model, data, train, optim), not a {type(data).__name__}", data)
     return data
+
+
+class NotAMapping(ConfigError):
+    """A YAML file that holds something other than a mapping: `kind` says what, in words."""
+
+    def __init__(self, message: str, data: Any):
+        super().__init__(message)
+        self.kind = {str: "plain text", list: "a list", int: "a number", float: "a number",
+                     bool: "true or false"}.get(type(data), f"a {type(data).__name__}")
 
 
 def utf_16_or_32(data: bytes) -> str | None:

@@ -27,8 +27,8 @@ import numpy as np
 
 from .backend import Backend, to_host
 from .checkpoint import load_init, param_arrays, save_model
-from .config import (Config, KeyProblem, build_config, checked_together, config_to_dict,
-                     dump_config, read_yaml)
+from .config import (Config, KeyProblem, NotAMapping, build_config, checked_together,
+                     config_to_dict, dump_config, read_yaml)
 from .errors import (LINK_LOOP, CheckpointError, ConfigError, GpumlpError, folder_problem,
                      in_link_loop, shell_path, shown, write_fix, write_problem)
 from .files import read_at_most, writing_now
@@ -100,14 +100,36 @@ def extended(path: Path) -> bool:
 
 
 def own_config(path: Path) -> bool:
-    """Whether `path`/config.yaml is a config of one's own (keys_lacking), when a readable
-    file (a pipe there would block the reading)."""
+    """Whether `path`/config.yaml is a config of one's own (keys_lacking, or no YAML mapping:
+    not_a_mapping), when a readable file (a pipe there would block the reading)."""
     if not (path / "config.yaml").is_file():
         return False
     try:
-        return bool(keys_lacking(path))
+        return not_a_mapping(path) is not None or bool(keys_lacking(path))
     except ConfigError:
         return False
+
+
+def not_a_mapping(path: Path) -> str | None:
+    """Why `path`/config.yaml, the only run file there, holds no YAML mapping ("holds a list,
+    not a mapping", "is not valid YAML at line 2, ..."): gpumlp writes one there, whole, so
+    such a file is one's own. None where it holds one, cannot be read (the resume says why),
+    or lies beside other run files (its run's, edited since)."""
+    file = path / "config.yaml"
+    if not file.is_file() or run_files_in(path) != ["config.yaml"]:
+        return None
+    try:
+        with open(file, "rb"):  # a file that cannot be opened: the resume's error says why
+            pass
+        read_yaml(file)
+    except OSError:
+        return None
+    except NotAMapping as e:
+        return f"holds {e.kind}, not a mapping"
+    except ConfigError as e:  # not valid YAML, not UTF-8 text, a key twice, ...
+        said = str(e).removeprefix(f"config file {file}").split("; ")[0]
+        return f"has a bad key{said}" if said.startswith(":") else said.lstrip()  # BadKey's
+    return None
 
 
 def keys_lacking(path: Path) -> list[str]:
@@ -175,11 +197,14 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
     if existing and writing_now(path):  # neither --overwrite nor --resume can have it now
         raise run_locked("--out", path)
     if existing == ["config.yaml"] and not overwrite and own_config(path):
-        raise GpumlpError(f"--out {path}: holds a config.yaml of one's own (not a run's, which "
-                          "lists every key), which the run would replace; give the run another "
-                          f"folder (--config {shell_path(path / 'config.yaml')} --out "
-                          f"{shell_path(path / 'run')} trains with it), or pass --overwrite to "
-                          "replace it")
+        broken = not_a_mapping(path)
+        why = ("which lists every key" if broken is None else
+               f"which is a YAML mapping of every key: this one {broken}")
+        how = "" if broken else (f" (--config {shell_path(path / 'config.yaml')} --out "
+                                 f"{shell_path(path / 'run')} trains with it)")
+        raise GpumlpError(f"--out {path}: holds a config.yaml of one's own (not a run's, {why}), "
+                          f"which the run would replace; give the run another folder{how}, or "
+                          "pass --overwrite to replace it")
     if existing and not overwrite:
         unfinished = resumable(path) and ("summary.json" not in existing or extended(path))
         resume = ", resume it with --resume" if unfinished else ""
@@ -550,6 +575,12 @@ class RunFiles:
                                   f"the run's config.yaml back beside it{aside_note(folder)}")
             raise GpumlpError(f"--resume {folder}: no config.yaml there; give the run "
                               f"directory of an interrupted `gpumlp train`{aside_note(folder)}")
+        broken = not_a_mapping(folder)
+        if broken is not None:  # before read_yaml's error, which would call it the run's
+            raise GpumlpError(f"--resume {folder}: no checkpoint.npz, and its config.yaml is not "
+                              f"a run's (a run's is a YAML mapping of every key: this one "
+                              f"{broken}); give the run directory of an interrupted `gpumlp "
+                              "train`")
         if read_yaml(self.path("config.yaml")) == {}:  # gpumlp writes every key there
             raise GpumlpError(f"--resume {folder}: its config.yaml holds no config (a run's "
                               "holds every key); put it back as the run had it, or start a "

@@ -2305,8 +2305,52 @@ def test_out_holding_a_config_of_ones_own_offers_no_resume_but_training_with_it(
                           f"{shell_path(out / 'run')} trains with it)", "or pass --overwrite")
     assert "--resume" not in result.stderr
     assert (out / "config.yaml").read_text() == mine
-    (out / "config.yaml").write_text("{{{ not yaml")          # unreadable: the resume says so
-    assert resumable(out)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("my notes on the next run\n", "this one holds plain text, not a mapping"),
+    ("- model.hidden=64\n- optim.lr=0.1\n", "this one holds a list, not a mapping"),
+    ("model: {hidden: [64\n", "this one is not valid YAML at line 2"),
+    ("{{{ not yaml", "this one is not valid YAML"),
+    ("model: {hidden: 64}\nmodel: {hidden: 32}\n", "this one has a bad key: key 'model' "
+                                                    "appears twice (line 2)"),
+])
+def test_a_config_yaml_that_is_no_mapping_is_ones_own_for_out_and_resume(
+        tiny_data_dir, tmp_path, text, why):
+    """gpumlp writes config.yaml as a YAML mapping, whole: one that is not (plain text, a list,
+    broken YAML), alone in the folder, is the user's. --out called it a run and offered a
+    --resume, which then failed on its YAML; both now say it is one's own, and why, and keep it."""
+    from gpumlp.runfiles import check_out_dir, own_config
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "config.yaml").write_text(text)
+    assert own_config(out) and not resumable(out)
+    result = cli(*train_args(out, tiny_data_dir))
+    assert_one_error_line(result, 1, f"--out {out}: holds a config.yaml of one's own (not a "
+                          f"run's, which is a YAML mapping of every key: {why}",
+                          "give the run another folder, or pass --overwrite to replace it")
+    assert "--resume" not in result.stderr and "trains with it" not in result.stderr
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert_one_error_line(result, 1, f"--resume {out}: no checkpoint.npz, and its config.yaml "
+                          f"is not a run's (a run's is a YAML mapping of every key: {why}",
+                          "give the run directory of an interrupted `gpumlp train`")
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    assert (out / "config.yaml").read_text() == text
+    (out / "metrics.jsonl").write_text("")  # beside a run's file: the run's, edited since
+    assert not own_config(out)
+    with pytest.raises(GpumlpError, match="already holds a run"):
+        check_out_dir(out, overwrite=False)
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu")
+    assert_one_error_line(result, 2, f"config file {out / 'config.yaml'}")
+
+
+def test_overwrite_replaces_a_config_yaml_that_is_no_mapping(tiny_data_dir, tmp_path):
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "config.yaml").write_text("- a list\n")
+    result = cli(*train_args(out, tiny_data_dir, "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert build_config(out / "config.yaml").model.hidden == 64
 
 
 @pytest.mark.parametrize("present", [
