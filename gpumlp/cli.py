@@ -2,8 +2,9 @@
 
 Domain errors become one line on stderr and an exit code: 2 for a usage error (a bad
 config or device), 1 for a failure; Ctrl-C (SIGINT), SIGTERM (`docker stop`) or SIGHUP (a
-closed terminal) during training saves a checkpoint, then exits 128 + the signal's number:
-130, 143 or 129; after the last step it lets the run finish (exit 0) with a note.
+closed terminal) during training saves a checkpoint (or keeps the last good one, after a step
+whose weights are too large to use), then exits 128 + the signal's number: 130, 143 or 129;
+after the last step it lets the run finish (exit 0) with a note.
 """
 
 from __future__ import annotations
@@ -407,7 +408,8 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
     from .config import build_config
     from .progress import Reporter
     from .runfiles import RunFiles, check_same_run, fixed_keys, lock_run
-    from .train import Interrupted, StoppedBeforeStart, train as run_training
+    from .train import (Interrupted, StoppedBeforeStart, StoppedUnsaved, train as run_training,
+                        unsaved)
 
     given = (config_path, init_path, seed)
     check_options(resume_dir, out, overwrite, any(v is not None for v in given), init_path)
@@ -459,6 +461,23 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
         tell(f"{stop.what()}; checkpoint saved. Resume with: gpumlp train --resume "
              f"{shell_path(out_dir)}{resume_options()}")
         raise SystemExit(stop.exit_code())
+    except StoppedUnsaved as e:  # the weights after the step were too large to checkpoint
+        reporter.close()
+        skipped, resume = e.skipped, (f"gpumlp train --resume {shell_path(out_dir)}"
+                                      f"{resume_options()}")
+        said = f"{stop.what()} after step {skipped.step}, {unsaved(skipped)}"
+        if skipped.checkpoint:
+            tell(f"{said}, so the last good checkpoint (step {skipped.saved_step}) is kept. "
+                 f"Resume with: {resume}")
+            raise SystemExit(stop.exit_code()) from None
+        kept = bool(resume_dir)  # as a stop during the set-up: a new run's files go (an old
+        if early:                # run being overwritten is back), a resumed run's stay
+            with StopFlag.ignored():
+                kept = not RunFiles(out_dir).discard_unstarted(remove_folder=created)
+        again = f"{resume} starts it over" if kept else "run the same command again"
+        tell(f"{said}; no checkpoint was written yet, so there is nothing to resume: start "
+             f"over ({again})")
+        raise SystemExit(stop.exit_code()) from None
     except (Exception, KeyboardInterrupt) as e:  # a bug's too: leave no half-made run behind
         if early:
             with StopFlag.ignored():

@@ -30,6 +30,15 @@ def resuming(info: dict) -> str:
     return ""
 
 
+def skipped_warning(info: dict) -> str:
+    """What a mid-epoch checkpoint skipped (train.Skipped's fields) says, once per run."""
+    kept = (f"the last good checkpoint is {info['checkpoint']} (step {info['saved_step']})"
+            if info["checkpoint"] else "no checkpoint was written yet")
+    return (f"skipped the checkpoint at step {info['step']}: its weights were too large to go "
+            f"on from ({info['probe']}); training on, as such a spike can fall back; {kept} "
+            "(later skips are not reported)")
+
+
 class Reporter:
     """An `on_event` handler: a tqdm bar per epoch on a terminal, one line per epoch unless
     quiet."""
@@ -39,6 +48,7 @@ class Reporter:
         self.stream = stream or sys.stderr
         self.bar = None
         self.use_bar = not quiet and self.stream.isatty()
+        self.skipped = False  # a checkpoint skipped was told
 
     def __call__(self, kind: str, info: dict) -> None:
         try:
@@ -57,6 +67,10 @@ class Reporter:
             click.echo(f"Warning: {one_line(info['stale'])}", err=True)  # a folder name's \n
         if kind == "start" and info.get("warmup") and info["epoch"] < info["epochs"]:
             click.echo(f"Warning: {info['warmup']}", err=True)
+        if kind == "skipped" and not self.skipped:  # the first only: a spike may last steps
+            self.skipped = True
+            self.close()
+            click.echo(f"Warning: {one_line(skipped_warning(info))}", err=True)
         if kind == "put_back":  # before the error that ended the run
             self.close()
             click.echo(f"put back the run this one was to replace in {info['folder']}, as it "

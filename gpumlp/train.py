@@ -6,7 +6,9 @@
 - A checkpoint is written only when the loss and all the weights are finite and the weights
   still give a loss below MAX_PROBE_LOSS (the evaluation loss at an epoch's end, a probe of the
   training set mid-epoch): finite weights can be too large to use, and a checkpoint of them is
-  no net to go on from.
+  no net to go on from. NaN weights, or an epoch's evaluation above the bound, end the run; a
+  mid-epoch probe above it only skips that checkpoint (a fast-diverging run's loss spikes and
+  falls back within steps): training goes on, and a stop then keeps the last good checkpoint.
 - Progress goes to an optional callback `on_event(kind, info)`; the library never prints.
 """
 
@@ -50,6 +52,34 @@ class Interrupted(GpumlpError):
 
 class StoppedBeforeStart(GpumlpError):
     """Training was asked to stop while it was being set up: nothing was written."""
+
+
+class Skipped(NamedTuple):
+    """A mid-epoch checkpoint not written: the weights after `step` (of `epoch`) were too large
+    to use, as `probe` says; the last good checkpoint, `checkpoint`, is `saved_step`'s (both
+    None when the run has written none yet)."""
+    step: int
+    epoch: int
+    probe: str
+    saved_step: int | None
+    checkpoint: str | None
+
+
+class StoppedUnsaved(GpumlpError):
+    """Training was asked to stop (Ctrl-C, SIGTERM, SIGHUP) after a step whose weights were too
+    large to checkpoint: the last good checkpoint, if any, is kept (`skipped` says which)."""
+
+    def __init__(self, skipped: Skipped):
+        self.skipped = skipped
+        kept = (f"the last good checkpoint {skipped.checkpoint} (step {skipped.saved_step}) is "
+                "kept" if skipped.checkpoint else
+                "no checkpoint was written yet, so there is nothing to resume: start over")
+        super().__init__(f"stopped after step {skipped.step}, {unsaved(skipped)}; {kept}")
+
+
+def unsaved(skipped: Skipped) -> str:
+    """"whose weights were too large to checkpoint (...)": why `skipped` was not written."""
+    return f"whose weights were too large to checkpoint ({skipped.probe})"
 
 
 @dataclass
@@ -150,18 +180,18 @@ def probe_loss(state: RunState, data: DeviceData, config: Config,
     return evaluate(state.params, probe, config, matmul)[0], len(probe)
 
 
-def check_usable(state: RunState, data: DeviceData, config: Config,
-                 matmul: Any = None) -> None:
-    """A NumericalError unless probe_loss is finite and below MAX_PROBE_LOSS: the guard before
-    a mid-epoch checkpoint, which must be worth going on from (on the step's BLAS, `matmul`,
-    as the epoch's evaluation)."""
+def probe_problem(state: RunState, data: DeviceData, config: Config,
+                  matmul: Any = None) -> str | None:
+    """None when probe_loss is finite and below MAX_PROBE_LOSS, as a mid-epoch checkpoint's
+    weights must be to be worth going on from; else what it was ("their loss on the first 100
+    training examples was 858, above 230"). On the step's BLAS, `matmul`, as the epoch's
+    evaluation."""
     loss, n = probe_loss(state, data, config, matmul)
-    if not loss < MAX_PROBE_LOSS:  # NaN too
-        pos = state.pos
-        what = ("NaN or infinite" if not math.isfinite(loss)
-                else f"{loss:.3g} (above {MAX_PROBE_LOSS:.0f})")
-        raise too_large(f"the evaluation loss on the first {n} training examples "
-                        f"became {what} in epoch {pos.epoch + 1} (by step {pos.step})")
+    if loss < MAX_PROBE_LOSS:  # not NaN
+        return None
+    what = ("NaN or infinite" if not math.isfinite(loss)
+            else f"{loss:.3g}, above {MAX_PROBE_LOSS:.0f}")
+    return f"their loss on the first {n} training examples was {what}"
 
 
 def check_start_loss(loss: float, on: str, what: str, fix: str) -> None:
@@ -176,7 +206,7 @@ def check_start_loss(loss: float, on: str, what: str, fix: str) -> None:
 
 def check_usable_start(state: RunState, data: DeviceData, config: Config, what: str,
                        fix: str) -> None:
-    """check_start_loss of the starting weights on the probe rows (check_usable's)."""
+    """check_start_loss of the starting weights on the probe rows (probe_problem's)."""
     loss, n = probe_loss(state, data, config)
     check_start_loss(loss, f"the first {n} training examples", what, fix)
 
@@ -184,7 +214,7 @@ def check_usable_start(state: RunState, data: DeviceData, config: Config, what: 
 def check_resumed_weights(state: RunState, data: DeviceData, config: Config,
                           source: str) -> None:
     """A checkpoint's weights held to the bound they met when saved, so that only weights
-    changed since are refused: mid-epoch (and before the first step), check_usable's probe; at
+    changed since are refused: mid-epoch (and before the first step), probe_problem's probe; at
     an epoch's end, check_eval_losses's validation and test losses."""
     what, fix = f"{source}: its weights", start_over(source)
     if state.pos.batch or not state.pos.epoch:
@@ -209,9 +239,11 @@ def check_eval_losses(row: dict, step: int) -> None:
 
 
 def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Backend,
-                step_fn, on_event: EventHandler, checkpoint: Callable[[], None],
+                step_fn, on_event: EventHandler, checkpoint: Callable[[], Skipped | None],
                 should_stop: Callable[[], bool]) -> None:
-    """Run the rest of the current epoch from `state.pos`, updating `state` in place."""
+    """Run the rest of the current epoch from `state.pos`, updating `state` in place.
+    `checkpoint` writes a mid-epoch checkpoint, or says why it did not (Skipped): then a stop
+    ends the run with StoppedUnsaved, and otherwise training goes on ("skipped" event)."""
     xp, pos, tc = backend.xp, state.pos, config.train
     n = len(data.train)
     if pos.perm is None:
@@ -248,9 +280,11 @@ def train_epoch(state: RunState, data: DeviceData, config: Config, backend: Back
         if mid_epoch and (should_stop() or due):
             pos.loss_sum, pos.correct = float(loss_sum), int(correct)
             pos.seconds = time.perf_counter() - started
-            checkpoint()  # checks the loss, the weights and their loss on a probe first
+            skipped = checkpoint()  # checks the loss, the weights and their probe loss first
             if should_stop():
-                raise Interrupted("interrupted")
+                raise StoppedUnsaved(skipped) if skipped else Interrupted("interrupted")
+            if skipped:  # too large now, yet a spike may fall back: the last good one stays
+                on_event("skipped", skipped._asdict())
     backend.synchronize()
     pos.loss_sum, pos.correct = float(loss_sum), int(correct)
     pos.seconds = time.perf_counter() - started
@@ -355,14 +389,24 @@ def _train(config, backend, mnist, files, init, resume, on_event, should_stop) -
                        "warmup": warmup_warning(config.optim, config.train.epochs,
                                                  steps_per_epoch)})
 
-    def save() -> None:
-        """A mid-epoch checkpoint, never of NaN, infinite or unusable weights: the previous one
-        stays the last good."""
+    saved_step = state.pos.step if restored else None  # the last good checkpoint's
+
+    def save() -> Skipped | None:
+        """A mid-epoch checkpoint, never of NaN, infinite or unusable weights: a NumericalError
+        for the first two, which never recover, a Skipped for weights too large to use (the
+        previous checkpoint stays the last good)."""
+        nonlocal saved_step
         if files:
             snapshot = exported(step_fn, state)
             check_finite(snapshot)
-            check_usable(snapshot, data, config, getattr(step_fn, "matmul", None))
+            problem = probe_problem(snapshot, data, config, getattr(step_fn, "matmul", None))
+            if problem:
+                pos = snapshot.pos
+                return Skipped(pos.step, pos.epoch + 1, problem, saved_step,
+                               None if saved_step is None else str(files.path("checkpoint.npz")))
             files.save_checkpoint(snapshot, history, config)
+            saved_step = snapshot.pos.step
+        return None
 
     snap = None  # the last epoch end's state in model.py's layout
     while state.pos.epoch < config.train.epochs:
@@ -377,6 +421,7 @@ def _train(config, backend, mnist, files, init, resume, on_event, should_stop) -
             snap = replace(snap, pos=state.pos)
             if files:  # checkpoint first: a metrics row then always has a checkpoint behind it
                 files.save_checkpoint(snap, history, config)
+                saved_step = state.pos.step
         except NumericalError as e:
             advice = files.last_good(config) if files else "lower optim.lr"
             raise NumericalError(f"{e}; {advice}") from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import random
 import shlex
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cli import cli
 
 import gpumlp.train as train_module
 from gpumlp import npzio
@@ -206,18 +208,19 @@ class TooLargeAfter(InfiniteAfter):
         return out
 
 
+def assert_step_5s_checkpoint(out: Path) -> None:
+    arrays = load_npz(out / "checkpoint.npz")                    # step 5's, not step 6's
+    assert all(np.isfinite(arrays[k]).all() for k in ("W1", "b1", "W2", "b2"))
+    assert np.abs(arrays["W1"]).max() < 10
+    assert '"step": 5' in str(arrays["state"])
+
+
 @pytest.mark.parametrize("trigger", ["checkpoint_every", "ctrl_c"])
-@pytest.mark.parametrize("wrapper, says", [
-    (InfiniteAfter, "weights became NaN or infinite in epoch 1 (by step 6)"),
-    (TooLargeAfter, "the evaluation loss on the first 100 training examples became NaN or "
-                    "infinite in epoch 1 (by step 6): the weights are finite but too large to use"),
-], ids=["infinite", "too_large"])
-def test_a_checkpoint_of_infinite_or_unusable_weights_is_never_written(tmp_path, monkeypatch,
-                                                                         trigger, wrapper, says):
+def test_a_checkpoint_of_infinite_weights_is_never_written(tmp_path, monkeypatch, trigger):
     steps = []
     make_step = train_module.make_step
     monkeypatch.setattr(train_module, "make_step",
-                        lambda *a: steps.append(wrapper(make_step(*a), at=6)) or steps[-1])
+                        lambda *a: steps.append(InfiniteAfter(make_step(*a), at=6)) or steps[-1])
     config = tiny_config(*["train.checkpoint_every=1"] * (trigger == "checkpoint_every"))
     stop = (lambda: steps[-1].taken >= 6) if trigger == "ctrl_c" else (lambda: False)
     out = tmp_path / "run"
@@ -225,12 +228,164 @@ def test_a_checkpoint_of_infinite_or_unusable_weights_is_never_written(tmp_path,
         train(config, __import__("gpumlp.backend").backend.CPU, tiny_mnist(), out_dir=out,
               should_stop=stop)
     message = str(info.value)
-    assert says in message
+    assert "weights became NaN or infinite in epoch 1 (by step 6)" in message
     assert "last good checkpoint" in message
-    arrays = load_npz(out / "checkpoint.npz")                    # step 5's, not step 6's
-    assert all(np.isfinite(arrays[k]).all() for k in ("W1", "b1", "W2", "b2"))
-    assert np.abs(arrays["W1"]).max() < 10
-    assert '"step": 5' in str(arrays["state"])
+    assert_step_5s_checkpoint(out)
+
+
+@pytest.mark.parametrize("trigger", ["checkpoint_every", "ctrl_c"])
+def test_a_checkpoint_of_weights_too_large_to_use_is_skipped_never_written(tmp_path,
+                                                                           monkeypatch, trigger):
+    """Finite weights whose probe loss is NaN are not checkpointed; the run is not ended for
+    it (a spike may fall back), but by what follows: here the next step's NaN loss, or the stop
+    asked for, which keeps step 5's checkpoint as the last good."""
+    steps, skipped = [], []
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step",
+                        lambda *a: steps.append(TooLargeAfter(make_step(*a), at=6)) or steps[-1])
+    config = tiny_config(*["train.checkpoint_every=1"] * (trigger == "checkpoint_every"))
+    stop = (lambda: steps[-1].taken >= 6) if trigger == "ctrl_c" else (lambda: False)
+    out = tmp_path / "run"
+    probe = "their loss on the first 100 training examples was NaN or infinite"
+    with pytest.raises(NumericalError if trigger == "checkpoint_every"
+                       else GpumlpError) as info:
+        train(config, __import__("gpumlp.backend").backend.CPU, tiny_mnist(), out_dir=out,
+              should_stop=stop,
+              on_event=lambda kind, info: skipped.append(info) if kind == "skipped" else None)
+    message = str(info.value)
+    if trigger == "checkpoint_every":   # step 6's checkpoint skipped, then step 7's loss is NaN
+        assert skipped == [{"step": 6, "epoch": 1, "probe": probe, "saved_step": 5,
+                            "checkpoint": str(out / "checkpoint.npz")}]
+        assert message.startswith("the loss became NaN or infinite at epoch 1, step 7; the last "
+                                  "good checkpoint")
+    else:
+        assert type(info.value).__name__ == "StoppedUnsaved" and skipped == []
+        assert message == (f"stopped after step 6, whose weights were too large to checkpoint "
+                           f"({probe}); the last good checkpoint {out / 'checkpoint.npz'} "
+                           "(step 5) is kept")
+    assert_step_5s_checkpoint(out)
+
+
+# smoke.yaml on the tiny set at lr 1, 9 steps an epoch: the loss on the first 100 training
+# examples of the weights after steps 5 and 6 is 615 and 380 (above 230), then falls back
+SPIKE = ["--config", ROOT / "configs/smoke.yaml", "--set", "data.limit=null", "--set",
+         "data.val_size=50", "--set", "optim.lr=1", "--set", "train.batch_size=30",
+         "--device", "cpu", "-q"]
+TOO_LARGE_AT_5 = ("after step 5, whose weights were too large to checkpoint (their loss on the "
+                  "first 100 training examples was 615, above 230)")
+
+
+class SignalAt:
+    """The run's step, which sends this process `signum` during step `at` (a Ctrl-C then)."""
+
+    def __init__(self, step, at: int, signum: int):
+        self.step, self.at, self.signum = step, at, signum
+
+    def __call__(self, params, state, X, y, lr, t, masks):
+        if t == self.at:
+            signal.raise_signal(self.signum)  # to this thread: handled before it returns
+        return self.step(params, state, X, y, lr, t, masks)
+
+    def __getattr__(self, name):   # prepare, export, batch, kind: the wrapped step's
+        return getattr(self.step, name)
+
+
+def signal_at(monkeypatch, at: int, signum: int = signal.SIGINT) -> None:
+    make_step = train_module.make_step
+    monkeypatch.setattr(train_module, "make_step",
+                        lambda *a: SignalAt(make_step(*a), at, signum))
+
+
+def model_without_checkpoint_every(path: Path) -> dict:
+    arrays = load_npz(path)
+    config = json.loads(str(arrays.pop("config")))
+    config["train"].pop("checkpoint_every")
+    return {"config": config, **{name: a.tobytes() for name, a in arrays.items()}}
+
+
+def test_a_loss_spike_ends_the_run_the_same_whatever_train_checkpoint_every(tiny_data_dir,
+                                                                           tmp_path):
+    """The reviewer's sweep: exit 0 with checkpoint_every 0, exit 1 ("... became 615 (above
+    230) ...: the weights are finite but too large to use") with 1 or 2. Now each finishes with
+    the same model (model.npz differs only in the config key), a checkpoint skipped in the
+    spike said once, as a warning shown with --quiet."""
+    results = {every: cli("train", *SPIKE, "--set", f"train.checkpoint_every={every}",
+                          "--out", tmp_path / str(every), "--data-dir", tiny_data_dir)
+               for every in (0, 1, 2, 4)}
+    assert {every: r.exit_code for every, r in results.items()} == {0: 0, 1: 0, 2: 0, 4: 0}, \
+        {every: r.stderr for every, r in results.items()}
+    warning = ("Warning: skipped the checkpoint at step {}: its weights were too large to go on "
+               "from (their loss on the first 100 training examples was {}, above 230); "
+               "training on, as such a spike can fall back; the last good checkpoint is {} "
+               "(step 4) (later skips are not reported)\n")
+    assert results[0].stderr == results[4].stderr == ""             # none due in the spike
+    assert results[1].stderr == warning.format(5, 615, tmp_path / "1" / "checkpoint.npz")
+    assert results[2].stderr == warning.format(6, 380, tmp_path / "2" / "checkpoint.npz")
+    models = [model_without_checkpoint_every(tmp_path / str(every) / "model.npz")
+              for every in (0, 1, 2, 4)]
+    assert all(model == models[0] for model in models[1:])
+
+
+@pytest.mark.parametrize("signum, every, code, said", [
+    (signal.SIGINT, 0, 130, "interrupted"),
+    (signal.SIGTERM, 2, 143, "terminated (SIGTERM)"),
+], ids=["ctrl_c_before_any_checkpoint", "sigterm_after_step_4s"])
+def test_a_stop_in_a_loss_spike_exits_128_plus_n_keeping_the_last_good_checkpoint(
+        tiny_data_dir, tmp_path, monkeypatch, signum, every, code, said):
+    """A stop after step 5, whose weights are too large to checkpoint, ended the run with exit
+    1 and advice to lower optim.lr, and removed a new run's folder. Now it exits 128 + n: with
+    step 4's checkpoint kept (whose resume ends as the run would have), or, with none written
+    yet, as a stop during the set-up: the new run's folder goes, and the line says so."""
+    args = [*SPIKE, "--set", f"train.checkpoint_every={every}", "--data-dir", tiny_data_dir]
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert cli("train", *args, "--out", reference).exit_code == 0
+    with monkeypatch.context() as patched:
+        signal_at(patched, 5, signum)
+        result = cli("train", *args, "--out", out)
+    assert result.exit_code == code, result.output
+    resume = f"gpumlp train --resume {shell_path(out)} --device cpu --data-dir " \
+             f"{shell_path(tiny_data_dir)}"
+    if every == 0:
+        assert result.stderr == (f"{said} {TOO_LARGE_AT_5}; no checkpoint was written yet, so "
+                                 "there is nothing to resume: start over (run the same command "
+                                 "again)\n")
+        assert not out.exists()
+        return
+    assert result.stderr == (f"{said} {TOO_LARGE_AT_5}, so the last good checkpoint (step 4) is "
+                             f"kept. Resume with: {resume}\n")
+    assert '"step": 4,' in str(load_npz(out / "checkpoint.npz")["state"])
+    assert cli(*shlex.split(resume)[1:], "-q").exit_code == 0
+    assert (out / "model.npz").read_bytes() == (reference / "model.npz").read_bytes()
+
+
+def test_a_stop_in_a_loss_spike_before_the_first_checkpoint_loses_nothing(tiny_data_dir,
+                                                                         tmp_path, monkeypatch):
+    """--overwrite: the run it was to replace comes back as it was; --resume of a run killed
+    before its first checkpoint: the folder stays, and the line gives the resume that starts
+    it over (a new run's "run the same command again" would be refused there)."""
+    old, fresh = tmp_path / "old", tmp_path / "fresh"
+    args = [*SPIKE, "--data-dir", tiny_data_dir]
+    assert cli("train", *args, "--out", old).exit_code == 0
+    assert cli("train", *args, "--out", fresh).exit_code == 0
+    for name in ("checkpoint.npz", "model.npz", "summary.json"):
+        (fresh / name).unlink()
+    (fresh / "metrics.jsonl").write_bytes(b"")                # as left by an early kill
+    before = digest_tree(old), digest_tree(fresh)
+    signal_at(monkeypatch, 5)
+    result = cli("train", *args, "--out", old, "--overwrite")
+    assert result.exit_code == 130, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"interrupted {TOO_LARGE_AT_5}; no checkpoint was written yet, so there is nothing to "
+        "resume: start over (run the same command again)")
+    assert "put back the run this one was to replace" in result.stderr
+    result = cli("train", "--resume", fresh, "--device", "cpu", "--data-dir", tiny_data_dir)
+    assert result.exit_code == 130, result.output
+    resume = f"gpumlp train --resume {shell_path(fresh)} --device cpu --data-dir " \
+             f"{shell_path(tiny_data_dir)}"
+    assert result.stderr.splitlines()[-1] == (
+        f"interrupted {TOO_LARGE_AT_5}; no checkpoint was written yet, so there is nothing to "
+        f"resume: start over ({resume} starts it over)")
+    assert (digest_tree(old), digest_tree(fresh)) == before
 
 
 def test_a_huge_learning_rate_leaves_no_checkpoint_that_cannot_be_resumed(tmp_path):

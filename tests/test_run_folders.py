@@ -651,15 +651,15 @@ def test_after_a_nan_with_a_cosine_floor_the_advice_lowers_the_floor_too_and_goe
                       "20: val_loss nan, test_loss nan)"), 10),
     (20, 0, "bias", ("the evaluation loss rose above 230 at the end of epoch 2 (step 20: "
                      "val_loss "), 10),
-    (6, 3, "scale", ("the evaluation loss on the first 100 training examples became NaN or "
-                     "infinite in epoch 1 (by step 6)"), 3),
+    (6, 3, "scale", "the loss became NaN or infinite at epoch 1, step 7", 3),
 ], ids=["epoch_end", "epoch_end_finite", "mid_epoch"])
 def test_weights_too_large_to_use_are_not_saved_so_a_lower_lr_resumes(tiny_data_dir, tmp_path,
                                                                       monkeypatch, at, every,
                                                                       spoil, fragment, saved):
     """Weights that are finite but give a NaN loss, or one above 230 (100 ln 10), are refused
-    before their checkpoint and metrics row, at an epoch's end as mid-epoch: from the last good
-    checkpoint, the advice (a lower optim.lr) goes on."""
+    before their checkpoint and metrics row, at an epoch's end as mid-epoch (there the
+    checkpoint is skipped with a warning, and the next step's NaN loss ends the run): from the
+    last good checkpoint, the advice (a lower optim.lr) goes on."""
     make_step = train_module.make_step
     monkeypatch.setattr(train_module, "make_step",
                         lambda *a: TooLargeAboveLr(make_step(*a), at=at, above=0.15,
@@ -670,7 +670,15 @@ def test_weights_too_large_to_use_are_not_saved_so_a_lower_lr_resumes(tiny_data_
                              "--set", "train.epochs=2"))
     how = (f"the last good checkpoint {out / 'checkpoint.npz'} is intact; to continue from it "
            f"with a lower rate: {resume_of(out, tiny_data_dir)} --set optim.lr=0.02")
-    assert_one_error_line(result, 1, fragment, "the weights are finite but too large", how)
+    if every:
+        assert result.exit_code == 1 and result.stdout == "", result.output
+        warning, error = result.stderr.splitlines()
+        assert warning.startswith("Warning: skipped the checkpoint at step 6: its weights were "
+                                  "too large to go on from (their loss on the first 100 "
+                                  "training examples was NaN or infinite)")
+        assert error.startswith(f"Error: {fragment}") and error.endswith(how)
+    else:
+        assert_one_error_line(result, 1, fragment, "the weights are finite but too large", how)
     checkpoint = load_npz(out / "checkpoint.npz")
     assert f'"step": {saved},' in str(checkpoint["state"])
     assert np.abs(checkpoint["W1"]).max() < 10
@@ -1676,27 +1684,44 @@ def test_the_commands_printed_for_a_folder_with_a_space_can_be_pasted(tiny_data_
                           f"{shell_path(tiny_data_dir)} --set optim.lr=0.01")
 
 
+@pytest.mark.parametrize("stop", [False, True], ids=["checkpoint_every", "ctrl_c"])
 def test_a_mid_epoch_checkpoint_of_weights_with_an_absurd_loss_is_not_saved(tiny_data_dir,
                                                                             tmp_path,
-                                                                            monkeypatch):
-    """Finite weights and a finite loss, but millions: no net to go on from, so the last
-    good checkpoint stays the one before."""
+                                                                            monkeypatch, stop):
+    """Finite weights and a finite loss, but tens of thousands: no net to go on from, so the
+    last good checkpoint stays the one before. The run trains on (here the loss falls back), or
+    a Ctrl-C then exits 130 with that checkpoint kept."""
     class Inflated(PoisonedAboveLr):
         def __call__(self, params, state, X, y, lr, t, masks):
+            if t == self.at and stop:
+                signal.raise_signal(signal.SIGINT)  # to this thread: handled before it returns
             out = self.step(params, state, X, y, lr, t, masks)
             if t == self.at:
-                params.W[-1][...] *= -1e4          # confidently wrong: losses of millions
+                params.W[-1][...] *= -1e4          # confidently wrong: losses of 5e4
             return out
 
-    make_step = train_module.make_step
+    make_step, save_checkpoint = train_module.make_step, RunFiles.save_checkpoint
     monkeypatch.setattr(train_module, "make_step",
                         lambda *a: Inflated(make_step(*a), at=6, above=0.0))
+    saved = []
+    monkeypatch.setattr(RunFiles, "save_checkpoint", lambda self, state, *a: saved.append(
+        state.pos.step) or save_checkpoint(self, state, *a))
     out = tmp_path / "run"
     result = cli(*train_args(out, tiny_data_dir, "--set", "train.batch_size=25", "--set",
                              "train.checkpoint_every=3"))
-    assert_one_error_line(result, 1, "the evaluation loss on the first 100 training examples "
-                          "became ", "(above 230) in epoch 1 (by step 6)")
-    assert '"step": 3,' in str(load_npz(out / "checkpoint.npz")["state"])
+    too_large = "(their loss on the first 100 training examples was 5.47e+04, above 230)"
+    if stop:
+        assert result.exit_code == 130, result.output
+        assert result.stderr == (f"interrupted after step 6, whose weights were too large to "
+                                 f"checkpoint {too_large}, so the last good checkpoint (step 3) "
+                                 f"is kept. Resume with: {resume_of(out, tiny_data_dir)}\n")
+        assert saved == [3]
+        assert '"step": 3,' in str(load_npz(out / "checkpoint.npz")["state"])
+        return
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("Warning: skipped the checkpoint at step 6: its weights were "
+                                    f"too large to go on from {too_large}")
+    assert saved[0] == 3 and 6 not in saved
 
 
 def test_resume_with_an_invalid_set_value_is_a_usage_error_and_changes_nothing(stopped,

@@ -500,3 +500,59 @@ def test_test_and_val_loss_are_against_the_true_labels_under_label_smoothing(tin
     plain, smoothed = (float(loss_and_dA2(A2, split.labels, a)[0]) for a in (0.0, 0.2))
     assert abs(smoothed - plain) > 1e-3 * plain            # the two differ here, and the loss
     assert loss == pytest.approx(plain, rel=1e-5)          # is the plain one
+
+
+# smoke.yaml on the tiny set at lr 1, 9 steps an epoch: the weights after steps 5 and 6 have a
+# loss of 615 and 380 on the first 100 training examples (above 230), which then falls back
+SPIKE = [*TINY_SMOKE, "optim.lr=1", "train.batch_size=30"]
+
+
+def test_a_loss_spike_skips_the_mid_epoch_checkpoints_in_it_and_the_run_trains_on(tiny_mnist,
+                                                                                   tmp_path):
+    """A fast-diverging run's loss rises far above MAX_PROBE_LOSS for a few steps and falls
+    back: a mid-epoch checkpoint due then was refused with an error ending the run, so the run
+    failed with train.checkpoint_every 1 and finished with 0. Now it is skipped (the last good
+    one stays), said in a "skipped" event, and the two runs end the same."""
+    runs, skipped = {}, []
+    for every in (0, 1):
+        config = build_config(SMOKE, [*SPIKE, f"train.checkpoint_every={every}"])
+        runs[every] = train(config, CPU, tiny_mnist.mnist, out_dir=tmp_path / str(every),
+                            on_event=lambda kind, info: skipped.append(info)
+                            if kind == "skipped" else None)
+    probe = "their loss on the first 100 training examples was {}, above 230"
+    kept = str(tmp_path / "1" / "checkpoint.npz")                  # step 4's, each time
+    assert skipped == [{"step": step, "epoch": 1, "probe": probe.format(loss), "saved_step": 4,
+                        "checkpoint": kept} for step, loss in ((5, 615), (6, 380))]
+    for before, after in zip(runs[0].params.W + runs[0].params.b,
+                             runs[1].params.W + runs[1].params.b):
+        assert before.tobytes() == after.tobytes()
+    assert [{**row, "seconds": 0, "samples_per_second": 0} for row in runs[0].history] == \
+        [{**row, "seconds": 0, "samples_per_second": 0} for row in runs[1].history]
+
+
+@pytest.mark.parametrize("every, saved", [(0, None), (2, 4)])
+def test_a_stop_in_a_loss_spike_keeps_the_last_good_checkpoint_and_writes_none(tiny_mnist,
+                                                                               tmp_path, every,
+                                                                               saved):
+    """Ctrl-C after step 5, whose weights are too large to checkpoint: StoppedUnsaved naming
+    the last good checkpoint (step 4's with train.checkpoint_every 2), or none; before, the run
+    ended in a NumericalError that advised a lower optim.lr."""
+    import gpumlp.train as train_module
+
+    config = build_config(SMOKE, [*SPIKE, f"train.checkpoint_every={every}"])
+    steps, out = [], tmp_path / "run"
+    with pytest.raises(GpumlpError) as info:
+        train(config, CPU, tiny_mnist.mnist, out_dir=out, should_stop=lambda: len(steps) >= 5,
+              on_event=lambda kind, info: steps.append(info) if kind == "step" else None)
+    assert isinstance(info.value, train_module.StoppedUnsaved), info.value
+    skipped = info.value.skipped
+    assert (skipped.step, skipped.saved_step) == (5, saved)
+    assert (skipped.checkpoint is None) == (saved is None)
+    if saved is None:
+        assert str(info.value).endswith("(their loss on the first 100 training examples was 615, "
+                                        "above 230); no checkpoint was written yet, so there is "
+                                        "nothing to resume: start over")
+        assert not (out / "checkpoint.npz").exists()
+    else:
+        state = json.loads(str(load_npz(out / "checkpoint.npz")["state"]))
+        assert state["position"]["step"] == 4
