@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from step_helpers import SignalsAt, WrappedStep, wrap_steps
 from test_cli import cli
 
 import gpumlp.train as train_module
@@ -177,12 +178,13 @@ def test_nan_stops_at_once_naming_epoch_and_step_and_keeps_last_good_checkpoint(
     assert '"step": 5' in str(arrays["state"])
 
 
-class InfiniteAfter:
+class InfiniteAfter(WrappedStep):
     """The run's step, whose update at step `at` makes the last weights infinite: the loss of
     that step, computed before the update, is still finite."""
 
     def __init__(self, step, at: int):
-        self.step, self.at, self.taken = step, at, 0
+        super().__init__(step, at)
+        self.taken = 0
 
     def __call__(self, params, state, X, y, lr, t, masks):
         out = self.step(params, state, X, y, lr, t, masks)
@@ -190,9 +192,6 @@ class InfiniteAfter:
         if t == self.at:
             params.W[-1][...] = np.inf
         return out
-
-    def __getattr__(self, name):   # prepare, export, batch, kind: the wrapped step's
-        return getattr(self.step, name)
 
 
 class TooLargeAfter(InfiniteAfter):
@@ -218,9 +217,7 @@ def assert_step_5s_checkpoint(out: Path) -> None:
 @pytest.mark.parametrize("trigger", ["checkpoint_every", "ctrl_c"])
 def test_a_checkpoint_of_infinite_weights_is_never_written(tmp_path, monkeypatch, trigger):
     steps = []
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step",
-                        lambda *a: steps.append(InfiniteAfter(make_step(*a), at=6)) or steps[-1])
+    steps = wrap_steps(monkeypatch, lambda step: InfiniteAfter(step, at=6))
     config = tiny_config(*["train.checkpoint_every=1"] * (trigger == "checkpoint_every"))
     stop = (lambda: steps[-1].taken >= 6) if trigger == "ctrl_c" else (lambda: False)
     out = tmp_path / "run"
@@ -240,9 +237,7 @@ def test_a_checkpoint_of_weights_too_large_to_use_is_skipped_never_written(tmp_p
     it (a spike may fall back), but by what follows: here the next step's NaN loss, or the stop
     asked for, which keeps step 5's checkpoint as the last good."""
     steps, skipped = [], []
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step",
-                        lambda *a: steps.append(TooLargeAfter(make_step(*a), at=6)) or steps[-1])
+    steps = wrap_steps(monkeypatch, lambda step: TooLargeAfter(step, at=6))
     config = tiny_config(*["train.checkpoint_every=1"] * (trigger == "checkpoint_every"))
     stop = (lambda: steps[-1].taken >= 6) if trigger == "ctrl_c" else (lambda: False)
     out = tmp_path / "run"
@@ -273,27 +268,6 @@ SPIKE = ["--config", ROOT / "configs/smoke.yaml", "--set", "data.limit=null", "-
          "--device", "cpu", "-q"]
 TOO_LARGE_AT_5 = ("after step 5, whose weights were too large to checkpoint (their loss on the "
                   "first 100 training examples was 615, above 230)")
-
-
-class SignalAt:
-    """The run's step, which sends this process `signum` during step `at` (a Ctrl-C then)."""
-
-    def __init__(self, step, at: int, signum: int):
-        self.step, self.at, self.signum = step, at, signum
-
-    def __call__(self, params, state, X, y, lr, t, masks):
-        if t == self.at:
-            signal.raise_signal(self.signum)  # to this thread: handled before it returns
-        return self.step(params, state, X, y, lr, t, masks)
-
-    def __getattr__(self, name):   # prepare, export, batch, kind: the wrapped step's
-        return getattr(self.step, name)
-
-
-def signal_at(monkeypatch, at: int, signum: int = signal.SIGINT) -> None:
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step",
-                        lambda *a: SignalAt(make_step(*a), at, signum))
 
 
 def model_without_checkpoint_every(path: Path) -> dict:
@@ -340,7 +314,7 @@ def test_a_stop_in_a_loss_spike_exits_128_plus_n_keeping_the_last_good_checkpoin
     reference, out = tmp_path / "reference", tmp_path / "run"
     assert cli("train", *args, "--out", reference).exit_code == 0
     with monkeypatch.context() as patched:
-        signal_at(patched, 5, signum)
+        wrap_steps(patched, lambda step: SignalsAt(step, 5, signum))
         result = cli("train", *args, "--out", out)
     assert result.exit_code == code, result.output
     resume = f"gpumlp train --resume {shell_path(out)} --device cpu --data-dir " \
@@ -371,7 +345,7 @@ def test_a_stop_in_a_loss_spike_before_the_first_checkpoint_loses_nothing(tiny_d
         (fresh / name).unlink()
     (fresh / "metrics.jsonl").write_bytes(b"")                # as left by an early kill
     before = digest_tree(old), digest_tree(fresh)
-    signal_at(monkeypatch, 5)
+    wrap_steps(monkeypatch, lambda step: SignalsAt(step, 5))
     result = cli("train", *args, "--out", old, "--overwrite")
     assert result.exit_code == 130, result.output
     assert result.stderr.splitlines()[-1] == (

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
+from step_helpers import SignalsAt, WrappedStep, sigterm_at, unwrap_steps, wrap_steps
 from test_cli import SMOKE, TINY, assert_one_error_line, cli
 
 import gpumlp.train as train_module
@@ -271,8 +272,7 @@ def test_a_stop_in_the_first_epoch_of_a_replacing_run_keeps_the_new_run(
     """Ctrl-C or SIGTERM during training saves a checkpoint (the run can be resumed): from
     then on the folder's run is the new one, and the run it replaced is gone, as after any
     checkpoint (decisions.md)."""
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=2))
+    wrap_steps(monkeypatch, sigterm_at(2))
     result = cli(*train_args(finished, tiny_data_dir, "--overwrite", "--set",
                              "train.batch_size=25"))
     assert result.exit_code == 143
@@ -545,20 +545,18 @@ def test_resume_refuses_a_run_from_init_whose_init_npz_is_gone(finished, tiny_da
     assert not (plain / "config.yaml").read_text().startswith("#")
 
 
-class PoisonedAboveLr:
+class PoisonedAboveLr(WrappedStep):
     """The run's step, whose update at step `at` makes the weights NaN when lr > `above`."""
 
     def __init__(self, step, at: int, above: float):
-        self.step, self.at, self.above = step, at, above
+        super().__init__(step, at)
+        self.above = above
 
     def __call__(self, params, state, X, y, lr, t, masks):
         out = self.step(params, state, X, y, lr, t, masks)
         if t == self.at and lr > self.above:
             params.W[-1][...] = np.nan
         return out
-
-    def __getattr__(self, name):   # prepare, export, batch, kind: the wrapped step's
-        return getattr(self.step, name)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
@@ -592,9 +590,7 @@ def test_adams_weight_decay_is_not_held_to_the_whole_weight_rule(tiny_data_dir, 
 
 def test_after_a_nan_lowering_optim_lr_in_config_yaml_and_resuming_goes_on(tiny_data_dir,
                                                                            tmp_path, monkeypatch):
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step",
-                        lambda *a: PoisonedAboveLr(make_step(*a), at=4, above=0.15))
+    wrap_steps(monkeypatch, lambda step: PoisonedAboveLr(step, at=4, above=0.15))
     out = tmp_path / "run"
     result = cli(*train_args(out, tiny_data_dir, "--set", "optim.lr=0.2", "--set",
                              "train.batch_size=25", "--set", "train.checkpoint_every=2"))
@@ -633,9 +629,7 @@ class TooLargeAboveLr(PoisonedAboveLr):
 
 def test_after_a_nan_with_a_cosine_floor_the_advice_lowers_the_floor_too_and_goes_on(
         tiny_data_dir, tmp_path, monkeypatch):
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step",
-                        lambda *a: PoisonedAboveLr(make_step(*a), at=4, above=0.15))
+    wrap_steps(monkeypatch, lambda step: PoisonedAboveLr(step, at=4, above=0.15))
     out = tmp_path / "run"
     result = cli(*train_args(out, tiny_data_dir, "--set", "optim.lr=0.2", "--set",
                              "optim.schedule=cosine", "--set", "optim.min_lr=0.1", "--set",
@@ -660,9 +654,7 @@ def test_weights_too_large_to_use_are_not_saved_so_a_lower_lr_resumes(tiny_data_
     before their checkpoint and metrics row, at an epoch's end as mid-epoch (there the
     checkpoint is skipped with a warning, and the next step's NaN loss ends the run): from the
     last good checkpoint, the advice (a lower optim.lr) goes on."""
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step",
-                        lambda *a: TooLargeAboveLr(make_step(*a), at=at, above=0.15,
+    wrap_steps(monkeypatch, lambda step: TooLargeAboveLr(step, at=at, above=0.15,
                                                    spoil=spoil))
     out = tmp_path / "run"
     result = cli(*train_args(out, tiny_data_dir, "--set", "optim.lr=0.2", "--set",
@@ -741,21 +733,6 @@ def test_resume_with_overwrite_and_empty_paths_are_usage_errors(finished, tiny_d
     assert not (tmp_path / "runs").exists()
 
 
-class SigtermAt:
-    """The run's step, which sends this process SIGTERM (as `docker stop` does) at step `at`."""
-
-    def __init__(self, step, at: int):
-        self.step, self.at = step, at
-
-    def __call__(self, params, state, X, y, lr, t, masks):
-        if t == self.at:
-            signal.raise_signal(signal.SIGTERM)  # to this thread: handled before it returns
-        return self.step(params, state, X, y, lr, t, masks)
-
-    def __getattr__(self, name):   # prepare, export, batch, kind: the wrapped step's
-        return getattr(self.step, name)
-
-
 @pytest.mark.parametrize("how", ["interrupted", "finished"])
 def test_a_resumed_runs_summary_gives_the_last_epochs_validation_numbers(
         tiny_data_dir, tmp_path, monkeypatch, how):
@@ -763,12 +740,11 @@ def test_a_resumed_runs_summary_gives_the_last_epochs_validation_numbers(
     finished and resumed to write its results again from the checkpoint's rows) have the last
     epoch's val_accuracy and val_loss, as metrics.jsonl has them."""
     out = tmp_path / "run"
-    make_step = train_module.make_step
     if how == "interrupted":
-        monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=4))
+        wrap_steps(monkeypatch, sigterm_at(4))
     first = cli(*train_args(out, tiny_data_dir, "--set", "train.epochs=2"))
     assert first.exit_code == (143 if how == "interrupted" else 0), first.output
-    monkeypatch.setattr(train_module, "make_step", make_step)
+    unwrap_steps(monkeypatch)
     for name in ("model.npz", "summary.json"):
         (out / name).unlink(missing_ok=True)
     result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
@@ -782,7 +758,7 @@ def test_a_resumed_runs_summary_gives_the_last_epochs_validation_numbers(
                                     f"{last['val_loss']:.4f}  test_accuracy ")
 
 
-class MovesTheFolderAt(SigtermAt):
+class MovesTheFolderAt(WrappedStep):
     """The run's step, which moves the run's folder away at step `at` (a user's `mv`)."""
 
     def __init__(self, step, at: int, folder: Path):
@@ -798,9 +774,7 @@ class MovesTheFolderAt(SigtermAt):
 def test_the_resume_advice_for_a_folder_moved_away_carries_the_options_typed_too(
         tiny_data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step",
-                        lambda *a: MovesTheFolderAt(make_step(*a), at=2, folder=out))
+    wrap_steps(monkeypatch, lambda step: MovesTheFolderAt(step, at=2, folder=out))
     result = cli(*train_args(out, tiny_data_dir, "--set", "train.batch_size=25", "--set",
                              "train.checkpoint_every=4"))
     assert_one_error_line(result, 1, "the run folder is gone", "resume it there with gpumlp "
@@ -814,8 +788,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_puts_the_handlers_back(tiny_da
     reference = tmp_path / "reference"
     args = ["--set", "train.batch_size=25", "--set", "train.epochs=2"]
     assert cli(*train_args(reference, tiny_data_dir, *args)).exit_code == 0
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=4))
+    wrap_steps(monkeypatch, sigterm_at(4))
     def mine(signum, frame):
         pass
 
@@ -832,7 +805,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_puts_the_handlers_back(tiny_da
     assert result.stderr.strip() == ("terminated (SIGTERM); checkpoint saved. Resume with: "
                                      f"{resume_of(out, tiny_data_dir)}")
     assert '"step": 4,' in str(load_npz(out / "checkpoint.npz")["state"])
-    monkeypatch.setattr(train_module, "make_step", make_step)
+    unwrap_steps(monkeypatch)
     resume = ["train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu"]
     result = cli(*resume)
     assert result.exit_code == 0, result.output
@@ -844,29 +817,13 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_puts_the_handlers_back(tiny_da
     assert result.stderr.splitlines()[0].endswith("3 epochs (resuming after epoch 2)")
 
 
-class SignalsAt(SigtermAt):
-    """The run's step, which sends this process `signums`, one after the other, at step `at`."""
-
-    def __init__(self, step, at: int, signums):
-        super().__init__(step, at)
-        self.signums = signums
-
-    def __call__(self, params, state, X, y, lr, t, masks):
-        if t == self.at:
-            for signum in self.signums:
-                signal.raise_signal(signum)
-        return self.step(params, state, X, y, lr, t, masks)
-
-
 @pytest.mark.parametrize("first, second, code, said", [
     (signal.SIGINT, signal.SIGTERM, 130, "interrupted"),
     (signal.SIGTERM, signal.SIGINT, 143, "terminated (SIGTERM)")])
 def test_the_first_of_two_signals_during_training_says_how_the_run_ends(
         tiny_data_dir, tmp_path, monkeypatch, first, second, code, said):
     """Ctrl-C, then `docker stop` before the checkpoint is saved: the run was interrupted."""
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step",
-                        lambda *a: SignalsAt(make_step(*a), at=2, signums=(first, second)))
+    wrap_steps(monkeypatch, lambda step: SignalsAt(step, 2, first, second))
     out = tmp_path / "run"
     result = cli(*train_args(out, tiny_data_dir, "--set", "train.batch_size=25"))
     assert result.exit_code == code, result.output
@@ -882,9 +839,7 @@ def test_a_signal_after_the_last_step_lets_the_run_finish_exit_0_and_says_so(
     nothing is left to stop, so the run is complete (model.npz, summary.json), exits 0 and
     says so in a note rather than ending as interrupted with a resume to do."""
     if when == "last step":  # 250 examples in batches of 25: step 10 is the last
-        make_step = train_module.make_step
-        monkeypatch.setattr(train_module, "make_step",
-                            lambda *a: SignalsAt(make_step(*a), at=10, signums=(signum,)))
+        wrap_steps(monkeypatch, lambda step: SignalsAt(step, 10, signum))
     else:
         echo = click.echo
 
@@ -926,9 +881,7 @@ def test_on_a_terminal_the_bar_is_cleared_before_the_line_that_says_how_to_resum
         events.append(str(message))
         return echo(message, *args, **kwargs)
 
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step",
-                        lambda *a: SignalsAt(make_step(*a), at=2, signums=(signal.SIGINT,)))
+    wrap_steps(monkeypatch, lambda step: SignalsAt(step, 2))
     monkeypatch.setattr(progress, "Reporter", Shown)
     monkeypatch.setattr(click, "echo", recorded)
     result = cli(*train_args(tmp_path / "run", tiny_data_dir, "--set", "train.batch_size=25"))
@@ -1292,12 +1245,11 @@ def test_a_fresh_out_folder_keeps_files_named_like_a_report_or_an_export(tiny_da
 @pytest.fixture
 def stopped(tiny_data_dir, tmp_path, monkeypatch) -> Path:
     """A run stopped by SIGTERM at step 4 of 10 in its first epoch (checkpoint mid-epoch)."""
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=4))
+    wrap_steps(monkeypatch, sigterm_at(4))
     out = tmp_path / "stopped"
     args = ["--set", "train.batch_size=25", "--set", "train.epochs=2"]
     assert cli(*train_args(out, tiny_data_dir, *args)).exit_code == 143
-    monkeypatch.setattr(train_module, "make_step", make_step)
+    unwrap_steps(monkeypatch)
     return out
 
 
@@ -1658,8 +1610,7 @@ def test_the_printed_resume_leaves_out_a_device_and_data_folder_that_were_not_ty
         tiny_data_dir, tmp_path, monkeypatch):
     """--device auto (the default) and a data folder from $GPUMLP_DATA_DIR come back by
     themselves on a resume: the command stays the short one."""
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=4))
+    wrap_steps(monkeypatch, sigterm_at(4))
     monkeypatch.setenv("GPUMLP_DATA_DIR", str(tiny_data_dir))
     out = tmp_path / "run"
     result = cli("train", "--config", SMOKE, *TINY, "--device", "auto", "--out", out, "-q",
@@ -1670,15 +1621,14 @@ def test_the_printed_resume_leaves_out_a_device_and_data_folder_that_were_not_ty
 
 def test_the_commands_printed_for_a_folder_with_a_space_can_be_pasted(tiny_data_dir, tmp_path,
                                                                       monkeypatch):
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=4))
+    wrap_steps(monkeypatch, sigterm_at(4))
     out = tmp_path / "my run"
     result = cli(*train_args(out, tiny_data_dir, "--set", "train.batch_size=25"))
     assert result.exit_code == 143
     assert result.stderr.strip().endswith(f"gpumlp train --resume '{out}' --device cpu "
                                           f"--data-dir {shell_path(tiny_data_dir)}")
-    monkeypatch.setattr(train_module, "make_step",
-                        lambda *a: PoisonedAboveLr(make_step(*a), at=8, above=0.05))
+    unwrap_steps(monkeypatch)
+    wrap_steps(monkeypatch, lambda step: PoisonedAboveLr(step, at=8, above=0.05))
     result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q")
     assert_one_error_line(result, 1, f"gpumlp train --resume '{out}' --device cpu --data-dir "
                           f"{shell_path(tiny_data_dir)} --set optim.lr=0.01")
@@ -1700,9 +1650,8 @@ def test_a_mid_epoch_checkpoint_of_weights_with_an_absurd_loss_is_not_saved(tiny
                 params.W[-1][...] *= -1e4          # confidently wrong: losses of 5e4
             return out
 
-    make_step, save_checkpoint = train_module.make_step, RunFiles.save_checkpoint
-    monkeypatch.setattr(train_module, "make_step",
-                        lambda *a: Inflated(make_step(*a), at=6, above=0.0))
+    save_checkpoint = RunFiles.save_checkpoint
+    wrap_steps(monkeypatch, lambda step: Inflated(step, at=6, above=0.0))
     saved = []
     monkeypatch.setattr(RunFiles, "save_checkpoint", lambda self, state, *a: saved.append(
         state.pos.step) or save_checkpoint(self, state, *a))
@@ -1750,11 +1699,10 @@ def test_the_start_over_advice_keeps_the_runs_init_weights(finished, tiny_data_d
             "train.epochs=2"]
     reference = tmp_path / "reference"              # the same run, never stopped
     assert cli(*train_args(reference, tiny_data_dir, *args)).exit_code == 0
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=14))
+    wrap_steps(monkeypatch, sigterm_at(14))
     out = tmp_path / "run from init"
     assert cli(*train_args(out, tiny_data_dir, *args)).exit_code == 143
-    monkeypatch.setattr(train_module, "make_step", make_step)
+    unwrap_steps(monkeypatch)
     arrays = load_npz(out / "checkpoint.npz")
     record = json.loads(str(arrays["state"]))
     record["rng"] = {}                              # a record that cannot be resumed
@@ -1788,13 +1736,12 @@ def test_the_start_over_advice_asks_for_init_weights_that_init_npz_no_longer_hol
 def test_a_run_stopped_at_an_epochs_end_can_be_ended_there(tiny_data_dir, tmp_path,
                                                            monkeypatch, how):
     """train.epochs lowered to the epochs done is used: it ends the run, as it may mid-epoch."""
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=10))
+    wrap_steps(monkeypatch, sigterm_at(10))
     out = tmp_path / "run"                          # stopped at step 10: the end of epoch 1
     args = ["--set", "train.batch_size=25", "--set", "train.epochs=3"]
     assert cli(*train_args(out, tiny_data_dir, *args)).exit_code == 143
     assert not (out / "model.npz").exists()
-    monkeypatch.setattr(train_module, "make_step", make_step)
+    unwrap_steps(monkeypatch)
     resume = ["train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
     if how == "--set":
         resume += ["--set", "train.epochs=1"]
@@ -1808,12 +1755,11 @@ def test_a_run_stopped_at_an_epochs_end_can_be_ended_there(tiny_data_dir, tmp_pa
 
 def test_resume_refuses_fewer_epochs_than_the_run_has_begun(tiny_data_dir, tmp_path,
                                                              monkeypatch):
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=14))
+    wrap_steps(monkeypatch, sigterm_at(14))
     out = tmp_path / "run"                         # stopped at step 14: batch 4 of epoch 2
     args = ["--set", "train.batch_size=25", "--set", "train.epochs=3"]
     assert cli(*train_args(out, tiny_data_dir, *args)).exit_code == 143
-    monkeypatch.setattr(train_module, "make_step", make_step)
+    unwrap_steps(monkeypatch)
     before = digests(out)
     resume = ["train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
     message = (f"--resume {out}: train.epochs is 1, below the 2 epochs the run has trained or "
@@ -2409,14 +2355,13 @@ def test_a_finished_run_resumed_for_more_epochs_and_stopped_is_offered_the_resum
         finished, tiny_data_dir, monkeypatch):
     """Its old model.npz and summary.json stay until the resume ends, so --out took it for a
     finished run and offered no --resume; config.yaml's train.epochs says more are to come."""
-    make_step = train_module.make_step
-    monkeypatch.setattr(train_module, "make_step", lambda *a: SigtermAt(make_step(*a), at=4))
+    wrap_steps(monkeypatch, sigterm_at(4))
     resume = ["train", "--resume", finished, "--data-dir", tiny_data_dir, "--device", "cpu", "-q"]
     assert cli(*resume, "--set", "train.epochs=3").exit_code == 143     # in its second epoch
     assert json.loads((finished / "summary.json").read_text())["epochs"] == 1
     refused = cli(*train_args(finished, tiny_data_dir))
     assert_one_error_line(refused, 1, "already holds a run", "resume it with --resume")
-    monkeypatch.setattr(train_module, "make_step", make_step)
+    unwrap_steps(monkeypatch)
     assert cli(*resume).exit_code == 0                                 # it finishes the epochs
     refused = cli(*train_args(finished, tiny_data_dir))
     assert "resume it with --resume" not in refused.stderr
