@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpumlp import fast_cuda
+from gpumlp import bench, fast_cuda
 from gpumlp.activations import ACTIVATIONS
 from gpumlp.backend import CPU, Backend, enable_tf32
 from gpumlp.config import ACTIVATIONS as config_activations
@@ -999,3 +999,23 @@ def test_batch_inputs_uses_the_steps_loader_only_without_augmentation():
     assert batch_inputs(step, split, np.arange(2), config, None, None) == ("X", "y")
     X, y = batch_inputs(step, split, np.arange(2), config, lambda X, rng: X * 0.5, None)
     assert len(loaded) == 1 and (X == 0.5).all() and list(y) == [0, 1]
+
+
+def test_the_benchs_sgemm_reference_is_full_float32_after_a_tf32_run_in_the_process(
+        monkeypatch):
+    """CuPy keeps one compute type per process: after a train.tf32 run (or with CUPY_TF32=1)
+    the bench's sgemm reference, and its gpumlp rows, would run on TF32 tensor cores, and the
+    share of the reference would compare TF32 with full float32 products."""
+    backend = gpu_backend()
+    enable_tf32(backend, True)
+    seen = []
+
+    def reference(on):
+        seen.append(list(on.xp.compute_types))
+        raise KeyboardInterrupt        # no GPU here: stop at the reference, before any row
+
+    monkeypatch.setattr(bench, "sgemm_rate", reference)
+    spec = bench.BenchSpec(hidden=(16,), batch=(8,), samples=8, torch=False)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(spec, backend, split=list(range(8)))
+    assert seen == [[7, 1]]            # TF32 (the run before), then full float32 (the bench's)
