@@ -16,6 +16,8 @@ from .model import Grads, Params
 
 
 class OptState(NamedTuple):
+    """An optimizer's state; `m` here is not the seed's batch size (docs/decisions.md)."""
+
     m: tuple  # SGD: velocity; Adam: first moment. One array per parameter (W1, b1, W2, ...)
     v: tuple  # Adam: second moment; () for SGD
     # The fast CPU step's SGD state only: a (1,) float64 array s, and the velocity is s * m
