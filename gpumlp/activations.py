@@ -69,7 +69,7 @@ def tanh(A):
 
 
 def tanh_prime(A):
-    E = _exp_minus_abs(2 * A)
+    E = _exp_minus_abs(A) ** 2                             # e^-2|A|; 2 * A overflows past 1.7e38
     return 4 * E / (1 + E) ** 2                            # = 1 - tanh^2 A
 
 
