@@ -555,7 +555,8 @@ class NotAMapping(ConfigError):
     def __init__(self, message: str, data: Any):
         super().__init__(message)
         self.kind = {str: "plain text", list: "a list", int: "a number", float: "a number",
-                     bool: "true or false"}.get(type(data), f"a {type(data).__name__}")
+                     bool: "true or false", bytes: "binary data"}.get(
+                         type(data), f"a {type(data).__name__}")
 
 
 def utf_16_or_32(data: bytes) -> str | None:

@@ -35,8 +35,9 @@ def skipped_warning(info: dict) -> str:
     kept = (f"the last good checkpoint is {info['checkpoint']} (step {info['saved_step']})"
             if info["checkpoint"] else "no checkpoint was written yet")
     return (f"skipped the checkpoint at step {info['step']}: its weights were too large to go "
-            f"on from ({info['probe']}); training on, as such a spike can fall back; {kept} "
-            "(later skips are not reported)")
+            f"on from ({info['probe']}); training on, as such a spike can fall back (a NaN or "
+            f"infinite loss of a step still ends the run); {kept} (later skips are not "
+            "reported)")
 
 
 class Reporter:
@@ -73,7 +74,7 @@ class Reporter:
             click.echo(f"Warning: {one_line(skipped_warning(info))}", err=True)
         if kind == "put_back":  # before the error that ended the run
             self.close()
-            click.echo(f"put back the run this one was to replace in {info['folder']}, as it "
+            click.echo(f"put back what this run was to replace in {info['folder']}, as it "
                        "was (this run ended before its first checkpoint)", err=True)
         if self.quiet:
             return

@@ -430,11 +430,11 @@ class RunFiles:
 
         A report or an export (DERIVED_FILES) goes with the run it was made from; one gpumlp
         did not write (foreign_derived) stays, as do files of those names in a folder that
-        holds no such run: they are someone else's. An earlier
-        run's files are moved to REPLACED, and removed with it at this run's first checkpoint
-        (`drop_replaced`); until then `put_back` restores them. A REPLACED already there, with
-        no earlier run's outputs beside it, is from a replacing run killed before its first
-        checkpoint: it still holds the run to put back."""
+        holds no such run: they are someone else's. An earlier run's files (or a config.yaml
+        of one's own) are moved to REPLACED, and removed with it at this run's first
+        checkpoint (`drop_replaced`); until then `put_back` restores them. A REPLACED already
+        there, with no earlier run's outputs beside it, is from a replacing run killed before
+        its first checkpoint: it still holds the run to put back."""
         self.folder.mkdir(parents=True, exist_ok=True)
         aside = self.path(REPLACED)
         if had_outputs(self.folder):
@@ -451,7 +451,10 @@ class RunFiles:
             self.put_aside = True
             if foreign:
                 self.kept = kept_warning(self.folder, foreign)
-        else:
+        else:  # a config of one's own, replaced with --overwrite, is put aside too
+            if not aside.is_dir() and own_config(self.folder):
+                aside.mkdir()
+                os.replace(self.path("config.yaml"), aside / "config.yaml")
             self.put_aside = aside.is_dir()
         for name in RUN_OUTPUTS:
             self.path(name).unlink(missing_ok=True)

@@ -431,22 +431,18 @@ def _train(config, backend, mnist, files, init, resume, on_event, should_stop) -
         if should_stop() and state.pos.epoch < config.train.epochs:
             raise Interrupted("interrupted")
     final = snap if snap is not None else exported(step_fn, state)
-    summary = make_summary(config, backend, final, data, history)
+    summary = make_summary(config, backend, final, history)
     if files:
         files.finish(final.params, config, summary)
     return RunResult(final.params, history, summary)
 
 
-def make_summary(config: Config, backend: Backend, state: RunState, data: DeviceData,
+def make_summary(config: Config, backend: Backend, state: RunState,
                  history: list[dict]) -> dict:
     """summary.json: the last epoch's val_accuracy and val_loss (with a validation split only)
     and test_accuracy and test_loss, as metrics.jsonl has them, then the run's epochs, steps,
     training seconds and device."""
-    last = history[-1] if history else {}
-    if not history:  # no epoch row: the final weights evaluated now
-        last["test_loss"], last["test_accuracy"] = evaluate(state.params, data.test, config)
-        if data.val is not None:
-            last["val_loss"], last["val_accuracy"] = evaluate(state.params, data.val, config)
+    last = history[-1]  # train.epochs >= 1, and a resume has a row for every epoch done
     return {**{key: last[key] for key in ("val_accuracy", "val_loss") if key in last},
             "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
             "epochs": config.train.epochs, "steps": state.pos.step,

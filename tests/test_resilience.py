@@ -290,7 +290,8 @@ def test_a_loss_spike_ends_the_run_the_same_whatever_train_checkpoint_every(tiny
         {every: r.stderr for every, r in results.items()}
     warning = ("Warning: skipped the checkpoint at step {}: its weights were too large to go on "
                "from (their loss on the first 100 training examples was {}, above 230); "
-               "training on, as such a spike can fall back; the last good checkpoint is {} "
+               "training on, as such a spike can fall back (a NaN or infinite loss of a step "
+               "still ends the run); the last good checkpoint is {} "
                "(step 4) (later skips are not reported)\n")
     assert results[0].stderr == results[4].stderr == ""             # none due in the spike
     assert results[1].stderr == warning.format(5, 615, tmp_path / "1" / "checkpoint.npz")
@@ -351,7 +352,7 @@ def test_a_stop_in_a_loss_spike_before_the_first_checkpoint_loses_nothing(tiny_d
     assert result.stderr.splitlines()[-1] == (
         f"interrupted {TOO_LARGE_AT_5}; no checkpoint was written yet, so there is nothing to "
         "resume: start over (run the same command again)")
-    assert "put back the run this one was to replace" in result.stderr
+    assert "put back what this run was to replace" in result.stderr
     result = cli("train", "--resume", fresh, "--device", "cpu", "--data-dir", tiny_data_dir)
     assert result.exit_code == 130, result.output
     resume = f"gpumlp train --resume {shell_path(fresh)} --device cpu --data-dir " \

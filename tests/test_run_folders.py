@@ -150,8 +150,33 @@ def test_overwrite_stopped_before_its_first_checkpoint_puts_the_old_run_back(
     result = cli(*train_args(finished, tiny_data_dir, "--overwrite", "--set", "train.seed=7"))
     assert result.exit_code == 130
     assert digests(finished) == before and not (finished / REPLACED).exists()
-    assert result.stderr == (f"put back the run this one was to replace in {finished}, as it "
+    assert result.stderr == (f"put back what this run was to replace in {finished}, as it "
                              "was (this run ended before its first checkpoint)\ninterrupted\n")
+
+
+@pytest.mark.parametrize("own", ["optim: {lr: 0.1}\n", "- a list, not a config\n",
+                                 "{UNFINISHED\n"])
+@pytest.mark.parametrize("ends", ["nan", "ctrl_c"])
+def test_overwrite_of_a_config_of_ones_own_that_ends_before_a_checkpoint_puts_it_back(
+        tiny_data_dir, tmp_path, monkeypatch, own, ends):
+    """A folder with a config.yaml of one's own (a mapping lacking keys, or no YAML mapping)
+    replaced with --overwrite, by a run ending before its first checkpoint: the user's file
+    was gone, replaced by the failed run's config.yaml and metrics.jsonl."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.yaml").write_text(own)
+    args = ["--set", "train.batch_size=250", "--set", "optim.lr=1e30"]
+    if ends == "ctrl_c":          # at step 1 of 10, whose weights are too large to checkpoint
+        args = ["--set", "train.batch_size=25"]
+        wrap_steps(monkeypatch, lambda step: SignalsAt(TooLargeAboveLr(step, 1, above=0), 1))
+    result = cli(*train_args(out, tiny_data_dir, "--overwrite", *args))
+    assert result.exit_code == (1 if ends == "nan" else 130), result.output
+    assert result.stderr.startswith(f"put back what this run was to replace in {out}, as it was")
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    assert (out / "config.yaml").read_text() == own
+    unwrap_steps(monkeypatch)
+    assert cli(*train_args(out, tiny_data_dir, "--overwrite")).exit_code == 0   # replaced
+    assert not (out / REPLACED).exists() and "summary.json" in digests(out)
 
 
 def test_overwrite_that_fails_with_nan_in_epoch_1_puts_the_old_run_back(finished,
@@ -164,7 +189,7 @@ def test_overwrite_that_fails_with_nan_in_epoch_1_puts_the_old_run_back(finished
                              "train.batch_size=250", "--set", "optim.lr=1e30"))
     assert result.exit_code == 1
     lines = result.stderr.splitlines()
-    assert lines[0].startswith("put back the run this one was to replace") and len(lines) == 2
+    assert lines[0].startswith("put back what this run was to replace") and len(lines) == 2
     assert lines[1].startswith("Error: the evaluation loss became NaN or infinite")
     assert digests(finished) == before and not (finished / REPLACED).exists()
 
@@ -215,7 +240,7 @@ def test_a_replacing_run_killed_before_its_first_checkpoint_leaves_the_old_run_a
     assert no_report.stderr.rstrip().endswith(refused.stderr.rstrip()[-150:])
     failed = cli(*train_args(finished, tiny_data_dir, "--overwrite", "--set",
                              "train.batch_size=250", "--set", "optim.lr=1e30"))
-    assert failed.exit_code == 1 and "put back the run" in failed.stderr
+    assert failed.exit_code == 1 and "put back what this run" in failed.stderr
     assert digests(finished) == before and not aside.exists()
     only_aside = tmp_path / "only"
     (only_aside / REPLACED).mkdir(parents=True)
@@ -241,7 +266,7 @@ def test_a_replacing_run_killed_during_its_moves_is_finished_not_lost(finished,
         (finished / name).rename(aside / name)
     failed = cli(*train_args(finished, tiny_data_dir, "--overwrite", "--set",
                              "train.batch_size=250", "--set", "optim.lr=1e30"))
-    assert failed.exit_code == 1 and "put back the run" in failed.stderr
+    assert failed.exit_code == 1 and "put back what this run" in failed.stderr
     assert digests(finished) == before and not aside.exists()
 
 
@@ -685,6 +710,27 @@ def test_weights_too_large_to_use_are_not_saved_so_a_lower_lr_resumes(tiny_data_
     rows = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2]
     assert all(np.isfinite([row["val_loss"], row["test_loss"]]).all() for row in rows)
+
+
+def test_a_stop_in_a_spike_keeps_the_epoch_ends_checkpoint_also_after_a_resume(
+        tiny_data_dir, tmp_path, monkeypatch):
+    """Ctrl-C at step 14 of 20 (epoch 2), whose weights are too large to checkpoint, with no
+    mid-epoch checkpoints: the last good checkpoint is epoch 1's end (step 10), in the run and
+    again in the run resumed from it; neither is "no checkpoint written yet"."""
+    out = tmp_path / "run"
+    spike = lambda step: SignalsAt(TooLargeAboveLr(step, 14, above=0), 14)  # noqa: E731
+    args = train_args(out, tiny_data_dir, "--set", "train.batch_size=25", "--set",
+                      "train.epochs=2")
+    resume = ["train", "--resume", out, "--device", "cpu", "--data-dir", tiny_data_dir, "-q"]
+    for command in (args, resume):
+        wrap_steps(monkeypatch, spike)
+        result = cli(*command)
+        assert result.exit_code == 130, result.output
+        assert result.stderr.startswith("interrupted after step 14, whose weights were too "
+                                        "large to checkpoint"), result.stderr
+        assert "so the last good checkpoint (step 10) is kept. Resume with: " in result.stderr
+        assert '"step": 10,' in str(load_npz(out / "checkpoint.npz")["state"])
+        unwrap_steps(monkeypatch)
 
 
 def test_a_learning_rate_that_blows_up_in_epoch_1_leaves_no_run_and_says_what_works(
@@ -2281,6 +2327,7 @@ def test_out_holding_a_config_of_ones_own_offers_no_resume_but_training_with_it(
 @pytest.mark.parametrize("text, why", [
     ("my notes on the next run\n", "this one holds plain text, not a mapping"),
     ("- model.hidden=64\n- optim.lr=0.1\n", "this one holds a list, not a mapping"),
+    ("!!binary aGVsbG8=\n", "this one holds binary data, not a mapping"),
     ("model: {hidden: [64\n", "this one is not valid YAML at line 2"),
     ("{{{ not yaml", "this one is not valid YAML"),
     ("model: {hidden: 64}\nmodel: {hidden: 32}\n", "this one has a bad key: key 'model' "
