@@ -26,6 +26,9 @@
 #                     bench train"); e.g. SECTIONS="tests bench" to rerun two after a fix, or
 #                     SECTIONS=sanitize for the sixth, which runs only when named.
 #   SANITIZER         compute-sanitizer's path (default: the one on PATH, else CUDA's bin/).
+#   TESTS             what the tests section gives pytest (default: tests/test_gpu_*.py), e.g.
+#                     TESTS="tests/test_gpu_fused.py::test_one tests/test_gpu_run.py" to rerun
+#                     only what failed (pytest's own cache is off: every machine is fresh).
 #
 # Sections, each under its own time limit (60 + 150 + 40 + 90 + 60 s, and 10 s more each to be
 # killed: 450 s at most, usually far less; give a job runner at least that). At the limit a
@@ -76,6 +79,9 @@ if [ -z "${CUPY_CACHE_DIR:-}" ]; then  # one per user, only theirs; else a fresh
   fi
 fi
 export CUPY_CACHE_DIR
+# CuPy then compiles to the GPU's own code (cubin): PTX from an NVRTC newer than the driver
+# is refused (CUDA_ERROR_UNSUPPORTED_PTX_VERSION), and the kernels in the tar are cubins
+unset CUPY_COMPILE_WITH_PTX
 kernels() { find "$CUPY_CACHE_DIR" -maxdepth 1 -type f 2>/dev/null | wc -l; }
 if [ -n "${CUPY_CACHE_TAR:-}" ]; then  # an earlier run's kernels: none compiled again
   if [ -f "$CUPY_CACHE_TAR" ] && mkdir -p "$CUPY_CACHE_DIR"; then  # (a relative path: from
@@ -179,6 +185,13 @@ for name, code in checks.items():  # each one's time: the first (CUDA, cuBLAS) a
         failed += 1
         first = (str(e).strip().splitlines() or [""])[0]
         print(f"preflight {name}: FAILED ({type(e).__name__}: {first})")
+try:  # for docs/benchmarks.md beside CuPy's and CUDA's: the libraries that compile and multiply
+    import cupy
+    handle = cupy.cuda.device.get_cublas_handle()
+    print(f"versions NVRTC {'.'.join(map(str, cupy.cuda.nvrtc.getVersion()))}, cuBLAS "
+          f"{cupy.cuda.cublas.getVersion(handle)}")
+except Exception as e:  # informs only
+    print(f"versions of NVRTC and cuBLAS: not read ({type(e).__name__}: {e})")
 try:  # optional: bench compares with PyTorch only where it sees the GPU
     import torch
     print(f"preflight PyTorch on the GPU (bench's comparison): {torch.cuda.is_available()}")
@@ -278,6 +291,7 @@ try:
     params = Params(tuple(map(gpu.asarray, host.W)), tuple(map(gpu.asarray, host.b)))
     state = init_state(config.optim, params)
     stream = cp.cuda.Stream(non_blocking=True)
+    gpu.synchronize()  # the copies above, on the default stream, which this one does not wait on
     with stream:
         for _ in range(3):  # on the capturing stream first: cuBLAS workspace, pool blocks
             step(params, state, X, y, 0.1, 1)
@@ -360,13 +374,14 @@ export -f info steps train_h256 sanitize  # so that `timeout bash -c NAME` runs 
 wanted info && section info 60 info.log bash -c info  # 3 CUDA starts, 2 of PyTorch
 if wanted tests; then
   PER_TEST=()  # with pytest-timeout, a test that hangs costs 45 s, not the section's 150
+  # shellcheck disable=SC2206  # TESTS: split into words, the default's glob expanded
+  TEST_ARGS=(${TESTS:-tests/test_gpu_*.py})  # only these: a missing onnx must not stop them
   "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=45)
   # tests/conftest.py starts no test after this deadline: the run stops between two tests,
   # with its summary, rather than by the SIGINT at 150 s
   GPUMLP_TESTS_DEADLINE=$(($(date +%s) + 120)) section tests 150 pytest-gpu.log \
     "$PY" -m pytest -m gpu -v -rfEs --durations=10 -p no:cacheprovider \
-    -o faulthandler_timeout=40 "${PER_TEST[@]}" \
-    tests/test_gpu_*.py  # only these: a missing onnx must not stop the GPU tests
+    -o faulthandler_timeout=40 "${PER_TEST[@]}" "${TEST_ARGS[@]}"
   if [ "${STATUS[tests]}" != "TIMED OUT" ] &&
      grep -q "GPUMLP_TESTS_DEADLINE passed: stopped between two tests" "$OUT/pytest-gpu.log"; then
     STATUS[tests]="TIMED OUT (stopped between tests after 120s)"

@@ -93,6 +93,15 @@ def test_nvcc_compiles_every_kernel(source_file):
     assert done.returncode == 0, done.stderr
     entries = set(re.findall(r"\.entry\s+(\w+)", ptx.read_text()))
     assert entries == set(SIGNATURES)
+    # and on to sm_90's machine code, as CuPy's NVRTC does: ptxas's spills and stack frames
+    # (registers out of room) would be slow local memory in every step
+    done = subprocess.run([nvcc, "-cubin", "-arch=sm_90", *fast_cuda.OPTIONS, "-ftz=true",
+                           "-Xptxas", "-v,-warn-spills,-warn-lmem-usage", "-Werror",
+                           "all-warnings", str(source_file), "-o", str(ptx.with_suffix(".cubin"))],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    usage = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores", done.stderr)
+    assert len(usage) == len(SIGNATURES) and set(usage) == {("0", "0")}, done.stderr
 
 
 def find_nvrtc() -> ctypes.CDLL | None:

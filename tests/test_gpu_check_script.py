@@ -109,6 +109,25 @@ def run_short_copy(tmp_path: Path, sections: str, limit: int = 2, **env: str):
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+@pytest.mark.parametrize("tests", [None, "tests/test_gpu_run.py::test_one[a b] tests/x.py"])
+def test_tests_chooses_what_the_tests_section_gives_pytest(tmp_path, tests):
+    """A rerun after a fix on a lent GPU, with minutes left, runs only what failed."""
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\necho "ARGS: $*"\n')
+    python.chmod(0o755)
+    env = {} if tests is None else {"TESTS": tests}
+    run_script(tmp_path, "tests", python=str(python), **env)
+    args = (tmp_path / "out" / "pytest-gpu.log").read_text().split("ARGS: ")[-1].splitlines()[0]
+    args = args.split()
+    assert args[:3] == ["-m", "pytest", "-m"] and "--timeout=45" in args
+    given = args[args.index("--timeout=45") + 1:]
+    if tests is None:
+        assert given == sorted(str(p.relative_to(SCRIPT.parents[1]))
+                               for p in SCRIPT.parents[1].glob("tests/test_gpu_*.py"))
+    else:
+        assert given == ["tests/test_gpu_run.py::test_one[a", "b]", "tests/x.py"]
+
+
 def test_a_section_at_its_limit_is_interrupted_so_pytest_still_reports(tmp_path):
     result = run_short_copy(tmp_path, "tests")
     log = (tmp_path / "out" / "pytest-gpu.log").read_text()
