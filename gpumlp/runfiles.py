@@ -571,7 +571,12 @@ class RunFiles:
         if folders:  # found now, not when the first epoch's end writes it
             raise GpumlpError(f"--resume {folder}: {self.path(folders[0])} is a folder where the "
                               "run keeps a file; move it out of the run and resume")
-        if not self.path("config.yaml").is_file():
+        config = self.path("config.yaml")
+        if config.exists() and not config.is_file():  # a pipe, a device: nothing gpumlp wrote
+            raise GpumlpError(f"--resume {folder}: its config.yaml is not a plain file (a "
+                              "pipe or a device), so not a run's; give the run directory of an "
+                              "interrupted `gpumlp train`")
+        if not config.is_file():
             if self.path("checkpoint.npz").is_file():  # a resume reads the run's config there
                 raise GpumlpError(f"--resume {folder}: its checkpoint.npz is there but no "
                                   "config.yaml, which a resume reads the run's config from; put "

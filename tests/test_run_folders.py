@@ -981,6 +981,17 @@ def test_an_out_path_that_cannot_be_a_folder_is_one_line_and_nothing_is_made(tin
     assert not pipe.is_dir() and pipe.is_fifo()
 
 
+def test_resume_of_a_folder_whose_config_yaml_is_a_pipe_says_so(tmp_path):
+    """A named pipe called config.yaml was called missing ('no config.yaml there'), and
+    nothing ever opens it (a pipe without a writer would block the reading)."""
+    (tmp_path / "run").mkdir()
+    os.mkfifo(tmp_path / "run" / "config.yaml")
+    result = cli("train", "--resume", tmp_path / "run")
+    assert_one_error_line(result, 1, f"--resume {tmp_path / 'run'}: its config.yaml is not a "
+                          "plain file (a pipe or a device), so not a run's")
+    assert (tmp_path / "run" / "config.yaml").is_fifo()
+
+
 def test_resume_of_a_checkpoint_without_its_config_says_to_put_config_yaml_back(
         finished, tiny_data_dir):
     """A checkpoint copied alone, or a config.yaml that a killed --overwrite had put aside:
