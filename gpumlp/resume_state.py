@@ -5,6 +5,7 @@ the one-line errors, with the command that starts the run over, for what is dama
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,14 +83,20 @@ def restore_params_and_optimizer(state: "RunState", arrays: dict, config: Config
         if value is None or value.shape != target.shape:
             raise CheckpointError(f"{source}: optimizer state does not match the config; "
                                   f"{other_run}")
-        value = value.astype(target.dtype)
+        if value.dtype.kind != "f":  # text, complex, whole numbers: gpumlp saves floats
+            raise CheckpointError(f"{source}: its optimizer state holds {value.dtype} values, "
+                                  f"not floats; {start_over(source)}")
+        with np.errstate(over="ignore"):  # too large for the dtype: inf, said below
+            value = value.astype(target.dtype)
         if not np.isfinite(value).all():  # gpumlp never saves one: the file was damaged
             raise CheckpointError(f"{source}: its optimizer state holds NaN or infinite "
-                                  f"values; {start_over(source)}")
+                                  f"values (or ones too large for {target.dtype}); "
+                                  f"{start_over(source)}")
         target[...] = backend.asarray(value)
     scale = arrays.get("opt_scale")
     if scale is not None:
-        if scale.shape != (1,) or not np.isfinite(scale).all() or not scale[0] > 0:
+        if scale.dtype.kind != "f" or scale.shape != (1,) or not np.isfinite(scale).all() \
+                or not scale[0] > 0:
             raise CheckpointError(f"{source}: its velocity scale (opt_scale) is damaged; "
                                   f"{start_over(source)}")
         state.opt = state.opt._replace(scale=scale.astype(np.float64))
@@ -173,6 +180,17 @@ def history_row_problem(row: object, epoch: int) -> str | None:
     return None if row["epoch"] == epoch else f"epoch {row['epoch']} where {epoch} belongs"
 
 
+def finite_sum(value) -> bool:
+    """Whether a checkpoint's running sum (loss_sum, seconds) is a number >= 0 that a float
+    holds: JSON gives NaN, Infinity, -1 and 10**400 alike."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value)) and value >= 0
+    except OverflowError:
+        return False
+
+
 def read_position(meta: dict, perm: np.ndarray | None, n_train: int, batches: int,
                   source: str) -> tuple:
     """The Position and the metrics rows of a checkpoint's state record, checked: whole numbers
@@ -186,8 +204,7 @@ def read_position(meta: dict, perm: np.ndarray | None, n_train: int, batches: in
         raise damaged from None
     counts = (pos.epoch, pos.step, pos.batch, pos.correct)
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts) or \
-            not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                    for v in (pos.loss_sum, pos.seconds)):
+            not all(finite_sum(v) for v in (pos.loss_sum, pos.seconds)):
         raise damaged
     if pos.step != pos.epoch * batches + pos.batch or pos.correct > n_train:  # what train counts
         raise damaged

@@ -148,8 +148,18 @@ def aside_note(path: Path) -> str:
     killed --overwrite left the run it was replacing aside there (REPLACED); else ""."""
     if not (path / REPLACED).is_dir():
         return ""
-    return (f"; {path / REPLACED} holds the run an --overwrite killed before its first "
+    aside = path / REPLACED
+    own = (aside / "config.yaml").exists() and not had_outputs(aside)
+    what = "the files (a config of one's own)" if own else "the run"
+    return (f"; {path / REPLACED} holds {what} an --overwrite killed before its first "
             "checkpoint was replacing: move its files back into the folder to keep it")
+
+
+def unstarted(path: Path) -> bool:
+    """Whether `path` holds what a run writes as it starts (config.yaml and an empty
+    metrics.jsonl), as a run killed before its first checkpoint leaves it."""
+    metrics = path / "metrics.jsonl"
+    return (path / "config.yaml").is_file() and metrics.is_file() and metrics.stat().st_size == 0
 
 
 def had_outputs(path: Path) -> bool:
@@ -188,6 +198,10 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
     if taken:
         raise GpumlpError(f"--out {path}: {path / taken[0]} is a folder where gpumlp keeps a "
                           "file; move it out of the run folder, or pick another folder")
+    if os.path.lexists(path / REPLACED) and not (path / REPLACED).is_dir():
+        raise GpumlpError(f"--out {path}: {path / REPLACED} is a file where gpumlp keeps a "
+                          "folder (a run being replaced); move it out of the run folder, or "
+                          "pick another folder")
     inside = [] if existing else runs_inside(path)  # --out runs, meant: --out runs/NAME
     if inside:
         names = ", ".join(f"{name}/" for name in inside[:3]) + (", ..." if inside[3:] else "")
@@ -430,11 +444,12 @@ class RunFiles:
 
         A report or an export (DERIVED_FILES) goes with the run it was made from; one gpumlp
         did not write (foreign_derived) stays, as do files of those names in a folder that
-        holds no such run: they are someone else's. An earlier run's files (or a config.yaml
-        of one's own) are moved to REPLACED, and removed with it at this run's first
-        checkpoint (`drop_replaced`); until then `put_back` restores them. A REPLACED already
-        there, with no earlier run's outputs beside it, is from a replacing run killed before
-        its first checkpoint: it still holds the run to put back."""
+        holds no such run: they are someone else's. An earlier run's files (or run files of
+        one's own: a config.yaml, metrics.jsonl with rows) are moved to REPLACED, and removed
+        with it at this run's first checkpoint (`drop_replaced`); until then `put_back`
+        restores them. A REPLACED already there, with no earlier run's outputs beside it, is
+        from a replacing run killed before its first checkpoint: it still holds the run to put
+        back."""
         self.folder.mkdir(parents=True, exist_ok=True)
         aside = self.path(REPLACED)
         if had_outputs(self.folder):
@@ -451,10 +466,14 @@ class RunFiles:
             self.put_aside = True
             if foreign:
                 self.kept = kept_warning(self.folder, foreign)
-        else:  # a config of one's own, replaced with --overwrite, is put aside too
-            if not aside.is_dir() and own_config(self.folder):
-                aside.mkdir()
-                os.replace(self.path("config.yaml"), aside / "config.yaml")
+        else:  # no outputs: files of one's own, or a run killed before its first checkpoint
+            with contextlib.suppress(OSError):
+                aside.rmdir()  # an empty one (its files moved back by hand) holds nothing
+            if not aside.is_dir() and not unstarted(self.folder):  # one's own: aside too
+                for name in RUN_FILES:  # config.yaml first, as above
+                    if self.path(name).exists():
+                        aside.mkdir(exist_ok=True)
+                        os.replace(self.path(name), aside / name)
             self.put_aside = aside.is_dir()
         for name in RUN_OUTPUTS:
             self.path(name).unlink(missing_ok=True)

@@ -157,14 +157,20 @@ def test_overwrite_stopped_before_its_first_checkpoint_puts_the_old_run_back(
 @pytest.mark.parametrize("own", ["optim: {lr: 0.1}\n", "- a list, not a config\n",
                                  "{UNFINISHED\n"])
 @pytest.mark.parametrize("ends", ["nan", "ctrl_c"])
+@pytest.mark.parametrize("beside", [None, "metrics", "empty_aside"])
 def test_overwrite_of_a_config_of_ones_own_that_ends_before_a_checkpoint_puts_it_back(
-        tiny_data_dir, tmp_path, monkeypatch, own, ends):
-    """A folder with a config.yaml of one's own (a mapping lacking keys, or no YAML mapping)
-    replaced with --overwrite, by a run ending before its first checkpoint: the user's file
-    was gone, replaced by the failed run's config.yaml and metrics.jsonl."""
+        tiny_data_dir, tmp_path, monkeypatch, own, ends, beside):
+    """A folder with a config.yaml of one's own (a mapping lacking keys, or no YAML mapping;
+    beside metrics.jsonl rows, or an empty REPLACED whose files were moved back by hand)
+    replaced with --overwrite, by a run ending before its first checkpoint: the user's files
+    were gone, replaced by the failed run's config.yaml and metrics.jsonl."""
     out = tmp_path / "mine"
     out.mkdir()
     (out / "config.yaml").write_text(own)
+    if beside == "metrics":
+        (out / "metrics.jsonl").write_text('{"epoch": 1, "my": "notes"}\n')
+    elif beside == "empty_aside":
+        (out / REPLACED).mkdir()
     args = ["--set", "train.batch_size=250", "--set", "optim.lr=1e30"]
     if ends == "ctrl_c":          # at step 1 of 10, whose weights are too large to checkpoint
         args = ["--set", "train.batch_size=25"]
@@ -172,11 +178,43 @@ def test_overwrite_of_a_config_of_ones_own_that_ends_before_a_checkpoint_puts_it
     result = cli(*train_args(out, tiny_data_dir, "--overwrite", *args))
     assert result.exit_code == (1 if ends == "nan" else 130), result.output
     assert result.stderr.startswith(f"put back what this run was to replace in {out}, as it was")
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.yaml", *["metrics.jsonl"] * (beside == "metrics")])
     assert (out / "config.yaml").read_text() == own
+    if beside == "metrics":
+        assert (out / "metrics.jsonl").read_text() == '{"epoch": 1, "my": "notes"}\n'
     unwrap_steps(monkeypatch)
     assert cli(*train_args(out, tiny_data_dir, "--overwrite")).exit_code == 0   # replaced
     assert not (out / REPLACED).exists() and "summary.json" in digests(out)
+
+
+def test_a_file_named_as_the_replaced_runs_folder_is_refused_in_one_line(tiny_data_dir,
+                                                                        tmp_path):
+    """--overwrite over a folder holding a file named .gpumlp-replaced failed midway with
+    "File exists", after the checks."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.yaml").write_text("optim: {lr: 0.1}\n")
+    (out / REPLACED).write_text("mine\n")
+    result = cli(*train_args(out, tiny_data_dir, "--overwrite"))
+    assert_one_error_line(result, 1, f"--out {out}: {out / REPLACED} is a file where gpumlp "
+                          "keeps a folder", "move it out of the run folder")
+    assert (out / REPLACED).read_text() == "mine\n"
+
+
+def test_the_note_on_files_a_killed_overwrite_put_aside_says_whose_they_are(tiny_data_dir,
+                                                                            tmp_path):
+    """A config of one's own, put aside by an --overwrite killed before its first checkpoint
+    (its config.yaml and empty metrics.jsonl in the folder), is not called a run."""
+    out = tmp_path / "mine"
+    (out / REPLACED).mkdir(parents=True)
+    (out / REPLACED / "config.yaml").write_text("optim: {lr: 0.1}\n")
+    assert cli(*train_args(tmp_path / "run", tiny_data_dir)).exit_code == 0
+    shutil.copy(tmp_path / "run" / "config.yaml", out / "config.yaml")
+    (out / "metrics.jsonl").write_text("")
+    result = cli(*train_args(out, tiny_data_dir))
+    assert_one_error_line(result, 1, f"; {out / REPLACED} holds the files (a config of one's "
+                          "own) an --overwrite killed before its first checkpoint was replacing")
 
 
 def test_overwrite_that_fails_with_nan_in_epoch_1_puts_the_old_run_back(finished,
@@ -1909,6 +1947,12 @@ def damage_state(record: dict, how: str) -> None:
         record["format"] = "1"
     elif how == "format_zero":
         record["format"] = 0
+    elif how == "loss_sum_huge":                    # JSON's integers: float() overflows
+        record["position"]["loss_sum"] = 10 ** 400
+    elif how == "loss_sum_nan":                     # the resume's first step blamed optim.lr
+        record["position"]["loss_sum"] = float("nan")
+    elif how == "seconds_inf":                      # "inf s on cpu", NaN in metrics.jsonl
+        record["position"]["seconds"] = float("inf")
     elif how == "format_later":                     # a later gpumlp's layout
         record["format"] = 2
     elif how == "history_extra_row":                # a row for an epoch not finished
@@ -1950,6 +1994,14 @@ GOOD_ROW = {"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.8, "test_loss": 0
     ("state_missing", "its state record is missing or damaged"),
     ("state_not_json", "its state record is missing or damaged"),
     ("velocity_nan", "its optimizer state holds NaN or infinite values"),
+    ("velocity_huge", "its optimizer state holds NaN or infinite values (or ones too large "
+                      "for float32)"),
+    ("velocity_text", "its optimizer state holds <U1 values, not floats"),
+    ("velocity_complex", "its optimizer state holds complex64 values, not floats"),
+    ("loss_sum_huge", "its state record is missing or damaged"),
+    ("loss_sum_nan", "its state record is missing or damaged"),
+    ("seconds_inf", "its state record is missing or damaged"),
+    ("scale_text", "its velocity scale (opt_scale) is damaged"),
     ("truncated", "not a readable .npz file"),
     ("weight_nan", "W1 holds NaN or infinite values"),
     ("weight_huge", "its weights are finite but too large to use: their loss on the first 100 "
@@ -1984,6 +2036,15 @@ def test_resume_refuses_a_damaged_checkpoint_state_in_one_line(stopped, tiny_dat
         del arrays["perm"]
     elif how == "velocity_nan":
         arrays["opt_m0"] = np.full_like(arrays["opt_m0"], np.nan)
+    elif how == "velocity_huge":                    # finite in float64, inf in float32
+        arrays["opt_m0"] = np.full(arrays["opt_m0"].shape, 1e300)
+    elif how == "velocity_text":                    # a traceback
+        arrays["opt_m0"] = np.full(arrays["opt_m0"].shape, "x")
+    elif how == "velocity_complex":                 # taken as its real part, silently
+        arrays["opt_m0"] = arrays["opt_m0"].astype(np.complex64)
+    elif how == "scale_text":                       # the fast CPU step's: a traceback
+        assert arrays["opt_scale"].shape == (1,)
+        arrays["opt_scale"] = np.array(["1"])
     elif how == "weight_nan":
         arrays["W1"] = np.full_like(arrays["W1"], np.nan)
     elif how == "weight_huge":                      # finite: the resume blamed optim.lr
