@@ -102,8 +102,9 @@ class Reporter:
         if info.get("removed"):
             click.echo(f"replacing the run there: removed its {', '.join(info['removed'])} "
                        "(made from the old model)", err=True)
+        batches = f"{info['batches']:,} batch" + ("es" if info["batches"] != 1 else "")
         click.echo(f"training on {info['device']}: {info['n_train']:,} examples, "
-                   f"{info['batches']:,} batches per epoch, {epochs}{resuming(info)}", err=True)
+                   f"{batches} per epoch, {epochs}{resuming(info)}", err=True)
 
     def close(self) -> None:
         if self.bar is not None:

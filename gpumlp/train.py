@@ -162,8 +162,9 @@ def check_finite(state: RunState) -> None:
         what = "the optimizer's state"
     else:
         return
-    epoch = pos.epoch + 1 if pos.batch else pos.epoch  # batch 0: the epoch just completed
-    raise NumericalError(f"{what} became NaN or infinite in epoch {epoch} (by step {pos.step})")
+    # called mid-epoch (pos.batch >= 1), and at an epoch's end before its position moves on
+    raise NumericalError(f"{what} became NaN or infinite in epoch {pos.epoch + 1} (by step "
+                         f"{pos.step})")
 
 
 def too_large(what: str) -> NumericalError:

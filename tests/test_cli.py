@@ -1789,11 +1789,13 @@ def test_the_start_line_counts_epochs_in_words_and_examples_with_separators(caps
     Reporter()("start", {**info, "epochs": 1})
     Reporter()("start", {**info, "epochs": 2, "epoch": 1, "restored": True})
     Reporter()("start", {**info, "n_train": 60000, "batches": 1875, "epochs": 1})
+    Reporter()("start", {**info, "n_train": 100, "batches": 1, "epochs": 1})
     assert capsys.readouterr().err == (
         "training on cpu (NumPy): 300 examples, 3 batches per epoch, 1 epoch\n"
         "training on cpu (NumPy): 300 examples, 3 batches per epoch, 2 epochs (resuming after "
         "epoch 1)\n"
-        "training on cpu (NumPy): 60,000 examples, 1,875 batches per epoch, 1 epoch\n")
+        "training on cpu (NumPy): 60,000 examples, 1,875 batches per epoch, 1 epoch\n"
+        "training on cpu (NumPy): 100 examples, 1 batch per epoch, 1 epoch\n")
 
 
 @pytest.mark.parametrize("warning", [{"unchecked": True}, {"stale": "report.md is older"}])
