@@ -60,7 +60,8 @@ class OneLineGroup(click.Group):
             sys.exit(0)
         except click.UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-            message = (set_instead(e, sys.argv[1:] if args is None else list(args))
+            argv = sys.argv[1:] if args is None else [str(a) for a in args]
+            message = (set_instead(e, argv) or extra_instead(e, argv)
                        or f"{e.format_message()}{hint}")
             tell(f"Error: {one_line(message)}")
             sys.exit(e.exit_code)
@@ -80,6 +81,37 @@ class OneLineGroup(click.Group):
 
 
 GRADCHECK_KEYS = ("train.seed", "train.label_smoothing")  # with model.*, what gradcheck reads
+
+
+COMMANDS_INSTEAD = {"download": "fetch", "get": "fetch", "pull": "fetch"}  # data's, by name
+
+
+def extra_instead(e: click.UsageError, argv: list[str]) -> str:
+    """For a usage error a newcomer makes, the line that says what to write: a config file
+    given without --config (`train configs/h256.yaml`), a --set value after a space (`--set
+    train.epochs 3`), `data download` for `data fetch`; '' for any other usage error."""
+    said, ctx = e.format_message(), e.ctx
+    if ctx is None:
+        return ""
+    names = {param.name for param in ctx.command.params}
+    extra = re.fullmatch(r"Got unexpected extra arguments? \((.*)\)", said)
+    if extra and "overrides" in names:
+        text = extra.group(1)  # click's: the extra arguments joined with spaces
+        at = next((i for i, a in enumerate(argv) if text == a or text.startswith(f"{a} ")), None)
+        first = text if at is None else argv[at]
+        pair = [] if at is None else argv[max(at - 2, 0):at]
+        configured = any(a == "--config" or a.startswith("--config=") for a in argv)
+        if pair and pair[0] == "--set" and "=" not in pair[1]:
+            return (f"--set takes KEY=VALUE, one word: --set {pair[1]}={shlex.quote(first)}, "
+                    f"not --set {pair[1]} {shlex.quote(first)}")
+        if "config_path" in names and first.endswith((".yaml", ".yml")) and not configured:
+            return (f"{ctx.command_path} takes its config file with --config: "
+                    f"{ctx.command_path} --config {shlex.quote(first)}")
+    wrong = re.fullmatch(r"No such command '(.*)'\.", said)
+    if wrong and ctx.command.name == "data" and wrong.group(1) in COMMANDS_INSTEAD:
+        return (f"{ctx.command_path} has no command {wrong.group(1)!r}; to get the MNIST "
+                f"files: {ctx.command_path} {COMMANDS_INSTEAD[wrong.group(1)]}")
+    return ""
 
 
 def set_instead(e: click.UsageError, argv: list[str]) -> str:
@@ -488,7 +520,8 @@ def train(config_path, device, out, overrides, init_path, seed, resume_dir, over
                     str(e).removesuffix(again) + "then start it over: gpumlp train --resume "
                     f"{shell_path(out_dir)}"), out_dir) from None
         if isinstance(e, StoppedBeforeStart):  # Ctrl-C or SIGTERM during the set-up
-            tell(stop.what())
+            tell(stop.what() + ("; the run is as it was: run the same command again to resume "
+                                "it" if resume_dir else ""))
             raise SystemExit(stop.exit_code()) from None
         if isinstance(e, GpumlpError):  # its resume command, if it gives one, as given here
             add_resume_options(e, out_dir)

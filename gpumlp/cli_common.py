@@ -228,9 +228,13 @@ class RunDir(UserPath):
             self.fail("is empty; give a run's folder, as gpumlp train --out DIR wrote it", param,
                       ctx)
         if os.path.isfile(value):
+            folder = os.path.dirname(value) or "."
+            run = any(os.path.isfile(os.path.join(folder, name))  # a run's file, named: its
+                      for name in ("config.yaml", "checkpoint.npz", "model.npz"))  # folder
             self.fail(f"{shell_path(value)} is a file; give " + (
                 "a folder for the run" if self.new else
-                f"the run's folder: {shell_path(os.path.dirname(value) or '.')}"), param, ctx)
+                f"the run's folder: {shell_path(folder)}" if run else
+                "a run's folder, as gpumlp train --out DIR wrote it"), param, ctx)
         return super().convert(value, param, ctx)
 
 

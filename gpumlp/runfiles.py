@@ -224,7 +224,7 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
         resume = ", resume it with --resume" if unfinished else ""
         derived = derived_outputs(path)
         also = f"; and {', '.join(derived)}, made from it" if derived else ""
-        goes = ", which goes with it" if derived else ""
+        goes = " and what was made from it" if derived else ""
         aside = aside_note(path)
         raise GpumlpError(f"--out {path}: already holds a run ({', '.join(existing)}{also}); "
                           f"pick another folder{resume}, or pass --overwrite to replace it"

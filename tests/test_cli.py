@@ -716,6 +716,27 @@ def test_a_config_key_given_as_an_option_is_answered_with_its_set(args, instead,
     assert not (in_tmp / "run").exists()
 
 
+@pytest.mark.parametrize("args, fragments", [
+    (["train", "configs/h256.yaml"], [" train takes its config file with --config: ",
+                                      " train --config configs/h256.yaml"]),
+    (["gradcheck", "--set", "model.hidden=8", "my.yml"], [" gradcheck takes its config file "
+                                                          "with --config"]),
+    (["train", "--set", "train.epochs", "3", "--out", "run"],
+     ["--set takes KEY=VALUE, one word: --set train.epochs=3, not --set train.epochs 3"]),
+    (["train", "--set", "model.hidden", "[64, 32]"],
+     ["--set model.hidden='[64, 32]', not --set model.hidden '[64, 32]'"]),
+    (["data", "download"], [" data has no command 'download'; to get the MNIST files: ",
+                            " data fetch"]),
+    # others keep click's line: a second config file, an extra argument of evaluate
+    (["train", "--config", "a.yaml", "b.yaml"], ["Got unexpected extra argument (b.yaml)"]),
+    (["evaluate", "m.npz", "b", "c"], ["Got unexpected extra arguments (b c)"])])
+def test_a_newcomers_usage_slip_is_answered_with_what_to_write(args, fragments, in_tmp):
+    """`train configs/h256.yaml`, `--set KEY VALUE` and `data download` got click's 'Got
+    unexpected extra argument' or 'No such command' and no hint of what to write."""
+    assert_one_error_line(cli(*args), 2, *fragments)
+    assert not (in_tmp / "run").exists()
+
+
 @pytest.mark.parametrize("args", [
     ["train", "--bogus"], ["info", "--epochs", "3"],
     # a guess would be pasted as it is: a name that only holds a key's (train.epochs), or is

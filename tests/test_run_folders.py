@@ -114,8 +114,8 @@ def test_a_refused_out_names_the_report_and_export_that_overwrite_would_remove_t
     result = cli(*train_args(finished, tiny_data_dir))
     figures = [name for name in DERIVED_FILES if name.endswith(".png")]
     assert_one_error_line(result, 1, f"summary.json; and {', '.join(figures)}, model.onnx, made "
-                          "from it); pick another folder, or pass --overwrite to replace it, "
-                          "which goes with it")
+                          "from it); pick another folder, or pass --overwrite to replace it "
+                          "and what was made from it")
     assert "report.md" not in result.stderr and "notes.txt" not in result.stderr
     assert digests(finished) == before
 
@@ -1048,7 +1048,9 @@ def test_resume_of_a_checkpoint_without_its_config_says_to_put_config_yaml_back(
 
 @pytest.mark.parametrize("make, code, fragment", [
     (None, 1, "--resume {}: no such folder"),
-    ("file", 2, "{} is a file; give the run's folder: {}"),   # its folder named, as report's
+    # not "give the run's folder: ." for README.md, as if the checkout were a run (a file of a
+    # run's folder names that folder: tests/test_report.py)
+    ("file", 2, "{} is a file; give a run's folder, as gpumlp train --out DIR wrote it"),
     ("dir", 1, "--resume {}: no config.yaml"),
 ])
 def test_resume_says_what_is_wrong_with_the_folder(tiny_data_dir, tmp_path, make, code,
@@ -1059,7 +1061,7 @@ def test_resume_says_what_is_wrong_with_the_folder(tiny_data_dir, tmp_path, make
     elif make == "dir":
         target.mkdir()
     result = cli("train", "--resume", target, "--data-dir", tiny_data_dir)
-    paths = (shell_path(target), shell_path(tmp_path)) if make == "file" else (target,)
+    paths = (shell_path(target),) if make == "file" else (target,)
     assert_one_error_line(result, code, fragment.format(*paths))
     if make == "file":                     # nor --out of a file, nor --config of a run folder
         result = cli("train", "--out", target, "--data-dir", tiny_data_dir)
@@ -1699,6 +1701,9 @@ def test_a_stop_before_a_resume_with_set_trains_keeps_config_yaml(stopped, tiny_
                  tiny_data_dir, "--device", "cpu", "-q")
     assert result.exit_code == 130
     assert digests(stopped) == before
+    # said so (it was "interrupted" alone); the same command, its --set with it, goes on
+    assert result.stderr == ("interrupted; the run is as it was: run the same command again to "
+                             "resume it\n")
 
 
 def test_the_printed_resume_leaves_out_a_device_and_data_folder_that_were_not_typed(
