@@ -95,7 +95,8 @@ def draw_warp(cfg: AugmentConfig, rng: Any, xp: Any, m: int, dtype: Any) -> Warp
     if cfg.shift:
         warp = warp._replace(shift=symmetric((2, m), cfg.shift))
     if cfg.elastic_alpha:
-        warp = warp._replace(field=elastic_field(rng, m, cfg.elastic_alpha, cfg.elastic_sigma, dtype))
+        field = elastic_field(rng, m, cfg.elastic_alpha, cfg.elastic_sigma, dtype)
+        warp = warp._replace(field=field)
     return warp
 
 

@@ -337,7 +337,8 @@ def array_module(array: Any) -> ModuleType:
 def ndimage_for(xp: ModuleType) -> ModuleType:
     """scipy.ndimage for numpy, cupyx.scipy.ndimage for cupy: same functions, same arguments."""
     import importlib
-    return importlib.import_module("cupyx.scipy.ndimage" if xp.__name__ == "cupy" else "scipy.ndimage")
+    return importlib.import_module("cupyx.scipy.ndimage" if xp.__name__ == "cupy"
+                                   else "scipy.ndimage")
 
 
 TF32_MIN_CAPABILITY = 80  # TF32 tensor cores: Ampere (compute capability 8.0) and newer
@@ -361,5 +362,6 @@ def enable_tf32(backend: Backend, on: bool) -> bool:
                           "matmul compute type; upgrade CuPy or set train.tf32: false")
     capability = int(backend.xp.cuda.Device().compute_capability)
     tf32 = on and capability >= TF32_MIN_CAPABILITY
-    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if tf32 else linalg.COMPUTE_TYPE_DEFAULT)
+    linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if tf32
+                            else linalg.COMPUTE_TYPE_DEFAULT)
     return tf32

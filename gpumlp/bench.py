@@ -337,7 +337,7 @@ def torch_for(spec: BenchSpec, backend: Backend) -> tuple[Any, str | None]:
     return torch, None if torch is not None else f"{why_not} - no comparison"
 
 
-# ---- the run ---------------------------------------------------------------------------------------
+# ---- the run ------------------------------------------------------------------------------
 
 SETTLE_WINDOW = 0.02   # s: settle() looks again after this long
 SETTLE_MAX = 1.0       # s: and waits at most this long

@@ -343,7 +343,8 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, keys: tuple = ()) 
         else:
             kwargs[key] = _coerce(path, value, str(f.type), at)
         check = RANGES.get(path)
-        if check is not None and not dataclasses.is_dataclass(kwargs[key]) and not check[0](kwargs[key]):
+        if check is not None and not dataclasses.is_dataclass(kwargs[key]) \
+                and not check[0](kwargs[key]):
             raise KeyProblem(at, f"config key '{path}' {check[1]}, got {shown(value)}")
     return cls(**kwargs)
 
@@ -532,7 +533,8 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {data[e.start]:#04x} at "
                           f"offset {e.start}); save it as UTF-8") from None
     except OSError as e:
-        raise ConfigError(f"config file {path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+        why = getattr(e, "strerror", None) or e
+        raise ConfigError(f"config file {path} cannot be read: {why}") from None
     try:
         data = load_yaml(text)
     except BadKey as e:

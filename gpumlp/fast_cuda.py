@@ -214,7 +214,8 @@ KERNELS = r"""
 KERNEL gather_inputs(long long total, int d, long long n, const unsigned char* images,
                      const long long* idx, const int* labels, float scale, int standard,
                      float mean, float inv_std, float* X, int* y) {
-  FOR_EACH_INDEX(e, total) gather_at(e, d, n, images, idx, labels, scale, standard, mean, inv_std, X, y);
+  FOR_EACH_INDEX(e, total)
+    gather_at(e, d, n, images, idx, labels, scale, standard, mean, inv_std, X, y);
 }
 
 // One block of XENT_THREADS threads: thread t takes rows t, t + XENT_THREADS, ...; the partial
@@ -503,7 +504,8 @@ class FusedStep:
         return L, correct
 
     def forward(self, params: Params, X: Any, masks: tuple, buf: Buffers) -> None:
-        """A_k = Z_{k-1} @ W_k + b_k and Z_k = phi(A_k) [* M_k] for the hidden layers; A_K = Z @ W_K."""
+        """A_k = Z_{k-1} @ W_k + b_k and Z_k = phi(A_k) [* M_k] for the hidden layers;
+        A_K = Z @ W_K."""
         Z = X                                                             # (m, d)
         for k, (Wk, bk) in enumerate(zip(params.W[:-1], params.b[:-1])):
             self.blas.gemm(Z, Wk, buf.A[k])                               # (m, h_k)
@@ -582,7 +584,8 @@ class FusedStep:
         (the same Params and OptState, both immutable, hold the same arrays)."""
         if params is not self.last[0] or state is not self.last[1]:
             arrays = (*flat(params), *state.m, *state.v)
-            if len(arrays) != len(self.checked) or any(a is not b for a, b in zip(arrays, self.checked)):
+            if len(arrays) != len(self.checked) or \
+                    any(a is not b for a, b in zip(arrays, self.checked)):
                 self.on_device(*arrays, what="the parameters and optimizer state")
                 for k, (W, b) in enumerate(zip(params.W, params.b), start=1):
                     require(W, np.float32, W.shape, f"W{k}")
@@ -597,8 +600,8 @@ class FusedStep:
             raise GpumlpError(f"the fused step takes C-contiguous float32 inputs of shape "
                               f"(m, {widths[0]}), got {X.dtype} {tuple(X.shape)}")
         if tuple(y.shape) != (X.shape[0],) or y.dtype.kind not in "iu":
-            raise GpumlpError(f"the fused step takes one integer label per row of X ({X.shape[0]}), "
-                              f"got {y.dtype} {tuple(y.shape)}")
+            raise GpumlpError(f"the fused step takes one integer label per row of X "
+                              f"({X.shape[0]}), got {y.dtype} {tuple(y.shape)}")
         for k, M in enumerate(masks):
             require(M, np.float32, (X.shape[0], widths[k + 1]), f"dropout mask {k + 1}")
         return widths

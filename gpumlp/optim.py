@@ -1,8 +1,9 @@
 """Optimizers (SGD with momentum or Nesterov, Adam, AdamW) and learning-rate schedules.
 
 An update changes the parameter arrays in place (its expressions still make temporaries;
-the fused steps in fast_cpu and fast_cuda avoid them); the state is a small named container of arrays shaped like the parameters, so that a
-checkpoint can save it and a resume can restore it.
+the fused steps in fast_cpu and fast_cuda avoid them); the state is a small named container
+of arrays shaped like the parameters, so that a checkpoint can save it and a resume can
+restore it.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def init_state(cfg: OptimConfig, params: Params) -> OptState:
 
 
 def sgd_update(cfg: OptimConfig, p: Any, g: Any, vel: Any, lr: float) -> None:
-    """vel = mu vel + g (+ wd p); p -= lr (g + mu vel) with Nesterov, else lr vel."""
+    """vel = mu vel + g (+ wd p); p -= lr (g + mu vel) with Nesterov, else lr vel. p, g and
+    vel: one parameter, its gradient and its velocity, all of p's shape ((n_in, n_out) for a
+    W, (n_out,) for a b)."""
     if cfg.weight_decay:
         g = g + cfg.weight_decay * p
     if cfg.momentum == 0:
@@ -69,7 +72,8 @@ def sgd_update(cfg: OptimConfig, p: Any, g: Any, vel: Any, lr: float) -> None:
 
 
 def adam_update(cfg: OptimConfig, p: Any, g: Any, m: Any, v: Any, lr: float, t: int) -> None:
-    """Adam (Kingma & Ba 2015) at step t >= 1; AdamW decays p before it (Loshchilov & Hutter)."""
+    """Adam (Kingma & Ba 2015) at step t >= 1; AdamW decays p before it (Loshchilov & Hutter).
+    p, g and the moments m and v all have p's shape."""
     if cfg.name == "adamw" and cfg.weight_decay:
         p *= 1 - lr * cfg.weight_decay
     elif cfg.weight_decay:

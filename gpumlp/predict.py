@@ -18,6 +18,7 @@ from .backend import Backend, to_host
 from .config import Config
 from .data import batch_slices, to_inputs
 from .errors import CheckpointError, one_line_message
+from .mnist import C, D
 from .model import Params, forward, softmax
 from .preprocess import ImageError, load_digit
 
@@ -53,7 +54,7 @@ def outputs(params: Params, config: Config, pixels: np.ndarray, backend: Backend
             A2 = forward(params, X, act).A[-1]                              # (m, c)
             logits.append(to_host(A2))
             probs.append(to_host(softmax(A2)))
-    empty = np.zeros((0, 10), dtype=config.train.dtype)
+    empty = np.zeros((0, C), dtype=config.train.dtype)
     A2, Z2 = (np.concatenate(parts) if parts else empty for parts in (logits, probs))
     if not (np.isfinite(A2).all() and np.isfinite(Z2).all()):
         raise CheckpointError(f"{source}: {TOO_LARGE}")
@@ -76,8 +77,8 @@ def predict_files(params: Params, config: Config, paths: Sequence[str | os.PathL
             digits[i] = load_digit(path).reshape(-1)                   # (784,)
         except ImageError as e:
             errors[i] = one_line_message(e)                           # a line break as \n
-    pixels = np.stack(list(digits.values())) if digits else np.zeros((0, 784), np.float32)
-    A2, Z2 = (dict(zip(digits, rows)) for rows in outputs(params, config, pixels, backend,
-                                                          source))
-    return [FileResult(str(path), Z2.get(i), errors.get(i), A2.get(i))
+    pixels = np.stack(list(digits.values())) if digits else np.zeros((0, D), np.float32)
+    logits_of, probabilities_of = (dict(zip(digits, rows)) for rows in  # path index -> (c,)
+                                   outputs(params, config, pixels, backend, source))
+    return [FileResult(str(path), probabilities_of.get(i), errors.get(i), logits_of.get(i))
             for i, path in enumerate(paths)]

@@ -175,7 +175,8 @@ class RunLocked(GpumlpError):
 def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
     """Refuse a folder holding another run unless `overwrite`; check it can be written.
 
-    Returns the RUN_FILES it already holds, and whether this call made the folder."""
+    Returns the RUN_FILES it already holds (or [".gpumlp-replaced/"], where a killed
+    --overwrite left only that), and whether this call made the folder."""
     try:
         if in_link_loop(path):
             raise GpumlpError(f"--out {path}: {LINK_LOOP}; pick another path")
@@ -316,7 +317,7 @@ def lock_run(folder: Path, option: str) -> int | None:
     """Hold an exclusive lock on the run folder `folder` until the process ends, so that two
     `gpumlp train` never write one run at once; a GpumlpError when another holds it. The lock
     is flock(2) on the folder itself (no lock file is left behind); None where the system has
-    no flock (Windows)."""
+    no flock (Windows), or the file system takes no locks."""
     try:
         import fcntl
     except ImportError:

@@ -37,9 +37,9 @@ def generic_step(config: Config) -> Step:
 
     def step(params: Params, state: OptState, X: Any, y: Any, lr: float, t: int,
              masks: tuple = ()) -> tuple[Any, Any]:
-        cache = forward(params, X, act, masks)
-        L, dA2 = loss_and_dA2(cache.A[-1], y, config.train.label_smoothing)
-        grads = backward(params, cache, dA2, act)
+        cache = forward(params, X, act, masks)           # A_k, Z_k: (m, h_k); A[-1]: (m, c)
+        L, dA2 = loss_and_dA2(cache.A[-1], y, config.train.label_smoothing)  # (), (m, c)
+        grads = backward(params, cache, dA2, act)        # shaped as params
         update(config.optim, params, grads, state, lr, t)
         apply_max_norm(params, config.model.max_norm)
         return L, correct_count(cache.A[-1], y)

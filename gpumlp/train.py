@@ -43,11 +43,13 @@ MAX_PROBE_LOSS = 100 * math.log(C)  # a hundred times a uniform guess's loss: no
 
 
 class NumericalError(GpumlpError):
-    """The loss or the weights became NaN or infinite."""
+    """The loss, the weights or the optimizer's state became NaN or infinite, or finite weights
+    too large to use (too_large)."""
 
 
 class Interrupted(GpumlpError):
-    """Training was asked to stop (Ctrl-C, SIGTERM, SIGHUP); a checkpoint was saved."""
+    """Training was asked to stop (Ctrl-C, SIGTERM, SIGHUP); with an out_dir, a checkpoint was
+    saved."""
 
 
 class StoppedBeforeStart(GpumlpError):
