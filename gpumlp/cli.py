@@ -97,16 +97,26 @@ def extra_instead(e: click.UsageError, argv: list[str]) -> str:
     extra = re.fullmatch(r"Got unexpected extra arguments? \((.*)\)", said)
     if extra and "overrides" in names:
         text = extra.group(1)  # click's: the extra arguments joined with spaces
-        at = next((i for i, a in enumerate(argv) if text == a or text.startswith(f"{a} ")), None)
+        at = next((i for i in reversed(range(len(argv)))  # the last: a value may come earlier
+                   if text == argv[i] or text.startswith(f"{argv[i]} ")), None)
         first = text if at is None else argv[at]
         pair = [] if at is None else argv[max(at - 2, 0):at]
-        configured = any(a == "--config" or a.startswith("--config=") for a in argv)
-        if pair and pair[0] == "--set" and "=" not in pair[1]:
+        given = lambda option: any(a == option or a.startswith(f"{option}=")  # noqa: E731
+                                   for a in argv)
+        if pair[:1] == ["--set"] and "=" not in pair[1] and not pair[1].startswith("-"):
             return (f"--set takes KEY=VALUE, one word: --set {pair[1]}={shlex.quote(first)}, "
                     f"not --set {pair[1]} {shlex.quote(first)}")
-        if "config_path" in names and first.endswith((".yaml", ".yml")) and not configured:
+        if "config_path" in names and first.endswith((".yaml", ".yml")) and \
+                not given("--config") and at is not None:
+            if given("--resume"):
+                return (f"--resume takes the run's saved config; drop {shlex.quote(first)} "
+                        "(--set may change optim.lr, train.epochs, ...)")
+            name = ctx.command.name  # the command line again, the file after --config
+            start = argv.index(name) + 1 if name in argv[:at] else at
+            words = " ".join(shlex.quote(w) for w in [*argv[start:at], "--config", *argv[at:]]
+                             if w != "--")  # after --, --config would be an argument too
             return (f"{ctx.command_path} takes its config file with --config: "
-                    f"{ctx.command_path} --config {shlex.quote(first)}")
+                    f"{ctx.command_path} {words}")
     wrong = re.fullmatch(r"No such command '(.*)'\.", said)
     if wrong and ctx.command.name == "data" and wrong.group(1) in COMMANDS_INSTEAD:
         return (f"{ctx.command_path} has no command {wrong.group(1)!r}; to get the MNIST "

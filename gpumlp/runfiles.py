@@ -146,13 +146,22 @@ def keys_lacking(path: Path) -> list[str]:
 def aside_note(path: Path) -> str:
     """"; <path>/.gpumlp-replaced holds ...": what an error about the folder `path` adds when a
     killed --overwrite left the run it was replacing aside there (REPLACED); else ""."""
-    if not (path / REPLACED).is_dir():
+    if not aside_holds(path):
         return ""
     aside = path / REPLACED
     own = (aside / "config.yaml").exists() and not had_outputs(aside)
     what = "the files (a config of one's own)" if own else "the run"
     return (f"; {path / REPLACED} holds {what} an --overwrite killed before its first "
             "checkpoint was replacing: move its files back into the folder to keep it")
+
+
+def aside_holds(path: Path) -> bool:
+    """Whether `path`/REPLACED is a folder with something in it (an empty one, its files
+    moved back by hand, holds nothing to keep)."""
+    try:
+        return (path / REPLACED).is_dir() and any(os.scandir(path / REPLACED))
+    except OSError:
+        return False
 
 
 def unstarted(path: Path) -> bool:
@@ -186,7 +195,7 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
         if path.exists() and not path.is_dir():
             raise GpumlpError(f"--out {path}: exists and is not a folder; pick another path")
         existing = run_files_in(path)
-        replaced = (path / REPLACED).is_dir()  # the run a killed --overwrite was replacing
+        replaced = aside_holds(path)  # the run a killed --overwrite was replacing
         if not existing and replaced:          # killed at its start: that run is the one here
             existing = [f"{REPLACED}/"]
     except OSError as e:  # a name too long, a loop of links, ...
@@ -199,8 +208,9 @@ def check_out_dir(path: Path, overwrite: bool) -> tuple[list[str], bool]:
     if taken:
         raise GpumlpError(f"--out {path}: {path / taken[0]} is a folder where gpumlp keeps a "
                           "file; move it out of the run folder, or pick another folder")
-    if os.path.lexists(path / REPLACED) and not (path / REPLACED).is_dir():
-        raise GpumlpError(f"--out {path}: {path / REPLACED} is a file where gpumlp keeps a "
+    aside = path / REPLACED  # a link: the run's files would go to, and stay in, its target
+    if os.path.islink(aside) or (os.path.lexists(aside) and not aside.is_dir()):
+        raise GpumlpError(f"--out {path}: {aside} is a file or a link where gpumlp keeps a "
                           "folder (a run being replaced); move it out of the run folder, or "
                           "pick another folder")
     inside = [] if existing else runs_inside(path)  # --out runs, meant: --out runs/NAME
@@ -439,7 +449,7 @@ class RunFiles:
     def path(self, name: str) -> Path:
         return self.folder / name
 
-    def start(self, config: Config, init: Params | None = None) -> None:
+    def start(self, config: Config, init: Params | None = None, resumed: bool = False) -> None:
         """Begin a fresh run: its `--init` weights (before config.yaml, so that a resume always
         finds them), its config, empty metrics, and no files of an earlier run.
 
@@ -450,7 +460,8 @@ class RunFiles:
         with it at this run's first checkpoint (`drop_replaced`); until then `put_back`
         restores them. A REPLACED already there, with no earlier run's outputs beside it, is
         from a replacing run killed before its first checkpoint: it still holds the run to put
-        back."""
+        back. `resumed`: a resume starting its own run over (one killed before its first
+        checkpoint), whose files are rewritten, not put aside."""
         self.folder.mkdir(parents=True, exist_ok=True)
         aside = self.path(REPLACED)
         if had_outputs(self.folder):
@@ -470,9 +481,9 @@ class RunFiles:
         else:  # no outputs: files of one's own, or a run killed before its first checkpoint
             with contextlib.suppress(OSError):
                 aside.rmdir()  # an empty one (its files moved back by hand) holds nothing
-            if not aside.is_dir() and not unstarted(self.folder):  # one's own: aside too
-                for name in RUN_FILES:  # config.yaml first, as above
-                    if self.path(name).exists():
+            if not resumed and not unstarted(self.folder):  # one's own: aside too, as a run's
+                for name in RUN_FILES:  # config.yaml first; never over one put aside before
+                    if self.path(name).exists() and not os.path.lexists(aside / name):
                         aside.mkdir(exist_ok=True)
                         os.replace(self.path(name), aside / name)
             self.put_aside = aside.is_dir()

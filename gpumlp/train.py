@@ -379,7 +379,7 @@ def _train(config, backend, mnist, files, init, resume, on_event, should_stop) -
     if should_stop():  # Ctrl-C or SIGTERM during the set-up: an old run stays as it is
         raise StoppedBeforeStart("stopped before training started")
     if files and not restored:  # only now, so that an early failure leaves an old run intact
-        files.start(config, init)
+        files.start(config, init, resumed=resume)
     elif files:  # after every check: a --set that is refused, or never trained with, is not kept
         files.record_config(config)
     steps_per_epoch = len(batch_slices(len(data.train), config.train.batch_size))

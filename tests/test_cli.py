@@ -719,6 +719,11 @@ def test_a_config_key_given_as_an_option_is_answered_with_its_set(args, instead,
 @pytest.mark.parametrize("args, fragments", [
     (["train", "configs/h256.yaml"], [" train takes its config file with --config: ",
                                       " train --config configs/h256.yaml"]),
+    (["train", "c.yaml", "--out", "run", "--set", "train.epochs=2"],     # the whole line again
+     [" train --config c.yaml --out run --set train.epochs=2"]),
+    (["train", "--resume", "run", "c.yaml"], ["--resume takes the run's saved config; drop "
+                                              "c.yaml"]),
+    (["train", "--out", "3", "--set", "train.epochs", "3"], ["--set train.epochs=3, not"]),
     (["gradcheck", "--set", "model.hidden=8", "my.yml"], [" gradcheck takes its config file "
                                                           "with --config"]),
     (["train", "--set", "train.epochs", "3", "--out", "run"],
@@ -729,7 +734,8 @@ def test_a_config_key_given_as_an_option_is_answered_with_its_set(args, instead,
                             " data fetch"]),
     # others keep click's line: a second config file, an extra argument of evaluate
     (["train", "--config", "a.yaml", "b.yaml"], ["Got unexpected extra argument (b.yaml)"]),
-    (["evaluate", "m.npz", "b", "c"], ["Got unexpected extra arguments (b c)"])])
+    (["evaluate", "m.npz", "b", "c"], ["Got unexpected extra arguments (b c)"]),
+    (["train", "--set", "--set", "3"], ["Got unexpected extra argument (3)"])])
 def test_a_newcomers_usage_slip_is_answered_with_what_to_write(args, fragments, in_tmp):
     """`train configs/h256.yaml`, `--set KEY VALUE` and `data download` got click's 'Got
     unexpected extra argument' or 'No such command' and no hint of what to write."""

@@ -339,7 +339,8 @@ def test_a_run_without_a_model_says_where_a_killed_overwrite_left_the_old_run(
 
     for name in ("metrics.jsonl", "config.yaml", "checkpoint.npz"):
         (tmp_path / name).write_bytes((run_dir / name).read_bytes())
-    (tmp_path / REPLACED).mkdir()
+    (tmp_path / REPLACED).mkdir()                   # the old run's files in it
+    (tmp_path / REPLACED / "model.npz").write_bytes((run_dir / "model.npz").read_bytes())
     result = invoke(report, tmp_path, "--data-dir", tiny_data_dir, "--device", "cpu")
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert (f"no model.npz; finish the run first (gpumlp train --resume {shell_path(tmp_path)})"

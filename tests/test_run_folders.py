@@ -188,18 +188,70 @@ def test_overwrite_of_a_config_of_ones_own_that_ends_before_a_checkpoint_puts_it
     assert not (out / REPLACED).exists() and "summary.json" in digests(out)
 
 
-def test_a_file_named_as_the_replaced_runs_folder_is_refused_in_one_line(tiny_data_dir,
-                                                                        tmp_path):
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_a_file_or_link_named_as_the_replaced_runs_folder_is_refused_in_one_line(
+        tiny_data_dir, tmp_path, kind):
     """--overwrite over a folder holding a file named .gpumlp-replaced failed midway with
-    "File exists", after the checks."""
-    out = tmp_path / "mine"
+    "File exists", after the checks; through a link to a folder, the old run's files went
+    over the files there, and stayed."""
+    out, keep = tmp_path / "mine", tmp_path / "keep"
     out.mkdir()
+    keep.mkdir()
     (out / "config.yaml").write_text("optim: {lr: 0.1}\n")
-    (out / REPLACED).write_text("mine\n")
+    (keep / "config.yaml").write_text("my notes\n")
+    if kind == "file":
+        (out / REPLACED).write_text("mine\n")
+    else:
+        (out / REPLACED).symlink_to(keep)
     result = cli(*train_args(out, tiny_data_dir, "--overwrite"))
-    assert_one_error_line(result, 1, f"--out {out}: {out / REPLACED} is a file where gpumlp "
-                          "keeps a folder", "move it out of the run folder")
-    assert (out / REPLACED).read_text() == "mine\n"
+    assert_one_error_line(result, 1, f"--out {out}: {out / REPLACED} is a file or a link where "
+                          "gpumlp keeps a folder", "move it out of the run folder")
+    assert (keep / "config.yaml").read_text() == "my notes\n"
+    assert (out / "config.yaml").read_text() == "optim: {lr: 0.1}\n"
+
+
+def test_overwrite_over_files_half_put_aside_keeps_both_halves(tiny_data_dir, tmp_path):
+    """A config.yaml in .gpumlp-replaced (a start killed between its moves, or a user who
+    moved back only some files) and metrics.jsonl rows beside it: the failed run wrote its
+    empty metrics.jsonl over the rows, then said it had put everything back."""
+    out = tmp_path / "mine"
+    (out / REPLACED).mkdir(parents=True)
+    (out / REPLACED / "config.yaml").write_text("optim: {lr: 0.1}\n")
+    (out / "metrics.jsonl").write_text('{"epoch": 1, "mine": true}\n')
+    result = cli(*train_args(out, tiny_data_dir, "--overwrite", "--set", "train.batch_size=250",
+                             "--set", "optim.lr=1e30"))
+    assert result.exit_code == 1 and result.stderr.startswith("put back what this run")
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl"]
+    assert (out / "config.yaml").read_text() == "optim: {lr: 0.1}\n"
+    assert (out / "metrics.jsonl").read_text() == '{"epoch": 1, "mine": true}\n'
+
+
+def test_an_empty_replaced_folder_is_no_run(tiny_data_dir, tmp_path):
+    """An empty .gpumlp-replaced (its files moved back by hand, as its note says) was called a
+    run to refuse or to move back."""
+    out = tmp_path / "run"
+    (out / REPLACED).mkdir(parents=True)
+    result = cli(*train_args(out, tiny_data_dir))
+    assert result.exit_code == 0, result.output
+    assert not (out / REPLACED).exists()            # gone with the first checkpoint's clean-up
+    finished = cli(*train_args(out, tiny_data_dir))
+    assert "holds the run an --overwrite killed" not in finished.stderr
+    (out / REPLACED).mkdir()
+    assert ".gpumlp-replaced" not in cli(*train_args(out, tiny_data_dir)).stderr
+
+
+def test_a_resume_that_starts_its_run_over_puts_nothing_aside(tiny_data_dir, tmp_path):
+    """A run killed after its config.yaml but before its metrics.jsonl, resumed and failing:
+    its own files were put aside as if replaced, and 'put back' was said."""
+    out = tmp_path / "run"
+    assert cli(*train_args(out, tiny_data_dir)).exit_code == 0
+    for name in ("checkpoint.npz", "model.npz", "summary.json", "metrics.jsonl"):
+        (out / name).unlink()
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q",
+                 "--set", "optim.lr=1e30")
+    assert result.exit_code == 1, result.output
+    assert "put back" not in result.stderr and not (out / REPLACED).exists()
+    assert (out / "config.yaml").is_file()          # the run's, to start over again
 
 
 def test_the_note_on_files_a_killed_overwrite_put_aside_says_whose_they_are(tiny_data_dir,
@@ -1040,7 +1092,7 @@ def test_resume_of_a_checkpoint_without_its_config_says_to_put_config_yaml_back(
     assert_one_error_line(result, 1, f"--resume {finished}: its checkpoint.npz is there but no "
                           "config.yaml", "put the run's config.yaml back beside it")
     (finished / REPLACED).mkdir()
-    (finished / "checkpoint.npz").unlink()
+    (finished / "checkpoint.npz").rename(finished / REPLACED / "checkpoint.npz")
     result = cli("train", "--resume", finished, "--data-dir", tiny_data_dir)
     assert_one_error_line(result, 1, "no config.yaml there", f"; {finished / REPLACED} holds the "
                           "run an --overwrite killed")
