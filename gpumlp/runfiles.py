@@ -571,7 +571,9 @@ class RunFiles:
     def stale_outputs(self) -> str | None:
         """What a resume that trains leaves out of date (a report, an export: DERIVED_FILES in
         the folder) and the commands that make it again; None when there is none."""
-        found = [name for name in DERIVED_FILES if self.path(name).is_file()]
+        foreign = foreign_derived(self.folder)  # the user's own: not remade, nor to be
+        found = [name for name in DERIVED_FILES if self.path(name).is_file()
+                 and name not in foreign]
         quoted = shell_path(self.folder)
         what, how = [], []
         if any(name != "model.onnx" for name in found):
@@ -747,7 +749,8 @@ class RunFiles:
                     raise
                 self.drop_replaced()
                 save_npz(path, arrays)
-            self.drop_replaced()
+            if self.put_aside:  # what this run replaces, not a folder of that name otherwise
+                self.drop_replaced()
         except OSError as e:
             if first and self.folder.is_dir():  # nothing to resume: a new run's folder goes
                 fix = write_fix(e, folder=self.folder)

@@ -226,6 +226,20 @@ def test_overwrite_over_files_half_put_aside_keeps_both_halves(tiny_data_dir, tm
     assert (out / "metrics.jsonl").read_text() == '{"epoch": 1, "mine": true}\n'
 
 
+def test_a_resume_from_a_checkpoint_leaves_a_replaced_folder_it_did_not_make(tiny_data_dir,
+                                                                             tmp_path):
+    """Every checkpoint removed .gpumlp-replaced, also one that run had not put aside there
+    (it is only this run's to remove when it replaces what is in it)."""
+    out = tmp_path / "run"
+    assert cli(*train_args(out, tiny_data_dir)).exit_code == 0
+    (out / REPLACED).mkdir()
+    (out / REPLACED / "config.yaml").write_text("mine\n")
+    result = cli("train", "--resume", out, "--data-dir", tiny_data_dir, "--device", "cpu", "-q",
+                 "--set", "train.epochs=2")
+    assert result.exit_code == 0, result.output
+    assert (out / REPLACED / "config.yaml").read_text() == "mine\n"
+
+
 def test_an_empty_replaced_folder_is_no_run(tiny_data_dir, tmp_path):
     """An empty .gpumlp-replaced (its files moved back by hand, as its note says) was called a
     run to refuse or to move back."""
@@ -2244,17 +2258,25 @@ def test_resume_with_an_emptied_config_yaml_says_so_not_what_the_defaults_change
      "model before this resume; when it ends, make it again: gpumlp report {run}"),
     (["model.onnx"], "model.onnx in the run describes the model before this resume; when it "
      "ends, make it again: gpumlp export {model} --overwrite"),
+    # the user's own report.md and model.onnx: `gpumlp report` would refuse it, and --overwrite
+    # replace it; not gpumlp's to remake
+    (["own:report.md", "own:model.onnx"], None),
 ])
 def test_a_resume_that_trains_warns_that_a_report_or_an_export_is_of_the_model_before(
         stopped, tiny_data_dir, names, said):
-    for name in names:
-        (stopped / name).write_bytes(b"made from the model before")
+    made = b"made from the model before"
+    marked = {".png": PNG_SIGNATURE + PNG_MARK + made, ".md": sealed(REPORT_TITLE.encode() + made),
+              ".onnx": b"\x08\x08" + PRODUCER_MARK + made}      # as gpumlp report/export mark
+    files = {name.removeprefix("own:"): made if name.startswith("own:") else
+             marked[Path(name).suffix] for name in names}
+    for name, content in files.items():
+        (stopped / name).write_bytes(content)
     result = resume_quietly(stopped, tiny_data_dir)
     assert result.exit_code == 0, result.output
     words = {"run": shell_path(stopped), "model": shell_path(stopped / "model.npz")}
-    assert result.stderr == f"Warning: {said.format(**words)}\n"
-    for name in names:                                                  # kept: the user's call
-        assert (stopped / name).read_bytes() == b"made from the model before"
+    assert result.stderr == ("" if said is None else f"Warning: {said.format(**words)}\n")
+    for name, content in files.items():                                 # kept: the user's call
+        assert (stopped / name).read_bytes() == content
     again = resume_quietly(stopped, tiny_data_dir)
     assert (again.exit_code, again.stderr) == (0, "")                   # nothing left to train
 
