@@ -2313,7 +2313,7 @@ def test_a_run_folder_named_with_a_dash_gets_warnings_that_paste(stopped, tiny_d
     ./-dash, and the command it prints runs."""
     monkeypatch.chdir(stopped.parent)
     stopped.rename(stopped.parent / "-dash")
-    (stopped.parent / "-dash" / "report.md").write_text("# Report: before\n")
+    (stopped.parent / "-dash" / "report.md").write_bytes(sealed(REPORT_TITLE.encode() + b"x\n"))
     result = cli("train", "--resume", "-dash", "--data-dir", tiny_data_dir, "--device", "cpu",
                  "-q")
     assert result.exit_code == 0, result.output
